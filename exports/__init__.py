@@ -1,0 +1,1 @@
+"""Exports: one module per output target (merge, gguf, hub, ollama)."""

@@ -1,0 +1,201 @@
+"""The YAML config: one pydantic model per stage section, unknown keys forbidden, `--set` overrides.
+
+    run:      name, root, seed
+    model:    the base model every stage uses
+    ingest:   data sources, dedup, eval split          -> stages/ingest.py
+    format:   template and length budget               -> stages/format.py
+    finetune: LoRA and trainer settings                -> stages/finetune.py
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from data_sources.params import AIHubExcelParams, CodeIOParams, HFDatasetParams
+from pipeline.errors import UserError
+
+BUNDLED_PREFIX = "bundled:"
+TEMPLATES = ("qa", "ko_qa", "alpaca", "r1", "chat")
+SECRET_KEYS = re.compile(r"(token|api_key|secret|password)", re.IGNORECASE)
+
+SourceConfig = Annotated[Union[AIHubExcelParams, HFDatasetParams, CodeIOParams], Field(discriminator="kind")]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunConfig(Section):
+    name: str = Field("demo", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name: artifacts go to <root>/<name>/.")
+    root: str = Field("runs", description="Directory that holds all runs.")
+    seed: int = Field(42, description="Seed for sampling, splitting and training.")
+
+
+class ModelConfig(Section):
+    path: str = Field(
+        "bundled:SmolLM2-135M-Instruct",
+        description="A local HF directory, a Hub id, or bundled:SmolLM2-135M-Instruct (offline demo model).",
+    )
+    trust_remote_code: bool = False
+
+
+class IngestConfig(Section):
+    sources: list[SourceConfig] = Field(min_length=1, description="Data sources, each with a unique name and a kind.")
+    dedupe: bool = Field(True, description="Drop records whose content repeats one already kept (across sources).")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of records held out for evaluation (fixed-seed).")
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources: list[Any]) -> list[Any]:
+        names = [s.name for s in sources]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"source names must be unique; repeated: {', '.join(repeated)}")
+        return sources
+
+
+class FormatConfig(Section):
+    template: Literal["qa", "ko_qa", "alpaca", "r1", "chat"] = Field(
+        "qa", description="qa, ko_qa, alpaca, r1 (<think> reasoning kept) or chat (the model's own chat template)."
+    )
+    max_length: int = Field(1024, ge=16, description="Token budget of prompt + completion; longer examples are counted, not cut.")
+    system_prompt: str | None = Field(None, description="Added as a system message when a record has none.")
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    use_rslora: bool = False
+    use_dora: bool = False
+
+
+class FinetuneConfig(Section):
+    backend: Literal["unsloth", "hf"] = Field("unsloth", description="unsloth (default) or hf (transformers+PEFT+TRL).")
+    load_in_4bit: Literal["auto", True, False] = Field(
+        "auto", description="auto: 4-bit on CUDA, 16-bit on CPU. true: insist (fails without CUDA)."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="If > 0, overrides epochs.")
+    batch_size: int = Field(4, ge=1, description="Per-device batch size.")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: str = Field("linear")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = "adamw_torch"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 where supported, else fp16/fp32.")
+    packing: bool = False
+    gradient_checkpointing: bool = True
+    logging_steps: int = Field(1, ge=1)
+    eval_steps: int | None = Field(None, ge=1)
+    save_steps: int = Field(10, ge=1, description="Checkpoint every N optimizer steps (what a resume restarts from).")
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    objective: Literal["sft", "multiple_choice"] = Field("sft", description="multiple_choice: softmax over math_mc options.")
+    sample_prompts: int = Field(3, ge=0, description="Held-out prompts generated before and after training (samples.md).")
+
+
+class DistilleryConfig(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    ingest: IngestConfig
+    format: FormatConfig = Field(default_factory=FormatConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+
+    @model_validator(mode="after")
+    def _cross_stage_checks(self) -> "DistilleryConfig":
+        if self.finetune.objective == "multiple_choice" and not any(
+            getattr(s, "format", None) == "mathqa" for s in self.ingest.sources
+        ):
+            raise ValueError("finetune.objective=multiple_choice needs an ingest source with format: mathqa")
+        return self
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`finetune.lora.r=8` -> (["finetune", "lora", "r"], 8); the value is read as YAML."""
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: expected KEY=VALUE, e.g. --set finetune.max_steps=20")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
+
+
+def apply_override(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    """Set a dotted key in the raw config; list items are addressed by index (ingest.sources.0.path)."""
+    node: Any = data
+    for i, key in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            node = node[int(key)] if key.isdigit() and int(key) < len(node) else None
+        else:
+            node = node.setdefault(key, {}) if isinstance(node, dict) else None
+        if node is None:
+            raise UserError(f"--set {'.'.join(keys)}: there is no {'.'.join(keys[: i + 1])} to set it in.")
+    last = keys[-1]
+    if isinstance(node, list):
+        if not (last.isdigit() and int(last) < len(node)):
+            raise UserError(f"--set {'.'.join(keys)}: index {last} is out of range.")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def format_validation_error(path: Path, err: ValidationError) -> str:
+    """One line per problem: the dotted key, what was wrong, what was expected."""
+    lines = [f"{path}: the config is not valid:"]
+    for problem in err.errors():
+        loc = ".".join(str(part) for part in problem["loc"] if not str(part).startswith("function-after"))
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key (check the spelling; see README for the keys of each section)")
+        else:
+            got = problem.get("input")
+            shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+            lines.append(f"  {loc or '<top>'}: {problem['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DistilleryConfig:
+    """Read, override and validate a YAML config; every problem is a UserError naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist. Presets are in configs/, e.g. configs/demo.yaml.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of sections (run, model, ingest, ...).")
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    try:
+        return DistilleryConfig.model_validate(data)
+    except ValidationError as err:
+        raise UserError(format_validation_error(path, err)) from None
+
+
+def redact(data: Any) -> Any:
+    """A copy of a config dump with every secret-looking value replaced, for saving and printing."""
+    if isinstance(data, dict):
+        return {k: "***" if SECRET_KEYS.search(str(k)) and v else redact(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [redact(v) for v in data]
+    return data
+
+
+def load_dotenv(path: Path = Path(".env")) -> None:
+    """Put KEY=VALUE lines of a .env file into the environment (existing variables win). Never logged."""
+    if not path.is_file():
+        return
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            os.environ.setdefault(key.strip(), value.strip().strip("'\""))

@@ -1,0 +1,34 @@
+"""Console output: one rich console, logging through it, and the end-of-run summary table."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+console = Console(highlight=False, soft_wrap=os.environ.get("CI") == "true")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Route `logging` through rich; quiet the chatty libraries unless verbose."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+        force=True,
+    )
+    for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def summary_table(title: str, rows: list[tuple[str, ...]], headers: tuple[str, ...]) -> Table:
+    """A compact table for the end of a stage or a run."""
+    table = Table(title=title, title_justify="left", show_edge=False)
+    for header in headers:
+        table.add_column(header)
+    for row in rows:
+        table.add_row(*row)
+    return table

@@ -1,0 +1,71 @@
+"""The one record shape every data source yields and every later stage reads (see docs/design.md).
+
+    {"id", "source", "task", "messages": [{"role", "content"}], "choices"?, "label"?, "meta"}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from pipeline.errors import UserError
+
+ROLES = ("system", "user", "assistant")
+
+
+def content_key(messages: list[dict[str, str]], choices: list[str] | None = None, label: int | None = None) -> str:
+    """Hash of what a record says, independent of where it came from: the deduplication key."""
+    payload = json.dumps([messages, choices, label], ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def make_record(
+    source: str,
+    task: str,
+    messages: list[dict[str, str]],
+    meta: dict[str, Any],
+    choices: list[str] | None = None,
+    label: int | None = None,
+) -> dict[str, Any]:
+    """Build a normalized record; its id is a stable hash of the source name and the content."""
+    for message in messages:
+        if message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+            raise ValueError(f"bad message {message!r}: role must be one of {ROLES} and content a string")
+    record: dict[str, Any] = {
+        "id": hashlib.sha256((source + "\0" + content_key(messages, choices, label)).encode()).hexdigest()[:16],
+        "source": source,
+        "task": task,
+        "messages": messages,
+    }
+    if choices is not None:
+        record["choices"] = choices
+        record["label"] = label
+    record["meta"] = meta
+    return record
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
+    """Write rows as UTF-8 JSON lines; returns how many were written."""
+    count = 0
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """Yield the JSON objects of a JSONL file; a line that is not a JSON object is a UserError naming it."""
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}: line {line_no} is not valid JSON ({err.msg}). Fix or remove that line.") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}: line {line_no} is a JSON {type(row).__name__}, expected an object.")
+            yield row

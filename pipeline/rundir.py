@@ -1,0 +1,132 @@
+"""The run directory, the contract between stages:
+
+    runs/<name>/config.yaml      resolved config, secrets removed
+    runs/<name>/manifest.json    per stage: status, fingerprint, inputs, outputs with sha256, metrics, timings
+    runs/<name>/<stage>/...      each stage's artifacts and a human-readable report
+
+A stage writes into `runs/<name>/.<stage>.partial/`; only a finished stage is renamed into place, so a
+later stage never reads a half-written artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_json(data: Any) -> str:
+    """Hex sha256 of a JSON-serialisable value, keys sorted."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str, ensure_ascii=False).encode()).hexdigest()
+
+
+def package_versions(names: tuple[str, ...]) -> dict[str, str]:
+    """Installed versions of `names` (without importing them); 'absent' where not installed."""
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text to a temporary file beside `path`, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def describe_outputs(directory: Path) -> dict[str, dict[str, Any]]:
+    """Every file under `directory` with its size, mtime and sha256, keyed by relative path."""
+    outputs = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        stat = path.stat()
+        outputs[str(path.relative_to(directory))] = {
+            "bytes": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "sha256": sha256_file(path),
+        }
+    return outputs
+
+
+class RunDir:
+    """One run's directory and its manifest."""
+
+    def __init__(self, root: Path | str, name: str):
+        self.path = Path(root) / name
+        self.manifest_path = self.path / "manifest.json"
+
+    def stage_dir(self, stage: str) -> Path:
+        """Where a finished stage's artifacts live."""
+        return self.path / stage
+
+    def partial_dir(self, stage: str) -> Path:
+        """Where a stage writes while it runs (kept across a kill only for resumable stages)."""
+        return self.path / f".{stage}.partial"
+
+    def load_manifest(self) -> dict[str, Any]:
+        if not self.manifest_path.is_file():
+            return {"stages": {}}
+        return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+
+    def stage_entry(self, stage: str) -> dict[str, Any] | None:
+        return self.load_manifest()["stages"].get(stage)
+
+    def update_stage(self, stage: str, entry: dict[str, Any]) -> None:
+        """Replace a stage's manifest entry atomically."""
+        manifest = self.load_manifest()
+        manifest["stages"][stage] = entry
+        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+
+    def save_config(self, config_dump: dict[str, Any]) -> None:
+        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config_dump, allow_unicode=True, sort_keys=False))
+
+    def is_complete(self, stage: str, fingerprint: str) -> bool:
+        """True when the stage finished with this fingerprint and its outputs are still as it left them."""
+        entry = self.stage_entry(stage)
+        if not entry or entry.get("status") != "complete" or entry.get("fingerprint") != fingerprint:
+            return False
+        directory = self.stage_dir(stage)
+        for rel, info in entry.get("outputs", {}).items():
+            path = directory / rel
+            if not path.is_file():
+                return False
+            stat = path.stat()
+            if stat.st_size != info["bytes"] or stat.st_mtime_ns != info["mtime_ns"]:
+                return False
+        return True
+
+    def publish(self, stage: str) -> Path:
+        """Move the partial directory into place, replacing the previous artifacts only now that it is done."""
+        final, partial = self.stage_dir(stage), self.partial_dir(stage)
+        old = self.path / f".{stage}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(partial, final)
+        shutil.rmtree(old, ignore_errors=True)
+        return final
