@@ -37,7 +37,7 @@ def execute(target: str | None, config: Path, sets: list[str] | None, force: boo
         if target is None:
             names = [s for s in STAGES if s not in NOT_BUILT]
         else:
-            names = plan(target)
+            names = plan(target, cfg)
         rows = []
         started = time.time()
         for name in names:

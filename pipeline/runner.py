@@ -23,7 +23,8 @@ from pipeline.stage import StageContext, StageResult
 log = logging.getLogger(__name__)
 
 # The one ordered tuple of stages. The CLI's commands are tested against it.
-STAGES = ("ingest", "distill", "format", "finetune", "evaluate", "export")
+# evaluate runs after export: it scores the merged model and the GGUFs export writes.
+STAGES = ("ingest", "distill", "format", "finetune", "export", "evaluate")
 # Stages whose module has not landed yet, with the issue that builds them.
 NOT_BUILT = {"distill": 6, "evaluate": 4, "export": 5}
 
@@ -37,12 +38,17 @@ def load_stage(name: str) -> ModuleType:
     return importlib.import_module(f"stages.{name}")
 
 
-def plan(target: str) -> list[str]:
+def upstream_of(module: ModuleType, cfg: DistilleryConfig) -> tuple[str, ...]:
+    """A stage's upstream stages: the module's `upstream(cfg)` when it depends on the config, else UPSTREAM."""
+    return tuple(module.upstream(cfg)) if hasattr(module, "upstream") else tuple(module.UPSTREAM)
+
+
+def plan(target: str, cfg: DistilleryConfig) -> list[str]:
     """The stages to run for `target`: its upstream chain in pipeline order, then itself."""
     needed: list[str] = []
 
     def visit(name: str) -> None:
-        for upstream in load_stage(name).UPSTREAM:
+        for upstream in upstream_of(load_stage(name), cfg):
             visit(upstream)
         if name not in needed:
             needed.append(name)
@@ -55,7 +61,7 @@ def fingerprint(module: ModuleType, cfg: DistilleryConfig, run: RunDir) -> tuple
     """The stage's fingerprint and the inputs it was computed from (stored in the manifest)."""
     dump = cfg.model_dump(mode="json")
     upstream = {}
-    for name in module.UPSTREAM:
+    for name in upstream_of(module, cfg):
         entry = run.stage_entry(name)
         if not entry or entry.get("status") != "complete":
             raise UserError(f"stage {module.NAME} needs {name} first: run `distillery {name}`.")
@@ -81,8 +87,10 @@ def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[st
         return "up to date", StageResult(metrics=entry.get("metrics", {})), 0.0
 
     partial = run.partial_dir(name)
-    if partial.exists() and not getattr(module, "RESUMABLE", False):
-        shutil.rmtree(partial)
+    previous = run.stage_entry(name) or {}
+    resumable = getattr(module, "RESUMABLE", False) and previous.get("fingerprint") == fp
+    if partial.exists() and not resumable:
+        shutil.rmtree(partial)  # a leftover from an interrupted run of another config: never resume from it
     partial.mkdir(parents=True, exist_ok=True)
     run.save_config(redact(cfg.model_dump(mode="json")))
     started = time.time()
