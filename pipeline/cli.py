@@ -16,7 +16,7 @@ import typer
 from pipeline.config import load_config, load_dotenv
 from pipeline.console import console, setup_logging, summary_table
 from pipeline.errors import UserError
-from pipeline.runner import NOT_BUILT, STAGES, plan, run_stage
+from pipeline.runner import STAGES, pipeline_stages, plan, run_stage
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Distillery: raw data -> fine-tuned model -> GGUF in llama.cpp, one YAML config.")
@@ -35,7 +35,7 @@ def execute(target: str | None, config: Path, sets: list[str] | None, force: boo
     try:
         cfg = load_config(config, sets or [])
         if target is None:
-            names = [s for s in STAGES if s not in NOT_BUILT]
+            names = pipeline_stages(cfg)
         else:
             names = plan(target, cfg)
         rows = []

@@ -38,6 +38,12 @@ def load_stage(name: str) -> ModuleType:
     return importlib.import_module(f"stages.{name}")
 
 
+def pipeline_stages(cfg: DistilleryConfig) -> list[str]:
+    """The stages `distillery run` runs: every built one whose config section is not switched off."""
+    return [name for name in STAGES
+            if name not in NOT_BUILT and getattr(getattr(cfg, name, None), "enabled", True)]
+
+
 def upstream_of(module: ModuleType, cfg: DistilleryConfig) -> tuple[str, ...]:
     """A stage's upstream stages: the module's `upstream(cfg)` when it depends on the config, else UPSTREAM."""
     return tuple(module.upstream(cfg)) if hasattr(module, "upstream") else tuple(module.UPSTREAM)

@@ -3,7 +3,8 @@
 A stage module (stages/<name>.py) defines, at module level:
 
     NAME: str                       the stage name, also its config section and run sub-directory
-    UPSTREAM: tuple[str, ...]       stages whose artifacts it reads (the runner runs them first)
+    UPSTREAM: tuple[str, ...]       stages whose artifacts it reads (the runner runs them first), or
+    def upstream(cfg) -> tuple      the same when it depends on the config
     SECTIONS: tuple[str, ...]       config sections its fingerprint covers (the whole section, never a pick)
     PACKAGES: tuple[str, ...]       distributions whose versions change its results
     RESUMABLE: bool                 keep the partial directory across an interrupted run

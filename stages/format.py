@@ -27,7 +27,6 @@ from pipeline.stage import StageContext, StageResult
 log = logging.getLogger(__name__)
 
 NAME = "format"
-UPSTREAM = ("ingest",)
 SECTIONS = ("model", "format")
 PACKAGES = ("transformers", "tokenizers", "Jinja2")
 RESUMABLE = False
@@ -35,8 +34,24 @@ TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "pipeline" / "templates"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
+def upstream(cfg: DistilleryConfig) -> tuple[str, ...]:
+    """Ingest's records, plus the distill stage's verified traces when distillation is on."""
+    distill = getattr(cfg, "distill", None)
+    return ("ingest", "distill") if distill is not None and distill.enabled else ("ingest",)
+
+
 def input_files(cfg: DistilleryConfig) -> list[Path]:
     return []
+
+
+def load_records(ctx: StageContext, split: str) -> list[dict]:
+    """The records of one split from every upstream stage (distill contributes train records only)."""
+    records = []
+    for stage in upstream(ctx.cfg):
+        path = ctx.upstream(stage) / f"{split}.jsonl"
+        if path.is_file():
+            records.extend(read_jsonl(path))
+    return records
 
 
 def load_template(name: str, tokenizer: Any) -> str:
@@ -152,7 +167,7 @@ def run(ctx: StageContext) -> StageResult:
     stats: dict[str, Any] = {"template": fmt.template, "eos_token": tokenizer.eos_token}
     all_lengths = []
     for split in ("train", "eval"):
-        rows = [render(r, fmt, template, tokenizer) for r in read_jsonl(ctx.upstream("ingest") / f"{split}.jsonl")]
+        rows = [render(r, fmt, template, tokenizer) for r in load_records(ctx, split)]
         lengths = token_lengths(rows, tokenizer)
         all_lengths += lengths
         stats[split] = length_stats(lengths, fmt.max_length)

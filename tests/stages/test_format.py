@@ -1,0 +1,111 @@
+"""Format: exact prompt/completion text per template, EOS, <think> kept for r1, honest length counts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import FormatConfig, load_config
+from pipeline.errors import UserError
+from pipeline.records import make_record, read_jsonl
+from pipeline.runner import run_stage
+from stages.format import length_stats, load_template, render, token_lengths
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    """A word-level tokenizer built in code: one token per whitespace-separated word."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "<unk> </s> ### Question: Answer: 질문: 답변: What is 2 + ? 4 <think> </think> so".split()
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>")
+
+
+def record(answer: str = "4", system: str | None = None) -> dict:
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": answer}]
+    return make_record("toy", "qa", messages, {"row": 1})
+
+
+@pytest.mark.parametrize("template, prompt", [
+    ("qa", "### Question:\nWhat is 2 + 2?\n\n### Answer:\n"),
+    ("ko_qa", "### 질문:\nWhat is 2 + 2?\n\n### 답변:\n"),
+    ("alpaca", "Below is an instruction that describes a task. Write a response that appropriately completes the "
+               "request.\n\n### Instruction:\nWhat is 2 + 2?\n\n### Response:\n"),
+    ("r1", "<｜User｜>What is 2 + 2?<｜Assistant｜>"),
+])
+def test_named_templates_render_exactly(template: str, prompt: str, tiny_tokenizer) -> None:
+    fmt = FormatConfig(template=template)
+    row = render(record(), fmt, load_template(template, tiny_tokenizer), tiny_tokenizer)
+    assert row["prompt"] == prompt
+    expected = "<think>\n\n</think>\n\n4</s>" if template == "r1" else "4</s>"
+    assert row["completion"] == expected
+
+
+def test_r1_keeps_the_reasoning_block(tiny_tokenizer) -> None:
+    answer = "<think>\n2 + 2 so 4\n</think>\n\n4"
+    row = render(record(answer), FormatConfig(template="r1"), load_template("r1", tiny_tokenizer), tiny_tokenizer)
+    assert row["completion"] == answer + "</s>"
+
+
+def test_system_prompt_added_only_when_missing(tiny_tokenizer) -> None:
+    fmt = FormatConfig(template="qa", system_prompt="Be brief.")
+    tpl = load_template("qa", tiny_tokenizer)
+    assert render(record(), fmt, tpl, tiny_tokenizer)["prompt"].startswith("Be brief.\n\n### Question:")
+    assert render(record(system="Own."), fmt, tpl, tiny_tokenizer)["prompt"].startswith("Own.\n\n")
+
+
+def test_template_that_deletes_think_is_refused(tiny_tokenizer) -> None:
+    # Like R1-Distill's own template: assistant content after </think> only.
+    deleting = ("{% for m in messages %}{% if m['role'] == 'user' %}U:{{ m['content'] }}{% else %}A:"
+                "{{ m['content'].split('</think>')[-1] }}{{ eos_token }}{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}A:{% endif %}")
+    with pytest.raises(UserError, match="use template: r1"):
+        render(record("<think>so</think>4"), FormatConfig(template="chat"), deleting, tiny_tokenizer)
+
+
+def test_record_without_final_answer_is_refused(tiny_tokenizer) -> None:
+    bad = make_record("toy", "qa", [{"role": "user", "content": "hi"}], {"row": 3})
+    with pytest.raises(UserError, match="does not end with an assistant message"):
+        render(bad, FormatConfig(), load_template("qa", tiny_tokenizer), tiny_tokenizer)
+
+
+def test_length_stats_count_truncation_instead_of_cutting(tiny_tokenizer) -> None:
+    rows = [{"prompt": "What is 2 + 2 ?", "completion": "4 </s>"}, {"prompt": "What " * 20, "completion": "4 </s>"}]
+    lengths = token_lengths(rows, tiny_tokenizer)
+    assert lengths == [(6, 8), (20, 22)]
+    stats = length_stats(lengths, max_length=10)
+    assert stats["over_max_length"] == 1 and stats["completion_lost"] == 1
+    assert stats["total_tokens"]["max"] == 22
+
+
+@pytest.mark.integration
+def test_chat_template_matches_the_models_own_and_stage_outputs(tmp_path: Path, monkeypatch, demo_model_path) -> None:
+    from transformers import AutoTokenizer
+
+    monkeypatch.chdir(tmp_path)
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                          {"role": "assistant", "content": f"{2 * i}"}]} for i in range(12)]
+    Path("d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    Path("c.yaml").write_text(yaml.safe_dump({"format": {"template": "chat", "max_length": 40}, "ingest": {
+        "sources": [{"name": "toy", "kind": "hf", "files": "d.jsonl", "format": "messages"}]}}), encoding="utf-8")
+    cfg = load_config("c.yaml")
+    run_stage("ingest", cfg)
+    run_stage("format", cfg)
+    out = Path("runs/demo/format")
+    assert sorted(p.name for p in out.iterdir()) == ["chat_template.jinja", "eval.jsonl", "lengths.png",
+                                                      "report.md", "stats.json", "template.json", "train.jsonl"]
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_path)
+    for row in read_jsonl(out / "train.jsonl"):
+        messages = [{"role": "user", "content": row["prompt"].split("user\n")[1].split("<|im_end|>")[0]}]
+        reference = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert row["prompt"] == reference
+        assert row["completion"].endswith("<|im_end|>") and row["completion"].count("<|im_end|>") == 1
+    assert json.loads((out / "template.json").read_text())["eos_token"] == "<|im_end|>"
+    assert (out / "chat_template.jinja").read_text() == tokenizer.chat_template
