@@ -5,6 +5,10 @@
     ingest:   data sources, dedup, eval split          -> stages/ingest.py
     format:   template and length budget               -> stages/format.py
     finetune: LoRA and trainer settings                -> stages/finetune.py
+    export:   16-bit merge, GGUF types, verification   -> stages/export.py (+ exports/)
+    evaluate: MathQA scoring of every artifact         -> stages/evaluate.py
+    distill:  teacher, verifiers, sandbox              -> stages/distill.py
+    push:     Hub repository and what to upload        -> exports/hub.py (the `push` command)
 """
 
 from __future__ import annotations
@@ -105,12 +109,36 @@ class FinetuneConfig(Section):
     sample_prompts: int = Field(3, ge=0, description="Held-out prompts generated before and after training (samples.md).")
 
 
+# Each section below belongs to one stage; its owner extends it. A section with `enabled: false` is
+# skipped by `distillery run`.
+
+
+class DistillConfig(Section):
+    enabled: bool = Field(False, description="Generate verified teacher traces and add them to the training data.")
+
+
+class ExportConfig(Section):
+    enabled: bool = Field(True, description="Merge, convert and quantize to GGUF in `distillery run`.")
+
+
+class EvaluateConfig(Section):
+    enabled: bool = Field(True, description="Score MathQA in `distillery run`.")
+
+
+class PushConfig(Section):
+    repo_id: str | None = Field(None, description="Hub repository, e.g. my-org/kanana-8b-ko-qa.")
+
+
 class DistilleryConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     ingest: IngestConfig
     format: FormatConfig = Field(default_factory=FormatConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    push: PushConfig = Field(default_factory=PushConfig)
 
     @model_validator(mode="after")
     def _cross_stage_checks(self) -> "DistilleryConfig":
