@@ -113,8 +113,58 @@ class FinetuneConfig(Section):
 # skipped by `distillery run`.
 
 
+class TeacherConfig(Section):
+    kind: Literal["gguf", "hf", "openai"] = Field(
+        "gguf", description="gguf (llama-cpp-python), hf (transformers) or openai (any chat-completions HTTP endpoint)."
+    )
+    path: str | None = Field(
+        "bundled:SmolLM2-135M-Instruct",
+        description="gguf: a .gguf file or bundled:<name>; hf: a local HF directory or Hub id.",
+    )
+    url: str | None = Field(None, description="openai: base URL, e.g. http://localhost:8000/v1 (…/chat/completions is added).")
+    model: str | None = Field(None, description="openai: the model name the endpoint serves.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the key (may be unset for local servers).")
+    context_length: int = Field(4096, ge=256, description="gguf: llama.cpp context window (n_ctx).")
+    timeout_s: float = Field(120.0, gt=0, description="openai: seconds to wait for one response.")
+
+    @model_validator(mode="after")
+    def _needs_location(self) -> "TeacherConfig":
+        if self.kind == "openai" and not (self.url and self.model):
+            raise ValueError("teacher kind openai needs url and model")
+        if self.kind in ("gguf", "hf") and not self.path:
+            raise ValueError(f"teacher kind {self.kind} needs path")
+        return self
+
+
+class SandboxConfig(Section):
+    timeout_s: float = Field(5.0, gt=0, description="Wall-clock limit of one run of untrusted code; its process group is killed after.")
+    memory_mb: int = Field(1024, ge=64, description="Address-space limit (RLIMIT_AS).")
+    file_size_mb: int = Field(8, ge=1, description="Largest file the code may write (RLIMIT_FSIZE).")
+    max_processes: int = Field(16, ge=1, description="Processes the code may have at once (RLIMIT_NPROC under its own uid).")
+    max_output_kb: int = Field(256, ge=1, description="stdout + stderr kept before the run is stopped.")
+
+
 class DistillConfig(Section):
     enabled: bool = Field(False, description="Generate verified teacher traces and add them to the training data.")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    tasks: dict[str, Literal["math_mc", "numeric", "codeio_output", "codeio_input"]] = Field(
+        default_factory=lambda: {"math_mc": "math_mc", "code_io_output": "codeio_output", "code_io_input": "codeio_input"},
+        description="Record task -> verifier. Only train records of these tasks are sent to the teacher "
+                    "(e.g. add `qa: numeric` for GSM-style questions).",
+    )
+    max_prompts: int | None = Field(8, ge=1, description="Prompts sent to the teacher, spread evenly over the tasks; null: all.")
+    samples_per_prompt: int = Field(1, ge=1, description="K: teacher samples per prompt (rejection sampling keeps the verified ones).")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature of the teacher.")
+    max_tokens: int = Field(512, ge=1, description="Most tokens the teacher writes per turn.")
+    concurrency: int = Field(4, ge=1, description="Prompts in flight at once for the openai teacher (local teachers run one at a time).")
+    retries: int = Field(3, ge=0, description="openai: retries of a failed request (connection errors, 429, 5xx), with backoff.")
+    revise: bool = Field(True, description="CodeI/O++: after a failed first turn, show the teacher the verifier's feedback and ask once more.")
+    keep: Literal["verified", "all"] = Field("verified", description="verified: rejection sampling (only checked traces); all: every trace, marked in meta.")
+    system_prompt: str = Field(
+        "Think through the problem step by step inside <think> and </think>, then state the final answer.",
+        description="Instruction sent to the teacher before each prompt (not part of the training data).",
+    )
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
 
 
 class ExportConfig(Section):
