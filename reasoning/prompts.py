@@ -42,8 +42,12 @@ def revision_messages(first: list[dict[str, str]], answer: str, feedback: str) -
             {"role": "user", "content": REVISE.format(feedback=feedback)}]
 
 
-def strip_think_tags(text: str) -> str:
-    return text.replace("<think>", "").replace("</think>", "").strip()
+def reasoning_of(text: str) -> str:
+    """The teacher's reasoning: inside its <think> block when it wrote one (the answer after it is replaced by the
+    checked final answer), else the whole text."""
+    if "</think>" in text:
+        return text.split("</think>", 1)[0].replace("<think>", "").strip()
+    return text.replace("<think>", "").strip()
 
 
 def trace_content(turns: list[tuple[str, str]], canonical: str) -> str:
@@ -52,7 +56,7 @@ def trace_content(turns: list[tuple[str, str]], canonical: str) -> str:
     A single verified turn needs no feedback line; a revised one keeps every turn with its feedback.
     """
     if len(turns) == 1:
-        reasoning = strip_think_tags(turns[0][0])
+        reasoning = reasoning_of(turns[0][0])
     else:
-        reasoning = "\n\n".join(f"{strip_think_tags(text)}\n\nFeedback: {feedback}" for text, feedback in turns)
+        reasoning = "\n\n".join(f"{reasoning_of(text)}\n\nFeedback: {feedback}" for text, feedback in turns)
     return f"<think>\n{reasoning}\n</think>\n\n{canonical}".rstrip()

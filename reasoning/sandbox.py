@@ -56,6 +56,7 @@ class SandboxResult:
     stderr: str = ""
     seconds: float = 0.0
     network: str = ""  # what cut the network: namespace or audit-hook
+    uid: int | None = None  # the throw-away uid it ran under (None: our own uid, when not root)
 
     @property
     def ok(self) -> bool:
@@ -89,7 +90,7 @@ def run_function(code: str, funcname: str, args: Any, limits: Limits = Limits())
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     result = interpret(proc.returncode, stdout, stderr, stopped, nonce, limits)
-    result.seconds = round(time.monotonic() - started, 3)
+    result.seconds, result.uid = round(time.monotonic() - started, 3), uid
     return result
 
 
@@ -140,7 +141,8 @@ def kill_everything(proc: subprocess.Popen, uid: int | None) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    if uid is not None and count_processes(uid):
+    deadline = time.monotonic() + 5
+    while uid is not None and count_processes(uid) and time.monotonic() < deadline:
         # kill(-1) from inside the uid reaches exactly that uid's processes, also those that left the group.
         pid = os.fork()
         if pid == 0:
@@ -151,19 +153,18 @@ def kill_everything(proc: subprocess.Popen, uid: int | None) -> None:
             finally:
                 os._exit(0)
         os.waitpid(pid, 0)
+        time.sleep(0.01)
 
 
 def count_processes(uid: int) -> int:
-    """Processes whose real uid is `uid` (read from /proc; 0 where /proc is absent)."""
+    """Live (not zombie) processes whose real uid is `uid`, read from /proc (0 where /proc is absent)."""
     count = 0
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
-            for line in status.read_text().splitlines():
-                if line.startswith("Uid:"):
-                    count += line.split()[1] == str(uid)
-                    break
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
         except OSError:
             continue
+        count += fields.get("Uid", "").split()[:1] == [str(uid)] and not fields.get("State", "").strip().startswith("Z")
     return count
 
 

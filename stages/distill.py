@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -131,18 +131,43 @@ def training_record(record: dict, turns: list, final: Any, sample: int, teacher_
 
 
 def run_prompts(todo: list[dict], ctx: StageContext, teacher: Any, limits: Limits, progress_path: Path) -> None:
-    """Distill the prompts (in threads for a parallel teacher), appending each one as soon as it is done."""
+    """Distill the prompts, appending each one as soon as it is done.
+
+    A parallel (HTTP) teacher gets up to `concurrency` prompts in flight, never more, so an interruption loses
+    at most those; a local teacher runs one prompt at a time in this thread.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     cfg = ctx.cfg.distill
     workers = cfg.concurrency if teacher.parallel else 1
+
+    def one(record: dict) -> dict:
+        return distill_prompt(record, cfg, teacher, limits, sample_seed(ctx.cfg.run.seed, record["id"]))
+
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=ctx.console) as progress, ThreadPoolExecutor(max_workers=workers) as pool:
+    with Progress(*columns, console=ctx.console) as progress:
         bar = progress.add_task(f"teacher {teacher.name}", total=len(todo))
-        results = pool.map(lambda r: distill_prompt(r, cfg, teacher, limits, sample_seed(ctx.cfg.run.seed, r["id"])), todo)
-        for entry in results:
+        for entry in (map(one, todo) if workers == 1 else in_flight(one, todo, workers)):
             append_progress(progress_path, entry)
             progress.advance(bar)
+
+
+def in_flight(function: Any, items: list, workers: int) -> Iterator[Any]:
+    """function(item) for every item in threads, at most `workers` at a time; results as they finish."""
+    queue = iter(items)
+    pool = ThreadPoolExecutor(max_workers=workers)
+    pending: set = set()
+    try:
+        while True:
+            while len(pending) < workers and (item := next(queue, None)) is not None:
+                pending.add(pool.submit(function, item))
+            if not pending:
+                return
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                yield future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def task_report(entries: list[dict]) -> dict[str, dict[str, Any]]:
@@ -220,13 +245,13 @@ def traces(entries: list[dict]) -> Iterator[dict]:
                    **attempt}
 
 
-HEADERS = ("task", "verifier", "prompts", "generated", "verified", "1st turn", "revised", "rejected", "kept", "s/sample")
+HEADERS = ("task", "prompts", "generated", "verified", "1st turn", "revised (fixed)", "rejected", "kept", "s/sample")
 
 
 def table_rows(rows: dict[str, dict]) -> list[tuple[str, ...]]:
-    return [(task, r["verifier"], str(r["prompts"]), str(r["generated"]), str(r["verified"]),
-             str(r["verified_first_turn"]), f"{r['revised']} ({r['revised_verified']} fixed)", str(r["rejected"]),
-             str(r["kept"]), f"{r['seconds_per_sample']:.2f}") for task, r in rows.items()]
+    return [(task, str(r["prompts"]), str(r["generated"]), str(r["verified"]), str(r["verified_first_turn"]),
+             f"{r['revised']} ({r['revised_verified']})", str(r["rejected"]), str(r["kept"]),
+             f"{r['seconds_per_sample']:.2f}") for task, r in rows.items()]
 
 
 def render_report(report: dict) -> str:

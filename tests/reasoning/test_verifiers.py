@@ -1,0 +1,130 @@
+"""Verifiers: answer extraction, CodeI/O's tolerance rules, and input prediction checked by running the code."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pipeline.records import make_record
+from reasoning.sandbox import Limits
+from reasoning.verifiers import (extract_last_json, extract_option, final_number, is_close, outputs_match,
+                                 verify_codeio_input, verify_codeio_output, verify_math_mc, verify_numeric,
+                                 why_uncheckable)
+
+LIMITS = Limits(timeout_s=2.0, memory_mb=512, max_processes=8)
+CHOICES = ["12", "15", "18", "21", "24"]
+
+
+def mc_record(label: int = 2) -> dict:
+    messages = [{"role": "user", "content": "What is 6 * 3?\n\nOptions:\na) 12\nb) 15\nc) 18\nd) 21\ne) 24"},
+                {"role": "assistant", "content": "6 * 3 = 18\nThe answer is (c) 18."}]
+    return make_record("mathqa", "math_mc", messages, {"line": 1}, CHOICES, label)
+
+
+def codeio_record(task: str = "code_io_output", io_input=None, io_output=None, refcode: str | None = None) -> dict:
+    refcode = refcode or "def main_solution(a, b):\n    return {'total': a + b, 'ratio': a / b}\n"
+    io_input = io_input if io_input is not None else {"a": 3, "b": 4}
+    io_output = io_output if io_output is not None else {"total": 7, "ratio": 0.75}
+    messages = [{"role": "user", "content": "Predict it."}, {"role": "assistant", "content": "{}"}]
+    meta = {"line": 1, "funcname": "main_solution", "refcode": refcode, "io_input": io_input, "io_output": io_output}
+    return make_record("codeio", task, messages, meta)
+
+
+@pytest.mark.parametrize("text, index", [
+    ("so it is 18. The answer is (c) 18.", 2),
+    ("Answer: b", 1),
+    ("<think>maybe (a)? no</think>\nThe answer is (E)", 4),
+    ("The final choice is \\boxed{d}", 3),
+    ("I pick (a) over (b), final: (b)", 1),
+    ("Therefore the result is 18", 2),
+    ("I do not know", None),
+])
+def test_extract_option(text: str, index: int | None) -> None:
+    assert extract_option(text, CHOICES) == index
+
+
+def test_math_mc_verdicts() -> None:
+    good = verify_math_mc(mc_record(), "3 sixes... The answer is (c)", LIMITS)
+    assert good.ok and good.canonical == "The answer is (c) 18."
+    bad = verify_math_mc(mc_record(), "The answer is (a)", LIMITS)
+    assert not bad.ok and bad.answer == "a" and "(a) 12 is not correct" in bad.feedback
+    assert not verify_math_mc(mc_record(), "no idea", LIMITS).ok
+
+
+@pytest.mark.parametrize("text, number", [
+    ("She pays 3 * 4 = 12 dollars.\n#### 1,234", "1,234"),
+    ("The answer is $56.50.", "56.50"),
+    ("so \\boxed{-7} remains", "-7"),
+    ("first 3, then 4, finally 12 apples", "12"),
+    ("nothing numeric", None),
+])
+def test_final_number(text: str, number: str | None) -> None:
+    assert final_number(text) == number
+
+
+def test_numeric_compares_final_numbers() -> None:
+    record = make_record("gsm", "qa", [{"role": "user", "content": "How many?"},
+                                       {"role": "assistant", "content": "10 + 2 = 12\n#### 1,200"}], {})
+    assert verify_numeric(record, "so the answer is 1200.", LIMITS).ok
+    assert verify_numeric(record, "The answer is 1200.0", LIMITS).canonical == "The answer is 1,200."
+    assert not verify_numeric(record, "The answer is 1201", LIMITS).ok
+
+
+@pytest.mark.parametrize("text, value", [
+    ('reasoning {"a": 1} more reasoning {"output": [1, 2]}', {"output": [1, 2]}),
+    ('```json\n{"output": {"x": 1.5}}\n```\nthen some {"noise": 0}', {"output": {"x": 1.5}}),
+    ("{'output': True, 'other': None}", {"output": True, "other": None}),
+    ('{"output": (1, 2)}', {"output": [1, 2]}),
+    ('The result is \\boxed{\\{"output": 3\\}}', {"output": 3}),
+    ("no json here", None),
+])
+def test_extract_last_json(text: str, value) -> None:
+    assert extract_last_json(text) == value
+
+
+def test_is_close_follows_codeio_rules() -> None:
+    assert is_close(3.14159, 3.1416)  # within 1e-3 relative, same integer part
+    assert not is_close(2.9999, 3.0)  # close, but the integer parts differ
+    assert not is_close(1.1, 1.0)
+    assert not is_close(math.nan, math.nan) and not is_close(math.inf, math.inf)
+    assert is_close({"a": [1, 2.0001]}, {"a": [1, 2.0]})
+    assert not is_close({"a": 1}, {"a": 1, "b": 2}) and not is_close([1, 2], [1, 2, 3])
+    assert is_close(5, 5) and not is_close(5, 6)
+    assert outputs_match("abc", "abc") and not outputs_match("abc", "abd")
+
+
+def test_codeio_output_prediction() -> None:
+    record = codeio_record()
+    good = verify_codeio_output(record, 'Adding gives 7, and 3/4.\n{"output": {"total": 7, "ratio": 0.7500001}}', LIMITS)
+    assert good.ok and good.canonical == '{"output": {"total": 7, "ratio": 0.7500001}}'
+    bad = verify_codeio_output(record, '{"output": {"total": 8, "ratio": 0.75}}', LIMITS)
+    assert not bad.ok and "Mismatch" in bad.feedback and '{"a": 3, "b": 4}' in bad.feedback
+    assert "No final answer" in verify_codeio_output(record, "it is seven", LIMITS).feedback
+
+
+def test_codeio_input_prediction_runs_the_reference_code() -> None:
+    record = codeio_record("code_io_input")
+    good = verify_codeio_input(record, 'Try a=3, b=4: {"input": {"a": 3, "b": 4}}', LIMITS)
+    assert good.ok and good.details["sandbox"]["status"] == "ok"
+    other = verify_codeio_input(record, '{"input": {"a": 6, "b": 8}}', LIMITS)  # 14 and 0.75: total differs
+    assert not other.ok and '"total": 14' in other.feedback
+    broken = verify_codeio_input(record, '{"input": {"a": 1, "b": 0}}', LIMITS)
+    assert not broken.ok and "ZeroDivisionError" in broken.feedback
+    assert not verify_codeio_input(record, '{"input": 5}', LIMITS).ok
+
+
+def test_hostile_reference_code_is_a_failed_check() -> None:
+    record = codeio_record("code_io_input", refcode="def main_solution(a, b):\n    while True:\n        pass\n")
+    verdict = verify_codeio_input(record, '{"input": {"a": 3, "b": 4}}', LIMITS)
+    assert not verdict.ok and "did not finish" in verdict.feedback
+    assert verdict.details["sandbox"]["status"] == "timeout"
+
+
+def test_why_uncheckable() -> None:
+    assert why_uncheckable("math_mc", mc_record()) is None
+    no_label = make_record("x", "math_mc", [{"role": "user", "content": "q"}], {})
+    assert why_uncheckable("math_mc", no_label) == "no choices/label"
+    assert why_uncheckable("codeio_input", codeio_record()) is None
+    missing = make_record("x", "code_io_input", [{"role": "user", "content": "q"}], {"io_input": {}})
+    assert why_uncheckable("codeio_input", missing) == "meta lacks refcode, funcname, io_output"

@@ -1,0 +1,291 @@
+"""Distill: the stage end to end against a local OpenAI-compatible HTTP server (a real round trip), CodeI/O++
+revision, rejection sampling, resuming after an interruption, hostile code, and the real demo GGUF teacher."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import yaml
+
+import stages.distill as distill
+from pipeline.config import DistillConfig, load_config
+from pipeline.errors import UserError
+from pipeline.records import make_record, read_jsonl, write_jsonl
+from pipeline.runner import plan, run_stage
+from reasoning.teachers import OpenAITeacher
+
+MATHQA = [
+    {"Problem": f"what is {a} times {b} ?", "Rationale": f"{a} * {b} = {a * b}",
+     "options": f"a ) {a * b} , b ) {a * b + 1} , c ) {a * b + 2} , d ) {a * b + 3} , e ) {a * b + 4}", "correct": "a"}
+    for a, b in [(2, 3), (4, 5), (6, 7), (8, 9), (3, 3), (5, 5)]
+]
+ADD = "def main_solution(a, b):\n    return a + b\n"
+LOOP = "def main_solution(a, b):\n    while True:\n        pass\n"
+
+
+def run_through(target: str, cfg):
+    """Run `target` after its upstream stages, as the CLI does; returns the target's (status, result, seconds)."""
+    for name in plan(target, cfg):
+        outcome = run_stage(name, cfg)
+    return outcome
+
+
+class ChatServer:
+    """An OpenAI-style /v1/chat/completions endpoint whose answers come from `reply(messages)`."""
+
+    def __init__(self, reply: Callable[[list[dict]], str], fail_first: int = 0):
+        self.reply, self.fail_first = reply, fail_first
+        self.requests: list[dict] = []
+        self.auth: list[str | None] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append(body)
+                server.auth.append(self.headers.get("Authorization"))
+                if len(server.requests) <= server.fail_first:
+                    self.send_response(503)
+                    self.end_headers()
+                    return
+                answer = server.reply(body["messages"])
+                payload = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}]})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(payload.encode())
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def math_reply(messages: list[dict]) -> str:
+    """Right on the first turn for '2 times 3', wrong then right (after feedback) for the others."""
+    question = next(m["content"] for m in messages if m["role"] == "user")
+    if "2 times 3" in question:
+        return "<think>2 * 3 = 6</think>\nThe answer is (a)"
+    if messages[-1]["role"] == "user" and "not correct" in messages[-1]["content"]:
+        return "Let me redo it: the product is option a.\nThe answer is (a)"
+    return "I think it is b.\nThe answer is (b)"
+
+
+@pytest.fixture
+def server():
+    servers = []
+
+    def start(reply=math_reply, fail_first: int = 0) -> ChatServer:
+        servers.append(ChatServer(reply, fail_first))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def write_project(tmp_path: Path, url: str, **distill_overrides) -> Path:
+    (tmp_path / "mathqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in MATHQA), encoding="utf-8")
+    section = {"enabled": True, "teacher": {"kind": "openai", "url": url, "model": "stub", "api_key_env": "STUB_KEY"},
+               "max_prompts": None, "concurrency": 2, "retries": 2, **distill_overrides}
+    config = {"run": {"name": "t", "root": "runs"},
+              "ingest": {"eval_fraction": 0.0,
+                         "sources": [{"name": "mathqa", "kind": "hf", "files": "mathqa.jsonl", "format": "mathqa"}]},
+              "distill": section}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    return tmp_path / "config.yaml"
+
+
+def test_http_teacher_revision_and_rejection(tmp_path, monkeypatch, server) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("STUB_KEY", "sk-test-key")
+    chat = server()
+    status, result, _ = run_through("distill", load_config(write_project(tmp_path, chat.url)))
+    assert status == "done"
+    out = tmp_path / "runs/t/distill"
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "report.png", "traces.jsonl", "train.jsonl"]
+    # 6 prompts: 1 right at once, 5 wrong then fixed by the feedback turn = 11 requests, all with the key.
+    assert len(chat.requests) == 11 and set(chat.auth) == {"Bearer sk-test-key"}
+    report = json.loads((out / "report.json").read_text())["tasks"]["math_mc"]
+    assert {k: report[k] for k in ("prompts", "generated", "verified", "verified_first_turn", "revised",
+                                   "revised_verified", "rejected", "kept")} == {
+        "prompts": 6, "generated": 6, "verified": 6, "verified_first_turn": 1, "revised": 5, "revised_verified": 5,
+        "rejected": 0, "kept": 6}
+    train = list(read_jsonl(out / "train.jsonl"))
+    first = next(r for r in train if "2 times 3" in r["messages"][0]["content"])
+    assert first["messages"][-1]["content"] == "<think>\n2 * 3 = 6\n</think>\n\nThe answer is (a) 6."
+    assert first["task"] == "math_mc" and first["label"] == 0 and first["meta"]["distill"]["verified"]
+    revised = next(r for r in train if "4 times 5" in r["messages"][0]["content"])
+    content = revised["messages"][-1]["content"]
+    # CodeI/O++: turn 1, its feedback, turn 2, its feedback, then the verified answer.
+    assert content.index("I think it is b") < content.index("Feedback: The chosen option (b)") \
+        < content.index("Let me redo it") < content.index("Feedback: Correct.") < content.index("The answer is (a) 20.")
+    assert [m["role"] for m in revised["messages"]] == ["user", "assistant"]
+    traces = list(read_jsonl(out / "traces.jsonl"))
+    assert len(traces) == 6 and sum(t["revised"] for t in traces) == 5
+    assert "sk-test-key" not in (tmp_path / "runs/t/config.yaml").read_text()
+
+
+def test_rejection_sampling_keeps_only_verified(tmp_path, monkeypatch, server) -> None:
+    monkeypatch.chdir(tmp_path)
+    chat = server()
+    cfg = load_config(write_project(tmp_path, chat.url, revise=False, samples_per_prompt=2))
+    run_through("distill", cfg)
+    out = tmp_path / "runs/t/distill"
+    train = list(read_jsonl(out / "train.jsonl"))
+    assert len(train) == 2  # only the 2 samples of the one prompt answered right
+    assert len(list(read_jsonl(out / "traces.jsonl"))) == 12
+    keep_all = load_config(write_project(tmp_path, chat.url, revise=False, keep="all"))
+    run_through("distill", keep_all)
+    kept = list(read_jsonl(out / "train.jsonl"))
+    assert len(kept) == 6 and sum(r["meta"]["distill"]["verified"] for r in kept) == 1
+
+
+def test_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, server) -> None:
+    monkeypatch.chdir(tmp_path)
+    chat = server(reply=lambda messages: "The answer is (a)")
+    cfg = load_config(write_project(tmp_path, chat.url, concurrency=1))
+    real_append = distill.append_progress
+    written = []
+
+    def interrupt_after_two(path, entry):
+        real_append(path, entry)
+        written.append(entry["id"])
+        if len(written) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill, "append_progress", interrupt_after_two)
+    run_stage("ingest", cfg)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("distill", cfg)
+    assert len(chat.requests) == 2
+    assert (tmp_path / "runs/t/.distill.partial/progress.jsonl").is_file()
+    monkeypatch.setattr(distill, "append_progress", real_append)
+    status, result, _ = run_stage("distill", cfg)
+    assert status == "done"
+    assert len(chat.requests) == 6  # only the 4 prompts left were sent
+    asked = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in chat.requests]
+    assert len(set(asked)) == 6
+    assert result.metrics["train_records"] == 6
+
+
+def test_torn_progress_line_is_dropped(tmp_path: Path) -> None:
+    path = tmp_path / "progress.jsonl"
+    path.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c', encoding="utf-8")
+    assert [e["id"] for e in distill.load_progress(path)] == ["a", "b"]
+    assert path.read_text() == '{"id": "a"}\n{"id": "b"}\n'
+
+
+def test_http_teacher_retries_then_gives_a_clear_error(server) -> None:
+    chat = server(fail_first=2)
+    teacher = OpenAITeacher(chat.url, "stub", "UNSET_KEY_VAR", timeout_s=5, retries=2)
+    assert teacher.complete([{"role": "user", "content": "hi"}], 1, 0.0, 8, 0) == ["I think it is b.\nThe answer is (b)"]
+    assert len(chat.requests) == 3 and chat.auth[-1] is None
+    down = OpenAITeacher("http://127.0.0.1:9/v1", "stub", "UNSET_KEY_VAR", timeout_s=1, retries=1)
+    with pytest.raises(UserError, match="failed 2 times"):
+        down.complete([{"role": "user", "content": "hi"}], 1, 0.0, 8, 0)
+
+
+def codeio_records() -> list[dict]:
+    rows = []
+    for i, (refcode, task) in enumerate([(ADD, "code_io_output"), (ADD, "code_io_input"), (LOOP, "code_io_input"),
+                                         (ADD, "code_io_input")]):
+        meta = {"line": i + 1, "funcname": "main_solution", "refcode": refcode, "io_input": {"a": i, "b": 2},
+                "io_output": i + 2}
+        messages = [{"role": "user", "content": f"[{i}] Predict for main_solution:\n{refcode}"},
+                    {"role": "assistant", "content": json.dumps({"output": i + 2})}]
+        rows.append(make_record("codeio", task, messages, meta))
+    return rows
+
+
+def codeio_reply(messages: list[dict]) -> str:
+    index = int(next(m["content"] for m in messages if m["role"] == "user")[1])
+    if index == 0:
+        return 'a + b = 0 + 2.\n{"output": 2}'
+    if index == 3 and len(messages) < 4:
+        return 'Perhaps a=1, b=1: {"input": {"a": 1, "b": 1}}'
+    return f'{{"input": {{"a": {index}, "b": 2}}}}'
+
+
+def test_codeio_records_through_the_stage_with_hostile_code(tmp_path, monkeypatch, server) -> None:
+    """Records in the codeio source's shape; one's reference code never ends: a failed check, the rest carry on."""
+    monkeypatch.chdir(tmp_path)
+    chat = server(reply=codeio_reply)
+    config = write_project(tmp_path, chat.url, sandbox={"timeout_s": 2.0})
+    cfg = load_config(config)
+    run_stage("ingest", cfg)
+    write_jsonl(tmp_path / "runs/t/ingest/train.jsonl", codeio_records())  # as the codeio source writes them
+    from pipeline.rundir import RunDir
+    from pipeline.stage import StageContext
+    from pipeline.console import console
+
+    run = RunDir("runs", "t")
+    out = tmp_path / "out"
+    out.mkdir()
+    result = distill.run(StageContext(cfg=cfg, run=run, out=out, console=console))
+    report = json.loads((out / "report.json").read_text())["tasks"]
+    assert report["code_io_output"]["verified"] == 1
+    assert report["code_io_input"] == {**report["code_io_input"], "prompts": 3, "verified": 2, "revised": 2,
+                                       "revised_verified": 1, "rejected": 1}
+    traces = {t["id"]: t for t in read_jsonl(out / "traces.jsonl")}
+    hostile = traces[codeio_records()[2]["id"]]
+    assert not hostile["verified"] and hostile["turns"][0]["sandbox"]["status"] == "timeout"
+    fixed = traces[codeio_records()[3]["id"]]
+    assert fixed["revised"] and "gives 2, not the required output 5" in fixed["turns"][0]["feedback"]
+    train = list(read_jsonl(out / "train.jsonl"))
+    assert result.metrics["train_records"] == len(train) == 3
+    assert all(r["meta"]["funcname"] == "main_solution" for r in train)
+
+
+def test_no_checkable_prompt_is_a_user_error(tmp_path, monkeypatch, server) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(write_project(tmp_path, "http://127.0.0.1:9/v1", tasks={"qa": "numeric"}))
+    run_stage("ingest", cfg)
+    with pytest.raises(UserError, match="no ingest train record has a task in distill.tasks"):
+        run_stage("distill", cfg)
+
+
+def test_select_prompts_spreads_over_tasks() -> None:
+    records = [make_record("s", task, [{"role": "user", "content": f"{task} {i}"}], {}, ["1", "2"], 0)
+               for task in ("math_mc", "other") for i in range(5)]
+    records += [make_record("s", "qa", [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"#### {i}"}],
+                            {}) for i in range(5)]
+    cfg = DistillConfig(tasks={"math_mc": "math_mc", "qa": "numeric"}, max_prompts=4)
+    chosen, skipped = distill.select_prompts(records, cfg)
+    assert [r["task"] for r in chosen] == ["math_mc", "qa", "math_mc", "qa"]
+    assert skipped == {}
+
+
+@pytest.mark.integration
+def test_demo_gguf_teacher_feeds_format(tmp_path, monkeypatch) -> None:
+    """The bundled SmolLM2 GGUF through llama-cpp-python as the teacher, then format reads the traces."""
+    monkeypatch.chdir(tmp_path)
+    path = write_project(tmp_path, "unused")
+    config = yaml.safe_load(path.read_text())
+    config["distill"] = {"enabled": True, "teacher": {"kind": "gguf", "path": "bundled:SmolLM2-135M-Instruct",
+                                                      "context_length": 1024},
+                         "max_prompts": 2, "max_tokens": 48, "keep": "all", "revise": True}
+    config["format"] = {"template": "r1", "max_length": 512}
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    cfg = load_config(path)
+    status, result, _ = run_through("format", cfg)
+    assert status == "done"
+    out = tmp_path / "runs/t"
+    report = json.loads((out / "distill/report.json").read_text())
+    assert report["teacher"] == "gguf:SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert report["tasks"]["math_mc"]["generated"] == 2
+    distilled = list(read_jsonl(out / "distill/train.jsonl"))
+    assert len(distilled) == 2 and all(r["messages"][-1]["content"].startswith("<think>\n") for r in distilled)
+    formatted = {r["id"]: r for r in read_jsonl(out / "format/train.jsonl")}
+    assert all(r["id"] in formatted and "<think>" in formatted[r["id"]]["completion"] for r in distilled)
