@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -128,3 +129,17 @@ def test_why_uncheckable() -> None:
     assert why_uncheckable("codeio_input", codeio_record()) is None
     missing = make_record("x", "code_io_input", [{"role": "user", "content": "q"}], {"io_input": {}})
     assert why_uncheckable("codeio_input", missing) == "meta lacks refcode, funcname, io_output"
+
+
+def test_real_codeio_reference_code_verifies_its_own_io(shared_file) -> None:
+    """464 real CodeI/O records: given the recorded input as the 'prediction', the sandboxed reference code must
+    give the recorded output back for (nearly) all of the first 16 (a few use unseeded randomness)."""
+    path = shared_file("data/codeio/rawcode_1k_parsed.jsonl")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()[:16]]
+    verified = 0
+    for row in rows:
+        io = row["ios"][0]
+        record = codeio_record("code_io_input", io["input"], io["output"], row["refcode"])
+        record["meta"]["funcname"] = row["funcname"]
+        verified += verify_codeio_input(record, json.dumps({"input": io["input"]}), Limits()).ok
+    assert verified >= 14, verified

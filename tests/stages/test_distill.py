@@ -289,3 +289,15 @@ def test_demo_gguf_teacher_feeds_format(tmp_path, monkeypatch) -> None:
     assert len(distilled) == 2 and all(r["messages"][-1]["content"].startswith("<think>\n") for r in distilled)
     formatted = {r["id"]: r for r in read_jsonl(out / "format/train.jsonl")}
     assert all(r["id"] in formatted and "<think>" in formatted[r["id"]]["completion"] for r in distilled)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_hf_teacher_samples_k_answers(demo_model_path) -> None:
+    from reasoning.teachers import HFTeacher
+
+    teacher = HFTeacher(demo_model_path)
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2 + 2?"}]
+    answers = teacher.complete(messages, 2, 0.7, 12, seed=1)
+    assert len(answers) == 2 and all(isinstance(a, str) and a.strip() for a in answers)
+    assert teacher.complete(messages, 1, 0.0, 12, seed=1) == teacher.complete(messages, 1, 0.0, 12, seed=2)

@@ -1,0 +1,68 @@
+"""The sandbox's cost on real CodeI/O reference code, against running the same code without isolation.
+
+Baseline: what CodeI/O's own checker does, a plain `python -` subprocess with a timeout (no limits, no uid, no
+namespace, the caller's environment). Ours: reasoning.sandbox.run_function with the default limits. Both run the
+reference code of the first N records of ../shared/data/codeio/rawcode_1k_parsed.jsonl on each record's first
+io input, one at a time; printed: how many reproduce the recorded output (CodeI/O's comparison) and the
+seconds per run, as a ratio to the baseline.
+
+    .venv/bin/python bench/distill.py [N]     (default 64)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from reasoning.sandbox import Limits, run_function  # noqa: E402
+from reasoning.verifiers import outputs_match  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "codeio" / "rawcode_1k_parsed.jsonl"
+MARK = "@@result@@"
+
+
+def unsandboxed(code: str, funcname: str, args: dict, timeout_s: float) -> tuple[bool, object]:
+    program = f"{code}\n\nimport json\nprint({MARK!r} + json.dumps({funcname}(**{args!r})))\n"
+    try:
+        done = subprocess.run([sys.executable, "-"], input=program, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return False, None
+    lines = [line for line in done.stdout.splitlines() if line.startswith(MARK)]
+    return (True, json.loads(lines[-1][len(MARK):])) if done.returncode == 0 and lines else (False, None)
+
+
+def main() -> int:
+    if not DATA.is_file():
+        print(f"skipped: {DATA} is absent (../shared exists only beside the project's own checkouts)")
+        return 0
+    count = int(sys.argv[1]) if len(sys.argv) > 1 else 64
+    rows = [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines()[:count]]
+    limits = Limits()
+    results = {}
+    for name in ("baseline (plain subprocess)", "sandbox"):
+        reproduced, started = 0, time.perf_counter()
+        for row in rows:
+            io = row["ios"][0]
+            if name == "sandbox":
+                run = run_function(row["refcode"], row["funcname"], io["input"], limits)
+                ok, value = run.ok, run.value
+            else:
+                ok, value = unsandboxed(row["refcode"], row["funcname"], io["input"], limits.timeout_s)
+            reproduced += ok and outputs_match(value, io["output"])
+        results[name] = (reproduced, (time.perf_counter() - started) / len(rows))
+    base = results["baseline (plain subprocess)"][1]
+    print(f"CodeI/O reference code, {len(rows)} real records, first io each, one run at a time")
+    for name, (reproduced, seconds) in results.items():
+        print(f"  {name:28s} reproduced {reproduced}/{len(rows)}  {seconds * 1000:7.1f} ms/run  "
+              f"ratio {seconds / base:.2f}x baseline")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
