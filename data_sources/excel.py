@@ -195,19 +195,13 @@ def json_value(value: Any) -> Any:
     return value
 
 
-class TextCells:
-    """Turns text-column cells into text, counting what had to be coerced."""
-
-    def __init__(self) -> None:
-        self.coerced: Counter = Counter()  # column name -> count of non-text cells written as text
-
-    def text(self, value: Any, column: str) -> str:
-        if isinstance(value, str):
-            return value.strip()
-        if value is None:
-            return ""
-        self.coerced[column] += 1
-        return str(json_value(value))
+def cell_text(value: Any) -> tuple[str, bool]:
+    """A text-column cell as text, and whether it had to be coerced (a number, date or boolean)."""
+    if isinstance(value, str):
+        return value.strip(), False
+    if value is None:
+        return "", False
+    return str(json_value(value)), True
 
 
 def instruction(template: str, text: str) -> str:
@@ -246,9 +240,11 @@ def read_workbook(path: Path, params: AIHubExcelParams, report: SourceReport) ->
         report.note(f"{path.name} [{sheet}]: header found on Excel row {header_index + 1}, not row 1; "
                     "the rows above it are ignored")
     source_at, target_at = positions[params.source_column], positions[params.target_column]
-    other_columns = [(i, name or column_letter(i)) for i, name in enumerate(header) if i not in (source_at, target_at)]
+    # named columns always go into meta; a column without a header only where it holds something
+    other_columns = [(i, name or column_letter(i), bool(name)) for i, name in enumerate(header)
+                     if i not in (source_at, target_at)]
     formulas = formula_cells(path, sheet, header_index + 1, (source_at, target_at)) if reader == "calamine" else set()
-    cells = TextCells()
+    coerced: Counter = Counter()  # text column -> non-text cells written as text (kept rows only)
     formula_used = 0
     base_meta = {"file": str(path), "sheet": sheet}
     for index in range(header_index + 1, len(rows)):
@@ -257,28 +253,27 @@ def read_workbook(path: Path, params: AIHubExcelParams, report: SourceReport) ->
             continue  # a blank line between blocks is not data
         excel_row = index + 1
         report.read += 1
-        texts = {}
+        texts, was_coerced, from_formula, problem = {}, [], 0, None
         for column, at in ((params.source_column, source_at), (params.target_column, target_at)):
-            value = row[at] if at < len(row) else None
-            texts[column] = cells.text(value, column)
-            if (index, at) in formulas:
-                if texts[column]:
-                    formula_used += 1
-                else:
-                    texts[column] = None  # marks "formula without a cached value"
-        missing = [c for c, t in texts.items() if not t]
-        if missing:
-            reason = (f"formula without cached value in {missing[0]}" if texts[missing[0]] is None
-                      else f"empty {missing[0]}")
-            report.drop(reason, {"file": str(path), "sheet": sheet, "row": excel_row, "column": missing[0]})
+            text, converted = cell_text(row[at] if at < len(row) else None)
+            is_formula = (index, at) in formulas
+            if not text and problem is None:
+                problem = (f"formula without cached value in {column}" if is_formula else f"empty {column}", column)
+            texts[column] = text
+            was_coerced += [column] if converted else []
+            from_formula += is_formula
+        if problem:
+            report.drop(problem[0], {"file": str(path), "sheet": sheet, "row": excel_row, "column": problem[1]})
             continue
+        coerced.update(was_coerced)
+        formula_used += from_formula
         meta = dict(base_meta, row=excel_row)
-        for at, name in other_columns:
+        for at, name, named in other_columns:
             value = json_value(row[at]) if at < len(row) else None
-            if value is not None or name in positions:
+            if named or value is not None:
                 meta[f"col_{name}" if name in META_RESERVED else name] = value
         yield from pair_records(params, texts[params.source_column], texts[params.target_column], meta)
-    for column, count in cells.coerced.items():
+    for column, count in coerced.items():
         report.note(f"{path.name} [{sheet}]: {count} non-text cell(s) in {column} (numbers/dates) written as text")
     if formula_used:
         report.note(f"{path.name} [{sheet}]: {formula_used} formula cell(s) in the text columns; used the value "
