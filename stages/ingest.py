@@ -72,7 +72,8 @@ def read_sources(cfg: DistilleryConfig, console) -> tuple[list[list[dict]], list
                 records.append(record)
                 if len(records) % 2000 == 0:
                     progress.update(task, completed=len(records))
-            report.read = max(report.read, len(records) + sum(report.dropped.values()))
+            if not report.read:  # `read` counts input rows/lines, which a reader may turn into several records
+                report.read = len(records) + sum(report.dropped.values())
             progress.update(task, completed=len(records), total=len(records))
             all_records.append(records)
             reports.append(report)
