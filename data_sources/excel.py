@@ -19,7 +19,6 @@ saved), counted in a note; a formula with no cached value is dropped as such.
 from __future__ import annotations
 
 import datetime as dt
-import re
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -34,7 +33,6 @@ from pipeline.records import make_record
 SUFFIXES = (".xlsx", ".xlsm", ".xls")
 ZIP_MAGIC = b"PK\x03\x04"
 OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"  # the compound-file container of .xls and of encrypted .xlsx
-FORMULA_TAG = re.compile(rb"<(?:\w+:)?f[ >/]")
 META_RESERVED = ("file", "sheet", "row", "header_row", "reader")
 
 LAYOUTS = {
@@ -155,18 +153,30 @@ def find_header(rows: list[list[Any]], params: AIHubExcelParams, where: str) -> 
                     "`header_search_rows:` when the header is further down).")
 
 
+def has_formulas(path: Path) -> bool:
+    """Whether any worksheet of an .xlsx/.xlsm holds a formula (an `<f>` element), by a streamed byte search."""
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            if not (name.startswith("xl/worksheets/") and name.endswith(".xml")):
+                continue
+            with archive.open(name) as handle:
+                tail = b""
+                while block := handle.read(1 << 20):
+                    chunk = tail + block
+                    if b"<f>" in chunk or b"<f " in chunk:
+                        return True
+                    tail = chunk[-2:]  # a tag split across two blocks
+    return False
+
+
 def formula_cells(path: Path, sheet: str, rows_from: int, columns: tuple[int, ...]) -> set[tuple[int, int]]:
     """(row index, column index) of formula cells in `columns` (0-based, rows >= rows_from).
 
-    calamine only returns a formula's cached value, so formulas are found separately: a quick scan of the
-    sheet XML for a formula tag, and only if there is one, openpyxl to locate them.
+    calamine only returns a formula's cached value, so formulas are found separately: a quick byte search of
+    the sheet XML, and only if there is a formula, openpyxl to locate them.
     """
-    if path.suffix.lower() not in (".xlsx", ".xlsm"):
+    if path.suffix.lower() not in (".xlsx", ".xlsm") or not has_formulas(path):
         return set()
-    with zipfile.ZipFile(path) as archive:
-        sheets = [n for n in archive.namelist() if n.startswith("xl/worksheets/") and n.endswith(".xml")]
-        if not any(FORMULA_TAG.search(archive.read(n)) for n in sheets):
-            return set()
     import openpyxl
 
     workbook = openpyxl.load_workbook(path, read_only=True, data_only=False)
@@ -195,9 +205,19 @@ def json_value(value: Any) -> Any:
     return value
 
 
+def meta_value(value: Any) -> Any:
+    """Another column's cell for meta: text as is (the common case, kept fast), the rest through json_value."""
+    return value if type(value) is str and value else json_value(value)
+
+
+def meta_key(column: str) -> str:
+    """A column name as a meta key; one that would shadow file/sheet/row gets a `col_` prefix."""
+    return f"col_{column}" if column in META_RESERVED else column
+
+
 def cell_text(value: Any) -> tuple[str, bool]:
     """A text-column cell as text, and whether it had to be coerced (a number, date or boolean)."""
-    if isinstance(value, str):
+    if type(value) is str:
         return value.strip(), False
     if value is None:
         return "", False
@@ -241,38 +261,39 @@ def read_workbook(path: Path, params: AIHubExcelParams, report: SourceReport) ->
                     "the rows above it are ignored")
     source_at, target_at = positions[params.source_column], positions[params.target_column]
     # named columns always go into meta; a column without a header only where it holds something
-    other_columns = [(i, name or column_letter(i), bool(name)) for i, name in enumerate(header)
+    other_columns = [(i, meta_key(name or column_letter(i)), bool(name)) for i, name in enumerate(header)
                      if i not in (source_at, target_at)]
     formulas = formula_cells(path, sheet, header_index + 1, (source_at, target_at)) if reader == "calamine" else set()
     coerced: Counter = Counter()  # text column -> non-text cells written as text (kept rows only)
     formula_used = 0
-    base_meta = {"file": str(path), "sheet": sheet}
+    file, width = str(path), len(header)
     for index in range(header_index + 1, len(rows)):
         row = rows[index]
-        if not any(value not in (None, "") for value in row):
-            continue  # a blank line between blocks is not data
-        excel_row = index + 1
-        report.read += 1
-        texts, was_coerced, from_formula, problem = {}, [], 0, None
-        for column, at in ((params.source_column, source_at), (params.target_column, target_at)):
-            text, converted = cell_text(row[at] if at < len(row) else None)
-            is_formula = (index, at) in formulas
-            if not text and problem is None:
-                problem = (f"formula without cached value in {column}" if is_formula else f"empty {column}", column)
-            texts[column] = text
-            was_coerced += [column] if converted else []
-            from_formula += is_formula
-        if problem:
-            report.drop(problem[0], {"file": str(path), "sheet": sheet, "row": excel_row, "column": problem[1]})
+        if len(row) < width:  # openpyxl rows stop at their last value
+            row = list(row) + [None] * (width - len(row))
+        korean, korean_coerced = cell_text(row[source_at])
+        english, english_coerced = cell_text(row[target_at])
+        if not korean or not english:
+            if all(value is None or value == "" for value in row):
+                continue  # a blank line between blocks is not data
+            report.read += 1
+            column, at = (params.source_column, source_at) if not korean else (params.target_column, target_at)
+            reason = f"formula without cached value in {column}" if (index, at) in formulas else f"empty {column}"
+            report.drop(reason, {"file": file, "sheet": sheet, "row": index + 1, "column": column})
             continue
-        coerced.update(was_coerced)
-        formula_used += from_formula
-        meta = dict(base_meta, row=excel_row)
-        for at, name, named in other_columns:
-            value = json_value(row[at]) if at < len(row) else None
+        report.read += 1
+        if korean_coerced:
+            coerced[params.source_column] += 1
+        if english_coerced:
+            coerced[params.target_column] += 1
+        if formulas:
+            formula_used += ((index, source_at) in formulas) + ((index, target_at) in formulas)
+        meta = {"file": file, "sheet": sheet, "row": index + 1}
+        for at, key, named in other_columns:
+            value = meta_value(row[at])
             if named or value is not None:
-                meta[f"col_{name}" if name in META_RESERVED else name] = value
-        yield from pair_records(params, texts[params.source_column], texts[params.target_column], meta)
+                meta[key] = value
+        yield from pair_records(params, korean, english, meta)
     for column, count in coerced.items():
         report.note(f"{path.name} [{sheet}]: {count} non-text cell(s) in {column} (numbers/dates) written as text")
     if formula_used:
