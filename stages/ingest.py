@@ -25,7 +25,7 @@ from data_sources.files import resolve_paths
 from pipeline.config import DistilleryConfig
 from pipeline.console import summary_table
 from pipeline.errors import UserError
-from pipeline.records import content_key, write_jsonl
+from pipeline.records import write_jsonl
 from pipeline.stage import StageContext, StageResult
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,8 @@ def read_sources(cfg: DistilleryConfig, console) -> tuple[list[list[dict]], list
                 records.append(record)
                 if len(records) % 2000 == 0:
                     progress.update(task, completed=len(records))
-            report.read = max(report.read, len(records) + sum(report.dropped.values()))
+            if not report.read:  # `read` counts input rows/lines, which a reader may turn into several records
+                report.read = len(records) + sum(report.dropped.values())
             progress.update(task, completed=len(records), total=len(records))
             all_records.append(records)
             reports.append(report)
@@ -92,12 +93,12 @@ def cap(records: list[dict], limit: int | None, seed: int, report: SourceReport)
 
 def dedupe(per_source: list[list[dict]], reports: list[SourceReport]) -> list[list[dict]]:
     """Drop records whose content was already kept (first source, first row wins)."""
-    seen: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
     result = []
     for records, report in zip(per_source, reports):
         kept = []
         for record in records:
-            key = content_key(record["messages"], record.get("choices"), record.get("label"))
+            key = _content(record)
             if key in seen:
                 report.drop("duplicate", {"id": record["id"], "duplicate_of": seen[key], **_where(record)})
             else:
@@ -105,6 +106,14 @@ def dedupe(per_source: list[list[dict]], reports: list[SourceReport]) -> list[li
                 kept.append(record)
         result.append(kept)
     return result
+
+
+def _content(record: dict) -> tuple:
+    """What a record says, as a hashable value: equal exactly when records.content_key is, but built without
+    JSON-encoding every record a second time (ingest of 100k-row workbooks, bench/ingest.py)."""
+    choices = record.get("choices")
+    messages = tuple((m["role"], m["content"]) for m in record["messages"])  # messages hold only role and content
+    return messages, tuple(choices) if choices is not None else None, record.get("label")
 
 
 def split(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
