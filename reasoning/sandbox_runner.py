@@ -34,9 +34,12 @@ PATH_EVENTS = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os
 
 def isolate_network() -> str:
     """A fresh, empty network namespace when the kernel lets us; returns what holds."""
-    libc = ctypes.CDLL(None, use_errno=True)
     flags = CLONE_NEWNET if os.geteuid() == 0 else CLONE_NEWUSER | CLONE_NEWNET
-    return "namespace" if libc.unshare(flags) == 0 else "audit-hook"
+    try:
+        unshared = ctypes.CDLL(None, use_errno=True).unshare(flags) == 0
+    except (OSError, AttributeError):  # no unshare(2): not Linux
+        unshared = False
+    return "namespace" if unshared else "audit-hook"
 
 
 def set_limits(limits: dict) -> None:

@@ -96,6 +96,8 @@ class HFTeacher:
         if torch.cuda.is_available():  # GPU path: not exercised on the CPU-only test machine
             self.model = self.model.to("cuda")
         self.model.eval()
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
 
     def complete(self, messages: Messages, n: int, temperature: float, max_tokens: int, seed: int) -> list[str]:
         self.torch.manual_seed(seed)
@@ -104,7 +106,7 @@ class HFTeacher:
         sampling: dict[str, Any] = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         with self.torch.no_grad():
             output = self.model.generate(**inputs, max_new_tokens=max_tokens, num_return_sequences=n,
-                                         pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **sampling)
+                                         pad_token_id=self.pad_token_id, **sampling)
         prompt_length = inputs["input_ids"].shape[1]
         return [self.tokenizer.decode(row[prompt_length:], skip_special_tokens=True) for row in output]
 

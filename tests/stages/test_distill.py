@@ -135,6 +135,8 @@ def test_http_teacher_revision_and_rejection(tmp_path, monkeypatch, server) -> N
     traces = list(read_jsonl(out / "traces.jsonl"))
     assert len(traces) == 6 and sum(t["revised"] for t in traces) == 5
     assert "sk-test-key" not in (tmp_path / "runs/t/config.yaml").read_text()
+    assert run_through("distill", load_config(tmp_path / "config.yaml"))[0] == "up to date"
+    assert len(chat.requests) == 11
 
 
 def test_rejection_sampling_keeps_only_verified(tmp_path, monkeypatch, server) -> None:
