@@ -270,14 +270,18 @@ def test_select_prompts_spreads_over_tasks() -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_demo_gguf_teacher_feeds_format(tmp_path, monkeypatch) -> None:
-    """The bundled SmolLM2 GGUF through llama-cpp-python as the teacher, then format reads the traces."""
+    """The bundled SmolLM2 GGUF through llama-cpp-python as the teacher on MathQA and the bundled CodeI/O sample,
+    then format reads the traces."""
     monkeypatch.chdir(tmp_path)
     path = write_project(tmp_path, "unused")
     config = yaml.safe_load(path.read_text())
+    config["ingest"]["sources"].append({"name": "codeio", "kind": "codeio", "max_records": 2,
+                                        "path": str(Path(__file__).resolve().parents[2] / "configs/samples/codeio/raw.jsonl")})
     config["distill"] = {"enabled": True, "teacher": {"kind": "gguf", "path": "bundled:SmolLM2-135M-Instruct",
-                                                      "context_length": 1024},
-                         "max_prompts": 2, "max_tokens": 48, "keep": "all", "revise": True}
+                                                      "context_length": 2048},
+                         "max_prompts": 3, "max_tokens": 48, "keep": "all", "revise": True}
     config["format"] = {"template": "r1", "max_length": 512}
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     cfg = load_config(path)
@@ -286,9 +290,10 @@ def test_demo_gguf_teacher_feeds_format(tmp_path, monkeypatch) -> None:
     out = tmp_path / "runs/t"
     report = json.loads((out / "distill/report.json").read_text())
     assert report["teacher"] == "gguf:SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert report["tasks"]["math_mc"]["generated"] == 2
+    assert {task: row["generated"] for task, row in report["tasks"].items()} == {
+        "code_io_input": 1, "code_io_output": 1, "math_mc": 1}
     distilled = list(read_jsonl(out / "distill/train.jsonl"))
-    assert len(distilled) == 2 and all(r["messages"][-1]["content"].startswith("<think>\n") for r in distilled)
+    assert len(distilled) == 3 and all(r["messages"][-1]["content"].startswith("<think>\n") for r in distilled)
     formatted = {r["id"]: r for r in read_jsonl(out / "format/train.jsonl")}
     assert all(r["id"] in formatted and "<think>" in formatted[r["id"]]["completion"] for r in distilled)
 
