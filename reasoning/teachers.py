@@ -70,7 +70,8 @@ class GGUFTeacher:
         except ImportError:
             raise UserError("distill.teacher.kind gguf needs llama-cpp-python: run `just setup`.") from None
         self.name = f"gguf:{path.name}"
-        self.llm = Llama(model_path=str(path), n_ctx=context_length, verbose=False)
+        # n_gpu_layers=-1 offloads every layer on a CUDA/Metal build of llama.cpp and is ignored by a CPU build.
+        self.llm = Llama(model_path=str(path), n_ctx=context_length, n_gpu_layers=-1, verbose=False)
 
     def complete(self, messages: Messages, n: int, temperature: float, max_tokens: int, seed: int) -> list[str]:
         answers = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -115,13 +116,6 @@ def test_codeio_input_prediction_runs_the_reference_code() -> None:
     assert not verify_codeio_input(record, '{"input": 5}', LIMITS).ok
 
 
-def test_hostile_reference_code_is_a_failed_check() -> None:
-    record = codeio_record("code_io_input", refcode="def main_solution(a, b):\n    while True:\n        pass\n")
-    verdict = verify_codeio_input(record, '{"input": {"a": 3, "b": 4}}', LIMITS)
-    assert not verdict.ok and "did not finish" in verdict.feedback
-    assert verdict.details["sandbox"]["status"] == "timeout"
-
-
 def test_why_uncheckable() -> None:
     assert why_uncheckable("math_mc", mc_record()) is None
     no_label = make_record("x", "math_mc", [{"role": "user", "content": "q"}], {})
@@ -143,3 +137,28 @@ def test_real_codeio_reference_code_verifies_its_own_io(shared_file) -> None:
         record["meta"]["funcname"] = row["funcname"]
         verified += verify_codeio_input(record, json.dumps({"input": io["input"]}), Limits()).ok
     assert verified >= 14, verified
+
+
+HOSTILE = {
+    "infinite loop": ("def main_solution(a, b):\n    while True:\n        pass\n", "did not finish"),
+    "fork bomb": ("import os\ndef main_solution(a, b):\n    while True:\n        try:\n            os.fork()\n"
+                  "        except OSError:\n            pass\n", "did not finish"),
+    "memory bomb": ("def main_solution(a, b):\n    return len(bytearray(8 * 1024 ** 3))\n", "MemoryError"),
+    "write outside": ("def main_solution(a, b):\n    open('/tmp/distill-escape-test.txt', 'w').write('x')\n    return 7\n",
+                      "PermissionError"),
+    "read secrets": ("import os\ndef main_solution(a, b):\n    return os.environ['HF_TOKEN']\n", "KeyError"),
+    "socket": ("import socket\ndef main_solution(a, b):\n    socket.socket().connect(('127.0.0.1', 22))\n    return 7\n",
+               "network access is not allowed"),
+    "print gigabytes": ("def main_solution(a, b):\n    while True:\n        print('x' * 65536)\n", "printed more than"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
+def test_hostile_code_is_a_failed_check_with_its_reason(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_should_never_be_seen")
+    refcode, reason = HOSTILE[kind]
+    record = codeio_record("code_io_input", io_output=7, refcode=refcode)
+    verdict = verify_codeio_input(record, '{"input": {"a": 3, "b": 4}}', LIMITS)
+    assert not verdict.ok and reason in verdict.feedback
+    assert "hf_should_never_be_seen" not in verdict.feedback
+    assert not Path("/tmp/distill-escape-test.txt").exists()

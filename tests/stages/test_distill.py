@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
@@ -180,6 +181,26 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, server)
     asked = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in chat.requests]
     assert len(set(asked)) == 6
     assert result.metrics["train_records"] == 6
+
+
+def test_http_teacher_keeps_concurrency_prompts_in_flight(tmp_path, monkeypatch, server) -> None:
+    monkeypatch.chdir(tmp_path)
+    lock, state = threading.Lock(), {"now": 0, "most": 0}
+
+    def slow_reply(messages: list[dict]) -> str:
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(0.3)
+        with lock:
+            state["now"] -= 1
+        return "The answer is (a)"
+
+    chat = server(reply=slow_reply)
+    started = time.monotonic()
+    run_through("distill", load_config(write_project(tmp_path, chat.url, concurrency=3)))
+    assert len(chat.requests) == 6 and state["most"] == 3
+    assert time.monotonic() - started < 6 * 0.3 + 1.5  # overlapped, not one after another
 
 
 def test_torn_progress_line_is_dropped(tmp_path: Path) -> None:
