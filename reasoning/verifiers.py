@@ -200,17 +200,23 @@ def outputs_match(pred: Any, target: Any) -> bool:
     return json.dumps(pred) == json.dumps(target) or is_close(pred, target)
 
 
+MISSING = object()
+
+
 def extracted_field(text: str, key: str) -> Any:
-    """The value under `key` of the answer's last JSON object (a bare non-object value is taken as is)."""
+    """The value under `key` of the answer's last JSON object (a bare non-object value is taken as is);
+    MISSING when there is none (a JSON null is a value: some functions return None)."""
     value = extract_last_json(text)
-    return value.get(key) if isinstance(value, dict) else value
+    if isinstance(value, dict):
+        return value.get(key, MISSING)
+    return MISSING if value is None else value
 
 
 def verify_codeio_output(record: dict, text: str, limits: Limits) -> Verdict:
     meta = record["meta"]
     expected, given = meta["io_output"], json.dumps(meta["io_input"])
     pred = extracted_field(text, "output")
-    if pred is None:
+    if pred is MISSING:
         return Verdict(False, None, expected, 'No final answer was found: give it as JSON, {"output": <your output>}.')
     if not outputs_match(pred, expected):
         return Verdict(False, pred, expected,
@@ -223,7 +229,7 @@ def verify_codeio_input(record: dict, text: str, limits: Limits) -> Verdict:
     expected = meta["io_output"]
     pred = extracted_field(text, "input")
     if not isinstance(pred, dict):
-        return Verdict(False, pred, expected,
+        return Verdict(False, None if pred is MISSING else pred, expected,
                        'No input was found: give it as JSON, {"input": {<name>: <value>, ...}}, with every variable.')
     run = run_function(meta["refcode"], meta["funcname"], pred, limits)
     details = {"sandbox": {"status": run.status, "message": run.message, "seconds": run.seconds,

@@ -112,8 +112,10 @@ def distill_prompt(record: dict, cfg: DistillConfig, teacher: Any, limits: Limit
         attempts.append({"sample": k, "verified": final.ok, "revised": len(turns) > 1,
                          "turns": [{"text": t, "ok": v.ok, "answer": v.answer, "expected": v.expected,
                                     "feedback": v.feedback, **v.details} for t, v in turns]})
-        if final.ok or cfg.keep == "all":
-            kept.append(training_record(record, turns, final, k, teacher.name))
+        trace = training_record(record, turns, final, k, teacher.name)
+        # Identical samples (temperature 0, or a teacher that repeats itself) would be the same example twice.
+        if (final.ok or cfg.keep == "all") and trace["id"] not in {r["id"] for r in kept}:
+            kept.append(trace)
     seconds = time.monotonic() - started
     return {"id": record["id"], "task": record["task"], "verifier": verifier_name, "teacher": teacher.name,
             "seconds": round(seconds, 3), "attempts": attempts, "kept": kept}

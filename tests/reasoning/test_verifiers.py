@@ -103,6 +103,10 @@ def test_codeio_output_prediction() -> None:
     bad = verify_codeio_output(record, '{"output": {"total": 8, "ratio": 0.75}}', LIMITS)
     assert not bad.ok and "Mismatch" in bad.feedback and '{"a": 3, "b": 4}' in bad.feedback
     assert "No final answer" in verify_codeio_output(record, "it is seven", LIMITS).feedback
+    assert "No final answer" in verify_codeio_output(record, '{"result": 7}', LIMITS).feedback
+    returns_none = codeio_record()
+    returns_none["meta"]["io_output"] = None
+    assert verify_codeio_output(returns_none, '{"output": null}', LIMITS).ok
 
 
 def test_codeio_input_prediction_runs_the_reference_code() -> None:

@@ -147,7 +147,8 @@ def test_rejection_sampling_keeps_only_verified(tmp_path, monkeypatch, server) -
     run_through("distill", cfg)
     out = tmp_path / "runs/t/distill"
     train = list(read_jsonl(out / "train.jsonl"))
-    assert len(train) == 2  # only the 2 samples of the one prompt answered right
+    # Only the one prompt answered right is kept; its 2 samples are the same text, so one training example.
+    assert len(train) == 1 and train[0]["meta"]["distill"]["verified"]
     assert len(list(read_jsonl(out / "traces.jsonl"))) == 12
     keep_all = load_config(write_project(tmp_path, chat.url, revise=False, keep="all"))
     run_through("distill", keep_all)
