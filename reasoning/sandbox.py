@@ -71,7 +71,8 @@ def run_function(code: str, funcname: str, args: Any, limits: Limits = Limits())
     if os.geteuid() == 0:
         uid = secrets.randbelow(UID_RANGE[1] - UID_RANGE[0]) + UID_RANGE[0]
         os.chown(workdir, uid, uid)
-    nproc = limits.max_processes if uid is not None else count_processes(os.getuid()) + limits.max_processes
+    # RLIMIT_NPROC counts every thread of the real uid: our own user already has some.
+    nproc = limits.max_processes if uid is not None else count_processes(os.getuid(), threads=True) + limits.max_processes
     job = {"code": code, "funcname": funcname, "args": args, "uid": uid, "nonce": nonce,
            "limits": {"cpu_s": int(limits.timeout_s) + 1, "memory_mb": limits.memory_mb,
                       "file_size_mb": limits.file_size_mb, "nproc": nproc}}
@@ -156,15 +157,16 @@ def kill_everything(proc: subprocess.Popen, uid: int | None) -> None:
         time.sleep(0.01)
 
 
-def count_processes(uid: int) -> int:
-    """Live (not zombie) processes whose real uid is `uid`, read from /proc (0 where /proc is absent)."""
+def count_processes(uid: int, threads: bool = False) -> int:
+    """Live (not zombie) processes (or their threads) whose real uid is `uid`, from /proc (0 where it is absent)."""
     count = 0
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
             fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
         except OSError:
             continue
-        count += fields.get("Uid", "").split()[:1] == [str(uid)] and not fields.get("State", "").strip().startswith("Z")
+        if fields.get("Uid", "").split()[:1] == [str(uid)] and not fields.get("State", "").strip().startswith("Z"):
+            count += int(fields.get("Threads", "1")) if threads else 1
     return count
 
 
