@@ -121,16 +121,15 @@ class TeacherConfig(Section):
         "bundled:SmolLM2-135M-Instruct",
         description="gguf: a .gguf file or bundled:<name>; hf: a local HF directory or Hub id.",
     )
-    url: str | None = Field(None, description="openai: base URL, e.g. http://localhost:8000/v1 (…/chat/completions is added).")
-    model: str | None = Field(None, description="openai: the model name the endpoint serves.")
+    url: str | None = Field(None, description="openai: base URL, e.g. http://localhost:8000/v1 (…/chat/completions is added); "
+                                              "default: $OPENAI_BASE_URL.")
+    model: str | None = Field(None, description="openai: the model name the endpoint serves; default: $OPENAI_MODEL.")
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the key (may be unset for local servers).")
     context_length: int = Field(4096, ge=256, description="gguf: llama.cpp context window (n_ctx).")
     timeout_s: float = Field(120.0, gt=0, description="openai: seconds to wait for one response.")
 
     @model_validator(mode="after")
     def _needs_location(self) -> "TeacherConfig":
-        if self.kind == "openai" and not (self.url and self.model):
-            raise ValueError("teacher kind openai needs url and model")
         if self.kind in ("gguf", "hf") and not self.path:
             raise ValueError(f"teacher kind {self.kind} needs path")
         return self

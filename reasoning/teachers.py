@@ -40,7 +40,11 @@ def build_teacher(cfg: TeacherConfig, retries: int = 3) -> Teacher:
         return GGUFTeacher(resolve_gguf_path(cfg.path), cfg.context_length)
     if cfg.kind == "hf":
         return HFTeacher(resolve_model_path(cfg.path))
-    return OpenAITeacher(cfg.url, cfg.model, cfg.api_key_env, cfg.timeout_s, retries)
+    url, model = cfg.url or os.environ.get("OPENAI_BASE_URL"), cfg.model or os.environ.get("OPENAI_MODEL")
+    if not url or not model:
+        missing = "url (or $OPENAI_BASE_URL)" if not url else "model (or $OPENAI_MODEL)"
+        raise UserError(f"distill.teacher: kind openai needs {missing}, e.g. --set distill.teacher.url=http://localhost:8000/v1")
+    return OpenAITeacher(url, model, cfg.api_key_env, cfg.timeout_s, retries)
 
 
 def resolve_gguf_path(path: str) -> Path:

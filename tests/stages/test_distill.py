@@ -204,6 +204,23 @@ def test_http_teacher_keeps_concurrency_prompts_in_flight(tmp_path, monkeypatch,
     assert time.monotonic() - started < 6 * 0.3 + 1.5  # overlapped, not one after another
 
 
+def test_http_teacher_location_from_the_environment(tmp_path, monkeypatch, server) -> None:
+    monkeypatch.chdir(tmp_path)
+    chat = server(reply=lambda messages: "The answer is (a)")
+    path = write_project(tmp_path, chat.url, max_prompts=1)
+    config = yaml.safe_load(path.read_text())
+    config["distill"]["teacher"] = {"kind": "openai"}
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.delenv("OPENAI_MODEL", raising=False)
+    with pytest.raises(UserError, match=r"needs url \(or \$OPENAI_BASE_URL\)"):
+        run_through("distill", load_config(path))
+    monkeypatch.setenv("OPENAI_BASE_URL", chat.url)
+    monkeypatch.setenv("OPENAI_MODEL", "from-env")
+    run_through("distill", load_config(path))
+    assert [r["model"] for r in chat.requests] == ["from-env"]
+
+
 def test_torn_progress_line_is_dropped(tmp_path: Path) -> None:
     path = tmp_path / "progress.jsonl"
     path.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c', encoding="utf-8")
