@@ -197,6 +197,9 @@ def task_report(entries: list[dict]) -> dict[str, dict[str, Any]]:
 
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg.distill
+    if not cfg.enabled:
+        raise UserError("distill is switched off (distill.enabled: false), so format would not use its traces. "
+                        "Run it with --set distill.enabled=true (and the same for format/finetune), or set it in the config.")
     records = list(read_jsonl(ctx.upstream("ingest") / "train.jsonl"))
     prompts, skipped = select_prompts(records, cfg)
     if not prompts:

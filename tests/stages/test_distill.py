@@ -297,6 +297,15 @@ def test_no_checkable_prompt_is_a_user_error(tmp_path, monkeypatch, server) -> N
         run_stage("distill", cfg)
 
 
+def test_switched_off_distill_says_how_to_switch_it_on(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(write_project(tmp_path, "http://127.0.0.1:9/v1", enabled=False))
+    run_stage("ingest", cfg)
+    with pytest.raises(UserError, match="--set distill.enabled=true"):
+        run_stage("distill", cfg)
+    assert not (tmp_path / "runs/t/distill").exists() and not (tmp_path / "runs/t/.distill.partial").exists()
+
+
 def test_select_prompts_spreads_over_tasks() -> None:
     records = [make_record("s", task, [{"role": "user", "content": f"{task} {i}"}], {}, ["1", "2"], 0)
                for task in ("math_mc", "other") for i in range(5)]
