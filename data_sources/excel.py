@@ -205,11 +205,6 @@ def json_value(value: Any) -> Any:
     return value
 
 
-def meta_value(value: Any) -> Any:
-    """Another column's cell for meta: text as is (the common case, kept fast), the rest through json_value."""
-    return value if type(value) is str and value else json_value(value)
-
-
 def meta_key(column: str) -> str:
     """A column name as a meta key; one that would shadow file/sheet/row gets a `col_` prefix."""
     return f"col_{column}" if column in META_RESERVED else column
@@ -290,7 +285,9 @@ def read_workbook(path: Path, params: AIHubExcelParams, report: SourceReport) ->
             formula_used += ((index, source_at) in formulas) + ((index, target_at) in formulas)
         meta = {"file": file, "sheet": sheet, "row": index + 1}
         for at, key, named in other_columns:
-            value = meta_value(row[at])
+            value = row[at]
+            if type(value) is not str or not value:  # text is the common case: no conversion call for it
+                value = json_value(value)
             if named or value is not None:
                 meta[key] = value
         yield from pair_records(params, korean, english, meta)

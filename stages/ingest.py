@@ -112,7 +112,7 @@ def _content(record: dict) -> tuple:
     """What a record says, as a hashable value: equal exactly when records.content_key is, but built without
     JSON-encoding every record a second time (ingest of 100k-row workbooks, bench/ingest.py)."""
     choices = record.get("choices")
-    messages = tuple((m["role"], m["content"]) for m in record["messages"])  # messages hold only role and content
+    messages = tuple([(m["role"], m["content"]) for m in record["messages"]])  # messages hold only role and content
     return messages, tuple(choices) if choices is not None else None, record.get("label")
 
 
