@@ -47,6 +47,10 @@ CASES: dict[str, tuple[Callable[[Path], dict], list[str]]] = {
                   ["locked.xlsx: the workbook is encrypted"]),
     "unknown sheet": (lambda d: {**excel_source(aihub.write_layout(d / "s.xlsx", "구어체").name), "sheet": "Data"},
                       ["s.xlsx: no sheet 'Data'. Its sheets are: Sheet1"]),
+    "unknown source kind": (lambda d: {"name": "x", "kind": "excel", "path": "a.xlsx"},
+                            ["ingest.sources.0", "'excel'", "'aihub_excel', 'hf', 'codeio'"]),
+    "typo in a source key": (lambda d: {**excel_source("a.xlsx"), "diretion": "both"},
+                             ["ingest.sources.0.aihub_excel.diretion: unknown key"]),
     "codeio line not json": (lambda d: {"name": "cio", "kind": "codeio", "path": write_bad_jsonl(d)},
                              ["raw.jsonl: line 3 is not valid JSON"]),
 }
