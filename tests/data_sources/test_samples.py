@@ -45,5 +45,12 @@ def test_demo_config_ingests_every_bundled_sample(tmp_path: Path, monkeypatch: p
     train = list(read_jsonl(tmp_path / "demo" / "ingest" / "train.jsonl"))
     tasks = {r["task"] for r in train}
     assert {"translate_ko_en", "translate_en_ko", "qa", "math_mc", "code_io_output", "code_io_input"} <= tasks
+    evaluation = list(read_jsonl(tmp_path / "demo" / "ingest" / "eval.jsonl"))
+
+    def rows(records: list[dict]) -> set[tuple]:
+        return {(r["source"], r["meta"]["file"], r["meta"].get("row"), r["meta"].get("line")) for r in records}
+
+    assert not rows(train) & rows(evaluation)  # both directions of a pair, both prompts of a CodeI/O record, together
+    assert {r["task"] for r in evaluation} >= {"translate_ko_en", "translate_en_ko"}
     sheets = {Path(r["meta"]["file"]).name for r in train if r["source"] == "aihub-ko-en"}
     assert sheets == {"1_구어체.xlsx", "2_대화체.xlsx", "3_뉴스.xlsx"}
