@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +139,7 @@ def _group(record: dict) -> str:
     if not where:
         return record["id"]
     if "file" in where:
-        where["file"] = Path(where["file"]).name
+        where["file"] = os.path.basename(where["file"])
     return "\0".join([record["source"], *map(str, where.values())])
 
 
