@@ -55,17 +55,30 @@ def column_letter(index: int) -> str:
     return letters
 
 
+def is_encrypted_package(path: Path) -> bool:
+    """An OLE container holding an `EncryptedPackage` stream is a password-protected .xlsx (MS-OFFCRYPTO)."""
+    needle = "EncryptedPackage".encode("utf-16-le")  # directory entry names are UTF-16
+    with open(path, "rb") as handle:
+        tail = b""
+        while block := handle.read(1 << 20):
+            if needle in tail + block:
+                return True
+            tail = block[-len(needle):]
+    return False
+
+
 def check_is_workbook(path: Path) -> None:
-    """Tell an encrypted or non-Excel file from a workbook by its first bytes, before any reader sees it."""
+    """Tell an encrypted or non-Excel file from a workbook by its bytes, before any reader sees it."""
     with open(path, "rb") as handle:
         head = handle.read(8)
     suffix = path.suffix.lower()
-    if head.startswith(OLE_MAGIC):
-        if suffix == ".xls":
-            return  # the legacy binary format lives in this container too
-        raise UserError(f"{path}: the workbook is encrypted (password-protected), so it cannot be read. Open it in "
-                        "Excel, remove the password (File > Info > Protect Workbook > Encrypt with Password, clear "
-                        "it) and save it again as .xlsx.")
+    if head.startswith(OLE_MAGIC) and suffix != ".xls":  # .xls lives in an OLE container too
+        if is_encrypted_package(path):
+            raise UserError(f"{path}: the workbook is encrypted (password-protected), so it cannot be read. Open it "
+                            "in Excel, remove the password (File > Info > Protect Workbook > Encrypt with Password, "
+                            "clear it) and save it again as .xlsx.")
+        raise UserError(f"{path}: this is an old binary Excel workbook (.xls) saved under a {suffix} name. Rename it "
+                        "to .xls, or open it in Excel and save it as .xlsx.")
     if suffix in (".xlsx", ".xlsm") and not head.startswith(ZIP_MAGIC):
         kind = "empty" if not head else "not an Excel workbook (an .xlsx file is a zip archive; this one is not)"
         raise UserError(f"{path}: the file is {kind}. Was another file (CSV, HTML, a download error page) saved "

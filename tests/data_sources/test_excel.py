@@ -135,6 +135,7 @@ def test_missing_columns_name_the_file_sheet_and_the_columns_it_has(tmp_path: Pa
     (aihub.write_not_excel, r"bad.xlsx: the file is not an Excel workbook"),
     (aihub.write_encrypted, r"bad.xlsx: the workbook is encrypted \(password-protected\)"),
     (aihub.write_corrupt_zip, r"bad.xlsx: the workbook is corrupt or not a real Excel file"),
+    (aihub.write_xls_named_xlsx, r"bad.xlsx: this is an old binary Excel workbook \(.xls\) saved under a .xlsx name"),
 ])
 def test_non_excel_encrypted_and_corrupt_files_are_named(tmp_path: Path, writer, message: str) -> None:
     with pytest.raises(UserError, match=message):
