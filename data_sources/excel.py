@@ -33,17 +33,7 @@ from pipeline.records import make_record
 SUFFIXES = (".xlsx", ".xlsm", ".xls")
 ZIP_MAGIC = b"PK\x03\x04"
 OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"  # the compound-file container of .xls and of encrypted .xlsx
-META_RESERVED = ("file", "sheet", "row", "header_row", "reader")
-
-LAYOUTS = {
-    "구어체": ("SID", "원문", "번역문"),
-    "대화체": ("대분류", "소분류", "상황", "Set Nr.", "발화자", "원문", "번역문"),
-    "뉴스": ("ID", "날짜", "자동분류1", "자동분류2", "자동분류3", "URL", "언론사", "원문", "번역문"),
-    "한국문화": ("ID", "키워드", "원문", "번역문"),
-    "조례": ("ID", "지자체", "원문", "번역문"),
-    "지자체웹사이트": ("ID", "지자체", "원문", "번역문"),
-}
-
+META_RESERVED = ("file", "sheet", "row")
 
 def column_letter(index: int) -> str:
     """0-based column index -> Excel letters (0 -> A, 27 -> AB)."""
@@ -158,12 +148,15 @@ def find_header(rows: list[list[Any]], params: AIHubExcelParams, where: str) -> 
         names = [cell_name(value) for value in row]
         if all(column in names for column in wanted):
             return index, {name: i for i, name in reversed(list(enumerate(names))) if name}
-    first = next((row for row in rows[: params.header_search_rows] if any(cell_name(v) for v in row)), [])
-    has = ", ".join(cell_name(v) for v in first if cell_name(v)) or "nothing (the sheet is empty)"
+    # the likely header: the first of the fullest rows (a title line above it has fewer cells)
+    filled = [[cell_name(v) for v in row if cell_name(v)] for row in rows[: params.header_search_rows]]
+    widest = max(range(len(filled)), key=lambda i: len(filled[i]), default=None)
+    has = (f"row {widest + 1} has {', '.join(filled[widest])}" if widest is not None and filled[widest]
+           else "the sheet is empty")
     raise UserError(f"{where}: no header row with the columns {params.source_column!r} and "
-                    f"{params.target_column!r} in the first {params.header_search_rows} rows. Its first row has: "
-                    f"{has}. Set `source_column:`/`target_column:` to the right names (or raise "
-                    "`header_search_rows:` when the header is further down).")
+                    f"{params.target_column!r} in the first {params.header_search_rows} rows ({has}). Set "
+                    "`source_column:`/`target_column:` to the right names (or raise `header_search_rows:` when "
+                    "the header is further down).")
 
 
 def has_formulas(path: Path) -> bool:

@@ -40,7 +40,7 @@ CASES: dict[str, tuple[Callable[[Path], dict], list[str]]] = {
     "missing file": (lambda d: excel_source("data/missing.xlsx"),
                      ["ingest.sources.0.path (ko-en): data/missing.xlsx does not exist"]),
     "missing columns": (lambda d: excel_source(aihub.write_rows(d / "cols.xlsx", [["ID", "ko", "en"], [1, "네", "Yes"]]).name),
-                        ["cols.xlsx (sheet 'Sheet1')", "'원문'", "'번역문'", "Its first row has: ID, ko, en"]),
+                        ["cols.xlsx (sheet 'Sheet1')", "'원문'", "'번역문'", "(row 1 has ID, ko, en)"]),
     "fake xlsx": (lambda d: excel_source(aihub.write_not_excel(d / "fake.xlsx").name),
                   ["fake.xlsx: the file is not an Excel workbook"]),
     "encrypted": (lambda d: excel_source(aihub.write_encrypted(d / "locked.xlsx").name),
