@@ -40,7 +40,7 @@ def test_demo_config_ingests_every_bundled_sample(tmp_path: Path, monkeypatch: p
     report = json.loads((tmp_path / "demo" / "ingest" / "report.json").read_text(encoding="utf-8"))
     by_name = {s["source"]: s for s in report["sources"]}
     assert {n: (s["read"], s["kept"]) for n, s in by_name.items()} == {
-        "aihub-ko-en": (106, 212), "gsm-instructions": (60, 60), "mathqa": (80, 80), "codeio": (12, 24)}
+        "aihub-ko-en": (106, 212), "gsm-instructions": (60, 60), "mathqa": (80, 80), "codeio": (10, 20)}
     assert all(not s["dropped"] and not s["notes"] for s in by_name.values())
     train = list(read_jsonl(tmp_path / "demo" / "ingest" / "train.jsonl"))
     tasks = {r["task"] for r in train}
