@@ -54,3 +54,13 @@ def test_demo_config_ingests_every_bundled_sample(tmp_path: Path, monkeypatch: p
     assert {r["task"] for r in evaluation} >= {"translate_ko_en", "translate_en_ko"}
     sheets = {Path(r["meta"]["file"]).name for r in train if r["source"] == "aihub-ko-en"}
     assert sheets == {"1_구어체.xlsx", "2_대화체.xlsx", "3_뉴스.xlsx"}
+
+
+def test_codeio_sample_is_real_records_of_the_shared_file(shared_file) -> None:
+    def canonical(line: str) -> str:
+        return json.dumps(json.loads(line), sort_keys=True)
+
+    shared = {canonical(line) for line in
+              shared_file("data/codeio/rawcode_1k_parsed.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()}
+    sample = (SAMPLES / "codeio" / "raw.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(sample) == 10 and all(canonical(line) in shared for line in sample)
