@@ -247,7 +247,7 @@ def pair_records(params: AIHubExcelParams, korean: str, english: str, meta: dict
     if params.direction in ("en_ko", "both"):
         messages = [{"role": "user", "content": instruction(params.instruction_en_ko, english)},
                     {"role": "assistant", "content": korean}]
-        records.append(make_record(params.name, "translate_en_ko", messages, meta))
+        records.append(make_record(params.name, "translate_en_ko", messages, dict(meta) if records else meta))
     return records
 
 
