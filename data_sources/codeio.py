@@ -106,7 +106,7 @@ def raw_records(raw: dict[str, Any], params: CodeIOParams, where: dict[str, Any]
         for task in params.tasks:
             messages = [{"role": "user", "content": prediction_prompt(task, raw, io)},
                         {"role": "assistant", "content": known_answer(task, io)}]
-            records.append(make_record(params.name, TASKS[task][0], messages, meta))
+            records.append(make_record(params.name, TASKS[task][0], messages, dict(meta)))  # own meta each
     return records
 
 

@@ -33,17 +33,7 @@ from pipeline.records import make_record
 SUFFIXES = (".xlsx", ".xlsm", ".xls")
 ZIP_MAGIC = b"PK\x03\x04"
 OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"  # the compound-file container of .xls and of encrypted .xlsx
-META_RESERVED = ("file", "sheet", "row", "header_row", "reader")
-
-LAYOUTS = {
-    "구어체": ("SID", "원문", "번역문"),
-    "대화체": ("대분류", "소분류", "상황", "Set Nr.", "발화자", "원문", "번역문"),
-    "뉴스": ("ID", "날짜", "자동분류1", "자동분류2", "자동분류3", "URL", "언론사", "원문", "번역문"),
-    "한국문화": ("ID", "키워드", "원문", "번역문"),
-    "조례": ("ID", "지자체", "원문", "번역문"),
-    "지자체웹사이트": ("ID", "지자체", "원문", "번역문"),
-}
-
+META_RESERVED = ("file", "sheet", "row")
 
 def column_letter(index: int) -> str:
     """0-based column index -> Excel letters (0 -> A, 27 -> AB)."""
@@ -55,17 +45,30 @@ def column_letter(index: int) -> str:
     return letters
 
 
+def is_encrypted_package(path: Path) -> bool:
+    """An OLE container holding an `EncryptedPackage` stream is a password-protected .xlsx (MS-OFFCRYPTO)."""
+    needle = "EncryptedPackage".encode("utf-16-le")  # directory entry names are UTF-16
+    with open(path, "rb") as handle:
+        tail = b""
+        while block := handle.read(1 << 20):
+            if needle in tail + block:
+                return True
+            tail = block[-len(needle):]
+    return False
+
+
 def check_is_workbook(path: Path) -> None:
-    """Tell an encrypted or non-Excel file from a workbook by its first bytes, before any reader sees it."""
+    """Tell an encrypted or non-Excel file from a workbook by its bytes, before any reader sees it."""
     with open(path, "rb") as handle:
         head = handle.read(8)
     suffix = path.suffix.lower()
-    if head.startswith(OLE_MAGIC):
-        if suffix == ".xls":
-            return  # the legacy binary format lives in this container too
-        raise UserError(f"{path}: the workbook is encrypted (password-protected), so it cannot be read. Open it in "
-                        "Excel, remove the password (File > Info > Protect Workbook > Encrypt with Password, clear "
-                        "it) and save it again as .xlsx.")
+    if head.startswith(OLE_MAGIC) and suffix != ".xls":  # .xls lives in an OLE container too
+        if is_encrypted_package(path):
+            raise UserError(f"{path}: the workbook is encrypted (password-protected), so it cannot be read. Open it "
+                            "in Excel, remove the password (File > Info > Protect Workbook > Encrypt with Password, "
+                            "clear it) and save it again as .xlsx.")
+        raise UserError(f"{path}: this is an old binary Excel workbook (.xls) saved under a {suffix} name. Rename it "
+                        "to .xls, or open it in Excel and save it as .xlsx.")
     if suffix in (".xlsx", ".xlsm") and not head.startswith(ZIP_MAGIC):
         kind = "empty" if not head else "not an Excel workbook (an .xlsx file is a zip archive; this one is not)"
         raise UserError(f"{path}: the file is {kind}. Was another file (CSV, HTML, a download error page) saved "
@@ -145,12 +148,15 @@ def find_header(rows: list[list[Any]], params: AIHubExcelParams, where: str) -> 
         names = [cell_name(value) for value in row]
         if all(column in names for column in wanted):
             return index, {name: i for i, name in reversed(list(enumerate(names))) if name}
-    first = next((row for row in rows[: params.header_search_rows] if any(cell_name(v) for v in row)), [])
-    has = ", ".join(cell_name(v) for v in first if cell_name(v)) or "nothing (the sheet is empty)"
+    # the likely header: the first of the fullest rows (a title line above it has fewer cells)
+    filled = [[cell_name(v) for v in row if cell_name(v)] for row in rows[: params.header_search_rows]]
+    widest = max(range(len(filled)), key=lambda i: len(filled[i]), default=None)
+    has = (f"row {widest + 1} has {', '.join(filled[widest])}" if widest is not None and filled[widest]
+           else "the sheet is empty")
     raise UserError(f"{where}: no header row with the columns {params.source_column!r} and "
-                    f"{params.target_column!r} in the first {params.header_search_rows} rows. Its first row has: "
-                    f"{has}. Set `source_column:`/`target_column:` to the right names (or raise "
-                    "`header_search_rows:` when the header is further down).")
+                    f"{params.target_column!r} in the first {params.header_search_rows} rows ({has}). Set "
+                    "`source_column:`/`target_column:` to the right names (or raise `header_search_rows:` when "
+                    "the header is further down).")
 
 
 def has_formulas(path: Path) -> bool:
@@ -205,11 +211,6 @@ def json_value(value: Any) -> Any:
     return value
 
 
-def meta_value(value: Any) -> Any:
-    """Another column's cell for meta: text as is (the common case, kept fast), the rest through json_value."""
-    return value if type(value) is str and value else json_value(value)
-
-
 def meta_key(column: str) -> str:
     """A column name as a meta key; one that would shadow file/sheet/row gets a `col_` prefix."""
     return f"col_{column}" if column in META_RESERVED else column
@@ -246,7 +247,7 @@ def pair_records(params: AIHubExcelParams, korean: str, english: str, meta: dict
     if params.direction in ("en_ko", "both"):
         messages = [{"role": "user", "content": instruction(params.instruction_en_ko, english)},
                     {"role": "assistant", "content": korean}]
-        records.append(make_record(params.name, "translate_en_ko", messages, meta))
+        records.append(make_record(params.name, "translate_en_ko", messages, dict(meta) if records else meta))
     return records
 
 
@@ -290,7 +291,9 @@ def read_workbook(path: Path, params: AIHubExcelParams, report: SourceReport) ->
             formula_used += ((index, source_at) in formulas) + ((index, target_at) in formulas)
         meta = {"file": file, "sheet": sheet, "row": index + 1}
         for at, key, named in other_columns:
-            value = meta_value(row[at])
+            value = row[at]
+            if type(value) is not str or not value:  # text is the common case: no conversion call for it
+                value = json_value(value)
             if named or value is not None:
                 meta[key] = value
         yield from pair_records(params, korean, english, meta)

@@ -87,8 +87,8 @@ def test_header_below_row_1_is_found_and_noted(tmp_path: Path) -> None:
 
 
 def test_header_beyond_the_search_rows_is_an_error_listing_the_first_row(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"h.xlsx \(sheet 'Sheet1'\): no header row .* first 2 rows. Its first row "
-                                        r"has: AI-Hub 한국어-영어 번역 말뭉치 \(구어체\)"):
+    with pytest.raises(UserError, match=r"h.xlsx \(sheet 'Sheet1'\): no header row .* first 2 rows \(row 1 has "
+                                        r"AI-Hub 한국어-영어 번역 말뭉치 \(구어체\)\)"):
         read(aihub.write_header_on_row_3(tmp_path / "h.xlsx"), header_search_rows=2)
 
 
@@ -127,7 +127,7 @@ def test_sheet_by_name_or_index_and_an_unknown_sheet_lists_the_sheets(tmp_path: 
 def test_missing_columns_name_the_file_sheet_and_the_columns_it_has(tmp_path: Path) -> None:
     path = aihub.write_rows(tmp_path / "c.xlsx", [["ID", "korean", "english"], [1, "네", "Yes"]])
     with pytest.raises(UserError, match=r"c.xlsx \(sheet 'Sheet1'\): no header row with the columns '원문' and "
-                                        r"'번역문' .* Its first row has: ID, korean, english"):
+                                        r"'번역문' .* \(row 1 has ID, korean, english\)"):
         read(path)
 
 
@@ -135,6 +135,7 @@ def test_missing_columns_name_the_file_sheet_and_the_columns_it_has(tmp_path: Pa
     (aihub.write_not_excel, r"bad.xlsx: the file is not an Excel workbook"),
     (aihub.write_encrypted, r"bad.xlsx: the workbook is encrypted \(password-protected\)"),
     (aihub.write_corrupt_zip, r"bad.xlsx: the workbook is corrupt or not a real Excel file"),
+    (aihub.write_xls_named_xlsx, r"bad.xlsx: this is an old binary Excel workbook \(.xls\) saved under a .xlsx name"),
 ])
 def test_non_excel_encrypted_and_corrupt_files_are_named(tmp_path: Path, writer, message: str) -> None:
     with pytest.raises(UserError, match=message):
@@ -171,3 +172,9 @@ def test_calamine_and_openpyxl_agree_cell_by_cell(tmp_path: Path) -> None:
         return [row[: max((i + 1 for i, v in enumerate(row) if v is not None), default=0)] for row in values]
 
     assert normalised(excel.rows_with_calamine(path, None)[1]) == normalised(excel.rows_with_openpyxl(path, None)[1])
+
+
+def test_missing_columns_under_a_title_line_name_the_header_row(tmp_path: Path) -> None:
+    path = aihub.write_rows(tmp_path / "t.xlsx", [["번역 말뭉치"], [], ["ID", "ko", "en"], [1, "네", "Yes"]])
+    with pytest.raises(UserError, match=r"\(row 3 has ID, ko, en\)"):
+        read(path)
