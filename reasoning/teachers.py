@@ -158,5 +158,5 @@ class OpenAITeacher:
             except (ValueError, KeyError, IndexError, TypeError):
                 raise UserError(f"distill.teacher: {self.endpoint} did not answer in the chat-completions shape "
                                 f"(choices[0].message.content): {response.text[:200]}") from None
-        raise UserError(f"distill.teacher: {self.endpoint} failed {self.retries + 1} times (last: {problem}). "
+        raise UserError(f"distill.teacher: {self.endpoint} did not answer after {self.retries + 1} attempt(s) (last: {problem}). "
                         "Start the server or fix teacher.url; a rerun resumes where this one stopped.")

@@ -6,7 +6,8 @@ Steps, in order:
 2. skip the prompts an interrupted run already finished (progress.jsonl in the partial directory);
 3. ask the teacher for K samples per prompt and check each with its verifier (CodeI/O input prediction runs the
    reference code in the sandbox); with `revise`, a failed sample gets the feedback and one more turn;
-4. append each finished prompt to progress.jsonl at once, so a restart sends only the rest to the teacher;
+4. append each finished prompt to progress.jsonl at once, so a restart sends only the rest to the teacher (kept
+   across a kill by the runner, and across a UserError such as an unreachable teacher by a stash beside it);
 5. write train.jsonl (records in the ingest shape, `<think>` reasoning + final answer; only verified traces
    unless keep: all), traces.jsonl (every attempt with its verdicts), report.json/.md and report.png.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import defaultdict
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -88,6 +90,28 @@ def append_progress(path: Path, entry: dict) -> None:
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
         handle.flush()
+
+
+def stashed_progress(ctx: StageContext) -> Path:
+    """Where finished prompts wait out a UserError (the runner removes the partial directory on one), named by
+    the fingerprint of this run so that only a rerun of the same config picks them up."""
+    fingerprint = (ctx.run.stage_entry(NAME) or {}).get("fingerprint", "unknown")
+    return ctx.run.path / f".{NAME}.progress-{fingerprint[:16]}.jsonl"
+
+
+def keep_progress(ctx: StageContext, progress_path: Path) -> None:
+    if progress_path.is_file():
+        os.replace(progress_path, stashed_progress(ctx))
+
+
+def restore_progress(ctx: StageContext, progress_path: Path) -> None:
+    """Take back prompts stashed by a run of this same config; drop those of other configs."""
+    mine = stashed_progress(ctx)
+    for stash in ctx.run.path.glob(f".{NAME}.progress-*.jsonl"):
+        if stash == mine and not progress_path.exists():
+            os.replace(stash, progress_path)
+        else:
+            stash.unlink()
 
 
 def sample_seed(seed: int, record_id: str) -> int:
@@ -207,6 +231,7 @@ def run(ctx: StageContext) -> StageResult:
                         f"its verifier needs{f' (skipped: {skipped})' if skipped else ''}. Add a MathQA or CodeI/O "
                         "source, or map your task to a verifier in distill.tasks.")
     progress_path = ctx.out / PROGRESS
+    restore_progress(ctx, progress_path)
     done = {entry["id"]: entry for entry in load_progress(progress_path)}
     todo = [r for r in prompts if r["id"] not in done]
     if done:
@@ -215,7 +240,11 @@ def run(ctx: StageContext) -> StageResult:
         from reasoning.teachers import build_teacher
 
         teacher = build_teacher(cfg.teacher, cfg.retries)
-        run_prompts(todo, ctx, teacher, Limits.from_config(cfg.sandbox), progress_path)
+        try:
+            run_prompts(todo, ctx, teacher, Limits.from_config(cfg.sandbox), progress_path)
+        except UserError:
+            keep_progress(ctx, progress_path)  # e.g. the teacher's server went away: the rerun resumes
+            raise
     entries = {entry["id"]: entry for entry in load_progress(progress_path)}
     ordered = [entries[r["id"]] for r in prompts]
     return finish(ctx, ordered, skipped)

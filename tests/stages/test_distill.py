@@ -221,6 +221,28 @@ def test_http_teacher_location_from_the_environment(tmp_path, monkeypatch, serve
     assert [r["model"] for r in chat.requests] == ["from-env"]
 
 
+def test_teacher_going_away_is_a_user_error_and_the_rerun_resumes(tmp_path, monkeypatch, server) -> None:
+    monkeypatch.chdir(tmp_path)
+    chat = server(reply=lambda messages: "The answer is (a)")
+    cfg = load_config(write_project(tmp_path, chat.url, concurrency=1, retries=0))
+    real_reply = chat.reply
+
+    def down_after_three(messages):
+        if len(chat.requests) > 3:
+            raise ConnectionAbortedError  # the handler dies: the client sees a broken connection
+        return real_reply(messages)
+
+    chat.reply = down_after_three
+    with pytest.raises(UserError, match=r"did not answer after 1 attempt\(s\)"):
+        run_through("distill", cfg)
+    assert len(chat.requests) == 4
+    chat.reply = real_reply
+    status, result, _ = run_through("distill", cfg)
+    assert status == "done" and result.metrics["train_records"] == 6
+    assert len(chat.requests) == 4 + 3  # the failed prompt and the two never sent
+    assert not list((tmp_path / "runs/t").glob(".distill.progress-*"))
+
+
 def test_torn_progress_line_is_dropped(tmp_path: Path) -> None:
     path = tmp_path / "progress.jsonl"
     path.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c', encoding="utf-8")
@@ -234,7 +256,7 @@ def test_http_teacher_retries_then_gives_a_clear_error(server) -> None:
     assert teacher.complete([{"role": "user", "content": "hi"}], 1, 0.0, 8, 0) == ["I think it is b.\nThe answer is (b)"]
     assert len(chat.requests) == 3 and chat.auth[-1] is None
     down = OpenAITeacher("http://127.0.0.1:9/v1", "stub", "UNSET_KEY_VAR", timeout_s=1, retries=1)
-    with pytest.raises(UserError, match="failed 2 times"):
+    with pytest.raises(UserError, match=r"did not answer after 2 attempt\(s\)"):
         down.complete([{"role": "user", "content": "hi"}], 1, 0.0, 8, 0)
 
 
