@@ -140,9 +140,13 @@ def split(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], 
         return records, []
     group_of = {r["id"]: _group(r) for r in records}
     ranks = {group: _rank(seed + 1, group) for group in set(group_of.values())}
+    if len(ranks) < 2:
+        return records, []
     eval_groups = {group for group, rank in ranks.items() if rank < fraction}
-    if not eval_groups and len(ranks) > 1:
+    if not eval_groups:
         eval_groups = {min(ranks, key=ranks.get)}
+    if len(eval_groups) == len(ranks):  # a tiny source: keep something to train on
+        eval_groups.discard(max(ranks, key=ranks.get))
     return ([r for r in records if group_of[r["id"]] not in eval_groups],
             [r for r in records if group_of[r["id"]] in eval_groups])
 
