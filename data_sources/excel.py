@@ -13,7 +13,8 @@ Each data row becomes one record (direction ko_en or en_ko) or two (both). Every
 
 Cells in the text columns: empty -> the row is dropped with the reason and where; numbers, dates and booleans
 -> written as text and counted in a note; formulas -> their cached value (the value Excel last computed and
-saved), counted in a note; a formula with no cached value is dropped as such.
+saved), counted in a note; a formula with no cached value is dropped as such (after an openpyxl fallback it
+reads as an empty cell).
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ def formula_cells(path: Path, sheet: str, rows_from: int, columns: tuple[int, ..
     workbook = openpyxl.load_workbook(path, read_only=True, data_only=False)
     try:
         found = set()
-        for row in workbook[sheet].iter_rows(min_row=rows_from + 1):
+        for row in workbook[sheet].iter_rows(min_row=rows_from + 1, min_col=min(columns) + 1, max_col=max(columns) + 1):
             for cell in row:
                 column = getattr(cell, "column", None)
                 if column is not None and column - 1 in columns and cell.data_type == "f":
