@@ -26,7 +26,8 @@ from pipeline.errors import UserError
 
 BUNDLED_PREFIX = "bundled:"
 TEMPLATES = ("qa", "ko_qa", "alpaca", "r1", "chat")
-SECRET_KEYS = re.compile(r"(token|api_key|secret|password)", re.IGNORECASE)
+# Keys whose values are secrets: `hf_token`, `api_key`, `password` — not `max_tokens` or `api_key_env` (a name).
+SECRET_KEYS = re.compile(r"(^|_)(token|api_key|key|secret|password)$", re.IGNORECASE)
 
 SourceConfig = Annotated[Union[AIHubExcelParams, HFDatasetParams, CodeIOParams], Field(discriminator="kind")]
 

@@ -93,5 +93,8 @@ def test_missing_config_file_and_bad_yaml(tmp_path: Path) -> None:
 
 
 def test_redact_hides_secrets_only() -> None:
-    dump = {"push": {"hf_token": "hf_abc", "repo": "me/x"}, "teacher": {"api_key": "sk-1", "url": "http://h"}}
-    assert redact(dump) == {"push": {"hf_token": "***", "repo": "me/x"}, "teacher": {"api_key": "***", "url": "http://h"}}
+    dump = {"push": {"hf_token": "hf_abc", "repo": "me/x"},
+            "teacher": {"api_key": "sk-1", "api_key_env": "OPENAI_API_KEY", "url": "http://h", "max_tokens": 256}}
+    assert redact(dump) == {"push": {"hf_token": "***", "repo": "me/x"},
+                            "teacher": {"api_key": "***", "api_key_env": "OPENAI_API_KEY", "url": "http://h",
+                                        "max_tokens": 256}}
