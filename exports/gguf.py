@@ -108,17 +108,66 @@ def model_architectures(model_dir: Path) -> list[str]:
     return list(config.get("architectures") or [])
 
 
+def byte_level_bpe_fix(tokenizer_json: dict[str, Any]) -> dict[str, Any] | None:
+    """The same tokenizer in the shape llama.cpp's converter reads as byte-level BPE, or None when it already is.
+
+    transformers writes a tokenizer loaded from a GGUF (the bundled demo model) as BPE with byte_fallback and a
+    SentencePiece-style decoder. The converter then stores it as a SentencePiece ("llama") vocabulary that
+    llama.cpp cannot tokenize with. With a ByteLevel pre-tokenizer every byte is in the vocabulary, so
+    byte_fallback never fires and the ByteLevel decoder gives the same text: the fix changes nothing in
+    tokenization, which the export's verification checks against the HF tokenizer on every prompt.
+    """
+    model, pre = tokenizer_json.get("model") or {}, tokenizer_json.get("pre_tokenizer") or {}
+    pres = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    byte_level = any(p.get("type") == "ByteLevel" for p in pres)
+    if not (model.get("type") == "BPE" and model.get("byte_fallback") and byte_level):
+        return None
+    fixed = dict(tokenizer_json)
+    fixed["model"] = {**model, "byte_fallback": False}
+    fixed["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    return fixed
+
+
+def conversion_source(model_dir: Path, staging: Path) -> Path:
+    """`model_dir`, or a staging copy (links to its files + a fixed tokenizer.json) when the converter would
+    misread its tokenizer (see byte_level_bpe_fix)."""
+    import json
+    import shutil
+
+    tokenizer_path = model_dir / "tokenizer.json"
+    if not tokenizer_path.is_file():
+        return model_dir
+    fixed = byte_level_bpe_fix(json.loads(tokenizer_path.read_text(encoding="utf-8")))
+    if fixed is None:
+        return model_dir
+    log.info("converting with tokenizer.json in byte-level BPE form (byte_fallback off; same tokens)")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for path in model_dir.iterdir():
+        if path.name != "tokenizer.json":
+            (staging / path.name).symlink_to(path.resolve())
+    (staging / "tokenizer.json").write_text(json.dumps(fixed, ensure_ascii=False), encoding="utf-8")
+    return staging
+
+
 def convert_to_gguf(model_dir: Path, out_path: Path, outtype: str, model_name: str) -> float:
     """Run llama.cpp's converter on an HF directory; returns seconds. Unsupported architectures are UserErrors."""
     import time
 
+    import shutil
+
     script = converter_script()
     tmp = temp_path(out_path)
     tmp.unlink(missing_ok=True)
-    cmd = [sys.executable, str(script), str(model_dir), "--outfile", str(tmp), "--outtype", outtype,
+    staging = out_path.with_name(f".{out_path.name}.source")
+    source = conversion_source(model_dir, staging)
+    cmd = [sys.executable, str(script), str(source), "--outfile", str(tmp), "--outtype", outtype,
            "--model-name", model_name]
     started = time.time()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=converter_env())
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=converter_env())
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     if done.returncode != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
         output = done.stderr + done.stdout

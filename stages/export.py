@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,6 @@ def base_weight_bytes(base_model: str) -> int | None:
     if not files:
         return None
     size = sum(p.stat().st_size for p in files)
-    dtype = merge.merged_dtype_name("auto", base_model)
     config = json.loads((base / "config.json").read_text(encoding="utf-8")) if (base / "config.json").is_file() else {}
     return size // 2 if (config.get("dtype") or config.get("torch_dtype")) == "float32" else size
 
@@ -129,10 +129,11 @@ def check_architecture(model_dir: Path) -> None:
                         f"{', '.join(sorted(a for a in supported if 'Llama' in a or 'Qwen' in a)[:6])}, ...")
 
 
-def verify_tokens(merged_dir: Path, prompts: list[str], new_tokens: int) -> tuple[list[str], list[list[int]], Any]:
+def verify_tokens(merged_dir: Path, prompts: list[str], new_tokens: int) -> dict[str, Any]:
     """Each fixed prompt through the training chat template, plus the merged model's greedy answer, as token ids.
 
-    Returns (prompt texts, token lists, merged model log-probs on them)."""
+    Returns {texts, prompt_ids (the HF tokenizer's ids of each text), token_lists (prompt + answer),
+    reference (the merged model's next-token log-probs at every position)}."""
     import torch
     from transformers import AutoTokenizer
 
@@ -140,11 +141,12 @@ def verify_tokens(merged_dir: Path, prompts: list[str], new_tokens: int) -> tupl
     model = merge.load_causal_lm(str(merged_dir), "fp32")
     if torch.cuda.is_available():
         model = model.to("cuda")
-    texts, token_lists = [], []
+    texts, prompt_ids, token_lists = [], [], []
     for prompt in prompts:
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompt_ids.append(list(ids))
         if new_tokens:
             with torch.no_grad():
                 out = model.generate(torch.tensor([ids], device=model.device), max_new_tokens=new_tokens,
@@ -154,21 +156,19 @@ def verify_tokens(merged_dir: Path, prompts: list[str], new_tokens: int) -> tupl
         token_lists.append(ids)
     reference = merge.next_token_logprobs(model, token_lists)
     del model
-    return texts, token_lists, reference
+    return {"texts": texts, "prompt_ids": prompt_ids, "token_lists": token_lists, "reference": reference}
 
 
-def verify_gguf(path: Path, template: str, eos: str, eos_id: int, texts: list[str], token_lists: list[list[int]],
-                reference: list[Any], max_kl: float, min_top1: float | None, threads: int) -> dict[str, Any]:
+def verify_gguf(path: Path, template: str, eos: str, eos_id: int, probe: dict[str, Any], max_kl: float,
+                min_top1: float | None, threads: int) -> dict[str, Any]:
     """Load one GGUF and check its metadata, its tokenizer and its next-token distributions."""
-    n_ctx = max(len(t) for t in token_lists) + 8
+    n_ctx = max(len(t) for t in probe["token_lists"]) + 8
     llm = gguf_io.load_gguf(path, n_ctx=max(n_ctx, 256), logits_all=True, threads=threads or None)
     try:
         meta = gguf_io.gguf_metadata(llm)
-        tokenizer_match = all(
-            llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == ids[: len(llm.tokenize(
-                text.encode("utf-8"), add_bos=False, special=True))]
-            for text, ids in zip(texts, token_lists))
-        stats = gguf_io.compare_logprobs(reference, gguf_io.gguf_logprobs(llm, token_lists))
+        tokenizer_match = all(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == ids
+                              for text, ids in zip(probe["texts"], probe["prompt_ids"]))
+        stats = gguf_io.compare_logprobs(probe["reference"], gguf_io.gguf_logprobs(llm, probe["token_lists"]))
     finally:
         llm.close()
     checks = {
@@ -230,10 +230,11 @@ def run(ctx: StageContext) -> StageResult:
         progress.advance(task)
 
         step("verifying the merge (base vs base+adapter vs merged)")
-        texts, token_lists, reference = verify_tokens(merged_dir, ctx.cfg.export.verify.prompts,
-                                                      cfg.verify.new_tokens)
-        report["merge"] = merge.verify_merge(base_model, adapter_dir, merged_dir, token_lists,
+        started = time.time()
+        probe = verify_tokens(merged_dir, cfg.verify.prompts, cfg.verify.new_tokens)
+        report["merge"] = merge.verify_merge(base_model, adapter_dir, merged_dir, probe["token_lists"],
                                              trust_remote_code=ctx.cfg.model.trust_remote_code)
+        timings["verify_merge_seconds"] = round(time.time() - started, 2)
         progress.advance(task)
         if not report["merge"]["passed"]:
             fail(ctx, report, "the merged model does not reproduce base+adapter (or the adapter changes nothing): "
@@ -260,10 +261,12 @@ def run(ctx: StageContext) -> StageResult:
         for name, path in checked.items():
             step(f"verifying {path.name}")
             reference_bound = name == outtype.value and outtype != QuantType.Q8_0
+            started = time.time()
             results[name] = verify_gguf(
-                path, template, eos, eos_id, texts, token_lists, reference,
+                path, template, eos, eos_id, probe,
                 max_kl=cfg.verify.max_kl if reference_bound else cfg.verify.quant_max_kl,
                 min_top1=cfg.verify.min_top1 if reference_bound else None, threads=cfg.threads)
+            timings[f"verify_{name}_seconds"] = round(time.time() - started, 2)
             progress.advance(task)
         report["gguf"] = results
 
