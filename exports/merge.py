@@ -140,9 +140,10 @@ def load_causal_lm(path: str, dtype: str = "fp32", trust_remote_code: bool = Fal
     return model.eval()
 
 
-def verify_merge(base_model: str, adapter_dir: Path, merged_dir: Path, token_lists: Sequence[Sequence[int]],
+def verify_merge(base_model: str, adapter_dir: Path, token_lists: Sequence[Sequence[int]], merged_lp: list[Any],
                  compute_dtype: str = "fp32", trust_remote_code: bool = False) -> dict[str, Any]:
-    """Next-token distributions of base, base+adapter (unmerged) and the merged model on the same tokens.
+    """Next-token distributions of base and base+adapter (unmerged) against the merged model's (`merged_lp`,
+    computed by the caller on the same tokens in the same dtype).
 
     The merge kept the adapter when merged ~ base+adapter (only 16-bit rounding of W + BA apart) while
     merged differs from base by about as much as the adapter moves it: merge error < half the adapter effect.
@@ -159,12 +160,6 @@ def verify_merge(base_model: str, adapter_dir: Path, merged_dir: Path, token_lis
     adapted_lp = next_token_logprobs(adapted, token_lists)
     del base, adapted
     gc.collect()
-    merged = load_causal_lm(str(merged_dir), compute_dtype, trust_remote_code)
-    merged_lp = next_token_logprobs(merged, token_lists)
-    del merged
-    gc.collect()
-    vs_adapter = compare_logprobs(adapted_lp, merged_lp)
-    vs_base = compare_logprobs(adapted_lp, base_lp)
     adapter_effect = max(float(abs(a - b).max()) for a, b in zip(adapted_lp, base_lp))
     merge_error = max(float(abs(a - m).max()) for a, m in zip(adapted_lp, merged_lp))
     passed = adapter_effect > 0 and merge_error < 0.5 * adapter_effect
@@ -173,6 +168,6 @@ def verify_merge(base_model: str, adapter_dir: Path, merged_dir: Path, token_lis
         "compute_dtype": compute_dtype,
         "adapter_effect_max_abs_logprob": round(adapter_effect, 6),
         "merge_error_max_abs_logprob": round(merge_error, 6),
-        "merged_vs_base_plus_adapter": vs_adapter,
-        "base_vs_base_plus_adapter": vs_base,
+        "merged_vs_base_plus_adapter": compare_logprobs(adapted_lp, merged_lp),
+        "base_vs_base_plus_adapter": compare_logprobs(adapted_lp, base_lp),
     }

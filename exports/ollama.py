@@ -85,18 +85,16 @@ def go_literal(text: str) -> str:
 
 
 def go_template(parts: TemplateParts) -> str:
-    """The Ollama TEMPLATE (Go text/template over .System and .Messages) for these pieces."""
+    """The Ollama TEMPLATE (Go text/template over .System and .Messages) for these pieces. No `{{-` trim
+    markers: they would also eat the newlines that belong to the template's literal text."""
     g = go_literal
     return (
-        f'{{{{- if .System }}}}{g(parts.start_system)}{{{{ .System }}}}{g(parts.system_to_user)}'
-        f'{{{{- else }}}}{g(parts.start_no_system)}{{{{- end }}}}'
-        '{{- range $i, $_ := .Messages }}'
-        '{{- $last := eq (len (slice $.Messages $i)) 1 }}'
-        f'{{{{- if eq .Role "user" }}}}{{{{ .Content }}}}{g(parts.user_to_answer)}'
-        f'{{{{- else if eq .Role "assistant" }}}}{{{{ .Content }}}}{{{{ if not $last }}}}{g(parts.answer_to_user)}'
-        '{{ end }}'
-        '{{- end }}'
-        '{{- end }}'
+        f"{{{{ if .System }}}}{g(parts.start_system)}{{{{ .System }}}}{g(parts.system_to_user)}"
+        f"{{{{ else }}}}{g(parts.start_no_system)}{{{{ end }}}}"
+        "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
+        f'{{{{ if eq .Role "user" }}}}{{{{ .Content }}}}{g(parts.user_to_answer)}'
+        f'{{{{ else if eq .Role "assistant" }}}}{{{{ .Content }}}}{{{{ if not $last }}}}{g(parts.answer_to_user)}'
+        "{{ end }}{{ end }}{{ end }}"
     )
 
 

@@ -232,7 +232,7 @@ def run(ctx: StageContext) -> StageResult:
         step("verifying the merge (base vs base+adapter vs merged)")
         started = time.time()
         probe = verify_tokens(merged_dir, cfg.verify.prompts, cfg.verify.new_tokens)
-        report["merge"] = merge.verify_merge(base_model, adapter_dir, merged_dir, probe["token_lists"],
+        report["merge"] = merge.verify_merge(base_model, adapter_dir, probe["token_lists"], probe["reference"],
                                              trust_remote_code=ctx.cfg.model.trust_remote_code)
         timings["verify_merge_seconds"] = round(time.time() - started, 2)
         progress.advance(task)
