@@ -105,8 +105,8 @@ def build_card(cfg: DistilleryConfig, plan: list[dict[str, Any]], repo_id: str) 
              f"A LoRA fine-tune of {f'[{base}](https://huggingface.co/{base})' if base else cfg.model.path} made "
              "with Distillery, merged into the base model's 16-bit weights"
              + (" and converted to GGUF with llama.cpp." if ggufs else "."), "", "## Training", ""]
-    keys = ("backend", "template", "max_length", "steps", "load_in_4bit", "precision", "train_examples",
-            "final_loss", "train_loss", "eval_loss", "seconds")
+    keys = ("backend", "device", "template", "objective", "max_length", "train_examples", "steps", "load_in_4bit",
+            "precision", "optimizer", "first_loss", "last_loss", "train_loss", "tokens_per_s", "train_seconds")
     rows = [(k, finetune[k]) for k in keys if k in finetune]
     if finetune.get("lora"):
         rows.append(("lora", ", ".join(f"{k}={v}" for k, v in finetune["lora"].items() if not isinstance(v, list))))
