@@ -249,6 +249,8 @@ def quantize_gguf(src: Path, dst: Path, quant: QuantType, imatrix: dict[str, Any
     if quant.needs_imatrix and imatrix is None:
         raise UserError(f"export.quantizations: {quant.value} needs an importance matrix: set export.imatrix to a "
                         "llama-imatrix file (or choose a k-quant such as q4_k_m).")
+    # llama.cpp logs a line per tensor; through llama-cpp-python's logger only errors, unless --verbose.
+    logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, quant.llama_ftype_name)
     params.nthread = threads

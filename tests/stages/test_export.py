@@ -105,6 +105,17 @@ def test_chat_answers_one_prompt_with_the_exported_gguf(exported) -> None:
 
 @pytest.mark.integration
 @pytest.mark.slow
+def test_interactive_chat_streams_answers_and_keeps_the_conversation(exported) -> None:
+    config, _ = exported
+    result = subprocess.run([sys.executable, "-m", "pipeline", "chat", "-c", str(config), "--gguf", "q8_0",
+                             "--max-tokens", "8"], cwd=ROOT, input="Hello!\nAnd again?\n/exit\n",
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "400"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{STEM}-Q8_0.gguf" in result.stdout and result.stdout.count("model> ") == 2
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 def test_chat_with_an_unknown_gguf_lists_the_available_ones(exported) -> None:
     config, _ = exported
     result = cli("chat", "-c", str(config), "-p", "hi", "--gguf", "q5_k_m")
