@@ -5,8 +5,8 @@
   backend, PEFT's merge_and_unload on the hf backend; the base is always loaded in 16 bits (never a
   dequantized 4-bit copy), offline when it is a local directory; the tokenizer (training chat template, EOS)
   and a generation config whose eos is the training EOS go beside the sharded safetensors;
-- `verify_merge` proves the adapter survived: on fixed tokens the merged model's next-token distribution
-  equals base+adapter (unmerged) within 16-bit rounding, and differs from the base's.
+- `verify_merge` proves the adapter survived: on fixed tokens the merged model's next-token distribution is
+  much closer to base+adapter (unmerged) than the base's is (only 16-bit rounding apart).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from pipeline.errors import UserError
 log = logging.getLogger(__name__)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# verify_merge: KL(base+adapter || merged) must stay below this share of KL(base+adapter || base).
+MAX_MERGE_KL_RATIO = 0.5
 
 
 def read_finetune(finetune_dir: Path) -> dict[str, Any]:
@@ -145,8 +147,12 @@ def verify_merge(base_model: str, adapter_dir: Path, token_lists: Sequence[Seque
     """Next-token distributions of base and base+adapter (unmerged) against the merged model's (`merged_lp`,
     computed by the caller on the same tokens in the same dtype).
 
-    The merge kept the adapter when merged ~ base+adapter (only 16-bit rounding of W + BA apart) while
-    merged differs from base by about as much as the adapter moves it: merge error < half the adapter effect.
+    The merge kept the adapter when the merged model is much closer to base+adapter than the base is: mean
+    KL(base+adapter || merged) below half of KL(base+adapter || base). A merge that lost the adapter scores a
+    ratio of 1, a merge into other weights more; what remains is the 16-bit rounding of W + BA (a ratio of
+    ~0.004 for a strong adapter, ~0.25 after 5 CPU steps on the demo, where the update is near bf16's
+    resolution). The largest |log p| change over the whole vocabulary is reported too, but tail tokens make it
+    too noisy to decide on.
     """
     import gc
 
@@ -162,12 +168,16 @@ def verify_merge(base_model: str, adapter_dir: Path, token_lists: Sequence[Seque
     gc.collect()
     adapter_effect = max(float(abs(a - b).max()) for a, b in zip(adapted_lp, base_lp))
     merge_error = max(float(abs(a - m).max()) for a, m in zip(adapted_lp, merged_lp))
-    passed = adapter_effect > 0 and merge_error < 0.5 * adapter_effect
+    vs_merged = compare_logprobs(adapted_lp, merged_lp)
+    vs_base = compare_logprobs(adapted_lp, base_lp)
+    ratio = vs_merged["mean_kl"] / vs_base["mean_kl"] if vs_base["mean_kl"] > 0 else float("inf")
     return {
-        "passed": passed,
+        "passed": vs_base["mean_kl"] > 0 and ratio < MAX_MERGE_KL_RATIO,
         "compute_dtype": compute_dtype,
+        "merge_kl_ratio": round(ratio, 6),
+        "max_merge_kl_ratio": MAX_MERGE_KL_RATIO,
         "adapter_effect_max_abs_logprob": round(adapter_effect, 6),
         "merge_error_max_abs_logprob": round(merge_error, 6),
-        "merged_vs_base_plus_adapter": compare_logprobs(adapted_lp, merged_lp),
-        "base_vs_base_plus_adapter": compare_logprobs(adapted_lp, base_lp),
+        "merged_vs_base_plus_adapter": vs_merged,
+        "base_vs_base_plus_adapter": vs_base,
     }

@@ -191,6 +191,8 @@ def run(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg.export
     finetune_dir = ctx.upstream("finetune")
     summary = merge.read_finetune(finetune_dir)
+    if summary["backend"] == "unsloth":
+        import unsloth  # noqa: F401  (before transformers, as Unsloth asks, for its merge)
     adapter_dir = finetune_dir / "adapter"
     outtype, quants = plan_types(cfg)
     imatrix = gguf_io.load_imatrix(Path(cfg.imatrix)) if cfg.imatrix else None
@@ -237,9 +239,10 @@ def run(ctx: StageContext) -> StageResult:
         timings["verify_merge_seconds"] = round(time.time() - started, 2)
         progress.advance(task)
         if not report["merge"]["passed"]:
+            m = report["merge"]
             fail(ctx, report, "the merged model does not reproduce base+adapter (or the adapter changes nothing): "
-                 f"merge error {report['merge']['merge_error_max_abs_logprob']} vs adapter effect "
-                 f"{report['merge']['adapter_effect_max_abs_logprob']}")
+                 f"KL(base+adapter || merged) is {m['merge_kl_ratio']:.3g} of KL(base+adapter || base) "
+                 f"(must be < {m['max_merge_kl_ratio']})")
 
         step(f"converting to {intermediate.name} (llama.cpp converter)")
         if not intermediate.is_file():
@@ -323,17 +326,19 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
 
 def print_summary(ctx: StageContext, report: dict[str, Any]) -> None:
     m = report["merge"]
-    ctx.console.print(f"merge: adapter effect {m['adapter_effect_max_abs_logprob']:.4g}, merge error "
-                      f"{m['merge_error_max_abs_logprob']:.4g} (max |Δ log p|) -> kept the adapter")
+    ctx.console.print(f"merge: mean KL(base+adapter || merged) {m['merged_vs_base_plus_adapter']['mean_kl']:.3g} "
+                      f"vs || base {m['base_vs_base_plus_adapter']['mean_kl']:.3g} (ratio {m['merge_kl_ratio']:.3g} "
+                      f"< {m['max_merge_kl_ratio']}) -> the adapter is in the merged weights")
     ctx.console.print(summary_table("export verification vs the merged HF model", _rows(report), HEADERS))
 
 
 def render_report(report: dict[str, Any]) -> str:
     m = report["merge"]
     lines = [f"# Export report: {report['model']}", "",
-             f"Merge ({report['backend']} backend): max |Δ log p| base+adapter vs merged "
-             f"{m['merge_error_max_abs_logprob']:.4g}, base vs base+adapter {m['adapter_effect_max_abs_logprob']:.4g} "
-             f"-> {'kept the adapter' if m['passed'] else 'FAILED'}.", "",
+             f"Merge ({report['backend']} backend): mean KL(base+adapter || merged) "
+             f"{m['merged_vs_base_plus_adapter']['mean_kl']:.4g}, KL(base+adapter || base) "
+             f"{m['base_vs_base_plus_adapter']['mean_kl']:.4g}, ratio {m['merge_kl_ratio']:.3g} "
+             f"(< {m['max_merge_kl_ratio']}) -> {'kept the adapter' if m['passed'] else 'FAILED'}.", "",
              "| " + " | ".join(HEADERS) + " |", "|" + " --- |" * len(HEADERS)]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(report)]
     return "\n".join(lines) + "\n\nKL is KL(merged HF || GGUF) over every position of the fixed prompts.\n"

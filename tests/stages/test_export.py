@@ -59,7 +59,7 @@ def test_export_writes_verified_merged_model_and_ggufs(exported, demo_model_path
     verify = json.loads((out / "verify.json").read_text())
     assert verify["passed"] and verify["merge"]["passed"]
     merge = verify["merge"]
-    assert merge["merge_error_max_abs_logprob"] < 0.5 * merge["adapter_effect_max_abs_logprob"]
+    assert merge["merged_vs_base_plus_adapter"]["mean_kl"] < 0.5 * merge["base_vs_base_plus_adapter"]["mean_kl"]
     assert set(verify["gguf"]) == {"f16", "q8_0", "q4_k_m"}
     f16 = verify["gguf"]["f16"]
     assert f16["mean_kl"] <= 0.02 and f16["top1_agreement"] >= 0.9 and all(f16["checks"].values())
