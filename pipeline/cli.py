@@ -84,6 +84,47 @@ def run_all(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, force: Forc
     execute(None, config, set_, force, verbose)
 
 
+def _with_config(config: Path, sets: list[str] | None, verbose: bool, action) -> None:
+    """Load the config (and .env), run `action(cfg)`; user errors exit 2 with one message."""
+    setup_logging(verbose)
+    load_dotenv()
+    try:
+        action(load_config(config, sets or []))
+    except UserError as err:
+        console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+@app.command("push")
+def push_command(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
+                 dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be uploaded and write "
+                                                       "the model card; upload nothing.")] = False,
+                 verbose: VerboseOpt = False) -> None:
+    """Upload the merged model and/or GGUFs to the Hugging Face Hub with a model card (token: HF_TOKEN)."""
+    from exports.hub import push
+
+    _with_config(config, set_, verbose, lambda cfg: push(cfg, console, dry_run=dry_run))
+
+
+@app.command("chat")
+def chat_command(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
+                 prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Answer this one prompt "
+                                                               "and exit (else: an interactive chat).")] = None,
+                 gguf: Annotated[Optional[str], typer.Option("--gguf", help="A GGUF path, a file in the run's "
+                                                             "export/gguf/, or a type (q8_0); default Q4_K_M.")] = None,
+                 system: Annotated[Optional[str], typer.Option("--system", help="A system message.")] = None,
+                 max_tokens: Annotated[int, typer.Option("--max-tokens", help="Longest answer.")] = 256,
+                 temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy.")] = 0.0,
+                 verbose: VerboseOpt = False) -> None:
+    """Chat with the exported GGUF in llama.cpp (its embedded chat template), streaming the answer."""
+    from exports.chat import chat
+
+    _with_config(config, set_, verbose,
+                 lambda cfg: chat(cfg, console, gguf, prompt, system, max_tokens, temperature))
+
+
 def main() -> None:
     # typer maps `set_` to --set via the Option declaration; the command line is otherwise standard.
     try:

@@ -186,8 +186,47 @@ class DistillConfig(Section):
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
 
 
+DEFAULT_VERIFY_PROMPTS = [
+    "What is 12 + 7? Answer with the number.",
+    "Translate into English: 오늘 날씨가 정말 좋네요.",
+    "Write a Python function that returns the square of a number.",
+    "In one sentence, what is a prime number?",
+]
+
+
+class VerifyConfig(Section):
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_VERIFY_PROMPTS), min_length=1,
+                               description="Fixed user prompts the merged model and every GGUF are compared on.")
+    new_tokens: int = Field(16, ge=0, description="Greedy tokens the merged model adds to each prompt; their "
+                            "positions are compared too (the answer regime, not only the prompt).")
+    max_kl: float = Field(0.02, gt=0, description="Bound on the mean KL(merged HF || 16-bit GGUF) in nats.")
+    min_top1: float = Field(0.9, ge=0, le=1, description="Least top-1 agreement of the 16-bit GGUF with the merged model.")
+    quant_max_kl: float = Field(1.0, gt=0, description="Bound on the mean KL of each quantized GGUF: catches a broken "
+                                "file, not quantization loss (reported per type).")
+
+
 class ExportConfig(Section):
     enabled: bool = Field(True, description="Merge, convert and quantize to GGUF in `distillery run`.")
+    dtype: Literal["auto", "bf16", "fp16"] = Field("auto", description="Merged weights; auto: the base's own 16-bit type.")
+    max_shard_size: str = Field("5GB", description="Largest safetensors shard of the merged model.")
+    outtype: Literal["f16", "bf16", "q8_0"] = Field("f16", description="What llama.cpp's converter writes; every "
+                                                    "quantization starts from it.")
+    quantizations: list[str] = Field(default_factory=lambda: ["q8_0", "q4_k_m"], min_length=1,
+                                     description="GGUF types to write (q4_k_m, q5_k_m, q6_k, q8_0, f16, iq2_xxs, ...).")
+    imatrix: str | None = Field(None, description="llama-imatrix output (GGUF or .dat); required for i-quants.")
+    keep_intermediate: bool = Field(False, description="Keep the converter's output even when not in quantizations.")
+    model_name: str | None = Field(None, description="File name stem: <model_name>-<QUANT>.gguf (default: the base "
+                                   "model's name).")
+    min_free_disk_gb: float = Field(1.0, ge=0, description="Free disk to leave beyond what the export needs.")
+    threads: int = Field(0, ge=0, description="CPU threads for quantizing and verifying; 0: all cores.")
+    verify: VerifyConfig = Field(default_factory=VerifyConfig)
+
+    @field_validator("quantizations")
+    @classmethod
+    def _known_quants(cls, names: list[str]) -> list[str]:
+        from exports.gguf import parse_quant
+
+        return list(dict.fromkeys(parse_quant(name).value for name in names))
 
 
 class EvaluateConfig(Section):
@@ -196,6 +235,14 @@ class EvaluateConfig(Section):
 
 class PushConfig(Section):
     repo_id: str | None = Field(None, description="Hub repository, e.g. my-org/kanana-8b-ko-qa.")
+    private: bool = Field(True, description="Create the repository private (the default) or public.")
+    upload: list[Literal["merged", "gguf"]] = Field(default_factory=lambda: ["merged", "gguf"], min_length=1,
+                                                    description="What to upload: the merged 16-bit model, the GGUFs.")
+    gguf_types: list[str] | None = Field(None, description="Only these GGUF types (default: every exported one).")
+    license: str = Field("apache-2.0", description="License in the model card (a Hub license id).")
+    tags: list[str] = Field(default_factory=list, description="Extra model card tags.")
+    datasets: list[str] = Field(default_factory=list, description="Extra Hub dataset ids for the model card.")
+    commit_message: str = Field("Upload model from Distillery", description="The Hub commit message.")
 
 
 class DistilleryConfig(Section):

@@ -1,0 +1,77 @@
+"""`distillery chat`: talk to an exported GGUF through llama-cpp-python, formatted by the chat template stored
+in the GGUF (the training template), stopping at its EOS. One answer with --prompt, else an interactive loop
+that streams each answer and keeps the conversation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+from pipeline.config import DistilleryConfig
+from pipeline.errors import UserError
+from pipeline.rundir import RunDir
+
+PREFERRED = "Q4_K_M"
+
+
+def find_gguf(cfg: DistilleryConfig, choice: str | None = None) -> Path:
+    """--gguf (a path, a file name in the run's gguf/ or a type like q8_0), else the run's Q4_K_M, else the first."""
+    gguf_dir = RunDir(cfg.run.root, cfg.run.name).stage_dir("export") / "gguf"
+    available = sorted(gguf_dir.glob("*.gguf")) if gguf_dir.is_dir() else []
+    if choice:
+        for candidate in (Path(choice), gguf_dir / choice):
+            if candidate.is_file():
+                return candidate
+        by_type = [p for p in available if p.stem.upper().endswith("-" + choice.upper())]
+        if by_type:
+            return by_type[0]
+        names = ", ".join(p.name for p in available) or "none"
+        raise UserError(f"--gguf {choice}: no such file or type; the run's GGUFs ({gguf_dir}): {names}.")
+    if not available:
+        raise UserError(f"no GGUF in {gguf_dir}: run `distillery export` (just export-gguf) first.")
+    return next((p for p in available if p.stem.upper().endswith("-" + PREFERRED)), available[0])
+
+
+def stream_answer(llm, messages: list[dict[str, str]], max_tokens: int, temperature: float,
+                  seed: int) -> Iterator[str]:
+    """Pieces of the assistant's answer as llama.cpp generates them."""
+    for chunk in llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=temperature,
+                                            seed=seed, stream=True):
+        piece = chunk["choices"][0]["delta"].get("content")
+        if piece:
+            yield piece
+
+
+def chat(cfg: DistilleryConfig, console: Any, gguf: str | None, prompt: str | None, system: str | None,
+         max_tokens: int, temperature: float) -> None:
+    from exports.gguf import load_gguf
+
+    path = find_gguf(cfg, gguf)
+    console.print(f"[dim]{path} (llama.cpp, chat template from the GGUF)[/]")
+    llm = load_gguf(path, n_ctx=4096)
+    messages = [{"role": "system", "content": system}] if system else []
+    try:
+        if prompt is not None:
+            messages.append({"role": "user", "content": prompt})
+            for piece in stream_answer(llm, messages, max_tokens, temperature, cfg.run.seed):
+                console.out(piece, end="", highlight=False)
+            console.out("")
+            return
+        console.print("[dim]Type a message; an empty line, /exit or Ctrl-D ends the chat.[/]")
+        while True:
+            try:
+                text = console.input("[bold]you>[/] ")
+            except EOFError:
+                break
+            if not text.strip() or text.strip() in ("/exit", "/quit"):
+                break
+            messages.append({"role": "user", "content": text})
+            console.out("model> ", end="", highlight=False)
+            answer = ""
+            for piece in stream_answer(llm, messages, max_tokens, temperature, cfg.run.seed):
+                answer += piece
+                console.out(piece, end="", highlight=False)
+            console.out("")
+            messages.append({"role": "assistant", "content": answer})
+    finally:
+        llm.close()

@@ -1,0 +1,299 @@
+"""Export stage on the real demo model: verified merge and GGUFs, Modelfiles, chat, push --dry-run, resume
+after a kill, and every bad input ending in one clear message (exit 2 through the CLI)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.errors import UserError
+from pipeline.rundir import RunDir
+from pipeline.runner import run_stage
+from tests.fixtures.adapter_run import demo_config, make_adapter_run
+
+ROOT = Path(__file__).resolve().parents[2]
+# One short prompt and a few answer tokens keep the verification cheap on CPU; the checks are the same.
+FAST_VERIFY = {"verify": {"prompts": ["What is 12 + 7?"], "new_tokens": 4}}
+STEM = "SmolLM2-135M-Instruct"
+
+
+def cli(*args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess; a wide console so that rich does not wrap the messages tested for."""
+    env = {**(env if env is not None else os.environ), "COLUMNS": "400"}
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**env, "PYTHONPATH": str(ROOT)}, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, demo_model_path: str) -> tuple[Path, RunDir]:
+    tmp = tmp_path_factory.mktemp("export")
+    run = make_adapter_run(tmp / "runs", demo_model_path)
+    config = demo_config(tmp, **FAST_VERIFY)
+    status, _, _ = run_stage("export", load_config(config))
+    assert status == "done"
+    return config, run
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_export_writes_verified_merged_model_and_ggufs(exported, demo_model_path: str) -> None:
+    _, run = exported
+    out = run.stage_dir("export")
+    assert sorted(p.name for p in (out / "gguf").iterdir()) == [
+        f"{STEM}-Q4_K_M.Modelfile", f"{STEM}-Q4_K_M.gguf", f"{STEM}-Q8_0.Modelfile", f"{STEM}-Q8_0.gguf"]
+    merged = out / "merged"
+    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in merged.iterdir()}
+    assert list(merged.glob("*.safetensors"))
+    training_template = (run.stage_dir("format") / "chat_template.jinja").read_text()
+    assert (merged / "chat_template.jinja").read_text() == training_template
+    assert json.loads((merged / "generation_config.json").read_text())["eos_token_id"] == 2  # <|im_end|>
+    verify = json.loads((out / "verify.json").read_text())
+    assert verify["passed"] and verify["merge"]["passed"]
+    merge = verify["merge"]
+    assert merge["merged_vs_base_plus_adapter"]["mean_kl"] < 0.5 * merge["base_vs_base_plus_adapter"]["mean_kl"]
+    assert set(verify["gguf"]) == {"f16", "q8_0", "q4_k_m"}
+    f16 = verify["gguf"]["f16"]
+    assert f16["mean_kl"] <= 0.02 and f16["top1_agreement"] >= 0.9 and all(f16["checks"].values())
+    for name in ("q8_0", "q4_k_m"):
+        assert verify["gguf"][name]["checks"] == {"loads": True, "chat_template": True, "eos": True,
+                                                  "tokenizer": True, "kl": True}
+    assert (out / "verify.png").stat().st_size > 1000 and "q4_k_m" in (out / "report.md").read_text()
+    assert not (out / "gguf" / f"{STEM}-F16.gguf").exists()  # the intermediate is dropped unless asked for
+    assert not run.partial_dir("export").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_gguf_carries_the_training_template_and_eos(exported) -> None:
+    from exports.gguf import gguf_metadata, load_gguf
+
+    _, run = exported
+    llm = load_gguf(run.stage_dir("export") / "gguf" / f"{STEM}-Q4_K_M.gguf", n_ctx=128)
+    meta = gguf_metadata(llm)
+    llm.close()
+    assert meta["chat_template"] == (run.stage_dir("format") / "chat_template.jinja").read_text()
+    assert meta["eos_token"] == "<|im_end|>"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_rerun_is_up_to_date(exported) -> None:
+    config, _ = exported
+    status, _, _ = run_stage("export", load_config(config))
+    assert status == "up to date"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_chat_answers_one_prompt_with_the_exported_gguf(exported) -> None:
+    config, _ = exported
+    result = cli("chat", "-c", str(config), "-p", "What is 12 + 7?", "--max-tokens", "12")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{STEM}-Q4_K_M.gguf" in result.stdout
+    answer = result.stdout.strip().splitlines()[-1]
+    assert answer.strip() and "<|im_end|>" not in answer
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_interactive_chat_streams_answers_and_keeps_the_conversation(exported) -> None:
+    config, _ = exported
+    result = subprocess.run([sys.executable, "-m", "pipeline", "chat", "-c", str(config), "--gguf", "q8_0",
+                             "--max-tokens", "8"], cwd=ROOT, input="Hello!\nAnd again?\n/exit\n",
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "400"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{STEM}-Q8_0.gguf" in result.stdout and result.stdout.count("model> ") == 2
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_chat_with_an_unknown_gguf_lists_the_available_ones(exported) -> None:
+    config, _ = exported
+    result = cli("chat", "-c", str(config), "-p", "hi", "--gguf", "q5_k_m")
+    assert result.returncode == 2 and f"{STEM}-Q8_0.gguf" in result.stdout and "Traceback" not in result.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_push_dry_run_lists_the_upload_and_writes_the_card(exported) -> None:
+    config, run = exported
+    result = cli("push", "-c", str(config), "--dry-run", "--set", "push.repo_id=me/demo-distilled")
+    assert result.returncode == 0, result.stdout + result.stderr
+    plan = json.loads((run.path / "push" / "upload_plan.json").read_text())
+    in_repo = {f["path_in_repo"] for f in plan["files"]}
+    assert {"config.json", "tokenizer.json", "README.md", f"{STEM}-Q4_K_M.gguf", f"{STEM}-Q8_0.Modelfile"} <= in_repo
+    assert plan["private"] is True
+    for name in (f"{STEM}-Q4_K_M.gguf", "README.md", "dry run"):
+        assert name in result.stdout
+    card = (run.path / "push" / "README.md").read_text()
+    assert card.startswith("---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n")
+    assert "license: apache-2.0" in card and "ollama create" in card and "llama-cli -m" in card
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_push_uploads_through_the_hub_api_without_leaking_the_token(exported, monkeypatch, capsys) -> None:
+    import huggingface_hub
+
+    from exports.hub import push
+    from pipeline.console import console
+
+    config, run = exported
+    calls = []
+
+    class RecordingApi:
+        def __init__(self, token=None):
+            calls.append(("init", token))
+
+        def create_repo(self, **kwargs):
+            calls.append(("create_repo", kwargs))
+
+        def create_commit(self, **kwargs):
+            calls.append(("create_commit", kwargs))
+
+    secret = "hf_test_secret_token_123"
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    monkeypatch.setenv("HF_TOKEN", secret)
+    cfg = load_config(config, ["push.repo_id=me/demo-distilled", "push.upload=[gguf]", "push.gguf_types=[q4_k_m]"])
+    result = push(cfg, console)
+    assert result["uploaded"]
+    assert calls[0] == ("init", secret)
+    assert calls[1] == ("create_repo", {"repo_id": "me/demo-distilled", "repo_type": "model", "private": True,
+                                        "exist_ok": True})
+    commit = calls[2][1]
+    assert commit["repo_id"] == "me/demo-distilled"
+    assert sorted(op.path_in_repo for op in commit["operations"]) == [
+        "README.md", f"{STEM}-Q4_K_M.Modelfile", f"{STEM}-Q4_K_M.gguf"]
+    written = "".join(p.read_text() for p in (run.path / "push").iterdir())
+    assert secret not in written and secret not in capsys.readouterr().out
+    assert secret not in (run.path / "config.yaml").read_text()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_push_without_a_token_lists_the_files_and_exits_2(exported, tmp_path: Path) -> None:
+    config, run = exported
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+    # cwd without a .env file
+    result = cli("push", "-c", str(config), "--set", "push.repo_id=me/x", env=env, cwd=tmp_path)
+    assert result.returncode == 2 and "HF_TOKEN" in result.stdout and "Traceback" not in result.stdout
+    assert f"{STEM}-Q8_0.gguf" in result.stdout and (run.path / "push" / "README.md").is_file()
+
+
+# --- bad input: each one a UserError before anything is written -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tmp_path_factory, demo_model_path: str) -> Path:
+    tmp = tmp_path_factory.mktemp("bad")
+    make_adapter_run(tmp / "runs", demo_model_path)
+    return tmp
+
+
+def test_no_adapter_says_run_finetune_first(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "runs", "demo")
+    run.stage_dir("finetune").mkdir(parents=True)
+    run.update_stage("finetune", {"status": "complete", "fingerprint": "x"})
+    with pytest.raises(UserError, match=r"no LoRA adapter in .*finetune/adapter .*run `distillery finetune`"):
+        run_stage("export", load_config(demo_config(tmp_path)))
+    assert not run.partial_dir("export").exists() and not run.stage_dir("export").exists()
+
+
+def test_unknown_quant_type_exits_2_listing_valid_types(tmp_path: Path) -> None:
+    result = cli("export", "-c", str(demo_config(tmp_path)), "--set", "export.quantizations=[q4_k_m, q9_x]")
+    assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr
+    assert "unknown GGUF quant type 'q9_x'" in result.stdout and "q5_k_m" in result.stdout
+
+
+@pytest.mark.integration
+def test_i_quant_without_imatrix_is_refused(adapter_run: Path) -> None:
+    cfg = load_config(demo_config(adapter_run, quantizations=["iq2_xxs"]))
+    with pytest.raises(UserError, match="iq2_xxs need an importance matrix: set export.imatrix"):
+        run_stage("export", cfg)
+
+
+@pytest.mark.integration
+def test_too_little_free_disk_is_refused_before_writing(adapter_run: Path) -> None:
+    cfg = load_config(demo_config(adapter_run, min_free_disk_gb=10_000_000))
+    with pytest.raises(UserError, match=r"not enough free disk .* needs about [\d.]+ GiB"):
+        run_stage("export", cfg)
+    run = RunDir(adapter_run / "runs", "demo")
+    assert not run.partial_dir("export").exists() and not run.stage_dir("export").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_opt(tmp_path_factory, demo_model_path: str) -> Path:
+    """A tiny OPT model (an architecture llama.cpp's converter does not support) with the demo tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+
+    path = tmp_path_factory.mktemp("opt") / "tiny-opt"
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=49152, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+                       max_position_embeddings=64, word_embed_proj_dim=16)
+    OPTForCausalLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(demo_model_path).save_pretrained(path)
+    return path
+
+
+@pytest.mark.integration
+def test_unsupported_architecture_is_named_before_the_merge(tmp_path: Path, tiny_opt: Path) -> None:
+    make_adapter_run(tmp_path / "runs", str(tiny_opt), target_modules=("q_proj", "v_proj"))
+    with pytest.raises(UserError, match="does not support the architecture OPTForCausalLM"):
+        run_stage("export", load_config(demo_config(tmp_path)))
+    assert not RunDir(tmp_path / "runs", "demo").partial_dir("export").exists()
+
+
+@pytest.mark.integration
+def test_converter_error_for_unsupported_architecture_names_it(tmp_path: Path, tiny_opt: Path) -> None:
+    from exports.gguf import convert_to_gguf
+
+    with pytest.raises(UserError, match="does not support the architecture OPTForCausalLM"):
+        convert_to_gguf(tiny_opt, tmp_path / "x-F16.gguf", "f16", "x")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- interruption --------------------------------------------------------------------------------------------
+
+KILL_SCRIPT = """
+import sys
+from pipeline.config import load_config
+from pipeline.runner import run_stage
+run_stage("export", load_config(sys.argv[1]))
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_killed_export_leaves_no_final_file_and_a_rerun_completes_it(tmp_path: Path, demo_model_path: str) -> None:
+    run = make_adapter_run(tmp_path / "runs", demo_model_path)
+    config = demo_config(tmp_path, **FAST_VERIFY)
+    partial = run.partial_dir("export")
+    # Its own process group, so that the kill also reaches the converter subprocess it starts.
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(config)], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 400
+    # Kill while the converter is writing the first GGUF (its temp file exists, the final name does not).
+    while time.time() < deadline and not list((partial / "gguf").glob(".*.gguf.tmp")):
+        assert proc.poll() is None, "the export ended before it could be interrupted"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not run.stage_dir("export").exists()
+    assert not list(partial.rglob("*.gguf"))  # only the temp file, never a final name
+    assert (partial / "merged" / "config.json").is_file()  # the finished merge is kept for the rerun
+    status, _, _ = run_stage("export", load_config(config))
+    assert status == "done"
+    verify = json.loads((run.stage_dir("export") / "verify.json").read_text())
+    assert verify["passed"] and verify["timings"]["merge"] == {"resumed": True}
+    assert sorted(p.name for p in (run.stage_dir("export") / "gguf").glob("*.gguf")) == [
+        f"{STEM}-Q4_K_M.gguf", f"{STEM}-Q8_0.gguf"]
