@@ -75,3 +75,26 @@ def chat(cfg: DistilleryConfig, console: Any, gguf: str | None, prompt: str | No
             messages.append({"role": "assistant", "content": answer})
     finally:
         llm.close()
+
+
+def held_out_question(cfg: DistilleryConfig) -> tuple[str, str] | None:
+    """The shortest held-out user question of the run (ingest's eval split) and its reference answer."""
+    from pipeline.records import read_jsonl
+
+    path = RunDir(cfg.run.root, cfg.run.name).stage_dir("ingest") / "eval.jsonl"
+    if not path.is_file():
+        return None
+    pairs = [(r["messages"][-2]["content"], r["messages"][-1]["content"]) for r in read_jsonl(path)
+             if len(r["messages"]) >= 2 and r["messages"][-2]["role"] == "user"]
+    return min(pairs, key=lambda qa: len(qa[0])) if pairs else None
+
+
+def answer_held_out(cfg: DistilleryConfig, console: Any, max_tokens: int = 96) -> None:
+    """End of `distillery run`: the fine-tuned GGUF answers one question it never trained on."""
+    qa = held_out_question(cfg)
+    if qa is None:
+        return
+    question, reference = qa
+    console.rule("[bold]one held-out question, answered by the fine-tuned GGUF in llama.cpp")
+    console.print(f"[bold]question:[/] {question}\n[bold]reference answer:[/] {reference}")
+    chat(cfg, console, None, question, None, max_tokens, 0.0)

@@ -48,6 +48,10 @@ def execute(target: str | None, config: Path, sets: list[str] | None, force: boo
             rows.append((name, status, f"{seconds:.1f}s", where, headline))
         console.print(summary_table(f"run {cfg.run.name} ({time.time() - started:.1f}s)", rows,
                                     ("stage", "status", "time", "artifacts", "result")))
+        if target is None and "export" in names:
+            from exports.chat import answer_held_out
+
+            answer_held_out(cfg, console)
     except UserError as err:
         console.print(f"[bold red]error:[/] {err}")
         raise typer.Exit(2) from None
