@@ -34,10 +34,11 @@ def has_gguf_magic(path: Path) -> bool:
 
 class GGUFModel:
     def __init__(self, path: Path, n_ctx: int = 2048, threads: int | None = None):
+        if not has_gguf_magic(path):
+            raise GGUFLoadError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes); "
+                                "re-run `distillery export --force` or remove it")
         from llama_cpp import Llama
 
-        if not has_gguf_magic(path):
-            raise GGUFLoadError(f"{path} is not a GGUF file (no GGUF magic bytes)")
         try:
             self.llm = Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
                              n_threads=threads or max(1, (os.cpu_count() or 2)))
