@@ -31,7 +31,7 @@ class HFModel:
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),
                                                          trust_remote_code=trust_remote_code)
-        except OSError as err:
+        except (OSError, ValueError) as err:
             raise UserError(f"cannot load the model {model_path}: {str(err).splitlines()[0]}. "
                             "Check model.path (a local HF directory or a Hub id).") from None
         if adapter is not None:
