@@ -112,3 +112,67 @@ def test_generative_mode_reports_accuracy_and_no_answer_share(project: Path) -> 
     assert base["n"] == 2 and 0 <= base["acc"] <= 1 and 0 <= base["no_answer"] <= 1
     rows = [json.loads(line) for line in (project / "runs" / "t" / "evaluate" / "per_item.jsonl").read_text().splitlines()]
     assert all("reply" in r and r["no_answer"] == int(r["pred"] is None) for r in rows)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory, demo_model_path: str) -> Path:
+    """A run directory as finetune and export leave it: a PEFT adapter (small random lora_B) on the demo
+    model, the merged 16-bit model, and the bundled Q4_1 GGUF."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.evals.test_gguf_backend import bundled_gguf
+
+    run = tmp_path_factory.mktemp("project") / "runs" / "demo"
+    adapter, export = run / "finetune" / "adapter", run / "export"
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(demo_model_path, dtype=torch.float32),
+                           LoraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.02)
+    model.save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(demo_model_path).save_pretrained(adapter)
+    (run / "finetune" / "summary.json").write_text(json.dumps({"base_model": demo_model_path}))
+    merged = model.merge_and_unload().to(torch.bfloat16)
+    merged.save_pretrained(export / "merged")
+    AutoTokenizer.from_pretrained(demo_model_path).save_pretrained(export / "merged")
+    (export / "gguf").mkdir()
+    (export / "gguf" / "SmolLM2-135M-Instruct-Q4_1.gguf").symlink_to(bundled_gguf())
+    return run
+
+
+@pytest.mark.integration
+def test_every_artifact_of_a_demo_run_is_scored_and_compared(demo_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("llama_cpp")
+    from rich.console import Console
+
+    monkeypatch.chdir(demo_run.parent.parent)
+    sample = Path(__file__).resolve().parents[2] / "configs" / "samples" / "mathqa" / "test.jsonl"
+    config = {"run": {"name": "demo", "root": "runs"},
+              "ingest": {"sources": [{"name": "x", "kind": "hf", "files": "x.jsonl", "format": "messages"}]},
+              "evaluate": {"data": str(sample), "limit": 6, "batch_size": 4}}
+    cfg = load_config_dict(config, demo_run.parent.parent)
+    out = demo_run / ".evaluate.partial"
+    out.mkdir()
+    evaluate.run(StageContext(cfg=cfg, run=RunDir("runs", "demo"), out=out, console=Console(quiet=True)))
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["artifacts"]) == ["base", "adapter", "merged", "SmolLM2-135M-Instruct-Q4_1"]
+    assert results["errors"] == {} and results["n"] == 6
+    lls = {}
+    for line in (out / "per_item.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        lls.setdefault(row["artifact"], []).extend(row["loglikelihoods"])
+    diff = lambda a, b: max(abs(x - y) for x, y in zip(lls[a], lls[b]))  # noqa: E731
+    assert diff("adapter", "base") > 0.01  # the adapter changes the model ...
+    assert diff("adapter", "merged") < 0.2  # ... and merging it (to bf16) keeps that change
+    assert diff("SmolLM2-135M-Instruct-Q4_1", "base") < 1.0
+    table = (out / "comparison.md").read_text()
+    assert all(f"| {name} |" in table for name in results["artifacts"])
+    assert (out / "comparison.png").stat().st_size > 1000
+
+
+def load_config_dict(config: dict, directory: Path):
+    (directory / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    return load_config(directory / "config.yaml")

@@ -1,0 +1,56 @@
+"""GGUF scoring through llama-cpp-python: the bundled SmolLM2 Q4_1 GGUF, and GGUFs that do not load."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from evals.gguf_backend import GGUFLoadError, GGUFModel
+from pipeline.models import BUNDLED
+
+
+def bundled_gguf() -> Path:
+    package, filename = BUNDLED["SmolLM2-135M-Instruct"]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"{package} is not installed (just setup installs it)")
+    return Path(list(spec.submodule_search_locations)[0]) / filename
+
+
+def test_a_file_that_is_not_a_gguf_is_a_load_error(tmp_path: Path) -> None:
+    path = tmp_path / "model-Q8_0.gguf"
+    path.write_bytes(b"PK\x03\x04 something else")
+    with pytest.raises(GGUFLoadError, match="not a GGUF file"):
+        GGUFModel(path)
+
+
+def test_a_truncated_gguf_is_a_load_error(tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    path = tmp_path / "model-Q4_1.gguf"
+    path.write_bytes(bundled_gguf().read_bytes()[:4096])
+    with pytest.raises(GGUFLoadError, match="llama.cpp cannot load"):
+        GGUFModel(path)
+
+
+@pytest.mark.integration
+def test_gguf_scores_follow_the_hf_model_it_was_made_from(demo_model_path: str, shared_file) -> None:
+    """The demo HF model is the bundled Q4_1 GGUF dequantized: same tokens, log-likelihoods close, same ranking."""
+    pytest.importorskip("llama_cpp")
+    from evals import mathqa
+    from evals.hf_backend import HFModel
+    from evals.scoring import build_request
+
+    items = mathqa.load_items(str(shared_file("data/mathqa/test.jsonl")), "test", 8, mathqa.LoadReport())
+    contexts = mathqa.build_contexts(items, 0, [], False)
+    gguf, hf = GGUFModel(bundled_gguf(), threads=2), HFModel(demo_model_path, "float32")
+    g_requests = [build_request(gguf.encode, c, mathqa.continuations(i)) for i, c in zip(items, contexts)]
+    h_requests = [build_request(hf.encode, c, mathqa.continuations(i)) for i, c in zip(items, contexts)]
+    assert g_requests == h_requests  # one tokenizer, read from the GGUF by both
+    g_scores = gguf.loglikelihoods(g_requests, 8)
+    h_scores = hf.loglikelihoods(h_requests, 8)
+    diffs = [abs(a - b) for gs, hs in zip(g_scores, h_scores) for a, b in zip(gs, hs)]
+    assert max(diffs) < 0.5 and sum(diffs) / len(diffs) < 0.15, diffs
+    agree = sum(mathqa.predictions(i, g) == mathqa.predictions(i, h) for i, g, h in zip(items, g_scores, h_scores))
+    assert agree >= len(items) - 2
