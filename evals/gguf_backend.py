@@ -40,7 +40,7 @@ class GGUFModel:
         from llama_cpp import Llama
 
         try:
-            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
+            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_gpu_layers=-1,
                              n_threads=threads or max(1, (os.cpu_count() or 2)))
         except (ValueError, RuntimeError, OSError) as err:
             raise GGUFLoadError(f"llama.cpp cannot load {path}: {str(err).splitlines()[0]}") from None

@@ -26,10 +26,12 @@ class HFModel:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        # On a CUDA machine the model runs there; everything else (and every test here) runs on the CPU.
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
         tokenizer_path = str(adapter) if adapter and (adapter / "tokenizer_config.json").is_file() else model_path
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype), device_map=self.device,
                                                          trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as err:
             raise UserError(f"cannot load the model {model_path}: {str(err).splitlines()[0]}. "
@@ -63,11 +65,11 @@ class HFModel:
         ctx_ids, ctx_mask, ctx_lens = self._pad([r.context for r in requests])
         # 1) the contexts, once: keep the cache and the logits of each context's last token.
         last = torch.tensor(ctx_lens) - 1
+        kept = torch.unique(last)  # only these positions need logits (the lm_head is a large share of the work)
         out = self.model(input_ids=ctx_ids, attention_mask=ctx_mask, use_cache=True,
-                         logits_to_keep=torch.unique(last))
-        kept = torch.unique(last).tolist()
-        first_logprobs = torch.log_softmax(out.logits.float(), dim=-1)[torch.arange(len(requests)),
-                                                                     torch.tensor([kept.index(p) for p in last.tolist()])]
+                         logits_to_keep=kept.to(self.device))
+        column = [kept.tolist().index(p) for p in last.tolist()]
+        first_logprobs = torch.log_softmax(out.logits.float(), dim=-1)[torch.arange(len(requests)), column].cpu()
         n_choices = len(requests[0].continuations)
         conts = [c for r in requests for c in r.continuations]
         scores = [float(first_logprobs[k // n_choices, c[0]]) for k, c in enumerate(conts)]
@@ -78,12 +80,12 @@ class HFModel:
         cache = out.past_key_values
         cache.batch_repeat_interleave(n_choices)
         rest_ids, rest_mask, _ = self._pad(rest, min_len=1)
-        lens = torch.tensor(ctx_lens).repeat_interleave(n_choices)
-        positions = lens[:, None] + torch.arange(rest_ids.shape[1])[None, :]
+        lens = torch.tensor(ctx_lens, device=self.device).repeat_interleave(n_choices)
+        positions = lens[:, None] + torch.arange(rest_ids.shape[1], device=self.device)[None, :]
         mask = torch.cat([ctx_mask.repeat_interleave(n_choices, dim=0), rest_mask], dim=1)
         logits = self.model(input_ids=rest_ids, attention_mask=mask, position_ids=positions,
                             past_key_values=cache, use_cache=True).logits
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
         for k, c in enumerate(conts):
             if len(c) > 1:
                 targets = torch.tensor(c[1:])
@@ -100,7 +102,7 @@ class HFModel:
         for row, seq in enumerate(sequences):
             ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
             mask[row, :len(seq)] = 1
-        return ids, mask, lens
+        return ids.to(self.device), mask.to(self.device), lens
 
     def generate(self, prompts: list[str], max_new_tokens: int, batch_size: int,
                  progress: Callable[[int], None] = lambda n: None) -> list[str]:
@@ -113,7 +115,7 @@ class HFModel:
         with self.torch.inference_mode():
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start:start + batch_size]
-                enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+                enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
                 out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                           pad_token_id=tokenizer.pad_token_id)
                 texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
