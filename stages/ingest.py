@@ -4,7 +4,7 @@ Steps, in order:
 1. read each source through its registered reader (data_sources/), counting what it read and dropped;
 2. cap each source at `max_records` (a seeded sample);
 3. drop records whose content repeats one already kept, across sources (`dedupe`);
-4. split train/eval by a seeded hash of each record id (stable when sources are added);
+4. split train/eval by a seeded hash of each record's input row (stable when sources are added);
 5. apply each source's `weight` to the train split;
 6. write train.jsonl, eval.jsonl, dropped.jsonl (every dropped item with its reason), report.json/.md.
 """
@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from data_sources.files import resolve_paths
 from pipeline.config import DistilleryConfig
 from pipeline.console import summary_table
 from pipeline.errors import UserError
-from pipeline.records import content_key, write_jsonl
+from pipeline.records import write_jsonl
 from pipeline.stage import StageContext, StageResult
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ def read_sources(cfg: DistilleryConfig, console) -> tuple[list[list[dict]], list
                 records.append(record)
                 if len(records) % 2000 == 0:
                     progress.update(task, completed=len(records))
-            report.read = max(report.read, len(records) + sum(report.dropped.values()))
+            if not report.read:  # `read` counts input rows/lines, which a reader may turn into several records
+                report.read = len(records) + sum(report.dropped.values())
             progress.update(task, completed=len(records), total=len(records))
             all_records.append(records)
             reports.append(report)
@@ -92,12 +94,12 @@ def cap(records: list[dict], limit: int | None, seed: int, report: SourceReport)
 
 def dedupe(per_source: list[list[dict]], reports: list[SourceReport]) -> list[list[dict]]:
     """Drop records whose content was already kept (first source, first row wins)."""
-    seen: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
     result = []
     for records, report in zip(per_source, reports):
         kept = []
         for record in records:
-            key = content_key(record["messages"], record.get("choices"), record.get("label"))
+            key = _content(record)
             if key in seen:
                 report.drop("duplicate", {"id": record["id"], "duplicate_of": seen[key], **_where(record)})
             else:
@@ -107,15 +109,38 @@ def dedupe(per_source: list[list[dict]], reports: list[SourceReport]) -> list[li
     return result
 
 
+def _content(record: dict) -> tuple:
+    """What a record says, as a hashable value: equal exactly when records.content_key is, but built without
+    JSON-encoding every record a second time (ingest of 100k-row workbooks, bench/ingest.py)."""
+    choices = record.get("choices")
+    messages = tuple([(m["role"], m["content"]) for m in record["messages"]])  # messages hold only role and content
+    return messages, tuple(choices) if choices is not None else None, record.get("label")
+
+
 def split(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Seeded train/eval split by record id; at least one eval record when there are two or more."""
+    """Seeded train/eval split by input row (see _group); at least one eval group when there are two or more."""
     if fraction <= 0 or len(records) < 2:
         return records, []
-    ranks = {r["id"]: _rank(seed + 1, r["id"]) for r in records}
-    eval_ids = {rid for rid, rank in ranks.items() if rank < fraction}
-    if not eval_ids:
-        eval_ids = {min(ranks, key=ranks.get)}
-    return [r for r in records if r["id"] not in eval_ids], [r for r in records if r["id"] in eval_ids]
+    group_of = {r["id"]: _group(r) for r in records}
+    ranks = {group: _rank(seed + 1, group) for group in set(group_of.values())}
+    eval_groups = {group for group, rank in ranks.items() if rank < fraction}
+    if not eval_groups and len(ranks) > 1:
+        eval_groups = {min(ranks, key=ranks.get)}
+    return ([r for r in records if group_of[r["id"]] not in eval_groups],
+            [r for r in records if group_of[r["id"]] in eval_groups])
+
+
+def _group(record: dict) -> str:
+    """The input row a record came from: the records of one row (both translation directions, the output- and
+    input-prediction prompts of one CodeI/O record) land in the same split, so eval never holds the mirror
+    image of a train example. Records without a location fall back to their id. The file counts by name only,
+    so moving the data keeps the split."""
+    where = _where(record)
+    if not where:
+        return record["id"]
+    if "file" in where:
+        where["file"] = os.path.basename(where["file"])
+    return "\0".join([record["source"], *map(str, where.values())])
 
 
 def apply_weight(records: list[dict], weight: float, seed: int) -> list[dict]:

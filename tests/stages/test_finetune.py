@@ -1,0 +1,348 @@
+"""Finetune: hardware choices, bad input, checkpoint bookkeeping, the multiple-choice loss (unit); both backends,
+the multiple-choice objective, accelerate launch and kill -9 / resume on the real demo model (integration)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.errors import UserError
+from stages.finetune import (
+    check_completions_fit,
+    choose_4bit,
+    choose_optimizer,
+    choose_precision,
+    load_format_outputs,
+    locate_model,
+    render_samples,
+)
+from stages.finetune_callbacks import COMPLETE, last_complete_checkpoint, prune_checkpoints, trim_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# ---- unit ------------------------------------------------------------------------------------------------------
+
+
+def test_4bit_auto_follows_cuda_and_insisting_without_cuda_fails() -> None:
+    assert choose_4bit("auto", cuda=True) is True
+    assert choose_4bit("auto", cuda=False) is False
+    assert choose_4bit(False, cuda=True) is False
+    with pytest.raises(UserError, match="load_in_4bit: true needs a CUDA GPU"):
+        choose_4bit(True, cuda=False)
+
+
+def test_precision_auto_from_hardware() -> None:
+    assert choose_precision("auto", cuda=True, bf16_ok=True) == "bf16"
+    assert choose_precision("auto", cuda=True, bf16_ok=False) == "fp16"
+    assert choose_precision("auto", cuda=False, bf16_ok=False) == "fp32"
+    assert choose_precision("auto", cuda=False, bf16_ok=True) == "bf16"
+    with pytest.raises(UserError, match="fp16 training needs a CUDA GPU"):
+        choose_precision("fp16", cuda=False, bf16_ok=False)
+    with pytest.raises(UserError, match="bf16 is not supported by this GPU"):
+        choose_precision("bf16", cuda=True, bf16_ok=False)
+
+
+def test_8bit_optimizers_fall_back_on_cpu_only() -> None:
+    assert choose_optimizer("paged_adamw_8bit", cuda=False) == "adamw_torch"
+    assert choose_optimizer("paged_adamw_8bit", cuda=True) == "paged_adamw_8bit"
+    assert choose_optimizer("adamw_torch", cuda=False) == "adamw_torch"
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer():
+    """One token per whitespace-separated word (built in code)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "<unk> </s> Q: A: what is two plus two four long".split()
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+
+
+def test_max_length_shorter_than_prompts_counts_the_examples_that_lose_everything(word_tokenizer) -> None:
+    rows = [{"id": "short", "prompt": "Q: two plus two A: ", "completion": "four </s>"},
+            {"id": "long1", "prompt": "Q: " + "long " * 10 + "A: ", "completion": "four </s>"},
+            {"id": "long2", "prompt": "Q: " + "long " * 12 + "A: ", "completion": "four </s>"}]
+    check_completions_fit(rows, word_tokenizer, max_length=20)  # every prompt fits: no error
+    with pytest.raises(UserError, match=r"2 of 3 training examples would lose their whole completion \(e.g. id long1\)"):
+        check_completions_fit(rows, word_tokenizer, max_length=8)
+
+
+def test_a_prompt_that_leaves_exactly_one_completion_token_is_accepted(word_tokenizer) -> None:
+    rows = [{"id": "a", "prompt": "Q: two plus two A:", "completion": " four </s>"}]  # 5 prompt tokens
+    check_completions_fit(rows, word_tokenizer, max_length=6)
+    with pytest.raises(UserError, match="1 of 1"):
+        check_completions_fit(rows, word_tokenizer, max_length=5)
+
+
+def write_format_dir(directory: Path, train: list[dict]) -> Path:
+    directory.mkdir(parents=True)
+    (directory / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train), encoding="utf-8")
+    (directory / "chat_template.jinja").write_text("{{ messages }}", encoding="utf-8")
+    (directory / "template.json").write_text(json.dumps({"name": "qa", "eos_token": "</s>"}), encoding="utf-8")
+    return directory
+
+
+def test_empty_training_set_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="has no training examples"):
+        load_format_outputs(write_format_dir(tmp_path / "format", []))
+
+
+def test_missing_model_path_is_refused_fast(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist locally"):
+        locate_model(str(tmp_path / "no-such-model"))
+
+
+def test_hub_id_without_network_is_refused_fast(tmp_path: Path, monkeypatch) -> None:
+    import huggingface_hub.constants as hub
+
+    # A real request to an address where nothing listens: what a machine without network sees, but fast.
+    monkeypatch.setattr(hub, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    started = time.time()
+    with pytest.raises(UserError, match="is a Hub id, and the Hub cannot be reached"):
+        locate_model("someone/some-model", timeout_s=5)
+    assert time.time() - started < 20
+
+
+def test_target_module_the_model_lacks_lists_its_linear_layers(tmp_path: Path) -> None:
+    from transformers import LlamaConfig
+
+    from stages.finetune import check_target_modules
+
+    LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2, vocab_size=32).save_pretrained(tmp_path)
+    check_target_modules(str(tmp_path), ["q_proj", "down_proj"])
+    with pytest.raises(UserError, match=r"query_key_value not in .*Its linear layers are: down_proj, gate_proj, "
+                                        r"k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"):
+        check_target_modules(str(tmp_path), ["q_proj", "query_key_value"])
+
+
+def make_checkpoint(directory: Path, step: int, complete: bool) -> Path:
+    path = directory / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "adapter_model.safetensors").write_bytes(b"x")
+    if complete:
+        (path / COMPLETE).write_text("{}")
+    return path
+
+
+def test_resume_uses_the_newest_complete_checkpoint_and_drops_a_torn_one(tmp_path: Path) -> None:
+    make_checkpoint(tmp_path, 2, True)
+    make_checkpoint(tmp_path, 4, True)
+    make_checkpoint(tmp_path, 6, False)  # the kill came during this save
+    (tmp_path / ".trash-checkpoint-0-1").mkdir()
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert last_complete_checkpoint(tmp_path / "absent") is None
+
+
+def test_pruning_keeps_the_newest_complete_checkpoints(tmp_path: Path) -> None:
+    for step in (1, 2, 3):
+        make_checkpoint(tmp_path, step, True)
+    prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_metrics_are_cut_back_to_the_resumed_step(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.2}\n{"step": 4, "lo')
+    trim_metrics(path, last_step=2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+def test_samples_are_side_by_side() -> None:
+    text = render_samples([{"prompt": "Q: 2+2?", "before": "maybe 5", "after": "4\nsure | yes"}], "Samples")
+    assert "| before tuning | after tuning |" in text
+    assert "| maybe 5 | 4<br>sure \\| yes |" in text
+
+
+def test_multiple_choice_loss_is_cross_entropy_over_option_log_likelihoods() -> None:
+    import torch
+
+    from stages.finetune_trainers import multiple_choice_loss, option_log_likelihoods
+
+    # Two options of one example, vocab 3, sequences [0, 1] and [0, 2]; only the last token is the option.
+    logits = torch.log(torch.tensor([[[0.2, 0.7, 0.1], [1, 1, 1]], [[0.2, 0.7, 0.1], [1, 1, 1]]]))
+    ids = torch.tensor([[0, 1], [0, 2]])
+    mask = torch.tensor([[0, 1], [0, 1]])
+    scores = option_log_likelihoods(logits, ids, mask)
+    assert torch.allclose(scores, torch.log(torch.tensor([0.7, 0.1])))
+    loss = multiple_choice_loss(scores, torch.tensor([0]), num_options=2)
+    assert loss.item() == pytest.approx(-torch.log(torch.tensor(0.7 / 0.8)).item(), rel=1e-5)
+
+
+def test_multiple_choice_collator_masks_only_the_option_tokens(word_tokenizer) -> None:
+    from stages.finetune_trainers import MultipleChoiceCollator
+
+    batch = MultipleChoiceCollator(word_tokenizer, max_length=16)(
+        [{"prompt": "Q: two plus two A:", "choices": [" four", " two plus two"], "label": 0}])
+    assert batch["input_ids"].shape == (2, 8)
+    assert batch["option_mask"].tolist() == [[0, 0, 0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 1, 1, 1]]
+    assert batch["attention_mask"].sum(-1).tolist() == [6, 8]
+    assert batch["labels"].tolist() == [0]
+
+
+# ---- integration: the real demo model through the real stage ----------------------------------------------------
+
+
+def toy_rows(n: int) -> list[dict]:
+    """Arithmetic in one fixed phrasing: a 135M model learns the pattern within a few steps."""
+    rows = []
+    for i in range(n):
+        a, b = 3 + i % 17, 5 + (i * 7) % 23
+        rows.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                                  {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]})
+    return rows
+
+
+def mathqa_rows(n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        a, b = 2 + i, 3 + 2 * i
+        options = [a + b, a * b, a + b + 1, abs(a - b), a + 2 * b]
+        rows.append({"Problem": f"what is {a} plus {b} ?", "Rationale": f"{a} + {b} = {a + b}",
+                     "options": " , ".join(f"{'abcde'[k]} ) {v}" for k, v in enumerate(options)), "correct": "a"})
+    return rows
+
+
+def write_project(tmp_path: Path, finetune: dict, mathqa: bool = False, rows: int = 24) -> Path:
+    data = tmp_path / "data.jsonl"
+    items = mathqa_rows(rows) if mathqa else toy_rows(rows)
+    data.write_text("".join(json.dumps(r) + "\n" for r in items), encoding="utf-8")
+    config = {
+        "run": {"name": "t", "root": str(tmp_path / "runs"), "seed": 42},
+        "model": {"path": "bundled:SmolLM2-135M-Instruct"},
+        "ingest": {"eval_fraction": 0.15, "sources": [
+            {"name": "toy", "kind": "hf", "files": str(data), "format": "mathqa" if mathqa else "messages"}]},
+        "format": {"template": "chat", "max_length": 256},
+        "finetune": {"max_steps": 4, "batch_size": 2, "save_steps": 4, "sample_prompts": 1,
+                     "sample_max_new_tokens": 8, "lora": {"r": 8, "alpha": 16}, **finetune},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def cli(config: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m pipeline finetune` in a fresh process (Unsloth patches TRL when imported: keep runs apart)."""
+    return subprocess.run([sys.executable, "-m", "pipeline", "finetune", "-c", str(config), *extra], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "COLUMNS": "200"})
+
+
+def stage_dir(tmp_path: Path) -> Path:
+    return tmp_path / "runs" / "t" / "finetune"
+
+
+def assert_contract(out: Path, backend: str, demo_model_path: str) -> dict:
+    """The finetune -> export contract: adapter + tokenizer with format's template and EOS, reports."""
+    from safetensors.torch import load_file
+
+    fmt = out.parent / "format"
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.jsonl", "loss.png",
+                 "samples.md", "summary.json"):
+        assert (out / name).is_file(), name
+    assert not (out / "checkpoints").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["backend"] == backend and summary["base_model"] == demo_model_path
+    assert summary["model_path"] == "bundled:SmolLM2-135M-Instruct" and summary["load_in_4bit"] is False
+    assert summary["steps"] == summary["max_steps"]
+    assert summary["tokens_per_s"] > 0 and summary["peak_memory_mb"] > 100
+    adapter = json.loads((out / "adapter/adapter_config.json").read_text())
+    assert adapter["r"] == 8 and adapter["lora_alpha"] == 16
+    weights = load_file(str(out / "adapter/adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())  # trained away from zero-init
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out / "adapter")
+    assert tokenizer.chat_template == (fmt / "chat_template.jinja").read_text(encoding="utf-8")
+    assert tokenizer.eos_token == json.loads((fmt / "template.json").read_text())["eos_token"]
+    assert "| before tuning | after tuning |" in (out / "samples.md").read_text()
+    return summary
+
+
+@pytest.mark.integration
+def test_unsloth_backend_trains_and_writes_the_contract(tmp_path: Path, demo_model_path: str) -> None:
+    done = cli(write_project(tmp_path, {"backend": "unsloth"}))
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = assert_contract(stage_dir(tmp_path), "unsloth", demo_model_path)
+    rows = [json.loads(line) for line in (stage_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["loss"] > 0 and r["lr"] is not None and r["tokens_per_s"] > 0 for r in rows)
+    assert summary["first_loss"] == rows[0]["loss"] and summary["last_loss"] == rows[-1]["loss"]
+    again = cli(write_project(tmp_path, {"backend": "unsloth"}))
+    assert again.returncode == 0 and "up to date" in again.stdout
+
+
+@pytest.mark.integration
+def test_hf_backend_trains_and_writes_the_contract(tmp_path: Path, demo_model_path: str) -> None:
+    done = cli(write_project(tmp_path, {"backend": "hf"}))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Unsloth" not in done.stdout + done.stderr  # the baseline really runs without Unsloth
+    assert_contract(stage_dir(tmp_path), "hf", demo_model_path)
+
+
+@pytest.mark.integration
+def test_multiple_choice_objective_lowers_its_loss(tmp_path: Path) -> None:
+    # Four examples, batch 4: every step sees the same batch, so the loss must fall.
+    config = write_project(tmp_path, {"backend": "hf", "objective": "multiple_choice", "max_steps": 6,
+                                      "batch_size": 4, "learning_rate": 1e-3, "save_steps": 6}, mathqa=True, rows=4)
+    done = cli(config, "--set", "ingest.eval_fraction=0")
+    assert done.returncode == 0, done.stdout + done.stderr
+    losses = [json.loads(line)["loss"] for line in (stage_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 6 and losses[-1] < losses[0] * 0.7, losses
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("override, message", [
+    ("finetune.load_in_4bit=true", "load_in_4bit: true needs a CUDA GPU"),
+    ("finetune.lora.target_modules=[q_proj,c_attn]", "c_attn not in .* Its linear layers are: down_proj, gate_proj"),
+    ("format.max_length=20", r"format.max_length 20 is shorter than the prompts: \d+ of \d+ training examples"),
+])
+def test_bad_settings_stop_with_one_message_and_exit_2(tmp_path: Path, override: str, message: str) -> None:
+    done = cli(write_project(tmp_path, {}), "--set", override, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    import re
+
+    assert re.search(message, " ".join(done.stdout.split())), done.stdout
+    assert not stage_dir(tmp_path).exists()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path: Path) -> None:
+    config = write_project(tmp_path, {"backend": "unsloth", "max_steps": 8, "save_steps": 2, "sample_prompts": 0},
+                           rows=32)
+    partial = tmp_path / "runs" / "t" / ".finetune.partial"
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "finetune", "-c", str(config)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (partial / "checkpoints" / "checkpoint-4" / COMPLETE).is_file():
+            assert process.poll() is None and time.time() < deadline, "no checkpoint-4 before the deadline"
+            time.sleep(0.2)
+        time.sleep(0.5)  # into step 5
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    done = cli(config)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = " ".join(done.stdout.split())
+    resumed = int(out.split("resuming from checkpoint-")[1].split()[0])
+    assert resumed >= 4
+    summary = json.loads((stage_dir(tmp_path) / "summary.json").read_text())
+    assert summary["resumed_from_step"] == resumed and summary["steps"] == 8
+    steps = [json.loads(line)["step"] for line in (stage_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))  # each step once, before and after the kill
