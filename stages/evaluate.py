@@ -186,7 +186,10 @@ def run(ctx: StageContext) -> StageResult:
     for skipped in loaded.skipped:
         ctx.console.print(f"[yellow]skipped MathQA item {skipped['id']}[/]: {skipped['reason']}")
     artifacts = find_artifacts(ctx)
-    prompts = chat_prompts(ctx, items, str(artifacts[0].path)) if ev.mode == "generative" else contexts
+    if ev.mode == "generative":
+        prompts = chat_prompts(ctx, items, resolve_model_path(ctx.cfg.model.path))
+    else:
+        prompts = contexts
     results: dict[str, Any] = {"task": "mathqa", "mode": ev.mode, "data": ev.data, "split": ev.split,
                                "n": len(items), "num_fewshot": ev.num_fewshot, "dtype": ev.dtype,
                                "skipped_items": loaded.skipped, "artifacts": {}, "errors": {}}
