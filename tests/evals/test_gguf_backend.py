@@ -35,11 +35,15 @@ def test_a_truncated_gguf_is_a_load_error(tmp_path: Path) -> None:
 
 
 def fresh_eval(model: GGUFModel, context: tuple[int, ...], continuation: tuple[int, ...]) -> float:
-    """The continuation's log-likelihood from one uncached llama.cpp pass over context + continuation."""
+    """The continuation's log-likelihood from a fresh cache: the context, then the continuation, no rewinding.
+
+    (Decoded in the same two steps as the scorer: llama.cpp's CPU kernels round differently for large and small
+    batches, so one pass over everything differs by up to a few tenths on long continuations.)"""
     from evals.gguf_backend import log_softmax_at
 
     model.llm.reset()
-    model.llm.eval(list(context) + list(continuation))
+    model.llm.eval(list(context))
+    model.llm.eval(list(continuation[:-1]))
     start = len(context) - 1
     return sum(log_softmax_at(model.llm.scores[start + i], t) for i, t in enumerate(continuation))
 
@@ -53,16 +57,16 @@ def test_gguf_scores_follow_the_hf_model_it_was_made_from(demo_model_path: str, 
     from evals.hf_backend import HFModel
     from evals.scoring import build_request
 
-    items = mathqa.load_items(str(shared_file("data/mathqa/test.jsonl")), "test", 8, mathqa.LoadReport())
+    items = mathqa.load_items(str(shared_file("data/mathqa/test.jsonl")), "test", 6, mathqa.LoadReport())
     contexts = mathqa.build_contexts(items, 0, [], False)
     gguf, hf = GGUFModel(bundled_gguf(), threads=2), HFModel(demo_model_path, "float32")
     g_requests = [build_request(gguf.encode, c, mathqa.continuations(i)) for i, c in zip(items, contexts)]
     h_requests = [build_request(hf.encode, c, mathqa.continuations(i)) for i, c in zip(items, contexts)]
     assert g_requests == h_requests  # one tokenizer, read from the GGUF by both
     g_scores = gguf.loglikelihoods(g_requests, 8)
-    for request, scores in list(zip(g_requests, g_scores))[:3]:
+    for request, scores in list(zip(g_requests, g_scores))[:2]:
         fresh = [fresh_eval(gguf, request.context, c) for c in request.continuations]
-        assert scores == pytest.approx(fresh, abs=2e-3)
+        assert scores == pytest.approx(fresh, abs=1e-4)  # rewinding the cache leaves nothing of the previous choice
     h_scores = hf.loglikelihoods(h_requests, 8)
     diffs = [abs(a - b) for gs, hs in zip(g_scores, h_scores) for a, b in zip(gs, hs)]
     assert max(diffs) < 1.0 and sum(diffs) / len(diffs) < 0.3, diffs
