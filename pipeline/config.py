@@ -231,6 +231,21 @@ class ExportConfig(Section):
 
 class EvaluateConfig(Section):
     enabled: bool = Field(True, description="Score MathQA in `distillery run`.")
+    data: str = Field("regisss/math_qa", description="MathQA: a local jsonl/json/csv/parquet file or a Hub dataset id.")
+    split: str = Field("test", description="Split of a Hub dataset to score.")
+    limit: int | None = Field(None, ge=1, description="Score only the first N items (all when unset).")
+    num_fewshot: int = Field(0, ge=0, description="Solved examples before each question (lm-eval's sampler, seed 1234).")
+    fewshot_data: str | None = Field(None, description="Where few-shot examples come from: a local file or Hub id; "
+                                     "default: `data` (its fewshot_split for a Hub id).")
+    fewshot_split: str = Field("train", description="Split of a Hub dataset the few-shot examples come from.")
+    batch_size: int = Field(8, ge=1, description="Items per forward pass (each item's 5 choices share its context).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights of the HF artifacts.")
+    artifacts: Literal["auto"] | list[Literal["base", "adapter", "merged", "gguf"]] = Field(
+        "auto", description="What to score: auto = every artifact the run has; or a list of base, adapter, merged, gguf.")
+    mode: Literal["loglikelihood", "generative"] = Field(
+        "loglikelihood", description="loglikelihood (lm-eval's scoring) or generative (<think> reasoning, then a letter).")
+    max_new_tokens: int = Field(512, ge=1, description="Generative mode: the most tokens a reply may have.")
+    gguf_threads: int | None = Field(None, ge=1, description="llama.cpp threads (default: all cores).")
 
 
 class PushConfig(Section):

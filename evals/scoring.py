@@ -1,0 +1,50 @@
+"""Tokenizing (context, continuation) pairs the way lm-evaluation-harness does, for any tokenizer.
+
+The harness (HFLM/TemplateLM._encode_pair): trailing spaces of the context move to the continuation; the
+whole string is encoded, the context alone is encoded, and the continuation is whatever of the whole follows
+the context's token count. The model then reads context tokens + continuation tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+Encode = Callable[[str], list[int]]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One item's shared context tokens and its choices' continuation tokens."""
+
+    context: tuple[int, ...]
+    continuations: tuple[tuple[int, ...], ...]
+
+
+def encode_pair(encode: Encode, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context tokens, continuation tokens) exactly as the harness splits them."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = encode(context + continuation)
+    context_tokens = encode(context)
+    return context_tokens, whole[len(context_tokens):]
+
+
+def build_request(encode: Encode, context: str, continuations: Sequence[str]) -> Request:
+    """The harness's token split for each choice; the context tokens are the same for all of them."""
+    pairs = [encode_pair(encode, context, c) for c in continuations]
+    context_tokens = pairs[0][0]
+    if any(p[0] != context_tokens for p in pairs) or any(not p[1] for p in pairs):
+        raise ValueError("continuations do not share one context tokenization")  # cannot happen for MathQA
+    return Request(tuple(context_tokens), tuple(tuple(p[1]) for p in pairs))
+
+
+def batches(order: list[int], size: int) -> list[list[int]]:
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def longest_first(requests: list[Request]) -> list[int]:
+    """Request indices by total length, longest first, so that a batch pads little (and memory peaks at once)."""
+    return sorted(range(len(requests)),
+                  key=lambda i: -(len(requests[i].context) + max(map(len, requests[i].continuations))))

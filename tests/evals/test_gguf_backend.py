@@ -1,0 +1,74 @@
+"""GGUF scoring through llama-cpp-python: the bundled SmolLM2 Q4_1 GGUF, and GGUFs that do not load."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from evals.gguf_backend import GGUFLoadError, GGUFModel
+from pipeline.models import BUNDLED
+
+
+def bundled_gguf() -> Path:
+    package, filename = BUNDLED["SmolLM2-135M-Instruct"]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"{package} is not installed (just setup installs it)")
+    return Path(list(spec.submodule_search_locations)[0]) / filename
+
+
+def test_a_file_that_is_not_a_gguf_is_a_load_error(tmp_path: Path) -> None:
+    path = tmp_path / "model-Q8_0.gguf"
+    path.write_bytes(b"PK\x03\x04 something else")
+    with pytest.raises(GGUFLoadError, match="not a GGUF file"):
+        GGUFModel(path)
+
+
+def test_a_truncated_gguf_is_a_load_error(tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    path = tmp_path / "model-Q4_1.gguf"
+    path.write_bytes(bundled_gguf().read_bytes()[:4096])
+    with pytest.raises(GGUFLoadError, match="llama.cpp cannot load"):
+        GGUFModel(path)
+
+
+def fresh_eval(model: GGUFModel, context: tuple[int, ...], continuation: tuple[int, ...]) -> float:
+    """The continuation's log-likelihood from a fresh cache: the context, then the continuation, no rewinding.
+
+    (Decoded in the same two steps as the scorer: llama.cpp's CPU kernels round differently for large and small
+    batches, so one pass over everything differs by up to a few tenths on long continuations.)"""
+    from evals.gguf_backend import log_softmax_at
+
+    model.llm.reset()
+    model.llm.eval(list(context))
+    model.llm.eval(list(continuation[:-1]))
+    start = len(context) - 1
+    return sum(log_softmax_at(model.llm.scores[start + i], t) for i, t in enumerate(continuation))
+
+
+@pytest.mark.integration
+def test_gguf_scores_follow_the_hf_model_it_was_made_from(demo_model_path: str, shared_file) -> None:
+    """Rewinding the KV cache per choice equals a fresh pass; the demo HF model is this GGUF dequantized, so the
+    tokens are the same and the log-likelihoods close (Q4_1 weights and llama.cpp's 8-bit activations vs fp32)."""
+    pytest.importorskip("llama_cpp")
+    from evals import mathqa
+    from evals.hf_backend import HFModel
+    from evals.scoring import build_request
+
+    items = mathqa.load_items(str(shared_file("data/mathqa/test.jsonl")), "test", 6, mathqa.LoadReport())
+    contexts = mathqa.build_contexts(items, 0, [], False)
+    gguf, hf = GGUFModel(bundled_gguf(), threads=2), HFModel(demo_model_path, "float32")
+    g_requests = [build_request(gguf.encode, c, mathqa.continuations(i)) for i, c in zip(items, contexts)]
+    h_requests = [build_request(hf.encode, c, mathqa.continuations(i)) for i, c in zip(items, contexts)]
+    assert g_requests == h_requests  # one tokenizer, read from the GGUF by both
+    g_scores = gguf.loglikelihoods(g_requests, 8)
+    for request, scores in list(zip(g_requests, g_scores))[:2]:
+        fresh = [fresh_eval(gguf, request.context, c) for c in request.continuations]
+        assert scores == pytest.approx(fresh, abs=1e-4)  # rewinding the cache leaves nothing of the previous choice
+    h_scores = hf.loglikelihoods(h_requests, 8)
+    diffs = [abs(a - b) for gs, hs in zip(g_scores, h_scores) for a, b in zip(gs, hs)]
+    assert max(diffs) < 1.0 and sum(diffs) / len(diffs) < 0.3, diffs
+    agree = sum(mathqa.predictions(i, g) == mathqa.predictions(i, h) for i, g, h in zip(items, g_scores, h_scores))
+    assert agree >= len(items) // 2, agree

@@ -1,0 +1,116 @@
+"""MathQA data and metrics as lm-evaluation-harness 0.4.13 defines them, on rows the tests write."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+from pathlib import Path
+
+import pytest
+
+from evals import mathqa
+from evals.scoring import build_request, encode_pair
+from pipeline.errors import UserError
+
+ROW = {"Problem": "what is 1 + 1 ?", "options": "a ) 1 , b ) 2 , c ) 3 , d ) 4 , e ) none of these", "correct": "b"}
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_parse_item_splits_options_like_the_harness() -> None:
+    item = mathqa.parse_item(ROW, "x:1")
+    assert item.choices == ("1", "2", "3", "4", "none of these")
+    assert item.label == 1
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"options": "1, 2, 3"}, "options not parseable"),
+    ({"correct": "f"}, "not one of a-e"),
+    ({"Problem": " "}, "empty Problem"),
+])
+def test_unscoreable_rows_are_rejected_with_the_reason(change: dict, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        mathqa.parse_item({**ROW, **change}, "x:1")
+
+
+def test_load_items_skips_and_reports_bad_rows_by_line(tmp_path: Path) -> None:
+    path = write_rows(tmp_path / "test.jsonl", [ROW, {**ROW, "options": "garbled"}, ROW, ROW])
+    report = mathqa.LoadReport()
+    items = mathqa.load_items(str(path), "test", 2, report)
+    assert [i.id for i in items] == ["test.jsonl:1", "test.jsonl:3"]
+    assert report.skipped == [{"id": "test.jsonl:2", "reason": "options not parseable into 5 choices: 'garbled'"}]
+
+
+def test_missing_file_and_empty_data_are_user_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        mathqa.load_items(str(tmp_path / "nope.jsonl"), "test", None, mathqa.LoadReport())
+    path = write_rows(tmp_path / "bad.jsonl", [{"question": "no mathqa columns"}])
+    with pytest.raises(UserError, match="no scoreable MathQA item"):
+        mathqa.load_items(str(path), "test", None, mathqa.LoadReport())
+
+
+def items(n: int) -> list[mathqa.Item]:
+    return [mathqa.Item(f"t:{i}", f"problem {i}", ("1", "22", "333", "4", "5"), i % 5) for i in range(n)]
+
+
+def test_zero_shot_context_and_continuations() -> None:
+    item = items(1)[0]
+    assert mathqa.build_contexts([item], 0, [], False) == ["Question: problem 0\nAnswer:"]
+    assert mathqa.continuations(item) == [" 1", " 22", " 333", " 4", " 5"]
+
+
+def test_few_shot_draws_like_the_harness_sampler() -> None:
+    """One Random(1234) drawing k examples per item in order; examples end with the right answer and a blank line."""
+    pool, targets = items(10), items(3)
+    contexts = mathqa.build_contexts(targets, 2, pool, same_split=False)
+    rnd = random.Random(1234)
+    for target, context in zip(targets, contexts):
+        shots = rnd.sample(pool, 2)
+        expected = "".join(f"Question: {s.problem}\nAnswer: {s.choices[s.label]}\n\n" for s in shots)
+        assert context == expected + f"Question: {target.problem}\nAnswer:"
+
+
+def test_few_shot_from_the_scored_split_never_shows_the_item_itself() -> None:
+    pool = items(4)
+    for item, context in zip(pool, mathqa.build_contexts(pool, 3, pool, same_split=True)):
+        assert context.count(f"Question: {item.problem}\n") == 1 and context.endswith(f"{item.problem}\nAnswer:")
+
+
+def test_predictions_acc_norm_divides_by_characters_and_ties_go_first() -> None:
+    item = items(1)[0]  # choice lengths 1, 2, 3, 1, 1
+    assert mathqa.predictions(item, [-3.0, -4.0, -4.5, -9.0, -3.0]) == (0, 2)
+
+
+def test_stderr_is_the_sample_standard_error() -> None:
+    values = [1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    assert mathqa.mean_stderr(values) == pytest.approx(statistics.stdev(values) / math.sqrt(len(values)))
+    assert mathqa.mean_stderr([1.0]) is None
+    result = mathqa.aggregate([{"acc": 1, "acc_norm": 0}, {"acc": 0, "acc_norm": 0}])
+    assert result["acc"] == 0.5 and result["acc_norm"] == 0.0 and result["acc_stderr"] == pytest.approx(0.5)
+
+
+def char_encode(text: str) -> list[int]:
+    """A tokenizer that merges ' x' into one token, like BPE merges a space into the next word."""
+    tokens, i = [], 0
+    while i < len(text):
+        if text[i] == " " and i + 1 < len(text):
+            tokens.append(1000 + ord(text[i + 1]))
+            i += 2
+        else:
+            tokens.append(ord(text[i]))
+            i += 1
+    return tokens
+
+
+def test_encode_pair_moves_trailing_spaces_and_splits_the_whole_encoding() -> None:
+    context, continuation = encode_pair(char_encode, "Answer: ", "5")
+    assert context == char_encode("Answer:")
+    assert continuation == [1000 + ord("5")]  # " 5" is one token: encoded together, not separately
+    request = build_request(char_encode, "Q:", [" 12", " 3"])
+    assert request.context == tuple(char_encode("Q:"))
+    assert request.continuations == ((1000 + ord("1"), ord("2")), (1000 + ord("3"),))

@@ -1,0 +1,178 @@
+"""The evaluate stage: artifacts found or reported, outputs written, bad input explained (tiny model, no download)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import load_config
+from pipeline.errors import UserError
+from pipeline.rundir import RunDir
+from pipeline.runner import run_stage
+from pipeline.stage import StageContext
+from stages import evaluate
+from tests.fixtures.tiny_lm import build_tiny_lm
+
+ROW = {"Problem": "what is {i} + 1 ?", "options": "a ) 1 , b ) 2 , c ) 33 , d ) 4 , e ) none of these", "correct": "b"}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_lm(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_dir: Path) -> Path:
+    monkeypatch.chdir(tmp_path)
+    rows = [{**ROW, "Problem": ROW["Problem"].format(i=i)} for i in range(6)]
+    rows[2]["options"] = "1 or 2"  # cannot be split into five choices
+    (tmp_path / "mathqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "q"},
+                                                                 {"role": "assistant", "content": "a"}]}) + "\n")
+    config = {"run": {"name": "t", "root": "runs"}, "model": {"path": str(tiny_dir)},
+              "ingest": {"sources": [{"name": "toy", "kind": "hf", "files": "sft.jsonl", "format": "messages"}]},
+              "export": {"enabled": False},
+              "evaluate": {"data": "mathqa.jsonl", "artifacts": ["base"], "batch_size": 2}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    return tmp_path
+
+
+def test_base_model_scores_and_outputs(project: Path) -> None:
+    cfg = load_config("config.yaml")
+    status, result, _ = run_stage("evaluate", cfg)
+    assert status == "done"
+    out = project / "runs" / "t" / "evaluate"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "comparison.json", "comparison.md", "comparison.png", "per_item.jsonl", "results.json"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["n"] == 5 and list(results["artifacts"]) == ["base"]
+    assert results["skipped_items"] == [{"id": "mathqa.jsonl:3", "reason": "options not parseable into 5 choices: '1 or 2'"}]
+    rows = [json.loads(line) for line in (out / "per_item.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["mathqa.jsonl:1", "mathqa.jsonl:2", "mathqa.jsonl:4", "mathqa.jsonl:5", "mathqa.jsonl:6"]
+    assert all(len(r["loglikelihoods"]) == 5 and r["label"] == 1 for r in rows)
+    base = results["artifacts"]["base"]
+    assert base["acc"] == sum(r["acc"] for r in rows) / 5 and base["acc_stderr"] is not None
+    assert "| base | base |" in (out / "comparison.md").read_text()
+    assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert run_stage("evaluate", cfg)[0] == "up to date"
+
+
+def test_upstream_follows_the_artifacts(project: Path) -> None:
+    cfg = load_config("config.yaml")
+    assert evaluate.upstream(cfg) == ()
+    cfg = load_config("config.yaml", ["evaluate.artifacts=auto"])
+    assert evaluate.upstream(cfg) == ("finetune",)
+    cfg = load_config("config.yaml", ["evaluate.artifacts=auto", "export.enabled=true"])
+    assert evaluate.upstream(cfg) == ("finetune", "export")
+
+
+def context(cfg, project: Path) -> StageContext:
+    from rich.console import Console
+
+    out = project / "out"
+    out.mkdir()
+    return StageContext(cfg=cfg, run=RunDir("runs", "t"), out=out, console=Console(quiet=True))
+
+
+def test_a_gguf_that_does_not_load_is_reported_and_skipped(project: Path) -> None:
+    gguf = project / "runs" / "t" / "export" / "gguf"
+    gguf.mkdir(parents=True)
+    (gguf / "model-Q4_K_M.gguf").write_bytes(b"not a gguf at all")
+    (project / "runs" / "t" / "finetune").mkdir(parents=True)
+    cfg = load_config("config.yaml", ["evaluate.artifacts=auto", "export.enabled=true", "evaluate.limit=2"])
+    result = evaluate.run(context(cfg, project))
+    results = json.loads((project / "out" / "results.json").read_text())
+    assert list(results["artifacts"]) == ["base"]
+    assert "not a GGUF file" in results["errors"]["model-Q4_K_M"]
+    assert ("not scored", "model-Q4_K_M") in result.summary
+    assert "model-Q4_K_M: " in (project / "out" / "comparison.md").read_text()
+
+
+def test_an_artifact_the_run_lacks_is_a_user_error(project: Path) -> None:
+    (project / "runs" / "t" / "finetune").mkdir(parents=True)
+    cfg = load_config("config.yaml", ["evaluate.artifacts=[base, adapter]"])
+    with pytest.raises(UserError, match="no runs/<name>/finetune/adapter"):
+        evaluate.run(context(cfg, project))
+
+
+def test_unknown_model_path_is_a_user_error(project: Path) -> None:
+    cfg = load_config("config.yaml", ["model.path=./no/such/model"])
+    with pytest.raises(UserError, match="does not exist locally"):
+        run_stage("evaluate", cfg)
+
+
+def test_generative_mode_reports_accuracy_and_no_answer_share(project: Path) -> None:
+    cfg = load_config("config.yaml", ["evaluate.mode=generative", "evaluate.max_new_tokens=4", "evaluate.limit=2"])
+    run_stage("evaluate", cfg)
+    results = json.loads((project / "runs" / "t" / "evaluate" / "results.json").read_text())
+    base = results["artifacts"]["base"]
+    assert base["n"] == 2 and 0 <= base["acc"] <= 1 and 0 <= base["no_answer"] <= 1
+    rows = [json.loads(line) for line in (project / "runs" / "t" / "evaluate" / "per_item.jsonl").read_text().splitlines()]
+    assert all("reply" in r and r["no_answer"] == int(r["pred"] is None) for r in rows)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory, demo_model_path: str) -> Path:
+    """A run directory as finetune and export leave it: a PEFT adapter (small random lora_B) on the demo
+    model, the merged 16-bit model, and the bundled Q4_1 GGUF."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.evals.test_gguf_backend import bundled_gguf
+
+    run = tmp_path_factory.mktemp("project") / "runs" / "demo"
+    adapter, export = run / "finetune" / "adapter", run / "export"
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(demo_model_path, dtype=torch.float32),
+                           LoraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.02)
+    model.save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(demo_model_path).save_pretrained(adapter)
+    (run / "finetune" / "summary.json").write_text(json.dumps({"base_model": demo_model_path}))
+    merged = model.merge_and_unload().to(torch.bfloat16)
+    merged.save_pretrained(export / "merged")
+    AutoTokenizer.from_pretrained(demo_model_path).save_pretrained(export / "merged")
+    (export / "gguf").mkdir()
+    (export / "gguf" / "SmolLM2-135M-Instruct-Q4_1.gguf").symlink_to(bundled_gguf())
+    return run
+
+
+@pytest.mark.integration
+def test_every_artifact_of_a_demo_run_is_scored_and_compared(demo_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("llama_cpp")
+    from rich.console import Console
+
+    monkeypatch.chdir(demo_run.parent.parent)
+    sample = Path(__file__).resolve().parents[2] / "configs" / "samples" / "mathqa" / "test.jsonl"
+    config = {"run": {"name": "demo", "root": "runs"},
+              "ingest": {"sources": [{"name": "x", "kind": "hf", "files": "x.jsonl", "format": "messages"}]},
+              "evaluate": {"data": str(sample), "limit": 6, "batch_size": 4}}
+    cfg = load_config_dict(config, demo_run.parent.parent)
+    out = demo_run / ".evaluate.partial"
+    out.mkdir()
+    evaluate.run(StageContext(cfg=cfg, run=RunDir("runs", "demo"), out=out, console=Console(quiet=True)))
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["artifacts"]) == ["base", "adapter", "merged", "SmolLM2-135M-Instruct-Q4_1"]
+    assert results["errors"] == {} and results["n"] == 6
+    lls = {}
+    for line in (out / "per_item.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        lls.setdefault(row["artifact"], []).extend(row["loglikelihoods"])
+    diff = lambda a, b: max(abs(x - y) for x, y in zip(lls[a], lls[b]))  # noqa: E731
+    assert diff("adapter", "base") > 0.01  # the adapter changes the model ...
+    assert diff("adapter", "merged") < 0.2  # ... and merging it (to bf16) keeps that change
+    assert diff("SmolLM2-135M-Instruct-Q4_1", "base") < 1.0
+    table = (out / "comparison.md").read_text()
+    assert all(f"| {name} |" in table for name in results["artifacts"])
+    assert (out / "comparison.png").stat().st_size > 1000
+
+
+def load_config_dict(config: dict, directory: Path):
+    (directory / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    return load_config(directory / "config.yaml")
