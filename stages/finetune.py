@@ -249,6 +249,8 @@ def train(job: Any, ft: FinetuneConfig, ctx: StageContext) -> dict:
         (ctx.out / stale).unlink(missing_ok=True)
     command = training_command(job_path, ft.accelerate_config)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+    if ft.accelerate_config:
+        ctx.console.print(f"finetune: accelerate launch --config_file {ft.accelerate_config}")
     code = subprocess.call(command, env=env)
     if (ctx.out / ERROR).is_file():
         raise UserError((ctx.out / ERROR).read_text(encoding="utf-8"))
