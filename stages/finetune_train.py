@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from rich.console import Console
     try:
-        result = run_job(job, Console(stderr=True))
+        result = run_job(job, Console())
     except UserError as err:
         atomic_write_text(Path(job.out) / ERROR, str(err))
         return 2

@@ -51,6 +51,26 @@ def test_precision_auto_from_hardware() -> None:
         choose_precision("bf16", cuda=True, bf16_ok=False)
 
 
+def test_lora_options_reach_peft() -> None:
+    from pipeline.config import FinetuneConfig
+    from stages.finetune_train import lora_settings
+
+    ft = FinetuneConfig.model_validate({"lora": {"r": 4, "alpha": 8, "dropout": 0.05, "target_modules": ["q_proj"],
+                                                 "use_rslora": True, "use_dora": True}})
+    job = type("Job", (), {"finetune": ft.model_dump(mode="json")})()
+    assert lora_settings(job) == {"r": 4, "lora_alpha": 8, "lora_dropout": 0.05, "target_modules": ["q_proj"],
+                                  "use_rslora": True, "use_dora": True, "bias": "none"}
+
+
+def test_accelerate_needs_the_hf_backend() -> None:
+    from pydantic import ValidationError
+
+    from pipeline.config import FinetuneConfig
+
+    with pytest.raises(ValidationError, match="accelerate_config .* needs backend: hf"):
+        FinetuneConfig(accelerate_config="configs/accelerate/ddp.yaml")
+
+
 def test_8bit_optimizers_fall_back_on_cpu_only() -> None:
     assert choose_optimizer("paged_adamw_8bit", cuda=False) == "adamw_torch"
     assert choose_optimizer("paged_adamw_8bit", cuda=True) == "paged_adamw_8bit"
@@ -279,14 +299,16 @@ def assert_contract(out: Path, backend: str, demo_model_path: str) -> dict:
 
 @pytest.mark.integration
 def test_unsloth_backend_trains_and_writes_the_contract(tmp_path: Path, demo_model_path: str) -> None:
-    done = cli(write_project(tmp_path, {"backend": "unsloth"}))
+    done = cli(write_project(tmp_path, {"backend": "unsloth", "eval_steps": 2}))
     assert done.returncode == 0, done.stdout + done.stderr
     summary = assert_contract(stage_dir(tmp_path), "unsloth", demo_model_path)
     rows = [json.loads(line) for line in (stage_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4]
+    rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r["loss"] > 0 and r["lr"] is not None and r["tokens_per_s"] > 0 for r in rows)
     assert summary["first_loss"] == rows[0]["loss"] and summary["last_loss"] == rows[-1]["loss"]
-    again = cli(write_project(tmp_path, {"backend": "unsloth"}))
+    again = cli(write_project(tmp_path, {"backend": "unsloth", "eval_steps": 2}))
     assert again.returncode == 0 and "up to date" in again.stdout
 
 
@@ -361,6 +383,7 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path: Path) ->
     done = cli(config)
     assert done.returncode == 0, done.stdout + done.stderr
     out = " ".join(done.stdout.split())
+    assert "resuming from checkpoint-" in out, out[-4000:]
     resumed = int(out.split("resuming from checkpoint-")[1].split()[0])
     assert resumed >= 4
     summary = json.loads((stage_dir(tmp_path) / "summary.json").read_text())
