@@ -75,6 +75,6 @@ demo *args: setup
 test *args: setup
     {{py}} -m pytest "$@"
 
-# Run every benchmark (bench/*.py) and print the ratios.
+# Run every benchmark (bench/*.py), print the ratios and write bench/RESULTS.md.
 bench: setup
-    for script in bench/*.py; do {{py}} "$script"; done
+    {{py}} bench/report.py

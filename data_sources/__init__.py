@@ -3,7 +3,7 @@
 Every module is imported here explicitly so that its `@register` runs; the config names the `kind`.
 """
 
-from data_sources import hf  # noqa: F401  (registration)
+from data_sources import codeio, excel, hf  # noqa: F401  (registration)
 from data_sources.registry import PARAMS, READERS, SourceReport, get_reader
 
 __all__ = ["PARAMS", "READERS", "SourceReport", "get_reader"]

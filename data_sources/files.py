@@ -12,6 +12,7 @@ def resolve_paths(spec: str | list[str], suffixes: tuple[str, ...], field: str) 
     """Expand `spec` into a sorted list of files ending in one of `suffixes`.
 
     A directory contributes its matching files (recursively); a glob its matches; a plain path must exist.
+    Excel's lock files (`~$name.xlsx`, left beside a workbook open in Excel) are never read.
     Anything that matches nothing is a UserError naming the config field and the path.
     """
     specs = [spec] if isinstance(spec, str) else list(spec)
@@ -19,7 +20,8 @@ def resolve_paths(spec: str | list[str], suffixes: tuple[str, ...], field: str) 
     for item in specs:
         path = Path(item).expanduser()
         if any(ch in item for ch in "*?["):
-            matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True) if Path(m).is_file())
+            matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True)
+                             if Path(m).is_file() and not Path(m).name.startswith("~$"))
             if not matches:
                 raise UserError(f"{field}: the pattern {item!r} matches no file. Check the path (relative to {Path.cwd()}).")
             files.extend(matches)

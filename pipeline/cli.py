@@ -43,10 +43,11 @@ def execute(target: str | None, config: Path, sets: list[str] | None, force: boo
         for name in names:
             # --force redoes the named stage; upstream stages are only redone when they changed.
             status, result, seconds = run_stage(name, cfg, force=force and (target is None or name == target))
-            headline = "; ".join(f"{k} {v}" for k, v in (result.summary if result else [])[:3])
-            rows.append((name, status, f"{seconds:.1f}s", headline))
+            headline = "; ".join(f"{k} {v}" for k, v in (result.summary if result else [])[:4])
+            where = f"{cfg.run.root}/{cfg.run.name}/{name}/"
+            rows.append((name, status, f"{seconds:.1f}s", where, headline))
         console.print(summary_table(f"run {cfg.run.name} ({time.time() - started:.1f}s)", rows,
-                                    ("stage", "status", "time", "result")))
+                                    ("stage", "status", "time", "artifacts", "result")))
     except UserError as err:
         console.print(f"[bold red]error:[/] {err}")
         raise typer.Exit(2) from None

@@ -90,7 +90,8 @@ def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[st
     if not force and run.is_complete(name, fp):
         console.print(f"[green]{name}[/]: up to date ({fp[:12]}), nothing to do; --force redoes it.")
         entry = run.stage_entry(name) or {}
-        return "up to date", StageResult(metrics=entry.get("metrics", {})), 0.0
+        summary = [tuple(row) for row in entry.get("summary", [])]
+        return "up to date", StageResult(metrics=entry.get("metrics", {}), summary=summary), 0.0
 
     partial = run.partial_dir(name)
     previous = run.stage_entry(name) or {}
@@ -117,6 +118,7 @@ def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[st
         "inputs": inputs,
         "outputs": describe_outputs(final),
         "metrics": result.metrics,
+        "summary": [list(row) for row in result.summary],
         "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
         "finished": _now(),
         "seconds": round(seconds, 2),

@@ -4,19 +4,23 @@ Steps, in order:
 1. read each source through its registered reader (data_sources/), counting what it read and dropped;
 2. cap each source at `max_records` (a seeded sample);
 3. drop records whose content repeats one already kept, across sources (`dedupe`);
-4. split train/eval by a seeded hash of each record id (stable when sources are added);
+4. split train/eval by a seeded hash of each record's input row (stable when sources are added);
 5. apply each source's `weight` to the train split;
 6. write train.jsonl, eval.jsonl, dropped.jsonl (every dropped item with its reason), report.json/.md.
 """
 
 from __future__ import annotations
 
+import functools
+import gc
 import hashlib
 import json
 import logging
 import math
+import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -25,7 +29,7 @@ from data_sources.files import resolve_paths
 from pipeline.config import DistilleryConfig
 from pipeline.console import summary_table
 from pipeline.errors import UserError
-from pipeline.records import content_key, write_jsonl
+from pipeline.records import write_jsonl
 from pipeline.stage import StageContext, StageResult
 
 log = logging.getLogger(__name__)
@@ -59,6 +63,20 @@ def _rank(seed: int, record_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+@contextmanager
+def cyclic_gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while records are built. Records are plain acyclic dicts that
+    reference counting frees; the cyclic collector would only re-scan the growing heap again and again (about a
+    third of the reading time for a 100k-row workbook, bench/ingest.py)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def read_sources(cfg: DistilleryConfig, console) -> tuple[list[list[dict]], list[SourceReport]]:
     """Run every source's reader with a progress line per source."""
     all_records, reports = [], []
@@ -72,7 +90,8 @@ def read_sources(cfg: DistilleryConfig, console) -> tuple[list[list[dict]], list
                 records.append(record)
                 if len(records) % 2000 == 0:
                     progress.update(task, completed=len(records))
-            report.read = max(report.read, len(records) + sum(report.dropped.values()))
+            if not report.read:  # `read` counts input rows/lines, which a reader may turn into several records
+                report.read = len(records) + sum(report.dropped.values())
             progress.update(task, completed=len(records), total=len(records))
             all_records.append(records)
             reports.append(report)
@@ -92,12 +111,12 @@ def cap(records: list[dict], limit: int | None, seed: int, report: SourceReport)
 
 def dedupe(per_source: list[list[dict]], reports: list[SourceReport]) -> list[list[dict]]:
     """Drop records whose content was already kept (first source, first row wins)."""
-    seen: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
     result = []
     for records, report in zip(per_source, reports):
         kept = []
         for record in records:
-            key = content_key(record["messages"], record.get("choices"), record.get("label"))
+            key = _content(record)
             if key in seen:
                 report.drop("duplicate", {"id": record["id"], "duplicate_of": seen[key], **_where(record)})
             else:
@@ -107,15 +126,46 @@ def dedupe(per_source: list[list[dict]], reports: list[SourceReport]) -> list[li
     return result
 
 
+def _content(record: dict) -> tuple:
+    """What a record says, as a hashable value: equal exactly when records.content_key is, but built without
+    JSON-encoding every record a second time (ingest of 100k-row workbooks, bench/ingest.py)."""
+    choices = record.get("choices")
+    messages = tuple([(m["role"], m["content"]) for m in record["messages"]])  # messages hold only role and content
+    return messages, tuple(choices) if choices is not None else None, record.get("label")
+
+
 def split(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Seeded train/eval split by record id; at least one eval record when there are two or more."""
+    """Seeded train/eval split by input row (see _group); at least one eval group when there are two or more."""
     if fraction <= 0 or len(records) < 2:
         return records, []
-    ranks = {r["id"]: _rank(seed + 1, r["id"]) for r in records}
-    eval_ids = {rid for rid, rank in ranks.items() if rank < fraction}
-    if not eval_ids:
-        eval_ids = {min(ranks, key=ranks.get)}
-    return [r for r in records if r["id"] not in eval_ids], [r for r in records if r["id"] in eval_ids]
+    group_of = {r["id"]: _group(r) for r in records}
+    ranks = {group: _rank(seed + 1, group) for group in set(group_of.values())}
+    if len(ranks) < 2:
+        return records, []
+    eval_groups = {group for group, rank in ranks.items() if rank < fraction}
+    if not eval_groups:
+        eval_groups = {min(ranks, key=ranks.get)}
+    if len(eval_groups) == len(ranks):  # a tiny source: keep something to train on
+        eval_groups.discard(max(ranks, key=ranks.get))
+    return ([r for r in records if group_of[r["id"]] not in eval_groups],
+            [r for r in records if group_of[r["id"]] in eval_groups])
+
+
+def _group(record: dict) -> str:
+    """The input row a record came from: the records of one row (both translation directions, the output- and
+    input-prediction prompts of one CodeI/O record) land in the same split, so eval never holds the mirror
+    image of a train example. Records without a location fall back to their id. The file counts by name only,
+    so moving the data keeps the split."""
+    meta = record.get("meta", {})
+    where = [meta[key] for key in WHERE_KEYS if key in meta]
+    if not where:
+        return record["id"]
+    if "file" in meta:
+        where[0] = _file_name(meta["file"])
+    return "\0".join([record["source"], *map(str, where)])
+
+
+_file_name = functools.lru_cache(maxsize=None)(os.path.basename)
 
 
 def apply_weight(records: list[dict], weight: float, seed: int) -> list[dict]:
@@ -127,15 +177,19 @@ def apply_weight(records: list[dict], weight: float, seed: int) -> list[dict]:
     return records * whole + ranked[: math.floor(len(records) * frac)]
 
 
+WHERE_KEYS = ("file", "sheet", "row", "line", "index")
+
+
 def _where(record: dict) -> dict[str, Any]:
     meta = record.get("meta", {})
-    return {k: meta[k] for k in ("file", "sheet", "row", "line", "index") if k in meta}
+    return {k: meta[k] for k in WHERE_KEYS if k in meta}
 
 
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
     seed = cfg.run.seed
-    per_source, reports = read_sources(cfg, ctx.console)
+    with cyclic_gc_paused():
+        per_source, reports = read_sources(cfg, ctx.console)
     per_source = [cap(recs, src.max_records, seed, rep) for recs, src, rep in zip(per_source, cfg.ingest.sources, reports)]
     if cfg.ingest.dedupe:
         per_source = dedupe(per_source, reports)

@@ -77,7 +77,7 @@ def test_record_without_final_answer_is_refused(tiny_tokenizer) -> None:
 
 
 def test_length_stats_count_truncation_instead_of_cutting(tiny_tokenizer) -> None:
-    rows = [{"prompt": "What is 2 + 2 ?", "completion": "4 </s>"}, {"prompt": "What " * 20, "completion": "4 </s>"}]
+    rows = [{"prompt": "What is 2 + 2 ? ", "completion": "4 </s>"}, {"prompt": "What " * 20, "completion": "4 </s>"}]
     lengths = token_lengths(rows, tiny_tokenizer)
     assert lengths == [(6, 8), (20, 22)]
     stats = length_stats(lengths, max_length=10)
