@@ -43,7 +43,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def input_files(cfg: DistilleryConfig) -> list[Path]:
-    return []
+    """The accelerate config, when one is set and exists (a missing one is reported when training starts)."""
+    path = cfg.finetune.accelerate_config
+    return [Path(path)] if path and Path(path).is_file() else []
 
 
 # ---- 1. format's outputs -------------------------------------------------------------------------------------
