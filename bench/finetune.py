@@ -89,8 +89,8 @@ def main() -> int:
     print(f"finetune bench on {device}: {args.steps} steps per variant, config {config.name}")
     print_table(results)
     print("\n".join(lines))
-    print("targets (GPU): unsloth >= 2x hf tokens/s at no more memory; packing >= 2x. "
-          "On CPU packing does not pay: the work is compute, not padding.")
+    print("targets (GPU): unsloth >= 2x hf tokens/s at no more memory; packing >= 2x on the demo data. "
+          "Variants run one after another: on a shared machine, load changes between them move the ratios.")
     return 0
 
 
