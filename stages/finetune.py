@@ -43,7 +43,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def input_files(cfg: DistilleryConfig) -> list[Path]:
-    return []
+    """The accelerate config, when one is set and exists (a missing one is reported when training starts)."""
+    path = cfg.finetune.accelerate_config
+    return [Path(path)] if path and Path(path).is_file() else []
 
 
 # ---- 1. format's outputs -------------------------------------------------------------------------------------
@@ -249,6 +251,8 @@ def train(job: Any, ft: FinetuneConfig, ctx: StageContext) -> dict:
         (ctx.out / stale).unlink(missing_ok=True)
     command = training_command(job_path, ft.accelerate_config)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+    if ft.accelerate_config:
+        ctx.console.print(f"finetune: accelerate launch --config_file {ft.accelerate_config}")
     code = subprocess.call(command, env=env)
     if (ctx.out / ERROR).is_file():
         raise UserError((ctx.out / ERROR).read_text(encoding="utf-8"))
@@ -303,6 +307,10 @@ def _cell(text: str) -> str:
     return text.strip().replace("|", "\\|").replace("\n", "<br>") or "(empty)"
 
 
+def window_mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None
+
+
 def build_summary(job: Any, result: dict, rows: list[dict], model_setting: str, template_name: str,
                   train_examples: int) -> dict:
     losses = [r["loss"] for r in rows if "loss" in r]
@@ -315,6 +323,8 @@ def build_summary(job: Any, result: dict, rows: list[dict], model_setting: str, 
         "train_examples": train_examples, "steps": result["global_step"], "max_steps": ft["max_steps"],
         "resumed_from_step": result["resumed_from_step"], "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None, "train_loss": result["train_loss"],
+        # Single steps see different batches; the means of the first and last few steps show the trend.
+        "loss_start_mean": window_mean(losses[:5]), "loss_end_mean": window_mean(losses[-5:]),
         "tokens": result["tokens"], "tokens_per_s": result["tokens_per_s"],
         "train_seconds": result["train_seconds"], "peak_memory_mb": result["peak_memory_mb"],
         "peak_memory_kind": result["peak_memory_kind"], "world_size": result["world_size"],
@@ -359,13 +369,13 @@ def drop_training_state(out: Path) -> None:
 
 
 def report(ctx: StageContext, s: dict) -> StageResult:
-    loss = f"{s['first_loss']:.3f} -> {s['last_loss']:.3f}" if s["first_loss"] is not None else "n/a"
+    loss = f"{s['loss_start_mean']:.3f} -> {s['loss_end_mean']:.3f}" if s["first_loss"] is not None else "n/a"
     rows = [("steps", f"{s['steps']} (resumed from {s['resumed_from_step']})" if s["resumed_from_step"] else str(s["steps"])),
-            ("loss", loss), ("tokens/s", str(s["tokens_per_s"])),
+            ("loss (mean of first/last 5 steps)", loss), ("tokens/s", str(s["tokens_per_s"])),
             ("peak memory", f"{s['peak_memory_mb']:.0f} MB ({s['peak_memory_kind']})"),
             ("weights", f"{'4-bit' if s['load_in_4bit'] else '16-bit'}, {s['precision']}, {s['device']}")]
     ctx.console.print(summary_table(f"finetune ({s['backend']})", rows, ("", "")))
-    metrics = {k: s[k] for k in ("steps", "first_loss", "last_loss", "tokens_per_s", "peak_memory_mb",
-                                 "resumed_from_step")}
+    metrics = {k: s[k] for k in ("steps", "first_loss", "last_loss", "loss_start_mean", "loss_end_mean",
+                                 "tokens_per_s", "peak_memory_mb", "resumed_from_step")}
     return StageResult(metrics=metrics, summary=[("loss", loss), ("steps", str(s["steps"])),
                                                   ("tokens/s", str(s["tokens_per_s"]))])

@@ -175,7 +175,7 @@ def generate_samples(model: Any, tokenizer: Any, job: TrainJob) -> list[str]:
     return answers
 
 
-def training_arguments(job: TrainJob, resume_step: int) -> dict[str, Any]:
+def training_arguments(job: TrainJob) -> dict[str, Any]:
     """Keyword arguments shared by SFTConfig and TrainingArguments."""
     ft = job.finetune
     is_unsloth = job.backend == "unsloth"
@@ -229,12 +229,12 @@ def build_datasets(job: TrainJob) -> tuple[Any, Any]:
     return load(job.train_path, ("prompt", "completion")), load(job.eval_path, ("prompt", "completion"))
 
 
-def build_trainer(job: TrainJob, model: Any, tokenizer: Any, resume_step: int) -> Any:
+def build_trainer(job: TrainJob, model: Any, tokenizer: Any) -> Any:
     """TRL's SFTTrainer (completion-only loss), or the multiple-choice trainer; both count tokens."""
     train_ds, eval_ds = build_datasets(job)
     if not job.finetune["eval_steps"]:
         eval_ds = None
-    args = training_arguments(job, resume_step)
+    args = training_arguments(job)
     if eval_ds is None:
         args.pop("eval_strategy", None)
         args.pop("eval_steps", None)
@@ -295,7 +295,7 @@ def run_job(job: TrainJob, console: Any) -> dict[str, Any]:
         model, tokenizer = load_unsloth(job) if job.backend == "unsloth" else load_hf(job)
         tokenizer = prepare_tokenizer(tokenizer, job)
         load_seconds = time.time() - started
-        trainer = build_trainer(job, model, tokenizer, resume_step)
+        trainer = build_trainer(job, model, tokenizer)
         main_process = trainer.is_world_process_zero()
         single_process = trainer.args.world_size == 1
         before = load_or_generate_before(out, model, tokenizer, job) if single_process else []
@@ -310,10 +310,10 @@ def run_job(job: TrainJob, console: Any) -> dict[str, Any]:
         train_started = time.time()
         output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         train_seconds = time.time() - train_started
+        trainer.save_model(str(out / "adapter"))  # the PEFT adapter and, as processing_class, the tokenizer
+        after = generate_samples(model, tokenizer, job) if single_process else []
     except torch.cuda.OutOfMemoryError:
         raise UserError(oom_message(job)) from None
-    trainer.save_model(str(out / "adapter"))  # the PEFT adapter and, as processing_class, the tokenizer
-    after = generate_samples(model, tokenizer, job) if single_process else []
     memory, memory_kind = peak_memory_mb(job.device)
     tokens = trainer.tokens_seen * trainer.args.world_size
     return {
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from rich.console import Console
     try:
-        result = run_job(job, Console(stderr=True))
+        result = run_job(job, Console())
     except UserError as err:
         atomic_write_text(Path(job.out) / ERROR, str(err))
         return 2

@@ -51,6 +51,26 @@ def test_precision_auto_from_hardware() -> None:
         choose_precision("bf16", cuda=True, bf16_ok=False)
 
 
+def test_lora_options_reach_peft() -> None:
+    from pipeline.config import FinetuneConfig
+    from stages.finetune_train import lora_settings
+
+    ft = FinetuneConfig.model_validate({"lora": {"r": 4, "alpha": 8, "dropout": 0.05, "target_modules": ["q_proj"],
+                                                 "use_rslora": True, "use_dora": True}})
+    job = type("Job", (), {"finetune": ft.model_dump(mode="json")})()
+    assert lora_settings(job) == {"r": 4, "lora_alpha": 8, "lora_dropout": 0.05, "target_modules": ["q_proj"],
+                                  "use_rslora": True, "use_dora": True, "bias": "none"}
+
+
+def test_accelerate_needs_the_hf_backend() -> None:
+    from pydantic import ValidationError
+
+    from pipeline.config import FinetuneConfig
+
+    with pytest.raises(ValidationError, match="accelerate_config .* needs backend: hf"):
+        FinetuneConfig(accelerate_config="configs/accelerate/ddp.yaml")
+
+
 def test_8bit_optimizers_fall_back_on_cpu_only() -> None:
     assert choose_optimizer("paged_adamw_8bit", cuda=False) == "adamw_torch"
     assert choose_optimizer("paged_adamw_8bit", cuda=True) == "paged_adamw_8bit"
@@ -238,7 +258,12 @@ def write_project(tmp_path: Path, finetune: dict, mathqa: bool = False, rows: in
 def cli(config: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m pipeline finetune` in a fresh process (Unsloth patches TRL when imported: keep runs apart)."""
     return subprocess.run([sys.executable, "-m", "pipeline", "finetune", "-c", str(config), *extra], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "COLUMNS": "200"})
+                          capture_output=True, text=True, timeout=timeout, env=child_env())
+
+
+def child_env() -> dict:
+    # One thread: on a CPU shared with other jobs, two spinning OpenMP threads per process run several times slower.
+    return {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
 
 
 def stage_dir(tmp_path: Path) -> Path:
@@ -274,14 +299,16 @@ def assert_contract(out: Path, backend: str, demo_model_path: str) -> dict:
 
 @pytest.mark.integration
 def test_unsloth_backend_trains_and_writes_the_contract(tmp_path: Path, demo_model_path: str) -> None:
-    done = cli(write_project(tmp_path, {"backend": "unsloth"}))
+    done = cli(write_project(tmp_path, {"backend": "unsloth", "eval_steps": 2}))
     assert done.returncode == 0, done.stdout + done.stderr
     summary = assert_contract(stage_dir(tmp_path), "unsloth", demo_model_path)
     rows = [json.loads(line) for line in (stage_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4]
+    rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r["loss"] > 0 and r["lr"] is not None and r["tokens_per_s"] > 0 for r in rows)
     assert summary["first_loss"] == rows[0]["loss"] and summary["last_loss"] == rows[-1]["loss"]
-    again = cli(write_project(tmp_path, {"backend": "unsloth"}))
+    again = cli(write_project(tmp_path, {"backend": "unsloth", "eval_steps": 2}))
     assert again.returncode == 0 and "up to date" in again.stdout
 
 
@@ -293,15 +320,30 @@ def test_hf_backend_trains_and_writes_the_contract(tmp_path: Path, demo_model_pa
     assert_contract(stage_dir(tmp_path), "hf", demo_model_path)
 
 
+CPU_ACCELERATE = """compute_environment: LOCAL_MACHINE
+distributed_type: 'NO'
+num_machines: 1
+machine_rank: 0
+num_processes: 1
+mixed_precision: 'no'
+use_cpu: true
+"""
+
+
 @pytest.mark.integration
-def test_multiple_choice_objective_lowers_its_loss(tmp_path: Path) -> None:
-    # Four examples, batch 4: every step sees the same batch, so the loss must fall.
-    config = write_project(tmp_path, {"backend": "hf", "objective": "multiple_choice", "max_steps": 6,
-                                      "batch_size": 4, "learning_rate": 1e-3, "save_steps": 6}, mathqa=True, rows=4)
-    done = cli(config, "--set", "ingest.eval_fraction=0")
+def test_multiple_choice_objective_lowers_its_loss_under_accelerate_launch(tmp_path: Path) -> None:
+    # Two examples, batch 2: every step sees the same batch, so the loss must fall. Launched the way several
+    # GPUs are (accelerate launch + job file), with a one-process CPU accelerate config.
+    accelerate = tmp_path / "accelerate.yaml"
+    accelerate.write_text(CPU_ACCELERATE, encoding="utf-8")
+    config = write_project(tmp_path, {"backend": "hf", "objective": "multiple_choice", "max_steps": 3,
+                                      "batch_size": 2, "learning_rate": 1e-3, "save_steps": 3,
+                                      "accelerate_config": str(accelerate)}, mathqa=True, rows=2)
+    done = cli(config, "--set", "ingest.eval_fraction=0", "--set", "format.template=qa")
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "accelerate launch" in " ".join(done.stdout.split())
     losses = [json.loads(line)["loss"] for line in (stage_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == 6 and losses[-1] < losses[0] * 0.7, losses
+    assert len(losses) == 3 and losses[-1] < losses[0] * 0.7, losses
 
 
 @pytest.mark.integration
@@ -327,7 +369,8 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path: Path) ->
                            rows=32)
     partial = tmp_path / "runs" / "t" / ".finetune.partial"
     process = subprocess.Popen([sys.executable, "-m", "pipeline", "finetune", "-c", str(config)], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                               env=child_env())
     try:
         deadline = time.time() + 240
         while not (partial / "checkpoints" / "checkpoint-4" / COMPLETE).is_file():
@@ -340,6 +383,7 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path: Path) ->
     done = cli(config)
     assert done.returncode == 0, done.stdout + done.stderr
     out = " ".join(done.stdout.split())
+    assert "resuming from checkpoint-" in out, out[-4000:]
     resumed = int(out.split("resuming from checkpoint-")[1].split()[0])
     assert resumed >= 4
     summary = json.loads((stage_dir(tmp_path) / "summary.json").read_text())
