@@ -11,15 +11,18 @@ Every file is written to a temporary name beside its target and renamed only whe
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import re
 import struct
 import subprocess
 import sys
+import tempfile
 from enum import Enum
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from exports.converter import converter_env, converter_script
 from pipeline.errors import UserError
@@ -238,6 +241,23 @@ def _load_legacy_imatrix(path: Path) -> dict[str, Any]:
     return values
 
 
+@contextlib.contextmanager
+def native_stderr_captured() -> Iterator[io.StringIO]:
+    """Collect what C code writes to file descriptor 2 (llama.cpp prints a line per tensor while quantizing)."""
+    captured = io.StringIO()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.write(sink.read().decode("utf-8", errors="replace"))
+
+
 def quantize_gguf(src: Path, dst: Path, quant: QuantType, imatrix: dict[str, Any] | None = None,
                   threads: int = 0) -> float:
     """llama.cpp's quantizer: `src` (16-bit or q8_0 GGUF) -> `dst` of type `quant`; returns seconds."""
@@ -273,11 +293,14 @@ def quantize_gguf(src: Path, dst: Path, quant: QuantType, imatrix: dict[str, Any
     tmp = temp_path(dst)
     tmp.unlink(missing_ok=True)
     started = time.time()
-    status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    with native_stderr_captured() as native_log:
+        status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    if log.isEnabledFor(logging.DEBUG):
+        sys.stderr.write(native_log.getvalue())
     if status != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"llama.cpp's quantizer failed ({src.name} -> {quant.value}, status {status}); "
-                           "its log above says why.")
+        tail = "\n".join(native_log.getvalue().splitlines()[-15:])
+        raise RuntimeError(f"llama.cpp's quantizer failed ({src.name} -> {quant.value}, status {status}):\n{tail}")
     os.replace(tmp, dst)
     return time.time() - started
 
