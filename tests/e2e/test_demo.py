@@ -1,0 +1,47 @@
+"""`just demo`'s path end to end: every stage on the bundled samples and the demo model, offline, then a
+second run that finds everything up to date."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+STAGES = ("ingest", "format", "finetune", "export", "evaluate")
+
+
+def run_demo(run_root: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "pipeline", "run", "-c", "configs/demo.yaml", "--set",
+                           f"run.root={run_root}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_demo_runs_every_stage_offline_then_is_up_to_date(tmp_path: Path) -> None:
+    first = run_demo(tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    run = tmp_path / "demo"
+    manifest = json.loads((run / "manifest.json").read_text())["stages"]
+    assert all(manifest[stage]["status"] == "complete" for stage in STAGES), manifest.keys()
+
+    finetune = json.loads((run / "finetune" / "summary.json").read_text())
+    assert finetune["loss_end_mean"] < finetune["loss_start_mean"]
+    verify = json.loads((run / "export" / "verify.json").read_text())
+    assert sorted(p.name for p in (run / "export" / "gguf").glob("*.gguf")) == [
+        "SmolLM2-135M-Instruct-Q4_K_M.gguf", "SmolLM2-135M-Instruct-Q8_0.gguf"]
+    assert verify["passed"] is True
+    comparison = json.loads((run / "evaluate" / "comparison.json").read_text())
+    assert {"base", "adapter", "gguf"} <= {row["kind"] for row in comparison}
+    assert "held-out question" in first.stdout
+
+    second = run_demo(tmp_path)
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert second.stdout.count("up to date") >= len(STAGES)
+    after = json.loads((run / "manifest.json").read_text())["stages"]
+    assert {s: after[s]["finished"] for s in STAGES} == {s: manifest[s]["finished"] for s in STAGES}
