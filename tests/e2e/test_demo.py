@@ -15,10 +15,15 @@ ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("ingest", "format", "finetune", "export", "evaluate")
 
 
+# The demo's own config and stages; fewer steps and items than `just demo` to keep the suite short.
+LIGHTER = ("finetune.max_steps=12", "finetune.save_steps=6", "finetune.sample_prompts=1", "evaluate.limit=10")
+
+
 def run_demo(run_root: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "pipeline", "run", "-c", "configs/demo.yaml", "--set",
-                           f"run.root={run_root}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    sets = [arg for item in (f"run.root={run_root}", *LIGHTER) for arg in ("--set", item)]
+    return subprocess.run([sys.executable, "-m", "pipeline", "run", "-c", "configs/demo.yaml", *sets],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
 
 
 @pytest.mark.integration
