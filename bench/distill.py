@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from figures import figure
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -61,6 +63,10 @@ def main() -> int:
     for name, (reproduced, seconds) in results.items():
         print(f"  {name:28s} reproduced {reproduced}/{len(rows)}  {seconds * 1000:7.1f} ms/run  "
               f"ratio {seconds / base:.2f}x baseline")
+    reproduced, seconds = results["sandbox"]
+    figure("distill sandbox, cost per run of CodeI/O reference code", f"{seconds / base:.2f}x the time "
+           f"({seconds * 1000:.0f} vs {base * 1000:.0f} ms), reproduced {reproduced}/{len(rows)}",
+           "plain python subprocess with a timeout (CodeI/O's checker)")
     return 0
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from figures import figure  # noqa: E402
+
 from exports import gguf as gguf_io  # noqa: E402
 from exports import merge  # noqa: E402
 from pipeline.models import resolve_model_path  # noqa: E402
@@ -82,6 +84,8 @@ def main() -> None:
         print(f"{'step':32} {'seconds':>8} {'GB':>7} {'s/GB':>8}")
         for step, seconds, gb in rows:
             print(f"{step:32} {seconds:8.2f} {gb:7.3f} {seconds / gb:8.1f}")
+        figure("export, demo model: " + ", ".join(step.split(" (")[0] for step, _, _ in rows),
+               ", ".join(f"{seconds / gb:.0f}" for _, seconds, gb in rows) + " s/GB", "- (absolute rates)")
         hf = hf_tokens_per_second(merged, args.tokens)
         print(f"\ngeneration, {args.tokens} new tokens, greedy (baseline: transformers generate, fp32)")
         print(f"{'model':20} {'tokens/s':>9} {'vs HF':>7}")
@@ -89,6 +93,8 @@ def main() -> None:
         for name, path in files.items():
             speed = llama_tokens_per_second(path, args.tokens)
             print(f"{'llama.cpp ' + name:20} {speed:9.1f} {speed / hf:7.2f}x")
+            figure(f"generation, llama.cpp {name}", f"{speed / hf:.2f}x tokens/s ({speed:.0f} vs {hf:.0f})",
+                   "transformers generate, merged model fp32")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from figures import figure
+
 ROOT = Path(__file__).resolve().parents[1]
 GPU_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
 
@@ -50,6 +52,11 @@ def ratio_line(label: str, a: dict, b: dict) -> str:
     speed = a["tokens_per_s"] / b["tokens_per_s"]
     memory = a["peak_memory_mb"] / b["peak_memory_mb"]
     return f"{label:<44} tokens/s x{speed:.2f}   peak memory x{memory:.2f}"
+
+
+def print_figure(name: str, a: dict, b: dict, baseline: str, target: str) -> None:
+    figure(name, f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s at {a['peak_memory_mb'] / b['peak_memory_mb']:.2f}x "
+           f"peak memory ({a['tokens_per_s']:.0f} vs {b['tokens_per_s']:.0f} tokens/s)", baseline, target)
 
 
 def print_table(results: list[dict]) -> None:
@@ -91,6 +98,15 @@ def main() -> int:
     print("\n".join(lines))
     print("targets (GPU): unsloth >= 2x hf tokens/s at no more memory; packing >= 2x on the demo data. "
           "Variants run one after another: on a shared machine, load changes between them move the ratios.")
+    where = "GPU" if cuda else "CPU"
+    print_figure(f"finetune, demo model on {where}: unsloth", unsloth, hf, "hf backend (transformers + PEFT + TRL)",
+                 ">= 2x at no more memory (on GPU)")
+    print_figure(f"finetune, demo model on {where}: hf packing", packed, hf, "hf backend without packing", ">= 2x")
+    if cuda:
+        print_figure("finetune, 1.5B 4-bit on GPU: unsloth", big_unsloth, big_hf, "hf backend, 4-bit (bitsandbytes)",
+                     ">= 2x at no more memory")
+        print_figure("finetune, demo model on GPU: unsloth packing", unsloth_packed, unsloth, "unsloth without packing",
+                     ">= 2x")
     return 0
 
 

@@ -23,6 +23,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from figures import figure
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
 HEADER = ("대분류", "소분류", "상황", "Set Nr.", "발화자", "원문", "번역문")
@@ -119,6 +121,10 @@ def main() -> None:
           "(target >= 5x)")
     print(f"rerun     unchanged input: {rerun:.2f} s wall, {rerun_cpu:.2f} s CPU, "
           f"{'says up to date' if up_to_date else 'DID NOT say up to date'} (target < 2 s)")
+    figure(f"ingest, {args.rows:,}-row 대화체 workbook", f"{base_wall / ours_wall:.1f}x ({ours_wall:.1f} s vs "
+           f"{base_wall:.1f} s)", "pd.read_excel + column pick + to_csv", ">= 5x")
+    figure("ingest rerun, input unchanged", f"{rerun:.2f} s, {'up to date' if up_to_date else 'NOT up to date'}",
+           "-", "< 2 s")
 
 
 if __name__ == "__main__":

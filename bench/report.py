@@ -1,8 +1,8 @@
 """`just bench`: run every benchmark in bench/ and write bench/RESULTS.md.
 
-Each benchmark is a standalone script that prints its figures as ratios against a named baseline. This runner
-adds what a reader needs to trust them: the machine, the package versions, and the command that reproduces
-each block.
+Each benchmark is a standalone script that prints its headline figures (bench/figures.py) as ratios against a
+named baseline. This runner gathers them into one table and adds what a reader needs to trust them: the
+machine, the package versions, the command that reproduces each figure, and each script's full output.
 """
 
 from __future__ import annotations
@@ -15,7 +15,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from figures import parse
+
 BENCH = Path(__file__).resolve().parent
+# In pipeline order; each runs with its defaults (the figures the issues name).
+BENCHMARKS = ("ingest.py", "finetune.py", "evaluate.py", "export.py", "distill.py", "demo.py")
 PACKAGES = ("torch", "transformers", "trl", "peft", "unsloth", "llama-cpp-python", "lm-eval", "python-calamine", "pandas")
 
 
@@ -51,18 +55,29 @@ def run_one(script: Path) -> tuple[str, float, int]:
     return "".join(lines), time.time() - started, process.wait()
 
 
+def figures_table(figures: list[tuple[str, dict[str, str]]]) -> list[str]:
+    lines = ["| figure | result | baseline | target | command |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {f['figure']} | {f['result']} | {f['baseline']} | {f['target']} | `{command}` |" for command, f in figures]
+    return lines
+
+
 def main() -> int:
-    scripts = sorted(p for p in BENCH.glob("*.py") if p.name != Path(__file__).name)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    parts = ["# Benchmark results", "", f"- when: {stamp}", f"- machine: {machine()}", f"- versions: {versions()}", ""]
+    figures: list[tuple[str, dict[str, str]]] = []
+    blocks: list[str] = []
     failed = 0
-    for script in scripts:
-        print(f"\n=== {script.name} ===", flush=True)
-        output, seconds, code = run_one(script)
+    for name in BENCHMARKS:
+        command = f".venv/bin/python bench/{name}"
+        print(f"\n=== {name} ===", flush=True)
+        output, seconds, code = run_one(BENCH / name)
         failed += code != 0
         status = "" if code == 0 else f" — FAILED (exit {code})"
-        parts += [f"## {script.stem}{status}", "", f"Reproduce: `.venv/bin/python bench/{script.name}` ({seconds:.0f} s)",
-                  "", "```", output.rstrip()[-6000:], "```", ""]
+        figures += [(command, f) for f in parse(output)]
+        blocks += [f"## {Path(name).stem}{status}", "", f"`{command}` ({seconds:.0f} s)", "", "```",
+                   output.rstrip()[-6000:], "```", ""]
+    parts = ["# Benchmark results", "", f"- when: {stamp}", f"- machine: {machine()}", f"- versions: {versions()}",
+             f"- load average at the end: {os.getloadavg()[0]:.1f} (the figures are only as steady as the machine)",
+             "", *figures_table(figures), "", "Each script's full output follows.", "", *blocks]
     (BENCH / "RESULTS.md").write_text("\n".join(parts), encoding="utf-8")
     print(f"\nwrote {BENCH / 'RESULTS.md'}")
     return 1 if failed else 0

@@ -1,8 +1,9 @@
 """Log-likelihoods and generation with a transformers model (base, base + PEFT adapter, or merged).
 
-Scoring reuses each context: a batch of contexts runs once (right-padded, cache kept), the cache is repeated
-once per choice, and only the continuation tokens run again. The numbers are those of one full forward pass
-over context + continuation, which is what lm-evaluation-harness computes (per choice, five times over).
+Scoring reads each context once: one row holds the context and all its continuations, a 4D attention mask
+keeps the continuations from seeing each other, and the logits are computed only from the context's last
+token on. The numbers are those of one forward pass over context + continuation, which is what
+lm-evaluation-harness computes (per choice, five times over).
 """
 
 from __future__ import annotations
@@ -16,6 +17,12 @@ from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+def distinct(continuations: tuple[tuple[int, ...], ...]) -> list[tuple[int, ...]]:
+    """Each continuation once, in order. MathQA repeats a choice now and then; scoring the copy separately could
+    differ from the original in the last bit and break the tie the harness breaks towards the first."""
+    return list(dict.fromkeys(continuations))
 
 
 class HFModel:
@@ -62,47 +69,58 @@ class HFModel:
 
     def _score_batch(self, requests: list[Request]) -> list[list[float]]:
         torch = self.torch
-        ctx_ids, ctx_mask, ctx_lens = self._pad([r.context for r in requests])
-        # 1) the contexts, once: keep the cache and the logits of each context's last token.
-        last = torch.tensor(ctx_lens) - 1
-        kept = torch.unique(last)  # only these positions need logits (the lm_head is a large share of the work)
-        out = self.model(input_ids=ctx_ids, attention_mask=ctx_mask, use_cache=True,
-                         logits_to_keep=kept.to(self.device))
-        column = [kept.tolist().index(p) for p in last.tolist()]
-        first_logprobs = torch.log_softmax(out.logits.float(), dim=-1)[torch.arange(len(requests)), column].cpu()
-        n_choices = len(requests[0].continuations)
-        conts = [c for r in requests for c in r.continuations]
-        scores = [float(first_logprobs[k // n_choices, c[0]]) for k, c in enumerate(conts)]
-        # 2) the rest of every continuation, on the cache repeated once per choice.
-        rest = [c[:-1] for c in conts]
-        if max(map(len, rest)) == 0:
-            return [scores[i:i + n_choices] for i in range(0, len(scores), n_choices)]
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(n_choices)
-        rest_ids, rest_mask, _ = self._pad(rest, min_len=1)
-        lens = torch.tensor(ctx_lens, device=self.device).repeat_interleave(n_choices)
-        positions = lens[:, None] + torch.arange(rest_ids.shape[1], device=self.device)[None, :]
-        mask = torch.cat([ctx_mask.repeat_interleave(n_choices, dim=0), rest_mask], dim=1)
-        logits = self.model(input_ids=rest_ids, attention_mask=mask, position_ids=positions,
-                            past_key_values=cache, use_cache=True).logits
-        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
-        for k, c in enumerate(conts):
-            if len(c) > 1:
-                targets = torch.tensor(c[1:])
-                scores[k] += float(logprobs[k, torch.arange(len(c) - 1), targets].sum())
-        return [scores[i:i + n_choices] for i in range(0, len(scores), n_choices)]
+        ids, positions, mask, first, reads = self._pack(requests)
+        # Logits only from the context's last position on, where the continuation tokens are predicted: the
+        # lm_head is a fifth of a small model's work per position. The model's own forward applies it (and any
+        # logit scaling or soft-capping its architecture has).
+        keep = torch.arange(first, ids.shape[1] - 1, device=self.device)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        rows, columns, targets = (torch.tensor(values, device=self.device) for values in zip(*reads))
+        token_logprobs = logprobs[rows, columns - first, targets].cpu()
+        scores, at = [], 0
+        for request in requests:
+            unique = {}
+            for continuation in distinct(request.continuations):
+                unique[continuation] = float(token_logprobs[at:at + len(continuation)].sum())
+                at += len(continuation)
+            scores.append([unique[continuation] for continuation in request.continuations])
+        return scores
 
-    def _pad(self, sequences: list[tuple[int, ...]], min_len: int = 0) -> tuple[Any, Any, list[int]]:
-        """Right-padded ids, attention mask and lengths (causal attention never looks at the padding)."""
+    def _pack(self, requests: list[Request]) -> tuple[Any, Any, Any, int, list[tuple[int, int, int]]]:
+        """One row per request: its context once, ending at the same column in every row, then every distinct
+        continuation, each attending to the context and to itself only and positioned right after the context
+        (a 4D mask and position ids). The model computes exactly what it would for context + continuation
+        alone, without repeating the context. Returns ids, positions, the boolean mask, the first column whose
+        logits are needed, and (row, column, target) for each continuation token in order: the logits at
+        (row, column) predict `target`."""
         torch = self.torch
-        lens = [len(s) for s in sequences]
-        width = max(max(lens), min_len)
-        ids = torch.zeros((len(sequences), width), dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[row, :len(seq)] = 1
-        return ids.to(self.device), mask.to(self.device), lens
+        end_of_context = max(len(r.context) for r in requests)
+        width = end_of_context + max(sum(map(len, distinct(r.continuations))) for r in requests)
+        ids = torch.zeros((len(requests), width), dtype=torch.long)
+        positions = torch.zeros((len(requests), width), dtype=torch.long)
+        mask = torch.eye(width, dtype=torch.bool).repeat(len(requests), 1, 1)  # padding attends to itself only
+        causal = torch.ones((width, width), dtype=torch.bool).tril()
+        reads: list[tuple[int, int, int]] = []
+        for row, request in enumerate(requests):
+            n = len(request.context)
+            begin = end_of_context - n
+            ids[row, begin:end_of_context] = torch.tensor(request.context)
+            positions[row, begin:end_of_context] = torch.arange(n)
+            mask[row, begin:end_of_context, begin:end_of_context] = causal[:n, :n]
+            start = end_of_context
+            for continuation in distinct(request.continuations):
+                end = start + len(continuation)
+                ids[row, start:end] = torch.tensor(continuation)
+                positions[row, start:end] = torch.arange(n, n + len(continuation))
+                mask[row, start:end, begin:end_of_context] = True
+                mask[row, start:end, start:end] = causal[:end - start, :end - start]
+                # the context's last token predicts the first continuation token, each token the next one
+                columns = [end_of_context - 1, *range(start, end - 1)]
+                reads += [(row, column, target) for column, target in zip(columns, continuation)]
+                start = end
+        return (ids.to(self.device), positions.to(self.device), mask[:, None].to(self.device), end_of_context - 1,
+                reads)
 
     def generate(self, prompts: list[str], max_new_tokens: int, batch_size: int,
                  progress: Callable[[int], None] = lambda n: None) -> list[str]:

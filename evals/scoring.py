@@ -45,6 +45,6 @@ def batches(order: list[int], size: int) -> list[list[int]]:
 
 
 def longest_first(requests: list[Request]) -> list[int]:
-    """Request indices by total length, longest first, so that a batch pads little (and memory peaks at once)."""
+    """Request indices by context length, longest first, so that a batch pads little (and memory peaks at once)."""
     return sorted(range(len(requests)),
-                  key=lambda i: -(len(requests[i].context) + max(map(len, requests[i].continuations))))
+                  key=lambda i: (-len(requests[i].context), -sum(map(len, requests[i].continuations))))

@@ -1,4 +1,5 @@
-"""The cached (context once, continuations on the repeated cache) scoring equals a plain full forward pass."""
+"""The packed scoring (context once, every continuation beside it under a 4D mask) equals a plain full forward
+pass over context + continuation, for every request in a batch of different lengths."""
 
 from __future__ import annotations
 
@@ -31,18 +32,21 @@ def full_forward(model, context: tuple[int, ...], continuation: tuple[int, ...])
 REQUESTS = [
     Request((3, 4, 5, 6, 7, 8, 9), ((10,), (11, 12, 13), (14, 15), (16,), (17, 18, 19, 20))),
     Request((30, 31), ((32, 33), (34,), (35, 36, 37), (38,), (39,))),
-    Request((40,), ((41,), (42,), (43,), (44,), (45,))),  # every continuation one token: no second pass
+    Request((40,), ((41,), (42,), (43,), (44,), (45,))),  # every continuation one token
+    Request((60, 61, 62), ((63, 64), (65,), (63, 64), (66, 67, 68), (65,))),  # repeated choices, as MathQA has
     Request(tuple(range(50, 90)), ((90, 91), (92, 93), (94,), (95, 96, 97, 98, 99, 100), (101,))),
 ]
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
-def test_cached_scores_equal_the_full_forward(tiny_dir: Path, batch_size: int) -> None:
+def test_packed_scores_equal_the_full_forward(tiny_dir: Path, batch_size: int) -> None:
     scorer = HFModel(str(tiny_dir))
     got = scorer.loglikelihoods(REQUESTS, batch_size)
     for request, scores in zip(REQUESTS, got):
         expected = [full_forward(scorer.model, request.context, c) for c in request.continuations]
         assert scores == pytest.approx(expected, abs=1e-5)
+    repeated = got[3]
+    assert repeated[0] == repeated[2] and repeated[1] == repeated[4]  # bit for bit: a tie stays a tie
 
 
 def test_text_requests_and_adapter(tiny_dir: Path, tmp_path: Path) -> None:
