@@ -347,7 +347,9 @@ def test_demo_gguf_teacher_feeds_format(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     path = write_project(tmp_path, "unused")
     config = yaml.safe_load(path.read_text())
-    config["ingest"]["sources"].append({"name": "codeio", "kind": "codeio", "max_records": 2,
+    # every CodeI/O sample record: max_prompts=3 then takes one prompt of each task (a seeded cap could keep
+    # only one task's prompts)
+    config["ingest"]["sources"].append({"name": "codeio", "kind": "codeio",
                                         "path": str(Path(__file__).resolve().parents[2] / "configs/samples/codeio/raw.jsonl")})
     config["distill"] = {"enabled": True, "teacher": {"kind": "gguf", "path": "bundled:SmolLM2-135M-Instruct",
                                                       "context_length": 2048},
