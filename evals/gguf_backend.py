@@ -6,12 +6,12 @@ decodes only its own tokens, with logits kept for every position (logits_all).
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Callable
 
 from evals.scoring import Request
+from exports.gguf import log_softmax
 
 
 class GGUFLoadError(Exception):
@@ -19,12 +19,10 @@ class GGUFLoadError(Exception):
 
 
 def log_softmax_at(logits, token: int) -> float:
-    """log p(token) from one row of raw logits, in float64."""
+    """log p(token) from one row of raw logits, in float64 (export's verify uses the same log-softmax)."""
     import numpy as np
 
-    row = np.asarray(logits, dtype=np.float64)
-    top = row.max()
-    return float(row[token] - top - math.log(np.exp(row - top).sum()))
+    return float(log_softmax(np.asarray(logits, dtype=np.float64))[token])
 
 
 def has_gguf_magic(path: Path) -> bool:

@@ -69,7 +69,8 @@ class HFModel:
 
     def _score_batch(self, requests: list[Request]) -> list[list[float]]:
         torch = self.torch
-        ids, positions, mask, first, reads = self._pack(requests)
+        choices = [distinct(r.continuations) for r in requests]
+        ids, positions, mask, first, reads = self._pack(requests, choices)
         # Logits only from the context's last position on, where the continuation tokens are predicted: the
         # lm_head is a fifth of a small model's work per position. The model's own forward applies it (and any
         # logit scaling or soft-capping its architecture has).
@@ -79,37 +80,38 @@ class HFModel:
         rows, columns, targets = (torch.tensor(values, device=self.device) for values in zip(*reads))
         token_logprobs = logprobs[rows, columns - first, targets].cpu()
         scores, at = [], 0
-        for request in requests:
-            unique = {}
-            for continuation in distinct(request.continuations):
-                unique[continuation] = float(token_logprobs[at:at + len(continuation)].sum())
+        for request, unique in zip(requests, choices):
+            score_of = {}
+            for continuation in unique:
+                score_of[continuation] = float(token_logprobs[at:at + len(continuation)].sum())
                 at += len(continuation)
-            scores.append([unique[continuation] for continuation in request.continuations])
+            scores.append([score_of[continuation] for continuation in request.continuations])
         return scores
 
-    def _pack(self, requests: list[Request]) -> tuple[Any, Any, Any, int, list[tuple[int, int, int]]]:
-        """One row per request: its context once, ending at the same column in every row, then every distinct
-        continuation, each attending to the context and to itself only and positioned right after the context
+    def _pack(self, requests: list[Request], choices: list[list[tuple[int, ...]]],
+              ) -> tuple[Any, Any, Any, int, list[tuple[int, int, int]]]:
+        """One row per request: its context once, ending at the same column in every row, then its distinct
+        continuations (`choices`), each attending to the context and to itself only and positioned right after the context
         (a 4D mask and position ids). The model computes exactly what it would for context + continuation
         alone, without repeating the context. Returns ids, positions, the boolean mask, the first column whose
         logits are needed, and (row, column, target) for each continuation token in order: the logits at
         (row, column) predict `target`."""
         torch = self.torch
         end_of_context = max(len(r.context) for r in requests)
-        width = end_of_context + max(sum(map(len, distinct(r.continuations))) for r in requests)
+        width = end_of_context + max(sum(map(len, unique)) for unique in choices)
         ids = torch.zeros((len(requests), width), dtype=torch.long)
         positions = torch.zeros((len(requests), width), dtype=torch.long)
         mask = torch.eye(width, dtype=torch.bool).repeat(len(requests), 1, 1)  # padding attends to itself only
         causal = torch.ones((width, width), dtype=torch.bool).tril()
         reads: list[tuple[int, int, int]] = []
-        for row, request in enumerate(requests):
+        for row, (request, unique) in enumerate(zip(requests, choices)):
             n = len(request.context)
             begin = end_of_context - n
             ids[row, begin:end_of_context] = torch.tensor(request.context)
             positions[row, begin:end_of_context] = torch.arange(n)
             mask[row, begin:end_of_context, begin:end_of_context] = causal[:n, :n]
             start = end_of_context
-            for continuation in distinct(request.continuations):
+            for continuation in unique:
                 end = start + len(continuation)
                 ids[row, start:end] = torch.tensor(continuation)
                 positions[row, start:end] = torch.arange(n, n + len(continuation))
