@@ -48,12 +48,6 @@ def run_variant(config: Path, root: Path, name: str, steps: int, sets: list[str]
             "first_loss": summary["first_loss"], "last_loss": summary["last_loss"], "tokens": last["tokens"]}
 
 
-def ratio_line(label: str, a: dict, b: dict) -> str:
-    speed = a["tokens_per_s"] / b["tokens_per_s"]
-    memory = a["peak_memory_mb"] / b["peak_memory_mb"]
-    return f"{label:<44} tokens/s x{speed:.2f}   peak memory x{memory:.2f}"
-
-
 def print_figure(name: str, a: dict, b: dict, baseline: str, target: str) -> None:
     figure(name, f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s at {a['peak_memory_mb'] / b['peak_memory_mb']:.2f}x "
            f"peak memory ({a['tokens_per_s']:.0f} vs {b['tokens_per_s']:.0f} tokens/s)", baseline, target)
@@ -81,8 +75,6 @@ def main() -> int:
         hf = run_variant(config, root, "hf", args.steps, ["finetune.backend=hf"])
         packed = run_variant(config, root, "hf-packing", args.steps, ["finetune.backend=hf", "finetune.packing=true"])
         results = [unsloth, hf, packed]
-        lines = [ratio_line("unsloth vs hf (baseline), demo model", unsloth, hf),
-                 ratio_line("hf packing vs hf no packing (baseline)", packed, hf)]
         if cuda:
             gpu = ["finetune.load_in_4bit=true", f"model.path={GPU_MODEL}"]
             big_unsloth = run_variant(config, root, "unsloth-1.5b-4bit", args.steps, gpu + ["finetune.backend=unsloth"])
@@ -90,12 +82,9 @@ def main() -> int:
             unsloth_packed = run_variant(config, root, "unsloth-packing", args.steps,
                                          ["finetune.backend=unsloth", "finetune.packing=true"])
             results += [big_unsloth, big_hf, unsloth_packed]
-            lines += [ratio_line("unsloth vs hf (baseline), 1.5B 4-bit", big_unsloth, big_hf),
-                      ratio_line("unsloth packing vs no packing (baseline)", unsloth_packed, unsloth)]
     device = torch.cuda.get_device_name(0) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"finetune bench on {device}: {args.steps} steps per variant, config {config.name}")
     print_table(results)
-    print("\n".join(lines))
     print("targets (GPU): unsloth >= 2x hf tokens/s at no more memory; packing >= 2x on the demo data. "
           "Variants run one after another: on a shared machine, load changes between them move the ratios.")
     where = "GPU" if cuda else "CPU"
