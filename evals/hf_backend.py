@@ -1,9 +1,9 @@
 """Log-likelihoods and generation with a transformers model (base, base + PEFT adapter, or merged).
 
-Scoring reads each context once: one row holds the context and all its continuations, a 4D attention mask
-keeps the continuations from seeing each other, and the logits are computed only from the context's last
-token on. The numbers are those of one forward pass over context + continuation, which is what
-lm-evaluation-harness computes (per choice, five times over).
+Scoring reads each context once: one row holds the context and all its distinct continuations (each without
+its last token, which predicts nothing), a 4D attention mask keeps the continuations from seeing each other,
+and the logits are computed only from the first context's last token on. The numbers are those of one forward
+pass over context + continuation, which is what lm-evaluation-harness computes (per choice, five times over).
 """
 
 from __future__ import annotations
@@ -12,17 +12,11 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from evals.scoring import Request, batches, longest_first
+from evals.scoring import Request, batches, distinct, longest_first, packed_length
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-def distinct(continuations: tuple[tuple[int, ...], ...]) -> list[tuple[int, ...]]:
-    """Each continuation once, in order. MathQA repeats a choice now and then; scoring the copy separately could
-    differ from the original in the last bit and break the tie the harness breaks towards the first."""
-    return list(dict.fromkeys(continuations))
 
 
 class HFModel:
@@ -71,10 +65,10 @@ class HFModel:
         torch = self.torch
         choices = [distinct(r.continuations) for r in requests]
         ids, positions, mask, first, reads = self._pack(requests, choices)
-        # Logits only from the context's last position on, where the continuation tokens are predicted: the
-        # lm_head is a fifth of a small model's work per position. The model's own forward applies it (and any
-        # logit scaling or soft-capping its architecture has).
-        keep = torch.arange(first, ids.shape[1] - 1, device=self.device)
+        # Logits only from the first column that predicts a continuation token on: the lm_head is a fifth of a
+        # small model's work per position. The model's own forward applies it (and any logit scaling or
+        # soft-capping its architecture has).
+        keep = torch.arange(first, ids.shape[1], device=self.device)
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         rows, columns, targets = (torch.tensor(values, device=self.device) for values in zip(*reads))
@@ -90,15 +84,14 @@ class HFModel:
 
     def _pack(self, requests: list[Request], choices: list[list[tuple[int, ...]]],
               ) -> tuple[Any, Any, Any, int, list[tuple[int, int, int]]]:
-        """One row per request: its context once, ending at the same column in every row, then its distinct
-        continuations (`choices`), each attending to the context and to itself only and positioned right after the context
-        (a 4D mask and position ids). The model computes exactly what it would for context + continuation
-        alone, without repeating the context. Returns ids, positions, the boolean mask, the first column whose
-        logits are needed, and (row, column, target) for each continuation token in order: the logits at
-        (row, column) predict `target`."""
+        """One row per request: its context, then its distinct continuations (`choices`) without their last
+        token, each attending to the context and to itself only and positioned right after the context (a 4D
+        mask and position ids); rows are right-padded. The model computes exactly what it would for context +
+        continuation alone, without repeating the context. Returns ids, positions, the boolean mask, the first
+        column whose logits are needed, and (row, column, target) for each continuation token in order: the
+        logits at (row, column) predict `target`."""
         torch = self.torch
-        end_of_context = max(len(r.context) for r in requests)
-        width = end_of_context + max(sum(map(len, unique)) for unique in choices)
+        width = max(map(packed_length, requests))
         ids = torch.zeros((len(requests), width), dtype=torch.long)
         positions = torch.zeros((len(requests), width), dtype=torch.long)
         mask = torch.eye(width, dtype=torch.bool).repeat(len(requests), 1, 1)  # padding attends to itself only
@@ -106,23 +99,22 @@ class HFModel:
         reads: list[tuple[int, int, int]] = []
         for row, (request, unique) in enumerate(zip(requests, choices)):
             n = len(request.context)
-            begin = end_of_context - n
-            ids[row, begin:end_of_context] = torch.tensor(request.context)
-            positions[row, begin:end_of_context] = torch.arange(n)
-            mask[row, begin:end_of_context, begin:end_of_context] = causal[:n, :n]
-            start = end_of_context
+            ids[row, :n] = torch.tensor(request.context)
+            positions[row, :n] = torch.arange(n)
+            mask[row, :n, :n] = causal[:n, :n]
+            start = n
             for continuation in unique:
-                end = start + len(continuation)
-                ids[row, start:end] = torch.tensor(continuation)
-                positions[row, start:end] = torch.arange(n, n + len(continuation))
-                mask[row, start:end, begin:end_of_context] = True
+                end = start + len(continuation) - 1
+                ids[row, start:end] = torch.tensor(continuation[:-1], dtype=torch.long)
+                positions[row, start:end] = torch.arange(n, n + end - start)
+                mask[row, start:end, :n] = True
                 mask[row, start:end, start:end] = causal[:end - start, :end - start]
                 # the context's last token predicts the first continuation token, each token the next one
-                columns = [end_of_context - 1, *range(start, end - 1)]
+                columns = [n - 1, *range(start, end)]
                 reads += [(row, column, target) for column, target in zip(columns, continuation)]
                 start = end
-        return (ids.to(self.device), positions.to(self.device), mask[:, None].to(self.device), end_of_context - 1,
-                reads)
+        first = min(len(r.context) for r in requests) - 1
+        return ids.to(self.device), positions.to(self.device), mask[:, None].to(self.device), first, reads
 
     def generate(self, prompts: list[str], max_new_tokens: int, batch_size: int,
                  progress: Callable[[int], None] = lambda n: None) -> list[str]:

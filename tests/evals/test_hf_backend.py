@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from evals.hf_backend import HFModel
-from evals.scoring import Request, build_request
+from evals.scoring import Request, build_request, longest_first, packed_length
 from pipeline.errors import UserError
 from tests.fixtures.tiny_lm import build_tiny_lm
 
@@ -47,6 +47,11 @@ def test_packed_scores_equal_the_full_forward(tiny_dir: Path, batch_size: int) -
         assert scores == pytest.approx(expected, abs=1e-5)
     repeated = got[3]
     assert repeated[0] == repeated[2] and repeated[1] == repeated[4]  # bit for bit: a tie stays a tie
+
+
+def test_a_row_holds_the_context_and_each_distinct_choice_but_its_last_token() -> None:
+    assert [packed_length(r) for r in REQUESTS] == [7 + 6, 2 + 3, 1, 3 + 3, 40 + 7]
+    assert longest_first(REQUESTS) == [4, 0, 3, 1, 2]
 
 
 def test_text_requests_and_adapter(tiny_dir: Path, tmp_path: Path) -> None:
