@@ -2,7 +2,7 @@
 
 Scoring reads each context once: one row holds the context and all its distinct continuations (each without
 its last token, which predicts nothing), a 4D attention mask keeps the continuations from seeing each other,
-and the logits are computed only from the first context's last token on. The numbers are those of one forward
+and logits are computed only from the column where the batch's shortest context ends. The numbers are those of one forward
 pass over context + continuation, which is what lm-evaluation-harness computes (per choice, five times over).
 """
 
