@@ -1,21 +1,21 @@
 """Log-likelihoods and generation with a GGUF through llama-cpp-python (log-probabilities from llama.cpp).
 
-The context is decoded once per item; each choice then rewinds the KV cache to the end of the context and
-decodes only its own tokens, with logits kept for every position (logits_all).
+The model lives in a child process (exports/llama_child.py): a native crash of llama.cpp is a NativeCrash
+naming the file, not the death of the evaluation. The context is decoded once per item; each choice then
+rewinds the KV cache to the end of the context and decodes only its own tokens, with logits kept for every
+position (logits_all).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from evals.scoring import Request
 from exports.gguf import log_softmax
+from exports.llama_child import GGUFLoadError, LlamaChild
 
-
-class GGUFLoadError(Exception):
-    """The file is not a GGUF llama.cpp can load (reported and skipped by the stage)."""
+__all__ = ["GGUFLoadError", "GGUFModel", "log_softmax_at"]
 
 
 def log_softmax_at(logits, token: int) -> float:
@@ -35,47 +35,54 @@ class GGUFModel:
         if not has_gguf_magic(path):
             raise GGUFLoadError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes); "
                                 "re-run `distillery export --force` or remove it")
-        from llama_cpp import Llama
-
-        try:
-            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_gpu_layers=-1,
-                             n_threads=threads or max(1, (os.cpu_count() or 2)))
-        except (ValueError, RuntimeError, OSError) as err:
-            raise GGUFLoadError(f"llama.cpp cannot load {path}: {str(err).splitlines()[0]}") from None
+        self.llama = LlamaChild(path, "scoring", n_ctx=n_ctx, logits_all=True, threads=threads)
 
     def encode(self, text: str) -> list[int]:
         """The model's own tokenization, with the special tokens its GGUF metadata asks for (like HF's default)."""
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+        return self.llama.tokenize([text], add_bos=True, special=False)[0]
 
     def loglikelihoods(self, requests: list[Request], batch_size: int,
                        progress: Callable[[int], None] = lambda n: None) -> list[list[float]]:
-        results = []
-        for request in requests:
-            results.append(self._score(request))
-            progress(1)
-        return results
-
-    def _score(self, request: Request) -> list[float]:
-        llm = self.llm
-        llm.reset()
-        llm.eval(list(request.context))
-        end = llm.n_tokens
-        scores = []
-        for cont in request.continuations:
-            total = log_softmax_at(llm.scores[end - 1], cont[0])
-            if len(cont) > 1:
-                llm.n_tokens = end  # rewind: eval() drops the cache past n_tokens
-                llm.eval(list(cont[:-1]))
-                total += sum(log_softmax_at(llm.scores[end + i], cont[i + 1]) for i in range(len(cont) - 1))
-            scores.append(total)
-        return scores
+        return self.llama.call(_score_requests, requests, on_event=progress)
 
     def generate(self, prompts: list[str], max_new_tokens: int, batch_size: int,
                  progress: Callable[[int], None] = lambda n: None) -> list[str]:
-        texts = []
-        for prompt in prompts:
-            self.llm.reset()
-            out = self.llm.create_completion(prompt, max_tokens=max_new_tokens, temperature=0.0)
-            texts.append(out["choices"][0]["text"])
-            progress(1)
-        return texts
+        return self.llama.call(_generate, prompts, max_new_tokens, on_event=progress)
+
+    def close(self) -> None:
+        self.llama.close()
+
+
+def _score_requests(state: dict[str, Any], emit: Callable[[int], None], requests: list[Request]) -> list[list[float]]:
+    """In the child: each request's continuation log-likelihoods; emits 1 per request done."""
+    results = []
+    for request in requests:
+        results.append(_score(state["llm"], request))
+        emit(1)
+    return results
+
+
+def _score(llm: Any, request: Request) -> list[float]:
+    llm.reset()
+    llm.eval(list(request.context))
+    end = llm.n_tokens
+    scores = []
+    for cont in request.continuations:
+        total = log_softmax_at(llm.scores[end - 1], cont[0])
+        if len(cont) > 1:
+            llm.n_tokens = end  # rewind: eval() drops the cache past n_tokens
+            llm.eval(list(cont[:-1]))
+            total += sum(log_softmax_at(llm.scores[end + i], cont[i + 1]) for i in range(len(cont) - 1))
+        scores.append(total)
+    return scores
+
+
+def _generate(state: dict[str, Any], emit: Callable[[int], None], prompts: list[str], max_new_tokens: int) -> list[str]:
+    """In the child: a greedy completion of each prompt; emits 1 per prompt done."""
+    llm, texts = state["llm"], []
+    for prompt in prompts:
+        llm.reset()
+        out = llm.create_completion(prompt, max_tokens=max_new_tokens, temperature=0.0)
+        texts.append(out["choices"][0]["text"])
+        emit(1)
+    return texts

@@ -1,12 +1,14 @@
 """`distillery chat`: talk to an exported GGUF through llama-cpp-python, formatted by the chat template stored
 in the GGUF (the training template), stopping at its EOS. One answer with --prompt, else an interactive loop
-that streams each answer and keeps the conversation."""
+that streams each answer and keeps the conversation. The model runs in a child process (exports/llama_child.py);
+the conversation (input, output) stays in this one."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Iterator
 
+from exports.llama_child import LlamaChild
 from pipeline.config import DistilleryConfig
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir
@@ -32,28 +34,31 @@ def find_gguf(cfg: DistilleryConfig, choice: str | None = None) -> Path:
     return next((p for p in available if p.stem.upper().endswith("-" + PREFERRED)), available[0])
 
 
-def stream_answer(llm, messages: list[dict[str, str]], max_tokens: int, temperature: float,
+def stream_answer(llama: LlamaChild, messages: list[dict[str, str]], max_tokens: int, temperature: float,
                   seed: int) -> Iterator[str]:
-    """Pieces of the assistant's answer as llama.cpp generates them."""
-    for chunk in llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=temperature,
-                                            seed=seed, stream=True):
+    """Pieces of the assistant's answer as llama.cpp generates them (in its child process)."""
+    return llama.stream(_stream_chat, messages, max_tokens, temperature, seed)
+
+
+def _stream_chat(state: dict[str, Any], emit: Any, messages: list[dict[str, str]], max_tokens: int,
+                 temperature: float, seed: int) -> None:
+    """In the llama.cpp child: emit each piece of the streamed chat completion."""
+    for chunk in state["llm"].create_chat_completion(messages=messages, max_tokens=max_tokens,
+                                                     temperature=temperature, seed=seed, stream=True):
         piece = chunk["choices"][0]["delta"].get("content")
         if piece:
-            yield piece
+            emit(piece)
 
 
 def chat(cfg: DistilleryConfig, console: Any, gguf: str | None, prompt: str | None, system: str | None,
          max_tokens: int, temperature: float) -> None:
-    from exports.gguf import load_gguf
-
     path = find_gguf(cfg, gguf)
     console.print(f"[dim]{path} (llama.cpp, chat template from the GGUF)[/]")
-    llm = load_gguf(path, n_ctx=4096)
     messages = [{"role": "system", "content": system}] if system else []
-    try:
+    with LlamaChild(path, "chatting with", n_ctx=4096) as llama:
         if prompt is not None:
             messages.append({"role": "user", "content": prompt})
-            for piece in stream_answer(llm, messages, max_tokens, temperature, cfg.run.seed):
+            for piece in stream_answer(llama, messages, max_tokens, temperature, cfg.run.seed):
                 console.out(piece, end="", highlight=False)
             console.out("")
             return
@@ -68,13 +73,11 @@ def chat(cfg: DistilleryConfig, console: Any, gguf: str | None, prompt: str | No
             messages.append({"role": "user", "content": text})
             console.out("model> ", end="", highlight=False)
             answer = ""
-            for piece in stream_answer(llm, messages, max_tokens, temperature, cfg.run.seed):
+            for piece in stream_answer(llama, messages, max_tokens, temperature, cfg.run.seed):
                 answer += piece
                 console.out(piece, end="", highlight=False)
             console.out("")
             messages.append({"role": "assistant", "content": answer})
-    finally:
-        llm.close()
 
 
 def held_out_question(cfg: DistilleryConfig) -> tuple[str, str] | None:

@@ -4,8 +4,9 @@ The converter (convert_hf_to_gguf.py + its `conversion/` package) needs llama.cp
 newer than the `gguf` distribution that transformers' GGUF loader uses. Installing gguf-py into the venv would
 replace that distribution, so instead:
 
-1. `python -m exports.converter --install` (run by `just setup`, network needed only then) takes the
-   llama-cpp-python sdist of the installed version (the same llama.cpp the runtime and quantizer come from),
+1. `python -m exports.converter --install` (run by `just setup`) takes the llama-cpp-python sdist of the
+   installed version (the same llama.cpp the runtime and quantizer come from; exports/llama_build.py downloaded
+   it once to compile the runtime),
    extracts vendor/llama.cpp/{convert_hf_to_gguf.py, conversion/, gguf-py/, requirements/, LICENSE} into
    <venv>/share/llama.cpp/ (a temp directory renamed into place: idempotent and atomic);
 2. the export stage runs the converter with PYTHONPATH=<that>/gguf-py:<that>, offline, so only that child
@@ -77,20 +78,6 @@ def converter_env() -> dict[str, str]:
     return env
 
 
-def download_sdist(version: str, dest: Path) -> Path:
-    """`pip download` the llama-cpp-python sdist of `version` into `dest` (the only networked step)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
-           f"{DISTRIBUTION}=={version}", "-d", str(dest)]
-    log.info("downloading the %s %s sdist (once) for llama.cpp's converter", DISTRIBUTION, version)
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    archives = sorted(dest.glob("*.tar.gz"))
-    if done.returncode != 0 or not archives:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        raise UserError(f"could not download the {DISTRIBUTION}=={version} sdist for llama.cpp's converter "
-                        f"(network needed once, at setup): {' | '.join(tail)}")
-    return archives[0]
-
-
 def extract_converter(sdist: Path, target: Path, version: str) -> None:
     """Extract the converter's files from an sdist into `target`, atomically (temp dir + rename)."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -142,9 +129,9 @@ def install(sdist: Path | None = None, force: bool = False) -> Path:
     if not force and installed_version(target) == version and (target / SCRIPT).is_file():
         log.info("llama.cpp converter %s already installed in %s", version, target)
         return target
-    with tempfile.TemporaryDirectory(prefix="distillery-sdist-") as tmp:
-        archive = sdist or download_sdist(version, Path(tmp))
-        extract_converter(archive, target, version)
+    from exports.llama_build import fetch_sdist
+
+    extract_converter(sdist or fetch_sdist(version), target, version)
     log.info("installed llama.cpp's converter (%s %s) into %s", DISTRIBUTION, version, target)
     return target
 
@@ -152,7 +139,7 @@ def install(sdist: Path | None = None, force: bool = False) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m exports.converter", description=__doc__.splitlines()[0])
     parser.add_argument("--install", action="store_true", help="install the converter (idempotent)")
-    parser.add_argument("--sdist", type=Path, help="use this llama-cpp-python sdist instead of downloading it")
+    parser.add_argument("--sdist", type=Path, help="use this llama-cpp-python sdist instead of the cached one")
     parser.add_argument("--force", action="store_true", help="reinstall even if the same version is there")
     parser.add_argument("--check", action="store_true", help="run the converter once to check its imports")
     args = parser.parse_args(argv)

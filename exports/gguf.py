@@ -2,9 +2,10 @@
 and the checks that every file is the model that was trained.
 
 - `convert_to_gguf` runs convert_hf_to_gguf.py (exports/converter.py) as a subprocess, offline;
-- `quantize_gguf` calls llama.cpp's `llama_model_quantize` through llama-cpp-python, optionally with an
-  importance matrix (`load_imatrix`: llama-imatrix's GGUF or legacy .dat file);
-- `gguf_metadata`, `gguf_logprobs` and `compare_logprobs` feed the verification in stages/export.py.
+- `quantize_gguf` calls llama.cpp's `llama_model_quantize` through llama-cpp-python in a child process,
+  optionally with an importance matrix (`load_imatrix`: llama-imatrix's GGUF or legacy .dat file);
+- `gguf_logprobs` (on a GGUF loaded in a child process, exports/llama_child.py) and `compare_logprobs` feed
+  the verification in stages/export.py.
 
 Every file is written to a temporary name beside its target and renamed only when complete.
 """
@@ -260,17 +261,46 @@ def native_stderr_captured() -> Iterator[io.StringIO]:
 
 def quantize_gguf(src: Path, dst: Path, quant: QuantType, imatrix: dict[str, Any] | None = None,
                   threads: int = 0) -> float:
-    """llama.cpp's quantizer: `src` (16-bit or q8_0 GGUF) -> `dst` of type `quant`; returns seconds."""
-    import ctypes
+    """llama.cpp's quantizer (in a child process): `src` (16-bit or q8_0 GGUF) -> `dst` of type `quant`;
+    returns seconds."""
     import time
 
-    import llama_cpp
+    from exports.llama_child import LIBRARY, crash_hint
+    from pipeline.isolation import Child
 
     if quant.needs_imatrix and imatrix is None:
         raise UserError(f"export.quantizations: {quant.value} needs an importance matrix: set export.imatrix to a "
                         "llama-imatrix file (or choose a k-quant such as q4_k_m).")
+    tmp = temp_path(dst)
+    tmp.unlink(missing_ok=True)
+    started = time.time()
+    try:
+        with Child(LIBRARY, f"quantizing {src} to {quant.value}", hint=crash_hint()) as child:
+            status, native_log = child.call(_quantize, str(src), str(tmp), quant, imatrix, threads,
+                                            log.isEnabledFor(logging.DEBUG))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if log.isEnabledFor(logging.DEBUG):
+        sys.stderr.write(native_log)
+    if status != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        tail = "\n".join(native_log.splitlines()[-15:])
+        raise RuntimeError(f"llama.cpp's quantizer failed ({src.name} -> {quant.value}, status {status}):\n{tail}")
+    os.replace(tmp, dst)
+    return time.time() - started
+
+
+def _quantize(state: dict[str, Any], emit: Any, src: str, tmp: str, quant: QuantType,
+              imatrix: dict[str, Any] | None, threads: int, verbose: bool) -> tuple[int, str]:
+    """In the child: llama_model_quantize with llama.cpp's log captured; (status, that log)."""
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
     # llama.cpp logs a line per tensor; through llama-cpp-python's logger only errors, unless --verbose.
-    logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR)
+    logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, quant.llama_ftype_name)
     params.nthread = threads
@@ -280,8 +310,6 @@ def quantize_gguf(src: Path, dst: Path, quant: QuantType, imatrix: dict[str, Any
     if imatrix is not None:
         entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
         for i, (name, values) in enumerate(imatrix.items()):
-            import numpy as np
-
             array = np.ascontiguousarray(values, dtype=np.float32)
             keep_alive.append(array)
             entries[i].name = name.encode("utf-8")
@@ -290,56 +318,28 @@ def quantize_gguf(src: Path, dst: Path, quant: QuantType, imatrix: dict[str, Any
         entries[len(imatrix)].name = None  # the list ends at a null name
         keep_alive.append(entries)
         params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-    tmp = temp_path(dst)
-    tmp.unlink(missing_ok=True)
-    started = time.time()
     with native_stderr_captured() as native_log:
-        status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-    if log.isEnabledFor(logging.DEBUG):
-        sys.stderr.write(native_log.getvalue())
-    if status != 0 or not tmp.is_file():
-        tmp.unlink(missing_ok=True)
-        tail = "\n".join(native_log.getvalue().splitlines()[-15:])
-        raise RuntimeError(f"llama.cpp's quantizer failed ({src.name} -> {quant.value}, status {status}):\n{tail}")
-    os.replace(tmp, dst)
-    return time.time() - started
+        status = llama_cpp.llama_model_quantize(src.encode(), tmp.encode(), ctypes.byref(params))
+    return status, native_log.getvalue()
 
 
-def load_gguf(path: Path, n_ctx: int = 2048, logits_all: bool = False, threads: int | None = None,
-              vocab_only: bool = False):
-    """A llama_cpp.Llama on `path`, quiet, on CPU unless llama.cpp was built with a GPU backend."""
-    from llama_cpp import Llama
-
-    try:
-        return Llama(model_path=str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False,
-                     n_threads=threads or max(1, os.cpu_count() or 1), vocab_only=vocab_only, n_gpu_layers=-1)
-    except ValueError as err:
-        raise RuntimeError(f"llama.cpp cannot load {path}: {err}") from None
-
-
-def gguf_metadata(llm) -> dict[str, Any]:
-    """The chat template and EOS stored in a loaded GGUF (the token's id and its text)."""
-    meta = llm.metadata
-    eos_id = int(meta.get("tokenizer.ggml.eos_token_id", llm.token_eos()))
-    return {
-        "chat_template": meta.get("tokenizer.chat_template"),
-        "eos_token_id": eos_id,
-        "eos_token": llm.detokenize([eos_id], special=True).decode("utf-8", errors="replace"),
-        "architecture": meta.get("general.architecture"),
-        "file_type": meta.get("general.file_type"),
-    }
-
-
-def gguf_logprobs(llm, token_lists: Sequence[Sequence[int]]) -> list[Any]:
-    """Log-probabilities of the next token at every position of each token list (teacher forcing)."""
+def gguf_logprobs(llama: Any, token_lists: Sequence[Sequence[int]]) -> list[Any]:
+    """Log-probabilities of the next token at every position of each token list (teacher forcing), from a
+    LlamaChild loaded with logits_all."""
     import numpy as np
 
-    results = []
+    return [log_softmax(np.asarray(logits, dtype=np.float64)) for logits in llama.call(_logits, token_lists)]
+
+
+def _logits(state: dict[str, Any], emit: Any, token_lists: Sequence[Sequence[int]]) -> list[Any]:
+    """In the child: the raw logits (float32) at every position of each token list, each from a fresh cache."""
+    import numpy as np
+
+    llm, results = state["llm"], []
     for tokens in token_lists:
         llm.reset()
         llm.eval(list(tokens))
-        logits = np.array(llm.scores[: len(tokens)], dtype=np.float64)
-        results.append(log_softmax(logits))
+        results.append(np.array(llm.scores[: len(tokens)], dtype=np.float32))
     return results
 
 

@@ -6,16 +6,19 @@ overrides, and `--force`. A stage first brings its upstream stages up to date (a
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Iterator, Optional
 
+import click
 import typer
+from rich.traceback import Traceback
 
 from pipeline.config import load_config, load_dotenv
 from pipeline.console import console, setup_logging, summary_table
-from pipeline.errors import UserError
+from pipeline.errors import StageFailed, UserError
 from pipeline.runner import STAGES, pipeline_stages, plan, run_stage
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -32,8 +35,8 @@ def execute(target: str | None, config: Path, sets: list[str] | None, force: boo
     """Run `target` (with its upstream chain) or, with None, every built stage; print a summary table."""
     setup_logging(verbose)
     load_dotenv()
-    try:
-        cfg = load_config(config, sets or [])
+    with reported_errors(target or "run", verbose) as where:
+        cfg = where["cfg"] = load_config(config, sets or [])
         if target is None:
             names = pipeline_stages(cfg)
         else:
@@ -44,20 +47,65 @@ def execute(target: str | None, config: Path, sets: list[str] | None, force: boo
             # --force redoes the named stage; upstream stages are only redone when they changed.
             status, result, seconds = run_stage(name, cfg, force=force and (target is None or name == target))
             headline = "; ".join(f"{k} {v}" for k, v in (result.summary if result else [])[:4])
-            where = f"{cfg.run.root}/{cfg.run.name}/{name}/"
-            rows.append((name, status, f"{seconds:.1f}s", where, headline))
+            artifacts = f"{cfg.run.root}/{cfg.run.name}/{name}/"
+            rows.append((name, status, f"{seconds:.1f}s", artifacts, headline))
         console.print(summary_table(f"run {cfg.run.name} ({time.time() - started:.1f}s)", rows,
                                     ("stage", "status", "time", "artifacts", "result")))
         if target is None and "export" in names:
             from exports.chat import answer_held_out
 
             answer_held_out(cfg, console)
+
+
+@contextlib.contextmanager
+def reported_errors(command: str, verbose: bool) -> Iterator[dict[str, Any]]:
+    """Every way a command can end, as one message and an exit code: 2 for the user's mistakes, 1 for a native
+    crash or a bug (with the log holding the traceback), 130 for Ctrl-C. The body stores the loaded config in
+    the yielded dict, so that an unexpected error outside a stage can still be logged into the run."""
+    where: dict[str, Any] = {}
+    try:
+        yield where
+    except (typer.Exit, click.exceptions.Abort):
+        raise
     except UserError as err:
         console.print(f"[bold red]error:[/] {err}")
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: finished stages are kept; run the same command to continue.")
+        if command in STAGES or command == "run":
+            console.print("[yellow]interrupted[/]: finished stages are kept; run the same command to continue.")
         raise typer.Exit(130) from None
+    except Exception as err:  # noqa: BLE001 - reported in one line; the traceback goes to the log
+        failure = err if isinstance(err, StageFailed) else StageFailed(command, err, str(log_failure(where, command, err)))
+        report_failure(failure, verbose)
+        raise typer.Exit(1) from None
+
+
+def log_failure(where: dict[str, Any], command: str, err: BaseException) -> Path:
+    """Write the traceback into the run's logs/ (or the cache's, before a config was loaded)."""
+    from pipeline.models import cache_home
+    from pipeline.rundir import RunDir
+    from pipeline.runner import write_failure_log
+
+    cfg = where.get("cfg")
+    run = RunDir(cfg.run.root, cfg.run.name) if cfg is not None else RunDir(cache_home(), "logs-outside-a-run")
+    return write_failure_log(run, command, err)
+
+
+def report_failure(failure: StageFailed, verbose: bool) -> None:
+    """One line: which stage or command, what happened, and where the full traceback is."""
+    from pipeline.isolation import NativeCrash
+
+    cause = failure.cause
+    if verbose:
+        console.print(Traceback.from_exception(type(cause), cause, cause.__traceback__, show_locals=False))
+    if isinstance(cause, NativeCrash):
+        console.print(f"[bold red]error:[/] {failure.step} failed: {cause} Log: {failure.log}", soft_wrap=True)
+        return
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    console.print(f"[bold red]error:[/] {failure.step} failed with an unexpected {type(cause).__name__}"
+                  f"{': ' + text if text else ''}. This is a bug in Distillery, not a problem with your data or "
+                  f"config; please report it with the full traceback, written to {failure.log} (-v shows it here).",
+                  soft_wrap=True)
 
 
 def _stage_command(stage: str, help_text: str) -> None:
@@ -88,17 +136,13 @@ def run_all(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, force: Forc
     execute(None, config, set_, force, verbose)
 
 
-def _with_config(config: Path, sets: list[str] | None, verbose: bool, action) -> None:
-    """Load the config (and .env), run `action(cfg)`; user errors exit 2 with one message."""
+def _with_config(command: str, config: Path, sets: list[str] | None, verbose: bool, action) -> None:
+    """Load the config (and .env), run `action(cfg)`; every error is reported as `execute` reports it."""
     setup_logging(verbose)
     load_dotenv()
-    try:
-        action(load_config(config, sets or []))
-    except UserError as err:
-        console.print(f"[bold red]error:[/] {err}")
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+    with reported_errors(command, verbose) as where:
+        where["cfg"] = load_config(config, sets or [])
+        action(where["cfg"])
 
 
 @app.command("push")
@@ -109,7 +153,7 @@ def push_command(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
     """Upload the merged model and/or GGUFs to the Hugging Face Hub with a model card (token: HF_TOKEN)."""
     from exports.hub import push
 
-    _with_config(config, set_, verbose, lambda cfg: push(cfg, console, dry_run=dry_run))
+    _with_config("push", config, set_, verbose, lambda cfg: push(cfg, console, dry_run=dry_run))
 
 
 @app.command("chat")
@@ -125,7 +169,7 @@ def chat_command(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
     """Chat with the exported GGUF in llama.cpp (its embedded chat template), streaming the answer."""
     from exports.chat import chat
 
-    _with_config(config, set_, verbose,
+    _with_config("chat", config, set_, verbose,
                  lambda cfg: chat(cfg, console, gguf, prompt, system, max_tokens, temperature))
 
 

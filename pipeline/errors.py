@@ -8,3 +8,12 @@ message that names the file / sheet / row / field and says what to do about it.
 class UserError(Exception):
     """Bad input or environment the user can fix; the message must say where and how."""
 
+
+
+class StageFailed(Exception):
+    """A stage (or a command such as chat) ended with an error that is not the user's to fix: a bug, or a native
+    crash (pipeline.isolation.NativeCrash). The full traceback is in `log`; the CLI prints one line."""
+
+    def __init__(self, step: str, cause: BaseException, log: str):
+        self.step, self.cause, self.log = step, cause, log
+        super().__init__(f"{step}: {type(cause).__name__}: {cause}")

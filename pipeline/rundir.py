@@ -3,6 +3,7 @@
     runs/<name>/config.yaml      resolved config, secrets removed
     runs/<name>/manifest.json    per stage: status, fingerprint, inputs, outputs with sha256, metrics, timings
     runs/<name>/<stage>/...      each stage's artifacts and a human-readable report
+    runs/<name>/logs/<stage>.log the full traceback of a stage that failed with an unexpected error
 
 A stage writes into `runs/<name>/.<stage>.partial/`; only a finished stage is renamed into place, so a
 later stage never reads a half-written artifact.
@@ -101,6 +102,10 @@ class RunDir:
         manifest = self.load_manifest()
         manifest["stages"][stage] = entry
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+
+    def log_path(self, step: str) -> Path:
+        """runs/<name>/logs/<step>.log: where the full traceback of a failed stage or command goes."""
+        return self.path / "logs" / f"{step}.log"
 
     def save_config(self, config_dump: dict[str, Any]) -> None:
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config_dump, allow_unicode=True, sort_keys=False))

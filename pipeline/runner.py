@@ -12,12 +12,13 @@ import logging
 import shutil
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from types import ModuleType
 
 from pipeline.config import DistilleryConfig, redact
 from pipeline.console import console
-from pipeline.errors import UserError
-from pipeline.rundir import RunDir, describe_outputs, package_versions, sha256_file, sha256_json
+from pipeline.errors import StageFailed, UserError
+from pipeline.rundir import RunDir, atomic_write_text, describe_outputs, package_versions, sha256_file, sha256_json
 from pipeline.stage import StageContext, StageResult
 
 log = logging.getLogger(__name__)
@@ -103,8 +104,13 @@ def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[st
     except BaseException as err:
         if not getattr(module, "RESUMABLE", False) or isinstance(err, UserError):
             shutil.rmtree(partial, ignore_errors=True)
-        run.update_stage(name, {"status": "failed", "fingerprint": fp, "inputs": inputs, "error": _short(err)})
-        raise
+        failure = {"status": "failed", "fingerprint": fp, "inputs": inputs, "error": _short(err)}
+        if isinstance(err, UserError) or not isinstance(err, Exception):  # the user's to fix, or an interrupt
+            run.update_stage(name, failure)
+            raise
+        log_path = write_failure_log(run, name, err)
+        run.update_stage(name, {**failure, "log": str(log_path)})
+        raise StageFailed(name, err, str(log_path)) from err
     final = run.publish(name)
     seconds = time.time() - started
     run.update_stage(name, {
@@ -119,6 +125,16 @@ def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[st
         "seconds": round(seconds, 2),
     })
     return "done", result, seconds
+
+
+def write_failure_log(run: RunDir, step: str, err: BaseException) -> Path:
+    """The full traceback of `err` in runs/<name>/logs/<step>.log (the CLI prints one line and this path)."""
+    import traceback
+
+    path = run.log_path(step)
+    text = f"{_now()} {step} failed\n\n" + "".join(traceback.format_exception(err))
+    atomic_write_text(path, text)
+    return path
 
 
 def _now() -> str:

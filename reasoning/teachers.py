@@ -2,7 +2,8 @@
 
     complete(messages, n, temperature, max_tokens, seed) -> n answers (strings)
 
-- gguf:   a local GGUF through llama-cpp-python (bundled:<name> = the demo model's GGUF); one call at a time;
+- gguf:   a local GGUF through llama-cpp-python in a child process (bundled:<name> = the demo model's GGUF);
+          one call at a time;
 - hf:     a local HF directory or Hub id through transformers `generate` (n answers in one batch); one at a time;
 - openai: any OpenAI-compatible chat-completions endpoint (vLLM, llama-server, a hosted API) over HTTP (httpx),
           with the key read from the environment variable the config names; safe to call from several threads.
@@ -11,6 +12,7 @@ Heavy libraries are imported when a teacher is built, never at import.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import time
@@ -32,6 +34,8 @@ class Teacher(Protocol):
     parallel: bool  # may complete() run in several threads at once
 
     def complete(self, messages: Messages, n: int, temperature: float, max_tokens: int, seed: int) -> list[str]: ...
+
+    def close(self) -> None: ...
 
 
 def build_teacher(cfg: TeacherConfig, retries: int = 3) -> Teacher:
@@ -64,21 +68,29 @@ class GGUFTeacher:
     parallel = False
 
     def __init__(self, path: Path, context_length: int):
-        try:
-            from llama_cpp import Llama
-        except ImportError:
-            raise UserError("distill.teacher.kind gguf needs llama-cpp-python: run `just setup`.") from None
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise UserError("distill.teacher.kind gguf needs llama-cpp-python: run `just setup`.")
+        from exports.llama_child import LlamaChild
+
         self.name = f"gguf:{path.name}"
-        # n_gpu_layers=-1 offloads every layer on a CUDA/Metal build of llama.cpp and is ignored by a CPU build.
-        self.llm = Llama(model_path=str(path), n_ctx=context_length, n_gpu_layers=-1, verbose=False)
+        self.llama = LlamaChild(path, "generating teacher answers with", n_ctx=context_length)
 
     def complete(self, messages: Messages, n: int, temperature: float, max_tokens: int, seed: int) -> list[str]:
-        answers = []
-        for i in range(n):
-            reply = self.llm.create_chat_completion(messages=messages, temperature=temperature, max_tokens=max_tokens,
+        return self.llama.call(_chat_completions, messages, n, temperature, max_tokens, seed)
+
+    def close(self) -> None:
+        self.llama.close()
+
+
+def _chat_completions(state: dict[str, Any], emit: Any, messages: Messages, n: int, temperature: float,
+                      max_tokens: int, seed: int) -> list[str]:
+    """In the llama.cpp child: n chat completions through the GGUF's own chat template."""
+    answers = []
+    for i in range(n):
+        reply = state["llm"].create_chat_completion(messages=messages, temperature=temperature, max_tokens=max_tokens,
                                                     seed=seed + i)
-            answers.append(reply["choices"][0]["message"]["content"] or "")
-        return answers
+        answers.append(reply["choices"][0]["message"]["content"] or "")
+    return answers
 
 
 class HFTeacher:
@@ -110,6 +122,9 @@ class HFTeacher:
         prompt_length = inputs["input_ids"].shape[1]
         return [self.tokenizer.decode(row[prompt_length:], skip_special_tokens=True) for row in output]
 
+    def close(self) -> None:
+        del self.model
+
 
 class OpenAITeacher:
     parallel = True
@@ -130,6 +145,9 @@ class OpenAITeacher:
         # One request per sample: not every server honours `n` (llama-server does not).
         return [self.request({"model": self.model, "messages": messages, "temperature": temperature,
                               "max_tokens": max_tokens, "seed": seed + i}) for i in range(n)]
+
+    def close(self) -> None:
+        self.client.close()
 
     def request(self, body: dict) -> str:
         """POST with retries on connection errors, timeouts, 429 and 5xx (exponential backoff)."""

@@ -245,6 +245,8 @@ def run(ctx: StageContext) -> StageResult:
         except UserError:
             keep_progress(ctx, progress_path)  # e.g. the teacher's server went away: the rerun resumes
             raise
+        finally:
+            teacher.close()
     entries = {entry["id"]: entry for entry in load_progress(progress_path)}
     ordered = [entries[r["id"]] for r in prompts]
     return finish(ctx, ordered, skipped)

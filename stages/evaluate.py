@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from evals import generative, mathqa, report
-from evals.gguf_backend import GGUFLoadError
+from evals.gguf_backend import GGUFLoadError, GGUFModel
 from evals.scoring import build_request
 from pipeline.config import DistilleryConfig, EvaluateConfig
 from pipeline.console import summary_table
@@ -103,8 +103,6 @@ def load_model(artifact: Artifact, cfg: DistilleryConfig) -> Any:
     """A scorer for the artifact: transformers (+ PEFT) for HF directories, llama.cpp for GGUFs."""
     ev = cfg.evaluate
     if artifact.kind == "gguf":
-        from evals.gguf_backend import GGUFModel
-
         return GGUFModel(Path(artifact.path), threads=ev.gguf_threads)
     from evals.hf_backend import HFModel
 
@@ -210,7 +208,11 @@ def run(ctx: StageContext) -> StageResult:
                 bar.advance(task, n)
 
             score = score_loglikelihood if ev.mode == "loglikelihood" else score_generative
-            rows = score(model, items, prompts, ev, advance)
+            try:
+                rows = score(model, items, prompts, ev, advance)
+            finally:
+                if isinstance(model, GGUFModel):
+                    model.close()  # its llama.cpp child process
             del model
             results["artifacts"][artifact.name] = {"kind": artifact.kind, "path": str(artifact.path),
                                                    **summarize(rows, ev.mode),

@@ -162,15 +162,13 @@ def verify_tokens(merged_dir: Path, prompts: list[str], new_tokens: int) -> dict
 def verify_gguf(path: Path, template: str, eos: str, eos_id: int, probe: dict[str, Any], max_kl: float,
                 min_top1: float | None, threads: int) -> dict[str, Any]:
     """Load one GGUF and check its metadata, its tokenizer and its next-token distributions."""
+    from exports.llama_child import LlamaChild
+
     n_ctx = max(len(t) for t in probe["token_lists"]) + 8
-    llm = gguf_io.load_gguf(path, n_ctx=max(n_ctx, 256), logits_all=True, threads=threads or None)
-    try:
-        meta = gguf_io.gguf_metadata(llm)
-        tokenizer_match = all(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == ids
-                              for text, ids in zip(probe["texts"], probe["prompt_ids"]))
-        stats = gguf_io.compare_logprobs(probe["reference"], gguf_io.gguf_logprobs(llm, probe["token_lists"]))
-    finally:
-        llm.close()
+    with LlamaChild(path, "verifying", n_ctx=max(n_ctx, 256), logits_all=True, threads=threads or None) as llama:
+        meta = llama.metadata
+        tokenizer_match = llama.tokenize(probe["texts"], add_bos=False, special=True) == probe["prompt_ids"]
+        stats = gguf_io.compare_logprobs(probe["reference"], gguf_io.gguf_logprobs(llama, probe["token_lists"]))
     checks = {
         "loads": True,
         "chat_template": meta["chat_template"] == template,

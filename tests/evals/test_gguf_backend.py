@@ -39,13 +39,19 @@ def fresh_eval(model: GGUFModel, context: tuple[int, ...], continuation: tuple[i
 
     (Decoded in the same two steps as the scorer: llama.cpp's CPU kernels round differently for large and small
     batches, so one pass over everything differs by up to a few tenths on long continuations.)"""
+    return model.llama.call(_fresh_eval, context, continuation)
+
+
+def _fresh_eval(state: dict, emit, context: tuple[int, ...], continuation: tuple[int, ...]) -> float:
+    """In the llama.cpp child."""
     from evals.gguf_backend import log_softmax_at
 
-    model.llm.reset()
-    model.llm.eval(list(context))
-    model.llm.eval(list(continuation[:-1]))
+    llm = state["llm"]
+    llm.reset()
+    llm.eval(list(context))
+    llm.eval(list(continuation[:-1]))
     start = len(context) - 1
-    return sum(log_softmax_at(model.llm.scores[start + i], t) for i, t in enumerate(continuation))
+    return sum(log_softmax_at(llm.scores[start + i], t) for i, t in enumerate(continuation))
 
 
 @pytest.mark.integration

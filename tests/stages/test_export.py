@@ -74,12 +74,11 @@ def test_export_writes_verified_merged_model_and_ggufs(exported, demo_model_path
 @pytest.mark.integration
 @pytest.mark.slow
 def test_gguf_carries_the_training_template_and_eos(exported) -> None:
-    from exports.gguf import gguf_metadata, load_gguf
+    from exports.llama_child import LlamaChild
 
     _, run = exported
-    llm = load_gguf(run.stage_dir("export") / "gguf" / f"{STEM}-Q4_K_M.gguf", n_ctx=128)
-    meta = gguf_metadata(llm)
-    llm.close()
+    with LlamaChild(run.stage_dir("export") / "gguf" / f"{STEM}-Q4_K_M.gguf", "reading", n_ctx=128) as llama:
+        meta = llama.metadata
     assert meta["chat_template"] == (run.stage_dir("format") / "chat_template.jinja").read_text()
     assert meta["eos_token"] == "<|im_end|>"
 

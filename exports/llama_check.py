@@ -1,0 +1,76 @@
+"""Does the installed llama.cpp run on this CPU? The last step of `just setup`, and the first thing to run when
+llama.cpp crashed.
+
+    python -m exports.llama_check [--gguf FILE]
+
+Loads a small quantized GGUF (default: the bundled SmolLM2-135M Q4_1, whose quantized matmuls are the ones an
+unsuitable build crashes in) in a child process, decodes a prompt and a few tokens greedily, and prints what it
+got. When the child crashes or fails: what failed, the CPU's relevant flags, the installed build and the
+remedy; exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from exports.llama_build import describe_cpu, installed_build
+from exports.llama_child import GGUFLoadError, LlamaChild
+from pipeline.errors import UserError
+from pipeline.isolation import NativeCrash
+
+# The bundled model's ChatML; it continues with " Paris." at every quantization.
+PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nThe capital of France is"
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+
+def check(path: Path, prompt: str = PROMPT, tokens: int = 3) -> dict[str, Any]:
+    """Decode `prompt` and `tokens` greedy tokens from `path` in a child process: {text, seconds, metadata}."""
+    started = time.time()
+    with LlamaChild(path, "decoding a few tokens of", n_ctx=256, hint="") as llama:
+        text = llama.call(_decode, prompt, tokens)
+        return {"text": text, "seconds": time.time() - started, "architecture": llama.metadata["architecture"]}
+
+
+def _decode(state: dict[str, Any], emit: Callable[[Any], None], prompt: str, tokens: int) -> str:
+    """In the child: evaluate the prompt as one batch (matrix-matrix kernels), then generate one token at a time
+    (matrix-vector kernels)."""
+    llm = state["llm"]
+    ids = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+    llm.eval(ids)
+    out = []
+    for _ in range(tokens):
+        token = llm.sample(temp=0.0)
+        out.append(token)
+        llm.eval([token])
+    return llm.detokenize(out).decode("utf-8", errors="replace")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m exports.llama_check", description=__doc__.splitlines()[0])
+    parser.add_argument("--gguf", type=Path, help=f"the GGUF to decode (default: the bundled {DEFAULT_MODEL} Q4_1)")
+    args = parser.parse_args(argv)
+    build = installed_build().get("profile", "not installed by `just setup`")
+    try:
+        from pipeline.models import bundled_gguf
+
+        path = args.gguf or bundled_gguf(DEFAULT_MODEL)
+        result = check(path)
+    except (NativeCrash, GGUFLoadError, UserError, ImportError) as err:
+        print(f"llama.cpp self-check FAILED: {err}", file=sys.stderr)
+        print(f"  CPU: {describe_cpu()}", file=sys.stderr)
+        print(f"  installed llama-cpp-python build: {build}", file=sys.stderr)
+        print("  remedy: `just setup` installs the portable x86-64-v3 build (unset DISTILLERY_LLAMA_CPU if you set it "
+              "to native or x86-64-v4); a build of your own must not use GGML_NATIVE on CPUs with AMX "
+              "(ggml-org/llama.cpp issue 20824).", file=sys.stderr)
+        return 1
+    print(f"llama.cpp self-check: ok ({build} build, {path.name} decoded {result['text']!r} in "
+          f"{result['seconds']:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
