@@ -1,0 +1,36 @@
+"""The test suite's own guarantee: a test that crashes natively (a segfault in C code) fails on its own, named
+in the report, and every other test still runs (pyproject's pytest options: one xdist worker, restarted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CRASHY = '''
+import ctypes
+
+
+def test_before():
+    assert True
+
+
+def test_segfaults():
+    ctypes.string_at(0)
+
+
+def test_after():
+    assert True
+'''
+
+
+def test_a_native_crash_fails_only_its_test_and_is_named(tmp_path: Path) -> None:
+    (tmp_path / "test_crashy.py").write_text(CRASHY, encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-c", str(ROOT / "pyproject.toml"), "--rootdir",
+                           str(tmp_path), "-p", "no:cacheprovider", str(tmp_path / "test_crashy.py")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "1 failed, 2 passed" in output, output
+    assert "FAILED test_crashy.py::test_segfaults" in output and "crashed while running" in output, output
