@@ -4,6 +4,9 @@ revision, rejection sampling, resuming after an interruption, hostile code, and 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,8 +20,10 @@ import stages.distill as distill
 from pipeline.config import DistillConfig, load_config
 from pipeline.errors import UserError
 from pipeline.records import make_record, read_jsonl, write_jsonl
+from pipeline.rundir import describe_outputs
 from pipeline.runner import plan, run_stage
 from reasoning.teachers import OpenAITeacher
+from tests.fixtures.crash import crash_child_of
 
 MATHQA = [
     {"Problem": f"what is {a} times {b} ?", "Rationale": f"{a} * {b} = {a * b}",
@@ -368,6 +373,34 @@ def test_demo_gguf_teacher_feeds_format(tmp_path, monkeypatch) -> None:
     assert len(distilled) == 3 and all(r["messages"][-1]["content"].startswith("<think>\n") for r in distilled)
     formatted = {r["id"]: r for r in read_jsonl(out / "format/train.jsonl")}
     assert all(r["id"] in formatted and "<think>" in formatted[r["id"]]["completion"] for r in distilled)
+
+
+@pytest.mark.integration
+def test_a_native_crash_of_the_gguf_teacher_fails_the_stage_and_keeps_what_came_before(tmp_path, monkeypatch) -> None:
+    """SIGSEGV to the teacher's llama.cpp child mid-stage: one message naming the stage, the file and the signal,
+    exit code 1, distill marked failed with its log, nothing published, ingest's artifacts untouched."""
+    monkeypatch.chdir(tmp_path)
+    path = write_project(tmp_path, "unused")
+    config = yaml.safe_load(path.read_text())
+    config["distill"] = {"enabled": True, "teacher": {"kind": "gguf", "path": "bundled:SmolLM2-135M-Instruct",
+                                                      "context_length": 1024}, "max_prompts": 2, "max_tokens": 400}
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    run_stage("ingest", load_config(path))
+    ingest_before = describe_outputs(tmp_path / "runs/t/ingest")
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "distill", "-c", str(path)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "COLUMNS": "400", "PYTHONPATH": str(root)})
+    crash_child_of(proc)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, output
+    assert "error: distill failed: llama.cpp crashed with SIGSEGV (signal 11) while generating teacher answers " \
+           "with " in output and "SmolLM2-135M-Instruct.Q4_1.gguf" in output and "Traceback" not in output
+    entry = json.loads((tmp_path / "runs/t/manifest.json").read_text())["stages"]["distill"]
+    assert entry["status"] == "failed" and entry["error"].startswith("NativeCrash: llama.cpp crashed with SIGSEGV")
+    assert f"Log: {entry['log']}" in output and "NativeCrash" in Path(entry["log"]).read_text()
+    assert not (tmp_path / "runs/t/distill").exists()
+    assert describe_outputs(tmp_path / "runs/t/ingest") == ingest_before
 
 
 @pytest.mark.integration
