@@ -1,9 +1,14 @@
 """MathQA scoring speed: Distillery's evaluate scorer against lm-evaluation-harness 0.4.13 on the same items.
 
 Baseline (named in issue 4): the harness, HF backend, SmolLM2-135M fp32, batch 8, 300 MathQA test items —
-3 min 9 s on the project's 2-core CPU machine. Both runs here score the same 300 items of
+3 min 9 s on the project's 2-core CPU machine. Both runs here score the same items of
 ../shared/data/mathqa/test.jsonl on the same machine and in the same process; the script prints both times,
-the ratio (target >= 3x) and whether every prediction (acc and acc_norm) is identical.
+the ratio (target >= 3x), whether every prediction (acc and acc_norm) is identical, and the scores in
+lm-eval's table shape (acc, acc_norm, standard errors).
+
+    .venv/bin/python bench/evaluate.py                       # 300 items, both sides
+    .venv/bin/python bench/evaluate.py --items all           # the whole test split, 2,985 items, both sides
+    .venv/bin/python bench/evaluate.py --items all --no-harness   # the whole split, Distillery only
 """
 
 from __future__ import annotations
@@ -19,11 +24,34 @@ sys.path.insert(0, str(ROOT))
 BATCH = 8
 
 
+def items_arg(value: str) -> int | None:
+    """A number of items, or None for `all`."""
+    return None if value == "all" else int(value)
+
+
+def lm_eval_table(scores: dict) -> str:
+    """acc and acc_norm in the shape of lm-eval's results table (lm_eval.utils.make_table)."""
+    rows = [("mathqa", "1", "none", "0", "acc", "↑", f"{scores['acc']:.4f}", "±", f"{scores['acc_stderr']:.4f}"),
+            ("", "", "none", "0", "acc_norm", "↑", f"{scores['acc_norm']:.4f}", "±", f"{scores['acc_norm_stderr']:.4f}")]
+    header = ("Tasks", "Version", "Filter", "n-shot", "Metric", "", "Value", "", "Stderr")
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    right = {1, 3, 6, 8}
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "|" + "|".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))) + "|"
+
+    rule = "|" + "|".join(("-" * (w - 1) + ":") if i in right else "-" * w for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
 def main() -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--items", type=int, default=300, help="MathQA test items (the baseline is for 300)")
+    parser.add_argument("--items", type=items_arg, default=300,
+                        help="MathQA test items, or `all` (the baseline is for 300)")
+    parser.add_argument("--no-harness", action="store_true",
+                        help="score with Distillery only (the harness takes ~36 min for the whole split)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for both (1 makes CPU seconds comparable on a busy machine)")
     parser.add_argument("--repeat", type=int, default=1,
@@ -69,11 +97,27 @@ def main() -> int:
     for attempt in range(args.repeat):
         ours_s, ours_cpu, items, ours = run_ours()
         ours_times.append((ours_s, ours_cpu))
-        print(f"distillery evaluate: {ours_s:.1f} s for {n_items} items; now the harness ...", flush=True)
+        print(f"distillery evaluate: {ours_s:.1f} s for {len(items)} items", flush=True)
+        if args.no_harness:
+            continue
         harness_s, harness_cpu, reference = run_reference()
         harness_times.append((harness_s, harness_cpu))
         print(f"harness: {harness_s:.1f} s (run {attempt + 1} of {args.repeat})", flush=True)
-    (ours_s, ours_cpu), (harness_s, harness_cpu) = min(ours_times), min(harness_times)
+    (ours_s, ours_cpu) = min(ours_times)
+    label = f"{len(items)} MathQA test items" if n_items else f"all {len(items)} MathQA test items"
+    rows = [{"acc": float(p == i.label), "acc_norm": float(n == i.label)}
+            for i, (p, n) in ((i, mathqa.predictions(i, lls)) for i, lls in zip(items, ours))]
+    print(f"\nDistillery, {label}, SmolLM2-135M fp32, 0-shot:")
+    print(lm_eval_table(mathqa.aggregate(rows)))
+    if args.no_harness:
+        scores = mathqa.aggregate(rows)
+        figure(f"evaluate, {label} (SmolLM2-135M fp32)",
+               f"acc {scores['acc']:.4f} ± {scores['acc_stderr']:.4f}, acc_norm {scores['acc_norm']:.4f} ± "
+               f"{scores['acc_norm_stderr']:.4f} in {ours_s:.0f} s", "- (the harness not run: --no-harness)")
+        return 0
+    (harness_s, harness_cpu) = min(harness_times)
+    print(f"\nlm-eval 0.4.13 harness, the same items:")
+    print(lm_eval_table(mathqa.aggregate([{"acc": r["acc"], "acc_norm": r["acc_norm"]} for r in reference])))
 
     same, max_diff = 0, 0.0
     for item, ref, lls in zip(items, reference, ours):
@@ -81,12 +125,12 @@ def main() -> int:
         max_diff = max(max_diff, *(abs(a - b) for a, b in zip(lls, ref["loglikelihoods"])))
     acc = sum(r["acc"] for r in reference) / len(reference)
     best = f", best of {args.repeat} alternating runs each" if args.repeat > 1 else ""
-    print(f"MathQA, {n_items} test items, SmolLM2-135M fp32, batch {BATCH} (model load included in both{best})")
+    print(f"\nMathQA, {label}, SmolLM2-135M fp32, batch {BATCH} (model load included in both{best})")
     print(f"  lm-eval 0.4.13 harness : {harness_s:7.1f} s wall, {harness_cpu:7.1f} s CPU   (named baseline: 189 s wall for 300 items)")
     print(f"  distillery evaluate    : {ours_s:7.1f} s wall, {ours_cpu:7.1f} s CPU")
     print(f"  speed-up               : {harness_s / ours_s:5.2f}x wall, {harness_cpu / ours_cpu:5.2f}x CPU   (target >= 3x)")
     print(f"  identical predictions  : {same}/{len(items)} items; max |delta log-likelihood| {max_diff:.2e}; acc {acc:.3f}")
-    figure(f"evaluate, {n_items} MathQA items (SmolLM2-135M fp32, batch {BATCH})",
+    figure(f"evaluate, {label} (SmolLM2-135M fp32, batch {BATCH})",
            f"{harness_s / ours_s:.2f}x ({ours_s:.0f} s vs {harness_s:.0f} s), {same}/{len(items)} identical",
            "lm-eval 0.4.13 harness, same model and dtype", ">= 3x, identical predictions")
     return 0 if same == len(items) else 1

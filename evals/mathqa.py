@@ -4,6 +4,7 @@
 - choices:      the `options` string split with the harness's regular expression (data_sources.hf)
 - continuation: " " + choice, scored by its summed log-probability given the context
 - acc:          argmax of the log-likelihoods; acc_norm: argmax of log-likelihood / len(choice) in characters
+                (numpy semantics: an empty choice's " " continuation is scored, its normalised score is -inf)
 - stderr:       sample standard deviation / sqrt(n), the harness's `mean_stderr`
 - few-shot:     one random.Random(1234) drawing k examples per item, in item order (the harness's default sampler)
 """
@@ -151,15 +152,17 @@ def continuations(item: Item) -> list[str]:
     return [TARGET_DELIMITER + choice for choice in item.choices]
 
 
-def argmax(values: list[float]) -> int:
-    """Index of the first largest value (numpy.argmax's tie rule)."""
-    return max(range(len(values)), key=lambda i: (values[i], -i))
-
-
 def predictions(item: Item, loglikelihoods: list[float]) -> tuple[int, int]:
-    """(pred, pred_norm): by log-likelihood, and by log-likelihood per character of the choice."""
-    normed = [ll / len(choice) for ll, choice in zip(loglikelihoods, item.choices)]
-    return argmax(loglikelihoods), argmax(normed)
+    """(pred, pred_norm): by log-likelihood, and by log-likelihood per character of the choice.
+
+    With numpy's semantics, as the harness computes them: an empty choice (test item 1041's fifth, `e ) `)
+    divides by zero, giving -inf (never the normalised pick), and ties go to the first index."""
+    import numpy as np
+
+    lengths = np.array([float(len(choice)) for choice in item.choices])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        normed = np.asarray(loglikelihoods, dtype=np.float64) / lengths
+    return int(np.argmax(loglikelihoods)), int(np.argmax(normed))
 
 
 def mean_stderr(values: list[float]) -> float | None:

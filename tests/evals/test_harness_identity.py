@@ -1,6 +1,9 @@
-"""Identity with lm-evaluation-harness 0.4.13 on the demo model: same log-likelihoods (1e-4), same predictions."""
+"""Identity with lm-evaluation-harness 0.4.13 on the demo model: same log-likelihoods (1e-4), same predictions,
+on the first 50 test items and on items chosen for what they hold (test item 1041: an empty fifth choice)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -11,24 +14,40 @@ from evals.scoring import build_request
 ITEMS = 50
 
 
-@pytest.mark.integration
-@pytest.mark.slow
-def test_scores_equal_the_harness_on_50_items(demo_model_path: str, shared_file) -> None:
+def assert_scored_like_the_harness(model_path: str, data: Path, limit: int) -> list[mathqa.Item]:
+    """Score `limit` items of `data` with the harness and with Distillery; every score and prediction agrees."""
     pytest.importorskip("lm_eval", reason="lm-eval is a dev dependency: pip install -e '.[dev]'")
     from evals.harness import run_harness
 
-    data = shared_file("data/mathqa/test.jsonl")
-    reference = run_harness(demo_model_path, data, limit=ITEMS, batch_size=8, dtype="float32")
-
-    items = mathqa.load_items(str(data), "test", ITEMS, mathqa.LoadReport())
-    scorer = HFModel(demo_model_path, "float32")
+    reference = run_harness(model_path, data, limit=limit, batch_size=8, dtype="float32")
+    items = mathqa.load_items(str(data), "test", limit, mathqa.LoadReport())
+    scorer = HFModel(model_path, "float32")
     requests = [build_request(scorer.encode, ctx, mathqa.continuations(item))
                 for item, ctx in zip(items, mathqa.build_contexts(items, 0, [], False))]
     ours = scorer.loglikelihoods(requests, batch_size=8)
 
-    assert len(reference) == len(ours) == ITEMS
+    assert len(reference) == len(ours) == limit
     for item, ref, lls in zip(items, reference, ours):
         assert lls == pytest.approx(ref["loglikelihoods"], abs=1e-4), item.id
         pred, pred_norm = mathqa.predictions(item, lls)
         assert (pred, pred_norm) == mathqa.predictions(item, ref["loglikelihoods"]), item.id
         assert (float(pred == item.label), float(pred_norm == item.label)) == (ref["acc"], ref["acc_norm"]), item.id
+    return items
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_scores_equal_the_harness_on_50_items(demo_model_path: str, shared_file) -> None:
+    assert_scored_like_the_harness(demo_model_path, shared_file("data/mathqa/test.jsonl"), ITEMS)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_an_empty_choice_is_scored_as_the_harness_scores_it(demo_model_path: str, shared_file,
+                                                            tmp_path: Path) -> None:
+    """Test items 1036-1045 (0-based): 1041's options end in `e ) `, an empty choice whose continuation is " "."""
+    lines = shared_file("data/mathqa/test.jsonl").read_text(encoding="utf-8").splitlines()[1036:1046]
+    subset = tmp_path / "test-1036-1045.jsonl"
+    subset.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    items = assert_scored_like_the_harness(demo_model_path, subset, len(lines))
+    assert [item.choices[4] for item in items].count("") == 1 and items[5].choices[4] == ""

@@ -81,6 +81,17 @@ def test_few_shot_from_the_scored_split_never_shows_the_item_itself() -> None:
         assert context.count(f"Question: {item.problem}\n") == 1 and context.endswith(f"{item.problem}\nAnswer:")
 
 
+def test_an_empty_choice_is_kept_scored_and_never_the_normalised_pick() -> None:
+    """Test item 1041's options end in `e ) `: the harness keeps the empty choice, scores " " and divides its
+    log-likelihood by 0 characters with numpy (-inf), so only acc can pick it."""
+    item = mathqa.parse_item({**ROW, "options": "a ) 3 / 4 , b ) 1  1 / 5 ] , c ) 1  2 / 5 ] , d ) 1  3 / 4 ] , e ) "},
+                             "test.jsonl:1042")
+    assert item.choices == ("3 / 4", "1  1 / 5 ]", "1  2 / 5 ]", "1  3 / 4 ]", "")
+    assert mathqa.continuations(item)[4] == " "
+    assert mathqa.predictions(item, [-9.0, -8.0, -7.0, -6.0, -0.5]) == (4, 3)  # -0.6 per character wins
+    assert mathqa.predictions(item, [-0.1, -8.0, -7.0, -6.0, 0.0])[1] == 4  # 0 / 0 is nan, numpy's argmax takes it
+
+
 def test_predictions_acc_norm_divides_by_characters_and_ties_go_first() -> None:
     item = items(1)[0]  # choice lengths 1, 2, 3, 1, 1
     assert mathqa.predictions(item, [-3.0, -4.0, -4.5, -9.0, -3.0]) == (0, 2)
