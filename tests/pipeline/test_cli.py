@@ -41,3 +41,44 @@ def test_missing_config_exits_2() -> None:
     result = CliRunner().invoke(app, ["ingest", "-c", "does/not/exist.yaml"])
     assert result.exit_code == 2
     assert "does not exist" in result.output
+
+
+def broken_stage_project(tmp_path: Path, monkeypatch) -> Path:
+    """A project whose ingest stage has a bug: it divides by zero (as evaluate once did on MathQA item 1041)."""
+    import stages.ingest
+
+    def run(ctx):
+        return 1 / 0
+
+    monkeypatch.setattr(stages.ingest, "run", run)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")
+    config = tmp_path / "c.yaml"
+    config.write_text("run: {name: t, root: runs}\ningest:\n  sources:\n    - {name: toy, kind: hf, files: data.jsonl, "
+                      "format: messages}\n", encoding="utf-8")
+    return config
+
+
+def test_an_unexpected_error_is_one_line_naming_the_stage_the_error_and_the_log(tmp_path: Path, monkeypatch) -> None:
+    import json
+
+    config = broken_stage_project(tmp_path, monkeypatch)
+    result = CliRunner().invoke(app, ["ingest", "-c", str(config)], terminal_width=400)
+    assert result.exit_code == 1
+    log = tmp_path / "runs" / "t" / "logs" / "ingest.log"
+    assert result.output.strip().splitlines()[-1] == (
+        "error: ingest failed with an unexpected ZeroDivisionError: division by zero. This is a bug in Distillery, "
+        "not a problem with your data or config; please report it with the full traceback, written to "
+        f"{Path('runs') / 't' / 'logs' / 'ingest.log'} (-v shows it here).")
+    assert "Traceback" not in result.output
+    assert "Traceback" in log.read_text() and "ZeroDivisionError: division by zero" in log.read_text()
+    entry = json.loads((tmp_path / "runs" / "t" / "manifest.json").read_text())["stages"]["ingest"]
+    assert entry["status"] == "failed" and entry["error"] == "ZeroDivisionError: division by zero"
+    assert not (tmp_path / "runs" / "t" / "ingest").exists() and not (tmp_path / "runs" / "t" / ".ingest.partial").exists()
+
+
+def test_verbose_shows_the_traceback_of_an_unexpected_error(tmp_path: Path, monkeypatch) -> None:
+    config = broken_stage_project(tmp_path, monkeypatch)
+    result = CliRunner().invoke(app, ["ingest", "-c", str(config), "-v"], terminal_width=400)
+    assert result.exit_code == 1
+    assert "Traceback" in result.output and "1 / 0" in result.output and "a bug in Distillery" in result.output
