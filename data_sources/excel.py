@@ -142,22 +142,60 @@ def cell_name(value: Any) -> str:
     return "" if value is None else str(value).strip()
 
 
-def find_header(rows: list[list[Any]], params: AIHubExcelParams, where: str) -> tuple[int, dict[str, int]]:
+def header_position(rows: list[list[Any]], params: AIHubExcelParams) -> tuple[int, dict[str, int]] | None:
     """Index of the header row (searched in the first `header_search_rows` rows) and column positions."""
     wanted = (params.source_column, params.target_column)
     for index, row in enumerate(rows[: params.header_search_rows]):
         names = [cell_name(value) for value in row]
         if all(column in names for column in wanted):
             return index, {name: i for i, name in reversed(list(enumerate(names))) if name}
+    return None
+
+
+def find_header(rows: list[list[Any]], params: AIHubExcelParams, path: Path, sheet: str) -> tuple[int, dict[str, int]]:
+    """The header's position; a UserError naming the columns the sheet has, and the sheet that has the wanted
+    ones when it is another (a workbook whose first sheet describes the data on the second)."""
+    found = header_position(rows, params)
+    if found is not None:
+        return found
     # the likely header: the first of the fullest rows (a title line above it has fewer cells)
     filled = [[cell_name(v) for v in row if cell_name(v)] for row in rows[: params.header_search_rows]]
     widest = max(range(len(filled)), key=lambda i: len(filled[i]), default=None)
     has = (f"row {widest + 1} has {', '.join(filled[widest])}" if widest is not None and filled[widest]
            else "the sheet is empty")
-    raise UserError(f"{where}: no header row with the columns {params.source_column!r} and "
-                    f"{params.target_column!r} in the first {params.header_search_rows} rows ({has}). Set "
-                    "`source_column:`/`target_column:` to the right names (or raise `header_search_rows:` when "
-                    "the header is further down).")
+    problem = (f"{path} (sheet {sheet!r}): no header row with the columns {params.source_column!r} and "
+               f"{params.target_column!r} in the first {params.header_search_rows} rows ({has}).")
+    heads = sheet_heads(path, params.header_search_rows)
+    others = [name for name in heads if name != sheet]
+    with_header = [name for name in others if header_position(heads[name], params) is not None]
+    if with_header:
+        raise UserError(f"{problem} The workbook's sheet {with_header[0]!r} has them: set `sheet: {with_header[0]}` "
+                        f"in source {params.name} (its sheets: {', '.join(heads)}).")
+    elsewhere = f" Its other sheets ({', '.join(others)}) do not have them either." if others else ""
+    raise UserError(f"{problem}{elsewhere} Set `source_column:`/`target_column:` to the right names (or raise "
+                    "`header_search_rows:` when the header is further down).")
+
+
+def sheet_heads(path: Path, n: int) -> dict[str, list[list[Any]]]:
+    """The first `n` rows of every sheet, by sheet name in workbook order (calamine, else openpyxl)."""
+    try:
+        from python_calamine import CalamineWorkbook
+
+        workbook = CalamineWorkbook.from_path(str(path))
+        try:
+            return {name: workbook.get_sheet_by_name(name).to_python(skip_empty_area=False, nrows=n)
+                    for name in workbook.sheet_names}
+        finally:
+            workbook.close()
+    except Exception:  # noqa: BLE001 - calamine could not read it: openpyxl, as load_rows does
+        import openpyxl
+
+        workbook = openpyxl.load_workbook(path, read_only=True, data_only=True)
+        try:
+            return {name: [list(r) for r in workbook[name].iter_rows(max_row=n, values_only=True)]
+                    for name in workbook.sheetnames}
+        finally:
+            workbook.close()
 
 
 def has_formulas(path: Path) -> bool:
@@ -255,8 +293,7 @@ def pair_records(params: AIHubExcelParams, korean: str, english: str, meta: dict
 def read_workbook(path: Path, params: AIHubExcelParams, report: SourceReport) -> Iterator[dict[str, Any]]:
     check_is_workbook(path)
     sheet, rows, reader = load_rows(path, params.sheet, report)
-    where = f"{path} (sheet {sheet!r})"
-    header_index, positions = find_header(rows, params, where)
+    header_index, positions = find_header(rows, params, path, sheet)
     header = [cell_name(v) for v in rows[header_index]]
     if header_index:
         report.note(f"{path.name} [{sheet}]: header found on Excel row {header_index + 1}, not row 1; "

@@ -131,6 +131,33 @@ def test_missing_columns_name_the_file_sheet_and_the_columns_it_has(tmp_path: Pa
         read(path)
 
 
+def test_data_on_another_sheet_is_refused_naming_the_sheet_to_use(tmp_path: Path) -> None:
+    """A workbook whose first sheet describes the data on its second: the fix is `sheet:`, and the message says so."""
+    import openpyxl
+
+    path = tmp_path / "described.xlsx"
+    workbook = openpyxl.Workbook()
+    workbook.active.title = "설명"
+    workbook.active.append(["AI-Hub 한국어-영어 번역 말뭉치: 구어체"])
+    workbook.active.append(["이 파일의 데이터는 '데이터' 시트에 있습니다."])
+    data = workbook.create_sheet("데이터")
+    for row in [list(aihub.LAYOUT_COLUMNS["구어체"]), *aihub.layout_rows("구어체", aihub.PAIRS)]:
+        data.append(row)
+    workbook.save(path)
+    with pytest.raises(UserError, match=r"described.xlsx \(sheet '설명'\): no header row with the columns '원문' and "
+                                        r"'번역문' in the first 20 rows \(row 1 has AI-Hub .*\)\. The workbook's sheet "
+                                        r"'데이터' has them: set `sheet: 데이터` in source ko-en \(its sheets: 설명, 데이터\)\.$"):
+        read(path)
+    assert len(read(path, sheet="데이터")[0]) == len(aihub.PAIRS)
+
+
+def test_columns_on_no_sheet_say_the_other_sheets_lack_them_too(tmp_path: Path) -> None:
+    path = aihub.write_rows(tmp_path / "c.xlsx", [["ID", "korean", "english"], [1, "네", "Yes"]], extra_sheets=["메모"])
+    with pytest.raises(UserError, match=r"\(row 1 has ID, korean, english\)\. Its other sheets \(메모\) do not have "
+                                        r"them either\. Set `source_column:`"):
+        read(path)
+
+
 @pytest.mark.parametrize("writer, message", [
     (aihub.write_not_excel, r"bad.xlsx: the file is not an Excel workbook"),
     (aihub.write_encrypted, r"bad.xlsx: the workbook is encrypted \(password-protected\)"),
