@@ -6,7 +6,10 @@ Each call is a separate process (`python -I reasoning/sandbox_runner.py`) in its
 - limits on CPU seconds, address space, file size, open files and processes (the runner sets them);
 - when we are root, a throw-away uid: RLIMIT_NPROC binds it (not root), it cannot read root's files of mode 0600
   or another process's /proc/<pid>/environ, and after the run every process left under that uid is killed;
+- when we are root, a private mount namespace: the file tree read-only, fresh tmpfs on /tmp, /var/tmp and
+  /dev/shm that vanish with the run, only the working directory writable;
 - no network: an empty network namespace where the kernel allows it, else an audit hook that refuses sockets;
+  and no Unix-domain sockets (a seccomp filter), which a network namespace does not cover;
 - a wall-clock timeout after which the whole process group is killed, and stdout + stderr capped in size.
 A failure of any kind is a SandboxResult with a status, never an exception: the caller turns it into a failed
 check and carries on.
@@ -56,6 +59,8 @@ class SandboxResult:
     stderr: str = ""
     seconds: float = 0.0
     network: str = ""  # what cut the network: namespace or audit-hook
+    files: str = ""  # what contains file writes: private-mounts or audit-hook
+    unix_sockets: str = ""  # what refuses AF_UNIX sockets: seccomp or audit-hook
     uid: int | None = None  # the throw-away uid it ran under (None: our own uid, when not root)
 
     @property
@@ -173,9 +178,11 @@ def count_processes(uid: int, threads: bool = False) -> int:
 def interpret(returncode: int, stdout: bytes, stderr: bytes, stopped: str, nonce: str, limits: Limits) -> SandboxResult:
     """Turn what the process left into a status, the returned value and a one-line message."""
     out, err = stdout.decode("utf-8", "replace"), stderr.decode("utf-8", "replace")
-    network = next((line.split()[-1] for line in err.splitlines() if line.startswith(f"{nonce} network ")), "")
+    layers = next((line.split()[2:] for line in err.splitlines() if line.startswith(f"{nonce} isolation ")), [])
+    network, files, unix_sockets = (layers + ["", "", ""])[:3]
     err = "\n".join(line for line in err.splitlines() if not line.startswith(nonce))
-    result = SandboxResult(status="error", stdout=out[-2000:], stderr=err[-2000:], network=network)
+    result = SandboxResult(status="error", stdout=out[-2000:], stderr=err[-2000:], network=network, files=files,
+                           unix_sockets=unix_sockets)
     if stopped == "timeout":
         result.status, result.message = "timeout", f"did not finish within {limits.timeout_s:g} s (killed)"
     elif stopped == "output_limit":

@@ -233,7 +233,7 @@ def verify_codeio_input(record: dict, text: str, limits: Limits) -> Verdict:
                        'No input was found: give it as JSON, {"input": {<name>: <value>, ...}}, with every variable.')
     run = run_function(meta["refcode"], meta["funcname"], pred, limits)
     details = {"sandbox": {"status": run.status, "message": run.message, "seconds": run.seconds,
-                           "network": run.network}}
+                           "network": run.network, "files": run.files, "unix_sockets": run.unix_sockets}}
     if not run.ok:
         return Verdict(False, pred, expected,
                        f"Running the code on the predicted input {json.dumps(pred)} failed: {run.message}", details=details)

@@ -136,3 +136,73 @@ def test_printing_gigabytes_is_cut_off_quickly() -> None:
 def test_result_that_is_not_json_is_an_error() -> None:
     result = run("def main():\n    return {1, 2}\n")
     assert result.status == "error" and "JSON serializable" in result.message
+
+
+AS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="the private mount namespace and the throw-away uid exist "
+                                                     "only when the pipeline runs as root (README: Sandbox)")
+LIBC = "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+# Five ways out seen against the earlier sandbox, each as plain os calls and as raw libc calls (ctypes skips the
+# audit hook, so only the kernel's layers stand). {name} is a fresh name each run.
+ESCAPES = {
+    "dir_fd": ("import os\ndef main(name):\n    d = os.open('/tmp', os.O_RDONLY | os.O_DIRECTORY)\n"
+               "    os.close(os.open(name, os.O_WRONLY | os.O_CREAT, 0o666, dir_fd=d))\n    return 'made'\n",
+               ["/tmp/{name}"]),
+    "dir_fd_libc": (LIBC + "def main(name):\n    d = libc.open(b'/tmp', os.O_RDONLY | os.O_DIRECTORY)\n"
+                    "    fd = libc.openat(d, name.encode(), os.O_WRONLY | os.O_CREAT, 0o666)\n    return fd\n",
+                    ["/tmp/{name}"]),
+    "mkfifo": ("import os\ndef main(name):\n    os.mkfifo('/tmp/' + name)\n    os.mkfifo('/var/tmp/' + name)\n"
+               "    return 'made'\n", ["/tmp/{name}", "/var/tmp/{name}"]),
+    "symlink_libc": (LIBC + "def main(name):\n    libc.symlink(('/var/tmp/' + name).encode(), b'link')\n"
+                     "    fd = libc.open(b'link', os.O_WRONLY | os.O_CREAT, 0o666)\n"
+                     "    libc.write(fd, b'x', 1)\n    return fd\n", ["/var/tmp/{name}"]),
+    "dev_shm_libc": (LIBC + "def main(name):\n    written = 0\n    for i in range(5):\n"
+                     "        fd = libc.open(f'/dev/shm/{name}-{i}'.encode(), os.O_WRONLY | os.O_CREAT, 0o666)\n"
+                     "        written += max(0, libc.write(fd, b'x' * (4 << 20), 4 << 20))\n    return written\n",
+                     [f"/dev/shm/{{name}}-{i}" for i in range(5)]),
+}
+
+
+@AS_ROOT
+@pytest.mark.parametrize("escape", list(ESCAPES))
+def test_code_creates_nothing_outside_its_directory_by_any_route(escape: str) -> None:
+    import secrets
+
+    code, host_paths = ESCAPES[escape]
+    name = f"esc-{secrets.token_hex(6)}"
+    result = run_function(code, "main", {"name": name}, Limits(timeout_s=5.0, memory_mb=512, file_size_mb=8))
+    assert result.files == "private-mounts" and result.status in ("ok", "error"), result
+    left = [p.format(name=name) for p in host_paths if os.path.lexists(p.format(name=name))]
+    assert left == [], f"{escape} left {left} on the host"
+    if escape == "dev_shm_libc" and result.ok:
+        assert result.value <= 8 << 20  # the private /dev/shm holds file_size_mb, not unbounded host memory
+
+
+@AS_ROOT
+def test_a_host_unix_socket_on_a_filesystem_path_is_not_reachable(tmp_path: Path) -> None:
+    """A listener any user may connect to (mode 0777, under /run): the network namespace does not hide it, the
+    seccomp filter refuses the socket itself."""
+    import secrets
+    import shutil
+
+    directory = Path("/run") / f"distillery-test-{secrets.token_hex(4)}"
+    directory.mkdir(mode=0o755)
+    path = directory / "host.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    try:
+        listener.bind(str(path))
+        path.chmod(0o777)
+        listener.listen(1)
+        listener.settimeout(0.5)
+        code = (LIBC + "class Addr(ctypes.Structure):\n"
+                "    _fields_ = [('family', ctypes.c_ushort), ('path', ctypes.c_char * 108)]\n"
+                "def main(path):\n    fd = libc.socket(1, 1, 0)\n    if fd < 0:\n"
+                "        return 'socket refused: errno %d' % ctypes.get_errno()\n"
+                "    addr = Addr(1, path.encode())\n"
+                "    return 'connect %d' % libc.connect(fd, ctypes.byref(addr), ctypes.sizeof(addr))\n")
+        result = run_function(code, "main", {"path": str(path)}, FAST)
+        assert result.ok and result.value == "socket refused: errno 13" and result.unix_sockets == "seccomp", result
+        with pytest.raises(socket.timeout):
+            listener.accept()
+    finally:
+        listener.close()
+        shutil.rmtree(directory, ignore_errors=True)
