@@ -18,18 +18,23 @@ from pathlib import Path
 from figures import parse
 
 BENCH = Path(__file__).resolve().parent
-# In pipeline order; each runs with its defaults (the figures the issues name).
-BENCHMARKS = ("ingest.py", "finetune.py", "evaluate.py", "export.py", "distill.py", "demo.py")
+# In pipeline order; each with the arguments of the figures the issues name (most run with their defaults).
+BENCHMARKS = (("ingest.py",), ("finetune.py",), ("evaluate.py",), ("evaluate.py", "--items", "all", "--no-harness"),
+              ("export.py",), ("distill.py",), ("demo.py",))
 PACKAGES = ("torch", "transformers", "trl", "peft", "unsloth", "llama-cpp-python", "lm-eval", "python-calamine", "pandas")
 
 
 def machine() -> str:
+    sys.path.insert(0, str(BENCH.parent))
+    from exports.llama_build import describe_cpu
+
     gpu = "none"
     try:
         gpu = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout.strip() or "none"
     except (OSError, subprocess.TimeoutExpired):
         pass
-    return f"{platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}, GPU: {gpu}"
+    return (f"{platform.platform()}, {os.cpu_count()} cores ({describe_cpu()}), Python {platform.python_version()}, "
+            f"GPU: {gpu}")
 
 
 def versions() -> str:
@@ -44,10 +49,11 @@ def versions() -> str:
     return ", ".join(found)
 
 
-def run_one(script: Path) -> tuple[str, float, int]:
+def run_one(script: Path, args: tuple[str, ...]) -> tuple[str, float, int]:
     """Run a benchmark, echoing its output live; returns (output, seconds, exit code)."""
     started = time.time()
-    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
     lines = []
     for line in process.stdout:
         print(line, end="", flush=True)
@@ -66,14 +72,14 @@ def main() -> int:
     figures: list[tuple[str, dict[str, str]]] = []
     blocks: list[str] = []
     failed = 0
-    for name in BENCHMARKS:
-        command = f".venv/bin/python bench/{name}"
-        print(f"\n=== {name} ===", flush=True)
-        output, seconds, code = run_one(BENCH / name)
+    for name, *args in BENCHMARKS:
+        command = " ".join([f".venv/bin/python bench/{name}", *args])
+        print(f"\n=== {command} ===", flush=True)
+        output, seconds, code = run_one(BENCH / name, tuple(args))
         failed += code != 0
         status = "" if code == 0 else f" — FAILED (exit {code})"
         figures += [(command, f) for f in parse(output)]
-        blocks += [f"## {Path(name).stem}{status}", "", f"`{command}` ({seconds:.0f} s)", "", "```",
+        blocks += [f"## {' '.join([Path(name).stem, *args])}{status}", "", f"`{command}` ({seconds:.0f} s)", "", "```",
                    output.rstrip()[-6000:], "```", ""]
     parts = ["# Benchmark results", "", f"- when: {stamp}", f"- machine: {machine()}", f"- versions: {versions()}",
              f"- load average at the end: {os.getloadavg()[0]:.1f} (the figures are only as steady as the machine)",
