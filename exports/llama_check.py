@@ -15,10 +15,10 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from exports.llama_build import describe_cpu, installed_build
-from exports.llama_child import GGUFLoadError, LlamaChild
+from exports.llama_child import GGUFLoadError, LlamaChild, greedy_decode
 from pipeline.errors import UserError
 from pipeline.isolation import NativeCrash
 
@@ -31,22 +31,8 @@ def check(path: Path, prompt: str = PROMPT, tokens: int = 3) -> dict[str, Any]:
     """Decode `prompt` and `tokens` greedy tokens from `path` in a child process: {text, seconds, metadata}."""
     started = time.time()
     with LlamaChild(path, "decoding a few tokens of", n_ctx=256, hint="") as llama:
-        text = llama.call(_decode, prompt, tokens)
+        text = llama.call(greedy_decode, prompt, tokens)
         return {"text": text, "seconds": time.time() - started, "architecture": llama.metadata["architecture"]}
-
-
-def _decode(state: dict[str, Any], emit: Callable[[Any], None], prompt: str, tokens: int) -> str:
-    """In the child: evaluate the prompt as one batch (matrix-matrix kernels), then generate one token at a time
-    (matrix-vector kernels)."""
-    llm = state["llm"]
-    ids = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
-    llm.eval(ids)
-    out = []
-    for _ in range(tokens):
-        token = llm.sample(temp=0.0)
-        out.append(token)
-        llm.eval([token])
-    return llm.detokenize(out).decode("utf-8", errors="replace")
 
 
 def main(argv: list[str] | None = None) -> int:

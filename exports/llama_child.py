@@ -108,3 +108,16 @@ def _tokenize(state: dict[str, Any], emit: Callable[[Any], None], texts: list[st
               special: bool) -> list[list[int]]:
     llm = state["llm"]
     return [llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special) for text in texts]
+
+
+def greedy_decode(state: dict[str, Any], emit: Callable[[Any], None], prompt: str, tokens: int) -> str:
+    """Evaluate `prompt` as one batch (matrix-matrix kernels), then generate `tokens` greedily one at a time
+    (matrix-vector kernels): the two kinds of work a CPU build can crash in."""
+    llm = state["llm"]
+    llm.eval(llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
+    out = []
+    for _ in range(tokens):
+        token = llm.sample(temp=0.0)
+        out.append(token)
+        llm.eval([token])
+    return llm.detokenize(out).decode("utf-8", errors="replace")

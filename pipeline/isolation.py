@@ -19,6 +19,7 @@ the parent (progress counts, streamed text) before the function returns. Argumen
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -124,11 +125,12 @@ class Child:
     def _exchange(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Iterator[tuple[str, Any]]:
         if self._busy:
             raise RuntimeError(f"the {self.library} child is still answering an earlier call")
+        payload = pickle.dumps((fn, args))  # a function or argument that cannot travel fails here, not there
         self._busy = True
         finished = False
         try:
             try:
-                self._conn.send((fn, args))
+                self._conn.send_bytes(payload)
             except OSError:
                 self._crashed()
             while True:
@@ -168,6 +170,9 @@ def serve(fd: int) -> None:
             message = conn.recv()
         except (EOFError, OSError):
             return
+        except Exception as err:  # noqa: BLE001 - e.g. a function the child cannot import (defined in __main__)
+            conn.send(("error", RuntimeError(f"the child process cannot load the call: {type(err).__name__}: {err}")))
+            continue
         if message is None:
             return
         fn, args = message

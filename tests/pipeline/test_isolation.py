@@ -100,3 +100,31 @@ def test_exit_descriptions() -> None:
     assert describe_exit(3) == "exit code 3"
     assert describe_exit(None) == "no exit code"
     assert "out of memory" in str(NativeCrash("lib", "merging", -signal.SIGKILL))
+
+
+def test_a_call_that_cannot_travel_is_an_error_and_leaves_the_child_answering() -> None:
+    import pickle
+
+    with Child("demo-lib", "testing") as child:
+        child.call(remember, "x", 1)
+        with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+            child.call(lambda state, emit: 1)
+        assert child.call(recall, "x") == 1
+
+
+def test_a_function_the_child_cannot_import_is_an_error_saying_so(tmp_path) -> None:
+    """Functions travel by name: one defined in a script's __main__ does not exist in the child."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "script.py"
+    script.write_text("from pipeline.isolation import Child\n"
+                      "def here(state, emit):\n    return 1\n"
+                      "child = Child('demo-lib', 'testing')\n"
+                      "try:\n    child.call(here)\nexcept RuntimeError as err:\n    print('refused:', err)\n"
+                      "child.close()\n", encoding="utf-8")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert "refused: the child process cannot load the call: AttributeError" in done.stdout, done.stdout + done.stderr
