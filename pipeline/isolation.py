@@ -177,17 +177,18 @@ def serve(fd: int) -> None:
             return
         fn, args = message
         try:
-            result = fn(state, lambda value: conn.send(("event", value)), *args)
+            reply = ("result", fn(state, lambda value: conn.send(("event", value)), *args))
         except Exception as err:  # noqa: BLE001 - every error goes back to the parent, which raises it
-            conn.send(("error", _transportable(err)))
-        else:
-            conn.send(("result", result))
+            reply = ("error", _transportable(err))
+        try:
+            conn.send(reply)
+        except Exception as err:  # noqa: BLE001 - a result that cannot be pickled
+            conn.send(("error", RuntimeError(f"the result of {getattr(fn, '__name__', fn)} cannot be sent back: "
+                                             f"{type(err).__name__}: {err}")))
 
 
 def _transportable(err: Exception) -> Exception:
     """The exception itself when it survives pickling, else a RuntimeError with its text."""
-    import pickle
-
     try:
         pickle.loads(pickle.dumps(err))
         return err

@@ -73,3 +73,26 @@ def test_the_cpu_description_names_the_flags_llama_cpp_cares_about(monkeypatch) 
     monkeypatch.setattr(llama_build, "cpu_flags", lambda: {"avx2", "fma", "amx_int8", "sse2"})
     described = llama_build.describe_cpu()
     assert described.endswith(": avx2 fma amx_int8")
+
+
+def test_the_installed_portable_build_holds_no_avx512_or_amx_instruction() -> None:
+    """What makes the x86-64-v3 build safe on every CPU, AMX machines included: no instruction of those kinds
+    exists in the libraries (a native build on an AVX-512 CPU holds ~15,000 zmm instructions)."""
+    import re
+    import shutil
+    import subprocess
+
+    from exports.llama_build import installed_build
+
+    spec = pytest.importorskip("llama_cpp")
+    if installed_build().get("profile") != "x86-64-v3":
+        pytest.skip("the installed llama-cpp-python is not the x86-64-v3 build")
+    if shutil.which("objdump") is None:
+        pytest.skip("objdump (binutils) is not installed")
+    libraries = sorted((Path(spec.__file__).parent / "lib").glob("lib*.so"))
+    assert {p.name for p in libraries} >= {"libllama.so", "libggml-cpu.so", "libggml-base.so"}
+    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", *map(str, libraries)], capture_output=True,
+                             text=True, check=True).stdout
+    assert "vfmadd" in listing  # the disassembly is real: AVX2/FMA code is there
+    found = re.findall(r"%zmm\d+|%k[0-7]\b|%tmm\d|\bldtilecfg\b|\btdpb\w+", listing)
+    assert found == [], f"{len(found)} AVX-512/AMX operands, e.g. {found[:5]}"

@@ -128,3 +128,14 @@ def test_a_function_the_child_cannot_import_is_an_error_saying_so(tmp_path) -> N
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(root)})
     assert "refused: the child process cannot load the call: AttributeError" in done.stdout, done.stdout + done.stderr
+
+
+def unpicklable_result(state: dict[str, Any], emit: Callable[[Any], None]) -> Any:
+    return lambda: None
+
+
+def test_a_result_that_cannot_travel_back_is_an_error_and_the_child_lives_on() -> None:
+    with Child("demo-lib", "testing") as child:
+        with pytest.raises(RuntimeError, match="the result of unpicklable_result cannot be sent back"):
+            child.call(unpicklable_result)
+        assert child.call(count_to, 1) == "done"
