@@ -55,7 +55,7 @@ class LlamaChild:
             raise
 
     @property
-    def pid(self) -> int | None:
+    def pid(self) -> int:
         return self._child.pid
 
     def call(self, fn: Callable[..., Any], *args: Any, on_event: Callable[[Any], None] | None = None) -> Any:
