@@ -60,33 +60,30 @@ PROFILES: dict[str, tuple[str, ...]] = {
 REQUIRED_FLAGS = {"x86-64-v3": X86_64_V3, "x86-64-v4": X86_64_V4, "native": ()}
 # Flags that tell which llama.cpp code a CPU can run; printed when llama.cpp fails on it.
 RELEVANT_FLAGS = X86_64_V4 + ("avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+REBUILD = ("`just setup` installs the portable x86-64-v3 build (unset DISTILLERY_LLAMA_CPU if you set it to native "
+           "or x86-64-v4)")
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+def cpuinfo_field(*names: str) -> str:
+    """The first /proc/cpuinfo line's value whose key starts with one of `names` ("" where there is none)."""
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return set(line.split(":", 1)[1].split())
-    return set()
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith(names)), "")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (x86 `flags`, arm64 `Features`)."""
+    return set(cpuinfo_field("flags", "Features").split())
 
 
 def describe_cpu() -> str:
     """'AMD EPYC: avx2 fma ... amx_int8' — the model and the flags that matter to llama.cpp's kernels."""
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     flags = cpu_flags()
     present = [f for f in RELEVANT_FLAGS if f in flags]
-    return f"{model or platform.machine()}: {' '.join(present) or 'none of ' + ', '.join(RELEVANT_FLAGS[:4])}"
+    return (f"{cpuinfo_field('model name') or platform.machine()}: "
+            f"{' '.join(present) or 'none of ' + ', '.join(RELEVANT_FLAGS[:4])}")
 
 
 def chosen_profile() -> str:
@@ -216,19 +213,16 @@ def say(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m exports.llama_build", description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=("build", "install", "path"),
-                        help="build: compile once into the cache; install: into this environment; path: print "
-                             "the cached wheel's path")
+    parser.add_argument("action", choices=("build", "install"),
+                        help="build: compile once into the cache; install: into this environment")
     parser.add_argument("--profile", choices=tuple(PROFILES), help="default: $DISTILLERY_LLAMA_CPU or x86-64-v3")
     args = parser.parse_args(argv)
     try:
         profile = args.profile or chosen_profile()
         if args.action == "build":
             build(profile)
-        elif args.action == "install":
-            install(profile)
         else:
-            print(build(profile))
+            install(profile)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

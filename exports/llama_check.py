@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from exports.llama_build import describe_cpu, installed_build
+from exports.llama_build import REBUILD, describe_cpu, installed_build
 from exports.llama_child import GGUFLoadError, LlamaChild, greedy_decode
 from pipeline.errors import UserError
 from pipeline.isolation import NativeCrash
@@ -49,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llama.cpp self-check FAILED: {err}", file=sys.stderr)
         print(f"  CPU: {describe_cpu()}", file=sys.stderr)
         print(f"  installed llama-cpp-python build: {build}", file=sys.stderr)
-        print("  remedy: `just setup` installs the portable x86-64-v3 build (unset DISTILLERY_LLAMA_CPU if you set it "
-              "to native or x86-64-v4); a build of your own must not use GGML_NATIVE on CPUs with AMX "
+        print(f"  remedy: {REBUILD}; a build of your own must not use GGML_NATIVE on CPUs with AMX "
               "(ggml-org/llama.cpp issue 20824).", file=sys.stderr)
         return 1
     print(f"llama.cpp self-check: ok ({build} build, {path.name} decoded {result['text']!r} in "

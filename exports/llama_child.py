@@ -30,24 +30,22 @@ class GGUFLoadError(Exception):
 
 def crash_hint() -> str:
     """What to try after llama.cpp crashed: check the runtime on this CPU, then rebuild or suspect the file."""
-    from exports.llama_build import describe_cpu, installed_build
+    from exports.llama_build import REBUILD, describe_cpu, installed_build
 
     build = installed_build().get("profile", "unknown (not installed by `just setup`)")
     return (f"CPU {describe_cpu()}; installed llama.cpp build: {build}. Run `.venv/bin/python -m "
-            "exports.llama_check` (seconds): if it fails too, this llama-cpp-python does not run on this CPU, and "
-            "`just setup` reinstalls the portable x86-64-v3 build (unset DISTILLERY_LLAMA_CPU if you set it); if it "
-            "passes, the GGUF file itself may be damaged: rewrite it with `just export-gguf --force`.")
+            f"exports.llama_check` (seconds): if it fails too, this llama-cpp-python does not run on this CPU: "
+            f"{REBUILD}; if it passes, the GGUF file itself may be damaged: rewrite it with `just export-gguf --force`.")
 
 
 class LlamaChild:
     """A llama_cpp.Llama on `path`, living in a child process; `doing` names the work in crash messages."""
 
     def __init__(self, path: Path | str, doing: str, n_ctx: int = 2048, logits_all: bool = False,
-                 threads: int | None = None, vocab_only: bool = False, hint: str | None = None):
+                 threads: int | None = None, hint: str | None = None):
         self.path = Path(path)
         self._child = Child(LIBRARY, f"{doing} {self.path}", hint=crash_hint() if hint is None else hint)
-        params = {"n_ctx": n_ctx, "logits_all": logits_all, "vocab_only": vocab_only,
-                  "n_threads": threads or max(1, os.cpu_count() or 1)}
+        params = {"n_ctx": n_ctx, "logits_all": logits_all, "n_threads": threads or max(1, os.cpu_count() or 1)}
         try:
             self.metadata: dict[str, Any] = self._child.call(_load, str(self.path), params)
         except BaseException:

@@ -9,7 +9,6 @@ class UserError(Exception):
     """Bad input or environment the user can fix; the message must say where and how."""
 
 
-
 class StageFailed(Exception):
     """A stage (or a command such as chat) ended with an error that is not the user's to fix: a bug, or a native
     crash (pipeline.isolation.NativeCrash). The full traceback is in `log`; the CLI prints one line."""

@@ -87,8 +87,8 @@ def _chat_completions(state: dict[str, Any], emit: Any, messages: Messages, n: i
     """In the llama.cpp child: n chat completions through the GGUF's own chat template."""
     answers = []
     for i in range(n):
-        reply = state["llm"].create_chat_completion(messages=messages, temperature=temperature, max_tokens=max_tokens,
-                                                    seed=seed + i)
+        reply = state["llm"].create_chat_completion(messages=messages, temperature=temperature,
+                                                    max_tokens=max_tokens, seed=seed + i)
         answers.append(reply["choices"][0]["message"]["content"] or "")
     return answers
 
