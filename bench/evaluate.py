@@ -67,11 +67,11 @@ def main() -> int:
     import lm_eval.models.huggingface  # noqa: F401
     import transformers  # noqa: F401
 
-    from evals import mathqa
-    from evals.harness import run_harness
-    from evals.hf_backend import HFModel
-    from evals.scoring import build_request
-    from pipeline.models import resolve_model_path
+    from distillery.evals import mathqa
+    from tests.evals.harness import run_harness
+    from distillery.evals.hf_backend import HFModel
+    from distillery.evals.scoring import build_request
+    from distillery.core.models import resolve_model_path
 
     data = ROOT.parent / "shared" / "data" / "mathqa" / "test.jsonl"
     if not data.is_file():

@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from figures import figure  # noqa: E402
 
-from exports import gguf as gguf_io  # noqa: E402
-from exports import llama_build, merge  # noqa: E402
-from pipeline.isolation import describe_exit  # noqa: E402
-from pipeline.models import resolve_model_path  # noqa: E402
+from distillery.export import gguf as gguf_io  # noqa: E402
+from distillery.export import llama_build, merge  # noqa: E402
+from distillery.core.isolation import describe_exit  # noqa: E402
+from distillery.core.models import resolve_model_path  # noqa: E402
 from tests.fixtures.adapter_run import make_adapter_run  # noqa: E402
 
 GB = 1e9

@@ -3,7 +3,7 @@ TRL, the named baseline), and TRL packing against no packing, on the same config
 
     python bench/finetune.py [--config configs/demo.yaml] [--steps 20]
 
-Each variant is a fresh `python -m pipeline finetune --force` process (Unsloth patches TRL when imported) under a
+Each variant is a fresh `python -m distillery finetune --force` process (Unsloth patches TRL when imported) under a
 temporary run root. tokens/s is measured from metrics.jsonl between the first and the last
 logged step (model loading, the first step's warm-up and checkpoint saves excluded); memory is the process's
 peak RSS on CPU, torch.cuda.max_memory_allocated on CUDA.
@@ -30,7 +30,7 @@ GPU_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
 def run_variant(config: Path, root: Path, name: str, steps: int, sets: list[str]) -> dict:
     """Train one variant; returns its measured tokens/s, peak memory and losses."""
     # One run name for all variants: ingest and format run once; --force retrains finetune each time.
-    command = [sys.executable, "-m", "pipeline", "finetune", "-c", str(config), "--force",
+    command = [sys.executable, "-m", "distillery", "finetune", "-c", str(config), "--force",
                "--set", f"run.root={root}", "--set", "run.name=bench", "--set", f"finetune.max_steps={steps}",
                "--set", f"finetune.save_steps={steps}", "--set", "finetune.sample_prompts=0"]
     for item in sets:

@@ -4,7 +4,7 @@
 
 1. builds bench/out/dialogue_<rows>.xlsx once (cached; openpyxl write-only);
 2. baseline, in a fresh process: `pd.read_excel` + pick 원문/번역문 + `to_csv` (the seeds' script);
-3. ours, in a fresh process: `python -m pipeline ingest` on a config with that one source, into a fresh run dir
+3. ours, in a fresh process: `python -m distillery ingest` on a config with that one source, into a fresh run dir
    (reading, records, dedup, split, report, manifest with sha256 of every output);
 4. the same command again with nothing changed: must say "up to date".
 Prints the wall times, the ratio (target >= 5x) and the rerun time (target < 2 s). Not a test: numbers vary by
@@ -109,14 +109,14 @@ def main() -> None:
     for _ in range(args.repeat):
         baseline.append(timed([sys.executable, str(baseline_script), str(workbook), str(OUT / "baseline.csv")], OUT)[:2])
         shutil.rmtree(OUT / "runs" / "bench-ingest", ignore_errors=True)  # a fresh run every time
-        ours.append(timed([sys.executable, "-m", "pipeline", "ingest", "-c", str(config)], ROOT)[:2])
-    rerun, rerun_cpu, output = timed([sys.executable, "-m", "pipeline", "ingest", "-c", str(config)], ROOT)
+        ours.append(timed([sys.executable, "-m", "distillery", "ingest", "-c", str(config)], ROOT)[:2])
+    rerun, rerun_cpu, output = timed([sys.executable, "-m", "distillery", "ingest", "-c", str(config)], ROOT)
     up_to_date = "up to date" in output
 
     (base_wall, base_cpu), (ours_wall, ours_cpu) = min(baseline), min(ours)
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"baseline  pd.read_excel + to_csv (subprocess):     {base_wall:6.2f} s wall, {base_cpu:6.2f} s CPU")
-    print(f"ours      python -m pipeline ingest (subprocess):   {ours_wall:6.2f} s wall, {ours_cpu:6.2f} s CPU")
+    print(f"ours      python -m distillery ingest (subprocess):   {ours_wall:6.2f} s wall, {ours_cpu:6.2f} s CPU")
     print(f"ratio     {base_wall / ours_wall:.1f}x faster by wall time, {base_cpu / ours_cpu:.1f}x by CPU time "
           "(target >= 5x)")
     print(f"rerun     unchanged input: {rerun:.2f} s wall, {rerun_cpu:.2f} s CPU, "

@@ -26,7 +26,7 @@ PACKAGES = ("torch", "transformers", "trl", "peft", "unsloth", "llama-cpp-python
 
 def machine() -> str:
     sys.path.insert(0, str(BENCH.parent))
-    from exports.llama_build import describe_cpu
+    from distillery.export.llama_build import describe_cpu
 
     gpu = "none"
     try:

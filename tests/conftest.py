@@ -24,7 +24,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def demo_model_path() -> str:
     """The bundled SmolLM2-135M-Instruct as a local HF directory (materialised once per machine)."""
-    from pipeline.models import resolve_model_path
+    from distillery.core.models import resolve_model_path
 
     return resolve_model_path("bundled:SmolLM2-135M-Instruct")
 

@@ -22,7 +22,7 @@ LIGHTER = ("finetune.max_steps=12", "finetune.save_steps=6", "finetune.sample_pr
 def run_demo(run_root: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
     sets = [arg for item in (f"run.root={run_root}", *LIGHTER) for arg in ("--set", item)]
-    return subprocess.run([sys.executable, "-m", "pipeline", "run", "-c", "configs/demo.yaml", *sets],
+    return subprocess.run([sys.executable, "-m", "distillery", "run", "-c", "configs/demo.yaml", *sets],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from evals.generative import extract_letter, user_prompt
-from evals.mathqa import Item
+from distillery.evals.generative import extract_letter, user_prompt
+from distillery.evals.mathqa import Item
 
 
 @pytest.mark.parametrize("reply, letter", [

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from evals.gguf_backend import GGUFLoadError, GGUFModel
-from pipeline.models import BUNDLED
+from distillery.evals.gguf_backend import GGUFLoadError, GGUFModel
+from distillery.core.models import BUNDLED
 
 
 def bundled_gguf() -> Path:
@@ -44,7 +44,7 @@ def fresh_eval(model: GGUFModel, context: tuple[int, ...], continuation: tuple[i
 
 def _fresh_eval(state: dict, emit, context: tuple[int, ...], continuation: tuple[int, ...]) -> float:
     """In the llama.cpp child."""
-    from evals.gguf_backend import log_softmax_at
+    from distillery.evals.gguf_backend import log_softmax_at
 
     llm = state["llm"]
     llm.reset()
@@ -59,9 +59,9 @@ def test_gguf_scores_follow_the_hf_model_it_was_made_from(demo_model_path: str, 
     """Rewinding the KV cache per choice equals a fresh pass; the demo HF model is this GGUF dequantized, so the
     tokens are the same and the log-likelihoods close (Q4_1 weights and llama.cpp's 8-bit activations vs fp32)."""
     pytest.importorskip("llama_cpp")
-    from evals import mathqa
-    from evals.hf_backend import HFModel
-    from evals.scoring import build_request
+    from distillery.evals import mathqa
+    from distillery.evals.hf_backend import HFModel
+    from distillery.evals.scoring import build_request
 
     items = mathqa.load_items(str(shared_file("data/mathqa/test.jsonl")), "test", 6, mathqa.LoadReport())
     contexts = mathqa.build_contexts(items, 0, [], False)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from evals import mathqa
-from evals.hf_backend import HFModel
-from evals.scoring import build_request
+from distillery.evals import mathqa
+from distillery.evals.hf_backend import HFModel
+from distillery.evals.scoring import build_request
 
 ITEMS = 50
 
@@ -17,7 +17,7 @@ ITEMS = 50
 def assert_scored_like_the_harness(model_path: str, data: Path, limit: int) -> list[mathqa.Item]:
     """Score `limit` items of `data` with the harness and with Distillery; every score and prediction agrees."""
     pytest.importorskip("lm_eval", reason="lm-eval is a dev dependency: pip install -e '.[dev]'")
-    from evals.harness import run_harness
+    from tests.evals.harness import run_harness
 
     reference = run_harness(model_path, data, limit=limit, batch_size=8, dtype="float32")
     items = mathqa.load_items(str(data), "test", limit, mathqa.LoadReport())

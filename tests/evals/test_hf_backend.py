@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from evals.hf_backend import HFModel
-from evals.scoring import Request, build_request, longest_first, packed_length
-from pipeline.errors import UserError
+from distillery.evals.hf_backend import HFModel
+from distillery.evals.scoring import Request, build_request, longest_first, packed_length
+from distillery.core.errors import UserError
 from tests.fixtures.tiny_lm import build_tiny_lm
 
 

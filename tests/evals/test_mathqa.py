@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from evals import mathqa
-from evals.scoring import build_request, encode_pair
-from pipeline.errors import UserError
+from distillery.evals import mathqa
+from distillery.evals.scoring import build_request, encode_pair
+from distillery.core.errors import UserError
 
 ROW = {"Problem": "what is 1 + 1 ?", "options": "a ) 1 , b ) 2 , c ) 3 , d ) 4 , e ) none of these", "correct": "b"}
 

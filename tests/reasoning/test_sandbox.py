@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from reasoning.sandbox import Limits, count_processes, run_function
+from distillery.reasoning.sandbox import Limits, count_processes, run_function
 
 FAST = Limits(timeout_s=2.0, memory_mb=512, file_size_mb=1, max_processes=8, max_output_kb=64)
 

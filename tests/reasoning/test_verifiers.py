@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.records import make_record
-from reasoning.sandbox import Limits
-from reasoning.verifiers import (extract_last_json, extract_option, final_number, is_close, outputs_match,
+from distillery.core.records import make_record
+from distillery.reasoning.sandbox import Limits
+from distillery.reasoning.verifiers import (extract_last_json, extract_option, final_number, is_close, outputs_match,
                                  verify_codeio_input, verify_codeio_output, verify_math_mc, verify_numeric,
                                  why_uncheckable)
 

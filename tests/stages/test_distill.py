@@ -16,13 +16,13 @@ from typing import Callable
 import pytest
 import yaml
 
-import stages.distill as distill
-from pipeline.config import DistillConfig, load_config
-from pipeline.errors import UserError
-from pipeline.records import make_record, read_jsonl, write_jsonl
-from pipeline.rundir import describe_outputs
-from pipeline.runner import plan, run_stage
-from reasoning.teachers import OpenAITeacher
+import distillery.stages.distill as distill
+from distillery.config import DistillConfig, load_config
+from distillery.core.errors import UserError
+from distillery.core.records import make_record, read_jsonl, write_jsonl
+from distillery.core.rundir import describe_outputs
+from distillery.runner import plan, run_stage
+from distillery.reasoning.teachers import OpenAITeacher
 from tests.fixtures.crash import crash_child_of
 
 MATHQA = [
@@ -294,9 +294,9 @@ def test_codeio_records_through_the_stage_with_hostile_code(tmp_path, monkeypatc
     cfg = load_config(config)
     run_stage("ingest", cfg)
     write_jsonl(tmp_path / "runs/t/ingest/train.jsonl", codeio_records())  # as the codeio source writes them
-    from pipeline.rundir import RunDir
-    from pipeline.stage import StageContext
-    from pipeline.console import console
+    from distillery.core.rundir import RunDir
+    from distillery.stage import StageContext
+    from distillery.core.console import console
 
     run = RunDir("runs", "t")
     out = tmp_path / "out"
@@ -388,7 +388,7 @@ def test_a_native_crash_of_the_gguf_teacher_fails_the_stage_and_keeps_what_came_
     run_stage("ingest", load_config(path))
     ingest_before = describe_outputs(tmp_path / "runs/t/ingest")
     root = Path(__file__).resolve().parents[2]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "distill", "-c", str(path)], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "distillery", "distill", "-c", str(path)], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "COLUMNS": "400", "PYTHONPATH": str(root)})
     crash_child_of(proc)
@@ -406,7 +406,7 @@ def test_a_native_crash_of_the_gguf_teacher_fails_the_stage_and_keeps_what_came_
 @pytest.mark.integration
 @pytest.mark.slow
 def test_hf_teacher_samples_k_answers(demo_model_path) -> None:
-    from reasoning.teachers import HFTeacher
+    from distillery.reasoning.teachers import HFTeacher
 
     teacher = HFTeacher(demo_model_path)
     messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2 + 2?"}]

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import load_config
-from pipeline.errors import UserError
-from pipeline.rundir import RunDir
-from pipeline.runner import run_stage
-from pipeline.stage import StageContext
-from stages import evaluate
+from distillery.config import load_config
+from distillery.core.errors import UserError
+from distillery.core.rundir import RunDir
+from distillery.runner import run_stage
+from distillery.stage import StageContext
+from distillery.stages import evaluate
 from tests.fixtures.tiny_lm import build_tiny_lm
 
 ROW = {"Problem": "what is {i} + 1 ?", "options": "a ) 1 , b ) 2 , c ) 33 , d ) 4 , e ) none of these", "correct": "b"}

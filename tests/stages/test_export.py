@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.errors import UserError
-from pipeline.rundir import RunDir
-from pipeline.runner import run_stage
+from distillery.config import load_config
+from distillery.core.errors import UserError
+from distillery.core.rundir import RunDir
+from distillery.runner import run_stage
 from tests.fixtures.adapter_run import demo_config, make_adapter_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +28,7 @@ STEM = "SmolLM2-135M-Instruct"
 def cli(*args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """The CLI in a subprocess; a wide console so that rich does not wrap the messages tested for."""
     env = {**(env if env is not None else os.environ), "COLUMNS": "400"}
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "distillery", *args], cwd=cwd, capture_output=True, text=True,
                           env={**env, "PYTHONPATH": str(ROOT)}, timeout=600)
 
 
@@ -74,7 +74,7 @@ def test_export_writes_verified_merged_model_and_ggufs(exported, demo_model_path
 @pytest.mark.integration
 @pytest.mark.slow
 def test_gguf_carries_the_training_template_and_eos(exported) -> None:
-    from exports.llama_child import LlamaChild
+    from distillery.export.llama_child import LlamaChild
 
     _, run = exported
     with LlamaChild(run.stage_dir("export") / "gguf" / f"{STEM}-Q4_K_M.gguf", "reading", n_ctx=128) as llama:
@@ -106,7 +106,7 @@ def test_chat_answers_one_prompt_with_the_exported_gguf(exported) -> None:
 @pytest.mark.slow
 def test_interactive_chat_streams_answers_and_keeps_the_conversation(exported) -> None:
     config, _ = exported
-    result = subprocess.run([sys.executable, "-m", "pipeline", "chat", "-c", str(config), "--gguf", "q8_0",
+    result = subprocess.run([sys.executable, "-m", "distillery", "chat", "-c", str(config), "--gguf", "q8_0",
                              "--max-tokens", "8"], cwd=ROOT, input="Hello!\nAnd again?\n/exit\n",
                             capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "400"})
     assert result.returncode == 0, result.stdout + result.stderr
@@ -143,8 +143,8 @@ def test_push_dry_run_lists_the_upload_and_writes_the_card(exported) -> None:
 def test_push_uploads_through_the_hub_api_without_leaking_the_token(exported, monkeypatch, capsys) -> None:
     import huggingface_hub
 
-    from exports.hub import push
-    from pipeline.console import console
+    from distillery.commands.push import push
+    from distillery.core.console import console
 
     config, run = exported
     calls = []
@@ -254,7 +254,7 @@ def test_unsupported_architecture_is_named_before_the_merge(tmp_path: Path, tiny
 
 @pytest.mark.integration
 def test_converter_error_for_unsupported_architecture_names_it(tmp_path: Path, tiny_opt: Path) -> None:
-    from exports.gguf import convert_to_gguf
+    from distillery.export.gguf import convert_to_gguf
 
     with pytest.raises(UserError, match="does not support the architecture OPTForCausalLM"):
         convert_to_gguf(tiny_opt, tmp_path / "x-F16.gguf", "f16", "x")
@@ -265,8 +265,8 @@ def test_converter_error_for_unsupported_architecture_names_it(tmp_path: Path, t
 
 KILL_SCRIPT = """
 import sys
-from pipeline.config import load_config
-from pipeline.runner import run_stage
+from distillery.config import load_config
+from distillery.runner import run_stage
 run_stage("export", load_config(sys.argv[1]))
 """
 

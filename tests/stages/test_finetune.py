@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.errors import UserError
-from stages.finetune import (
+from distillery.core.errors import UserError
+from distillery.stages.finetune import (
     check_completions_fit,
     choose_4bit,
     choose_optimizer,
@@ -24,7 +24,7 @@ from stages.finetune import (
     locate_model,
     render_samples,
 )
-from stages.finetune_callbacks import COMPLETE, last_complete_checkpoint, prune_checkpoints, trim_metrics
+from distillery.training.callbacks import COMPLETE, last_complete_checkpoint, prune_checkpoints, trim_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,8 +52,8 @@ def test_precision_auto_from_hardware() -> None:
 
 
 def test_lora_options_reach_peft() -> None:
-    from pipeline.config import FinetuneConfig
-    from stages.finetune_train import lora_settings
+    from distillery.config import FinetuneConfig
+    from distillery.training.train import lora_settings
 
     ft = FinetuneConfig.model_validate({"lora": {"r": 4, "alpha": 8, "dropout": 0.05, "target_modules": ["q_proj"],
                                                  "use_rslora": True, "use_dora": True}})
@@ -65,7 +65,7 @@ def test_lora_options_reach_peft() -> None:
 def test_accelerate_needs_the_hf_backend() -> None:
     from pydantic import ValidationError
 
-    from pipeline.config import FinetuneConfig
+    from distillery.config import FinetuneConfig
 
     with pytest.raises(ValidationError, match="accelerate_config .* needs backend: hf"):
         FinetuneConfig(accelerate_config="configs/accelerate/ddp.yaml")
@@ -139,7 +139,7 @@ def test_hub_id_without_network_is_refused_fast(tmp_path: Path, monkeypatch) -> 
 def test_target_module_the_model_lacks_lists_its_linear_layers(tmp_path: Path) -> None:
     from transformers import LlamaConfig
 
-    from stages.finetune import check_target_modules
+    from distillery.stages.finetune import check_target_modules
 
     LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                 num_key_value_heads=2, vocab_size=32).save_pretrained(tmp_path)
@@ -191,7 +191,7 @@ def test_samples_are_side_by_side() -> None:
 def test_multiple_choice_loss_is_cross_entropy_over_option_log_likelihoods() -> None:
     import torch
 
-    from stages.finetune_trainers import multiple_choice_loss, option_log_likelihoods
+    from distillery.training.trainers import multiple_choice_loss, option_log_likelihoods
 
     # Two options of one example, vocab 3, sequences [0, 1] and [0, 2]; only the last token is the option.
     logits = torch.log(torch.tensor([[[0.2, 0.7, 0.1], [1, 1, 1]], [[0.2, 0.7, 0.1], [1, 1, 1]]]))
@@ -204,7 +204,7 @@ def test_multiple_choice_loss_is_cross_entropy_over_option_log_likelihoods() -> 
 
 
 def test_multiple_choice_collator_masks_only_the_option_tokens(word_tokenizer) -> None:
-    from stages.finetune_trainers import MultipleChoiceCollator
+    from distillery.training.trainers import MultipleChoiceCollator
 
     batch = MultipleChoiceCollator(word_tokenizer, max_length=16)(
         [{"prompt": "Q: two plus two A:", "choices": [" four", " two plus two"], "label": 0}])
@@ -257,7 +257,7 @@ def write_project(tmp_path: Path, finetune: dict, mathqa: bool = False, rows: in
 
 def cli(config: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m pipeline finetune` in a fresh process (Unsloth patches TRL when imported: keep runs apart)."""
-    return subprocess.run([sys.executable, "-m", "pipeline", "finetune", "-c", str(config), *extra], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "distillery", "finetune", "-c", str(config), *extra], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout, env=child_env())
 
 
@@ -368,7 +368,7 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path: Path) ->
     config = write_project(tmp_path, {"backend": "unsloth", "max_steps": 8, "save_steps": 2, "sample_prompts": 0},
                            rows=32)
     partial = tmp_path / "runs" / "t" / ".finetune.partial"
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", "finetune", "-c", str(config)], cwd=ROOT,
+    process = subprocess.Popen([sys.executable, "-m", "distillery", "finetune", "-c", str(config)], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                                env=child_env())
     try:

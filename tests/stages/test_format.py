@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import FormatConfig, load_config
-from pipeline.errors import UserError
-from pipeline.records import make_record, read_jsonl
-from pipeline.runner import run_stage
-from stages.format import length_stats, load_template, render, token_lengths
+from distillery.config import FormatConfig, load_config
+from distillery.core.errors import UserError
+from distillery.core.records import make_record, read_jsonl
+from distillery.runner import run_stage
+from distillery.stages.format import length_stats, load_template, render, token_lengths
 
 
 @pytest.fixture(scope="module")

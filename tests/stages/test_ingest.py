@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data_sources import SourceReport
-from pipeline.config import load_config
-from pipeline.errors import UserError
-from pipeline.records import make_record, read_jsonl
-from pipeline.runner import run_stage
-from stages.ingest import apply_weight, cap, dedupe, split
+from distillery.sources import SourceReport
+from distillery.config import load_config
+from distillery.core.errors import UserError
+from distillery.core.records import make_record, read_jsonl
+from distillery.runner import run_stage
+from distillery.stages.ingest import apply_weight, cap, dedupe, split
 
 
 def rec(source: str, i: int, answer: str | None = None) -> dict:

@@ -7,8 +7,8 @@ import gc
 
 import pytest
 
-from pipeline.records import make_record
-from stages.ingest import cyclic_gc_paused, split
+from distillery.core.records import make_record
+from distillery.stages.ingest import cyclic_gc_paused, split
 
 
 def pair(row: int, file: str = "/data/a/1_구어체.xlsx") -> list[dict]:

@@ -1,0 +1,103 @@
+"""`distillery chat`: talk to an exported GGUF through llama-cpp-python, formatted by the chat template stored
+in the GGUF (the training template), stopping at its EOS. One answer with --prompt, else an interactive loop
+that streams each answer and keeps the conversation. The model runs in a child process (export/llama_child.py);
+the conversation (input, output) stays in this one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+from distillery.export.llama_child import LlamaChild
+from distillery.config import DistilleryConfig
+from distillery.core.errors import UserError
+from distillery.core.rundir import RunDir
+
+PREFERRED = "Q4_K_M"
+
+
+def find_gguf(cfg: DistilleryConfig, choice: str | None = None) -> Path:
+    """--gguf (a path, a file name in the run's gguf/ or a type like q8_0), else the run's Q4_K_M, else the first."""
+    gguf_dir = RunDir(cfg.run.root, cfg.run.name).stage_dir("export") / "gguf"
+    available = sorted(gguf_dir.glob("*.gguf")) if gguf_dir.is_dir() else []
+    if choice:
+        for candidate in (Path(choice), gguf_dir / choice):
+            if candidate.is_file():
+                return candidate
+        by_type = [p for p in available if p.stem.upper().endswith("-" + choice.upper())]
+        if by_type:
+            return by_type[0]
+        names = ", ".join(p.name for p in available) or "none"
+        raise UserError(f"--gguf {choice}: no such file or type; the run's GGUFs ({gguf_dir}): {names}.")
+    if not available:
+        raise UserError(f"no GGUF in {gguf_dir}: run `distillery export` (just export-gguf) first.")
+    return next((p for p in available if p.stem.upper().endswith("-" + PREFERRED)), available[0])
+
+
+def stream_answer(llama: LlamaChild, messages: list[dict[str, str]], max_tokens: int, temperature: float,
+                  seed: int) -> Iterator[str]:
+    """Pieces of the assistant's answer as llama.cpp generates them (in its child process)."""
+    return llama.stream(_stream_chat, messages, max_tokens, temperature, seed)
+
+
+def _stream_chat(state: dict[str, Any], emit: Any, messages: list[dict[str, str]], max_tokens: int,
+                 temperature: float, seed: int) -> None:
+    """In the llama.cpp child: emit each piece of the streamed chat completion."""
+    for chunk in state["llm"].create_chat_completion(messages=messages, max_tokens=max_tokens,
+                                                     temperature=temperature, seed=seed, stream=True):
+        piece = chunk["choices"][0]["delta"].get("content")
+        if piece:
+            emit(piece)
+
+
+def chat(cfg: DistilleryConfig, console: Any, gguf: str | None, prompt: str | None, system: str | None,
+         max_tokens: int, temperature: float) -> None:
+    path = find_gguf(cfg, gguf)
+    console.print(f"[dim]{path} (llama.cpp, chat template from the GGUF)[/]")
+    messages = [{"role": "system", "content": system}] if system else []
+    with LlamaChild(path, "chatting with", n_ctx=4096) as llama:
+        if prompt is not None:
+            messages.append({"role": "user", "content": prompt})
+            for piece in stream_answer(llama, messages, max_tokens, temperature, cfg.run.seed):
+                console.out(piece, end="", highlight=False)
+            console.out("")
+            return
+        console.print("[dim]Type a message; an empty line, /exit or Ctrl-D ends the chat.[/]")
+        while True:
+            try:
+                text = console.input("[bold]you>[/] ")
+            except EOFError:
+                break
+            if not text.strip() or text.strip() in ("/exit", "/quit"):
+                break
+            messages.append({"role": "user", "content": text})
+            console.out("model> ", end="", highlight=False)
+            answer = ""
+            for piece in stream_answer(llama, messages, max_tokens, temperature, cfg.run.seed):
+                answer += piece
+                console.out(piece, end="", highlight=False)
+            console.out("")
+            messages.append({"role": "assistant", "content": answer})
+
+
+def held_out_question(cfg: DistilleryConfig) -> tuple[str, str] | None:
+    """The shortest held-out user question of the run (ingest's eval split) and its reference answer."""
+    from distillery.core.records import read_jsonl
+
+    path = RunDir(cfg.run.root, cfg.run.name).stage_dir("ingest") / "eval.jsonl"
+    if not path.is_file():
+        return None
+    pairs = [(r["messages"][-2]["content"], r["messages"][-1]["content"]) for r in read_jsonl(path)
+             if len(r["messages"]) >= 2 and r["messages"][-2]["role"] == "user"]
+    return min(pairs, key=lambda qa: len(qa[0])) if pairs else None
+
+
+def answer_held_out(cfg: DistilleryConfig, console: Any, max_tokens: int = 96) -> None:
+    """End of `distillery run`: the fine-tuned GGUF answers one question it never trained on."""
+    qa = held_out_question(cfg)
+    if qa is None:
+        return
+    question, reference = qa
+    console.rule("[bold]one held-out question, answered by the fine-tuned GGUF in llama.cpp")
+    console.print(f"[bold]question:[/] {question}\n[bold]reference answer:[/] {reference}")
+    chat(cfg, console, None, question, None, max_tokens, 0.0)

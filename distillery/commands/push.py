@@ -1,0 +1,197 @@
+"""`distillery push`: the exported model to the Hugging Face Hub, with a generated model card.
+
+1. check the export stage finished, list what would be uploaded (merged/ files and/or GGUFs + Modelfiles,
+   with sizes) and render the model card (README.md: front matter base_model, datasets, license, tags; the
+   training summary from finetune's summary.json; the evaluation table from evaluate's comparison.md; how to
+   run it with llama.cpp and Ollama);
+2. write the card and the plan to runs/<name>/push/ and print the plan;
+3. unless --dry-run: create the repository (private by default) and upload everything in one commit. The
+   token comes only from HF_TOKEN (environment or .env) and is never printed or written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distillery.config import DistilleryConfig
+from distillery.core.console import summary_table
+from distillery.core.errors import UserError
+from distillery.core.rundir import RunDir, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+# Hub ids of the bundled models (what model.path: bundled:<name> was made from).
+BUNDLED_HUB_IDS = {"SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def hub_base_model(model_path: str) -> str | None:
+    """The base model's Hub id for the card, or None when it is only a local directory."""
+    if model_path.startswith("bundled:"):
+        return BUNDLED_HUB_IDS.get(model_path.removeprefix("bundled:"))
+    if Path(model_path).expanduser().exists() or model_path.count("/") != 1:
+        return None
+    return model_path
+
+
+def card_datasets(cfg: DistilleryConfig) -> list[str]:
+    """Hub datasets the run trained on (hf sources with a dataset id) plus push.datasets."""
+    found = [getattr(s, "dataset", None) for s in cfg.ingest.sources]
+    return list(dict.fromkeys([d for d in found if isinstance(d, str) and d] + cfg.push.datasets))
+
+
+def export_dir(cfg: DistilleryConfig) -> Path:
+    run = RunDir(cfg.run.root, cfg.run.name)
+    entry = run.stage_entry("export")
+    if not entry or entry.get("status") != "complete" or not run.stage_dir("export").is_dir():
+        raise UserError(f"nothing to push: the export stage has not finished in {run.path}. Run `distillery export` "
+                        "(just export-gguf) first.")
+    return run.stage_dir("export")
+
+
+def upload_plan(cfg: DistilleryConfig, directory: Path) -> list[dict[str, Any]]:
+    """Files to upload: {path (local), path_in_repo, bytes}, the card excluded."""
+    plan = []
+    if "merged" in cfg.push.upload:
+        merged = directory / "merged"
+        plan += [{"path": str(p), "path_in_repo": str(p.relative_to(merged)), "bytes": p.stat().st_size}
+                 for p in sorted(merged.rglob("*")) if p.is_file()]
+    if "gguf" in cfg.push.upload:
+        wanted = {t.upper() for t in cfg.push.gguf_types} if cfg.push.gguf_types else None
+        for path in sorted((directory / "gguf").glob("*.gguf")):
+            if wanted and path.stem.rsplit("-", 1)[-1].upper() not in wanted:
+                continue
+            plan.append({"path": str(path), "path_in_repo": path.name, "bytes": path.stat().st_size})
+            modelfile = path.with_suffix(".Modelfile")
+            if modelfile.is_file():
+                plan.append({"path": str(modelfile), "path_in_repo": modelfile.name,
+                             "bytes": modelfile.stat().st_size})
+    if not plan:
+        raise UserError(f"nothing to push from {directory}: push.upload={cfg.push.upload} and "
+                        f"push.gguf_types={cfg.push.gguf_types} select no file.")
+    return plan
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def build_card(cfg: DistilleryConfig, plan: list[dict[str, Any]], repo_id: str) -> str:
+    """README.md for the Hub: YAML front matter + training, evaluation, files and how to run it."""
+    run = RunDir(cfg.run.root, cfg.run.name)
+    finetune = _read_json(run.stage_dir("finetune") / "summary.json")
+    verify = _read_json(run.stage_dir("export") / "verify.json")
+    base = hub_base_model(str(finetune.get("model_path") or cfg.model.path))
+    ggufs = [p["path_in_repo"] for p in plan if p["path_in_repo"].endswith(".gguf")]
+    tags = ["distillery", "lora", finetune.get("backend", "peft")] + (["gguf", "llama.cpp"] if ggufs else [])
+    front: dict[str, Any] = {}
+    if base:
+        front["base_model"] = base
+    datasets = card_datasets(cfg)
+    if datasets:
+        front["datasets"] = datasets
+    front["license"] = cfg.push.license
+    front["tags"] = list(dict.fromkeys(tags + cfg.push.tags))
+    if any(p["path_in_repo"] == "config.json" for p in plan):
+        front["library_name"] = "transformers"
+    name = repo_id.split("/")[-1]
+    lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip(), "---", "",
+             f"# {name}", "",
+             f"A LoRA fine-tune of {f'[{base}](https://huggingface.co/{base})' if base else cfg.model.path} made "
+             "with Distillery, merged into the base model's 16-bit weights"
+             + (" and converted to GGUF with llama.cpp." if ggufs else "."), "", "## Training", ""]
+    keys = ("backend", "device", "template", "objective", "max_length", "train_examples", "steps", "load_in_4bit",
+            "precision", "optimizer", "first_loss", "last_loss", "train_loss", "tokens_per_s", "train_seconds")
+    rows = [(k, finetune[k]) for k in keys if k in finetune]
+    if finetune.get("lora"):
+        rows.append(("lora", ", ".join(f"{k}={v}" for k, v in finetune["lora"].items() if not isinstance(v, list))))
+    lines += ["| setting | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows] if rows else \
+        ["No finetune summary was found."]
+    lines += ["", "## Evaluation", ""]
+    comparison = run.stage_dir("evaluate") / "comparison.md"
+    lines.append(comparison.read_text(encoding="utf-8").strip() if comparison.is_file()
+                 else "Not evaluated yet (`distillery evaluate` writes the table this section shows).")
+    if verify.get("gguf"):
+        lines += ["", "Every GGUF was checked against the merged model on fixed prompts (KL in nats):", "",
+                  "| file | top-1 agreement | mean KL |", "| --- | --- | --- |"]
+        lines += [f"| {r['file']} | {r['top1_agreement']:.3f} | {r['mean_kl']:.4g} |" for r in verify["gguf"].values()
+                  if r["file"] in ggufs]
+    lines += ["", "## Files", ""] + [f"- `{p['path_in_repo']}` ({p['bytes'] / 2**20:.1f} MiB)" for p in plan]
+    if ggufs:
+        first = next((g for g in ggufs if "Q4_K_M" in g), ggufs[0])
+        model = first.removesuffix(".gguf")
+        lines += ["", "## Run it with llama.cpp", "", "```bash",
+                  f"huggingface-cli download {repo_id} {first} --local-dir .",
+                  f"llama-cli -m {first} -cnv   # the chat template is stored in the GGUF", "```", "",
+                  "or from Python with llama-cpp-python:", "", "```python", "from llama_cpp import Llama",
+                  f'llm = Llama.from_pretrained("{repo_id}", filename="{first}")',
+                  'print(llm.create_chat_completion([{"role": "user", "content": "Hello!"}])'
+                  '["choices"][0]["message"]["content"])', "```", "",
+                  "## Run it with Ollama", "", "```bash",
+                  f"huggingface-cli download {repo_id} {first} {model}.Modelfile --local-dir .",
+                  f"ollama create {name.lower()} -f {model}.Modelfile", f"ollama run {name.lower()}", "```"]
+    if front.get("library_name"):
+        lines += ["", "## Run it with transformers", "", "```python",
+                  "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+                  f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")', "```"]
+    return "\n".join(lines) + "\n"
+
+
+def print_plan(console, plan: list[dict[str, Any]], card_path: Path, repo_id: str) -> None:
+    rows = [(p["path_in_repo"], f"{p['bytes'] / 2**20:.2f} MiB", p["path"]) for p in plan]
+    total = sum(p["bytes"] for p in plan)
+    console.print(summary_table(f"upload to {repo_id}: {len(plan)} files, {total / 2**20:.1f} MiB", rows,
+                                ("in the repository", "size", "from")))
+    console.print(f"model card: {card_path}")
+
+
+def push(cfg: DistilleryConfig, console, dry_run: bool = False) -> dict[str, Any]:
+    """Plan, write the card, and (unless dry_run) upload. Returns the plan and what happened."""
+    directory = export_dir(cfg)
+    repo_id = cfg.push.repo_id or "<push.repo_id>"
+    plan = upload_plan(cfg, directory)
+    card = build_card(cfg, plan, repo_id)
+    out = RunDir(cfg.run.root, cfg.run.name).path / "push"
+    atomic_write_text(out / "README.md", card)
+    plan_with_card = plan + [{"path": str(out / "README.md"), "path_in_repo": "README.md",
+                              "bytes": (out / "README.md").stat().st_size}]
+    atomic_write_text(out / "upload_plan.json", json.dumps(
+        {"repo_id": cfg.push.repo_id, "private": cfg.push.private, "files": plan_with_card}, indent=2) + "\n")
+    print_plan(console, plan_with_card, out / "README.md", repo_id)
+    if dry_run:
+        console.print("[yellow]dry run[/]: nothing was uploaded.")
+        return {"uploaded": False, "files": plan_with_card}
+    if not cfg.push.repo_id:
+        raise UserError("push.repo_id is not set: add `push: {repo_id: you/name}` to the config or pass "
+                        "--set push.repo_id=you/name. Nothing was uploaded.")
+    token = os.environ.get("HF_TOKEN")
+    if not token:
+        raise UserError("no Hugging Face token: set HF_TOKEN in the environment or in .env (a write token from "
+                        "huggingface.co/settings/tokens). Nothing was uploaded; the list above is what would be.")
+    upload(cfg, token, plan_with_card)
+    console.print(f"[green]pushed[/] {len(plan_with_card)} files to https://huggingface.co/{cfg.push.repo_id}"
+                  f" ({'private' if cfg.push.private else 'public'})")
+    return {"uploaded": True, "files": plan_with_card}
+
+
+def upload(cfg: DistilleryConfig, token: str, plan: list[dict[str, Any]]) -> None:
+    """create_repo (private by default) + one commit with every file; any failure is a UserError without the token."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id=cfg.push.repo_id, repo_type="model", private=cfg.push.private, exist_ok=True)
+        operations = [CommitOperationAdd(path_in_repo=p["path_in_repo"], path_or_fileobj=p["path"]) for p in plan]
+        api.create_commit(repo_id=cfg.push.repo_id, repo_type="model", operations=operations,
+                          commit_message=cfg.push.commit_message)
+    except Exception as err:  # network, auth, permissions: all end the same way for the user
+        detail = (str(err).splitlines() or [""])[0].replace(token, "***")
+        raise UserError(f"could not push to {cfg.push.repo_id}: {type(err).__name__}: {detail}. Check the network, "
+                        "that HF_TOKEN is a write token, and the repository name. Nothing was uploaded; "
+                        "`distillery push --dry-run` lists the files.") from None

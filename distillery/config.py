@@ -1,0 +1,360 @@
+"""The YAML config: one pydantic model per stage section, unknown keys forbidden, `--set` overrides.
+
+    run:      name, root, seed
+    model:    the base model every stage uses
+    ingest:   data sources, dedup, eval split          -> stages/ingest.py
+    format:   template and length budget               -> stages/format.py
+    finetune: LoRA and trainer settings                -> stages/finetune.py
+    export:   16-bit merge, GGUF types, verification   -> stages/export.py (+ export/)
+    evaluate: MathQA scoring of every artifact         -> stages/evaluate.py
+    distill:  teacher, verifiers, sandbox              -> stages/distill.py
+    push:     Hub repository and what to upload        -> commands/push.py (the `push` command)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from distillery.sources.params import AIHubExcelParams, CodeIOParams, HFDatasetParams
+from distillery.core.errors import UserError
+
+BUNDLED_PREFIX = "bundled:"
+TEMPLATES = ("qa", "ko_qa", "alpaca", "r1", "chat")
+# Keys whose values are secrets: `hf_token`, `api_key`, `password` — not `max_tokens` or `api_key_env` (a name).
+SECRET_KEYS = re.compile(r"(^|_)(token|api_key|key|secret|password)$", re.IGNORECASE)
+
+SourceConfig = Annotated[Union[AIHubExcelParams, HFDatasetParams, CodeIOParams], Field(discriminator="kind")]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunConfig(Section):
+    name: str = Field("demo", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name: artifacts go to <root>/<name>/.")
+    root: str = Field("runs", description="Directory that holds all runs.")
+    seed: int = Field(42, description="Seed for sampling, splitting and training.")
+
+
+class ModelConfig(Section):
+    path: str = Field(
+        "bundled:SmolLM2-135M-Instruct",
+        description="A local HF directory, a Hub id, or bundled:SmolLM2-135M-Instruct (offline demo model).",
+    )
+    trust_remote_code: bool = False
+
+
+class IngestConfig(Section):
+    sources: list[SourceConfig] = Field(min_length=1, description="Data sources, each with a unique name and a kind.")
+    dedupe: bool = Field(True, description="Drop records whose content repeats one already kept (across sources).")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of records held out for evaluation (fixed-seed).")
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources: list[Any]) -> list[Any]:
+        names = [s.name for s in sources]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"source names must be unique; repeated: {', '.join(repeated)}")
+        return sources
+
+
+class FormatConfig(Section):
+    template: Literal["qa", "ko_qa", "alpaca", "r1", "chat"] = Field(
+        "qa", description="qa, ko_qa, alpaca, r1 (<think> reasoning kept) or chat (the model's own chat template)."
+    )
+    max_length: int = Field(1024, ge=16, description="Token budget of prompt + completion; longer examples are counted, not cut.")
+    system_prompt: str | None = Field(None, description="Added as a system message when a record has none.")
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(16, ge=1, description="LoRA alpha (the update is scaled by alpha/r, or alpha/sqrt(r) with rsLoRA).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Names of the linear layers that get adapters (a name the model lacks is refused, with its list).",
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha/sqrt(r)).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+
+
+class FinetuneConfig(Section):
+    backend: Literal["unsloth", "hf"] = Field("unsloth", description="unsloth (default) or hf (transformers+PEFT+TRL).")
+    load_in_4bit: Literal["auto", True, False] = Field(
+        "auto", description="auto: 4-bit on CUDA, 16-bit on CPU. true: insist (fails without CUDA)."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    epochs: float = Field(1.0, gt=0, description="Passes over the training set (unless max_steps > 0).")
+    max_steps: int = Field(-1, description="If > 0, overrides epochs.")
+    batch_size: int = Field(4, ge=1, description="Per-device batch size.")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
+                          "polynomial", "inverse_sqrt"] = Field("linear", description="Learning-rate schedule.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of the optimizer steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw_torch", description="8-bit / paged AdamW need CUDA (bitsandbytes); on CPU adamw_torch is used, with a warning."
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 where supported, else fp16/fp32.")
+    packing: bool = Field(False, description="Pack several examples into one max_length row (TRL bfd; off under Unsloth on CPU).")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass (Unsloth's own on GPU).")
+    logging_steps: int = Field(1, ge=1)
+    eval_steps: int | None = Field(None, ge=1, description="Loss on format's eval split every N steps (off when unset).")
+    save_steps: int = Field(10, ge=1, description="Checkpoint every N optimizer steps (what a resume restarts from).")
+    save_total_limit: int = Field(2, ge=1, description="Complete checkpoints kept while training (older ones deleted).")
+    report_to: Literal["none", "tensorboard", "wandb"] = Field(
+        "none", description="Experiment tracker; keys (WANDB_API_KEY) only from the environment or .env."
+    )
+    objective: Literal["sft", "multiple_choice"] = Field("sft", description="multiple_choice: softmax over math_mc options.")
+    sample_prompts: int = Field(3, ge=0, description="Held-out prompts generated before and after training (samples.md).")
+    sample_max_new_tokens: int = Field(48, ge=1, description="Tokens generated per sample prompt.")
+    accelerate_config: str | None = Field(
+        None, description="An accelerate config (configs/accelerate/ddp.yaml, fsdp.yaml, deepspeed_zero2.yaml): "
+                          "training runs under `accelerate launch` with it (hf backend, several GPUs).",
+    )
+
+    @model_validator(mode="after")
+    def _accelerate_needs_hf(self) -> "FinetuneConfig":
+        if self.accelerate_config and self.backend != "hf":
+            raise ValueError("accelerate_config (several GPUs) needs backend: hf")
+        return self
+
+
+# Each section below belongs to one stage; its owner extends it. A section with `enabled: false` is
+# skipped by `distillery run`.
+
+
+class TeacherConfig(Section):
+    kind: Literal["gguf", "hf", "openai"] = Field(
+        "gguf", description="gguf (llama-cpp-python), hf (transformers) or openai (any chat-completions HTTP endpoint)."
+    )
+    path: str | None = Field(
+        "bundled:SmolLM2-135M-Instruct",
+        description="gguf: a .gguf file or bundled:<name>; hf: a local HF directory or Hub id.",
+    )
+    url: str | None = Field(None, description="openai: base URL, e.g. http://localhost:8000/v1 (…/chat/completions is added); "
+                                              "default: $OPENAI_BASE_URL.")
+    model: str | None = Field(None, description="openai: the model name the endpoint serves; default: $OPENAI_MODEL.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the key (may be unset for local servers).")
+    context_length: int = Field(4096, ge=256, description="gguf: llama.cpp context window (n_ctx).")
+    timeout_s: float = Field(120.0, gt=0, description="openai: seconds to wait for one response.")
+
+    @model_validator(mode="after")
+    def _needs_location(self) -> "TeacherConfig":
+        if self.kind in ("gguf", "hf") and not self.path:
+            raise ValueError(f"teacher kind {self.kind} needs path")
+        return self
+
+
+class SandboxConfig(Section):
+    timeout_s: float = Field(5.0, gt=0, description="Wall-clock limit of one run of untrusted code; its process group is killed after.")
+    memory_mb: int = Field(1024, ge=64, description="Address-space limit (RLIMIT_AS).")
+    file_size_mb: int = Field(8, ge=1, description="Largest file the code may write (RLIMIT_FSIZE).")
+    max_processes: int = Field(16, ge=1, description="Processes the code may have at once (RLIMIT_NPROC under its own uid).")
+    max_output_kb: int = Field(256, ge=1, description="stdout + stderr kept before the run is stopped.")
+
+
+class DistillConfig(Section):
+    enabled: bool = Field(False, description="Generate verified teacher traces and add them to the training data.")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    tasks: dict[str, Literal["math_mc", "numeric", "codeio_output", "codeio_input"]] = Field(
+        default_factory=lambda: {"math_mc": "math_mc", "code_io_output": "codeio_output", "code_io_input": "codeio_input"},
+        description="Record task -> verifier. Only train records of these tasks are sent to the teacher "
+                    "(e.g. add `qa: numeric` for GSM-style questions).",
+    )
+    max_prompts: int | None = Field(8, ge=1, description="Prompts sent to the teacher, spread evenly over the tasks; null: all.")
+    samples_per_prompt: int = Field(1, ge=1, description="K: teacher samples per prompt (rejection sampling keeps the verified ones).")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature of the teacher.")
+    max_tokens: int = Field(512, ge=1, description="Most tokens the teacher writes per turn.")
+    concurrency: int = Field(4, ge=1, description="Prompts in flight at once for the openai teacher (local teachers run one at a time).")
+    retries: int = Field(3, ge=0, description="openai: retries of a failed request (connection errors, 429, 5xx), with backoff.")
+    revise: bool = Field(True, description="CodeI/O++: after a failed first turn, show the teacher the verifier's feedback and ask once more.")
+    keep: Literal["verified", "all"] = Field("verified", description="verified: rejection sampling (only checked traces); all: every trace, marked in meta.")
+    system_prompt: str = Field(
+        "Think through the problem step by step inside <think> and </think>, then state the final answer.",
+        description="Instruction sent to the teacher before each prompt (not part of the training data).",
+    )
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+
+
+DEFAULT_VERIFY_PROMPTS = [
+    "What is 12 + 7? Answer with the number.",
+    "Translate into English: 오늘 날씨가 정말 좋네요.",
+    "Write a Python function that returns the square of a number.",
+    "In one sentence, what is a prime number?",
+]
+
+
+class VerifyConfig(Section):
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_VERIFY_PROMPTS), min_length=1,
+                               description="Fixed user prompts the merged model and every GGUF are compared on.")
+    new_tokens: int = Field(16, ge=0, description="Greedy tokens the merged model adds to each prompt; their "
+                            "positions are compared too (the answer regime, not only the prompt).")
+    max_kl: float = Field(0.02, gt=0, description="Bound on the mean KL(merged HF || 16-bit GGUF) in nats.")
+    min_top1: float = Field(0.9, ge=0, le=1, description="Least top-1 agreement of the 16-bit GGUF with the merged model.")
+    quant_max_kl: float = Field(1.0, gt=0, description="Bound on the mean KL of each quantized GGUF: catches a broken "
+                                "file, not quantization loss (reported per type).")
+
+
+class ExportConfig(Section):
+    enabled: bool = Field(True, description="Merge, convert and quantize to GGUF in `distillery run`.")
+    dtype: Literal["auto", "bf16", "fp16"] = Field("auto", description="Merged weights; auto: the base's own 16-bit type.")
+    max_shard_size: str = Field("5GB", description="Largest safetensors shard of the merged model.")
+    outtype: Literal["f16", "bf16", "q8_0"] = Field("f16", description="What llama.cpp's converter writes; every "
+                                                    "quantization starts from it.")
+    quantizations: list[str] = Field(default_factory=lambda: ["q8_0", "q4_k_m"], min_length=1,
+                                     description="GGUF types to write (q4_k_m, q5_k_m, q6_k, q8_0, f16, iq2_xxs, ...).")
+    imatrix: str | None = Field(None, description="llama-imatrix output (GGUF or .dat); required for i-quants.")
+    keep_intermediate: bool = Field(False, description="Keep the converter's output even when not in quantizations.")
+    model_name: str | None = Field(None, description="File name stem: <model_name>-<QUANT>.gguf (default: the base "
+                                   "model's name).")
+    min_free_disk_gb: float = Field(1.0, ge=0, description="Free disk to leave beyond what the export needs.")
+    threads: int = Field(0, ge=0, description="CPU threads for quantizing and verifying; 0: all cores.")
+    verify: VerifyConfig = Field(default_factory=VerifyConfig)
+
+    @field_validator("quantizations")
+    @classmethod
+    def _known_quants(cls, names: list[str]) -> list[str]:
+        from distillery.export.gguf import parse_quant
+
+        return list(dict.fromkeys(parse_quant(name).value for name in names))
+
+
+class EvaluateConfig(Section):
+    enabled: bool = Field(True, description="Score MathQA in `distillery run`.")
+    data: str = Field("regisss/math_qa", description="MathQA: a local jsonl/json/csv/parquet file or a Hub dataset id.")
+    split: str = Field("test", description="Split of a Hub dataset to score.")
+    limit: int | None = Field(None, ge=1, description="Score only the first N items (all when unset).")
+    num_fewshot: int = Field(0, ge=0, description="Solved examples before each question (lm-eval's sampler, seed 1234).")
+    fewshot_data: str | None = Field(None, description="Where few-shot examples come from: a local file or Hub id; "
+                                     "default: `data` (its fewshot_split for a Hub id).")
+    fewshot_split: str = Field("train", description="Split of a Hub dataset the few-shot examples come from.")
+    batch_size: int = Field(8, ge=1, description="Items per forward pass (each item's 5 choices share its context).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights of the HF artifacts.")
+    artifacts: Literal["auto"] | list[Literal["base", "adapter", "merged", "gguf"]] = Field(
+        "auto", description="What to score: auto = every artifact the run has; or a list of base, adapter, merged, gguf.")
+    mode: Literal["loglikelihood", "generative"] = Field(
+        "loglikelihood", description="loglikelihood (lm-eval's scoring) or generative (<think> reasoning, then a letter).")
+    max_new_tokens: int = Field(512, ge=1, description="Generative mode: the most tokens a reply may have.")
+    gguf_threads: int | None = Field(None, ge=1, description="llama.cpp threads (default: all cores).")
+
+
+class PushConfig(Section):
+    repo_id: str | None = Field(None, description="Hub repository, e.g. my-org/kanana-8b-ko-qa.")
+    private: bool = Field(True, description="Create the repository private (the default) or public.")
+    upload: list[Literal["merged", "gguf"]] = Field(default_factory=lambda: ["merged", "gguf"], min_length=1,
+                                                    description="What to upload: the merged 16-bit model, the GGUFs.")
+    gguf_types: list[str] | None = Field(None, description="Only these GGUF types (default: every exported one).")
+    license: str = Field("apache-2.0", description="License in the model card (a Hub license id).")
+    tags: list[str] = Field(default_factory=list, description="Extra model card tags.")
+    datasets: list[str] = Field(default_factory=list, description="Extra Hub dataset ids for the model card.")
+    commit_message: str = Field("Upload model from Distillery", description="The Hub commit message.")
+
+
+class DistilleryConfig(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    ingest: IngestConfig
+    format: FormatConfig = Field(default_factory=FormatConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    push: PushConfig = Field(default_factory=PushConfig)
+
+    @model_validator(mode="after")
+    def _cross_stage_checks(self) -> "DistilleryConfig":
+        if self.finetune.objective == "multiple_choice" and not any(
+            getattr(s, "format", None) == "mathqa" for s in self.ingest.sources
+        ):
+            raise ValueError("finetune.objective=multiple_choice needs an ingest source with format: mathqa")
+        return self
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`finetune.lora.r=8` -> (["finetune", "lora", "r"], 8); the value is read as YAML."""
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: expected KEY=VALUE, e.g. --set finetune.max_steps=20")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
+
+
+def apply_override(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    """Set a dotted key in the raw config; list items are addressed by index (ingest.sources.0.path)."""
+    node: Any = data
+    for i, key in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            node = node[int(key)] if key.isdigit() and int(key) < len(node) else None
+        else:
+            node = node.setdefault(key, {}) if isinstance(node, dict) else None
+        if node is None:
+            raise UserError(f"--set {'.'.join(keys)}: there is no {'.'.join(keys[: i + 1])} to set it in.")
+    last = keys[-1]
+    if isinstance(node, list):
+        if not (last.isdigit() and int(last) < len(node)):
+            raise UserError(f"--set {'.'.join(keys)}: index {last} is out of range.")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def format_validation_error(path: Path, err: ValidationError) -> str:
+    """One line per problem: the dotted key, what was wrong, what was expected."""
+    lines = [f"{path}: the config is not valid:"]
+    for problem in err.errors():
+        loc = ".".join(str(part) for part in problem["loc"] if not str(part).startswith("function-after"))
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key (check the spelling; see README for the keys of each section)")
+        else:
+            got = problem.get("input")
+            shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+            lines.append(f"  {loc or '<top>'}: {problem['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DistilleryConfig:
+    """Read, override and validate a YAML config; every problem is a UserError naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist. Presets are in configs/, e.g. configs/demo.yaml.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of sections (run, model, ingest, ...).")
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    try:
+        return DistilleryConfig.model_validate(data)
+    except ValidationError as err:
+        raise UserError(format_validation_error(path, err)) from None
+
+
+def redact(data: Any) -> Any:
+    """A copy of a config dump with every secret-looking value replaced, for saving and printing."""
+    if isinstance(data, dict):
+        return {k: "***" if SECRET_KEYS.search(str(k)) and v else redact(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [redact(v) for v in data]
+    return data
+
+
+def load_dotenv(path: Path = Path(".env")) -> None:
+    """Put KEY=VALUE lines of a .env file into the environment (existing variables win). Never logged."""
+    if not path.is_file():
+        return
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            os.environ.setdefault(key.strip(), value.strip().strip("'\""))

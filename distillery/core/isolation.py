@@ -1,0 +1,206 @@
+"""Native code in a child process, so that its crash becomes an error instead of the death of the pipeline.
+
+llama.cpp (through llama-cpp-python) can die outright on a CPU it was not built for: a segfault or an illegal
+instruction kills the whole process, with no Python exception to catch. `Child` runs functions in one child
+Python process that keeps state between calls (a loaded model); when the child dies, the parent raises
+`NativeCrash`, naming what was being done, the signal and what to try.
+
+    child = Child("llama.cpp", "verifying model-Q4_K_M.gguf", hint="...")
+    info = child.call(load_model, path)         # runs load_model(state, emit, path) in the child
+    for piece in child.stream(generate, prompt):  # whatever the child function emit()s, as it comes
+        ...
+    child.close()
+
+Child functions are module-level functions `fn(state: dict, emit: Callable, *args)` (pickled by name, so they
+must be importable: never in a script's __main__); `state` lives as long as the child, `emit(x)` sends `x` to
+the parent (progress counts, streamed text) before the function returns. Arguments and results are pickled.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+from multiprocessing.connection import Connection
+from typing import Any, Callable, Iterator
+
+_CRASH_HINTS = {
+    signal.SIGKILL: "SIGKILL usually means the machine ran out of memory (the kernel's OOM killer)",
+    signal.SIGILL: "an illegal instruction: the library was compiled for a CPU with instructions this one lacks",
+    signal.SIGSEGV: "a segmentation fault inside the native library",
+    signal.SIGBUS: "a bus error inside the native library (a truncated or changed memory-mapped file?)",
+    signal.SIGABRT: "the native library aborted (an assertion failed)",
+}
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """'SIGSEGV (signal 11)', 'exit code 3' or 'no exit code' for a child's exit."""
+    if exitcode is None:
+        return "no exit code"
+    if exitcode < 0:
+        try:
+            return f"{signal.Signals(-exitcode).name} (signal {-exitcode})"
+        except ValueError:
+            return f"signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
+class NativeCrash(Exception):
+    """A child process running native code died before answering."""
+
+    def __init__(self, library: str, doing: str, exitcode: int | None, hint: str = ""):
+        self.library, self.doing, self.exitcode, self.hint = library, doing, exitcode, hint
+        cause = _CRASH_HINTS.get(-exitcode) if exitcode is not None and exitcode < 0 else None
+        message = f"{library} crashed with {describe_exit(exitcode)} while {doing}"
+        message += f": {cause}." if cause else "."
+        if hint:
+            message += f" {hint}"
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (NativeCrash, (self.library, self.doing, self.exitcode, self.hint))
+
+
+class Child:
+    """One spawned process that runs functions for this one; see the module docstring."""
+
+    def __init__(self, library: str, doing: str, hint: str = ""):
+        self.library, self.doing, self.hint = library, doing, hint
+        # A fresh interpreter (never a fork of a process holding torch's threads), started as a plain subprocess
+        # so that nothing of the caller's __main__ runs again in it; it talks over one end of a socket pair.
+        mine, theirs = socket.socketpair()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the modules we see
+        code = "import sys; from distillery.core.isolation import serve; serve(int(sys.argv[1]))"
+        try:
+            self._process = subprocess.Popen([sys.executable, "-c", code, str(theirs.fileno())], env=env,
+                                             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()  # only the child holds its end now: its death is an EOF here
+        self._conn = Connection(mine.detach())
+        self._busy = False
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def call(self, fn: Callable[..., Any], *args: Any, on_event: Callable[[Any], None] | None = None) -> Any:
+        """fn(state, emit, *args) in the child; each emitted value goes to on_event; returns fn's result."""
+        for kind, value in self._exchange(fn, args):
+            if kind == "event" and on_event is not None:
+                on_event(value)
+            elif kind == "result":
+                return value
+        raise AssertionError("unreachable: _exchange ends with a result or raises")
+
+    def stream(self, fn: Callable[..., Any], *args: Any) -> Iterator[Any]:
+        """The values fn(state, emit, *args) emits in the child, as they come."""
+        for kind, value in self._exchange(fn, args):
+            if kind == "event":
+                yield value
+            elif kind == "result":
+                return
+
+    def close(self) -> None:
+        """Stop the child (politely when it is idle, at once when it is busy or gone)."""
+        if self._process.poll() is None and not self._busy:
+            try:
+                self._conn.send(None)
+                self._process.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        self._conn.close()
+
+    def __enter__(self) -> "Child":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _exchange(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Iterator[tuple[str, Any]]:
+        if self._busy:
+            raise RuntimeError(f"the {self.library} child is still answering an earlier call")
+        payload = pickle.dumps((fn, args))  # a function or argument that cannot travel fails here, not there
+        self._busy = True
+        finished = False
+        try:
+            try:
+                self._conn.send_bytes(payload)
+            except OSError:
+                self._crashed()
+            while True:
+                try:
+                    kind, value = self._conn.recv()
+                except (EOFError, OSError):
+                    self._crashed()
+                if kind == "error":
+                    finished = True
+                    raise value
+                finished = kind == "result"
+                yield kind, value
+                if finished:
+                    return
+        finally:
+            self._busy = False
+            if not finished:  # abandoned mid-answer (an interrupt, a consumer that stopped reading)
+                self._process.kill()
+
+    def _crashed(self) -> None:
+        try:
+            code = self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # it closed its end but lives on: stop it
+            self._process.kill()
+            code = self._process.wait()
+        raise NativeCrash(self.library, self.doing, code, self.hint) from None
+
+
+def serve(fd: int) -> None:
+    """The child's loop: receive (fn, args), send events and then a result or an error; None ends it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then stops the child
+    _die_with_parent()
+    conn = Connection(fd)
+    state: dict[str, Any] = {}
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        except Exception as err:  # noqa: BLE001 - e.g. a function the child cannot import (defined in __main__)
+            conn.send(("error", RuntimeError(f"the child process cannot load the call: {type(err).__name__}: {err}")))
+            continue
+        if message is None:
+            return
+        fn, args = message
+        try:
+            reply = ("result", fn(state, lambda value: conn.send(("event", value)), *args))
+        except Exception as err:  # noqa: BLE001 - every error goes back to the parent, which raises it
+            reply = ("error", _transportable(err))
+        try:
+            conn.send(reply)
+        except Exception as err:  # noqa: BLE001 - a result that cannot be pickled
+            conn.send(("error", RuntimeError(f"the result of {getattr(fn, '__name__', fn)} cannot be sent back: "
+                                             f"{type(err).__name__}: {err}")))
+
+
+def _transportable(err: Exception) -> Exception:
+    """The exception itself when it survives pickling, else a RuntimeError with its text."""
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(err).__name__}: {err}")
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this child when its parent dies (kill -9 of the pipeline leaves no orphan)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

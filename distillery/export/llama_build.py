@@ -1,0 +1,236 @@
+"""llama-cpp-python built once per machine for a named x86-64 level, not for the CPU it happens to be built on.
+
+PyPI has only llama-cpp-python's sources; pip compiles them with llama.cpp's default, `GGML_NATIVE=ON`
+(`-march=native`). Such a build is tied to the machine that compiled it: on a CPU with AMX it repacks quantized
+weights into ggml's AMX buffer and segfaults in the first matmul (ggml-org/llama.cpp issue 20824), and when
+pip's wheel cache hands it to a CPU with fewer instruction sets it dies with SIGILL. So `just setup` builds it
+here instead, for a CPU level (`PROFILES`):
+
+- `x86-64-v3` (default): AVX2, FMA, F16C, BMI2 and nothing newer: runs on every x86-64 CPU since 2013-2015
+  (Intel Haswell, AMD Zen 1), no AVX-512 and no AMX code at all;
+- `x86-64-v4`: v3 plus AVX-512 (F, CD, VL, DQ, BW, VBMI, VNNI, BF16), still without AMX: faster prompt
+  processing on AVX-512 CPUs, for a machine that has them (set `DISTILLERY_LLAMA_CPU=x86-64-v4`);
+- `native`: llama.cpp's default, for comparison (bench/export.py) or for a user who wants it on their own
+  machine; `just setup`'s self-check refuses it where it crashes.
+
+Only the libraries the Python binding loads are built (libllama, libggml*): no multimodal library
+(LLAVA_BUILD=OFF) and no llama.cpp `common` library with its HTTP client (see llama_build.cmake), which
+halves the compile. `DISTILLERY_LLAMA_CMAKE_ARGS` adds CMake arguments (e.g. `-DGGML_CUDA=ON`).
+
+Wheels go to <DISTILLERY_HOME>/wheels/<name>-<version>-<profile>-<key>/, keyed by everything that went into
+the build (the version, the CMake arguments, the machine type, and for `native` the CPU's flags): a wheel is
+reused only where it was built for, and pip's own wheel cache is never involved.
+
+    python -m exports.llama_build build     # compile once (a no-op when the wheel is cached)
+    python -m exports.llama_build install   # install the cached wheel into this Python environment
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from distillery.core.errors import UserError
+from distillery.core.models import cache_home
+
+DISTRIBUTION = "llama-cpp-python"
+VERSION = "0.3.36"  # the [llama] extra in pyproject.toml pins the same version
+HOOK = Path(__file__).with_name("llama_build.cmake")
+X86_64_V3 = ("avx2", "fma", "f16c", "bmi2")
+X86_64_V4 = X86_64_V3 + ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw", "avx512vbmi", "avx512_vnni",
+                         "avx512_bf16")
+NO_AMX = ("-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF")
+PROFILES: dict[str, tuple[str, ...]] = {
+    "x86-64-v3": ("-DGGML_NATIVE=OFF", "-DGGML_SSE42=ON", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON",
+                  "-DGGML_F16C=ON", "-DGGML_BMI2=ON", "-DGGML_AVX512=OFF", *NO_AMX),
+    "x86-64-v4": ("-DGGML_NATIVE=OFF", "-DGGML_SSE42=ON", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON",
+                  "-DGGML_F16C=ON", "-DGGML_BMI2=ON", "-DGGML_AVX512=ON", "-DGGML_AVX512_VBMI=ON",
+                  "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON", *NO_AMX),
+    "native": ("-DGGML_NATIVE=ON",),
+}
+REQUIRED_FLAGS = {"x86-64-v3": X86_64_V3, "x86-64-v4": X86_64_V4, "native": ()}
+# Flags that tell which llama.cpp code a CPU can run; printed when llama.cpp fails on it.
+RELEVANT_FLAGS = X86_64_V4 + ("avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+REBUILD = ("`just setup` installs the portable x86-64-v3 build (unset DISTILLERY_LLAMA_CPU if you set it to native "
+           "or x86-64-v4)")
+
+
+def cpuinfo_field(*names: str) -> str:
+    """The first /proc/cpuinfo line's value whose key starts with one of `names` ("" where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith(names)), "")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (x86 `flags`, arm64 `Features`)."""
+    return set(cpuinfo_field("flags", "Features").split())
+
+
+def describe_cpu() -> str:
+    """'AMD EPYC: avx2 fma ... amx_int8' — the model and the flags that matter to llama.cpp's kernels."""
+    flags = cpu_flags()
+    present = [f for f in RELEVANT_FLAGS if f in flags]
+    return (f"{cpuinfo_field('model name') or platform.machine()}: "
+            f"{' '.join(present) or 'none of ' + ', '.join(RELEVANT_FLAGS[:4])}")
+
+
+def chosen_profile() -> str:
+    """DISTILLERY_LLAMA_CPU, else x86-64-v3 on x86-64 and llama.cpp's native default elsewhere (arm64)."""
+    profile = os.environ.get("DISTILLERY_LLAMA_CPU", "").strip()
+    if profile:
+        if profile not in PROFILES:
+            raise UserError(f"DISTILLERY_LLAMA_CPU={profile}: unknown; use one of {', '.join(PROFILES)}.")
+        return profile
+    return "x86-64-v3" if platform.machine() in ("x86_64", "AMD64") else "native"
+
+
+def cmake_args(profile: str) -> list[str]:
+    extra = os.environ.get("DISTILLERY_LLAMA_CMAKE_ARGS", "").split()
+    return [*PROFILES[profile], "-DLLAVA_BUILD=OFF", "-DGGML_CCACHE=OFF", f"-DCMAKE_PROJECT_INCLUDE={HOOK}", *extra]
+
+
+def check_cpu_supports(profile: str) -> None:
+    flags = cpu_flags()
+    missing = [f for f in REQUIRED_FLAGS[profile] if flags and f not in flags]
+    if missing:
+        raise UserError(f"this CPU lacks {', '.join(missing)}, which the {profile} build of llama.cpp needs "
+                        f"({describe_cpu()}). Unset DISTILLERY_LLAMA_CPU or set it to x86-64-v3.")
+
+
+def wheel_dir(profile: str) -> Path:
+    """Where the wheel for `profile` (with this machine's arguments) is kept."""
+    key = {"version": VERSION, "profile": profile, "cmake": [a for a in cmake_args(profile) if "PROJECT_INCLUDE" not in a],
+           "hook": HOOK.read_text(encoding="utf-8"), "machine": platform.machine()}
+    if profile == "native":
+        key["cpu"] = sorted(cpu_flags())
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_home() / "wheels" / f"{DISTRIBUTION}-{VERSION}-{profile}-{digest}"
+
+
+def cached_wheel(profile: str) -> Path | None:
+    wheels = sorted(wheel_dir(profile).glob("*.whl"))
+    return wheels[0] if wheels else None
+
+
+def fetch_sdist(version: str = VERSION) -> Path:
+    """The llama-cpp-python sdist of `version`, downloaded once into <DISTILLERY_HOME>/sdists/."""
+    target_dir = cache_home() / "sdists"
+    existing = sorted(target_dir.glob(f"llama_cpp_python-{version}.tar.gz"))
+    if existing:
+        return existing[0]
+    target_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target_dir, prefix=".download-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-cache-dir",
+               "--disable-pip-version-check", f"{DISTRIBUTION}=={version}", "-d", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        archives = sorted(Path(tmp).glob("*.tar.gz"))
+        if done.returncode != 0 or not archives:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            raise UserError(f"could not download the {DISTRIBUTION}=={version} sources (network is needed once, at "
+                            f"setup): {' | '.join(tail)}")
+        final = target_dir / archives[0].name
+        os.replace(archives[0], final)
+    return final
+
+
+def build(profile: str) -> Path:
+    """The wheel for `profile`: from the cache, else compiled now (a few minutes) and cached."""
+    check_cpu_supports(profile)
+    wheel = cached_wheel(profile)
+    if wheel is not None:
+        say(f"llama-cpp-python {VERSION} ({profile}): cached build {wheel.parent}")
+        return wheel
+    sdist = fetch_sdist()
+    target = wheel_dir(profile)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log_path = target.parent / f"{target.name}.log"
+    say(f"llama-cpp-python {VERSION}: compiling for {profile} (once per machine, a few minutes; log: {log_path})")
+    started = time.time()
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        env = {**os.environ, "CMAKE_ARGS": " ".join(cmake_args(profile)),
+               "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
+        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "--disable-pip-version-check",
+               "--verbose", str(sdist), "-w", str(tmp)]
+        with open(log_path, "w", encoding="utf-8") as log:
+            log.write(f"CMAKE_ARGS={env['CMAKE_ARGS']}\n$ {' '.join(cmd)}\n")
+            log.flush()
+            done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        built = sorted(tmp.glob("*.whl"))
+        if done.returncode != 0 or not built:
+            tail = "\n  ".join(log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-12:])
+            raise UserError(f"compiling llama-cpp-python {VERSION} for {profile} failed (exit {done.returncode}); "
+                            f"the whole log is {log_path}. Its end:\n  {tail}")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    say(f"llama-cpp-python {VERSION} ({profile}): compiled in {time.time() - started:.0f} s")
+    return sorted(target.glob("*.whl"))[0]
+
+
+def install(profile: str) -> Path:
+    """Install the cached wheel for `profile` into this environment (replacing any other build of it)."""
+    wheel = build(profile)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "install", "--quiet"]
+    subprocess.run([*pip, "--force-reinstall", "--no-deps", str(wheel)], check=True)
+    subprocess.run([*pip, str(wheel)], check=True)  # its own dependencies (numpy, diskcache, jinja2)
+    record = build_record_path()
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"version": VERSION, "profile": profile, "wheel": str(wheel),
+                                  "cmake_args": cmake_args(profile)}, indent=2) + "\n", encoding="utf-8")
+    say(f"llama-cpp-python {VERSION} ({profile}) installed from {wheel.name}")
+    return wheel
+
+
+def build_record_path() -> Path:
+    return Path(sys.prefix) / "share" / "distillery" / "llama-build.json"
+
+
+def installed_build() -> dict[str, str]:
+    """What `install` recorded about the llama-cpp-python in this environment ({} when it did not install it)."""
+    try:
+        return json.loads(build_record_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m exports.llama_build", description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=("build", "install"),
+                        help="build: compile once into the cache; install: into this environment")
+    parser.add_argument("--profile", choices=tuple(PROFILES), help="default: $DISTILLERY_LLAMA_CPU or x86-64-v3")
+    args = parser.parse_args(argv)
+    try:
+        profile = args.profile or chosen_profile()
+        if args.action == "build":
+            build(profile)
+        else:
+            install(profile)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except subprocess.CalledProcessError as err:
+        print(f"error: {' '.join(map(str, err.cmd[:6]))} ... failed with exit code {err.returncode}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Does the installed llama.cpp run on this CPU? The last step of `just setup`, and the first thing to run when
+llama.cpp crashed.
+
+    python -m exports.llama_check [--gguf FILE]
+
+Loads a small quantized GGUF (default: the bundled SmolLM2-135M Q4_1, whose quantized matmuls are the ones an
+unsuitable build crashes in) in a child process, decodes a prompt and a few tokens greedily, and prints what it
+got. When the child crashes or fails: what failed, the CPU's relevant flags, the installed build and the
+remedy; exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from distillery.export.llama_build import REBUILD, describe_cpu, installed_build
+from distillery.export.llama_child import GGUFLoadError, LlamaChild, greedy_decode
+from distillery.core.errors import UserError
+from distillery.core.isolation import NativeCrash
+
+# The bundled model's ChatML; it continues with " Paris." at every quantization.
+PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nThe capital of France is"
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+
+def check(path: Path, prompt: str = PROMPT, tokens: int = 3) -> dict[str, Any]:
+    """Decode `prompt` and `tokens` greedy tokens from `path` in a child process: {text, seconds, metadata}."""
+    started = time.time()
+    with LlamaChild(path, "decoding a few tokens of", n_ctx=256, hint="") as llama:
+        text = llama.call(greedy_decode, prompt, tokens)
+        return {"text": text, "seconds": time.time() - started, "architecture": llama.metadata["architecture"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m exports.llama_check", description=__doc__.splitlines()[0])
+    parser.add_argument("--gguf", type=Path, help=f"the GGUF to decode (default: the bundled {DEFAULT_MODEL} Q4_1)")
+    args = parser.parse_args(argv)
+    build = installed_build().get("profile", "not installed by `just setup`")
+    try:
+        from distillery.core.models import bundled_gguf
+
+        path = args.gguf or bundled_gguf(DEFAULT_MODEL)
+        result = check(path)
+    except (NativeCrash, GGUFLoadError, UserError, ImportError) as err:
+        print(f"llama.cpp self-check FAILED: {err}", file=sys.stderr)
+        print(f"  CPU: {describe_cpu()}", file=sys.stderr)
+        print(f"  installed llama-cpp-python build: {build}", file=sys.stderr)
+        print(f"  remedy: {REBUILD}; a build of your own must not use GGML_NATIVE on CPUs with AMX "
+              "(ggml-org/llama.cpp issue 20824).", file=sys.stderr)
+        return 1
+    print(f"llama.cpp self-check: ok ({build} build, {path.name} decoded {result['text']!r} in "
+          f"{result['seconds']:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

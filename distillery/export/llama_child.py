@@ -1,0 +1,121 @@
+"""A GGUF loaded by llama-cpp-python in a child process: everything that runs llama.cpp goes through here.
+
+llama.cpp can crash natively (a segfault on a CPU it was not built for, see export/llama_build.py). In a child
+process (core/isolation.py) that crash is a `NativeCrash` naming the file, what was being done, the signal
+and what to try, instead of the silent death of the pipeline, the chat or the test run.
+
+    with LlamaChild(path, "verifying", n_ctx=512, logits_all=True) as llama:
+        llama.metadata["chat_template"]
+        ids = llama.tokenize(["text"], add_bos=False, special=True)
+        scores = llama.call(my_function, args)   # my_function(state, emit, *args) with state["llm"] the Llama
+
+Callers put what they run on the model in module-level functions of their own module, taking the loaded
+`llama_cpp.Llama` from `state["llm"]`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from distillery.core.isolation import Child
+
+LIBRARY = "llama.cpp"
+
+
+class GGUFLoadError(Exception):
+    """llama.cpp refused the file (not a GGUF, truncated, unknown architecture): an error it reported itself."""
+
+
+def crash_hint() -> str:
+    """What to try after llama.cpp crashed: check the runtime on this CPU, then rebuild or suspect the file."""
+    from distillery.export.llama_build import REBUILD, describe_cpu, installed_build
+
+    build = installed_build().get("profile", "unknown (not installed by `just setup`)")
+    return (f"CPU {describe_cpu()}; installed llama.cpp build: {build}. Run `.venv/bin/python -m "
+            f"distillery.export.llama_check` (seconds): if it fails too, this llama-cpp-python does not run on this CPU: "
+            f"{REBUILD}; if it passes, the GGUF file itself may be damaged: rewrite it with `just export-gguf --force`.")
+
+
+class LlamaChild:
+    """A llama_cpp.Llama on `path`, living in a child process; `doing` names the work in crash messages."""
+
+    def __init__(self, path: Path | str, doing: str, n_ctx: int = 2048, logits_all: bool = False,
+                 threads: int | None = None, hint: str | None = None):
+        self.path = Path(path)
+        self._child = Child(LIBRARY, f"{doing} {self.path}", hint=crash_hint() if hint is None else hint)
+        params = {"n_ctx": n_ctx, "logits_all": logits_all, "n_threads": threads or max(1, os.cpu_count() or 1)}
+        try:
+            self.metadata: dict[str, Any] = self._child.call(_load, str(self.path), params)
+        except BaseException:
+            self._child.close()
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self._child.pid
+
+    def call(self, fn: Callable[..., Any], *args: Any, on_event: Callable[[Any], None] | None = None) -> Any:
+        """fn(state, emit, *args) in the child, with the model at state["llm"]."""
+        return self._child.call(fn, *args, on_event=on_event)
+
+    def stream(self, fn: Callable[..., Any], *args: Any) -> Iterator[Any]:
+        return self._child.stream(fn, *args)
+
+    def tokenize(self, texts: list[str], add_bos: bool, special: bool) -> list[list[int]]:
+        return self._child.call(_tokenize, texts, add_bos, special)
+
+    def close(self) -> None:
+        self._child.close()
+
+    def __enter__(self) -> "LlamaChild":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _load(state: dict[str, Any], emit: Callable[[Any], None], path: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Load the GGUF (quietly, every layer offloaded where llama.cpp has a GPU backend) and return its metadata."""
+    from llama_cpp import Llama
+
+    try:
+        llm = Llama(model_path=path, verbose=False, n_gpu_layers=-1, **params)
+    except (ValueError, RuntimeError, OSError) as err:
+        raise GGUFLoadError(f"llama.cpp cannot load {path}: {str(err).splitlines()[0] if str(err) else err}") from None
+    state["llm"] = llm
+    return gguf_metadata(llm)
+
+
+def gguf_metadata(llm: Any) -> dict[str, Any]:
+    """The chat template and EOS stored in a loaded GGUF (the token's id and its text), and what it is."""
+    meta = llm.metadata
+    eos_id = int(meta.get("tokenizer.ggml.eos_token_id", llm.token_eos()))
+    return {
+        "chat_template": meta.get("tokenizer.chat_template"),
+        "eos_token_id": eos_id,
+        "eos_token": llm.detokenize([eos_id], special=True).decode("utf-8", errors="replace"),
+        "architecture": meta.get("general.architecture"),
+        "file_type": meta.get("general.file_type"),
+        "n_vocab": llm.n_vocab(),
+    }
+
+
+def _tokenize(state: dict[str, Any], emit: Callable[[Any], None], texts: list[str], add_bos: bool,
+              special: bool) -> list[list[int]]:
+    llm = state["llm"]
+    return [llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special) for text in texts]
+
+
+def greedy_decode(state: dict[str, Any], emit: Callable[[Any], None], prompt: str, tokens: int) -> str:
+    """Evaluate `prompt` as one batch (matrix-matrix kernels), then generate `tokens` greedily one at a time
+    (matrix-vector kernels): the two kinds of work a CPU build can crash in."""
+    llm = state["llm"]
+    llm.eval(llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
+    out = []
+    for _ in range(tokens):
+        token = llm.sample(temp=0.0)
+        out.append(token)
+        llm.eval([token])
+    return llm.detokenize(out).decode("utf-8", errors="replace")

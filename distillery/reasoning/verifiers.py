@@ -1,0 +1,270 @@
+"""Checking a teacher's answer against what a record knows to be right.
+
+- math_mc:       the chosen option letter (a-e) against the record's label;
+- numeric:       GSM-style: the answer's final number against the reference answer's final number;
+- codeio_output: the last JSON object of the answer ({"output": ...}) against the expected output, with CodeI/O's
+                 rules (identical JSON, or equal up to a relative float tolerance of 1e-3 with the same integer
+                 part, same keys for objects, same length for lists, NaN/inf never close);
+- codeio_input:  the last JSON object ({"input": {...}}) is fed to the reference code in the sandbox and the
+                 result compared with the expected output by the same rules.
+Each returns a Verdict with the feedback the teacher gets for a second turn (CodeI/O++) and the canonical
+final-answer line that ends the training trace.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from distillery.reasoning.sandbox import Limits, run_function
+
+LETTERS = "abcde"
+FLOAT_TOLERANCE = 1e-3  # CodeI/O's relative tolerance
+NUMBER = r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+"
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    answer: Any = None  # what was extracted from the text (None: nothing found)
+    expected: Any = None
+    feedback: str = ""  # shown to the teacher on a second turn and kept in the trace
+    canonical: str = ""  # the final answer the training trace ends with (set when ok)
+    details: dict = field(default_factory=dict)
+
+
+def final_part(text: str) -> str:
+    """The answer after the reasoning: the text after the last </think>, or all of it."""
+    return text.rsplit("</think>", 1)[-1] if "</think>" in text else text
+
+
+# ---- math_mc ---------------------------------------------------------------------------------------------------
+
+MC_PATTERNS = (
+    r"answer\s*(?:is|:)?\s*(?:option\s*)?[\(\[]?\s*([a-e])\s*[\)\]]",  # "The answer is (c)", "answer: c)"
+    r"\\boxed\{\s*\(?([a-e])\)?\s*\}",
+    r"answer\s*(?:is|:)\s*(?:option\s*)?([a-e])\b",  # "answer is c", "Answer: c"
+    r"\(([a-e])\)",  # a lone "(c)": the last one
+)
+
+
+def extract_option(text: str, choices: list[str]) -> int | None:
+    """Index of the option the text chose, by letter, or by quoting exactly one choice on its last line."""
+    tail = final_part(text)
+    for pattern in MC_PATTERNS:
+        found = re.findall(pattern, tail, flags=re.IGNORECASE)
+        if found:
+            return LETTERS.index(found[-1].lower())
+    lines = [line for line in tail.strip().splitlines() if line.strip()]
+    if lines:
+        quoted = [i for i, choice in enumerate(choices) if choice and choice in lines[-1]]
+        if len(quoted) == 1:
+            return quoted[0]
+    return None
+
+
+def verify_math_mc(record: dict, text: str, limits: Limits) -> Verdict:
+    choices, label = record["choices"], record["label"]
+    chosen = extract_option(text, choices)
+    expected = LETTERS[label]
+    if chosen is None:
+        return Verdict(False, None, expected, "No option was chosen: finish with 'The answer is (x)' where x is a-e.")
+    letter = LETTERS[chosen]
+    if chosen != label:
+        return Verdict(False, letter, expected, f"The chosen option ({letter}) {choices[chosen]} is not correct.")
+    return Verdict(True, letter, expected, "Correct.", f"The answer is ({letter}) {choices[label]}.")
+
+
+# ---- numeric ---------------------------------------------------------------------------------------------------
+
+def parse_number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def final_number(text: str) -> str | None:
+    """GSM-style final answer: after '####', 'answer is', or in \\boxed{}; else the last number in the text."""
+    tail = final_part(text).replace("$", "")
+    for pattern in (rf"####\s*({NUMBER})", rf"\\boxed\{{\s*({NUMBER})", rf"answer\s*(?:is|:)\s*\**\s*({NUMBER})"):
+        found = re.findall(pattern, tail, flags=re.IGNORECASE)
+        if found:
+            return found[-1].rstrip(".,")
+    found = re.findall(NUMBER, tail)
+    return found[-1].rstrip(".,") if found else None
+
+
+def reference_answer(record: dict) -> str:
+    return next(m["content"] for m in reversed(record["messages"]) if m["role"] == "assistant")
+
+
+def verify_numeric(record: dict, text: str, limits: Limits) -> Verdict:
+    expected_text = final_number(reference_answer(record))
+    expected = parse_number(expected_text) if expected_text else None
+    if expected is None:
+        return Verdict(False, None, None, "The reference answer has no final number; this record cannot be checked.")
+    got_text = final_number(text)
+    got = parse_number(got_text) if got_text else None
+    if got is None:
+        return Verdict(False, None, expected_text, "No final number was found: finish with 'The answer is N'.")
+    if abs(got - expected) > 1e-6 * max(1.0, abs(expected)):
+        return Verdict(False, got_text, expected_text, f"The final answer {got_text} is not correct.")
+    return Verdict(True, got_text, expected_text, "Correct.", f"The answer is {expected_text}.")
+
+
+# ---- CodeI/O ---------------------------------------------------------------------------------------------------
+
+def last_braced_span(text: str) -> str | None:
+    """The last complete top-level {...} in the text."""
+    depth, start, last = 0, None, None
+    for i, char in enumerate(text):
+        if char == "{":
+            if depth == 0:
+                start = i
+            depth += 1
+        elif char == "}" and depth:
+            depth -= 1
+            if depth == 0:
+                last = text[start:i + 1]
+    return last
+
+
+def parse_json_like(candidate: str) -> Any:
+    """JSON, then JSON with Python's True/False/None, then a Python literal; None when none of them parses."""
+    attempts = (candidate, candidate.replace("True", "true").replace("False", "false").replace("None", "null"))
+    for attempt in attempts:
+        try:
+            return json.loads(attempt)
+        except json.JSONDecodeError:
+            continue
+    try:
+        value = ast.literal_eval(candidate)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+    return json.loads(json.dumps(value)) if _jsonable(value) else None
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def extract_last_json(text: str) -> Any:
+    """The answer's last JSON object: the last ```json block if any, else the last {...}; tuples read as lists."""
+    tail = final_part(text)
+    if "```json" in tail:
+        block = tail[tail.rfind("```json") + len("```json"):]
+        candidate = block.split("```", 1)[0].strip()
+    else:
+        candidate = last_braced_span(tail)
+    if candidate:
+        value = parse_json_like(candidate)
+        if value is None:
+            value = parse_json_like(candidate.replace("(", "[").replace(")", "]"))
+        if value is not None:
+            return value
+    boxed = tail.rfind("\\boxed{")
+    if boxed != -1:
+        inner = tail[boxed + len("\\boxed{"):].replace("\\{", "{").replace("\\}", "}")
+        span = last_braced_span(inner)
+        return parse_json_like(span) if span else None
+    return None
+
+
+def is_close(pred: Any, target: Any, tol: float = FLOAT_TOLERANCE) -> bool:
+    """CodeI/O's comparison: recursive, floats within a relative tolerance and with the same integer part."""
+    if isinstance(pred, dict) and isinstance(target, dict):
+        return pred.keys() == target.keys() and all(is_close(pred[k], target[k], tol) for k in pred)
+    if isinstance(pred, list) and isinstance(target, list):
+        return len(pred) == len(target) and all(is_close(p, t, tol) for p, t in zip(pred, target))
+    numbers = (int, float)
+    if isinstance(pred, numbers) and isinstance(target, numbers) and not isinstance(pred, bool) \
+            and not isinstance(target, bool):
+        if isinstance(pred, float) or isinstance(target, float):
+            if any(math.isnan(v) or math.isinf(v) for v in (pred, target)):
+                return False
+            return abs(pred - target) <= tol * abs(target) and int(pred) == int(target)
+        return pred == target
+    return pred == target
+
+
+def outputs_match(pred: Any, target: Any) -> bool:
+    return json.dumps(pred) == json.dumps(target) or is_close(pred, target)
+
+
+MISSING = object()
+
+
+def extracted_field(text: str, key: str) -> Any:
+    """The value under `key` of the answer's last JSON object (a bare non-object value is taken as is);
+    MISSING when there is none (a JSON null is a value: some functions return None)."""
+    value = extract_last_json(text)
+    if isinstance(value, dict):
+        return value.get(key, MISSING)
+    return MISSING if value is None else value
+
+
+def verify_codeio_output(record: dict, text: str, limits: Limits) -> Verdict:
+    meta = record["meta"]
+    expected, given = meta["io_output"], json.dumps(meta["io_input"])
+    pred = extracted_field(text, "output")
+    if pred is MISSING:
+        return Verdict(False, None, expected, 'No final answer was found: give it as JSON, {"output": <your output>}.')
+    if not outputs_match(pred, expected):
+        return Verdict(False, pred, expected,
+                       f"Mismatch: for the input {given}, the predicted output {json.dumps(pred)} is not correct.")
+    return Verdict(True, pred, expected, "Correct: the predicted output matches.", json.dumps({"output": pred}))
+
+
+def verify_codeio_input(record: dict, text: str, limits: Limits) -> Verdict:
+    meta = record["meta"]
+    expected = meta["io_output"]
+    pred = extracted_field(text, "input")
+    if not isinstance(pred, dict):
+        return Verdict(False, None if pred is MISSING else pred, expected,
+                       'No input was found: give it as JSON, {"input": {<name>: <value>, ...}}, with every variable.')
+    run = run_function(meta["refcode"], meta["funcname"], pred, limits)
+    details = {"sandbox": {"status": run.status, "message": run.message, "seconds": run.seconds,
+                           "network": run.network, "files": run.files, "unix_sockets": run.unix_sockets}}
+    if not run.ok:
+        return Verdict(False, pred, expected,
+                       f"Running the code on the predicted input {json.dumps(pred)} failed: {run.message}", details=details)
+    if not outputs_match(run.value, expected):
+        return Verdict(False, pred, expected,
+                       f"Mismatch: the predicted input {json.dumps(pred)} gives {json.dumps(run.value)}, not the required "
+                       f"output {json.dumps(expected)}.", details=details)
+    return Verdict(True, pred, expected, "Correct: the predicted input gives the required output.",
+                   json.dumps({"input": pred}), details=details)
+
+
+VERIFIERS: dict[str, Callable[[dict, str, Limits], Verdict]] = {
+    "math_mc": verify_math_mc,
+    "numeric": verify_numeric,
+    "codeio_output": verify_codeio_output,
+    "codeio_input": verify_codeio_input,
+}
+
+
+def why_uncheckable(verifier: str, record: dict) -> str | None:
+    """Why a record cannot be checked by `verifier` (None when it can): what it is missing."""
+    if verifier == "math_mc":
+        choices, label = record.get("choices"), record.get("label")
+        if not choices or not isinstance(label, int) or not 0 <= label < len(choices) or len(choices) > len(LETTERS):
+            return "no choices/label"
+    elif verifier == "numeric":
+        if not any(m["role"] == "assistant" for m in record["messages"]) or final_number(reference_answer(record)) is None:
+            return "no reference number"
+    else:
+        needed = ("io_input", "io_output") if verifier == "codeio_output" else ("refcode", "funcname", "io_input", "io_output")
+        missing = [k for k in needed if k not in record.get("meta", {})]
+        if missing:
+            return f"meta lacks {', '.join(missing)}"
+    return None

@@ -1,0 +1,209 @@
+"""Hugging Face datasets: a Hub id or local json/jsonl/csv/parquet files, mapped into messages.
+
+Layouts (`format`):
+- columns:       a column per role (grade-school-math-instructions: INSTRUCTION -> user, RESPONSE -> assistant)
+- mathqa:        Problem/options/correct/Rationale -> a `math_mc` record with `choices` and `label`, the
+                 options split with lm-evaluation-harness's regular expression
+- decomposition: {question, sub_questions[]} -> the question and its numbered sub-questions
+- messages:      a `messages` list of {role, content}
+- sharegpt:      a `conversations` list of {from: human|gpt|system, value}
+- alpaca:        instruction, input, output
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+from distillery.sources.files import resolve_paths
+from distillery.sources.params import HFDatasetParams
+from distillery.sources.registry import SourceReport, register
+from distillery.core.errors import UserError
+from distillery.core.records import make_record, read_jsonl
+
+SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+# lm-evaluation-harness, lm_eval/tasks/mathqa/utils.py: how an `options` string becomes five choices.
+MATHQA_OPTIONS = re.compile(r"[abcd] \) .*?, |e \) .*?$")
+LETTERS = "abcde"
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def split_mathqa_options(options: str) -> list[str]:
+    """`"a ) 38 , b ) 27.675 , ..."` -> `["38", "27.675", ...]`, exactly as the harness's mathqa task does."""
+    return [c[4:].rstrip(" ,") for c in MATHQA_OPTIONS.findall(options)]
+
+
+class RowError(ValueError):
+    """A row that cannot become a record: dropped with this reason."""
+
+
+def _text(row: dict[str, Any], column: str) -> str:
+    value = row.get(column)
+    if value is None or (isinstance(value, float) and value != value) or not str(value).strip():
+        raise RowError(f"empty {column}")
+    return str(value).strip()
+
+
+def mathqa_record(row: dict[str, Any]) -> tuple[list[dict], list[str], int]:
+    """Messages, choices and label of a MathQA row."""
+    choices = split_mathqa_options(_text(row, "options"))
+    if len(choices) != 5:
+        raise RowError("options not parseable")
+    correct = _text(row, "correct").lower()
+    if correct not in LETTERS:
+        raise RowError("correct is not a-e")
+    label = LETTERS.index(correct)
+    listed = "\n".join(f"{LETTERS[i]}) {choice}" for i, choice in enumerate(choices))
+    rationale = str(row.get("Rationale") or "").strip().strip('"').strip()
+    answer = f"The answer is ({correct}) {choices[label]}."
+    messages = [{"role": "user", "content": f"{_text(row, 'Problem')}\n\nOptions:\n{listed}"},
+                {"role": "assistant", "content": f"{rationale}\n{answer}" if rationale else answer}]
+    return messages, choices, label
+
+
+def decomposition_messages(row: dict[str, Any]) -> list[dict]:
+    subs = row.get("sub_questions")
+    if not isinstance(subs, list) or not [s for s in subs if str(s).strip()]:
+        raise RowError("empty sub_questions")
+    numbered = "\n".join(f"{i}. {str(s).strip()}" for i, s in enumerate((s for s in subs if str(s).strip()), 1))
+    return [{"role": "user", "content": f"Break this question into simpler sub-questions.\n\n{_text(row, 'question')}"},
+            {"role": "assistant", "content": numbered}]
+
+
+def chat_messages(turns: Any, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict]:
+    if not isinstance(turns, list) or not turns:
+        raise RowError("empty conversation")
+    messages = []
+    for turn in turns:
+        role = roles.get(str(turn.get(role_key, "")).lower()) if isinstance(turn, dict) else None
+        if role is None:
+            raise RowError(f"unknown role {turn.get(role_key)!r}" if isinstance(turn, dict) else "turn is not an object")
+        content = turn.get(content_key)
+        if not isinstance(content, str) or not content.strip():
+            raise RowError("empty turn")
+        messages.append({"role": role, "content": content.strip()})
+    if messages[-1]["role"] != "assistant":
+        raise RowError("conversation does not end with an assistant turn")
+    return messages
+
+
+def to_record(row: dict[str, Any], params: HFDatasetParams, where: dict[str, Any]) -> dict[str, Any]:
+    """One row -> one record; raises RowError with the reason when it cannot."""
+    fmt, choices, label, task = params.format, None, None, params.task
+    if fmt == "mathqa":
+        (messages, choices, label), task = mathqa_record(row), "math_mc"
+    elif fmt == "decomposition":
+        messages, task = decomposition_messages(row), "decompose"
+    elif fmt == "messages":
+        messages = chat_messages(row.get("messages"), "role", "content", {r: r for r in ("system", "user", "assistant")})
+    elif fmt == "sharegpt":
+        messages = chat_messages(row.get("conversations"), "from", "value", SHAREGPT_ROLES)
+    elif fmt == "alpaca":
+        extra = str(row.get("input") or "").strip()
+        user = _text(row, "instruction") + (f"\n\n{extra}" if extra else "")
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row, "output")}]
+    else:
+        messages = [{"role": role, "content": _text(row, column)}
+                    for role in ("system", "user", "assistant") if (column := params.columns.get(role))]
+    meta = {**where, **({"problem_id": row["id"]} if "id" in row and fmt == "mathqa" else {})}
+    return make_record(params.name, task, messages, meta, choices, label)
+
+
+REQUIRED = {"mathqa": ("Problem", "options", "correct"), "decomposition": ("question", "sub_questions"),
+            "messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output")}
+
+
+def required_columns(params: HFDatasetParams) -> tuple[str, ...]:
+    if params.format == "columns":
+        return tuple(params.columns.values())
+    return REQUIRED[params.format]
+
+
+def check_columns(columns: list[str], params: HFDatasetParams, origin: str) -> None:
+    """A missing column is a config problem, not a row problem: stop and list what the data has."""
+    missing = [c for c in required_columns(params) if c not in columns]
+    if missing:
+        raise UserError(f"{origin}: no column {', '.join(missing)} (format: {params.format}). It has: "
+                        f"{', '.join(map(str, columns))}. Set `columns:` (format: columns) or pick the right format.")
+
+
+def read_local_file(path: Path) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """(row, where) pairs of a local file; JSONL errors name the line."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with open(path, encoding="utf-8") as handle:
+            line_of = [n for n, line in enumerate(handle, 1) if line.strip()]
+        for n, row in zip(line_of, read_jsonl(path)):
+            yield row, {"file": str(path), "line": n}
+        return
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: not valid JSON (line {err.lineno}: {err.msg}).") from None
+        rows = data.get("data", data.get("train")) if isinstance(data, dict) else data
+        if not isinstance(rows, list):
+            raise UserError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}}).")
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise UserError(f"{path}: item {i} is a JSON {type(row).__name__}, expected an object.")
+            yield row, {"file": str(path), "index": i}
+        return
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+    except Exception as err:  # pandas/pyarrow raise many types for a bad file
+        raise UserError(f"{path}: cannot read as {suffix[1:]}: {err}") from None
+    for i, row in enumerate(frame.to_dict(orient="records")):
+        yield row, {"file": str(path), "row": i + 2 if suffix == ".csv" else i}
+
+
+def check_hub_reachable(params: HFDatasetParams) -> None:
+    """Fail fast, with the way out, when the Hub cannot be reached (no long hang offline)."""
+    hint = (f"Download it where you have network (e.g. `hf download {params.dataset} --repo-type dataset`) and set "
+            "`files:` to the local json/jsonl/csv/parquet files instead of `dataset:`.")
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise UserError(f"dataset {params.dataset}: HF_HUB_OFFLINE is set, so the Hub is not used. {hint}")
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().dataset_info(params.dataset, timeout=params.timeout_s)
+    except Exception as err:  # connection, timeout, 404 and auth errors all end the same way
+        reason = type(err).__name__ if "Connect" in type(err).__name__ or "Timeout" in type(err).__name__ else str(err).splitlines()[0]
+        raise UserError(f"dataset {params.dataset}: the Hugging Face Hub cannot be reached or has no such dataset "
+                        f"({reason}). {hint}") from None
+
+
+def read_hub(params: HFDatasetParams) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    check_hub_reachable(params)
+    import datasets
+
+    data = datasets.load_dataset(params.dataset, params.config_name, split=params.split)
+    for i, row in enumerate(data):
+        yield row, {"dataset": params.dataset, "split": params.split, "index": i}
+
+
+@register("hf", HFDatasetParams)
+def read(params: HFDatasetParams, report: SourceReport) -> Iterator[dict[str, Any]]:
+    if bool(params.dataset) == bool(params.files):
+        raise UserError(f"source {params.name}: set exactly one of `dataset:` (a Hub id) or `files:` (local files).")
+    if params.dataset:
+        rows, origin = read_hub(params), f"dataset {params.dataset}"
+    else:
+        files = resolve_paths(params.files, SUFFIXES, f"source {params.name}: files")
+        rows, origin = (pair for path in files for pair in read_local_file(path)), None
+    checked: set[str] = set()
+    for row, where in rows:
+        key = where.get("file", origin)
+        if key not in checked:
+            check_columns(list(row), params, origin or where["file"])
+            checked.add(key)
+        report.read += 1
+        try:
+            yield to_record(row, params, where)
+        except RowError as err:
+            report.drop(str(err), where)

@@ -1,0 +1,1 @@
+"""One module per pipeline stage; runner.py imports them by name and knows their order."""

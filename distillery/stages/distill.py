@@ -1,0 +1,323 @@
+"""Distill: verified reasoning traces from a teacher model (R1-distillation, CodeI/O++ revision).
+
+Steps, in order:
+1. pick ingest's train records whose task has a verifier in `distill.tasks`, skip those that cannot be checked
+   (no label, no reference number, no CodeI/O meta) and cap them at `max_prompts`, spread evenly over the tasks;
+2. skip the prompts an interrupted run already finished (progress.jsonl in the partial directory);
+3. ask the teacher for K samples per prompt and check each with its verifier (CodeI/O input prediction runs the
+   reference code in the sandbox); with `revise`, a failed sample gets the feedback and one more turn;
+4. append each finished prompt to progress.jsonl at once, so a restart sends only the rest to the teacher (kept
+   across a kill by the runner, and across a UserError such as an unreachable teacher by a stash beside it);
+5. write train.jsonl (records in the ingest shape, `<think>` reasoning + final answer; only verified traces
+   unless keep: all), traces.jsonl (every attempt with its verdicts), report.json/.md and report.png.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any, Iterator
+
+from distillery.config import DistillConfig, DistilleryConfig
+from distillery.core.console import summary_table
+from distillery.core.errors import UserError
+from distillery.core.records import make_record, read_jsonl, write_jsonl
+from distillery.stage import StageContext, StageResult
+from distillery.reasoning.prompts import question, revision_messages, teacher_messages, trace_content
+from distillery.reasoning.sandbox import Limits
+from distillery.reasoning.verifiers import VERIFIERS, final_part, why_uncheckable
+
+log = logging.getLogger(__name__)
+
+NAME = "distill"
+UPSTREAM = ("ingest",)
+SECTIONS = ("model", "distill")
+PACKAGES = ("llama-cpp-python", "transformers", "httpx")
+RESUMABLE = True
+PROGRESS = "progress.jsonl"
+
+
+def input_files(cfg: DistilleryConfig) -> list[Path]:
+    return []
+
+
+def select_prompts(records: list[dict], cfg: DistillConfig) -> tuple[list[dict], dict[str, int]]:
+    """The records to distill, round-robin over tasks up to max_prompts, and the skipped counts by reason."""
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    skipped: dict[str, int] = defaultdict(int)
+    for record in records:
+        verifier = cfg.tasks.get(record["task"])
+        if verifier is None:
+            continue
+        reason = why_uncheckable(verifier, record)
+        if reason:
+            skipped[f"{record['task']}: {reason}"] += 1
+        else:
+            by_task[record["task"]].append(record)
+    chosen: list[dict] = []
+    queues = [list(reversed(by_task[task])) for task in sorted(by_task)]
+    limit = cfg.max_prompts or sum(len(q) for q in queues)
+    while len(chosen) < limit and any(queues):
+        for queue in queues:
+            if queue and len(chosen) < limit:
+                chosen.append(queue.pop())
+    return chosen, dict(skipped)
+
+
+def load_progress(path: Path) -> list[dict]:
+    """Finished prompts of an interrupted run; a line torn by the interruption is dropped (and redone)."""
+    if not path.is_file():
+        return []
+    done, good_bytes = [], 0
+    with open(path, "rb") as handle:
+        for line in handle:
+            try:
+                done.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+            good_bytes += len(line)
+    with open(path, "r+b") as handle:
+        handle.truncate(good_bytes)
+    return done
+
+
+def append_progress(path: Path, entry: dict) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        handle.flush()
+
+
+def stashed_progress(ctx: StageContext) -> Path:
+    """Where finished prompts wait out a UserError (the runner removes the partial directory on one), named by
+    the fingerprint of this run so that only a rerun of the same config picks them up."""
+    fingerprint = (ctx.run.stage_entry(NAME) or {}).get("fingerprint", "unknown")
+    return ctx.run.path / f".{NAME}.progress-{fingerprint[:16]}.jsonl"
+
+
+def keep_progress(ctx: StageContext, progress_path: Path) -> None:
+    if progress_path.is_file():
+        os.replace(progress_path, stashed_progress(ctx))
+
+
+def restore_progress(ctx: StageContext, progress_path: Path) -> None:
+    """Take back prompts stashed by a run of this same config; drop those of other configs."""
+    mine = stashed_progress(ctx)
+    for stash in ctx.run.path.glob(f".{NAME}.progress-*.jsonl"):
+        if stash == mine and not progress_path.exists():
+            os.replace(stash, progress_path)
+        else:
+            stash.unlink()
+
+
+def sample_seed(seed: int, record_id: str) -> int:
+    return (seed * 1_000_003 + int(record_id[:8], 16)) % 2**31
+
+
+def distill_prompt(record: dict, cfg: DistillConfig, teacher: Any, limits: Limits, seed: int) -> dict:
+    """Every sample of one prompt with its verdicts (and second turns), plus the training records kept."""
+    verifier_name = cfg.tasks[record["task"]]
+    verify = VERIFIERS[verifier_name]
+    first = teacher_messages(record, verifier_name, cfg.system_prompt)
+    started = time.monotonic()
+    texts = teacher.complete(first, cfg.samples_per_prompt, cfg.temperature, cfg.max_tokens, seed)
+    attempts, kept = [], []
+    for k, text in enumerate(texts):
+        turns = [(text, verify(record, text, limits))]
+        if not turns[0][1].ok and cfg.revise:
+            again = revision_messages(first, text, turns[0][1].feedback)
+            second = teacher.complete(again, 1, cfg.temperature, cfg.max_tokens, seed + 1000 + k)[0]
+            turns.append((second, verify(record, second, limits)))
+        final = turns[-1][1]
+        attempts.append({"sample": k, "verified": final.ok, "revised": len(turns) > 1,
+                         "turns": [{"text": t, "ok": v.ok, "answer": v.answer, "expected": v.expected,
+                                    "feedback": v.feedback, **v.details} for t, v in turns]})
+        trace = training_record(record, turns, final, k, teacher.name)
+        # Identical samples (temperature 0, or a teacher that repeats itself) would be the same example twice.
+        if (final.ok or cfg.keep == "all") and trace["id"] not in {r["id"] for r in kept}:
+            kept.append(trace)
+    seconds = time.monotonic() - started
+    return {"id": record["id"], "task": record["task"], "verifier": verifier_name, "teacher": teacher.name,
+            "seconds": round(seconds, 3), "attempts": attempts, "kept": kept}
+
+
+def training_record(record: dict, turns: list, final: Any, sample: int, teacher_name: str) -> dict:
+    """The record with the teacher's trace as its answer, in the ingest shape."""
+    canonical = final.canonical or final_part(turns[-1][0]).strip()
+    content = trace_content([(text, verdict.feedback) for text, verdict in turns], canonical)
+    messages = question(record)
+    meta = {**record.get("meta", {}), "distill": {"from_id": record["id"], "teacher": teacher_name, "sample": sample,
+                                                  "verified": final.ok, "revised": len(turns) > 1}}
+    return make_record(record["source"], record["task"], [*messages, {"role": "assistant", "content": content}],
+                       meta, record.get("choices"), record.get("label"))
+
+
+def run_prompts(todo: list[dict], ctx: StageContext, teacher: Any, limits: Limits, progress_path: Path) -> None:
+    """Distill the prompts, appending each one as soon as it is done.
+
+    A parallel (HTTP) teacher gets up to `concurrency` prompts in flight, never more, so an interruption loses
+    at most those; a local teacher runs one prompt at a time in this thread.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    cfg = ctx.cfg.distill
+    workers = cfg.concurrency if teacher.parallel else 1
+
+    def one(record: dict) -> dict:
+        return distill_prompt(record, cfg, teacher, limits, sample_seed(ctx.cfg.run.seed, record["id"]))
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=ctx.console) as progress:
+        bar = progress.add_task(f"teacher {teacher.name}", total=len(todo))
+        for entry in (map(one, todo) if workers == 1 else in_flight(one, todo, workers)):
+            append_progress(progress_path, entry)
+            progress.advance(bar)
+
+
+def in_flight(function: Any, items: list, workers: int) -> Iterator[Any]:
+    """function(item) for every item in threads, at most `workers` at a time; results as they finish."""
+    queue = iter(items)
+    pool = ThreadPoolExecutor(max_workers=workers)
+    pending: set = set()
+    try:
+        while True:
+            while len(pending) < workers and (item := next(queue, None)) is not None:
+                pending.add(pool.submit(function, item))
+            if not pending:
+                return
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                yield future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def task_report(entries: list[dict]) -> dict[str, dict[str, Any]]:
+    """Per task: prompts, generated, verified (first turn / after revision), revised, rejected, kept, s/sample."""
+    rows: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        row = rows.setdefault(entry["task"], {"verifier": entry["verifier"], "prompts": 0, "generated": 0,
+                                              "verified": 0, "verified_first_turn": 0, "revised": 0,
+                                              "revised_verified": 0, "rejected": 0, "kept": 0, "seconds": 0.0})
+        row["prompts"] += 1
+        row["seconds"] += entry["seconds"]
+        row["kept"] += len(entry["kept"])
+        for attempt in entry["attempts"]:
+            row["generated"] += 1
+            row["verified"] += attempt["verified"]
+            row["verified_first_turn"] += attempt["turns"][0]["ok"]
+            row["revised"] += attempt["revised"]
+            row["revised_verified"] += attempt["revised"] and attempt["verified"]
+            row["rejected"] += not attempt["verified"]
+    for row in rows.values():
+        row["seconds_per_sample"] = round(row["seconds"] / max(row["generated"], 1), 3)
+        row["seconds"] = round(row["seconds"], 2)
+    return dict(sorted(rows.items()))
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg = ctx.cfg.distill
+    if not cfg.enabled:
+        raise UserError("distill is switched off (distill.enabled: false), so format would not use its traces. "
+                        "Run it with --set distill.enabled=true (and the same for format/finetune), or set it in the config.")
+    records = list(read_jsonl(ctx.upstream("ingest") / "train.jsonl"))
+    prompts, skipped = select_prompts(records, cfg)
+    if not prompts:
+        raise UserError(f"distill: no ingest train record has a task in distill.tasks ({', '.join(cfg.tasks)}) and what "
+                        f"its verifier needs{f' (skipped: {skipped})' if skipped else ''}. Add a MathQA or CodeI/O "
+                        "source, or map your task to a verifier in distill.tasks.")
+    progress_path = ctx.out / PROGRESS
+    restore_progress(ctx, progress_path)
+    done = {entry["id"]: entry for entry in load_progress(progress_path)}
+    todo = [r for r in prompts if r["id"] not in done]
+    if done:
+        ctx.console.print(f"distill: resuming, {len(prompts) - len(todo)} of {len(prompts)} prompts already done.")
+    if todo:
+        from distillery.reasoning.teachers import build_teacher
+
+        teacher = build_teacher(cfg.teacher, cfg.retries)
+        try:
+            run_prompts(todo, ctx, teacher, Limits.from_config(cfg.sandbox), progress_path)
+        except UserError:
+            keep_progress(ctx, progress_path)  # e.g. the teacher's server went away: the rerun resumes
+            raise
+        finally:
+            teacher.close()
+    entries = {entry["id"]: entry for entry in load_progress(progress_path)}
+    ordered = [entries[r["id"]] for r in prompts]
+    return finish(ctx, ordered, skipped)
+
+
+def finish(ctx: StageContext, entries: list[dict], skipped: dict[str, int]) -> StageResult:
+    kept = [record for entry in entries for record in entry["kept"]]
+    write_jsonl(ctx.out / "train.jsonl", kept)
+    write_jsonl(ctx.out / "traces.jsonl", traces(entries))
+    rows = task_report(entries)
+    report = {"teacher": entries[0]["teacher"] if entries else None, "keep": ctx.cfg.distill.keep,
+              "samples_per_prompt": ctx.cfg.distill.samples_per_prompt, "revise": ctx.cfg.distill.revise,
+              "tasks": rows, "skipped": skipped, "train_records": len(kept)}
+    (ctx.out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (ctx.out / "report.md").write_text(render_report(report), encoding="utf-8")
+    save_report_plot(rows, ctx.out / "report.png")
+    (ctx.out / PROGRESS).unlink()
+    ctx.console.print(summary_table("distill report", table_rows(rows), HEADERS))
+    generated = sum(r["generated"] for r in rows.values())
+    verified = sum(r["verified"] for r in rows.values())
+    return StageResult(
+        metrics={"prompts": len(entries), "generated": generated, "verified": verified, "train_records": len(kept)},
+        summary=[("verified", f"{verified}/{generated}"), ("kept", str(len(kept))), ("prompts", str(len(entries)))],
+    )
+
+
+def traces(entries: list[dict]) -> Iterator[dict]:
+    """One line per sample: the prompt id, its task, and every turn with its verdict."""
+    for entry in entries:
+        for attempt in entry["attempts"]:
+            yield {"id": entry["id"], "task": entry["task"], "verifier": entry["verifier"], "teacher": entry["teacher"],
+                   **attempt}
+
+
+HEADERS = ("task", "prompts", "generated", "verified", "1st turn", "revised (fixed)", "rejected", "kept", "s/sample")
+
+
+def table_rows(rows: dict[str, dict]) -> list[tuple[str, ...]]:
+    return [(task, str(r["prompts"]), str(r["generated"]), str(r["verified"]), str(r["verified_first_turn"]),
+             f"{r['revised']} ({r['revised_verified']})", str(r["rejected"]), str(r["kept"]),
+             f"{r['seconds_per_sample']:.2f}") for task, r in rows.items()]
+
+
+def render_report(report: dict) -> str:
+    lines = [f"# Distill report (teacher {report['teacher']}, keep {report['keep']}, K={report['samples_per_prompt']}, "
+             f"revise {report['revise']})", "", "| " + " | ".join(HEADERS) + " |", "|" + " --- |" * len(HEADERS)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(report["tasks"])]
+    lines += ["", f"{report['train_records']} training records in train.jsonl; every attempt with its verdicts in "
+              "traces.jsonl."]
+    if report["skipped"]:
+        lines += ["", "Skipped (cannot be checked): " + ", ".join(f"{n} {why}" for why, n in report["skipped"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def save_report_plot(rows: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(rows) or ["(none)"]
+    first = [rows[t]["verified_first_turn"] if t in rows else 0 for t in tasks]
+    fixed = [rows[t]["revised_verified"] if t in rows else 0 for t in tasks]
+    rejected = [rows[t]["rejected"] if t in rows else 0 for t in tasks]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(tasks, first, color="#6acc64", label="verified, first turn")
+    ax.bar(tasks, fixed, bottom=first, color="#4878d0", label="verified after revision")
+    ax.bar(tasks, rejected, bottom=[a + b for a, b in zip(first, fixed)], color="#d65f5f", label="rejected")
+    ax.set_ylabel("samples")
+    ax.set_title("Teacher samples by verdict")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,251 @@
+"""Evaluate: MathQA scores of every artifact of a run, scored exactly as lm-evaluation-harness scores them.
+
+Steps, in order:
+1. read MathQA (a local file or a Hub id), skipping and reporting records whose options cannot be parsed;
+2. build each item's context (0-shot by default; n-shot examples drawn like the harness);
+3. find the artifacts: the base model, the fine-tuned adapter, the merged 16-bit model, each GGUF
+   (`artifacts: auto` takes whatever the run has; a GGUF that does not load is reported and skipped);
+4. score each: loglikelihood mode sums the log-probability of " " + choice (acc, acc_norm, standard errors);
+   generative mode lets the model reason in <think> and extracts the option letter (acc, no-answer share);
+5. write results.json, per_item.jsonl and the comparison (comparison.md / .json / .png) and print it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distillery.evals import generative, mathqa, report
+from distillery.evals.gguf_backend import GGUFLoadError, GGUFModel
+from distillery.evals.scoring import build_request
+from distillery.config import DistilleryConfig, EvaluateConfig
+from distillery.core.console import summary_table
+from distillery.core.errors import UserError
+from distillery.core.models import resolve_model_path
+from distillery.core.records import write_jsonl
+from distillery.stage import StageContext, StageResult
+
+log = logging.getLogger(__name__)
+
+NAME = "evaluate"
+SECTIONS = ("model", "evaluate")
+PACKAGES = ("torch", "transformers", "peft", "llama-cpp-python", "tokenizers")
+RESUMABLE = False
+KINDS = ("base", "adapter", "merged", "gguf")
+
+
+def upstream(cfg: DistilleryConfig) -> tuple[str, ...]:
+    """finetune (the adapter) and, when export is on, export (merged + GGUF); nothing for the base model alone."""
+    wanted = set(KINDS) if cfg.evaluate.artifacts == "auto" else set(cfg.evaluate.artifacts)
+    stages = ("finetune",) if wanted - {"base"} else ()
+    if cfg.export.enabled and wanted & {"merged", "gguf"}:
+        stages += ("export",)
+    return stages
+
+
+def input_files(cfg: DistilleryConfig) -> list[Path]:
+    """The local MathQA files (hashed into the fingerprint); Hub ids are not files."""
+    ev = cfg.evaluate
+    sources = [ev.data] + ([ev.fewshot_data] if ev.fewshot_data and ev.num_fewshot else [])
+    return [Path(s).expanduser() for s in sources if mathqa.is_local(s) and Path(s).expanduser().is_file()]
+
+
+@dataclass
+class Artifact:
+    name: str  # base, adapter, merged, or the GGUF's file stem
+    kind: str  # base | adapter | merged | gguf
+    path: Path | str
+    base_model: str | None = None  # for an adapter: the model it was trained on
+
+
+def find_artifacts(ctx: StageContext) -> list[Artifact]:
+    """The artifacts to score; one named in evaluate.artifacts that the run lacks is a UserError."""
+    cfg, wanted = ctx.cfg, ctx.cfg.evaluate.artifacts
+    stages = upstream(cfg)
+    base = resolve_model_path(cfg.model.path)
+    found = {"base": [Artifact("base", "base", base)], "adapter": [], "merged": [], "gguf": []}
+    if "finetune" in stages:
+        adapter = ctx.upstream("finetune") / "adapter"
+        if (adapter / "adapter_config.json").is_file():
+            found["adapter"].append(Artifact("adapter", "adapter", adapter, trained_base(ctx.upstream("finetune"), base)))
+    if "export" in stages:
+        export = ctx.upstream("export")
+        if (export / "merged" / "config.json").is_file():
+            found["merged"].append(Artifact("merged", "merged", export / "merged"))
+        found["gguf"] = [Artifact(p.stem, "gguf", p) for p in sorted((export / "gguf").glob("*.gguf"))]
+    if wanted == "auto":
+        return [a for kind in KINDS for a in found[kind]]
+    missing = [kind for kind in wanted if not found[kind]]
+    if missing:
+        where = {"adapter": "runs/<name>/finetune/adapter (run `distillery finetune`)",
+                 "merged": "runs/<name>/export/merged (run `distillery export` with export.enabled)",
+                 "gguf": "runs/<name>/export/gguf/*.gguf (run `distillery export` with export.enabled)"}
+        raise UserError("evaluate.artifacts: this run has no " + "; no ".join(where[k] for k in missing)
+                        + ". Drop them from the list or use artifacts: auto.")
+    return [a for kind in wanted for a in found[kind]]
+
+
+def trained_base(finetune_dir: Path, default: str) -> str:
+    """The base model finetune trained on (its summary.json), else the configured model."""
+    summary = finetune_dir / "summary.json"
+    if summary.is_file():
+        base = json.loads(summary.read_text(encoding="utf-8")).get("base_model")
+        if base and (Path(base).is_dir() or not Path(base).is_absolute()):
+            return base
+    return default
+
+
+def load_model(artifact: Artifact, cfg: DistilleryConfig) -> Any:
+    """A scorer for the artifact: transformers (+ PEFT) for HF directories, llama.cpp for GGUFs."""
+    ev = cfg.evaluate
+    if artifact.kind == "gguf":
+        return GGUFModel(Path(artifact.path), threads=ev.gguf_threads)
+    from distillery.evals.hf_backend import HFModel
+
+    if artifact.kind == "adapter":
+        return HFModel(artifact.base_model or "", ev.dtype, adapter=Path(artifact.path),
+                       trust_remote_code=cfg.model.trust_remote_code)
+    return HFModel(str(artifact.path), ev.dtype, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def load_data(ev: EvaluateConfig) -> tuple[list[mathqa.Item], list[str], mathqa.LoadReport]:
+    """The items to score, their contexts (with few-shot examples) and what was skipped."""
+    loaded = mathqa.LoadReport()
+    items = mathqa.load_items(ev.data, ev.split, ev.limit, loaded)
+    pool: list[mathqa.Item] = []
+    same_split = False
+    if ev.num_fewshot:
+        source = ev.fewshot_data or ev.data
+        split = ev.fewshot_split if not mathqa.is_local(source) else "train"
+        same_split = source == ev.data and (mathqa.is_local(source) or split == ev.split)
+        pool = mathqa.load_items(source, split, None, mathqa.LoadReport())
+    return items, mathqa.build_contexts(items, ev.num_fewshot, pool, same_split), loaded
+
+
+def score_loglikelihood(model: Any, items: list[mathqa.Item], contexts: list[str], ev: EvaluateConfig,
+                        progress: Any) -> list[dict[str, Any]]:
+    requests = [build_request(model.encode, ctx, mathqa.continuations(item)) for item, ctx in zip(items, contexts)]
+    lls = model.loglikelihoods(requests, ev.batch_size, progress)
+    rows = []
+    for item, ll in zip(items, lls):
+        pred, pred_norm = mathqa.predictions(item, ll)
+        rows.append({"id": item.id, "label": item.label, "pred": pred, "pred_norm": pred_norm,
+                     "acc": int(pred == item.label), "acc_norm": int(pred_norm == item.label),
+                     "loglikelihoods": ll})
+    return rows
+
+
+def chat_prompts(ctx: StageContext, items: list[mathqa.Item], base_path: str) -> list[str]:
+    """Generative prompts rendered with the run's chat template (format's), else the model's own."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=ctx.cfg.model.trust_remote_code)
+    stored = ctx.run.stage_dir("format") / "chat_template.jinja"
+    template = stored.read_text(encoding="utf-8") if stored.is_file() else tokenizer.chat_template
+    if not template:
+        raise UserError("evaluate.mode generative needs a chat template: run `distillery format` first, or use a "
+                        "model that has one.")
+    return [tokenizer.apply_chat_template([{"role": "user", "content": generative.user_prompt(item)}],
+                                          chat_template=template, tokenize=False, add_generation_prompt=True)
+            for item in items]
+
+
+def score_generative(model: Any, items: list[mathqa.Item], prompts: list[str], ev: EvaluateConfig,
+                     progress: Any) -> list[dict[str, Any]]:
+    replies = model.generate(prompts, ev.max_new_tokens, ev.batch_size, progress)
+    rows = []
+    for item, reply in zip(items, replies):
+        letter = generative.extract_letter(reply)
+        pred = "abcde".index(letter) if letter else None
+        rows.append({"id": item.id, "label": item.label, "pred": pred, "acc": int(pred == item.label),
+                     "no_answer": int(pred is None), "reply": reply})
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]], mode: str) -> dict[str, Any]:
+    """acc/acc_norm with standard errors (loglikelihood) or acc/no_answer share (generative)."""
+    if mode == "loglikelihood":
+        return mathqa.aggregate(rows)
+    acc = [float(r["acc"]) for r in rows]
+    none = [float(r["no_answer"]) for r in rows]
+    return {"n": len(rows), "acc": sum(acc) / len(acc), "acc_stderr": mathqa.mean_stderr(acc),
+            "no_answer": sum(none) / len(none), "no_answer_stderr": mathqa.mean_stderr(none)}
+
+
+def run(ctx: StageContext) -> StageResult:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    ev = ctx.cfg.evaluate
+    items, contexts, loaded = load_data(ev)
+    for skipped in loaded.skipped:
+        ctx.console.print(f"[yellow]skipped MathQA item {skipped['id']}[/]: {skipped['reason']}")
+    artifacts = find_artifacts(ctx)
+    if ev.mode == "generative":
+        prompts = chat_prompts(ctx, items, resolve_model_path(ctx.cfg.model.path))
+    else:
+        prompts = contexts
+    results: dict[str, Any] = {"task": "mathqa", "mode": ev.mode, "data": ev.data, "split": ev.split,
+                               "n": len(items), "num_fewshot": ev.num_fewshot, "dtype": ev.dtype,
+                               "skipped_items": loaded.skipped, "artifacts": {}, "errors": {}}
+    per_item: list[dict[str, Any]] = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=ctx.console) as bar:
+        for artifact in artifacts:
+            task = bar.add_task(f"{ev.mode} {artifact.name}", total=len(items))
+            started = time.time()
+            try:
+                model = load_model(artifact, ctx.cfg)
+            except GGUFLoadError as err:
+                results["errors"][artifact.name] = str(err)
+                ctx.console.print(f"[yellow]skipped {artifact.name}[/]: {err}")
+                continue
+
+            def advance(n: int, task: Any = task) -> None:
+                bar.advance(task, n)
+
+            score = score_loglikelihood if ev.mode == "loglikelihood" else score_generative
+            try:
+                rows = score(model, items, prompts, ev, advance)
+            finally:
+                if isinstance(model, GGUFModel):
+                    model.close()  # its llama.cpp child process
+            del model
+            results["artifacts"][artifact.name] = {"kind": artifact.kind, "path": str(artifact.path),
+                                                   **summarize(rows, ev.mode),
+                                                   "seconds": round(time.time() - started, 2)}
+            per_item += [{"artifact": artifact.name, **row} for row in rows]
+    if not results["artifacts"]:
+        raise UserError("evaluate: no artifact could be scored: " + "; ".join(results["errors"].values()))
+    write_outputs(ctx, results, per_item)
+    return stage_result(results)
+
+
+def write_outputs(ctx: StageContext, results: dict[str, Any], per_item: list[dict[str, Any]]) -> None:
+    rows = report.comparison_rows(results)
+    (ctx.out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_jsonl(ctx.out / "per_item.jsonl", per_item)
+    (ctx.out / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    markdown = report.render_markdown(results, rows)
+    (ctx.out / "comparison.md").write_text(markdown, encoding="utf-8")
+    report.save_chart(results, rows, ctx.out / "comparison.png")
+    metrics = report.METRICS[results["mode"]]
+    table_rows = [(r["artifact"], r["kind"], *(report.fmt(r[m], r[f"{m}_stderr"]) for m in metrics),
+                   *(f"{r[f'{m}_vs_base']:+.4f}" if f"{m}_vs_base" in r else "" for m in metrics)) for r in rows]
+    ctx.console.print(summary_table(f"MathQA {results['mode']} ({results['n']} items, {results['num_fewshot']}-shot)",
+                                    table_rows, ("artifact", "kind", *metrics, *(f"Δ {m}" for m in metrics))))
+
+
+def stage_result(results: dict[str, Any]) -> StageResult:
+    metrics = {f"{name}_{m}": scored.get(m) for name, scored in results["artifacts"].items()
+               for m in report.METRICS[results["mode"]]}
+    summary = [(name, f"acc {scored['acc']:.3f}") for name, scored in results["artifacts"].items()]
+    summary.append(("items", str(results["n"])))
+    if results["skipped_items"]:
+        summary.append(("skipped items", str(len(results["skipped_items"]))))
+    if results["errors"]:
+        summary.append(("not scored", ", ".join(results["errors"])))
+    return StageResult(metrics=metrics, summary=summary)

@@ -1,0 +1,381 @@
+"""Finetune: LoRA / QLoRA training of the base model on format's prompt/completion pairs (Unsloth or hf).
+
+Steps, in order:
+1. read format's train/eval rows, chat template and EOS; refuse an empty training set;
+2. find the model (bundled demo -> local dir; a Hub id needs the Hub or its cache) and check, before loading any
+   weights, that the LoRA target modules exist in it;
+3. choose from the hardware: 4-bit (auto: CUDA only), precision (bf16/fp16/fp32), optimizer (8-bit needs CUDA);
+4. check that every training example keeps at least one completion token within format.max_length;
+5. train (training/train.py) in a child process, under `accelerate launch` when accelerate_config is set;
+   a killed run resumes from its last complete checkpoint (checkpoints live in the stage's partial directory);
+6. write adapter/ (+ tokenizer with the training chat template), metrics.jsonl, loss.png, samples.md,
+   summary.json, and drop the checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from distillery.config import DistilleryConfig, FinetuneConfig
+from distillery.core.console import summary_table
+from distillery.core.errors import UserError
+from distillery.core.models import resolve_model_path
+from distillery.core.records import read_jsonl
+from distillery.core.rundir import atomic_write_text
+from distillery.stage import StageContext, StageResult
+
+log = logging.getLogger(__name__)
+
+NAME = "finetune"
+UPSTREAM = ("format",)
+SECTIONS = ("model", "finetune")
+PACKAGES = ("torch", "transformers", "trl", "peft", "unsloth", "unsloth_zoo", "accelerate", "bitsandbytes")
+RESUMABLE = True
+GPU_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def input_files(cfg: DistilleryConfig) -> list[Path]:
+    """The accelerate config, when one is set and exists (a missing one is reported when training starts)."""
+    path = cfg.finetune.accelerate_config
+    return [Path(path)] if path and Path(path).is_file() else []
+
+
+# ---- 1. format's outputs -------------------------------------------------------------------------------------
+
+
+def load_format_outputs(directory: Path) -> tuple[list[dict], list[dict], str, dict]:
+    """Train rows, eval rows, the chat template text and template.json of the format stage."""
+    train = list(read_jsonl(directory / "train.jsonl"))
+    evals = list(read_jsonl(directory / "eval.jsonl")) if (directory / "eval.jsonl").is_file() else []
+    template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    meta = json.loads((directory / "template.json").read_text(encoding="utf-8"))
+    if not train:
+        raise UserError(f"{directory / 'train.jsonl'} has no training examples. Check the ingest sources (paths, "
+                        "max_records) and the ingest report (runs/<name>/ingest/report.md), then rerun.")
+    return train, evals, template, meta
+
+
+# ---- 2. the model --------------------------------------------------------------------------------------------
+
+
+def locate_model(path: str, timeout_s: float = 10.0) -> str:
+    """A local directory, or a Hub id that is cached or reachable; anything else is a UserError, fast."""
+    resolved = resolve_model_path(path)
+    if Path(resolved).expanduser().is_dir():
+        return str(Path(resolved).expanduser())
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        return snapshot_download(resolved, local_files_only=True)  # in the local Hub cache: no network needed
+    except Exception:
+        pass
+    try:
+        HfApi().model_info(resolved, timeout=timeout_s)
+    except RepositoryNotFoundError:
+        raise UserError(f"model.path: {resolved} is not a model on the Hugging Face Hub (or it is private: set "
+                        "HF_TOKEN in the environment or .env).") from None
+    except Exception as err:
+        raise UserError(f"model.path: {resolved} is a Hub id, and the Hub cannot be reached ({type(err).__name__}). "
+                        f"Download it where there is network (`hf download {resolved} --local-dir DIR`) and set "
+                        "model.path to that directory.") from None
+    return resolved
+
+
+def linear_layer_names(model: Any) -> list[str]:
+    """Distinct last-name parts of the model's linear layers (what LoRA target_modules match)."""
+    import torch
+
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and name})
+
+
+def check_target_modules(model_path: str, targets: list[str], trust_remote_code: bool = False) -> None:
+    """Refuse target modules the model lacks, naming its linear layers; built on the meta device (no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    names = linear_layer_names(model)
+    missing = [t for t in targets if t not in names and t not in ("embed_tokens", "lm_head")]
+    if missing:
+        raise UserError(f"finetune.lora.target_modules: {', '.join(missing)} not in {model_path}. "
+                        f"Its linear layers are: {', '.join(names)}.")
+
+
+# ---- 3. hardware choices -------------------------------------------------------------------------------------
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cuda_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def cpu_bf16_native() -> bool:
+    """bf16 in hardware (AMX / AVX512-BF16, Arm BF16); without it CPU bf16 is emulated and slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16", "bf16"))
+
+
+def choose_4bit(setting: Any, cuda: bool) -> bool:
+    """auto: 4-bit (QLoRA) on CUDA, 16-bit elsewhere. true without CUDA is refused: the config insists."""
+    if setting is True and not cuda:
+        raise UserError("finetune.load_in_4bit: true needs a CUDA GPU (bitsandbytes 4-bit), and this machine has "
+                        "none. Set it to auto (16-bit on CPU) or false.")
+    return cuda if setting == "auto" else bool(setting)
+
+
+def choose_precision(setting: str, cuda: bool, bf16_ok: bool) -> str:
+    """auto: bf16 where the hardware has it, else fp16 on CUDA and fp32 on CPU."""
+    if setting == "auto":
+        return "bf16" if bf16_ok else ("fp16" if cuda else "fp32")
+    if setting == "bf16" and cuda and not bf16_ok:
+        raise UserError("finetune.precision: bf16 is not supported by this GPU. Use fp16 or auto.")
+    if setting == "fp16" and not cuda:
+        raise UserError("finetune.precision: fp16 training needs a CUDA GPU. Use auto, bf16 or fp32 on CPU.")
+    return setting
+
+
+def choose_optimizer(setting: str, cuda: bool) -> str:
+    if setting in GPU_OPTIMIZERS and not cuda:
+        log.warning("finetune.optimizer %s needs CUDA (bitsandbytes); using adamw_torch on CPU", setting)
+        return "adamw_torch"
+    return setting
+
+
+# ---- 4. length check -----------------------------------------------------------------------------------------
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def completion_tokens_kept(rows: list[dict], tokenizer: Any, max_length: int) -> list[int]:
+    """Per row, how many completion tokens survive truncation to max_length, tokenized as TRL does (the
+    completion starts where the tokenized prompt and prompt+completion diverge)."""
+    if not rows:
+        return []
+    prompts = tokenizer([r["prompt"] for r in rows])["input_ids"]
+    fulls = tokenizer([r["prompt"] + r["completion"] for r in rows])["input_ids"]
+    return [max(0, min(len(f), max_length) - common_prefix(p, f)) for p, f in zip(prompts, fulls)]
+
+
+def check_completions_fit(rows: list[dict], tokenizer: Any, max_length: int) -> None:
+    """Every example must keep >= 1 trained token; otherwise say how many would lose their whole completion."""
+    kept = completion_tokens_kept(rows, tokenizer, max_length)
+    lost = [r["id"] for r, k in zip(rows, kept) if k == 0]
+    if lost:
+        raise UserError(f"format.max_length {max_length} is shorter than the prompts: {len(lost)} of {len(rows)} "
+                        f"training examples would lose their whole completion (e.g. id {lost[0]}). Raise "
+                        "format.max_length, or shorten / drop those prompts (ingest max_records, a shorter "
+                        "system_prompt).")
+
+
+def check_multiple_choice(rows: list[dict]) -> None:
+    if not any(r.get("choices") for r in rows):
+        raise UserError("finetune.objective multiple_choice needs math_mc training rows (with choices and label); "
+                        "format's train.jsonl has none. Add a source with format: mathqa.")
+
+
+# ---- 5. training ---------------------------------------------------------------------------------------------
+
+
+def build_job(ctx: StageContext, model_path: str, template: str, meta: dict, eval_rows: list[dict]) -> Any:
+    from distillery.training.train import TrainJob
+
+    ft = ctx.cfg.finetune
+    cuda = cuda_available()
+    load_in_4bit = choose_4bit(ft.load_in_4bit, cuda)
+    precision = choose_precision(ft.precision, cuda, cuda_bf16() if cuda else cpu_bf16_native())
+    ctx.console.print(f"finetune: {ft.backend} backend on {'CUDA' if cuda else 'CPU'}, "
+                      f"{'4-bit (QLoRA)' if load_in_4bit else '16-bit'} base weights"
+                      f"{' (4-bit needs CUDA)' if not cuda and ft.load_in_4bit == 'auto' else ''}, {precision}")
+    fmt = ctx.upstream("format")
+    return TrainJob(
+        out=str(ctx.out), train_path=str(fmt / "train.jsonl"), eval_path=str(fmt / "eval.jsonl"),
+        model_path=model_path, backend=ft.backend, device="cuda" if cuda else "cpu", load_in_4bit=load_in_4bit,
+        precision=precision, optimizer=choose_optimizer(ft.optimizer, cuda), max_length=ctx.cfg.format.max_length,
+        seed=ctx.cfg.run.seed, template=template, eos_token=meta["eos_token"], finetune=ft.model_dump(mode="json"),
+        trust_remote_code=ctx.cfg.model.trust_remote_code,
+        sample_prompts=[r["prompt"] for r in eval_rows[:ft.sample_prompts]],
+    )
+
+
+def training_command(job_path: Path, accelerate_config: str | None) -> list[str]:
+    """The training process: plain Python, or `accelerate launch` (one process per GPU) with the given config."""
+    if not accelerate_config:
+        return [sys.executable, "-m", "distillery.training.train", str(job_path)]
+    if not Path(accelerate_config).is_file():
+        raise UserError(f"finetune.accelerate_config: {accelerate_config} does not exist; see configs/accelerate/.")
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
+            "-m", "distillery.training.train", str(job_path)]
+
+
+def train(job: Any, ft: FinetuneConfig, ctx: StageContext) -> dict:
+    """Run the training job in a child process and return its results.
+
+    A child because Unsloth patches transformers and TRL when imported (and wants to be imported before them):
+    the pipeline process, which may go on to evaluate or export, stays unpatched, and both backends start clean.
+    The same child runs under `accelerate launch` for several GPUs; only this process writes the manifest.
+    """
+    from distillery.training.train import ERROR, RESULT
+
+    job_path = ctx.out / "job.json"
+    job.save(job_path)
+    for stale in (RESULT, ERROR):
+        (ctx.out / stale).unlink(missing_ok=True)
+    command = training_command(job_path, ft.accelerate_config)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+    if ft.accelerate_config:
+        ctx.console.print(f"finetune: accelerate launch --config_file {ft.accelerate_config}")
+    code = subprocess.call(command, env=env)
+    if (ctx.out / ERROR).is_file():
+        raise UserError((ctx.out / ERROR).read_text(encoding="utf-8"))
+    if code != 0 or not (ctx.out / RESULT).is_file():
+        raise RuntimeError(f"the training process exited with code {code} (its output is above); run the same "
+                           "command again to resume from the last checkpoint.")
+    return json.loads((ctx.out / RESULT).read_text(encoding="utf-8"))
+
+
+# ---- 6. reports ----------------------------------------------------------------------------------------------
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return list(read_jsonl(path)) if path.is_file() else []
+
+
+def save_loss_plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if train:
+        ax.plot(*zip(*train), marker=".", color="#4878d0", label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), marker="o", color="#d65f5f", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render_samples(samples: list[dict], title: str) -> str:
+    """Before/after generations side by side, one section per held-out prompt."""
+    lines = [f"# {title}", ""]
+    if not samples:
+        return "\n".join(lines + ["No held-out prompts (format's eval split is empty or sample_prompts is 0).", ""])
+    for i, s in enumerate(samples, 1):
+        lines += [f"## Prompt {i}", "", "```text", s["prompt"].rstrip(), "```", "",
+                  "| before tuning | after tuning |", "| --- | --- |",
+                  f"| {_cell(s['before'])} | {_cell(s['after'])} |", ""]
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return text.strip().replace("|", "\\|").replace("\n", "<br>") or "(empty)"
+
+
+def window_mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def build_summary(job: Any, result: dict, rows: list[dict], model_setting: str, template_name: str,
+                  train_examples: int) -> dict:
+    losses = [r["loss"] for r in rows if "loss" in r]
+    ft = job.finetune
+    return {
+        "backend": job.backend, "base_model": job.model_path, "model_path": model_setting,
+        "device": job.device, "load_in_4bit": job.load_in_4bit, "precision": job.precision,
+        "optimizer": job.optimizer, "template": template_name,
+        "max_length": job.max_length, "objective": ft["objective"], "lora": ft["lora"],
+        "train_examples": train_examples, "steps": result["global_step"], "max_steps": ft["max_steps"],
+        "resumed_from_step": result["resumed_from_step"], "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None, "train_loss": result["train_loss"],
+        # Single steps see different batches; the means of the first and last few steps show the trend.
+        "loss_start_mean": window_mean(losses[:5]), "loss_end_mean": window_mean(losses[-5:]),
+        "tokens": result["tokens"], "tokens_per_s": result["tokens_per_s"],
+        "train_seconds": result["train_seconds"], "peak_memory_mb": result["peak_memory_mb"],
+        "peak_memory_kind": result["peak_memory_kind"], "world_size": result["world_size"],
+    }
+
+
+def run(ctx: StageContext) -> StageResult:
+    ft = ctx.cfg.finetune
+    train_rows, eval_rows, template, meta = load_format_outputs(ctx.upstream("format"))
+    model_path = locate_model(ctx.cfg.model.path)
+    check_target_modules(model_path, ft.lora.target_modules, ctx.cfg.model.trust_remote_code)
+    job = build_job(ctx, model_path, template, meta, eval_rows)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=ctx.cfg.model.trust_remote_code)
+    if ft.objective == "multiple_choice":
+        check_multiple_choice(train_rows)
+    else:
+        check_completions_fit(train_rows, tokenizer, job.max_length)
+    result = train(job, ft, ctx)
+    rows = read_metrics(ctx.out / "metrics.jsonl")
+    title = f"{ft.backend} LoRA r={ft.lora.r} on {Path(model_path).name}"
+    save_loss_plot(rows, ctx.out / "loss.png", title)
+    (ctx.out / "samples.md").write_text(render_samples(result["samples"], f"Samples: {title}"), encoding="utf-8")
+    summary = build_summary(job, result, rows, ctx.cfg.model.path, meta.get("name", ""), len(train_rows))
+    atomic_write_text(ctx.out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    drop_training_state(ctx.out)
+    return report(ctx, summary)
+
+
+def drop_training_state(out: Path) -> None:
+    """Checkpoints and job files are only for resuming; the checkpoints are renamed away before deletion so a
+    kill in between never leaves a checkpoint with files missing."""
+    checkpoints = out / "checkpoints"
+    if checkpoints.is_dir():
+        trash = out / ".trash-checkpoints"
+        shutil.rmtree(trash, ignore_errors=True)
+        checkpoints.rename(trash)
+        shutil.rmtree(trash)
+    for name in ("job.json", "train_result.json", "samples_before.json"):
+        (out / name).unlink(missing_ok=True)
+
+
+def report(ctx: StageContext, s: dict) -> StageResult:
+    loss = f"{s['loss_start_mean']:.3f} -> {s['loss_end_mean']:.3f}" if s["first_loss"] is not None else "n/a"
+    rows = [("steps", f"{s['steps']} (resumed from {s['resumed_from_step']})" if s["resumed_from_step"] else str(s["steps"])),
+            ("loss (mean of first/last 5 steps)", loss), ("tokens/s", str(s["tokens_per_s"])),
+            ("peak memory", f"{s['peak_memory_mb']:.0f} MB ({s['peak_memory_kind']})"),
+            ("weights", f"{'4-bit' if s['load_in_4bit'] else '16-bit'}, {s['precision']}, {s['device']}")]
+    ctx.console.print(summary_table(f"finetune ({s['backend']})", rows, ("", "")))
+    metrics = {k: s[k] for k in ("steps", "first_loss", "last_loss", "loss_start_mean", "loss_end_mean",
+                                 "tokens_per_s", "peak_memory_mb", "resumed_from_step")}
+    return StageResult(metrics=metrics, summary=[("loss", loss), ("steps", str(s["steps"])),
+                                                  ("tokens/s", str(s["tokens_per_s"]))])

@@ -1,0 +1,219 @@
+"""Format: normalized records -> prompt/completion pairs through one chat template.
+
+Steps, in order:
+1. pick the template: a named one (distillery/templates/<name>.jinja: qa, ko_qa, alpaca, r1) or the model's own (chat);
+2. render each record twice with the tokenizer's `apply_chat_template`: the conversation without its last
+   (assistant) turn plus the generation prompt = the prompt, the whole conversation = prompt + completion,
+   so the completion (the only part trained on) is exact by construction, and it ends with EOS;
+3. count tokens with the model's tokenizer and report what `max_length` would truncate, never cutting silently;
+4. write train.jsonl, eval.jsonl, chat_template.jinja (stored later in the adapter and the GGUF), template.json,
+   stats.json, report.md and lengths.png.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from distillery.config import DistilleryConfig, FormatConfig
+from distillery.core.console import summary_table
+from distillery.core.errors import UserError
+from distillery.core.models import resolve_model_path
+from distillery.core.records import read_jsonl, write_jsonl
+from distillery.stage import StageContext, StageResult
+
+log = logging.getLogger(__name__)
+
+NAME = "format"
+SECTIONS = ("model", "format")
+PACKAGES = ("transformers", "tokenizers", "Jinja2")
+RESUMABLE = False
+TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "templates"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def upstream(cfg: DistilleryConfig) -> tuple[str, ...]:
+    """Ingest's records, plus the distill stage's verified traces when distillation is on."""
+    distill = getattr(cfg, "distill", None)
+    return ("ingest", "distill") if distill is not None and distill.enabled else ("ingest",)
+
+
+def input_files(cfg: DistilleryConfig) -> list[Path]:
+    return []
+
+
+def load_records(ctx: StageContext, split: str) -> list[dict]:
+    """The records of one split from every upstream stage (distill contributes train records only)."""
+    records = []
+    for stage in upstream(ctx.cfg):
+        path = ctx.upstream(stage) / f"{split}.jsonl"
+        if path.is_file():
+            records.extend(read_jsonl(path))
+    return records
+
+
+def load_template(name: str, tokenizer: Any) -> str:
+    """The Jinja chat template for `name`; `chat` is the model's own."""
+    if name == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("format.template: chat needs the model's chat template, and this tokenizer has none. "
+                            "Use qa, ko_qa, alpaca or r1.")
+        return tokenizer.chat_template
+    return (TEMPLATE_DIR / f"{name}.jinja").read_text(encoding="utf-8")
+
+
+def with_think(content: str) -> str:
+    """R1 training text always opens with a reasoning block; an answer without one gets an empty block."""
+    return content if content.lstrip().startswith(THINK_OPEN) else f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n{content}"
+
+
+def prepare_messages(record: dict, fmt: FormatConfig) -> list[dict[str, str]]:
+    """The record's messages with the configured system prompt and, for r1, the reasoning block."""
+    messages = [dict(m) for m in record["messages"]]
+    if not messages or messages[-1]["role"] != "assistant":
+        raise UserError(f"format: record {record['id']} ({record.get('source')}) does not end with an assistant "
+                        "message, so there is nothing to train on. Check that source's column mapping.")
+    if fmt.system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": fmt.system_prompt})
+    if fmt.template == "r1":
+        messages[-1]["content"] = with_think(messages[-1]["content"])
+    return messages
+
+
+def render(record: dict, fmt: FormatConfig, template: str, tokenizer: Any) -> dict[str, Any]:
+    """One record -> {"prompt", "completion"} with completion = the last assistant turn, ending in EOS."""
+    messages = prepare_messages(record, fmt)
+    eos = tokenizer.eos_token
+    prompt = tokenizer.apply_chat_template(messages[:-1], chat_template=template, tokenize=False,
+                                           add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+    if not full.startswith(prompt):
+        raise UserError(f"format.template {fmt.template}: rendering record {record['id']} without its answer is not a "
+                        "prefix of rendering it with the answer, so the completion cannot be cut exactly. "
+                        "Use qa, ko_qa, alpaca or r1.")
+    completion = full[len(prompt):].rstrip()
+    answer = messages[-1]["content"].strip()
+    if answer not in completion:
+        hint = " (it deletes <think> reasoning: use template: r1)" if THINK_OPEN in answer else ""
+        raise UserError(f"format.template {fmt.template}: the template drops part of the answer of record "
+                        f"{record['id']}{hint}.")
+    if eos and not completion.endswith(eos):
+        completion += eos
+    row = {"id": record["id"], "source": record["source"], "task": record["task"], "prompt": prompt,
+           "completion": completion}
+    if "choices" in record:
+        row["choices"], row["label"] = record["choices"], record["label"]
+    row["meta"] = record.get("meta", {})
+    return row
+
+
+def token_lengths(rows: list[dict], tokenizer: Any) -> list[tuple[int, int]]:
+    """(prompt tokens, total tokens) per row, tokenized as the trainer will (special tokens included)."""
+    if not rows:
+        return []
+    prompts = tokenizer([r["prompt"] for r in rows])["input_ids"]
+    totals = tokenizer([r["prompt"] + r["completion"] for r in rows])["input_ids"]
+    return [(len(p), len(t)) for p, t in zip(prompts, totals)]
+
+
+def length_stats(lengths: list[tuple[int, int]], max_length: int) -> dict[str, Any]:
+    """Summary of token lengths and how many examples `max_length` would cut or empty."""
+    if not lengths:
+        return {"examples": 0}
+    totals = sorted(t for _, t in lengths)
+    completions = sorted(t - p for p, t in lengths)
+
+    def pct(values: list[int], q: float) -> int:
+        return values[min(len(values) - 1, int(q * len(values)))]
+
+    return {
+        "examples": len(lengths),
+        "total_tokens": {"mean": round(sum(totals) / len(totals), 1), "p50": pct(totals, 0.5),
+                         "p95": pct(totals, 0.95), "max": totals[-1]},
+        "completion_tokens": {"mean": round(sum(completions) / len(completions), 1), "max": completions[-1]},
+        "over_max_length": sum(t > max_length for t in totals),
+        "completion_lost": sum(p >= max_length for p, _ in lengths),
+        "max_length": max_length,
+    }
+
+
+def save_length_plot(lengths: list[tuple[int, int]], max_length: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist([t for _, t in lengths], bins=40, color="#4878d0")
+    ax.axvline(max_length, color="#d65f5f", linestyle="--", label=f"max_length {max_length}")
+    ax.set_xlabel("tokens (prompt + completion)")
+    ax.set_ylabel("examples")
+    ax.set_title("Training example lengths")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(ctx: StageContext) -> StageResult:
+    from transformers import AutoTokenizer
+
+    fmt = ctx.cfg.format
+    model_path = resolve_model_path(ctx.cfg.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=ctx.cfg.model.trust_remote_code)
+    template = load_template(fmt.template, tokenizer)
+    stats: dict[str, Any] = {"template": fmt.template, "eos_token": tokenizer.eos_token}
+    all_lengths = []
+    for split in ("train", "eval"):
+        rows = [render(r, fmt, template, tokenizer) for r in load_records(ctx, split)]
+        lengths = token_lengths(rows, tokenizer)
+        all_lengths += lengths
+        stats[split] = length_stats(lengths, fmt.max_length)
+        write_jsonl(ctx.out / f"{split}.jsonl", rows)
+    (ctx.out / "chat_template.jinja").write_text(template, encoding="utf-8")
+    meta = {"name": fmt.template, "eos_token": tokenizer.eos_token, "bos_token": tokenizer.bos_token,
+            "model": model_path}
+    (ctx.out / "template.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (ctx.out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+    save_length_plot(all_lengths, fmt.max_length, ctx.out / "lengths.png")
+    (ctx.out / "report.md").write_text(render_report(stats), encoding="utf-8")
+    print_report(ctx, stats)
+    train = stats["train"]
+    return StageResult(
+        metrics={"train_examples": train["examples"], "over_max_length": train.get("over_max_length", 0),
+                 "completion_lost": train.get("completion_lost", 0)},
+        summary=[("examples", str(train["examples"])), ("template", fmt.template),
+                 ("over max_length", str(train.get("over_max_length", 0)))],
+    )
+
+
+def _rows(stats: dict) -> list[tuple[str, ...]]:
+    rows = []
+    for split in ("train", "eval"):
+        s = stats[split]
+        if s["examples"]:
+            rows.append((split, str(s["examples"]), str(s["total_tokens"]["mean"]), str(s["total_tokens"]["p95"]),
+                         str(s["total_tokens"]["max"]), str(s["over_max_length"]), str(s["completion_lost"])))
+    return rows
+
+
+HEADERS = ("split", "examples", "mean tokens", "p95", "max", "over max_length", "completion lost")
+
+
+def print_report(ctx: StageContext, stats: dict) -> None:
+    ctx.console.print(summary_table(f"format ({stats['template']}, max_length {ctx.cfg.format.max_length})",
+                                    _rows(stats), HEADERS))
+    lost = stats["train"].get("completion_lost", 0)
+    over = stats["train"].get("over_max_length", 0)
+    if over:
+        ctx.console.print(f"[yellow]{over} train examples exceed format.max_length and would be truncated; "
+                          f"{lost} would lose their whole completion. Raise format.max_length or drop them.[/]")
+
+
+def render_report(stats: dict) -> str:
+    lines = [f"# Format report ({stats['template']}, EOS {stats['eos_token']!r})", "",
+             "| " + " | ".join(HEADERS) + " |", "|" + " --- |" * len(HEADERS)]
+    lines += ["| " + " | ".join(row) + " |" for row in _rows(stats)]
+    return "\n".join(lines) + "\n\nLength histogram: lengths.png\n"

@@ -1,1 +1,0 @@
-"""Distillery's spine: config schema, run directory and manifest, stage order, CLI, console output."""

@@ -1,1 +1,0 @@
-"""One module per pipeline stage; pipeline/runner.py imports them by name and knows their order."""

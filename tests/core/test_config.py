@@ -1,0 +1,100 @@
+"""Config schema: presets validate, unknown keys and wrong types name the key, --set overrides re-validate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distillery.config import DistilleryConfig, load_config, redact
+from distillery.core.errors import UserError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+MINIMAL = {"ingest": {"sources": [{"name": "a", "kind": "hf", "files": "a.jsonl", "format": "messages"}]}}
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_preset_validates(path: Path) -> None:
+    cfg = load_config(path)
+    assert isinstance(cfg, DistilleryConfig)
+    assert cfg.ingest.sources
+
+
+def test_presets_exist() -> None:
+    names = {p.name for p in CONFIGS}
+    assert {"demo.yaml", "r1-distill-qwen-32b-ko.yaml", "kanana-8b-ko-qa.yaml", "qwen2.5-mathqa.yaml",
+            "low-memory.yaml"} <= names
+
+
+def test_kanana_preset_has_the_seed_settings() -> None:
+    cfg = load_config(Path("configs/kanana-8b-ko-qa.yaml"))
+    assert (cfg.finetune.lora.r, cfg.finetune.lora.alpha, cfg.finetune.lora.dropout) == (64, 128, 0.05)
+    assert len(cfg.finetune.lora.target_modules) == 7
+    assert cfg.format.template == "ko_qa" and cfg.format.max_length == 1024
+    assert (cfg.finetune.batch_size, cfg.finetune.gradient_accumulation_steps) == (4, 8)
+    assert cfg.finetune.precision == "bf16" and cfg.finetune.learning_rate == 2e-4
+
+
+def test_unknown_key_names_its_path(tmp_path: Path) -> None:
+    data = {**MINIMAL, "finetune": {"lora": {"rank": 8}}}
+    with pytest.raises(UserError) as err:
+        load_config(write(tmp_path, data))
+    assert "finetune.lora.rank: unknown key" in str(err.value)
+
+
+def test_wrong_type_names_key_and_expectation(tmp_path: Path) -> None:
+    data = {**MINIMAL, "finetune": {"batch_size": "four"}}
+    with pytest.raises(UserError) as err:
+        load_config(write(tmp_path, data))
+    assert "finetune.batch_size" in str(err.value) and "integer" in str(err.value) and "'four'" in str(err.value)
+
+
+def test_unknown_source_kind_and_template(tmp_path: Path) -> None:
+    data = {"ingest": {"sources": [{"name": "a", "kind": "excel", "path": "x"}]}, "format": {"template": "vicuna"}}
+    with pytest.raises(UserError) as err:
+        load_config(write(tmp_path, data))
+    text = str(err.value)
+    assert "ingest.sources.0" in text and "aihub_excel" in text
+    assert "format.template" in text and "'vicuna'" in text
+
+
+def test_set_overrides_revalidate(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL)
+    cfg = load_config(path, ["finetune.lora.r=8", "ingest.sources.0.max_records=5", "run.name=x"])
+    assert cfg.finetune.lora.r == 8 and cfg.ingest.sources[0].max_records == 5 and cfg.run.name == "x"
+    with pytest.raises(UserError, match="finetune.max_steps"):
+        load_config(path, ["finetune.max_steps=lots"])
+    with pytest.raises(UserError, match="expected KEY=VALUE"):
+        load_config(path, ["finetune.max_steps"])
+    with pytest.raises(UserError, match="index 3 is out of range"):
+        load_config(path, ["ingest.sources.3=1"])
+
+
+def test_duplicate_source_names_rejected(tmp_path: Path) -> None:
+    source = MINIMAL["ingest"]["sources"][0]
+    with pytest.raises(UserError, match="repeated: a"):
+        load_config(write(tmp_path, {"ingest": {"sources": [source, source]}}))
+
+
+def test_missing_config_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ingest: [unclosed", encoding="utf-8")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_redact_hides_secrets_only() -> None:
+    dump = {"push": {"hf_token": "hf_abc", "repo": "me/x"},
+            "teacher": {"api_key": "sk-1", "api_key_env": "OPENAI_API_KEY", "url": "http://h", "max_tokens": 256}}
+    assert redact(dump) == {"push": {"hf_token": "***", "repo": "me/x"},
+                            "teacher": {"api_key": "***", "api_key_env": "OPENAI_API_KEY", "url": "http://h",
+                                        "max_tokens": 256}}

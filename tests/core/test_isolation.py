@@ -1,0 +1,141 @@
+"""core/isolation.py: functions run in a child process; the child's native crash is an error here."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import pytest
+
+from distillery.core.errors import UserError
+from distillery.core.isolation import Child, NativeCrash, describe_exit
+
+
+def remember(state: dict[str, Any], emit: Callable[[Any], None], key: str, value: Any) -> int:
+    state[key] = value
+    return os.getpid()
+
+
+def recall(state: dict[str, Any], emit: Callable[[Any], None], key: str) -> Any:
+    return state[key]
+
+
+def count_to(state: dict[str, Any], emit: Callable[[Any], None], n: int) -> str:
+    for i in range(1, n + 1):
+        emit(i)
+    return "done"
+
+
+def refuse(state: dict[str, Any], emit: Callable[[Any], None]) -> None:
+    raise UserError("data.jsonl line 3: not JSON")
+
+
+def segfault(state: dict[str, Any], emit: Callable[[Any], None]) -> None:
+    """A real native crash: C code reading address 0."""
+    import ctypes
+
+    ctypes.string_at(0)
+
+
+def sleep_forever(state: dict[str, Any], emit: Callable[[Any], None]) -> None:
+    emit("started")
+    time.sleep(600)
+
+
+def test_a_child_keeps_state_between_calls_and_passes_events() -> None:
+    with Child("demo-lib", "testing") as child:
+        pid = child.call(remember, "model", [1, 2, 3])
+        assert pid == child.pid != os.getpid()
+        assert child.call(recall, "model") == [1, 2, 3]
+        events: list[int] = []
+        assert child.call(count_to, 3, on_event=events.append) == "done" and events == [1, 2, 3]
+        assert list(child.stream(count_to, 4)) == [1, 2, 3, 4]
+        assert child.call(recall, "model") == [1, 2, 3]  # a finished stream leaves the child answering
+
+
+def test_an_error_in_the_child_is_raised_here_with_its_type_and_the_child_lives_on() -> None:
+    with Child("demo-lib", "testing") as child:
+        child.call(remember, "x", 1)
+        with pytest.raises(UserError, match="line 3: not JSON"):
+            child.call(refuse)
+        assert child.call(recall, "x") == 1
+
+
+def test_a_segfault_in_the_child_is_a_native_crash_naming_the_work_the_signal_and_the_hint() -> None:
+    child = Child("demo-lib", "scoring model.gguf", hint="Run the self-check.")
+    with pytest.raises(NativeCrash) as caught:
+        child.call(segfault)
+    child.close()
+    message = str(caught.value)
+    assert caught.value.exitcode == -signal.SIGSEGV
+    assert message.startswith("demo-lib crashed with SIGSEGV (signal 11) while scoring model.gguf: "
+                              "a segmentation fault inside the native library.")
+    assert message.endswith("Run the self-check.")
+
+
+def test_a_child_killed_from_outside_mid_call_is_a_native_crash() -> None:
+    child = Child("demo-lib", "generating")
+    stream = child.stream(sleep_forever)
+    assert next(stream) == "started"
+    os.kill(child.pid, signal.SIGILL)
+    with pytest.raises(NativeCrash, match=r"SIGILL \(signal 4\) while generating: an illegal instruction"):
+        next(stream)
+    child.close()
+
+
+def test_an_abandoned_stream_stops_the_child_instead_of_answering_the_next_call_with_stale_events() -> None:
+    child = Child("demo-lib", "streaming")
+    stream = child.stream(sleep_forever)
+    assert next(stream) == "started"
+    stream.close()  # the consumer stopped reading (Ctrl-C in a chat)
+    with pytest.raises(NativeCrash, match="SIGKILL"):
+        child.call(recall, "x")
+    child.close()
+
+
+def test_exit_descriptions() -> None:
+    assert describe_exit(-11) == "SIGSEGV (signal 11)"
+    assert describe_exit(3) == "exit code 3"
+    assert describe_exit(None) == "no exit code"
+    assert "out of memory" in str(NativeCrash("lib", "merging", -signal.SIGKILL))
+
+
+def test_a_call_that_cannot_travel_is_an_error_and_leaves_the_child_answering() -> None:
+    import pickle
+
+    with Child("demo-lib", "testing") as child:
+        child.call(remember, "x", 1)
+        with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+            child.call(lambda state, emit: 1)
+        assert child.call(recall, "x") == 1
+
+
+def test_a_function_the_child_cannot_import_is_an_error_saying_so(tmp_path) -> None:
+    """Functions travel by name: one defined in a script's __main__ does not exist in the child."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "script.py"
+    script.write_text("from distillery.core.isolation import Child\n"
+                      "def here(state, emit):\n    return 1\n"
+                      "child = Child('demo-lib', 'testing')\n"
+                      "try:\n    child.call(here)\nexcept RuntimeError as err:\n    print('refused:', err)\n"
+                      "child.close()\n", encoding="utf-8")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert "refused: the child process cannot load the call: AttributeError" in done.stdout, done.stdout + done.stderr
+
+
+def unpicklable_result(state: dict[str, Any], emit: Callable[[Any], None]) -> Any:
+    return lambda: None
+
+
+def test_a_result_that_cannot_travel_back_is_an_error_and_the_child_lives_on() -> None:
+    with Child("demo-lib", "testing") as child:
+        with pytest.raises(RuntimeError, match="the result of unpicklable_result cannot be sent back"):
+            child.call(unpicklable_result)
+        assert child.call(count_to, 1) == "done"

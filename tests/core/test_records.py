@@ -1,0 +1,46 @@
+"""JSONL written and read by distillery.core.records: fast, and exact for the values CodeI/O test cases hold."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from distillery.core.errors import UserError
+from distillery.core.records import content_key, read_jsonl, write_jsonl
+
+
+def test_rows_round_trip_with_non_finite_floats_big_integers_and_korean(tmp_path):
+    rows = [
+        {"id": "a", "meta": {"io_input": {"graph": [[0, math.inf, 2], [-math.inf, 0, None]]}, "note": None}},
+        {"id": "b", "meta": {"io_output": math.nan, "big": 2**70}},
+        {"id": "c", "messages": [{"role": "user", "content": "안녕하세요"}], "meta": {"empty": None}},
+    ]
+    path = tmp_path / "rows.jsonl"
+    assert write_jsonl(path, rows) == 3
+    back = list(read_jsonl(path))
+    assert back[0] == rows[0]
+    assert math.isnan(back[1]["meta"]["io_output"]) and back[1]["meta"]["big"] == 2**70
+    assert back[2] == rows[2]
+    assert "안녕하세요" in path.read_text(encoding="utf-8")  # UTF-8, not \\u escapes
+
+
+def test_lines_python_json_wrote_with_infinity_are_read(tmp_path):
+    path = tmp_path / "raw.jsonl"
+    path.write_text(json.dumps({"ios": [math.inf, 1]}) + "\n", encoding="utf-8")
+    assert list(read_jsonl(path)) == [{"ios": [math.inf, 1]}]
+
+
+def test_a_broken_line_names_the_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"a": 1}\n{"a": \n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"bad\.jsonl: line 2 is not valid JSON"):
+        list(read_jsonl(path))
+
+
+def test_content_key_ignores_key_order_and_tells_contents_apart():
+    one = [{"role": "user", "content": "x"}]
+    assert content_key(one) == content_key([{"content": "x", "role": "user"}])
+    assert content_key(one) != content_key([{"role": "user", "content": "y"}])
+    assert content_key(one, ["a", "b"], 0) != content_key(one, ["a", "b"], 1)

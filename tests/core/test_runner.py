@@ -1,0 +1,90 @@
+"""The run directory contract: exact contents, up-to-date reruns, --force, failures that leave nothing half-written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distillery.config import load_config
+from distillery.core.errors import UserError
+from distillery.runner import plan, run_stage
+
+
+def chat(q: str, a: str) -> dict:
+    return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    rows = [chat(f"What is {i} + {i}?", f"{2 * i}") for i in range(20)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    config = {"run": {"name": "t", "root": "runs"},
+              "ingest": {"eval_fraction": 0.2,
+                         "sources": [{"name": "toy", "kind": "hf", "files": "data.jsonl", "format": "messages"}]}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    return tmp_path
+
+
+def test_run_directory_contents_and_manifest(project: Path) -> None:
+    status, result, _ = run_stage("ingest", load_config("config.yaml"))
+    assert status == "done" and result.metrics["train"] + result.metrics["eval"] == 20
+    run = project / "runs" / "t"
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "ingest", "manifest.json"]
+    assert sorted(p.name for p in (run / "ingest").iterdir()) == [
+        "dropped.jsonl", "eval.jsonl", "report.json", "report.md", "train.jsonl"]
+    entry = json.loads((run / "manifest.json").read_text())["stages"]["ingest"]
+    assert entry["status"] == "complete" and len(entry["fingerprint"]) == 64
+    assert set(entry["outputs"]) == {"dropped.jsonl", "eval.jsonl", "report.json", "report.md", "train.jsonl"}
+    assert all(len(o["sha256"]) == 64 for o in entry["outputs"].values())
+    assert str(Path("data.jsonl")) in entry["inputs"]["files"]
+
+
+def test_rerun_is_a_noop_and_force_redoes(project: Path) -> None:
+    cfg = load_config("config.yaml")
+    run_stage("ingest", cfg)
+    train = project / "runs/t/ingest/train.jsonl"
+    mtime = train.stat().st_mtime_ns
+    assert run_stage("ingest", cfg)[0] == "up to date"
+    assert train.stat().st_mtime_ns == mtime
+    assert run_stage("ingest", cfg, force=True)[0] == "done"
+    assert train.stat().st_mtime_ns != mtime
+
+
+def test_changed_input_or_config_reruns(project: Path) -> None:
+    cfg = load_config("config.yaml")
+    run_stage("ingest", cfg)
+    with open(project / "data.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(chat("new?", "yes")) + "\n")
+    assert run_stage("ingest", cfg)[0] == "done"
+    assert run_stage("ingest", load_config("config.yaml", ["ingest.eval_fraction=0.3"]))[0] == "done"
+
+
+def test_tampered_output_is_not_trusted(project: Path) -> None:
+    cfg = load_config("config.yaml")
+    run_stage("ingest", cfg)
+    (project / "runs/t/ingest/train.jsonl").write_text("", encoding="utf-8")
+    assert run_stage("ingest", cfg)[0] == "done"
+
+
+def test_failure_keeps_previous_artifacts_and_leaves_no_partial(project: Path) -> None:
+    cfg = load_config("config.yaml")
+    run_stage("ingest", cfg)
+    before = (project / "runs/t/ingest/train.jsonl").read_bytes()
+    with open(project / "data.jsonl", "a", encoding="utf-8") as handle:
+        handle.write("{not json\n")
+    with pytest.raises(UserError, match="line 21"):
+        run_stage("ingest", cfg)
+    run = project / "runs/t"
+    assert (run / "ingest/train.jsonl").read_bytes() == before
+    assert not (run / ".ingest.partial").exists()
+    assert json.loads((run / "manifest.json").read_text())["stages"]["ingest"]["status"] == "failed"
+
+
+def test_plan_runs_upstream_first(project: Path) -> None:
+    cfg = load_config("config.yaml")
+    assert plan("format", cfg) == ["ingest", "format"]
+    assert plan("finetune", cfg) == ["ingest", "format", "finetune"]

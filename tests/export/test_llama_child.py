@@ -1,0 +1,119 @@
+"""llama.cpp in a child process on the real bundled GGUF: metadata and tokens, a native crash that is an error
+naming the file, the signal and what to try (also through the CLI), the setup self-check, and every quant type
+the project writes decoding on this machine's CPU with F16's top-1 token."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distillery.export import gguf as gguf_io
+from distillery.export import llama_check
+from distillery.export.llama_child import GGUFLoadError, LlamaChild
+from distillery.core.isolation import NativeCrash
+from tests.evals.test_gguf_backend import bundled_gguf
+from tests.fixtures.adapter_run import demo_config
+from tests.fixtures.crash import crash_child_of
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPTS = ["<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nThe capital of "
+           "France is", "1, 2, 3, 4, 5, 6, 7, 8,"]
+# Every type the presets and the README offer, beside the converter's f16/bf16.
+QUANTS = ("q8_0", "q4_k_m", "q5_k_m", "q6_k", "q4_0", "q2_k")
+
+pytestmark = pytest.mark.integration
+
+
+def test_the_model_lives_in_a_child_and_answers_for_its_metadata_and_tokens() -> None:
+    pytest.importorskip("llama_cpp")
+    with LlamaChild(bundled_gguf(), "testing", n_ctx=128) as llama:
+        assert llama.pid != os.getpid()
+        assert llama.metadata["architecture"] == "llama" and llama.metadata["eos_token"] == "<|im_end|>"
+        assert "<|im_start|>" in llama.metadata["chat_template"] and llama.metadata["n_vocab"] == 49152
+        hello, special = llama.tokenize(["Hello world", "<|im_end|>"], add_bos=False, special=True)
+        assert len(hello) == 2 and special == [llama.metadata["eos_token_id"]]
+
+
+def test_a_file_llama_cpp_refuses_is_a_load_error_not_a_crash(tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    path = tmp_path / "half.gguf"
+    path.write_bytes(bundled_gguf().read_bytes()[:4096])
+    with pytest.raises(GGUFLoadError, match=f"llama.cpp cannot load {path}"):
+        LlamaChild(path, "testing")
+
+
+def test_a_crashed_child_is_a_native_crash_naming_the_file_the_signal_and_what_to_try() -> None:
+    pytest.importorskip("llama_cpp")
+    llama = LlamaChild(bundled_gguf(), "scoring", n_ctx=128)
+    os.kill(llama.pid, signal.SIGSEGV)
+    with pytest.raises(NativeCrash) as caught:
+        llama.tokenize(["hi"], add_bos=False, special=False)
+    llama.close()
+    message = str(caught.value)
+    assert message.startswith(f"llama.cpp crashed with SIGSEGV (signal 11) while scoring {bundled_gguf()}: ")
+    assert "CPU " in message and "installed llama.cpp build: x86-64-v3" in message
+    assert "python -m distillery.export.llama_check" in message and "just setup" in message
+
+
+def test_chat_survives_a_crash_of_its_model_as_one_message_and_exit_code_1(tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    config = demo_config(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "distillery", "chat", "-c", str(config), "--gguf",
+                             str(bundled_gguf()), "-p", "Tell me a long story.", "--max-tokens", "2000"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "COLUMNS": "400"})
+    crash_child_of(proc)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, output
+    assert f"error: chat failed: llama.cpp crashed with SIGSEGV (signal 11) while chatting with {bundled_gguf()}" \
+        in output and "Traceback" not in output
+    log = tmp_path / "runs" / "demo" / "logs" / "chat.log"
+    assert f"Log: {log}" in output and "NativeCrash" in log.read_text()
+
+
+def test_the_setup_self_check_decodes_the_bundled_quantized_model(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("llama_cpp")
+    assert llama_check.main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("llama.cpp self-check: ok (x86-64-v3 build, SmolLM2-135M-Instruct.Q4_1.gguf decoded")
+    assert "Paris" in out
+
+
+def test_the_self_check_says_what_failed_the_cpu_and_the_remedy(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("llama_cpp")
+    path = tmp_path / "not-a-model.gguf"
+    path.write_bytes(b"GGUF" + b"\0" * 64)
+    assert llama_check.main(["--gguf", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"llama.cpp self-check FAILED: llama.cpp cannot load {path}")
+    assert "  CPU: " in err and "avx2" in err and "installed llama-cpp-python build: x86-64-v3" in err
+    assert "remedy: `just setup`" in err
+
+
+@pytest.mark.slow
+def test_every_quant_type_written_from_the_demo_model_decodes_here_and_agrees_with_f16(
+        demo_model_path: str, tmp_path: Path) -> None:
+    """On whatever CPU runs this: llama.cpp's converter writes f16 and bf16, its quantizer every other type,
+    and each file decodes (a prompt batch, then token by token) with F16's next token on fixed prompts."""
+    pytest.importorskip("llama_cpp")
+    files = {}
+    for outtype in ("f16", "bf16"):
+        files[outtype] = tmp_path / gguf_io.gguf_filename("m", outtype)
+        gguf_io.convert_to_gguf(Path(demo_model_path), files[outtype], outtype, "m")
+    for name in QUANTS:
+        files[name] = tmp_path / gguf_io.gguf_filename("m", name)
+        gguf_io.quantize_gguf(files["f16"], files[name], gguf_io.parse_quant(name))
+    top1, decoded = {}, {}
+    for name, path in files.items():
+        with LlamaChild(path, "decoding", n_ctx=128, logits_all=True) as llama:
+            token_lists = llama.tokenize(PROMPTS, add_bos=False, special=True)
+            top1[name] = [int(lp[-1].argmax()) for lp in gguf_io.gguf_logprobs(llama, token_lists)]
+        decoded[name] = llama_check.check(path)["text"]
+    assert {name: tokens for name, tokens in top1.items() if tokens != top1["f16"]} == {}, top1
+    assert all(text.strip() for text in decoded.values()), decoded

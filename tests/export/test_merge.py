@@ -1,0 +1,81 @@
+"""export/merge.py: reading finetune's output, and the 16-bit merge on both backends."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from distillery.export import merge
+from distillery.core.errors import UserError
+from tests.fixtures.adapter_run import make_adapter_run
+
+
+def test_missing_adapter_files_are_named(tmp_path: Path) -> None:
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(UserError, match="missing adapter_model.safetensors.*run `distillery finetune`"):
+        merge.read_finetune(tmp_path)
+
+
+def test_summary_without_backend_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "adapter").mkdir()
+    for name in merge.ADAPTER_FILES:
+        (tmp_path / "adapter" / name).write_text("{}")
+    (tmp_path / "summary.json").write_text(json.dumps({"base_model": "x"}))
+    with pytest.raises(UserError, match="no 'backend'"):
+        merge.read_finetune(tmp_path)
+
+
+def test_auto_dtype_keeps_the_base_16_bit_type(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "float16"}))
+    assert merge.merged_dtype_name("auto", str(tmp_path)) == "fp16"
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "float32"}))
+    assert merge.merged_dtype_name("auto", str(tmp_path)) == "bf16"
+    assert merge.merged_dtype_name("fp16", str(tmp_path)) == "fp16"
+
+
+def _tensors(directory: Path) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(str(shard)))
+    return tensors
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_unsloth_and_peft_merges_agree_and_keep_the_adapter(tmp_path: Path, demo_model_path: str) -> None:
+    """Unsloth's save_pretrained_merged and PEFT's merge_and_unload give the same 16-bit weights, and the
+    merge check proves the adapter is in them."""
+    import torch
+
+    run = make_adapter_run(tmp_path / "runs", demo_model_path, backend="unsloth")
+    finetune = run.stage_dir("finetune")
+    summary = merge.read_finetune(finetune)
+    adapter = finetune / "adapter"
+    unsloth_stats = merge.merge_adapter(summary, adapter, tmp_path / "unsloth", "bf16", "100MB")
+    peft_stats = merge.merge_adapter({**summary, "backend": "hf"}, adapter, tmp_path / "peft", "bf16", "100MB")
+    assert unsloth_stats["shards"] > 1 and peft_stats["shards"] > 1  # max_shard_size honoured
+    a, b = _tensors(tmp_path / "unsloth"), _tensors(tmp_path / "peft")
+    base = _tensors(Path(demo_model_path))
+    shared = sorted(set(a) & set(b))
+    assert shared and all(a[k].dtype == torch.bfloat16 for k in shared)
+    changed = [k for k in shared if k in base and not torch.equal(b[k], base[k])]
+    assert any("q_proj" in k for k in changed) and not any("k_proj" in k for k in changed)
+    for key in shared:  # the same merge up to one bf16 rounding step
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-2, rtol=1e-2), key
+    tokenizer_config = json.loads((tmp_path / "unsloth" / "generation_config.json").read_text())
+    assert tokenizer_config["eos_token_id"] == 2
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "unsloth"))
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+    tokens = [tokenizer(text, add_special_tokens=False)["input_ids"]]
+    merged_model = merge.load_causal_lm(str(tmp_path / "unsloth"))
+    check = merge.verify_merge(demo_model_path, adapter, tokens, merge.next_token_logprobs(merged_model, tokens))
+    assert check["passed"], check

@@ -1,0 +1,65 @@
+"""export/ollama.py: the Modelfile TEMPLATE pieces reproduce the training chat template exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from distillery.export import ollama
+from distillery.core.errors import UserError
+
+TEMPLATES = Path(__file__).resolve().parents[2] / "distillery" / "templates"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_model_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(demo_model_path)
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2 + 2?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "안녕?"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+     {"role": "assistant", "content": "d"}, {"role": "user", "content": "e\nf"}],
+]
+
+
+@pytest.mark.parametrize("name", ["chat", "qa", "ko_qa", "alpaca", "r1"])
+def test_pieces_render_every_conversation_like_the_jinja_template(name: str, tokenizer) -> None:
+    template = tokenizer.chat_template if name == "chat" else (TEMPLATES / f"{name}.jinja").read_text()
+    parts = ollama.template_parts(template, tokenizer)
+    for messages in CONVERSATIONS:
+        system = messages[0]["content"] if messages[0]["role"] == "system" else None
+        turns = [m for m in messages if m["role"] != "system"]
+        expected = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=True)
+        assert ollama.render_parts(parts, system, turns) == expected
+
+
+def test_chatml_modelfile(tokenizer) -> None:
+    text = ollama.build_modelfile("m-Q4_K_M.gguf", tokenizer.chat_template, tokenizer, "<|im_end|>")
+    default_system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    assert text.startswith("FROM ./m-Q4_K_M.gguf\n\nTEMPLATE \"\"\"{{ if .System }}<|im_start|>system\n{{ .System }}"
+                           "<|im_end|>\n<|im_start|>user\n{{ else }}<|im_start|>system\n" + default_system)
+    assert '{{ if eq .Role "user" }}{{ .Content }}<|im_end|>\n<|im_start|>assistant\n{{ else if' in text
+    assert "{{-" not in text  # trim markers would eat the template's own newlines
+    assert text.endswith('"""\n\nPARAMETER stop "<|im_end|>"\nPARAMETER stop "<|im_start|>user"\n')
+
+
+def test_qa_template_stops_at_eos_and_the_next_question(tokenizer) -> None:
+    parts = ollama.template_parts((TEMPLATES / "qa.jinja").read_text(), tokenizer)
+    assert ollama.stop_tokens(parts, "<|im_end|>") == ["<|im_end|>", "### Question:"]
+
+
+def test_a_template_that_depends_on_content_is_refused(tokenizer) -> None:
+    template = ("{% for m in messages %}{% if m['content'] | length > 3 %}LONG {% endif %}{{ m['role'] }}: "
+                "{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    with pytest.raises(UserError, match="write the Modelfile's TEMPLATE by hand"):
+        ollama.template_parts(template, tokenizer)
+
+
+def test_go_braces_in_template_text_are_escaped() -> None:
+    assert ollama.go_literal("a {{ b") == 'a {{ "{{" }} b'

@@ -1,0 +1,138 @@
+"""hf: local json/jsonl/csv/parquet in every layout, MathQA split as lm-eval splits it, the Hub offline."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from distillery.sources import SourceReport, hf
+from distillery.sources.params import HFDatasetParams
+from distillery.core.errors import UserError
+
+MATHQA_ROW = {"Problem": "a train covers 60 km in 1.5 hours . what is its speed ?", "Rationale": '"60 / 1.5 = 40 answer : b"',
+              "options": "a ) 38 , b ) 40 , c ) 42.5 , d ) 45 , e ) 90", "correct": "b",
+              "annotated_formula": "divide(60, 1.5)", "linear_formula": "divide(n0,n1)|", "category": "physics"}
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows),
+                    encoding="utf-8")
+    return path
+
+
+def read(**fields: Any) -> tuple[list[dict], SourceReport]:
+    report = SourceReport("src")
+    return list(hf.read(HFDatasetParams(name="src", kind="hf", **fields), report)), report
+
+
+def test_columns_map_gsm_instructions_into_user_and_assistant(tmp_path: Path) -> None:
+    rows = [{"INSTRUCTION": "What is 2 + 3?", "RESPONSE": "2 + 3 = 5\n#### 5", "SOURCE": "grade-school-math"},
+            {"INSTRUCTION": "  ", "RESPONSE": "x", "SOURCE": "grade-school-math"}]
+    records, report = read(files=str(write_jsonl(tmp_path / "gsm.jsonl", rows)))
+    assert records[0]["task"] == "qa" and records[0]["messages"] == [
+        {"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 5\n#### 5"}]
+    assert records[0]["meta"]["line"] == 1
+    assert dict(report.dropped) == {"empty INSTRUCTION": 1} and report.dropped_rows[0]["line"] == 2
+
+
+def test_mathqa_options_are_split_like_lm_evaluation_harness(tmp_path: Path) -> None:
+    records, _ = read(files=str(write_jsonl(tmp_path / "mathqa.jsonl", [MATHQA_ROW])), format="mathqa")
+    record = records[0]
+    assert record["task"] == "math_mc" and record["choices"] == ["38", "40", "42.5", "45", "90"] and record["label"] == 1
+    assert record["messages"][0]["content"].endswith("Options:\na) 38\nb) 40\nc) 42.5\nd) 45\ne) 90")
+    assert record["messages"][1]["content"] == "60 / 1.5 = 40 answer : b\nThe answer is (b) 40."
+    # an option holding ", " is cut at it, exactly as the harness's lazy expression does (same choices, same scores)
+    assert hf.split_mathqa_options("a ) 1 , 2 , b ) 3 , c ) 4 , d ) 5 , e ) 6") == ["1", "3", "4", "5", "6"]
+
+
+def test_mathqa_rows_it_cannot_parse_are_dropped(tmp_path: Path) -> None:
+    rows = [{**MATHQA_ROW, "options": "a ) 1 , b ) 2"}, {**MATHQA_ROW, "correct": "f"}]
+    records, report = read(files=str(write_jsonl(tmp_path / "m.jsonl", rows)), format="mathqa")
+    assert not records and dict(report.dropped) == {"options not parseable": 1, "correct is not a-e": 1}
+
+
+def test_decomposition_from_json_and_jsonl(tmp_path: Path) -> None:
+    row = {"question": "Who was president when the Eiffel Tower was built?",
+           "sub_questions": ["When was the Eiffel Tower built?", "Who was president of France then?"]}
+    as_json = tmp_path / "d.json"
+    as_json.write_text(json.dumps([row]), encoding="utf-8")
+    from_json, _ = read(files=str(as_json), format="decomposition")
+    from_jsonl, _ = read(files=str(write_jsonl(tmp_path / "d.jsonl", [row])), format="decomposition")
+    assert from_json[0]["messages"] == from_jsonl[0]["messages"] and from_json[0]["task"] == "decompose"
+    assert from_json[0]["messages"][1]["content"] == ("1. When was the Eiffel Tower built?\n"
+                                                      "2. Who was president of France then?")
+    assert from_json[0]["meta"]["index"] == 0
+
+
+def test_messages_sharegpt_and_alpaca(tmp_path: Path) -> None:
+    messages = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                             {"role": "assistant", "content": "Hello!"}]}
+    sharegpt = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}
+    alpaca = {"instruction": "Translate to French.", "input": "cat", "output": "chat"}
+    got_messages, _ = read(files=str(write_jsonl(tmp_path / "m.jsonl", [messages])), format="messages")
+    got_sharegpt, _ = read(files=str(write_jsonl(tmp_path / "s.jsonl", [sharegpt])), format="sharegpt")
+    got_alpaca, _ = read(files=str(write_jsonl(tmp_path / "a.jsonl", [alpaca])), format="alpaca")
+    assert got_messages[0]["messages"] == messages["messages"]
+    assert got_sharegpt[0]["messages"] == messages["messages"][1:]
+    assert got_alpaca[0]["messages"] == [{"role": "user", "content": "Translate to French.\n\ncat"},
+                                         {"role": "assistant", "content": "chat"}]
+
+
+def test_csv_and_parquet_files(tmp_path: Path) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame([{"q": "One?", "a": "1"}, {"q": "Two?", "a": "2"}])
+    frame.to_csv(tmp_path / "qa.csv", index=False)
+    frame.to_parquet(tmp_path / "qa.parquet")
+    columns = {"user": "q", "assistant": "a"}
+    from_csv, _ = read(files=str(tmp_path / "qa.csv"), columns=columns)
+    from_parquet, _ = read(files=str(tmp_path / "qa.parquet"), columns=columns)
+    assert [r["messages"] for r in from_csv] == [r["messages"] for r in from_parquet]
+    assert from_csv[1]["meta"]["row"] == 3  # the CSV line, header included
+
+
+def test_missing_column_lists_what_the_file_has(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(UserError, match=r"x.jsonl: no column INSTRUCTION, RESPONSE .* It has: question, answer"):
+        read(files=str(path))
+
+
+def test_a_jsonl_line_that_is_not_json_names_the_line(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "x.jsonl", [{"INSTRUCTION": "q", "RESPONSE": "a"}, "{oops"])
+    with pytest.raises(UserError, match=r"x.jsonl: line 2 is not valid JSON"):
+        read(files=str(path))
+
+
+def test_dataset_and_files_are_exclusive() -> None:
+    with pytest.raises(UserError, match="set exactly one of `dataset:`"):
+        read()
+
+
+def test_hub_offline_fails_fast_and_says_how_to_use_local_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=r"HF_HUB_OFFLINE is set.*set `files:` to the local"):
+        read(dataset="qwedsacf/grade-school-math-instructions")
+
+
+def test_hub_unreachable_fails_within_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one fake: the Hub's network call, raising what an unplugged machine raises."""
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    seen = {}
+
+    def no_network(self, repo_id: str, timeout: float | None = None, **_: Any) -> None:
+        seen["timeout"] = timeout
+        raise ConnectionError("Failed to establish a new connection: [Errno 101] Network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", no_network)
+    started = time.perf_counter()
+    with pytest.raises(UserError, match=r"dataset regisss/math_qa: the Hugging Face Hub cannot be reached .*"
+                                        r"hf download regisss/math_qa --repo-type dataset"):
+        read(dataset="regisss/math_qa", format="mathqa", timeout_s=3)
+    assert seen["timeout"] == 3 and time.perf_counter() - started < 3
