@@ -7,7 +7,6 @@ overrides, and `--force`. A stage first brings its upstream stages up to date (a
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Optional
@@ -16,7 +15,9 @@ import click
 import typer
 from rich.traceback import Traceback
 
-from distillery.config import load_config, load_dotenv
+from dotenv import load_dotenv
+
+from distillery.config import load_config
 from distillery.core.console import console, setup_logging, summary_table
 from distillery.core.errors import StageFailed, UserError
 from distillery.runner import STAGES, pipeline_stages, plan, run_stage
@@ -33,28 +34,25 @@ DEFAULT_CONFIG = Path("configs/demo.yaml")
 
 def execute(target: str | None, config: Path, sets: list[str] | None, force: bool, verbose: bool) -> None:
     """Run `target` (with its upstream chain) or, with None, every built stage; print a summary table."""
-    setup_logging(verbose)
-    load_dotenv()
-    with reported_errors(target or "run", verbose) as where:
-        cfg = where["cfg"] = load_config(config, sets or [])
-        if target is None:
-            names = pipeline_stages(cfg)
-        else:
-            names = plan(target, cfg)
-        rows = []
-        started = time.time()
-        for name in names:
-            # --force redoes the named stage; upstream stages are only redone when they changed.
-            status, result, seconds = run_stage(name, cfg, force=force and (target is None or name == target))
-            headline = "; ".join(f"{k} {v}" for k, v in (result.summary if result else [])[:4])
-            artifacts = f"{cfg.run.root}/{cfg.run.name}/{name}/"
-            rows.append((name, status, f"{seconds:.1f}s", artifacts, headline))
-        console.print(summary_table(f"run {cfg.run.name} ({time.time() - started:.1f}s)", rows,
-                                    ("stage", "status", "time", "artifacts", "result")))
-        if target is None and "export" in names:
-            from distillery.commands.chat import answer_held_out
+    _with_config(target or "run", config, sets, verbose, lambda cfg: run_stages(cfg, target, force))
 
-            answer_held_out(cfg, console)
+
+def run_stages(cfg: Any, target: str | None, force: bool) -> None:
+    names = pipeline_stages(cfg) if target is None else plan(target, cfg)
+    rows = []
+    started = time.time()
+    for name in names:
+        # --force redoes the named stage; upstream stages are only redone when they changed.
+        status, result, seconds = run_stage(name, cfg, force=force and (target is None or name == target))
+        headline = "; ".join(f"{k} {v}" for k, v in (result.summary if result else [])[:4])
+        artifacts = f"{cfg.run.root}/{cfg.run.name}/{name}/"
+        rows.append((name, status, f"{seconds:.1f}s", artifacts, headline))
+    console.print(summary_table(f"run {cfg.run.name} ({time.time() - started:.1f}s)", rows,
+                                ("stage", "status", "time", "artifacts", "result")))
+    if target is None and "export" in names:
+        from distillery.commands.chat import answer_held_out
+
+        answer_held_out(cfg, console)
 
 
 @contextlib.contextmanager
@@ -139,7 +137,7 @@ def run_all(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, force: Forc
 def _with_config(command: str, config: Path, sets: list[str] | None, verbose: bool, action) -> None:
     """Load the config (and .env), run `action(cfg)`; every error is reported as `execute` reports it."""
     setup_logging(verbose)
-    load_dotenv()
+    load_dotenv(Path(".env"))  # the working directory's; variables already set win
     with reported_errors(command, verbose) as where:
         where["cfg"] = load_config(config, sets or [])
         action(where["cfg"])
@@ -174,9 +172,4 @@ def chat_command(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
 
 
 def main() -> None:
-    # typer maps `set_` to --set via the Option declaration; the command line is otherwise standard.
-    try:
-        app()
-    except UserError as err:  # raised outside execute(), e.g. while parsing
-        console.print(f"[bold red]error:[/] {err}")
-        sys.exit(2)
+    app()

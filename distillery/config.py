@@ -2,18 +2,17 @@
 
     run:      name, root, seed
     model:    the base model every stage uses
-    ingest:   data sources, dedup, eval split          -> stages/ingest.py
-    format:   template and length budget               -> stages/format.py
-    finetune: LoRA and trainer settings                -> stages/finetune.py
-    export:   16-bit merge, GGUF types, verification   -> stages/export.py (+ export/)
-    evaluate: MathQA scoring of every artifact         -> stages/evaluate.py
-    distill:  teacher, verifiers, sandbox              -> stages/distill.py
+    ingest:   data sources, dedup, eval split          -> distillery/stages/ingest.py
+    format:   template and length budget               -> distillery/stages/format.py
+    finetune: LoRA and trainer settings                -> distillery/stages/finetune.py
+    export:   16-bit merge, GGUF types, verification   -> distillery/stages/export.py (+ distillery/export/)
+    evaluate: MathQA scoring of every artifact         -> distillery/stages/evaluate.py
+    distill:  teacher, verifiers, sandbox              -> distillery/stages/distill.py
     push:     Hub repository and what to upload        -> commands/push.py (the `push` command)
 """
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -21,15 +20,14 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from distillery.sources.params import AIHubExcelParams, CodeIOParams, HFDatasetParams
+from distillery.sources import SOURCES
 from distillery.core.errors import UserError
 
-BUNDLED_PREFIX = "bundled:"
-TEMPLATES = ("qa", "ko_qa", "alpaca", "r1", "chat")
 # Keys whose values are secrets: `hf_token`, `api_key`, `password` — not `max_tokens` or `api_key_env` (a name).
 SECRET_KEYS = re.compile(r"(^|_)(token|api_key|key|secret|password)$", re.IGNORECASE)
 
-SourceConfig = Annotated[Union[AIHubExcelParams, HFDatasetParams, CodeIOParams], Field(discriminator="kind")]
+# One member per registered source kind (distillery/sources/__init__.py), told apart by `kind`.
+SourceConfig = Annotated[Union[tuple(source.params for source in SOURCES.values())], Field(discriminator="kind")]
 
 
 class Section(BaseModel):
@@ -313,7 +311,7 @@ def format_validation_error(path: Path, err: ValidationError) -> str:
     for problem in err.errors():
         loc = ".".join(str(part) for part in problem["loc"] if not str(part).startswith("function-after"))
         if problem["type"] == "extra_forbidden":
-            lines.append(f"  {loc}: unknown key (check the spelling; see README for the keys of each section)")
+            lines.append(f"  {loc}: unknown key (check the spelling; docs/config.md lists the keys of each section)")
         else:
             got = problem.get("input")
             shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
@@ -347,14 +345,3 @@ def redact(data: Any) -> Any:
     if isinstance(data, list):
         return [redact(v) for v in data]
     return data
-
-
-def load_dotenv(path: Path = Path(".env")) -> None:
-    """Put KEY=VALUE lines of a .env file into the environment (existing variables win). Never logged."""
-    if not path.is_file():
-        return
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, value = line.split("=", 1)
-            os.environ.setdefault(key.strip(), value.strip().strip("'\""))

@@ -7,42 +7,23 @@ outputs are unchanged is skipped ("up to date"); `force` redoes it.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from types import ModuleType
 
 from distillery.config import DistilleryConfig, redact
 from distillery.core.console import console
 from distillery.core.errors import StageFailed, UserError
 from distillery.core.rundir import RunDir, atomic_write_text, describe_outputs, package_versions, sha256_file, sha256_json
-from distillery.stage import StageContext, StageResult
+from distillery.stage import STAGES, Stage, StageContext, StageResult, load_stage
 
 log = logging.getLogger(__name__)
-
-# The one ordered tuple of stages. The CLI's commands are tested against it.
-# evaluate runs after export: it scores the merged model and the GGUFs export writes.
-STAGES = ("ingest", "distill", "format", "finetune", "export", "evaluate")
-
-
-def load_stage(name: str) -> ModuleType:
-    """Import stages/<name>.py; an unknown stage name is a UserError listing the stages."""
-    if name not in STAGES:
-        raise UserError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
-    return importlib.import_module(f"distillery.stages.{name}")
-
 
 def pipeline_stages(cfg: DistilleryConfig) -> list[str]:
     """The stages `distillery run` runs: every one whose config section is not switched off."""
     return [name for name in STAGES if getattr(getattr(cfg, name, None), "enabled", True)]
-
-
-def upstream_of(module: ModuleType, cfg: DistilleryConfig) -> tuple[str, ...]:
-    """A stage's upstream stages: the module's `upstream(cfg)` when it depends on the config, else UPSTREAM."""
-    return tuple(module.upstream(cfg)) if hasattr(module, "upstream") else tuple(module.UPSTREAM)
 
 
 def plan(target: str, cfg: DistilleryConfig) -> list[str]:
@@ -50,7 +31,7 @@ def plan(target: str, cfg: DistilleryConfig) -> list[str]:
     needed: list[str] = []
 
     def visit(name: str) -> None:
-        for upstream in upstream_of(load_stage(name), cfg):
+        for upstream in load_stage(name).upstream_of(cfg):
             visit(upstream)
         if name not in needed:
             needed.append(name)
@@ -59,30 +40,30 @@ def plan(target: str, cfg: DistilleryConfig) -> list[str]:
     return sorted(needed, key=STAGES.index)
 
 
-def fingerprint(module: ModuleType, cfg: DistilleryConfig, run: RunDir) -> tuple[str, dict]:
+def fingerprint(stage: Stage, cfg: DistilleryConfig, run: RunDir) -> tuple[str, dict]:
     """The stage's fingerprint and the inputs it was computed from (stored in the manifest)."""
     dump = cfg.model_dump(mode="json")
     upstream = {}
-    for name in upstream_of(module, cfg):
+    for name in stage.upstream_of(cfg):
         entry = run.stage_entry(name)
         if not entry or entry.get("status") != "complete":
-            raise UserError(f"stage {module.NAME} needs {name} first: run `distillery {name}`.")
+            raise UserError(f"stage {stage.name} needs {name} first: run `distillery {name}`.")
         upstream[name] = entry["fingerprint"]
     inputs = {
-        "config": {section: dump[section] for section in module.SECTIONS},
+        "config": {section: dump[section] for section in stage.sections},
         "seed": cfg.run.seed,
         "upstream": upstream,
-        "files": {str(path): sha256_file(path) for path in module.input_files(cfg)},
-        "packages": package_versions(module.PACKAGES),
+        "files": {str(path): sha256_file(path) for path in stage.input_files(cfg)},
+        "packages": package_versions(stage.packages),
     }
     return sha256_json(inputs), inputs
 
 
 def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[str, StageResult | None, float]:
     """Run one stage unless it is up to date; returns (status, result, seconds)."""
-    module = load_stage(name)
+    stage = load_stage(name)
     run = RunDir(cfg.run.root, cfg.run.name)
-    fp, inputs = fingerprint(module, cfg, run)
+    fp, inputs = fingerprint(stage, cfg, run)
     if not force and run.is_complete(name, fp):
         console.print(f"[green]{name}[/]: up to date ({fp[:12]}), nothing to do; --force redoes it.")
         entry = run.stage_entry(name) or {}
@@ -91,7 +72,7 @@ def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[st
 
     partial = run.partial_dir(name)
     previous = run.stage_entry(name) or {}
-    resumable = getattr(module, "RESUMABLE", False) and previous.get("fingerprint") == fp
+    resumable = stage.resumable and previous.get("fingerprint") == fp
     if partial.exists() and not resumable:
         shutil.rmtree(partial)  # a leftover from an interrupted run of another config: never resume from it
     partial.mkdir(parents=True, exist_ok=True)
@@ -100,9 +81,9 @@ def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[st
     run.update_stage(name, {"status": "running", "fingerprint": fp, "inputs": inputs, "started": _now()})
     console.rule(f"[bold]{name}")
     try:
-        result = module.run(StageContext(cfg=cfg, run=run, out=partial, console=console, force=force))
+        result = stage.run(StageContext(cfg=cfg, run=run, out=partial, console=console, force=force))
     except BaseException as err:
-        if not getattr(module, "RESUMABLE", False) or isinstance(err, UserError):
+        if not stage.resumable or isinstance(err, UserError):
             shutil.rmtree(partial, ignore_errors=True)
         failure = {"status": "failed", "fingerprint": fp, "inputs": inputs, "error": _short(err)}
         if isinstance(err, UserError) or not isinstance(err, Exception):  # the user's to fix, or an interrupt

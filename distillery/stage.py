@@ -1,29 +1,69 @@
-"""What a stage module provides, and the context and result passed across that boundary.
+"""The stage contract: what a stage module exports, and the context and result passed across it.
 
-A stage module (stages/<name>.py) defines, at module level:
-
-    NAME: str                       the stage name, also its config section and run sub-directory
-    UPSTREAM: tuple[str, ...]       stages whose artifacts it reads (the runner runs them first), or
-    def upstream(cfg) -> tuple      the same when it depends on the config
-    SECTIONS: tuple[str, ...]       config sections its fingerprint covers (the whole section, never a pick)
-    PACKAGES: tuple[str, ...]       distributions whose versions change its results
-    RESUMABLE: bool                 keep the partial directory across an interrupted run
-    def input_files(cfg) -> list[Path]    external files it reads (hashed into the fingerprint)
-    def run(ctx: StageContext) -> StageResult
-
-Stages never call each other; only runner.py knows the order.
+Every module in distillery/stages/ ends with one `STAGE = Stage(...)`. A misspelt field is a TypeError at
+import, not a silently different behaviour, and tests/test_stage_contract.py checks every stage against it.
+A stage declares the files it writes once, in `outputs` (a key -> a path inside its directory); a later stage,
+`distillery chat` and `distillery push` find them through `artifact(run, stage, key)`, never by a file name
+written again. Stages never call each other; only distillery/runner.py knows the order.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from rich.console import Console
 
 from distillery.config import DistilleryConfig
+from distillery.core.errors import UserError
 from distillery.core.rundir import RunDir
+
+# The one ordered tuple of stages; the CLI's commands are tested against it.
+# evaluate runs after export: it scores the merged model and the GGUFs export writes.
+STAGES = ("ingest", "distill", "format", "finetune", "export", "evaluate")
+
+
+def no_input_files(cfg: DistilleryConfig) -> list[Path]:
+    return []
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # also its config section and its directory runs/<name>/<stage>/
+    run: Callable[[StageContext], StageResult]
+    outputs: Mapping[str, str]  # artifact key -> path relative to the stage directory
+    sections: tuple[str, ...]  # config sections its fingerprint covers (whole sections, never a pick)
+    upstream: tuple[str, ...] | Callable[[DistilleryConfig], tuple[str, ...]] = ()  # stages it reads
+    packages: tuple[str, ...] = ()  # distributions whose versions change its results
+    resumable: bool = False  # keep the partial directory across an interrupted run
+    input_files: Callable[[DistilleryConfig], list[Path]] = no_input_files  # external files it reads
+
+    def upstream_of(self, cfg: DistilleryConfig) -> tuple[str, ...]:
+        return tuple(self.upstream(cfg)) if callable(self.upstream) else tuple(self.upstream)
+
+
+def load_stage(name: str) -> Stage:
+    """The STAGE of distillery/stages/<name>.py; an unknown name is a UserError listing the stages."""
+    if name not in STAGES:
+        raise UserError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    return importlib.import_module(f"distillery.stages.{name}").STAGE
+
+
+def artifact(run: RunDir, stage: str, key: str) -> Path:
+    """Where `stage` keeps its declared output `key` in this run."""
+    return run.stage_dir(stage) / load_stage(stage).outputs[key]
+
+
+def finished_artifact(run: RunDir, stage: str, key: str, command: str) -> Path:
+    """`artifact`, after checking the stage finished; else a UserError naming the command to run first."""
+    entry = run.stage_entry(stage)
+    path = artifact(run, stage, key)
+    if not entry or entry.get("status") != "complete" or not path.exists():
+        raise UserError(f"nothing to {command}: the {stage} stage has not finished in {run.path}. "
+                        f"Run `distillery {stage}` first.")
+    return path
 
 
 @dataclass
@@ -34,9 +74,9 @@ class StageContext:
     console: Console
     force: bool = False
 
-    def upstream(self, stage: str) -> Path:
-        """Directory of a finished upstream stage's artifacts."""
-        return self.run.stage_dir(stage)
+    def upstream(self, stage: str, key: str) -> Path:
+        """A finished upstream stage's declared output."""
+        return artifact(self.run, stage, key)
 
 
 @dataclass

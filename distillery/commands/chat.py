@@ -12,13 +12,14 @@ from distillery.export.llama_child import LlamaChild
 from distillery.config import DistilleryConfig
 from distillery.core.errors import UserError
 from distillery.core.rundir import RunDir
+from distillery.stage import artifact
 
 PREFERRED = "Q4_K_M"
 
 
 def find_gguf(cfg: DistilleryConfig, choice: str | None = None) -> Path:
     """--gguf (a path, a file name in the run's gguf/ or a type like q8_0), else the run's Q4_K_M, else the first."""
-    gguf_dir = RunDir(cfg.run.root, cfg.run.name).stage_dir("export") / "gguf"
+    gguf_dir = artifact(RunDir(cfg.run.root, cfg.run.name), "export", "gguf")
     available = sorted(gguf_dir.glob("*.gguf")) if gguf_dir.is_dir() else []
     if choice:
         for candidate in (Path(choice), gguf_dir / choice):
@@ -84,7 +85,7 @@ def held_out_question(cfg: DistilleryConfig) -> tuple[str, str] | None:
     """The shortest held-out user question of the run (ingest's eval split) and its reference answer."""
     from distillery.core.records import read_jsonl
 
-    path = RunDir(cfg.run.root, cfg.run.name).stage_dir("ingest") / "eval.jsonl"
+    path = artifact(RunDir(cfg.run.root, cfg.run.name), "ingest", "eval")
     if not path.is_file():
         return None
     pairs = [(r["messages"][-2]["content"], r["messages"][-1]["content"]) for r in read_jsonl(path)

@@ -14,17 +14,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from distillery.config import DistilleryConfig
-from distillery.core.console import summary_table
+from distillery.core.console import markdown_table, summary_table
 from distillery.core.errors import UserError
-from distillery.core.rundir import RunDir, atomic_write_text
+from distillery.core.models import bundled_name
+from distillery.core.rundir import RunDir, atomic_write_text, describe_outputs
+from distillery.stage import artifact
 
 log = logging.getLogger(__name__)
+
+OUTPUTS = {"card": "README.md", "plan": "upload_plan.json"}  # in runs/<name>/push/
 
 # Hub ids of the bundled models (what model.path: bundled:<name> was made from).
 BUNDLED_HUB_IDS = {"SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -32,8 +35,9 @@ BUNDLED_HUB_IDS = {"SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct
 
 def hub_base_model(model_path: str) -> str | None:
     """The base model's Hub id for the card, or None when it is only a local directory."""
-    if model_path.startswith("bundled:"):
-        return BUNDLED_HUB_IDS.get(model_path.removeprefix("bundled:"))
+    name = bundled_name(model_path)
+    if name:
+        return BUNDLED_HUB_IDS.get(name)
     if Path(model_path).expanduser().exists() or model_path.count("/") != 1:
         return None
     return model_path
@@ -45,25 +49,25 @@ def card_datasets(cfg: DistilleryConfig) -> list[str]:
     return list(dict.fromkeys([d for d in found if isinstance(d, str) and d] + cfg.push.datasets))
 
 
-def export_dir(cfg: DistilleryConfig) -> Path:
-    run = RunDir(cfg.run.root, cfg.run.name)
+def export_dir(run: RunDir) -> Path:
     entry = run.stage_entry("export")
-    if not entry or entry.get("status") != "complete" or not run.stage_dir("export").is_dir():
+    directory = run.stage_dir("export")
+    if not entry or entry.get("status") != "complete" or not directory.is_dir():
         raise UserError(f"nothing to push: the export stage has not finished in {run.path}. Run `distillery export` "
                         "(just export-gguf) first.")
-    return run.stage_dir("export")
+    return directory
 
 
-def upload_plan(cfg: DistilleryConfig, directory: Path) -> list[dict[str, Any]]:
+def upload_plan(cfg: DistilleryConfig, run: RunDir) -> list[dict[str, Any]]:
     """Files to upload: {path (local), path_in_repo, bytes}, the card excluded."""
     plan = []
     if "merged" in cfg.push.upload:
-        merged = directory / "merged"
+        merged = artifact(run, "export", "merged")
         plan += [{"path": str(p), "path_in_repo": str(p.relative_to(merged)), "bytes": p.stat().st_size}
                  for p in sorted(merged.rglob("*")) if p.is_file()]
     if "gguf" in cfg.push.upload:
         wanted = {t.upper() for t in cfg.push.gguf_types} if cfg.push.gguf_types else None
-        for path in sorted((directory / "gguf").glob("*.gguf")):
+        for path in sorted(artifact(run, "export", "gguf").glob("*.gguf")):
             if wanted and path.stem.rsplit("-", 1)[-1].upper() not in wanted:
                 continue
             plan.append({"path": str(path), "path_in_repo": path.name, "bytes": path.stat().st_size})
@@ -72,7 +76,7 @@ def upload_plan(cfg: DistilleryConfig, directory: Path) -> list[dict[str, Any]]:
                 plan.append({"path": str(modelfile), "path_in_repo": modelfile.name,
                              "bytes": modelfile.stat().st_size})
     if not plan:
-        raise UserError(f"nothing to push from {directory}: push.upload={cfg.push.upload} and "
+        raise UserError(f"nothing to push from {run.stage_dir('export')}: push.upload={cfg.push.upload} and "
                         f"push.gguf_types={cfg.push.gguf_types} select no file.")
     return plan
 
@@ -81,51 +85,48 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def build_card(cfg: DistilleryConfig, plan: list[dict[str, Any]], repo_id: str) -> str:
-    """README.md for the Hub: YAML front matter + training, evaluation, files and how to run it."""
-    run = RunDir(cfg.run.root, cfg.run.name)
-    finetune = _read_json(run.stage_dir("finetune") / "summary.json")
-    verify = _read_json(run.stage_dir("export") / "verify.json")
-    base = hub_base_model(str(finetune.get("model_path") or cfg.model.path))
-    ggufs = [p["path_in_repo"] for p in plan if p["path_in_repo"].endswith(".gguf")]
+def card_data(cfg: DistilleryConfig, finetune: dict[str, Any], plan: list[dict[str, Any]]) -> Any:
+    """The card's front matter (huggingface_hub's ModelCardData): base model, datasets, license, tags."""
+    from huggingface_hub import ModelCardData
+
+    ggufs = any(p["path_in_repo"].endswith(".gguf") for p in plan)
     tags = ["distillery", "lora", finetune.get("backend", "peft")] + (["gguf", "llama.cpp"] if ggufs else [])
-    front: dict[str, Any] = {}
-    if base:
-        front["base_model"] = base
-    datasets = card_datasets(cfg)
-    if datasets:
-        front["datasets"] = datasets
-    front["license"] = cfg.push.license
-    front["tags"] = list(dict.fromkeys(tags + cfg.push.tags))
-    if any(p["path_in_repo"] == "config.json" for p in plan):
-        front["library_name"] = "transformers"
-    name = repo_id.split("/")[-1]
-    lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip(), "---", "",
-             f"# {name}", "",
-             f"A LoRA fine-tune of {f'[{base}](https://huggingface.co/{base})' if base else cfg.model.path} made "
-             "with Distillery, merged into the base model's 16-bit weights"
-             + (" and converted to GGUF with llama.cpp." if ggufs else "."), "", "## Training", ""]
+    return ModelCardData(
+        base_model=hub_base_model(str(finetune.get("model_path") or cfg.model.path)),
+        datasets=card_datasets(cfg) or None, license=cfg.push.license, tags=list(dict.fromkeys(tags + cfg.push.tags)),
+        library_name="transformers" if any(p["path_in_repo"] == "config.json" for p in plan) else None)
+
+
+def training_section(finetune: dict[str, Any]) -> list[str]:
     keys = ("backend", "device", "template", "objective", "max_length", "train_examples", "steps", "load_in_4bit",
             "precision", "optimizer", "first_loss", "last_loss", "train_loss", "tokens_per_s", "train_seconds")
     rows = [(k, finetune[k]) for k in keys if k in finetune]
     if finetune.get("lora"):
         rows.append(("lora", ", ".join(f"{k}={v}" for k, v in finetune["lora"].items() if not isinstance(v, list))))
-    lines += ["| setting | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows] if rows else \
-        ["No finetune summary was found."]
-    lines += ["", "## Evaluation", ""]
-    comparison = run.stage_dir("evaluate") / "comparison.md"
-    lines.append(comparison.read_text(encoding="utf-8").strip() if comparison.is_file()
-                 else "Not evaluated yet (`distillery evaluate` writes the table this section shows).")
+    return ["## Training", "", *(markdown_table(("setting", "value"), rows) if rows else
+                                 ["No finetune summary was found."])]
+
+
+def evaluation_section(run: RunDir, ggufs: list[str]) -> list[str]:
+    comparison = artifact(run, "evaluate", "comparison_md")
+    lines = ["## Evaluation", "", comparison.read_text(encoding="utf-8").strip() if comparison.is_file()
+             else "Not evaluated yet (`distillery evaluate` writes the table this section shows)."]
+    verify = _read_json(artifact(run, "export", "verify"))
     if verify.get("gguf"):
+        rows = [(r["file"], f"{r['top1_agreement']:.3f}", f"{r['mean_kl']:.4g}") for r in verify["gguf"].values()
+                if r["file"] in ggufs]
         lines += ["", "Every GGUF was checked against the merged model on fixed prompts (KL in nats):", "",
-                  "| file | top-1 agreement | mean KL |", "| --- | --- | --- |"]
-        lines += [f"| {r['file']} | {r['top1_agreement']:.3f} | {r['mean_kl']:.4g} |" for r in verify["gguf"].values()
-                  if r["file"] in ggufs]
-    lines += ["", "## Files", ""] + [f"- `{p['path_in_repo']}` ({p['bytes'] / 2**20:.1f} MiB)" for p in plan]
+                  *markdown_table(("file", "top-1 agreement", "mean KL"), rows)]
+    return lines
+
+
+def usage_section(repo_id: str, ggufs: list[str], transformers: bool) -> list[str]:
+    """How to run the files: llama.cpp, llama-cpp-python and Ollama for GGUFs, transformers for the merged model."""
+    lines = []
     if ggufs:
         first = next((g for g in ggufs if "Q4_K_M" in g), ggufs[0])
-        model = first.removesuffix(".gguf")
-        lines += ["", "## Run it with llama.cpp", "", "```bash",
+        model, name = first.removesuffix(".gguf"), repo_id.split("/")[-1].lower()
+        lines += ["## Run it with llama.cpp", "", "```bash",
                   f"huggingface-cli download {repo_id} {first} --local-dir .",
                   f"llama-cli -m {first} -cnv   # the chat template is stored in the GGUF", "```", "",
                   "or from Python with llama-cpp-python:", "", "```python", "from llama_cpp import Llama",
@@ -134,13 +135,32 @@ def build_card(cfg: DistilleryConfig, plan: list[dict[str, Any]], repo_id: str) 
                   '["choices"][0]["message"]["content"])', "```", "",
                   "## Run it with Ollama", "", "```bash",
                   f"huggingface-cli download {repo_id} {first} {model}.Modelfile --local-dir .",
-                  f"ollama create {name.lower()} -f {model}.Modelfile", f"ollama run {name.lower()}", "```"]
-    if front.get("library_name"):
-        lines += ["", "## Run it with transformers", "", "```python",
+                  f"ollama create {name} -f {model}.Modelfile", f"ollama run {name}", "```", ""]
+    if transformers:
+        lines += ["## Run it with transformers", "", "```python",
                   "from transformers import AutoModelForCausalLM, AutoTokenizer",
                   f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
-                  f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")', "```"]
-    return "\n".join(lines) + "\n"
+                  f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")', "```", ""]
+    return lines
+
+
+def build_card(cfg: DistilleryConfig, plan: list[dict[str, Any]], repo_id: str) -> str:
+    """README.md for the Hub (huggingface_hub's ModelCard): front matter, training, evaluation, files, usage."""
+    from huggingface_hub import ModelCard
+
+    run = RunDir(cfg.run.root, cfg.run.name)
+    finetune = _read_json(artifact(run, "finetune", "summary"))
+    data = card_data(cfg, finetune, plan)
+    base = data.base_model
+    ggufs = [p["path_in_repo"] for p in plan if p["path_in_repo"].endswith(".gguf")]
+    intro = (f"A LoRA fine-tune of {f'[{base}](https://huggingface.co/{base})' if base else cfg.model.path} made "
+             "with Distillery, merged into the base model's 16-bit weights"
+             + (" and converted to GGUF with llama.cpp." if ggufs else "."))
+    body = [f"# {repo_id.split('/')[-1]}", "", intro, "", *training_section(finetune), "",
+            *evaluation_section(run, ggufs), "", "## Files", "",
+            *[f"- `{p['path_in_repo']}` ({p['bytes'] / 2**20:.1f} MiB)" for p in plan], "",
+            *usage_section(repo_id, ggufs, bool(data.library_name))]
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body).rstrip() + "\n"))
 
 
 def print_plan(console, plan: list[dict[str, Any]], card_path: Path, repo_id: str) -> None:
@@ -153,17 +173,18 @@ def print_plan(console, plan: list[dict[str, Any]], card_path: Path, repo_id: st
 
 def push(cfg: DistilleryConfig, console, dry_run: bool = False) -> dict[str, Any]:
     """Plan, write the card, and (unless dry_run) upload. Returns the plan and what happened."""
-    directory = export_dir(cfg)
+    run = RunDir(cfg.run.root, cfg.run.name)
+    export_dir(run)
     repo_id = cfg.push.repo_id or "<push.repo_id>"
-    plan = upload_plan(cfg, directory)
-    card = build_card(cfg, plan, repo_id)
-    out = RunDir(cfg.run.root, cfg.run.name).path / "push"
-    atomic_write_text(out / "README.md", card)
-    plan_with_card = plan + [{"path": str(out / "README.md"), "path_in_repo": "README.md",
-                              "bytes": (out / "README.md").stat().st_size}]
-    atomic_write_text(out / "upload_plan.json", json.dumps(
+    plan = upload_plan(cfg, run)
+    out = {key: run.stage_dir("push") / name for key, name in OUTPUTS.items()}
+    atomic_write_text(out["card"], build_card(cfg, plan, repo_id))
+    plan_with_card = plan + [{"path": str(out["card"]), "path_in_repo": "README.md",
+                              "bytes": out["card"].stat().st_size}]
+    atomic_write_text(out["plan"], json.dumps(
         {"repo_id": cfg.push.repo_id, "private": cfg.push.private, "files": plan_with_card}, indent=2) + "\n")
-    print_plan(console, plan_with_card, out / "README.md", repo_id)
+    print_plan(console, plan_with_card, out["card"], repo_id)
+    record(run, cfg, uploaded=False)
     if dry_run:
         console.print("[yellow]dry run[/]: nothing was uploaded.")
         return {"uploaded": False, "files": plan_with_card}
@@ -175,9 +196,17 @@ def push(cfg: DistilleryConfig, console, dry_run: bool = False) -> dict[str, Any
         raise UserError("no Hugging Face token: set HF_TOKEN in the environment or in .env (a write token from "
                         "huggingface.co/settings/tokens). Nothing was uploaded; the list above is what would be.")
     upload(cfg, token, plan_with_card)
+    record(run, cfg, uploaded=True)
     console.print(f"[green]pushed[/] {len(plan_with_card)} files to https://huggingface.co/{cfg.push.repo_id}"
                   f" ({'private' if cfg.push.private else 'public'})")
     return {"uploaded": True, "files": plan_with_card}
+
+
+def record(run: RunDir, cfg: DistilleryConfig, uploaded: bool) -> None:
+    """push's entry in the run's manifest: what it wrote, and whether it reached the Hub."""
+    run.update_stage("push", {"status": "complete" if uploaded else "planned", "repo_id": cfg.push.repo_id,
+                              "uploaded": uploaded, "outputs": describe_outputs(run.stage_dir("push")),
+                              "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
 
 def upload(cfg: DistilleryConfig, token: str, plan: list[dict[str, Any]]) -> None:

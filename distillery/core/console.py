@@ -32,3 +32,9 @@ def summary_table(title: str, rows: list[tuple[str, ...]], headers: tuple[str, .
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def markdown_table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """The lines of a GitHub-flavoured markdown table (reports and model cards)."""
+    return ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)] + \
+        ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]

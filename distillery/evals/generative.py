@@ -1,6 +1,6 @@
 """Generative MathQA (R1 style): the model reasons inside <think>...</think>, then names an option letter.
 
-The prompt is the one the training data uses (data_sources.hf.mathqa_record: the problem, then the options
+The prompt is the one the training data uses (sources.hf.mathqa_record: the problem, then the options
 as "a) ..." lines), rendered through the run's chat template; the answer is the letter found after the
 reasoning. A reply whose reasoning never closes, or that names no letter, counts as "no answer".
 """

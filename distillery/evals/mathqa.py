@@ -1,7 +1,7 @@
 """MathQA as lm-evaluation-harness 0.4.13's `mathqa` task defines it: data, prompts, metrics.
 
 - context:      "Question: {Problem}\\nAnswer:" (n-shot: k solved train examples first, each followed by "\\n\\n")
-- choices:      the `options` string split with the harness's regular expression (data_sources.hf)
+- choices:      the `options` string split with the harness's regular expression (sources.hf)
 - continuation: " " + choice, scored by its summed log-probability given the context
 - acc:          argmax of the log-likelihoods; acc_norm: argmax of log-likelihood / len(choice) in characters
                 (numpy semantics: an empty choice's " " continuation is scored, its normalised score is -inf)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from distillery.core.plots import figure
+
 from pathlib import Path
 from typing import Any
+
+from distillery.core.console import markdown_table
 
 METRICS = {"loglikelihood": ("acc", "acc_norm"), "generative": ("acc", "no_answer")}
 
@@ -33,14 +37,13 @@ def comparison_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 def render_markdown(results: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     metrics = METRICS[results["mode"]]
     lines = [f"# MathQA ({results['mode']}, {results['num_fewshot']}-shot, {results['n']} items of {results['data']})",
-             "", "| artifact | kind | " + " | ".join(f"{m} | Δ vs base" for m in metrics) + " |",
-             "| --- | --- |" + " --- | --- |" * len(metrics)]
+             ""]
+    headers = ("artifact", "kind", *(h for m in metrics for h in (m, "Δ vs base")))
+    cells = []
     for row in rows:
-        cells = []
-        for m in metrics:
-            delta = row.get(f"{m}_vs_base")
-            cells += [fmt(row[m], row[f"{m}_stderr"]), "" if delta is None else f"{delta:+.4f}"]
-        lines.append(f"| {row['artifact']} | {row['kind']} | " + " | ".join(cells) + " |")
+        cells.append((row["artifact"], row["kind"], *(cell for m in metrics for cell in (
+            fmt(row[m], row[f"{m}_stderr"]), "" if row.get(f"{m}_vs_base") is None else f"{row[f'{m}_vs_base']:+.4f}"))))
+    lines += markdown_table(headers, cells)
     if results.get("errors"):
         lines += ["", "Not scored:"] + [f"- {name}: {msg}" for name, msg in results["errors"].items()]
     if results.get("skipped_items"):
@@ -52,26 +55,18 @@ def render_markdown(results: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 def save_chart(results: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> None:
     """Grouped bars, one group per artifact, one bar per metric, error bars = standard error."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     metrics = METRICS[results["mode"]]
     width = 0.8 / len(metrics)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(rows) + 2), 3.8))
-    for k, metric in enumerate(metrics):
-        xs = [i + (k - (len(metrics) - 1) / 2) * width for i in range(len(rows))]
-        values = [row[metric] or 0.0 for row in rows]
-        errors = [row[f"{metric}_stderr"] or 0.0 for row in rows]
-        ax.bar(xs, values, width, yerr=errors, capsize=3, label=metric)
-    if results["mode"] == "loglikelihood":
-        ax.axhline(0.2, color="grey", linestyle=":", linewidth=1, label="chance (0.2)")
-    ax.set_xticks(range(len(rows)), [row["artifact"] for row in rows], rotation=15, ha="right")
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("score")
-    ax.set_title(f"MathQA {results['mode']}, {results['n']} items")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, (max(5.0, 1.4 * len(rows) + 2), 3.8)) as (fig, ax):
+        for k, metric in enumerate(metrics):
+            xs = [i + (k - (len(metrics) - 1) / 2) * width for i in range(len(rows))]
+            values = [row[metric] or 0.0 for row in rows]
+            errors = [row[f"{metric}_stderr"] or 0.0 for row in rows]
+            ax.bar(xs, values, width, yerr=errors, capsize=3, label=metric)
+        if results["mode"] == "loglikelihood":
+            ax.axhline(0.2, color="grey", linestyle=":", linewidth=1, label="chance (0.2)")
+        ax.set_xticks(range(len(rows)), [row["artifact"] for row in rows], rotation=15, ha="right")
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("score")
+        ax.set_title(f"MathQA {results['mode']}, {results['n']} items")
+        ax.legend(fontsize=8)

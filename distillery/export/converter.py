@@ -4,7 +4,7 @@ The converter (convert_hf_to_gguf.py + its `conversion/` package) needs llama.cp
 newer than the `gguf` distribution that transformers' GGUF loader uses. Installing gguf-py into the venv would
 replace that distribution, so instead:
 
-1. `python -m exports.converter --install` (run by `just setup`) takes the llama-cpp-python sdist of the
+1. `python -m distillery.export.converter --install` (run by `just setup`) takes the llama-cpp-python sdist of the
    installed version (the same llama.cpp the runtime and quantizer come from; export/llama_build.py downloaded
    it once to compile the runtime),
    extracts vendor/llama.cpp/{convert_hf_to_gguf.py, conversion/, gguf-py/, requirements/, LICENSE} into
@@ -26,7 +26,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from distillery.core.errors import UserError
+from distillery.core.errors import UserError, exit_code
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def converter_script() -> Path:
     script = directory / SCRIPT
     if not script.is_file() or installed_version(directory) is None:
         raise UserError(f"llama.cpp's GGUF converter is not installed in {directory}: run `just setup` "
-                        "(or `.venv/bin/python -m exports.converter --install`, which needs network once).")
+                        "(or `.venv/bin/python -m distillery.export.converter --install`, which needs network once).")
     return script
 
 
@@ -137,14 +137,15 @@ def install(sdist: Path | None = None, force: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m exports.converter", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m distillery.export.converter", description=__doc__.splitlines()[0])
     parser.add_argument("--install", action="store_true", help="install the converter (idempotent)")
     parser.add_argument("--sdist", type=Path, help="use this llama-cpp-python sdist instead of the cached one")
     parser.add_argument("--force", action="store_true", help="reinstall even if the same version is there")
     parser.add_argument("--check", action="store_true", help="run the converter once to check its imports")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+
+    def work() -> None:
         if args.install:
             install(args.sdist, args.force)
         if args.check or args.install:
@@ -152,10 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"llama.cpp converter {installed_version()} in {install_dir()}: ok ({len(models)} architectures)")
         if not (args.install or args.check):
             parser.print_help()
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return exit_code(work)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ and the checks that every file is the model that was trained.
 - `quantize_gguf` calls llama.cpp's `llama_model_quantize` through llama-cpp-python in a child process,
   optionally with an importance matrix (`load_imatrix`: llama-imatrix's GGUF or legacy .dat file);
 - `gguf_logprobs` (on a GGUF loaded in a child process, export/llama_child.py) and `compare_logprobs` feed
-  the verification in stages/export.py.
+  the verification in distillery/stages/export.py.
 
 Every file is written to a temporary name beside its target and renamed only when complete.
 """
@@ -84,7 +84,6 @@ BITS_PER_WEIGHT = {
     "iq3_xs": 3.3, "iq3_xxs": 3.1, "iq2_m": 2.7, "iq2_s": 2.5, "iq2_xs": 2.3, "iq2_xxs": 2.1, "iq1_m": 1.8,
     "iq1_s": 1.6,
 }
-CONVERTER_OUTTYPES = ("f16", "bf16", "q8_0")
 
 
 def parse_quant(name: str) -> QuantType:

@@ -1,5 +1,5 @@
 # Included after every project() call of the llama-cpp-python build (CMAKE_PROJECT_INCLUDE, set by
-# exports/llama_build.py). llama-cpp-python forces LLAMA_BUILD_COMMON on, but its Python binding loads only
+# distillery/export/llama_build.py). llama-cpp-python forces LLAMA_BUILD_COMMON on, but its Python binding loads only
 # libllama and libggml*: llama.cpp's `common` library (chat parsers, argument parsing, an HTTP client with
 # OpenSSL) is half the compile time and is never used. Turning it off again here, after llama.cpp's own
 # project() call, leaves every library the binding loads as it was.

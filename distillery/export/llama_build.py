@@ -21,8 +21,8 @@ Wheels go to <DISTILLERY_HOME>/wheels/<name>-<version>-<profile>-<key>/, keyed b
 the build (the version, the CMake arguments, the machine type, and for `native` the CPU's flags): a wheel is
 reused only where it was built for, and pip's own wheel cache is never involved.
 
-    python -m exports.llama_build build     # compile once (a no-op when the wheel is cached)
-    python -m exports.llama_build install   # install the cached wheel into this Python environment
+    python -m distillery.export.llama_build build     # compile once (a no-op when the wheel is cached)
+    python -m distillery.export.llama_build install   # install the cached wheel into this Python environment
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from distillery.core.errors import UserError
+from distillery.core.errors import UserError, exit_code
 from distillery.core.models import cache_home
 
 DISTRIBUTION = "llama-cpp-python"
@@ -212,24 +212,17 @@ def say(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m exports.llama_build", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m distillery.export.llama_build", description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("build", "install"),
                         help="build: compile once into the cache; install: into this environment")
     parser.add_argument("--profile", choices=tuple(PROFILES), help="default: $DISTILLERY_LLAMA_CPU or x86-64-v3")
     args = parser.parse_args(argv)
+    action = build if args.action == "build" else install
     try:
-        profile = args.profile or chosen_profile()
-        if args.action == "build":
-            build(profile)
-        else:
-            install(profile)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_code(lambda: action(args.profile or chosen_profile()))
     except subprocess.CalledProcessError as err:
         print(f"error: {' '.join(map(str, err.cmd[:6]))} ... failed with exit code {err.returncode}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Does the installed llama.cpp run on this CPU? The last step of `just setup`, and the first thing to run when
 llama.cpp crashed.
 
-    python -m exports.llama_check [--gguf FILE]
+    python -m distillery.export.llama_check [--gguf FILE]
 
 Loads a small quantized GGUF (default: the bundled SmolLM2-135M Q4_1, whose quantized matmuls are the ones an
 unsuitable build crashes in) in a child process, decodes a prompt and a few tokens greedily, and prints what it
@@ -36,7 +36,7 @@ def check(path: Path, prompt: str = PROMPT, tokens: int = 3) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m exports.llama_check", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m distillery.export.llama_check", description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", type=Path, help=f"the GGUF to decode (default: the bundled {DEFAULT_MODEL} Q4_1)")
     args = parser.parse_args(argv)
     build = installed_build().get("profile", "not installed by `just setup`")

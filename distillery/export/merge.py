@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from distillery.core.errors import UserError
+from distillery.core.models import torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +29,12 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MAX_MERGE_KL_RATIO = 0.5
 
 
-def read_finetune(finetune_dir: Path) -> dict[str, Any]:
-    """finetune's summary.json, after checking its adapter is there."""
-    adapter = finetune_dir / "adapter"
+def read_finetune(adapter: Path, summary_path: Path) -> dict[str, Any]:
+    """finetune's summary, after checking its adapter is there."""
     missing = [name for name in ADAPTER_FILES if not (adapter / name).is_file()]
     if missing:
         raise UserError(f"no LoRA adapter in {adapter} (missing {', '.join(missing)}): run `distillery finetune` "
                         "(just finetune) first.")
-    summary_path = finetune_dir / "summary.json"
     if not summary_path.is_file():
         raise UserError(f"{summary_path} is missing: the finetune stage did not finish; run `distillery finetune`.")
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
@@ -43,12 +42,6 @@ def read_finetune(finetune_dir: Path) -> dict[str, Any]:
         if not summary.get(key):
             raise UserError(f"{summary_path}: no {key!r}; rerun `distillery finetune --force`.")
     return summary
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
 def merged_dtype_name(requested: str, base_model: str) -> str:

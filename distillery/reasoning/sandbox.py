@@ -1,6 +1,6 @@
 """Running untrusted code (dataset reference code on a model's predicted input) without trusting it.
 
-Each call is a separate process (`python -I reasoning/sandbox_runner.py`) in its own session, with:
+Each call is a separate process (`python -I sandbox_runner.py`) in its own session, with:
 - an empty temporary working directory, removed afterwards, and a scrubbed environment (PATH, locale, HOME/TMPDIR
   pointing at that directory, one BLAS thread: no HF_TOKEN, no API key, nothing else of ours);
 - limits on CPU seconds, address space, file size, open files and processes (the runner sets them);

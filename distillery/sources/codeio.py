@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
+
+from pydantic import Field
 
 from distillery.sources.files import resolve_paths
-from distillery.sources.params import CodeIOParams
-from distillery.sources.registry import SourceReport, register
+from distillery.sources.registry import Source, SourceParams, SourceReport
 from distillery.core.errors import UserError
 from distillery.core.records import make_record, read_jsonl
 
@@ -64,6 +65,18 @@ REFCODE_TIP = """Tip: Here is a reference code snippet for this question. You ca
 
 TASKS = {"output": ("code_io_output", OUTPUT_PREDICTION), "input": ("code_io_input", INPUT_PREDICTION)}
 SFT_PARTS = ("turn_1", "feedback_1", "turn_2", "feedback_2")
+
+
+class CodeIOParams(SourceParams):
+    """hkust-nlp/CodeIO records: raw (problem, refcode, ios) or the released SFT records (CodeI/O++)."""
+
+    kind: Literal["codeio"]
+    path: str | list[str] = Field(description="JSONL file(s), a directory or a glob.")
+    format: Literal["raw", "sft"] = Field("raw", description="raw: problem_description/refcode/ios; sft: prompt/turn_1/feedback_1/turn_2/feedback_2.")
+    tasks: list[Literal["output", "input"]] = Field(
+        default_factory=lambda: ["output", "input"], description="For raw records: which prediction prompts to make."
+    )
+    ios_per_record: int = Field(1, ge=1, description="For raw records: how many of the `ios` pairs become prompts.")
 
 
 class RecordError(ValueError):
@@ -144,7 +157,6 @@ def read_file(path: Path) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
         yield row, {"file": str(path), "line": line}
 
 
-@register("codeio", CodeIOParams)
 def read(params: CodeIOParams, report: SourceReport) -> Iterator[dict[str, Any]]:
     make = raw_records if params.format == "raw" else sft_records
     for path in resolve_paths(params.path, SUFFIXES, f"source {params.name}: path"):
@@ -154,3 +166,6 @@ def read(params: CodeIOParams, report: SourceReport) -> Iterator[dict[str, Any]]
                 yield from make(row, params, where)
             except RecordError as err:
                 report.drop(str(err), where)
+
+
+SOURCE = Source(kind="codeio", params=CodeIOParams, read=read, files_field="path", suffixes=SUFFIXES)

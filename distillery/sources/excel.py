@@ -23,11 +23,12 @@ import datetime as dt
 import zipfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
+
+from pydantic import Field
 
 from distillery.sources.files import resolve_paths
-from distillery.sources.params import AIHubExcelParams
-from distillery.sources.registry import SourceReport, register
+from distillery.sources.registry import Source, SourceParams, SourceReport
 from distillery.core.errors import UserError
 from distillery.core.records import make_record
 
@@ -35,6 +36,7 @@ SUFFIXES = (".xlsx", ".xlsm", ".xls")
 ZIP_MAGIC = b"PK\x03\x04"
 OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"  # the compound-file container of .xls and of encrypted .xlsx
 META_RESERVED = ("file", "sheet", "row")
+
 
 def column_letter(index: int) -> str:
     """0-based column index -> Excel letters (0 -> A, 27 -> AB)."""
@@ -44,6 +46,20 @@ def column_letter(index: int) -> str:
         index, rest = divmod(index - 1, 26)
         letters = chr(65 + rest) + letters
     return letters
+
+
+class AIHubExcelParams(SourceParams):
+    """AI-Hub Korean-English parallel corpus workbooks (dataSetSn=126) or any workbook with two text columns."""
+
+    kind: Literal["aihub_excel"]
+    path: str | list[str] = Field(description="A workbook, a list of them, a directory or a glob (.xlsx/.xlsm/.xls).")
+    sheet: str | int | None = Field(None, description="Sheet name or 0-based index; default: the first sheet.")
+    source_column: str = Field("원문", description="Column holding the Korean text.")
+    target_column: str = Field("번역문", description="Column holding the English text.")
+    direction: Literal["ko_en", "en_ko", "both"] = Field("ko_en", description="Which way to translate; both yields two records a row.")
+    instruction_ko_en: str = Field("Translate the following Korean text into English.\n\n{text}", description="User prompt for ko->en; {text} is the source sentence.")
+    instruction_en_ko: str = Field("Translate the following English text into Korean.\n\n{text}", description="User prompt for en->ko.")
+    header_search_rows: int = Field(20, ge=1, description="How many top rows to search for the header row.")
 
 
 def is_encrypted_package(path: Path) -> bool:
@@ -342,8 +358,10 @@ def read_workbook(path: Path, params: AIHubExcelParams, report: SourceReport) ->
                     "Excel last computed and saved in the file")
 
 
-@register("aihub_excel", AIHubExcelParams)
 def read(params: AIHubExcelParams, report: SourceReport) -> Iterator[dict[str, Any]]:
     check_templates(params)
     for path in resolve_paths(params.path, SUFFIXES, f"source {params.name}: path"):
         yield from read_workbook(path, params, report)
+
+
+SOURCE = Source(kind="aihub_excel", params=AIHubExcelParams, read=read, files_field="path", suffixes=SUFFIXES)

@@ -16,11 +16,12 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
+
+from pydantic import Field
 
 from distillery.sources.files import resolve_paths
-from distillery.sources.params import HFDatasetParams
-from distillery.sources.registry import SourceReport, register
+from distillery.sources.registry import Source, SourceParams, SourceReport
 from distillery.core.errors import UserError
 from distillery.core.records import make_record, read_jsonl
 
@@ -29,6 +30,25 @@ SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 MATHQA_OPTIONS = re.compile(r"[abcd] \) .*?, |e \) .*?$")
 LETTERS = "abcde"
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class HFDatasetParams(SourceParams):
+    """A Hugging Face dataset from the Hub or local json/jsonl/csv/parquet files, mapped into messages."""
+
+    kind: Literal["hf"]
+    dataset: str | None = Field(None, description="Hub dataset id, e.g. qwedsacf/grade-school-math-instructions.")
+    config_name: str | None = Field(None, description="Hub dataset configuration name.")
+    split: str = Field("train", description="Split to read.")
+    files: str | list[str] | None = Field(None, description="Local json/jsonl/csv/parquet file(s), a directory or a glob.")
+    format: Literal["columns", "mathqa", "decomposition", "messages", "sharegpt", "alpaca"] = Field(
+        "columns", description="How rows become messages: a column mapping, or one of the known layouts."
+    )
+    columns: dict[Literal["system", "user", "assistant"], str] = Field(
+        default_factory=lambda: {"user": "INSTRUCTION", "assistant": "RESPONSE"},
+        description="For format=columns: which column becomes which role.",
+    )
+    task: str = Field("qa", description="The record task for format=columns/messages/sharegpt/alpaca.")
+    timeout_s: float = Field(10.0, gt=0, description="How long to wait for the Hub before failing (no long hangs offline).")
 
 
 def split_mathqa_options(options: str) -> list[str]:
@@ -187,7 +207,6 @@ def read_hub(params: HFDatasetParams) -> Iterator[tuple[dict[str, Any], dict[str
         yield row, {"dataset": params.dataset, "split": params.split, "index": i}
 
 
-@register("hf", HFDatasetParams)
 def read(params: HFDatasetParams, report: SourceReport) -> Iterator[dict[str, Any]]:
     if bool(params.dataset) == bool(params.files):
         raise UserError(f"source {params.name}: set exactly one of `dataset:` (a Hub id) or `files:` (local files).")
@@ -207,3 +226,6 @@ def read(params: HFDatasetParams, report: SourceReport) -> Iterator[dict[str, An
             yield to_record(row, params, where)
         except RowError as err:
             report.drop(str(err), where)
+
+
+SOURCE = Source(kind="hf", params=HFDatasetParams, read=read, files_field="files", suffixes=SUFFIXES)

@@ -1,8 +1,9 @@
-"""Registry of data-source kinds and the report every source fills in.
+"""What a data-source kind is, and the report every source fills in.
 
-A source module declares a params model (a pydantic model with `kind: Literal["<kind>"]`) and a reader
-`read(params, report) -> Iterator[record]`, and registers both with `@register`. The config names the
-kind; nothing is guessed from a path.
+A source module (distillery/sources/<kind>.py) defines its params model (a pydantic model with
+`kind: Literal["<kind>"]`), a reader `read(params, report) -> Iterator[record]`, and ends with one
+`SOURCE = Source(...)`; distillery/sources/__init__.py lists it. The config's source union, ingest's input
+files and docs/config.md all come from that list. The config names the kind; nothing is guessed from a path.
 """
 
 from __future__ import annotations
@@ -12,10 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
-
-Reader = Callable[[Any, "SourceReport"], Iterator[dict[str, Any]]]
-READERS: dict[str, Reader] = {}
-PARAMS: dict[str, type[BaseModel]] = {}
 
 
 class SourceParams(BaseModel):
@@ -49,21 +46,13 @@ class SourceReport:
             self.notes.append(text)
 
 
-def register(kind: str, params: type[BaseModel]) -> Callable[[Reader], Reader]:
-    """Register `reader` for `kind`; a second registration of the same kind is a programming error."""
-
-    def decorator(reader: Reader) -> Reader:
-        if kind in READERS:
-            raise ValueError(f"data source kind {kind!r} is registered twice")
-        READERS[kind] = reader
-        PARAMS[kind] = params
-        return reader
-
-    return decorator
+Reader = Callable[[Any, SourceReport], Iterator[dict[str, Any]]]
 
 
-def get_reader(kind: str) -> Reader:
-    """The reader registered for `kind`."""
-    if kind not in READERS:
-        raise KeyError(f"unknown data source kind {kind!r}; known: {', '.join(sorted(READERS))}")
-    return READERS[kind]
+@dataclass(frozen=True)
+class Source:
+    kind: str  # the config's `kind:`
+    params: type[SourceParams]  # its config fields
+    read: Reader
+    files_field: str  # the params field naming local files (hashed into ingest's fingerprint)
+    suffixes: tuple[str, ...]  # what those files end in

@@ -23,27 +23,21 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Iterator
 
-from distillery.config import DistillConfig, DistilleryConfig
-from distillery.core.console import summary_table
+from distillery.config import DistillConfig, TeacherConfig
+from distillery.core.console import markdown_table, summary_table
 from distillery.core.errors import UserError
+from distillery.core.plots import figure
 from distillery.core.records import make_record, read_jsonl, write_jsonl
-from distillery.stage import StageContext, StageResult
+from distillery.stage import Stage, StageContext, StageResult
 from distillery.reasoning.prompts import question, revision_messages, teacher_messages, trace_content
 from distillery.reasoning.sandbox import Limits
 from distillery.reasoning.verifiers import VERIFIERS, final_part, why_uncheckable
 
 log = logging.getLogger(__name__)
 
-NAME = "distill"
-UPSTREAM = ("ingest",)
-SECTIONS = ("model", "distill")
-PACKAGES = ("llama-cpp-python", "transformers", "httpx")
-RESUMABLE = True
-PROGRESS = "progress.jsonl"
-
-
-def input_files(cfg: DistilleryConfig) -> list[Path]:
-    return []
+OUTPUTS = {"train": "train.jsonl", "traces": "traces.jsonl", "report": "report.json", "report_md": "report.md",
+           "report_plot": "report.png"}
+PROGRESS = "progress.jsonl"  # the finished prompts while the stage runs: what an interrupted run resumes from
 
 
 def select_prompts(records: list[dict], cfg: DistillConfig) -> tuple[list[dict], dict[str, int]]:
@@ -95,8 +89,8 @@ def append_progress(path: Path, entry: dict) -> None:
 def stashed_progress(ctx: StageContext) -> Path:
     """Where finished prompts wait out a UserError (the runner removes the partial directory on one), named by
     the fingerprint of this run so that only a rerun of the same config picks them up."""
-    fingerprint = (ctx.run.stage_entry(NAME) or {}).get("fingerprint", "unknown")
-    return ctx.run.path / f".{NAME}.progress-{fingerprint[:16]}.jsonl"
+    fingerprint = (ctx.run.stage_entry("distill") or {}).get("fingerprint", "unknown")
+    return ctx.run.path / f".distill.progress-{fingerprint[:16]}.jsonl"
 
 
 def keep_progress(ctx: StageContext, progress_path: Path) -> None:
@@ -107,7 +101,7 @@ def keep_progress(ctx: StageContext, progress_path: Path) -> None:
 def restore_progress(ctx: StageContext, progress_path: Path) -> None:
     """Take back prompts stashed by a run of this same config; drop those of other configs."""
     mine = stashed_progress(ctx)
-    for stash in ctx.run.path.glob(f".{NAME}.progress-*.jsonl"):
+    for stash in ctx.run.path.glob(".distill.progress-*.jsonl"):
         if stash == mine and not progress_path.exists():
             os.replace(stash, progress_path)
         else:
@@ -224,7 +218,7 @@ def run(ctx: StageContext) -> StageResult:
     if not cfg.enabled:
         raise UserError("distill is switched off (distill.enabled: false), so format would not use its traces. "
                         "Run it with --set distill.enabled=true (and the same for format/finetune), or set it in the config.")
-    records = list(read_jsonl(ctx.upstream("ingest") / "train.jsonl"))
+    records = list(read_jsonl(ctx.upstream("ingest", "train")))
     prompts, skipped = select_prompts(records, cfg)
     if not prompts:
         raise UserError(f"distill: no ingest train record has a task in distill.tasks ({', '.join(cfg.tasks)}) and what "
@@ -237,8 +231,6 @@ def run(ctx: StageContext) -> StageResult:
     if done:
         ctx.console.print(f"distill: resuming, {len(prompts) - len(todo)} of {len(prompts)} prompts already done.")
     if todo:
-        from distillery.reasoning.teachers import build_teacher
-
         teacher = build_teacher(cfg.teacher, cfg.retries)
         try:
             run_prompts(todo, ctx, teacher, Limits.from_config(cfg.sandbox), progress_path)
@@ -252,17 +244,33 @@ def run(ctx: StageContext) -> StageResult:
     return finish(ctx, ordered, skipped)
 
 
+def build_teacher(cfg: TeacherConfig, retries: int) -> Any:
+    """The teacher distill.teacher describes (distillery/reasoning/teachers.py)."""
+    from distillery.core.models import resolve_model_path
+    from distillery.reasoning.teachers import GGUFTeacher, HFTeacher, OpenAITeacher, resolve_gguf_path
+
+    if cfg.kind == "gguf":
+        return GGUFTeacher(resolve_gguf_path(cfg.path), cfg.context_length)
+    if cfg.kind == "hf":
+        return HFTeacher(resolve_model_path(cfg.path))
+    url, model = cfg.url or os.environ.get("OPENAI_BASE_URL"), cfg.model or os.environ.get("OPENAI_MODEL")
+    if not url or not model:
+        missing = "url (or $OPENAI_BASE_URL)" if not url else "model (or $OPENAI_MODEL)"
+        raise UserError(f"distill.teacher: kind openai needs {missing}, e.g. --set distill.teacher.url=http://localhost:8000/v1")
+    return OpenAITeacher(url, model, cfg.api_key_env, cfg.timeout_s, retries)
+
+
 def finish(ctx: StageContext, entries: list[dict], skipped: dict[str, int]) -> StageResult:
     kept = [record for entry in entries for record in entry["kept"]]
-    write_jsonl(ctx.out / "train.jsonl", kept)
-    write_jsonl(ctx.out / "traces.jsonl", traces(entries))
+    write_jsonl(ctx.out / OUTPUTS["train"], kept)
+    write_jsonl(ctx.out / OUTPUTS["traces"], traces(entries))
     rows = task_report(entries)
     report = {"teacher": entries[0]["teacher"] if entries else None, "keep": ctx.cfg.distill.keep,
               "samples_per_prompt": ctx.cfg.distill.samples_per_prompt, "revise": ctx.cfg.distill.revise,
               "tasks": rows, "skipped": skipped, "train_records": len(kept)}
-    (ctx.out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (ctx.out / "report.md").write_text(render_report(report), encoding="utf-8")
-    save_report_plot(rows, ctx.out / "report.png")
+    (ctx.out / OUTPUTS["report"]).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (ctx.out / OUTPUTS["report_md"]).write_text(render_report(report), encoding="utf-8")
+    save_report_plot(rows, ctx.out / OUTPUTS["report_plot"])
     (ctx.out / PROGRESS).unlink()
     ctx.console.print(summary_table("distill report", table_rows(rows), HEADERS))
     generated = sum(r["generated"] for r in rows.values())
@@ -292,8 +300,7 @@ def table_rows(rows: dict[str, dict]) -> list[tuple[str, ...]]:
 
 def render_report(report: dict) -> str:
     lines = [f"# Distill report (teacher {report['teacher']}, keep {report['keep']}, K={report['samples_per_prompt']}, "
-             f"revise {report['revise']})", "", "| " + " | ".join(HEADERS) + " |", "|" + " --- |" * len(HEADERS)]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(report["tasks"])]
+             f"revise {report['revise']})", "", *markdown_table(HEADERS, table_rows(report["tasks"]))]
     lines += ["", f"{report['train_records']} training records in train.jsonl; every attempt with its verdicts in "
               "traces.jsonl."]
     if report["skipped"]:
@@ -302,22 +309,18 @@ def render_report(report: dict) -> str:
 
 
 def save_report_plot(rows: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tasks = list(rows) or ["(none)"]
     first = [rows[t]["verified_first_turn"] if t in rows else 0 for t in tasks]
     fixed = [rows[t]["revised_verified"] if t in rows else 0 for t in tasks]
     rejected = [rows[t]["rejected"] if t in rows else 0 for t in tasks]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(tasks, first, color="#6acc64", label="verified, first turn")
-    ax.bar(tasks, fixed, bottom=first, color="#4878d0", label="verified after revision")
-    ax.bar(tasks, rejected, bottom=[a + b for a, b in zip(first, fixed)], color="#d65f5f", label="rejected")
-    ax.set_ylabel("samples")
-    ax.set_title("Teacher samples by verdict")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, (6, 3.5)) as (fig, ax):
+        ax.bar(tasks, first, color="#6acc64", label="verified, first turn")
+        ax.bar(tasks, fixed, bottom=first, color="#4878d0", label="verified after revision")
+        ax.bar(tasks, rejected, bottom=[a + b for a, b in zip(first, fixed)], color="#d65f5f", label="rejected")
+        ax.set_ylabel("samples")
+        ax.set_title("Teacher samples by verdict")
+        ax.legend()
+
+
+STAGE = Stage(name="distill", run=run, outputs=OUTPUTS, sections=("model", "distill"), upstream=("ingest",),
+              packages=("llama-cpp-python", "transformers", "httpx"), resumable=True)

@@ -27,14 +27,12 @@ from distillery.core.console import summary_table
 from distillery.core.errors import UserError
 from distillery.core.models import resolve_model_path
 from distillery.core.records import write_jsonl
-from distillery.stage import StageContext, StageResult
+from distillery.stage import Stage, StageContext, StageResult
 
 log = logging.getLogger(__name__)
 
-NAME = "evaluate"
-SECTIONS = ("model", "evaluate")
-PACKAGES = ("torch", "transformers", "peft", "llama-cpp-python", "tokenizers")
-RESUMABLE = False
+OUTPUTS = {"results": "results.json", "per_item": "per_item.jsonl", "comparison": "comparison.json",
+           "comparison_md": "comparison.md", "comparison_plot": "comparison.png"}
 KINDS = ("base", "adapter", "merged", "gguf")
 
 
@@ -69,14 +67,15 @@ def find_artifacts(ctx: StageContext) -> list[Artifact]:
     base = resolve_model_path(cfg.model.path)
     found = {"base": [Artifact("base", "base", base)], "adapter": [], "merged": [], "gguf": []}
     if "finetune" in stages:
-        adapter = ctx.upstream("finetune") / "adapter"
+        adapter = ctx.upstream("finetune", "adapter")
         if (adapter / "adapter_config.json").is_file():
-            found["adapter"].append(Artifact("adapter", "adapter", adapter, trained_base(ctx.upstream("finetune"), base)))
+            found["adapter"].append(Artifact("adapter", "adapter", adapter,
+                                             trained_base(ctx.upstream("finetune", "summary"), base)))
     if "export" in stages:
-        export = ctx.upstream("export")
-        if (export / "merged" / "config.json").is_file():
-            found["merged"].append(Artifact("merged", "merged", export / "merged"))
-        found["gguf"] = [Artifact(p.stem, "gguf", p) for p in sorted((export / "gguf").glob("*.gguf"))]
+        merged = ctx.upstream("export", "merged")
+        if (merged / "config.json").is_file():
+            found["merged"].append(Artifact("merged", "merged", merged))
+        found["gguf"] = [Artifact(p.stem, "gguf", p) for p in sorted(ctx.upstream("export", "gguf").glob("*.gguf"))]
     if wanted == "auto":
         return [a for kind in KINDS for a in found[kind]]
     missing = [kind for kind in wanted if not found[kind]]
@@ -89,9 +88,8 @@ def find_artifacts(ctx: StageContext) -> list[Artifact]:
     return [a for kind in wanted for a in found[kind]]
 
 
-def trained_base(finetune_dir: Path, default: str) -> str:
-    """The base model finetune trained on (its summary.json), else the configured model."""
-    summary = finetune_dir / "summary.json"
+def trained_base(summary: Path, default: str) -> str:
+    """The base model finetune trained on (its summary), else the configured model."""
     if summary.is_file():
         base = json.loads(summary.read_text(encoding="utf-8")).get("base_model")
         if base and (Path(base).is_dir() or not Path(base).is_absolute()):
@@ -144,7 +142,7 @@ def chat_prompts(ctx: StageContext, items: list[mathqa.Item], base_path: str) ->
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=ctx.cfg.model.trust_remote_code)
-    stored = ctx.run.stage_dir("format") / "chat_template.jinja"
+    stored = ctx.upstream("format", "chat_template")
     template = stored.read_text(encoding="utf-8") if stored.is_file() else tokenizer.chat_template
     if not template:
         raise UserError("evaluate.mode generative needs a chat template: run `distillery format` first, or use a "
@@ -226,12 +224,12 @@ def run(ctx: StageContext) -> StageResult:
 
 def write_outputs(ctx: StageContext, results: dict[str, Any], per_item: list[dict[str, Any]]) -> None:
     rows = report.comparison_rows(results)
-    (ctx.out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    write_jsonl(ctx.out / "per_item.jsonl", per_item)
-    (ctx.out / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
-    markdown = report.render_markdown(results, rows)
-    (ctx.out / "comparison.md").write_text(markdown, encoding="utf-8")
-    report.save_chart(results, rows, ctx.out / "comparison.png")
+    out = {key: ctx.out / name for key, name in OUTPUTS.items()}
+    out["results"].write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_jsonl(out["per_item"], per_item)
+    out["comparison"].write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    out["comparison_md"].write_text(report.render_markdown(results, rows), encoding="utf-8")
+    report.save_chart(results, rows, out["comparison_plot"])
     metrics = report.METRICS[results["mode"]]
     table_rows = [(r["artifact"], r["kind"], *(report.fmt(r[m], r[f"{m}_stderr"]) for m in metrics),
                    *(f"{r[f'{m}_vs_base']:+.4f}" if f"{m}_vs_base" in r else "" for m in metrics)) for r in rows]
@@ -249,3 +247,7 @@ def stage_result(results: dict[str, Any]) -> StageResult:
     if results["errors"]:
         summary.append(("not scored", ", ".join(results["errors"])))
     return StageResult(metrics=metrics, summary=summary)
+
+
+STAGE = Stage(name="evaluate", run=run, outputs=OUTPUTS, sections=("model", "evaluate"), upstream=upstream,
+              packages=("torch", "transformers", "peft", "llama-cpp-python", "tokenizers"), input_files=input_files)

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,18 +32,17 @@ from distillery.export import gguf as gguf_io
 from distillery.export import merge, ollama
 from distillery.export.gguf import QuantType
 from distillery.config import DistilleryConfig, ExportConfig
-from distillery.core.console import summary_table
+from distillery.core.console import markdown_table, summary_table
 from distillery.core.errors import UserError
+from distillery.core.models import bundled_name
+from distillery.core.plots import figure
 from distillery.core.rundir import atomic_write_text
-from distillery.stage import StageContext, StageResult
+from distillery.stage import Stage, StageContext, StageResult
 
 log = logging.getLogger(__name__)
 
-NAME = "export"
-UPSTREAM = ("finetune",)
-SECTIONS = ("model", "export")
-PACKAGES = ("torch", "transformers", "peft", "unsloth", "llama-cpp-python")
-RESUMABLE = True
+OUTPUTS = {"merged": "merged", "gguf": "gguf", "verify": "verify.json", "summary": "summary.json", "report": "report.md",
+           "verify_plot": "verify.png"}
 GIB = 1024**3
 
 
@@ -64,12 +63,12 @@ def training_template(ctx: StageContext, adapter_dir: Path) -> tuple[str, str, A
     if not template or not eos:
         raise UserError(f"the adapter's tokenizer in {adapter_dir} has no chat template or EOS; rerun "
                         "`distillery finetune --force`.")
-    fmt_dir = ctx.upstream("format")
-    if (fmt_dir / "chat_template.jinja").is_file():
-        used = (fmt_dir / "chat_template.jinja").read_text(encoding="utf-8")
-        meta = json.loads((fmt_dir / "template.json").read_text(encoding="utf-8"))
+    used_path = ctx.upstream("format", "chat_template")
+    if used_path.is_file():
+        used = used_path.read_text(encoding="utf-8")
+        meta = json.loads(ctx.upstream("format", "template").read_text(encoding="utf-8"))
         if used != template or meta.get("eos_token") != eos:
-            raise UserError(f"the adapter's chat template/EOS differ from format's ({fmt_dir}): the adapter is from "
+            raise UserError(f"the adapter's chat template/EOS differ from format's ({used_path.parent}): the adapter is from "
                             "another format run. Rerun `distillery finetune --force`.")
     return template, eos, tokenizer
 
@@ -87,7 +86,8 @@ def plan_types(cfg: ExportConfig) -> tuple[QuantType, list[QuantType]]:
 def model_stem(cfg: DistilleryConfig, summary: dict[str, Any]) -> str:
     if cfg.export.model_name:
         return cfg.export.model_name
-    return Path(str(summary.get("base_model") or cfg.model.path).rstrip("/")).name.removeprefix("bundled:")
+    path = str(summary.get("base_model") or cfg.model.path)
+    return bundled_name(path) or Path(path.rstrip("/")).name
 
 
 def base_weight_bytes(base_model: str) -> int | None:
@@ -183,101 +183,129 @@ def verify_gguf(path: Path, template: str, eos: str, eos_id: int, probe: dict[st
             "passed": all(checks.values())}
 
 
-def run(ctx: StageContext) -> StageResult:
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+@dataclass
+class Plan:
+    """Everything decided before the first file is written."""
 
+    summary: dict[str, Any]  # finetune's summary
+    adapter_dir: Path
+    outtype: QuantType
+    quants: list[QuantType]
+    imatrix: Any
+    template: str
+    eos: str
+    tokenizer: Any
+    dtype: str
+    stem: str
+    disk: dict[str, float]
+
+
+def plan_export(ctx: StageContext) -> Plan:
+    """Read finetune's outputs and check everything that can be checked before writing (steps 1 and 2)."""
     cfg = ctx.cfg.export
-    finetune_dir = ctx.upstream("finetune")
-    summary = merge.read_finetune(finetune_dir)
+    adapter_dir = ctx.upstream("finetune", "adapter")
+    summary = merge.read_finetune(adapter_dir, ctx.upstream("finetune", "summary"))
     if summary["backend"] == "unsloth":
         import unsloth  # noqa: F401  (before transformers, as Unsloth asks, for its merge)
-    adapter_dir = finetune_dir / "adapter"
     outtype, quants = plan_types(cfg)
     imatrix = gguf_io.load_imatrix(Path(cfg.imatrix)) if cfg.imatrix else None
     template, eos, tokenizer = training_template(ctx, adapter_dir)
-    eos_id = tokenizer.convert_tokens_to_ids(eos)
     base_model = summary["base_model"]
-    dtype = merge.merged_dtype_name(cfg.dtype, base_model)
-    stem = model_stem(ctx.cfg, summary)
     ctx.out.mkdir(parents=True, exist_ok=True)
-    disk = {}
     weights = base_weight_bytes(base_model)
-    if weights:
-        disk = check_free_disk(cfg, ctx.out, weights, outtype, quants)
+    disk = check_free_disk(cfg, ctx.out, weights, outtype, quants) if weights else {}
     if Path(base_model, "config.json").is_file():
         check_architecture(Path(base_model))
+    return Plan(summary, adapter_dir, outtype, quants, imatrix, template, eos, tokenizer,
+                merge.merged_dtype_name(cfg.dtype, base_model), model_stem(ctx.cfg, summary), disk)
 
-    merged_dir, gguf_dir = ctx.out / "merged", ctx.out / "gguf"
+
+def merge_and_check(ctx: StageContext, plan: Plan, report: dict[str, Any], timings: dict[str, Any]) -> dict[str, Any]:
+    """Step 3: the 16-bit merge (kept when a killed run already finished it), proven to hold the adapter.
+    Returns the verification probe (prompt tokens and the merged model's log-probs)."""
+    cfg, merged_dir, summary = ctx.cfg.export, ctx.out / OUTPUTS["merged"], plan.summary
+    trust = ctx.cfg.model.trust_remote_code
+    if (merged_dir / "config.json").is_file():
+        timings["merge"] = {"resumed": True}
+    else:
+        timings["merge"] = merge.merge_adapter(summary, plan.adapter_dir, merged_dir, plan.dtype, cfg.max_shard_size,
+                                               trust)
+    started = time.time()
+    probe = verify_tokens(merged_dir, cfg.verify.prompts, cfg.verify.new_tokens)
+    report["merge"] = merge.verify_merge(summary["base_model"], plan.adapter_dir, probe["token_lists"],
+                                         probe["reference"], trust_remote_code=trust)
+    timings["verify_merge_seconds"] = round(time.time() - started, 2)
+    if not report["merge"]["passed"]:
+        m = report["merge"]
+        fail(ctx, report, "the merged model does not reproduce base+adapter (or the adapter changes nothing): "
+             f"KL(base+adapter || merged) is {m['merge_kl_ratio']:.3g} of KL(base+adapter || base) "
+             f"(must be < {m['max_merge_kl_ratio']})")
+    return probe
+
+
+def convert_and_quantize(ctx: StageContext, plan: Plan, timings: dict[str, Any], step: Any) -> tuple[Path, dict[str, Path]]:
+    """Step 4: the converter's GGUF, then every requested type from it; files already complete are kept."""
+    gguf_dir = ctx.out / OUTPUTS["gguf"]
     gguf_dir.mkdir(exist_ok=True)
-    intermediate = gguf_dir / gguf_io.gguf_filename(stem, outtype.value)
-    steps = 4 + 2 * len(quants)
+    intermediate = gguf_dir / gguf_io.gguf_filename(plan.stem, plan.outtype.value)
+    step(f"converting to {intermediate.name} (llama.cpp converter)")
+    if not intermediate.is_file():
+        timings["convert_seconds"] = round(gguf_io.convert_to_gguf(ctx.out / OUTPUTS["merged"], intermediate,
+                                                                   plan.outtype.value, plan.stem), 2)
+    files: dict[str, Path] = {}
+    for quant in plan.quants:
+        target = gguf_dir / gguf_io.gguf_filename(plan.stem, quant.value)
+        step(f"quantizing to {target.name}")
+        if quant != plan.outtype and not target.is_file():
+            timings[f"quantize_{quant.value}_seconds"] = round(
+                gguf_io.quantize_gguf(intermediate, target, quant, plan.imatrix, ctx.cfg.export.threads), 2)
+        files[quant.value] = target
+    return intermediate, files
+
+
+def verify_all(ctx: StageContext, plan: Plan, checked: dict[str, Path], probe: dict[str, Any],
+               timings: dict[str, Any], step: Any) -> dict[str, Any]:
+    """Step 5: every GGUF against the merged model; the 16-bit one within the tight bounds."""
+    cfg = ctx.cfg.export
+    eos_id = plan.tokenizer.convert_tokens_to_ids(plan.eos)
+    results = {}
+    for name, path in checked.items():
+        step(f"verifying {path.name}")
+        reference_bound = name == plan.outtype.value and plan.outtype != QuantType.Q8_0
+        started = time.time()
+        results[name] = verify_gguf(
+            path, plan.template, plan.eos, eos_id, probe,
+            max_kl=cfg.verify.max_kl if reference_bound else cfg.verify.quant_max_kl,
+            min_top1=cfg.verify.min_top1 if reference_bound else None, threads=cfg.threads)
+        timings[f"verify_{name}_seconds"] = round(time.time() - started, 2)
+    return results
+
+
+def run(ctx: StageContext) -> StageResult:
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    plan = plan_export(ctx)
     timings: dict[str, Any] = {}
-    report: dict[str, Any] = {"model": stem, "base_model": base_model, "backend": summary["backend"],
-                              "disk": disk, "outtype": outtype.value}
+    report: dict[str, Any] = {"model": plan.stem, "base_model": plan.summary["base_model"],
+                              "backend": plan.summary["backend"], "disk": plan.disk, "outtype": plan.outtype.value}
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                   console=ctx.console, transient=False) as progress:
-        task = progress.add_task("export", total=steps)
+        task = progress.add_task("export", total=4 + 2 * len(plan.quants))
 
         def step(description: str) -> None:
-            progress.update(task, description=description)
+            progress.update(task, description=description, advance=1)  # counts the steps started
 
-        step(f"merging the adapter into {dtype} weights ({summary['backend']})")
-        if (merged_dir / "config.json").is_file():
-            timings["merge"] = {"resumed": True}
-        else:
-            timings["merge"] = merge.merge_adapter(summary, adapter_dir, merged_dir, dtype, cfg.max_shard_size,
-                                                   ctx.cfg.model.trust_remote_code)
-        progress.advance(task)
-
-        step("verifying the merge (base vs base+adapter vs merged)")
-        started = time.time()
-        probe = verify_tokens(merged_dir, cfg.verify.prompts, cfg.verify.new_tokens)
-        report["merge"] = merge.verify_merge(base_model, adapter_dir, probe["token_lists"], probe["reference"],
-                                             trust_remote_code=ctx.cfg.model.trust_remote_code)
-        timings["verify_merge_seconds"] = round(time.time() - started, 2)
-        progress.advance(task)
-        if not report["merge"]["passed"]:
-            m = report["merge"]
-            fail(ctx, report, "the merged model does not reproduce base+adapter (or the adapter changes nothing): "
-                 f"KL(base+adapter || merged) is {m['merge_kl_ratio']:.3g} of KL(base+adapter || base) "
-                 f"(must be < {m['max_merge_kl_ratio']})")
-
-        step(f"converting to {intermediate.name} (llama.cpp converter)")
-        if not intermediate.is_file():
-            timings["convert_seconds"] = round(gguf_io.convert_to_gguf(merged_dir, intermediate, outtype.value, stem), 2)
-        progress.advance(task)
-
-        files: dict[str, Path] = {}
-        for quant in quants:
-            target = gguf_dir / gguf_io.gguf_filename(stem, quant.value)
-            step(f"quantizing to {target.name}")
-            if quant != outtype and not target.is_file():
-                timings[f"quantize_{quant.value}_seconds"] = round(
-                    gguf_io.quantize_gguf(intermediate, target, quant, imatrix, cfg.threads), 2)
-            files[quant.value] = target
-            progress.advance(task)
-
-        results = {}
-        checked = {outtype.value: intermediate, **files}
-        for name, path in checked.items():
-            step(f"verifying {path.name}")
-            reference_bound = name == outtype.value and outtype != QuantType.Q8_0
-            started = time.time()
-            results[name] = verify_gguf(
-                path, template, eos, eos_id, probe,
-                max_kl=cfg.verify.max_kl if reference_bound else cfg.verify.quant_max_kl,
-                min_top1=cfg.verify.min_top1 if reference_bound else None, threads=cfg.threads)
-            timings[f"verify_{name}_seconds"] = round(time.time() - started, 2)
-            progress.advance(task)
+        step(f"merging the adapter into {plan.dtype} weights ({plan.summary['backend']}) and verifying the merge")
+        probe = merge_and_check(ctx, plan, report, timings)
+        intermediate, files = convert_and_quantize(ctx, plan, timings, step)
+        results = verify_all(ctx, plan, {plan.outtype.value: intermediate, **files}, probe, timings, step)
         report["gguf"] = results
-
         step("writing Modelfiles and reports")
         for path in files.values():
-            ollama.write_modelfile(path, template, tokenizer, eos)
-        if outtype.value not in files and not cfg.keep_intermediate:
+            ollama.write_modelfile(path, plan.template, plan.tokenizer, plan.eos)
+        if plan.outtype.value not in files and not ctx.cfg.export.keep_intermediate:
             intermediate.unlink()
-        progress.advance(task)
-
+        progress.update(task, completed=4 + 2 * len(plan.quants))
     report["timings"] = timings
     report["passed"] = report["merge"]["passed"] and all(r["passed"] for r in results.values())
     write_reports(ctx, report)
@@ -286,6 +314,10 @@ def run(ctx: StageContext) -> StageResult:
                for r in results.values() if not r["passed"]]
         fail(ctx, report, "GGUF verification failed: " + "; ".join(bad))
     print_summary(ctx, report)
+    return stage_result(results, files)
+
+
+def stage_result(results: dict[str, Any], files: dict[str, Path]) -> StageResult:
     rows = [(f"{name}", f"top1 {r['top1_agreement']:.3f}, KL {r['mean_kl']:.4g}") for name, r in results.items()]
     return StageResult(
         metrics={"merge_passed": True, "files": [p.name for p in files.values()],
@@ -303,13 +335,14 @@ def fail(ctx: StageContext, report: dict[str, Any], message: str) -> None:
 
 
 def write_reports(ctx: StageContext, report: dict[str, Any]) -> None:
-    atomic_write_text(ctx.out / "verify.json", json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n")
+    out = {key: ctx.out / name for key, name in OUTPUTS.items()}
+    atomic_write_text(out["verify"], json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n")
     summary = {"model": report["model"], "base_model": report["base_model"], "backend": report["backend"],
-               "files": {n: r["file"] for n, r in report["gguf"].items() if (ctx.out / "gguf" / r["file"]).is_file()},
+               "files": {n: r["file"] for n, r in report["gguf"].items() if (out["gguf"] / r["file"]).is_file()},
                "passed": report["passed"], "timings": report["timings"]}
-    atomic_write_text(ctx.out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    atomic_write_text(ctx.out / "report.md", render_report(report))
-    save_verify_plot(report, ctx.out / "verify.png")
+    atomic_write_text(out["summary"], json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out["report"], render_report(report))
+    save_verify_plot(report, out["verify_plot"])
 
 
 HEADERS = ("file", "type", "MiB", "top-1 agreement", "mean KL (nats)", "max KL", "template", "EOS", "passed")
@@ -336,25 +369,20 @@ def render_report(report: dict[str, Any]) -> str:
              f"Merge ({report['backend']} backend): mean KL(base+adapter || merged) "
              f"{m['merged_vs_base_plus_adapter']['mean_kl']:.4g}, KL(base+adapter || base) "
              f"{m['base_vs_base_plus_adapter']['mean_kl']:.4g}, ratio {m['merge_kl_ratio']:.3g} "
-             f"(< {m['max_merge_kl_ratio']}) -> {'kept the adapter' if m['passed'] else 'FAILED'}.", "",
-             "| " + " | ".join(HEADERS) + " |", "|" + " --- |" * len(HEADERS)]
-    lines += ["| " + " | ".join(row) + " |" for row in _rows(report)]
+             f"(< {m['max_merge_kl_ratio']}) -> {'kept the adapter' if m['passed'] else 'FAILED'}.", "", *markdown_table(HEADERS, _rows(report))]
     return "\n".join(lines) + "\n\nKL is KL(merged HF || GGUF) over every position of the fixed prompts.\n"
 
 
 def save_verify_plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(report["gguf"])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2))
-    left.bar(names, [report["gguf"][n]["top1_agreement"] for n in names], color="#4878d0")
-    left.set_ylim(0, 1.05)
-    left.set_title("top-1 agreement with merged HF")
-    right.bar(names, [report["gguf"][n]["mean_kl"] for n in names], color="#d65f5f")
-    right.set_title("mean KL (nats)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, (8, 3.2), ncols=2) as (fig, (left, right)):
+        left.bar(names, [report["gguf"][n]["top1_agreement"] for n in names], color="#4878d0")
+        left.set_ylim(0, 1.05)
+        left.set_title("top-1 agreement with merged HF")
+        right.bar(names, [report["gguf"][n]["mean_kl"] for n in names], color="#d65f5f")
+        right.set_title("mean KL (nats)")
+
+
+STAGE = Stage(name="export", run=run, outputs=OUTPUTS, sections=("model", "export"), upstream=("finetune",),
+              packages=("torch", "transformers", "peft", "unsloth", "llama-cpp-python"), resumable=True,
+              input_files=input_files)

@@ -24,20 +24,18 @@ from pathlib import Path
 from typing import Any
 
 from distillery.config import DistilleryConfig, FinetuneConfig
-from distillery.core.console import summary_table
+from distillery.core.console import markdown_table, summary_table
 from distillery.core.errors import UserError
+from distillery.core.plots import figure
 from distillery.core.models import resolve_model_path
 from distillery.core.records import read_jsonl
 from distillery.core.rundir import atomic_write_text
-from distillery.stage import StageContext, StageResult
+from distillery.stage import Stage, StageContext, StageResult, load_stage
 
 log = logging.getLogger(__name__)
 
-NAME = "finetune"
-UPSTREAM = ("format",)
-SECTIONS = ("model", "finetune")
-PACKAGES = ("torch", "transformers", "trl", "peft", "unsloth", "unsloth_zoo", "accelerate", "bitsandbytes")
-RESUMABLE = True
+OUTPUTS = {"adapter": "adapter", "metrics": "metrics.jsonl", "loss_plot": "loss.png", "samples": "samples.md",
+           "summary": "summary.json"}
 GPU_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,12 +51,13 @@ def input_files(cfg: DistilleryConfig) -> list[Path]:
 
 def load_format_outputs(directory: Path) -> tuple[list[dict], list[dict], str, dict]:
     """Train rows, eval rows, the chat template text and template.json of the format stage."""
-    train = list(read_jsonl(directory / "train.jsonl"))
-    evals = list(read_jsonl(directory / "eval.jsonl")) if (directory / "eval.jsonl").is_file() else []
-    template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
-    meta = json.loads((directory / "template.json").read_text(encoding="utf-8"))
+    files = {key: directory / name for key, name in load_stage("format").outputs.items()}
+    train = list(read_jsonl(files["train"]))
+    evals = list(read_jsonl(files["eval"])) if files["eval"].is_file() else []
+    template = files["chat_template"].read_text(encoding="utf-8")
+    meta = json.loads(files["template"].read_text(encoding="utf-8"))
     if not train:
-        raise UserError(f"{directory / 'train.jsonl'} has no training examples. Check the ingest sources (paths, "
+        raise UserError(f"{files['train']} has no training examples. Check the ingest sources (paths, "
                         "max_records) and the ingest report (runs/<name>/ingest/report.md), then rerun.")
     return train, evals, template, meta
 
@@ -215,9 +214,9 @@ def build_job(ctx: StageContext, model_path: str, template: str, meta: dict, eva
     ctx.console.print(f"finetune: {ft.backend} backend on {'CUDA' if cuda else 'CPU'}, "
                       f"{'4-bit (QLoRA)' if load_in_4bit else '16-bit'} base weights"
                       f"{' (4-bit needs CUDA)' if not cuda and ft.load_in_4bit == 'auto' else ''}, {precision}")
-    fmt = ctx.upstream("format")
     return TrainJob(
-        out=str(ctx.out), train_path=str(fmt / "train.jsonl"), eval_path=str(fmt / "eval.jsonl"),
+        out=str(ctx.out), adapter_dir=str(ctx.out / OUTPUTS["adapter"]), metrics_path=str(ctx.out / OUTPUTS["metrics"]),
+        train_path=str(ctx.upstream("format", "train")), eval_path=str(ctx.upstream("format", "eval")),
         model_path=model_path, backend=ft.backend, device="cuda" if cuda else "cpu", load_in_4bit=load_in_4bit,
         precision=precision, optimizer=choose_optimizer(ft.optimizer, cuda), max_length=ctx.cfg.format.max_length,
         seed=ctx.cfg.run.seed, template=template, eos_token=meta["eos_token"], finetune=ft.model_dump(mode="json"),
@@ -270,25 +269,17 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def save_loss_plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if train:
-        ax.plot(*zip(*train), marker=".", color="#4878d0", label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), marker="o", color="#d65f5f", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, (6, 3.5)) as (fig, ax):
+        if train:
+            ax.plot(*zip(*train), marker=".", color="#4878d0", label="train loss")
+        if evals:
+            ax.plot(*zip(*evals), marker="o", color="#d65f5f", label="eval loss")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        ax.set_title(title)
+        ax.legend()
 
 
 def render_samples(samples: list[dict], title: str) -> str:
@@ -298,8 +289,7 @@ def render_samples(samples: list[dict], title: str) -> str:
         return "\n".join(lines + ["No held-out prompts (format's eval split is empty or sample_prompts is 0).", ""])
     for i, s in enumerate(samples, 1):
         lines += [f"## Prompt {i}", "", "```text", s["prompt"].rstrip(), "```", "",
-                  "| before tuning | after tuning |", "| --- | --- |",
-                  f"| {_cell(s['before'])} | {_cell(s['after'])} |", ""]
+                  *markdown_table(("before tuning", "after tuning"), [(_cell(s["before"]), _cell(s["after"]))]), ""]
     return "\n".join(lines)
 
 
@@ -333,7 +323,7 @@ def build_summary(job: Any, result: dict, rows: list[dict], model_setting: str, 
 
 def run(ctx: StageContext) -> StageResult:
     ft = ctx.cfg.finetune
-    train_rows, eval_rows, template, meta = load_format_outputs(ctx.upstream("format"))
+    train_rows, eval_rows, template, meta = load_format_outputs(ctx.run.stage_dir("format"))
     model_path = locate_model(ctx.cfg.model.path)
     check_target_modules(model_path, ft.lora.target_modules, ctx.cfg.model.trust_remote_code)
     job = build_job(ctx, model_path, template, meta, eval_rows)
@@ -345,12 +335,12 @@ def run(ctx: StageContext) -> StageResult:
     else:
         check_completions_fit(train_rows, tokenizer, job.max_length)
     result = train(job, ft, ctx)
-    rows = read_metrics(ctx.out / "metrics.jsonl")
+    rows = read_metrics(ctx.out / OUTPUTS["metrics"])
     title = f"{ft.backend} LoRA r={ft.lora.r} on {Path(model_path).name}"
-    save_loss_plot(rows, ctx.out / "loss.png", title)
-    (ctx.out / "samples.md").write_text(render_samples(result["samples"], f"Samples: {title}"), encoding="utf-8")
+    save_loss_plot(rows, ctx.out / OUTPUTS["loss_plot"], title)
+    (ctx.out / OUTPUTS["samples"]).write_text(render_samples(result["samples"], f"Samples: {title}"), encoding="utf-8")
     summary = build_summary(job, result, rows, ctx.cfg.model.path, meta.get("name", ""), len(train_rows))
-    atomic_write_text(ctx.out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(ctx.out / OUTPUTS["summary"], json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     drop_training_state(ctx.out)
     return report(ctx, summary)
 
@@ -379,3 +369,8 @@ def report(ctx: StageContext, s: dict) -> StageResult:
                                  "tokens_per_s", "peak_memory_mb", "resumed_from_step")}
     return StageResult(metrics=metrics, summary=[("loss", loss), ("steps", str(s["steps"])),
                                                   ("tokens/s", str(s["tokens_per_s"]))])
+
+
+STAGE = Stage(name="finetune", run=run, outputs=OUTPUTS, sections=("model", "finetune"), upstream=("format",),
+              packages=("torch", "transformers", "trl", "peft", "unsloth", "unsloth_zoo", "accelerate", "bitsandbytes"),
+              resumable=True, input_files=input_files)

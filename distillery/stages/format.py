@@ -18,18 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from distillery.config import DistilleryConfig, FormatConfig
-from distillery.core.console import summary_table
+from distillery.core.console import markdown_table, summary_table
 from distillery.core.errors import UserError
+from distillery.core.plots import figure
 from distillery.core.models import resolve_model_path
 from distillery.core.records import read_jsonl, write_jsonl
-from distillery.stage import StageContext, StageResult
+from distillery.stage import Stage, StageContext, StageResult, load_stage
 
 log = logging.getLogger(__name__)
 
-NAME = "format"
-SECTIONS = ("model", "format")
-PACKAGES = ("transformers", "tokenizers", "Jinja2")
-RESUMABLE = False
+OUTPUTS = {"train": "train.jsonl", "eval": "eval.jsonl", "chat_template": "chat_template.jinja",
+           "template": "template.json", "stats": "stats.json", "lengths_plot": "lengths.png", "report": "report.md"}
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "templates"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -40,17 +39,12 @@ def upstream(cfg: DistilleryConfig) -> tuple[str, ...]:
     return ("ingest", "distill") if distill is not None and distill.enabled else ("ingest",)
 
 
-def input_files(cfg: DistilleryConfig) -> list[Path]:
-    return []
-
-
 def load_records(ctx: StageContext, split: str) -> list[dict]:
     """The records of one split from every upstream stage (distill contributes train records only)."""
     records = []
     for stage in upstream(ctx.cfg):
-        path = ctx.upstream(stage) / f"{split}.jsonl"
-        if path.is_file():
-            records.extend(read_jsonl(path))
+        if split in load_stage(stage).outputs:
+            records.extend(read_jsonl(ctx.upstream(stage, split)))
     return records
 
 
@@ -140,21 +134,13 @@ def length_stats(lengths: list[tuple[int, int]], max_length: int) -> dict[str, A
 
 
 def save_length_plot(lengths: list[tuple[int, int]], max_length: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist([t for _, t in lengths], bins=40, color="#4878d0")
-    ax.axvline(max_length, color="#d65f5f", linestyle="--", label=f"max_length {max_length}")
-    ax.set_xlabel("tokens (prompt + completion)")
-    ax.set_ylabel("examples")
-    ax.set_title("Training example lengths")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, (6, 3.5)) as (fig, ax):
+        ax.hist([t for _, t in lengths], bins=40, color="#4878d0")
+        ax.axvline(max_length, color="#d65f5f", linestyle="--", label=f"max_length {max_length}")
+        ax.set_xlabel("tokens (prompt + completion)")
+        ax.set_ylabel("examples")
+        ax.set_title("Training example lengths")
+        ax.legend()
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -171,14 +157,14 @@ def run(ctx: StageContext) -> StageResult:
         lengths = token_lengths(rows, tokenizer)
         all_lengths += lengths
         stats[split] = length_stats(lengths, fmt.max_length)
-        write_jsonl(ctx.out / f"{split}.jsonl", rows)
-    (ctx.out / "chat_template.jinja").write_text(template, encoding="utf-8")
+        write_jsonl(ctx.out / OUTPUTS[split], rows)
+    (ctx.out / OUTPUTS["chat_template"]).write_text(template, encoding="utf-8")
     meta = {"name": fmt.template, "eos_token": tokenizer.eos_token, "bos_token": tokenizer.bos_token,
             "model": model_path}
-    (ctx.out / "template.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (ctx.out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
-    save_length_plot(all_lengths, fmt.max_length, ctx.out / "lengths.png")
-    (ctx.out / "report.md").write_text(render_report(stats), encoding="utf-8")
+    (ctx.out / OUTPUTS["template"]).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (ctx.out / OUTPUTS["stats"]).write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+    save_length_plot(all_lengths, fmt.max_length, ctx.out / OUTPUTS["lengths_plot"])
+    (ctx.out / OUTPUTS["report"]).write_text(render_report(stats), encoding="utf-8")
     print_report(ctx, stats)
     train = stats["train"]
     return StageResult(
@@ -213,7 +199,9 @@ def print_report(ctx: StageContext, stats: dict) -> None:
 
 
 def render_report(stats: dict) -> str:
-    lines = [f"# Format report ({stats['template']}, EOS {stats['eos_token']!r})", "",
-             "| " + " | ".join(HEADERS) + " |", "|" + " --- |" * len(HEADERS)]
-    lines += ["| " + " | ".join(row) + " |" for row in _rows(stats)]
-    return "\n".join(lines) + "\n\nLength histogram: lengths.png\n"
+    lines = [f"# Format report ({stats['template']}, EOS {stats['eos_token']!r})", "", *markdown_table(HEADERS, _rows(stats))]
+    return "\n".join(lines) + f"\n\nLength histogram: {OUTPUTS['lengths_plot']}\n"
+
+
+STAGE = Stage(name="format", run=run, outputs=OUTPUTS, sections=("model", "format"), upstream=upstream,
+              packages=("transformers", "tokenizers", "Jinja2"))

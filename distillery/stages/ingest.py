@@ -1,7 +1,7 @@
 """Ingest: every configured data source -> one set of normalized records.
 
 Steps, in order:
-1. read each source through its registered reader (data_sources/), counting what it read and dropped;
+1. read each source through its registered reader (distillery/sources/), counting what it read and dropped;
 2. cap each source at `max_records` (a seeded sample);
 3. drop records whose content repeats one already kept, across sources (`dedupe`);
 4. split train/eval by a seeded hash of each record's input row (stable when sources are added);
@@ -24,36 +24,29 @@ from typing import Any, Iterator
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from distillery.sources import SourceReport, get_reader
+from distillery.sources import SOURCES, SourceReport
 from distillery.sources.files import resolve_paths
 from distillery.config import DistilleryConfig
-from distillery.core.console import summary_table
+from distillery.core.console import markdown_table, summary_table
 from distillery.core.errors import UserError
 from distillery.core.records import write_jsonl
-from distillery.stage import StageContext, StageResult
+from distillery.stage import Stage, StageContext, StageResult
 
 log = logging.getLogger(__name__)
 
-NAME = "ingest"
-UPSTREAM: tuple[str, ...] = ()
-SECTIONS = ("ingest",)
-PACKAGES = ("python-calamine", "openpyxl", "datasets", "pandas")
-RESUMABLE = False
+OUTPUTS = {"train": "train.jsonl", "eval": "eval.jsonl", "dropped": "dropped.jsonl", "report": "report.json",
+           "report_md": "report.md"}
 
-# Which params field names files, and what those files end in, per source kind.
-FILE_FIELDS = {"aihub_excel": ("path", (".xlsx", ".xlsm", ".xls")),
-               "hf": ("files", (".json", ".jsonl", ".csv", ".parquet")),
-               "codeio": ("path", (".jsonl", ".json"))}
 
 
 def input_files(cfg: DistilleryConfig) -> list[Path]:
     """Every local file the sources read: their content is part of the fingerprint."""
     files: list[Path] = []
     for i, source in enumerate(cfg.ingest.sources):
-        field, suffixes = FILE_FIELDS[source.kind]
-        spec = getattr(source, field, None)
+        kind = SOURCES[source.kind]
+        spec = getattr(source, kind.files_field, None)
         if spec:
-            files.extend(resolve_paths(spec, suffixes, f"ingest.sources.{i}.{field} ({source.name})"))
+            files.extend(resolve_paths(spec, kind.suffixes, f"ingest.sources.{i}.{kind.files_field} ({source.name})"))
     return files
 
 
@@ -86,7 +79,7 @@ def read_sources(cfg: DistilleryConfig, console) -> tuple[list[list[dict]], list
             task = progress.add_task(f"{source.name} ({source.kind})", total=None)
             report = SourceReport(source.name)
             records = []
-            for record in get_reader(source.kind)(source, report):
+            for record in SOURCES[source.kind].read(source, report):
                 records.append(record)
                 if len(records) % 2000 == 0:
                     progress.update(task, completed=len(records))
@@ -206,13 +199,13 @@ def run(ctx: StageContext) -> StageResult:
 
     if not train:
         raise UserError("ingest: no record survived (see the dropped reasons above); nothing to train on.")
-    write_jsonl(ctx.out / "train.jsonl", train)
-    write_jsonl(ctx.out / "eval.jsonl", evaluation)
-    write_jsonl(ctx.out / "dropped.jsonl", (row for rep in reports for row in rep.dropped_rows))
+    write_jsonl(ctx.out / OUTPUTS["train"], train)
+    write_jsonl(ctx.out / OUTPUTS["eval"], evaluation)
+    write_jsonl(ctx.out / OUTPUTS["dropped"], (row for rep in reports for row in rep.dropped_rows))
     report = {"sources": rows, "train": len(train), "eval": len(evaluation),
               "dropped": sum(sum(r["dropped"].values()) for r in rows)}
-    (ctx.out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (ctx.out / "report.md").write_text(render_report(rows, report), encoding="utf-8")
+    (ctx.out / OUTPUTS["report"]).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (ctx.out / OUTPUTS["report_md"]).write_text(render_report(rows, report), encoding="utf-8")
     print_report(ctx.console, rows)
     return StageResult(
         metrics={"train": len(train), "eval": len(evaluation), "dropped": report["dropped"]},
@@ -224,23 +217,30 @@ def _reasons(dropped: dict[str, int]) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in sorted(dropped.items(), key=lambda kv: -kv[1])) or "-"
 
 
+HEADERS = ("source", "kind", "read", "kept", "dropped", "train", "eval")
+
+
+def table_rows(rows: list[dict]) -> list[tuple[str, ...]]:
+    return [(r["source"], r["kind"], str(r["read"]), str(r["kept"]), _reasons(r["dropped"]), str(r["train"]),
+             str(r["eval"])) for r in rows]
+
+
 def print_report(console, rows: list[dict]) -> None:
-    table_rows = [(r["source"], r["kind"], str(r["read"]), str(r["kept"]), _reasons(r["dropped"]), str(r["train"]),
-                   str(r["eval"])) for r in rows]
-    console.print(summary_table("ingest report", table_rows, ("source", "kind", "read", "kept", "dropped", "train", "eval")))
+    console.print(summary_table("ingest report", table_rows(rows), HEADERS))
     for r in rows:
         for note in r["notes"]:
             console.print(f"  [dim]{r['source']}:[/] {note}")
 
 
 def render_report(rows: list[dict], totals: dict) -> str:
-    lines = ["# Ingest report", "", "| source | kind | read | kept | dropped | train | eval |",
-             "| --- | --- | ---: | ---: | --- | ---: | ---: |"]
-    lines += [f"| {r['source']} | {r['kind']} | {r['read']} | {r['kept']} | {_reasons(r['dropped'])} | {r['train']} | {r['eval']} |"
-              for r in rows]
+    lines = ["# Ingest report", "", *markdown_table(HEADERS, table_rows(rows))]
     lines += ["", f"Total: {totals['train']} train, {totals['eval']} eval, {totals['dropped']} dropped "
               "(each dropped item with its reason in dropped.jsonl)."]
     notes = [f"- {r['source']}: {note}" for r in rows for note in r["notes"]]
     if notes:
         lines += ["", "## Notes", *notes]
     return "\n".join(lines) + "\n"
+
+
+STAGE = Stage(name="ingest", run=run, outputs=OUTPUTS, sections=("ingest",),
+              packages=("python-calamine", "openpyxl", "datasets", "pandas"), input_files=input_files)

@@ -9,8 +9,8 @@ Steps, in order:
 5. train, resuming from the last complete checkpoint in <out>/checkpoints;
 6. save the adapter with its tokenizer, the "after" samples and train_result.json.
 
-The stage (stages/finetune.py) decides everything that depends on the config and the machine and passes it
-here as a TrainJob; `python -m stages.finetune_train <job.json>` is what `accelerate launch` runs.
+The stage (distillery/stages/finetune.py) decides everything that depends on the config and the machine and passes it
+here as a TrainJob; `python -m distillery.training.train <job.json>` is what `accelerate launch` runs.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from distillery.core.errors import UserError
+from distillery.core.models import torch_dtype
 from distillery.core.records import read_jsonl
 from distillery.core.rundir import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 SAMPLES_BEFORE = "samples_before.json"
 
 
@@ -39,7 +39,9 @@ SAMPLES_BEFORE = "samples_before.json"
 class TrainJob:
     """What the training process needs: every choice already made by the stage."""
 
-    out: str  # the stage's output directory
+    out: str  # the stage's output directory (checkpoints, the result or error file)
+    adapter_dir: str  # where the adapter goes, with its tokenizer
+    metrics_path: str  # one JSON line per logged step
     train_path: str  # format's train.jsonl
     eval_path: str  # format's eval.jsonl
     model_path: str  # local directory or Hub id
@@ -62,12 +64,6 @@ class TrainJob:
     @classmethod
     def load(cls, path: Path) -> "TrainJob":
         return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
-
-
-def torch_dtype(precision: str):
-    import torch
-
-    return getattr(torch, DTYPES[precision])
 
 
 def prepare_tokenizer(tokenizer: Any, job: TrainJob) -> Any:
@@ -286,7 +282,7 @@ def run_job(job: TrainJob, console: Any) -> dict[str, Any]:
     checkpoints.mkdir(parents=True, exist_ok=True)
     resume = last_complete_checkpoint(checkpoints)
     resume_step = int(resume.name.split("-")[-1]) if resume else 0
-    trim_metrics(out / "metrics.jsonl", resume_step)
+    trim_metrics(Path(job.metrics_path), resume_step)
     if job.finetune["report_to"] == "tensorboard":
         # TensorBoard's default is ./runs/<date>, which would land among the pipeline's run directories.
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
@@ -299,7 +295,7 @@ def run_job(job: TrainJob, console: Any) -> dict[str, Any]:
         main_process = trainer.is_world_process_zero()
         single_process = trainer.args.world_size == 1
         before = load_or_generate_before(out, model, tokenizer, job) if single_process else []
-        metrics = MetricsCallback(out / "metrics.jsonl", console, trainer, enabled=main_process)
+        metrics = MetricsCallback(Path(job.metrics_path), console, trainer, enabled=main_process)
         trainer.add_callback(metrics)
         trainer.add_callback(CheckpointKeeper(job.finetune["save_total_limit"]))
         from transformers.trainer_callback import PrinterCallback
@@ -310,7 +306,7 @@ def run_job(job: TrainJob, console: Any) -> dict[str, Any]:
         train_started = time.time()
         output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         train_seconds = time.time() - train_started
-        trainer.save_model(str(out / "adapter"))  # the PEFT adapter and, as processing_class, the tokenizer
+        trainer.save_model(job.adapter_dir)  # the PEFT adapter and, as processing_class, the tokenizer
         after = generate_samples(model, tokenizer, job) if single_process else []
     except torch.cuda.OutOfMemoryError:
         raise UserError(oom_message(job)) from None
@@ -349,7 +345,7 @@ ERROR = "train_error.txt"
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m stages.finetune_train <job.json>`, started by the stage (under `accelerate launch` on several
+    """`python -m distillery.training.train <job.json>`, started by the stage (under `accelerate launch` on several
     GPUs: one process each). Writes train_result.json (main process), or train_error.txt for a UserError."""
     argv = sys.argv[1:] if argv is None else argv
     job = TrainJob.load(Path(argv[0]))

@@ -45,12 +45,14 @@ def test_missing_config_exits_2() -> None:
 
 def broken_stage_project(tmp_path: Path, monkeypatch) -> Path:
     """A project whose ingest stage has a bug: it divides by zero (as evaluate once did on MathQA item 1041)."""
-    import distillery.stages.ingest
+    import dataclasses
+
+    import distillery.stages.ingest as ingest
 
     def run(ctx):
         return 1 / 0
 
-    monkeypatch.setattr(distillery.stages.ingest, "run", run)
+    monkeypatch.setattr(ingest, "STAGE", dataclasses.replace(ingest.STAGE, run=run))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")
     config = tmp_path / "c.yaml"

@@ -16,7 +16,7 @@ def test_missing_adapter_files_are_named(tmp_path: Path) -> None:
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
     with pytest.raises(UserError, match="missing adapter_model.safetensors.*run `distillery finetune`"):
-        merge.read_finetune(tmp_path)
+        merge.read_finetune(tmp_path / "adapter", tmp_path / "summary.json")
 
 
 def test_summary_without_backend_is_refused(tmp_path: Path) -> None:
@@ -25,7 +25,7 @@ def test_summary_without_backend_is_refused(tmp_path: Path) -> None:
         (tmp_path / "adapter" / name).write_text("{}")
     (tmp_path / "summary.json").write_text(json.dumps({"base_model": "x"}))
     with pytest.raises(UserError, match="no 'backend'"):
-        merge.read_finetune(tmp_path)
+        merge.read_finetune(tmp_path / "adapter", tmp_path / "summary.json")
 
 
 def test_auto_dtype_keeps_the_base_16_bit_type(tmp_path: Path) -> None:
@@ -54,7 +54,7 @@ def test_unsloth_and_peft_merges_agree_and_keep_the_adapter(tmp_path: Path, demo
 
     run = make_adapter_run(tmp_path / "runs", demo_model_path, backend="unsloth")
     finetune = run.stage_dir("finetune")
-    summary = merge.read_finetune(finetune)
+    summary = merge.read_finetune(finetune / "adapter", finetune / "summary.json")
     adapter = finetune / "adapter"
     unsloth_stats = merge.merge_adapter(summary, adapter, tmp_path / "unsloth", "bf16", "100MB")
     peft_stats = merge.merge_adapter({**summary, "backend": "hf"}, adapter, tmp_path / "peft", "bf16", "100MB")

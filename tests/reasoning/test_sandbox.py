@@ -139,7 +139,7 @@ def test_result_that_is_not_json_is_an_error() -> None:
 
 
 AS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="the private mount namespace and the throw-away uid exist "
-                                                     "only when the pipeline runs as root (README: Sandbox)")
+                                                     "only when the pipeline runs as root (docs/distill.md: Sandbox)")
 LIBC = "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
 # Five ways out seen against the earlier sandbox, each as plain os calls and as raw libc calls (ctypes skips the
 # audit hook, so only the kernel's layers stand). {name} is a fresh name each run.

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from distillery.sources import SourceReport, codeio
-from distillery.sources.params import CodeIOParams
+from distillery.sources.codeio import CodeIOParams
 from distillery.core.errors import UserError
 
 REFCODE = "def main_solution(word, times):\n    return word * times"

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from distillery.sources import SourceReport, excel
-from distillery.sources.params import AIHubExcelParams
+from distillery.sources.excel import AIHubExcelParams
 from distillery.core.errors import UserError
 from tests.fixtures import aihub
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from distillery.sources import SourceReport, hf
-from distillery.sources.params import HFDatasetParams
+from distillery.sources.hf import HFDatasetParams
 from distillery.core.errors import UserError
 
 MATHQA_ROW = {"Problem": "a train covers 60 km in 1.5 hours . what is its speed ?", "Rationale": '"60 / 1.5 = 40 answer : b"',
