@@ -88,3 +88,7 @@ test *args: setup
 # Run every benchmark (bench/*.py), print the ratios and write bench/RESULTS.md.
 bench: setup
     {{py}} bench/report.py
+
+# Regenerate docs/config.md from the config models (a test fails when it is stale).
+docs: setup
+    {{py}} -m distillery.config_doc --write docs/config.md

@@ -67,6 +67,17 @@ def figures_table(figures: list[tuple[str, dict[str, str]]]) -> list[str]:
     return lines
 
 
+def show_in_readme(table: list[str]) -> None:
+    """The README shows RESULTS.md's table between its bench markers (tests/test_readme.py keeps them equal)."""
+    readme = BENCH.parent / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    start, end = text.index(README_START) + len(README_START), text.index(README_END)
+    readme.write_text(text[:start] + "\n" + "\n".join(table) + "\n" + text[end:], encoding="utf-8")
+
+
+README_START, README_END = "<!-- bench/RESULTS.md table: begin -->", "<!-- bench/RESULTS.md table: end -->"
+
+
 def main() -> int:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     figures: list[tuple[str, dict[str, str]]] = []
@@ -85,7 +96,8 @@ def main() -> int:
              f"- load average at the end: {os.getloadavg()[0]:.1f} (the figures are only as steady as the machine)",
              "", *figures_table(figures), "", "Each script's full output follows.", "", *blocks]
     (BENCH / "RESULTS.md").write_text("\n".join(parts), encoding="utf-8")
-    print(f"\nwrote {BENCH / 'RESULTS.md'}")
+    show_in_readme(figures_table(figures))
+    print(f"\nwrote {BENCH / 'RESULTS.md'} and its table into README.md")
     return 1 if failed else 0
 
 

@@ -45,7 +45,7 @@ class ModelConfig(Section):
         "bundled:SmolLM2-135M-Instruct",
         description="A local HF directory, a Hub id, or bundled:SmolLM2-135M-Instruct (offline demo model).",
     )
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(False, description="Run the model repository's own Python code (needed by some architectures).")
 
 
 class IngestConfig(Section):
@@ -93,19 +93,19 @@ class FinetuneConfig(Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training set (unless max_steps > 0).")
     max_steps: int = Field(-1, description="If > 0, overrides epochs.")
     batch_size: int = Field(4, ge=1, description="Per-device batch size.")
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(2e-4, gt=0)
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Batches per optimizer step (effective batch = batch_size x this).")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of the LoRA weights.")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
                           "polynomial", "inverse_sqrt"] = Field("linear", description="Learning-rate schedule.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of the optimizer steps spent warming up.")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "adamw_torch", description="8-bit / paged AdamW need CUDA (bitsandbytes); on CPU adamw_torch is used, with a warning."
     )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 where supported, else fp16/fp32.")
     packing: bool = Field(False, description="Pack several examples into one max_length row (TRL bfd; off under Unsloth on CPU).")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass (Unsloth's own on GPU).")
-    logging_steps: int = Field(1, ge=1)
+    logging_steps: int = Field(1, ge=1, description="Log loss, learning rate and tokens/s every N steps (metrics.jsonl).")
     eval_steps: int | None = Field(None, ge=1, description="Loss on format's eval split every N steps (off when unset).")
     save_steps: int = Field(10, ge=1, description="Checkpoint every N optimizer steps (what a resume restarts from).")
     save_total_limit: int = Field(2, ge=1, description="Complete checkpoints kept while training (older ones deleted).")

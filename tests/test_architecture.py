@@ -1,0 +1,92 @@
+"""The layers of ARCHITECTURE.md: a module imports only its own layer or lower ones; one installed package."""
+
+from __future__ import annotations
+
+import ast
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "distillery"
+
+# Lowest first. A module may import modules of its own layer and of the layers below it, never above.
+LAYERS = (
+    ("core", ("distillery.core",)),
+    ("leaf jobs", ("distillery.sources", "distillery.export")),
+    ("jobs", ("distillery.evals", "distillery.reasoning", "distillery.training")),
+    ("config", ("distillery.config",)),
+    ("stage contract", ("distillery.stage",)),
+    ("stages", ("distillery.stages",)),
+    ("application", ("distillery.runner", "distillery.commands", "distillery.cli", "distillery.config_doc",
+                     "distillery.__main__", "distillery")),
+)
+
+
+def layer_of(module: str) -> int:
+    """The index of the most specific layer prefix that names `module`."""
+    best = max((prefix for _, prefixes in LAYERS for prefix in prefixes
+                if module == prefix or module.startswith(prefix + ".")), key=len)
+    return next(i for i, (_, prefixes) in enumerate(LAYERS) if best in prefixes)
+
+
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import of a distillery module in the file, at any depth (lazy ones count)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "distillery"]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "distillery":
+            found.append((node.lineno, node.module))
+    return found
+
+
+def violations(root: Path = ROOT) -> list[str]:
+    found = []
+    for path in sorted((root / "distillery").rglob("*.py")):
+        here = module_name(path, root)
+        for line, target in project_imports(path):
+            if layer_of(target) > layer_of(here):
+                found.append(f"{path.relative_to(root)}:{line} ({LAYERS[layer_of(here)][0]}) imports {target} "
+                             f"({LAYERS[layer_of(target)][0]})")
+    return found
+
+
+def test_no_module_imports_a_higher_layer() -> None:
+    assert violations() == []
+
+
+def test_the_check_catches_an_upward_import(tmp_path: Path) -> None:
+    (tmp_path / "distillery" / "core").mkdir(parents=True)
+    (tmp_path / "distillery" / "core" / "probe.py").write_text(
+        "def f():\n    from distillery.stages import ingest\n", encoding="utf-8")
+    (tmp_path / "distillery" / "stages").mkdir()
+    (tmp_path / "distillery" / "stages" / "probe.py").write_text("import distillery.core.errors\n", encoding="utf-8")
+    assert violations(tmp_path) == ["distillery/core/probe.py:2 (core) imports distillery.stages (stages)"]
+
+
+def test_every_module_belongs_to_a_layer() -> None:
+    for path in PACKAGE.rglob("*.py"):
+        layer_of(module_name(path))  # raises when no prefix matches
+
+
+def test_one_top_level_package() -> None:
+    """`pip install .` installs `distillery` and nothing else beside the `distillery` script."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert config["tool"]["setuptools"]["packages"]["find"]["include"] == ["distillery*"]
+    packages = sorted(p.parent.name for p in ROOT.glob("*/__init__.py"))
+    assert packages == ["distillery", "tests"]
+    assert config["project"]["scripts"] == {"distillery": "distillery.cli:main"}
+
+
+def test_functions_stay_short() -> None:
+    """Sixty lines a function, as a habit the suite keeps."""
+    long = [f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in PACKAGE.rglob("*.py")
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60]
+    assert long == []
