@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distillery.sources import SOURCES
+from distillery.training.settings import FinetuneConfig
 from distillery.core.errors import UserError
 
 # Keys whose values are secrets: `hf_token`, `api_key`, `password` — not `max_tokens` or `api_key_env` (a name).
@@ -69,62 +70,6 @@ class FormatConfig(Section):
     )
     max_length: int = Field(1024, ge=16, description="Token budget of prompt + completion; longer examples are counted, not cut.")
     system_prompt: str | None = Field(None, description="Added as a system message when a record has none.")
-
-
-class LoraConfig(Section):
-    r: int = Field(16, ge=1, description="LoRA rank.")
-    alpha: int = Field(16, ge=1, description="LoRA alpha (the update is scaled by alpha/r, or alpha/sqrt(r) with rsLoRA).")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        min_length=1,
-        description="Names of the linear layers that get adapters (a name the model lacks is refused, with its list).",
-    )
-    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha/sqrt(r)).")
-    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
-
-
-class FinetuneConfig(Section):
-    backend: Literal["unsloth", "hf"] = Field("unsloth", description="unsloth (default) or hf (transformers+PEFT+TRL).")
-    load_in_4bit: Literal["auto", True, False] = Field(
-        "auto", description="auto: 4-bit on CUDA, 16-bit on CPU. true: insist (fails without CUDA)."
-    )
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    epochs: float = Field(1.0, gt=0, description="Passes over the training set (unless max_steps > 0).")
-    max_steps: int = Field(-1, description="If > 0, overrides epochs.")
-    batch_size: int = Field(4, ge=1, description="Per-device batch size.")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Batches per optimizer step (effective batch = batch_size x this).")
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of the LoRA weights.")
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
-                          "polynomial", "inverse_sqrt"] = Field("linear", description="Learning-rate schedule.")
-    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of the optimizer steps spent warming up.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = Field(
-        "adamw_torch", description="8-bit / paged AdamW need CUDA (bitsandbytes); on CPU adamw_torch is used, with a warning."
-    )
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 where supported, else fp16/fp32.")
-    packing: bool = Field(False, description="Pack several examples into one max_length row (TRL bfd; off under Unsloth on CPU).")
-    gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass (Unsloth's own on GPU).")
-    logging_steps: int = Field(1, ge=1, description="Log loss, learning rate and tokens/s every N steps (metrics.jsonl).")
-    eval_steps: int | None = Field(None, ge=1, description="Loss on format's eval split every N steps (off when unset).")
-    save_steps: int = Field(10, ge=1, description="Checkpoint every N optimizer steps (what a resume restarts from).")
-    save_total_limit: int = Field(2, ge=1, description="Complete checkpoints kept while training (older ones deleted).")
-    report_to: Literal["none", "tensorboard", "wandb"] = Field(
-        "none", description="Experiment tracker; keys (WANDB_API_KEY) only from the environment or .env."
-    )
-    objective: Literal["sft", "multiple_choice"] = Field("sft", description="multiple_choice: softmax over math_mc options.")
-    sample_prompts: int = Field(3, ge=0, description="Held-out prompts generated before and after training (samples.md).")
-    sample_max_new_tokens: int = Field(48, ge=1, description="Tokens generated per sample prompt.")
-    accelerate_config: str | None = Field(
-        None, description="An accelerate config (configs/accelerate/ddp.yaml, fsdp.yaml, deepspeed_zero2.yaml): "
-                          "training runs under `accelerate launch` with it (hf backend, several GPUs).",
-    )
-
-    @model_validator(mode="after")
-    def _accelerate_needs_hf(self) -> "FinetuneConfig":
-        if self.accelerate_config and self.backend != "hf":
-            raise ValueError("accelerate_config (several GPUs) needs backend: hf")
-        return self
 
 
 # Each section below belongs to one stage; its owner extends it. A section with `enabled: false` is

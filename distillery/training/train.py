@@ -29,6 +29,7 @@ from distillery.core.errors import UserError
 from distillery.core.models import torch_dtype
 from distillery.core.records import read_jsonl
 from distillery.core.rundir import atomic_write_text
+from distillery.training.settings import FinetuneConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +55,18 @@ class TrainJob:
     seed: int
     template: str  # the chat template format rendered with
     eos_token: str
-    finetune: dict[str, Any]  # the finetune config section
+    finetune: FinetuneConfig  # the finetune config section
     trust_remote_code: bool = False
     sample_prompts: list[str] = field(default_factory=list)
 
     def save(self, path: Path) -> None:
-        atomic_write_text(path, json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n")
+        data = {**asdict(self), "finetune": self.finetune.model_dump(mode="json")}
+        atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> "TrainJob":
-        return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return cls(**{**data, "finetune": FinetuneConfig.model_validate(data["finetune"])})
 
 
 def prepare_tokenizer(tokenizer: Any, job: TrainJob) -> Any:
@@ -77,20 +80,20 @@ def prepare_tokenizer(tokenizer: Any, job: TrainJob) -> Any:
 
 
 def lora_settings(job: TrainJob) -> dict[str, Any]:
-    lora = job.finetune["lora"]
-    return {"r": lora["r"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],
-            "target_modules": list(lora["target_modules"]), "use_rslora": lora["use_rslora"],
-            "use_dora": lora["use_dora"], "bias": "none"}
+    lora = job.finetune.lora
+    return {"r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+            "target_modules": list(lora.target_modules), "use_rslora": lora.use_rslora,
+            "use_dora": lora.use_dora, "bias": "none"}
 
 
 def load_unsloth(job: TrainJob) -> tuple[Any, Any]:
     """Unsloth's FastLanguageModel: QLoRA on CUDA, 16-bit LoRA on CPU, Unsloth gradient checkpointing."""
-    if job.finetune["objective"] == "multiple_choice":
+    if job.finetune.objective == "multiple_choice":
         # Unsloth's CUDA forward skips building logits while training; the multiple-choice loss needs them.
         os.environ.setdefault("UNSLOTH_RETURN_LOGITS", "1")
     from unsloth import FastLanguageModel
 
-    checkpointing = "unsloth" if job.finetune["gradient_checkpointing"] else False
+    checkpointing = "unsloth" if job.finetune.gradient_checkpointing else False
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=job.model_path, max_seq_length=job.max_length, dtype=torch_dtype(job.precision),
         load_in_4bit=job.load_in_4bit, trust_remote_code=job.trust_remote_code,
@@ -123,8 +126,8 @@ def load_hf(job: TrainJob) -> tuple[Any, Any]:
     model = AutoModelForCausalLM.from_pretrained(job.model_path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(job.model_path, trust_remote_code=job.trust_remote_code)
     if job.load_in_4bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=job.finetune["gradient_checkpointing"])
-    if job.finetune["gradient_checkpointing"]:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=job.finetune.gradient_checkpointing)
+    if job.finetune.gradient_checkpointing:
         model.enable_input_require_grads()
     model.config.use_cache = False
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora_settings(job)))
@@ -162,7 +165,7 @@ def generate_samples(model: Any, tokenizer: Any, job: TrainJob) -> list[str]:
         for prompt in job.sample_prompts:
             encoded = tokenizer(prompt, return_tensors="pt").to(model.device)
             with torch.no_grad():
-                output = model.generate(**encoded, max_new_tokens=job.finetune["sample_max_new_tokens"],
+                output = model.generate(**encoded, max_new_tokens=job.finetune.sample_max_new_tokens,
                                         do_sample=False, use_cache=True, eos_token_id=eos_id,
                                         pad_token_id=tokenizer.pad_token_id)
             answers.append(tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True))
@@ -177,35 +180,35 @@ def training_arguments(job: TrainJob) -> dict[str, Any]:
     is_unsloth = job.backend == "unsloth"
     args = {
         "output_dir": str(Path(job.out) / "checkpoints"),
-        "per_device_train_batch_size": ft["batch_size"],
-        "per_device_eval_batch_size": ft["batch_size"],
-        "gradient_accumulation_steps": ft["gradient_accumulation_steps"],
-        "learning_rate": ft["learning_rate"],
-        "lr_scheduler_type": ft["lr_scheduler"],
-        "warmup_steps": ft["warmup_ratio"],  # a float below 1 is a ratio of the total steps (transformers 5)
-        "weight_decay": ft["weight_decay"],
+        "per_device_train_batch_size": ft.batch_size,
+        "per_device_eval_batch_size": ft.batch_size,
+        "gradient_accumulation_steps": ft.gradient_accumulation_steps,
+        "learning_rate": ft.learning_rate,
+        "lr_scheduler_type": ft.lr_scheduler,
+        "warmup_steps": ft.warmup_ratio,  # a float below 1 is a ratio of the total steps (transformers 5)
+        "weight_decay": ft.weight_decay,
         "optim": job.optimizer,
         "bf16": job.precision == "bf16",
         "fp16": job.precision == "fp16",
-        "max_steps": ft["max_steps"],
-        "num_train_epochs": ft["epochs"],
-        "logging_steps": ft["logging_steps"],
+        "max_steps": ft.max_steps,
+        "num_train_epochs": ft.epochs,
+        "logging_steps": ft.logging_steps,
         "save_strategy": "steps",
-        "save_steps": ft["save_steps"],
+        "save_steps": ft.save_steps,
         "save_total_limit": None,  # CheckpointKeeper deletes old checkpoints, only once a newer one is complete
-        "report_to": [] if ft["report_to"] == "none" else [ft["report_to"]],
+        "report_to": [] if ft.report_to == "none" else [ft.report_to],
         "seed": job.seed,
         "data_seed": job.seed,
         "use_cpu": job.device == "cpu",
         "disable_tqdm": True,
         "dataloader_pin_memory": job.device == "cuda",
         # Unsloth enables its own checkpointing on the model; the Trainer's would replace it.
-        "gradient_checkpointing": ft["gradient_checkpointing"] and not is_unsloth,
+        "gradient_checkpointing": ft.gradient_checkpointing and not is_unsloth,
         "gradient_checkpointing_kwargs": {"use_reentrant": False},
         "ddp_find_unused_parameters": False,  # frozen base weights are unused by design under LoRA
     }
-    if ft["eval_steps"]:
-        args.update({"eval_strategy": "steps", "eval_steps": ft["eval_steps"]})
+    if ft.eval_steps:
+        args.update({"eval_strategy": "steps", "eval_steps": ft.eval_steps})
     return args
 
 
@@ -216,7 +219,7 @@ def build_datasets(job: TrainJob) -> tuple[Any, Any]:
         rows = [{k: r[k] for k in columns} for r in read_jsonl(Path(path))] if Path(path).is_file() else []
         return Dataset.from_list(rows) if rows else None
 
-    if job.finetune["objective"] == "multiple_choice":
+    if job.finetune.objective == "multiple_choice":
         from distillery.training.trainers import mc_rows
 
         rows = [r for r in mc_rows(read_jsonl(Path(job.train_path)))]
@@ -228,13 +231,13 @@ def build_datasets(job: TrainJob) -> tuple[Any, Any]:
 def build_trainer(job: TrainJob, model: Any, tokenizer: Any) -> Any:
     """TRL's SFTTrainer (completion-only loss), or the multiple-choice trainer; both count tokens."""
     train_ds, eval_ds = build_datasets(job)
-    if not job.finetune["eval_steps"]:
+    if not job.finetune.eval_steps:
         eval_ds = None
     args = training_arguments(job)
     if eval_ds is None:
         args.pop("eval_strategy", None)
         args.pop("eval_steps", None)
-    if job.finetune["objective"] == "multiple_choice":
+    if job.finetune.objective == "multiple_choice":
         from transformers import TrainingArguments
 
         from distillery.training.trainers import MultipleChoiceCollator, multiple_choice_trainer
@@ -249,7 +252,7 @@ def build_trainer(job: TrainJob, model: Any, tokenizer: Any) -> Any:
     from distillery.training.trainers import counting, plain_loss_sft_trainer
 
     cls = plain_loss_sft_trainer(SFTTrainer) if job.device == "cpu" and job.backend == "hf" else counting(SFTTrainer)
-    config = SFTConfig(**args, max_length=job.max_length, packing=job.finetune["packing"],
+    config = SFTConfig(**args, max_length=job.max_length, packing=job.finetune.packing,
                        completion_only_loss=True, eos_token=job.eos_token, dataset_num_proc=None)
     return cls(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer)
 
@@ -265,9 +268,9 @@ def peak_memory_mb(device: str) -> tuple[float, str]:
 
 def oom_message(job: TrainJob) -> str:
     ft = job.finetune
-    return (f"CUDA ran out of memory while training {job.model_path}. Lower finetune.batch_size (now {ft['batch_size']}) "
+    return (f"CUDA ran out of memory while training {job.model_path}. Lower finetune.batch_size (now {ft.batch_size}) "
             f"and raise finetune.gradient_accumulation_steps to keep the effective batch, lower format.max_length "
-            f"(now {job.max_length}) or finetune.lora.r (now {ft['lora']['r']}), keep finetune.gradient_checkpointing "
+            f"(now {job.max_length}) or finetune.lora.r (now {ft.lora.r}), keep finetune.gradient_checkpointing "
             "on, set finetune.load_in_4bit: true, or use finetune.optimizer: paged_adamw_8bit.")
 
 
@@ -283,7 +286,7 @@ def run_job(job: TrainJob, console: Any) -> dict[str, Any]:
     resume = last_complete_checkpoint(checkpoints)
     resume_step = int(resume.name.split("-")[-1]) if resume else 0
     trim_metrics(Path(job.metrics_path), resume_step)
-    if job.finetune["report_to"] == "tensorboard":
+    if job.finetune.report_to == "tensorboard":
         # TensorBoard's default is ./runs/<date>, which would land among the pipeline's run directories.
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
     try:
@@ -297,7 +300,7 @@ def run_job(job: TrainJob, console: Any) -> dict[str, Any]:
         before = load_or_generate_before(out, model, tokenizer, job) if single_process else []
         metrics = MetricsCallback(Path(job.metrics_path), console, trainer, enabled=main_process)
         trainer.add_callback(metrics)
-        trainer.add_callback(CheckpointKeeper(job.finetune["save_total_limit"]))
+        trainer.add_callback(CheckpointKeeper(job.finetune.save_total_limit))
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)

@@ -57,7 +57,7 @@ def test_lora_options_reach_peft() -> None:
 
     ft = FinetuneConfig.model_validate({"lora": {"r": 4, "alpha": 8, "dropout": 0.05, "target_modules": ["q_proj"],
                                                  "use_rslora": True, "use_dora": True}})
-    job = type("Job", (), {"finetune": ft.model_dump(mode="json")})()
+    job = type("Job", (), {"finetune": ft})()
     assert lora_settings(job) == {"r": 4, "lora_alpha": 8, "lora_dropout": 0.05, "target_modules": ["q_proj"],
                                   "use_rslora": True, "use_dora": True, "bias": "none"}
 
