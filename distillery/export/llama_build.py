@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 from distillery.core.errors import UserError, exit_code
+from distillery.core.machine import cpu_flags, cpuinfo_field
 from distillery.core.models import cache_home
 
 DISTRIBUTION = "llama-cpp-python"
@@ -62,20 +63,6 @@ REQUIRED_FLAGS = {"x86-64-v3": X86_64_V3, "x86-64-v4": X86_64_V4, "native": ()}
 RELEVANT_FLAGS = X86_64_V4 + ("avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
 REBUILD = ("`just setup` installs the portable x86-64-v3 build (unset DISTILLERY_LLAMA_CPU if you set it to native "
            "or x86-64-v4)")
-
-
-def cpuinfo_field(*names: str) -> str:
-    """The first /proc/cpuinfo line's value whose key starts with one of `names` ("" where there is none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return ""
-    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith(names)), "")
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (x86 `flags`, arm64 `Features`)."""
-    return set(cpuinfo_field("flags", "Features").split())
 
 
 def describe_cpu() -> str:

@@ -15,14 +15,13 @@ import pytest
 import yaml
 
 from distillery.core.errors import UserError
-from distillery.stages.finetune import (
+from distillery.stages.finetune import load_format_outputs, render_samples
+from distillery.training.preflight import (
     check_completions_fit,
     choose_4bit,
     choose_optimizer,
     choose_precision,
-    load_format_outputs,
     locate_model,
-    render_samples,
 )
 from distillery.training.callbacks import COMPLETE, last_complete_checkpoint, prune_checkpoints, trim_metrics
 
@@ -139,7 +138,7 @@ def test_hub_id_without_network_is_refused_fast(tmp_path: Path, monkeypatch) -> 
 def test_target_module_the_model_lacks_lists_its_linear_layers(tmp_path: Path) -> None:
     from transformers import LlamaConfig
 
-    from distillery.stages.finetune import check_target_modules
+    from distillery.training.preflight import check_target_modules
 
     LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                 num_key_value_heads=2, vocab_size=32).save_pretrained(tmp_path)
