@@ -1,4 +1,4 @@
-"""The one record shape every data source yields and every later stage reads (see docs/design.md).
+"""The one record shape every data source yields and every later stage reads (docs/ingest.md shows it).
 
     {"id", "source", "task", "messages": [{"role", "content"}], "choices"?, "label"?, "meta"}
 """
