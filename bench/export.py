@@ -31,6 +31,7 @@ from distillery.export import gguf as gguf_io  # noqa: E402
 from distillery.export import llama_build, merge  # noqa: E402
 from distillery.core.isolation import describe_exit  # noqa: E402
 from distillery.core.models import resolve_model_path  # noqa: E402
+from distillery.stage import artifact  # noqa: E402
 from tests.fixtures.adapter_run import make_adapter_run  # noqa: E402
 
 GB = 1e9
@@ -151,8 +152,8 @@ def main() -> None:
     base = resolve_model_path("bundled:SmolLM2-135M-Instruct")
     with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:
         run = make_adapter_run(Path(tmp) / "runs", base)
-        adapter = run.stage_dir("finetune") / "adapter"
-        summary = merge.read_finetune(run.stage_dir("finetune"))
+        adapter = artifact(run, "finetune", "adapter")
+        summary = merge.read_finetune(adapter, artifact(run, "finetune", "summary"))
         merged = Path(tmp) / "merged"
         stats = merge.merge_adapter(summary, adapter, merged, "bf16", "5GB")
         merged_gb = stats["bytes"] / GB
