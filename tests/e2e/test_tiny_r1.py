@@ -1,0 +1,114 @@
+"""The R1-Distill-Qwen path at toy size (configs/tiny-r1.yaml): DeepSeek-R1-Distill-Qwen's real tokenizer and chat
+template on a tiny random Qwen2, through every stage offline. The weights are random: the assertions are about
+the machinery (templates, tokens, masks, files), never about scores."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distillery.core.records import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
+STAGES = ("ingest", "distill", "format", "finetune", "export", "evaluate")
+BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
+SETS = ("export.quantizations=[f16,q8_0,q4_k_m]", "evaluate.artifacts=[base,merged,gguf]")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    root = tmp_path_factory.mktemp("runs")
+    sets = [arg for item in (f"run.root={root}", *SETS) for arg in ("--set", item)]
+    result = subprocess.run([sys.executable, "-m", "distillery", "run", "-c", "configs/tiny-r1.yaml", *sets], cwd=ROOT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}, capture_output=True,
+                            text=True, timeout=1200)
+    return root / "tiny-r1", result
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_every_stage_runs_on_the_tiny_r1_model(tiny_run) -> None:
+    run, result = tiny_run
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    manifest = json.loads((run / "manifest.json").read_text())["stages"]
+    assert all(manifest[stage]["status"] == "complete" for stage in STAGES), manifest.keys()
+    assert "held-out question" in result.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_format_keeps_the_reasoning_the_models_own_template_would_strip(tiny_run, tiny_r1_path: str) -> None:
+    from transformers import AutoTokenizer
+
+    run, _ = tiny_run
+    rows = list(read_jsonl(run / "format" / "train.jsonl"))
+    traces = [r for r in rows if "distill" in r["meta"]]  # teacher traces (meta.distill: teacher, verdict)
+    assert traces and all(r["completion"].startswith("<think>") and "</think>" in r["completion"] for r in traces)
+    assert all(r["prompt"].endswith(ASSISTANT) and r["completion"].endswith(EOS) for r in rows)
+    own = AutoTokenizer.from_pretrained(tiny_r1_path)
+    trace = traces[0]
+    answer = trace["completion"].removesuffix(EOS)
+    rendered = own.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": answer}],
+                                       tokenize=False)
+    assert "<think>" not in rendered and rendered.endswith(answer.split("</think>")[-1] + EOS)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_loss_mask_starts_right_after_the_assistant_tag(tiny_run, tiny_r1_path: str) -> None:
+    """TRL's tokenization of format's rows, as finetune trains on them: the loss covers <think>, the
+    answer and the end-of-sentence token, and begins at the first token after <｜Assistant｜>."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    run, _ = tiny_run
+    row = next(r for r in read_jsonl(run / "format" / "train.jsonl") if "distill" in r["meta"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_r1_path)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_r1_path), processing_class=tokenizer,
+                         train_dataset=Dataset.from_list([{"prompt": row["prompt"], "completion": row["completion"]}]),
+                         args=SFTConfig(output_dir=str(run.parent / "mask"), report_to=[], use_cpu=True,
+                                        completion_only_loss=True, max_length=4096))
+    example = trainer.train_dataset[0]
+    ids, mask = example["input_ids"], [label != -100 for label in example["labels"]]  # -100: no loss
+    start = mask.index(True)
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+    assert tokenizer.convert_ids_to_tokens(ids[start - 1]) == ASSISTANT
+    assert all(mask[start:]) and not any(mask[:start])
+    assert tokenizer.decode(ids[start:]) == row["completion"] and ids[-1] == tokenizer.eos_token_id
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_ggufs_carry_what_training_used(tiny_run) -> None:
+    from gguf import GGUFReader
+
+    run, _ = tiny_run
+    template = (run / "format" / "chat_template.jinja").read_text()
+    verify = json.loads((run / "export" / "verify.json").read_text())
+    assert verify["passed"] and {"f16", "q8_0", "q4_k_m"} <= set(verify["gguf"])
+    assert all(all(r["checks"].values()) for r in verify["gguf"].values())  # template, eos, tokenizer, kl
+    for path in sorted((run / "export" / "gguf").glob("*.gguf")):
+        fields = GGUFReader(path).fields
+        assert fields["tokenizer.ggml.pre"].contents() == "deepseek-r1-qwen"  # the converter knew the tokenizer
+        assert fields["general.architecture"].contents() == "qwen2"
+        assert fields["tokenizer.chat_template"].contents() == template
+        assert (fields["tokenizer.ggml.bos_token_id"].contents(), fields["tokenizer.ggml.eos_token_id"].contents()) \
+            == (151646, 151643)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_f16_gguf_predicts_what_the_merged_model_predicts(tiny_run) -> None:
+    run, _ = tiny_run
+    rows = list(read_jsonl(run / "evaluate" / "per_item.jsonl"))
+    by_artifact: dict[str, dict] = {}
+    for row in rows:
+        by_artifact.setdefault(row["artifact"], {})[row["id"]] = (row["pred"], row["pred_norm"])
+    f16 = next(name for name in by_artifact if name.endswith("-F16"))
+    assert by_artifact["merged"] and by_artifact[f16] == by_artifact["merged"]
