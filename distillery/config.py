@@ -44,7 +44,8 @@ class RunConfig(Section):
 class ModelConfig(Section):
     path: str = Field(
         "bundled:SmolLM2-135M-Instruct",
-        description="A local HF directory, a Hub id, or bundled:SmolLM2-135M-Instruct (offline demo model).",
+        description="A local HF directory, a Hub id, or a bundled offline model: bundled:SmolLM2-135M-Instruct "
+                    "(the demo), bundled:tiny-qwen2-r1 (R1-Distill-Qwen's tokenizer and template, random weights).",
     )
     trust_remote_code: bool = Field(False, description="Run the model repository's own Python code (needed by some architectures).")
 

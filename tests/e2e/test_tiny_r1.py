@@ -112,3 +112,43 @@ def test_the_f16_gguf_predicts_what_the_merged_model_predicts(tiny_run) -> None:
         by_artifact.setdefault(row["artifact"], {})[row["id"]] = (row["pred"], row["pred_norm"])
     f16 = next(name for name in by_artifact if name.endswith("-F16"))
     assert by_artifact["merged"] and by_artifact[f16] == by_artifact["merged"]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_tampered_gguf_template_is_refused(tiny_run, tmp_path: Path) -> None:
+    """Export's verification reads the template back from the file: one changed character fails the check."""
+    from distillery.stages.export import verify_gguf, verify_tokens
+
+    run, _ = tiny_run
+    good = run / "export" / "gguf" / "tiny-qwen2-r1-Q8_0.gguf"
+    template = (run / "format" / "chat_template.jinja").read_text()
+    data = bytearray(good.read_bytes())
+    at = data.index(template.encode()) + template.encode().index(b"User")
+    data[at:at + 1] = b"u"  # <｜User｜> -> <｜user｜> in the stored template only: one byte, the same length
+    tampered = tmp_path / good.name
+    tampered.write_bytes(bytes(data))
+    probe = verify_tokens(run / "export" / "merged", ["2 + 2?"], new_tokens=0)
+    assert verify_gguf(good, template, "<｜end▁of▁sentence｜>", 151643, probe, max_kl=1.0, min_top1=None,
+                       threads=1)["passed"]
+    checked = verify_gguf(tampered, template, "<｜end▁of▁sentence｜>", 151643, probe, max_kl=1.0, min_top1=None,
+                          threads=1)
+    assert checked["checks"]["chat_template"] is False and checked["passed"] is False
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_r1_generative_evaluation_reports_its_no_answer_rate(tiny_run) -> None:
+    """<think> then a letter, through the R1 template, on the base model and a GGUF (last: it replaces evaluate)."""
+    run, _ = tiny_run
+    sets = [f"run.root={run.parent}", "evaluate.mode=generative", "evaluate.max_new_tokens=24", "evaluate.limit=4",
+            "evaluate.artifacts=[base,gguf]", *SETS[:1]]
+    result = subprocess.run([sys.executable, "-m", "distillery", "evaluate", "-c", "configs/tiny-r1.yaml",
+                             *[arg for item in sets for arg in ("--set", item)]], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((run / "evaluate" / "results.json").read_text())
+    assert results["mode"] == "generative" and {"base", "tiny-qwen2-r1-Q4_K_M"} <= set(results["artifacts"])
+    assert all(0.0 <= scored["no_answer"] <= 1.0 and scored["n"] == 4 for scored in results["artifacts"].values())
+    replies = [r["reply"] for r in read_jsonl(run / "evaluate" / "per_item.jsonl")]
+    assert len(replies) == 4 * len(results["artifacts"])
