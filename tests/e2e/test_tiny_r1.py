@@ -114,6 +114,46 @@ def test_the_f16_gguf_predicts_what_the_merged_model_predicts(tiny_run) -> None:
     assert by_artifact["merged"] and by_artifact[f16] == by_artifact["merged"]
 
 
+def _chat_setup(state: dict, emit, messages: list[dict]) -> tuple:
+    """In the llama.cpp child: the chat format llama-cpp-python chose for this GGUF and, built the way its
+    Llama() builds it from the GGUF's metadata, the prompt and stops of its chat handler."""
+    from llama_cpp import llama_chat_format
+
+    llm = state["llm"]
+    token = lambda i: llm.detokenize([i], special=True).decode("utf-8")  # noqa: E731
+    formatter = llama_chat_format.Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"],
+                                                      eos_token=token(llm.token_eos()),
+                                                      bos_token=token(llm.token_bos()),
+                                                      stop_token_ids=[llm.token_eos()])
+    rendered = formatter(messages=messages)
+    return llm.chat_format, rendered.prompt, rendered.stop, llm.token_eos()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_chat_renders_the_r1_template_from_the_gguf_and_stops_at_end_of_sentence(tiny_run, tiny_r1_path) -> None:
+    from transformers import AutoTokenizer
+
+    from distillery.export.llama_child import LlamaChild
+
+    run, _ = tiny_run
+    gguf = run / "export" / "gguf" / "tiny-qwen2-r1-Q4_K_M.gguf"
+    template = (run / "format" / "chat_template.jinja").read_text()
+    messages = [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "그리고 3 + 3?"}]
+    with LlamaChild(gguf, "chatting with", n_ctx=256) as llama:
+        chat_format, prompt, stop, eos_id = llama.call(_chat_setup, messages)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_r1_path)
+    assert chat_format == "chat_template.default"  # the GGUF's own template, not a built-in guess
+    assert prompt == tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                   add_generation_prompt=True)
+    assert stop == [EOS] and eos_id == tokenizer.eos_token_id
+    result = subprocess.run([sys.executable, "-m", "distillery", "chat", "-c", "configs/tiny-r1.yaml", "--set",
+                             f"run.root={run.parent}", "--prompt", "2 + 2?", "--max-tokens", "8"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 0 and "chat template from the GGUF" in result.stdout, result.stderr[-2000:]
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_tampered_gguf_template_is_refused(tiny_run, tmp_path: Path) -> None:

@@ -63,3 +63,22 @@ def test_a_template_that_depends_on_content_is_refused(tokenizer) -> None:
 
 def test_go_braces_in_template_text_are_escaped() -> None:
     assert ollama.go_literal("a {{ b") == 'a {{ "{{" }} b'
+
+
+@pytest.mark.parametrize("name", ["r1", "own"])
+def test_r1_modelfile_renders_like_the_r1_tokenizer(name: str, tiny_r1_path: str) -> None:
+    """On DeepSeek-R1-Distill-Qwen's real tokenizer (bundled:tiny-qwen2-r1): Distillery's r1 template and the
+    model's own one, rendered through the Modelfile's pieces, equal the HF rendering; stops at end-of-sentence."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_r1_path)
+    template = (TEMPLATES / "r1.jinja").read_text() if name == "r1" else tokenizer.chat_template
+    parts = ollama.template_parts(template, tokenizer)
+    for messages in CONVERSATIONS:
+        system = messages[0]["content"] if messages[0]["role"] == "system" else None
+        turns = [m for m in messages if m["role"] != "system"]
+        expected = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=True)
+        assert ollama.render_parts(parts, system, turns) == expected
+    modelfile = ollama.build_modelfile("m.gguf", template, tokenizer, tokenizer.eos_token)
+    assert 'PARAMETER stop "<｜end▁of▁sentence｜>"\nPARAMETER stop "<｜User｜>"' in modelfile

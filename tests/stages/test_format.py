@@ -70,6 +70,20 @@ def test_template_that_deletes_think_is_refused(tiny_tokenizer) -> None:
         render(record("<think>so</think>4"), FormatConfig(template="chat"), deleting, tiny_tokenizer)
 
 
+@pytest.mark.integration
+def test_the_real_r1_template_with_template_chat_is_refused_naming_r1(tiny_r1_path: str) -> None:
+    """DeepSeek-R1-Distill-Qwen's own template (bundled:tiny-qwen2-r1) deletes the reasoning of a teacher trace:
+    format stops before training on answers without it, and says which template keeps it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_r1_path)
+    trace = record("<think>\n2 and 2 make 4\n</think>\n\n4")
+    with pytest.raises(UserError, match=r"deletes <think> reasoning: use template: r1"):
+        render(trace, FormatConfig(template="chat"), load_template("chat", tokenizer), tokenizer)
+    kept = render(trace, FormatConfig(template="r1"), load_template("r1", tokenizer), tokenizer)
+    assert kept["completion"] == "<think>\n2 and 2 make 4\n</think>\n\n4<｜end▁of▁sentence｜>"
+
+
 def test_record_without_final_answer_is_refused(tiny_tokenizer) -> None:
     bad = make_record("toy", "qa", [{"role": "user", "content": "hi"}], {"row": 3})
     with pytest.raises(UserError, match="does not end with an assistant message"):
