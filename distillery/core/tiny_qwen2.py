@@ -83,9 +83,10 @@ def vocab_only_gguf(header: bytes) -> bytes:
     return header[:8] + struct.pack("<Q", 0) + header[16:]
 
 
-def build_tokenizer(meta: dict[str, Any]) -> Any:
+def build_tokenizer(meta: dict[str, Any], eos: str | None = None) -> Any:
     """A transformers tokenizer equal to the GGUF's: byte-level BPE over the base tokens, the added tokens in id
-    order (control tokens special; <think>, </think>, <tool_call>, </tool_call> not), bos added in front."""
+    order (control tokens special; user-defined ones such as <think> not), bos in front where the GGUF adds it.
+    `eos` overrides the GGUF's end token (ChatML models end turns with <|im_end|>)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -100,9 +101,10 @@ def build_tokenizer(meta: dict[str, Any]) -> Any:
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_tokens([AddedToken(tokens[i], special=types[i] == CONTROL, normalized=False)
                           for i in range(len(tokens)) if types[i] in (CONTROL, USER_DEFINED)])
-    bos, eos = tokens[meta["tokenizer.ggml.bos_token_id"]], tokens[meta["tokenizer.ggml.eos_token_id"]]
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, meta["tokenizer.ggml.bos_token_id"])])
+    bos, eos = tokens[meta["tokenizer.ggml.bos_token_id"]], eos or tokens[meta["tokenizer.ggml.eos_token_id"]]
+    if meta.get("tokenizer.ggml.add_bos_token"):
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, meta["tokenizer.ggml.bos_token_id"])])
     # eos as pad: the file's pad id is a vision token.
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos, pad_token=eos,
                                    chat_template=meta["tokenizer.chat_template"], clean_up_tokenization_spaces=False,
@@ -123,8 +125,14 @@ def build_model(meta: dict[str, Any]) -> Any:
 def build(header_file: Path, target: Path) -> None:
     """Write the tiny model as a plain HF directory (bf16 safetensors + the R1 tokenizer) into `target`."""
     meta, _ = read_header(header_file)
+    save(meta, target)
+
+
+def save(meta: dict[str, Any], target: Path, eos: str | None = None) -> None:
+    """The tiny random Qwen2 with the tokenizer and template of a GGUF header, as a plain HF directory."""
+    tokenizer = build_tokenizer(meta, eos)
     model = build_model(meta)
-    tokenizer = build_tokenizer(meta)
+    model.config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.eos_token_id
