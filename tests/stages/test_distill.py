@@ -413,3 +413,13 @@ def test_hf_teacher_samples_k_answers(demo_model_path) -> None:
     answers = teacher.complete(messages, 2, 0.7, 12, seed=1)
     assert len(answers) == 2 and all(isinstance(a, str) and a.strip() for a in answers)
     assert teacher.complete(messages, 1, 0.0, 12, seed=1) == teacher.complete(messages, 1, 0.0, 12, seed=2)
+
+
+def test_a_bundled_model_without_a_runnable_gguf_is_refused_as_a_teacher() -> None:
+    from distillery.reasoning.teachers import resolve_gguf_path
+
+    with pytest.raises(UserError, match="bundled:tiny-qwen2-r1 has no runnable GGUF"):
+        resolve_gguf_path("bundled:tiny-qwen2-r1")
+    with pytest.raises(UserError, match="unknown bundled model 'nope'"):
+        resolve_gguf_path("bundled:nope")
+    assert resolve_gguf_path("bundled:SmolLM2-135M-Instruct").suffix == ".gguf"
