@@ -27,9 +27,7 @@ CONVERSATIONS = [
 ]
 
 
-@pytest.mark.parametrize("name", ["chat", "qa", "ko_qa", "alpaca", "r1"])
-def test_pieces_render_every_conversation_like_the_jinja_template(name: str, tokenizer) -> None:
-    template = tokenizer.chat_template if name == "chat" else (TEMPLATES / f"{name}.jinja").read_text()
+def assert_pieces_render_like_the_template(template: str, tokenizer) -> None:
     parts = ollama.template_parts(template, tokenizer)
     for messages in CONVERSATIONS:
         system = messages[0]["content"] if messages[0]["role"] == "system" else None
@@ -37,6 +35,12 @@ def test_pieces_render_every_conversation_like_the_jinja_template(name: str, tok
         expected = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                                  add_generation_prompt=True)
         assert ollama.render_parts(parts, system, turns) == expected
+
+
+@pytest.mark.parametrize("name", ["chat", "qa", "ko_qa", "alpaca", "r1"])
+def test_pieces_render_every_conversation_like_the_jinja_template(name: str, tokenizer) -> None:
+    template = tokenizer.chat_template if name == "chat" else (TEMPLATES / f"{name}.jinja").read_text()
+    assert_pieces_render_like_the_template(template, tokenizer)
 
 
 def test_chatml_modelfile(tokenizer) -> None:
@@ -73,12 +77,6 @@ def test_r1_modelfile_renders_like_the_r1_tokenizer(name: str, tiny_r1_path: str
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_r1_path)
     template = (TEMPLATES / "r1.jinja").read_text() if name == "r1" else tokenizer.chat_template
-    parts = ollama.template_parts(template, tokenizer)
-    for messages in CONVERSATIONS:
-        system = messages[0]["content"] if messages[0]["role"] == "system" else None
-        turns = [m for m in messages if m["role"] != "system"]
-        expected = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                 add_generation_prompt=True)
-        assert ollama.render_parts(parts, system, turns) == expected
+    assert_pieces_render_like_the_template(template, tokenizer)
     modelfile = ollama.build_modelfile("m.gguf", template, tokenizer, tokenizer.eos_token)
     assert 'PARAMETER stop "<｜end▁of▁sentence｜>"\nPARAMETER stop "<｜User｜>"' in modelfile
