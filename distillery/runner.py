@@ -21,6 +21,7 @@ from distillery.stage import STAGES, Stage, StageContext, StageResult, load_stag
 
 log = logging.getLogger(__name__)
 
+
 def pipeline_stages(cfg: DistilleryConfig) -> list[str]:
     """The stages `distillery run` runs: every one whose config section is not switched off."""
     return [name for name in STAGES if getattr(getattr(cfg, name, None), "enabled", True)]

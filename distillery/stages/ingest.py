@@ -38,7 +38,6 @@ OUTPUTS = {"train": "train.jsonl", "eval": "eval.jsonl", "dropped": "dropped.jso
            "report_md": "report.md"}
 
 
-
 def input_files(cfg: DistilleryConfig) -> list[Path]:
     """Every local file the sources read: their content is part of the fingerprint."""
     files: list[Path] = []
