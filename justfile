@@ -29,7 +29,7 @@ setup:
     # torch first and alone, pinned: a CPU build from this machine's disk here, PyPI's CUDA build on a GPU box.
     $pip install torch==2.13.0
     # The project and its pinned stack.
-    $pip install -e '.[train,dev]'
+    $pip install -e '.[train,dev,serve]'
     # unsloth/unsloth_zoo declare certifi>=2026.10.19, which not every registry carries: installed without
     # their declared deps; what they need is in the [train] extra (and [cuda] on a GPU machine).
     $pip install --no-deps unsloth==2026.10.9 unsloth_zoo==2026.10.9
@@ -82,6 +82,11 @@ chat *args: setup
 # The whole pipeline on the bundled demo, offline.
 demo *args: setup
     {{py}} -m distillery run -c {{config}} "$@"
+
+# Serve the bundled demo GGUF as an OpenAI-compatible teacher on 127.0.0.1:8000 (distill.teacher.kind: openai,
+# url: http://127.0.0.1:8000/v1). On a GPU box the same client talks to vLLM: `vllm serve <model> --port 8000`.
+serve-teacher *args: setup
+    {{py}} -m llama_cpp.server --model "$({{py}} -c 'from distillery.core.models import bundled_gguf; print(bundled_gguf("SmolLM2-135M-Instruct"))')" --host 127.0.0.1 --port 8000 --n_ctx 4096 "$@"
 
 # Run the test suite (unit and integration tiers).
 test *args: setup

@@ -7,14 +7,22 @@ io input, one at a time; printed: how many reproduce the recorded output (CodeI/
 seconds per run, as a ratio to the baseline.
 
     .venv/bin/python bench/distill.py [N]     (default 64)
+
+With --teacher, the teacher instead: prompts/s of the HTTP teacher against a real OpenAI-compatible server
+(llama-cpp-python's `llama_cpp.server`, what `just serve-teacher` starts) at concurrency 1, 2 and 4, as ratios to
+the in-process GGUF teacher, both on the bundled SmolLM2 GGUF with every core, 12 MathQA prompts, 32 tokens.
+
+    .venv/bin/python bench/distill.py --teacher
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from figures import figure
@@ -24,6 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 from distillery.reasoning.sandbox import Limits, run_function  # noqa: E402
 from distillery.reasoning.verifiers import outputs_match  # noqa: E402
+from distillery.core.models import bundled_gguf  # noqa: E402
+from distillery.reasoning.teachers import GGUFTeacher, OpenAITeacher  # noqa: E402
+from tests.fixtures.llama_server import LlamaServer  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "codeio" / "rawcode_1k_parsed.jsonl"
 MARK = "@@result@@"
@@ -39,7 +50,44 @@ def unsandboxed(code: str, funcname: str, args: dict, timeout_s: float) -> tuple
     return (True, json.loads(lines[-1][len(MARK):])) if done.returncode == 0 and lines else (False, None)
 
 
+def prompts_per_second(teacher, questions: list[str], concurrency: int) -> float:
+    def ask(question: str) -> list[str]:
+        return teacher.complete([{"role": "user", "content": question}], 1, 0.0, 32, 1)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(ask, questions))
+    return len(questions) / (time.perf_counter() - started)
+
+
+def teacher_bench() -> int:
+    samples = ROOT / "configs" / "samples" / "mathqa" / "test.jsonl"
+    questions = [json.loads(line)["Problem"] for line in samples.read_text(encoding="utf-8").splitlines()[:12]]
+    local = GGUFTeacher(bundled_gguf("SmolLM2-135M-Instruct"), 2048)
+    try:
+        base = prompts_per_second(local, questions, 1)
+    finally:
+        local.close()
+    server = LlamaServer(threads=os.cpu_count() or 1).start()
+    try:
+        print(f"{len(questions)} MathQA prompts, 32 tokens each; in-process GGUF teacher: {base:.2f} prompts/s")
+        for concurrency in (1, 2, 4):
+            remote = OpenAITeacher(server.url, "smollm2", "NO_KEY", timeout_s=120, retries=0)
+            try:
+                rate = prompts_per_second(remote, questions, concurrency)
+            finally:
+                remote.close()
+            print(f"  llama_cpp.server, concurrency {concurrency}: {rate:.2f} prompts/s, {rate / base:.2f}x")
+            figure(f"distill teacher over HTTP (llama_cpp.server), concurrency {concurrency}",
+                   f"{rate / base:.2f}x prompts/s ({rate:.2f} vs {base:.2f})", "in-process GGUF teacher, same GGUF")
+    finally:
+        server.kill()
+    return 0
+
+
 def main() -> int:
+    if "--teacher" in sys.argv[1:]:
+        return teacher_bench()
     if not DATA.is_file():
         print(f"skipped: {DATA} is absent (../shared exists only beside the project's own checkouts)")
         return 0

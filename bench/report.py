@@ -20,7 +20,7 @@ from figures import parse
 BENCH = Path(__file__).resolve().parent
 # In pipeline order; each with the arguments of the figures the issues name (most run with their defaults).
 BENCHMARKS = (("ingest.py",), ("finetune.py",), ("evaluate.py",), ("evaluate.py", "--items", "all", "--no-harness"),
-              ("export.py",), ("distill.py",), ("demo.py",), ("demo.py", "--config", "configs/tiny-r1.yaml"))
+              ("export.py",), ("distill.py",), ("distill.py", "--teacher"), ("demo.py",), ("demo.py", "--config", "configs/tiny-r1.yaml"))
 PACKAGES = ("torch", "transformers", "trl", "peft", "unsloth", "llama-cpp-python", "lm-eval", "python-calamine", "pandas")
 
 
