@@ -8,7 +8,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 
 def count_tokens(inputs: dict[str, Any]) -> int:
@@ -20,6 +21,27 @@ def count_tokens(inputs: dict[str, Any]) -> int:
     return int(inputs["input_ids"].numel())
 
 
+@contextmanager
+def cpu_map_location() -> Iterator[None]:
+    """transformers 5.17 loads a checkpoint's optimizer state onto `args.device` when several processes train; on
+    CPU that device is cpu:<rank>, which torch.load cannot restore to, so resuming a CPU DDP run fails. Map it to
+    plain cpu (the same memory) while the optimizer state loads."""
+    import torch
+
+    original = torch.load
+
+    def load(*args: Any, map_location: Any = None, **kwargs: Any) -> Any:
+        if isinstance(map_location, torch.device) and map_location.type == "cpu":
+            map_location = "cpu"
+        return original(*args, map_location=map_location, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
 def counting(base: type) -> type:
     """`base` with a `tokens_seen` counter updated on every training micro-batch."""
 
@@ -29,6 +51,12 @@ def counting(base: type) -> type:
         def training_step(self, model, inputs, *args, **kwargs):
             self.tokens_seen += count_tokens(inputs)
             return super().training_step(model, inputs, *args, **kwargs)
+
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            if self.args.world_size > 1 and self.args.device.type == "cpu":
+                with cpu_map_location():
+                    return super()._load_optimizer_and_scheduler(checkpoint)
+            return super()._load_optimizer_and_scheduler(checkpoint)
 
     Counting.__name__ = Counting.__qualname__ = f"Counting{base.__name__}"
     return Counting
