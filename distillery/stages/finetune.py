@@ -31,6 +31,7 @@ from distillery.core.records import read_jsonl
 from distillery.core.rundir import atomic_write_text
 from distillery.stage import Stage, StageContext, StageResult, load_stage
 from distillery.training.preflight import (
+    check_accelerate_config,
     check_completions_fit,
     check_multiple_choice,
     check_target_modules,
@@ -100,8 +101,6 @@ def training_command(job_path: Path, accelerate_config: str | None) -> list[str]
     """The training process: plain Python, or `accelerate launch` (one process per GPU) with the given config."""
     if not accelerate_config:
         return [sys.executable, "-m", "distillery.training.train", str(job_path)]
-    if not Path(accelerate_config).is_file():
-        raise UserError(f"finetune.accelerate_config: {accelerate_config} does not exist; see configs/accelerate/.")
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
             "-m", "distillery.training.train", str(job_path)]
 
@@ -194,6 +193,7 @@ def build_summary(job: Any, result: dict, rows: list[dict], model_setting: str, 
 
 def run(ctx: StageContext) -> StageResult:
     ft = ctx.cfg.finetune
+    check_accelerate_config(ft.accelerate_config, cuda_available())
     train_rows, eval_rows, template, meta = load_format_outputs(ctx.run.stage_dir("format"))
     model_path = locate_model(ctx.cfg.model.path)
     check_target_modules(model_path, ft.lora.target_modules, ctx.cfg.model.trust_remote_code)

@@ -150,3 +150,23 @@ def check_multiple_choice(rows: list[dict]) -> None:
     if not any(r.get("choices") for r in rows):
         raise UserError("finetune.objective multiple_choice needs math_mc training rows (with choices and label); "
                         "format's train.jsonl has none. Add a source with format: mathqa.")
+
+
+def check_accelerate_config(path: str | None, cuda: bool) -> None:
+    """Refuse, before anything loads, an accelerate config this machine cannot launch."""
+    if not path:
+        return
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"finetune.accelerate_config: {path} does not exist; see configs/accelerate/.")
+    config = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    kind, on_cpu = str(config.get("distributed_type", "NO")).upper(), bool(config.get("use_cpu"))
+    if kind == "DEEPSPEED" and not cuda:
+        raise UserError(f"finetune.accelerate_config: {path} uses DeepSpeed ZeRO, which needs CUDA GPUs (and `pip "
+                        "install deepspeed`). Without a GPU use configs/accelerate/ddp_cpu.yaml or fsdp_cpu.yaml.")
+    if kind in ("MULTI_GPU", "FSDP") and not on_cpu and not cuda:
+        raise UserError(f"finetune.accelerate_config: {path} runs one process per GPU and this machine has no CUDA "
+                        "GPU. Use configs/accelerate/ddp_cpu.yaml or fsdp_cpu.yaml (use_cpu: true) to run the same "
+                        "code on CPU processes.")

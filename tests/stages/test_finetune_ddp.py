@@ -80,3 +80,36 @@ def test_kill_9_of_one_rank_then_the_same_command_resumes(tmp_path: Path) -> Non
     assert "resuming from checkpoint-" in out and int(out.split("resuming from checkpoint-")[1].split()[0]) >= 4
     summary = json.loads((stage_dir(tmp_path) / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["world_size"] == 2
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_fsdp_on_two_cpu_processes_writes_a_whole_trained_adapter(tmp_path: Path) -> None:
+    """FSDP2 shards the model across the processes; the adapter must come back whole (FULL_STATE_DICT), with the
+    shapes a one-process adapter has, and trained."""
+    from safetensors.torch import load_file
+
+    fsdp = ROOT / "configs" / "accelerate" / "fsdp_cpu.yaml"
+    config = ddp_project(tmp_path, max_steps=4, save_steps=4, accelerate_config=str(fsdp))
+    done = cli(config, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((stage_dir(tmp_path) / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    weights = load_file(str(stage_dir(tmp_path) / "adapter" / "adapter_model.safetensors"))
+    shapes = {tuple(v.shape) for k, v in weights.items() if "q_proj.lora_A" in k}
+    assert shapes == {(8, 576)}  # r x hidden: the whole matrix, not a shard
+    assert sum(float(v.abs().sum()) for k, v in weights.items() if "lora_B" in k) > 0
+
+
+@pytest.mark.parametrize("name, message", [
+    ("deepspeed_zero2.yaml", "uses DeepSpeed ZeRO, which needs CUDA GPUs"),
+    ("ddp.yaml", "runs one process per GPU and this machine has no CUDA GPU"),
+])
+def test_accelerate_configs_this_machine_cannot_launch_are_refused_first(name: str, message: str) -> None:
+    from distillery.core.errors import UserError
+    from distillery.training.preflight import check_accelerate_config
+
+    with pytest.raises(UserError, match=message):
+        check_accelerate_config(str(ROOT / "configs" / "accelerate" / name), cuda=False)
+    check_accelerate_config(str(DDP_CPU), cuda=False)
+    check_accelerate_config(str(ROOT / "configs" / "accelerate" / "fsdp_cpu.yaml"), cuda=False)
