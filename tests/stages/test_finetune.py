@@ -265,6 +265,21 @@ def child_env() -> dict:
     return {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
 
 
+def start_finetune(config: Path) -> subprocess.Popen:
+    """`distillery finetune` in its own session, so a test can kill the whole process group."""
+    return subprocess.Popen([sys.executable, "-m", "distillery", "finetune", "-c", str(config)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env=child_env())
+
+
+def wait_for_checkpoint(process: subprocess.Popen, tmp_path: Path, step: int, timeout: float = 300) -> None:
+    marker = tmp_path / "runs" / "t" / ".finetune.partial" / "checkpoints" / f"checkpoint-{step}" / COMPLETE
+    deadline = time.time() + timeout
+    while not marker.is_file():
+        assert process.poll() is None and time.time() < deadline, f"no checkpoint-{step} before the deadline"
+        time.sleep(0.2)
+
+
 def stage_dir(tmp_path: Path) -> Path:
     return tmp_path / "runs" / "t" / "finetune"
 
@@ -366,15 +381,9 @@ def test_bad_settings_stop_with_one_message_and_exit_2(tmp_path: Path, override:
 def test_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path: Path) -> None:
     config = write_project(tmp_path, {"backend": "unsloth", "max_steps": 8, "save_steps": 2, "sample_prompts": 0},
                            rows=32)
-    partial = tmp_path / "runs" / "t" / ".finetune.partial"
-    process = subprocess.Popen([sys.executable, "-m", "distillery", "finetune", "-c", str(config)], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                               env=child_env())
+    process = start_finetune(config)
     try:
-        deadline = time.time() + 240
-        while not (partial / "checkpoints" / "checkpoint-4" / COMPLETE).is_file():
-            assert process.poll() is None and time.time() < deadline, "no checkpoint-4 before the deadline"
-            time.sleep(0.2)
+        wait_for_checkpoint(process, tmp_path, 4)
         time.sleep(0.5)  # into step 5
     finally:
         os.killpg(process.pid, signal.SIGKILL)

@@ -7,13 +7,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.stages.test_finetune import COMPLETE, ROOT, child_env, cli, stage_dir, write_project
+from tests.stages.test_finetune import ROOT, cli, stage_dir, start_finetune, wait_for_checkpoint, write_project
 
 DDP_CPU = ROOT / "configs" / "accelerate" / "ddp_cpu.yaml"  # the shipped two-CPU-process config
 
@@ -58,15 +56,9 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch(tmp_pat
 @pytest.mark.slow
 def test_kill_9_of_one_rank_then_the_same_command_resumes(tmp_path: Path) -> None:
     config = ddp_project(tmp_path, max_steps=8, save_steps=2)
-    partial = tmp_path / "runs" / "t" / ".finetune.partial"
-    process = subprocess.Popen([sys.executable, "-m", "distillery", "finetune", "-c", str(config)], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                               env=child_env())
+    process = start_finetune(config)
     try:
-        deadline = time.time() + 300
-        while not (partial / "checkpoints" / "checkpoint-4" / COMPLETE).is_file():
-            assert process.poll() is None and time.time() < deadline, "no checkpoint-4 before the deadline"
-            time.sleep(0.2)
+        wait_for_checkpoint(process, tmp_path, 4)
         rank = subprocess.run(["pgrep", "-f", "-n", "distillery.training.train"], capture_output=True, text=True)
         os.kill(int(rank.stdout.split()[0]), signal.SIGKILL)  # one worker dies; torchrun stops the other
         assert process.wait(timeout=120) != 0
