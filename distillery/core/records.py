@@ -18,10 +18,15 @@ from distillery.core.errors import UserError
 ROLES = ("system", "user", "assistant")
 
 
-def content_key(messages: list[dict[str, str]], choices: list[str] | None = None, label: int | None = None) -> str:
-    """Hash of what a record says, independent of where it came from: the deduplication key. Its parts are
+def content_digest(messages: list[dict[str, str]], choices: list[str] | None = None, label: int | None = None) -> bytes:
+    """sha256 of what a record says, independent of where it came from: the deduplication key. Its parts are
     strings and an int (make_record checks the messages), so orjson's handling of NaN cannot merge two keys."""
-    return hashlib.sha256(orjson.dumps([messages, choices, label], option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return hashlib.sha256(orjson.dumps([messages, choices, label], option=orjson.OPT_SORT_KEYS)).digest()
+
+
+def content_key(messages: list[dict[str, str]], choices: list[str] | None = None, label: int | None = None) -> str:
+    """content_digest as hex text."""
+    return content_digest(messages, choices, label).hex()
 
 
 def make_record(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import zipfile
 from collections import Counter
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -106,33 +107,56 @@ def pick_sheet(names: list[str], wanted: str | int | None, path: Path) -> str:
     raise UserError(f"{path}: no sheet {wanted!r}. Its sheets are: {', '.join(names)}. Set `sheet:` to one of them.")
 
 
-def rows_with_calamine(path: Path, sheet: str | int | None) -> tuple[str, list[list[Any]]]:
+Rows = Iterator[list[Any]]  # a sheet's rows from Excel row 1: the i-th (0-based) is Excel row i + 1
+
+
+def rows_with_calamine(path: Path, sheet: str | int | None) -> tuple[str, Rows]:
     from python_calamine import CalamineWorkbook
 
     workbook = CalamineWorkbook.from_path(str(path))
     try:
         name = pick_sheet(list(workbook.sheet_names), sheet, path)
-        # skip_empty_area=False keeps leading empty rows/columns, so list index i is Excel row i + 1.
-        return name, workbook.get_sheet_by_name(name).to_python(skip_empty_area=False)
+        worksheet = workbook.get_sheet_by_name(name)  # parses the sheet: a broken one fails here, not mid-way
+    except BaseException:
+        workbook.close()
+        raise
+    return name, calamine_rows(workbook, worksheet)
+
+
+def calamine_rows(workbook: Any, worksheet: Any) -> Rows:
+    """The sheet's rows, one Python list at a time (to_python would hold them all). iter_rows starts at Excel
+    row 1 but leaves out leading empty columns: they are put back, so that column j is Excel column j + 1."""
+    start = worksheet.start
+    pad = [""] * start[1] if start else []
+    try:
+        for row in worksheet.iter_rows():
+            yield pad + row if pad else row
     finally:
         workbook.close()
 
 
-def rows_with_openpyxl(path: Path, sheet: str | int | None) -> tuple[str, list[list[Any]]]:
+def rows_with_openpyxl(path: Path, sheet: str | int | None) -> tuple[str, Rows]:
     import openpyxl
 
     workbook = openpyxl.load_workbook(path, read_only=True, data_only=True)
     try:
         name = pick_sheet(list(workbook.sheetnames), sheet, path)
-        # iter_rows starts at row 1 (empty rows included), so list index i is Excel row i + 1 here too.
-        rows = [list(row) for row in workbook[name].iter_rows(values_only=True)]
+    except BaseException:
+        workbook.close()
+        raise
+    return name, openpyxl_rows(workbook, workbook[name])
+
+
+def openpyxl_rows(workbook: Any, worksheet: Any) -> Rows:
+    try:
+        for row in worksheet.iter_rows(values_only=True):  # from row 1, empty rows included
+            yield list(row)
     finally:
         workbook.close()
-    return name, rows
 
 
-def load_rows(path: Path, sheet: str | int | None, report: SourceReport) -> tuple[str, list[list[Any]], str]:
-    """(sheet name, all rows, reader used): calamine first, openpyxl when calamine fails on the file."""
+def load_rows(path: Path, sheet: str | int | None, report: SourceReport) -> tuple[str, Rows, str]:
+    """(sheet name, its rows, reader used): calamine first, openpyxl when calamine fails on the file."""
     try:
         name, rows = rows_with_calamine(path, sheet)
         return name, rows, "calamine"
@@ -309,8 +333,9 @@ def pair_records(params: AIHubExcelParams, korean: str, english: str, meta: dict
 def read_workbook(path: Path, params: AIHubExcelParams, report: SourceReport) -> Iterator[dict[str, Any]]:
     check_is_workbook(path)
     sheet, rows, reader = load_rows(path, params.sheet, report)
-    header_index, positions = find_header(rows, params, path, sheet)
-    header = [cell_name(v) for v in rows[header_index]]
+    head = list(islice(rows, params.header_search_rows))
+    header_index, positions = find_header(head, params, path, sheet)
+    header = [cell_name(v) for v in head[header_index]]
     if header_index:
         report.note(f"{path.name} [{sheet}]: header found on Excel row {header_index + 1}, not row 1; "
                     "the rows above it are ignored")
@@ -322,8 +347,7 @@ def read_workbook(path: Path, params: AIHubExcelParams, report: SourceReport) ->
     coerced: Counter = Counter()  # text column -> non-text cells written as text (kept rows only)
     formula_used = 0
     file, width = str(path), len(header)
-    for index in range(header_index + 1, len(rows)):
-        row = rows[index]
+    for index, row in enumerate(chain(head[header_index + 1:], rows), start=header_index + 1):
         if len(row) < width:  # openpyxl rows stop at their last value
             row = list(row) + [None] * (width - len(row))
         korean, korean_coerced = cell_text(row[source_at])
@@ -364,4 +388,5 @@ def read(params: AIHubExcelParams, report: SourceReport) -> Iterator[dict[str, A
         yield from read_workbook(path, params, report)
 
 
-SOURCE = Source(kind="aihub_excel", params=AIHubExcelParams, read=read, files_field="path", suffixes=SUFFIXES)
+SOURCE = Source(kind="aihub_excel", params=AIHubExcelParams, read=read, files_field="path", suffixes=SUFFIXES,
+                per_file=True)

@@ -56,3 +56,4 @@ class Source:
     read: Reader
     files_field: str  # the params field naming local files (hashed into ingest's fingerprint)
     suffixes: tuple[str, ...]  # what those files end in
+    per_file: bool = False  # each file reads on its own (no state across files): ingest reads them in parallel

@@ -1,31 +1,32 @@
 """Ingest: every configured data source -> one set of normalized records.
 
 Steps, in order:
-1. read each source through its registered reader (distillery/sources/), counting what it read and dropped;
+1. read each source through its registered reader (distillery/sources/), counting what it read and dropped,
+   into shard files: one process per core for large inputs, records never all in memory (sources/shards.py);
 2. cap each source at `max_records` (a seeded sample);
 3. drop records whose content repeats one already kept, across sources (`dedupe`);
 4. split train/eval by a seeded hash of each record's input row (stable when sources are added);
 5. apply each source's `weight` to the train split;
-6. write train.jsonl, eval.jsonl, dropped.jsonl (every dropped item with its reason), report.json/.md.
+6. copy the chosen lines into train.jsonl and eval.jsonl; write dropped.jsonl (every dropped item with its
+   reason) and report.json/.md.
 """
 
 from __future__ import annotations
 
-import functools
-import gc
-import hashlib
 import json
 import logging
 import math
-import os
-from contextlib import contextmanager
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import BinaryIO
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from distillery.sources import SOURCES, SourceReport
 from distillery.sources.files import resolve_paths
+from distillery.sources.shards import (Shard, SourceRows, input_bytes, merge_reports, plan_units, rank, read_units,
+                                       worker_count)
 from distillery.config import DistilleryConfig
 from distillery.core.console import markdown_table, summary_table
 from distillery.core.errors import UserError
@@ -49,166 +50,139 @@ def input_files(cfg: DistilleryConfig) -> list[Path]:
     return files
 
 
-def _rank(seed: int, record_id: str) -> float:
-    """A seeded, order-independent number in [0, 1) for a record: drives sampling and the split."""
-    digest = hashlib.sha256(f"{seed}:{record_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-@contextmanager
-def cyclic_gc_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector while records are built. Records are plain acyclic dicts that
-    reference counting frees; the cyclic collector would only re-scan the growing heap again and again (about a
-    third of the reading time for a 100k-row workbook, bench/ingest.py)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-def read_sources(cfg: DistilleryConfig, console) -> tuple[list[list[dict]], list[SourceReport]]:
-    """Run every source's reader with a progress line per source."""
-    all_records, reports = [], []
+def read_sources(cfg: DistilleryConfig, console, directory: Path) -> list[tuple[SourceRows, SourceReport]]:
+    """Read every source into shards under `directory` (one process per core for large inputs), with a progress
+    line per source; returns each source's rows and report."""
+    sources = cfg.ingest.sources
+    units = plan_units(sources)
+    workers = worker_count(cfg.ingest.workers, units, input_bytes(units))
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        for source in cfg.ingest.sources:
-            task = progress.add_task(f"{source.name} ({source.kind})", total=None)
-            report = SourceReport(source.name)
-            records = []
-            for record in SOURCES[source.kind].read(source, report):
-                records.append(record)
-                if len(records) % 2000 == 0:
-                    progress.update(task, completed=len(records))
-            if not report.read:  # `read` counts input rows/lines, which a reader may turn into several records
-                report.read = len(records) + sum(report.dropped.values())
-            progress.update(task, completed=len(records), total=len(records))
-            all_records.append(records)
-            reports.append(report)
-    return all_records, reports
+    with Progress(*columns, console=console, transient=False) as bars:
+        tasks = [bars.add_task(f"{source.name} ({source.kind})", total=None) for source in sources]
+
+        def progress(counts: list[int], shards: list[Shard | None]) -> None:
+            for index, task in enumerate(tasks):
+                mine = [i for i, unit in enumerate(units) if unit.source == index]
+                finished = all(shards[i] is not None for i in mine)
+                done = sum(len(shards[i].ids) if shards[i] else counts[i] for i in mine)
+                bars.update(task, completed=done, total=done if finished else None)
+
+        if workers > 1:
+            console.print(f"reading {len(units)} files/sources in {workers} processes")
+        shards = read_units(units, directory, cfg.run.seed, workers, progress)
+    per_source = []
+    for index, source in enumerate(sources):
+        mine = [shard for shard, unit in zip(shards, units) if unit.source == index]
+        per_source.append((SourceRows(mine), merge_reports(source.name, mine)))
+    return per_source
 
 
-def cap(records: list[dict], limit: int | None, seed: int, report: SourceReport) -> list[dict]:
-    """Keep a seeded sample of at most `limit` records; the rest are dropped with the reason."""
-    if not limit or len(records) <= limit:
-        return records
-    ranked = sorted(records, key=lambda r: _rank(seed, r["id"]))
-    for record in ranked[limit:]:
-        report.drop("over max_records", {"id": record["id"], **_where(record)})
-    keep = {r["id"] for r in ranked[:limit]}
-    return [r for r in records if r["id"] in keep]
+def cap(rows: SourceRows, limit: int | None, seed: int, report: SourceReport) -> list[int]:
+    """Positions of a seeded sample of at most `limit` records; the rest are dropped with the reason."""
+    if not limit or len(rows) <= limit:
+        return list(range(len(rows)))
+    ranked = sorted(range(len(rows)), key=lambda i: rank(seed, rows.ids[i]))
+    for i in ranked[limit:]:
+        report.drop("over max_records", {"id": rows.ids[i], **rows.where(i)})
+    return sorted(ranked[:limit])
 
 
-def dedupe(per_source: list[list[dict]], reports: list[SourceReport]) -> list[list[dict]]:
+def dedupe(per_source: list[SourceRows], kept: list[list[int]], reports: list[SourceReport]) -> list[list[int]]:
     """Drop records whose content was already kept (first source, first row wins)."""
-    seen: dict[tuple, str] = {}
+    seen: dict[bytes, str] = {}
     result = []
-    for records, report in zip(per_source, reports):
-        kept = []
-        for record in records:
-            key = _content(record)
-            if key in seen:
-                report.drop("duplicate", {"id": record["id"], "duplicate_of": seen[key], **_where(record)})
+    for rows, positions, report in zip(per_source, kept, reports):
+        unique = []
+        for i in positions:
+            first = seen.get(rows.keys[i])
+            if first is None:
+                seen[rows.keys[i]] = rows.ids[i]
+                unique.append(i)
             else:
-                seen[key] = record["id"]
-                kept.append(record)
-        result.append(kept)
+                report.drop("duplicate", {"id": rows.ids[i], "duplicate_of": first, **rows.where(i)})
+        result.append(unique)
     return result
 
 
-def _content(record: dict) -> tuple:
-    """What a record says, as a hashable value: equal exactly when records.content_key is, but built without
-    JSON-encoding every record a second time (ingest of 100k-row workbooks, bench/ingest.py)."""
-    choices = record.get("choices")
-    messages = tuple([(m["role"], m["content"]) for m in record["messages"]])  # messages hold only role and content
-    return messages, tuple(choices) if choices is not None else None, record.get("label")
-
-
-def split(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Seeded train/eval split by input row (see _group); at least one eval group when there are two or more."""
-    if fraction <= 0 or len(records) < 2:
-        return records, []
-    group_of = {r["id"]: _group(r) for r in records}
-    ranks = {group: _rank(seed + 1, group) for group in set(group_of.values())}
-    if len(ranks) < 2:
-        return records, []
-    eval_groups = {group for group, rank in ranks.items() if rank < fraction}
+def split(rows: SourceRows, kept: list[int], fraction: float) -> tuple[list[int], list[int]]:
+    """Train/eval positions by the seeded rank of each record's input row (shards.group_of), so that the records
+    of one row stay together; at least one eval group when there are two or more."""
+    if fraction <= 0 or len(kept) < 2:
+        return kept, []
+    groups = {rows.groups[i] for i in kept}  # a group's rank stands for the group (64 bits of a sha256)
+    if len(groups) < 2:
+        return kept, []
+    eval_groups = {group for group in groups if group < fraction}
     if not eval_groups:
-        eval_groups = {min(ranks, key=ranks.get)}
-    if len(eval_groups) == len(ranks):  # a tiny source: keep something to train on
-        eval_groups.discard(max(ranks, key=ranks.get))
-    return ([r for r in records if group_of[r["id"]] not in eval_groups],
-            [r for r in records if group_of[r["id"]] in eval_groups])
+        eval_groups = {min(groups)}
+    if len(eval_groups) == len(groups):  # a tiny source: keep something to train on
+        eval_groups.discard(max(groups))
+    return ([i for i in kept if rows.groups[i] not in eval_groups], [i for i in kept if rows.groups[i] in eval_groups])
 
 
-def _group(record: dict) -> str:
-    """The input row a record came from: the records of one row (both translation directions, the output- and
-    input-prediction prompts of one CodeI/O record) land in the same split, so eval never holds the mirror
-    image of a train example. Records without a location fall back to their id. The file counts by name only,
-    so moving the data keeps the split."""
-    meta = record.get("meta", {})
-    where = [meta[key] for key in WHERE_KEYS if key in meta]
-    if not where:
-        return record["id"]
-    if "file" in meta:
-        where[0] = _file_name(meta["file"])
-    return "\0".join([record["source"], *map(str, where)])
-
-
-_file_name = functools.lru_cache(maxsize=None)(os.path.basename)
-
-
-def apply_weight(records: list[dict], weight: float, seed: int) -> list[dict]:
+def apply_weight(rows: SourceRows, train: list[int], weight: float, seed: int) -> list[int]:
     """Repeat (weight > 1) or subsample (weight < 1) a source's train records, deterministically."""
-    if weight == 1.0 or not records:
-        return records
+    if weight == 1.0 or not train:
+        return train
     whole, frac = int(weight), weight - int(weight)
-    ranked = sorted(records, key=lambda r: _rank(seed + 2, r["id"]))
-    return records * whole + ranked[: math.floor(len(records) * frac)]
+    ranked = sorted(train, key=lambda i: rank(seed + 2, rows.ids[i]))
+    return train * whole + ranked[: math.floor(len(train) * frac)]
 
 
-WHERE_KEYS = ("file", "sheet", "row", "line", "index")
+def copy_lines(handle: BinaryIO, rows: SourceRows, positions: list[int]) -> None:
+    for i in positions:
+        handle.write(rows.line(i))
 
 
-def _where(record: dict) -> dict[str, Any]:
-    meta = record.get("meta", {})
-    return {k: meta[k] for k in WHERE_KEYS if k in meta}
+def write_outputs(out: Path, chosen: list[tuple[SourceRows, list[int], list[int]]], reports: list[SourceReport]) -> None:
+    """train.jsonl and eval.jsonl from the chosen lines of each source, in source order; dropped.jsonl."""
+    with open(out / OUTPUTS["train"], "wb") as train, open(out / OUTPUTS["eval"], "wb") as evaluation:
+        for rows, train_positions, eval_positions in chosen:
+            copy_lines(train, rows, train_positions)
+            copy_lines(evaluation, rows, eval_positions)
+    write_jsonl(out / OUTPUTS["dropped"], (row for rep in reports for row in rep.dropped_rows))
 
 
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
     seed = cfg.run.seed
-    with cyclic_gc_paused():
-        per_source, reports = read_sources(cfg, ctx.console)
-    per_source = [cap(recs, src.max_records, seed, rep) for recs, src, rep in zip(per_source, cfg.ingest.sources, reports)]
-    if cfg.ingest.dedupe:
-        per_source = dedupe(per_source, reports)
+    directory = Path(tempfile.mkdtemp(prefix=".shards-", dir=ctx.out))
+    per_source: list[tuple[SourceRows, SourceReport]] = []
+    try:
+        per_source = read_sources(cfg, ctx.console, directory)
+        reports = [report for _, report in per_source]
+        kept = [cap(rows, src.max_records, seed, report) for (rows, report), src in zip(per_source, cfg.ingest.sources)]
+        if cfg.ingest.dedupe:
+            kept = dedupe([rows for rows, _ in per_source], kept, reports)
+        chosen, table = [], []
+        for (rows, report), positions, source in zip(per_source, kept, cfg.ingest.sources):
+            source_train, source_eval = split(rows, positions, cfg.ingest.eval_fraction)
+            weighted = apply_weight(rows, source_train, source.weight, seed)
+            chosen.append((rows, weighted, source_eval))
+            table.append({"source": source.name, "kind": source.kind, "read": report.read, "kept": len(positions),
+                          "dropped": dict(report.dropped), "train": len(weighted), "eval": len(source_eval),
+                          "notes": report.notes})
+        if not any(train for _, train, _ in chosen):
+            raise UserError("ingest: no record survived (see the dropped reasons above); nothing to train on.")
+        write_outputs(ctx.out, chosen, reports)
+    finally:
+        for rows, _ in per_source:
+            rows.close()
+        shutil.rmtree(directory, ignore_errors=True)
+    return finish(ctx, table)
 
-    train, evaluation, rows = [], [], []
-    for records, source, report in zip(per_source, cfg.ingest.sources, reports):
-        source_train, source_eval = split(records, cfg.ingest.eval_fraction, seed)
-        weighted = apply_weight(source_train, source.weight, seed)
-        train.extend(weighted)
-        evaluation.extend(source_eval)
-        rows.append({"source": source.name, "kind": source.kind, "read": report.read, "kept": len(records),
-                     "dropped": dict(report.dropped), "train": len(weighted), "eval": len(source_eval),
-                     "notes": report.notes})
 
-    if not train:
-        raise UserError("ingest: no record survived (see the dropped reasons above); nothing to train on.")
-    write_jsonl(ctx.out / OUTPUTS["train"], train)
-    write_jsonl(ctx.out / OUTPUTS["eval"], evaluation)
-    write_jsonl(ctx.out / OUTPUTS["dropped"], (row for rep in reports for row in rep.dropped_rows))
-    report = {"sources": rows, "train": len(train), "eval": len(evaluation),
+def finish(ctx: StageContext, rows: list[dict]) -> StageResult:
+    """The report (report.json, report.md, the console table) and the stage's result."""
+    train, evaluation = sum(r["train"] for r in rows), sum(r["eval"] for r in rows)
+    report = {"sources": rows, "train": train, "eval": evaluation,
               "dropped": sum(sum(r["dropped"].values()) for r in rows)}
     (ctx.out / OUTPUTS["report"]).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (ctx.out / OUTPUTS["report_md"]).write_text(render_report(rows, report), encoding="utf-8")
     print_report(ctx.console, rows)
     return StageResult(
-        metrics={"train": len(train), "eval": len(evaluation), "dropped": report["dropped"]},
-        summary=[("train", str(len(train))), ("eval", str(len(evaluation))), ("dropped", str(report["dropped"]))],
+        metrics={"train": train, "eval": evaluation, "dropped": report["dropped"]},
+        summary=[("train", str(train)), ("eval", str(evaluation)), ("dropped", str(report["dropped"]))],
     )
 
 

@@ -205,3 +205,16 @@ def test_missing_columns_under_a_title_line_name_the_header_row(tmp_path: Path) 
     path = aihub.write_rows(tmp_path / "t.xlsx", [["번역 말뭉치"], [], ["ID", "ko", "en"], [1, "네", "Yes"]])
     with pytest.raises(UserError, match=r"\(row 3 has ID, ko, en\)"):
         read(path)
+
+
+def test_a_table_away_from_a1_keeps_excel_rows_and_columns(tmp_path: Path) -> None:
+    """Rows are streamed one at a time; calamine leaves out leading empty columns, which are put back."""
+    header = list(aihub.LAYOUT_COLUMNS["한국문화"])
+    data = aihub.layout_rows("한국문화", aihub.PAIRS[:2])
+    path = aihub.write_rows(tmp_path / "offset.xlsx", [[], [], [None, None, *header], *[[None, None, *row] for row in data]])
+    records, report = read(path)
+    assert [r["meta"]["row"] for r in records] == [4, 5]
+    assert records[0]["meta"]["키워드"] == data[0][1] and records[0]["messages"][1]["content"] == aihub.PAIRS[0][1]
+    assert "header found on Excel row 3" in report.notes[0]
+    calamine = [[None if value == "" else value for value in row] for row in excel.rows_with_calamine(path, None)[1]]
+    assert calamine == [[None] * 6, [None] * 6, [None, None, *header], *[[None, None, *row] for row in data]]

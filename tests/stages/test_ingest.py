@@ -14,6 +14,7 @@ from distillery.core.errors import UserError
 from distillery.core.records import make_record, read_jsonl
 from distillery.runner import run_stage
 from distillery.stages.ingest import apply_weight, cap, dedupe, split
+from tests.fixtures.shards import everything, source_rows
 
 
 def rec(source: str, i: int, answer: str | None = None) -> dict:
@@ -21,40 +22,45 @@ def rec(source: str, i: int, answer: str | None = None) -> dict:
     return make_record(source, "qa", messages, {"row": i})
 
 
-def test_cap_keeps_a_seeded_sample_and_reports_the_rest() -> None:
-    records = [rec("s", i) for i in range(10)]
+def test_cap_keeps_a_seeded_sample_and_reports_the_rest(tmp_path: Path) -> None:
+    rows = source_rows([rec("s", i) for i in range(10)], tmp_path)
     report = SourceReport("s")
-    kept = cap(records, 4, seed=1, report=report)
+    kept = cap(rows, 4, seed=1, report=report)
     assert len(kept) == 4 and report.dropped["over max_records"] == 6
-    assert [r["id"] for r in kept] == [r["id"] for r in cap(records, 4, 1, SourceReport("s"))]
-    assert [r["id"] for r in kept] == [r["id"] for r in records if r in kept]  # original order kept
+    assert kept == cap(rows, 4, 1, SourceReport("s"))
+    assert kept == sorted(kept)  # original order kept
+    assert {d["row"] for d in report.dropped_rows} == set(range(10)) - set(kept)  # where each dropped one was
 
 
-def test_dedupe_across_sources_keeps_first_and_says_of_what() -> None:
+def test_dedupe_across_sources_keeps_first_and_says_of_what(tmp_path: Path) -> None:
     a, b = [rec("a", 1), rec("a", 2)], [rec("b", 2), rec("b", 3)]
+    rows = [source_rows(a, tmp_path), source_rows(b, tmp_path)]
     reports = [SourceReport("a"), SourceReport("b")]
-    kept = dedupe([a, b], reports)
-    assert [len(k) for k in kept] == [2, 1]
+    kept = dedupe(rows, [everything(r) for r in rows], reports)
+    assert kept == [[0, 1], [1]]
     assert reports[1].dropped["duplicate"] == 1
-    assert reports[1].dropped_rows[0]["duplicate_of"] == a[1]["id"]
+    assert reports[1].dropped_rows[0] == {"source": "b", "reason": "duplicate", "id": b[0]["id"],
+                                          "duplicate_of": a[1]["id"], "row": 2}
 
 
-def test_split_is_seeded_stable_and_never_empty() -> None:
+def test_split_is_seeded_stable_and_never_empty(tmp_path: Path) -> None:
     records = [rec("s", i) for i in range(200)]
-    train, evaluation = split(records, 0.1, seed=7)
+    rows = source_rows(records, tmp_path, seed=7)
+    train, evaluation = split(rows, everything(rows), 0.1)
     assert len(train) + len(evaluation) == 200 and 8 <= len(evaluation) <= 35
     # stable when more records arrive: the old eval records stay in eval
-    _, evaluation_more = split(records + [rec("s", i) for i in range(200, 260)], 0.1, seed=7)
-    assert {r["id"] for r in evaluation} <= {r["id"] for r in evaluation_more}
-    assert len(split(records[:3], 0.01, seed=7)[1]) == 1
-    assert split(records[:1], 0.5, seed=7) == (records[:1], [])
+    more = source_rows(records + [rec("s", i) for i in range(200, 260)], tmp_path, seed=7)
+    assert set(evaluation) <= set(split(more, everything(more), 0.1)[1])
+    assert len(split(rows, [0, 1, 2], 0.01)[1]) == 1
+    assert split(rows, [0], 0.5) == ([0], [])
 
 
-def test_weight_repeats_or_subsamples() -> None:
-    records = [rec("s", i) for i in range(10)]
-    assert len(apply_weight(records, 2.0, 0)) == 20
-    assert len(apply_weight(records, 0.5, 0)) == 5
-    assert len(apply_weight(records, 1.5, 0)) == 15
+def test_weight_repeats_or_subsamples(tmp_path: Path) -> None:
+    rows = source_rows([rec("s", i) for i in range(10)], tmp_path)
+    assert len(apply_weight(rows, everything(rows), 2.0, 0)) == 20
+    assert len(apply_weight(rows, everything(rows), 0.5, 0)) == 5
+    assert apply_weight(rows, everything(rows), 1.5, 0)[:10] == everything(rows)
+    assert len(set(apply_weight(rows, everything(rows), 1.5, 0)[10:])) == 5
 
 
 def test_stage_writes_report_and_dropped_reasons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

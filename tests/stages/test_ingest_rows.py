@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 
 import pytest
 
 from distillery.core.records import make_record
-from distillery.stages.ingest import cyclic_gc_paused, split
+from distillery.sources.shards import cyclic_gc_paused
+from distillery.stages.ingest import split
+from tests.fixtures.shards import everything, source_rows
 
 
 def pair(row: int, file: str = "/data/a/1_구어체.xlsx") -> list[dict]:
@@ -19,26 +22,34 @@ def pair(row: int, file: str = "/data/a/1_구어체.xlsx") -> list[dict]:
                                                       {"role": "assistant", "content": f"ko {row}"}], dict(meta))]
 
 
-def rows_of(records: list[dict]) -> set[int]:
-    return {r["meta"]["row"] for r in records}
+def rows_of(records: list[dict], positions: list[int]) -> set[int]:
+    return {records[i]["meta"]["row"] for i in positions}
 
 
-def test_both_directions_of_a_row_land_in_the_same_split() -> None:
+def split_records(records: list[dict], fraction: float, seed: int, directory: Path) -> tuple[set[int], set[int]]:
+    """The input rows of the train and eval records."""
+    rows = source_rows(records, directory, seed)
+    train, evaluation = split(rows, everything(rows), fraction)
+    assert sorted(train + evaluation) == everything(rows)
+    return rows_of(records, train), rows_of(records, evaluation)
+
+
+def test_both_directions_of_a_row_land_in_the_same_split(tmp_path: Path) -> None:
     records = [r for row in range(2, 202) for r in pair(row)]
-    train, evaluation = split(records, 0.2, seed=3)
-    assert evaluation and not rows_of(train) & rows_of(evaluation)
+    rows = source_rows(records, tmp_path, seed=3)
+    train, evaluation = split(rows, everything(rows), 0.2)
+    assert evaluation and not rows_of(records, train) & rows_of(records, evaluation)
     assert len(evaluation) % 2 == 0 and 20 <= len(evaluation) // 2 <= 60
 
 
-def test_the_split_does_not_change_when_the_data_moves() -> None:
+def test_the_split_does_not_change_when_the_data_moves(tmp_path: Path) -> None:
     here = [r for row in range(2, 102) for r in pair(row)]
     moved = [r for row in range(2, 102) for r in pair(row, file="/elsewhere/1_구어체.xlsx")]
-    assert rows_of(split(here, 0.2, seed=3)[1]) == rows_of(split(moved, 0.2, seed=3)[1])
+    assert split_records(here, 0.2, 3, tmp_path)[1] == split_records(moved, 0.2, 3, tmp_path)[1]
 
 
-def test_one_row_is_never_split_from_itself_even_when_small() -> None:
-    train, evaluation = split(pair(2), 0.5, seed=1)
-    assert (len(train), len(evaluation)) == (2, 0)  # a lone row stays in train
+def test_one_row_is_never_split_from_itself_even_when_small(tmp_path: Path) -> None:
+    assert split_records(pair(2), 0.5, 1, tmp_path) == ({2}, set())  # a lone row stays in train
 
 
 def test_the_gc_pause_ends_even_on_error() -> None:
@@ -50,8 +61,8 @@ def test_the_gc_pause_ends_even_on_error() -> None:
     assert gc.isenabled()
 
 
-def test_a_tiny_source_keeps_a_train_row() -> None:
+def test_a_tiny_source_keeps_a_train_row(tmp_path: Path) -> None:
     records = pair(2) + pair(3)
     for seed in range(20):
-        train, evaluation = split(records, 0.9, seed=seed)
-        assert len(train) == 2 and len(evaluation) == 2 and not rows_of(train) & rows_of(evaluation)
+        train, evaluation = split_records(records, 0.9, seed, tmp_path)
+        assert len(train) == 1 and len(evaluation) == 1 and not train & evaluation
