@@ -8,8 +8,10 @@ temporary run root. tokens/s is measured from metrics.jsonl between the first an
 logged step (model loading, the first step's warm-up and checkpoint saves excluded); memory is the process's
 peak RSS on CPU, torch.cuda.max_memory_allocated on CUDA.
 
-On CPU: the demo model, unsloth vs hf (16-bit), and packing vs none on the hf backend (Unsloth turns packing off
-on CPU). On CUDA additionally: a 1.5B model in 4-bit (QLoRA) on both backends, and packing on Unsloth.
+On CPU: the demo model, unsloth vs hf (16-bit), packing vs none on the hf backend (Unsloth turns packing off
+on CPU), and 2 processes (accelerate launch, DDP over gloo: configs/accelerate/ddp_cpu.yaml, batch 2 each) vs 1
+process with the same global batch of 4. For 2 processes tokens/s counts both (rank 0's count x 2) and memory is
+rank 0's, per process; on 2 cores expect no speed-up: the figure shows the overhead, the tests show correctness. On CUDA additionally: a 1.5B model in 4-bit (QLoRA) on both backends, and packing on Unsloth.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ def run_variant(config: Path, root: Path, name: str, steps: int, sets: list[str]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
     first, last = rows[0], rows[-1]
-    return {"name": name, "tokens_per_s": (last["tokens"] - first["tokens"]) / (last["elapsed_s"] - first["elapsed_s"]),
+    processes = summary.get("world_size", 1)  # metrics.jsonl counts rank 0's tokens
+    return {"name": name, "processes": processes,
+            "tokens_per_s": processes * (last["tokens"] - first["tokens"]) / (last["elapsed_s"] - first["elapsed_s"]),
             "peak_memory_mb": summary["peak_memory_mb"], "memory_kind": summary["peak_memory_kind"],
             "first_loss": summary["first_loss"], "last_loss": summary["last_loss"], "tokens": last["tokens"]}
 
@@ -74,7 +78,10 @@ def main() -> int:
         unsloth = run_variant(config, root, "unsloth", args.steps, ["finetune.backend=unsloth"])
         hf = run_variant(config, root, "hf", args.steps, ["finetune.backend=hf"])
         packed = run_variant(config, root, "hf-packing", args.steps, ["finetune.backend=hf", "finetune.packing=true"])
-        results = [unsloth, hf, packed]
+        two = run_variant(config, root, "hf-2-processes", args.steps, [
+            "finetune.backend=hf", f"finetune.accelerate_config={ROOT / 'configs/accelerate/ddp_cpu.yaml'}",
+            "finetune.batch_size=2"]) if not cuda else None
+        results = [unsloth, hf, packed] + ([two] if two else [])
         if cuda:
             gpu = ["finetune.load_in_4bit=true", f"model.path={GPU_MODEL}"]
             big_unsloth = run_variant(config, root, "unsloth-1.5b-4bit", args.steps, gpu + ["finetune.backend=unsloth"])
@@ -91,6 +98,10 @@ def main() -> int:
     print_figure(f"finetune, demo model on {where}: unsloth", unsloth, hf, "hf backend (transformers + PEFT + TRL)",
                  ">= 2x at no more memory (on GPU)")
     print_figure(f"finetune, demo model on {where}: hf packing", packed, hf, "hf backend without packing", ">= 2x")
+    if two:
+        figure("finetune, demo model on CPU: 2 processes (DDP, gloo)", f"{two['tokens_per_s'] / hf['tokens_per_s']:.2f}x "
+               f"tokens/s, {two['peak_memory_mb']:.0f} vs {hf['peak_memory_mb']:.0f} MB peak per process",
+               "1 process, same global batch (hf backend)", "- (2 cores: overhead only)")
     if cuda:
         print_figure("finetune, 1.5B 4-bit on GPU: unsloth", big_unsloth, big_hf, "hf backend, 4-bit (bitsandbytes)",
                      ">= 2x at no more memory")

@@ -1,5 +1,8 @@
 """`just bench`: run every benchmark in bench/ and write bench/RESULTS.md.
 
+    python bench/report.py                          # every benchmark (about an hour on 2 cores)
+    python bench/report.py --only ingest.py --full  # one of them; its rows and section in RESULTS.md are replaced
+
 Each benchmark is a standalone script that prints its headline figures (bench/figures.py) as ratios against a
 named baseline. This runner gathers them into one table and adds what a reader needs to trust them: the
 machine, the package versions, the command that reproduces each figure, and each script's full output.
@@ -7,8 +10,10 @@ machine, the package versions, the command that reproduces each figure, and each
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -19,7 +24,7 @@ from figures import parse
 
 BENCH = Path(__file__).resolve().parent
 # In pipeline order; each with the arguments of the figures the issues name (most run with their defaults).
-BENCHMARKS = (("ingest.py",), ("finetune.py",), ("evaluate.py",), ("evaluate.py", "--items", "all", "--no-harness"),
+BENCHMARKS = (("ingest.py",), ("ingest.py", "--full"), ("finetune.py",), ("evaluate.py",), ("evaluate.py", "--items", "all", "--no-harness"),
               ("export.py",), ("distill.py",), ("distill.py", "--teacher"), ("demo.py",), ("demo.py", "--config", "configs/tiny-r1.yaml"))
 PACKAGES = ("torch", "transformers", "trl", "peft", "unsloth", "llama-cpp-python", "lm-eval", "python-calamine", "pandas")
 
@@ -67,36 +72,81 @@ def figures_table(figures: list[tuple[str, dict[str, str]]]) -> list[str]:
     return lines
 
 
+def readme_table(table: list[str]) -> list[str]:
+    """RESULTS.md's table without its baseline and command columns, which RESULTS.md keeps (the README stays short)."""
+    rows = []
+    for line in table:
+        cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+        rows.append("| " + " | ".join([cells[0], cells[1], cells[3]]) + " |")
+    return rows
+
+
 def show_in_readme(table: list[str]) -> None:
     """The README shows RESULTS.md's table between its bench markers (tests/test_readme.py keeps them equal)."""
     readme = BENCH.parent / "README.md"
     text = readme.read_text(encoding="utf-8")
     start, end = text.index(README_START) + len(README_START), text.index(README_END)
-    readme.write_text(text[:start] + "\n" + "\n".join(table) + "\n" + text[end:], encoding="utf-8")
+    readme.write_text(text[:start] + "\n" + "\n".join(readme_table(table)) + "\n" + text[end:], encoding="utf-8")
 
 
 README_START, README_END = "<!-- bench/RESULTS.md table: begin -->", "<!-- bench/RESULTS.md table: end -->"
 
 
+def command_of(benchmark: tuple[str, ...]) -> str:
+    return " ".join([f".venv/bin/python bench/{benchmark[0]}", *benchmark[1:]])
+
+
+def heading_of(benchmark: tuple[str, ...]) -> str:
+    return " ".join([Path(benchmark[0]).stem, *benchmark[1:]])
+
+
+def run_benchmark(benchmark: tuple[str, ...], stamp: str) -> tuple[list[dict[str, str]], str, bool]:
+    """(its figures, its section for RESULTS.md, whether it succeeded)."""
+    command = command_of(benchmark)
+    print(f"\n=== {command} ===", flush=True)
+    output, seconds, code = run_one(BENCH / benchmark[0], benchmark[1:])
+    status = "" if code == 0 else f" — FAILED (exit {code})"
+    section = "\n".join([f"## {heading_of(benchmark)}{status}", "", f"`{command}` ({seconds:.0f} s, {stamp})", "",
+                         "```", output.rstrip()[-6000:], "```", ""])
+    return parse(output), section, code == 0
+
+
+def previous_results() -> tuple[dict[str, list[dict[str, str]]], dict[str, str]]:
+    """RESULTS.md's figures by command and sections by heading, to keep those of benchmarks not run now."""
+    path = BENCH / "RESULTS.md"
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    figures: dict[str, list[dict[str, str]]] = {}
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+        if len(cells) == 5 and cells[4].startswith("`"):
+            figures.setdefault(cells[4].strip("`"), []).append(dict(zip(("figure", "result", "baseline", "target"), cells)))
+    sections = {}
+    for section in re.split(r"^(?=## )", text, flags=re.M)[1:]:
+        heading = section.splitlines()[0][3:].split(" — FAILED")[0].strip()
+        sections[heading] = section.rstrip() + "\n"
+    return figures, sections
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs=argparse.REMAINDER, help="one benchmark: its script and arguments")
+    only = tuple(parser.parse_args().only or ())
+    if only and only not in BENCHMARKS:
+        parser.error(f"--only {' '.join(only)}: not one of {', '.join(' '.join(b) for b in BENCHMARKS)}")
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    figures: list[tuple[str, dict[str, str]]] = []
-    blocks: list[str] = []
+    figures, sections = previous_results() if only else ({}, {})
     failed = 0
-    for name, *args in BENCHMARKS:
-        command = " ".join([f".venv/bin/python bench/{name}", *args])
-        print(f"\n=== {command} ===", flush=True)
-        output, seconds, code = run_one(BENCH / name, tuple(args))
-        failed += code != 0
-        status = "" if code == 0 else f" — FAILED (exit {code})"
-        figures += [(command, f) for f in parse(output)]
-        blocks += [f"## {' '.join([Path(name).stem, *args])}{status}", "", f"`{command}` ({seconds:.0f} s)", "", "```",
-                   output.rstrip()[-6000:], "```", ""]
-    parts = ["# Benchmark results", "", f"- when: {stamp}", f"- machine: {machine()}", f"- versions: {versions()}",
+    for benchmark in ([only] if only else BENCHMARKS):
+        figures[command_of(benchmark)], sections[heading_of(benchmark)], ok = run_benchmark(benchmark, stamp)
+        failed += not ok
+    table = figures_table([(command_of(b), f) for b in BENCHMARKS for f in figures.get(command_of(b), [])])
+    when = f"{stamp} ({' '.join(only)} only; each section below says when it ran)" if only else stamp
+    parts = ["# Benchmark results", "", f"- when: {when}", f"- machine: {machine()}", f"- versions: {versions()}",
              f"- load average at the end: {os.getloadavg()[0]:.1f} (the figures are only as steady as the machine)",
-             "", *figures_table(figures), "", "Each script's full output follows.", "", *blocks]
+             "", *table, "", "Each script's full output follows.", "",
+             *[sections[heading_of(b)] for b in BENCHMARKS if heading_of(b) in sections]]
     (BENCH / "RESULTS.md").write_text("\n".join(parts), encoding="utf-8")
-    show_in_readme(figures_table(figures))
+    show_in_readme(table)
     print(f"\nwrote {BENCH / 'RESULTS.md'} and its table into README.md")
     return 1 if failed else 0
 
