@@ -193,7 +193,7 @@ def build_summary(job: Any, result: dict, rows: list[dict], model_setting: str, 
 
 def run(ctx: StageContext) -> StageResult:
     ft = ctx.cfg.finetune
-    check_accelerate_config(ft.accelerate_config, cuda_available())
+    check_accelerate_config(ft.accelerate_config, cuda_available(), ft.backend)
     train_rows, eval_rows, template, meta = load_format_outputs(ctx.run.stage_dir("format"))
     model_path = locate_model(ctx.cfg.model.path)
     check_target_modules(model_path, ft.lora.target_modules, ctx.cfg.model.trust_remote_code)

@@ -152,8 +152,8 @@ def check_multiple_choice(rows: list[dict]) -> None:
                         "format's train.jsonl has none. Add a source with format: mathqa.")
 
 
-def check_accelerate_config(path: str | None, cuda: bool) -> None:
-    """Refuse, before anything loads, an accelerate config this machine cannot launch."""
+def check_accelerate_config(path: str | None, cuda: bool, backend: str = "hf") -> None:
+    """Refuse, before anything loads, an accelerate config this machine (or this backend) cannot launch."""
     if not path:
         return
     import yaml
@@ -163,6 +163,11 @@ def check_accelerate_config(path: str | None, cuda: bool) -> None:
         raise UserError(f"finetune.accelerate_config: {path} does not exist; see configs/accelerate/.")
     config = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
     kind, on_cpu = str(config.get("distributed_type", "NO")).upper(), bool(config.get("use_cpu"))
+    if backend == "unsloth" and kind in ("FSDP", "DEEPSPEED"):
+        # Unsloth trains one whole model per process (DDP); its patched modules are not shardable.
+        raise UserError(f"finetune.accelerate_config: {path} shards the model ({kind}), which the unsloth backend "
+                        "does not support: it runs one whole model per process (DDP, configs/accelerate/ddp.yaml). "
+                        "Set finetune.backend: hf to shard with FSDP or DeepSpeed.")
     if kind == "DEEPSPEED" and not cuda:
         raise UserError(f"finetune.accelerate_config: {path} uses DeepSpeed ZeRO, which needs CUDA GPUs (and `pip "
                         "install deepspeed`). Without a GPU use configs/accelerate/ddp_cpu.yaml or fsdp_cpu.yaml.")

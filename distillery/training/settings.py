@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class LoraConfig(BaseModel):
@@ -62,11 +62,7 @@ class FinetuneConfig(BaseModel):
     sample_max_new_tokens: int = Field(48, ge=1, description="Tokens generated per sample prompt.")
     accelerate_config: str | None = Field(
         None, description="An accelerate config (configs/accelerate/ddp.yaml, fsdp.yaml, deepspeed_zero2.yaml): "
-                          "training runs under `accelerate launch` with it (hf backend, several GPUs).",
+                          "training runs under `accelerate launch` with it, one process per GPU (or per CPU "
+                          "process with ddp_cpu.yaml / fsdp_cpu.yaml). The unsloth backend runs data-parallel "
+                          "(DDP) only; FSDP and DeepSpeed need backend: hf.",
     )
-
-    @model_validator(mode="after")
-    def _accelerate_needs_hf(self) -> "FinetuneConfig":
-        if self.accelerate_config and self.backend != "hf":
-            raise ValueError("accelerate_config (several GPUs) needs backend: hf")
-        return self

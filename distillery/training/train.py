@@ -94,10 +94,12 @@ def load_unsloth(job: TrainJob) -> tuple[Any, Any]:
     from unsloth import FastLanguageModel
 
     checkpointing = "unsloth" if job.finetune.gradient_checkpointing else False
+    # Under `accelerate launch` (DDP) each rank holds its whole model on its own GPU.
+    placement = {"device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}} if job.device == "cuda" else {}
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=job.model_path, max_seq_length=job.max_length, dtype=torch_dtype(job.precision),
         load_in_4bit=job.load_in_4bit, trust_remote_code=job.trust_remote_code,
-        use_gradient_checkpointing=checkpointing,
+        use_gradient_checkpointing=checkpointing, **placement,
     )
     model = FastLanguageModel.get_peft_model(
         model, **lora_settings(job), use_gradient_checkpointing=checkpointing, random_state=job.seed,

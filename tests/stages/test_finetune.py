@@ -61,15 +61,6 @@ def test_lora_options_reach_peft() -> None:
                                   "use_rslora": True, "use_dora": True, "bias": "none"}
 
 
-def test_accelerate_needs_the_hf_backend() -> None:
-    from pydantic import ValidationError
-
-    from distillery.config import FinetuneConfig
-
-    with pytest.raises(ValidationError, match="accelerate_config .* needs backend: hf"):
-        FinetuneConfig(accelerate_config="configs/accelerate/ddp.yaml")
-
-
 def test_8bit_optimizers_fall_back_on_cpu_only() -> None:
     assert choose_optimizer("paged_adamw_8bit", cuda=False) == "adamw_torch"
     assert choose_optimizer("paged_adamw_8bit", cuda=True) == "paged_adamw_8bit"
