@@ -82,6 +82,8 @@ def teacher_bench() -> int:
                    f"{rate / base:.2f}x prompts/s ({rate:.2f} vs {base:.2f})", "in-process GGUF teacher, same GGUF")
     finally:
         server.kill()
+    print("llama_cpp.server answers one request at a time, so on a small CPU concurrency only adds contention; a "
+          "batching server (vLLM, SGLang) on a GPU is what concurrency is for.")
     return 0
 
 
