@@ -28,6 +28,26 @@ def ddp_project(tmp_path: Path, **finetune) -> Path:
                                     **finetune}, rows=32)
 
 
+def two_processes_follow_one(tmp_path: Path, backend: str, steps: int) -> None:
+    """Train 2 processes x batch 2 and 1 process x batch 4 in fp32: same steps, one adapter, losses
+    within the bounds the two tests below explain."""
+    two = ddp_project(tmp_path / "two", backend=backend, max_steps=steps, save_steps=steps, precision="fp32")
+    done = cli(two, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((stage_dir(tmp_path / "two") / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == steps and summary["backend"] == backend
+    assert sorted(p.name for p in (stage_dir(tmp_path / "two") / "adapter").glob("adapter_*")) == [
+        "adapter_config.json", "adapter_model.safetensors"]  # written once, by rank 0
+    one = ddp_project(tmp_path / "one", backend=backend, batch_size=4, max_steps=steps, save_steps=steps,
+                      precision="fp32", accelerate_config=None)
+    done = cli(one, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    multi, single = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert len(multi) == len(single) == steps
+    assert abs(multi[0] - single[0]) < 1e-3 * single[0], (multi, single)
+    assert all(abs(m - s) < 0.03 * s for m, s in zip(multi, single)), (multi, single)
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_two_processes_train_like_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
@@ -37,23 +57,7 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch(tmp_pat
     two means, where one process averages over all four examples' tokens, so the gradients weight tokens slightly
     differently; and CPU reductions are not bit-reproducible (the one-process run alone moved 1.1% at step 4
     between two runs). Measured differences: at most 1.3%; bound 3%. In bf16 rounding adds more, hence fp32."""
-    two = ddp_project(tmp_path / "two", max_steps=6, save_steps=6, precision="fp32")
-    done = cli(two, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    summary = json.loads((stage_dir(tmp_path / "two") / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["steps"] == 6
-    assert sorted(p.name for p in (stage_dir(tmp_path / "two") / "adapter").glob("adapter_*")) == [
-        "adapter_config.json", "adapter_model.safetensors"]  # written once, by rank 0
-    (tmp_path / "one").mkdir()
-    one = write_project(tmp_path / "one", {"backend": "hf", "batch_size": 4, "sample_prompts": 0, "max_steps": 6,
-                                           "save_steps": 6, "gradient_checkpointing": False, "precision": "fp32"},
-                        rows=32)
-    done = cli(one, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    multi, single = losses(tmp_path / "two"), losses(tmp_path / "one")
-    assert len(multi) == len(single) == 6
-    assert abs(multi[0] - single[0]) < 1e-3 * single[0], (multi, single)
-    assert all(abs(m - s) < 0.03 * s for m, s in zip(multi, single)), (multi, single)
+    two_processes_follow_one(tmp_path, "hf", steps=6)
 
 
 @pytest.mark.integration
@@ -129,18 +133,4 @@ def test_the_unsloth_backend_trains_data_parallel_under_the_same_launcher(tmp_pa
     1 process x batch 4, fp32: step 1 sees the same four examples from the same weights, so its loss agrees to
     float rounding; the later steps within the 3% of the hf test (same reasons, see above). Measured: the three
     losses agreed to five digits."""
-    two = ddp_project(tmp_path / "two", backend="unsloth", max_steps=3, save_steps=3, precision="fp32")
-    done = cli(two, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    summary = json.loads((stage_dir(tmp_path / "two") / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["steps"] == 3 and summary["backend"] == "unsloth"
-    assert sorted(p.name for p in (stage_dir(tmp_path / "two") / "adapter").glob("adapter_*")) == [
-        "adapter_config.json", "adapter_model.safetensors"]
-    one = ddp_project(tmp_path / "one", backend="unsloth", batch_size=4, max_steps=3, save_steps=3,
-                      precision="fp32", accelerate_config=None)
-    done = cli(one, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    multi, single = losses(tmp_path / "two"), losses(tmp_path / "one")
-    assert len(multi) == len(single) == 3
-    assert abs(multi[0] - single[0]) < 1e-3 * single[0], (multi, single)
-    assert all(abs(m - s) < 0.03 * s for m, s in zip(multi, single)), (multi, single)
+    two_processes_follow_one(tmp_path, "unsloth", steps=3)
