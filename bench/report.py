@@ -73,10 +73,14 @@ def figures_table(figures: list[tuple[str, dict[str, str]]]) -> list[str]:
 
 
 def readme_table(table: list[str]) -> list[str]:
-    """RESULTS.md's table without its baseline and command columns, which RESULTS.md keeps (the README stays short)."""
-    rows = []
+    """RESULTS.md's table without its baseline column, which RESULTS.md keeps (the README stays short); each
+    benchmark's command heads its figures in a row of its own instead of filling a column."""
+    rows, command = [], None
     for line in table:
         cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+        if cells[4].startswith("`") and cells[4] != command:
+            command = cells[4]
+            rows.append(f"| {command.replace('.venv/bin/python ', '')} | | |")
         rows.append("| " + " | ".join([cells[0], cells[1], cells[3]]) + " |")
     return rows
 
