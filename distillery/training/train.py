@@ -94,12 +94,11 @@ def load_unsloth(job: TrainJob) -> tuple[Any, Any]:
     from unsloth import FastLanguageModel
 
     checkpointing = "unsloth" if job.finetune.gradient_checkpointing else False
-    # Under `accelerate launch` (DDP) each rank holds its whole model on its own GPU.
-    placement = {"device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}} if job.device == "cuda" else {}
+    # No device_map: under `accelerate launch` (DDP) Unsloth itself puts each rank's whole model on its own GPU.
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=job.model_path, max_seq_length=job.max_length, dtype=torch_dtype(job.precision),
         load_in_4bit=job.load_in_4bit, trust_remote_code=job.trust_remote_code,
-        use_gradient_checkpointing=checkpointing, **placement,
+        use_gradient_checkpointing=checkpointing,
     )
     model = FastLanguageModel.get_peft_model(
         model, **lora_settings(job), use_gradient_checkpointing=checkpointing, random_state=job.seed,
