@@ -64,9 +64,9 @@ LORA = {"r": 16, "alpha": 16, "dropout": 0.0}
 # the training stack at the project's pins, what `import unsloth` and the datasets library import on CUDA, and
 # the light dependencies Distillery's ingest, format and finetune import (pyproject.toml has the pins).
 WHEELS = ("unsloth==2026.10.9", "unsloth_zoo==2026.10.9", "trl==1.15.0", "bitsandbytes==0.50.2", "datasets==4.8.5",
-          "dill==0.4.1", "multiprocess==0.70.19", "pydantic==2.14.4", "pydantic-core==2.50.5", "annotated-types==0.7.0",
-          "typing-inspection==0.4.2", "python-calamine==0.9.1", "orjson==3.11.4", "python-dotenv==1.2.4",
-          "openpyxl==3.1.5", "et-xmlfile==2.0.0")
+          "dill==0.4.1", "multiprocess==0.70.19", "pydantic==2.14.4", "pydantic-core==2.50.5", "annotated-types==0.8.0",
+          "typing-inspection==0.4.5", "typing-extensions==4.16.0", "python-calamine==0.9.1", "orjson==3.11.4",
+          "python-dotenv==1.2.4", "openpyxl==3.1.5", "et-xmlfile==2.0.0")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64")
 CUDA_LIB = "libbitsandbytes_cuda130.so"  # torch 2.11's CUDA 13.0; the wheel carries one library per CUDA version
@@ -333,8 +333,6 @@ def merge_child(run_dir: Path) -> dict[str, Any]:
     """Export's merge (export/merge.py) of the run's adapter into the base's 16-bit weights, its KL check, and
     the merged tensors against the base's own: untargeted ones byte-identical, targeted ones = W + scale*B@A."""
     summary = json.loads((run_dir / "finetune" / "summary.json").read_text())
-    if summary["backend"] == "unsloth":
-        import unsloth  # noqa: F401
     import torch
     from safetensors import safe_open
     from transformers import AutoTokenizer
@@ -521,13 +519,8 @@ def main() -> int:
     if "2" in parts:
         results["stage"] = stage_and_merge(work / "runs", 2 if dry else 10)
         save(args.out, results)
-    stage = results.get("stage", {})
-    if "merge" in stage:
-        check, weights = stage["merge"]["check"], stage["merge"]["weights"]
-        figure("distillery finetune (tiny-r1, 4-bit) + merge into 16-bit weights on GPU",
-               f"{'passed' if check['passed'] and weights['passed'] else 'FAILED'}: KL ratio {check['merge_kl_ratio']:.3g}, "
-               f"{weights['untargeted_identical']}/{weights['untargeted']} untargeted tensors identical to the base",
-               "base + adapter unmerged (export's merge check)", "passes")
+    if "stage" in results:
+        stage_figure(results["stage"])
 
     # 3. Unsloth's peak memory at the 14B shape, and the 32B estimate.
     elapsed = time.time() - started
@@ -548,6 +541,19 @@ def main() -> int:
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def stage_figure(stage: dict[str, Any]) -> None:
+    name = "distillery finetune (tiny-r1, 4-bit) + merge into 16-bit weights on GPU"
+    baseline, target = "base + adapter unmerged (export's merge check)", "passes"
+    if "merge" not in stage:
+        figure(name, f"FAILED: {stage.get('failed')}", baseline, target)
+        return
+    check, weights = stage["merge"]["check"], stage["merge"]["weights"]
+    figure(name, f"{'passed' if check['passed'] and weights['passed'] else 'FAILED'}: KL ratio "
+           f"{check['merge_kl_ratio']:.3g}, {weights['untargeted_identical']}/{weights['untargeted']} untargeted tensors "
+           f"identical to the base, targeted within {weights['max_error_in_bf16_steps']} bf16 steps of W + scale*B@A",
+           baseline, target)
 
 
 def report_14b(results: dict[str, Any], dry: bool) -> None:

@@ -2,6 +2,7 @@
 
     python bench/report.py                          # every benchmark (about an hour on 2 cores)
     python bench/report.py --only ingest.py --full  # one of them; its rows and section in RESULTS.md are replaced
+    python bench/report.py --from-log gpu.log --only gpu.py  # a benchmark that ran elsewhere (the GPU machine)
 
 Each benchmark is a standalone script that prints its headline figures (bench/figures.py) as ratios against a
 named baseline. This runner gathers them into one table and adds what a reader needs to trust them: the
@@ -20,12 +21,15 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from figures import parse
+from figures import PREFIX, parse
 
 BENCH = Path(__file__).resolve().parent
 # In pipeline order; each with the arguments of the figures the issues name (most run with their defaults).
 BENCHMARKS = (("ingest.py",), ("ingest.py", "--full"), ("finetune.py",), ("evaluate.py",), ("evaluate.py", "--items", "all", "--no-harness"),
-              ("export.py",), ("distill.py",), ("distill.py", "--teacher"), ("demo.py",), ("demo.py", "--config", "configs/tiny-r1.yaml"))
+              ("export.py",), ("distill.py",), ("distill.py", "--teacher"), ("demo.py",), ("demo.py", "--config", "configs/tiny-r1.yaml"),
+              ("gpu.py",))
+# Measured only on a CUDA machine: elsewhere their rows and sections in RESULTS.md are kept as they are.
+NEEDS_GPU = {("gpu.py",)}
 PACKAGES = ("torch", "transformers", "trl", "peft", "unsloth", "llama-cpp-python", "lm-eval", "python-calamine", "pandas")
 
 
@@ -104,15 +108,36 @@ def heading_of(benchmark: tuple[str, ...]) -> str:
     return " ".join([Path(benchmark[0]).stem, *benchmark[1:]])
 
 
-def run_benchmark(benchmark: tuple[str, ...], stamp: str) -> tuple[list[dict[str, str]], str, bool]:
-    """(its figures, its section for RESULTS.md, whether it succeeded)."""
+def run_benchmark(benchmark: tuple[str, ...], stamp: str, log: Path | None = None) -> tuple[list[dict[str, str]], str, bool]:
+    """(its figures, its section for RESULTS.md, whether it succeeded); from `log` when it ran elsewhere."""
     command = command_of(benchmark)
-    print(f"\n=== {command} ===", flush=True)
-    output, seconds, code = run_one(BENCH / benchmark[0], benchmark[1:])
+    if log:
+        output, where, code = log.read_text(encoding="utf-8", errors="replace"), f"its log {log.name}, {stamp}", 0
+    else:
+        print(f"\n=== {command} ===", flush=True)
+        output, seconds, code = run_one(BENCH / benchmark[0], benchmark[1:])
+        where = f"{seconds:.0f} s, {stamp}"
     status = "" if code == 0 else f" — FAILED (exit {code})"
-    section = "\n".join([f"## {heading_of(benchmark)}{status}", "", f"`{command}` ({seconds:.0f} s, {stamp})", "",
-                         "```", output.rstrip()[-6000:], "```", ""])
+    section = "\n".join([f"## {heading_of(benchmark)}{status}", "", f"`{command}` ({where})", "",
+                         "```", figure_lines_and_tail(output), "```", ""])
     return parse(output), section, code == 0
+
+
+def figure_lines_and_tail(output: str, tail: int = 6000) -> str:
+    """The output's last `tail` characters, after every FIGURE line that falls before them (a long log's figures
+    are printed as they are measured, not only at its end)."""
+    text = output.rstrip()
+    if len(text) <= tail:
+        return text
+    early = [line for line in text[:-tail].splitlines() if line.startswith(PREFIX)]
+    return "\n".join([*early, "[...]", text[-tail:]])
+
+
+def has_gpu() -> bool:
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def previous_results() -> tuple[dict[str, list[dict[str, str]]], dict[str, str]]:
@@ -133,15 +158,27 @@ def previous_results() -> tuple[dict[str, list[dict[str, str]]], dict[str, str]]
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--from-log", type=Path, help="with --only: take its output from this log instead of running it")
     parser.add_argument("--only", nargs=argparse.REMAINDER, help="one benchmark: its script and arguments")
-    only = tuple(parser.parse_args().only or ())
+    parsed = parser.parse_args()
+    only = tuple(parsed.only or ())
     if only and only not in BENCHMARKS:
         parser.error(f"--only {' '.join(only)}: not one of {', '.join(' '.join(b) for b in BENCHMARKS)}")
+    if parsed.from_log and not only:
+        parser.error("--from-log needs --only with the benchmark that wrote the log")
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    figures, sections = previous_results() if only else ({}, {})
+    figures, sections = previous_results()
+    if not only:  # a full run replaces everything it measures
+        figures = {command_of(b): figures[command_of(b)] for b in NEEDS_GPU if command_of(b) in figures}
+        sections = {heading_of(b): sections[heading_of(b)] for b in NEEDS_GPU if heading_of(b) in sections}
     failed = 0
+    gpu = has_gpu()
     for benchmark in ([only] if only else BENCHMARKS):
-        figures[command_of(benchmark)], sections[heading_of(benchmark)], ok = run_benchmark(benchmark, stamp)
+        if benchmark in NEEDS_GPU and not gpu and not parsed.from_log:
+            print(f"\n=== {command_of(benchmark)}: no GPU here, its figures in RESULTS.md are kept ===", flush=True)
+            continue
+        figures[command_of(benchmark)], sections[heading_of(benchmark)], ok = run_benchmark(benchmark, stamp,
+                                                                                            parsed.from_log)
         failed += not ok
     table = figures_table([(command_of(b), f) for b in BENCHMARKS for f in figures.get(command_of(b), [])])
     when = f"{stamp} ({' '.join(only)} only; each section below says when it ran)" if only else stamp

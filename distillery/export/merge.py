@@ -4,7 +4,10 @@
 - `merge_adapter` merges with Unsloth's save_pretrained_merged(save_method="merged_16bit") on the unsloth
   backend, PEFT's merge_and_unload on the hf backend; the base is always loaded in 16 bits (never a
   dequantized 4-bit copy), offline when it is a local directory; the tokenizer (training chat template, EOS)
-  and a generation config whose eos is the training EOS go beside the sharded safetensors;
+  and a generation config whose eos is the training EOS go beside the sharded safetensors. Unsloth's merge runs
+  in a child process: importing Unsloth patches transformers for the whole process (on a GPU machine its rotary
+  embeddings then live on CUDA, and a model verified on the CPU afterwards fails), so the export process, which
+  goes on to verify with plain transformers, never imports it;
 - `verify_merge` proves the adapter survived: on fixed tokens the merged model's next-token distribution is
   much closer to base+adapter (unmerged) than the base's is (only 16-bit rounding apart).
 """
@@ -87,12 +90,22 @@ def _merge_with_peft(base_model: str, adapter_dir: Path, out: Path, dtype: str, 
 
 
 def _merge_with_unsloth(adapter_dir: Path, out: Path, dtype: str, max_shard_size: str) -> None:
+    from distillery.core.isolation import Child
+
+    with Child("Unsloth", f"merging {adapter_dir} into 16-bit weights",
+               hint="If it ran out of memory, merge on a machine with more RAM or set finetune.backend: hf.") as child:
+        child.call(unsloth_merge, str(adapter_dir), str(out), dtype, max_shard_size)
+
+
+def unsloth_merge(state: dict, emit: Any, adapter_dir: str, out: str, dtype: str, max_shard_size: str) -> None:
+    """In the merge's child process (core/isolation.py): Unsloth's 16-bit merge of the adapter into its base."""
+    import unsloth  # noqa: F401  -- before transformers, as Unsloth asks
     from unsloth import FastLanguageModel
 
     # load_in_4bit=False: the merge goes into the base's original 16-bit weights, never a dequantized copy.
-    model, tokenizer = FastLanguageModel.from_pretrained(model_name=str(adapter_dir), load_in_4bit=False,
+    model, tokenizer = FastLanguageModel.from_pretrained(model_name=adapter_dir, load_in_4bit=False,
                                                          dtype=torch_dtype(dtype))
-    model.save_pretrained_merged(str(out), tokenizer, save_method="merged_16bit", max_shard_size=max_shard_size)
+    model.save_pretrained_merged(out, tokenizer, save_method="merged_16bit", max_shard_size=max_shard_size)
 
 
 def finish_merged_dir(out: Path, adapter_dir: Path) -> None:

@@ -205,8 +205,6 @@ def plan_export(ctx: StageContext) -> Plan:
     cfg = ctx.cfg.export
     adapter_dir = ctx.upstream("finetune", "adapter")
     summary = merge.read_finetune(adapter_dir, ctx.upstream("finetune", "summary"))
-    if summary["backend"] == "unsloth":
-        import unsloth  # noqa: F401  (before transformers, as Unsloth asks, for its merge)
     outtype, quants = plan_types(cfg)
     imatrix = gguf_io.load_imatrix(Path(cfg.imatrix)) if cfg.imatrix else None
     template, eos, tokenizer = training_template(ctx, adapter_dir)

@@ -49,7 +49,11 @@ def _tensors(directory: Path) -> dict:
 @pytest.mark.slow
 def test_unsloth_and_peft_merges_agree_and_keep_the_adapter(tmp_path: Path, demo_model_path: str) -> None:
     """Unsloth's save_pretrained_merged and PEFT's merge_and_unload give the same 16-bit weights, and the
-    merge check proves the adapter is in them."""
+    merge check proves the adapter is in them. Unsloth merges in a child process: imported here it would patch
+    transformers for the verification that follows (on a GPU machine bench/gpu.py saw that verification fail
+    with its rotary embeddings on CUDA and the model on the CPU)."""
+    import sys
+
     import torch
 
     run = make_adapter_run(tmp_path / "runs", demo_model_path, backend="unsloth")
@@ -57,6 +61,7 @@ def test_unsloth_and_peft_merges_agree_and_keep_the_adapter(tmp_path: Path, demo
     summary = merge.read_finetune(finetune / "adapter", finetune / "summary.json")
     adapter = finetune / "adapter"
     unsloth_stats = merge.merge_adapter(summary, adapter, tmp_path / "unsloth", "bf16", "100MB")
+    assert "unsloth" not in sys.modules  # the merge ran in its own process; no stage imports Unsloth here
     peft_stats = merge.merge_adapter({**summary, "backend": "hf"}, adapter, tmp_path / "peft", "bf16", "100MB")
     assert unsloth_stats["shards"] > 1 and peft_stats["shards"] > 1  # max_shard_size honoured
     a, b = _tensors(tmp_path / "unsloth"), _tensors(tmp_path / "peft")
