@@ -1,16 +1,16 @@
 """Running untrusted code (dataset reference code on a model's predicted input) without trusting it.
 
-Each call is a separate process (`python -I sandbox_runner.py`) in its own session, with:
-- an empty temporary working directory, removed afterwards, and a scrubbed environment (PATH, locale, HOME/TMPDIR
-  pointing at that directory, one BLAS thread: no HF_TOKEN, no API key, nothing else of ours);
-- limits on CPU seconds, address space, file size, open files and processes (the runner sets them);
-- when we are root, a throw-away uid: RLIMIT_NPROC binds it (not root), it cannot read root's files of mode 0600
-  or another process's /proc/<pid>/environ, and after the run every process left under that uid is killed;
-- when we are root, a private mount namespace: the file tree read-only, fresh tmpfs on /tmp, /var/tmp and
-  /dev/shm that vanish with the run, only the working directory writable;
-- no network: an empty network namespace where the kernel allows it, else an audit hook that refuses sockets;
-  and no Unix-domain sockets (a seccomp filter), which a network namespace does not cover;
-- a wall-clock timeout after which the whole process group is killed, and stdout + stderr capped in size.
+Each call is a separate process (`python -I sandbox_runner.py`) in its own session; the runner builds the walls
+before the code runs (its docstring lists them: namespaces, a new root holding only the Python runtime, limits,
+an empty keyring, a throw-away uid when we are root, a seccomp filter). This side:
+- makes an empty working directory (only a mount point when the new root holds) and removes it afterwards,
+  however deep a tree the code left in it, and passes a scrubbed environment (no HF_TOKEN, no API key);
+- puts the run in a cgroup (reasoning/cgroups.py) that bounds the memory and processes of everything it starts,
+  or, where no cgroup can be made, watches their memory and kills them past `memory_mb`;
+- picks a throw-away uid that no process uses, kills the whole process group and every process of that uid
+  after the run, and stops it at the wall-clock timeout or when its output passes `max_output_kb`;
+- reads what comes back as untrusted text: a result that cannot be parsed (huge integers, deep nesting, a forged
+  line) is a failed run, printed text is cut and cleaned of control characters and terminal escapes.
 A failure of any kind is a SandboxResult with a status, never an exception: the caller turns it into a failed
 check and carries on.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import selectors
 import shutil
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distillery.reasoning.cgroups import ResourceGroup
+
 RUNNER = Path(__file__).with_name("sandbox_runner.py")
 UID_RANGE = (200_000, 2**31 - 2)  # throw-away uids: no passwd entry, nothing owned by them on the machine
 SIGNAL_REASONS = {signal.SIGXCPU: "CPU time limit exceeded", signal.SIGXFSZ: "file size limit exceeded",
@@ -40,10 +43,10 @@ SIGNAL_REASONS = {signal.SIGXCPU: "CPU time limit exceeded", signal.SIGXFSZ: "fi
 @dataclass(frozen=True)
 class Limits:
     timeout_s: float = 5.0
-    memory_mb: int = 1024
-    file_size_mb: int = 8
+    memory_mb: int = 1024  # every process of the run together (and each one alone)
+    file_size_mb: int = 8  # everything the run writes, together (its working directory is a tmpfs of this size)
     max_processes: int = 16
-    max_output_kb: int = 256
+    max_output_kb: int = 256  # stdout and stderr together; the result travels on stdout
 
     @classmethod
     def from_config(cls, section: Any) -> "Limits":
@@ -52,15 +55,17 @@ class Limits:
 
 @dataclass
 class SandboxResult:
-    status: str  # ok | error | timeout | output_limit
+    status: str  # ok | error | timeout | output_limit | memory_limit
     value: Any = None
     message: str = ""
     stdout: str = ""
     stderr: str = ""
     seconds: float = 0.0
     network: str = ""  # what cut the network: namespace or audit-hook
-    files: str = ""  # what contains file writes: private-mounts or audit-hook
-    unix_sockets: str = ""  # what refuses AF_UNIX sockets: seccomp or audit-hook
+    files: str = ""  # what hides the host's files and contains writes: new-root or audit-hook
+    unix_sockets: str = ""  # what refuses sockets (AF_UNIX, AF_VSOCK, ...), io_uring, namespaces: seccomp or audit-hook
+    keyring: str = ""  # own (an empty session keyring) or inherited
+    memory: str = ""  # what bounds the memory of all its processes together: cgroup-v1, cgroup-v2 or watchdog
     uid: int | None = None  # the throw-away uid it ran under (None: our own uid, when not root)
 
     @property
@@ -68,36 +73,90 @@ class SandboxResult:
         return self.status == "ok"
 
 
-def run_function(code: str, funcname: str, args: Any, limits: Limits = Limits()) -> SandboxResult:
-    """Define `code` in a fresh sandboxed interpreter and return the JSON result of `funcname(**args)`."""
+def run_function(code: str, funcname: str, args: Any, limits: Limits = Limits(), *,
+                 unprivileged: bool = False) -> SandboxResult:
+    """Define `code` in a fresh sandboxed interpreter and return the JSON result of `funcname(**args)`.
+
+    As root the code runs under a throw-away uid; `unprivileged` runs it as a non-root user would: under our own
+    uid in a user namespace (the same new root and filters, no uid change)."""
     nonce = secrets.token_hex(8)
     workdir = Path(tempfile.mkdtemp(prefix="distill-sandbox-"))
     uid = None
-    if os.geteuid() == 0:
-        uid = secrets.randbelow(UID_RANGE[1] - UID_RANGE[0]) + UID_RANGE[0]
+    if os.geteuid() == 0 and not unprivileged:
+        uid = unused_uid()
         os.chown(workdir, uid, uid)
     # RLIMIT_NPROC counts every thread of the real uid: our own user already has some.
     nproc = limits.max_processes if uid is not None else count_processes(os.getuid(), threads=True) + limits.max_processes
     job = {"code": code, "funcname": funcname, "args": args, "uid": uid, "nonce": nonce,
+           "user_namespace": uid is None and (unprivileged or os.geteuid() != 0),
            "limits": {"cpu_s": int(limits.timeout_s) + 1, "memory_mb": limits.memory_mb,
                       "file_size_mb": limits.file_size_mb, "nproc": nproc}}
+    group = ResourceGroup.create(f"distill-sandbox-{nonce}", limits.memory_mb * 2**20, limits.max_processes + 1)
     started = time.monotonic()
+    proc, stdout, stderr, stopped = None, b"", b"", ""
     try:
         proc = subprocess.Popen([sys.executable, "-I", str(RUNNER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, cwd=workdir, env=scrubbed_env(workdir), start_new_session=True)
+        if group is not None:
+            group.add(proc.pid)  # before it reads its job: nothing of the code runs outside the group
         try:
             proc.stdin.write(json.dumps(job).encode())
             proc.stdin.close()
         except BrokenPipeError:
             pass
-        stdout, stderr, stopped = collect_output(proc, started + limits.timeout_s, limits.max_output_kb * 1024)
-        kill_everything(proc, uid)
-        proc.wait()
+        over_memory = None if group is not None else memory_watchdog(proc.pid, uid, limits.memory_mb)
+        stdout, stderr, stopped = collect_output(proc, started + limits.timeout_s, limits.max_output_kb * 1024,
+                                                 over_memory)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if proc is not None:
+            kill_everything(proc, uid, group)
+            proc.wait()
+        if group is not None:
+            if group.out_of_memory() and proc is not None and proc.returncode != 0:
+                stopped = "memory_limit"
+            group.remove()
+        remove_tree(workdir)
     result = interpret(proc.returncode, stdout, stderr, stopped, nonce, limits)
     result.seconds, result.uid = round(time.monotonic() - started, 3), uid
+    result.memory = group.kind if group is not None else "watchdog"
     return result
+
+
+def unused_uid() -> int:
+    """A throw-away uid in UID_RANGE that no process on the machine has (after the run every process of it is
+    killed, so it must not be somebody's)."""
+    for _ in range(100):
+        uid = secrets.randbelow(UID_RANGE[1] - UID_RANGE[0]) + UID_RANGE[0]
+        if count_processes(uid) == 0:
+            return uid
+    raise RuntimeError("no unused uid found for the sandbox")
+
+
+def remove_tree(path: Path) -> None:
+    """Remove the working directory whatever the code left (shutil.rmtree recurses and fails on a deep tree)."""
+    subprocess.run(["rm", "-rf", "--", str(path)], capture_output=True, check=False)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def memory_watchdog(pid: int, uid: int | None, memory_mb: int):
+    """Where no cgroup can be made: a check, run every tenth of a second, whether the run's processes (its
+    session, or every process of its throw-away uid) together hold more than `memory_mb` of anonymous memory."""
+    limit_kb = memory_mb * 1024
+
+    def over() -> bool:
+        total = 0
+        for status in Path("/proc").glob("[0-9]*/status"):
+            try:
+                fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+                mine = (fields.get("Uid", "").split()[:1] == [str(uid)] if uid is not None
+                        else os.getsid(int(status.parent.name)) == pid)
+            except (OSError, ValueError):
+                continue
+            if mine:
+                total += int(fields.get("RssAnon", "0 kB").split()[0]) + int(fields.get("RssShmem", "0 kB").split()[0])
+        return total > limit_kb
+
+    return over
 
 
 def scrubbed_env(workdir: Path) -> dict[str, str]:
@@ -106,11 +165,12 @@ def scrubbed_env(workdir: Path) -> dict[str, str]:
             "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def collect_output(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[bytes, bytes, str]:
-    """Read stdout/stderr until the process exits, the deadline passes or `cap` bytes arrived.
+def collect_output(proc: subprocess.Popen, deadline: float, cap: int, over_memory=None) -> tuple[bytes, bytes, str]:
+    """Read stdout/stderr until the process exits, the deadline passes, `cap` bytes arrived or `over_memory()`.
 
-    Returns (stdout, stderr, why it was stopped: "" | "timeout" | "output_limit"). Orphaned children that keep a
-    pipe open do not hold us: once the process itself has exited we only drain what is already there.
+    Returns (stdout, stderr, why it was stopped: "" | "timeout" | "output_limit" | "memory_limit"). Orphaned
+    children that keep a pipe open do not hold us: once the process itself has exited we only drain what is
+    already there.
     """
     chunks = {proc.stdout: bytearray(), proc.stderr: bytearray()}
     selector = selectors.DefaultSelector()
@@ -136,17 +196,22 @@ def collect_output(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[b
             if sum(len(c) for c in chunks.values()) > cap:
                 stopped = "output_limit"
                 break
+            if over_memory is not None and over_memory():
+                stopped = "memory_limit"
+                break
     finally:
         selector.close()
     return bytes(chunks[proc.stdout][:cap]), bytes(chunks[proc.stderr][:cap]), stopped
 
 
-def kill_everything(proc: subprocess.Popen, uid: int | None) -> None:
-    """Kill the run's process group and, under a throw-away uid, every process that uid still has."""
+def kill_everything(proc: subprocess.Popen, uid: int | None, group: ResourceGroup | None = None) -> None:
+    """Kill the run's process group, its cgroup and, under a throw-away uid, every process that uid still has."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    if group is not None:
+        group.kill()
     deadline = time.monotonic() + 5
     while uid is not None and count_processes(uid) and time.monotonic() < deadline:
         # kill(-1) from inside the uid reaches exactly that uid's processes, also those that left the group.
@@ -176,27 +241,57 @@ def count_processes(uid: int, threads: bool = False) -> int:
 
 
 def interpret(returncode: int, stdout: bytes, stderr: bytes, stopped: str, nonce: str, limits: Limits) -> SandboxResult:
-    """Turn what the process left into a status, the returned value and a one-line message."""
+    """Turn what the process left into a status, the returned value and a one-line message; never raises."""
     out, err = stdout.decode("utf-8", "replace"), stderr.decode("utf-8", "replace")
     layers = next((line.split()[2:] for line in err.splitlines() if line.startswith(f"{nonce} isolation ")), [])
-    network, files, unix_sockets = (layers + ["", "", ""])[:3]
+    network, files, syscalls, keyring = (layers + ["", "", "", ""])[:4]
     err = "\n".join(line for line in err.splitlines() if not line.startswith(nonce))
-    result = SandboxResult(status="error", stdout=out[-2000:], stderr=err[-2000:], network=network, files=files,
-                           unix_sockets=unix_sockets)
+    marked = [line for line in out.splitlines() if line.startswith(nonce + " ")]
+    printed = out.replace(marked[-1], "") if marked else out
+    result = SandboxResult(status="error", stdout=clean_text(printed.rstrip()), stderr=clean_text(err),
+                           network=network, files=files, unix_sockets=syscalls, keyring=keyring)
     if stopped == "timeout":
         result.status, result.message = "timeout", f"did not finish within {limits.timeout_s:g} s (killed)"
     elif stopped == "output_limit":
         result.status, result.message = "output_limit", f"printed more than {limits.max_output_kb} KB (killed)"
+    elif stopped == "memory_limit":
+        result.status, result.message = "memory_limit", f"its processes used more than {limits.memory_mb} MB (killed)"
     elif returncode < 0:
         result.message = SIGNAL_REASONS.get(-returncode, f"killed by signal {-returncode}")
     elif returncode != 0:
         lines = [line for line in err.strip().splitlines() if line.strip()]
-        result.message = lines[-1].strip() if lines else f"exited with status {returncode}"
+        result.message = clean_text(lines[-1].strip(), MESSAGE_CHARS) if lines else f"exited with status {returncode}"
+    elif not marked:
+        result.message = "the code exited before returning a result"
     else:
-        marked = [line for line in out.splitlines() if line.startswith(nonce + " ")]
-        if not marked:
-            result.message = "the code exited before returning a result"
-        else:
+        try:
             result.status, result.value = "ok", json.loads(marked[-1][len(nonce) + 1:])
-            result.stdout = out.replace(marked[-1], "").rstrip()[-2000:]
+        except (ValueError, RecursionError) as err:  # a forged line, an integer of 5,000 digits, 5,000 nested lists
+            result.status, result.message = "error", clean_text(f"the returned value cannot be read: {err}", MESSAGE_CHARS)
     return result
+
+
+MESSAGE_CHARS, TEXT_CHARS = 300, 2000
+# Terminal escape sequences (CSI, OSC, and two-character ESC sequences), then any other control character.
+ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?|\x9b[0-?]*[ -/]*[@-~]")
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
+
+
+def clean_text(text: str, limit: int = TEXT_CHARS) -> str:
+    """Untrusted text made safe to log, show and send on: no terminal escapes or control characters (newlines and
+    tabs kept), at most `limit` characters (the end kept: tracebacks end with what matters)."""
+    text = CONTROL.sub("", ESCAPES.sub("", text))
+    if len(text) <= limit:
+        return text
+    note = f"[{len(text)} characters, the last ones kept] "
+    return note + text[len(text) - limit + len(note):]
+
+
+def preview(value: Any, limit: int = MESSAGE_CHARS) -> str:
+    """A value's JSON for a message (feedback to a teacher, a report), cleaned and cut to `limit` characters."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        text = repr(type(value))
+    text = CONTROL.sub("", ESCAPES.sub("", text))
+    return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit} characters cut]"

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from distillery.reasoning.sandbox import Limits, run_function
+from distillery.reasoning.sandbox import Limits, preview, run_function
 
 LETTERS = "abcde"
 FLOAT_TOLERANCE = 1e-3  # CodeI/O's relative tolerance
@@ -233,14 +233,17 @@ def verify_codeio_input(record: dict, text: str, limits: Limits) -> Verdict:
                        'No input was found: give it as JSON, {"input": {<name>: <value>, ...}}, with every variable.')
     run = run_function(meta["refcode"], meta["funcname"], pred, limits)
     details = {"sandbox": {"status": run.status, "message": run.message, "seconds": run.seconds,
-                           "network": run.network, "files": run.files, "unix_sockets": run.unix_sockets}}
+                           "network": run.network, "files": run.files, "unix_sockets": run.unix_sockets,
+                           "keyring": run.keyring, "memory": run.memory}}
+    # What the code printed or returned is untrusted: only a cleaned, bounded preview reaches the feedback (and
+    # from there a remote teacher and, after a revision, the training text).
     if not run.ok:
         return Verdict(False, pred, expected,
-                       f"Running the code on the predicted input {json.dumps(pred)} failed: {run.message}", details=details)
+                       f"Running the code on the predicted input {preview(pred)} failed: {run.message}", details=details)
     if not outputs_match(run.value, expected):
         return Verdict(False, pred, expected,
-                       f"Mismatch: the predicted input {json.dumps(pred)} gives {json.dumps(run.value)}, not the required "
-                       f"output {json.dumps(expected)}.", details=details)
+                       f"Mismatch: the predicted input {preview(pred)} gives {preview(run.value)}, not the required "
+                       f"output {preview(expected)}.", details=details)
     return Verdict(True, pred, expected, "Correct: the predicted input gives the required output.",
                    json.dumps({"input": pred}), details=details)
 

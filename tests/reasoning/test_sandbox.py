@@ -1,7 +1,8 @@
 """The sandbox contains each kind of hostile code and reports it as a failed run, never an exception.
 
 Every test caps the run at about 2 s. They run as root here: the fork-bomb and /proc tests check the throw-away
-uid layer, which only exists when the pipeline runs as root (elsewhere RLIMIT_NPROC binds the user itself).
+uid layer, which only exists when the pipeline runs as root (elsewhere RLIMIT_NPROC binds the user itself); the
+`unprivileged` runs and the test as `nobody` check the same walls as a non-root user gets them (a user namespace).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from distillery.reasoning.sandbox import Limits, count_processes, run_function
+from distillery.reasoning import sandbox
+from distillery.reasoning.sandbox import Limits, count_processes, remove_tree, run_function
 
 FAST = Limits(timeout_s=2.0, memory_mb=512, file_size_mb=1, max_processes=8, max_output_kb=64)
 
@@ -82,7 +84,8 @@ def test_memory_bomb_fails_with_memory_error() -> None:
 def test_writing_outside_the_working_directory_is_refused(tmp_path: Path) -> None:
     target = tmp_path / "escaped.txt"
     result = run("def main(path):\n    open(path, 'w').write('x')\n    return 'written'\n", {"path": str(target)})
-    assert result.status == "error" and "PermissionError" in result.message
+    # refused by the audit hook, or (in the new root) the host's directory does not exist
+    assert result.status == "error" and result.message.split(":")[0] in ("PermissionError", "FileNotFoundError")
     assert not target.exists()
     inside = run("def main():\n    open('scratch.txt', 'w').write('ok')\n    return open('scratch.txt').read()\n")
     assert inside.ok and inside.value == "ok"
@@ -102,7 +105,7 @@ def test_parent_secrets_are_not_visible(monkeypatch: pytest.MonkeyPatch) -> None
     assert not any("secret" in value for value in result.value.values())
     if os.geteuid() == 0:  # a throw-away uid may not read another user's /proc/<pid>/environ
         peek = run("import os\ndef main():\n    return open(f'/proc/{os.getppid()}/environ').read()\n")
-        assert peek.status == "error" and "Permission" in peek.message
+        assert peek.status == "error" and peek.message.split(":")[0] in ("PermissionError", "FileNotFoundError")
 
 
 def test_sockets_are_refused_and_nothing_connects() -> None:
@@ -170,7 +173,7 @@ def test_code_creates_nothing_outside_its_directory_by_any_route(escape: str) ->
     code, host_paths = ESCAPES[escape]
     name = f"esc-{secrets.token_hex(6)}"
     result = run_function(code, "main", {"name": name}, Limits(timeout_s=5.0, memory_mb=512, file_size_mb=8))
-    assert result.files == "private-mounts" and result.status in ("ok", "error"), result
+    assert result.files == "new-root" and result.status in ("ok", "error"), result
     left = [p.format(name=name) for p in host_paths if os.path.lexists(p.format(name=name))]
     assert left == [], f"{escape} left {left} on the host"
     if escape == "dev_shm_libc" and result.ok:
@@ -206,3 +209,309 @@ def test_a_host_unix_socket_on_a_filesystem_path_is_not_reachable(tmp_path: Path
     finally:
         listener.close()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+# ---- what the code can see, reach and leave behind -------------------------------------------------------
+
+READ_EVERYTHING = ("import os\n"
+                   "def main(paths):\n"
+                   "    seen = {}\n"
+                   "    for path in paths:\n"
+                   "        try:\n"
+                   "            seen[path] = sorted(os.listdir(path)) if os.path.isdir(path) else open(path).read()\n"
+                   "        except OSError as err:\n"
+                   "            seen[path] = type(err).__name__\n"
+                   "    return seen\n")
+
+
+@pytest.fixture
+def planted_secrets():
+    """World-readable secrets where users keep them: a project's .env under /home, a Hugging Face token in a
+    user's cache, a token under /opt; yielded as {path: content}, removed afterwards."""
+    import secrets
+    import shutil
+
+    tag = f"distillery-test-{secrets.token_hex(4)}"
+    files = {Path("/home") / tag / "project" / ".env": "HF_TOKEN=hf_planted_dotenv",
+             Path("/home") / tag / ".cache" / "huggingface" / "token": "hf_planted_cache",
+             Path("/opt") / tag / "token": "planted_opt_secret"}
+    for path, content in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+        path.chmod(0o644)
+    try:
+        yield {str(p): c for p, c in files.items()}
+    finally:
+        for top in {Path("/home") / tag, Path("/opt") / tag}:
+            shutil.rmtree(top, ignore_errors=True)
+
+
+@AS_ROOT
+@pytest.mark.parametrize("unprivileged", [False, True], ids=["throw-away-uid", "user-namespace"])
+def test_only_the_python_runtime_is_visible(planted_secrets: dict, unprivileged: bool) -> None:
+    from distillery.reasoning.sandbox_runner import runtime_paths
+
+    project = Path(__file__).resolve().parents[2]
+    paths = [*planted_secrets, "/home", "/opt", "/srv", "/run", "/etc/passwd", str(project / "pyproject.toml")]
+    result = run_function(READ_EVERYTHING, "main", {"paths": [*paths, "/root"]}, FAST, unprivileged=unprivileged)
+    assert result.ok and result.files == "new-root", result
+    assert all(result.value[p] in ("FileNotFoundError", "PermissionError") for p in paths), result.value
+    assert not any(secret in json_text(result) for secret in planted_secrets.values())
+    # /root holds only the way to a runtime directory there (pyenv's Python), if any
+    leading = {Path(p).parts[2] for p in runtime_paths() if p.startswith("/root/")}
+    assert result.value["/root"] in ("FileNotFoundError", "PermissionError") or set(result.value["/root"]) <= leading
+
+
+def json_text(result) -> str:
+    import json
+
+    return json.dumps(result.value) + result.stdout + result.stderr + result.message
+
+
+@pytest.mark.skipif(not Path("/usr/bin/python3").is_file() or os.geteuid() != 0,
+                    reason="needs root to become `nobody`, and a Python that `nobody` can run")
+def test_a_normal_user_gets_the_same_walls(planted_secrets: dict) -> None:
+    """Distillery run by a non-root user (`nobody`, with the system's Python): the user namespace gives it the
+    new root, the network namespace and the filters; a cgroup is out of reach, so the watchdog bounds memory."""
+    import json
+    import subprocess
+
+    import tempfile
+
+    project = Path(__file__).resolve().parents[2]
+    tmp_path = Path(tempfile.mkdtemp(prefix="distillery-nobody-"))  # pytest's own tmp_path is root's (0700)
+    script = tmp_path / "as_nobody.py"
+    script.write_text(f"import json, sys\nsys.path.insert(0, {str(project)!r})\n"
+                      "from distillery.reasoning.sandbox import Limits, run_function\n"
+                      f"r = run_function({READ_EVERYTHING!r}, 'main', {{'paths': {list(planted_secrets)!r}}}, "
+                      "Limits(timeout_s=5))\n"
+                      "print(json.dumps([r.status, r.value, r.files, r.network, r.unix_sockets, r.memory, r.uid]))\n")
+    tmp_path.chmod(0o755)
+    script.chmod(0o644)
+    try:
+        done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3",
+                               str(script)], capture_output=True, text=True, timeout=60, cwd="/")
+    finally:
+        remove_tree(tmp_path)
+    assert done.returncode == 0, done.stderr
+    status, value, files, network, syscalls, memory, uid = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (status, files, network, syscalls, memory, uid) == ("ok", "new-root", "namespace", "seccomp", "watchdog", None)
+    assert set(value.values()) <= {"FileNotFoundError", "PermissionError"}, value
+
+
+def test_host_unix_sockets_are_unreachable_by_any_call(tmp_path: Path) -> None:
+    """socket, socketpair (the raw syscall, then sendto a host path), io_uring and AF_VSOCK all fail, and the
+    host's listeners receive nothing."""
+    import secrets
+    import shutil
+
+    directory = Path("/run") / f"distillery-test-{secrets.token_hex(4)}"
+    directory.mkdir(mode=0o755)
+    stream_path, dgram_path = directory / "stream.sock", directory / "dgram.sock"
+    stream, dgram = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        stream.bind(str(stream_path))
+        dgram.bind(str(dgram_path))
+        for path in (stream_path, dgram_path):
+            path.chmod(0o777)
+        stream.listen(1)
+        stream.settimeout(0.3)
+        dgram.settimeout(0.3)
+        code = (LIBC + "class Addr(ctypes.Structure):\n"
+                "    _fields_ = [('family', ctypes.c_ushort), ('path', ctypes.c_char * 108)]\n"
+                "def call(*args):\n"
+                "    value = libc.syscall(*args)\n"
+                "    return [value, ctypes.get_errno()]\n"
+                "def main(stream, dgram):\n"
+                "    pair = (ctypes.c_int * 2)(-1, -1)\n"
+                "    out = {'socket': call(41, 1, 1, 0), 'socketpair': call(53, 1, 2, 0, ctypes.byref(pair)),\n"
+                "           'vsock': call(41, 40, 1, 0), 'io_uring_setup': call(425, 8, ctypes.byref((ctypes.c_char * 120)()))}\n"
+                "    addr = Addr(1, dgram.encode())\n"
+                "    out['sendto'] = call(44, pair[0], b'x', 1, 0, ctypes.byref(addr), ctypes.sizeof(addr))\n"
+                "    out['visible'] = os.path.exists(stream) or os.path.exists(dgram)\n"
+                "    return out\n")
+        result = run_function(code, "main", {"stream": str(stream_path), "dgram": str(dgram_path)}, FAST)
+        assert result.ok and result.unix_sockets == "seccomp", result
+        assert result.value["socket"][0] == result.value["socketpair"][0] == result.value["vsock"][0] == -1
+        assert result.value["io_uring_setup"][0] == -1 and result.value["sendto"][0] == -1
+        assert result.value["visible"] is (result.files != "new-root")
+        with pytest.raises(socket.timeout):
+            stream.accept()
+        with pytest.raises(socket.timeout):
+            dgram.recv(16)
+    finally:
+        stream.close()
+        dgram.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_the_kernel_interfaces_of_escapes_are_refused() -> None:
+    """Each refused call fails with the seccomp filter's errno, not the kernel's own answer to odd arguments."""
+    from distillery.reasoning.sandbox_runner import DENIED, SYSCALLS
+
+    import platform
+
+    column = 0 if platform.machine() == "x86_64" else 1
+    calls = {name: SYSCALLS[name][column] for name in ("unshare", "setns", "userfaultfd", "perf_event_open", "bpf",
+                                                       "keyctl", "add_key", "mount", "ptrace", "io_uring_setup",
+                                                       "open_by_handle_at", "clone3")}
+    code = (LIBC + "def main(calls):\n"
+            "    out = {}\n"
+            "    for name, number in calls.items():\n"
+            "        value = libc.syscall(number, 0x10000000 if name == 'unshare' else 0, 0, 0, 0, 0)\n"
+            "        out[name] = [value, ctypes.get_errno()]\n"
+            "    out['clone_newuser'] = [libc.syscall(%d, 0x10000000 | 17, 0, 0, 0, 0), ctypes.get_errno()]\n"
+            "    return out\n") % SYSCALLS["clone"][column]
+    result = run_function(code, "main", {"calls": calls}, FAST)
+    assert result.ok and result.unix_sockets == "seccomp", result
+    assert {name: tuple(got) for name, got in result.value.items()} == {
+        **{name: (-1, DENIED[name]) for name in calls}, "clone_newuser": (-1, 1)}
+
+
+@AS_ROOT
+def test_root_session_keyring_is_not_inherited() -> None:
+    import ctypes
+    import platform
+    import secrets
+
+    from distillery.reasoning.sandbox_runner import SYSCALLS
+
+    column = 0 if platform.machine() == "x86_64" else 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    payload = f"planted-key-{secrets.token_hex(4)}".encode()
+    key = libc.syscall(SYSCALLS["add_key"][column], b"user", b"distillery-test", payload, len(payload), -3)  # @s
+    assert key > 0, ctypes.get_errno()
+    try:
+        code = (LIBC + "def main(key, keyctl):\n"
+                "    buffer = ctypes.create_string_buffer(256)\n"
+                "    read = libc.syscall(keyctl, 11, key, buffer, 256)\n"  # KEYCTL_READ
+                "    session = libc.syscall(keyctl, 0, -3, 0)\n"  # KEYCTL_GET_KEYRING_ID of @s
+                "    return [read, session, buffer.raw.rstrip(b'\\0').decode(errors='replace')]\n")
+        result = run_function(code, "main", {"key": key, "keyctl": SYSCALLS["keyctl"][column]}, FAST)
+        assert result.ok and result.keyring == "own", result
+        assert result.value[0] == -1 and result.value[1] == -1 and payload.decode() not in json_text(result)
+    finally:
+        libc.syscall(SYSCALLS["keyctl"][column], 3, key)  # KEYCTL_REVOKE
+
+
+FORK_AND_HOLD = ("import os, time\n"
+                 "def main(children, mb):\n"
+                 "    r, w = os.pipe()\n"
+                 "    for _ in range(children):\n"
+                 "        if os.fork() == 0:\n"
+                 "            block = b'x' * (mb << 20)\n"
+                 "            os.write(w, b'1')\n"
+                 "            time.sleep(3)\n"
+                 "            os._exit(0)\n"
+                 "    os.close(w)\n"
+                 "    got, deadline = b'', time.time() + 2.5\n"
+                 "    while time.time() < deadline:\n"
+                 "        chunk = os.read(r, 8)\n"
+                 "        if not chunk:\n"
+                 "            break\n"
+                 "        got += chunk\n"
+                 "    return len(got)\n")
+
+
+@pytest.mark.parametrize("bound", ["cgroup", "watchdog"])
+def test_memory_is_bounded_across_all_processes(bound: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four children of 300 MB each, each under the per-process limit: only one fits in memory_mb=512 together."""
+    if bound == "watchdog":
+        monkeypatch.setattr(sandbox.ResourceGroup, "create", classmethod(lambda cls, *args: None))
+    limits = Limits(timeout_s=6.0, memory_mb=512, file_size_mb=1, max_processes=8, max_output_kb=64)
+    result = run_function(FORK_AND_HOLD, "main", {"children": 4, "mb": 300}, limits)
+    assert result.memory == ("watchdog" if bound == "watchdog" else result.memory)
+    if bound == "cgroup" and not result.memory.startswith("cgroup"):
+        pytest.skip("no cgroup can be made here: the watchdog case covers this machine")
+    assert result.status == "memory_limit" or (result.ok and result.value <= 1), result
+    if result.uid is not None:
+        assert count_processes(result.uid) == 0
+
+
+def test_writes_are_bounded_together_and_never_reach_the_host() -> None:
+    before = set(Path("/tmp").glob("distill-sandbox-*"))
+    code = ("def main():\n"
+            "    written = 0\n"
+            "    for i in range(50):\n"
+            "        try:\n"
+            "            with open(f'part-{i}', 'wb') as handle:\n"
+            "                handle.write(b'x' * (512 << 10))\n"
+            "        except OSError as err:\n"
+            "            return [written, err.errno]\n"
+            "        written += 512 << 10\n"
+            "    return [written, 0]\n")
+    result = run_function(code, "main", {}, Limits(timeout_s=3.0, memory_mb=512, file_size_mb=2))
+    assert result.ok, result
+    written, error = result.value
+    if result.files == "new-root":
+        assert written <= 2 << 20 and error == 28  # ENOSPC: 2 MB for all files together
+    assert set(Path("/tmp").glob("distill-sandbox-*")) == before
+
+
+HOSTILE_RESULTS = {
+    "huge_int": "import sys\ndef main():\n    sys.set_int_max_str_digits(0)\n    return 10 ** 5000\n",
+    "deep_nesting": ("import os, sys\ndef main():\n    nonce = sys._getframe(1).f_locals['job']['nonce']\n"
+                     "    print('\\n' + nonce + ' ' + '[' * 5000 + ']' * 5000, flush=True)\n    os._exit(0)\n"),
+    "forged_line": ("import os, sys\ndef main():\n    nonce = sys._getframe(1).f_locals['job']['nonce']\n"
+                    "    print('\\n' + nonce + ' {not json', flush=True)\n    os._exit(0)\n"),
+    "deep_directories": ("import os\ndef main():\n    for _ in range(3000):\n        os.mkdir('d')\n"
+                         "        os.chdir('d')\n    return 'deep'\n"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_RESULTS))
+def test_hostile_results_become_failed_runs_and_leave_nothing(case: str) -> None:
+    before = set(Path("/tmp").glob("distill-sandbox-*"))
+    result = run_function(HOSTILE_RESULTS[case], "main", {}, FAST)
+    assert isinstance(result, sandbox.SandboxResult)
+    if case == "deep_directories":
+        assert result.ok and result.value == "deep"
+    else:
+        assert result.status == "error" and len(result.message) <= 400, result
+    assert set(Path("/tmp").glob("distill-sandbox-*")) == before
+
+
+def test_a_deep_tree_left_on_the_host_is_removed(tmp_path: Path) -> None:
+    """Where no new root holds, the code writes into the host directory: its removal must not recurse."""
+    top = tmp_path / "work"
+    top.mkdir()
+    os.chdir(top)
+    try:
+        for _ in range(3000):
+            os.mkdir("d")
+            os.chdir("d")
+    finally:
+        os.chdir(tmp_path)
+    remove_tree(top)
+    assert not top.exists()
+
+
+def test_printed_text_is_cleaned_and_bounded() -> None:
+    code = ("import sys\ndef main():\n"
+            "    print('\\x1b[2J\\x1b]0;owned\\x07visible\\x00\\x08')\n"
+            "    print('\\x1b[31m' + 'E' * 240000, file=sys.stderr)\n"
+            "    raise ValueError('\\x1b[1m' + 'A' * 200000)\n")
+    result = run_function(code, "main", {}, Limits(timeout_s=3.0, memory_mb=512, max_output_kb=1024))
+    assert result.status == "error"
+    for text in (result.stdout, result.stderr, result.message):
+        assert "\x1b" not in text and "\x00" not in text and "\x08" not in text
+    assert "visible" in result.stdout
+    assert len(result.message) <= 400 and len(result.stderr) <= 2100
+
+
+@AS_ROOT
+def test_the_throw_away_uid_is_one_no_process_has(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    low = sandbox.UID_RANGE[0]
+    busy = subprocess.Popen(["setpriv", f"--reuid={low + 7}", f"--regid={low + 7}", "--clear-groups", "sleep", "30"])
+    try:
+        deadline = time.monotonic() + 5
+        while not count_processes(low + 7) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        picks = iter([7, 7, 9])
+        monkeypatch.setattr(sandbox.secrets, "randbelow", lambda n: next(picks))
+        assert sandbox.unused_uid() == low + 9
+    finally:
+        busy.kill()
+        busy.wait()

@@ -148,7 +148,7 @@ HOSTILE = {
     "fork bomb": ("import os\ndef main_solution(a, b):\n    while True:\n        try:\n            os.fork()\n"
                   "        except OSError:\n            pass\n", "did not finish"),
     "memory bomb": ("def main_solution(a, b):\n    return len(bytearray(8 * 1024 ** 3))\n", "MemoryError"),
-    "write outside": ("def main_solution(a, b):\n    open('/tmp/distill-escape-test.txt', 'w').write('x')\n    return 7\n",
+    "write outside": ("def main_solution(a, b):\n    open('/var/tmp/distill-escape-test.txt', 'w').write('x')\n    return 7\n",
                       "PermissionError"),
     "read secrets": ("import os\ndef main_solution(a, b):\n    return os.environ['HF_TOKEN']\n", "KeyError"),
     "socket": ("import socket\ndef main_solution(a, b):\n    socket.socket().connect(('127.0.0.1', 22))\n    return 7\n",
@@ -165,4 +165,13 @@ def test_hostile_code_is_a_failed_check_with_its_reason(kind: str, monkeypatch: 
     verdict = verify_codeio_input(record, '{"input": {"a": 3, "b": 4}}', LIMITS)
     assert not verdict.ok and reason in verdict.feedback
     assert "hf_should_never_be_seen" not in verdict.feedback
-    assert not Path("/tmp/distill-escape-test.txt").exists()
+    assert not Path("/var/tmp/distill-escape-test.txt").exists()
+
+
+def test_what_the_code_returns_reaches_the_feedback_cleaned_and_bounded() -> None:
+    """A 200 KB return value with terminal escapes: the teacher's feedback (and a revised trace) gets a preview."""
+    refcode = "def main_solution(a, b):\n    return '\\x1b]0;owned\\x07' + 'x' * 200000\n"
+    verdict = verify_codeio_input(codeio_record("code_io_input", io_output=7, refcode=refcode),
+                                  '{"input": {"a": 3, "b": 4}}', Limits(timeout_s=2.0, memory_mb=512))
+    assert not verdict.ok and "gives" in verdict.feedback
+    assert len(verdict.feedback) < 1000 and "\x1b" not in verdict.feedback and "characters cut" in verdict.feedback
