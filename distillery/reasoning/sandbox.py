@@ -65,6 +65,7 @@ class SandboxResult:
     files: str = ""  # what hides the host's files and contains writes: new-root or audit-hook
     unix_sockets: str = ""  # what refuses sockets (AF_UNIX, AF_VSOCK, ...), io_uring, namespaces: seccomp or audit-hook
     keyring: str = ""  # own (an empty session keyring) or inherited
+    processes: str = ""  # namespace (it sees and signals only its own processes) or shared
     memory: str = ""  # what bounds the memory of all its processes together: cgroup-v1, cgroup-v2 or watchdog
     uid: int | None = None  # the throw-away uid it ran under (None: our own uid, when not root)
 
@@ -244,12 +245,13 @@ def interpret(returncode: int, stdout: bytes, stderr: bytes, stopped: str, nonce
     """Turn what the process left into a status, the returned value and a one-line message; never raises."""
     out, err = stdout.decode("utf-8", "replace"), stderr.decode("utf-8", "replace")
     layers = next((line.split()[2:] for line in err.splitlines() if line.startswith(f"{nonce} isolation ")), [])
-    network, files, syscalls, keyring = (layers + ["", "", "", ""])[:4]
+    network, files, syscalls, keyring, processes = (layers + [""] * 5)[:5]
     err = "\n".join(line for line in err.splitlines() if not line.startswith(nonce))
     marked = [line for line in out.splitlines() if line.startswith(nonce + " ")]
     printed = out.replace(marked[-1], "") if marked else out
     result = SandboxResult(status="error", stdout=clean_text(printed.rstrip()), stderr=clean_text(err),
-                           network=network, files=files, unix_sockets=syscalls, keyring=keyring)
+                           network=network, files=files, unix_sockets=syscalls, keyring=keyring,
+                           processes=processes)
     if stopped == "timeout":
         result.status, result.message = "timeout", f"did not finish within {limits.timeout_s:g} s (killed)"
     elif stopped == "output_limit":

@@ -2,7 +2,9 @@
 
 This script itself is trusted. It reads its whole job from stdin (JSON: code, funcname, args, limits, uid,
 nonce), then, before any untrusted line runs:
-1. new namespaces: mount and network (and, when not root, a user namespace that maps only our own uid);
+1. new namespaces: mount, network and PID (and, when not root, a user namespace that maps only our own uid);
+   the code runs in a child that is PID 1 of its own namespace: it can neither see nor signal any process
+   outside it (kill(-1) included), and everything it starts dies with it;
 2. a new root (`new_root`): a small read-only tmpfs holding only what Python needs to run (/usr, the
    interpreter's own sys.path directories, /dev/null and the random devices), all read-only, and one writable
    tmpfs of `file_size_mb` as the working directory (/sandbox; /tmp points there). The old tree is detached: /home,
@@ -30,9 +32,10 @@ import json
 import os
 import platform
 import resource
+import signal
 import sys
 
-CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
+CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
 # Every CLONE_NEW* flag: clone(2) with any of them is refused (NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET).
 NAMESPACE_FLAGS = 0x7E020000
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
@@ -61,10 +64,11 @@ def checked(result: int, what: str) -> int:
 # ---- 1-2. namespaces and the new root ---------------------------------------------------------------------
 
 
-def isolate(host_dir: str, disk_mb: int, uid, user_namespace: bool) -> tuple[str, str]:
-    """New namespaces and, in them, the new root: (what cuts the network, what hides and contains files)."""
+def isolate(host_dir: str, disk_mb: int, uid, user_namespace: bool) -> tuple[str, str, str]:
+    """New namespaces and, in them, the new root: (what cuts the network, what hides and contains files, whether
+    the code's processes get a namespace of their own)."""
     c = libc()
-    flags = CLONE_NEWNS | CLONE_NEWNET | (CLONE_NEWUSER if user_namespace else 0)
+    flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | (CLONE_NEWUSER if user_namespace else 0)
     ids = os.getuid(), os.getgid()  # read before the new user namespace, where they are unmapped
     try:
         checked(c.unshare(flags), "unshare")
@@ -73,14 +77,14 @@ def isolate(host_dir: str, disk_mb: int, uid, user_namespace: bool) -> tuple[str
             network = "namespace" if c.unshare(CLONE_NEWNET | (CLONE_NEWUSER if user_namespace else 0)) == 0 else "audit-hook"
         except AttributeError:  # not Linux
             network = "audit-hook"
-        return network, "audit-hook"
+        return network, "audit-hook", "shared"
     if user_namespace:
         map_own_ids(*ids)
     try:
         new_root(host_dir, disk_mb, uid)
     except OSError:
-        return "namespace", "audit-hook"
-    return "namespace", "new-root"
+        return "namespace", "audit-hook", "namespace"
+    return "namespace", "new-root", "namespace"
 
 
 def map_own_ids(uid: int, gid: int) -> None:
@@ -326,13 +330,27 @@ def is_directory(path) -> bool:
     return not isinstance(path, int) and os.path.isdir(path)
 
 
+def first_process_of_the_namespace() -> None:
+    """Fork: the child goes on as PID 1 of the new PID namespace; this process only waits and exits as it did."""
+    pid = os.fork()
+    if pid == 0:
+        return
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+        os.kill(os.getpid(), os.WTERMSIG(status))
+    os._exit(os.waitstatus_to_exitcode(status))
+
+
 def main() -> None:
     job = json.loads(sys.stdin.read())
     sys.stdin.close()
     sys.dont_write_bytecode = True
     limits, uid = job["limits"], job.get("uid")
     user_namespace = job.get("user_namespace", os.geteuid() != 0)
-    network, files = isolate(os.path.realpath(os.getcwd()), limits["file_size_mb"], uid, user_namespace)
+    network, files, processes = isolate(os.path.realpath(os.getcwd()), limits["file_size_mb"], uid, user_namespace)
+    if processes == "namespace":
+        first_process_of_the_namespace()
     root = os.path.realpath(os.getcwd())
     os.environ["HOME"] = os.environ["TMPDIR"] = root
     set_limits(limits)
@@ -342,7 +360,7 @@ def main() -> None:
         drop_privileges(uid)
     syscalls = install_seccomp()
     install_guard(root)
-    print(f"{job['nonce']} isolation {network} {files} {syscalls} {keyring}", file=sys.stderr, flush=True)
+    print(f"{job['nonce']} isolation {network} {files} {syscalls} {keyring} {processes}", file=sys.stderr, flush=True)
     namespace = {"__name__": "__sandboxed__"}
     exec(compile(job["code"], "<refcode>", "exec"), namespace)
     function = namespace[job["funcname"]]

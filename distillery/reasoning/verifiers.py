@@ -234,7 +234,7 @@ def verify_codeio_input(record: dict, text: str, limits: Limits) -> Verdict:
     run = run_function(meta["refcode"], meta["funcname"], pred, limits)
     details = {"sandbox": {"status": run.status, "message": run.message, "seconds": run.seconds,
                            "network": run.network, "files": run.files, "unix_sockets": run.unix_sockets,
-                           "keyring": run.keyring, "memory": run.memory}}
+                           "keyring": run.keyring, "processes": run.processes, "memory": run.memory}}
     # What the code printed or returned is untrusted: only a cleaned, bounded preview reaches the feedback (and
     # from there a remote teacher and, after a revision, the training text).
     if not run.ok:

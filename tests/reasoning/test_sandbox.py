@@ -396,26 +396,22 @@ def test_root_session_keyring_is_not_inherited() -> None:
 
 FORK_AND_HOLD = ("import os, time\n"
                  "def main(children, mb):\n"
-                 "    r, w = os.pipe()\n"
+                 "    pids = []\n"
                  "    for _ in range(children):\n"
-                 "        if os.fork() == 0:\n"
+                 "        pid = os.fork()\n"
+                 "        if pid == 0:\n"
                  "            block = b'x' * (mb << 20)\n"
-                 "            os.write(w, b'1')\n"
-                 "            time.sleep(3)\n"
+                 "            time.sleep(4)\n"
                  "            os._exit(0)\n"
-                 "    os.close(w)\n"
-                 "    got, deadline = b'', time.time() + 2.5\n"
-                 "    while time.time() < deadline:\n"
-                 "        chunk = os.read(r, 8)\n"
-                 "        if not chunk:\n"
-                 "            break\n"
-                 "        got += chunk\n"
-                 "    return len(got)\n")
+                 "        pids.append(pid)\n"
+                 "    time.sleep(2)\n"  # by now each child holds its block or was killed
+                 "    return sum(os.waitpid(pid, os.WNOHANG)[0] == 0 for pid in pids)\n")
 
 
 @pytest.mark.parametrize("bound", ["cgroup", "watchdog"])
 def test_memory_is_bounded_across_all_processes(bound: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Four children of 300 MB each, each under the per-process limit: only one fits in memory_mb=512 together."""
+    """Four children of 300 MB each, each under the per-process limit: at most one holds its block at a time
+    within memory_mb=512 (the value is how many are alive, each holding 300 MB)."""
     if bound == "watchdog":
         monkeypatch.setattr(sandbox.ResourceGroup, "create", classmethod(lambda cls, *args: None))
     limits = Limits(timeout_s=6.0, memory_mb=512, file_size_mb=1, max_processes=8, max_output_kb=64)
@@ -515,3 +511,30 @@ def test_the_throw_away_uid_is_one_no_process_has(monkeypatch: pytest.MonkeyPatc
     finally:
         busy.kill()
         busy.wait()
+
+
+@pytest.mark.parametrize("unprivileged", [False, True], ids=["throw-away-uid", "user-namespace"])
+def test_the_code_can_signal_only_its_own_processes(unprivileged: bool) -> None:
+    """kill(-1) and kill(parent) from inside reach nothing outside: the code is PID 1 of its own namespace.
+    (Under a user namespace run by root the code has root's uid: without the PID namespace it could kill the
+    test itself.) It only fires when it is PID 1, so a missing namespace fails the test instead of the machine."""
+    import signal
+    import subprocess
+
+    sentinel = subprocess.Popen(["sleep", "30"])
+    try:
+        code = ("import os, signal\ndef main(target):\n    if os.getpid() != 1:\n        return os.getpid()\n"
+                "    hits = 0\n"
+                "    for pid in (-1, target):\n"
+                "        try:\n"
+                "            os.kill(pid, signal.SIGKILL)\n"
+                "            hits += 1\n"
+                "        except ProcessLookupError:\n"
+                "            pass\n"
+                "    return 1 + hits\n")
+        result = run_function(code, "main", {"target": sentinel.pid}, FAST, unprivileged=unprivileged)
+        assert result.processes == "namespace" and result.ok and result.value == 1, result
+        assert sentinel.poll() is None  # still alive
+    finally:
+        sentinel.send_signal(signal.SIGKILL)
+        sentinel.wait()
