@@ -1,26 +1,34 @@
-"""The 16-bit merge: LoRA adapter + the base model's original 16-bit weights -> one HF directory.
+"""The 16-bit merge: LoRA adapter + the base model's original 16-bit weights -> one HF directory, in memory that
+does not grow with the model.
 
 - `read_finetune` checks the finetune stage left an adapter and reads its summary.json (backend, base model);
-- `merge_adapter` merges with Unsloth's save_pretrained_merged(save_method="merged_16bit") on the unsloth
-  backend, PEFT's merge_and_unload on the hf backend; the base is always loaded in 16 bits (never a
-  dequantized 4-bit copy), offline when it is a local directory; the tokenizer (training chat template, EOS)
-  and a generation config whose eos is the training EOS go beside the sharded safetensors. Unsloth's merge runs
-  in a child process: importing Unsloth patches transformers for the whole process (on a GPU machine its rotary
-  embeddings then live on CUDA, and a model verified on the CPU afterwards fails), so the export process, which
-  goes on to verify with plain transformers, never imports it;
-- `verify_merge` proves the adapter survived: on fixed tokens the merged model's next-token distribution is
-  much closer to base+adapter (unmerged) than the base's is (only 16-bit rounding apart).
+- `merge_adapter` streams (`stream_merge`): the base's safetensors are read tensor by tensor (memory-mapped),
+  scale·B·A (DoRA: rescaled by the magnitude vector) is added in fp32, row block by row block, and rounded once
+  to the target dtype, and every tensor is written straight into its output shard. Peak memory is one tensor in
+  16 bits plus one fp32 row block, whatever the model's size. Adapters the stream does not cover (modules_to_save,
+  per-module rank/alpha patterns, biases, a base stored as pickles or pre-quantized in 4 bits) fall back to
+  loading the whole model: PEFT's merge_and_unload on the hf backend, Unsloth's save_pretrained_merged on the
+  unsloth backend — in a child process, since importing Unsloth patches transformers for the whole process.
+  The base is always its original 16-bit weights, never a dequantized 4-bit copy. The tokenizer (training chat
+  template, EOS) and a generation config whose eos is the training EOS go beside the shards;
+- `check_merge` proves it tensor by tensor in a second streamed pass: every untargeted tensor is byte-identical
+  to the base, every targeted one equals W + scale·B·A within one 16-bit step, and the adapter changed something;
+- `verify_merge` (small models only: it loads base and base+adapter) also checks the merged model's next-token
+  distributions against base+adapter run unmerged by PEFT.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
+import struct
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from distillery.core.errors import UserError
 from distillery.core.models import torch_dtype
@@ -30,6 +38,11 @@ log = logging.getLogger(__name__)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # verify_merge: KL(base+adapter || merged) must stay below this share of KL(base+adapter || base).
 MAX_MERGE_KL_RATIO = 0.5
+ROW_BLOCK_ELEMENTS = 1 << 24  # fp32 elements per row block of a merged tensor (64 MiB)
+# One step of the 16-bit type at a value's magnitude is at most |x| * this.
+STEP = {"bf16": 2.0**-7, "fp16": 2.0**-10}
+SAFETENSORS_DTYPES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
+HEADER_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 
 
 def read_finetune(adapter: Path, summary_path: Path) -> dict[str, Any]:
@@ -60,21 +73,253 @@ def merged_dtype_name(requested: str, base_model: str) -> str:
     return "bf16"
 
 
+# ---- the adapter --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraDelta:
+    """One adapted weight: delta = scale * B @ A (embeddings: its transpose); DoRA: rescaled rows (magnitude)."""
+
+    a: Any
+    b: Any
+    scale: float
+    embedding: bool = False
+    magnitude: Any = None
+
+    def rows(self, start: int, stop: int) -> Any:
+        """delta[start:stop] in fp32."""
+        if self.embedding:  # lora_embedding_A is (r, vocab), B is (hidden, r): delta = (B @ A).T = A.T @ B.T
+            return self.scale * (self.a[:, start:stop].T @ self.b.T)
+        return self.scale * (self.b[start:stop] @ self.a)
+
+
+def read_adapter(adapter_dir: Path) -> tuple[dict[str, LoraDelta] | None, str]:
+    """{weight name in the base: its delta}, or (None, why) when the adapter needs the whole-model merge."""
+    from safetensors.torch import load_file
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    unsupported = [key for key in ("modules_to_save", "rank_pattern", "alpha_pattern", "fan_in_fan_out")
+                   if config.get(key)]
+    if config.get("bias", "none") != "none":
+        unsupported.append("bias")
+    if config.get("peft_type", "LORA") != "LORA":
+        unsupported.append(str(config.get("peft_type")))
+    if unsupported:
+        return None, f"the adapter uses {', '.join(unsupported)}"
+    scale = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
+    tensors = {key: value.float() for key, value in load_file(str(adapter_dir / "adapter_model.safetensors")).items()}
+    deltas: dict[str, LoraDelta] = {}
+    for key, value in tensors.items():
+        for a_name, b_name, embedding in ((".lora_A.weight", ".lora_B.weight", False),
+                                          (".lora_embedding_A", ".lora_embedding_B", True)):
+            if key.endswith(a_name):
+                module = key[: -len(a_name)].removeprefix("base_model.model.")
+                magnitude = tensors.get(key[: -len(a_name)] + ".lora_magnitude_vector")
+                if magnitude is None:
+                    magnitude = tensors.get(key[: -len(a_name)] + ".lora_magnitude_vector.weight")
+                deltas[module + ".weight"] = LoraDelta(value, tensors[key[: -len(a_name)] + b_name], scale, embedding,
+                                                       magnitude)
+    if not deltas:
+        return None, "the adapter holds no LoRA weights"
+    return deltas, ""
+
+
+# ---- the base -----------------------------------------------------------------------------------------------
+
+
+def local_base(base_model: str) -> Path:
+    """The base as a local directory: itself, or its snapshot in the Hugging Face cache (finetune downloaded it)."""
+    if Path(base_model).is_dir():
+        return Path(base_model)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(base_model, local_files_only=True))
+    except Exception as err:  # noqa: BLE001 - any way of not being in the cache
+        raise UserError(f"the base model {base_model} is not in the local Hugging Face cache ({type(err).__name__}); "
+                        "run `distillery finetune` where it can be downloaded, or set model.path to a local "
+                        "directory.") from None
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """A safetensors file's header: {name: {"dtype", "shape", "data_offsets"}, "__metadata__": ...}."""
+    with open(path, "rb") as handle:
+        size = struct.unpack("<Q", handle.read(8))[0]
+        return json.loads(handle.read(size))
+
+
+def base_tensors(base: Path) -> list[tuple[str, Path, dict[str, Any]]]:
+    """(name, shard, header entry) of every tensor of the base, in the order of its shards and files."""
+    files = sorted(base.glob("*.safetensors"))
+    found = []
+    for path in files:
+        for name, entry in safetensors_header(path).items():
+            if name != "__metadata__":
+                found.append((name, path, entry))
+    return found
+
+
+def why_not_streamable(base: Path) -> str:
+    """Why the base cannot be streamed ("" when it can): no 16-bit safetensors, or weights quantized already."""
+    if not list(base.glob("*.safetensors")):
+        return f"{base} has no safetensors files"
+    config = json.loads((base / "config.json").read_text(encoding="utf-8")) if (base / "config.json").is_file() else {}
+    if config.get("quantization_config"):
+        return f"{base} is stored quantized ({config['quantization_config'].get('quant_method', '?')})"
+    dtypes = {entry["dtype"] for _, _, entry in base_tensors(base)}
+    if not dtypes <= set(SAFETENSORS_DTYPES):
+        return f"{base} stores {', '.join(sorted(dtypes - set(SAFETENSORS_DTYPES)))} tensors"
+    return ""
+
+
+# ---- streaming safetensors out ------------------------------------------------------------------------------
+
+
+def element_size(dtype: str) -> int:
+    return 4 if dtype == "fp32" else 2
+
+
+def plan_shards(tensors: list[tuple[str, tuple[int, ...], str]], max_shard_bytes: int) -> list[list[int]]:
+    """Indices of `tensors` (name, shape, dtype) per output shard: in order, each shard under max_shard_bytes."""
+    shards: list[list[int]] = [[]]
+    size = 0
+    for index, (_, shape, dtype) in enumerate(tensors):
+        nbytes = math.prod(shape) * element_size(dtype)
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(index)
+        size += nbytes
+    return shards
+
+
+class ShardWriter:
+    """Write one safetensors file tensor by tensor: the header (every name, dtype, shape and offset) first, then
+    each tensor's bytes as it comes, so that only one tensor is ever in memory."""
+
+    def __init__(self, path: Path, tensors: list[tuple[str, tuple[int, ...], str]]):
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape, dtype in tensors:
+            nbytes = math.prod(shape) * element_size(dtype)
+            header[name] = {"dtype": HEADER_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+        self.expected = [(name, offset_of(header[name])) for name, _, _ in tensors]
+        self.handle = open(path, "wb")
+        self.handle.write(struct.pack("<Q", len(text)) + text)
+        self.written = 0
+
+    def write(self, name: str, tensor: Any) -> None:
+        import torch
+
+        expected_name, (start, stop) = self.expected[self.written]
+        data = tensor.contiguous().view(-1).view(dtype=torch.uint8).numpy()
+        if name != expected_name or data.nbytes != stop - start:
+            raise RuntimeError(f"ShardWriter: got {name} ({data.nbytes} bytes) where {expected_name} was planned")
+        self.handle.write(memoryview(data))
+        self.written += 1
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def offset_of(entry: dict[str, Any]) -> tuple[int, int]:
+    return entry["data_offsets"][0], entry["data_offsets"][1]
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '100MB', '2GiB' or a number of bytes, as transformers' max_shard_size reads them."""
+    text = str(text).strip().upper()
+    for unit, factor in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+# ---- the streamed merge -------------------------------------------------------------------------------------
+
+
+def merged_tensor(weight: Any, delta: LoraDelta, dtype: Any) -> Any:
+    """round(W + delta) in `dtype`, computed in fp32 one row block at a time."""
+    import torch
+
+    out = torch.empty(weight.shape, dtype=dtype)
+    rows = max(1, ROW_BLOCK_ELEMENTS // max(1, math.prod(weight.shape[1:])))
+    for start in range(0, weight.shape[0], rows):
+        stop = min(start + rows, weight.shape[0])
+        block = weight[start:stop].float() + delta.rows(start, stop)
+        if delta.magnitude is not None:  # DoRA: each row rescaled to its learned magnitude
+            block *= (delta.magnitude[start:stop] / torch.linalg.norm(block, dim=1)).unsqueeze(1)
+        out[start:stop] = block.to(dtype)
+    return out
+
+
+def stream_merge(base: Path, deltas: dict[str, LoraDelta], out: Path, dtype: str, max_shard_size: str) -> None:
+    """Merge `deltas` into the base's safetensors, tensor by tensor, into sharded safetensors in `out`."""
+    from safetensors import safe_open
+
+    target = torch_dtype(dtype)
+    tensors = base_tensors(base)
+    layout = [(name, tuple(entry["shape"]), dtype) for name, _, entry in tensors]
+    shards = plan_shards(layout, parse_size(max_shard_size))
+    out.mkdir(parents=True, exist_ok=True)
+    weight_map, total = {}, 0
+    handles: dict[Path, Any] = {}
+    for number, indices in enumerate(shards, 1):
+        filename = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        writer = ShardWriter(out / filename, [layout[i] for i in indices])
+        try:
+            for i in indices:
+                name, path, _ = tensors[i]
+                if path not in handles:
+                    handles[path] = safe_open(str(path), framework="pt")
+                weight = handles[path].get_tensor(name)
+                merged = merged_tensor(weight, deltas[name], target) if name in deltas else weight.to(target)
+                writer.write(name, merged)
+                weight_map[name] = filename
+                total += merged.numel() * merged.element_size()
+        finally:
+            writer.close()
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    for name in os.listdir(base):  # config, generation config; the tokenizer comes from the adapter
+        if name.endswith(".json") and not name.startswith(("model.safetensors", "tokenizer", "special_tokens")):
+            shutil.copy(base / name, out / name)
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+    config.pop("torch_dtype", None)
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
 def merge_adapter(summary: dict[str, Any], adapter_dir: Path, out_dir: Path, dtype: str, max_shard_size: str,
                   trust_remote_code: bool = False) -> dict[str, Any]:
     """Merge into 16-bit weights and save to `out_dir` (written beside it, renamed when complete)."""
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     started = time.time()
-    if summary["backend"] == "unsloth":
+    base = local_base(summary["base_model"])
+    deltas, why = read_adapter(adapter_dir)
+    why = why or why_not_streamable(base)
+    if not why and set(deltas) - {name for name, _, _ in base_tensors(base)}:
+        why = "the adapter changes weights the base's files do not hold (tied embeddings?)"
+    if not why:
+        stream_merge(base, deltas, tmp, dtype, max_shard_size)
+        method = "streamed"
+    elif summary["backend"] == "unsloth":
         _merge_with_unsloth(adapter_dir, tmp, dtype, max_shard_size)
+        method = f"unsloth (whole model: {why})"
     else:
-        _merge_with_peft(summary["base_model"], adapter_dir, tmp, dtype, max_shard_size, trust_remote_code)
+        _merge_with_peft(str(base), adapter_dir, tmp, dtype, max_shard_size, trust_remote_code)
+        method = f"peft (whole model: {why})"
     finish_merged_dir(tmp, adapter_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     size = sum(p.stat().st_size for p in out_dir.glob("*.safetensors"))
-    return {"backend": summary["backend"], "dtype": dtype, "seconds": round(time.time() - started, 2),
+    return {"backend": summary["backend"], "method": method, "dtype": dtype, "seconds": round(time.time() - started, 2),
             "bytes": size, "shards": len(list(out_dir.glob("*.safetensors")))}
 
 
@@ -98,7 +343,8 @@ def _merge_with_unsloth(adapter_dir: Path, out: Path, dtype: str, max_shard_size
 
 
 def unsloth_merge(state: dict, emit: Any, adapter_dir: str, out: str, dtype: str, max_shard_size: str) -> None:
-    """In the merge's child process (core/isolation.py): Unsloth's 16-bit merge of the adapter into its base."""
+    """In the merge's child process (core/isolation.py): Unsloth's 16-bit merge of the adapter into its base
+    (for a base published in 4 bits it finds the original 16-bit weights)."""
     import unsloth  # noqa: F401  -- before transformers, as Unsloth asks
     from unsloth import FastLanguageModel
 
@@ -127,6 +373,62 @@ def finish_merged_dir(out: Path, adapter_dir: Path) -> None:
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["eos_token_id"] = eos_id
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+# ---- the exact check ----------------------------------------------------------------------------------------
+
+
+def merged_tensors(merged: Path) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) of every tensor of a merged directory, memory-mapped one at a time."""
+    from safetensors import safe_open
+
+    for path in sorted(merged.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                yield name, handle.get_tensor(name)
+
+
+def check_merge(base_model: str, adapter_dir: Path, merged: Path) -> dict[str, Any]:
+    """Every merged tensor against the base's: untargeted ones byte-identical (same dtype), targeted ones within
+    one 16-bit step of W + scale·B·A, and at least one weight changed by the adapter. A merge that dropped the
+    adapter (or merged it into other weights, or into a dequantized 4-bit copy) fails."""
+    import torch
+    from safetensors import safe_open
+
+    base = local_base(base_model)
+    deltas, why = read_adapter(adapter_dir)
+    if deltas is None:
+        return {"passed": None, "skipped": why}
+    located = {name: path for name, path, _ in base_tensors(base)}
+    handles: dict[Path, Any] = {}
+    untargeted = identical = targeted = changed = 0
+    worst, worst_name = 0.0, ""
+    for name, tensor in merged_tensors(merged):
+        path = located.get(name)
+        if path is None:
+            continue
+        if path not in handles:
+            handles[path] = safe_open(str(path), framework="pt")
+        original = handles[path].get_tensor(name)
+        if name not in deltas:
+            untargeted += 1
+            identical += bool(torch.equal(original.to(tensor.dtype), tensor))
+            continue
+        targeted += 1
+        step = {torch.bfloat16: STEP["bf16"], torch.float16: STEP["fp16"]}.get(tensor.dtype, 2.0**-23)
+        expected = merged_tensor(original, deltas[name], torch.float32)
+        error = ((tensor.float() - expected).abs() / (expected.abs() * step).clamp_min(1e-30)).max()
+        if float(error) > worst:
+            worst, worst_name = float(error), name
+        changed += int((tensor != original.to(tensor.dtype)).sum())
+    missing = sorted(set(deltas) - set(located))
+    passed = identical == untargeted and targeted == len(deltas) and not missing and worst <= 1.0 and changed > 0
+    return {"passed": passed, "tensors": untargeted + targeted, "targeted": targeted, "adapted_weights": len(deltas),
+            "untargeted_identical": f"{identical}/{untargeted}", "max_error_in_16bit_steps": round(worst, 3),
+            "worst_tensor": worst_name, "weights_changed": changed}
+
+
+# ---- the distribution check (small models) ------------------------------------------------------------------
 
 
 def next_token_logprobs(model, token_lists: Sequence[Sequence[int]]) -> list[Any]:
@@ -166,7 +468,7 @@ def verify_merge(base_model: str, adapter_dir: Path, token_lists: Sequence[Seque
 
     from distillery.export.gguf import compare_logprobs
 
-    base = load_causal_lm(base_model, compute_dtype, trust_remote_code)
+    base = load_causal_lm(str(local_base(base_model)), compute_dtype, trust_remote_code)
     base_lp = next_token_logprobs(base, token_lists)
     adapted = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     adapted_lp = next_token_logprobs(adapted, token_lists)
