@@ -92,7 +92,10 @@ class TeacherConfig(Section):
     model: str | None = Field(None, description="openai: the model name the endpoint serves; default: $OPENAI_MODEL.")
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the key (may be unset for local servers).")
     context_length: int = Field(4096, ge=256, description="gguf: llama.cpp context window (n_ctx).")
-    timeout_s: float = Field(120.0, gt=0, description="openai: seconds to wait for one response.")
+    timeout_s: float = Field(120.0, gt=0, description="openai: seconds one request may take in all (connecting, waiting, "
+                                                      "reading the whole reply); then it is abandoned and retried.")
+    max_retry_wait_s: float = Field(60.0, ge=0, description="openai: longest wait before a retry that a 429/5xx's "
+                                                             "Retry-After header gets; a longer one is cut to this (and logged).")
 
     @model_validator(mode="after")
     def _needs_location(self) -> "TeacherConfig":
@@ -122,7 +125,7 @@ class DistillConfig(Section):
     temperature: float = Field(0.7, ge=0, description="Sampling temperature of the teacher.")
     max_tokens: int = Field(512, ge=1, description="Most tokens the teacher writes per turn.")
     concurrency: int = Field(4, ge=1, description="Prompts in flight at once for the openai teacher (local teachers run one at a time).")
-    retries: int = Field(3, ge=0, description="openai: retries of a failed request (connection errors, 429, 5xx), with backoff.")
+    retries: int = Field(3, ge=0, description="openai: retries of a failed request (connection errors, 429, 5xx), after the server's Retry-After or a backoff.")
     revise: bool = Field(True, description="CodeI/O++: after a failed first turn, show the teacher the verifier's feedback and ask once more.")
     keep: Literal["verified", "all"] = Field("verified", description="verified: rejection sampling (only checked traces); all: every trace, marked in meta.")
     system_prompt: str = Field(

@@ -1,23 +1,33 @@
 """Teacher models: one interface, three ways to reach a model.
 
-    complete(messages, n, temperature, max_tokens, seed) -> n answers (strings)
+    complete(messages, n, temperature, max_tokens, seed) -> n answers (strings, or Dropped: a reply with no usable
+                                                           text and why)
 
 - gguf:   a local GGUF through llama-cpp-python in a child process (bundled:<name> = the demo model's GGUF);
           one call at a time;
 - hf:     a local HF directory or Hub id through transformers `generate` (n answers in one batch); one at a time;
 - openai: any OpenAI-compatible chat-completions endpoint (vLLM, llama-server, a hosted API) over HTTP (httpx),
           with the key read from the environment variable the config names; safe to call from several threads.
+          Its replies are untrusted: each request ends within timeout_s (all of it, not each read), a reply larger
+          than max_tokens can explain is cut off and dropped, and 429/5xx are retried after the server's
+          Retry-After (at most max_retry_wait_s) or a backoff.
 Heavy libraries are imported when a teacher is built, never at import.
 """
 
 from __future__ import annotations
 
+import email.utils
 import importlib.util
+import json
 import logging
 import os
+import queue
+import threading
 import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol, TypeVar
 
 from distillery.core.errors import UserError
 from distillery.core.models import bundled_gguf, bundled_name
@@ -26,13 +36,27 @@ log = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+# A token is a few characters; JSON may escape each one into up to 6 bytes. The floor covers the reply's JSON
+# around the text (ids, usage, a server's extra fields).
+REPLY_BYTES_PER_TOKEN = 32
+REPLY_BYTES_FLOOR = 64 * 1024
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A teacher reply with no usable text: `reason` is what distill's report counts, `detail` says more."""
+
+    reason: str
+    detail: str
 
 
 class Teacher(Protocol):
     name: str
     parallel: bool  # may complete() run in several threads at once
 
-    def complete(self, messages: Messages, n: int, temperature: float, max_tokens: int, seed: int) -> list[str]: ...
+    def complete(self, messages: Messages, n: int, temperature: float, max_tokens: int,
+                 seed: int) -> list[str | Dropped]: ...
 
     def close(self) -> None: ...
 
@@ -114,22 +138,38 @@ class HFTeacher:
         del self.model
 
 
+@dataclass(frozen=True)
+class Reply:
+    """What an HTTP teacher answered, as far as it was read."""
+
+    status: int
+    retry_after: str | None
+    body: bytes
+    cut: bool = False  # more than the cap arrived; body is its first cap bytes
+
+    def text(self) -> str:
+        return self.body.decode("utf-8", errors="replace")
+
+
 class OpenAITeacher:
     parallel = True
 
-    def __init__(self, url: str, model: str, api_key_env: str, timeout_s: float, retries: int):
+    def __init__(self, url: str, model: str, api_key_env: str, timeout_s: float, retries: int,
+                 max_retry_wait_s: float = 60.0):
         import httpx
 
         self.name = f"openai:{model}"
         self.endpoint = url.rstrip("/") + "/chat/completions"
         self.model, self.retries, self.httpx = model, retries, httpx
+        self.timeout_s, self.max_retry_wait_s = timeout_s, max_retry_wait_s
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(api_key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
         self.client = httpx.Client(timeout=timeout_s, headers=headers)
 
-    def complete(self, messages: Messages, n: int, temperature: float, max_tokens: int, seed: int) -> list[str]:
+    def complete(self, messages: Messages, n: int, temperature: float, max_tokens: int,
+                 seed: int) -> list[str | Dropped]:
         # One request per sample: not every server honours `n` (llama-server does not).
         return [self.request({"model": self.model, "messages": messages, "temperature": temperature,
                               "max_tokens": max_tokens, "seed": seed + i}) for i in range(n)]
@@ -137,27 +177,121 @@ class OpenAITeacher:
     def close(self) -> None:
         self.client.close()
 
-    def request(self, body: dict) -> str:
-        """POST with retries on connection errors, timeouts, 429 and 5xx (exponential backoff)."""
-        problem = ""
+    def request(self, body: dict) -> str | Dropped:
+        """POST with retries on connection errors, timeouts, 429 and 5xx (Retry-After or exponential backoff)."""
+        problem, retry_after = "", None
         for attempt in range(self.retries + 1):
             if attempt:
-                time.sleep(min(0.5 * 2 ** (attempt - 1), 8.0))
+                time.sleep(self.retry_wait(attempt, retry_after, problem))
             try:
-                response = self.client.post(self.endpoint, json=body)
+                reply = finish_within(self.timeout_s, lambda: self.post(body, reply_byte_cap(body["max_tokens"])))
             except self.httpx.HTTPError as err:
-                problem = f"{type(err).__name__}: {err}"
+                problem, retry_after = f"{type(err).__name__}: {err}", None
                 continue
-            if response.status_code in RETRY_STATUS:
-                problem = f"HTTP {response.status_code}"
+            except TimeoutError:
+                problem, retry_after = f"no whole reply within teacher.timeout_s ({self.timeout_s:g} s)", None
                 continue
-            if response.status_code != 200:
-                raise UserError(f"distill.teacher: {self.endpoint} answered HTTP {response.status_code}: "
-                                f"{response.text[:300]}. Check teacher.url, teacher.model and the key in teacher.api_key_env.")
-            try:
-                return response.json()["choices"][0]["message"]["content"] or ""
-            except (ValueError, KeyError, IndexError, TypeError):
-                raise UserError(f"distill.teacher: {self.endpoint} did not answer in the chat-completions shape "
-                                f"(choices[0].message.content): {response.text[:200]}") from None
+            if reply.status in RETRY_STATUS:
+                problem, retry_after = f"HTTP {reply.status}", retry_after_seconds(reply.retry_after)
+                if retry_after is not None:
+                    problem += f", Retry-After {retry_after:.0f} s"
+                continue
+            if reply.status != 200:
+                raise UserError(f"distill.teacher: {self.endpoint} answered HTTP {reply.status}: "
+                                f"{reply.text()[:300]}. Check teacher.url, teacher.model and the key in teacher.api_key_env.")
+            return self.answer(reply, body["max_tokens"])
         raise UserError(f"distill.teacher: {self.endpoint} did not answer after {self.retries + 1} attempt(s) (last: {problem}). "
-                        "Start the server or fix teacher.url; a rerun resumes where this one stopped.")
+                        "Start the server or fix teacher.url (or raise distill.teacher.timeout_s for a slow one); "
+                        "a rerun resumes where this one stopped.")
+
+    def post(self, body: dict, cap: int) -> Reply:
+        """One POST, reading at most `cap` bytes of the reply and stopping once timeout_s has passed."""
+        deadline = time.monotonic() + self.timeout_s
+        with self.client.stream("POST", self.endpoint, json=body) as response:
+            data = bytearray()
+            for chunk in response.iter_bytes():
+                data += chunk
+                if len(data) > cap:
+                    return Reply(response.status_code, response.headers.get("Retry-After"), bytes(data[:cap]), cut=True)
+                if time.monotonic() > deadline:  # the caller has given up already: stop reading
+                    raise TimeoutError
+            return Reply(response.status_code, response.headers.get("Retry-After"), bytes(data))
+
+    def answer(self, reply: Reply, max_tokens: int) -> str | Dropped:
+        """The text of a 200 reply, or why there is none."""
+        if reply.cut:
+            return Dropped("reply too large", f"over {len(reply.body):,} bytes, the cap for max_tokens {max_tokens}; "
+                                              "the rest was not read")
+        try:
+            choice = json.loads(reply.body)["choices"][0]
+            message, finish_reason = choice["message"], choice.get("finish_reason")
+            content = message.get("content")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            raise UserError(f"distill.teacher: {self.endpoint} did not answer in the chat-completions shape "
+                            f"(choices[0].message.content): {reply.text()[:200]}") from None
+        if content is not None and not isinstance(content, str):
+            raise UserError(f"distill.teacher: {self.endpoint} answered with a {type(content).__name__} as "
+                            f"choices[0].message.content, not text: {reply.text()[:200]}")
+        if content and content.strip():
+            return content
+        detail = f"content {'null' if content is None else 'empty'}, finish_reason {finish_reason}"
+        if message.get("reasoning_content"):
+            detail += "; the text is in reasoning_content (the server's reasoning parser)"
+        return Dropped("no text", detail)
+
+    def retry_wait(self, attempt: int, retry_after: float | None, problem: str) -> float:
+        """Exponential backoff, or the server's Retry-After when longer, at most max_retry_wait_s."""
+        backoff = min(0.5 * 2 ** (attempt - 1), 8.0)
+        if retry_after is None or retry_after <= backoff:
+            return backoff
+        wait = min(retry_after, self.max_retry_wait_s)
+        if wait < retry_after:
+            log.warning("%s: %s; waiting %.0f s, not the %.0f s asked (distill.teacher.max_retry_wait_s)",
+                        self.endpoint, problem, wait, retry_after)
+        else:
+            log.info("%s: %s; waiting %.0f s as asked", self.endpoint, problem, wait)
+        return wait
+
+
+def reply_byte_cap(max_tokens: int) -> int:
+    """The most bytes a chat-completions reply of max_tokens tokens can reasonably take."""
+    return REPLY_BYTES_FLOOR + REPLY_BYTES_PER_TOKEN * max_tokens
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After header in seconds: delay-seconds or an HTTP date (RFC 9110); None if absent or unreadable."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def finish_within(seconds: float, action: Callable[[], T]) -> T:
+    """action() in a daemon thread, waited for at most `seconds`, else TimeoutError.
+
+    httpx's timeout bounds each read, and a server can send a byte just before each one runs out, so only a
+    clock outside the request bounds all of it. An abandoned action is left to end by itself (at its next read).
+    """
+    outcome: queue.Queue = queue.Queue(maxsize=1)
+
+    def run() -> None:
+        try:
+            outcome.put((True, action()))
+        except BaseException as err:  # handed to the waiting thread
+            outcome.put((False, err))
+
+    threading.Thread(target=run, daemon=True, name="teacher-request").start()
+    try:
+        ok, value = outcome.get(timeout=seconds)
+    except queue.Empty:
+        raise TimeoutError from None
+    if ok:
+        return value
+    raise value

@@ -5,11 +5,13 @@ Steps, in order:
    (no label, no reference number, no CodeI/O meta) and cap them at `max_prompts`, spread evenly over the tasks;
 2. skip the prompts an interrupted run already finished (progress.jsonl in the partial directory);
 3. ask the teacher for K samples per prompt and check each with its verifier (CodeI/O input prediction runs the
-   reference code in the sandbox); with `revise`, a failed sample gets the feedback and one more turn;
+   reference code in the sandbox); with `revise`, a failed sample gets the feedback and one more turn; a reply
+   without usable text (empty, or cut off for its size) is a failed turn that says why, never kept;
 4. append each finished prompt to progress.jsonl at once, so a restart sends only the rest to the teacher (kept
    across a kill by the runner, and across a UserError such as an unreachable teacher by a stash beside it);
 5. write train.jsonl (records in the ingest shape, `<think>` reasoning + final answer; only verified traces
-   unless keep: all), traces.jsonl (every attempt with its verdicts), report.json/.md and report.png.
+   unless keep: all), traces.jsonl (every attempt with its verdicts), report.json/.md and report.png; a run
+   in which no reply had usable text is a UserError naming the teacher, and writes nothing.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from distillery.core.records import make_record, read_jsonl, write_jsonl
 from distillery.stage import Stage, StageContext, StageResult
 from distillery.reasoning.prompts import question, revision_messages, teacher_messages, trace_content
 from distillery.reasoning.sandbox import Limits
-from distillery.reasoning.verifiers import VERIFIERS, final_part, why_uncheckable
+from distillery.reasoning.teachers import Dropped
+from distillery.reasoning.verifiers import VERIFIERS, Verdict, final_part, why_uncheckable
 
 log = logging.getLogger(__name__)
 
@@ -118,18 +121,20 @@ def distill_prompt(record: dict, cfg: DistillConfig, teacher: Any, limits: Limit
     verify = VERIFIERS[verifier_name]
     first = teacher_messages(record, verifier_name, cfg.system_prompt)
     started = time.monotonic()
-    texts = teacher.complete(first, cfg.samples_per_prompt, cfg.temperature, cfg.max_tokens, seed)
+    replies = teacher.complete(first, cfg.samples_per_prompt, cfg.temperature, cfg.max_tokens, seed)
     attempts, kept = [], []
-    for k, text in enumerate(texts):
-        turns = [(text, verify(record, text, limits))]
-        if not turns[0][1].ok and cfg.revise:
-            again = revision_messages(first, text, turns[0][1].feedback)
+    for k, reply in enumerate(replies):
+        turns = [checked_turn(record, reply, verify, limits)]
+        if not turns[0][1].ok and cfg.revise and not is_dropped(turns[0]):
+            again = revision_messages(first, turns[0][0], turns[0][1].feedback)
             second = teacher.complete(again, 1, cfg.temperature, cfg.max_tokens, seed + 1000 + k)[0]
-            turns.append((second, verify(record, second, limits)))
+            turns.append(checked_turn(record, second, verify, limits))
         final = turns[-1][1]
         attempts.append({"sample": k, "verified": final.ok, "revised": len(turns) > 1,
                          "turns": [{"text": t, "ok": v.ok, "answer": v.answer, "expected": v.expected,
                                     "feedback": v.feedback, **v.details} for t, v in turns]})
+        if any(is_dropped(turn) for turn in turns):
+            continue
         trace = training_record(record, turns, final, k, teacher.name)
         # Identical samples (temperature 0, or a teacher that repeats itself) would be the same example twice.
         if (final.ok or cfg.keep == "all") and trace["id"] not in {r["id"] for r in kept}:
@@ -137,6 +142,19 @@ def distill_prompt(record: dict, cfg: DistillConfig, teacher: Any, limits: Limit
     seconds = time.monotonic() - started
     return {"id": record["id"], "task": record["task"], "verifier": verifier_name, "teacher": teacher.name,
             "seconds": round(seconds, 3), "attempts": attempts, "kept": kept}
+
+
+def checked_turn(record: dict, reply: str | Dropped, verify: Any, limits: Limits) -> tuple[str, Verdict]:
+    """The reply's text and its verdict; a reply without usable text fails with the reason in `dropped`."""
+    if isinstance(reply, str) and reply.strip():
+        return reply, verify(record, reply, limits)
+    why = reply if isinstance(reply, Dropped) else Dropped("no text", "an empty answer")
+    return "", Verdict(ok=False, feedback=f"No usable reply: {why.reason} ({why.detail}).",
+                       details={"dropped": why.reason, "dropped_detail": why.detail})
+
+
+def is_dropped(turn: tuple[str, Verdict]) -> bool:
+    return "dropped" in turn[1].details
 
 
 def training_record(record: dict, turns: list, final: Any, sample: int, teacher_name: str) -> dict:
@@ -196,7 +214,8 @@ def task_report(entries: list[dict]) -> dict[str, dict[str, Any]]:
     for entry in entries:
         row = rows.setdefault(entry["task"], {"verifier": entry["verifier"], "prompts": 0, "generated": 0,
                                               "verified": 0, "verified_first_turn": 0, "revised": 0,
-                                              "revised_verified": 0, "rejected": 0, "kept": 0, "seconds": 0.0})
+                                              "revised_verified": 0, "rejected": 0, "dropped": 0, "kept": 0,
+                                              "seconds": 0.0})
         row["prompts"] += 1
         row["seconds"] += entry["seconds"]
         row["kept"] += len(entry["kept"])
@@ -207,6 +226,7 @@ def task_report(entries: list[dict]) -> dict[str, dict[str, Any]]:
             row["revised"] += attempt["revised"]
             row["revised_verified"] += attempt["revised"] and attempt["verified"]
             row["rejected"] += not attempt["verified"]
+            row["dropped"] += sum("dropped" in turn for turn in attempt["turns"])
     for row in rows.values():
         row["seconds_per_sample"] = round(row["seconds"] / max(row["generated"], 1), 3)
         row["seconds"] = round(row["seconds"], 2)
@@ -241,6 +261,7 @@ def run(ctx: StageContext) -> StageResult:
             teacher.close()
     entries = {entry["id"]: entry for entry in load_progress(progress_path)}
     ordered = [entries[r["id"]] for r in prompts]
+    refuse_if_nothing_usable(ordered)
     return finish(ctx, ordered, skipped)
 
 
@@ -257,7 +278,33 @@ def build_teacher(cfg: TeacherConfig, retries: int) -> Any:
     if not url or not model:
         missing = "url (or $OPENAI_BASE_URL)" if not url else "model (or $OPENAI_MODEL)"
         raise UserError(f"distill.teacher: kind openai needs {missing}, e.g. --set distill.teacher.url=http://localhost:8000/v1")
-    return OpenAITeacher(url, model, cfg.api_key_env, cfg.timeout_s, retries)
+    return OpenAITeacher(url, model, cfg.api_key_env, cfg.timeout_s, retries, cfg.max_retry_wait_s)
+
+
+def dropped_replies(entries: list[dict]) -> dict[str, dict[str, Any]]:
+    """Teacher replies without usable text, by reason: how many, and the detail of the first."""
+    dropped: dict[str, dict[str, Any]] = {}
+    for turn in (t for entry in entries for attempt in entry["attempts"] for t in attempt["turns"]):
+        if "dropped" in turn:
+            reason = dropped.setdefault(turn["dropped"], {"replies": 0, "example": turn["dropped_detail"]})
+            reason["replies"] += 1
+    return dropped
+
+
+def describe_dropped(dropped: dict[str, dict[str, Any]]) -> str:
+    return ", ".join(f"{d['replies']} {reason} (e.g. {d['example']})" for reason, d in dropped.items())
+
+
+def refuse_if_nothing_usable(entries: list[dict]) -> None:
+    """A teacher that gave no usable text at all is a setup mistake (wrong model, a server's reasoning parser,
+    max_tokens used up before the answer), not a run with 0 records."""
+    replies = sum(len(attempt["turns"]) for entry in entries for attempt in entry["attempts"])
+    dropped = dropped_replies(entries)
+    if replies and sum(d["replies"] for d in dropped.values()) == replies:
+        raise UserError(f"distill: teacher {entries[0]['teacher']} gave no usable text in any of its {replies} "
+                        f"replies: {describe_dropped(dropped)}. Check that distill.teacher names a chat model that "
+                        "answers in choices[0].message.content, with distill.max_tokens room for the answer; "
+                        "nothing was written, a rerun asks again.")
 
 
 def finish(ctx: StageContext, entries: list[dict], skipped: dict[str, int]) -> StageResult:
@@ -265,19 +312,27 @@ def finish(ctx: StageContext, entries: list[dict], skipped: dict[str, int]) -> S
     write_jsonl(ctx.out / OUTPUTS["train"], kept)
     write_jsonl(ctx.out / OUTPUTS["traces"], traces(entries))
     rows = task_report(entries)
+    dropped = dropped_replies(entries)
     report = {"teacher": entries[0]["teacher"] if entries else None, "keep": ctx.cfg.distill.keep,
               "samples_per_prompt": ctx.cfg.distill.samples_per_prompt, "revise": ctx.cfg.distill.revise,
-              "tasks": rows, "skipped": skipped, "train_records": len(kept)}
+              "tasks": rows, "skipped": skipped, "dropped": dropped, "train_records": len(kept)}
     (ctx.out / OUTPUTS["report"]).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (ctx.out / OUTPUTS["report_md"]).write_text(render_report(report), encoding="utf-8")
     save_report_plot(rows, ctx.out / OUTPUTS["report_plot"])
     (ctx.out / PROGRESS).unlink()
     ctx.console.print(summary_table("distill report", table_rows(rows), HEADERS))
+    if dropped:
+        ctx.console.print(f"[yellow]distill: teacher replies without usable text, dropped[/]: {describe_dropped(dropped)}.")
     generated = sum(r["generated"] for r in rows.values())
     verified = sum(r["verified"] for r in rows.values())
+    replies_dropped = sum(d["replies"] for d in dropped.values())
+    summary = [("verified", f"{verified}/{generated}"), ("kept", str(len(kept))), ("prompts", str(len(entries)))]
+    if replies_dropped:
+        summary.append(("dropped replies", ", ".join(f"{d['replies']} {reason}" for reason, d in dropped.items())))
     return StageResult(
-        metrics={"prompts": len(entries), "generated": generated, "verified": verified, "train_records": len(kept)},
-        summary=[("verified", f"{verified}/{generated}"), ("kept", str(len(kept))), ("prompts", str(len(entries)))],
+        metrics={"prompts": len(entries), "generated": generated, "verified": verified, "train_records": len(kept),
+                 "dropped_replies": replies_dropped},
+        summary=summary,
     )
 
 
@@ -289,12 +344,13 @@ def traces(entries: list[dict]) -> Iterator[dict]:
                    **attempt}
 
 
-HEADERS = ("task", "prompts", "generated", "verified", "1st turn", "revised (fixed)", "rejected", "kept", "s/sample")
+HEADERS = ("task", "prompts", "generated", "verified", "1st turn", "revised (fixed)", "rejected", "dropped", "kept",
+           "s/sample")
 
 
 def table_rows(rows: dict[str, dict]) -> list[tuple[str, ...]]:
     return [(task, str(r["prompts"]), str(r["generated"]), str(r["verified"]), str(r["verified_first_turn"]),
-             f"{r['revised']} ({r['revised_verified']})", str(r["rejected"]), str(r["kept"]),
+             f"{r['revised']} ({r['revised_verified']})", str(r["rejected"]), str(r["dropped"]), str(r["kept"]),
              f"{r['seconds_per_sample']:.2f}") for task, r in rows.items()]
 
 
@@ -305,6 +361,8 @@ def render_report(report: dict) -> str:
               "traces.jsonl."]
     if report["skipped"]:
         lines += ["", "Skipped (cannot be checked): " + ", ".join(f"{n} {why}" for why, n in report["skipped"].items())]
+    if report["dropped"]:
+        lines += ["", f"Teacher replies without usable text, dropped: {describe_dropped(report['dropped'])}."]
     return "\n".join(lines) + "\n"
 
 

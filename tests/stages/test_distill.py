@@ -423,3 +423,95 @@ def test_a_bundled_model_without_a_runnable_gguf_is_refused_as_a_teacher() -> No
     with pytest.raises(UserError, match="unknown bundled model 'nope'"):
         resolve_gguf_path("bundled:nope")
     assert resolve_gguf_path("bundled:SmolLM2-135M-Instruct").suffix == ".gguf"
+
+
+# ---- a teacher whose replies have no usable text, or that never finishes one ----------------------------------
+
+def test_a_teacher_without_text_in_any_reply_fails_naming_it_and_writes_nothing(tmp_path, monkeypatch, server) -> None:
+    """content null from every sample: one message and exit code 2, not a finished run with 0 records."""
+    monkeypatch.chdir(tmp_path)
+    chat = server(reply=lambda messages: None)
+    path = write_project(tmp_path, chat.url, max_prompts=2)
+    run_stage("ingest", load_config(path))
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "distillery", "distill", "-c", str(path)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "400", "PYTHONPATH": str(root)})
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    assert "teacher openai:stub gave no usable text in any of its 2 replies: 2 no text (e.g. content null, " \
+           "finish_reason None)" in output and "Traceback" not in output
+    assert len(chat.requests) == 2  # a reply without text is not sent back for revision
+    run = tmp_path / "runs/t"
+    assert not (run / "distill").exists() and not (run / ".distill.partial").exists()
+    assert not list(run.glob(".distill.progress-*"))
+
+
+def test_replies_without_text_or_too_large_are_dropped_counted_and_never_kept(tmp_path, monkeypatch, server,
+                                                                                capsys) -> None:
+    """One prompt answered with content null, one with 10 MB for 64 tokens: both dropped with their reason, in the
+    report, the summary and a warning; traces.jsonl stays small; keep: all keeps only the other four."""
+    monkeypatch.chdir(tmp_path)
+
+    def reply(messages: list[dict]) -> str | None:
+        question = next(m["content"] for m in messages if m["role"] == "user")
+        if "2 times 3" in question:
+            return None
+        if "4 times 5" in question:
+            return "x" * 10_000_000
+        return "The answer is (a)"
+
+    chat = server(reply=reply)
+    status, result, _ = run_through("distill", load_config(write_project(tmp_path, chat.url, keep="all",
+                                                                         max_tokens=64)))
+    assert status == "done" and len(chat.requests) == 6
+    out = tmp_path / "runs/t/distill"
+    report = json.loads((out / "report.json").read_text())
+    assert report["dropped"] == {
+        "no text": {"replies": 1, "example": "content null, finish_reason None"},
+        "reply too large": {"replies": 1, "example": "over 67,584 bytes, the cap for max_tokens 64; the rest was not read"}}
+    assert report["tasks"]["math_mc"]["dropped"] == 2 and report["tasks"]["math_mc"]["kept"] == 4
+    assert "Teacher replies without usable text, dropped: 1 no text" in (out / "report.md").read_text()
+    assert ("dropped replies", "1 no text, 1 reply too large") in result.summary
+    assert result.metrics["dropped_replies"] == 2 and result.metrics["train_records"] == 4
+    assert "teacher replies without usable text, dropped" in capsys.readouterr().out
+    assert (out / "traces.jsonl").stat().st_size < 20_000
+    dropped = [t for t in read_jsonl(out / "traces.jsonl") if "dropped" in t["turns"][0]]
+    assert sorted(t["turns"][0]["dropped"] for t in dropped) == ["no text", "reply too large"]
+    assert all(t["turns"][0]["text"] == "" and not t["verified"] and not t["revised"] for t in dropped)
+
+
+def test_a_teacher_that_trickles_stops_the_stage_within_its_timeout_and_the_rerun_resumes(tmp_path,
+                                                                                          monkeypatch) -> None:
+    """After two good answers the server sends a byte every 0.2 s: each read is in time, the request is not."""
+    from tests.fixtures.http_faults import FaultServer, chat_reply, send, trickle
+
+    monkeypatch.chdir(tmp_path)
+    trickling = threading.Event()
+
+    def answer(handler, n: int) -> None:
+        if trickling.is_set():
+            send(handler, chat_reply("The answer is (a)"))
+        elif n <= 2:
+            send(handler, chat_reply("The answer is (a)"))
+        else:
+            handler.send_response(200)
+            handler.end_headers()
+            trickle(handler, chat_reply("The answer is (a)"), 0.2)
+
+    fault = FaultServer(answer)
+    cfg = load_config(write_project(tmp_path, fault.url, concurrency=1, retries=0, teacher={
+        "kind": "openai", "url": fault.url, "model": "stub", "timeout_s": 1.0}))
+    run_stage("ingest", cfg)
+    started = time.monotonic()
+    try:
+        with pytest.raises(UserError, match=r"no whole reply within teacher.timeout_s \(1 s\).*a rerun resumes"):
+            run_stage("distill", cfg)
+        assert time.monotonic() - started < 1.0 + 2.0
+        stashed = list((tmp_path / "runs/t").glob(".distill.progress-*"))
+        assert len(stashed) == 1 and len(stashed[0].read_text().splitlines()) == 2
+        trickling.set()
+        status, result, _ = run_stage("distill", cfg)
+    finally:
+        fault.close()
+    assert status == "done" and result.metrics["prompts"] == 6 and fault.requests == 3 + 4

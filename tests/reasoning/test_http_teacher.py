@@ -1,0 +1,163 @@
+"""The HTTP teacher against servers that misbehave (a real server on 127.0.0.1 each): replies that trickle in,
+replies larger than max_tokens explains, replies without text, and 429s that say when to come back."""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import time
+
+import pytest
+
+from distillery.core.errors import UserError
+from distillery.reasoning.teachers import Dropped, OpenAITeacher, reply_byte_cap
+from tests.fixtures.http_faults import FaultServer, chat_reply, raw_response, send, trickle
+
+SECRET = "sk-distillery-faults-0123456789"
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+def serve():
+    servers: list[FaultServer] = []
+
+    def start(answer) -> FaultServer:
+        servers.append(FaultServer(answer))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def teacher_for(server: FaultServer, monkeypatch, **options) -> OpenAITeacher:
+    monkeypatch.setenv("FAULTS_KEY", SECRET)
+    return OpenAITeacher(server.url, "stub", "FAULTS_KEY", **{"timeout_s": 5.0, "retries": 0, **options})
+
+
+def ask(teacher: OpenAITeacher, max_tokens: int = 64) -> str | Dropped:
+    try:
+        return teacher.complete(HI, 1, 0.0, max_tokens, 0)[0]
+    finally:
+        teacher.close()
+
+
+# ---- the whole request within timeout_s -----------------------------------------------------------------------
+
+def trickled_body(handler, n: int) -> None:
+    body = chat_reply("The answer is (a)")
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.flush()
+    trickle(handler, body, 0.2)
+
+
+def trickled_chunks(handler, n: int) -> None:
+    handler.send_response(200)
+    handler.send_header("Transfer-Encoding", "chunked")
+    handler.end_headers()
+    for byte in chat_reply("The answer is (a)"):
+        handler.wfile.write(b"1\r\n" + bytes([byte]) + b"\r\n")
+        handler.wfile.flush()
+        time.sleep(0.2)
+
+
+def trickled_status_line(handler, n: int) -> None:
+    trickle(handler, raw_response(chat_reply("The answer is (a)")), 0.2)
+
+
+@pytest.mark.parametrize("answer", [trickled_body, trickled_chunks, trickled_status_line],
+                         ids=["body", "chunked", "status line and headers"])
+def test_a_reply_that_trickles_in_is_cut_at_timeout_s_for_the_whole_request(serve, monkeypatch, answer) -> None:
+    """A byte every 0.2 s keeps every read under the 1 s timeout; the whole reply would take many seconds."""
+    server = serve(answer)
+    teacher = teacher_for(server, monkeypatch, timeout_s=1.0, retries=1)
+    started = time.monotonic()
+    with pytest.raises(UserError, match=r"did not answer after 2 attempt\(s\) \(last: no whole reply within "
+                                        r"teacher.timeout_s \(1 s\)\).*raise distill.teacher.timeout_s") as caught:
+        ask(teacher)
+    assert time.monotonic() - started < 1.0 + 0.5 + 1.0 + 1.0  # two attempts, one backoff, and some slack
+    assert server.requests == 2 and SECRET not in str(caught.value)
+
+
+# ---- the reply's size --------------------------------------------------------------------------------------------
+
+def ten_megabytes(handler, n: int) -> None:
+    send(handler, chat_reply("x" * 10_000_000))
+
+
+def endless_chunks(handler, n: int) -> None:
+    """No Content-Length: chunks of text until the client hangs up."""
+    handler.send_response(200)
+    handler.send_header("Transfer-Encoding", "chunked")
+    handler.end_headers()
+    for chunk in iter_chunks():
+        handler.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+
+
+def iter_chunks():
+    yield b'{"choices": [{"message": {"content": "'
+    while True:
+        yield b"y" * 65536
+
+
+@pytest.mark.parametrize("answer", [ten_megabytes, endless_chunks], ids=["content-length", "endless chunks"])
+def test_a_reply_larger_than_max_tokens_explains_is_cut_off_and_dropped(serve, monkeypatch, answer) -> None:
+    teacher = teacher_for(serve(answer), monkeypatch)
+    started = time.monotonic()
+    reply = ask(teacher, max_tokens=64)
+    assert reply == Dropped("reply too large", f"over {reply_byte_cap(64):,} bytes, the cap for max_tokens 64; "
+                                               "the rest was not read")
+    assert time.monotonic() - started < 3
+
+
+def test_a_long_reply_within_the_cap_is_kept_whole(serve, monkeypatch) -> None:
+    text = "word " * 2000  # 10,000 characters for 2,048 tokens: plausible, so not cut
+    assert ask(teacher_for(serve(lambda handler, n: send(handler, chat_reply(text))), monkeypatch),
+               max_tokens=2048) == text
+
+
+# ---- replies without text -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("body", "detail"), [
+    (chat_reply(None, finish_reason="length"), "content null, finish_reason length"),
+    (chat_reply("", finish_reason="stop"), "content empty, finish_reason stop"),
+    (chat_reply("  \n ", finish_reason="stop"), "content empty, finish_reason stop"),
+    (chat_reply(None, reasoning_content="<think>...</think>"),
+     "content null, finish_reason stop; the text is in reasoning_content (the server's reasoning parser)"),
+], ids=["null", "empty", "blank", "reasoning_content"])
+def test_a_reply_without_text_is_a_dropped_sample_that_says_why(serve, monkeypatch, body, detail) -> None:
+    assert ask(teacher_for(serve(lambda handler, n: send(handler, body)), monkeypatch)) == Dropped("no text", detail)
+
+
+# ---- Retry-After ----------------------------------------------------------------------------------------------------
+
+def busy_once(retry_after: str):
+    def answer(handler, n: int) -> None:
+        if n == 1:
+            send(handler, b'{"error": "slow down"}', status=429, headers={"Retry-After": retry_after})
+        else:
+            send(handler, chat_reply("The answer is (a)"))
+    return answer
+
+
+@pytest.mark.parametrize("retry_after", ["2", "date"], ids=["seconds", "http date"])
+def test_retry_after_is_honoured_and_the_wait_logged(serve, monkeypatch, caplog, retry_after) -> None:
+    """The backoff alone would wait 0.5 s; the server asks for 2 s (or a date 3 s ahead, whole seconds)."""
+    value = email.utils.formatdate(time.time() + 3, usegmt=True) if retry_after == "date" else retry_after
+    server = serve(busy_once(value))
+    caplog.set_level(logging.INFO, logger="distillery.reasoning.teachers")
+    assert ask(teacher_for(server, monkeypatch, retries=1)) == "The answer is (a)"
+    waited = server.arrivals[1] - server.arrivals[0]
+    assert 1.9 <= waited < 4
+    assert "HTTP 429, Retry-After" in caplog.text and "as asked" in caplog.text and SECRET not in caplog.text
+
+
+def test_a_longer_retry_after_is_cut_to_max_retry_wait_s_and_said_so(serve, monkeypatch, caplog) -> None:
+    server = serve(lambda handler, n: send(handler, b"{}", status=429, headers={"Retry-After": "3600"}))
+    caplog.set_level(logging.INFO, logger="distillery.reasoning.teachers")
+    with pytest.raises(UserError, match=r"after 2 attempt\(s\) \(last: HTTP 429, Retry-After 3600 s\)"):
+        ask(teacher_for(server, monkeypatch, retries=1, max_retry_wait_s=1.0))
+    assert 0.9 <= server.arrivals[1] - server.arrivals[0] < 2
+    assert "waiting 1 s, not the 3600 s asked (distill.teacher.max_retry_wait_s)" in caplog.text
