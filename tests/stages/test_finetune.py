@@ -113,6 +113,25 @@ def test_missing_model_path_is_refused_fast(tmp_path: Path) -> None:
         locate_model(str(tmp_path / "no-such-model"))
 
 
+def test_a_corrupt_or_cut_off_file_in_a_model_directory_is_named(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}', encoding="utf-8")
+    save_file({"w": __import__("numpy").zeros(64, dtype="float32")}, str(model / "model.safetensors"))
+    assert locate_model(str(model)) == str(model)
+    (model / "tokenizer_config.json").write_text('{"eos_token": "</s>",}', encoding="utf-8")
+    with pytest.raises(UserError, match=r"tokenizer_config.json is not valid JSON \(.*line 1 column 22.*Download the "
+                                        "model again"):
+        locate_model(str(model))
+    (model / "tokenizer_config.json").unlink()
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(data[:-16])  # a download that stopped short
+    with pytest.raises(UserError, match=r"model.safetensors is damaged or incomplete \(.*\)\. Download the model"):
+        locate_model(str(model))
+
+
 def test_hub_id_without_network_is_refused_fast(tmp_path: Path, monkeypatch) -> None:
     import huggingface_hub.constants as hub
 
