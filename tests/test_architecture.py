@@ -90,3 +90,26 @@ def test_functions_stay_short() -> None:
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60]
     assert long == []
+
+
+def test_the_python_floor_is_one_the_project_runs_on() -> None:
+    """requires-python (and the install guide) admit no Python that a pinned dependency, or tomllib, rules out."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    floor = project["requires-python"].removeprefix(">=")
+    assert tuple(int(part) for part in floor.split(".")) >= (3, 11)  # tomllib, imported by these tests, is 3.11+
+    pinned = project["dependencies"] + [line for extra in project["optional-dependencies"].values() for line in extra]
+    refused = []
+    for line in pinned:
+        try:
+            needs = metadata.metadata(Requirement(line).name).get("Requires-Python")
+        except metadata.PackageNotFoundError:  # an extra this machine does not install (cuda)
+            continue
+        if needs and not SpecifierSet(needs).contains(floor):
+            refused.append(f"{line} needs Python {needs}")
+    assert refused == []
+    assert f"Python {floor} or newer" in (ROOT / "docs" / "install.md").read_text(encoding="utf-8")
