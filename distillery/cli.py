@@ -7,12 +7,14 @@ overrides, and `--force`. A stage first brings its upstream stages up to date (a
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Optional
 
 import click
 import typer
+from rich.markup import escape
 from rich.traceback import Traceback
 
 from dotenv import load_dotenv
@@ -66,27 +68,35 @@ def reported_errors(command: str, verbose: bool) -> Iterator[dict[str, Any]]:
     except (typer.Exit, click.exceptions.Abort):
         raise
     except UserError as err:
-        console.print(f"[bold red]error:[/] {err}")
+        console.print(f"[bold red]error:[/] {escape(str(err))}")
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         if command in STAGES or command == "run":
             console.print("[yellow]interrupted[/]: finished stages are kept; run the same command to continue.")
         raise typer.Exit(130) from None
     except Exception as err:  # noqa: BLE001 - reported in one line; the traceback goes to the log
-        failure = err if isinstance(err, StageFailed) else StageFailed(command, err, str(log_failure(where, command, err)))
-        report_failure(failure, verbose)
+        report_unexpected(where, command, err, verbose)
         raise typer.Exit(1) from None
 
 
-def log_failure(where: dict[str, Any], command: str, err: BaseException) -> Path:
+def report_unexpected(where: dict[str, Any], command: str, err: Exception, verbose: bool) -> None:
+    """Log and report an unexpected error; should that fail too (a full disk, a broken terminal), still one line."""
+    try:
+        failure = err if isinstance(err, StageFailed) else StageFailed(command, err, log_failure(where, command, err))
+        report_failure(failure, verbose)
+    except Exception as also:  # noqa: BLE001 - the report of an error must never end in a traceback of its own
+        cause = err.cause if isinstance(err, StageFailed) else err
+        print(f"error: {command} failed with an unexpected {type(cause).__name__}: {first_line(cause)}; reporting it "
+              f"failed too ({type(also).__name__}: {first_line(also)}).", file=sys.stderr)
+
+
+def log_failure(where: dict[str, Any], command: str, err: BaseException) -> str | None:
     """Write the traceback into the run's logs/ (or the cache's, before a config was loaded)."""
-    from distillery.core.models import cache_home
     from distillery.core.rundir import RunDir
     from distillery.runner import write_failure_log
 
     cfg = where.get("cfg")
-    run = RunDir(cfg.run.root, cfg.run.name) if cfg is not None else RunDir(cache_home(), "logs-outside-a-run")
-    return write_failure_log(run, command, err)
+    return write_failure_log(RunDir(cfg.run.root, cfg.run.name) if cfg is not None else None, command, err)
 
 
 def report_failure(failure: StageFailed, verbose: bool) -> None:
@@ -97,13 +107,20 @@ def report_failure(failure: StageFailed, verbose: bool) -> None:
     if verbose:
         console.print(Traceback.from_exception(type(cause), cause, cause.__traceback__, show_locals=False))
     if isinstance(cause, NativeCrash):
-        console.print(f"[bold red]error:[/] {failure.step} failed: {cause} Log: {failure.log}", soft_wrap=True)
+        console.print(f"[bold red]error:[/] {failure.step} failed: {escape(str(cause))} Log: {failure.log}",
+                      soft_wrap=True)
         return
-    text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    text = first_line(cause)
+    where = f"written to {failure.log}" if failure.log else "which could not be written to a log file"
     console.print(f"[bold red]error:[/] {failure.step} failed with an unexpected {type(cause).__name__}"
-                  f"{': ' + text if text else ''}. This is a bug in Distillery, not a problem with your data or "
-                  f"config; please report it with the full traceback, written to {failure.log} (-v shows it here).",
+                  f"{': ' + escape(text) if text else ''}. This is a bug in Distillery, not a problem with your data "
+                  f"or config; please report it with the full traceback, {where} (-v shows it here).",
                   soft_wrap=True)
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _stage_command(stage: str, help_text: str) -> None:

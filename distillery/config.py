@@ -13,16 +13,17 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distillery.sources import SOURCES
 from distillery.training.settings import FinetuneConfig
 from distillery.core.errors import UserError
+from distillery.core.userinput import UserPath, parse_yaml, read_yaml_file, require_file
 
 # Keys whose values are secrets: `hf_token`, `api_key`, `password` — not `max_tokens` or `api_key_env` (a name).
 SECRET_KEYS = re.compile(r"(^|_)(token|api_key|key|secret|password)$", re.IGNORECASE)
@@ -35,14 +36,42 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# One plain directory name: no separator, never `.` or `..` (which would put the run into the root or its
+# parent), not hidden, short enough for every file system.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
 class RunConfig(Section):
-    name: str = Field("demo", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name: artifacts go to <root>/<name>/.")
-    root: str = Field("runs", description="Directory that holds all runs.")
+    name: str = Field("demo", description="Run name, one plain directory name (letters, digits, _ . -, starting "
+                      "with a letter or digit, at most 100): artifacts go to <root>/<name>/.")
+    root: UserPath = Field("runs", description="Directory that holds all runs (created when missing).")
     seed: int = Field(42, description="Seed for sampling, splitting and training.")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_directory_name(cls, name: str) -> str:
+        if not RUN_NAME.fullmatch(name):
+            raise ValueError("a run name is one plain directory name: 1 to 100 letters, digits, '_', '.' or '-', "
+                             "starting with a letter or digit (so not '.', '..' or a path)")
+        return name
+
+    @field_validator("root")
+    @classmethod
+    def _root_is_a_directory(cls, root: str) -> str:
+        existing = nearest_existing(Path(root))
+        if not existing.is_dir():
+            raise ValueError(f"{existing} is a file, not a directory; set run.root to a directory (it is created "
+                             "when missing)")
+        return root
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path` itself when it exists, else its closest existing parent."""
+    return next(p for p in (path, *path.parents) if os.path.exists(p))
 
 
 class ModelConfig(Section):
-    path: str = Field(
+    path: UserPath = Field(
         "bundled:SmolLM2-135M-Instruct",
         description="A local HF directory, a Hub id, or a bundled offline model: bundled:SmolLM2-135M-Instruct "
                     "(the demo), bundled:tiny-qwen2-r1 (R1-Distill-Qwen's tokenizer and template, random weights).",
@@ -162,7 +191,7 @@ class ExportConfig(Section):
                                                     "quantization starts from it.")
     quantizations: list[str] = Field(default_factory=lambda: ["q8_0", "q4_k_m"], min_length=1,
                                      description="GGUF types to write (q4_k_m, q5_k_m, q6_k, q8_0, f16, iq2_xxs, ...).")
-    imatrix: str | None = Field(None, description="llama-imatrix output (GGUF or .dat); required for i-quants.")
+    imatrix: UserPath | None = Field(None, description="llama-imatrix output (GGUF or .dat); required for i-quants.")
     keep_intermediate: bool = Field(False, description="Keep the converter's output even when not in quantizations.")
     model_name: str | None = Field(None, description="File name stem: <model_name>-<QUANT>.gguf (default: the base "
                                    "model's name).")
@@ -180,11 +209,11 @@ class ExportConfig(Section):
 
 class EvaluateConfig(Section):
     enabled: bool = Field(True, description="Score MathQA in `distillery run`.")
-    data: str = Field("regisss/math_qa", description="MathQA: a local jsonl/json/csv/parquet file or a Hub dataset id.")
+    data: UserPath = Field("regisss/math_qa", description="MathQA: a local jsonl/json/csv/parquet file or a Hub dataset id.")
     split: str = Field("test", description="Split of a Hub dataset to score.")
     limit: int | None = Field(None, ge=1, description="Score only the first N items (all when unset).")
     num_fewshot: int = Field(0, ge=0, description="Solved examples before each question (lm-eval's sampler, seed 1234).")
-    fewshot_data: str | None = Field(None, description="Where few-shot examples come from: a local file or Hub id; "
+    fewshot_data: UserPath | None = Field(None, description="Where few-shot examples come from: a local file or Hub id; "
                                      "default: `data` (its fewshot_split for a Hub id).")
     fewshot_split: str = Field("train", description="Split of a Hub dataset the few-shot examples come from.")
     batch_size: int = Field(8, ge=1, description="Items per forward pass (each item's 5 choices share its context).")
@@ -234,7 +263,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise UserError(f"--set {text!r}: expected KEY=VALUE, e.g. --set finetune.max_steps=20")
     key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
+    return key.strip().split("."), parse_yaml(value, f"--set {text}") if value.strip() else ""
 
 
 def apply_override(data: dict[str, Any], keys: list[str], value: Any) -> None:
@@ -273,12 +302,8 @@ def format_validation_error(path: Path, err: ValidationError) -> str:
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DistilleryConfig:
     """Read, override and validate a YAML config; every problem is a UserError naming the key."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist. Presets are in configs/, e.g. configs/demo.yaml.")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML: {err}") from None
+    require_file(path, "config file", config_hint(path))
+    data = read_yaml_file(path) or {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: the top level must be a mapping of sections (run, model, ingest, ...).")
     for text in overrides:
@@ -287,6 +312,14 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         return DistilleryConfig.model_validate(data)
     except ValidationError as err:
         raise UserError(format_validation_error(path, err)) from None
+
+
+def config_hint(path: Path) -> str:
+    """Where to find a config: a YAML file inside the directory given, else the presets."""
+    inside = sorted(path.glob("*.yaml")) if path.is_dir() else []
+    if inside:
+        return f"Pass one YAML file in it, e.g. -c {inside[0]}."
+    return "Presets are in configs/, e.g. configs/demo.yaml."
 
 
 def redact(data: Any) -> Any:

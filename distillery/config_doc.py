@@ -26,7 +26,8 @@ HEADER = """# Config reference
 Generated from the pydantic models in `distillery/config.py` and `distillery/sources/` by
 `just docs` (`python -m distillery.config_doc --write docs/config.md`); do not edit by hand. Unknown keys are
 refused with the key's name; `--set section.key=value` overrides any key from the command line (list items by
-index: `--set ingest.sources.0.path=data/`). The presets in `configs/` show them in use.
+index: `--set ingest.sources.0.path=data/`). The file must be UTF-8; a key written twice in one mapping is
+refused (YAML would keep the last silently); a path may start with `~`. The presets in `configs/` show them in use.
 """
 
 

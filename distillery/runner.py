@@ -74,25 +74,15 @@ def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[st
     partial = run.partial_dir(name)
     previous = run.stage_entry(name) or {}
     resumable = stage.resumable and previous.get("fingerprint") == fp
-    if partial.exists() and not resumable:
-        shutil.rmtree(partial)  # a leftover from an interrupted run of another config: never resume from it
-    partial.mkdir(parents=True, exist_ok=True)
-    run.save_config(redact(cfg.model_dump(mode="json")))
+    prepare_run_dir(run, partial, keep=resumable, config_dump=redact(cfg.model_dump(mode="json")))
     started = time.time()
     run.update_stage(name, {"status": "running", "fingerprint": fp, "inputs": inputs, "started": _now()})
     console.rule(f"[bold]{name}")
     try:
         result = stage.run(StageContext(cfg=cfg, run=run, out=partial, console=console, force=force))
     except BaseException as err:
-        if not stage.resumable or isinstance(err, UserError):
-            shutil.rmtree(partial, ignore_errors=True)
-        failure = {"status": "failed", "fingerprint": fp, "inputs": inputs, "error": _short(err)}
-        if isinstance(err, UserError) or not isinstance(err, Exception):  # the user's to fix, or an interrupt
-            run.update_stage(name, failure)
-            raise
-        log_path = write_failure_log(run, name, err)
-        run.update_stage(name, {**failure, "log": str(log_path)})
-        raise StageFailed(name, err, str(log_path)) from err
+        record_failure(run, stage, fp, inputs, err)
+        raise
     final = run.publish(name)
     seconds = time.time() - started
     run.update_stage(name, {
@@ -109,14 +99,61 @@ def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[st
     return "done", result, seconds
 
 
-def write_failure_log(run: RunDir, step: str, err: BaseException) -> Path:
-    """The full traceback of `err` in runs/<name>/logs/<step>.log (the CLI prints one line and this path)."""
+def prepare_run_dir(run: RunDir, partial: Path, keep: bool, config_dump: dict) -> None:
+    """The stage's partial directory (a leftover kept only to resume from) and the run's config.yaml; a run
+    directory that cannot be written (no permission, a read-only disk) is the user's to fix."""
+    try:
+        if partial.exists() and not keep:
+            shutil.rmtree(partial)  # a leftover from an interrupted run of another config: never resume from it
+        partial.mkdir(parents=True, exist_ok=True)
+        run.save_config(config_dump)
+    except OSError as err:
+        raise UserError(f"cannot write the run directory {run.path} ({err.strerror or err}): set run.root to a "
+                        "directory you can write to.") from None
+
+
+def record_failure(run: RunDir, stage: Stage, fp: str, inputs: dict, err: BaseException) -> None:
+    """The manifest entry of a stage that did not finish: `interrupted` (Ctrl-C) or `failed`; an unexpected error
+    is raised again as StageFailed, with the log that holds its traceback. A resumable stage keeps its partial
+    directory unless the user's mistake stopped it."""
+    if not stage.resumable or isinstance(err, UserError):
+        shutil.rmtree(run.partial_dir(stage.name), ignore_errors=True)
+    entry = {"fingerprint": fp, "inputs": inputs}
+    if isinstance(err, KeyboardInterrupt):
+        save_entry(run, stage.name, {"status": "interrupted", **entry})
+        return
+    entry = {"status": "failed", **entry, "error": _short(err)}
+    if isinstance(err, UserError) or not isinstance(err, Exception):
+        save_entry(run, stage.name, entry)
+        return
+    log_path = write_failure_log(run, stage.name, err)
+    save_entry(run, stage.name, {**entry, "log": log_path})
+    raise StageFailed(stage.name, err, log_path) from err
+
+
+def save_entry(run: RunDir, stage: str, entry: dict) -> None:
+    """Record a stage's end in the manifest; when even that fails, the error that ended the stage still counts."""
+    try:
+        run.update_stage(stage, entry)
+    except OSError as err:
+        log.warning("could not record %s as %s in %s: %s", stage, entry["status"], run.manifest_path, err)
+
+
+def write_failure_log(run: RunDir | None, step: str, err: BaseException) -> str | None:
+    """The full traceback of `err` in runs/<name>/logs/<step>.log, or in the cache's logs when there is no run
+    (or its directory cannot be written); None when no log can be written at all (the CLI prints one line)."""
     import traceback
 
-    path = run.log_path(step)
+    from distillery.core.models import cache_home
+
     text = f"{_now()} {step} failed\n\n" + "".join(traceback.format_exception(err))
-    atomic_write_text(path, text)
-    return path
+    for place in ([run] if run else []) + [RunDir(cache_home(), "logs-outside-a-run")]:
+        try:
+            atomic_write_text(place.log_path(step), text)
+            return str(place.log_path(step))
+        except OSError:
+            continue
+    return None
 
 
 def _now() -> str:

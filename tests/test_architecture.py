@@ -6,27 +6,39 @@ import ast
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "distillery"
 
 # Lowest first. A module may import modules of its own layer and of the layers below it, never above.
+# "pkg.*" is a package with everything in it; any other name is that one module only (so the bare "distillery",
+# the package's own __init__, does not swallow a new subpackage: a module in no layer fails the test).
 LAYERS = (
-    ("core", ("distillery.core",)),
-    ("leaf jobs", ("distillery.sources", "distillery.export")),
-    ("jobs", ("distillery.evals", "distillery.reasoning", "distillery.training")),
+    ("core", ("distillery.core.*",)),
+    ("leaf jobs", ("distillery.sources.*", "distillery.export.*")),
+    ("jobs", ("distillery.evals.*", "distillery.reasoning.*", "distillery.training.*")),
     ("config", ("distillery.config",)),
     ("stage contract", ("distillery.stage",)),
-    ("stages", ("distillery.stages",)),
-    ("application", ("distillery.runner", "distillery.commands", "distillery.cli", "distillery.config_doc",
+    ("stages", ("distillery.stages.*",)),
+    ("application", ("distillery.runner", "distillery.commands.*", "distillery.cli", "distillery.config_doc",
                      "distillery.__main__", "distillery")),
 )
 
 
+def in_layer_entry(module: str, entry: str) -> bool:
+    if entry.endswith(".*"):
+        package = entry.removesuffix(".*")
+        return module == package or module.startswith(package + ".")
+    return module == entry
+
+
 def layer_of(module: str) -> int:
-    """The index of the most specific layer prefix that names `module`."""
-    best = max((prefix for _, prefixes in LAYERS for prefix in prefixes
-                if module == prefix or module.startswith(prefix + ".")), key=len)
-    return next(i for i, (_, prefixes) in enumerate(LAYERS) if best in prefixes)
+    """The index of the layer that names `module`; a module no layer names is an error to fix in LAYERS."""
+    found = [i for i, (_, entries) in enumerate(LAYERS) if any(in_layer_entry(module, e) for e in entries)]
+    if not found:
+        raise LookupError(f"{module} belongs to no layer: add it to ARCHITECTURE.md and LAYERS")
+    return found[0]
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
@@ -71,7 +83,16 @@ def test_the_check_catches_an_upward_import(tmp_path: Path) -> None:
 
 def test_every_module_belongs_to_a_layer() -> None:
     for path in PACKAGE.rglob("*.py"):
-        layer_of(module_name(path))  # raises when no prefix matches
+        layer_of(module_name(path))  # raises when no layer names it
+
+
+def test_a_new_package_in_no_layer_is_reported() -> None:
+    with pytest.raises(LookupError, match="distillery.plugins.extra belongs to no layer"):
+        layer_of("distillery.plugins.extra")
+    with pytest.raises(LookupError):
+        layer_of("distillery.configs")  # a name that starts like a layer's module is not in it
+    assert layer_of("distillery") == layer_of("distillery.cli") == len(LAYERS) - 1
+    assert layer_of("distillery.core") == layer_of("distillery.core.errors") == 0
 
 
 def test_one_top_level_package() -> None:
@@ -90,3 +111,26 @@ def test_functions_stay_short() -> None:
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60]
     assert long == []
+
+
+def test_the_python_floor_is_one_the_project_runs_on() -> None:
+    """requires-python (and the install guide) admit no Python that a pinned dependency, or tomllib, rules out."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    floor = project["requires-python"].removeprefix(">=")
+    assert tuple(int(part) for part in floor.split(".")) >= (3, 11)  # tomllib, imported by these tests, is 3.11+
+    pinned = project["dependencies"] + [line for extra in project["optional-dependencies"].values() for line in extra]
+    refused = []
+    for line in pinned:
+        try:
+            needs = metadata.metadata(Requirement(line).name).get("Requires-Python")
+        except metadata.PackageNotFoundError:  # an extra this machine does not install (cuda)
+            continue
+        if needs and not SpecifierSet(needs).contains(floor):
+            refused.append(f"{line} needs Python {needs}")
+    assert refused == []
+    assert f"Python {floor} or newer" in (ROOT / "docs" / "install.md").read_text(encoding="utf-8")

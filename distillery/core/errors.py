@@ -16,9 +16,10 @@ class UserError(Exception):
 
 class StageFailed(Exception):
     """A stage (or a command such as chat) ended with an error that is not the user's to fix: a bug, or a native
-    crash (core.isolation.NativeCrash). The full traceback is in `log`; the CLI prints one line."""
+    crash (core.isolation.NativeCrash). The full traceback is in `log` (None: no log could be written); the CLI
+    prints one line."""
 
-    def __init__(self, step: str, cause: BaseException, log: str):
+    def __init__(self, step: str, cause: BaseException, log: str | None):
         self.step, self.cause, self.log = step, cause, log
         super().__init__(f"{step}: {type(cause).__name__}: {cause}")
 

@@ -10,6 +10,7 @@ materialised the same way.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -54,10 +55,32 @@ def resolve_model_path(path: str) -> str:
     if local.exists():
         if not (local / "config.json").is_file():
             raise UserError(f"model.path: {local} has no config.json; point it at a Hugging Face model directory.")
+        check_model_files(local)
         return str(local)
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise UserError(f"model.path: {path} does not exist locally and is not a Hub id (owner/name).")
     return path
+
+
+def check_model_files(directory: Path) -> None:
+    """Every JSON file of a local model directory parses and every safetensors file is whole: a corrupt or cut-off
+    file is named here, not reported by transformers as an error deep inside loading."""
+    from safetensors import SafetensorError, safe_open
+
+    redo = "Download the model again (or repair the file) and run again."
+    for path in sorted(directory.glob("*.json")):
+        try:
+            json.loads(path.read_bytes())
+        except OSError as err:
+            raise UserError(f"model.path: {path} cannot be read ({err.strerror or err}).") from None
+        except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise UserError(f"model.path: {path} is not valid JSON ({err}). {redo}") from None
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="numpy"):  # reads the header, checks it against the file size
+                pass
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"model.path: {path} is damaged or incomplete ({err}). {redo}") from None
 
 
 def bundled_gguf(name: str) -> Path:

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -112,7 +113,7 @@ def train(job: Any, ft: FinetuneConfig, ctx: StageContext) -> dict:
     the pipeline process, which may go on to evaluate or export, stays unpatched, and both backends start clean.
     The same child runs under `accelerate launch` for several GPUs; only this process writes the manifest.
     """
-    from distillery.training.train import ERROR, RESULT
+    from distillery.training.train import ERROR, INTERRUPTED, RESULT
 
     job_path = ctx.out / "job.json"
     job.save(job_path)
@@ -123,6 +124,8 @@ def train(job: Any, ft: FinetuneConfig, ctx: StageContext) -> dict:
     if ft.accelerate_config:
         ctx.console.print(f"finetune: accelerate launch --config_file {ft.accelerate_config}")
     code = subprocess.call(command, env=env)
+    if code in (INTERRUPTED, -signal.SIGINT):
+        raise KeyboardInterrupt  # the child was stopped by Ctrl-C (sent to it alone): an interrupt, not a failure
     if (ctx.out / ERROR).is_file():
         raise UserError((ctx.out / ERROR).read_text(encoding="utf-8"))
     if code != 0 or not (ctx.out / RESULT).is_file():

@@ -11,6 +11,7 @@ from typing import Any
 from distillery.core.errors import UserError
 from distillery.core.machine import cpu_flags
 from distillery.core.models import resolve_model_path
+from distillery.core.userinput import read_yaml_file, require_file
 
 log = logging.getLogger(__name__)
 
@@ -156,12 +157,12 @@ def check_accelerate_config(path: str | None, cuda: bool, backend: str = "hf") -
     """Refuse, before anything loads, an accelerate config this machine (or this backend) cannot launch."""
     if not path:
         return
-    import yaml
-
     file = Path(path)
-    if not file.is_file():
-        raise UserError(f"finetune.accelerate_config: {path} does not exist; see configs/accelerate/.")
-    config = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    require_file(file, "finetune.accelerate_config:", "See configs/accelerate/.")
+    config = read_yaml_file(file) or {}
+    if not isinstance(config, dict):
+        raise UserError(f"finetune.accelerate_config: {path} is not an accelerate config (a mapping of settings); "
+                        "see configs/accelerate/.")
     kind, on_cpu = str(config.get("distributed_type", "NO")).upper(), bool(config.get("use_cpu"))
     if backend == "unsloth" and kind in ("FSDP", "DEEPSPEED"):
         # Unsloth trains one whole model per process (DDP); its patched modules are not shardable.

@@ -1,6 +1,6 @@
 """The finetune config section, owned here because the training child reads it too (typed, in its TrainJob).
 
-distillery/config.py puts it into the config as `finetune:`; this module imports nothing of the project.
+distillery/config.py puts it into the config as `finetune:`; this module imports only the project's core.
 """
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from distillery.core.userinput import UserPath
 
 
 class LoraConfig(BaseModel):
@@ -60,7 +62,7 @@ class FinetuneConfig(BaseModel):
     objective: Literal["sft", "multiple_choice"] = Field("sft", description="multiple_choice: softmax over math_mc options.")
     sample_prompts: int = Field(3, ge=0, description="Held-out prompts generated before and after training (samples.md).")
     sample_max_new_tokens: int = Field(48, ge=1, description="Tokens generated per sample prompt.")
-    accelerate_config: str | None = Field(
+    accelerate_config: UserPath | None = Field(
         None, description="An accelerate config (configs/accelerate/ddp.yaml, fsdp.yaml, deepspeed_zero2.yaml): "
                           "training runs under `accelerate launch` with it, one process per GPU (or per CPU "
                           "process with ddp_cpu.yaml / fsdp_cpu.yaml). The unsloth backend runs data-parallel "

@@ -346,22 +346,27 @@ def load_or_generate_before(out: Path, model: Any, tokenizer: Any, job: TrainJob
 
 RESULT = "train_result.json"
 ERROR = "train_error.txt"
+INTERRUPTED = 130  # the exit code of a shell's command stopped by Ctrl-C
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m distillery.training.train <job.json>`, started by the stage (under `accelerate launch` on several
-    GPUs: one process each). Writes train_result.json (main process), or train_error.txt for a UserError."""
+    GPUs: one process each). Writes train_result.json (main process), or train_error.txt for a UserError.
+    Ctrl-C ends it quietly with exit code 130: the stage reports the interrupt, the checkpoints stay to resume from."""
     argv = sys.argv[1:] if argv is None else argv
     job = TrainJob.load(Path(argv[0]))
-    if job.backend == "unsloth":
-        import unsloth  # noqa: F401  -- first, before transformers/TRL/PEFT, so that all its patches apply
-
-    from rich.console import Console
     try:
+        if job.backend == "unsloth":
+            import unsloth  # noqa: F401  -- first, before transformers/TRL/PEFT, so that all its patches apply
+
+        from rich.console import Console
+
         result = run_job(job, Console())
     except UserError as err:
         atomic_write_text(Path(job.out) / ERROR, str(err))
         return 2
+    except KeyboardInterrupt:
+        return INTERRUPTED
     if result["main_process"]:
         atomic_write_text(Path(job.out) / RESULT, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return 0

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from distillery.cli import app
@@ -84,3 +85,170 @@ def test_verbose_shows_the_traceback_of_an_unexpected_error(tmp_path: Path, monk
     result = CliRunner().invoke(app, ["ingest", "-c", str(config), "-v"], terminal_width=400)
     assert result.exit_code == 1
     assert "Traceback" in result.output and "1 / 0" in result.output and "a bug in Distillery" in result.output
+
+
+# ---- bad run names, run roots and config files: exit 2, one message, nothing written or lost -------------------
+
+
+def toy_project(tmp_path: Path) -> Path:
+    (tmp_path / "data.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", '
+                                         '"content": "hello"}]}\n', encoding="utf-8")
+    config = tmp_path / "c.yaml"
+    config.write_text("run: {name: t, root: runs}\ningest:\n  sources:\n    - {name: toy, kind: hf, files: data.jsonl, "
+                      "format: messages}\n", encoding="utf-8")
+    return config
+
+
+def distillery(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """The real CLI in a fresh process, as a user runs it."""
+    import os
+
+    return subprocess.run([sys.executable, "-m", "distillery", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "300", **env}, timeout=300)
+
+
+def tree(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def assert_refused(result: subprocess.CompletedProcess, message: str) -> None:
+    import re
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Traceback" not in output and re.search(message, " ".join(output.split())), output
+
+
+def test_run_names_dot_and_dotdot_touch_neither_another_run_nor_the_project(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    config = toy_project(project)
+    assert distillery(project, "ingest", "-c", str(config), "--set", "run.name=ingest").returncode == 0
+    before = tree(tmp_path)
+    for name in (".", "..", "../escape", "x" * 300):
+        assert_refused(distillery(project, "ingest", "-c", str(config), "--set", f"run.name={name}"),
+                       r"run\.name: .*one plain directory name")
+    assert tree(tmp_path) == before
+
+
+def test_run_root_in_the_home_directory_expands_and_a_file_as_root_is_refused(tmp_path: Path) -> None:
+    config = toy_project(tmp_path)
+    home = tmp_path / "home"
+    home.mkdir()
+    assert distillery(tmp_path, "ingest", "-c", str(config), "--set", "run.root=~/runs", HOME=str(home)).returncode == 0
+    assert (home / "runs" / "t" / "ingest" / "train.jsonl").is_file() and not (tmp_path / "~").exists()
+    (tmp_path / "a-file").write_text("mine", encoding="utf-8")
+    assert_refused(distillery(tmp_path, "ingest", "-c", str(config), "--set", "run.root=a-file"),
+                   r"run\.root: .*a-file is a file, not a directory")
+    assert (tmp_path / "a-file").read_text() == "mine"
+
+
+def test_a_run_directory_that_cannot_be_written_is_the_users_to_fix(tmp_path: Path) -> None:
+    config = toy_project(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "t").write_text("mine", encoding="utf-8")  # the run's directory is taken by a file
+    assert_refused(distillery(tmp_path, "ingest", "-c", str(config)),
+                   r"cannot write the run directory runs/t \(Not a directory\): set run.root to a directory")
+    assert (tmp_path / "runs" / "t").read_text() == "mine"
+
+
+@pytest.mark.parametrize("text, encoding, message", [
+    ("run: {name: a}\nrun: {name: b}\n", "utf-8", r"found the key 'run' a second time \(first on line 1\)"),
+    ("ingest: " + "[" * 20000, "utf-8", r"c\.yaml: not valid YAML: nested more than 100 levels deep"),
+    ("run: {name: a}\n", "utf-16", r"c\.yaml is not UTF-8 text .* Save it as UTF-8"),
+    ("ingest: [unclosed\n", "utf-8", r"c\.yaml: not valid YAML: while parsing a flow sequence .* line 1"),
+])
+def test_bad_config_files_exit_2_naming_the_file_and_the_fix(tmp_path: Path, text: str, encoding: str,
+                                                              message: str) -> None:
+    (tmp_path / "c.yaml").write_text(text, encoding=encoding)
+    assert_refused(distillery(tmp_path, "ingest", "-c", "c.yaml"), message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+
+def test_a_directory_as_the_config_is_named_as_a_directory(tmp_path: Path) -> None:
+    toy_project(tmp_path)
+    assert_refused(distillery(tmp_path, "ingest", "-c", "."), r"config file \. is a directory, not a file\. Pass one "
+                                                                r"YAML file in it, e.g\. -c c\.yaml")
+
+
+def test_a_message_is_printed_as_written_never_read_as_markup(tmp_path: Path) -> None:
+    config = toy_project(tmp_path)
+    assert_refused(distillery(tmp_path, "ingest", "-c", str(config), "--set", "run.seed=[/x]"),
+                   r"run\.seed: Input should be a valid integer")
+    assert_refused(distillery(tmp_path, "ingest", "-c", str(config), "--set", "run.seed=[unclosed"),
+                   r"--set run\.seed=\[unclosed: not valid YAML")
+
+
+def test_a_model_directory_with_a_corrupt_config_json_is_named(tmp_path: Path) -> None:
+    config = toy_project(tmp_path)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama",', encoding="utf-8")
+    assert_refused(distillery(tmp_path, "format", "-c", str(config), "--set", f"model.path={model}"),
+                   r"model\.path: .*model/config\.json is not valid JSON \(.*line 1 column 24.*\)\. Download the model "
+                   r"again")
+
+
+# ---- an error while reporting an error ---------------------------------------------------------------------------
+
+
+def test_an_unexpected_error_whose_log_cannot_be_written_in_the_run_goes_to_the_cache(tmp_path: Path,
+                                                                                        monkeypatch) -> None:
+    config = broken_stage_project(tmp_path, monkeypatch)
+    monkeypatch.setenv("DISTILLERY_HOME", str(tmp_path / "cache"))
+    (tmp_path / "runs" / "t").mkdir(parents=True)
+    (tmp_path / "runs" / "t" / "logs").write_text("", encoding="utf-8")  # logs/ is taken by a file
+    result = CliRunner().invoke(app, ["ingest", "-c", str(config)], terminal_width=400)
+    assert result.exit_code == 1 and not isinstance(result.exception, OSError), result.exception
+    log = tmp_path / "cache" / "logs-outside-a-run" / "logs" / "ingest.log"
+    assert result.output.strip().splitlines()[-1].endswith(
+        f"ZeroDivisionError: division by zero. This is a bug in Distillery, not a problem with your data or config; "
+        f"please report it with the full traceback, written to {log} (-v shows it here).")
+    assert "ZeroDivisionError" in log.read_text()
+
+
+def test_an_unexpected_error_that_cannot_be_logged_anywhere_is_still_one_line(tmp_path: Path, monkeypatch) -> None:
+    config = broken_stage_project(tmp_path, monkeypatch)
+    (tmp_path / "cache").write_text("", encoding="utf-8")
+    monkeypatch.setenv("DISTILLERY_HOME", str(tmp_path / "cache"))  # a file: no log can go there either
+    (tmp_path / "runs" / "t").mkdir(parents=True)
+    (tmp_path / "runs" / "t" / "logs").write_text("", encoding="utf-8")
+    result = CliRunner().invoke(app, ["ingest", "-c", str(config)], terminal_width=400)
+    assert result.exit_code == 1 and not isinstance(result.exception, OSError), result.exception
+    assert result.output.strip().splitlines()[-1].endswith(
+        "please report it with the full traceback, which could not be written to a log file (-v shows it here).")
+
+
+def test_a_report_that_fails_itself_still_ends_in_one_line(tmp_path: Path, monkeypatch) -> None:
+    import distillery.cli as cli
+
+    config = broken_stage_project(tmp_path, monkeypatch)
+
+    def broken_report(failure, verbose):
+        raise OSError("the terminal is gone")
+
+    monkeypatch.setattr(cli, "report_failure", broken_report)
+    result = CliRunner().invoke(app, ["ingest", "-c", str(config)], terminal_width=400)
+    assert result.exit_code == 1 and not isinstance(result.exception, OSError), result.exception
+    assert result.output.strip().splitlines()[-1] == (
+        "error: ingest failed with an unexpected ZeroDivisionError: division by zero; reporting "
+        "it failed too (OSError: the terminal is gone).")
+
+
+def test_ctrl_c_in_a_stage_is_recorded_as_interrupted_and_exits_130(tmp_path: Path, monkeypatch) -> None:
+    import dataclasses
+    import json
+
+    import distillery.stages.ingest as ingest
+
+    config = broken_stage_project(tmp_path, monkeypatch)
+
+    def interrupted(ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ingest, "STAGE", dataclasses.replace(ingest.STAGE, run=interrupted))
+    result = CliRunner().invoke(app, ["ingest", "-c", str(config)], terminal_width=400)
+    assert result.exit_code == 130
+    assert result.output.strip().splitlines()[-1].startswith("interrupted: finished stages are kept")
+    entry = json.loads((tmp_path / "runs" / "t" / "manifest.json").read_text())["stages"]["ingest"]
+    assert entry["status"] == "interrupted" and "error" not in entry

@@ -98,3 +98,78 @@ def test_redact_hides_secrets_only() -> None:
     assert redact(dump) == {"push": {"hf_token": "***", "repo": "me/x"},
                             "teacher": {"api_key": "***", "api_key_env": "OPENAI_API_KEY", "url": "http://h",
                                         "max_tokens": 256}}
+
+
+@pytest.mark.parametrize("name", [".", "..", "a/b", "../x", ".hidden", "-x", "x" * 101, ""])
+def test_a_run_name_is_one_plain_directory_name(tmp_path: Path, name: str) -> None:
+    with pytest.raises(UserError, match="run.name: .*one plain directory name"):
+        load_config(write(tmp_path, MINIMAL), [f"run.name={name}"] if name else ["run.name=''"])
+
+
+def test_run_names_that_are_plain_directory_names_pass(tmp_path: Path) -> None:
+    for name in ("demo", "qwen2.5-mathqa", "r1_32b.v2", "x" * 100):
+        assert load_config(write(tmp_path, MINIMAL), [f"run.name={name}"]).run.name == name
+
+
+def test_paths_in_the_config_expand_the_home_directory(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(write(tmp_path, {**MINIMAL, "run": {"root": "~/runs"}, "model": {"path": "~/models/m"},
+                                       "export": {"imatrix": "~/i.dat"}, "evaluate": {"data": "~/mathqa.jsonl"},
+                                       "finetune": {"accelerate_config": "~/ddp.yaml"}}))
+    assert cfg.run.root == str(tmp_path / "runs") and cfg.model.path == str(tmp_path / "models/m")
+    assert cfg.export.imatrix == str(tmp_path / "i.dat") and cfg.evaluate.data == str(tmp_path / "mathqa.jsonl")
+    assert cfg.finetune.accelerate_config == str(tmp_path / "ddp.yaml")
+    assert load_config(write(tmp_path, MINIMAL)).model.path == "bundled:SmolLM2-135M-Instruct"  # not a path: as is
+
+
+@pytest.mark.parametrize("root", ["a-file", "a-file/runs"])
+def test_a_run_root_that_is_or_lies_in_a_file_is_refused(tmp_path: Path, root: str) -> None:
+    (tmp_path / "a-file").write_text("", encoding="utf-8")
+    with pytest.raises(UserError, match="run.root: .*a-file is a file, not a directory"):
+        load_config(write(tmp_path, MINIMAL), [f"run.root={tmp_path / root}"])
+
+
+def test_a_key_written_twice_is_refused_with_both_lines(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("run: {name: a}\ningest:\n  sources: [{name: a, kind: hf, files: a.jsonl, format: messages}]\n"
+                    "run: {name: b}\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"found the key 'run' a second time \(first on line 1\)[\s\S]*line 4"):
+        load_config(path)
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("defaults: &d {name: a, kind: hf, files: a.jsonl, format: messages}\n"
+                    "ingest:\n  sources:\n    - <<: *d\n      name: b\n", encoding="utf-8")
+    with pytest.raises(UserError, match="defaults: unknown key"):  # the anchor's own key; the merge itself is fine
+        load_config(path)
+
+
+def test_yaml_nested_without_end_is_refused_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "deep.yaml"
+    path.write_text("ingest: " + "[" * 20000, encoding="utf-8")
+    with pytest.raises(UserError, match=r"deep.yaml: not valid YAML: nested more than 100 levels"):
+        load_config(path)
+    with pytest.raises(UserError, match=r"--set finetune.lora.r=\[\[.*nested more than 100 levels"):
+        load_config(write(tmp_path, MINIMAL), ["finetune.lora.r=" + "[" * 20000])
+
+
+def test_a_config_that_is_not_utf8_says_to_save_it_as_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "utf16.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL), encoding="utf-16")
+    with pytest.raises(UserError, match=r"utf16.yaml is not UTF-8 text .* looks like UTF-16 .* Save it as UTF-8"):
+        load_config(path)
+    bom = tmp_path / "bom.yaml"
+    bom.write_text(yaml.safe_dump(MINIMAL), encoding="utf-8-sig")  # UTF-8 with a byte order mark is UTF-8
+    assert load_config(bom).ingest.sources[0].name == "a"
+
+
+def test_a_directory_given_as_the_config_is_named_as_one(tmp_path: Path) -> None:
+    write(tmp_path, MINIMAL)
+    with pytest.raises(UserError, match=r"is a directory, not a file\. Pass one YAML file in it, e.g\. -c .*config.yaml"):
+        load_config(tmp_path)
+
+
+def test_a_bad_set_value_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"--set finetune.lora.r=\[1: not valid YAML"):
+        load_config(write(tmp_path, MINIMAL), ["finetune.lora.r=[1"])

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from distillery.core.records import read_jsonl
+from distillery.evals.generative import extract_letter
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("ingest", "distill", "format", "finetune", "export", "evaluate")
@@ -189,6 +190,10 @@ def test_the_r1_generative_evaluation_reports_its_no_answer_rate(tiny_run) -> No
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((run / "evaluate" / "results.json").read_text())
     assert results["mode"] == "generative" and {"base", "tiny-qwen2-r1-Q4_K_M"} <= set(results["artifacts"])
-    assert all(0.0 <= scored["no_answer"] <= 1.0 and scored["n"] == 4 for scored in results["artifacts"].values())
-    replies = [r["reply"] for r in read_jsonl(run / "evaluate" / "per_item.jsonl")]
-    assert len(replies) == 4 * len(results["artifacts"])
+    per_item = list(read_jsonl(run / "evaluate" / "per_item.jsonl"))
+    assert len(per_item) == 4 * len(results["artifacts"])
+    for name, scored in results["artifacts"].items():
+        # The reported rate is the share of this artifact's replies in which no option letter can be found.
+        replies = [r["reply"] for r in per_item if r["artifact"] == name]
+        unanswered = sum(extract_letter(reply) is None for reply in replies)
+        assert scored["n"] == len(replies) == 4 and scored["no_answer"] == unanswered / 4, (name, replies)

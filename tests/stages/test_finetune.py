@@ -113,6 +113,39 @@ def test_missing_model_path_is_refused_fast(tmp_path: Path) -> None:
         locate_model(str(tmp_path / "no-such-model"))
 
 
+def test_a_corrupt_or_cut_off_file_in_a_model_directory_is_named(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}', encoding="utf-8")
+    save_file({"w": __import__("numpy").zeros(64, dtype="float32")}, str(model / "model.safetensors"))
+    assert locate_model(str(model)) == str(model)
+    (model / "tokenizer_config.json").write_text('{"eos_token": "</s>",}', encoding="utf-8")
+    with pytest.raises(UserError, match=r"tokenizer_config.json is not valid JSON \(.*line 1 column 22.*Download the "
+                                        "model again"):
+        locate_model(str(model))
+    (model / "tokenizer_config.json").unlink()
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(data[:-16])  # a download that stopped short
+    with pytest.raises(UserError, match=r"model.safetensors is damaged or incomplete \(.*\)\. Download the model"):
+        locate_model(str(model))
+
+
+@pytest.mark.parametrize("code", [130, -signal.SIGINT])
+def test_a_training_child_stopped_by_ctrl_c_alone_is_an_interrupt_not_a_failure(tmp_path: Path, monkeypatch,
+                                                                                   code: int) -> None:
+    from types import SimpleNamespace
+
+    import distillery.stages.finetune as finetune
+    from distillery.training.settings import FinetuneConfig
+
+    monkeypatch.setattr(finetune.subprocess, "call", lambda command, env: code)
+    job = SimpleNamespace(save=lambda path: path.write_text("{}", encoding="utf-8"))
+    with pytest.raises(KeyboardInterrupt):
+        finetune.train(job, FinetuneConfig(), SimpleNamespace(out=tmp_path, console=None))
+
+
 def test_hub_id_without_network_is_refused_fast(tmp_path: Path, monkeypatch) -> None:
     import huggingface_hub.constants as hub
 
@@ -389,3 +422,30 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path: Path) ->
     assert summary["resumed_from_step"] == resumed and summary["steps"] == 8
     steps = [json.loads(line)["step"] for line in (stage_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))  # each step once, before and after the kill
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_ctrl_c_stops_training_quietly_marks_it_interrupted_and_the_same_command_resumes(tmp_path: Path) -> None:
+    config = write_project(tmp_path, {"backend": "unsloth", "max_steps": 6, "save_steps": 2, "sample_prompts": 0},
+                           rows=32)
+    log = tmp_path / "output.txt"
+    with open(log, "w", encoding="utf-8") as output:
+        process = subprocess.Popen([sys.executable, "-m", "distillery", "finetune", "-c", str(config)], cwd=ROOT,
+                                   stdout=output, stderr=subprocess.STDOUT, start_new_session=True, env=child_env())
+        try:
+            wait_for_checkpoint(process, tmp_path, 2)
+            os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+            assert process.wait(timeout=120) == 130
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    said = log.read_text(encoding="utf-8")
+    assert "Traceback" not in said and "KeyboardInterrupt" not in said, said[-4000:]
+    assert said.strip().splitlines()[-1].startswith("interrupted: finished stages are kept")
+    entry = json.loads((tmp_path / "runs" / "t" / "manifest.json").read_text())["stages"]["finetune"]
+    assert entry["status"] == "interrupted"
+    assert (tmp_path / "runs" / "t" / ".finetune.partial" / "checkpoints" / "checkpoint-2" / COMPLETE).is_file()
+    done = cli(config)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resuming from checkpoint-" in " ".join(done.stdout.split())

@@ -126,6 +126,24 @@ def test_the_unsloth_backend_refuses_sharding_and_names_the_hf_backend(name: str
     check_accelerate_config(str(ROOT / "configs" / "accelerate" / "ddp.yaml"), cuda=True, backend="unsloth")
 
 
+@pytest.mark.parametrize("text, encoding, message", [
+    ("distributed_type: MULTI_GPU\ndistributed_type: 'NO'\n", "utf-8", "found the key 'distributed_type' a second time"),
+    ("distributed_type: 'NO'\n", "utf-16", r"acc.yaml is not UTF-8 text .* Save it as UTF-8"),
+    ("- distributed_type\n", "utf-8", "is not an accelerate config"),
+    ("a: " + "[" * 5000, "utf-8", "nested more than 100 levels deep"),
+])
+def test_an_accelerate_config_is_read_as_strictly_as_the_config(tmp_path: Path, text: str, encoding: str,
+                                                                message: str) -> None:
+    from distillery.core.errors import UserError
+    from distillery.training.preflight import check_accelerate_config
+
+    (tmp_path / "acc.yaml").write_text(text, encoding=encoding)
+    with pytest.raises(UserError, match=message):
+        check_accelerate_config(str(tmp_path / "acc.yaml"), cuda=False)
+    with pytest.raises(UserError, match="is a directory, not a file. See configs/accelerate/"):
+        check_accelerate_config(str(tmp_path), cuda=False)
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_the_unsloth_backend_trains_data_parallel_under_the_same_launcher(tmp_path: Path) -> None:

@@ -1,0 +1,103 @@
+"""What the user hands over, read strictly: a file must be a UTF-8 text file, YAML may not repeat a key or nest
+without end, and a path in the config may start with `~`. Every problem is a UserError naming the file (and the
+line) and saying what to do.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import AfterValidator
+
+from distillery.core.errors import UserError
+
+# A path from the config: `~` and `~user` expand as in a shell (a Hub id or bundled:<name> passes unchanged).
+UserPath = Annotated[str, AfterValidator(os.path.expanduser)]
+
+MAX_YAML_DEPTH = 100  # a config nests about 5 levels; far deeper is a mistake, and Python's stack has a limit
+
+
+def require_file(path: Path, what: str, hint: str = "") -> None:
+    """Refuse a path that is missing or a directory, before reading it."""
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory, not a file. {hint}".strip())
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist. {hint}".strip())
+
+
+def read_utf8(path: Path) -> str:
+    """The text of a file the user wrote; unreadable or not UTF-8 (a UTF-16 file, a binary) is a UserError."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"{path} cannot be read ({err.strerror or err}). Check its permissions.") from None
+    try:
+        return data.decode("utf-8-sig")  # a UTF-8 byte order mark is still UTF-8
+    except UnicodeDecodeError as err:
+        utf16 = " It looks like UTF-16 (Windows \"Unicode\")." if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise UserError(f"{path} is not UTF-8 text (byte {err.start} cannot be decoded).{utf16} Save it as "
+                        "UTF-8 and run again.") from None
+
+
+def read_yaml_file(path: Path) -> Any:
+    """A YAML file the user wrote, read as `parse_yaml` reads text."""
+    return parse_yaml(read_utf8(path), str(path))
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML from the user (`where` names it in messages): a repeated key, nesting deeper than MAX_YAML_DEPTH or
+    invalid syntax is a UserError with the line."""
+    stream = io.StringIO(text)
+    stream.name = where  # PyYAML names the stream in every error mark
+    try:
+        loader = StrictLoader(stream)  # reads the first characters already: a control character fails here
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as err:
+        raise UserError(f"{where}: not valid YAML: {err}") from None
+
+
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key repeated in one mapping (plain YAML keeps the last one silently)
+    and nesting deeper than MAX_YAML_DEPTH (its composer recurses once per level)."""
+
+    def __init__(self, stream: Any):
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_YAML_DEPTH} levels deep; a "
+                                                  "config needs a handful", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        self.refuse_repeated_keys(node)
+        return super().construct_mapping(node, deep=deep)
+
+    def refuse_repeated_keys(self, node: Any) -> None:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden by design
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                seen = key in first_line
+            except TypeError:  # an unhashable key: the constructor reports it
+                continue
+            if seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"found the key {key!r} a second time (first on line {first_line[key] + 1}); write it once "
+                    "(merge the two entries)", key_node.start_mark)
+            first_line[key] = key_node.start_mark.line
