@@ -323,11 +323,12 @@ def _quantize(state: dict[str, Any], emit: Any, src: str, tmp: str, quant: Quant
 
 
 def gguf_logprobs(llama: Any, token_lists: Sequence[Sequence[int]]) -> list[Any]:
-    """Log-probabilities of the next token at every position of each token list (teacher forcing), from a
-    LlamaChild loaded with logits_all."""
+    """float32 log-probabilities of the next token at every position of each token list (teacher forcing), from
+    a LlamaChild loaded with logits_all."""
     import numpy as np
 
-    return [log_softmax(np.asarray(logits, dtype=np.float64)) for logits in llama.call(_logits, token_lists)]
+    return [log_softmax(np.asarray(logits, dtype=np.float64)).astype(np.float32)
+            for logits in llama.call(_logits, token_lists)]
 
 
 def _logits(state: dict[str, Any], emit: Any, token_lists: Sequence[Sequence[int]]) -> list[Any]:
@@ -350,15 +351,22 @@ def log_softmax(logits):
 
 
 def compare_logprobs(reference: Sequence[Any], candidate: Sequence[Any]) -> dict[str, float]:
-    """Top-1 agreement and KL(reference || candidate) in nats over all positions of all prompts."""
+    """Top-1 agreement and KL(reference || candidate) in nats over all positions of all prompts (one prompt's
+    arrays at a time, in float64)."""
     import numpy as np
 
-    ref = np.concatenate(list(reference))
-    cand = np.concatenate(list(candidate))
-    kl = (np.exp(ref) * (ref - cand)).sum(axis=-1)
+    positions = agree = 0
+    kl_sum, kl_max = 0.0, 0.0
+    for ref, cand in zip(reference, candidate):
+        ref, cand = np.asarray(ref, dtype=np.float64), np.asarray(cand, dtype=np.float64)
+        kl = (np.exp(ref) * (ref - cand)).sum(axis=-1)
+        positions += ref.shape[0]
+        agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
+        kl_sum += float(kl.sum())
+        kl_max = max(kl_max, float(kl.max()))
     return {
-        "positions": int(ref.shape[0]),
-        "top1_agreement": round(float((ref.argmax(-1) == cand.argmax(-1)).mean()), 4),
-        "mean_kl": float(f"{kl.mean():.6g}"),
-        "max_kl": float(f"{kl.max():.6g}"),
+        "positions": positions,
+        "top1_agreement": round(agree / positions, 4),
+        "mean_kl": float(f"{kl_sum / positions:.6g}"),
+        "max_kl": float(f"{kl_max:.6g}"),
     }

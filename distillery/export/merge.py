@@ -211,14 +211,20 @@ class ShardWriter:
         self.handle.write(struct.pack("<Q", len(text)) + text)
         self.written = 0
 
-    def write(self, name: str, tensor: Any) -> None:
+    def write(self, name: str, blocks: Any) -> None:
+        """The tensor `name`, given as consecutive row blocks (tensors of its dtype)."""
         import torch
 
         expected_name, (start, stop) = self.expected[self.written]
-        data = tensor.contiguous().view(-1).view(dtype=torch.uint8).numpy()
-        if name != expected_name or data.nbytes != stop - start:
-            raise RuntimeError(f"ShardWriter: got {name} ({data.nbytes} bytes) where {expected_name} was planned")
-        self.handle.write(memoryview(data))
+        if name != expected_name:
+            raise RuntimeError(f"ShardWriter: got {name} where {expected_name} was planned")
+        written = 0
+        for block in blocks:
+            data = block.contiguous().view(-1).view(dtype=torch.uint8).numpy()
+            self.handle.write(memoryview(data))
+            written += data.nbytes
+        if written != stop - start:
+            raise RuntimeError(f"ShardWriter: {name} has {written} bytes where {stop - start} were planned")
         self.written += 1
 
     def close(self) -> None:
@@ -241,19 +247,35 @@ def parse_size(text: str) -> int:
 # ---- the streamed merge -------------------------------------------------------------------------------------
 
 
-def merged_tensor(weight: Any, delta: LoraDelta, dtype: Any) -> Any:
-    """round(W + delta) in `dtype`, computed in fp32 one row block at a time."""
+def row_blocks(rows: int, row_elements: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) of consecutive row ranges of at most ROW_BLOCK_ELEMENTS elements."""
+    step = max(1, ROW_BLOCK_ELEMENTS // max(1, row_elements))
+    for start in range(0, rows, step):
+        yield start, min(start + step, rows)
+
+
+def merged_rows(rows: Any, delta: LoraDelta, start: int, stop: int) -> Any:
+    """W[start:stop] + delta[start:stop] in fp32, given W's rows [start:stop] (DoRA: each row rescaled to its
+    learned magnitude)."""
     import torch
 
-    out = torch.empty(weight.shape, dtype=dtype)
-    rows = max(1, ROW_BLOCK_ELEMENTS // max(1, math.prod(weight.shape[1:])))
-    for start in range(0, weight.shape[0], rows):
-        stop = min(start + rows, weight.shape[0])
-        block = weight[start:stop].float() + delta.rows(start, stop)
-        if delta.magnitude is not None:  # DoRA: each row rescaled to its learned magnitude
-            block *= (delta.magnitude[start:stop] / torch.linalg.norm(block, dim=1)).unsqueeze(1)
-        out[start:stop] = block.to(dtype)
-    return out
+    block = rows.float() + delta.rows(start, stop)
+    if delta.magnitude is not None:
+        block *= (delta.magnitude[start:stop] / torch.linalg.norm(block, dim=1)).unsqueeze(1)
+    return block
+
+
+def tensor_blocks(source: Any, name: str, delta: LoraDelta | None, dtype: Any) -> Iterator[Any]:
+    """The merged tensor `name` in `dtype`, row block by row block, read from `source` (a safe_open handle):
+    only one block of it is ever in memory."""
+    sliced = source.get_slice(name)
+    shape = sliced.get_shape()
+    if not shape:  # a scalar
+        yield source.get_tensor(name).to(dtype)
+        return
+    for start, stop in row_blocks(shape[0], math.prod(shape[1:])):
+        rows = sliced[start:stop]
+        yield (rows if delta is None else merged_rows(rows, delta, start, stop)).to(dtype)
 
 
 def stream_merge(base: Path, deltas: dict[str, LoraDelta], out: Path, dtype: str, max_shard_size: str) -> None:
@@ -272,14 +294,12 @@ def stream_merge(base: Path, deltas: dict[str, LoraDelta], out: Path, dtype: str
         writer = ShardWriter(out / filename, [layout[i] for i in indices])
         try:
             for i in indices:
-                name, path, _ = tensors[i]
+                name, path, entry = tensors[i]
                 if path not in handles:
                     handles[path] = safe_open(str(path), framework="pt")
-                weight = handles[path].get_tensor(name)
-                merged = merged_tensor(weight, deltas[name], target) if name in deltas else weight.to(target)
-                writer.write(name, merged)
+                writer.write(name, tensor_blocks(handles[path], name, deltas.get(name), target))
                 weight_map[name] = filename
-                total += merged.numel() * merged.element_size()
+                total += math.prod(entry["shape"]) * element_size(dtype)
         finally:
             writer.close()
     if len(shards) > 1:
@@ -378,20 +398,11 @@ def finish_merged_dir(out: Path, adapter_dir: Path) -> None:
 # ---- the exact check ----------------------------------------------------------------------------------------
 
 
-def merged_tensors(merged: Path) -> Iterator[tuple[str, Any]]:
-    """(name, tensor) of every tensor of a merged directory, memory-mapped one at a time."""
-    from safetensors import safe_open
-
-    for path in sorted(merged.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():
-                yield name, handle.get_tensor(name)
-
-
 def check_merge(base_model: str, adapter_dir: Path, merged: Path) -> dict[str, Any]:
-    """Every merged tensor against the base's: untargeted ones byte-identical (same dtype), targeted ones within
-    one 16-bit step of W + scale·B·A, and at least one weight changed by the adapter. A merge that dropped the
-    adapter (or merged it into other weights, or into a dequantized 4-bit copy) fails."""
+    """Every merged tensor against the base's, row block by row block: untargeted ones byte-identical (in the
+    merged dtype), targeted ones within one 16-bit step of W + scale·B·A, and at least one weight changed by the
+    adapter. A merge that dropped the adapter (or merged it into other weights, or into a dequantized 4-bit
+    copy) fails. Memory: one row block, whatever the model's size."""
     import torch
     from safetensors import safe_open
 
@@ -403,24 +414,34 @@ def check_merge(base_model: str, adapter_dir: Path, merged: Path) -> dict[str, A
     handles: dict[Path, Any] = {}
     untargeted = identical = targeted = changed = 0
     worst, worst_name = 0.0, ""
-    for name, tensor in merged_tensors(merged):
-        path = located.get(name)
-        if path is None:
+    for name, path, _ in base_tensors(merged):
+        base_path = located.get(name)
+        if base_path is None:
             continue
-        if path not in handles:
-            handles[path] = safe_open(str(path), framework="pt")
-        original = handles[path].get_tensor(name)
-        if name not in deltas:
+        for file in (path, base_path):
+            if file not in handles:
+                handles[file] = safe_open(str(file), framework="pt")
+        ours, theirs = handles[path].get_slice(name), handles[base_path].get_slice(name)
+        shape = ours.get_shape()
+        blocks = row_blocks(shape[0], math.prod(shape[1:])) if shape else [(None, None)]
+        same = True
+        for start, stop in blocks:
+            mine = ours[start:stop] if shape else handles[path].get_tensor(name)
+            original = theirs[start:stop] if shape else handles[base_path].get_tensor(name)
+            if name not in deltas:
+                same = same and torch.equal(original.to(mine.dtype), mine)
+                continue
+            step = {torch.bfloat16: STEP["bf16"], torch.float16: STEP["fp16"]}.get(mine.dtype, 2.0**-23)
+            expected = merged_rows(original, deltas[name], start, stop)
+            error = float(((mine.float() - expected).abs() / (expected.abs() * step).clamp_min(1e-30)).max())
+            if error > worst:
+                worst, worst_name = error, name
+            changed += int((mine != original.to(mine.dtype)).sum())
+        if name in deltas:
+            targeted += 1
+        else:
             untargeted += 1
-            identical += bool(torch.equal(original.to(tensor.dtype), tensor))
-            continue
-        targeted += 1
-        step = {torch.bfloat16: STEP["bf16"], torch.float16: STEP["fp16"]}.get(tensor.dtype, 2.0**-23)
-        expected = merged_tensor(original, deltas[name], torch.float32)
-        error = ((tensor.float() - expected).abs() / (expected.abs() * step).clamp_min(1e-30)).max()
-        if float(error) > worst:
-            worst, worst_name = float(error), name
-        changed += int((tensor != original.to(tensor.dtype)).sum())
+            identical += same
     missing = sorted(set(deltas) - set(located))
     passed = identical == untargeted and targeted == len(deltas) and not missing and worst <= 1.0 and changed > 0
     return {"passed": passed, "tensors": untargeted + targeted, "targeted": targeted, "adapted_weights": len(deltas),

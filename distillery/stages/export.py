@@ -4,14 +4,17 @@ Steps, in order:
 1. read finetune's adapter and summary.json; take the training chat template and EOS from the adapter's
    tokenizer (cross-checked with format's chat_template.jinja / template.json);
 2. check before writing anything: the quant types (i-quants need export.imatrix), that llama.cpp's converter
-   supports the architecture, and that the disk has room for everything the export writes;
-3. merge the adapter into the base's original 16-bit weights (export/merge.py) into merged/, and prove the
-   merge kept the adapter (merged == base+adapter != base on fixed tokens);
+   supports the architecture, that the disk has room for everything the export writes, and that the memory
+   the largest step needs is available (`estimate_memory`);
+3. merge the adapter into the base's original 16-bit weights, streamed tensor by tensor (export/merge.py),
+   into merged/, and prove it tensor by tensor (untargeted weights identical, targeted ones W + scale·B·A);
+   small models also pass the distribution check against base + adapter run unmerged;
 4. convert merged/ with llama.cpp's converter to one f16/bf16/q8_0 GGUF, quantize it with llama.cpp's
    quantizer to every requested type (export/gguf.py);
-5. verify every GGUF: it loads in llama-cpp-python, carries the training chat template and EOS, tokenizes the
-   prompts as the HF tokenizer does, and its next-token distributions match the merged model's (the 16-bit
-   file within export.verify.max_kl / min_top1; each quantized file reported and bounded loosely);
+5. verify every GGUF (export/verify.py) against the merged model run layer by layer: it loads in
+   llama-cpp-python, carries the training chat template and EOS, tokenizes the prompts as the HF tokenizer
+   does, and its next-token distributions match (the 16-bit file within export.verify.max_kl / min_top1;
+   each quantized file reported and bounded loosely);
 6. write an Ollama Modelfile beside each GGUF, verify.json, verify.png, summary.json and report.md.
 
 The stage is resumable: merged/ and each GGUF appear under their final names only when complete, so a killed
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -29,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from distillery.export import gguf as gguf_io
-from distillery.export import merge, ollama
+from distillery.export import merge, ollama, verify
 from distillery.export.gguf import QuantType
 from distillery.config import DistilleryConfig, ExportConfig
 from distillery.core.console import markdown_table, summary_table
@@ -129,58 +133,53 @@ def check_architecture(model_dir: Path) -> None:
                         f"{', '.join(sorted(a for a in supported if 'Llama' in a or 'Qwen' in a)[:6])}, ...")
 
 
-def verify_tokens(merged_dir: Path, prompts: list[str], new_tokens: int) -> dict[str, Any]:
-    """Each fixed prompt through the training chat template, plus the merged model's greedy answer, as token ids.
-
-    Returns {texts, prompt_ids (the HF tokenizer's ids of each text), token_lists (prompt + answer),
-    reference (the merged model's next-token log-probs at every position)}."""
-    import torch
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
-    model = merge.load_causal_lm(str(merged_dir), "fp32")
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    texts, prompt_ids, token_lists = [], [], []
-    for prompt in prompts:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        prompt_ids.append(list(ids))
-        if new_tokens:
-            with torch.no_grad():
-                out = model.generate(torch.tensor([ids], device=model.device), max_new_tokens=new_tokens,
-                                     do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-            ids = out[0].tolist()
-        texts.append(text)
-        token_lists.append(ids)
-    reference = merge.next_token_logprobs(model, token_lists)
-    del model
-    return {"texts": texts, "prompt_ids": prompt_ids, "token_lists": token_lists, "reference": reference}
+# Models up to this size (16-bit weights) also get the distribution check of the merge, which loads the base and
+# base + adapter whole; above it the tensor-by-tensor check stands alone.
+SMALL_MODEL_BYTES = 1 << 30
 
 
-def verify_gguf(path: Path, template: str, eos: str, eos_id: int, probe: dict[str, Any], max_kl: float,
-                min_top1: float | None, threads: int) -> dict[str, Any]:
-    """Load one GGUF and check its metadata, its tokenizer and its next-token distributions."""
-    from distillery.export.llama_child import LlamaChild
+def estimate_memory(base: Path, prompts: int, new_tokens: int) -> dict[str, Any]:
+    """Peak memory of the export's largest step, from the base's tensor shapes (no weights read): the streamed
+    merge (row blocks), the converter (llama.cpp's is lazy: about a tensor at a time, in fp32 at worst), the
+    layer-by-layer reference (one decoder layer in fp32 and the logits of every probe position) and a GGUF
+    verification child (its logits buffer), over a baseline for Python, torch and llama.cpp."""
+    tensors = merge.base_tensors(base)
+    numel = {name: math.prod(entry["shape"]) for name, _, entry in tensors}
+    largest = max(numel.values(), default=0)
+    layer = sum(n for name, n in numel.items() if name.startswith("model.layers.0."))
+    vocab = max((entry["shape"][0] for name, _, entry in tensors if name.endswith(("lm_head.weight", "embed_tokens.weight"))),
+                default=0)
+    positions = prompts * (192 + new_tokens)  # a generous prompt length
+    steps = {"merge": 8 * merge.ROW_BLOCK_ELEMENTS * 4, "convert": 3 * largest * 4,
+             "reference": layer * 4 + positions * vocab * 4 * 3 + verify.VOCAB_BLOCK * 8192 * 4,
+             "verify": 2 * positions * vocab * 8}
+    baseline = 1 << 30
+    return {"bytes": baseline + max(steps.values()), "largest_step": max(steps, key=steps.get),
+            "steps_gib": {k: round(v / GIB, 2) for k, v in steps.items()}}
 
-    n_ctx = max(len(t) for t in probe["token_lists"]) + 8
-    with LlamaChild(path, "verifying", n_ctx=max(n_ctx, 256), logits_all=True, threads=threads or None) as llama:
-        meta = llama.metadata
-        tokenizer_match = llama.tokenize(probe["texts"], add_bos=False, special=True) == probe["prompt_ids"]
-        stats = gguf_io.compare_logprobs(probe["reference"], gguf_io.gguf_logprobs(llama, probe["token_lists"]))
-    checks = {
-        "loads": True,
-        "chat_template": meta["chat_template"] == template,
-        "eos": meta["eos_token_id"] == eos_id and meta["eos_token"] == eos,
-        "tokenizer": tokenizer_match,
-        "kl": stats["mean_kl"] <= max_kl,
-    }
-    if min_top1 is not None:
-        checks["top1"] = stats["top1_agreement"] >= min_top1
-    return {"file": path.name, "bytes": path.stat().st_size, **stats, "max_kl_bound": max_kl,
-            "min_top1_bound": min_top1, "eos_token": meta["eos_token"], "checks": checks,
-            "passed": all(checks.values())}
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (None where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(base: Path, cfg: ExportConfig) -> dict[str, Any]:
+    """Refuse to start when the export's estimated peak is more than this machine has available."""
+    estimate = estimate_memory(base, len(cfg.verify.prompts), cfg.verify.new_tokens)
+    free = available_memory()
+    estimate["available_gib"] = round(free / GIB, 2) if free else None
+    estimate["needed_gib"] = round(estimate.pop("bytes") / GIB, 2)
+    if free is not None and estimate["needed_gib"] * GIB > free:
+        raise UserError(f"the export needs about {estimate['needed_gib']:.1f} GiB of memory (its largest step: "
+                        f"{estimate['largest_step']}) and {free / GIB:.1f} GiB are available. Close other programs, or "
+                        "lower export.verify.prompts / export.verify.new_tokens (the verification's logits).")
+    return estimate
 
 
 @dataclass
@@ -198,6 +197,7 @@ class Plan:
     dtype: str
     stem: str
     disk: dict[str, float]
+    memory: dict[str, Any]
 
 
 def plan_export(ctx: StageContext) -> Plan:
@@ -208,19 +208,20 @@ def plan_export(ctx: StageContext) -> Plan:
     outtype, quants = plan_types(cfg)
     imatrix = gguf_io.load_imatrix(Path(cfg.imatrix)) if cfg.imatrix else None
     template, eos, tokenizer = training_template(ctx, adapter_dir)
-    base_model = summary["base_model"]
+    base = merge.local_base(summary["base_model"])
     ctx.out.mkdir(parents=True, exist_ok=True)
-    weights = base_weight_bytes(base_model)
+    weights = base_weight_bytes(str(base))
     disk = check_free_disk(cfg, ctx.out, weights, outtype, quants) if weights else {}
-    if Path(base_model, "config.json").is_file():
-        check_architecture(Path(base_model))
+    memory = check_memory(base, cfg) if list(base.glob("*.safetensors")) else {}
+    if (base / "config.json").is_file():
+        check_architecture(base)
     return Plan(summary, adapter_dir, outtype, quants, imatrix, template, eos, tokenizer,
-                merge.merged_dtype_name(cfg.dtype, base_model), model_stem(ctx.cfg, summary), disk)
+                merge.merged_dtype_name(cfg.dtype, str(base)), model_stem(ctx.cfg, summary), disk, memory)
 
 
-def merge_and_check(ctx: StageContext, plan: Plan, report: dict[str, Any], timings: dict[str, Any]) -> dict[str, Any]:
-    """Step 3: the 16-bit merge (kept when a killed run already finished it), proven to hold the adapter.
-    Returns the verification probe (prompt tokens and the merged model's log-probs)."""
+def merge_and_check(ctx: StageContext, plan: Plan, report: dict[str, Any], timings: dict[str, Any]) -> None:
+    """Step 3: the 16-bit merge (kept when a killed run already finished it), proven tensor by tensor, and for
+    small models by next-token distributions too."""
     cfg, merged_dir, summary = ctx.cfg.export, ctx.out / OUTPUTS["merged"], plan.summary
     trust = ctx.cfg.model.trust_remote_code
     if (merged_dir / "config.json").is_file():
@@ -229,16 +230,34 @@ def merge_and_check(ctx: StageContext, plan: Plan, report: dict[str, Any], timin
         timings["merge"] = merge.merge_adapter(summary, plan.adapter_dir, merged_dir, plan.dtype, cfg.max_shard_size,
                                                trust)
     started = time.time()
-    probe = verify_tokens(merged_dir, cfg.verify.prompts, cfg.verify.new_tokens)
-    report["merge"] = merge.verify_merge(summary["base_model"], plan.adapter_dir, probe["token_lists"],
-                                         probe["reference"], trust_remote_code=trust)
+    report["merge"] = {"tensors": merge.check_merge(summary["base_model"], plan.adapter_dir, merged_dir)}
+    weights = base_weight_bytes(str(merge.local_base(summary["base_model"]))) or 0
+    if weights <= SMALL_MODEL_BYTES:
+        _, prompt_ids = verify.rendered_prompts(plan.tokenizer, cfg.verify.prompts)
+        report["merge"]["distributions"] = merge.verify_merge(
+            summary["base_model"], plan.adapter_dir, prompt_ids, verify.reference_logprobs(merged_dir, prompt_ids),
+            trust_remote_code=trust)
+    else:
+        report["merge"]["distributions"] = {"passed": None, "skipped": f"the model is over {SMALL_MODEL_BYTES >> 30} "
+                                            "GiB in 16 bits: the tensor check stands alone"}
     timings["verify_merge_seconds"] = round(time.time() - started, 2)
+    tensors, distributions = report["merge"]["tensors"], report["merge"]["distributions"]
+    report["merge"]["passed"] = tensors["passed"] is not False and distributions["passed"] is not False and (
+        tensors["passed"] or distributions["passed"])
     if not report["merge"]["passed"]:
-        m = report["merge"]
-        fail(ctx, report, "the merged model does not reproduce base+adapter (or the adapter changes nothing): "
-             f"KL(base+adapter || merged) is {m['merge_kl_ratio']:.3g} of KL(base+adapter || base) "
-             f"(must be < {m['max_merge_kl_ratio']})")
-    return probe
+        fail(ctx, report, "the merged model does not hold the adapter: " + merge_failure(report["merge"]))
+
+
+def merge_failure(result: dict[str, Any]) -> str:
+    tensors, distributions = result["tensors"], result["distributions"]
+    if tensors.get("passed") is False:
+        return (f"untargeted tensors identical {tensors['untargeted_identical']}, worst targeted tensor "
+                f"{tensors['worst_tensor']} {tensors['max_error_in_16bit_steps']} 16-bit steps from W + scale*B@A, "
+                f"{tensors['weights_changed']} weights changed by the adapter")
+    if distributions.get("passed") is False:
+        return (f"KL(base+adapter || merged) is {distributions['merge_kl_ratio']:.3g} of KL(base+adapter || base) "
+                f"(must be < {distributions['max_merge_kl_ratio']})")
+    return "no check could run"
 
 
 def convert_and_quantize(ctx: StageContext, plan: Plan, timings: dict[str, Any], step: Any) -> tuple[Path, dict[str, Path]]:
@@ -271,12 +290,23 @@ def verify_all(ctx: StageContext, plan: Plan, checked: dict[str, Path], probe: d
         step(f"verifying {path.name}")
         reference_bound = name == plan.outtype.value and plan.outtype != QuantType.Q8_0
         started = time.time()
-        results[name] = verify_gguf(
+        results[name] = verify.verify_gguf(
             path, plan.template, plan.eos, eos_id, probe,
             max_kl=cfg.verify.max_kl if reference_bound else cfg.verify.quant_max_kl,
             min_top1=cfg.verify.min_top1 if reference_bound else None, threads=cfg.threads)
         timings[f"verify_{name}_seconds"] = round(time.time() - started, 2)
     return results
+
+
+def probe_and_reference(ctx: StageContext, intermediate: Path, timings: dict[str, Any]) -> dict[str, Any]:
+    """The verification probes (prompts + the 16-bit GGUF's greedy answer) and the merged model's log-probs on
+    them, layer by layer."""
+    cfg, merged_dir = ctx.cfg.export, ctx.out / OUTPUTS["merged"]
+    started = time.time()
+    probe = verify.probe_tokens(merged_dir, cfg.verify.prompts, cfg.verify.new_tokens, intermediate, cfg.threads)
+    probe["reference"] = verify.reference_logprobs(merged_dir, probe["token_lists"])
+    timings["reference_seconds"] = round(time.time() - started, 2)
+    return probe
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -285,17 +315,20 @@ def run(ctx: StageContext) -> StageResult:
     plan = plan_export(ctx)
     timings: dict[str, Any] = {}
     report: dict[str, Any] = {"model": plan.stem, "base_model": plan.summary["base_model"],
-                              "backend": plan.summary["backend"], "disk": plan.disk, "outtype": plan.outtype.value}
+                              "backend": plan.summary["backend"], "disk": plan.disk, "memory": plan.memory,
+                              "outtype": plan.outtype.value}
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                   console=ctx.console, transient=False) as progress:
-        task = progress.add_task("export", total=4 + 2 * len(plan.quants))
+        task = progress.add_task("export", total=5 + 2 * len(plan.quants))
 
         def step(description: str) -> None:
             progress.update(task, description=description, advance=1)  # counts the steps started
 
-        step(f"merging the adapter into {plan.dtype} weights ({plan.summary['backend']}) and verifying the merge")
-        probe = merge_and_check(ctx, plan, report, timings)
+        step(f"merging the adapter into {plan.dtype} weights and checking every tensor")
+        merge_and_check(ctx, plan, report, timings)
         intermediate, files = convert_and_quantize(ctx, plan, timings, step)
+        step("the merged model's reference distributions, layer by layer")
+        probe = probe_and_reference(ctx, intermediate, timings)
         results = verify_all(ctx, plan, {plan.outtype.value: intermediate, **files}, probe, timings, step)
         report["gguf"] = results
         step("writing Modelfiles and reports")
@@ -303,7 +336,7 @@ def run(ctx: StageContext) -> StageResult:
             ollama.write_modelfile(path, plan.template, plan.tokenizer, plan.eos)
         if plan.outtype.value not in files and not ctx.cfg.export.keep_intermediate:
             intermediate.unlink()
-        progress.update(task, completed=4 + 2 * len(plan.quants))
+        progress.update(task, completed=5 + 2 * len(plan.quants))
     report["timings"] = timings
     report["passed"] = report["merge"]["passed"] and all(r["passed"] for r in results.values())
     write_reports(ctx, report)
@@ -353,21 +386,28 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
             for name, r in report["gguf"].items()]
 
 
+def merge_sentence(merge_result: dict[str, Any]) -> str:
+    """One line on what proved the merge kept the adapter."""
+    tensors, distributions = merge_result["tensors"], merge_result["distributions"]
+    parts = []
+    if tensors.get("passed") is not None:
+        parts.append(f"{tensors['targeted']} adapted tensors within {tensors['max_error_in_16bit_steps']} 16-bit steps "
+                     f"of W + scale*B@A, untargeted identical {tensors['untargeted_identical']}")
+    if distributions.get("passed") is not None:
+        parts.append(f"KL(base+adapter || merged) {distributions['merge_kl_ratio']:.3g} of KL(base+adapter || base) "
+                     f"(< {distributions['max_merge_kl_ratio']})")
+    verdict = "the adapter is in the merged weights" if merge_result["passed"] else "FAILED"
+    return f"merge: {'; '.join(parts) or 'not checked'} -> {verdict}"
+
+
 def print_summary(ctx: StageContext, report: dict[str, Any]) -> None:
-    m = report["merge"]
-    ctx.console.print(f"merge: mean KL(base+adapter || merged) {m['merged_vs_base_plus_adapter']['mean_kl']:.3g} "
-                      f"vs || base {m['base_vs_base_plus_adapter']['mean_kl']:.3g} (ratio {m['merge_kl_ratio']:.3g} "
-                      f"< {m['max_merge_kl_ratio']}) -> the adapter is in the merged weights")
+    ctx.console.print(merge_sentence(report["merge"]))
     ctx.console.print(summary_table("export verification vs the merged HF model", _rows(report), HEADERS))
 
 
 def render_report(report: dict[str, Any]) -> str:
-    m = report["merge"]
-    lines = [f"# Export report: {report['model']}", "",
-             f"Merge ({report['backend']} backend): mean KL(base+adapter || merged) "
-             f"{m['merged_vs_base_plus_adapter']['mean_kl']:.4g}, KL(base+adapter || base) "
-             f"{m['base_vs_base_plus_adapter']['mean_kl']:.4g}, ratio {m['merge_kl_ratio']:.3g} "
-             f"(< {m['max_merge_kl_ratio']}) -> {'kept the adapter' if m['passed'] else 'FAILED'}.", "", *markdown_table(HEADERS, _rows(report))]
+    lines = [f"# Export report: {report['model']}", "", merge_sentence(report["merge"]) + ".", "",
+             *markdown_table(HEADERS, _rows(report))]
     return "\n".join(lines) + "\n\nKL is KL(merged HF || GGUF) over every position of the fixed prompts.\n"
 
 

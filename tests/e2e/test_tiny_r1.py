@@ -159,7 +159,7 @@ def test_chat_renders_the_r1_template_from_the_gguf_and_stops_at_end_of_sentence
 @pytest.mark.slow
 def test_a_tampered_gguf_template_is_refused(tiny_run, tmp_path: Path) -> None:
     """Export's verification reads the template back from the file: one changed character fails the check."""
-    from distillery.stages.export import verify_gguf, verify_tokens
+    from distillery.export.verify import probe_tokens, reference_logprobs, verify_gguf
 
     run, _ = tiny_run
     good = run / "export" / "gguf" / "tiny-qwen2-r1-Q8_0.gguf"
@@ -169,7 +169,8 @@ def test_a_tampered_gguf_template_is_refused(tiny_run, tmp_path: Path) -> None:
     data[at:at + 1] = b"u"  # <｜User｜> -> <｜user｜> in the stored template only: one byte, the same length
     tampered = tmp_path / good.name
     tampered.write_bytes(bytes(data))
-    probe = verify_tokens(run / "export" / "merged", ["2 + 2?"], new_tokens=0)
+    probe = probe_tokens(run / "export" / "merged", ["2 + 2?"], 0, good)
+    probe["reference"] = reference_logprobs(run / "export" / "merged", probe["token_lists"])
     assert verify_gguf(good, template, "<｜end▁of▁sentence｜>", 151643, probe, max_kl=1.0, min_top1=None,
                        threads=1)["passed"]
     checked = verify_gguf(tampered, template, "<｜end▁of▁sentence｜>", 151643, probe, max_kl=1.0, min_top1=None,

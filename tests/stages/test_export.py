@@ -58,8 +58,10 @@ def test_export_writes_verified_merged_model_and_ggufs(exported, demo_model_path
     assert json.loads((merged / "generation_config.json").read_text())["eos_token_id"] == 2  # <|im_end|>
     verify = json.loads((out / "verify.json").read_text())
     assert verify["passed"] and verify["merge"]["passed"]
-    merge = verify["merge"]
+    tensors, merge = verify["merge"]["tensors"], verify["merge"]["distributions"]
+    assert tensors["passed"] and tensors["targeted"] == tensors["adapted_weights"] > 0 and tensors["weights_changed"] > 0
     assert merge["merged_vs_base_plus_adapter"]["mean_kl"] < 0.5 * merge["base_vs_base_plus_adapter"]["mean_kl"]
+    assert verify["timings"]["merge"]["method"] == "streamed"
     assert set(verify["gguf"]) == {"f16", "q8_0", "q4_k_m"}
     f16 = verify["gguf"]["f16"]
     assert f16["mean_kl"] <= 0.02 and f16["top1_agreement"] >= 0.9 and all(f16["checks"].values())
