@@ -17,12 +17,13 @@ default:
 setup:
     #!/usr/bin/env bash
     set -euo pipefail
-    want=$( (cat pyproject.toml justfile distillery/export/llama_build.py distillery/export/llama_build.cmake; echo "${DISTILLERY_LLAMA_CPU:-}|${DISTILLERY_LLAMA_CMAKE_ARGS:-}") | sha256sum | cut -d' ' -f1)
+    # The CPU's flags too: llama.cpp is built for this CPU's level, so a .venv moved to another machine sets up again.
+    want=$( (cat pyproject.toml justfile distillery/export/llama_build.py distillery/export/llama_build.cmake; echo "${DISTILLERY_LLAMA_CPU:-}|${DISTILLERY_LLAMA_CMAKE_ARGS:-}"; grep -m1 '^flags' /proc/cpuinfo || true) | sha256sum | cut -d' ' -f1)
     if [[ -f "{{stamp}}" && "$(cat "{{stamp}}")" == "$want" ]]; then echo "setup: up to date"; exit 0; fi
     started=$SECONDS
     [[ -x "{{py}}" ]] || python3 -m venv "{{venv}}"
     pip="{{py}} -m pip --disable-pip-version-check"
-    # llama-cpp-python compiles for a named CPU level (x86-64-v3), not -march=native, once per machine into
+    # llama-cpp-python compiles for a named CPU level (x86-64-v4 or v3), not -march=native, once per machine into
     # ~/.cache/distillery/wheels (distillery/export/llama_build.py says why); it compiles while pip installs the rest.
     "{{py}}" -m distillery.export.llama_build build &
     llama_build=$!

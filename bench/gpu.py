@@ -42,22 +42,11 @@ from pathlib import Path
 from typing import Any
 
 from figures import figure
+from shapes import SHAPES, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Qwen2 shapes of DeepSeek-R1-Distill-Qwen (config.json of each release); untied embeddings, q/k/v biases.
-SHAPES = {
-    "7b": {"hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
-           "intermediate_size": 18944, "vocab_size": 152064},
-    "14b": {"hidden_size": 5120, "num_hidden_layers": 48, "num_attention_heads": 40, "num_key_value_heads": 8,
-            "intermediate_size": 13824, "vocab_size": 152064},
-    "32b": {"hidden_size": 5120, "num_hidden_layers": 64, "num_attention_heads": 40, "num_key_value_heads": 8,
-            "intermediate_size": 27648, "vocab_size": 152064},
-    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-             "intermediate_size": 128, "vocab_size": 152064},
-}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 LORA = {"r": 16, "alpha": 16, "dropout": 0.0}
 
 # The wheels a bare Python 3.12 machine with torch 2.11 (CUDA 13), transformers 5.17, peft and accelerate lacks:
@@ -140,50 +129,6 @@ class NvidiaSmiPeak:
 
 
 # ---- building a model of a real shape ------------------------------------------------------------------------
-
-
-def tokenizer_dir() -> Path:
-    """bundled:tiny-qwen2-r1's directory: DeepSeek-R1-Distill-Qwen's tokenizer and chat template."""
-    from distillery.core.models import materialize_bundled
-
-    return materialize_bundled("tiny-qwen2-r1")
-
-
-def build_model(shape: str, out: Path) -> dict[str, Any]:
-    """A random-weight Qwen2ForCausalLM of `shape`, built on the GPU (CPU without one), saved as bf16 safetensors
-    with the R1 tokenizer beside it."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    started = time.time()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    source = tokenizer_dir()
-    tiny = json.loads((source / "config.json").read_text())
-    config = Qwen2Config(**SHAPES[shape], tie_word_embeddings=False, max_position_embeddings=32768,
-                         rope_theta=tiny.get("rope_theta", 10000.0), rms_norm_eps=1e-6,
-                         bos_token_id=tiny["bos_token_id"], eos_token_id=tiny["eos_token_id"], dtype=torch.bfloat16)
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly: no fp32 copy of 7-15B parameters
-    try:
-        with torch.device(device):
-            model = Qwen2ForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default)
-    params = sum(p.numel() for p in model.parameters())
-    shutil.rmtree(out, ignore_errors=True)
-    model.save_pretrained(out, max_shard_size="5GB")
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy(source / name, out / name)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    result = {"shape": shape, "parameters": params, "bytes": size, "seconds": round(time.time() - started, 1)}
-    print(f"built {shape}: {params / 1e9:.2f}B parameters, {size / 2**30:.1f} GiB bf16 in {result['seconds']} s "
-          f"({device})", flush=True)
-    return result
 
 
 # ---- one training run (a child process) ----------------------------------------------------------------------
@@ -352,57 +297,13 @@ def merge_child(run_dir: Path) -> dict[str, Any]:
     merged_lp = merge.next_token_logprobs(model, tokens)
     del model
     check = merge.verify_merge(summary["base_model"], adapter, tokens, merged_lp)
-    weights = compare_tensors(Path(summary["base_model"]), merged, adapter)
+    weights = merge.check_merge(summary["base_model"], adapter, merged)
     print(f"merge: {info['seconds']} s; KL ratio {check['merge_kl_ratio']:.4g} (< {check['max_merge_kl_ratio']}: "
-          f"{'passed' if check['passed'] else 'FAILED'}); {weights['untargeted_identical']}/{weights['untargeted']} "
-          f"untargeted tensors byte-identical to the base; targeted: merged - (W + scale*B@A) at most "
-          f"{weights['max_error_in_bf16_steps']} bf16 steps (max |scale*B@A| {weights['max_abs_delta']:.3g})", flush=True)
+          f"{'passed' if check['passed'] else 'FAILED'}); {weights['untargeted_identical']} untargeted tensors "
+          f"byte-identical to the base; targeted: merged - (W + scale*B@A) at most "
+          f"{weights['max_error_in_16bit_steps']} bf16 steps", flush=True)
     return {"merge": info, "check": check, "weights": weights, "cuda": torch.cuda.is_available(),
             "seconds": round(time.time() - started, 1)}
-
-
-def compare_tensors(base: Path, merged: Path, adapter: Path) -> dict[str, Any]:
-    """Every merged tensor against the base's 16-bit one: equal where no adapter applies, and W + scale*B@A
-    (rounded to bf16) where one does; a merge into a dequantized 4-bit copy fails the second by far."""
-    import torch
-    from safetensors.torch import load_file
-
-    def load_dir(path: Path) -> dict[str, Any]:
-        tensors: dict[str, Any] = {}
-        for file in sorted(path.glob("*.safetensors")):
-            tensors.update(load_file(file))
-        return tensors
-
-    base_t, merged_t = load_dir(base), load_dir(merged)
-    lora = load_file(adapter / "adapter_model.safetensors")
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    scale = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
-    pairs = {}
-    for key in lora:
-        if key.endswith("lora_A.weight"):
-            name = key.split("base_model.model.", 1)[-1].replace(".lora_A.weight", ".weight")
-            pairs[name] = (lora[key].float(), lora[key.replace("lora_A", "lora_B")].float())
-    identical = untargeted = 0
-    max_delta = worst = 0.0
-    for name, weight in merged_t.items():
-        original = base_t.get(name)
-        if original is None:
-            continue
-        if name in pairs:
-            a, b = pairs[name]
-            delta = scale * (b @ a)
-            expected = original.float() + delta
-            # two bf16 steps at the tensor's largest magnitude; a 4-bit (nf4) copy is off by far more
-            tolerance = float(expected.abs().max()) * 2**-7
-            worst = max(worst, float((weight.float() - expected).abs().max()) / tolerance)
-            max_delta = max(max_delta, float(delta.abs().max()))
-        else:
-            untargeted += 1
-            identical += bool(torch.equal(weight, original))
-    return {"targeted": len(pairs), "untargeted": untargeted, "untargeted_identical": identical,
-            "max_error_in_bf16_steps": round(2 * worst, 3), "max_abs_delta": max_delta,
-            "dtype": str(next(iter(merged_t.values())).dtype),
-            "passed": identical == untargeted and len(pairs) > 0 and worst <= 1.0}
 
 
 # ---- 3. the 32B estimate -------------------------------------------------------------------------------------
@@ -551,8 +452,8 @@ def stage_figure(stage: dict[str, Any]) -> None:
         return
     check, weights = stage["merge"]["check"], stage["merge"]["weights"]
     figure(name, f"{'passed' if check['passed'] and weights['passed'] else 'FAILED'}: KL ratio "
-           f"{check['merge_kl_ratio']:.3g}, {weights['untargeted_identical']}/{weights['untargeted']} untargeted tensors "
-           f"identical to the base, targeted within {weights['max_error_in_bf16_steps']} bf16 steps of W + scale*B@A",
+           f"{check['merge_kl_ratio']:.3g}, {weights['untargeted_identical']} untargeted tensors "
+           f"identical to the base, targeted within {weights['max_error_in_16bit_steps']} bf16 steps of W + scale*B@A",
            baseline, target)
 
 

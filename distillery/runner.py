@@ -115,8 +115,11 @@ def prepare_run_dir(run: RunDir, partial: Path, keep: bool, config_dump: dict) -
 def record_failure(run: RunDir, stage: Stage, fp: str, inputs: dict, err: BaseException) -> None:
     """The manifest entry of a stage that did not finish: `interrupted` (Ctrl-C) or `failed`; an unexpected error
     is raised again as StageFailed, with the log that holds its traceback. A resumable stage keeps its partial
-    directory unless the user's mistake stopped it."""
-    if not stage.resumable or isinstance(err, UserError):
+    directory on every failure (a CUDA out-of-memory error after hours of training must not cost the
+    checkpoints): the same command resumes from it, and a changed config (its fingerprint) or --force discards
+    it. A resumable stage deletes itself whatever must not be resumed from (export: a merge that failed its
+    check)."""
+    if not stage.resumable:
         shutil.rmtree(run.partial_dir(stage.name), ignore_errors=True)
     entry = {"fingerprint": fp, "inputs": inputs}
     if isinstance(err, KeyboardInterrupt):

@@ -6,10 +6,10 @@ weights into ggml's AMX buffer and segfaults in the first matmul (ggml-org/llama
 pip's wheel cache hands it to a CPU with fewer instruction sets it dies with SIGILL. So `just setup` builds it
 here instead, for a CPU level (`PROFILES`):
 
-- `x86-64-v3` (default): AVX2, FMA, F16C, BMI2 and nothing newer: runs on every x86-64 CPU since 2013-2015
-  (Intel Haswell, AMD Zen 1), no AVX-512 and no AMX code at all;
-- `x86-64-v4`: v3 plus AVX-512 (F, CD, VL, DQ, BW, VBMI, VNNI, BF16), still without AMX: faster prompt
-  processing on AVX-512 CPUs, for a machine that has them (set `DISTILLERY_LLAMA_CPU=x86-64-v4`);
+- `x86-64-v4` (the default where the CPU has every one of its flags): v3 plus AVX-512 (F, CD, VL, DQ, BW, VBMI,
+  VNNI, BF16), still without AMX: on AVX-512 CPUs prompt processing runs at native speed (bench/export.py);
+- `x86-64-v3` (the default elsewhere): AVX2, FMA, F16C, BMI2 and nothing newer: runs on every x86-64 CPU since
+  2013-2015 (Intel Haswell, AMD Zen 1), no AVX-512 and no AMX code at all;
 - `native`: llama.cpp's default, for comparison (bench/export.py) or for a user who wants it on their own
   machine; `just setup`'s self-check refuses it where it crashes.
 
@@ -61,8 +61,8 @@ PROFILES: dict[str, tuple[str, ...]] = {
 REQUIRED_FLAGS = {"x86-64-v3": X86_64_V3, "x86-64-v4": X86_64_V4, "native": ()}
 # Flags that tell which llama.cpp code a CPU can run; printed when llama.cpp fails on it.
 RELEVANT_FLAGS = X86_64_V4 + ("avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
-REBUILD = ("`just setup` installs the portable x86-64-v3 build (unset DISTILLERY_LLAMA_CPU if you set it to native "
-           "or x86-64-v4)")
+REBUILD = ("`just setup` installs a build for this CPU's level (unset DISTILLERY_LLAMA_CPU if you set it; "
+           "DISTILLERY_LLAMA_CPU=x86-64-v3 is the most portable)")
 
 
 def describe_cpu() -> str:
@@ -74,13 +74,35 @@ def describe_cpu() -> str:
 
 
 def chosen_profile() -> str:
-    """DISTILLERY_LLAMA_CPU, else x86-64-v3 on x86-64 and llama.cpp's native default elsewhere (arm64)."""
+    """DISTILLERY_LLAMA_CPU, else on x86-64 the highest level whose every flag this CPU has (x86-64-v4, else
+    x86-64-v3; AMX never), and llama.cpp's native default elsewhere (arm64)."""
     profile = os.environ.get("DISTILLERY_LLAMA_CPU", "").strip()
     if profile:
         if profile not in PROFILES:
             raise UserError(f"DISTILLERY_LLAMA_CPU={profile}: unknown; use one of {', '.join(PROFILES)}.")
         return profile
-    return "x86-64-v3" if platform.machine() in ("x86_64", "AMD64") else "native"
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "native"
+    return "x86-64-v4" if set(X86_64_V4) <= cpu_flags() else "x86-64-v3"
+
+
+def required_flags(profile: str) -> list[str]:
+    """The CPU flags a build of `profile` uses: its level's, or for native the relevant ones of this CPU."""
+    if profile == "native":
+        return [flag for flag in RELEVANT_FLAGS if flag in cpu_flags()]
+    return list(REQUIRED_FLAGS[profile])
+
+
+def check_installed_build() -> None:
+    """Refuse, before llama.cpp is loaded, a build that uses instructions this CPU lacks (a .venv moved or shared
+    between machines): it would die with SIGILL, or worse, at the first matrix product."""
+    record = installed_build()
+    flags = cpu_flags()
+    missing = [flag for flag in record.get("required_flags", []) if flags and flag not in flags]
+    if missing:
+        raise UserError(f"the installed llama.cpp was built for {record.get('profile')} and this CPU lacks "
+                        f"{', '.join(missing)} ({describe_cpu()}): this .venv was set up on another machine. Run "
+                        "`just setup` here; it builds llama.cpp for this CPU.")
 
 
 def cmake_args(profile: str) -> list[str]:
@@ -177,7 +199,8 @@ def install(profile: str) -> Path:
     record = build_record_path()
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"version": VERSION, "profile": profile, "wheel": str(wheel),
-                                  "cmake_args": cmake_args(profile)}, indent=2) + "\n", encoding="utf-8")
+                                  "cmake_args": cmake_args(profile), "required_flags": required_flags(profile)},
+                                 indent=2) + "\n", encoding="utf-8")
     say(f"llama-cpp-python {VERSION} ({profile}) installed from {wheel.name}")
     return wheel
 

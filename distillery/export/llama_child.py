@@ -43,6 +43,9 @@ class LlamaChild:
 
     def __init__(self, path: Path | str, doing: str, n_ctx: int = 2048, logits_all: bool = False,
                  threads: int | None = None, hint: str | None = None, vocab_only: bool = False):
+        from distillery.export.llama_build import check_installed_build
+
+        check_installed_build()
         self.path = Path(path)
         self._child = Child(LIBRARY, f"{doing} {self.path}", hint=crash_hint() if hint is None else hint)
         params = {"n_ctx": n_ctx, "logits_all": logits_all, "n_threads": threads or max(1, os.cpu_count() or 1),

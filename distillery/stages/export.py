@@ -245,7 +245,8 @@ def merge_and_check(ctx: StageContext, plan: Plan, report: dict[str, Any], timin
     report["merge"]["passed"] = tensors["passed"] is not False and distributions["passed"] is not False and (
         tensors["passed"] or distributions["passed"])
     if not report["merge"]["passed"]:
-        fail(ctx, report, "the merged model does not hold the adapter: " + merge_failure(report["merge"]))
+        fail(ctx, report, "the merged model does not hold the adapter: " + merge_failure(report["merge"]),
+             discard=(merged_dir,))
 
 
 def merge_failure(result: dict[str, Any]) -> str:
@@ -343,7 +344,8 @@ def run(ctx: StageContext) -> StageResult:
     if not report["passed"]:
         bad = [f"{r['file']} ({', '.join(k for k, ok in r['checks'].items() if not ok)})"
                for r in results.values() if not r["passed"]]
-        fail(ctx, report, "GGUF verification failed: " + "; ".join(bad))
+        failed = tuple(ctx.out / OUTPUTS["gguf"] / r["file"] for r in results.values() if not r["passed"])
+        fail(ctx, report, "GGUF verification failed: " + "; ".join(bad), discard=failed)
     print_summary(ctx, report)
     return stage_result(results, files)
 
@@ -358,8 +360,11 @@ def stage_result(results: dict[str, Any], files: dict[str, Path]) -> StageResult
     )
 
 
-def fail(ctx: StageContext, report: dict[str, Any], message: str) -> None:
-    """Keep the numbers where the user can read them (the partial directory is discarded), then stop."""
+def fail(ctx: StageContext, report: dict[str, Any], message: str, discard: tuple[Path, ...] = ()) -> None:
+    """Keep the numbers where the user can read them, delete the files that failed (the rest of the partial
+    directory stays for the rerun to resume from), then stop."""
+    for path in discard:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     kept = ctx.run.path / "export.verify-failed.json"
     atomic_write_text(kept, json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n")
     raise VerificationError(f"export verification failed, nothing was published: {message}. Details: {kept}")

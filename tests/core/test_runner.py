@@ -88,3 +88,37 @@ def test_plan_runs_upstream_first(project: Path) -> None:
     cfg = load_config("config.yaml")
     assert plan("format", cfg) == ["ingest", "format"]
     assert plan("finetune", cfg) == ["ingest", "format", "finetune"]
+
+
+def test_a_resumable_stage_keeps_its_checkpoints_through_a_user_error(project: Path, monkeypatch) -> None:
+    """A UserError after the second checkpoint (as a CUDA out-of-memory error in training is): the partial
+    directory stays, and the same command resumes from it; a changed config starts over."""
+    import distillery.runner as runner
+    from distillery.stage import Stage, StageResult
+
+    seen: list[list[str]] = []
+
+    def train(ctx) -> StageResult:
+        checkpoints = sorted(p.name for p in ctx.out.glob("checkpoint-*"))
+        seen.append(checkpoints)
+        if not checkpoints:
+            for step in (1, 2):
+                (ctx.out / f"checkpoint-{step}").mkdir()
+            raise UserError("CUDA ran out of memory: lower finetune.batch_size")
+        (ctx.out / "adapter.txt").write_text("trained")
+        return StageResult(metrics={"resumed_from": checkpoints[-1]})
+
+    fake = Stage(name="ingest", run=train, outputs={"adapter": "adapter.txt"}, sections=("ingest",), resumable=True)
+    monkeypatch.setattr(runner, "load_stage", lambda name: fake)
+    cfg = load_config("config.yaml")
+    with pytest.raises(UserError, match="out of memory"):
+        run_stage("ingest", cfg)
+    assert (project / "runs/t/.ingest.partial/checkpoint-2").is_dir()
+    status, result, _ = run_stage("ingest", cfg)
+    assert status == "done" and result.metrics == {"resumed_from": "checkpoint-2"}
+    assert seen == [[], ["checkpoint-1", "checkpoint-2"]]
+    with pytest.raises(UserError):  # another config: nothing of the old partial directory is resumed
+        (project / "runs/t/.ingest.partial").mkdir()
+        (project / "runs/t/.ingest.partial/checkpoint-9").mkdir()
+        run_stage("ingest", load_config("config.yaml", ["ingest.eval_fraction=0.3"]), force=True)
+    assert seen[-1] == []

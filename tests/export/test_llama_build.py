@@ -19,11 +19,14 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def test_x86_64_machines_get_the_portable_level_unless_told_otherwise(home: Path, monkeypatch) -> None:
+def test_x86_64_machines_get_the_highest_level_their_cpu_has_unless_told_otherwise(home: Path, monkeypatch) -> None:
     monkeypatch.setattr(llama_build.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(llama_build, "cpu_flags", lambda: set(llama_build.X86_64_V3) | {"avx512f"})
+    assert llama_build.chosen_profile() == "x86-64-v3"  # some AVX-512, not all of v4
+    monkeypatch.setattr(llama_build, "cpu_flags", lambda: set(llama_build.X86_64_V4) | {"amx_int8", "amx_tile"})
+    assert llama_build.chosen_profile() == "x86-64-v4"  # AMX present: v4 still compiles none of it
+    monkeypatch.setenv("DISTILLERY_LLAMA_CPU", "x86-64-v3")
     assert llama_build.chosen_profile() == "x86-64-v3"
-    monkeypatch.setenv("DISTILLERY_LLAMA_CPU", "x86-64-v4")
-    assert llama_build.chosen_profile() == "x86-64-v4"
     monkeypatch.setenv("DISTILLERY_LLAMA_CPU", "skylake")
     with pytest.raises(UserError, match="DISTILLERY_LLAMA_CPU=skylake: unknown; use one of x86-64-v3, x86-64-v4, native"):
         llama_build.chosen_profile()
@@ -75,9 +78,26 @@ def test_the_cpu_description_names_the_flags_llama_cpp_cares_about(monkeypatch) 
     assert described.endswith(": avx2 fma amx_int8")
 
 
-def test_the_installed_portable_build_holds_no_avx512_or_amx_instruction() -> None:
-    """What makes the x86-64-v3 build safe on every CPU, AMX machines included: no instruction of those kinds
-    exists in the libraries (a native build on an AVX-512 CPU holds ~15,000 zmm instructions)."""
+def test_a_build_for_another_cpu_is_refused_before_llama_cpp_loads(home: Path, monkeypatch) -> None:
+    """A .venv set up on an AVX-512 machine and used on one without: a clear error, not SIGILL."""
+    import json
+
+    record = llama_build.build_record_path()
+    monkeypatch.setattr(llama_build, "build_record_path", lambda: home / "llama-build.json")
+    (home / "llama-build.json").write_text(json.dumps({"profile": "x86-64-v4",
+                                                       "required_flags": list(llama_build.X86_64_V4)}))
+    monkeypatch.setattr(llama_build, "cpu_flags", lambda: set(llama_build.X86_64_V3))
+    with pytest.raises(UserError, match="built for x86-64-v4 and this CPU lacks avx512f.*Run `just setup` here"):
+        llama_build.check_installed_build()
+    monkeypatch.setattr(llama_build, "cpu_flags", lambda: set(llama_build.X86_64_V4))
+    llama_build.check_installed_build()  # the same record on a CPU that has them: fine
+    assert record != home / "llama-build.json"
+
+
+def test_the_installed_build_holds_no_instruction_its_level_excludes() -> None:
+    """What makes the portable builds safe: no AMX instruction in either (a native build on an AMX CPU crashes,
+    ggml-org/llama.cpp issue 20824), and no AVX-512 in x86-64-v3 (a native build on an AVX-512 CPU holds ~15,000
+    zmm instructions)."""
     import re
     import shutil
     import subprocess
@@ -85,8 +105,9 @@ def test_the_installed_portable_build_holds_no_avx512_or_amx_instruction() -> No
     from distillery.export.llama_build import installed_build
 
     spec = pytest.importorskip("llama_cpp")
-    if installed_build().get("profile") != "x86-64-v3":
-        pytest.skip("the installed llama-cpp-python is not the x86-64-v3 build")
+    profile = installed_build().get("profile")
+    if profile not in ("x86-64-v3", "x86-64-v4"):
+        pytest.skip(f"the installed llama-cpp-python is not a portable build ({profile})")
     if shutil.which("objdump") is None:
         pytest.skip("objdump (binutils) is not installed")
     libraries = sorted((Path(spec.__file__).parent / "lib").glob("lib*.so"))
@@ -94,5 +115,7 @@ def test_the_installed_portable_build_holds_no_avx512_or_amx_instruction() -> No
     listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", *map(str, libraries)], capture_output=True,
                              text=True, check=True).stdout
     assert "vfmadd" in listing  # the disassembly is real: AVX2/FMA code is there
-    found = re.findall(r"%zmm\d+|%k[0-7]\b|%tmm\d|\bldtilecfg\b|\btdpb\w+", listing)
-    assert found == [], f"{len(found)} AVX-512/AMX operands, e.g. {found[:5]}"
+    amx = re.findall(r"%tmm\d|\bldtilecfg\b|\btdpb\w+", listing)
+    assert amx == [], f"{len(amx)} AMX instructions, e.g. {amx[:5]}"
+    avx512 = re.findall(r"%zmm\d+|%k[0-7]\b", listing)
+    assert (avx512 == []) if profile == "x86-64-v3" else len(avx512) > 1000, f"{profile}: {len(avx512)} AVX-512 operands"
