@@ -160,19 +160,33 @@ def note_invisible_names(row: list[Any], path: Path, sheet: str, report: SourceR
                     f"{', '.join(name_key(name) for name in odd)} (invisible characters dropped, Hangul composed)")
 
 
-def longest_name(params: AIHubExcelParams) -> int:
-    """How long a header cell naming a text column can be: decomposed Hangul (3 jamo a syllable), a few
-    invisible characters."""
-    return 3 * max(len(params.source_column), len(params.target_column)) + 8
+@dataclass(frozen=True)
+class TextNames:
+    """The text columns' names as configured and as compared (name_key), and how long a cell holding one can
+    be: decomposed Hangul takes 3 jamo a syllable, and a few invisible characters may come with it."""
+
+    source: str
+    target: str
+    source_key: str
+    target_key: str
+    longest: int
+
+    @classmethod
+    def of(cls, params: AIHubExcelParams) -> "TextNames":
+        longest = 3 * max(len(params.source_column), len(params.target_column)) + 8
+        return cls(params.source_column, params.target_column, name_key(params.source_column),
+                   name_key(params.target_column), longest)
 
 
-def might_be_header(row: list[Any], columns: Columns, params: AIHubExcelParams, longest: int) -> bool:
-    """A cheap test before columns_of, which is too slow for every row: text no longer than `longest` in both
-    text columns, or both names anywhere in the row."""
+def is_header_again(row: list[Any], columns: Columns, names: TextNames) -> bool:
+    """Whether a data row is the header again (two exports pasted together): a text column holds its own name,
+    or the row holds both names elsewhere. Cells too long to be a name are not compared (a cheap test first)."""
     korean, english = row[columns.source], row[columns.target]
-    if type(korean) is str and type(english) is str and len(korean) <= longest and len(english) <= longest:
+    if type(korean) is str and len(korean) <= names.longest and name_key(korean) == names.source_key:
         return True
-    return params.source_column in row and params.target_column in row
+    if type(english) is str and len(english) <= names.longest and name_key(english) == names.target_key:
+        return True
+    return names.source in row and names.target in row
 
 
 def json_value(value: Any) -> Any:
@@ -268,7 +282,7 @@ def read_workbook(path: Path, params: AIHubExcelParams, report: SourceReport, bo
                     "the rows above it are ignored")
     formulas = books.formula_cells(sheet, header_index + 1, (columns.source, columns.target))
     counts = SheetCounts(Counter(), Counter(), set())
-    file, longest = str(path), longest_name(params)
+    file, names = str(path), TextNames.of(params)
     for index, row in enumerate(chain(head[header_index + 1:], books.rows()), start=header_index + 1):
         if len(row) < columns.width:  # openpyxl rows stop at their last value
             row = list(row) + [None] * (columns.width - len(row))
@@ -276,11 +290,12 @@ def read_workbook(path: Path, params: AIHubExcelParams, report: SourceReport, bo
             continue  # a blank line between blocks is not data
         report.read += 1
         where = {"file": file, "sheet": sheet, "row": index + 1}
-        if might_be_header(row, columns, params, longest) and (repeated := columns_of(row, params)) is not None:
-            if repeated != columns:
+        if is_header_again(row, columns, names):
+            repeated = columns_of(row, params)
+            if repeated is not None and repeated != columns:
                 report.note(f"{path.name} [{sheet}]: the header is repeated on Excel row {index + 1} with other "
                             "columns; the rows after it are read by it")
-            columns = repeated
+                columns = repeated
             report.drop("repeated header row", where)
             continue
         record_pair = pair_of(row, columns, params, formulas, index, counts, report, where)

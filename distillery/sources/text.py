@@ -13,6 +13,8 @@ IGNORABLE_RANGES = ((0xAD, 0xAD), (0x34F, 0x34F), (0x61C, 0x61C), (0x115F, 0x116
                     (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x3164, 0x3164),
                     (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3),
                     (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF))
+# and the blank Braille pattern U+2800, a printable character that shows nothing, used to fake a non-empty cell
+IGNORABLE_RANGES += ((0x2800, 0x2800),)
 IGNORABLE = "".join(chr(c) for first, last in IGNORABLE_RANGES for c in range(first, last + 1))
 WHITESPACE = "".join(chr(c) for c in range(0x3001) if chr(c).isspace())
 INVISIBLE = WHITESPACE + IGNORABLE

@@ -7,9 +7,9 @@ allocation aborts the process that asked. So, before any reader:
 - what the file is comes from its first bytes (`workbook_format`): a zip is an .xlsx whatever its name, an
   OLE container is an .xls, or a password-protected .xlsx when it holds an encrypted package;
 - what an .xlsx may unpack to comes from its zip directory (`check_unpacked_size`), whose sizes the readers
-  enforce (a part larger than its stated size is an error to them): a part that unpacks to more than
-  MAX_PACKING_RATIO times its packed size is a zip bomb (real sheets pack 4-15x), and all parts together may
-  unpack to at most the source's `max_unpacked_mb`;
+  enforce (a part larger than its stated size is an error to them): a part that packs more than real ones
+  (4-15x) is searched for a cell longer than Excel allows, refused when it has one or packs like a zip bomb
+  (MAX_PACKING_RATIO), and all parts together may unpack to at most the source's `max_unpacked_mb`;
 - the reading child may grow by `memory_budget` and spend `cpu_budget`, both from the unpacked size. Past
   them the allocation fails or SIGXCPU ends the child; the file is then searched for the cause (`stray_cell`)
   so that the message names the cell.
@@ -33,7 +33,8 @@ ZIP_MAGIC = b"PK\x03\x04"
 OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"  # the compound-file container of .xls and of encrypted .xlsx
 ENCRYPTION_STREAMS = ("EncryptionInfo", "EncryptedPackage")  # MS-OFFCRYPTO: what an encrypted .xlsx holds
 EXCEL_CELL_CHARS = 32_767  # the most text Excel lets a cell hold
-MAX_PACKING_RATIO = 100
+SCAN_FROM_RATIO = 20  # a part packing more than real ones do is searched for a cell longer than Excel allows
+MAX_PACKING_RATIO = 100  # a part packing more is a zip bomb, whatever it holds
 RATIO_FROM_BYTES = 1 << 20  # smaller parts cannot cost anything, whatever their ratio
 BASE_MEMORY = 1 << 30  # the reader's own needs, whatever the workbook
 MEMORY_PER_UNPACKED_BYTE = 4
@@ -70,16 +71,19 @@ def column_index(letters: str) -> int:
 
 # --- what the bytes say ---------------------------------------------------------------------------------------
 
-def contains_utf16(path: Path, names: tuple[str, ...]) -> bool:
-    """Whether any of `names` occurs in the file as UTF-16 (how an OLE container's directory names its streams)."""
-    needles = [name.encode("utf-16-le") for name in names]
-    keep = max(map(len, needles))
+def ole_has_stream(path: Path, names: tuple[str, ...]) -> bool:
+    """Whether the OLE container has a stream named one of `names`: a 128-byte directory entry (entries lie at
+    multiples of 128 bytes) starting with the name in UTF-16 and its zero, whose length field (at byte 64) says
+    so. Text that merely holds the name elsewhere does not count."""
+    needles = [f"{name}\0".encode("utf-16-le") for name in names]
     with open(path, "rb") as handle:
-        tail = b""
-        while block := handle.read(CHUNK):
-            if any(needle in tail + block for needle in needles):
-                return True
-            tail = block[-keep:]
+        while block := handle.read(CHUNK):  # CHUNK is a multiple of 128: no entry straddles two blocks
+            for needle in needles:
+                at = block.find(needle)
+                while at != -1:
+                    if at % 128 == 0 and int.from_bytes(block[at + 64:at + 66], "little") == len(needle):
+                        return True
+                    at = block.find(needle, at + 1)
     return False
 
 
@@ -97,7 +101,7 @@ def workbook_format(path: Path) -> str:
     if head.startswith(ZIP_MAGIC):
         return "xlsx"
     if head.startswith(OLE_MAGIC):
-        if contains_utf16(path, ENCRYPTION_STREAMS):
+        if ole_has_stream(path, ENCRYPTION_STREAMS):
             raise encrypted_error(path)
         if path.suffix.lower() != ".xls":
             raise UserError(f"{path}: this is an old binary Excel workbook (.xls) saved under a {path.suffix} name. "
@@ -112,14 +116,15 @@ def workbook_format(path: Path) -> str:
 # --- what an .xlsx may unpack to ------------------------------------------------------------------------------
 
 def check_unpacked_size(path: Path, limit: int) -> int:
-    """The bytes the .xlsx's parts unpack to, as its zip directory states; a UserError for a zip bomb (naming
-    the cell whose text it is, where it is one) or for more than `limit` in all."""
+    """The bytes the .xlsx's parts unpack to, as its zip directory states; a UserError for a part that packs
+    more than real ones and holds a cell with more text than Excel allows, or packs like a zip bomb (naming the
+    cell where one is the cause), and for more than `limit` in all."""
     try:
         with zipfile.ZipFile(path) as archive:
             parts = archive.infolist()
             for part in parts:
-                if part.file_size > RATIO_FROM_BYTES and part.file_size > MAX_PACKING_RATIO * max(part.compress_size, 1):
-                    raise zip_bomb(path, archive, part)
+                if part.file_size > RATIO_FROM_BYTES and part.file_size > SCAN_FROM_RATIO * max(part.compress_size, 1):
+                    check_packed_part(path, archive, part)
     except zipfile.BadZipFile:
         return path.stat().st_size  # the readers say what is wrong with it
     total = sum(part.file_size for part in parts)
@@ -132,58 +137,54 @@ def check_unpacked_size(path: Path, limit: int) -> int:
     return total
 
 
-def zip_bomb(path: Path, archive: zipfile.ZipFile, part: zipfile.ZipInfo) -> UserError:
-    packing = (f"unpacks to {size_text(part.file_size)} from {size_text(part.compress_size)} "
-               f"({part.file_size // max(part.compress_size, 1):,} times; real sheets pack 4-15 times)")
-    where = inflated_cell(archive, part.filename)
-    if where is None:
-        return UserError(f"{path}: its part {part.filename} {packing}: a zip bomb, not a workbook. Replace it "
-                         "with a good copy.")
-    sheet, cell = where
-    return UserError(f"{path} (sheet {sheet!r}): cell {cell} {packing}: a zip bomb, far past the "
-                     f"{EXCEL_CELL_CHARS:,} characters Excel lets a cell hold. Replace the workbook with a good "
-                     f"copy, or clear cell {cell} in Excel and save it again.")
+def check_packed_part(path: Path, archive: zipfile.ZipFile, part: zipfile.ZipInfo) -> None:
+    ratio = part.file_size // max(part.compress_size, 1)
+    packing = (f"unpacks to {size_text(part.file_size)} from {size_text(part.compress_size)} ({ratio:,} times; real "
+               "workbooks pack 4-15 times)")
+    found = long_text_in(archive, part.filename)
+    if found is not None and found[1]:
+        sheet, cell = found
+        raise UserError(f"{path} (sheet {sheet!r}): cell {cell} holds more text than the {EXCEL_CELL_CHARS:,} "
+                        f"characters Excel lets a cell hold, and its part {part.filename} {packing}: a zip bomb. "
+                        f"Replace the workbook with a good copy, or clear cell {cell} in Excel and save it again.")
+    if found is not None or ratio > MAX_PACKING_RATIO:
+        raise UserError(f"{path}: its part {part.filename} {packing}: a zip bomb, not a workbook. Replace it "
+                        "with a good copy.")
 
 
-def inflated_cell(archive: zipfile.ZipFile, member: str) -> tuple[str, str] | None:
-    """(sheet, cell) whose text makes `member` as large as it is: the first text longer than a cell may hold."""
+def long_text_in(archive: zipfile.ZipFile, member: str) -> tuple[str, str] | None:
+    """(sheet, cell) holding the first text in `member` longer than a cell may hold (either empty where it
+    cannot be told); None when there is none."""
     sheets = sheet_parts(archive)
     with archive.open(member) as handle:
         found = first_long_text(handle, 4 * EXCEL_CELL_CHARS)  # UTF-8 takes up to 4 bytes a character
     if found is None:
         return None
     before, items = found
-    if member in sheets:
-        refs = CELL_REF.findall(before)
-        return (sheets[member], "".join(map(bytes.decode, refs[-1][:2]))) if refs else None
+    refs = CELL_REF.findall(before)
+    if member in sheets and refs:
+        return sheets[member], (refs[-1][0] + refs[-1][1]).decode()
     if member.endswith("sharedStrings.xml") and items:
-        return cell_with_shared_string(archive, sheets, items - 1)
-    return None
+        return cell_with_shared_string(archive, sheets, items - 1) or ("", "")
+    return "", ""
 
 
 def first_long_text(handle: Any, limit: int) -> tuple[bytes, int] | None:
     """The first run of more than `limit` bytes without a tag (a cell's text), streamed, stopping there: up to
-    64 KiB of the XML before it (its last `<c r=...>` names the cell) and how many `<si>` items precede it (the
-    shared string it is). None when every run is shorter."""
-    context, run, run_context, items = b"", 0, b"", 0
+    64 KiB of the XML before it (its last `<c r=...>` names the cell) and how many `<si>` items open before it
+    (the shared string it is in). None when every run is shorter."""
+    before, carry, items = b"", b"", 0
     while chunk := handle.read(CHUNK):
-        pieces = chunk.split(b"<")
-        lengths = list(map(len, pieces))
-        if run + lengths[0] > limit:  # the run that started before this chunk
-            return run_context, items
-        if len(pieces) > 1:
-            longest = max(lengths[1:])
-            if longest > limit:
-                at = lengths.index(longest, 1)
-                before = b"<".join(pieces[:at]) + b"<"
-                return (context + before)[-65536:], items + before.count(b"<si>") + before.count(b"<si ")
-            run = lengths[-1]
-            start = len(chunk) - run
-            run_context = (context + chunk[:start])[-65536:]
-            items += chunk.count(b"<si>") + chunk.count(b"<si ")
-        else:
-            run += lengths[0]
-        context = (context + chunk)[-65536:]
+        text = carry + chunk  # `carry`: the unfinished tag or text after the last "<", shorter than `limit`
+        pieces = text.split(b"<")
+        if max(map(len, pieces)) > limit:
+            at = next(i for i, piece in enumerate(pieces) if len(piece) > limit)
+            head = b"<".join(pieces[:at]) + (b"<" if at else b"")
+            return (before + head)[-65536:], items + head.count(b"<si>") + head.count(b"<si ")
+        cut = max(text.rfind(b"<"), 0)
+        done, carry = text[:cut], text[cut:]
+        items += done.count(b"<si>") + done.count(b"<si ")
+        before = (before + done)[-65536:]
     return None
 
 

@@ -55,12 +55,16 @@ def test_a_stray_value_in_ingest_fails_cleanly_in_one_process_or_two(tmp_path: P
     assert json.loads((run / "manifest.json").read_text())["stages"]["ingest"]["status"] == "failed"
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["inline text", "shared string"])
-def test_a_cell_that_unpacks_a_thousand_times_is_refused_before_reading_naming_the_cell(tmp_path: Path, shared: bool) -> None:
-    path = aihub.write_inflating_cell(tmp_path / "bomb.xlsx", 8 << 20, shared=shared, cell="C5")
-    assert path.stat().st_size < 20_000
-    with pytest.raises(UserError, match=r"bomb.xlsx \(sheet 'Sheet1'\): cell C5 unpacks to 8.4 MB from .* KB "
-                                        r"\([\d,]+ times; .*a zip bomb"):
+@pytest.mark.parametrize("shared, varied_every", [(False, 0), (True, 0), (True, 60)],
+                         ids=["inline text", "shared string", "shared string packing 40 times"])
+def test_a_cell_that_unpacks_far_past_excel_s_limit_is_refused_before_reading_naming_the_cell(
+        tmp_path: Path, shared: bool, varied_every: int) -> None:
+    path = aihub.write_inflating_cell(tmp_path / "bomb.xlsx", 8 << 20, shared=shared, cell="C5", varied_every=varied_every)
+    assert path.stat().st_size < 300_000
+    part = "xl/sharedStrings.xml" if shared else "xl/worksheets/sheet1.xml"
+    with pytest.raises(UserError, match=rf"bomb.xlsx \(sheet 'Sheet1'\): cell C5 holds more text than the 32,767 "
+                                        rf"characters Excel lets a cell hold, and its part {part} unpacks to 8.4 MB "
+                                        r"from [\d.]+ KB \([\d,]+ times; .*\): a zip bomb"):
         read(path)
 
 
@@ -102,13 +106,21 @@ def test_a_header_repeated_mid_sheet_is_dropped_and_read_by(tmp_path: Path, layo
     assert english(records)[-1] == aihub.numbered(aihub.PAIRS[::-1], 105)[104][1]
 
 
+def test_a_row_holding_a_text_column_s_own_name_is_a_header_again(tmp_path: Path) -> None:
+    rows = [list(aihub.LAYOUT_COLUMNS["구어체"]), [1, *aihub.PAIRS[0]], [None, " 원문 ", "Translation"],
+            ["SID", "Original", "\ufeff번역문"], [2, *aihub.PAIRS[1]]]
+    records, report = read(aihub.write_rows(tmp_path / "h.xlsx", rows))
+    assert english(records) == [aihub.PAIRS[0][1], aihub.PAIRS[1][1]]
+    assert [(d["row"], d["reason"]) for d in report.dropped_rows] == [(3, "repeated header row"), (4, "repeated header row")]
+
+
 def test_invisible_only_translations_are_dropped_and_control_characters_removed_with_a_note(tmp_path: Path) -> None:
     path = aihub.write_invisible_and_control_cells(tmp_path / "i.xlsx")
     records, report = read(path)
     invisible = {row: reason for row, reason in ((d["row"], d["reason"]) for d in report.dropped_rows)}
     assert invisible == {2: "only invisible characters in 번역문", 3: "only invisible characters in 번역문",
                          4: "only invisible characters in 번역문", 5: "empty 번역문", 6: "empty 번역문",
-                         7: "only invisible characters in 번역문"}
+                         7: "only invisible characters in 번역문", 8: "only invisible characters in 번역문"}
     assert english(records) == ["AB C" + aihub.PAIRS[1][1], aihub.PAIRS[2][1]]
     assert report.notes == ["i.xlsx [Sheet1]: control characters (U+0000 U+0001 U+0008 U+000B) removed from 1 "
                             "cell(s) in 번역문"]
@@ -147,6 +159,14 @@ def test_password_protected_workbooks_are_called_encrypted_whatever_their_name(t
     for path in (aihub.write_encrypted_xls(tmp_path / "real.xls"), aihub.write_encrypted(tmp_path / "office.xls")):
         with pytest.raises(UserError, match=rf"{path.name}: the workbook is encrypted \(password-protected\)"):
             read(path)
+
+
+def test_an_xls_that_only_mentions_encryption_in_a_cell_is_read(tmp_path: Path) -> None:
+    pytest.importorskip("xlwt")
+    pairs = [("EncryptionInfo 암호화 정보", "EncryptionInfo"), *aihub.PAIRS[1:]]
+    rows = [list(aihub.LAYOUT_COLUMNS["구어체"]), *aihub.layout_rows("구어체", pairs)]
+    records, _ = read(aihub.write_xls(tmp_path / "mentions.xls", [("Sheet1", rows, False)]))
+    assert len(records) == len(aihub.PAIRS)
 
 
 def test_an_xlsx_under_an_xls_name_is_read_and_noted(tmp_path: Path) -> None:
