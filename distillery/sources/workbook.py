@@ -17,10 +17,11 @@ allocation aborts the process that asked. So, before any reader:
 
 from __future__ import annotations
 
+import heapq
 import re
 import signal
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -37,6 +38,7 @@ SCAN_FROM_RATIO = 20  # a part packing more than real ones do is searched for a 
 MAX_PACKING_RATIO = 100  # a part packing more is a zip bomb, whatever it holds
 RATIO_FROM_BYTES = 1 << 20  # smaller parts cannot cost anything, whatever their ratio
 BASE_MEMORY = 1 << 30  # the reader's own needs, whatever the workbook
+CELL_BYTES = 32  # what calamine keeps for each cell of a sheet's block, empty or not
 MEMORY_PER_UNPACKED_BYTE = 4
 ROW_BATCH = 2000  # rows per message from the reading child
 CHUNK = 1 << 20
@@ -230,70 +232,88 @@ def cpu_budget(unpacked: int) -> float:
     return 60 + unpacked / 1e6  # a reader does tens of MB a second; this is the bound of a stuck one
 
 
-@dataclass
-class FarCells:
-    """The two largest distinct rows and columns of a sheet's cells (0 where there is no second), and the first
-    cell seen at the largest row and at the largest column."""
-
-    rows: list[int] = field(default_factory=lambda: [0, 0])
-    columns: list[int] = field(default_factory=lambda: [0, 0])
-    at_row: str = ""
-    at_column: str = ""
-
-    def add(self, row: int, column: int, ref: str) -> None:
-        if row > self.rows[0]:
-            self.rows, self.at_row = [row, self.rows[0]], ref
-        elif self.rows[1] < row < self.rows[0]:
-            self.rows[1] = row
-        if column > self.columns[0]:
-            self.columns, self.at_column = [column, self.columns[0]], ref
-        elif self.columns[1] < column < self.columns[0]:
-            self.columns[1] = column
+@dataclass(frozen=True)
+class Cell:
+    row: int  # 1-based, as Excel numbers them
+    column: int  # 1-based
+    ref: str
 
 
-def far_cells(handle: Any) -> FarCells:
-    """Where a sheet's cells that hold something lie, from its streamed XML."""
-    far, tail = FarCells(), b""
+def far_cells(handle: Any, keep: int = 64) -> tuple[list[Cell], list[Cell]]:
+    """The `keep` cells holding something with the largest rows, and those with the largest columns (each list
+    largest first), from a sheet's streamed XML."""
+    by_row: list[tuple[int, int, str]] = []
+    by_column: list[tuple[int, int, str]] = []
+    tail = b""
     while chunk := handle.read(CHUNK):
         text = tail + chunk
-        cut = text.rfind(b"<")
+        cut = max(text.rfind(b"<"), 0)
         for letters, digits, empty in CELL_REF.findall(text, 0, cut):
             if not empty:
-                far.add(int(digits), column_index(letters.decode()) + 1, (letters + digits).decode())
+                row, column = int(digits), column_index(letters.decode()) + 1
+                keep_largest(by_row, (row, column, (letters + digits).decode()), keep)
+                keep_largest(by_column, (column, row, (letters + digits).decode()), keep)
         tail = text[cut:]
-    for letters, digits, empty in CELL_REF.findall(tail):
-        if not empty:
-            far.add(int(digits), column_index(letters.decode()) + 1, (letters + digits).decode())
-    return far
+    return ([Cell(r, c, ref) for r, c, ref in sorted(by_row, reverse=True)],
+            [Cell(r, c, ref) for c, r, ref in sorted(by_column, reverse=True)])
+
+
+def keep_largest(heap: list, item: tuple, keep: int) -> None:
+    if len(heap) < keep:
+        heapq.heappush(heap, item)
+    elif item > heap[0]:
+        heapq.heapreplace(heap, item)
+
+
+def strays(by_row: list[Cell], by_column: list[Cell], limit: int, most: int = 5) -> tuple[list[Cell], int, int] | None:
+    """The fewest far cells (at most `most`) without which the sheet's block fits in `limit` bytes, and the
+    block's rows and columns then; None when the block fits already or no few cells are the cause. Takes away,
+    one at a time, the farthest row's or the farthest column's cell, whichever leaves the smaller block."""
+    removed: list[Cell] = []
+
+    def extent(without: list[Cell]) -> tuple[int, int] | None:
+        row = next((c.row for c in by_row if c not in without), None)
+        column = next((c.column for c in by_column if c not in without), None)
+        return None if row is None or column is None else (row, column)
+
+    while (block := extent(removed)) is not None:
+        if block[0] * block[1] * CELL_BYTES <= limit:
+            return (removed, *block) if removed else None
+        if len(removed) == most:
+            return None
+        def area_without(cell: Cell) -> int:
+            block = extent([*removed, cell])
+            return block[0] * block[1] if block else 0
+
+        farthest = [next(c for c in cells if c not in removed) for cells in (by_row, by_column)]
+        removed.append(min(farthest, key=area_without))
+    return None
 
 
 def stray_cell(path: Path, sheet: str, limit: int) -> UserError | None:
-    """The message for a sheet whose farthest cell stretches it past what reading may take, naming that cell."""
+    """The message naming the far cells that stretch the sheet's block past `limit` bytes when the block without
+    them would fit; None when a few such cells are not the cause."""
     try:
         with zipfile.ZipFile(path) as archive:
             member = next((m for m, name in sheet_parts(archive).items() if name == sheet), None)
             if member is None:
                 return None
             with archive.open(member) as handle:
-                far = far_cells(handle)
+                by_row, by_column = far_cells(handle)
     except (OSError, zipfile.BadZipFile, KeyError):
         return None
-    rows, columns = far.rows[0], far.columns[0]
-    if not rows:
+    found = strays(by_row, by_column, limit)
+    if found is None:
         return None
-    # the stray cell is the one whose removal shrinks the block most: the farthest row's or the farthest column's
-    by_row = far.rows[1] * columns <= rows * far.columns[1]
-    cell = far.at_row if by_row else far.at_column
-    if far.at_row == far.at_column:
-        rest_rows, rest_columns = far.rows[1], far.columns[1]
-    else:
-        rest_rows, rest_columns = (far.rows[1], columns) if by_row else (rows, far.columns[1])
-    rest = f"ends at {column_letter(rest_columns - 1)}{rest_rows}" if rest_rows and rest_columns else "is empty"
-    return UserError(f"{path} (sheet {sheet!r}): cell {cell} holds a value far outside the rest of the data, which "
-                     f"{rest}. The reader holds a sheet as one block from A1 to its farthest cell: "
-                     f"{rows:,} rows x {columns:,} columns here, more memory than a workbook of this size may take "
-                     f"({size_text(limit)}). Clear cell {cell} in Excel (Ctrl+End jumps to the last used cell) "
-                     "and save the workbook again.")
+    cells, rest_rows, rest_columns = found
+    rows, columns = by_row[0].row, by_column[0].column
+    named = " and ".join(cell.ref for cell in cells)
+    what = f"cell {named} holds a value" if len(cells) == 1 else f"cells {named} hold values"
+    return UserError(f"{path} (sheet {sheet!r}): {what} far outside the rest of the data, which ends at "
+                     f"{column_letter(rest_columns - 1)}{rest_rows}. The reader holds a sheet as one block from A1 to "
+                     f"its farthest cell: {rows:,} rows x {columns:,} columns here, more memory than a workbook of "
+                     f"this size may take ({size_text(limit)}). Clear {named} in Excel (Ctrl+End jumps to the last "
+                     "used cell) and save the workbook again.")
 
 
 def reading_failed(path: Path, fmt: str, sheet: str | None, unpacked: int, crash: BaseException,
