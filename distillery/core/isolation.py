@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Iterator
 
@@ -33,6 +34,7 @@ _CRASH_HINTS = {
     signal.SIGSEGV: "a segmentation fault inside the native library",
     signal.SIGBUS: "a bus error inside the native library (a truncated or changed memory-mapped file?)",
     signal.SIGABRT: "the native library aborted (an assertion failed)",
+    signal.SIGXCPU: "it used up the CPU time allowed to it",
 }
 
 
@@ -67,8 +69,11 @@ class NativeCrash(Exception):
 class Child:
     """One spawned process that runs functions for this one; see the module docstring."""
 
-    def __init__(self, library: str, doing: str, hint: str = ""):
+    def __init__(self, library: str, doing: str, hint: str = "", capture_stderr: bool = False):
+        """capture_stderr: keep what the child writes to stderr (a native library's dying words) for
+        `stderr_tail()` instead of showing it to the user."""
         self.library, self.doing, self.hint = library, doing, hint
+        self._stderr = tempfile.TemporaryFile() if capture_stderr else None
         # A fresh interpreter (never a fork of a process holding torch's threads), started as a plain subprocess
         # so that nothing of the caller's __main__ runs again in it; it talks over one end of a socket pair.
         mine, theirs = socket.socketpair()
@@ -76,7 +81,8 @@ class Child:
         code = "import sys; from distillery.core.isolation import serve; serve(int(sys.argv[1]))"
         try:
             self._process = subprocess.Popen([sys.executable, "-c", code, str(theirs.fileno())], env=env,
-                                             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+                                             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                             stderr=self._stderr)
         finally:
             theirs.close()  # only the child holds its end now: its death is an EOF here
         self._conn = Connection(mine.detach())
@@ -85,6 +91,14 @@ class Child:
     @property
     def pid(self) -> int:
         return self._process.pid
+
+    def stderr_tail(self, limit: int = 4000) -> str:
+        """The last `limit` bytes the child wrote to stderr (with capture_stderr; else empty)."""
+        if self._stderr is None:
+            return ""
+        size = self._stderr.seek(0, os.SEEK_END)
+        self._stderr.seek(max(0, size - limit))
+        return self._stderr.read().decode("utf-8", errors="replace")
 
     def call(self, fn: Callable[..., Any], *args: Any, on_event: Callable[[Any], None] | None = None) -> Any:
         """fn(state, emit, *args) in the child; each emitted value goes to on_event; returns fn's result."""
@@ -115,6 +129,8 @@ class Child:
             self._process.kill()
             self._process.wait()
         self._conn.close()
+        if self._stderr is not None:
+            self._stderr.close()
 
     def __enter__(self) -> "Child":
         return self
@@ -185,6 +201,31 @@ def serve(fd: int) -> None:
         except Exception as err:  # noqa: BLE001 - a result that cannot be pickled
             conn.send(("error", RuntimeError(f"the result of {getattr(fn, '__name__', fn)} cannot be sent back: "
                                              f"{type(err).__name__}: {err}")))
+
+
+def limit_growth(memory_bytes: int, cpu_seconds: float) -> None:
+    """Called in a child: from now on this process may take at most `memory_bytes` more address space and
+    `cpu_seconds` more CPU time. Past the first an allocation fails (a native library aborts, Python raises
+    MemoryError) at once, instead of the machine filling up; past the second SIGXCPU ends it. Only lowers
+    soft limits, so a later call may raise them again. Linux only (elsewhere it does nothing)."""
+    import resource
+
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            mapped = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+    except (OSError, StopIteration):
+        return
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (_capped(mapped + memory_bytes, hard), hard))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    resource.setrlimit(resource.RLIMIT_CPU, (_capped(int(usage.ru_utime + usage.ru_stime + cpu_seconds) + 1, hard), hard))
+
+
+def _capped(value: int, hard: int) -> int:
+    import resource
+
+    return value if hard == resource.RLIM_INFINITY else min(value, hard)
 
 
 def _transportable(err: Exception) -> Exception:

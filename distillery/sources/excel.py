@@ -8,21 +8,28 @@ Known layouts (the header row; the text columns are always 원문 = Korean, 번�
 - 조례 / 지자체웹사이트:      ID, 지자체, 원문, 번역문
 
 Each data row becomes one record (direction ko_en or en_ko) or two (both). Every other column is kept in
-`meta` with the file, sheet and 1-based Excel row. Cells are read with python-calamine (Rust); openpyxl
-(read-only) is the fallback when calamine cannot read a file that is a valid workbook.
+`meta` with the file, sheet and 1-based Excel row. Workbooks are untrusted: sources/workbook.py checks each
+file's bytes and sizes, then reads it with python-calamine (Rust), or openpyxl when calamine cannot, in a child
+process with a memory and CPU budget. By default the first visible sheet is read, and a note says which.
 
-Cells in the text columns: empty -> the row is dropped with the reason and where; numbers, dates and booleans
--> written as text and counted in a note; formulas -> their cached value (the value Excel last computed and
-saved), counted in a note; a formula with no cached value is dropped as such (after an openpyxl fallback it
-reads as an empty cell).
+Header names are compared in NFC without invisible characters (a BOM, a zero-width space, Hangul decomposed by
+macOS); messages show the code points of a name whose difference cannot be seen. A later row naming both text
+columns is a repeated header (two exports pasted together): it is dropped, and the rows after it are read by it.
+
+Cells in the text columns: empty, blank or only invisible characters -> the row is dropped with the reason and
+where; control characters (NUL, backspace, ...) -> removed and counted in a note; longer than Excel's 32,767
+characters -> dropped; numbers, dates and booleans -> written as text and counted in a note; formulas -> their
+cached value (the value Excel last computed and saved), counted in a note; a formula with no cached value is
+dropped as such (after an openpyxl fallback it reads as an empty cell). A row with English on the Korean side
+and Korean on the English side (by Hangul share) is dropped as swapped; a sheet where most rows are is refused.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import zipfile
 from collections import Counter
-from itertools import chain, islice
+from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -30,23 +37,13 @@ from pydantic import Field
 
 from distillery.sources.files import resolve_paths
 from distillery.sources.registry import Source, SourceParams, SourceReport
+from distillery.sources.text import clean_text, codepoints, name_key, shown, swapped
+from distillery.sources.workbook import EXCEL_CELL_CHARS, SheetInfo, Workbooks, column_letter, shared_workbooks
 from distillery.core.errors import UserError
 from distillery.core.records import make_record
 
 SUFFIXES = (".xlsx", ".xlsm", ".xls")
-ZIP_MAGIC = b"PK\x03\x04"
-OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"  # the compound-file container of .xls and of encrypted .xlsx
 META_RESERVED = ("file", "sheet", "row")
-
-
-def column_letter(index: int) -> str:
-    """0-based column index -> Excel letters (0 -> A, 27 -> AB)."""
-    letters = ""
-    index += 1
-    while index:
-        index, rest = divmod(index - 1, 26)
-        letters = chr(65 + rest) + letters
-    return letters
 
 
 class AIHubExcelParams(SourceParams):
@@ -54,227 +51,142 @@ class AIHubExcelParams(SourceParams):
 
     kind: Literal["aihub_excel"]
     path: str | list[str] = Field(description="A workbook, a list of them, a directory or a glob (.xlsx/.xlsm/.xls).")
-    sheet: str | int | None = Field(None, description="Sheet name or 0-based index; default: the first sheet.")
+    sheet: str | int | None = Field(None, description="Sheet name or 0-based index (hidden sheets count); default: the first visible sheet.")
     source_column: str = Field("원문", description="Column holding the Korean text.")
     target_column: str = Field("번역문", description="Column holding the English text.")
     direction: Literal["ko_en", "en_ko", "both"] = Field("ko_en", description="Which way to translate; both yields two records a row.")
     instruction_ko_en: str = Field("Translate the following Korean text into English.\n\n{text}", description="User prompt for ko->en; {text} is the source sentence.")
     instruction_en_ko: str = Field("Translate the following English text into Korean.\n\n{text}", description="User prompt for en->ko.")
     header_search_rows: int = Field(20, ge=1, description="How many top rows to search for the header row.")
+    max_unpacked_mb: int = Field(2048, ge=1, description="Refuse a workbook whose contents unpack to more than this many MB; reading one takes up to about 4 times as much memory.")
 
 
-def is_encrypted_package(path: Path) -> bool:
-    """An OLE container holding an `EncryptedPackage` stream is a password-protected .xlsx (MS-OFFCRYPTO)."""
-    needle = "EncryptedPackage".encode("utf-16-le")  # directory entry names are UTF-16
-    with open(path, "rb") as handle:
-        tail = b""
-        while block := handle.read(1 << 20):
-            if needle in tail + block:
-                return True
-            tail = block[-len(needle):]
-    return False
+def sheet_label(sheet: SheetInfo) -> str:
+    kinds = [kind for kind, yes in (("hidden", not sheet.visible), ("a chart", not sheet.worksheet)) if yes]
+    return f"{sheet.name!r}" + (f" ({', '.join(kinds)})" if kinds else "")
 
 
-def check_is_workbook(path: Path) -> None:
-    """Tell an encrypted or non-Excel file from a workbook by its bytes, before any reader sees it."""
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-    suffix = path.suffix.lower()
-    if head.startswith(OLE_MAGIC) and suffix != ".xls":  # .xls lives in an OLE container too
-        if is_encrypted_package(path):
-            raise UserError(f"{path}: the workbook is encrypted (password-protected), so it cannot be read. Open it "
-                            "in Excel, remove the password (File > Info > Protect Workbook > Encrypt with Password, "
-                            "clear it) and save it again as .xlsx.")
-        raise UserError(f"{path}: this is an old binary Excel workbook (.xls) saved under a {suffix} name. Rename it "
-                        "to .xls, or open it in Excel and save it as .xlsx.")
-    if suffix in (".xlsx", ".xlsm") and not head.startswith(ZIP_MAGIC):
-        kind = "empty" if not head else "not an Excel workbook (an .xlsx file is a zip archive; this one is not)"
-        raise UserError(f"{path}: the file is {kind}. Was another file (CSV, HTML, a download error page) saved "
-                        "under an .xlsx name? Export it from Excel as .xlsx, or use the `hf` source for CSV.")
-
-
-def pick_sheet(names: list[str], wanted: str | int | None, path: Path) -> str:
-    if not names:
+def pick_sheet(sheets: list[SheetInfo], wanted: str | int | None, path: Path) -> tuple[str, str | None]:
+    """The sheet to read and a note saying which one it is when that is not obvious: by default the first
+    visible worksheet (a hidden sheet often holds stale or scratch data), else the one `sheet:` names."""
+    names = [sheet.name for sheet in sheets]
+    if not sheets:
         raise UserError(f"{path}: the workbook has no sheet.")
     if wanted is None:
-        return names[0]
+        readable = [s for s in sheets if s.visible and s.worksheet] or [s for s in sheets if s.worksheet] or sheets
+        chosen = readable[0]
+        others = [sheet_label(s) for s in sheets if s is not chosen]
+        if not others:
+            return chosen.name, None
+        return chosen.name, (f"{path.name}: read sheet {chosen.name!r}, the first visible one; not read: "
+                             f"{', '.join(others)} (`sheet:` picks another)")
     if isinstance(wanted, int):
-        if 0 <= wanted < len(names):
-            return names[wanted]
-        raise UserError(f"{path}: no sheet number {wanted} (0-based); it has {len(names)}: {', '.join(names)}.")
-    if wanted in names:
-        return wanted
-    raise UserError(f"{path}: no sheet {wanted!r}. Its sheets are: {', '.join(names)}. Set `sheet:` to one of them.")
-
-
-Rows = Iterator[list[Any]]  # a sheet's rows from Excel row 1: the i-th (0-based) is Excel row i + 1
-
-
-def rows_with_calamine(path: Path, sheet: str | int | None) -> tuple[str, Rows]:
-    from python_calamine import CalamineWorkbook
-
-    workbook = CalamineWorkbook.from_path(str(path))
-    try:
-        name = pick_sheet(list(workbook.sheet_names), sheet, path)
-        worksheet = workbook.get_sheet_by_name(name)  # parses the sheet: a broken one fails here, not mid-way
-    except BaseException:
-        workbook.close()
-        raise
-    return name, calamine_rows(workbook, worksheet)
-
-
-def calamine_rows(workbook: Any, worksheet: Any) -> Rows:
-    """The sheet's rows, one Python list at a time (to_python would hold them all). iter_rows starts at Excel
-    row 1 but leaves out leading empty columns: they are put back, so that column j is Excel column j + 1."""
-    start = worksheet.start
-    pad = [""] * start[1] if start else []
-    try:
-        for row in worksheet.iter_rows():
-            yield pad + row if pad else row
-    finally:
-        workbook.close()
-
-
-def rows_with_openpyxl(path: Path, sheet: str | int | None) -> tuple[str, Rows]:
-    import openpyxl
-
-    workbook = openpyxl.load_workbook(path, read_only=True, data_only=True)
-    try:
-        name = pick_sheet(list(workbook.sheetnames), sheet, path)
-    except BaseException:
-        workbook.close()
-        raise
-    return name, openpyxl_rows(workbook, workbook[name])
-
-
-def openpyxl_rows(workbook: Any, worksheet: Any) -> Rows:
-    try:
-        for row in worksheet.iter_rows(values_only=True):  # from row 1, empty rows included
-            yield list(row)
-    finally:
-        workbook.close()
-
-
-def load_rows(path: Path, sheet: str | int | None, report: SourceReport) -> tuple[str, Rows, str]:
-    """(sheet name, its rows, reader used): calamine first, openpyxl when calamine fails on the file."""
-    try:
-        name, rows = rows_with_calamine(path, sheet)
-        return name, rows, "calamine"
-    except UserError:
-        raise
-    except ImportError:
-        calamine_error = "python-calamine is not installed"
-    except Exception as err:  # calamine raises its own error types for zip/xml problems
-        calamine_error = f"{type(err).__name__}: {err}"
-    try:
-        name, rows = rows_with_openpyxl(path, sheet)
-    except UserError:
-        raise
-    except Exception as err:
-        raise UserError(f"{path}: the workbook is corrupt or not a real Excel file; neither calamine "
-                        f"({calamine_error}) nor openpyxl ({type(err).__name__}: {err}) can read it. Open and "
-                        "re-save it in Excel, or replace it with a good copy.") from None
-    report.note(f"{path.name}: read with openpyxl because calamine could not ({calamine_error})")
-    return name, rows, "openpyxl"
+        if not 0 <= wanted < len(names):
+            raise UserError(f"{path}: no sheet number {wanted} (0-based); it has {len(names)}: {', '.join(names)}.")
+        chosen = sheets[wanted]
+    elif wanted in names:
+        chosen = sheets[names.index(wanted)]
+    else:
+        raise UserError(f"{path}: no sheet {wanted!r}. Its sheets are: {', '.join(names)}. Set `sheet:` to one of them.")
+    note = None if chosen.visible else f"{path.name}: read sheet {chosen.name!r}, which is hidden in the workbook, as `sheet:` asks"
+    return chosen.name, note
 
 
 def cell_name(value: Any) -> str:
     return "" if value is None else str(value).strip()
 
 
-def header_position(rows: list[list[Any]], params: AIHubExcelParams) -> tuple[int, dict[str, int]] | None:
-    """Index of the header row (searched in the first `header_search_rows` rows) and column positions."""
-    wanted = (params.source_column, params.target_column)
+@dataclass(frozen=True)
+class Columns:
+    """Where a header row puts the two text columns, and the other columns (index, meta key, has a name)."""
+
+    source: int
+    target: int
+    others: tuple[tuple[int, str, bool], ...]
+    width: int
+
+
+def columns_of(row: list[Any], params: AIHubExcelParams) -> Columns | None:
+    """The columns when `row` names both text columns (compared by name_key), else None."""
+    keys = [name_key(cell_name(value)) for value in row]
+    source_key, target_key = name_key(params.source_column), name_key(params.target_column)
+    if source_key not in keys or target_key not in keys:
+        return None
+    source, target = keys.index(source_key), keys.index(target_key)
+    # named columns always go into meta; a column without a header only where it holds something
+    others = tuple((i, meta_key(key or column_letter(i)), bool(key)) for i, key in enumerate(keys) if i not in (source, target))
+    return Columns(source, target, others, len(keys))
+
+
+def header_position(rows: list[list[Any]], params: AIHubExcelParams) -> tuple[int, Columns] | None:
+    """Index of the header row (searched in the first `header_search_rows` rows) and its columns."""
     for index, row in enumerate(rows[: params.header_search_rows]):
-        names = [cell_name(value) for value in row]
-        if all(column in names for column in wanted):
-            return index, {name: i for i, name in reversed(list(enumerate(names))) if name}
+        columns = columns_of(row, params)
+        if columns is not None:
+            return index, columns
     return None
 
 
-def find_header(rows: list[list[Any]], params: AIHubExcelParams, path: Path, sheet: str) -> tuple[int, dict[str, int]]:
-    """The header's position; a UserError naming the columns the sheet has, and the sheet that has the wanted
-    ones when it is another (a workbook whose first sheet describes the data on the second)."""
+def find_header(rows: list[list[Any]], params: AIHubExcelParams, path: Path, sheet: str, sheets: list[SheetInfo],
+                books: Workbooks) -> tuple[int, Columns]:
+    """The header's position; a UserError naming the columns the sheet has (with their code points where they
+    differ invisibly from what is asked), and the sheet that has the wanted ones when it is another (a workbook
+    whose first sheet describes the data on the second)."""
     found = header_position(rows, params)
     if found is not None:
         return found
     # the likely header: the first of the fullest rows (a title line above it has fewer cells)
-    filled = [[cell_name(v) for v in row if cell_name(v)] for row in rows[: params.header_search_rows]]
+    filled = [[shown(cell_name(v)) for v in row if cell_name(v)] for row in rows[: params.header_search_rows]]
     widest = max(range(len(filled)), key=lambda i: len(filled[i]), default=None)
     has = (f"row {widest + 1} has {', '.join(filled[widest])}" if widest is not None and filled[widest]
            else "the sheet is empty")
-    problem = (f"{path} (sheet {sheet!r}): no header row with the columns {params.source_column!r} and "
-               f"{params.target_column!r} in the first {params.header_search_rows} rows ({has}).")
-    heads = sheet_heads(path, params.header_search_rows)
-    others = [name for name in heads if name != sheet]
-    with_header = [name for name in others if header_position(heads[name], params) is not None]
+    problem = (f"{path} (sheet {sheet!r}): no header row with the columns '{shown(params.source_column)}' and "
+               f"'{shown(params.target_column)}' in the first {params.header_search_rows} rows ({has}).")
+    others = [s for s in sheets if s.name != sheet and s.worksheet]
+    with_header = [s for s in others if header_position(books.head(s.name, params.header_search_rows), params)]
     if with_header:
-        raise UserError(f"{problem} The workbook's sheet {with_header[0]!r} has them: set `sheet: {with_header[0]}` "
-                        f"in source {params.name} (its sheets: {', '.join(heads)}).")
-    elsewhere = f" Its other sheets ({', '.join(others)}) do not have them either." if others else ""
+        raise UserError(f"{problem} The workbook's sheet {sheet_label(with_header[0])} has them: set `sheet: "
+                        f"{with_header[0].name}` in source {params.name} (its sheets: {', '.join(s.name for s in sheets)}).")
+    elsewhere = f" Its other sheets ({', '.join(s.name for s in others)}) do not have them either." if others else ""
     raise UserError(f"{problem}{elsewhere} Set `source_column:`/`target_column:` to the right names (or raise "
                     "`header_search_rows:` when the header is further down).")
 
 
-def sheet_heads(path: Path, n: int) -> dict[str, list[list[Any]]]:
-    """The first `n` rows of every sheet, by sheet name in workbook order (calamine, else openpyxl)."""
-    try:
-        from python_calamine import CalamineWorkbook
-
-        workbook = CalamineWorkbook.from_path(str(path))
-        try:
-            return {name: workbook.get_sheet_by_name(name).to_python(skip_empty_area=False, nrows=n)
-                    for name in workbook.sheet_names}
-        finally:
-            workbook.close()
-    except Exception:  # noqa: BLE001 - calamine could not read it: openpyxl, as load_rows does
-        import openpyxl
-
-        workbook = openpyxl.load_workbook(path, read_only=True, data_only=True)
-        try:
-            return {name: [list(r) for r in workbook[name].iter_rows(max_row=n, values_only=True)]
-                    for name in workbook.sheetnames}
-        finally:
-            workbook.close()
+def note_invisible_names(row: list[Any], path: Path, sheet: str, report: SourceReport) -> None:
+    """Say which header cells only matched once invisible characters were dropped or Hangul composed."""
+    odd = [cell_name(v) for v in row if cell_name(v) != name_key(cell_name(v))]
+    if odd:
+        report.note(f"{path.name} [{sheet}]: header cell(s) {', '.join(shown(name) for name in odd)} read as "
+                    f"{', '.join(name_key(name) for name in odd)} (invisible characters dropped, Hangul composed)")
 
 
-def has_formulas(path: Path) -> bool:
-    """Whether any worksheet of an .xlsx/.xlsm holds a formula (an `<f>` element), by a streamed byte search."""
-    with zipfile.ZipFile(path) as archive:
-        for name in archive.namelist():
-            if not (name.startswith("xl/worksheets/") and name.endswith(".xml")):
-                continue
-            with archive.open(name) as handle:
-                tail = b""
-                while block := handle.read(1 << 20):
-                    chunk = tail + block
-                    if b"<f>" in chunk or b"<f " in chunk:
-                        return True
-                    tail = chunk[-2:]  # a tag split across two blocks
-    return False
+@dataclass(frozen=True)
+class TextNames:
+    """The text columns' names as configured and as compared (name_key), and how long a cell holding one can
+    be: decomposed Hangul takes 3 jamo a syllable, and a few invisible characters may come with it."""
+
+    source: str
+    target: str
+    source_key: str
+    target_key: str
+    longest: int
+
+    @classmethod
+    def of(cls, params: AIHubExcelParams) -> "TextNames":
+        longest = 3 * max(len(params.source_column), len(params.target_column)) + 8
+        return cls(params.source_column, params.target_column, name_key(params.source_column),
+                   name_key(params.target_column), longest)
 
 
-def formula_cells(path: Path, sheet: str, rows_from: int, columns: tuple[int, ...]) -> set[tuple[int, int]]:
-    """(row index, column index) of formula cells in `columns` (0-based, rows >= rows_from).
-
-    calamine only returns a formula's cached value, so formulas are found separately: a quick byte search of
-    the sheet XML, and only if there is a formula, openpyxl to locate them.
-    """
-    if path.suffix.lower() not in (".xlsx", ".xlsm") or not has_formulas(path):
-        return set()
-    import openpyxl
-
-    workbook = openpyxl.load_workbook(path, read_only=True, data_only=False)
-    try:
-        found = set()
-        for row in workbook[sheet].iter_rows(min_row=rows_from + 1, min_col=min(columns) + 1, max_col=max(columns) + 1):
-            for cell in row:
-                column = getattr(cell, "column", None)
-                if column is not None and column - 1 in columns and cell.data_type == "f":
-                    found.add((cell.row - 1, column - 1))
-        return found
-    finally:
-        workbook.close()
+def is_header_again(row: list[Any], columns: Columns, names: TextNames) -> bool:
+    """Whether a data row is the header again (two exports pasted together): a text column holds its own name,
+    or the row holds both names elsewhere. Cells too long to be a name are not compared (a cheap test first)."""
+    korean, english = row[columns.source], row[columns.target]
+    if type(korean) is str and len(korean) <= names.longest and name_key(korean) == names.source_key:
+        return True
+    if type(english) is str and len(english) <= names.longest and name_key(english) == names.target_key:
+        return True
+    return names.source in row and names.target in row
 
 
 def json_value(value: Any) -> Any:
@@ -295,13 +207,23 @@ def meta_key(column: str) -> str:
     return f"col_{column}" if column in META_RESERVED else column
 
 
-def cell_text(value: Any) -> tuple[str, bool]:
-    """A text-column cell as text, and whether it had to be coerced (a number, date or boolean)."""
+def cell_text(value: Any) -> tuple[str, bool, str]:
+    """A text-column cell as text, whether it had to be coerced (a number, date or boolean), and the control
+    characters taken out of it."""
     if type(value) is str:
-        return value.strip(), False
+        text, controls = clean_text(value)
+        return text, False, controls
     if value is None:
-        return "", False
-    return str(json_value(value)), True
+        return "", False, ""
+    return str(json_value(value)), True, ""
+
+
+def empty_reason(value: Any, column: str, formula: bool) -> str:
+    if formula:
+        return f"formula without cached value in {column}"
+    if type(value) is str and value.strip():  # str.strip() leaves zero-width spaces, BOMs, word joiners
+        return f"only invisible characters in {column}"
+    return f"empty {column}"
 
 
 def instruction(template: str, text: str) -> str:
@@ -330,62 +252,125 @@ def pair_records(params: AIHubExcelParams, korean: str, english: str, meta: dict
     return records
 
 
-def read_workbook(path: Path, params: AIHubExcelParams, report: SourceReport) -> Iterator[dict[str, Any]]:
-    check_is_workbook(path)
-    sheet, rows, reader = load_rows(path, params.sheet, report)
-    head = list(islice(rows, params.header_search_rows))
-    header_index, positions = find_header(head, params, path, sheet)
-    header = [cell_name(v) for v in head[header_index]]
+@dataclass
+class SheetCounts:
+    """What a sheet's rows had, for the notes and the swapped-columns check."""
+
+    coerced: Counter  # text column -> non-text cells written as text (kept rows only)
+    controls: Counter  # text column -> cells that had control characters
+    control_chars: set
+    formulas: int = 0
+    pairs: int = 0  # rows with text on both sides
+    swapped: int = 0
+    first_swapped: int = 0  # its Excel row
+
+
+def read_workbook(path: Path, params: AIHubExcelParams, report: SourceReport, books: Workbooks) -> Iterator[dict[str, Any]]:
+    sheets = books.open(path, params.max_unpacked_mb << 20)
+    if books.fmt == "xlsx" and path.suffix.lower() == ".xls":
+        report.note(f"{path.name}: an .xlsx workbook under an .xls name; read as .xlsx")
+    sheet, note = pick_sheet(sheets, params.sheet, path)
+    if note:
+        report.note(note)
+    fallback, head = books.load(sheet, params.header_search_rows)
+    if fallback:
+        report.note(fallback)
+    header_index, columns = find_header(head, params, path, sheet, sheets, books)
+    note_invisible_names(head[header_index], path, sheet, report)
     if header_index:
         report.note(f"{path.name} [{sheet}]: header found on Excel row {header_index + 1}, not row 1; "
                     "the rows above it are ignored")
-    source_at, target_at = positions[params.source_column], positions[params.target_column]
-    # named columns always go into meta; a column without a header only where it holds something
-    other_columns = [(i, meta_key(name or column_letter(i)), bool(name)) for i, name in enumerate(header)
-                     if i not in (source_at, target_at)]
-    formulas = formula_cells(path, sheet, header_index + 1, (source_at, target_at)) if reader == "calamine" else set()
-    coerced: Counter = Counter()  # text column -> non-text cells written as text (kept rows only)
-    formula_used = 0
-    file, width = str(path), len(header)
-    for index, row in enumerate(chain(head[header_index + 1:], rows), start=header_index + 1):
-        if len(row) < width:  # openpyxl rows stop at their last value
-            row = list(row) + [None] * (width - len(row))
-        korean, korean_coerced = cell_text(row[source_at])
-        english, english_coerced = cell_text(row[target_at])
-        if not korean or not english:
-            if all(value is None or value == "" for value in row):
-                continue  # a blank line between blocks is not data
-            report.read += 1
-            column, at = (params.source_column, source_at) if not korean else (params.target_column, target_at)
-            reason = f"formula without cached value in {column}" if (index, at) in formulas else f"empty {column}"
-            report.drop(reason, {"file": file, "sheet": sheet, "row": index + 1, "column": column})
-            continue
+    formulas = books.formula_cells(sheet, header_index + 1, (columns.source, columns.target))
+    counts = SheetCounts(Counter(), Counter(), set())
+    file, names = str(path), TextNames.of(params)
+    for index, row in enumerate(chain(head[header_index + 1:], books.rows()), start=header_index + 1):
+        if len(row) < columns.width:  # openpyxl rows stop at their last value
+            row = list(row) + [None] * (columns.width - len(row))
+        if all(value is None or value == "" for value in row):
+            continue  # a blank line between blocks is not data
         report.read += 1
-        if korean_coerced:
-            coerced[params.source_column] += 1
-        if english_coerced:
-            coerced[params.target_column] += 1
-        if formulas:
-            formula_used += ((index, source_at) in formulas) + ((index, target_at) in formulas)
-        meta = {"file": file, "sheet": sheet, "row": index + 1}
-        for at, key, named in other_columns:
-            value = row[at]
-            if type(value) is not str or not value:  # text is the common case: no conversion call for it
-                value = json_value(value)
-            if named or value is not None:
-                meta[key] = value
-        yield from pair_records(params, korean, english, meta)
-    for column, count in coerced.items():
-        report.note(f"{path.name} [{sheet}]: {count} non-text cell(s) in {column} (numbers/dates) written as text")
-    if formula_used:
-        report.note(f"{path.name} [{sheet}]: {formula_used} formula cell(s) in the text columns; used the value "
+        where = {"file": file, "sheet": sheet, "row": index + 1}
+        if is_header_again(row, columns, names):
+            repeated = columns_of(row, params)
+            if repeated is not None and repeated != columns:
+                report.note(f"{path.name} [{sheet}]: the header is repeated on Excel row {index + 1} with other "
+                            "columns; the rows after it are read by it")
+                columns = repeated
+            report.drop("repeated header row", where)
+            continue
+        record_pair = pair_of(row, columns, params, formulas, index, counts, report, where)
+        if record_pair is not None:
+            yield from pair_records(params, *record_pair, meta_of(row, columns, where))
+    finish_sheet(path, sheet, params, counts, report)
+
+
+def pair_of(row: list[Any], columns: Columns, params: AIHubExcelParams, formulas: set, index: int,
+            counts: SheetCounts, report: SourceReport, where: dict[str, Any]) -> tuple[str, str] | None:
+    """(Korean, English) of a data row, or None when the row is dropped (with the reason, in the report)."""
+    sides = ((params.source_column, columns.source), (params.target_column, columns.target))
+    texts = []
+    for column, at in sides:
+        text, coerced, controls = cell_text(row[at])
+        if not text:
+            report.drop(empty_reason(row[at], column, (index, at) in formulas), {**where, "column": column})
+            return None
+        if len(text) > EXCEL_CELL_CHARS:
+            report.drop(f"longer than Excel's {EXCEL_CELL_CHARS:,} characters in {column}", {**where, "column": column})
+            return None
+        counts.coerced[column] += coerced
+        if controls:
+            counts.controls[column] += 1
+            counts.control_chars.update(controls)
+        counts.formulas += (index, at) in formulas
+        texts.append(text)
+    korean, english = texts
+    counts.pairs += 1
+    if swapped(korean, english):
+        counts.swapped += 1
+        counts.first_swapped = counts.first_swapped or where["row"]
+        report.drop(f"languages swapped (English in {params.source_column}, Korean in {params.target_column})", where)
+        return None
+    return korean, english
+
+
+def meta_of(row: list[Any], columns: Columns, where: dict[str, Any]) -> dict[str, Any]:
+    meta = dict(where)
+    for at, key, named in columns.others:
+        value = row[at]
+        if type(value) is not str or not value:  # text is the common case: no conversion call for it
+            value = json_value(value)
+        if named or value is not None:
+            meta[key] = value
+    return meta
+
+
+def finish_sheet(path: Path, sheet: str, params: AIHubExcelParams, counts: SheetCounts, report: SourceReport) -> None:
+    """The sheet's notes; a UserError when most of its rows have the languages the other way round."""
+    if counts.swapped and counts.swapped * 2 > counts.pairs:
+        raise UserError(f"{path} (sheet {sheet!r}): {counts.swapped:,} of {counts.pairs:,} rows have English in "
+                        f"{params.source_column} and Korean in {params.target_column} (the first on Excel row "
+                        f"{counts.first_swapped}): the columns look swapped. Set `source_column: "
+                        f"{params.target_column}` and `target_column: {params.source_column}` in source "
+                        f"{params.name}, or swap the columns in the workbook.")
+    if counts.swapped:
+        report.note(f"{path.name} [{sheet}]: {counts.swapped} row(s) with English in {params.source_column} and "
+                    f"Korean in {params.target_column} dropped as swapped (the first on Excel row {counts.first_swapped})")
+    for column, count in counts.controls.items():
+        report.note(f"{path.name} [{sheet}]: control characters ({codepoints(''.join(sorted(counts.control_chars)))}) "
+                    f"removed from {count} cell(s) in {column}")
+    for column, count in counts.coerced.items():
+        if count:
+            report.note(f"{path.name} [{sheet}]: {count} non-text cell(s) in {column} (numbers/dates) written as text")
+    if counts.formulas:
+        report.note(f"{path.name} [{sheet}]: {counts.formulas} formula cell(s) in the text columns; used the value "
                     "Excel last computed and saved in the file")
 
 
 def read(params: AIHubExcelParams, report: SourceReport) -> Iterator[dict[str, Any]]:
     check_templates(params)
+    books = shared_workbooks()
     for path in resolve_paths(params.path, SUFFIXES, f"source {params.name}: path"):
-        yield from read_workbook(path, params, report)
+        yield from read_workbook(path, params, report, books)
 
 
 SOURCE = Source(kind="aihub_excel", params=AIHubExcelParams, read=read, files_field="path", suffixes=SUFFIXES,

@@ -2,18 +2,41 @@
 
 from __future__ import annotations
 
+import errno
 import glob
+import os
 from pathlib import Path
 
 from distillery.core.errors import UserError
+
+
+def is_junk(path: Path) -> bool:
+    """Files no one means as data: Excel's lock files (`~$name.xlsx`, beside a workbook open in Excel) and what
+    macOS leaves in folders and zips (`._name` AppleDouble files with a file's Finder metadata, `__MACOSX/`)."""
+    return path.name.startswith(("~$", "._")) or "__MACOSX" in path.parts
+
+
+def missing_path(item: str, path: Path, field: str) -> UserError:
+    """Why `path` is neither a file nor a directory: a symlink loop, a dangling symlink, or nothing there."""
+    if os.path.islink(path):
+        try:
+            path.stat()
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                return UserError(f"{field}: {item} is a loop of symbolic links (it points to {os.readlink(path)}, "
+                                 "which leads back to itself). Point it at the real file or directory.")
+        return UserError(f"{field}: {item} is a symbolic link to {os.readlink(path)}, which does not exist. "
+                         "Fix or remove the link.")
+    return UserError(f"{field}: {item} does not exist. Check the path (relative to {Path.cwd()}).")
 
 
 def resolve_paths(spec: str | list[str], suffixes: tuple[str, ...], field: str) -> list[Path]:
     """Expand `spec` into a sorted list of files ending in one of `suffixes`.
 
     A directory contributes its matching files (recursively); a glob its matches; a plain path must exist.
-    Excel's lock files (`~$name.xlsx`, left beside a workbook open in Excel) are never read.
-    Anything that matches nothing is a UserError naming the config field and the path.
+    Junk files (is_junk) are never read, and a file reached twice (through a symlink, or a `**` glob that
+    follows a symlinked folder) is read once. Anything that matches nothing is a UserError naming the config
+    field and the path.
     """
     specs = [spec] if isinstance(spec, str) else list(spec)
     files: list[Path] = []
@@ -21,17 +44,29 @@ def resolve_paths(spec: str | list[str], suffixes: tuple[str, ...], field: str) 
         path = Path(item).expanduser()
         if any(ch in item for ch in "*?["):
             matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True)
-                             if Path(m).is_file() and not Path(m).name.startswith("~$"))
+                             if Path(m).is_file() and not is_junk(Path(m)))
             if not matches:
                 raise UserError(f"{field}: the pattern {item!r} matches no file. Check the path (relative to {Path.cwd()}).")
             files.extend(matches)
         elif path.is_dir():
-            matches = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith("~$"))
+            matches = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes and not is_junk(p))
             if not matches:
                 raise UserError(f"{field}: the directory {item} holds no {'/'.join(suffixes)} file.")
             files.extend(matches)
         elif path.is_file():
             files.append(path)
         else:
-            raise UserError(f"{field}: {item} does not exist. Check the path (relative to {Path.cwd()}).")
-    return files
+            raise missing_path(item, path, field)
+    return once_each(files)
+
+
+def once_each(files: list[Path]) -> list[Path]:
+    """`files` in order, without a second path to a file already listed (the first path to it is kept)."""
+    seen: set[str] = set()
+    unique = []
+    for path in files:
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            unique.append(path)
+    return unique

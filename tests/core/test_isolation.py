@@ -10,7 +10,7 @@ from typing import Any, Callable
 import pytest
 
 from distillery.core.errors import UserError
-from distillery.core.isolation import Child, NativeCrash, describe_exit
+from distillery.core.isolation import Child, NativeCrash, describe_exit, limit_growth
 
 
 def remember(state: dict[str, Any], emit: Callable[[Any], None], key: str, value: Any) -> int:
@@ -139,3 +139,30 @@ def test_a_result_that_cannot_travel_back_is_an_error_and_the_child_lives_on() -
         with pytest.raises(RuntimeError, match="the result of unpicklable_result cannot be sent back"):
             child.call(unpicklable_result)
         assert child.call(count_to, 1) == "done"
+
+
+def allocate_past_a_limit(state: dict[str, Any], emit: Callable[[Any], None], limit: int, size: int) -> int:
+    limit_growth(limit, cpu_seconds=60)
+    return len(bytearray(size))
+
+
+def abort_with_words(state: dict[str, Any], emit: Callable[[Any], None]) -> None:
+    os.write(2, b"memory allocation of 549755813888 bytes failed\n")
+    os.abort()
+
+
+def test_limit_growth_makes_an_allocation_past_it_fail_in_the_child_only() -> None:
+    with Child("demo-lib", "testing") as child:
+        assert child.call(allocate_past_a_limit, 64 << 20, 16 << 20) == 16 << 20
+        with pytest.raises(MemoryError):
+            child.call(allocate_past_a_limit, 64 << 20, 512 << 20)
+        assert child.call(allocate_past_a_limit, 1 << 30, 512 << 20) == 512 << 20  # a later call may raise it again
+    assert len(bytearray(512 << 20)) == 512 << 20  # this process was never limited
+
+
+def test_a_captured_stderr_keeps_a_crashing_library_s_last_words_from_the_user() -> None:
+    child = Child("demo-lib", "reading", capture_stderr=True)
+    with pytest.raises(NativeCrash, match=r"SIGABRT"):
+        child.call(abort_with_words)
+    assert "memory allocation of 549755813888 bytes failed" in child.stderr_tail()
+    child.close()

@@ -36,6 +36,11 @@ def write_bad_jsonl(workdir: Path) -> str:
     return "raw.jsonl"
 
 
+def write_symlink_loop(path: Path) -> Path:
+    path.symlink_to(path.name)
+    return path
+
+
 CASES: dict[str, tuple[Callable[[Path], dict], list[str]]] = {
     "missing file": (lambda d: excel_source("data/missing.xlsx"),
                      ["ingest.sources.0.path (ko-en): data/missing.xlsx does not exist"]),
@@ -53,6 +58,12 @@ CASES: dict[str, tuple[Callable[[Path], dict], list[str]]] = {
                              ["ingest.sources.0.aihub_excel.diretion: unknown key"]),
     "codeio line not json": (lambda d: {"name": "cio", "kind": "codeio", "path": write_bad_jsonl(d)},
                              ["raw.jsonl: line 3 is not valid JSON"]),
+    "stray far cell": (lambda d: excel_source(aihub.write_stray_cell(d / "stray.xlsx").name),
+                       ["stray.xlsx (sheet 'Sheet1'): cell XFD1048576 holds a value far outside"]),
+    "swapped languages": (lambda d: excel_source(aihub.write_swapped(d / "sw.xlsx", swapped=20, rows=20).name),
+                          ["sw.xlsx (sheet 'Sheet1'): 20 of 20 rows have English in 원문 and Korean in 번역문"]),
+    "symlink loop": (lambda d: excel_source(write_symlink_loop(d / "loop.xlsx").name),
+                     ["ingest.sources.0.path (ko-en): loop.xlsx is a loop of symbolic links"]),
 }
 
 
@@ -68,3 +79,5 @@ def test_bad_input_exits_2_with_one_clear_message_and_leaves_nothing(tmp_path: P
     assert "Traceback" not in output
     run_dir = tmp_path / "runs" / "demo"
     assert not (run_dir / "ingest").exists() and not (run_dir / ".ingest.partial").exists()
+    if (run_dir / "manifest.json").exists():
+        assert json.loads((run_dir / "manifest.json").read_text())["stages"]["ingest"]["status"] == "failed"

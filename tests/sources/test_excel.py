@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from distillery.sources import SourceReport, excel
+from distillery.sources import SourceReport, excel, workbook
 from distillery.sources.excel import AIHubExcelParams
 from distillery.core.errors import UserError
 from tests.fixtures import aihub
@@ -177,17 +177,29 @@ def test_missing_file_and_empty_directory_are_errors(tmp_path: Path) -> None:
         read(tmp_path / "empty")
 
 
-def test_openpyxl_fallback_reads_the_same_records_when_calamine_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = aihub.write_header_on_row_3(tmp_path / "h.xlsx")
-    with_calamine, _ = read(path)
+def calamine_rows(path: Path) -> list[list[Any]]:
+    from python_calamine import CalamineWorkbook
 
-    def calamine_fails(*_: Any) -> None:
-        raise RuntimeError("simulated calamine failure")
+    with CalamineWorkbook.from_path(str(path)) as book:
+        return list(workbook.calamine_rows(book.get_sheet_by_name("Sheet1")))
 
-    monkeypatch.setattr(excel, "rows_with_calamine", calamine_fails)
-    with_openpyxl, report = read(path)
-    assert with_openpyxl == with_calamine
-    assert "read with openpyxl because calamine could not (RuntimeError: simulated calamine failure)" in report.notes[0]
+
+def openpyxl_rows(path: Path) -> list[list[Any]]:
+    import openpyxl
+
+    book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    try:
+        return list(workbook.openpyxl_rows(book["Sheet1"]))
+    finally:
+        book.close()
+
+
+def test_openpyxl_fallback_reads_the_same_records_when_calamine_fails(tmp_path: Path) -> None:
+    with_calamine, _ = read(aihub.write_header_on_row_3(tmp_path / "h.xlsx"))
+    with_openpyxl, report = read(aihub.write_calamine_unreadable(tmp_path / "u.xlsx"))
+    assert [r["messages"] for r in with_openpyxl] == [r["messages"] for r in with_calamine]
+    assert report.notes[0] == ("u.xlsx: read with openpyxl because calamine could not (CalamineError: Unsupported "
+                               "cell error value '#BAD!')")
 
 
 def test_calamine_and_openpyxl_agree_cell_by_cell(tmp_path: Path) -> None:
@@ -198,7 +210,7 @@ def test_calamine_and_openpyxl_agree_cell_by_cell(tmp_path: Path) -> None:
         values = [[excel.json_value(v.strip() if isinstance(v, str) else v) for v in row] for row in rows]
         return [row[: max((i + 1 for i, v in enumerate(row) if v is not None), default=0)] for row in values]
 
-    assert normalised(excel.rows_with_calamine(path, None)[1]) == normalised(excel.rows_with_openpyxl(path, None)[1])
+    assert normalised(calamine_rows(path)) == normalised(openpyxl_rows(path))
 
 
 def test_missing_columns_under_a_title_line_name_the_header_row(tmp_path: Path) -> None:
@@ -216,5 +228,5 @@ def test_a_table_away_from_a1_keeps_excel_rows_and_columns(tmp_path: Path) -> No
     assert [r["meta"]["row"] for r in records] == [4, 5]
     assert records[0]["meta"]["키워드"] == data[0][1] and records[0]["messages"][1]["content"] == aihub.PAIRS[0][1]
     assert "header found on Excel row 3" in report.notes[0]
-    calamine = [[None if value == "" else value for value in row] for row in excel.rows_with_calamine(path, None)[1]]
+    calamine = [[None if value == "" else value for value in row] for row in calamine_rows(path)]
     assert calamine == [[None] * 6, [None] * 6, [None, None, *header], *[[None, None, *row] for row in data]]

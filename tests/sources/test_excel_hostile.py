@@ -1,0 +1,182 @@
+"""aihub_excel against hostile workbooks: each is one clear message (file, sheet, cell, fix) or a reading with
+what was dropped and why in the report; never a dead process, a hang or a silent wrong record."""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from distillery.config import load_config
+from distillery.core.errors import UserError
+from distillery.runner import run_stage
+from distillery.sources import SourceReport, excel
+from distillery.sources.excel import AIHubExcelParams
+from tests.fixtures import aihub
+
+
+def read(path: Any, **overrides: Any) -> tuple[list[dict], SourceReport]:
+    report = SourceReport("ko-en")
+    params = AIHubExcelParams(name="ko-en", kind="aihub_excel", path=str(path), direction="ko_en", **overrides)
+    return list(excel.read(params, report)), report
+
+
+def english(records: list[dict]) -> list[str]:
+    return [r["messages"][1]["content"] for r in records]
+
+
+@pytest.mark.parametrize("cells, rows, rest", [(["XFD1048576"], 10, "C11"), (["AAA500000"], 10, "C11"),
+                                                (["XFD2"], 20_000, "C20001"),
+                                                (["XFD1048576", "XFD1048575", "XFD1048574"], 10, "C11")])
+def test_stray_values_far_away_are_refused_naming_them_and_the_process_lives(tmp_path: Path, cells: list[str],
+                                                                              rows: int, rest: str) -> None:
+    """calamine holds a sheet as one block up to its farthest cell: 512 GiB for XFD1048576, which aborted the process."""
+    path = aihub.write_stray_cell(tmp_path / "stray.xlsx", cells, rows)
+    with pytest.raises(UserError) as refused:
+        read(path)
+    message = str(refused.value)
+    assert f"stray.xlsx (sheet 'Sheet1'): cell" in message and f"far outside the rest of the data, which ends at {rest}." in message
+    named = message.split("Clear ", 1)[1].split(" in Excel")[0].split(" and ")
+    assert sorted(named) == sorted(cells)
+    assert len(read(aihub.write_layout(tmp_path / "good.xlsx", "구어체"))[0]) == len(aihub.PAIRS)  # and reads on
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_stray_value_in_ingest_fails_cleanly_in_one_process_or_two(tmp_path: Path, workers: int) -> None:
+    aihub.write_layout(tmp_path / "d" / "1_good.xlsx", "구어체")
+    aihub.write_stray_cell(tmp_path / "d" / "2_stray.xlsx")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"run": {"name": "s", "root": str(tmp_path / "runs")}, "ingest": {
+        "workers": workers, "sources": [{"name": "ko-en", "kind": "aihub_excel", "path": str(tmp_path / "d")}]}},
+        allow_unicode=True), encoding="utf-8")
+    with pytest.raises(UserError, match=r"2_stray.xlsx \(sheet 'Sheet1'\): cell XFD1048576 holds a value far outside"):
+        run_stage("ingest", load_config(config))
+    run = tmp_path / "runs" / "s"
+    assert not (run / "ingest").exists() and not (run / ".ingest.partial").exists()
+    assert json.loads((run / "manifest.json").read_text())["stages"]["ingest"]["status"] == "failed"
+
+
+@pytest.mark.parametrize("shared, varied_every", [(False, 0), (True, 0), (True, 60)],
+                         ids=["inline text", "shared string", "shared string packing 40 times"])
+def test_a_cell_that_unpacks_far_past_excel_s_limit_is_refused_before_reading_naming_the_cell(
+        tmp_path: Path, shared: bool, varied_every: int) -> None:
+    path = aihub.write_inflating_cell(tmp_path / "bomb.xlsx", 8 << 20, shared=shared, cell="C5", varied_every=varied_every)
+    assert path.stat().st_size < 300_000
+    part = "xl/sharedStrings.xml" if shared else "xl/worksheets/sheet1.xml"
+    with pytest.raises(UserError, match=rf"bomb.xlsx \(sheet 'Sheet1'\): cell C5 holds more text than the 32,767 "
+                                        rf"characters Excel lets a cell hold, and its part {part} unpacks to 8.4 MB "
+                                        r"from [\d.]+ KB \([\d,]+ times; .*\): a zip bomb"):
+        read(path)
+
+
+def test_a_workbook_unpacking_past_max_unpacked_mb_is_refused(tmp_path: Path) -> None:
+    path = aihub.write_many_rows(tmp_path / "many.xlsx", 8000)
+    assert len(read(path)[0]) == 8000
+    with pytest.raises(UserError, match=r"many.xlsx: the workbook unpacks to [\d.]+ MB \(xl/worksheets/sheet1.xml alone "
+                                        r".*\), more than this source allows \(`max_unpacked_mb: 1`\)"):
+        read(path, max_unpacked_mb=1)
+
+
+def test_a_cell_longer_than_excel_allows_is_dropped_with_the_reason(tmp_path: Path) -> None:
+    records, report = read(aihub.write_inflating_cell(tmp_path / "long.xlsx", 40_000, cell="C3"))
+    assert len(records) == len(aihub.PAIRS) - 1
+    assert report.dropped_rows == [{"source": "ko-en", "reason": "longer than Excel's 32,767 characters in 번역문",
+                                    "file": str(tmp_path / "long.xlsx"), "sheet": "Sheet1", "row": 3, "column": "번역문"}]
+
+
+@pytest.mark.parametrize("suffix", [".xlsx", ".xls"])
+def test_a_hidden_first_sheet_is_not_read_by_default_and_the_note_says_which_was(tmp_path: Path, suffix: str) -> None:
+    if suffix == ".xls":
+        pytest.importorskip("xlwt")
+    path = aihub.write_hidden_first_sheet(tmp_path / f"h{suffix}")
+    records, report = read(path)
+    assert len(records) == 100 and {r["meta"]["sheet"] for r in records} == {"데이터"}
+    assert report.notes == [f"h{suffix}: read sheet '데이터', the first visible one; not read: '이전' (hidden) "
+                            "(`sheet:` picks another)"]
+    stale, report = read(path, sheet="이전")
+    assert len(stale) == 5 and report.notes == [f"h{suffix}: read sheet '이전', which is hidden in the workbook, "
+                                                "as `sheet:` asks"]
+
+
+@pytest.mark.parametrize("layout", ["구어체", "한국문화"])
+def test_a_header_repeated_mid_sheet_is_dropped_and_read_by(tmp_path: Path, layout: str) -> None:
+    records, report = read(aihub.write_pasted_exports(tmp_path / "p.xlsx", second_layout=layout))
+    assert len(records) == 105 and "번역문" not in english(records)
+    assert dict(report.dropped) == {"repeated header row": 1} and report.dropped_rows[0]["row"] == 102
+    assert records[-1]["meta"]["row"] == 107 and ("키워드" in records[-1]["meta"]) == (layout == "한국문화")
+    assert english(records)[-1] == aihub.numbered(aihub.PAIRS[::-1], 105)[104][1]
+
+
+def test_a_row_holding_a_text_column_s_own_name_is_a_header_again(tmp_path: Path) -> None:
+    rows = [list(aihub.LAYOUT_COLUMNS["구어체"]), [1, *aihub.PAIRS[0]], [None, " 원문 ", "Translation"],
+            ["SID", "Original", "\ufeff번역문"], [2, *aihub.PAIRS[1]]]
+    records, report = read(aihub.write_rows(tmp_path / "h.xlsx", rows))
+    assert english(records) == [aihub.PAIRS[0][1], aihub.PAIRS[1][1]]
+    assert [(d["row"], d["reason"]) for d in report.dropped_rows] == [(3, "repeated header row"), (4, "repeated header row")]
+
+
+def test_invisible_only_translations_are_dropped_and_control_characters_removed_with_a_note(tmp_path: Path) -> None:
+    path = aihub.write_invisible_and_control_cells(tmp_path / "i.xlsx")
+    records, report = read(path)
+    invisible = {row: reason for row, reason in ((d["row"], d["reason"]) for d in report.dropped_rows)}
+    assert invisible == {2: "only invisible characters in 번역문", 3: "only invisible characters in 번역문",
+                         4: "only invisible characters in 번역문", 5: "empty 번역문", 6: "empty 번역문",
+                         7: "only invisible characters in 번역문", 8: "only invisible characters in 번역문"}
+    assert english(records) == ["AB C" + aihub.PAIRS[1][1], aihub.PAIRS[2][1]]
+    assert report.notes == ["i.xlsx [Sheet1]: control characters (U+0000 U+0001 U+0008 U+000B) removed from 1 "
+                            "cell(s) in 번역문"]
+
+
+def test_a_header_written_with_invisible_characters_or_decomposed_hangul_is_read_and_noted(tmp_path: Path) -> None:
+    header = ["\ufeffSID", unicodedata.normalize("NFD", "원문"), "번\u200b역문"]
+    records, report = read(aihub.write_header_written_differently(tmp_path / "h.xlsx", header))
+    assert len(records) == len(aihub.PAIRS) and records[0]["meta"]["SID"] == 100
+    assert report.notes == ["h.xlsx [Sheet1]: header cell(s) SID [U+FEFF U+0053 U+0049 U+0044], "
+                            f"{header[1]} [U+110B U+116F U+11AB U+1106 U+116E U+11AB], 번\u200b역문 [U+BC88 U+200B U+C5ED "
+                            "U+BB38] read as SID, 원문, 번역문 (invisible characters dropped, Hangul composed)"]
+
+
+def test_a_missing_column_shows_the_code_points_of_names_that_differ_invisibly(tmp_path: Path) -> None:
+    path = aihub.write_header_written_differently(tmp_path / "h.xlsx", ["SID", "원문", "번역\u00a0문"])
+    with pytest.raises(UserError, match=r"\(row 1 has SID, 원문, 번역\xa0문 \[U\+BC88 U\+C5ED U\+00A0 U\+BB38\]\)"):
+        read(path)
+
+
+def test_a_sheet_with_mostly_swapped_languages_is_refused_with_counts(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"s.xlsx \(sheet 'Sheet1'\): 200 of 200 rows have English in 원문 and Korean "
+                                        r"in 번역문 .*Set `source_column: 번역문` and `target_column: 원문`"):
+        read(aihub.write_swapped(tmp_path / "s.xlsx", swapped=200, rows=200))
+
+
+def test_a_few_swapped_rows_are_dropped_and_counted(tmp_path: Path) -> None:
+    records, report = read(aihub.write_swapped(tmp_path / "s.xlsx", swapped=3, rows=50))
+    assert len(records) == 47 and dict(report.dropped) == {"languages swapped (English in 원문, Korean in 번역문)": 3}
+    assert report.notes == ["s.xlsx [Sheet1]: 3 row(s) with English in 원문 and Korean in 번역문 dropped as swapped "
+                            "(the first on Excel row 2)"]
+
+
+def test_password_protected_workbooks_are_called_encrypted_whatever_their_name(tmp_path: Path) -> None:
+    pytest.importorskip("xlwt")
+    for path in (aihub.write_encrypted_xls(tmp_path / "real.xls"), aihub.write_encrypted(tmp_path / "office.xls")):
+        with pytest.raises(UserError, match=rf"{path.name}: the workbook is encrypted \(password-protected\)"):
+            read(path)
+
+
+def test_an_xls_that_only_mentions_encryption_in_a_cell_is_read(tmp_path: Path) -> None:
+    pytest.importorskip("xlwt")
+    pairs = [("EncryptionInfo 암호화 정보", "EncryptionInfo"), *aihub.PAIRS[1:]]
+    rows = [list(aihub.LAYOUT_COLUMNS["구어체"]), *aihub.layout_rows("구어체", pairs)]
+    records, _ = read(aihub.write_xls(tmp_path / "mentions.xls", [("Sheet1", rows, False)]))
+    assert len(records) == len(aihub.PAIRS)
+
+
+def test_an_xlsx_under_an_xls_name_is_read_and_noted(tmp_path: Path) -> None:
+    path = tmp_path / "misnamed.xls"
+    path.write_bytes(aihub.write_layout(tmp_path / "a.xlsx", "구어체").read_bytes())
+    records, report = read(path)
+    assert len(records) == len(aihub.PAIRS)
+    assert report.notes == ["misnamed.xls: an .xlsx workbook under an .xls name; read as .xlsx"]

@@ -1,0 +1,42 @@
+"""resolve_paths: symbolic links that lead nowhere are named as what they are; macOS and Excel junk is skipped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from distillery.core.errors import UserError
+from distillery.sources.files import resolve_paths
+from tests.fixtures import aihub
+
+XLSX = (".xlsx",)
+
+
+def test_a_symlink_loop_is_called_a_loop_not_missing(tmp_path: Path) -> None:
+    (tmp_path / "a.xlsx").symlink_to(tmp_path / "b.xlsx")
+    (tmp_path / "b.xlsx").symlink_to(tmp_path / "a.xlsx")
+    with pytest.raises(UserError, match=r"path: .*a.xlsx is a loop of symbolic links \(it points to .*b.xlsx"):
+        resolve_paths(str(tmp_path / "a.xlsx"), XLSX, "path")
+
+
+def test_a_dangling_symlink_names_its_target(tmp_path: Path) -> None:
+    (tmp_path / "data").symlink_to(tmp_path / "moved-away")
+    with pytest.raises(UserError, match=r"data is a symbolic link to .*moved-away, which does not exist"):
+        resolve_paths(str(tmp_path / "data"), XLSX, "path")
+
+
+def test_macos_metadata_files_in_a_directory_or_glob_are_skipped(tmp_path: Path) -> None:
+    good = aihub.write_layout(tmp_path / "d" / "구어체.xlsx", "구어체")
+    aihub.write_apple_double(tmp_path / "d" / "._구어체.xlsx")
+    aihub.write_apple_double(tmp_path / "d" / "__MACOSX" / "._구어체.xlsx")
+    (tmp_path / "d" / "__MACOSX" / "구어체.xlsx").write_bytes(good.read_bytes())
+    assert resolve_paths(str(tmp_path / "d"), XLSX, "path") == [good]
+    assert resolve_paths(str(tmp_path / "d" / "**" / "*.xlsx"), XLSX, "path") == [good]
+
+
+def test_a_file_reached_through_a_symlinked_folder_is_read_once(tmp_path: Path) -> None:
+    good = aihub.write_layout(tmp_path / "d" / "a.xlsx", "구어체")
+    (tmp_path / "d" / "back").symlink_to(tmp_path / "d")  # `**` follows it again and again
+    assert resolve_paths(str(tmp_path / "d" / "**" / "*.xlsx"), XLSX, "path") == [good]
+    assert resolve_paths([str(good), str(tmp_path / "d" / "back" / "a.xlsx")], XLSX, "path") == [good]
