@@ -236,7 +236,7 @@ def scale(shapes: list[str]) -> None:
             print(f"{shape}: {r['bytes'] / GB:.2f} GB, export {r['seconds']:.0f} s, peak anonymous "
                   f"{r['peak_anon'] / GB:.2f} GB, peak RSS {r['peak_rss'] / GB:.2f} GB, verification "
                   f"{'passed' if r['passed'] else 'FAILED'}, merge {r['method']}", flush=True)
-    print(f"\nexport as the model grows (q8_0, verification on; CPU)")
+    print("\nexport as the model grows (q8_0, verification on; CPU)")
     print(f"{'shape':6} {'params':>7} {'16-bit GB':>10} {'export s':>9} {'s/GB':>6} {'peak anon GB':>13} {'peak RSS GB':>12}")
     for r in rows:
         print(f"{r['shape']:6} {r['parameters'] / 1e9:6.2f}B {r['bytes'] / GB:10.2f} {r['seconds']:9.0f} "

@@ -30,7 +30,7 @@ import argparse
 import dataclasses
 import json
 import math
-import os
+
 import shutil
 import subprocess
 import sys
@@ -279,7 +279,6 @@ def merge_child(run_dir: Path) -> dict[str, Any]:
     the merged tensors against the base's own: untargeted ones byte-identical, targeted ones = W + scale*B@A."""
     summary = json.loads((run_dir / "finetune" / "summary.json").read_text())
     import torch
-    from safetensors import safe_open
     from transformers import AutoTokenizer
 
     from distillery.export import merge

@@ -20,6 +20,7 @@ from typing import Any
 
 from distillery.config import DistilleryConfig
 from distillery.core.console import markdown_table, summary_table
+from distillery.core.summaries import read_finetune_summary
 from distillery.core.errors import UserError
 from distillery.core.models import bundled_name
 from distillery.core.rundir import RunDir, atomic_write_text, describe_outputs
@@ -149,7 +150,8 @@ def build_card(cfg: DistilleryConfig, plan: list[dict[str, Any]], repo_id: str) 
     from huggingface_hub import ModelCard
 
     run = RunDir(cfg.run.root, cfg.run.name)
-    finetune = _read_json(artifact(run, "finetune", "summary"))
+    summary_path = artifact(run, "finetune", "summary")
+    finetune = read_finetune_summary(summary_path).model_dump() if summary_path.is_file() else {}
     data = card_data(cfg, finetune, plan)
     base = data.base_model
     ggufs = [p["path_in_repo"] for p in plan if p["path_in_repo"].endswith(".gguf")]

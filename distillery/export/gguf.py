@@ -1,11 +1,9 @@
-"""GGUF: llama.cpp's converter to one 16-bit (or q8_0) file, llama.cpp's quantizer to each requested type,
-and the checks that every file is the model that was trained.
+"""GGUF: llama.cpp's converter to one 16-bit (or q8_0) file, llama.cpp's quantizer to each requested type.
 
 - `convert_to_gguf` runs convert_hf_to_gguf.py (export/converter.py) as a subprocess, offline;
 - `quantize_gguf` calls llama.cpp's `llama_model_quantize` through llama-cpp-python in a child process,
   optionally with an importance matrix (`load_imatrix`: llama-imatrix's GGUF or legacy .dat file);
-- `gguf_logprobs` (on a GGUF loaded in a child process, export/llama_child.py) and `compare_logprobs` feed
-  the verification in distillery/stages/export.py.
+The checks that every file is the model that was trained live in export/verify.py.
 
 Every file is written to a temporary name beside its target and renamed only when complete.
 """
@@ -23,7 +21,7 @@ import sys
 import tempfile
 from enum import Enum
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 from distillery.export.converter import converter_env, converter_script
 from distillery.core.errors import UserError
@@ -320,53 +318,3 @@ def _quantize(state: dict[str, Any], emit: Any, src: str, tmp: str, quant: Quant
     with native_stderr_captured() as native_log:
         status = llama_cpp.llama_model_quantize(src.encode(), tmp.encode(), ctypes.byref(params))
     return status, native_log.getvalue()
-
-
-def gguf_logprobs(llama: Any, token_lists: Sequence[Sequence[int]]) -> list[Any]:
-    """float32 log-probabilities of the next token at every position of each token list (teacher forcing), from
-    a LlamaChild loaded with logits_all."""
-    import numpy as np
-
-    return [log_softmax(np.asarray(logits, dtype=np.float64)).astype(np.float32)
-            for logits in llama.call(_logits, token_lists)]
-
-
-def _logits(state: dict[str, Any], emit: Any, token_lists: Sequence[Sequence[int]]) -> list[Any]:
-    """In the child: the raw logits (float32) at every position of each token list, each from a fresh cache."""
-    import numpy as np
-
-    llm, results = state["llm"], []
-    for tokens in token_lists:
-        llm.reset()
-        llm.eval(list(tokens))
-        results.append(np.array(llm.scores[: len(tokens)], dtype=np.float32))
-    return results
-
-
-def log_softmax(logits):
-    import numpy as np
-
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
-def compare_logprobs(reference: Sequence[Any], candidate: Sequence[Any]) -> dict[str, float]:
-    """Top-1 agreement and KL(reference || candidate) in nats over all positions of all prompts (one prompt's
-    arrays at a time, in float64)."""
-    import numpy as np
-
-    positions = agree = 0
-    kl_sum, kl_max = 0.0, 0.0
-    for ref, cand in zip(reference, candidate):
-        ref, cand = np.asarray(ref, dtype=np.float64), np.asarray(cand, dtype=np.float64)
-        kl = (np.exp(ref) * (ref - cand)).sum(axis=-1)
-        positions += ref.shape[0]
-        agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
-        kl_sum += float(kl.sum())
-        kl_max = max(kl_max, float(kl.max()))
-    return {
-        "positions": positions,
-        "top1_agreement": round(agree / positions, 4),
-        "mean_kl": float(f"{kl_sum / positions:.6g}"),
-        "max_kl": float(f"{kl_max:.6g}"),
-    }

@@ -32,6 +32,7 @@ from typing import Any, Iterator, Sequence
 
 from distillery.core.errors import UserError
 from distillery.core.models import torch_dtype
+from distillery.core.summaries import FinetuneSummary, read_finetune_summary
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +46,13 @@ SAFETENSORS_DTYPES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 HEADER_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 
 
-def read_finetune(adapter: Path, summary_path: Path) -> dict[str, Any]:
+def read_finetune(adapter: Path, summary_path: Path) -> FinetuneSummary:
     """finetune's summary, after checking its adapter is there."""
     missing = [name for name in ADAPTER_FILES if not (adapter / name).is_file()]
     if missing:
         raise UserError(f"no LoRA adapter in {adapter} (missing {', '.join(missing)}): run `distillery finetune` "
                         "(just finetune) first.")
-    if not summary_path.is_file():
-        raise UserError(f"{summary_path} is missing: the finetune stage did not finish; run `distillery finetune`.")
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    for key in ("backend", "base_model"):
-        if not summary.get(key):
-            raise UserError(f"{summary_path}: no {key!r}; rerun `distillery finetune --force`.")
-    return summary
+    return read_finetune_summary(summary_path)
 
 
 def merged_dtype_name(requested: str, base_model: str) -> str:
@@ -315,13 +310,13 @@ def stream_merge(base: Path, deltas: dict[str, LoraDelta], out: Path, dtype: str
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def merge_adapter(summary: dict[str, Any], adapter_dir: Path, out_dir: Path, dtype: str, max_shard_size: str,
+def merge_adapter(summary: FinetuneSummary, adapter_dir: Path, out_dir: Path, dtype: str, max_shard_size: str,
                   trust_remote_code: bool = False) -> dict[str, Any]:
     """Merge into 16-bit weights and save to `out_dir` (written beside it, renamed when complete)."""
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     started = time.time()
-    base = local_base(summary["base_model"])
+    base = local_base(summary.base_model)
     deltas, why = read_adapter(adapter_dir)
     why = why or why_not_streamable(base)
     if not why and set(deltas) - {name for name, _, _ in base_tensors(base)}:
@@ -329,7 +324,7 @@ def merge_adapter(summary: dict[str, Any], adapter_dir: Path, out_dir: Path, dty
     if not why:
         stream_merge(base, deltas, tmp, dtype, max_shard_size)
         method = "streamed"
-    elif summary["backend"] == "unsloth":
+    elif summary.backend == "unsloth":
         _merge_with_unsloth(adapter_dir, tmp, dtype, max_shard_size)
         method = f"unsloth (whole model: {why})"
     else:
@@ -339,7 +334,7 @@ def merge_adapter(summary: dict[str, Any], adapter_dir: Path, out_dir: Path, dty
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     size = sum(p.stat().st_size for p in out_dir.glob("*.safetensors"))
-    return {"backend": summary["backend"], "method": method, "dtype": dtype, "seconds": round(time.time() - started, 2),
+    return {"backend": summary.backend, "method": method, "dtype": dtype, "seconds": round(time.time() - started, 2),
             "bytes": size, "shards": len(list(out_dir.glob("*.safetensors")))}
 
 
@@ -487,7 +482,7 @@ def verify_merge(base_model: str, adapter_dir: Path, token_lists: Sequence[Seque
 
     from peft import PeftModel
 
-    from distillery.export.gguf import compare_logprobs
+    from distillery.export.verify import compare_logprobs
 
     base = load_causal_lm(str(local_base(base_model)), compute_dtype, trust_remote_code)
     base_lp = next_token_logprobs(base, token_lists)

@@ -18,7 +18,6 @@ import gc
 from pathlib import Path
 from typing import Any, Sequence
 
-from distillery.export import gguf as gguf_io
 
 VOCAB_BLOCK = 8192  # lm_head rows per matrix product
 
@@ -169,7 +168,7 @@ def verify_gguf(path: Path, template: str, eos: str, eos_id: int, probe: dict[st
     with LlamaChild(path, "verifying", n_ctx=max(n_ctx, 256), logits_all=True, threads=threads or None) as llama:
         meta = llama.metadata
         tokenizer_match = llama.tokenize(probe["texts"], add_bos=False, special=True) == probe["prompt_ids"]
-        stats = gguf_io.compare_logprobs(probe["reference"], gguf_io.gguf_logprobs(llama, probe["token_lists"]))
+        stats = compare_logprobs(probe["reference"], gguf_logprobs(llama, probe["token_lists"]))
     checks = {
         "loads": True,
         "chat_template": meta["chat_template"] == template,
@@ -182,3 +181,56 @@ def verify_gguf(path: Path, template: str, eos: str, eos_id: int, probe: dict[st
     return {"file": path.name, "bytes": path.stat().st_size, **stats, "max_kl_bound": max_kl,
             "min_top1_bound": min_top1, "eos_token": meta["eos_token"], "checks": checks,
             "passed": all(checks.values())}
+
+
+# ---- log-probabilities and their comparison -----------------------------------------------------------------
+
+
+def gguf_logprobs(llama: Any, token_lists: Sequence[Sequence[int]]) -> list[Any]:
+    """float32 log-probabilities of the next token at every position of each token list (teacher forcing), from
+    a LlamaChild loaded with logits_all."""
+    import numpy as np
+
+    return [log_softmax(np.asarray(logits, dtype=np.float64)).astype(np.float32)
+            for logits in llama.call(_logits, token_lists)]
+
+
+def _logits(state: dict[str, Any], emit: Any, token_lists: Sequence[Sequence[int]]) -> list[Any]:
+    """In the child: the raw logits (float32) at every position of each token list, each from a fresh cache."""
+    import numpy as np
+
+    llm, results = state["llm"], []
+    for tokens in token_lists:
+        llm.reset()
+        llm.eval(list(tokens))
+        results.append(np.array(llm.scores[: len(tokens)], dtype=np.float32))
+    return results
+
+
+def log_softmax(logits):
+    import numpy as np
+
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def compare_logprobs(reference: Sequence[Any], candidate: Sequence[Any]) -> dict[str, float]:
+    """Top-1 agreement and KL(reference || candidate) in nats over all positions of all prompts (one prompt's
+    arrays at a time, in float64)."""
+    import numpy as np
+
+    positions = agree = 0
+    kl_sum, kl_max = 0.0, 0.0
+    for ref, cand in zip(reference, candidate):
+        ref, cand = np.asarray(ref, dtype=np.float64), np.asarray(cand, dtype=np.float64)
+        kl = (np.exp(ref) * (ref - cand)).sum(axis=-1)
+        positions += ref.shape[0]
+        agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
+        kl_sum += float(kl.sum())
+        kl_max = max(kl_max, float(kl.max()))
+    return {
+        "positions": positions,
+        "top1_agreement": round(agree / positions, 4),
+        "mean_kl": float(f"{kl_sum / positions:.6g}"),
+        "max_kl": float(f"{kl_max:.6g}"),
+    }

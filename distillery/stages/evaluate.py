@@ -25,6 +25,7 @@ from distillery.evals.scoring import build_request
 from distillery.config import DistilleryConfig, EvaluateConfig
 from distillery.core.console import summary_table
 from distillery.core.errors import UserError
+from distillery.core.summaries import read_finetune_summary
 from distillery.core.models import resolve_model_path
 from distillery.core.records import write_jsonl
 from distillery.stage import Stage, StageContext, StageResult
@@ -91,8 +92,8 @@ def find_artifacts(ctx: StageContext) -> list[Artifact]:
 def trained_base(summary: Path, default: str) -> str:
     """The base model finetune trained on (its summary), else the configured model."""
     if summary.is_file():
-        base = json.loads(summary.read_text(encoding="utf-8")).get("base_model")
-        if base and (Path(base).is_dir() or not Path(base).is_absolute()):
+        base = read_finetune_summary(summary).base_model
+        if Path(base).is_dir() or not Path(base).is_absolute():
             return base
     return default
 

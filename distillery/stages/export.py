@@ -40,6 +40,7 @@ from distillery.core.console import markdown_table, summary_table
 from distillery.core.errors import UserError
 from distillery.core.models import bundled_name
 from distillery.core.plots import figure
+from distillery.core.summaries import FinetuneSummary
 from distillery.core.rundir import atomic_write_text
 from distillery.stage import Stage, StageContext, StageResult
 
@@ -87,10 +88,10 @@ def plan_types(cfg: ExportConfig) -> tuple[QuantType, list[QuantType]]:
     return QuantType(cfg.outtype), quants
 
 
-def model_stem(cfg: DistilleryConfig, summary: dict[str, Any]) -> str:
+def model_stem(cfg: DistilleryConfig, summary: FinetuneSummary) -> str:
     if cfg.export.model_name:
         return cfg.export.model_name
-    path = str(summary.get("base_model") or cfg.model.path)
+    path = str(summary.base_model or cfg.model.path)
     return bundled_name(path) or Path(path.rstrip("/")).name
 
 
@@ -134,8 +135,8 @@ def check_architecture(model_dir: Path) -> None:
 
 
 # Models up to this size (16-bit weights) also get the distribution check of the merge, which loads the base and
-# base + adapter whole; above it the tensor-by-tensor check stands alone.
-SMALL_MODEL_BYTES = 1 << 30
+# base + adapter whole in fp32 (4x this); above it the tensor-by-tensor check stands alone.
+SMALL_MODEL_BYTES = 512 << 20
 
 
 def estimate_memory(base: Path, prompts: int, new_tokens: int) -> dict[str, Any]:
@@ -186,7 +187,7 @@ def check_memory(base: Path, cfg: ExportConfig) -> dict[str, Any]:
 class Plan:
     """Everything decided before the first file is written."""
 
-    summary: dict[str, Any]  # finetune's summary
+    summary: FinetuneSummary
     adapter_dir: Path
     outtype: QuantType
     quants: list[QuantType]
@@ -208,7 +209,7 @@ def plan_export(ctx: StageContext) -> Plan:
     outtype, quants = plan_types(cfg)
     imatrix = gguf_io.load_imatrix(Path(cfg.imatrix)) if cfg.imatrix else None
     template, eos, tokenizer = training_template(ctx, adapter_dir)
-    base = merge.local_base(summary["base_model"])
+    base = merge.local_base(summary.base_model)
     ctx.out.mkdir(parents=True, exist_ok=True)
     weights = base_weight_bytes(str(base))
     disk = check_free_disk(cfg, ctx.out, weights, outtype, quants) if weights else {}
@@ -230,16 +231,16 @@ def merge_and_check(ctx: StageContext, plan: Plan, report: dict[str, Any], timin
         timings["merge"] = merge.merge_adapter(summary, plan.adapter_dir, merged_dir, plan.dtype, cfg.max_shard_size,
                                                trust)
     started = time.time()
-    report["merge"] = {"tensors": merge.check_merge(summary["base_model"], plan.adapter_dir, merged_dir)}
-    weights = base_weight_bytes(str(merge.local_base(summary["base_model"]))) or 0
+    report["merge"] = {"tensors": merge.check_merge(summary.base_model, plan.adapter_dir, merged_dir)}
+    weights = base_weight_bytes(str(merge.local_base(summary.base_model))) or 0
     if weights <= SMALL_MODEL_BYTES:
         _, prompt_ids = verify.rendered_prompts(plan.tokenizer, cfg.verify.prompts)
         report["merge"]["distributions"] = merge.verify_merge(
-            summary["base_model"], plan.adapter_dir, prompt_ids, verify.reference_logprobs(merged_dir, prompt_ids),
+            summary.base_model, plan.adapter_dir, prompt_ids, verify.reference_logprobs(merged_dir, prompt_ids),
             trust_remote_code=trust)
     else:
-        report["merge"]["distributions"] = {"passed": None, "skipped": f"the model is over {SMALL_MODEL_BYTES >> 30} "
-                                            "GiB in 16 bits: the tensor check stands alone"}
+        report["merge"]["distributions"] = {"passed": None, "skipped": f"the model is over {SMALL_MODEL_BYTES >> 20} "
+                                            "MiB in 16 bits: the tensor check stands alone"}
     timings["verify_merge_seconds"] = round(time.time() - started, 2)
     tensors, distributions = report["merge"]["tensors"], report["merge"]["distributions"]
     report["merge"]["passed"] = tensors["passed"] is not False and distributions["passed"] is not False and (
@@ -315,8 +316,8 @@ def run(ctx: StageContext) -> StageResult:
 
     plan = plan_export(ctx)
     timings: dict[str, Any] = {}
-    report: dict[str, Any] = {"model": plan.stem, "base_model": plan.summary["base_model"],
-                              "backend": plan.summary["backend"], "disk": plan.disk, "memory": plan.memory,
+    report: dict[str, Any] = {"model": plan.stem, "base_model": plan.summary.base_model,
+                              "backend": plan.summary.backend, "disk": plan.disk, "memory": plan.memory,
                               "outtype": plan.outtype.value}
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                   console=ctx.console, transient=False) as progress:

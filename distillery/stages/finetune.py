@@ -30,6 +30,7 @@ from distillery.core.errors import UserError
 from distillery.core.plots import figure
 from distillery.core.records import read_jsonl
 from distillery.core.rundir import atomic_write_text
+from distillery.core.summaries import FinetuneSummary
 from distillery.stage import Stage, StageContext, StageResult, load_stage
 from distillery.training.preflight import (
     check_accelerate_config,
@@ -178,20 +179,21 @@ def build_summary(job: Any, result: dict, rows: list[dict], model_setting: str, 
                   train_examples: int) -> dict:
     losses = [r["loss"] for r in rows if "loss" in r]
     ft = job.finetune
-    return {
-        "backend": job.backend, "base_model": job.model_path, "model_path": model_setting,
-        "device": job.device, "load_in_4bit": job.load_in_4bit, "precision": job.precision,
-        "optimizer": job.optimizer, "template": template_name,
-        "max_length": job.max_length, "objective": ft.objective, "lora": ft.lora.model_dump(mode="json"),
-        "train_examples": train_examples, "steps": result["global_step"], "max_steps": ft.max_steps,
-        "resumed_from_step": result["resumed_from_step"], "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None, "train_loss": result["train_loss"],
+    summary = FinetuneSummary(
+        backend=job.backend, base_model=job.model_path, model_path=model_setting,
+        device=job.device, load_in_4bit=job.load_in_4bit, precision=job.precision,
+        optimizer=job.optimizer, template=template_name,
+        max_length=job.max_length, objective=ft.objective, lora=ft.lora.model_dump(mode="json"),
+        train_examples=train_examples, steps=result["global_step"], max_steps=ft.max_steps,
+        resumed_from_step=result["resumed_from_step"], first_loss=losses[0] if losses else None,
+        last_loss=losses[-1] if losses else None, train_loss=result["train_loss"],
         # Single steps see different batches; the means of the first and last few steps show the trend.
-        "loss_start_mean": window_mean(losses[:5]), "loss_end_mean": window_mean(losses[-5:]),
-        "tokens": result["tokens"], "tokens_per_s": result["tokens_per_s"],
-        "train_seconds": result["train_seconds"], "peak_memory_mb": result["peak_memory_mb"],
-        "peak_memory_kind": result["peak_memory_kind"], "world_size": result["world_size"],
-    }
+        loss_start_mean=window_mean(losses[:5]), loss_end_mean=window_mean(losses[-5:]),
+        tokens=result["tokens"], tokens_per_s=result["tokens_per_s"],
+        train_seconds=result["train_seconds"], peak_memory_mb=result["peak_memory_mb"],
+        peak_memory_kind=result["peak_memory_kind"], world_size=result["world_size"],
+    )
+    return summary.model_dump(mode="json")
 
 
 def run(ctx: StageContext) -> StageResult:

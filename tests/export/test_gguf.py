@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from distillery.export import gguf as gguf_io
+from distillery.export import verify
 from distillery.export.gguf import QuantType
 from distillery.config import ExportConfig
 from distillery.core.errors import UserError
@@ -78,10 +79,10 @@ def test_conversion_source_stages_links_and_the_fixed_tokenizer(demo_model_path:
 
 def test_compare_logprobs_reports_agreement_and_kl() -> None:
     ref = [np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]]))]
-    same = gguf_io.compare_logprobs(ref, ref)
+    same = verify.compare_logprobs(ref, ref)
     assert same == {"positions": 2, "top1_agreement": 1.0, "mean_kl": 0.0, "max_kl": 0.0}
     other = [np.log(np.array([[0.2, 0.7, 0.1], [0.1, 0.8, 0.1]]))]
-    stats = gguf_io.compare_logprobs(ref, other)
+    stats = verify.compare_logprobs(ref, other)
     expected_kl = 0.7 * np.log(0.7 / 0.2) + 0.2 * np.log(0.2 / 0.7)
     assert stats["top1_agreement"] == 0.5 and stats["max_kl"] == pytest.approx(expected_kl, rel=1e-5)
     assert stats["mean_kl"] == pytest.approx(expected_kl / 2, rel=1e-5)

@@ -24,7 +24,7 @@ def test_summary_without_backend_is_refused(tmp_path: Path) -> None:
     for name in merge.ADAPTER_FILES:
         (tmp_path / "adapter" / name).write_text("{}")
     (tmp_path / "summary.json").write_text(json.dumps({"base_model": "x"}))
-    with pytest.raises(UserError, match="no 'backend'"):
+    with pytest.raises(UserError, match="summary.json: backend: Field required.*distillery finetune --force"):
         merge.read_finetune(tmp_path / "adapter", tmp_path / "summary.json")
 
 
@@ -62,7 +62,7 @@ def test_unsloth_and_peft_merges_agree_and_keep_the_adapter(tmp_path: Path, demo
     adapter = finetune / "adapter"
     unsloth_stats = merge.merge_adapter(summary, adapter, tmp_path / "unsloth", "bf16", "100MB")
     assert "unsloth" not in sys.modules  # the merge ran in its own process; no stage imports Unsloth here
-    peft_stats = merge.merge_adapter({**summary, "backend": "hf"}, adapter, tmp_path / "peft", "bf16", "100MB")
+    peft_stats = merge.merge_adapter(summary.model_copy(update={"backend": "hf"}), adapter, tmp_path / "peft", "bf16", "100MB")
     assert unsloth_stats["shards"] > 1 and peft_stats["shards"] > 1  # max_shard_size honoured
     a, b = _tensors(tmp_path / "unsloth"), _tensors(tmp_path / "peft")
     base = _tensors(Path(demo_model_path))

@@ -134,7 +134,10 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory, demo_model_path: str) -> 
             param.data.normal_(0, 0.02)
     model.save_pretrained(adapter)
     AutoTokenizer.from_pretrained(demo_model_path).save_pretrained(adapter)
-    (run / "finetune" / "summary.json").write_text(json.dumps({"base_model": demo_model_path}))
+    (run / "finetune" / "summary.json").write_text(json.dumps({
+        "backend": "hf", "base_model": demo_model_path, "model_path": "bundled:SmolLM2-135M-Instruct", "device": "cpu",
+        "load_in_4bit": False, "precision": "fp32", "template": "chat", "max_length": 512, "lora": {"r": 8},
+        "steps": 0}))
     merged = model.merge_and_unload().to(torch.bfloat16)
     merged.save_pretrained(export / "merged")
     AutoTokenizer.from_pretrained(demo_model_path).save_pretrained(export / "merged")
