@@ -175,7 +175,7 @@ DEFAULT_VERIFY_PROMPTS = [
 class VerifyConfig(Section):
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_VERIFY_PROMPTS), min_length=1,
                                description="Fixed user prompts the merged model and every GGUF are compared on.")
-    new_tokens: int = Field(16, ge=0, description="Greedy tokens the merged model adds to each prompt; their "
+    new_tokens: int = Field(16, ge=0, description="Greedy tokens the 16-bit GGUF adds to each prompt; their "
                             "positions are compared too (the answer regime, not only the prompt).")
     max_kl: float = Field(0.02, gt=0, description="Bound on the mean KL(merged HF || 16-bit GGUF) in nats.")
     min_top1: float = Field(0.9, ge=0, le=1, description="Least top-1 agreement of the 16-bit GGUF with the merged model.")

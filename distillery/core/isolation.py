@@ -14,6 +14,8 @@ Python process that keeps state between calls (a loaded model); when the child d
 Child functions are module-level functions `fn(state: dict, emit: Callable, *args)` (pickled by name, so they
 must be importable: never in a script's __main__); `state` lives as long as the child, `emit(x)` sends `x` to
 the parent (progress counts, streamed text) before the function returns. Arguments and results are pickled.
+`child.call(plain, f, *args)` runs any importable function `f(*args)`: heavy numeric work done that way gives all
+of its memory back to the system when the child ends, which a long-lived process never does.
 """
 
 from __future__ import annotations
@@ -173,6 +175,11 @@ class Child:
             self._process.kill()
             code = self._process.wait()
         raise NativeCrash(self.library, self.doing, code, self.hint) from None
+
+
+def plain(state: dict[str, Any], emit: Callable[[Any], None], fn: Callable[..., Any], *args: Any) -> Any:
+    """In the child: an ordinary function `fn(*args)`."""
+    return fn(*args)
 
 
 def serve(fd: int) -> None:

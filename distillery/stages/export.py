@@ -38,6 +38,7 @@ from distillery.export.gguf import QuantType
 from distillery.config import DistilleryConfig, ExportConfig
 from distillery.core.console import markdown_table, summary_table
 from distillery.core.errors import UserError
+from distillery.core.isolation import Child, plain
 from distillery.core.models import bundled_name
 from distillery.core.plots import figure
 from distillery.core.summaries import FinetuneSummary
@@ -134,6 +135,7 @@ def check_architecture(model_dir: Path) -> None:
                         f"{', '.join(sorted(a for a in supported if 'Llama' in a or 'Qwen' in a)[:6])}, ...")
 
 
+MEMORY_HINT = "If the machine ran out of memory, free some: the export's estimate is in the message before it started."
 # Models up to this size (16-bit weights) also get the distribution check of the merge, which loads the base and
 # base + adapter whole in fp32 (4x this); above it the tensor-by-tensor check stands alone.
 SMALL_MODEL_BYTES = 512 << 20
@@ -143,7 +145,7 @@ def estimate_memory(base: Path, prompts: int, new_tokens: int) -> dict[str, Any]
     """Peak memory of the export's largest step, from the base's tensor shapes (no weights read): the streamed
     merge (row blocks), the converter (llama.cpp's is lazy: about a tensor at a time, in fp32 at worst), the
     layer-by-layer reference (one decoder layer in fp32 and the logits of every probe position) and a GGUF
-    verification child (its logits buffer), over a baseline for Python, torch and llama.cpp."""
+    verification child (its logits buffer), over a baseline for this process (Python, torch, the tokenizer)."""
     tensors = merge.base_tensors(base)
     numel = {name: math.prod(entry["shape"]) for name, _, entry in tensors}
     largest = max(numel.values(), default=0)
@@ -151,10 +153,11 @@ def estimate_memory(base: Path, prompts: int, new_tokens: int) -> dict[str, Any]
     vocab = max((entry["shape"][0] for name, _, entry in tensors if name.endswith(("lm_head.weight", "embed_tokens.weight"))),
                 default=0)
     positions = prompts * (192 + new_tokens)  # a generous prompt length
-    steps = {"merge": 8 * merge.ROW_BLOCK_ELEMENTS * 4, "convert": 3 * largest * 4,
+    # llama.cpp's converter turns each bf16 tensor into fp32, then f16: 6 bytes per value of the largest one
+    steps = {"merge": 8 * merge.ROW_BLOCK_ELEMENTS * 4, "convert": 6 * largest + (300 << 20),
              "reference": layer * 4 + positions * vocab * 4 * 3 + verify.VOCAB_BLOCK * 8192 * 4,
              "verify": 2 * positions * vocab * 8}
-    baseline = 1 << 30
+    baseline = 600 << 20
     return {"bytes": baseline + max(steps.values()), "largest_step": max(steps, key=steps.get),
             "steps_gib": {k: round(v / GIB, 2) for k, v in steps.items()}}
 
@@ -222,25 +225,28 @@ def plan_export(ctx: StageContext) -> Plan:
 
 def merge_and_check(ctx: StageContext, plan: Plan, report: dict[str, Any], timings: dict[str, Any]) -> None:
     """Step 3: the 16-bit merge (kept when a killed run already finished it), proven tensor by tensor, and for
-    small models by next-token distributions too."""
+    small models by next-token distributions too. All of it in a child process, whose memory (and the heap it
+    fragments) goes back to the system before the converter runs."""
     cfg, merged_dir, summary = ctx.cfg.export, ctx.out / OUTPUTS["merged"], plan.summary
     trust = ctx.cfg.model.trust_remote_code
-    if (merged_dir / "config.json").is_file():
-        timings["merge"] = {"resumed": True}
-    else:
-        timings["merge"] = merge.merge_adapter(summary, plan.adapter_dir, merged_dir, plan.dtype, cfg.max_shard_size,
-                                               trust)
-    started = time.time()
-    report["merge"] = {"tensors": merge.check_merge(summary.base_model, plan.adapter_dir, merged_dir)}
-    weights = base_weight_bytes(str(merge.local_base(summary.base_model))) or 0
-    if weights <= SMALL_MODEL_BYTES:
-        _, prompt_ids = verify.rendered_prompts(plan.tokenizer, cfg.verify.prompts)
-        report["merge"]["distributions"] = merge.verify_merge(
-            summary.base_model, plan.adapter_dir, prompt_ids, verify.reference_logprobs(merged_dir, prompt_ids),
-            trust_remote_code=trust)
-    else:
-        report["merge"]["distributions"] = {"passed": None, "skipped": f"the model is over {SMALL_MODEL_BYTES >> 20} "
-                                            "MiB in 16 bits: the tensor check stands alone"}
+    with Child("torch", f"merging the adapter into {merged_dir}", hint=MEMORY_HINT) as child:
+        if (merged_dir / "config.json").is_file():
+            timings["merge"] = {"resumed": True}
+        else:
+            timings["merge"] = child.call(plain, merge.merge_adapter, summary, plan.adapter_dir, merged_dir, plan.dtype,
+                                          cfg.max_shard_size, trust)
+        started = time.time()
+        report["merge"] = {"tensors": child.call(plain, merge.check_merge, summary.base_model, plan.adapter_dir,
+                                                 merged_dir)}
+        weights = base_weight_bytes(str(merge.local_base(summary.base_model))) or 0
+        if weights <= SMALL_MODEL_BYTES:
+            _, prompt_ids = verify.rendered_prompts(plan.tokenizer, cfg.verify.prompts)
+            merged_lp = child.call(plain, verify.reference_logprobs, merged_dir, prompt_ids)
+            report["merge"]["distributions"] = child.call(plain, merge.verify_merge, summary.base_model,
+                                                          plan.adapter_dir, prompt_ids, merged_lp, "fp32", trust)
+        else:
+            report["merge"]["distributions"] = {"passed": None, "skipped": f"the model is over {SMALL_MODEL_BYTES >> 20} "
+                                                "MiB in 16 bits: the tensor check stands alone"}
     timings["verify_merge_seconds"] = round(time.time() - started, 2)
     tensors, distributions = report["merge"]["tensors"], report["merge"]["distributions"]
     report["merge"]["passed"] = tensors["passed"] is not False and distributions["passed"] is not False and (
@@ -306,7 +312,8 @@ def probe_and_reference(ctx: StageContext, intermediate: Path, timings: dict[str
     cfg, merged_dir = ctx.cfg.export, ctx.out / OUTPUTS["merged"]
     started = time.time()
     probe = verify.probe_tokens(merged_dir, cfg.verify.prompts, cfg.verify.new_tokens, intermediate, cfg.threads)
-    probe["reference"] = verify.reference_logprobs(merged_dir, probe["token_lists"])
+    with Child("torch", f"running {merged_dir} layer by layer", hint=MEMORY_HINT) as child:
+        probe["reference"] = child.call(plain, verify.reference_logprobs, merged_dir, probe["token_lists"])
     timings["reference_seconds"] = round(time.time() - started, 2)
     return probe
 
