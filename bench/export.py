@@ -144,8 +144,9 @@ def compare_builds(files: dict[str, Path], tokens: int, repeat: int, tmp: Path) 
                     result = f"{ours[kind]:.0f} tokens/s; the native build {native}"
                 else:
                     result = f"{ours[kind] / native[kind]:.2f}x tokens/s ({ours[kind]:.0f} vs {native[kind]:.0f})"
-                figure(f"llama.cpp {build} build, {name} {kind}", result,
-                       "llama.cpp built with -march=native, same machine")
+                default = build == installed
+                figure(f"llama.cpp {build} build{' (the default here)' if default else ''}, {name} {kind}", result,
+                       "llama.cpp built with -march=native, same machine", ">= 0.95x" if default else "-")
 
 
 def tree_memory(root: int) -> tuple[int, int]:

@@ -26,7 +26,7 @@ from figures import PREFIX, parse
 BENCH = Path(__file__).resolve().parent
 # In pipeline order; each with the arguments of the figures the issues name (most run with their defaults).
 BENCHMARKS = (("ingest.py",), ("ingest.py", "--full"), ("finetune.py",), ("evaluate.py",), ("evaluate.py", "--items", "all", "--no-harness"),
-              ("export.py",), ("distill.py",), ("distill.py", "--teacher"), ("demo.py",), ("demo.py", "--config", "configs/tiny-r1.yaml"),
+              ("export.py",), ("export.py", "--scale"), ("distill.py",), ("distill.py", "--teacher"), ("demo.py",), ("demo.py", "--config", "configs/tiny-r1.yaml"),
               ("gpu.py",))
 # Measured only on a CUDA machine: elsewhere their rows and sections in RESULTS.md are kept as they are.
 NEEDS_GPU = {("gpu.py",)}
@@ -77,11 +77,13 @@ def figures_table(figures: list[tuple[str, dict[str, str]]]) -> list[str]:
 
 
 def readme_table(table: list[str]) -> list[str]:
-    """RESULTS.md's table without its baseline column, which RESULTS.md keeps (the README stays short); each
-    benchmark's command heads its figures in a row of its own instead of filling a column."""
+    """RESULTS.md's figures that have a target, without the baseline column (RESULTS.md keeps every figure and
+    column; the README stays short); each benchmark's command heads its figures in a row of its own."""
     rows, command = [], None
     for line in table:
         cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+        if cells[0] != "figure" and (cells[3] == "-" or cells[3].startswith("- ")):
+            continue  # an informational figure: RESULTS.md only
         if cells[4].startswith("`") and cells[4] != command:
             command = cells[4]
             rows.append(f"| {command.replace('.venv/bin/python ', '')} | | |")
