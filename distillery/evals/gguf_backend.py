@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from distillery.evals.scoring import Request
-from distillery.export.gguf import log_softmax
+from distillery.export.verify import log_softmax
 from distillery.export.llama_child import GGUFLoadError, LlamaChild
 
 __all__ = ["GGUFLoadError", "GGUFModel", "log_softmax_at"]
