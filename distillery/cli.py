@@ -51,10 +51,27 @@ def run_stages(cfg: Any, target: str | None, force: bool) -> None:
         rows.append((name, status, f"{seconds:.1f}s", artifacts, headline))
     console.print(summary_table(f"run {cfg.run.name} ({time.time() - started:.1f}s)", rows,
                                 ("stage", "status", "time", "artifacts", "result")))
+    if target is None and "evaluate" in names:
+        show_heldout(cfg)
     if target is None and "export" in names:
         from distillery.commands.chat import answer_held_out
 
         answer_held_out(cfg, console)
+
+
+def show_heldout(cfg: Any) -> None:
+    """The end of `distillery run`: what fine-tuning changed on the held-out data, per task and artifact."""
+    import json
+
+    from distillery.core.rundir import RunDir
+    from distillery.stage import artifact
+    from distillery.stages.evaluate import print_heldout
+
+    run = RunDir(cfg.run.root, cfg.run.name)
+    path = artifact(run, "evaluate", "heldout")
+    scored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if scored:
+        print_heldout(console, scored, artifact(run, "evaluate", "heldout_plot"))
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@
     format:   template and length budget               -> distillery/stages/format.py
     finetune: LoRA and trainer settings                -> distillery/stages/finetune.py
     export:   16-bit merge, GGUF types, verification   -> distillery/stages/export.py (+ distillery/export/)
-    evaluate: MathQA scoring of every artifact         -> distillery/stages/evaluate.py
+    evaluate: held-out and MathQA scores of every artifact -> distillery/stages/evaluate.py
     distill:  teacher, verifiers, sandbox              -> distillery/stages/distill.py
     push:     Hub repository and what to upload        -> commands/push.py (the `push` command)
 """
@@ -207,9 +207,26 @@ class ExportConfig(Section):
         return list(dict.fromkeys(parse_quant(name).value for name in names))
 
 
+class HeldoutConfig(Section):
+    enabled: bool = Field(True, description="Score format's held-out split per task for every artifact.")
+    limit: int | None = Field(500, ge=1, description="Held-out items per task whose loss is scored (all when unset).")
+    generate: int | None = Field(50, ge=0, description="Of those, items per task also answered and scored by the "
+                                 "task's metric (all when unset; 0: loss only).")
+    max_new_tokens: int = Field(256, ge=1, description="The longest generated answer.")
+    samples: int = Field(1, ge=1, description="Answers per item: 1 is greedy; k > 1 samples at `temperature` and "
+                         "reports pass@k for the tasks scored by correctness.")
+    temperature: float = Field(0.6, gt=0, description="Sampling temperature when samples > 1.")
+    max_quant_loss_increase: float = Field(0.1, ge=0, description="A GGUF fails when its held-out loss on a task "
+                                           "exceeds the merged model's (or the adapter's) by more than this share.")
+    max_quant_drop: float = Field(0.05, ge=0, description="A GGUF fails when a task's main metric (0-1; chrF/100) "
+                                  "falls below the merged model's (or the adapter's) by more than this.")
+
+
 class EvaluateConfig(Section):
-    enabled: bool = Field(True, description="Score MathQA in `distillery run`.")
-    data: UserPath = Field("regisss/math_qa", description="MathQA: a local jsonl/json/csv/parquet file or a Hub dataset id.")
+    enabled: bool = Field(True, description="Evaluate in `distillery run`.")
+    heldout: HeldoutConfig = Field(default_factory=HeldoutConfig)
+    data: UserPath | None = Field("regisss/math_qa", description="MathQA: a local jsonl/json/csv/parquet file or a "
+                                  "Hub dataset id; null: no MathQA, only the held-out data.")
     split: str = Field("test", description="Split of a Hub dataset to score.")
     limit: int | None = Field(None, ge=1, description="Score only the first N items (all when unset).")
     num_fewshot: int = Field(0, ge=0, description="Solved examples before each question (lm-eval's sampler, seed 1234).")

@@ -49,6 +49,12 @@ class GGUFModel:
                  progress: Callable[[int], None] = lambda n: None) -> list[str]:
         return self.llama.call(_generate, prompts, max_new_tokens, on_event=progress)
 
+    def generate_ids(self, id_lists: list[list[int]], max_new_tokens: int, batch_size: int, eos_id: int,
+                     samples: int = 1, temperature: float = 0.0,
+                     progress: Callable[[int], None] = lambda n: None) -> list[list[str]]:
+        """`samples` completions of each token list (greedy when temperature is 0), stopping at `eos_id`."""
+        return self.llama.call(_generate_ids, id_lists, max_new_tokens, eos_id, samples, temperature, on_event=progress)
+
     def close(self) -> None:
         self.llama.close()
 
@@ -86,3 +92,27 @@ def _generate(state: dict[str, Any], emit: Callable[[int], None], prompts: list[
         texts.append(out["choices"][0]["text"])
         emit(1)
     return texts
+
+
+def _generate_ids(state: dict[str, Any], emit: Callable[[int], None], id_lists: list[list[int]], max_new_tokens: int,
+                  eos_id: int, samples: int, temperature: float) -> list[list[str]]:
+    """In the child: each token list continued `samples` times (seeded), up to the EOS; emits 1 per list done."""
+    llm, texts = state["llm"], []
+    for ids in id_lists:
+        replies = []
+        for sample in range(samples):
+            llm.reset()
+            llm.set_seed(1234 + sample)
+            llm.eval(list(ids))
+            out: list[int] = []
+            for _ in range(max_new_tokens):
+                token = int(llm.sample(temp=temperature))  # 0: greedy
+                if token == eos_id:
+                    break
+                out.append(token)
+                llm.eval([token])
+            replies.append(llm.detokenize(out).decode("utf-8", errors="replace"))
+        texts.append(replies)
+        emit(1)
+    return texts
+

@@ -132,3 +132,27 @@ class HFModel:
                 texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
                 progress(len(chunk))
         return texts
+
+    def generate_ids(self, id_lists: list[list[int]], max_new_tokens: int, batch_size: int, eos_id: int,
+                     samples: int = 1, temperature: float = 0.0,
+                     progress: Callable[[int], None] = lambda n: None) -> list[list[str]]:
+        """`samples` completions of each token list (greedy when temperature is 0), stopping at `eos_id`; the
+        prompts are given as the ids training used, so nothing is tokenized twice."""
+        torch = self.torch
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos_id
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        texts: list[list[str]] = []
+        with torch.inference_mode():
+            for start in range(0, len(id_lists), batch_size):
+                chunk = id_lists[start:start + batch_size]
+                width = max(map(len, chunk))
+                ids = torch.tensor([[pad] * (width - len(c)) + list(c) for c in chunk], device=self.device)
+                mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=self.device)
+                out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                          num_return_sequences=samples, eos_token_id=eos_id, pad_token_id=pad,
+                                          **sampling)
+                decoded = self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+                texts += [decoded[i * samples:(i + 1) * samples] for i in range(len(chunk))]
+                progress(len(chunk))
+        return texts
+

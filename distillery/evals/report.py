@@ -70,3 +70,65 @@ def save_chart(results: dict[str, Any], rows: list[dict[str, Any]], path: Path) 
         ax.set_ylabel("score")
         ax.set_title(f"MathQA {results['mode']}, {results['n']} items")
         ax.legend(fontsize=8)
+
+
+# ---- held-out data --------------------------------------------------------------------------------------------
+
+
+def heldout_cell(scores: dict[str, Any] | None) -> str:
+    """'loss 1.234 · chrF 35.1' (the task's main metric when it was generated), '✗' when past the quant bound."""
+    if not scores:
+        return "-"
+    parts = [f"loss {scores['loss']:.3f}"]
+    metric = scores.get("metric")
+    if metric:
+        value = scores[metric]
+        parts.append(f"chrF {value:.1f}" if metric == "chrf" else f"{metric} {value:.2f}")
+    check = scores.get("vs_reference")
+    if check and not check["passed"]:
+        parts.append("✗ past the quant bound")
+    return " · ".join(parts)
+
+
+def heldout_rows(heldout: dict[str, dict[str, Any]]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """(headers, rows): one row per task (and overall), one column per artifact in scoring order."""
+    artifacts = list(heldout)
+    tasks = sorted({t for scored in heldout.values() for t in scored if t != "overall"}) + ["overall"]
+    rows = [(f"{task} ({max(heldout[a].get(task, {}).get('items', 0) for a in artifacts)})",
+             *(heldout_cell(heldout[a].get(task)) for a in artifacts)) for task in tasks]
+    return ("task (items)", *artifacts), rows
+
+
+def render_heldout_markdown(heldout: dict[str, dict[str, Any]], reference: str | None, bounds: dict[str, float]) -> list[str]:
+    headers, rows = heldout_rows(heldout)
+    lines = ["## Held-out data (format's eval split, the training template)", "", *markdown_table(headers, rows), "",
+             "loss: mean negative log-likelihood per completion token (perplexity = e^loss in heldout.json); the "
+             "metric is the task's own (chrF++ for translation, accuracy by math-verify, option letter or CodeI/O "
+             "verifier; exact match and chrF++ elsewhere). Chart: heldout.png"]
+    if reference:
+        failed = [f"{name} on {task}" for name, scored in heldout.items() for task, s in scored.items()
+                  if s.get("vs_reference", {}).get("passed") is False]
+        lines += ["", f"Each GGUF against {reference}: at most {bounds['loss']:.0%} more loss and {bounds['drop']:.2f} "
+                  f"less of the main metric per task: " + ("every GGUF within the bounds." if not failed else
+                                                           "PAST THE BOUND: " + ", ".join(failed) + ".")]
+    return lines
+
+
+def save_heldout_chart(heldout: dict[str, dict[str, Any]], path: Path) -> None:
+    """Per task: the loss of each artifact (base -> adapter -> merged -> each quant) and its main metric."""
+    from distillery.evals.tasks import main_metric
+
+    artifacts = list(heldout)
+    tasks = sorted({t for scored in heldout.values() for t in scored if t != "overall"})
+    width = 0.8 / max(1, len(artifacts))
+    with figure(path, (max(7.0, 1.3 * len(tasks) + 3), 7.0), nrows=2) as (fig, (top, bottom)):
+        for k, name in enumerate(artifacts):
+            xs = [i + (k - (len(artifacts) - 1) / 2) * width for i in range(len(tasks))]
+            top.bar(xs, [heldout[name].get(t, {}).get("loss", 0.0) for t in tasks], width, label=name)
+            bottom.bar(xs, [main_metric(heldout[name].get(t, {})) or 0.0 for t in tasks], width, label=name)
+        for ax, title in ((top, "held-out loss per completion token (lower is better)"),
+                          (bottom, "main metric: chrF/100, accuracy (higher is better)")):
+            ax.set_xticks(range(len(tasks)), tasks, rotation=15, ha="right")
+            ax.set_title(title)
+        bottom.set_ylim(0, 1)
+        top.legend(fontsize=8)

@@ -1,13 +1,18 @@
-"""Evaluate: MathQA scores of every artifact of a run, scored exactly as lm-evaluation-harness scores them.
+"""Evaluate: every artifact of a run (base, adapter, merged, each GGUF) on the run's own held-out data, by task,
+and on MathQA exactly as lm-evaluation-harness scores it.
 
 Steps, in order:
-1. read MathQA (a local file or a Hub id), skipping and reporting records whose options cannot be parsed;
-2. build each item's context (0-shot by default; n-shot examples drawn like the harness);
-3. find the artifacts: the base model, the fine-tuned adapter, the merged 16-bit model, each GGUF
+1. read format's held-out split as the training tokens (evals/heldout.py) and, when evaluate.data is set, MathQA
+   (a local file or a Hub id), skipping and reporting records whose options cannot be parsed;
+2. find the artifacts: the base model, the fine-tuned adapter, the merged 16-bit model, each GGUF
    (`artifacts: auto` takes whatever the run has; a GGUF that does not load is reported and skipped);
-4. score each: loglikelihood mode sums the log-probability of " " + choice (acc, acc_norm, standard errors);
-   generative mode lets the model reason in <think> and extracts the option letter (acc, no-answer share);
-5. write results.json, per_item.jsonl and the comparison (comparison.md / .json / .png) and print it.
+3. score each, loading it once: the held-out loss per task and the task's metric on generated answers
+   (evals/tasks.py); MathQA in loglikelihood mode (acc, acc_norm, standard errors) or generative mode (<think>
+   reasoning, then an option letter);
+4. check each GGUF against the merged model (or the adapter): a task whose loss or metric moved past
+   evaluate.heldout's bounds is marked as failing;
+5. write heldout.json, heldout_items.jsonl, heldout.png, results.json, per_item.jsonl, the MathQA comparison
+   (comparison.md / .json / .png) and report.md, and print the tables.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distillery.evals import generative, mathqa, report
+from distillery.evals import generative, heldout, mathqa, report
 from distillery.evals.gguf_backend import GGUFLoadError, GGUFModel
 from distillery.evals.scoring import build_request
 from distillery.config import DistilleryConfig, EvaluateConfig
@@ -33,14 +38,16 @@ from distillery.stage import Stage, StageContext, StageResult
 log = logging.getLogger(__name__)
 
 OUTPUTS = {"results": "results.json", "per_item": "per_item.jsonl", "comparison": "comparison.json",
-           "comparison_md": "comparison.md", "comparison_plot": "comparison.png"}
+           "comparison_md": "comparison.md", "comparison_plot": "comparison.png", "heldout": "heldout.json",
+           "heldout_items": "heldout_items.jsonl", "heldout_plot": "heldout.png", "report": "report.md"}
 KINDS = ("base", "adapter", "merged", "gguf")
 
 
 def upstream(cfg: DistilleryConfig) -> tuple[str, ...]:
-    """finetune (the adapter) and, when export is on, export (merged + GGUF); nothing for the base model alone."""
+    """format (the held-out split), finetune (the adapter) and, when export is on, export (merged + GGUF)."""
     wanted = set(KINDS) if cfg.evaluate.artifacts == "auto" else set(cfg.evaluate.artifacts)
-    stages = ("finetune",) if wanted - {"base"} else ()
+    stages = ("format",) if cfg.evaluate.heldout.enabled else ()
+    stages += ("finetune",) if wanted - {"base"} else ()
     if cfg.export.enabled and wanted & {"merged", "gguf"}:
         stages += ("export",)
     return stages
@@ -49,7 +56,7 @@ def upstream(cfg: DistilleryConfig) -> tuple[str, ...]:
 def input_files(cfg: DistilleryConfig) -> list[Path]:
     """The local MathQA files (hashed into the fingerprint); Hub ids are not files."""
     ev = cfg.evaluate
-    sources = [ev.data] + ([ev.fewshot_data] if ev.fewshot_data and ev.num_fewshot else [])
+    sources = ([ev.data] if ev.data else []) + ([ev.fewshot_data] if ev.fewshot_data and ev.num_fewshot else [])
     return [Path(s).expanduser() for s in sources if mathqa.is_local(s) and Path(s).expanduser().is_file()]
 
 
@@ -175,26 +182,65 @@ def summarize(rows: list[dict[str, Any]], mode: str) -> dict[str, Any]:
             "no_answer": sum(none) / len(none), "no_answer_stderr": mathqa.mean_stderr(none)}
 
 
+@dataclass
+class HeldoutSet:
+    """The held-out items every artifact is scored on, and the ids generation stops at."""
+
+    items: list[heldout.HeldoutItem]
+    generate: list[heldout.HeldoutItem]
+    eos_id: int
+    dropped: int  # items with no completion token left within format.max_length
+
+
+def load_heldout(ctx: StageContext) -> HeldoutSet | None:
+    """Format's eval split, tokenized with the training tokenizer (the adapter's, else the base model's) and
+    format's EOS; None when the run has no held-out records."""
+    from transformers import AutoTokenizer
+
+    ho = ctx.cfg.evaluate.heldout
+    eval_path = ctx.upstream("format", "eval")
+    meta = json.loads(ctx.upstream("format", "template").read_text(encoding="utf-8"))
+    adapter = ctx.upstream("finetune", "adapter") if "finetune" in upstream(ctx.cfg) else None
+    source = str(adapter) if adapter and (adapter / "tokenizer_config.json").is_file() else \
+        resolve_model_path(ctx.cfg.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=ctx.cfg.model.trust_remote_code)
+    tokenizer.eos_token = meta["eos_token"]
+    items, dropped = heldout.load_items(eval_path, tokenizer, ctx.cfg.format.max_length, ho.limit)
+    if not items:
+        return None
+    return HeldoutSet(items, heldout.generation_subset(items, ho.generate),
+                      tokenizer.convert_tokens_to_ids(meta["eos_token"]), dropped)
+
+
 def run(ctx: StageContext) -> StageResult:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from distillery.reasoning.sandbox import Limits
+
     ev = ctx.cfg.evaluate
-    items, contexts, loaded = load_data(ev)
-    for skipped in loaded.skipped:
-        ctx.console.print(f"[yellow]skipped MathQA item {skipped['id']}[/]: {skipped['reason']}")
+    held = load_heldout(ctx) if ev.heldout.enabled else None
+    items, prompts, loaded = ([], [], mathqa.LoadReport())
+    if ev.data:
+        items, contexts, loaded = load_data(ev)
+        for skipped in loaded.skipped:
+            ctx.console.print(f"[yellow]skipped MathQA item {skipped['id']}[/]: {skipped['reason']}")
+        prompts = chat_prompts(ctx, items, resolve_model_path(ctx.cfg.model.path)) if ev.mode == "generative" else contexts
+    if held is None and not items:
+        raise UserError("evaluate has nothing to score: the run has no held-out records (ingest.eval_fraction) and "
+                        "evaluate.data is not set. Set one of them.")
     artifacts = find_artifacts(ctx)
-    if ev.mode == "generative":
-        prompts = chat_prompts(ctx, items, resolve_model_path(ctx.cfg.model.path))
-    else:
-        prompts = contexts
     results: dict[str, Any] = {"task": "mathqa", "mode": ev.mode, "data": ev.data, "split": ev.split,
                                "n": len(items), "num_fewshot": ev.num_fewshot, "dtype": ev.dtype,
                                "skipped_items": loaded.skipped, "artifacts": {}, "errors": {}}
+    scored_heldout: dict[str, Any] = {}
     per_item: list[dict[str, Any]] = []
+    heldout_items: list[dict[str, Any]] = []
+    limits = Limits.from_config(ctx.cfg.distill.sandbox)
+    work = len(items) + (len(held.items) + len(held.generate) if held else 0)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=ctx.console) as bar:
         for artifact in artifacts:
-            task = bar.add_task(f"{ev.mode} {artifact.name}", total=len(items))
+            task = bar.add_task(f"evaluating {artifact.name}", total=work)
             started = time.time()
             try:
                 model = load_model(artifact, ctx.cfg)
@@ -206,43 +252,84 @@ def run(ctx: StageContext) -> StageResult:
             def advance(n: int, task: Any = task) -> None:
                 bar.advance(task, n)
 
-            score = score_loglikelihood if ev.mode == "loglikelihood" else score_generative
             try:
-                rows = score(model, items, prompts, ev, advance)
+                if held:
+                    scores, rows = heldout.score_artifact(
+                        model, held.items, held.generate, held.eos_id, ev.heldout.max_new_tokens, ev.heldout.samples,
+                        ev.heldout.temperature, ev.batch_size, limits, advance)
+                    scored_heldout[artifact.name] = scores
+                    heldout_items += [{"artifact": artifact.name, **row} for row in rows]
+                if items:
+                    score = score_loglikelihood if ev.mode == "loglikelihood" else score_generative
+                    rows = score(model, items, prompts, ev, advance)
+                    results["artifacts"][artifact.name] = {"kind": artifact.kind, "path": str(artifact.path),
+                                                           **summarize(rows, ev.mode)}
+                    per_item += [{"artifact": artifact.name, **row} for row in rows]
             finally:
                 if isinstance(model, GGUFModel):
                     model.close()  # its llama.cpp child process
             del model
-            results["artifacts"][artifact.name] = {"kind": artifact.kind, "path": str(artifact.path),
-                                                   **summarize(rows, ev.mode),
-                                                   "seconds": round(time.time() - started, 2)}
-            per_item += [{"artifact": artifact.name, **row} for row in rows]
-    if not results["artifacts"]:
+            results.setdefault("seconds", {})[artifact.name] = round(time.time() - started, 2)
+    if not results["artifacts"] and not scored_heldout:
         raise UserError("evaluate: no artifact could be scored: " + "; ".join(results["errors"].values()))
-    write_outputs(ctx, results, per_item)
-    return stage_result(results)
+    kinds = {a.name: a.kind for a in artifacts}
+    reference = heldout.quant_checks(scored_heldout, kinds, ev.heldout.max_quant_loss_increase,
+                                     ev.heldout.max_quant_drop)
+    results["heldout"] = {"items": len(held.items) if held else 0, "generated": len(held.generate) if held else 0,
+                          "dropped_no_completion_token": held.dropped if held else 0, "reference": reference}
+    write_outputs(ctx, results, per_item, scored_heldout, heldout_items)
+    return stage_result(results, scored_heldout)
 
 
-def write_outputs(ctx: StageContext, results: dict[str, Any], per_item: list[dict[str, Any]]) -> None:
-    rows = report.comparison_rows(results)
+def write_outputs(ctx: StageContext, results: dict[str, Any], per_item: list[dict[str, Any]],
+                  scored_heldout: dict[str, Any], heldout_items: list[dict[str, Any]]) -> None:
     out = {key: ctx.out / name for key, name in OUTPUTS.items()}
+    ho = ctx.cfg.evaluate.heldout
+    lines = [f"# Evaluation of run {ctx.cfg.run.name}", ""]
+    out["heldout"].write_text(json.dumps(scored_heldout, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_jsonl(out["heldout_items"], heldout_items)
+    if scored_heldout:
+        report.save_heldout_chart(scored_heldout, out["heldout_plot"])
+        bounds = {"loss": ho.max_quant_loss_increase, "drop": ho.max_quant_drop}
+        lines += report.render_heldout_markdown(scored_heldout, results["heldout"]["reference"], bounds) + [""]
+        print_heldout(ctx.console, scored_heldout, ctx.out / OUTPUTS["heldout_plot"])
     out["results"].write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     write_jsonl(out["per_item"], per_item)
+    rows = report.comparison_rows(results) if results["artifacts"] else []
     out["comparison"].write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
-    out["comparison_md"].write_text(report.render_markdown(results, rows), encoding="utf-8")
-    report.save_chart(results, rows, out["comparison_plot"])
-    metrics = report.METRICS[results["mode"]]
-    table_rows = [(r["artifact"], r["kind"], *(report.fmt(r[m], r[f"{m}_stderr"]) for m in metrics),
-                   *(f"{r[f'{m}_vs_base']:+.4f}" if f"{m}_vs_base" in r else "" for m in metrics)) for r in rows]
-    ctx.console.print(summary_table(f"MathQA {results['mode']} ({results['n']} items, {results['num_fewshot']}-shot)",
-                                    table_rows, ("artifact", "kind", *metrics, *(f"Δ {m}" for m in metrics))))
+    if rows:
+        mathqa_md = report.render_markdown(results, rows)
+        out["comparison_md"].write_text(mathqa_md, encoding="utf-8")
+        report.save_chart(results, rows, out["comparison_plot"])
+        lines += ["#" + mathqa_md]  # one level down in report.md
+        metrics = report.METRICS[results["mode"]]
+        table_rows = [(r["artifact"], r["kind"], *(report.fmt(r[m], r[f"{m}_stderr"]) for m in metrics),
+                       *(f"{r[f'{m}_vs_base']:+.4f}" if f"{m}_vs_base" in r else "" for m in metrics)) for r in rows]
+        ctx.console.print(summary_table(f"MathQA {results['mode']} ({results['n']} items, {results['num_fewshot']}-shot)",
+                                        table_rows, ("artifact", "kind", *metrics, *(f"Δ {m}" for m in metrics))))
+    out["report"].write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def stage_result(results: dict[str, Any]) -> StageResult:
+def print_heldout(console: Any, scored_heldout: dict[str, Any], chart: Path) -> None:
+    """The held-out table: one row per task, one column per artifact (also what `distillery run` ends with)."""
+    headers, rows = report.heldout_rows(scored_heldout)
+    console.print(summary_table("held-out data: loss per completion token · the task's metric", rows, headers))
+    console.print(f"chart: {chart}")
+
+
+def stage_result(results: dict[str, Any], scored_heldout: dict[str, Any]) -> StageResult:
     metrics = {f"{name}_{m}": scored.get(m) for name, scored in results["artifacts"].items()
                for m in report.METRICS[results["mode"]]}
-    summary = [(name, f"acc {scored['acc']:.3f}") for name, scored in results["artifacts"].items()]
-    summary.append(("items", str(results["n"])))
+    metrics.update({f"{name}_heldout_loss": scored["overall"]["loss"] for name, scored in scored_heldout.items()})
+    failing = sorted({name for name, scored in scored_heldout.items() for t in scored.values()
+                      if t.get("vs_reference", {}).get("passed") is False})
+    metrics["heldout_quants_failing"] = failing
+    summary = [(name, f"held-out loss {scored['overall']['loss']:.3f}") for name, scored in scored_heldout.items()]
+    summary += [(name, f"MathQA acc {scored['acc']:.3f}") for name, scored in results["artifacts"].items()]
+    if results["n"]:
+        summary.append(("MathQA items", str(results["n"])))
+    if failing:
+        summary.append(("GGUFs past the held-out bound", ", ".join(failing)))
     if results["skipped_items"]:
         summary.append(("skipped items", str(len(results["skipped_items"]))))
     if results["errors"]:

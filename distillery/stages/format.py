@@ -23,6 +23,7 @@ from distillery.core.errors import UserError
 from distillery.core.plots import figure
 from distillery.core.models import resolve_model_path
 from distillery.core.records import read_jsonl, write_jsonl
+from distillery.training.tokens import split_tokens
 from distillery.stage import Stage, StageContext, StageResult, load_stage
 
 log = logging.getLogger(__name__)
@@ -104,12 +105,9 @@ def render(record: dict, fmt: FormatConfig, template: str, tokenizer: Any) -> di
 
 
 def token_lengths(rows: list[dict], tokenizer: Any) -> list[tuple[int, int]]:
-    """(prompt tokens, total tokens) per row, tokenized as the trainer will (special tokens included)."""
-    if not rows:
-        return []
-    prompts = tokenizer([r["prompt"] for r in rows])["input_ids"]
-    totals = tokenizer([r["prompt"] + r["completion"] for r in rows])["input_ids"]
-    return [(len(p), len(t)) for p, t in zip(prompts, totals)]
+    """(prompt tokens, total tokens) per row, tokenized as the trainer will (training/tokens.py)."""
+    pairs = [split_tokens(tokenizer, r["prompt"], r["completion"]) for r in rows]
+    return [(prompt_len, len(ids)) for ids, prompt_len in pairs]
 
 
 def length_stats(lengths: list[tuple[int, int]], max_length: int) -> dict[str, Any]:

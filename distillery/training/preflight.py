@@ -11,6 +11,7 @@ from typing import Any
 from distillery.core.errors import UserError
 from distillery.core.machine import cpu_flags
 from distillery.core.models import resolve_model_path
+from distillery.training import tokens
 from distillery.core.userinput import read_yaml_file, require_file
 
 log = logging.getLogger(__name__)
@@ -117,23 +118,10 @@ def choose_optimizer(setting: str, cuda: bool) -> str:
 # ---- 3. length check -----------------------------------------------------------------------------------------
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def completion_tokens_kept(rows: list[dict], tokenizer: Any, max_length: int) -> list[int]:
-    """Per row, how many completion tokens survive truncation to max_length, tokenized as TRL does (the
-    completion starts where the tokenized prompt and prompt+completion diverge)."""
-    if not rows:
-        return []
-    prompts = tokenizer([r["prompt"] for r in rows])["input_ids"]
-    fulls = tokenizer([r["prompt"] + r["completion"] for r in rows])["input_ids"]
-    return [max(0, min(len(f), max_length) - common_prefix(p, f)) for p, f in zip(prompts, fulls)]
+    """Per row, how many completion tokens survive truncation to max_length, tokenized as training does
+    (training/tokens.py)."""
+    return [tokens.completion_tokens_kept(tokenizer, r["prompt"], r["completion"], max_length) for r in rows]
 
 
 def check_completions_fit(rows: list[dict], tokenizer: Any, max_length: int) -> None:

@@ -213,11 +213,16 @@ def training_arguments(job: TrainJob) -> dict[str, Any]:
     return args
 
 
-def build_datasets(job: TrainJob) -> tuple[Any, Any]:
+def build_datasets(job: TrainJob, tokenizer: Any) -> tuple[Any, Any]:
+    """Format's splits, tokenized here (training/tokens.py: no second BOS, TRL's completion boundary) so that TRL
+    trains on exactly the tokens inference reads; the multiple-choice objective tokenizes its own options."""
     from datasets import Dataset
 
-    def load(path: str, columns: tuple[str, ...]) -> Any:
-        rows = [{k: r[k] for k in columns} for r in read_jsonl(Path(path))] if Path(path).is_file() else []
+    from distillery.training.tokens import training_example
+
+    def load(path: str) -> Any:
+        rows = [training_example(tokenizer, r["prompt"], r["completion"], job.max_length)
+                for r in read_jsonl(Path(path))] if Path(path).is_file() else []
         return Dataset.from_list(rows) if rows else None
 
     if job.finetune.objective == "multiple_choice":
@@ -226,12 +231,12 @@ def build_datasets(job: TrainJob) -> tuple[Any, Any]:
         rows = [r for r in mc_rows(read_jsonl(Path(job.train_path)))]
         evals = [r for r in mc_rows(read_jsonl(Path(job.eval_path)))] if Path(job.eval_path).is_file() else []
         return Dataset.from_list(rows), (Dataset.from_list(evals) if evals else None)
-    return load(job.train_path, ("prompt", "completion")), load(job.eval_path, ("prompt", "completion"))
+    return load(job.train_path), load(job.eval_path)
 
 
 def build_trainer(job: TrainJob, model: Any, tokenizer: Any) -> Any:
     """TRL's SFTTrainer (completion-only loss), or the multiple-choice trainer; both count tokens."""
-    train_ds, eval_ds = build_datasets(job)
+    train_ds, eval_ds = build_datasets(job, tokenizer)
     if not job.finetune.eval_steps:
         eval_ds = None
     args = training_arguments(job)

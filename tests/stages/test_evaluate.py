@@ -35,7 +35,8 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_dir: Path) -> 
     config = {"run": {"name": "t", "root": "runs"}, "model": {"path": str(tiny_dir)},
               "ingest": {"sources": [{"name": "toy", "kind": "hf", "files": "sft.jsonl", "format": "messages"}]},
               "export": {"enabled": False},
-              "evaluate": {"data": "mathqa.jsonl", "artifacts": ["base"], "batch_size": 2}}
+              "evaluate": {"data": "mathqa.jsonl", "artifacts": ["base"], "batch_size": 2,
+                           "heldout": {"enabled": False}}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     return tmp_path
 
@@ -46,7 +47,8 @@ def test_base_model_scores_and_outputs(project: Path) -> None:
     assert status == "done"
     out = project / "runs" / "t" / "evaluate"
     assert sorted(p.name for p in out.iterdir()) == [
-        "comparison.json", "comparison.md", "comparison.png", "per_item.jsonl", "results.json"]
+        "comparison.json", "comparison.md", "comparison.png", "heldout.json", "heldout_items.jsonl", "per_item.jsonl",
+        "report.md", "results.json"]
     results = json.loads((out / "results.json").read_text())
     assert results["n"] == 5 and list(results["artifacts"]) == ["base"]
     assert results["skipped_items"] == [{"id": "mathqa.jsonl:3", "reason": "options not parseable into 5 choices: '1 or 2'"}]

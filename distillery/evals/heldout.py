@@ -1,0 +1,154 @@
+"""Held-out scoring: the run's own held-out data (format's eval split: the training template, the exact
+prompt/completion tokens training uses) scored per task for every artifact, down to each GGUF.
+
+- **loss**: the mean negative log-likelihood per completion token, and its perplexity, per task and overall,
+  from one teacher-forced pass (transformers with the shared-prefix packing of hf_backend.py; llama.cpp in its
+  child process for a GGUF). Every artifact reads the same token ids (training/tokens.py);
+- **generation**: each item's prompt continued greedily (or `samples` times at a temperature) until the
+  training EOS, then scored by its task (`score_task`): chrF++ and BLEU for translation, math-verify for math
+  answers, the option letter for MathQA, CodeI/O's own verifiers (input prediction in the sandbox), and for any
+  other task exact match and chrF++, named as such.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from distillery.evals.scoring import Request
+from distillery.core.records import read_jsonl
+from distillery.training.tokens import split_tokens
+
+THINK_CLOSE = "</think>"
+
+
+@dataclass
+class HeldoutItem:
+    id: str
+    task: str
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    reference: str  # the answer the record holds (after any reasoning), for the generation metrics
+    record: dict[str, Any] = field(default_factory=dict)  # meta, choices and label: what the task's checker reads
+
+
+def reference_answer(completion: str, eos: str) -> str:
+    """The completion's answer text: without the EOS and the template's tail, after any </think> reasoning."""
+    text = completion.split(eos)[0] if eos else completion
+    if THINK_CLOSE in text:
+        text = text.rsplit(THINK_CLOSE, 1)[1]
+    return text.strip()
+
+
+def load_items(eval_path: Path, tokenizer: Any, max_length: int, limit: int | None) -> tuple[list[HeldoutItem], int]:
+    """Format's eval split as items (at most `limit` per task, in file order), tokenized as training tokenizes
+    them and cut to format.max_length; returns (items, how many had no completion token left to score)."""
+    items, per_task, empty = [], {}, 0
+    for row in read_jsonl(eval_path) if eval_path.is_file() else []:
+        if limit is not None and per_task.get(row["task"], 0) >= limit:
+            continue
+        ids, prompt_len = split_tokens(tokenizer, row["prompt"], row["completion"])
+        ids = ids[:max_length]
+        if len(ids) <= prompt_len:
+            empty += 1
+            continue
+        per_task[row["task"]] = per_task.get(row["task"], 0) + 1
+        record = {"id": row["id"], "task": row["task"], "meta": row.get("meta", {})}
+        if "choices" in row:
+            record["choices"], record["label"] = row["choices"], row["label"]
+        items.append(HeldoutItem(row["id"], row["task"], ids[:prompt_len], ids[prompt_len:],
+                                 reference_answer(row["completion"], tokenizer.eos_token or ""), record))
+    return items, empty
+
+
+def item_losses(model: Any, items: list[HeldoutItem], batch_size: int,
+                progress: Callable[[int], None] = lambda n: None) -> list[tuple[float, int]]:
+    """(summed negative log-likelihood of the completion, its token count) per item, teacher-forced."""
+    requests = [Request(tuple(i.prompt_ids), (tuple(i.completion_ids),)) for i in items]
+    scores = model.loglikelihoods(requests, batch_size, progress)
+    return [(-score[0], len(item.completion_ids)) for score, item in zip(scores, items)]
+
+
+def loss_summary(pairs: list[tuple[float, int]]) -> dict[str, float]:
+    """Mean negative log-likelihood per token (pooled over the items' tokens) and its perplexity."""
+    nll, tokens = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+    loss = nll / tokens if tokens else float("nan")
+    return {"loss": round(loss, 6), "ppl": round(math.exp(loss), 4) if tokens else float("nan"), "tokens": tokens}
+
+
+CORRECTNESS_KINDS = ("math", "option", "codeio", "text")
+
+
+def generation_subset(items: list[HeldoutItem], per_task: int | None) -> list[HeldoutItem]:
+    """The first `per_task` items of each task (all when None)."""
+    counts: dict[str, int] = {}
+    chosen = []
+    for item in items:
+        if per_task is None or counts.get(item.task, 0) < per_task:
+            counts[item.task] = counts.get(item.task, 0) + 1
+            chosen.append(item)
+    return chosen
+
+
+def score_artifact(model: Any, items: list[HeldoutItem], generate: list[HeldoutItem], eos_id: int,
+                   max_new_tokens: int, samples: int, temperature: float, batch_size: int, limits: Any,
+                   progress: Callable[[int], None] = lambda n: None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One artifact's held-out scores: {task: {items, loss, ppl, <metric>...}, "overall": {...}} and one row per
+    item (its loss and, where generated, its answers and verdicts)."""
+    from distillery.evals import tasks
+
+    pairs = item_losses(model, items, batch_size, progress)
+    replies = model.generate_ids([i.prompt_ids for i in generate], max_new_tokens, batch_size, eos_id, samples,
+                                 temperature if samples > 1 else 0.0, progress) if generate else []
+    answered = {item.id: sample_replies for item, sample_replies in zip(generate, replies)}
+    rows = [{"id": item.id, "task": item.task, "nll": round(nll, 6), "tokens": n} for item, (nll, n) in zip(items, pairs)]
+    scores: dict[str, Any] = {}
+    for task in sorted({i.task for i in items}):
+        members = [k for k, item in enumerate(items) if item.task == task]
+        scores[task] = {"items": len(members), **loss_summary([pairs[k] for k in members])}
+        asked = [items[k] for k in members if items[k].id in answered]
+        if not asked:
+            continue
+        kind = tasks.kind_of(task, asked[0].reference)
+        verdicts = [[tasks.check_item(kind, item.record, item.reference, reply, limits) for reply in answered[item.id]]
+                    for item in asked]
+        scores[task].update({"generated": len(asked), **tasks.corpus_metrics(
+            kind, task, [i.reference for i in asked], [answered[i.id][0] for i in asked], [v[0] for v in verdicts])})
+        if samples > 1 and kind in CORRECTNESS_KINDS:
+            scores[task][f"pass@{samples}"] = round(sum(any(x["correct"] for x in v) for v in verdicts) / len(asked), 4)
+        for item, item_verdicts in zip(asked, verdicts):
+            row = rows[next(k for k in members if items[k].id == item.id)]
+            row.update({"replies": answered[item.id], "verdicts": item_verdicts})
+    scores["overall"] = {"items": len(items), **loss_summary(pairs)}
+    return scores, rows
+
+
+def quant_checks(results: dict[str, dict[str, Any]], kinds: dict[str, str], max_loss_increase: float,
+                 max_drop: float) -> str | None:
+    """Each GGUF's tasks against the merged model's (the adapter's when the merged model was not scored): a loss
+    more than `max_loss_increase` higher (relative) or a main metric more than `max_drop` lower fails. Writes
+    `vs_reference` into each GGUF task; returns the reference artifact's name (None: nothing to compare)."""
+    from distillery.evals.tasks import main_metric
+
+    reference = next((name for kind in ("merged", "adapter") for name, k in kinds.items() if k == kind
+                      and name in results), None)
+    if reference is None:
+        return None
+    for name, scored in results.items():
+        if kinds.get(name) != "gguf":
+            continue
+        for task, mine in scored.items():
+            theirs = results[reference].get(task)
+            if not theirs:
+                continue
+            increase = (mine["loss"] - theirs["loss"]) / theirs["loss"] if theirs["loss"] else 0.0
+            check = {"reference": reference, "loss_increase": round(increase, 4)}
+            passed = increase <= max_loss_increase
+            ours, ref = main_metric(mine), main_metric(theirs)
+            if ours is not None and ref is not None:
+                check["metric_drop"] = round(ref - ours, 4)
+                passed = passed and ref - ours <= max_drop
+            mine["vs_reference"] = {**check, "passed": passed}
+    return reference

@@ -1,0 +1,94 @@
+"""How a generated answer to a held-out record is scored, by the record's task.
+
+| task | checker | metrics |
+| --- | --- | --- |
+| translate_* | sacrebleu, corpus level | chrF++ (character n-grams plus word bigrams: tokenisation-free, fair to Korean) and BLEU (tokeniser 13a for English targets, char for Korean ones) |
+| math: a reference with `####` or `\\boxed{}`, or a task named math/gsm | math-verify (reasoning/answers.py) | accuracy |
+| math_mc (MathQA options) | the option letter after any reasoning | accuracy |
+| code_io_output, code_io_input | CodeI/O's own verifiers; input prediction runs the reference code in the sandbox | accuracy |
+| anything else | exact match after whitespace normalisation, and chrF++ | exact_match, chrf (named in the results) |
+
+Each task has one main metric on a 0-1 scale (`main_metric`), which the quant bound compares.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from distillery.reasoning.verifiers import final_part
+
+TRANSLATION_PREFIX = "translate_"
+MATH_MARKERS = ("####", "\\boxed{")
+
+
+def kind_of(task: str, reference: str) -> str:
+    """translation | math | option | codeio | text."""
+    if task.startswith(TRANSLATION_PREFIX):
+        return "translation"
+    if task == "math_mc":
+        return "option"
+    if task.startswith("code_io"):
+        return "codeio"
+    if any(marker in reference for marker in MATH_MARKERS) or re.search(r"math|gsm", task):
+        return "math"
+    return "text"
+
+
+def normalized(text: str) -> str:
+    return " ".join(text.split()).strip().lower()
+
+
+def check_item(kind: str, record: dict[str, Any], reference: str, reply: str, limits: Any) -> dict[str, Any]:
+    """One reply's verdict: {"correct": bool | None, "how": ...} (None where correctness is not the metric)."""
+    if kind == "math":
+        from distillery.reasoning.answers import check_math
+
+        checked = check_math(reply, reference)
+        return {"correct": checked.correct, "how": checked.how, "answer": checked.predicted,
+                **({"error": checked.error} if checked.error else {})}
+    if kind == "option":
+        from distillery.evals.generative import extract_letter
+
+        letter = extract_letter(reply)
+        return {"correct": letter is not None and "abcde".index(letter) == record.get("label"), "how": "letter",
+                "answer": letter}
+    if kind == "codeio":
+        from distillery.reasoning.verifiers import verify_codeio_input, verify_codeio_output
+
+        verify = verify_codeio_input if record["task"] == "code_io_input" else verify_codeio_output
+        verdict = verify(record, final_part(reply), limits)
+        return {"correct": verdict.ok, "how": record["task"], "answer": verdict.answer}
+    if kind == "text":
+        return {"correct": normalized(final_part(reply)) == normalized(reference), "how": "exact match"}
+    return {"correct": None, "how": "chrF++/BLEU"}
+
+
+def corpus_metrics(kind: str, task: str, references: list[str], replies: list[str],
+                   verdicts: list[dict[str, Any]]) -> dict[str, Any]:
+    """A task's metrics over its items: chrF++/BLEU for translation, accuracy for the checked kinds, exact match
+    and chrF++ for the rest; `metric` names the main one."""
+    import sacrebleu
+
+    answers = [final_part(r).strip() for r in replies]
+    if kind == "translation":
+        tokenizer = "char" if task.endswith("_ko") else "13a"
+        chrf = sacrebleu.corpus_chrf(answers, [references], word_order=2).score
+        bleu = sacrebleu.corpus_bleu(answers, [references], tokenize=tokenizer).score
+        return {"chrf": round(chrf, 3), "bleu": round(bleu, 3), "bleu_tokenizer": tokenizer, "metric": "chrf"}
+    accuracy = sum(bool(v["correct"]) for v in verdicts) / len(verdicts) if verdicts else float("nan")
+    if kind == "text":
+        chrf = sacrebleu.corpus_chrf(answers, [references], word_order=2).score
+        return {"exact_match": round(accuracy, 4), "chrf": round(chrf, 3), "metric": "chrf",
+                "checker": "exact match and chrF++ (no task-specific checker)"}
+    checker = {"math": "math-verify", "option": "option letter", "codeio": "CodeI/O verifier"}[kind]
+    return {"accuracy": round(accuracy, 4), "metric": "accuracy", "checker": checker}
+
+
+def main_metric(scores: dict[str, Any]) -> float | None:
+    """The task's main metric on a 0-1 scale (chrF is 0-100)."""
+    name = scores.get("metric")
+    if name is None or scores.get(name) is None:
+        return None
+    value = scores[name]
+    return value / 100 if name == "chrf" else value

@@ -1,0 +1,135 @@
+"""Held-out scoring (evals/heldout.py, evals/tasks.py): the loss is the log-likelihood a direct forward pass gives,
+every artifact reads the same tokens, the f16 GGUF scores like the merged model, and each task has its metric."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from distillery.evals import heldout, tasks
+
+QA = [("What is 6 * 7?", "6 * 7 = 42.\n#### 42"), ("Name a primary colour.", "Red."),
+      ("Translate to English: 안녕하세요", "Hello.")]
+
+
+def eval_rows(tokenizer, pairs=QA, task_of=("qa", "qa", "translate_ko_en")) -> list[dict]:
+    """Rows in format's eval.jsonl shape, rendered through the model's own chat template."""
+    rows = []
+    for k, ((question, answer), task) in enumerate(zip(pairs, task_of)):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                               add_generation_prompt=True)
+        full = tokenizer.apply_chat_template([{"role": "user", "content": question},
+                                              {"role": "assistant", "content": answer}], tokenize=False)
+        rows.append({"id": f"r{k}", "source": "t", "task": task, "prompt": prompt,
+                     "completion": full[len(prompt):].rstrip(), "meta": {}})
+    return rows
+
+
+def write_eval(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_the_reference_answer_drops_the_eos_the_tail_and_the_reasoning() -> None:
+    assert heldout.reference_answer("<think>6*7</think>\n\n42<|im_end|>\n", "<|im_end|>") == "42"
+    assert heldout.reference_answer("Hello.<｜end▁of▁sentence｜>", "<｜end▁of▁sentence｜>") == "Hello."
+
+
+def test_each_task_gets_its_checker() -> None:
+    assert tasks.kind_of("translate_en_ko", "안녕") == "translation"
+    assert tasks.kind_of("qa", "so 42.\n#### 42") == "math" and tasks.kind_of("qa", "Red.") == "text"
+    assert tasks.kind_of("math_mc", "") == "option" and tasks.kind_of("code_io_input", "") == "codeio"
+    option = tasks.check_item("option", {"label": 2}, "", "<think>hmm</think> The answer is (c)", None)
+    assert option["correct"] and option["answer"] == "c"
+    text = tasks.check_item("text", {}, "Red.", "  red. ", None)
+    assert text == {"correct": True, "how": "exact match"}
+    sentence = "The weather in Seoul is very good today."
+    scores = tasks.corpus_metrics("translation", "translate_ko_en", [sentence], [sentence], [{}])
+    assert scores["chrf"] == 100.0 and scores["bleu"] == 100.0 and scores["bleu_tokenizer"] == "13a"
+    assert tasks.corpus_metrics("translation", "translate_en_ko", ["안녕"], ["안녕"], [{}])["bleu_tokenizer"] == "char"
+    assert tasks.main_metric({"metric": "chrf", "chrf": 55.0}) == 0.55
+
+
+def test_items_are_cut_where_training_cuts_them(tmp_path: Path, demo_model_path: str) -> None:
+    from transformers import AutoTokenizer
+
+    from distillery.training.tokens import training_example
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_path)
+    rows = eval_rows(tokenizer)
+    items, empty = heldout.load_items(write_eval(tmp_path / "eval.jsonl", rows), tokenizer, 512, None)
+    assert empty == 0 and [i.task for i in items] == ["qa", "qa", "translate_ko_en"]
+    for item, row in zip(items, rows):
+        trained = training_example(tokenizer, row["prompt"], row["completion"], 512)
+        assert item.prompt_ids + item.completion_ids == trained["input_ids"]
+        assert len(item.completion_ids) == sum(trained["completion_mask"])
+    assert items[0].reference == "6 * 7 = 42.\n#### 42"
+    short, empty = heldout.load_items(tmp_path / "eval.jsonl", tokenizer, len(items[0].prompt_ids), None)
+    assert empty >= 1  # no completion token within max_length: not scored, counted
+    assert len(heldout.load_items(tmp_path / "eval.jsonl", tokenizer, 512, 1)[0]) == 2  # one per task
+
+
+@pytest.mark.integration
+def test_the_loss_is_the_direct_log_likelihood_and_the_f16_gguf_agrees(tmp_path: Path, demo_model_path: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distillery.evals.gguf_backend import GGUFModel
+    from distillery.evals.hf_backend import HFModel
+    from distillery.export import gguf as gguf_io
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_path)
+    items, _ = heldout.load_items(write_eval(tmp_path / "eval.jsonl", eval_rows(tokenizer)), tokenizer, 512, None)
+    hf = HFModel(demo_model_path, "float32")
+    pairs = heldout.item_losses(hf, items, batch_size=2)
+    model = AutoModelForCausalLM.from_pretrained(demo_model_path, dtype=torch.float32).eval()
+    for item, (nll, count) in zip(items, pairs):
+        ids = torch.tensor([item.prompt_ids + item.completion_ids])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+        start = len(item.prompt_ids)
+        direct = -sum(float(logprobs[start - 1 + k, t]) for k, t in enumerate(item.completion_ids))
+        assert count == len(item.completion_ids) and abs(nll - direct) < 1e-4 * max(1.0, count)
+    f16 = tmp_path / "m-F16.gguf"
+    gguf_io.convert_to_gguf(Path(demo_model_path), f16, "f16", "m")
+    gguf = GGUFModel(f16, threads=2)
+    try:
+        gguf_pairs = heldout.item_losses(gguf, items, batch_size=2)
+        replies = gguf.generate_ids([items[0].prompt_ids], 24, 1, tokenizer.convert_tokens_to_ids(tokenizer.eos_token))
+    finally:
+        gguf.close()
+    ours, theirs = heldout.loss_summary(gguf_pairs), heldout.loss_summary(pairs)
+    assert abs(ours["loss"] - theirs["loss"]) < 0.02 and ours["tokens"] == theirs["tokens"]  # export's bound
+    assert len(replies) == 1 and isinstance(replies[0][0], str)
+    assert math.isclose(theirs["ppl"], math.exp(theirs["loss"]), rel_tol=1e-4)
+
+
+@pytest.mark.integration
+def test_an_artifact_is_scored_per_task_with_its_metric(tmp_path: Path, demo_model_path: str) -> None:
+    from transformers import AutoTokenizer
+
+    from distillery.evals.hf_backend import HFModel
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_path)
+    items, _ = heldout.load_items(write_eval(tmp_path / "eval.jsonl", eval_rows(tokenizer)), tokenizer, 512, None)
+    eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    scores, rows = heldout.score_artifact(HFModel(demo_model_path, "float32"), items, items, eos, 16, 2, 0.7, 2, None)
+    assert set(scores) == {"qa", "translate_ko_en", "overall"}
+    assert scores["qa"]["items"] == 2 and scores["qa"]["metric"] == "accuracy" and "pass@2" in scores["qa"]
+    assert scores["translate_ko_en"]["metric"] == "chrf" and 0 <= scores["translate_ko_en"]["chrf"] <= 100
+    assert scores["overall"]["tokens"] == sum(len(i.completion_ids) for i in items)
+    assert all(len(r["replies"]) == 2 and len(r["verdicts"]) == 2 for r in rows)
+
+
+def test_a_gguf_past_the_bound_is_marked() -> None:
+    results = {"merged": {"qa": {"loss": 1.0, "metric": "accuracy", "accuracy": 0.5}},
+               "m-Q4_K_M": {"qa": {"loss": 1.05, "metric": "accuracy", "accuracy": 0.5}},
+               "m-Q2_K": {"qa": {"loss": 1.3, "metric": "accuracy", "accuracy": 0.3}}}
+    kinds = {"merged": "merged", "m-Q4_K_M": "gguf", "m-Q2_K": "gguf"}
+    assert heldout.quant_checks(results, kinds, max_loss_increase=0.1, max_drop=0.05) == "merged"
+    assert results["m-Q4_K_M"]["qa"]["vs_reference"]["passed"] is True
+    check = results["m-Q2_K"]["qa"]["vs_reference"]
+    assert check == {"reference": "merged", "loss_increase": 0.3, "metric_drop": 0.2, "passed": False}
