@@ -235,6 +235,7 @@ def run(ctx: StageContext) -> StageResult:
     scored_heldout: dict[str, Any] = {}
     per_item: list[dict[str, Any]] = []
     heldout_items: list[dict[str, Any]] = []
+    heldout_seconds: dict[str, float] = {}
     limits = Limits.from_config(ctx.cfg.distill.sandbox)
     work = len(items) + (len(held.items) + len(held.generate) if held else 0)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -254,11 +255,13 @@ def run(ctx: StageContext) -> StageResult:
 
             try:
                 if held:
+                    held_started = time.time()
                     scores, rows = heldout.score_artifact(
                         model, held.items, held.generate, held.eos_id, ev.heldout.max_new_tokens, ev.heldout.samples,
                         ev.heldout.temperature, ev.batch_size, limits, advance)
                     scored_heldout[artifact.name] = scores
                     heldout_items += [{"artifact": artifact.name, **row} for row in rows]
+                    heldout_seconds[artifact.name] = round(time.time() - held_started, 2)
                 if items:
                     score = score_loglikelihood if ev.mode == "loglikelihood" else score_generative
                     rows = score(model, items, prompts, ev, advance)
@@ -276,7 +279,8 @@ def run(ctx: StageContext) -> StageResult:
     reference = heldout.quant_checks(scored_heldout, kinds, ev.heldout.max_quant_loss_increase,
                                      ev.heldout.max_quant_drop)
     results["heldout"] = {"items": len(held.items) if held else 0, "generated": len(held.generate) if held else 0,
-                          "dropped_no_completion_token": held.dropped if held else 0, "reference": reference}
+                          "dropped_no_completion_token": held.dropped if held else 0, "reference": reference,
+                          "seconds": heldout_seconds}
     write_outputs(ctx, results, per_item, scored_heldout, heldout_items)
     return stage_result(results, scored_heldout)
 

@@ -449,3 +449,21 @@ def test_ctrl_c_stops_training_quietly_marks_it_interrupted_and_the_same_command
     done = cli(config)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "resuming from checkpoint-" in " ".join(done.stdout.split())
+
+
+def test_training_reads_the_tokens_inference_reads_with_one_bos(tiny_r1_path: str) -> None:
+    """R1's tokenizer adds a BOS and its template writes one: training used to start every example with two, which
+    llama.cpp never sees. Now the rendered text is the whole truth: one BOS, the completion where TRL puts it."""
+    from transformers import AutoTokenizer
+
+    from distillery.training.tokens import training_example
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_r1_path)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "2 + 2?"}], tokenize=False,
+                                           add_generation_prompt=True)
+    example = training_example(tokenizer, prompt, "<think>\nadd\n</think>\n\n4<｜end▁of▁sentence｜>", 512)
+    ids, mask = example["input_ids"], example["completion_mask"]
+    assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+    assert ids[:mask.index(1)] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids[mask.index(1):]) == "<think>\nadd\n</think>\n\n4<｜end▁of▁sentence｜>"
+    assert tokenizer(prompt)["input_ids"][:2] == [tokenizer.bos_token_id] * 2  # what the tokenizer alone does
