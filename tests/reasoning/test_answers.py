@@ -78,6 +78,7 @@ def test_a_reference_without_an_answer_is_reported_not_raised() -> None:
 
 
 def test_an_enormous_power_tower_times_out_within_the_bound_and_the_next_check_works() -> None:
+    assert check_math("1", "1").correct  # the child is up: what follows times the check alone
     started = time.monotonic()
     check = check_math("The answer is \\boxed{10^{10^{10^{10}}}}", "5", timeout_s=1.0)
     assert time.monotonic() - started < 3
@@ -96,6 +97,7 @@ def test_checks_from_worker_threads() -> None:
 def test_only_the_end_of_a_long_reply_is_read() -> None:
     reply = "7 " * 500_000 + "so the answer is 42."
     assert len(answer_region(reply)) == MAX_CHARS
+    assert check_math("1", "1").correct  # the child is up: what follows times the check alone
     started = time.monotonic()
     assert check_math(reply, "#### 42").correct
     assert time.monotonic() - started < 2
