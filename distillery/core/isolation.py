@@ -7,6 +7,7 @@ Python process that keeps state between calls (a loaded model); when the child d
 
     child = Child("llama.cpp", "verifying model-Q4_K_M.gguf", hint="...")
     info = child.call(load_model, path)         # runs load_model(state, emit, path) in the child
+    child.call(parse, text, timeout_s=5)        # past 5 s the child is killed and ChildTimeout raised
     for piece in child.stream(generate, prompt):  # whatever the child function emit()s, as it comes
         ...
     child.close()
@@ -27,6 +28,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Iterator
 
@@ -68,6 +70,10 @@ class NativeCrash(Exception):
         return (NativeCrash, (self.library, self.doing, self.exitcode, self.hint))
 
 
+class ChildTimeout(Exception):
+    """A call did not finish within its time limit; the child was killed (close it and start another)."""
+
+
 class Child:
     """One spawned process that runs functions for this one; see the module docstring."""
 
@@ -102,9 +108,12 @@ class Child:
         self._stderr.seek(max(0, size - limit))
         return self._stderr.read().decode("utf-8", errors="replace")
 
-    def call(self, fn: Callable[..., Any], *args: Any, on_event: Callable[[Any], None] | None = None) -> Any:
-        """fn(state, emit, *args) in the child; each emitted value goes to on_event; returns fn's result."""
-        for kind, value in self._exchange(fn, args):
+    def call(self, fn: Callable[..., Any], *args: Any, on_event: Callable[[Any], None] | None = None,
+             timeout_s: float | None = None) -> Any:
+        """fn(state, emit, *args) in the child; each emitted value goes to on_event; returns fn's result.
+        With timeout_s, a call still running after that many seconds kills the child and raises ChildTimeout."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        for kind, value in self._exchange(fn, args, deadline):
             if kind == "event" and on_event is not None:
                 on_event(value)
             elif kind == "result":
@@ -140,7 +149,8 @@ class Child:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _exchange(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Iterator[tuple[str, Any]]:
+    def _exchange(self, fn: Callable[..., Any], args: tuple[Any, ...],
+                  deadline: float | None = None) -> Iterator[tuple[str, Any]]:
         if self._busy:
             raise RuntimeError(f"the {self.library} child is still answering an earlier call")
         payload = pickle.dumps((fn, args))  # a function or argument that cannot travel fails here, not there
@@ -152,6 +162,8 @@ class Child:
             except OSError:
                 self._crashed()
             while True:
+                if deadline is not None and not self._conn.poll(max(0.0, deadline - time.monotonic())):
+                    raise ChildTimeout(f"{self.library} did not finish {self.doing} in time")
                 try:
                     kind, value = self._conn.recv()
                 except (EOFError, OSError):

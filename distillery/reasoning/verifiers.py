@@ -1,7 +1,8 @@
 """Checking a teacher's answer against what a record knows to be right.
 
 - math_mc:       the chosen option letter (a-e) against the record's label;
-- numeric:       GSM-style: the answer's final number against the reference answer's final number;
+- numeric:       free-form math (GSM-style numbers, fractions, LaTeX, units): the answer's final answer against
+                 the reference's, by math-verify (reasoning/answers.py); which extraction found it goes in details;
 - codeio_output: the last JSON object of the answer ({"output": ...}) against the expected output, with CodeI/O's
                  rules (identical JSON, or equal up to a relative float tolerance of 1e-3 with the same integer
                  part, same keys for objects, same length for lists, NaN/inf never close);
@@ -20,11 +21,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from distillery.reasoning.sandbox import Limits, preview, run_function
+from distillery.reasoning.answers import MathCheck, answer_region, candidates, check_math
+from distillery.reasoning.sandbox import Limits, clean_text, preview, run_function
 
 LETTERS = "abcde"
 FLOAT_TOLERANCE = 1e-3  # CodeI/O's relative tolerance
-NUMBER = r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+"
 
 
 @dataclass
@@ -81,40 +82,32 @@ def verify_math_mc(record: dict, text: str, limits: Limits) -> Verdict:
 
 # ---- numeric ---------------------------------------------------------------------------------------------------
 
-def parse_number(text: str) -> float | None:
-    try:
-        return float(text.replace(",", ""))
-    except ValueError:
-        return None
-
-
-def final_number(text: str) -> str | None:
-    """GSM-style final answer: after '####', 'answer is', or in \\boxed{}; else the last number in the text."""
-    tail = final_part(text).replace("$", "")
-    for pattern in (rf"####\s*({NUMBER})", rf"\\boxed\{{\s*({NUMBER})", rf"answer\s*(?:is|:)\s*\**\s*({NUMBER})"):
-        found = re.findall(pattern, tail, flags=re.IGNORECASE)
-        if found:
-            return found[-1].rstrip(".,")
-    found = re.findall(NUMBER, tail)
-    return found[-1].rstrip(".,") if found else None
-
-
 def reference_answer(record: dict) -> str:
     return next(m["content"] for m in reversed(record["messages"]) if m["role"] == "assistant")
 
 
 def verify_numeric(record: dict, text: str, limits: Limits) -> Verdict:
-    expected_text = final_number(reference_answer(record))
-    expected = parse_number(expected_text) if expected_text else None
-    if expected is None:
-        return Verdict(False, None, None, "The reference answer has no final number; this record cannot be checked.")
-    got_text = final_number(text)
-    got = parse_number(got_text) if got_text else None
-    if got is None:
-        return Verdict(False, None, expected_text, "No final number was found: finish with 'The answer is N'.")
-    if abs(got - expected) > 1e-6 * max(1.0, abs(expected)):
-        return Verdict(False, got_text, expected_text, f"The final answer {got_text} is not correct.")
-    return Verdict(True, got_text, expected_text, "Correct.", f"The answer is {expected_text}.")
+    check = check_math(text, reference_answer(record))
+    details = {"math": {"how": check.how, "predicted": check.predicted, "expected": check.expected,
+                        "error": check.error}}
+    if check.correct:
+        return Verdict(True, check.predicted, check.expected, "Correct.", f"The answer is {check.expected}.",
+                       details=details)
+    return Verdict(False, check.predicted, check.expected, numeric_feedback(check), details=details)
+
+
+def numeric_feedback(check: MathCheck) -> str:
+    """Why a free-form answer failed, for the teacher's second turn (never naming the reference's answer)."""
+    shown = clean_text(check.predicted or "", 100)  # the teacher's own text, echoed back to it
+    if check.expected is None:
+        return "The reference answer has no final answer that can be read; this record cannot be checked."
+    if check.predicted is None:
+        return "No final answer was found: finish with 'The answer is N'."
+    if check.how == "none":
+        return f"The final answer {shown} cannot be read as a number: finish with 'The answer is N'."
+    if check.error:
+        return f"The final answer {shown} could not be checked ({check.error}): finish with 'The answer is N'."
+    return f"The final answer {shown} is not correct."
 
 
 # ---- CodeI/O ---------------------------------------------------------------------------------------------------
@@ -263,8 +256,9 @@ def why_uncheckable(verifier: str, record: dict) -> str | None:
         if not choices or not isinstance(label, int) or not 0 <= label < len(choices) or len(choices) > len(LETTERS):
             return "no choices/label"
     elif verifier == "numeric":
-        if not any(m["role"] == "assistant" for m in record["messages"]) or final_number(reference_answer(record)) is None:
-            return "no reference number"
+        if not any(m["role"] == "assistant" for m in record["messages"]) \
+                or not candidates(answer_region(reference_answer(record))):
+            return "no reference answer"
     else:
         needed = ("io_input", "io_output") if verifier == "codeio_output" else ("refcode", "funcname", "io_input", "io_output")
         missing = [k for k in needed if k not in record.get("meta", {})]

@@ -2,7 +2,7 @@
 
 Steps, in order:
 1. pick ingest's train records whose task has a verifier in `distill.tasks`, skip those that cannot be checked
-   (no label, no reference number, no CodeI/O meta) and cap them at `max_prompts`, spread evenly over the tasks;
+   (no label, no reference answer, no CodeI/O meta) and cap them at `max_prompts`, spread evenly over the tasks;
 2. skip the prompts an interrupted run already finished (progress.jsonl in the partial directory);
 3. ask the teacher for K samples per prompt and check each with its verifier (CodeI/O input prediction runs the
    reference code in the sandbox); with `revise`, a failed sample gets the feedback and one more turn; a reply
@@ -381,4 +381,5 @@ def save_report_plot(rows: dict[str, dict], path: Path) -> None:
 
 
 STAGE = Stage(name="distill", run=run, outputs=OUTPUTS, sections=("model", "distill"), upstream=("ingest",),
-              packages=("llama-cpp-python", "transformers", "httpx"), resumable=True)
+              packages=("llama-cpp-python", "transformers", "httpx", "math-verify", "latex2sympy2_extended", "sympy"),
+              resumable=True)

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import pytest
 
 from distillery.core.errors import UserError
-from distillery.core.isolation import Child, NativeCrash, describe_exit, limit_growth
+from distillery.core.isolation import Child, ChildTimeout, NativeCrash, describe_exit, limit_growth
 
 
 def remember(state: dict[str, Any], emit: Callable[[Any], None], key: str, value: Any) -> int:
@@ -93,6 +93,17 @@ def test_an_abandoned_stream_stops_the_child_instead_of_answering_the_next_call_
     with pytest.raises(NativeCrash, match="SIGKILL"):
         child.call(recall, "x")
     child.close()
+
+
+def test_a_call_past_its_time_limit_kills_the_child_and_raises_child_timeout() -> None:
+    child = Child("demo-lib", "parsing")
+    assert child.call(count_to, 2, timeout_s=30) == "done"  # a call within its limit answers as usual
+    started = time.monotonic()
+    with pytest.raises(ChildTimeout, match="demo-lib did not finish parsing in time"):
+        child.call(sleep_forever, timeout_s=0.5)
+    assert time.monotonic() - started < 5
+    child.close()
+    assert child._process.returncode == -signal.SIGKILL
 
 
 def test_exit_descriptions() -> None:

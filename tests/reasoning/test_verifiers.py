@@ -10,9 +10,9 @@ import pytest
 
 from distillery.core.records import make_record
 from distillery.reasoning.sandbox import Limits
-from distillery.reasoning.verifiers import (extract_last_json, extract_option, final_number, is_close, outputs_match,
-                                 verify_codeio_input, verify_codeio_output, verify_math_mc, verify_numeric,
-                                 why_uncheckable)
+from distillery.reasoning.verifiers import (extract_last_json, extract_option, is_close, outputs_match,
+                                            verify_codeio_input, verify_codeio_output, verify_math_mc, verify_numeric,
+                                            why_uncheckable)
 
 LIMITS = Limits(timeout_s=2.0, memory_mb=512, max_processes=8)
 CHOICES = ["12", "15", "18", "21", "24"]
@@ -54,23 +54,24 @@ def test_math_mc_verdicts() -> None:
     assert not verify_math_mc(mc_record(), "no idea", LIMITS).ok
 
 
-@pytest.mark.parametrize("text, number", [
-    ("She pays 3 * 4 = 12 dollars.\n#### 1,234", "1,234"),
-    ("The answer is $56.50.", "56.50"),
-    ("so \\boxed{-7} remains", "-7"),
-    ("first 3, then 4, finally 12 apples", "12"),
-    ("nothing numeric", None),
-])
-def test_final_number(text: str, number: str | None) -> None:
-    assert final_number(text) == number
+def gsm_record(answer: str = "10 + 2 = 12\n#### 1,200") -> dict:
+    messages = [{"role": "user", "content": "How many?"}, {"role": "assistant", "content": answer}]
+    return make_record("gsm", "qa", messages, {})
 
 
-def test_numeric_compares_final_numbers() -> None:
-    record = make_record("gsm", "qa", [{"role": "user", "content": "How many?"},
-                                       {"role": "assistant", "content": "10 + 2 = 12\n#### 1,200"}], {})
-    assert verify_numeric(record, "so the answer is 1200.", LIMITS).ok
-    assert verify_numeric(record, "The answer is 1200.0", LIMITS).canonical == "The answer is 1,200."
-    assert not verify_numeric(record, "The answer is 1201", LIMITS).ok
+def test_numeric_compares_final_answers_and_keeps_which_extraction_found_them() -> None:
+    """The matching itself is reasoning/answers.py's (tests/reasoning/test_answers.py); here, the verdicts."""
+    good = verify_numeric(gsm_record(), "<think>12 * 100</think>\nso the answer is 1200.", LIMITS)
+    assert good.ok and (good.answer, good.expected, good.canonical) == ("1200", "1,200", "The answer is 1,200.")
+    assert good.details == {"math": {"how": "the answer is", "predicted": "1200", "expected": "1,200", "error": None}}
+    assert verify_numeric(gsm_record("#### 0.75"), "\\boxed{\\frac{3}{4}}", LIMITS).details["math"]["how"] == "boxed"
+    bad = verify_numeric(gsm_record(), "The answer is 1201", LIMITS)
+    assert not bad.ok and bad.feedback == "The final answer 1201 is not correct." and "1,200" not in bad.feedback
+    assert verify_numeric(gsm_record(), "no idea", LIMITS).feedback.startswith("No final answer was found")
+    unread = verify_numeric(gsm_record(), "\\boxed{\\frac{}{}}", LIMITS)
+    assert not unread.ok and "cannot be read" in unread.feedback and unread.details["math"]["error"]
+    nothing = verify_numeric(gsm_record("see the book"), "The answer is 3.", LIMITS)
+    assert not nothing.ok and "this record cannot be checked" in nothing.feedback
 
 
 @pytest.mark.parametrize("text, value", [
@@ -124,6 +125,8 @@ def test_why_uncheckable() -> None:
     assert why_uncheckable("math_mc", mc_record()) is None
     no_label = make_record("x", "math_mc", [{"role": "user", "content": "q"}], {})
     assert why_uncheckable("math_mc", no_label) == "no choices/label"
+    assert why_uncheckable("numeric", gsm_record()) is None
+    assert why_uncheckable("numeric", gsm_record("<think>7</think> see the book")) == "no reference answer"
     assert why_uncheckable("codeio_input", codeio_record()) is None
     missing = make_record("x", "code_io_input", [{"role": "user", "content": "q"}], {"io_input": {}})
     assert why_uncheckable("codeio_input", missing) == "meta lacks refcode, funcname, io_output"

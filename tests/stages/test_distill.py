@@ -24,6 +24,7 @@ from distillery.core.rundir import describe_outputs
 from distillery.runner import plan, run_stage
 from distillery.reasoning.teachers import OpenAITeacher
 from tests.fixtures.crash import crash_child_of
+from tests.fixtures.gsm_problems import gsm_rows
 
 MATHQA = [
     {"Problem": f"what is {a} times {b} ?", "Rationale": f"{a} * {b} = {a * b}",
@@ -314,6 +315,57 @@ def test_codeio_records_through_the_stage_with_hostile_code(tmp_path, monkeypatc
     train = list(read_jsonl(out / "train.jsonl"))
     assert result.metrics["train_records"] == len(train) == 3
     assert all(r["meta"]["funcname"] == "main_solution" for r in train)
+
+
+GSM = gsm_rows(6)
+
+
+def gsm_answer(row: dict) -> int:
+    return int(row["RESPONSE"].rsplit("#### ", 1)[1])
+
+
+def gsm_reply(messages: list[dict]) -> str:
+    """Odd rows: wrong at first, then right in a \\boxed{} after the feedback; even rows: right, with a unit."""
+    user = next(m["content"] for m in messages if m["role"] == "user")
+    index = next(i for i, row in enumerate(GSM) if row["INSTRUCTION"] in user)
+    answer = gsm_answer(GSM[index])
+    if messages[-1]["role"] == "user" and "is not correct" in messages[-1]["content"]:
+        return f"<think>Once more.</think>\nSo the total is $\\boxed{{{answer:,}}}$"
+    if index % 2:
+        return f"<think>{GSM[index]['RESPONSE']}</think>\nThe answer is {answer + 1}."
+    return f"<think>{GSM[index]['RESPONSE']}</think>\nThe answer is {answer} dollars."
+
+
+def test_gsm_records_through_the_stage_keep_which_extraction_found_the_answer(tmp_path, monkeypatch, server) -> None:
+    """`numeric` checks free-form answers with math-verify from the stage's worker threads (concurrency 2)."""
+    monkeypatch.chdir(tmp_path)
+    chat = server(reply=gsm_reply)
+    cfg = load_config(write_project(tmp_path, chat.url, tasks={"qa": "numeric"}))
+    run_stage("ingest", cfg)
+    records = [make_record("gsm", "qa", [{"role": "user", "content": row["INSTRUCTION"]},
+                                         {"role": "assistant", "content": row["RESPONSE"]}], {}) for row in GSM]
+    write_jsonl(tmp_path / "runs/t/ingest/train.jsonl", records)
+    from distillery.core.console import console
+    from distillery.core.rundir import RunDir
+    from distillery.stage import StageContext
+
+    out = tmp_path / "out"
+    out.mkdir()
+    distill.run(StageContext(cfg=cfg, run=RunDir("runs", "t"), out=out, console=console))
+    report = json.loads((out / "report.json").read_text())["tasks"]["qa"]
+    assert {k: report[k] for k in ("prompts", "verified", "verified_first_turn", "revised_verified")} == {
+        "prompts": 6, "verified": 6, "verified_first_turn": 3, "revised_verified": 3}
+    traces = {t["id"]: t for t in read_jsonl(out / "traces.jsonl")}
+    for index, (row, record) in enumerate(zip(GSM, records)):
+        turns, answer = traces[record["id"]]["turns"], gsm_answer(row)
+        if index % 2:
+            assert turns[0]["feedback"] == f"The final answer {answer + 1} is not correct."
+            assert turns[1]["math"] == {"how": "boxed", "predicted": f"{answer:,}", "expected": str(answer), "error": None}
+        else:
+            assert turns[0]["math"]["how"] == "the answer is" and turns[0]["math"]["predicted"] == f"{answer} dollars"
+    train = {r["meta"]["distill"]["from_id"]: r for r in read_jsonl(out / "train.jsonl")}
+    assert all(train[r["id"]]["messages"][-1]["content"].endswith(f"The answer is {gsm_answer(row)}.")
+               for row, r in zip(GSM, records))
 
 
 def test_no_checkable_prompt_is_a_user_error(tmp_path, monkeypatch, server) -> None:

@@ -1,0 +1,236 @@
+"""Checking a free-form math answer against a reference answer, with math-verify.
+
+    check = check_math("<think>...</think> 3/4 of it, so the answer is $0.75$.", "\\frac{3}{4}")
+    check.correct, check.predicted, check.expected, check.how, check.error
+    # True, '$0.75$', '\\frac{3}{4}', 'the answer is', None
+
+The answer in each text is the first of these that math-verify can parse (LaTeX, fractions, percentages,
+units, thousands separators); `how` names the one that found the prediction's:
+
+- boxed:          the last \\boxed{...} (or \\fbox{...});
+- ####:           GSM8K's final line, `#### 42`;
+- the answer is:  the rest of the sentence after the last "answer is" / "answer:";
+- latex:          the last LaTeX math span with a command in it ($\\frac{3}{4}$, \\(...\\), \\[...\\], $$...$$), or a
+                  whole one-line text written in LaTeX (a reference such as `\\frac{3}{4}`);
+- last number:    the last number in the text (`1,234`, `-7`, `3/4`, `25%`);
+- none:           nothing found, or nothing found that parses.
+
+A prediction's reasoning (<think>...</think>) is dropped first; one that never closes leaves no answer. Only the
+last MAX_CHARS characters of each text are read.
+
+Model output is untrusted, and sympy can run for ever on it (an enormous power tower) or fill the memory. So
+parsing and comparing run in one child process, kept across calls for speed and killed and replaced when a
+call overruns its wall-clock limit; each call may also grow it by MEMORY_BYTES at most. math-verify's own
+timeouts (signal.alarm: they fail off the main thread, and distill checks from worker threads) are off.
+`check_math` never raises: a timeout or a failure is `error`, with `correct` False.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import re
+import threading
+from dataclasses import dataclass
+
+from distillery.core.isolation import Child, ChildTimeout, limit_growth, plain
+
+MAX_CHARS = 4000  # of a reply, from its end: the final answer is there, and sympy's work grows with the text
+MAX_SPAN = 200  # characters of one extracted answer
+MEMORY_BYTES = 1 << 30  # that one check may add to the child
+STARTUP_TIMEOUT_S = 120.0  # starting the child and importing sympy, before the first check's own clock starts
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+GSM_FINAL = re.compile(r"####[ \t]*([^\sA-Za-z#][^\n]*)")  # not a markdown heading (`#### Step 2`)
+ANSWER_IS = re.compile(r"answer\s*(?:is|:|=)[\s*:]*([^\n]*)", re.IGNORECASE)
+SENTENCE_END = re.compile(r"[.;!?](?!\d)|,\s+(?=[A-Za-z])")
+LATEX_SPAN = re.compile(r"\\\[(.+?)\\\]|\\\((.+?)\\\)|\$\$(.+?)\$\$|\$([^$]*\\[A-Za-z][^$]*)\$", re.DOTALL)
+LATEX_COMMAND = re.compile(r"\\[A-Za-z]")
+LATEX_MARKUP = re.compile(r"\\[A-Za-z]|[{}^_]")
+NUMBER = re.compile(r"(?<![\w.,])-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?%?")
+
+
+@dataclass(frozen=True)
+class MathCheck:
+    correct: bool
+    predicted: str | None  # the answer found in the prediction, as written there
+    expected: str | None  # the answer found in the reference; None when it has none that parses
+    how: str  # which extraction found the prediction's answer (see the module docstring); after a timeout or a
+    #           failure, the first that found something
+    error: str | None = None  # a timeout, a crash, or an answer that cannot be parsed
+
+
+def check_math(prediction: str, reference: str, timeout_s: float = 5.0) -> MathCheck:
+    """Whether the prediction's final answer equals the reference's, by math-verify; see the module docstring."""
+    try:
+        return _CHECKER.check(answer_region(prediction), answer_region(reference), timeout_s)
+    except Exception as err:  # noqa: BLE001 - a caller scoring thousands of replies gets a failed check, never a raise
+        return MathCheck(False, None, None, "none", f"{type(err).__name__}: {err}")
+
+
+def answer_region(text: str) -> str:
+    """What follows the reasoning, at most its last MAX_CHARS characters; empty when the reasoning never closes."""
+    if THINK_CLOSE in text:
+        text = text.rsplit(THINK_CLOSE, 1)[1]
+    elif THINK_OPEN in text:
+        return ""
+    return text[-MAX_CHARS:]
+
+
+# ---- finding the answer (plain regular expressions: cheap, safe in this process) ---------------------------------
+
+def candidates(text: str) -> list[tuple[str, str]]:
+    """(how, answer text) for each extraction that finds something, the most explicit first."""
+    found = [("boxed", last_boxed(text)), ("####", last_match(GSM_FINAL, text)),
+             ("the answer is", after_answer_is(text)), ("latex", last_latex(text)),
+             ("last number", last_match(NUMBER, text, group=0))]
+    return [(how, span[:MAX_SPAN]) for how, span in found if span]
+
+
+def last_match(pattern: re.Pattern, text: str, group: int = 1) -> str | None:
+    matches = list(pattern.finditer(text))
+    return matches[-1].group(group).strip() if matches else None
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...} or \\fbox{...}, braces balanced; None when there is none or it is cut."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    opening = text.index("{", start)
+    depth = 0
+    for i in range(opening, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[opening + 1:i].strip() or None
+    return None
+
+
+def after_answer_is(text: str) -> str | None:
+    """The rest of the sentence after the last 'answer is' / 'answer:', markdown bold dropped."""
+    rest = last_match(ANSWER_IS, text)
+    if not rest:
+        return None
+    return SENTENCE_END.split(rest, maxsplit=1)[0].strip(" *") or None
+
+
+def last_latex(text: str) -> str | None:
+    """The last LaTeX math span with a command in it; else the whole text when it is one line of LaTeX."""
+    spans = [next(group for group in match.groups() if group is not None) for match in LATEX_SPAN.finditer(text)]
+    spans = [span.strip() for span in spans if LATEX_COMMAND.search(span)]
+    if spans:
+        return spans[-1]
+    whole = text.strip()
+    if "\n" not in whole and len(whole) <= MAX_SPAN and LATEX_COMMAND.search(whole):
+        return whole
+    return None
+
+
+# ---- parsing and comparing (sympy: only ever in the child) -----------------------------------------------------
+
+def parse_answer(span: str) -> list:
+    """math-verify's parse of one extracted answer (empty when it cannot be read): as LaTeX when it has LaTeX
+    markup in it (`\\frac`, `1{,}234`, `2^{10}`), else as plain text (where `$` is a currency sign and words are
+    units). Never the raw text as a fallback: an answer that does not parse lets the next extraction try."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    inner = span.strip().strip("$").strip()
+    if LATEX_MARKUP.search(inner):
+        return parse(f"${inner}$", [LatexExtractionConfig()], fallback_mode="no_fallback", parsing_timeout=None)
+    inner = inner.replace("\\$", "").replace("\\%", "%")
+    return parse(inner, [LatexExtractionConfig(), ExprExtractionConfig()], fallback_mode="no_fallback",
+                 parsing_timeout=None)
+
+
+def first_parsed(text: str) -> tuple[str, str, list] | None:
+    """(how, answer text, parsed) of the first extraction whose answer parses."""
+    for how, span in candidates(text):
+        parsed = parse_answer(span)
+        if parsed:
+            return how, span, parsed
+    return None
+
+
+def compare(prediction: str, reference: str) -> MathCheck:
+    """The check itself, in this process: extraction, parsing, math-verify's comparison."""
+    from math_verify import verify
+
+    expected = first_parsed(reference)
+    if expected is None:
+        shown, _ = first_found(reference)
+        error = f"the reference answer {shown!r} cannot be parsed" if shown else "the reference has no answer"
+        predicted, how = first_found(prediction)
+        return MathCheck(False, predicted, None, how, error)
+    got = first_parsed(prediction)
+    if got is None:
+        shown, _ = first_found(prediction)
+        return MathCheck(False, shown, expected[1], "none", f"the answer {shown!r} cannot be parsed" if shown else None)
+    how, span, parsed = got
+    return MathCheck(bool(verify(expected[2], parsed, timeout_seconds=None)), span, expected[1], how)
+
+
+def first_found(text: str) -> tuple[str | None, str]:
+    """(answer text, how) of the first extraction that finds something, parsed or not: what a failed check shows."""
+    found = candidates(text)
+    return (found[0][1], found[0][0]) if found else (None, "none")
+
+
+def load_math_verify() -> None:
+    """In the child, once: import sympy and math-verify and silence math-verify's warning that its timeouts are off
+    (they are, on purpose: the parent's clock bounds each call)."""
+    for name in ("math_verify", "latex2sympy2_extended"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    compare("$\\frac{1}{2}$", "0.5")  # loads the LaTeX grammar
+
+
+def compare_in_child(prediction: str, reference: str, cpu_seconds: float) -> MathCheck:
+    limit_growth(MEMORY_BYTES, cpu_seconds)
+    return compare(prediction, reference)
+
+
+class Checker:
+    """One math-verify child for the whole process, answering one call at a time; replaced when a call overruns."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._child: Child | None = None
+
+    def check(self, prediction: str, reference: str, timeout_s: float) -> MathCheck:
+        with self._lock:
+            try:
+                child = self._running()
+                return child.call(plain, compare_in_child, prediction, reference, timeout_s + 1, timeout_s=timeout_s)
+            except ChildTimeout:
+                self.close()
+                return self._failed(prediction, reference, f"timed out after {timeout_s:g} s")
+            except Exception as err:  # noqa: BLE001 - a crash, a memory limit met natively, a child that will not start
+                self.close()
+                return self._failed(prediction, reference, f"the math checker failed: {err}")
+            except BaseException:  # Ctrl-C mid-call killed the child: the next call starts another
+                self.close()
+                raise
+
+    def close(self) -> None:
+        if self._child is not None:
+            self._child.close()
+            self._child = None
+
+    def _running(self) -> Child:
+        if self._child is None:
+            child = Child("math-verify", "checking a math answer")
+            try:
+                child.call(plain, load_math_verify, timeout_s=STARTUP_TIMEOUT_S)
+            except BaseException:
+                child.close()
+                raise
+            self._child = child
+        return self._child
+
+    @staticmethod
+    def _failed(prediction: str, reference: str, error: str) -> MathCheck:
+        predicted, how = first_found(prediction)
+        return MathCheck(False, predicted, first_found(reference)[0], how, error)
+
+
+_CHECKER = Checker()
+atexit.register(_CHECKER.close)
