@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +212,68 @@ def load_heldout(ctx: StageContext) -> HeldoutSet | None:
                       tokenizer.convert_tokens_to_ids(meta["eos_token"]), dropped)
 
 
+@dataclass
+class MathQASet:
+    items: list[mathqa.Item]
+    prompts: list[str]  # contexts (loglikelihood) or chat prompts (generative)
+    loaded: mathqa.LoadReport
+
+
+def load_mathqa(ctx: StageContext) -> MathQASet:
+    """MathQA as evaluate.data says (nothing when it is null); unparseable records are reported."""
+    ev = ctx.cfg.evaluate
+    if not ev.data:
+        return MathQASet([], [], mathqa.LoadReport())
+    items, contexts, loaded = load_data(ev)
+    for skipped in loaded.skipped:
+        ctx.console.print(f"[yellow]skipped MathQA item {skipped['id']}[/]: {skipped['reason']}")
+    prompts = chat_prompts(ctx, items, resolve_model_path(ctx.cfg.model.path)) if ev.mode == "generative" else contexts
+    return MathQASet(items, prompts, loaded)
+
+
+@dataclass
+class Scores:
+    """Everything scored so far, artifact by artifact."""
+
+    results: dict[str, Any]  # results.json: MathQA per artifact, errors, timings
+    heldout: dict[str, Any] = field(default_factory=dict)  # heldout.json
+    per_item: list[dict[str, Any]] = field(default_factory=list)
+    heldout_items: list[dict[str, Any]] = field(default_factory=list)
+    heldout_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def score_one(ctx: StageContext, artifact: Artifact, held: HeldoutSet | None, mqa: MathQASet, scores: Scores,
+              limits: Any, advance: Any) -> None:
+    """Load one artifact once and score it on the held-out data and MathQA; a GGUF that will not load is noted."""
+    ev = ctx.cfg.evaluate
+    started = time.time()
+    try:
+        model = load_model(artifact, ctx.cfg)
+    except GGUFLoadError as err:
+        scores.results["errors"][artifact.name] = str(err)
+        ctx.console.print(f"[yellow]skipped {artifact.name}[/]: {err}")
+        return
+    loaded = time.time()
+    try:
+        if held:
+            scored, rows = heldout.score_artifact(
+                model, held.items, held.generate, held.eos_id, ev.heldout.max_new_tokens, ev.heldout.samples,
+                ev.heldout.temperature, ev.batch_size, limits, advance)
+            scores.heldout[artifact.name] = scored
+            scores.heldout_items += [{"artifact": artifact.name, **row} for row in rows]
+            scores.heldout_seconds[artifact.name] = round(time.time() - loaded, 2)
+        if mqa.items:
+            score = score_loglikelihood if ev.mode == "loglikelihood" else score_generative
+            rows = score(model, mqa.items, mqa.prompts, ev, advance)
+            scores.results["artifacts"][artifact.name] = {"kind": artifact.kind, "path": str(artifact.path),
+                                                          **summarize(rows, ev.mode)}
+            scores.per_item += [{"artifact": artifact.name, **row} for row in rows]
+    finally:
+        if isinstance(model, GGUFModel):
+            model.close()  # its llama.cpp child process
+    scores.results.setdefault("seconds", {})[artifact.name] = round(time.time() - started, 2)
+
+
 def run(ctx: StageContext) -> StageResult:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -219,70 +281,31 @@ def run(ctx: StageContext) -> StageResult:
 
     ev = ctx.cfg.evaluate
     held = load_heldout(ctx) if ev.heldout.enabled else None
-    items, prompts, loaded = ([], [], mathqa.LoadReport())
-    if ev.data:
-        items, contexts, loaded = load_data(ev)
-        for skipped in loaded.skipped:
-            ctx.console.print(f"[yellow]skipped MathQA item {skipped['id']}[/]: {skipped['reason']}")
-        prompts = chat_prompts(ctx, items, resolve_model_path(ctx.cfg.model.path)) if ev.mode == "generative" else contexts
-    if held is None and not items:
+    mqa = load_mathqa(ctx)
+    if held is None and not mqa.items:
         raise UserError("evaluate has nothing to score: the run has no held-out records (ingest.eval_fraction) and "
                         "evaluate.data is not set. Set one of them.")
     artifacts = find_artifacts(ctx)
-    results: dict[str, Any] = {"task": "mathqa", "mode": ev.mode, "data": ev.data, "split": ev.split,
-                               "n": len(items), "num_fewshot": ev.num_fewshot, "dtype": ev.dtype,
-                               "skipped_items": loaded.skipped, "artifacts": {}, "errors": {}}
-    scored_heldout: dict[str, Any] = {}
-    per_item: list[dict[str, Any]] = []
-    heldout_items: list[dict[str, Any]] = []
-    heldout_seconds: dict[str, float] = {}
+    scores = Scores({"task": "mathqa", "mode": ev.mode, "data": ev.data, "split": ev.split, "n": len(mqa.items),
+                     "num_fewshot": ev.num_fewshot, "dtype": ev.dtype, "skipped_items": mqa.loaded.skipped,
+                     "artifacts": {}, "errors": {}})
     limits = Limits.from_config(ctx.cfg.distill.sandbox)
-    work = len(items) + (len(held.items) + len(held.generate) if held else 0)
+    work = len(mqa.items) + (len(held.items) + len(held.generate) if held else 0)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=ctx.console) as bar:
         for artifact in artifacts:
             task = bar.add_task(f"evaluating {artifact.name}", total=work)
-            started = time.time()
-            try:
-                model = load_model(artifact, ctx.cfg)
-            except GGUFLoadError as err:
-                results["errors"][artifact.name] = str(err)
-                ctx.console.print(f"[yellow]skipped {artifact.name}[/]: {err}")
-                continue
-
-            def advance(n: int, task: Any = task) -> None:
-                bar.advance(task, n)
-
-            try:
-                if held:
-                    held_started = time.time()
-                    scores, rows = heldout.score_artifact(
-                        model, held.items, held.generate, held.eos_id, ev.heldout.max_new_tokens, ev.heldout.samples,
-                        ev.heldout.temperature, ev.batch_size, limits, advance)
-                    scored_heldout[artifact.name] = scores
-                    heldout_items += [{"artifact": artifact.name, **row} for row in rows]
-                    heldout_seconds[artifact.name] = round(time.time() - held_started, 2)
-                if items:
-                    score = score_loglikelihood if ev.mode == "loglikelihood" else score_generative
-                    rows = score(model, items, prompts, ev, advance)
-                    results["artifacts"][artifact.name] = {"kind": artifact.kind, "path": str(artifact.path),
-                                                           **summarize(rows, ev.mode)}
-                    per_item += [{"artifact": artifact.name, **row} for row in rows]
-            finally:
-                if isinstance(model, GGUFModel):
-                    model.close()  # its llama.cpp child process
-            del model
-            results.setdefault("seconds", {})[artifact.name] = round(time.time() - started, 2)
-    if not results["artifacts"] and not scored_heldout:
-        raise UserError("evaluate: no artifact could be scored: " + "; ".join(results["errors"].values()))
-    kinds = {a.name: a.kind for a in artifacts}
-    reference = heldout.quant_checks(scored_heldout, kinds, ev.heldout.max_quant_loss_increase,
-                                     ev.heldout.max_quant_drop)
-    results["heldout"] = {"items": len(held.items) if held else 0, "generated": len(held.generate) if held else 0,
-                          "dropped_no_completion_token": held.dropped if held else 0, "reference": reference,
-                          "seconds": heldout_seconds}
-    write_outputs(ctx, results, per_item, scored_heldout, heldout_items)
-    return stage_result(results, scored_heldout)
+            score_one(ctx, artifact, held, mqa, scores, limits, lambda n, task=task: bar.advance(task, n))
+    if not scores.results["artifacts"] and not scores.heldout:
+        raise UserError("evaluate: no artifact could be scored: " + "; ".join(scores.results["errors"].values()))
+    reference = heldout.quant_checks(scores.heldout, {a.name: a.kind for a in artifacts},
+                                     ev.heldout.max_quant_loss_increase, ev.heldout.max_quant_drop)
+    scores.results["heldout"] = {"items": len(held.items) if held else 0,
+                                 "generated": len(held.generate) if held else 0,
+                                 "dropped_no_completion_token": held.dropped if held else 0, "reference": reference,
+                                 "seconds": scores.heldout_seconds}
+    write_outputs(ctx, scores.results, scores.per_item, scores.heldout, scores.heldout_items)
+    return stage_result(scores.results, scores.heldout)
 
 
 def write_outputs(ctx: StageContext, results: dict[str, Any], per_item: list[dict[str, Any]],
