@@ -207,3 +207,23 @@ def test_the_full_mathqa_test_split_finds_the_demo_samples_taken_from_it(tmp_pat
     train = Path("runs/demo/ingest/train.jsonl").read_text()
     assert all(short in train for short in ("1398 x 1398", "express 35 mps in kmph", "32.32 / 2000"))
 
+
+def test_the_model_card_says_how_many_records_were_dropped_and_against_what(tmp_path: Path, monkeypatch) -> None:
+    from distillery.commands.push import decontamination_line
+
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(Path("d.jsonl"), list(read_jsonl(GSM))[:10] + [{"INSTRUCTION": mathqa_test_items(0)[0]["Problem"],
+                                                                  "RESPONSE": "38"}])
+    source = [{"name": "one", "kind": "hf", "files": "d.jsonl"}]
+    run = RunDir("runs", "demo")
+    assert decontamination_line(run) == "The training data was not checked for overlap with the evaluation sets."
+    run_stage("ingest", load_config(write_config(Path("c.yaml"), source)))
+    assert decontamination_line(run) == (
+        "Decontamination: training records that overlap an evaluation set, dropped before training: 1 (1 against "
+        "evaluate.data test.jsonl). Checked against evaluate.data test.jsonl (100 items), held-out split (0 items), "
+        "by 13-word and 25-character (Hangul) n-grams.")
+    run_stage("ingest", load_config(write_config(Path("c.yaml"), source), ["evaluate.data=someone/not_cached"]))
+    assert decontamination_line(run).startswith(
+        "Decontamination: training records that overlap an evaluation set, dropped before training: 0. Checked "
+        "against held-out split (0 items), by 13-word and 25-character (Hangul) n-grams. Not checked: evaluate.data "
+        "someone/not_cached (test), a Hub dataset not in the local Hugging Face cache")
