@@ -42,11 +42,9 @@ BOILERPLATE = 10  # training records of one source and task that may share an n-
 SHORTEST_WORDS = 8
 SHORTEST_HANGUL = 14
 BATCH = 4096  # training records hashed per lookup in the index
-SYMBOLS = re.compile(r"[^\w\s]|_")
-HANGUL_WORD = re.compile(r"\S*" + HANGUL.pattern + r"\S*")
-# n-grams never span a blank line: prompt templates set their content apart in a paragraph of its own, so that a
-# template's last words and an item's first ones do not make an n-gram that every item starting alike shares
-PARAGRAPH = re.compile(r"\n\s*\n")
+WORD = re.compile(r"[^\W_]+")  # letters and digits of any script
+# WORD for ASCII text in one bytes.translate: letters lower-cased, digits kept, everything else a space
+ASCII_WORD_BYTES = bytes(c + 32 if 65 <= c <= 90 else c if 48 <= c <= 57 or 97 <= c <= 122 else 32 for c in range(256))
 
 
 @dataclass(frozen=True)
@@ -55,25 +53,22 @@ class Sizes:
     chars: int = 25
 
 
-def normalize(text: str) -> str:
-    """NFKC, lower case, punctuation and symbols removed, whitespace collapsed to single spaces."""
-    return " ".join(SYMBOLS.sub(" ", unicodedata.normalize("NFKC", text).lower()).split())
-
-
-def message_ngrams(text: str, sizes: Sizes) -> list[Any]:
-    """The n-grams of one message, paragraph by paragraph."""
-    return [gram for paragraph in PARAGRAPH.split(text) for gram in paragraph_ngrams(paragraph, sizes)]
+def words_and_hangul(text: str) -> tuple[list[str], str]:
+    """The words of a text after NFKC and lower case, punctuation and symbols separating them like spaces; and
+    its Hangul words run together."""
+    if text.isascii():  # the same words, five times faster
+        return text.encode().translate(ASCII_WORD_BYTES).decode().split(), ""
+    words = WORD.findall(unicodedata.normalize("NFKC", text).lower())
+    return words, "".join(filter(HANGUL.search, words))
 
 
 def paragraph_ngrams(text: str, sizes: Sizes) -> list[Any]:
     """Tuples of `sizes.words` words and strings of `sizes.chars` characters of the Hangul words; for a paragraph
     too short for either but not trivially short, the whole paragraph as one (None, text) pair."""
-    normal = normalize(text)
-    words = normal.split()
+    words, korean = words_and_hangul(text)
     found: list[Any] = []
     if len(words) >= sizes.words:
         found += zip(*(words[k:] for k in range(sizes.words)))
-    korean = "".join(HANGUL_WORD.findall(normal)) if HANGUL.search(normal) else ""
     if len(korean) >= sizes.chars:
         ends = range(sizes.chars, len(korean) + 1)
         found += map(korean.__getitem__, map(slice, range(len(ends)), ends))
@@ -83,8 +78,14 @@ def paragraph_ngrams(text: str, sizes: Sizes) -> list[Any]:
 
 
 def ngrams(texts: list[str], sizes: Sizes) -> list[Any]:
-    """Every n-gram of a record's or an item's texts."""
-    return [gram for text in texts for gram in message_ngrams(text, sizes)]
+    """Every n-gram of a record's or an item's texts, paragraph by paragraph: none spans a blank line, where
+    prompt templates set their content apart, so that a template's last words and an item's first do not make an
+    n-gram that every item starting alike shares."""
+    found: list[Any] = []
+    for text in texts:
+        for paragraph in text.split("\n\n"):
+            found += paragraph_ngrams(paragraph, sizes)
+    return found
 
 
 def record_texts(record: dict[str, Any]) -> list[str]:

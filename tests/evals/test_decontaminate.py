@@ -8,7 +8,7 @@ import pytest
 
 from distillery.core.records import make_record
 from distillery.evals.decontaminate import (EvaluationSet, Index, Sizes, find_contaminated, hub_cache_files, ngrams,
-                                            normalize)
+                                            words_and_hangul)
 
 SIZES = Sizes(words=13, chars=25)
 TEMPLATE = ("You are given a question that requires some input and output variables as follows. Can you predict "
@@ -19,9 +19,10 @@ def record(i: int, user: str, answer: str = "ok", task: str = "qa") -> tuple[int
     return i, make_record("s", task, [{"role": "user", "content": user}, {"role": "assistant", "content": answer}], {})
 
 
-def test_normalize_folds_width_case_punctuation_and_spaces() -> None:
-    assert normalize("  The ＡＢＣ,  of\tit —  “x_y”!\n") == "the abc of it x y"
-    assert normalize("한강  공원에서,\u3000자전거를!") == "한강 공원에서 자전거를"
+def test_words_fold_width_case_and_punctuation() -> None:
+    assert words_and_hangul("  The ＡＢＣ,  of\tit —  “x_y”!\n") == (["the", "abc", "of", "it", "x", "y"], "")
+    assert words_and_hangul("한강  공원에서,\u3000AI 자전거를 3대!") == (["한강", "공원에서", "ai", "자전거를", "3대"],
+                                                                "한강공원에서자전거를3대")
 
 
 def test_word_and_hangul_ngrams_and_whole_short_paragraphs() -> None:
