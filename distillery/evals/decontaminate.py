@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-import numpy as np
-
 from distillery.core.errors import UserError
 from distillery.evals.mathqa import LOCAL_SUFFIXES, LoadReport, is_local, load_items
 from distillery.sources.files import resolve_paths
@@ -142,6 +140,8 @@ class Index:
     Python's str hash is salted per process: the index is built and used in the same process (ingest's own)."""
 
     def __init__(self, sets: list[EvaluationSet], sizes: Sizes) -> None:
+        import numpy as np  # here, not at the top: an up-to-date ingest imports this module and never needs it
+
         self.sizes = sizes
         self.items: list[tuple[str, str]] = []  # item number -> (set name, item id)
         self.summaries: list[SetSummary] = []
@@ -164,6 +164,8 @@ class Index:
     def hits(self, hashes: array, counts: list[int], dead: np.ndarray) -> list[tuple[int, int]]:
         """(record number in the batch, entry) for each distinct n-gram of a record found in the index and not
         dead (already known boilerplate)."""
+        import numpy as np
+
         if not len(hashes) or not len(self.hashes):
             return []
         wanted = np.frombuffer(hashes, dtype=np.int64)
@@ -192,6 +194,8 @@ def boilerplate_limit(records: int) -> int:
 
 def find_contaminated(index: Index, records: Iterable[tuple[int, dict[str, Any]]]) -> dict[int, Overlap]:
     """The records (position, record) of one source that overlap an evaluation set, by position."""
+    import numpy as np
+
     if not len(index):
         return {}
     dead = np.zeros(len(index), dtype=bool)  # boilerplate for this source: more than BOILERPLATE records share it
