@@ -84,8 +84,7 @@ class DecontaminateConfig(Section):
                           "(when it is a local file, or a Hub dataset already in the local cache), the held-out split "
                           "and the `against` files (docs/ingest.md, Decontamination).")
     against: list[str] = Field(default_factory=list, description="More evaluation sets: local jsonl/json/csv/parquet "
-                               "files (or directories, globs) of records with `messages` or of MathQA rows (`Problem`, "
-                               "`options`).")
+                               "files (or directories, globs) of records with `messages` or of MathQA rows (`Problem`).")
     word_ngram: int = Field(13, ge=1, description="Words in the n-grams compared (13, as GPT-3 and Llama 2 did).")
     char_ngram: int = Field(25, ge=1, description="Characters in the n-grams of Hangul text, spaces and symbols "
                             "removed (25: about 13 English words in Korean).")

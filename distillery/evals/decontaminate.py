@@ -279,7 +279,7 @@ def evaluate_data_set(data: str, split: str) -> tuple[EvaluationSet | None, str 
 
 
 def against_set(path: Path) -> EvaluationSet:
-    """An `against` file: records with `messages` (ingest's own shape), or MathQA rows (`Problem`, `options`)."""
+    """An `against` file: records with `messages` (ingest's own shape), or MathQA rows (`Problem`)."""
     evaluation = EvaluationSet(str(path))
     try:
         for row, where in read_local_file(path):
@@ -294,7 +294,7 @@ def against_set(path: Path) -> EvaluationSet:
 def row_texts(row: dict[str, Any], path: Path, item_id: str) -> list[str]:
     messages = row.get("messages")
     if isinstance(messages, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
-        return record_texts({"messages": messages, "choices": row.get("choices")})
+        return record_texts(row)
     problem = row.get("Problem")
     if isinstance(problem, str):
         return [problem]
