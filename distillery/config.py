@@ -79,12 +79,26 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(False, description="Run the model repository's own Python code (needed by some architectures).")
 
 
+class DecontaminateConfig(Section):
+    enabled: bool = Field(True, description="Check every training record against the evaluation sets: evaluate.data "
+                          "(when it is a local file, or a Hub dataset already in the local cache), the held-out split "
+                          "and the `against` files (docs/ingest.md, Decontamination).")
+    against: list[str] = Field(default_factory=list, description="More evaluation sets: local jsonl/json/csv/parquet "
+                               "files (or directories, globs) of records with `messages` or of MathQA rows (`Problem`).")
+    word_ngram: int = Field(13, ge=1, description="Words in the n-grams compared (13, as GPT-3 and Llama 2 did).")
+    char_ngram: int = Field(25, ge=1, description="Characters in the n-grams of Hangul text, spaces and symbols "
+                            "removed (25: about 13 English words in Korean).")
+    action: Literal["drop", "keep"] = Field("drop", description="drop: contaminated training records go to "
+                                            "dropped.jsonl; keep: they stay and are only reported.")
+
+
 class IngestConfig(Section):
     sources: list[SourceConfig] = Field(min_length=1, description="Data sources, each with a unique name and a kind.")
     dedupe: bool = Field(True, description="Drop records whose content repeats one already kept (across sources).")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of records held out for evaluation (fixed-seed).")
     workers: int | None = Field(None, ge=1, description="Processes reading files in parallel; default: one per core "
                                 "when the input files total 16 MB or more, else 1. The output is the same either way.")
+    decontaminate: DecontaminateConfig = Field(default_factory=DecontaminateConfig)
 
     @field_validator("sources")
     @classmethod

@@ -2,8 +2,8 @@
 
 1. check the export stage finished, list what would be uploaded (merged/ files and/or GGUFs + Modelfiles,
    with sizes) and render the model card (README.md: front matter base_model, datasets, license, tags; the
-   training summary from finetune's summary.json; the evaluation table from evaluate's comparison.md; how to
-   run it with llama.cpp and Ollama);
+   training summary from finetune's summary.json; the evaluation table from evaluate's comparison.md and how
+   many training records ingest dropped as contaminated; how to run it with llama.cpp and Ollama);
 2. write the card and the plan to runs/<name>/push/ and print the plan;
 3. unless --dry-run: create the repository (private by default) and upload everything in one commit. The
    token comes only from HF_TOKEN (environment or .env) and is never printed or written.
@@ -108,10 +108,26 @@ def training_section(finetune: dict[str, Any]) -> list[str]:
                                  ["No finetune summary was found."])]
 
 
+def decontamination_line(run: RunDir) -> str:
+    """How many training records were dropped for overlapping an evaluation set, and which sets were checked
+    (from ingest's report)."""
+    summary = _read_json(artifact(run, "ingest", "report")).get("decontamination")
+    if not summary or not summary.get("enabled"):
+        return "The training data was not checked for overlap with the evaluation sets."
+    sets = ", ".join(f"{s['set']} ({s['items']} items)" for s in summary["sets"])
+    found = "; ".join(f"{n} against {name}" for name, n in summary["contaminated"].items())
+    done = "dropped before training" if summary["action"] == "drop" else "found and kept in training"
+    line = (f"Decontamination: training records that overlap an evaluation set, {done}: {summary['total']}"
+            f"{f' ({found})' if found else ''}. Checked against {sets}, by {summary['word_ngram']}-word and "
+            f"{summary['char_ngram']}-character (Hangul) n-grams.")
+    return line + "".join(f" Not checked: {reason}." for reason in summary["not_checked"])
+
+
 def evaluation_section(run: RunDir, ggufs: list[str]) -> list[str]:
     comparison = artifact(run, "evaluate", "comparison_md")
     lines = ["## Evaluation", "", comparison.read_text(encoding="utf-8").strip() if comparison.is_file()
-             else "Not evaluated yet (`distillery evaluate` writes the table this section shows)."]
+             else "Not evaluated yet (`distillery evaluate` writes the table this section shows).",
+             "", decontamination_line(run)]
     verify = _read_json(artifact(run, "export", "verify"))
     if verify.get("gguf"):
         rows = [(r["file"], f"{r['top1_agreement']:.3f}", f"{r['mean_kl']:.4g}") for r in verify["gguf"].values()

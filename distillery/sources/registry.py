@@ -35,10 +35,10 @@ class SourceReport:
     dropped_rows: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    def drop(self, reason: str, where: dict[str, Any]) -> None:
-        """Count a dropped input item and keep where it was and why."""
+    def drop(self, reason: str, where: dict[str, Any], detail: str = "") -> None:
+        """Count a dropped input item under `reason` and keep where it was and why (`reason, detail`)."""
         self.dropped[reason] += 1
-        self.dropped_rows.append({"source": self.name, "reason": reason, **where})
+        self.dropped_rows.append({"source": self.name, "reason": f"{reason}, {detail}" if detail else reason, **where})
 
     def note(self, text: str) -> None:
         """Something the user should know that is not a drop (a coerced cell, a detected header row)."""

@@ -6,8 +6,10 @@ Steps, in order:
 2. cap each source at `max_records` (a seeded sample);
 3. drop records whose content repeats one already kept, across sources (`dedupe`);
 4. split train/eval by a seeded hash of each record's input row (stable when sources are added);
-5. apply each source's `weight` to the train split;
-6. copy the chosen lines into train.jsonl and eval.jsonl; write dropped.jsonl (every dropped item with its
+5. drop train records that overlap an evaluation set: evaluate's MathQA items, the held-out split, the
+   `decontaminate.against` files (evals/decontaminate.py);
+6. apply each source's `weight` to the train split;
+7. copy the chosen lines into train.jsonl and eval.jsonl; write dropped.jsonl (every dropped item with its
    reason) and report.json/.md.
 """
 
@@ -18,6 +20,8 @@ import logging
 import math
 import shutil
 import tempfile
+import time
+from collections import Counter
 from pathlib import Path
 from typing import BinaryIO
 
@@ -30,7 +34,9 @@ from distillery.sources.shards import (Shard, SourceRows, input_bytes, merge_rep
 from distillery.config import DistilleryConfig
 from distillery.core.console import markdown_table, summary_table
 from distillery.core.errors import UserError
-from distillery.core.records import write_jsonl
+from distillery.core.records import load_json_line, write_jsonl
+from distillery.evals.decontaminate import (EvaluationSet, Index, Sizes, against_files, against_set,
+                                            evaluate_data_files, evaluate_data_set, find_contaminated, record_texts)
 from distillery.stage import Stage, StageContext, StageResult
 
 log = logging.getLogger(__name__)
@@ -47,6 +53,9 @@ def input_files(cfg: DistilleryConfig) -> list[Path]:
         spec = getattr(source, kind.files_field, None)
         if spec:
             files.extend(resolve_paths(spec, kind.suffixes, f"ingest.sources.{i}.{kind.files_field} ({source.name})"))
+    if cfg.ingest.decontaminate.enabled:  # the evaluation sets: a changed test file redoes the check
+        files.extend(evaluate_data_files(cfg.evaluate.data, cfg.evaluate.split)[0])
+        files.extend(against_files(cfg.ingest.decontaminate.against))
     return files
 
 
@@ -143,6 +152,55 @@ def write_outputs(out: Path, chosen: list[tuple[SourceRows, list[int], list[int]
     write_jsonl(out / OUTPUTS["dropped"], (row for rep in reports for row in rep.dropped_rows))
 
 
+def held_out_set(per_source: list[tuple[SourceRows, SourceReport]], splits: list[tuple[list[int], list[int]]]) -> EvaluationSet:
+    held_out = EvaluationSet("held-out split")
+    for (rows, _), (_, eval_positions) in zip(per_source, splits):
+        held_out.items += [(rows.ids[i], record_texts(load_json_line(rows.line(i)))) for i in eval_positions]
+    return held_out
+
+
+def evaluation_sets(cfg: DistilleryConfig, held_out: EvaluationSet) -> tuple[list[EvaluationSet], list[str]]:
+    """What training records are checked against, in the order a record's overlap is named by: evaluate.data's
+    MathQA items, the `against` files, the held-out split; and the sets that could not be checked, with why."""
+    mathqa, not_checked = evaluate_data_set(cfg.evaluate.data, cfg.evaluate.split)
+    sets = [mathqa] if mathqa else []
+    sets += [against_set(path) for path in against_files(cfg.ingest.decontaminate.against)]
+    return sets + [held_out], [not_checked] if not_checked else []
+
+
+def decontaminate(cfg: DistilleryConfig, per_source: list[tuple[SourceRows, SourceReport]],
+                  splits: list[tuple[list[int], list[int]]]) -> tuple[list[list[int]], dict]:
+    """Each source's train positions without the contaminated records (all of them with action: keep), and the
+    decontamination part of the report."""
+    settings = cfg.ingest.decontaminate
+    trains = [train for train, _ in splits]
+    if not settings.enabled:
+        return trains, {"enabled": False}
+    started = time.perf_counter()
+    sets, not_checked = evaluation_sets(cfg, held_out_set(per_source, splits))
+    index = Index(sets, Sizes(settings.word_ngram, settings.char_ngram))
+    counts: Counter = Counter()
+    kept: list[dict] = []
+    for number, ((rows, report), train) in enumerate(zip(per_source, trains)):
+        found = find_contaminated(index, ((i, load_json_line(rows.line(i))) for i in train))
+        for position, overlap in sorted(found.items()):
+            counts[overlap.set] += 1
+            where = {"id": rows.ids[position], **rows.where(position)}
+            if settings.action == "drop":
+                report.drop(overlap.reason, where, overlap.detail)
+            else:
+                kept.append({"source": report.name, "reason": f"{overlap.reason}, {overlap.detail}", **where})
+        if settings.action == "drop" and found:
+            trains[number] = [i for i in train if i not in found]
+    summary = {"enabled": True, "action": settings.action, "word_ngram": settings.word_ngram,
+               "char_ngram": settings.char_ngram, "sets": [s.as_dict() for s in index.summaries],
+               "not_checked": not_checked, "contaminated": dict(counts), "total": sum(counts.values()),
+               "seconds": round(time.perf_counter() - started, 2)}
+    if settings.action == "keep":
+        summary["kept"] = kept
+    return trains, summary
+
+
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
     seed = cfg.run.seed
@@ -154,12 +212,14 @@ def run(ctx: StageContext) -> StageResult:
         kept = [cap(rows, src.max_records, seed, report) for (rows, report), src in zip(per_source, cfg.ingest.sources)]
         if cfg.ingest.dedupe:
             kept = dedupe([rows for rows, _ in per_source], kept, reports)
+        splits = [split(rows, positions, cfg.ingest.eval_fraction) for (rows, _), positions in zip(per_source, kept)]
+        trains, decontamination = decontaminate(cfg, per_source, splits)
         chosen, table = [], []
-        for (rows, report), positions, source in zip(per_source, kept, cfg.ingest.sources):
-            source_train, source_eval = split(rows, positions, cfg.ingest.eval_fraction)
+        for (rows, report), source_train, (_, source_eval), source in zip(per_source, trains, splits, cfg.ingest.sources):
             weighted = apply_weight(rows, source_train, source.weight, seed)
             chosen.append((rows, weighted, source_eval))
-            table.append({"source": source.name, "kind": source.kind, "read": report.read, "kept": len(positions),
+            table.append({"source": source.name, "kind": source.kind, "read": report.read,
+                          "kept": len(source_train) + len(source_eval),
                           "dropped": dict(report.dropped), "train": len(weighted), "eval": len(source_eval),
                           "notes": report.notes})
         if not any(train for _, train, _ in chosen):
@@ -169,20 +229,22 @@ def run(ctx: StageContext) -> StageResult:
         for rows, _ in per_source:
             rows.close()
         shutil.rmtree(directory, ignore_errors=True)
-    return finish(ctx, table)
+    return finish(ctx, table, decontamination)
 
 
-def finish(ctx: StageContext, rows: list[dict]) -> StageResult:
+def finish(ctx: StageContext, rows: list[dict], decontamination: dict) -> StageResult:
     """The report (report.json, report.md, the console table) and the stage's result."""
     train, evaluation = sum(r["train"] for r in rows), sum(r["eval"] for r in rows)
     report = {"sources": rows, "train": train, "eval": evaluation,
-              "dropped": sum(sum(r["dropped"].values()) for r in rows)}
+              "dropped": sum(sum(r["dropped"].values()) for r in rows), "decontamination": decontamination}
     (ctx.out / OUTPUTS["report"]).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (ctx.out / OUTPUTS["report_md"]).write_text(render_report(rows, report), encoding="utf-8")
-    print_report(ctx.console, rows)
+    print_report(ctx.console, rows, decontamination)
+    contaminated = decontamination.get("total", 0)
     return StageResult(
-        metrics={"train": train, "eval": evaluation, "dropped": report["dropped"]},
-        summary=[("train", str(train)), ("eval", str(evaluation)), ("dropped", str(report["dropped"]))],
+        metrics={"train": train, "eval": evaluation, "dropped": report["dropped"], "contaminated": contaminated},
+        summary=[("train", str(train)), ("eval", str(evaluation)), ("dropped", str(report["dropped"])),
+                 ("contaminated", str(contaminated))],
     )
 
 
@@ -198,17 +260,34 @@ def table_rows(rows: list[dict]) -> list[tuple[str, ...]]:
              str(r["eval"])) for r in rows]
 
 
-def print_report(console, rows: list[dict]) -> None:
+def decontamination_lines(summary: dict) -> list[str]:
+    """What the training records were checked against, and what was found."""
+    if not summary.get("enabled"):
+        return ["Not checked against the evaluation sets (ingest.decontaminate.enabled: false)."]
+    sets = "; ".join(f"{s['set']} ({s['items']} items)" for s in summary["sets"])
+    found = ", ".join(f"{n} {name}" for name, n in summary["contaminated"].items()) or "none"
+    done = "dropped (dropped.jsonl lists them)" if summary["action"] == "drop" else \
+        "kept (action: keep; report.json lists them)"
+    lines = [f"Checked against {sets}, by {summary['word_ngram']}-word and {summary['char_ngram']}-character "
+             f"(Hangul) n-grams, in {summary['seconds']} s.",
+             f"Contaminated training records: {summary['total']}" + (f" ({found}), {done}." if summary["total"] else ".")]
+    return lines + [f"Not checked: {reason}." for reason in summary["not_checked"]]
+
+
+def print_report(console, rows: list[dict], decontamination: dict) -> None:
     console.print(summary_table("ingest report", table_rows(rows), HEADERS))
     for r in rows:
         for note in r["notes"]:
             console.print(f"  [dim]{r['source']}:[/] {note}")
+    for line in decontamination_lines(decontamination):
+        console.print(f"  [dim]decontamination:[/] {line}")
 
 
 def render_report(rows: list[dict], totals: dict) -> str:
     lines = ["# Ingest report", "", *markdown_table(HEADERS, table_rows(rows))]
     lines += ["", f"Total: {totals['train']} train, {totals['eval']} eval, {totals['dropped']} dropped "
               "(each dropped item with its reason in dropped.jsonl)."]
+    lines += ["", "## Decontamination", "", *decontamination_lines(totals["decontamination"])]
     notes = [f"- {r['source']}: {note}" for r in rows for note in r["notes"]]
     if notes:
         lines += ["", "## Notes", *notes]
