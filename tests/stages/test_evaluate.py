@@ -145,6 +145,12 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory, demo_model_path: str) -> 
     AutoTokenizer.from_pretrained(demo_model_path).save_pretrained(export / "merged")
     (export / "gguf").mkdir()
     (export / "gguf" / "SmolLM2-135M-Instruct-Q4_1.gguf").symlink_to(bundled_gguf())
+    from tests.evals.test_heldout import eval_rows, write_eval
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_path)
+    (run / "format").mkdir()
+    write_eval(run / "format" / "eval.jsonl", eval_rows(tokenizer))
+    (run / "format" / "template.json").write_text(json.dumps({"name": "chat", "eos_token": tokenizer.eos_token}))
     return run
 
 
@@ -176,6 +182,35 @@ def test_every_artifact_of_a_demo_run_is_scored_and_compared(demo_run: Path, mon
     table = (out / "comparison.md").read_text()
     assert all(f"| {name} |" in table for name in results["artifacts"])
     assert (out / "comparison.png").stat().st_size > 1000
+    check_heldout(out, demo_run)
+
+
+def check_heldout(out: Path, run: Path) -> None:
+    """heldout.json: {artifact: {task: {...}}} for every artifact, the merged model's loss the direct computation."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distillery.evals.heldout import load_items
+
+    scored = json.loads((out / "heldout.json").read_text())
+    assert list(scored) == ["base", "adapter", "merged", "SmolLM2-135M-Instruct-Q4_1"]
+    for name, tasks in scored.items():
+        assert set(tasks) == {"qa", "translate_ko_en", "overall"}, name
+        assert all({"items", "loss", "ppl", "tokens"} <= set(t) for t in tasks.values())
+        assert tasks["qa"]["metric"] == "accuracy" and tasks["translate_ko_en"]["metric"] == "chrf"
+    gguf = scored["SmolLM2-135M-Instruct-Q4_1"]["overall"]
+    assert "vs_reference" in scored["SmolLM2-135M-Instruct-Q4_1"]["qa"] and gguf["tokens"] == scored["base"]["overall"]["tokens"]
+    tokenizer = AutoTokenizer.from_pretrained(str(run / "export" / "merged"))
+    items, _ = load_items(run / "format" / "eval.jsonl", tokenizer, 512, None)
+    model = AutoModelForCausalLM.from_pretrained(str(run / "export" / "merged"), dtype=torch.float32).eval()
+    nll = tokens = 0.0
+    for item in items:
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([item.prompt_ids + item.completion_ids])).logits[0].double(), -1)
+        nll -= sum(float(logprobs[len(item.prompt_ids) - 1 + k, t]) for k, t in enumerate(item.completion_ids))
+        tokens += len(item.completion_ids)
+    assert abs(scored["merged"]["overall"]["loss"] - nll / tokens) < 1e-4
+    assert (out / "heldout.png").read_bytes()[:4] == b"\x89PNG" and "Held-out data" in (out / "report.md").read_text()
 
 
 def load_config_dict(config: dict, directory: Path):
