@@ -119,8 +119,9 @@ def record_failure(run: RunDir, stage: Stage, fp: str, inputs: dict, err: BaseEx
     checkpoints): the same command resumes from it, and a changed config (its fingerprint) or --force discards
     it. A resumable stage deletes itself whatever must not be resumed from (export: a merge that failed its
     check)."""
-    if not stage.resumable:
-        shutil.rmtree(run.partial_dir(stage.name), ignore_errors=True)
+    partial = run.partial_dir(stage.name)
+    if not stage.resumable or (partial.is_dir() and not any(partial.iterdir())):  # nothing to resume from
+        shutil.rmtree(partial, ignore_errors=True)
     entry = {"fingerprint": fp, "inputs": inputs}
     if isinstance(err, KeyboardInterrupt):
         save_entry(run, stage.name, {"status": "interrupted", **entry})

@@ -539,7 +539,9 @@ class Workbooks:
         self.path, self.sheet = path, None
         self.fmt = workbook_format(path)
         self.unpacked = check_unpacked_size(path, max_unpacked) if self.fmt == "xlsx" else path.stat().st_size
-        return self._call(open_book, str(path), self.fmt, memory_budget(self.unpacked), cpu_budget(self.unpacked))
+        # absolute: the child outlives this call, and the working directory may change before the next one
+        return self._call(open_book, str(path.absolute()), self.fmt, memory_budget(self.unpacked),
+                          cpu_budget(self.unpacked))
 
     def load(self, sheet: str, n: int) -> tuple[str | None, list[list[Any]]]:
         self.sheet = sheet

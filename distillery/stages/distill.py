@@ -8,7 +8,7 @@ Steps, in order:
    reference code in the sandbox); with `revise`, a failed sample gets the feedback and one more turn; a reply
    without usable text (empty, or cut off for its size) is a failed turn that says why, never kept;
 4. append each finished prompt to progress.jsonl at once, so a restart sends only the rest to the teacher (kept
-   across a kill by the runner, and across a UserError such as an unreachable teacher by a stash beside it);
+   across a kill or a UserError such as an unreachable teacher by the runner, which keeps the partial directory);
 5. write train.jsonl (records in the ingest shape, `<think>` reasoning + final answer; only verified traces
    unless keep: all), traces.jsonl (every attempt with its verdicts), report.json/.md and report.png; a run
    in which no reply had usable text is a UserError naming the teacher, and writes nothing.
@@ -87,28 +87,6 @@ def append_progress(path: Path, entry: dict) -> None:
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
         handle.flush()
-
-
-def stashed_progress(ctx: StageContext) -> Path:
-    """Where finished prompts wait out a UserError (the runner removes the partial directory on one), named by
-    the fingerprint of this run so that only a rerun of the same config picks them up."""
-    fingerprint = (ctx.run.stage_entry("distill") or {}).get("fingerprint", "unknown")
-    return ctx.run.path / f".distill.progress-{fingerprint[:16]}.jsonl"
-
-
-def keep_progress(ctx: StageContext, progress_path: Path) -> None:
-    if progress_path.is_file():
-        os.replace(progress_path, stashed_progress(ctx))
-
-
-def restore_progress(ctx: StageContext, progress_path: Path) -> None:
-    """Take back prompts stashed by a run of this same config; drop those of other configs."""
-    mine = stashed_progress(ctx)
-    for stash in ctx.run.path.glob(".distill.progress-*.jsonl"):
-        if stash == mine and not progress_path.exists():
-            os.replace(stash, progress_path)
-        else:
-            stash.unlink()
 
 
 def sample_seed(seed: int, record_id: str) -> int:
@@ -244,8 +222,7 @@ def run(ctx: StageContext) -> StageResult:
         raise UserError(f"distill: no ingest train record has a task in distill.tasks ({', '.join(cfg.tasks)}) and what "
                         f"its verifier needs{f' (skipped: {skipped})' if skipped else ''}. Add a MathQA or CodeI/O "
                         "source, or map your task to a verifier in distill.tasks.")
-    progress_path = ctx.out / PROGRESS
-    restore_progress(ctx, progress_path)
+    progress_path = ctx.out / PROGRESS  # kept by the runner through a kill or a UserError: the rerun resumes
     done = {entry["id"]: entry for entry in load_progress(progress_path)}
     todo = [r for r in prompts if r["id"] not in done]
     if done:
@@ -254,14 +231,11 @@ def run(ctx: StageContext) -> StageResult:
         teacher = build_teacher(cfg.teacher, cfg.retries)
         try:
             run_prompts(todo, ctx, teacher, Limits.from_config(cfg.sandbox), progress_path)
-        except UserError:
-            keep_progress(ctx, progress_path)  # e.g. the teacher's server went away: the rerun resumes
-            raise
         finally:
             teacher.close()
     entries = {entry["id"]: entry for entry in load_progress(progress_path)}
     ordered = [entries[r["id"]] for r in prompts]
-    refuse_if_nothing_usable(ordered)
+    refuse_if_nothing_usable(ordered, progress_path)
     return finish(ctx, ordered, skipped)
 
 
@@ -295,12 +269,13 @@ def describe_dropped(dropped: dict[str, dict[str, Any]]) -> str:
     return ", ".join(f"{d['replies']} {reason} (e.g. {d['example']})" for reason, d in dropped.items())
 
 
-def refuse_if_nothing_usable(entries: list[dict]) -> None:
+def refuse_if_nothing_usable(entries: list[dict], progress_path: Path) -> None:
     """A teacher that gave no usable text at all is a setup mistake (wrong model, a server's reasoning parser,
-    max_tokens used up before the answer), not a run with 0 records."""
+    max_tokens used up before the answer), not a run with 0 records; its replies are not kept to resume from."""
     replies = sum(len(attempt["turns"]) for entry in entries for attempt in entry["attempts"])
     dropped = dropped_replies(entries)
     if replies and sum(d["replies"] for d in dropped.values()) == replies:
+        progress_path.unlink(missing_ok=True)
         raise UserError(f"distill: teacher {entries[0]['teacher']} gave no usable text in any of its {replies} "
                         f"replies: {describe_dropped(dropped)}. Check that distill.teacher names a chat model that "
                         "answers in choices[0].message.content, with distill.max_tokens room for the answer; "

@@ -48,6 +48,13 @@ def test_a_file_llama_cpp_refuses_is_a_load_error_not_a_crash(tmp_path: Path) ->
         LlamaChild(path, "testing")
 
 
+def installed_profile() -> str:
+    """The level `just setup` built llama.cpp for on this machine (x86-64-v4 or v3)."""
+    from distillery.export.llama_build import installed_build
+
+    return installed_build()["profile"]
+
+
 def test_a_crashed_child_is_a_native_crash_naming_the_file_the_signal_and_what_to_try() -> None:
     pytest.importorskip("llama_cpp")
     llama = LlamaChild(bundled_gguf(), "scoring", n_ctx=128)
@@ -57,7 +64,7 @@ def test_a_crashed_child_is_a_native_crash_naming_the_file_the_signal_and_what_t
     llama.close()
     message = str(caught.value)
     assert message.startswith(f"llama.cpp crashed with SIGSEGV (signal 11) while scoring {bundled_gguf()}: ")
-    assert "CPU " in message and "installed llama.cpp build: x86-64-v3" in message
+    assert "CPU " in message and f"installed llama.cpp build: {installed_profile()}" in message
     assert "python -m distillery.export.llama_check" in message and "just setup" in message
 
 
@@ -81,7 +88,7 @@ def test_the_setup_self_check_decodes_the_bundled_quantized_model(capsys: pytest
     pytest.importorskip("llama_cpp")
     assert llama_check.main([]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("llama.cpp self-check: ok (x86-64-v3 build, SmolLM2-135M-Instruct.Q4_1.gguf decoded")
+    assert out.startswith(f"llama.cpp self-check: ok ({installed_profile()} build, SmolLM2-135M-Instruct.Q4_1.gguf decoded")
     assert "Paris" in out
 
 
@@ -93,7 +100,7 @@ def test_the_self_check_says_what_failed_the_cpu_and_the_remedy(tmp_path: Path,
     assert llama_check.main(["--gguf", str(path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"llama.cpp self-check FAILED: llama.cpp cannot load {path}")
-    assert "  CPU: " in err and "avx2" in err and "installed llama-cpp-python build: x86-64-v3" in err
+    assert "  CPU: " in err and "avx2" in err and f"installed llama-cpp-python build: {installed_profile()}" in err
     assert "remedy: `just setup`" in err
 
 
