@@ -49,6 +49,11 @@ class GGUFModel:
                  progress: Callable[[int], None] = lambda n: None) -> list[str]:
         return self.llama.call(_generate, prompts, max_new_tokens, on_event=progress)
 
+    def completion_logprobs(self, token_lists: list[list[int]], starts: list[int], batch_size: int,
+                            progress: Callable[[int], None] = lambda n: None) -> list[float]:
+        """For each token list, the summed log-probability of its tokens from `start` on (one pass each)."""
+        return self.llama.call(_completion_logprobs, token_lists, starts, on_event=progress)
+
     def generate_ids(self, id_lists: list[list[int]], max_new_tokens: int, batch_size: int, eos_id: int,
                      samples: int = 1, temperature: float = 0.0,
                      progress: Callable[[int], None] = lambda n: None) -> list[list[str]]:
@@ -115,4 +120,20 @@ def _generate_ids(state: dict[str, Any], emit: Callable[[int], None], id_lists: 
         texts.append(replies)
         emit(1)
     return texts
+
+
+def _completion_logprobs(state: dict[str, Any], emit: Callable[[int], None], token_lists: list[list[int]],
+                         starts: list[int]) -> list[float]:
+    """In the child: each list evaluated once; the log-softmax taken only on the rows that predict a scored token."""
+    import numpy as np
+
+    llm, results = state["llm"], []
+    for tokens, start in zip(token_lists, starts):
+        llm.reset()
+        llm.eval(list(tokens))
+        rows = np.asarray(llm.scores[start - 1:len(tokens) - 1], dtype=np.float64)
+        logprobs = log_softmax(rows)[np.arange(len(tokens) - start), np.asarray(tokens[start:])]
+        results.append(float(logprobs.sum()))
+        emit(1)
+    return results
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from distillery.evals.scoring import Request
 from distillery.core.records import read_jsonl
 from distillery.training.tokens import split_tokens
 
@@ -66,9 +65,9 @@ def load_items(eval_path: Path, tokenizer: Any, max_length: int, limit: int | No
 def item_losses(model: Any, items: list[HeldoutItem], batch_size: int,
                 progress: Callable[[int], None] = lambda n: None) -> list[tuple[float, int]]:
     """(summed negative log-likelihood of the completion, its token count) per item, teacher-forced."""
-    requests = [Request(tuple(i.prompt_ids), (tuple(i.completion_ids),)) for i in items]
-    scores = model.loglikelihoods(requests, batch_size, progress)
-    return [(-score[0], len(item.completion_ids)) for score, item in zip(scores, items)]
+    scores = model.completion_logprobs([i.prompt_ids + i.completion_ids for i in items],
+                                       [len(i.prompt_ids) for i in items], batch_size, progress)
+    return [(-score, len(item.completion_ids)) for score, item in zip(scores, items)]
 
 
 def loss_summary(pairs: list[tuple[float, int]]) -> dict[str, float]:

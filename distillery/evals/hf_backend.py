@@ -133,6 +133,47 @@ class HFModel:
                 progress(len(chunk))
         return texts
 
+    def completion_logprobs(self, token_lists: list[list[int]], starts: list[int], batch_size: int,
+                            progress: Callable[[int], None] = lambda n: None, token_budget: int = 4096) -> list[float]:
+        """For each token list, the summed log-probability of its tokens from `start` on, each given all before it
+        (teacher forcing). Long sequences: right-padded batches of at most `token_budget` tokens, and the lm_head
+        applied only where a scored token is predicted (a held-out completion is most of its sequence, and the
+        vocabulary times every position would not fit)."""
+        torch = self.torch
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
+        cap = getattr(base.config, "final_logit_softcapping", None)
+        order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
+        results = [0.0] * len(token_lists)
+        at = 0
+        with torch.inference_mode():
+            while at < len(order):
+                width = len(token_lists[order[at]])
+                batch = order[at:at + max(1, min(batch_size, token_budget // max(width, 1)))]
+                at += len(batch)
+                ids = torch.zeros((len(batch), width), dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                rows, columns, targets = [], [], []
+                for row, index in enumerate(batch):
+                    tokens, start = token_lists[index], starts[index]
+                    ids[row, :len(tokens)] = torch.tensor(tokens)
+                    mask[row, :len(tokens)] = 1
+                    rows += [row] * (len(tokens) - start)
+                    columns += range(start - 1, len(tokens) - 1)  # the position before each scored token
+                    targets += tokens[start:]
+                hidden = decoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+                logits = head(hidden[torch.tensor(rows), torch.tensor(columns)]).float()
+                if cap:
+                    logits = torch.tanh(logits / cap) * cap
+                picked = torch.log_softmax(logits, dim=-1)[torch.arange(len(targets)), torch.tensor(targets)].cpu()
+                at_row = 0
+                for row, index in enumerate(batch):
+                    n = len(token_lists[index]) - starts[index]
+                    results[index] = float(picked[at_row:at_row + n].double().sum())
+                    at_row += n
+                progress(len(batch))
+        return results
+
     def generate_ids(self, id_lists: list[list[int]], max_new_tokens: int, batch_size: int, eos_id: int,
                      samples: int = 1, temperature: float = 0.0,
                      progress: Callable[[int], None] = lambda n: None) -> list[list[str]]:
