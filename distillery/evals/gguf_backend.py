@@ -1,9 +1,10 @@
 """Log-likelihoods and generation with a GGUF through llama-cpp-python (log-probabilities from llama.cpp).
 
 The model lives in a child process (export/llama_child.py): a native crash of llama.cpp is a NativeCrash
-naming the file, not the death of the evaluation. The context is decoded once per item; each choice then
-rewinds the KV cache to the end of the context and decodes only its own tokens, with logits kept for every
-position (logits_all).
+naming the file, not the death of the evaluation. `decode` asks llama.cpp for logits only on the rows that predict
+a scored token (the output layer over the whole vocabulary is a fifth of a small model's work per row) and keeps
+the KV cache of the tokens a sequence shares with the one before it: a MathQA context is decoded once for all its
+choices, and held-out sequences, taken in sorted order, share their template's system prompt and instruction.
 """
 
 from __future__ import annotations
@@ -15,14 +16,7 @@ from distillery.evals.scoring import Request
 from distillery.export.verify import log_softmax
 from distillery.export.llama_child import GGUFLoadError, LlamaChild
 
-__all__ = ["GGUFLoadError", "GGUFModel", "log_softmax_at"]
-
-
-def log_softmax_at(logits, token: int) -> float:
-    """log p(token) from one row of raw logits, in float64 (export's verify uses the same log-softmax)."""
-    import numpy as np
-
-    return float(log_softmax(np.asarray(logits, dtype=np.float64))[token])
+__all__ = ["GGUFLoadError", "GGUFModel", "decode", "log_softmax_rows"]
 
 
 def has_gguf_magic(path: Path) -> bool:
@@ -35,7 +29,7 @@ class GGUFModel:
         if not has_gguf_magic(path):
             raise GGUFLoadError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes); "
                                 "re-run `distillery export --force` or remove it")
-        self.llama = LlamaChild(path, "scoring", n_ctx=n_ctx, logits_all=True, threads=threads)
+        self.llama = LlamaChild(path, "scoring", n_ctx=n_ctx, threads=threads)
 
     def encode(self, text: str) -> list[int]:
         """The model's own tokenization, with the special tokens its GGUF metadata asks for (like HF's default)."""
@@ -74,17 +68,17 @@ def _score_requests(state: dict[str, Any], emit: Callable[[int], None], requests
 
 
 def _score(llm: Any, request: Request) -> list[float]:
-    llm.reset()
-    llm.eval(list(request.context))
-    end = llm.n_tokens
-    scores = []
+    """The context decoded once (its last row kept, as log-probabilities); each continuation decoded after it."""
+    from distillery.export.verify import log_softmax
+
+    context, first = list(request.context), []
+    decode(llm, context, 0, len(context) - 1, lambda position, rows: first.append(log_softmax(rows[-1].astype("float64"))))
+    end, scores = len(context), []
     for cont in request.continuations:
-        total = log_softmax_at(llm.scores[end - 1], cont[0])
-        if len(cont) > 1:
-            llm.n_tokens = end  # rewind: eval() drops the cache past n_tokens
-            llm.eval(list(cont[:-1]))
-            total += sum(log_softmax_at(llm.scores[end + i], cont[i + 1]) for i in range(len(cont) - 1))
-        scores.append(total)
+        picked = [float(first[0][cont[0]])]
+        decode(llm, list(cont[:-1]), end, end,
+               lambda position, rows, cont=cont: picked.extend(log_softmax_rows(rows, cont[position - end + 1:][:len(rows)])))
+        scores.append(sum(picked))
     return scores
 
 
@@ -124,16 +118,58 @@ def _generate_ids(state: dict[str, Any], emit: Callable[[int], None], id_lists: 
 
 def _completion_logprobs(state: dict[str, Any], emit: Callable[[int], None], token_lists: list[list[int]],
                          starts: list[int]) -> list[float]:
-    """In the child: each list evaluated once; the log-softmax taken only on the rows that predict a scored token."""
+    """In the child: each list's tokens from `start` on scored given all before them; lists taken in sorted order
+    so that each decodes only what it does not share with the one before."""
     import numpy as np
 
-    llm, results = state["llm"], []
-    for tokens, start in zip(token_lists, starts):
-        llm.reset()
-        llm.eval(list(tokens))
-        rows = np.asarray(llm.scores[start - 1:len(tokens) - 1], dtype=np.float64)
-        logprobs = log_softmax(rows)[np.arange(len(tokens) - start), np.asarray(tokens[start:])]
-        results.append(float(logprobs.sum()))
+    from distillery.training.tokens import common_prefix
+
+    llm, results, cached = state["llm"], [0.0] * len(token_lists), []
+    for index in sorted(range(len(token_lists)), key=lambda i: token_lists[i]):
+        tokens, start = token_lists[index], max(1, starts[index])
+        keep = min(common_prefix(cached, tokens), start - 1)  # the row before `start` is always decoded
+        picked: list[float] = []
+        decode(llm, tokens[keep:-1], keep, start - 1,
+               lambda position, rows: picked.extend(log_softmax_rows(rows, tokens[position + 1:position + 1 + len(rows)])))
+        results[index] = float(np.sum(picked, dtype=np.float64))
+        cached = tokens[:-1]
         emit(1)
     return results
 
+
+def decode(llm: Any, tokens: list[int], keep: int, logits_from: int, on_rows: Callable[[int, Any], None]) -> None:
+    """Decode `tokens` after the first `keep` cached positions (the cache past them is dropped), asking llama.cpp
+    for logits only at positions >= logits_from; on_rows(first position, rows) gets them chunk by chunk (the
+    array is llama.cpp's own buffer: read it before the next decode). Uses llama-cpp-python's batch directly, as
+    its `eval` does (pinned version), because `eval` can ask only for every row or for the last."""
+    import numpy as np
+
+    llm._ctx.kv_cache_seq_rm(-1, keep, -1)
+    at, batch = keep, llm._batch
+    for offset in range(0, len(tokens), llm.n_batch):
+        chunk = tokens[offset:offset + llm.n_batch]
+        fields = batch.batch
+        fields.n_tokens = len(chunk)
+        for j, token in enumerate(chunk):
+            fields.token[j], fields.pos[j], fields.n_seq_id[j] = token, at + j, 1
+            fields.seq_id[j][0] = 0
+            fields.logits[j] = at + j >= logits_from
+        llm._ctx.decode(batch)
+        llm.input_ids[at:at + len(chunk)] = chunk
+        outputs = at + len(chunk) - max(at, logits_from)
+        if outputs > 0:
+            on_rows(max(at, logits_from), np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(outputs, llm.n_vocab())))
+        at += len(chunk)
+    llm.n_tokens = at
+
+
+def log_softmax_rows(rows: Any, targets: list[int], block: int = 64) -> list[float]:
+    """log p(target) of each row of raw logits, in float64 a block of rows at a time (export's verify uses the
+    same log-softmax; a block bounds the float64 copy at a 150k vocabulary)."""
+    import numpy as np
+
+    out: list[float] = []
+    for at in range(0, len(targets), block):
+        logprobs = log_softmax(np.asarray(rows[at:at + block], dtype=np.float64))
+        out += logprobs[np.arange(len(logprobs)), targets[at:at + block]].tolist()
+    return out

@@ -43,15 +43,14 @@ def fresh_eval(model: GGUFModel, context: tuple[int, ...], continuation: tuple[i
 
 
 def _fresh_eval(state: dict, emit, context: tuple[int, ...], continuation: tuple[int, ...]) -> float:
-    """In the llama.cpp child."""
-    from distillery.evals.gguf_backend import log_softmax_at
+    """In the llama.cpp child: nothing kept from before (keep 0), every row from the context's last on."""
+    from distillery.evals.gguf_backend import decode, log_softmax_rows
 
-    llm = state["llm"]
-    llm.reset()
-    llm.eval(list(context))
-    llm.eval(list(continuation[:-1]))
-    start = len(context) - 1
-    return sum(log_softmax_at(llm.scores[start + i], t) for i, t in enumerate(continuation))
+    start, picked = len(context) - 1, []
+    decode(state["llm"], list(context), 0, start, lambda at, rows: picked.extend(log_softmax_rows(rows, [continuation[0]])))
+    decode(state["llm"], list(continuation[:-1]), len(context), len(context),
+           lambda at, rows: picked.extend(log_softmax_rows(rows, list(continuation[1:]))))
+    return sum(picked)
 
 
 @pytest.mark.integration
