@@ -144,7 +144,8 @@ def train_child(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from distillery.training.preflight import choose_optimizer, choose_precision, cpu_bf16_native, cuda_bf16
+    from distillery.core.machine import cpu_bf16_native
+    from distillery.training.preflight import choose_optimizer, choose_precision, cuda_bf16
     from distillery.training.settings import FinetuneConfig
     from distillery.training.train import (TrainJob, load_hf, load_unsloth, peak_memory_mb, prepare_tokenizer,
                                           training_arguments)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -17,3 +18,13 @@ def cpuinfo_field(*names: str) -> str:
 def cpu_flags() -> set[str]:
     """The CPU's feature flags (x86 `flags`, arm64 `Features`)."""
     return set(cpuinfo_field("flags", "Features").split())
+
+
+def cpu_bf16_native() -> bool:
+    """bf16 in hardware (AMX / AVX512-BF16, Arm BF16); without it CPU bf16 is emulated and slower than fp32."""
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16", "bf16"})
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: a container's cpuset or `taskset`), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -26,6 +26,7 @@ from typing import Any
 
 from distillery.evals import generative, heldout, mathqa, report
 from distillery.evals.gguf_backend import GGUFLoadError, GGUFModel
+from distillery.evals.hf_backend import resolve_dtype
 from distillery.evals.scoring import build_request
 from distillery.config import DistilleryConfig, EvaluateConfig
 from distillery.core.console import summary_table
@@ -287,7 +288,7 @@ def run(ctx: StageContext) -> StageResult:
                         "evaluate.data is not set. Set one of them.")
     artifacts = find_artifacts(ctx)
     scores = Scores({"task": "mathqa", "mode": ev.mode, "data": ev.data, "split": ev.split, "n": len(mqa.items),
-                     "num_fewshot": ev.num_fewshot, "dtype": ev.dtype, "skipped_items": mqa.loaded.skipped,
+                     "num_fewshot": ev.num_fewshot, "dtype": resolve_dtype(ev.dtype), "skipped_items": mqa.loaded.skipped,
                      "artifacts": {}, "errors": {}})
     limits = Limits.from_config(ctx.cfg.distill.sandbox)
     work = len(mqa.items) + (len(held.items) + len(held.generate) if held else 0)

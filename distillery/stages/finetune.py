@@ -32,6 +32,7 @@ from distillery.core.records import read_jsonl
 from distillery.core.rundir import atomic_write_text
 from distillery.core.summaries import FinetuneSummary
 from distillery.stage import Stage, StageContext, StageResult, load_stage
+from distillery.core.machine import cpu_bf16_native
 from distillery.training.preflight import (
     check_accelerate_config,
     check_completions_fit,
@@ -40,7 +41,6 @@ from distillery.training.preflight import (
     choose_4bit,
     choose_optimizer,
     choose_precision,
-    cpu_bf16_native,
     cuda_available,
     cuda_bf16,
     locate_model,

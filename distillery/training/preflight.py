@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from distillery.core.errors import UserError
-from distillery.core.machine import cpu_flags
 from distillery.core.models import resolve_model_path
 from distillery.training import tokens
 from distillery.core.userinput import read_yaml_file, require_file
@@ -82,11 +81,6 @@ def cuda_bf16() -> bool:
     import torch
 
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def cpu_bf16_native() -> bool:
-    """bf16 in hardware (AMX / AVX512-BF16, Arm BF16); without it CPU bf16 is emulated and slower than fp32."""
-    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16", "bf16"})
 
 
 def choose_4bit(setting: Any, cuda: bool) -> bool:

@@ -163,7 +163,8 @@ def test_every_artifact_of_a_demo_run_is_scored_and_compared(demo_run: Path, mon
     sample = Path(__file__).resolve().parents[2] / "configs" / "samples" / "mathqa" / "test.jsonl"
     config = {"run": {"name": "demo", "root": "runs"},
               "ingest": {"sources": [{"name": "x", "kind": "hf", "files": "x.jsonl", "format": "messages"}]},
-              "evaluate": {"data": str(sample), "limit": 6, "batch_size": 4}}
+              "evaluate": {"data": str(sample), "limit": 6, "batch_size": 4, "dtype": "float32",
+                           "heldout": {"generate": 1, "max_new_tokens": 16}}}
     cfg = load_config_dict(config, demo_run.parent.parent)
     out = demo_run / ".evaluate.partial"
     out.mkdir()
