@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,18 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "integration: runs the real demo model through a real stage")
     config.addinivalue_line("markers", "slow: an integration test that takes more than about a minute")
+    pin_this_worker()
+
+
+def pin_this_worker() -> None:
+    """Under several xdist workers, each worker (and every process it starts) runs on its own share of the cores.
+    torch, llama.cpp and the training launcher size their thread pools to the cores they may use; two workers
+    each spinning two threads on two cores would take turns instead of overlapping their imports, model loads
+    and subprocess start-ups with each other's computation."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if worker.startswith("gw") and 1 < count <= len(cores):
+        os.sched_setaffinity(0, cores[int(worker[2:]) % count::count])
 
 
 @pytest.fixture(scope="session")

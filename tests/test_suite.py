@@ -3,6 +3,7 @@ in the report, and every other test still runs (pyproject's pytest options: one 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,8 @@ def test_a_native_crash_fails_only_its_test_and_is_named(tmp_path: Path) -> None
     (tmp_path / "test_crashy.py").write_text(CRASHY, encoding="utf-8")
     done = subprocess.run([sys.executable, "-m", "pytest", "-c", str(ROOT / "pyproject.toml"), "--rootdir",
                            str(tmp_path), "-p", "no:cacheprovider", str(tmp_path / "test_crashy.py")],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})  # the project's plugin, tests/xdist_crash.py
     output = done.stdout + done.stderr
     assert done.returncode == 1, output
     assert "1 failed, 2 passed" in output, output

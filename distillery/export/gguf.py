@@ -25,6 +25,7 @@ from typing import Any, Iterator
 
 from distillery.export.converter import converter_env, converter_script
 from distillery.core.errors import UserError
+from distillery.core.machine import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +301,7 @@ def _quantize(state: dict[str, Any], emit: Any, src: str, tmp: str, quant: Quant
     logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, quant.llama_ftype_name)
-    params.nthread = threads
+    params.nthread = threads or usable_cores()  # llama.cpp's 0 counts the machine's cores, not ours
     # Requantizing from a q8_0 intermediate loses a little; llama.cpp refuses it unless asked.
     params.allow_requantize = True
     keep_alive = []

@@ -15,7 +15,6 @@ Callers put what they run on the model in module-level functions of their own mo
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -43,12 +42,13 @@ class LlamaChild:
 
     def __init__(self, path: Path | str, doing: str, n_ctx: int = 2048, logits_all: bool = False,
                  threads: int | None = None, hint: str | None = None, vocab_only: bool = False):
+        from distillery.core.machine import usable_cores
         from distillery.export.llama_build import check_installed_build
 
         check_installed_build()
         self.path = Path(path)
         self._child = Child(LIBRARY, f"{doing} {self.path}", hint=crash_hint() if hint is None else hint)
-        params = {"n_ctx": n_ctx, "logits_all": logits_all, "n_threads": threads or max(1, os.cpu_count() or 1),
+        params = {"n_ctx": n_ctx, "logits_all": logits_all, "n_threads": threads or usable_cores(),
                   "vocab_only": vocab_only}  # vocab_only: the tokenizer of a GGUF without its weights
         try:
             self.metadata: dict[str, Any] = self._child.call(_load, str(self.path), params)

@@ -25,6 +25,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
+from distillery.core.machine import usable_cores
 from distillery.core.isolation import NativeCrash
 from distillery.core.records import content_digest, json_line, load_json_line
 from distillery.sources import SOURCES, SourceReport
@@ -137,8 +138,7 @@ def read_unit(unit: Unit, path: Path, seed: int, tick: Callable[[int], None] = l
 def worker_count(wanted: int | None, units: list[Unit], input_bytes: int) -> int:
     """`wanted` processes, or by default one per core when the input is large enough to pay for starting them."""
     if wanted is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        wanted = cores if input_bytes >= PARALLEL_FROM_BYTES else 1
+        wanted = usable_cores() if input_bytes >= PARALLEL_FROM_BYTES else 1
     return max(1, min(wanted, len(units)))
 
 

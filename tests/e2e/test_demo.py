@@ -16,7 +16,8 @@ STAGES = ("ingest", "format", "finetune", "export", "evaluate")
 
 
 # The demo's own config and stages; fewer steps and items than `just demo` to keep the suite short.
-LIGHTER = ("finetune.max_steps=12", "finetune.save_steps=6", "finetune.sample_prompts=1", "evaluate.limit=10")
+LIGHTER = ("finetune.max_steps=12", "finetune.save_steps=6", "finetune.sample_prompts=1", "evaluate.limit=10",
+           "evaluate.heldout.limit=3", "evaluate.heldout.max_new_tokens=16")
 
 
 def run_demo(run_root: Path) -> subprocess.CompletedProcess:
@@ -44,6 +45,9 @@ def test_demo_runs_every_stage_offline_then_is_up_to_date(tmp_path: Path) -> Non
     comparison = json.loads((run / "evaluate" / "comparison.json").read_text())
     assert {"base", "adapter", "gguf"} <= {row["kind"] for row in comparison}
     assert "held-out question" in first.stdout
+    heldout = json.loads((run / "evaluate" / "heldout.json").read_text())
+    assert heldout["adapter"]["overall"]["loss"] < heldout["base"]["overall"]["loss"]  # training on the data worked
+    assert "overall (" in first.stdout and "Held-out data" in (run / "evaluate" / "report.md").read_text()
 
     second = run_demo(tmp_path)
     assert second.returncode == 0, second.stdout[-3000:]

@@ -1,5 +1,5 @@
 """Identity with lm-evaluation-harness 0.4.13 on the demo model: same log-likelihoods (1e-4), same predictions,
-on the first 50 test items and on items chosen for what they hold (test item 1041: an empty fifth choice)."""
+on the first 25 test items and on items chosen for what they hold (test item 1041: an empty fifth choice)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from distillery.evals import mathqa
 from distillery.evals.hf_backend import HFModel
 from distillery.evals.scoring import build_request
 
-ITEMS = 50
+ITEMS = 25
 
 
 def assert_scored_like_the_harness(model_path: str, data: Path, limit: int) -> list[mathqa.Item]:
@@ -37,7 +37,7 @@ def assert_scored_like_the_harness(model_path: str, data: Path, limit: int) -> l
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_scores_equal_the_harness_on_50_items(demo_model_path: str, shared_file) -> None:
+def test_scores_equal_the_harness_on_25_items(demo_model_path: str, shared_file) -> None:
     assert_scored_like_the_harness(demo_model_path, shared_file("data/mathqa/test.jsonl"), ITEMS)
 
 

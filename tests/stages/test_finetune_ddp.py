@@ -57,16 +57,16 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch(tmp_pat
     two means, where one process averages over all four examples' tokens, so the gradients weight tokens slightly
     differently; and CPU reductions are not bit-reproducible (the one-process run alone moved 1.1% at step 4
     between two runs). Measured differences: at most 1.3%; bound 3%. In bf16 rounding adds more, hence fp32."""
-    two_processes_follow_one(tmp_path, "hf", steps=6)
+    two_processes_follow_one(tmp_path, "hf", steps=4)
 
 
 @pytest.mark.integration
 @pytest.mark.slow
 def test_kill_9_of_one_rank_then_the_same_command_resumes(tmp_path: Path) -> None:
-    config = ddp_project(tmp_path, max_steps=8, save_steps=2)
+    config = ddp_project(tmp_path, max_steps=6, save_steps=2)
     process = start_finetune(config)
     try:
-        wait_for_checkpoint(process, tmp_path, 4)
+        wait_for_checkpoint(process, tmp_path, 2)
         rank = subprocess.run(["pgrep", "-f", "-n", "distillery.training.train"], capture_output=True, text=True)
         os.kill(int(rank.stdout.split()[0]), signal.SIGKILL)  # one worker dies; torchrun stops the other
         assert process.wait(timeout=120) != 0
@@ -77,9 +77,9 @@ def test_kill_9_of_one_rank_then_the_same_command_resumes(tmp_path: Path) -> Non
     done = cli(config, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = " ".join(done.stdout.split())
-    assert "resuming from checkpoint-" in out and int(out.split("resuming from checkpoint-")[1].split()[0]) >= 4
+    assert "resuming from checkpoint-" in out and int(out.split("resuming from checkpoint-")[1].split()[0]) >= 2
     summary = json.loads((stage_dir(tmp_path) / "summary.json").read_text())
-    assert summary["steps"] == 8 and summary["world_size"] == 2
+    assert summary["steps"] == 6 and summary["world_size"] == 2
 
 
 @pytest.mark.integration
