@@ -249,8 +249,7 @@ class EvaluateConfig(Section):
     fewshot_split: str = Field("train", description="Split of a Hub dataset the few-shot examples come from.")
     batch_size: int = Field(8, ge=1, description="Items per forward pass (each item's 5 choices share its context).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights of the HF artifacts; auto: bfloat16 where the GPU or CPU computes it natively "
-        "(CUDA, AVX512-BF16, AMX), else float32.")
+        "auto", description="Weights of the HF artifacts; auto: bfloat16 on a CUDA GPU that has it, else float32.")
     artifacts: Literal["auto"] | list[Literal["base", "adapter", "merged", "gguf"]] = Field(
         "auto", description="What to score: auto = every artifact the run has; or a list of base, adapter, merged, gguf.")
     mode: Literal["loglikelihood", "generative"] = Field(
