@@ -16,8 +16,8 @@ STAGES = ("ingest", "format", "finetune", "export", "evaluate")
 
 
 # The demo's own config and stages; fewer steps and items than `just demo` to keep the suite short.
-LIGHTER = ("finetune.max_steps=12", "finetune.save_steps=6", "finetune.sample_prompts=1", "evaluate.limit=10",
-           "evaluate.heldout.limit=3", "evaluate.heldout.max_new_tokens=16")
+LIGHTER = ("finetune.max_steps=12", "finetune.save_steps=6", "finetune.sample_prompts=1", "evaluate.limit=5",
+           "evaluate.heldout.limit=2", "evaluate.heldout.max_new_tokens=16")
 
 
 def run_demo(run_root: Path) -> subprocess.CompletedProcess:
