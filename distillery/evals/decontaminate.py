@@ -251,8 +251,10 @@ def hub_cache_files(dataset: str, split: str) -> list[Path]:
                   and any(named.fullmatch(part) for part in (path.stem, *path.relative_to(snapshot).parent.parts)))
 
 
-def evaluate_data_files(data: str, split: str) -> tuple[list[Path], str | None]:
-    """The local files behind evaluate.data, and why none when it cannot be checked."""
+def evaluate_data_files(data: str | None, split: str) -> tuple[list[Path], str | None]:
+    """The local files behind evaluate.data, and why none when it cannot be checked (null: no MathQA set)."""
+    if data is None:
+        return [], None
     if is_local(data):
         path = Path(data).expanduser()
         if path.is_file():
@@ -265,7 +267,7 @@ def evaluate_data_files(data: str, split: str) -> tuple[list[Path], str | None]:
                 f"(`hf download {data} --repo-type dataset` once, or set evaluate.data to a local file)")
 
 
-def evaluate_data_set(data: str, split: str) -> tuple[EvaluationSet | None, str | None]:
+def evaluate_data_set(data: str | None, split: str) -> tuple[EvaluationSet | None, str | None]:
     """The MathQA items evaluate scores (all of them, whatever evaluate.limit), by their problems (choices such as
     "a ) 10 , b ) 12 , ..." recur across items and tell nothing apart); or None and why it cannot be checked."""
     files, not_checked = evaluate_data_files(data, split)

@@ -125,6 +125,21 @@ def test_the_held_out_split_is_an_evaluation_set_and_keep_only_reports(tmp_path:
     assert len(kept["decontamination"]["kept"]) == len(split_pairs) and dropped_reasons() == {}
 
 
+def test_without_mathqa_the_held_out_split_is_still_checked(tmp_path: Path, monkeypatch) -> None:
+    """evaluate.data: null (no MathQA) leaves the held-out split to check against, and is no crash."""
+    monkeypatch.chdir(tmp_path)
+    problems = [row["Problem"] for row in read_jsonl(MATHQA_TRAIN) if len(row["Problem"].split()) >= 20][:20]
+    copies = [p.replace(" is ", " was ", 1) + " explain." for p in problems]
+    write_jsonl(Path("qa.jsonl"), [{"INSTRUCTION": p, "RESPONSE": "42"} for p in problems + copies])
+    config = write_config(Path("c.yaml"), [{"name": "qa", "kind": "hf", "files": "qa.jsonl"}], eval_fraction=0.25)
+    data = yaml.safe_load(config.read_text(encoding="utf-8"))
+    data["evaluate"]["data"] = None
+    config.write_text(yaml.safe_dump(data), encoding="utf-8")
+    status, _, _ = run_stage("ingest", load_config(config))
+    report = json.loads(Path("runs/demo/ingest/report.json").read_text())
+    assert status == "done" and set(report["decontamination"]["contaminated"]) == {"held-out split"}
+
+
 def test_the_fingerprint_follows_the_evaluation_sets(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     write_jsonl(Path("d.jsonl"), list(read_jsonl(GSM))[:5])
