@@ -51,6 +51,8 @@ class FinetuneConfig(BaseModel):
     )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 where supported, else fp16/fp32.")
     packing: bool = Field(False, description="Pack several examples into one max_length row (TRL bfd; off under Unsloth on CPU).")
+    group_by_length: bool = Field(False, description="Batch examples of similar length together (less padding; "
+                                  "the loss curve then varies with each batch's lengths).")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass (Unsloth's own on GPU).")
     logging_steps: int = Field(1, ge=1, description="Log loss, learning rate and tokens/s every N steps (metrics.jsonl).")
     eval_steps: int | None = Field(None, ge=1, description="Loss on format's eval split every N steps (off when unset).")

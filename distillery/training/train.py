@@ -207,6 +207,7 @@ def training_arguments(job: TrainJob) -> dict[str, Any]:
         "gradient_checkpointing": ft.gradient_checkpointing and not is_unsloth,
         "gradient_checkpointing_kwargs": {"use_reentrant": False},
         "ddp_find_unused_parameters": False,  # frozen base weights are unused by design under LoRA
+        "train_sampling_strategy": "group_by_length" if ft.group_by_length else "random",
     }
     if ft.eval_steps:
         args.update({"eval_strategy": "steps", "eval_steps": ft.eval_steps})
