@@ -106,11 +106,18 @@ def trained_base(summary: Path, default: str) -> str:
     return default
 
 
+def gguf_context(cfg: DistilleryConfig) -> int:
+    """llama.cpp's context for scoring: a held-out sequence (cut at format.max_length) plus the longest answer
+    either evaluation generates, and never under 2048."""
+    ev = cfg.evaluate
+    return max(2048, cfg.format.max_length + max(ev.heldout.max_new_tokens, ev.max_new_tokens))
+
+
 def load_model(artifact: Artifact, cfg: DistilleryConfig) -> Any:
     """A scorer for the artifact: transformers (+ PEFT) for HF directories, llama.cpp for GGUFs."""
     ev = cfg.evaluate
     if artifact.kind == "gguf":
-        return GGUFModel(Path(artifact.path), threads=ev.gguf_threads)
+        return GGUFModel(Path(artifact.path), n_ctx=gguf_context(cfg), threads=ev.gguf_threads)
     from distillery.evals.hf_backend import HFModel
 
     if artifact.kind == "adapter":

@@ -77,3 +77,22 @@ def test_gguf_scores_follow_the_hf_model_it_was_made_from(demo_model_path: str, 
     assert max(diffs) < 1.0 and sum(diffs) / len(diffs) < 0.3, diffs
     agree = sum(mathqa.predictions(i, g) == mathqa.predictions(i, h) for i, g, h in zip(items, g_scores, h_scores))
     assert agree >= len(items) // 2, agree
+
+
+@pytest.mark.integration
+def test_a_held_out_sequence_longer_than_2048_tokens_is_scored(tmp_path: Path) -> None:
+    """format.max_length 2100 (R1-style traces): evaluate gives llama.cpp a context that holds the whole sequence
+    and the longest answer after it (evaluate.gguf_context), not a fixed 2048 that such a sequence overflows."""
+    pytest.importorskip("llama_cpp")
+    from tests.stages.test_evaluate import load_config_dict
+    from distillery.stages.evaluate import Artifact, load_model
+
+    cfg = load_config_dict({"ingest": {"sources": [{"name": "x", "kind": "hf", "files": "x.jsonl"}]},
+                            "format": {"max_length": 2100}}, tmp_path)
+    model = load_model(Artifact("q", "gguf", bundled_gguf()), cfg)
+    try:
+        tokens = [1000 + (7 * i) % 20000 for i in range(2080)]
+        score = model.completion_logprobs([tokens], [2060], 8)[0]
+        assert -20 * 30 < score < 0  # 20 scored tokens, each a finite log-probability
+    finally:
+        model.close()
