@@ -69,8 +69,6 @@ def _score_requests(state: dict[str, Any], emit: Callable[[int], None], requests
 
 def _score(llm: Any, request: Request) -> list[float]:
     """The context decoded once (its last row kept, as log-probabilities); each continuation decoded after it."""
-    from distillery.export.verify import log_softmax
-
     context, first = list(request.context), []
     decode(llm, context, 0, len(context) - 1, lambda position, rows: first.append(log_softmax(rows[-1].astype("float64"))))
     end, scores = len(context), []

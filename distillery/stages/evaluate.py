@@ -26,7 +26,7 @@ from typing import Any
 
 from distillery.evals import generative, heldout, mathqa, report
 from distillery.evals.gguf_backend import GGUFLoadError, GGUFModel
-from distillery.evals.hf_backend import resolve_dtype
+from distillery.evals.hf_backend import HFModel, resolve_dtype
 from distillery.evals.scoring import build_request
 from distillery.config import DistilleryConfig, EvaluateConfig
 from distillery.core.console import summary_table
@@ -118,8 +118,6 @@ def load_model(artifact: Artifact, cfg: DistilleryConfig) -> Any:
     ev = cfg.evaluate
     if artifact.kind == "gguf":
         return GGUFModel(Path(artifact.path), n_ctx=gguf_context(cfg), threads=ev.gguf_threads)
-    from distillery.evals.hf_backend import HFModel
-
     if artifact.kind == "adapter":
         return HFModel(artifact.base_model or "", ev.dtype, adapter=Path(artifact.path),
                        trust_remote_code=cfg.model.trust_remote_code)

@@ -27,12 +27,12 @@ from typing import Any
 from distillery.config import DistilleryConfig, FinetuneConfig
 from distillery.core.console import markdown_table, summary_table
 from distillery.core.errors import UserError
+from distillery.core.machine import cpu_bf16_native
 from distillery.core.plots import figure
 from distillery.core.records import read_jsonl
 from distillery.core.rundir import atomic_write_text
 from distillery.core.summaries import FinetuneSummary
 from distillery.stage import Stage, StageContext, StageResult, load_stage
-from distillery.core.machine import cpu_bf16_native
 from distillery.training.preflight import (
     check_accelerate_config,
     check_completions_fit,
