@@ -20,7 +20,6 @@ import logging
 import math
 import shutil
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 from typing import BinaryIO
@@ -176,7 +175,6 @@ def decontaminate(cfg: DistilleryConfig, per_source: list[tuple[SourceRows, Sour
     trains = [train for train, _ in splits]
     if not settings.enabled:
         return trains, {"enabled": False}
-    started = time.perf_counter()
     sets, not_checked = evaluation_sets(cfg, held_out_set(per_source, splits))
     index = Index(sets, Sizes(settings.word_ngram, settings.char_ngram))
     counts: Counter = Counter()
@@ -194,8 +192,7 @@ def decontaminate(cfg: DistilleryConfig, per_source: list[tuple[SourceRows, Sour
             trains[number] = [i for i in train if i not in found]
     summary = {"enabled": True, "action": settings.action, "word_ngram": settings.word_ngram,
                "char_ngram": settings.char_ngram, "sets": [s.as_dict() for s in index.summaries],
-               "not_checked": not_checked, "contaminated": dict(counts), "total": sum(counts.values()),
-               "seconds": round(time.perf_counter() - started, 2)}
+               "not_checked": not_checked, "contaminated": dict(counts), "total": sum(counts.values())}
     if settings.action == "keep":
         summary["kept"] = kept
     return trains, summary
@@ -269,7 +266,7 @@ def decontamination_lines(summary: dict) -> list[str]:
     done = "dropped (dropped.jsonl lists them)" if summary["action"] == "drop" else \
         "kept (action: keep; report.json lists them)"
     lines = [f"Checked against {sets}, by {summary['word_ngram']}-word and {summary['char_ngram']}-character "
-             f"(Hangul) n-grams, in {summary['seconds']} s.",
+             f"(Hangul) n-grams.",
              f"Contaminated training records: {summary['total']}" + (f" ({found}), {done}." if summary["total"] else ".")]
     return lines + [f"Not checked: {reason}." for reason in summary["not_checked"]]
 
