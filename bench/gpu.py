@@ -137,19 +137,18 @@ class NvidiaSmiPeak:
 def train_child(spec: dict[str, Any]) -> dict[str, Any]:
     """Load `spec["model"]` through Distillery's loader for `spec["backend"]`, then for each (seq, batch, steps) run
     train on random token ids with TRL's SFTTrainer and Distillery's trainer arguments; returns the figures."""
-    if spec["backend"] == "unsloth":
-        import unsloth  # noqa: F401  -- first, so that its patches apply (as training/train.py does)
+    from distillery.training.backends import backend_of
+
+    backend_of(spec["backend"]).start("sft")  # Unsloth first, so that its patches apply (as training/train.py does)
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     from distillery.core.machine import cpu_bf16_native
     from distillery.training.preflight import choose_optimizer, choose_precision, cuda_bf16
     from distillery.training.settings import FinetuneConfig
-    from distillery.training.train import (TrainJob, load_hf, load_unsloth, peak_memory_mb, prepare_tokenizer,
-                                          training_arguments)
-    from distillery.training.trainers import counting, plain_loss_sft_trainer
+    from distillery.training.train import TrainJob, peak_memory_mb, prepare_tokenizer, training_arguments
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -165,7 +164,7 @@ def train_child(spec: dict[str, Any]) -> dict[str, Any]:
                    optimizer=choose_optimizer(ft.optimizer, cuda), max_length=max(r[0] for r in spec["runs"]),
                    seed=3407, template=tokenizer.chat_template, eos_token=tokenizer.eos_token, finetune=ft)
     started = time.time()
-    model, tokenizer = load_unsloth(job) if job.backend == "unsloth" else load_hf(job)
+    model, tokenizer = backend_of(job.backend).load(job)
     tokenizer = prepare_tokenizer(tokenizer, job)
     if cuda:
         torch.cuda.synchronize()
@@ -201,7 +200,7 @@ def train_child(spec: dict[str, Any]) -> dict[str, Any]:
         run_ft = ft.model_copy(update={"batch_size": batch, "max_steps": total})
         run_job = dataclasses.replace(job, max_length=seq, finetune=run_ft)
         args = training_arguments(run_job)
-        cls = plain_loss_sft_trainer(SFTTrainer) if device == "cpu" and job.backend == "hf" else counting(SFTTrainer)
+        cls = backend_of(job.backend).sft_trainer(device)
         trainer = cls(model=model, args=SFTConfig(**args, max_length=seq, packing=False, dataset_num_proc=None),
                       train_dataset=dataset, processing_class=tokenizer)
         timer = StepTimer()

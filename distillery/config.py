@@ -176,6 +176,9 @@ class DistillConfig(Section):
         description="Instruction sent to the teacher before each prompt (not part of the training data).",
     )
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    logprobs: int | None = Field(None, ge=1, le=64, description="k: also store the teacher's top-k log-probs on every "
+                                 "token of each kept trace (train.logprobs.safetensors), for finetune.objective kd; "
+                                 "the teacher must share the student's tokenizer. null: off.")
 
 
 DEFAULT_VERIFY_PROMPTS = [

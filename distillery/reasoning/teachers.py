@@ -11,6 +11,8 @@
           Its replies are untrusted: each request ends within timeout_s (all of it, not each read), a reply larger
           than max_tokens can explain is cut off and dropped, and 429/5xx are retried after the server's
           Retry-After (at most max_retry_wait_s) or a backoff.
+With distill.logprobs each teacher also reads a kept trace teacher-forced and returns its top-k log-probs per token
+(`top_logprobs`, reasoning/teacher_logprobs.py), and says how to tokenize with its vocabulary (`encoder`).
 Heavy libraries are imported when a teacher is built, never at import.
 """
 
@@ -58,6 +60,10 @@ class Teacher(Protocol):
     def complete(self, messages: Messages, n: int, temperature: float, max_tokens: int,
                  seed: int) -> list[str | Dropped]: ...
 
+    def encoder(self, student_tokenizer: Any) -> Callable[[str], list[int]] | None: ...  # None: checked per request
+
+    def top_logprobs(self, ids: list[int], start: int, k: int) -> Any: ...  # TopK, or Unscored and why
+
     def close(self) -> None: ...
 
 
@@ -85,13 +91,38 @@ class GGUFTeacher:
         from distillery.export.llama_child import LlamaChild
 
         self.name = f"gguf:{path.name}"
+        self.context_length = context_length
         self.llama = LlamaChild(path, "generating teacher answers with", n_ctx=context_length)
 
     def complete(self, messages: Messages, n: int, temperature: float, max_tokens: int, seed: int) -> list[str]:
         return self.llama.call(_chat_completions, messages, n, temperature, max_tokens, seed)
 
+    def encoder(self, student_tokenizer: Any) -> Callable[[str], list[int]]:
+        return lambda text: self.llama.tokenize([text], add_bos=False, special=True)[0]
+
+    def top_logprobs(self, ids: list[int], start: int, k: int) -> Any:
+        from distillery.reasoning.teacher_logprobs import Unscored
+
+        if len(ids) > self.context_length:
+            return Unscored(f"{len(ids)} tokens, over distill.teacher.context_length {self.context_length}")
+        return self.llama.call(_top_logprobs, ids, start, k)
+
     def close(self) -> None:
         self.llama.close()
+
+
+def _top_logprobs(state: dict[str, Any], emit: Any, ids: list[int], start: int, k: int) -> Any:
+    """In the llama.cpp child: the top-k log-probs of the rows that predict ids[start:]."""
+    import numpy as np
+
+    from distillery.evals.gguf_backend import decode
+    from distillery.export.verify import log_softmax
+    from distillery.reasoning.teacher_logprobs import top_k_rows
+
+    rows: list[Any] = []
+    decode(state["llm"], ids[:-1], 0, start - 1,
+           lambda position, logits: rows.append(log_softmax(np.asarray(logits, dtype=np.float64))))
+    return top_k_rows(np.concatenate(rows), ids[start:], k)
 
 
 def _chat_completions(state: dict[str, Any], emit: Any, messages: Messages, n: int, temperature: float,
@@ -134,6 +165,19 @@ class HFTeacher:
         prompt_length = inputs["input_ids"].shape[1]
         return [self.tokenizer.decode(row[prompt_length:], skip_special_tokens=True) for row in output]
 
+    def encoder(self, student_tokenizer: Any) -> Callable[[str], list[int]]:
+        from distillery.core.vocab import hf_encoder
+
+        return hf_encoder(self.tokenizer)
+
+    def top_logprobs(self, ids: list[int], start: int, k: int) -> Any:
+        from distillery.reasoning.teacher_logprobs import top_k_rows
+
+        with self.torch.no_grad():
+            logits = self.model(self.torch.tensor([ids[:-1]], device=self.model.device)).logits[0, start - 1:]
+            log_probs = self.torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
+        return top_k_rows(log_probs, ids[start:], k)
+
     def close(self) -> None:
         del self.model
 
@@ -160,6 +204,8 @@ class OpenAITeacher:
 
         self.name = f"openai:{model}"
         self.endpoint = url.rstrip("/") + "/chat/completions"
+        self.completions_endpoint = url.rstrip("/") + "/completions"
+        self.token_id: Any = None  # set by distill when it scores traces (teacher_logprobs.token_id_mapper)
         self.model, self.retries, self.httpx = model, retries, httpx
         self.timeout_s, self.max_retry_wait_s = timeout_s, max_retry_wait_s
         headers = {"Content-Type": "application/json"}
@@ -171,20 +217,39 @@ class OpenAITeacher:
     def complete(self, messages: Messages, n: int, temperature: float, max_tokens: int,
                  seed: int) -> list[str | Dropped]:
         # One request per sample: not every server honours `n` (llama-server does not).
-        return [self.request({"model": self.model, "messages": messages, "temperature": temperature,
-                              "max_tokens": max_tokens, "seed": seed + i}) for i in range(n)]
+        return [self.answer(self.request({"model": self.model, "messages": messages, "temperature": temperature,
+                                          "max_tokens": max_tokens, "seed": seed + i}), max_tokens) for i in range(n)]
+
+    def encoder(self, student_tokenizer: Any) -> None:
+        return None  # a server's tokenizer is checked on every scored trace instead: the ids it echoes (round trip)
+
+    def top_logprobs(self, ids: list[int], start: int, k: int) -> Any:
+        """The completions endpoint's echoed prompt log-probs (vLLM: `return_tokens_as_token_ids`)."""
+        from distillery.reasoning.teacher_logprobs import Unscored, openai_top_k
+
+        body = {"model": self.model, "prompt": ids, "max_tokens": 1, "temperature": 0.0, "echo": True,
+                "logprobs": k, "return_tokens_as_token_ids": True}
+        reply = self.request(body, self.completions_endpoint, cap=REPLY_BYTES_FLOOR + len(ids) * (k + 1) * 64)
+        try:
+            logprobs = json.loads(reply.body)["choices"][0]["logprobs"] or {}
+        except (ValueError, KeyError, IndexError, TypeError):
+            return Unscored(f"{self.completions_endpoint} gave no echoed log-probs: {reply.text()[:200]}")
+        return openai_top_k(logprobs, ids, start, k, self.token_id)
 
     def close(self) -> None:
         self.client.close()
 
-    def request(self, body: dict) -> str | Dropped:
-        """POST with retries on connection errors, timeouts, 429 and 5xx (Retry-After or exponential backoff)."""
+    def request(self, body: dict, endpoint: str | None = None, cap: int | None = None) -> Reply:
+        """POST to the chat endpoint (or `endpoint`) with retries on connection errors, timeouts, 429 and 5xx
+        (Retry-After or exponential backoff); the 200 reply, at most `cap` bytes of it."""
+        endpoint = endpoint or self.endpoint
+        cap = cap or reply_byte_cap(body["max_tokens"])
         problem, retry_after = "", None
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.retry_wait(attempt, retry_after, problem))
             try:
-                reply = finish_within(self.timeout_s, lambda: self.post(body, reply_byte_cap(body["max_tokens"])))
+                reply = finish_within(self.timeout_s, lambda: self.post(endpoint, body, cap))
             except self.httpx.HTTPError as err:
                 problem, retry_after = f"{type(err).__name__}: {err}", None
                 continue
@@ -197,17 +262,17 @@ class OpenAITeacher:
                     problem += f", Retry-After {retry_after:.0f} s"
                 continue
             if reply.status != 200:
-                raise UserError(f"distill.teacher: {self.endpoint} answered HTTP {reply.status}: "
+                raise UserError(f"distill.teacher: {endpoint} answered HTTP {reply.status}: "
                                 f"{reply.text()[:300]}. Check teacher.url, teacher.model and the key in teacher.api_key_env.")
-            return self.answer(reply, body["max_tokens"])
-        raise UserError(f"distill.teacher: {self.endpoint} did not answer after {self.retries + 1} attempt(s) (last: {problem}). "
+            return reply
+        raise UserError(f"distill.teacher: {endpoint} did not answer after {self.retries + 1} attempt(s) (last: {problem}). "
                         "Start the server or fix teacher.url (or raise distill.teacher.timeout_s for a slow one); "
                         "a rerun resumes where this one stopped.")
 
-    def post(self, body: dict, cap: int) -> Reply:
+    def post(self, endpoint: str, body: dict, cap: int) -> Reply:
         """One POST, reading at most `cap` bytes of the reply and stopping once timeout_s has passed."""
         deadline = time.monotonic() + self.timeout_s
-        with self.client.stream("POST", self.endpoint, json=body) as response:
+        with self.client.stream("POST", endpoint, json=body) as response:
             data = bytearray()
             for chunk in response.iter_bytes():
                 data += chunk

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Iterator
@@ -39,7 +39,7 @@ from distillery.reasoning.verifiers import VERIFIERS, Verdict, final_part, why_u
 log = logging.getLogger(__name__)
 
 OUTPUTS = {"train": "train.jsonl", "traces": "traces.jsonl", "report": "report.json", "report_md": "report.md",
-           "report_plot": "report.png"}
+           "report_plot": "report.png", "logprobs": "train.logprobs.safetensors"}
 PROGRESS = "progress.jsonl"  # the finished prompts while the stage runs: what an interrupted run resumes from
 
 
@@ -93,8 +93,10 @@ def sample_seed(seed: int, record_id: str) -> int:
     return (seed * 1_000_003 + int(record_id[:8], 16)) % 2**31
 
 
-def distill_prompt(record: dict, cfg: DistillConfig, teacher: Any, limits: Limits, seed: int) -> dict:
-    """Every sample of one prompt with its verdicts (and second turns), plus the training records kept."""
+def distill_prompt(record: dict, cfg: DistillConfig, teacher: Any, limits: Limits, seed: int,
+                   scorer: Any = None) -> dict:
+    """Every sample of one prompt with its verdicts (and second turns), plus the training records kept (and,
+    with distill.logprobs, the teacher's top-k log-probs on each of them)."""
     verifier_name = cfg.tasks[record["task"]]
     verify = VERIFIERS[verifier_name]
     first = teacher_messages(record, verifier_name, cfg.system_prompt)
@@ -117,9 +119,19 @@ def distill_prompt(record: dict, cfg: DistillConfig, teacher: Any, limits: Limit
         # Identical samples (temperature 0, or a teacher that repeats itself) would be the same example twice.
         if (final.ok or cfg.keep == "all") and trace["id"] not in {r["id"] for r in kept}:
             kept.append(trace)
-    seconds = time.monotonic() - started
-    return {"id": record["id"], "task": record["task"], "verifier": verifier_name, "teacher": teacher.name,
-            "seconds": round(seconds, 3), "attempts": attempts, "kept": kept}
+    entry = {"id": record["id"], "task": record["task"], "verifier": verifier_name, "teacher": teacher.name,
+             "attempts": attempts, "kept": kept}
+    if scorer is not None:
+        entry["logprobs"] = [scored_trace(scorer, trace) for trace in kept]
+    return {**entry, "seconds": round(time.monotonic() - started, 3)}
+
+
+def scored_trace(scorer: Any, trace: dict) -> dict:
+    """The teacher's top-k log-probs on a kept trace, as a progress line holds them (or why there are none)."""
+    from distillery.reasoning.teacher_logprobs import Unscored
+
+    scored = scorer.score(question(trace), trace["messages"][-1]["content"])
+    return {"unscored": scored.reason} if isinstance(scored, Unscored) else scored.encode()
 
 
 def checked_turn(record: dict, reply: str | Dropped, verify: Any, limits: Limits) -> tuple[str, Verdict]:
@@ -146,7 +158,8 @@ def training_record(record: dict, turns: list, final: Any, sample: int, teacher_
                        meta, record.get("choices"), record.get("label"))
 
 
-def run_prompts(todo: list[dict], ctx: StageContext, teacher: Any, limits: Limits, progress_path: Path) -> None:
+def run_prompts(todo: list[dict], ctx: StageContext, teacher: Any, limits: Limits, progress_path: Path,
+                scorer: Any = None) -> None:
     """Distill the prompts, appending each one as soon as it is done.
 
     A parallel (HTTP) teacher gets up to `concurrency` prompts in flight, never more, so an interruption loses
@@ -158,7 +171,7 @@ def run_prompts(todo: list[dict], ctx: StageContext, teacher: Any, limits: Limit
     workers = cfg.concurrency if teacher.parallel else 1
 
     def one(record: dict) -> dict:
-        return distill_prompt(record, cfg, teacher, limits, sample_seed(ctx.cfg.run.seed, record["id"]))
+        return distill_prompt(record, cfg, teacher, limits, sample_seed(ctx.cfg.run.seed, record["id"]), scorer)
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=ctx.console) as progress:
@@ -223,20 +236,47 @@ def run(ctx: StageContext) -> StageResult:
                         f"its verifier needs{f' (skipped: {skipped})' if skipped else ''}. Add a MathQA or CodeI/O "
                         "source, or map your task to a verifier in distill.tasks.")
     progress_path = ctx.out / PROGRESS  # kept by the runner through a kill or a UserError: the rerun resumes
-    done = {entry["id"]: entry for entry in load_progress(progress_path)}
+    done = {entry["id"]: entry for entry in load_progress(progress_path)
+            if not cfg.logprobs or "logprobs" in entry}  # a prompt finished without log-probs is asked again
     todo = [r for r in prompts if r["id"] not in done]
     if done:
         ctx.console.print(f"distill: resuming, {len(prompts) - len(todo)} of {len(prompts)} prompts already done.")
     if todo:
         teacher = build_teacher(cfg.teacher, cfg.retries)
         try:
-            run_prompts(todo, ctx, teacher, Limits.from_config(cfg.sandbox), progress_path)
+            scorer = build_scorer(ctx, teacher) if cfg.logprobs else None
+            run_prompts(todo, ctx, teacher, Limits.from_config(cfg.sandbox), progress_path, scorer)
         finally:
             teacher.close()
-    entries = {entry["id"]: entry for entry in load_progress(progress_path)}
+    entries = {entry["id"]: entry for entry in load_progress(progress_path)}  # the last line of a prompt wins
     ordered = [entries[r["id"]] for r in prompts]
     refuse_if_nothing_usable(ordered, progress_path)
     return finish(ctx, ordered, skipped)
+
+
+def build_scorer(ctx: StageContext, teacher: Any) -> Any:
+    """Scores kept traces with the teacher in the student's token ids; refuses a teacher of another vocabulary."""
+    from transformers import AutoTokenizer
+
+    from distillery.core.models import resolve_model_path
+    from distillery.reasoning.teacher_logprobs import Scorer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(ctx.cfg.model.path),
+                                              trust_remote_code=ctx.cfg.model.trust_remote_code)
+    return Scorer(teacher, tokenizer, ctx.cfg.distill.logprobs)
+
+
+def write_logprobs(path: Path, entries: list[dict], k: int, teacher: str | None) -> dict[str, Any]:
+    """The sidecar beside train.jsonl: record i's top-k rows are offsets[i]:offsets[i+1]; returns its summary."""
+    from distillery.core.topk import TopK, bytes_per_token, save_sequences
+
+    stored = [scored for entry in entries for scored in entry.get("logprobs", [None] * len(entry["kept"]))]
+    sequences = [TopK.decode(s) if s and "unscored" not in s else None for s in stored]
+    unscored = Counter(s["unscored"].split(":")[0] for s in stored if s and "unscored" in s)
+    save_sequences(path, sequences, {"k": k, "teacher": teacher})
+    tokens = sum(len(s.tokens) for s in sequences if s is not None)
+    return {"k": k, "records": sum(s is not None for s in sequences), "unscored": dict(unscored), "tokens": tokens,
+            "bytes": path.stat().st_size, "bytes_per_token": bytes_per_token(k)}
 
 
 def build_teacher(cfg: TeacherConfig, retries: int) -> Any:
@@ -288,9 +328,12 @@ def finish(ctx: StageContext, entries: list[dict], skipped: dict[str, int]) -> S
     write_jsonl(ctx.out / OUTPUTS["traces"], traces(entries))
     rows = task_report(entries)
     dropped = dropped_replies(entries)
-    report = {"teacher": entries[0]["teacher"] if entries else None, "keep": ctx.cfg.distill.keep,
+    teacher = entries[0]["teacher"] if entries else None
+    report = {"teacher": teacher, "keep": ctx.cfg.distill.keep,
               "samples_per_prompt": ctx.cfg.distill.samples_per_prompt, "revise": ctx.cfg.distill.revise,
               "tasks": rows, "skipped": skipped, "dropped": dropped, "train_records": len(kept)}
+    if ctx.cfg.distill.logprobs:
+        report["logprobs"] = write_logprobs(ctx.out / OUTPUTS["logprobs"], entries, ctx.cfg.distill.logprobs, teacher)
     (ctx.out / OUTPUTS["report"]).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (ctx.out / OUTPUTS["report_md"]).write_text(render_report(report), encoding="utf-8")
     save_report_plot(rows, ctx.out / OUTPUTS["report_plot"])
@@ -298,6 +341,8 @@ def finish(ctx: StageContext, entries: list[dict], skipped: dict[str, int]) -> S
     ctx.console.print(summary_table("distill report", table_rows(rows), HEADERS))
     if dropped:
         ctx.console.print(f"[yellow]distill: teacher replies without usable text, dropped[/]: {describe_dropped(dropped)}.")
+    if "logprobs" in report:
+        ctx.console.print(logprobs_line(report["logprobs"]))
     generated = sum(r["generated"] for r in rows.values())
     verified = sum(r["verified"] for r in rows.values())
     replies_dropped = sum(d["replies"] for d in dropped.values())
@@ -309,6 +354,12 @@ def finish(ctx: StageContext, entries: list[dict], skipped: dict[str, int]) -> S
                  "dropped_replies": replies_dropped},
         summary=summary,
     )
+
+
+def logprobs_line(lp: dict) -> str:
+    unscored = ", ".join(f"{n} {why}" for why, n in lp["unscored"].items())
+    return (f"teacher top-{lp['k']} log-probs: {lp['records']} records, {lp['tokens']:,} tokens, {lp['bytes']:,} bytes "
+            f"({lp['bytes_per_token']} per token)" + (f"; without (cross-entropy only): {unscored}" if unscored else "") + ".")
 
 
 def traces(entries: list[dict]) -> Iterator[dict]:
@@ -338,6 +389,8 @@ def render_report(report: dict) -> str:
         lines += ["", "Skipped (cannot be checked): " + ", ".join(f"{n} {why}" for why, n in report["skipped"].items())]
     if report["dropped"]:
         lines += ["", f"Teacher replies without usable text, dropped: {describe_dropped(report['dropped'])}."]
+    if "logprobs" in report:
+        lines += ["", logprobs_line(report["logprobs"]).replace("teacher top", "Teacher top", 1)]
     return "\n".join(lines) + "\n"
 
 

@@ -96,7 +96,46 @@ def build_job(ctx: StageContext, model_path: str, template: str, meta: dict, eva
         seed=ctx.cfg.run.seed, template=template, eos_token=meta["eos_token"], finetune=ft,
         trust_remote_code=ctx.cfg.model.trust_remote_code,
         sample_prompts=[r["prompt"] for r in eval_rows[:ft.sample_prompts]],
+        **teacher_of(ctx, model_path),
     )
+
+
+def teacher_of(ctx: StageContext, student_path: str) -> dict[str, str]:
+    """What the distillation objectives read: kd, format's aligned top-k log-probs; on_policy, the HF teacher
+    (refused before any work when it does not share the student's tokenizer)."""
+    from distillery.training.backends import backend_of
+
+    ft, distill = ctx.cfg.finetune, getattr(ctx.cfg, "distill", None)
+    refusal = backend_of(ft.backend).refusal(ft.objective)
+    if refusal:
+        raise UserError(refusal)
+    if ft.objective == "kd":
+        path = ctx.upstream("format", "teacher")
+        if not path.is_file():
+            raise UserError("finetune.objective kd trains on the teacher's top-k log-probs, and format has none: set "
+                            "distill.enabled: true and distill.logprobs: 20 (a teacher that shares the student's "
+                            "tokenizer), then rerun distill and format; or use objective: sft.")
+        return {"teacher_logprobs": str(path)}
+    if ft.objective == "on_policy":
+        teacher = ft.on_policy.teacher or (distill.teacher.path if distill and distill.teacher.kind == "hf" else None)
+        if not teacher:
+            raise UserError("finetune.objective on_policy needs an HF teacher: set finetune.on_policy.teacher (a local "
+                            "directory, Hub id or bundled:<name>) or distill.teacher with kind: hf.")
+        return {"teacher_model": check_on_policy_teacher(locate_model(teacher), student_path, ctx)}
+    return {}
+
+
+def check_on_policy_teacher(teacher_path: str, student_path: str, ctx: StageContext) -> str:
+    from transformers import AutoTokenizer
+
+    from distillery.core.vocab import hf_encoder
+    from distillery.reasoning.teacher_logprobs import check_teacher_vocabulary
+
+    remote = ctx.cfg.model.trust_remote_code
+    student = AutoTokenizer.from_pretrained(student_path, trust_remote_code=remote)
+    teacher = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=remote)
+    check_teacher_vocabulary(student, hf_encoder(teacher), teacher_path)
+    return teacher_path
 
 
 def training_command(job_path: Path, accelerate_config: str | None) -> list[str]:
@@ -247,6 +286,7 @@ def report(ctx: StageContext, s: dict) -> StageResult:
                                                   ("tokens/s", str(s["tokens_per_s"]))])
 
 
-STAGE = Stage(name="finetune", run=run, outputs=OUTPUTS, sections=("model", "finetune"), upstream=("format",),
+# distill: on_policy may take its teacher from distill.teacher.
+STAGE = Stage(name="finetune", run=run, outputs=OUTPUTS, sections=("model", "distill", "finetune"), upstream=("format",),
               packages=("torch", "transformers", "trl", "peft", "unsloth", "unsloth_zoo", "accelerate", "bitsandbytes"),
               resumable=True, input_files=input_files)

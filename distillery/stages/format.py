@@ -29,7 +29,8 @@ from distillery.stage import Stage, StageContext, StageResult, load_stage
 log = logging.getLogger(__name__)
 
 OUTPUTS = {"train": "train.jsonl", "eval": "eval.jsonl", "chat_template": "chat_template.jinja",
-           "template": "template.json", "stats": "stats.json", "lengths_plot": "lengths.png", "report": "report.md"}
+           "template": "template.json", "stats": "stats.json", "lengths_plot": "lengths.png", "report": "report.md",
+           "teacher": "train.teacher.safetensors"}
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "templates"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -104,6 +105,47 @@ def render(record: dict, fmt: FormatConfig, template: str, tokenizer: Any) -> di
     return row
 
 
+def find_tokens(ids: list[int], tokens: list[int], from_position: int) -> int | None:
+    """Where `tokens` occur in `ids`, at or after from_position; None if they do not."""
+    n = len(tokens)
+    for start in range(max(0, from_position), len(ids) - n + 1):
+        if ids[start] == tokens[0] and ids[start:start + n] == tokens:
+            return start
+    return None
+
+
+def align_teacher(rows: list[dict], tokenizer: Any, ctx: StageContext) -> dict[str, Any] | None:
+    """Distill's teacher log-probs placed on the training tokens: row i's top-k rows describe its tokens from
+    starts[i] on, exactly as training tokenizes the row (training/tokens.py). A trace whose tokens are not found
+    whole (a template that changes the text) trains on cross-entropy only, and is counted."""
+    import numpy as np
+
+    from distillery.core.topk import TopK, load_sequences, save_sequences, sequence
+
+    if "distill" not in upstream(ctx.cfg) or not ctx.upstream("distill", "logprobs").is_file():
+        return None
+    arrays, metadata = load_sequences(ctx.upstream("distill", "logprobs"))
+    distilled = [r["id"] for r in read_jsonl(ctx.upstream("distill", "train"))]
+    by_id = {record_id: i for i, record_id in enumerate(distilled)}
+    placed: list[TopK | None] = []
+    starts, unaligned = [], 0
+    for row in rows:
+        scored = sequence(arrays, by_id[row["id"]]) if row["id"] in by_id else None
+        ids, prompt_len = split_tokens(tokenizer, row["prompt"], row["completion"])
+        start = None if scored is None else find_tokens(ids, scored.tokens.tolist(), prompt_len - 8)
+        if scored is not None and start is None and len(scored.tokens) > 1:  # the EOS may render differently
+            scored = TopK(scored.tokens[:-1], scored.ids[:-1], scored.logprobs[:-1])
+            start = find_tokens(ids, scored.tokens.tolist(), prompt_len - 8)
+        unaligned += scored is not None and start is None
+        placed.append(scored if start is not None else None)
+        starts.append(-1 if start is None else start)
+    path = ctx.out / OUTPUTS["teacher"]
+    save_sequences(path, placed, metadata, {"starts": np.asarray(starts, dtype=np.int64)})
+    return {"k": metadata["k"], "teacher": metadata.get("teacher"), "rows": sum(p is not None for p in placed),
+            "unaligned": unaligned, "tokens": sum(len(p.tokens) for p in placed if p is not None),
+            "bytes": path.stat().st_size}
+
+
 def token_lengths(rows: list[dict], tokenizer: Any) -> list[tuple[int, int]]:
     """(prompt tokens, total tokens) per row, tokenized as the trainer will (training/tokens.py)."""
     pairs = [split_tokens(tokenizer, r["prompt"], r["completion"]) for r in rows]
@@ -156,6 +198,8 @@ def run(ctx: StageContext) -> StageResult:
         all_lengths += lengths
         stats[split] = length_stats(lengths, fmt.max_length)
         write_jsonl(ctx.out / OUTPUTS[split], rows)
+        if split == "train" and (teacher := align_teacher(rows, tokenizer, ctx)) is not None:
+            stats["teacher_logprobs"] = teacher
     (ctx.out / OUTPUTS["chat_template"]).write_text(template, encoding="utf-8")
     meta = {"name": fmt.template, "eos_token": tokenizer.eos_token, "bos_token": tokenizer.bos_token,
             "model": model_path}
@@ -189,6 +233,12 @@ HEADERS = ("split", "examples", "mean tokens", "p95", "max", "over max_length", 
 def print_report(ctx: StageContext, stats: dict) -> None:
     ctx.console.print(summary_table(f"format ({stats['template']}, max_length {ctx.cfg.format.max_length})",
                                     _rows(stats), HEADERS))
+    teacher = stats.get("teacher_logprobs")
+    if teacher:
+        ctx.console.print(f"teacher top-{teacher['k']} log-probs on {teacher['rows']} train examples "
+                          f"({teacher['tokens']:,} tokens, {teacher['bytes']:,} bytes)"
+                          + (f"; {teacher['unaligned']} not found in their tokens (cross-entropy only)"
+                             if teacher["unaligned"] else "") + ".")
     lost = stats["train"].get("completion_lost", 0)
     over = stats["train"].get("over_max_length", 0)
     if over:

@@ -27,6 +27,27 @@ class LoraConfig(BaseModel):
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
 
 
+class KDConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of KL(teacher || student) over the teacher's top-k; "
+                         "1 - alpha weighs the cross-entropy on the completion.")
+    temperature: float = Field(1.0, gt=0, description="Softening temperature of both distributions (the KL is "
+                               "scaled by its square).")
+
+
+class OnPolicyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: str | None = Field(None, description="The teacher: a local HF directory, Hub id or bundled:<name> sharing "
+                                "the student's tokenizer; unset: distill.teacher.path when its kind is hf.")
+    beta: float = Field(0.5, ge=0, le=1, description="Generalised JSD: 0 = forward KL(teacher || student), "
+                        "1 = reverse KL(student || teacher).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the student's generations.")
+    max_new_tokens: int = Field(128, ge=1, description="Tokens the student generates per prompt (one sample per "
+                                "prompt, every batch on the student's own generations).")
+
+
 class FinetuneConfig(BaseModel):
     """LoRA and trainer settings: the finetune section, read by the stage and, typed, by the training child."""
 
@@ -61,7 +82,12 @@ class FinetuneConfig(BaseModel):
     report_to: Literal["none", "tensorboard", "wandb"] = Field(
         "none", description="Experiment tracker; keys (WANDB_API_KEY) only from the environment or .env."
     )
-    objective: Literal["sft", "multiple_choice"] = Field("sft", description="multiple_choice: softmax over math_mc options.")
+    objective: Literal["sft", "multiple_choice", "kd", "on_policy"] = Field(
+        "sft", description="sft: cross-entropy on the completions; multiple_choice: softmax over math_mc options; "
+                           "kd: the teacher's top-k log-probs stored by distill (distill.logprobs); on_policy: the "
+                           "student generates and an HF teacher scores every token (TRL's DistillationTrainer).")
+    kd: KDConfig = Field(default_factory=KDConfig)
+    on_policy: OnPolicyConfig = Field(default_factory=OnPolicyConfig)
     sample_prompts: int = Field(3, ge=0, description="Held-out prompts generated before and after training (samples.md).")
     sample_max_new_tokens: int = Field(48, ge=1, description="Tokens generated per sample prompt.")
     accelerate_config: UserPath | None = Field(

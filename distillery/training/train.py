@@ -5,7 +5,8 @@ Steps, in order:
    with double quantization and 16-bit compute when 4-bit); give the tokenizer the training chat template and EOS;
 2. add LoRA adapters (r, alpha, dropout, target modules, rsLoRA, DoRA);
 3. generate the "before" samples on held-out prompts (kept in the output dir, so a resumed run reuses them);
-4. build the trainer: TRL's SFTTrainer with loss on completions only, or the multiple-choice trainer;
+4. build the trainer of the objective: TRL's SFTTrainer with loss on completions only (sft), the multiple-choice
+   trainer, the KD trainer on the teacher's stored top-k log-probs (kd), or TRL's DistillationTrainer (on_policy);
 5. train, resuming from the last complete checkpoint in <out>/checkpoints;
 6. save the adapter with its tokenizer, the "after" samples and train_result.json.
 
@@ -26,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from distillery.core.errors import UserError
-from distillery.core.models import torch_dtype
 from distillery.core.records import read_jsonl
 from distillery.core.rundir import atomic_write_text
+from distillery.training.backends import backend_of
 from distillery.training.settings import FinetuneConfig
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class TrainJob:
     eos_token: str
     finetune: FinetuneConfig  # the finetune config section
     trust_remote_code: bool = False
+    teacher_logprobs: str = ""  # objective kd: format's teacher sidecar (training/kd.py)
+    teacher_model: str = ""  # objective on_policy: the teacher's local directory or Hub id
     sample_prompts: list[str] = field(default_factory=list)
 
     def save(self, path: Path) -> None:
@@ -79,87 +82,14 @@ def prepare_tokenizer(tokenizer: Any, job: TrainJob) -> Any:
     return tokenizer
 
 
-def lora_settings(job: TrainJob) -> dict[str, Any]:
-    lora = job.finetune.lora
-    return {"r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
-            "target_modules": list(lora.target_modules), "use_rslora": lora.use_rslora,
-            "use_dora": lora.use_dora, "bias": "none"}
-
-
-def load_unsloth(job: TrainJob) -> tuple[Any, Any]:
-    """Unsloth's FastLanguageModel: QLoRA on CUDA, 16-bit LoRA on CPU, Unsloth gradient checkpointing."""
-    if job.finetune.objective == "multiple_choice":
-        # Unsloth's CUDA forward skips building logits while training; the multiple-choice loss needs them.
-        os.environ.setdefault("UNSLOTH_RETURN_LOGITS", "1")
-    from unsloth import FastLanguageModel
-
-    checkpointing = "unsloth" if job.finetune.gradient_checkpointing else False
-    # No device_map: under `accelerate launch` (DDP) Unsloth itself puts each rank's whole model on its own GPU.
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=job.model_path, max_seq_length=job.max_length, dtype=torch_dtype(job.precision),
-        load_in_4bit=job.load_in_4bit, trust_remote_code=job.trust_remote_code,
-        use_gradient_checkpointing=checkpointing,
-    )
-    model = FastLanguageModel.get_peft_model(
-        model, **lora_settings(job), use_gradient_checkpointing=checkpointing, random_state=job.seed,
-        max_seq_length=job.max_length,
-    )
-    return model, tokenizer
-
-
-def load_hf(job: TrainJob) -> tuple[Any, Any]:
-    """transformers + PEFT; on CUDA with 4-bit: bitsandbytes nf4, double quantization, 16-bit compute."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-
-    dtype = torch_dtype(job.precision)
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": job.trust_remote_code}
-    if job.load_in_4bit:
-        sharded = os.environ.get("ACCELERATE_USE_FSDP") == "true" or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-            # FSDP / DeepSpeed shard parameters of one dtype: store the 4-bit weights in the compute dtype.
-            **({"bnb_4bit_quant_storage": dtype} if sharded else {}))
-        if not sharded:
-            # One whole copy per process (single GPU or DDP): each rank's model on its own GPU.
-            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
-    model = AutoModelForCausalLM.from_pretrained(job.model_path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(job.model_path, trust_remote_code=job.trust_remote_code)
-    if job.load_in_4bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=job.finetune.gradient_checkpointing)
-    if job.finetune.gradient_checkpointing:
-        model.enable_input_require_grads()
-    model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora_settings(job)))
-    return model, tokenizer
-
-
-def for_inference(model: Any, job: TrainJob) -> None:
-    if job.backend == "unsloth":
-        from unsloth import FastLanguageModel
-
-        FastLanguageModel.for_inference(model)
-    else:
-        model.eval()
-
-
-def for_training(model: Any, job: TrainJob) -> None:
-    if job.backend == "unsloth":
-        from unsloth import FastLanguageModel
-
-        FastLanguageModel.for_training(model)
-    else:
-        model.train()
-
-
 def generate_samples(model: Any, tokenizer: Any, job: TrainJob) -> list[str]:
     """Greedy completions of the held-out prompts, exactly as rendered for training."""
     import torch
 
     if not job.sample_prompts:
         return []
-    for_inference(model, job)
+    backend = backend_of(job.backend)
+    backend.for_inference(model)
     eos_id = tokenizer.convert_tokens_to_ids(job.eos_token)
     answers = []
     try:
@@ -171,14 +101,13 @@ def generate_samples(model: Any, tokenizer: Any, job: TrainJob) -> list[str]:
                                         pad_token_id=tokenizer.pad_token_id)
             answers.append(tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True))
     finally:
-        for_training(model, job)
+        backend.for_training(model)
     return answers
 
 
 def training_arguments(job: TrainJob) -> dict[str, Any]:
     """Keyword arguments shared by SFTConfig and TrainingArguments."""
     ft = job.finetune
-    is_unsloth = job.backend == "unsloth"
     args = {
         "output_dir": str(Path(job.out) / "checkpoints"),
         "per_device_train_batch_size": ft.batch_size,
@@ -203,8 +132,7 @@ def training_arguments(job: TrainJob) -> dict[str, Any]:
         "use_cpu": job.device == "cpu",
         "disable_tqdm": True,
         "dataloader_pin_memory": job.device == "cuda",
-        # Unsloth enables its own checkpointing on the model; the Trainer's would replace it.
-        "gradient_checkpointing": ft.gradient_checkpointing and not is_unsloth,
+        "gradient_checkpointing": ft.gradient_checkpointing and not backend_of(job.backend).owns_gradient_checkpointing,
         "gradient_checkpointing_kwargs": {"use_reentrant": False},
         "ddp_find_unused_parameters": False,  # frozen base weights are unused by design under LoRA
         "train_sampling_strategy": "group_by_length" if ft.group_by_length else "random",
@@ -214,54 +142,83 @@ def training_arguments(job: TrainJob) -> dict[str, Any]:
     return args
 
 
-def build_datasets(job: TrainJob, tokenizer: Any) -> tuple[Any, Any]:
-    """Format's splits, tokenized here (training/tokens.py: no second BOS, TRL's completion boundary) so that TRL
-    trains on exactly the tokens inference reads; the multiple-choice objective tokenizes its own options."""
-    from datasets import Dataset
-
+def tokenized_rows(job: TrainJob, tokenizer: Any, path: str) -> list[dict]:
+    """Format's split tokenized here (training/tokens.py: no second BOS, TRL's completion boundary) so that training
+    sees exactly the tokens inference reads."""
     from distillery.training.tokens import training_example
 
-    def load(path: str) -> Any:
-        rows = [training_example(tokenizer, r["prompt"], r["completion"], job.max_length)
-                for r in read_jsonl(Path(path))] if Path(path).is_file() else []
-        return Dataset.from_list(rows) if rows else None
+    if not Path(path).is_file():
+        return []
+    return [training_example(tokenizer, r["prompt"], r["completion"], job.max_length) for r in read_jsonl(Path(path))]
 
-    if job.finetune.objective == "multiple_choice":
-        from distillery.training.trainers import mc_rows
 
-        rows = [r for r in mc_rows(read_jsonl(Path(job.train_path)))]
-        evals = [r for r in mc_rows(read_jsonl(Path(job.eval_path)))] if Path(job.eval_path).is_file() else []
-        return Dataset.from_list(rows), (Dataset.from_list(evals) if evals else None)
-    return load(job.train_path), load(job.eval_path)
+def sft_trainer(job: TrainJob, model: Any, tokenizer: Any, args: dict[str, Any], with_eval: bool) -> Any:
+    """TRL's SFTTrainer with the loss on completions only (the backend's subclass of it)."""
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    train = Dataset.from_list(tokenized_rows(job, tokenizer, job.train_path))
+    evals = tokenized_rows(job, tokenizer, job.eval_path) if with_eval else []
+    cls = backend_of(job.backend).sft_trainer(job.device)
+    config = SFTConfig(**args, max_length=job.max_length, packing=job.finetune.packing,
+                       completion_only_loss=True, eos_token=job.eos_token, dataset_num_proc=None)
+    return cls(model=model, args=config, train_dataset=train, eval_dataset=Dataset.from_list(evals) if evals else None,
+               processing_class=tokenizer)
+
+
+def multiple_choice_trainer(job: TrainJob, model: Any, tokenizer: Any, args: dict[str, Any], with_eval: bool) -> Any:
+    """The multiple-choice objective: it tokenizes its own options (training/trainers.py)."""
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    from distillery.training.trainers import MultipleChoiceCollator, mc_rows, multiple_choice_trainer as trainer_class
+
+    train = mc_rows(read_jsonl(Path(job.train_path)))
+    evals = mc_rows(read_jsonl(Path(job.eval_path))) if with_eval and Path(job.eval_path).is_file() else []
+    return trainer_class()(
+        model=model, args=TrainingArguments(**args, remove_unused_columns=False), train_dataset=Dataset.from_list(train),
+        eval_dataset=Dataset.from_list(evals) if evals else None,
+        data_collator=MultipleChoiceCollator(tokenizer, job.max_length), processing_class=tokenizer)
+
+
+def kd_trainer(job: TrainJob, model: Any, tokenizer: Any, args: dict[str, Any], with_eval: bool) -> Any:
+    """Offline KD on the teacher's top-k log-probs that format aligned with these tokens (training/kd.py)."""
+    from transformers import TrainingArguments
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from distillery.training.kd import KDCollator, kd_datasets, kd_trainer as trainer_class, load_teacher
+
+    arrays, _ = load_teacher(Path(job.teacher_logprobs))
+    ft = job.finetune
+    train = kd_datasets(tokenized_rows(job, tokenizer, job.train_path), arrays, ft.packing, job.max_length, job.seed)
+    eval_rows = tokenized_rows(job, tokenizer, job.eval_path) if with_eval else []
+    evals = kd_datasets(eval_rows, None, False, job.max_length, job.seed) if eval_rows else None
+    collator = KDCollator(DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=ft.packing),
+                          padding_free=ft.packing)
+    return trainer_class(ft.kd.alpha, ft.kd.temperature, arrays["ids"], arrays["logprobs"])(
+        model=model, args=TrainingArguments(**args, remove_unused_columns=False), train_dataset=train,
+        eval_dataset=evals, data_collator=collator, processing_class=tokenizer)
+
+
+def on_policy_trainer(job: TrainJob, model: Any, tokenizer: Any, args: dict[str, Any], with_eval: bool) -> Any:
+    """TRL's DistillationTrainer: the student generates, the teacher scores its tokens (training/on_policy.py)."""
+    from distillery.training.on_policy import on_policy_trainer as build
+
+    return build(job, model, tokenizer, args)
+
+
+OBJECTIVES = {"sft": sft_trainer, "multiple_choice": multiple_choice_trainer, "kd": kd_trainer,
+              "on_policy": on_policy_trainer}
 
 
 def build_trainer(job: TrainJob, model: Any, tokenizer: Any) -> Any:
-    """TRL's SFTTrainer (completion-only loss), or the multiple-choice trainer; both count tokens."""
-    train_ds, eval_ds = build_datasets(job, tokenizer)
-    if not job.finetune.eval_steps:
-        eval_ds = None
+    """The trainer of job.finetune.objective; every one counts the tokens it trains on."""
     args = training_arguments(job)
-    if eval_ds is None:
+    with_eval = bool(job.finetune.eval_steps) and Path(job.eval_path).is_file()
+    if not with_eval:
         args.pop("eval_strategy", None)
         args.pop("eval_steps", None)
-    if job.finetune.objective == "multiple_choice":
-        from transformers import TrainingArguments
-
-        from distillery.training.trainers import MultipleChoiceCollator, multiple_choice_trainer
-
-        return multiple_choice_trainer()(
-            model=model, args=TrainingArguments(**args, remove_unused_columns=False), train_dataset=train_ds,
-            eval_dataset=eval_ds, data_collator=MultipleChoiceCollator(tokenizer, job.max_length),
-            processing_class=tokenizer)
-    from trl import SFTConfig
-    from trl import SFTTrainer  # Unsloth, once imported, has put its CPU-aware subclass here
-
-    from distillery.training.trainers import counting, plain_loss_sft_trainer
-
-    cls = plain_loss_sft_trainer(SFTTrainer) if job.device == "cpu" and job.backend == "hf" else counting(SFTTrainer)
-    config = SFTConfig(**args, max_length=job.max_length, packing=job.finetune.packing,
-                       completion_only_loss=True, eos_token=job.eos_token, dataset_num_proc=None)
-    return cls(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer)
+    return OBJECTIVES[job.finetune.objective](job, model, tokenizer, args, with_eval)
 
 
 def peak_memory_mb(device: str) -> tuple[float, str]:
@@ -298,7 +255,7 @@ def run_job(job: TrainJob, console: Any) -> dict[str, Any]:
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
     try:
         started = time.time()
-        model, tokenizer = load_unsloth(job) if job.backend == "unsloth" else load_hf(job)
+        model, tokenizer = backend_of(job.backend).load(job)
         tokenizer = prepare_tokenizer(tokenizer, job)
         load_seconds = time.time() - started
         trainer = build_trainer(job, model, tokenizer)
@@ -362,9 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     job = TrainJob.load(Path(argv[0]))
     try:
-        if job.backend == "unsloth":
-            import unsloth  # noqa: F401  -- first, before transformers/TRL/PEFT, so that all its patches apply
-
+        backend_of(job.backend).start(job.finetune.objective)  # Unsloth first, before transformers/TRL/PEFT
         from rich.console import Console
 
         result = run_job(job, Console())

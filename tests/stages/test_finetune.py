@@ -52,7 +52,7 @@ def test_precision_auto_from_hardware() -> None:
 
 def test_lora_options_reach_peft() -> None:
     from distillery.config import FinetuneConfig
-    from distillery.training.train import lora_settings
+    from distillery.training.backends import lora_settings
 
     ft = FinetuneConfig.model_validate({"lora": {"r": 4, "alpha": 8, "dropout": 0.05, "target_modules": ["q_proj"],
                                                  "use_rslora": True, "use_dora": True}})
