@@ -13,18 +13,28 @@ With --teacher, the teacher instead: prompts/s of the HTTP teacher against a rea
 the in-process GGUF teacher, both on the bundled SmolLM2 GGUF with every core, 12 MathQA prompts, 32 tokens.
 
     .venv/bin/python bench/distill.py --teacher
+
+With --objectives, the three ways to distill on configs/distill-kd.yaml (the bundled SmolLM2-135M-Instruct teaching
+SmolLM2-10L-student): the same traces (one distill + format run) and the same optimizer steps under finetune
+objective sft, kd and on_policy; for each, the held-out KL(teacher || student) per completion token over the whole
+vocabulary (teacher-forced on format's eval split, fp32), the student's held-out loss and the training wall time.
+Baseline: sft, the text-only distillation Distillery did before. Target: kd and on_policy below sft.
+
+    .venv/bin/python bench/distill.py --objectives
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
 from figures import figure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +97,85 @@ def teacher_bench() -> int:
     return 0
 
 
+PRESET = ROOT / "configs" / "distill-kd.yaml"
+
+
+def distillery(stage: str, root: Path, *overrides: str) -> float:
+    """`distillery <stage>` on the preset under `root`; returns its wall time."""
+    sets = [arg for override in ("run.root=" + str(root), *overrides) for arg in ("--set", override)]
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "distillery", stage, "-c", str(PRESET), *sets], cwd=ROOT,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"distillery {stage} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return time.perf_counter() - started
+
+
+def heldout_kl(run: Path, teacher_path: str, student_path: str, adapter: Path | None) -> tuple[float, float]:
+    """(mean KL(teacher || student) per completion token, the student's mean loss per completion token) on
+    format's eval split, both models in fp32, as training tokenizes each row."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distillery.core.records import read_jsonl
+    from distillery.training.tokens import training_example
+
+    max_length = yaml.safe_load(PRESET.read_text())["format"]["max_length"]
+    student = AutoModelForCausalLM.from_pretrained(student_path, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        student = PeftModel.from_pretrained(student, adapter)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(student_path)
+    kl_sum = loss_sum = tokens = 0.0
+    with torch.no_grad():
+        for row in read_jsonl(run / "format" / "eval.jsonl"):
+            example = training_example(tokenizer, row["prompt"], row["completion"], max_length)
+            ids = torch.tensor([example["input_ids"]])
+            scored = torch.tensor(example["completion_mask"][1:], dtype=torch.bool)
+            log_q = torch.log_softmax(student(ids).logits[0, :-1].float(), -1)[scored]
+            log_p = torch.log_softmax(teacher(ids).logits[0, :-1].float(), -1)[scored]
+            kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
+            loss_sum -= float(log_q.gather(-1, ids[0, 1:][scored].unsqueeze(-1)).sum())
+            tokens += int(scored.sum())
+    return kl_sum / tokens, loss_sum / tokens
+
+
+def objectives_bench() -> int:
+    from distillery.core.models import resolve_model_path
+
+    work = ROOT / "bench" / "out" / "objectives"
+    shutil.rmtree(work, ignore_errors=True)
+    shared = work / "shared"
+    seconds = distillery("format", shared)
+    print(f"distill (top-20 log-probs) + format of the preset: {seconds:.0f} s")
+    teacher = resolve_model_path("bundled:SmolLM2-135M-Instruct")
+    student = resolve_model_path(yaml.safe_load(PRESET.read_text())["model"]["path"])
+    base_kl, base_loss = heldout_kl(shared / "distill-kd", teacher, student, None)
+    print(f"  untrained student: held-out KL {base_kl:.3f} nats/token, loss {base_loss:.3f}")
+    results = {}
+    for objective in ("sft", "kd", "on_policy"):
+        root = work / objective
+        shutil.copytree(shared, root)
+        seconds = distillery("finetune", root, f"finetune.objective={objective}")
+        run = root / "distill-kd"
+        kl, loss = heldout_kl(run, teacher, student, run / "finetune" / "adapter")
+        steps = json.loads((run / "finetune" / "summary.json").read_text())["steps"]
+        results[objective] = kl
+        print(f"  {objective:10s} {steps} steps: held-out KL {kl:.3f} nats/token, loss {loss:.3f}, finetune {seconds:.0f} s")
+        if objective != "sft":
+            figure(f"distill objective {objective}: held-out KL(teacher||student), {steps} steps",
+                   f"{kl / results['sft']:.2f}x ({kl:.3f} vs {results['sft']:.3f} nats/token)",
+                   "objective sft on the same traces and steps", "< 1x")
+    print(f"objectives: held-out KL(teacher||student) sft {results['sft']:.3f}, kd {results['kd']:.3f}, "
+          f"on_policy {results['on_policy']:.3f}")
+    return 0
+
+
 def main() -> int:
+    if "--objectives" in sys.argv[1:]:
+        return objectives_bench()
     if "--teacher" in sys.argv[1:]:
         return teacher_bench()
     if not DATA.is_file():
