@@ -15,7 +15,7 @@ the in-process GGUF teacher, both on the bundled SmolLM2 GGUF with every core, 1
     .venv/bin/python bench/distill.py --teacher
 
 With --objectives, the three ways to distill on configs/distill-kd.yaml (the bundled SmolLM2-135M-Instruct teaching
-SmolLM2-10L-student): the same traces (one distill + format run) and the same optimizer steps under finetune
+SmolLM2-24L-student): the same traces (one distill + format run) and the same optimizer steps under finetune
 objective sft, kd and on_policy; for each, the held-out KL(teacher || student) per completion token over the whole
 vocabulary (teacher-forced on format's eval split, fp32), the student's held-out loss and the training wall time.
 Baseline: sft, the text-only distillation Distillery did before. Target: kd and on_policy below sft.

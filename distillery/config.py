@@ -116,6 +116,9 @@ class FormatConfig(Section):
     )
     max_length: int = Field(1024, ge=16, description="Token budget of prompt + completion; longer examples are counted, not cut.")
     system_prompt: str | None = Field(None, description="Added as a system message when a record has none.")
+    distilled: Literal["add", "replace"] = Field(
+        "add", description="With distill on: add (the teacher's traces join the records they came from) or replace "
+                           "(a distilled record trains on its traces only, as R1-style distillation does).")
 
 
 # Each section below belongs to one stage; its owner extends it. A section with `enabled: false` is

@@ -324,12 +324,10 @@ def merge_adapter(summary: FinetuneSummary, adapter_dir: Path, out_dir: Path, dt
     if not why:
         stream_merge(base, deltas, tmp, dtype, max_shard_size)
         method = "streamed"
-    elif summary.backend == "unsloth":
-        _merge_with_unsloth(adapter_dir, tmp, dtype, max_shard_size)
-        method = f"unsloth (whole model: {why})"
     else:
-        _merge_with_peft(str(base), adapter_dir, tmp, dtype, max_shard_size, trust_remote_code)
-        method = f"peft (whole model: {why})"
+        name, merge = WHOLE_MODEL_MERGES[summary.backend]
+        merge(str(base), adapter_dir, tmp, dtype, max_shard_size, trust_remote_code)
+        method = f"{name} (whole model: {why})"
     finish_merged_dir(tmp, adapter_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
@@ -349,7 +347,9 @@ def _merge_with_peft(base_model: str, adapter_dir: Path, out: Path, dtype: str, 
     model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
 
 
-def _merge_with_unsloth(adapter_dir: Path, out: Path, dtype: str, max_shard_size: str) -> None:
+def _merge_with_unsloth(base_model: str, adapter_dir: Path, out: Path, dtype: str, max_shard_size: str,
+                        trust_remote_code: bool) -> None:
+    """Unsloth finds the adapter's base itself (the original 16-bit weights of a base published in 4 bits)."""
     from distillery.core.isolation import Child
 
     with Child("Unsloth", f"merging {adapter_dir} into 16-bit weights",
@@ -367,6 +367,10 @@ def unsloth_merge(state: dict, emit: Any, adapter_dir: str, out: str, dtype: str
     model, tokenizer = FastLanguageModel.from_pretrained(model_name=adapter_dir, load_in_4bit=False,
                                                          dtype=torch_dtype(dtype))
     model.save_pretrained_merged(out, tokenizer, save_method="merged_16bit", max_shard_size=max_shard_size)
+
+
+# The training backend -> its whole-model merge, for adapters the streamed merge cannot take.
+WHOLE_MODEL_MERGES = {"unsloth": ("unsloth", _merge_with_unsloth), "hf": ("peft", _merge_with_peft)}
 
 
 def finish_merged_dir(out: Path, adapter_dir: Path) -> None:

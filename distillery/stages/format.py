@@ -42,12 +42,14 @@ def upstream(cfg: DistilleryConfig) -> tuple[str, ...]:
 
 
 def load_records(ctx: StageContext, split: str) -> list[dict]:
-    """The records of one split from every upstream stage (distill contributes train records only)."""
-    records = []
-    for stage in upstream(ctx.cfg):
-        if split in load_stage(stage).outputs:
-            records.extend(read_jsonl(ctx.upstream(stage, split)))
-    return records
+    """The records of one split from every upstream stage (distill contributes train records only); with
+    format.distilled: replace, an ingest record the teacher answered gives way to its traces."""
+    by_stage = {stage: list(read_jsonl(ctx.upstream(stage, split))) for stage in upstream(ctx.cfg)
+                if split in load_stage(stage).outputs}
+    if ctx.cfg.format.distilled == "replace" and "distill" in by_stage:
+        answered = {r["meta"]["distill"]["from_id"] for r in by_stage["distill"]}
+        by_stage["ingest"] = [r for r in by_stage["ingest"] if r["id"] not in answered]
+    return [record for records in by_stage.values() for record in records]
 
 
 def load_template(name: str, tokenizer: Any) -> str:

@@ -98,7 +98,11 @@ def kd_trainer(alpha: float, temperature: float, top_ids: np.ndarray, top_log_pr
     log_probs_table = torch.from_numpy(np.ascontiguousarray(top_log_probs).astype(np.float32))
 
     class KDTrainer(counting(Trainer)):
-        kd_parts: dict[str, float] = {}
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # The loss below divides by the batch's token count itself (num_items_in_batch, counted over every
+            # gradient-accumulation micro-batch and process), so the Trainer must not divide again.
+            self.model_accepts_loss_kwargs = True
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             teacher_index = inputs.pop("teacher_index")
@@ -115,14 +119,12 @@ def kd_trainer(alpha: float, temperature: float, top_ids: np.ndarray, top_log_pr
                 kl = kd_token_loss(logits[scored][taught], ids_table[rows].to(logits.device),
                                    log_probs_table[rows].to(logits.device), temperature)
                 per_token[taught] = alpha * kl + (1 - alpha) * ce[taught]
-                self.kd_parts = {"kl": float(kl.detach().mean()), "taught": int(taught.sum())}
             count = num_items_in_batch if num_items_in_batch is not None else scored.sum().clamp(min=1)
             loss = per_token.sum() / count
             if num_items_in_batch is not None and self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes  # the gradient all-reduce averages over processes
             return (loss, outputs) if return_outputs else loss
 
-    KDTrainer.model_accepts_loss_kwargs = True  # the loss above already divides by the batch's token count
     return KDTrainer
 
 

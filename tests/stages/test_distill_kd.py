@@ -406,3 +406,16 @@ def test_on_policy_changes_the_adapter_and_resumes_after_kill_9(formatted: Path,
     assert summary["objective"] == "on_policy" and summary["steps"] == 4 and summary["resumed_from_step"] >= 2
     weights = load_file(str(out / "adapter/adapter_model.safetensors"))
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())  # moved away from the zero init
+
+
+@pytest.mark.parametrize("mode, ids", [("add", ["a", "b", "a-trace"]), ("replace", ["b", "a-trace"])])
+def test_distilled_records_join_or_replace_the_records_they_came_from(tmp_path: Path, mode: str, ids: list) -> None:
+    from distillery.core.records import write_jsonl
+    from distillery.stages.format import load_records
+
+    ctx = stage_context(tmp_path, f"format.distilled={mode}")
+    for stage, rows in (("ingest", [{"id": "a"}, {"id": "b"}]),
+                        ("distill", [{"id": "a-trace", "meta": {"distill": {"from_id": "a"}}}])):
+        ctx.run.stage_dir(stage).mkdir(parents=True)
+        write_jsonl(ctx.run.stage_dir(stage) / "train.jsonl", rows)
+    assert [r["id"] for r in load_records(ctx, "train")] == ids
