@@ -18,7 +18,10 @@ from distillery.evals.generative import extract_letter
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("ingest", "distill", "format", "finetune", "export", "evaluate")
 BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
-SETS = ("export.quantizations=[f16,q8_0,q4_k_m]", "evaluate.artifacts=[base,merged,gguf]")
+SETS = ("export.quantizations=[f16,q8_0,q4_k_m]", "evaluate.artifacts=[base,merged,gguf]",
+        # the preset's machinery at a lighter size: random weights score nothing either way
+        "distill.max_prompts=2", "finetune.max_steps=6", "evaluate.limit=6", "evaluate.heldout.limit=3",
+        "evaluate.heldout.generate=1", "evaluate.heldout.max_new_tokens=24")
 
 
 @pytest.fixture(scope="module")
