@@ -18,9 +18,10 @@ from distillery.evals.generative import extract_letter
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("ingest", "distill", "format", "finetune", "export", "evaluate")
 BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
-SETS = ("export.quantizations=[f16,q8_0,q4_k_m]", "evaluate.artifacts=[base,merged,gguf]",
-        # the preset's machinery at a lighter size: random weights score nothing either way
-        "distill.max_prompts=2", "finetune.max_steps=6", "evaluate.limit=6", "evaluate.heldout.limit=3",
+# The preset's machinery at a lighter size (random weights score nothing either way); a later evaluate with other
+# evaluate settings keeps UPSTREAM, so that the stages before it stay up to date.
+UPSTREAM = ("export.quantizations=[f16,q8_0,q4_k_m]", "distill.max_prompts=2", "finetune.max_steps=6")
+SETS = (*UPSTREAM, "evaluate.artifacts=[base,merged,gguf]", "evaluate.limit=6", "evaluate.heldout.limit=3",
         "evaluate.heldout.generate=1", "evaluate.heldout.max_new_tokens=24")
 
 
@@ -187,7 +188,7 @@ def test_the_r1_generative_evaluation_reports_its_no_answer_rate(tiny_run) -> No
     """<think> then a letter, through the R1 template, on the base model and a GGUF (last: it replaces evaluate)."""
     run, _ = tiny_run
     sets = [f"run.root={run.parent}", "evaluate.mode=generative", "evaluate.max_new_tokens=24", "evaluate.limit=4",
-            "evaluate.artifacts=[base,gguf]", *SETS[:1]]
+            "evaluate.artifacts=[base,gguf]", *UPSTREAM]
     result = subprocess.run([sys.executable, "-m", "distillery", "evaluate", "-c", "configs/tiny-r1.yaml",
                              *[arg for item in sets for arg in ("--set", item)]], cwd=ROOT, capture_output=True,
                             text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
