@@ -107,6 +107,11 @@ def render(record: dict, fmt: FormatConfig, template: str, tokenizer: Any) -> di
     return row
 
 
+# The teacher's tokens may start a few tokens before format's completion does (a generation prompt that opens
+# the reasoning block makes `<think>` part of the prompt); they are looked for from this far before it.
+BEFORE_COMPLETION = 8
+
+
 def find_tokens(ids: list[int], tokens: list[int], from_position: int) -> int | None:
     """Where `tokens` occur in `ids`, at or after from_position; None if they do not."""
     n = len(tokens)
@@ -134,10 +139,10 @@ def align_teacher(rows: list[dict], tokenizer: Any, ctx: StageContext) -> dict[s
     for row in rows:
         scored = sequence(arrays, by_id[row["id"]]) if row["id"] in by_id else None
         ids, prompt_len = split_tokens(tokenizer, row["prompt"], row["completion"])
-        start = None if scored is None else find_tokens(ids, scored.tokens.tolist(), prompt_len - 8)
+        start = None if scored is None else find_tokens(ids, scored.tokens.tolist(), prompt_len - BEFORE_COMPLETION)
         if scored is not None and start is None and len(scored.tokens) > 1:  # the EOS may render differently
             scored = TopK(scored.tokens[:-1], scored.ids[:-1], scored.logprobs[:-1])
-            start = find_tokens(ids, scored.tokens.tolist(), prompt_len - 8)
+            start = find_tokens(ids, scored.tokens.tolist(), prompt_len - BEFORE_COMPLETION)
         unaligned += scored is not None and start is None
         placed.append(scored if start is not None else None)
         starts.append(-1 if start is None else start)

@@ -15,12 +15,9 @@ nothing), which packing and padding carry along like the labels.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from distillery.core.topk import load_sequences
 
 NO_TEACHER = -1
 
@@ -36,10 +33,6 @@ def teacher_index_column(arrays: dict[str, np.ndarray] | None, row: int, length:
         if 0 <= first + j < length:
             index[first + j] = start + j
     return index
-
-
-def load_teacher(path: Path) -> tuple[dict[str, np.ndarray], dict]:
-    return load_sequences(path)
 
 
 def tail_log_mass(top_log_probs: Any) -> Any:

@@ -186,9 +186,10 @@ def kd_trainer(job: TrainJob, model: Any, tokenizer: Any, args: dict[str, Any], 
     from transformers import TrainingArguments
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from distillery.training.kd import KDCollator, kd_datasets, kd_trainer as trainer_class, load_teacher
+    from distillery.core.topk import load_sequences
+    from distillery.training.kd import KDCollator, kd_datasets, kd_trainer as trainer_class
 
-    arrays, _ = load_teacher(Path(job.teacher_logprobs))
+    arrays, _ = load_sequences(Path(job.teacher_logprobs))
     ft = job.finetune
     train = kd_datasets(tokenized_rows(job, tokenizer, job.train_path), arrays, ft.packing, job.max_length, job.seed)
     eval_rows = tokenized_rows(job, tokenizer, job.eval_path) if with_eval else []
