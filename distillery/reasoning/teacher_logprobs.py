@@ -23,7 +23,7 @@ import numpy as np
 from distillery.core.errors import UserError
 from distillery.core.topk import TopK, top_k_of
 from distillery.core.vocab import ACROSS_TOKENIZERS, vocabulary_mismatch
-from distillery.training.tokens import common_prefix
+from distillery.training.tokens import split_tokens
 
 THINK_OPEN = "<think>"
 
@@ -46,9 +46,8 @@ def scored_sequence(tokenizer: Any, messages: list[dict[str, str]], content: str
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     if prompt.rstrip().endswith(THINK_OPEN) and content.startswith(THINK_OPEN):
         content = content[len(THINK_OPEN):].lstrip("\n") if prompt.endswith("\n") else content[len(THINK_OPEN):]
-    ids = tokenizer(prompt + content + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
-    start = common_prefix(tokenizer(prompt, add_special_tokens=False)["input_ids"], ids)
-    return list(ids), max(start, 1)
+    ids, start = split_tokens(tokenizer, prompt, content + (tokenizer.eos_token or ""))
+    return ids, max(start, 1)
 
 
 def top_k_rows(log_probs: np.ndarray, tokens: list[int], k: int) -> TopK:

@@ -78,7 +78,8 @@ def load_format_outputs(directory: Path) -> tuple[list[dict], list[dict], str, d
 # ---- 2. training ---------------------------------------------------------------------------------------------
 
 
-def build_job(ctx: StageContext, model_path: str, template: str, meta: dict, eval_rows: list[dict]) -> Any:
+def build_job(ctx: StageContext, model_path: str, template: str, meta: dict, eval_rows: list[dict],
+              tokenizer: Any) -> Any:
     from distillery.training.train import TrainJob
 
     ft = ctx.cfg.finetune
@@ -96,16 +97,16 @@ def build_job(ctx: StageContext, model_path: str, template: str, meta: dict, eva
         seed=ctx.cfg.run.seed, template=template, eos_token=meta["eos_token"], finetune=ft,
         trust_remote_code=ctx.cfg.model.trust_remote_code,
         sample_prompts=[r["prompt"] for r in eval_rows[:ft.sample_prompts]],
-        **teacher_of(ctx, model_path),
+        **teacher_of(ctx, tokenizer),
     )
 
 
-def teacher_of(ctx: StageContext, student_path: str) -> dict[str, str]:
+def teacher_of(ctx: StageContext, student_tokenizer: Any) -> dict[str, str]:
     """What the distillation objectives read: kd, format's aligned top-k log-probs; on_policy, the HF teacher
     (refused before any work when it does not share the student's tokenizer)."""
     from distillery.training.backends import backend_of
 
-    ft, distill = ctx.cfg.finetune, getattr(ctx.cfg, "distill", None)
+    ft, distill = ctx.cfg.finetune, ctx.cfg.distill
     refusal = backend_of(ft.backend).refusal(ft.objective)
     if refusal:
         raise UserError(refusal)
@@ -117,24 +118,22 @@ def teacher_of(ctx: StageContext, student_path: str) -> dict[str, str]:
                             "tokenizer), then rerun distill and format; or use objective: sft.")
         return {"teacher_logprobs": str(path)}
     if ft.objective == "on_policy":
-        teacher = ft.on_policy.teacher or (distill.teacher.path if distill and distill.teacher.kind == "hf" else None)
+        teacher = ft.on_policy.teacher or (distill.teacher.path if distill.teacher.kind == "hf" else None)
         if not teacher:
             raise UserError("finetune.objective on_policy needs an HF teacher: set finetune.on_policy.teacher (a local "
                             "directory, Hub id or bundled:<name>) or distill.teacher with kind: hf.")
-        return {"teacher_model": check_on_policy_teacher(locate_model(teacher), student_path, ctx)}
+        return {"teacher_model": check_on_policy_teacher(locate_model(teacher), student_tokenizer, ctx)}
     return {}
 
 
-def check_on_policy_teacher(teacher_path: str, student_path: str, ctx: StageContext) -> str:
+def check_on_policy_teacher(teacher_path: str, student_tokenizer: Any, ctx: StageContext) -> str:
     from transformers import AutoTokenizer
 
     from distillery.core.vocab import hf_encoder
     from distillery.reasoning.teacher_logprobs import check_teacher_vocabulary
 
-    remote = ctx.cfg.model.trust_remote_code
-    student = AutoTokenizer.from_pretrained(student_path, trust_remote_code=remote)
-    teacher = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=remote)
-    check_teacher_vocabulary(student, hf_encoder(teacher), teacher_path)
+    teacher = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=ctx.cfg.model.trust_remote_code)
+    check_teacher_vocabulary(student_tokenizer, hf_encoder(teacher), teacher_path)
     return teacher_path
 
 
@@ -241,10 +240,10 @@ def run(ctx: StageContext) -> StageResult:
     train_rows, eval_rows, template, meta = load_format_outputs(ctx.run.stage_dir("format"))
     model_path = locate_model(ctx.cfg.model.path)
     check_target_modules(model_path, ft.lora.target_modules, ctx.cfg.model.trust_remote_code)
-    job = build_job(ctx, model_path, template, meta, eval_rows)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=ctx.cfg.model.trust_remote_code)
+    job = build_job(ctx, model_path, template, meta, eval_rows, tokenizer)
     if ft.objective == "multiple_choice":
         check_multiple_choice(train_rows)
     else:

@@ -138,12 +138,14 @@ def align_teacher(rows: list[dict], tokenizer: Any, ctx: StageContext) -> dict[s
     starts, unaligned = [], 0
     for row in rows:
         scored = sequence(arrays, by_id[row["id"]]) if row["id"] in by_id else None
-        ids, prompt_len = split_tokens(tokenizer, row["prompt"], row["completion"])
-        start = None if scored is None else find_tokens(ids, scored.tokens.tolist(), prompt_len - BEFORE_COMPLETION)
-        if scored is not None and start is None and len(scored.tokens) > 1:  # the EOS may render differently
-            scored = TopK(scored.tokens[:-1], scored.ids[:-1], scored.logprobs[:-1])
+        start = None
+        if scored is not None:
+            ids, prompt_len = split_tokens(tokenizer, row["prompt"], row["completion"])
             start = find_tokens(ids, scored.tokens.tolist(), prompt_len - BEFORE_COMPLETION)
-        unaligned += scored is not None and start is None
+            if start is None and len(scored.tokens) > 1:  # the EOS may render differently
+                scored = TopK(scored.tokens[:-1], scored.ids[:-1], scored.logprobs[:-1])
+                start = find_tokens(ids, scored.tokens.tolist(), prompt_len - BEFORE_COMPLETION)
+            unaligned += start is None
         placed.append(scored if start is not None else None)
         starts.append(-1 if start is None else start)
     path = ctx.out / OUTPUTS["teacher"]

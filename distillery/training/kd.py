@@ -25,13 +25,11 @@ NO_TEACHER = -1
 def teacher_index_column(arrays: dict[str, np.ndarray] | None, row: int, length: int) -> list[int]:
     """For each of a row's `length` tokens, the top-k table row describing it, or -1."""
     index = [NO_TEACHER] * length
-    if arrays is None:
+    if arrays is None or int(arrays["starts"][row]) < 0:
         return index
-    start, end = int(arrays["offsets"][row]), int(arrays["offsets"][row + 1])
-    first = int(arrays["starts"][row])
-    for j in range(end - start):
-        if 0 <= first + j < length:
-            index[first + j] = start + j
+    start, end, first = int(arrays["offsets"][row]), int(arrays["offsets"][row + 1]), int(arrays["starts"][row])
+    kept = max(0, min(end - start, length - first))  # the tokens max_length keeps
+    index[first:first + kept] = range(start, start + kept)
     return index
 
 
@@ -104,12 +102,13 @@ def kd_trainer(alpha: float, temperature: float, top_ids: np.ndarray, top_log_pr
             logits = outputs.logits[:, :-1]
             targets, index = labels[:, 1:], teacher_index[:, 1:]
             scored = targets != -100
-            ce = torch.nn.functional.cross_entropy(logits[scored].float(), targets[scored], reduction="none")
+            scored_logits, scored_index = logits[scored], index[scored]  # one copy of the scored rows
+            ce = torch.nn.functional.cross_entropy(scored_logits.float(), targets[scored], reduction="none")
             per_token = ce.clone()
-            taught = index[scored] >= 0
+            taught = scored_index >= 0
             if bool(taught.any()):
-                rows = index[scored][taught].cpu()
-                kl = kd_token_loss(logits[scored][taught], ids_table[rows].to(logits.device),
+                rows = scored_index[taught].cpu()
+                kl = kd_token_loss(scored_logits[taught], ids_table[rows].to(logits.device),
                                    log_probs_table[rows].to(logits.device), temperature)
                 per_token[taught] = alpha * kl + (1 - alpha) * ce[taught]
             count = num_items_in_batch if num_items_in_batch is not None else scored.sum().clamp(min=1)

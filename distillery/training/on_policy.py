@@ -83,12 +83,12 @@ def on_policy_trainer(job: Any, model: Any, tokenizer: Any, args: dict[str, Any]
     import trl.trainer.distillation_trainer as distillation
 
     from distillery.core.records import read_jsonl
-    from distillery.training.trainers import cpu_map_location
+    from distillery.training.trainers import resumable_on_cpu_processes
 
     if job.device != "cuda":
         distillation._chunked_divergence_loss = divergence_loss
 
-    class FormatPromptDistillationTrainer(DistillationTrainer):
+    class FormatPromptDistillationTrainer(resumable_on_cpu_processes(DistillationTrainer)):
         tokens_seen = 0
 
         def _tokenize_prompts(self, prompts: list) -> Any:
@@ -101,12 +101,6 @@ def on_policy_trainer(job: Any, model: Any, tokenizer: Any, args: dict[str, Any]
             loss = super().training_step(model, inputs, *rest, **kwargs)
             self.tokens_seen = int(self.state.num_input_tokens_seen or 0)
             return loss
-
-        def _load_optimizer_and_scheduler(self, checkpoint):
-            if self.args.world_size > 1 and self.args.device.type == "cpu":
-                with cpu_map_location():
-                    return super()._load_optimizer_and_scheduler(checkpoint)
-            return super()._load_optimizer_and_scheduler(checkpoint)
 
     policy = job.finetune.on_policy
     prompts = [{"prompt": row["prompt"]} for row in read_jsonl(Path(job.train_path))]

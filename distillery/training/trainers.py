@@ -42,21 +42,29 @@ def cpu_map_location() -> Iterator[None]:
         torch.load = original
 
 
-def counting(base: type) -> type:
-    """`base` with a `tokens_seen` counter updated on every training micro-batch."""
+def resumable_on_cpu_processes(base: type) -> type:
+    """`base` whose optimizer state loads back on CPU under several processes (see cpu_map_location)."""
 
-    class Counting(base):
-        tokens_seen = 0
-
-        def training_step(self, model, inputs, *args, **kwargs):
-            self.tokens_seen += count_tokens(inputs)
-            return super().training_step(model, inputs, *args, **kwargs)
-
+    class ResumableOnCPUProcesses(base):
         def _load_optimizer_and_scheduler(self, checkpoint):
             if self.args.world_size > 1 and self.args.device.type == "cpu":
                 with cpu_map_location():
                     return super()._load_optimizer_and_scheduler(checkpoint)
             return super()._load_optimizer_and_scheduler(checkpoint)
+
+    ResumableOnCPUProcesses.__name__ = ResumableOnCPUProcesses.__qualname__ = f"Resumable{base.__name__}"
+    return ResumableOnCPUProcesses
+
+
+def counting(base: type) -> type:
+    """`base` with a `tokens_seen` counter updated on every training micro-batch (and resumable on CPU processes)."""
+
+    class Counting(resumable_on_cpu_processes(base)):
+        tokens_seen = 0
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            self.tokens_seen += count_tokens(inputs)
+            return super().training_step(model, inputs, *args, **kwargs)
 
     Counting.__name__ = Counting.__qualname__ = f"Counting{base.__name__}"
     return Counting

@@ -358,7 +358,7 @@ def test_kd_without_the_teachers_log_probs_is_refused_before_training(tmp_path: 
     from distillery.stages.finetune import teacher_of
 
     with pytest.raises(UserError, match=r"format has none: set distill.enabled: true and distill.logprobs: 20"):
-        teacher_of(stage_context(tmp_path), "student")
+        teacher_of(stage_context(tmp_path), None)
 
 
 def test_on_policy_is_refused_on_unsloth_with_the_backend_to_use(tmp_path: Path) -> None:
@@ -366,16 +366,18 @@ def test_on_policy_is_refused_on_unsloth_with_the_backend_to_use(tmp_path: Path)
 
     ctx = stage_context(tmp_path, "finetune.objective=on_policy", "finetune.backend=unsloth")
     with pytest.raises(UserError, match=r"Set finetune.backend: hf"):
-        teacher_of(ctx, "student")
+        teacher_of(ctx, None)
 
 
 def test_on_policy_with_a_teacher_of_another_tokenizer_is_refused(tmp_path: Path, tiny_r1_path: str) -> None:
+    from transformers import AutoTokenizer
+
     from distillery.core.models import resolve_model_path
     from distillery.stages.finetune import teacher_of
 
     ctx = stage_context(tmp_path, "finetune.objective=on_policy", "finetune.on_policy.teacher=bundled:tiny-qwen2-r1")
     with pytest.raises(UserError, match=r"does not share the student's tokenizer"):
-        teacher_of(ctx, resolve_model_path(ctx.cfg.model.path))
+        teacher_of(ctx, AutoTokenizer.from_pretrained(resolve_model_path(ctx.cfg.model.path)))
 
 
 @pytest.mark.integration
