@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from distillery.core.errors import UserError
+
 ID_BYTES, LOGPROB_BYTES, TOKEN_BYTES = 4, 2, 4
 
 
@@ -78,11 +80,17 @@ def save_sequences(path: Path, sequences: list[TopK | None], metadata: dict, ext
 
 def load_sequences(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     """The arrays of a file save_sequences wrote, and its metadata."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="np") as handle:
-        metadata = {key: json.loads(value) for key, value in (handle.metadata() or {}).items()}
-        arrays = {key: handle.get_tensor(key) for key in handle.keys()}
+    try:
+        with safe_open(str(path), framework="np") as handle:
+            metadata = {key: json.loads(value) for key, value in (handle.metadata() or {}).items()}
+            arrays = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"{path} cannot be read as teacher log-probs ({err}); it was cut short or changed: rerun the "
+                        "stage that wrote it with --force.") from None
+    if not {"offsets", "tokens", "ids", "logprobs"} <= set(arrays):
+        raise UserError(f"{path} lacks teacher log-prob arrays; rerun the stage that wrote it with --force.")
     return arrays, metadata
 
 

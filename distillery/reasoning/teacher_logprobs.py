@@ -76,12 +76,22 @@ class Scorer:
 
     def score(self, messages: list[dict[str, str]], content: str) -> TopK | Unscored:
         ids, start = scored_sequence(self.tokenizer, messages, content)
+        if start >= len(ids):
+            return Unscored("no trace tokens to score")
         return self.teacher.top_logprobs(ids, start, self.k)
 
 
-def openai_top_k(logprobs: dict, ids: list[int], start: int, k: int, token_id: Any) -> TopK | Unscored:
+def openai_top_k(logprobs: Any, ids: list[int], start: int, k: int, token_id: Any) -> TopK | Unscored:
     """The echoed prompt log-probs of a completions reply as a TopK over ids[start:], after the round trip: each
-    echoed token must be the id that was sent. `token_id(text)` maps a returned token to an id (or None)."""
+    echoed token must be the id that was sent. `token_id(text)` maps a returned token to an id (or None). A reply
+    of another shape, or log-probs that are not finite numbers <= 0, scores nothing: the server is untrusted."""
+    try:
+        return _openai_top_k(logprobs, ids, start, k, token_id)
+    except (AttributeError, TypeError, ValueError) as err:
+        return Unscored(f"malformed echoed log-probs ({type(err).__name__})")
+
+
+def _openai_top_k(logprobs: dict, ids: list[int], start: int, k: int, token_id: Any) -> TopK | Unscored:
     tokens, tops = logprobs.get("tokens") or [], logprobs.get("top_logprobs") or []
     if len(tokens) < len(ids) or len(tops) < len(ids):
         return Unscored(f"the server echoed {len(tokens)} tokens for a prompt of {len(ids)}")
@@ -96,8 +106,11 @@ def openai_top_k(logprobs: dict, ids: list[int], start: int, k: int, token_id: A
         if len(pairs) < k:
             return Unscored(f"the server gave {len(pairs)} of {k} top log-probs at token {position}")
         rows_ids.append([i for i, _ in pairs])
-        rows_values.append([v for _, v in pairs])
-    return TopK.of(ids[start:], np.array(rows_ids), np.array(rows_values))
+        rows_values.append([float(v) for _, v in pairs])
+    values = np.array(rows_values, dtype=np.float64)
+    if not (np.isfinite(values).all() and (values <= 1e-3).all()):
+        return Unscored("log-probs that are not finite numbers <= 0")
+    return TopK.of(ids[start:], np.array(rows_ids), values)
 
 
 def token_id_mapper(tokenizer: Any) -> Any:
@@ -114,7 +127,8 @@ def token_id_mapper(tokenizer: Any) -> Any:
 
     def token_id(text: str) -> int | None:
         if text.startswith("token_id:") and text[9:].isdigit():
-            return int(text[9:])
+            number = int(text[9:])
+            return number if number < len(tokenizer) else None  # an id the student has no row for
         return vocab[text] if text in vocab else by_text(text)
 
     return token_id

@@ -103,6 +103,18 @@ def test_top_k_sidecar_round_trips_through_a_progress_line_and_a_file(tmp_path: 
     assert sequence(arrays, 1) is None and sequence(arrays, 2).ids.tolist() == [[5, 1], [6, 2]]
 
 
+def test_a_cut_short_sidecar_is_one_message_naming_the_file(tmp_path: Path) -> None:
+    one = TopK.of([5, 6], np.array([[5, 1], [6, 2]]), np.array([[-0.1, -2.5], [-0.2, -1.75]]))
+    path = tmp_path / "s.safetensors"
+    save_sequences(path, [one], {"k": 2})
+    path.write_bytes(path.read_bytes()[:-10])  # the header promises more bytes than the file holds
+    with pytest.raises(UserError, match=r"s.safetensors cannot be read as teacher log-probs .*--force"):
+        load_sequences(path)
+    path.write_bytes(b"")
+    with pytest.raises(UserError, match=r"s.safetensors cannot be read"):
+        load_sequences(path)
+
+
 # ---- alignment with format's tokens ----------------------------------------------------------------------------
 
 
@@ -253,6 +265,30 @@ def test_echoed_text_tokens_map_to_ids_and_missing_top_log_probs_are_unscored(de
     got = openai_top_k(reply, ids, 1, 2, token_id)
     assert got.ids.tolist() == [[ids[1], 7]]
     assert isinstance(openai_top_k(reply, ids, 1, 3, token_id), Unscored)
+
+
+def test_a_hostile_servers_echo_scores_nothing_and_never_raises(demo_model_path: str) -> None:
+    from transformers import AutoTokenizer
+
+    from distillery.reasoning.teacher_logprobs import token_id_mapper
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_path)
+    token_id = token_id_mapper(tokenizer)
+    ids = tokenizer("Hello world", add_special_tokens=False)["input_ids"]
+    echoed = [f"token_id:{i}" for i in ids]
+    replies = {
+        "not a dict": ["tokens"],
+        "tokens not text": {"tokens": [1, 2], "top_logprobs": [None, {"a": -1.0}]},
+        "a top that is a list": {"tokens": echoed, "top_logprobs": [None, [1, 2]]},
+        "a value that is text": {"tokens": echoed, "top_logprobs": [None, {"token_id:5": "x", "token_id:6": -1}]},
+        "NaN": {"tokens": echoed, "top_logprobs": [None, {"token_id:5": float("nan"), "token_id:6": -1.0}]},
+        "positive": {"tokens": echoed, "top_logprobs": [None, {"token_id:5": 50.0, "token_id:6": -1.0}]},
+        "an id past the vocabulary": {"tokens": echoed,
+                                      "top_logprobs": [None, {"token_id:99999999": -0.1, "token_id:6": -1.0}]},
+        "nothing": {},
+    }
+    for name, reply in replies.items():
+        assert isinstance(openai_top_k(reply, ids, 1, 2, token_id), Unscored), name
 
 
 # ---- the vocabulary check --------------------------------------------------------------------------------------
