@@ -257,7 +257,9 @@ class EvaluateConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights of the HF artifacts; auto: bfloat16 on a CUDA GPU that has it, else float32.")
     artifacts: Literal["auto"] | list[Literal["base", "adapter", "merged", "gguf"]] = Field(
-        "auto", description="What to score: auto = every artifact the run has; or a list of base, adapter, merged, gguf.")
+        "auto", description="What to score: auto = every artifact the run has; or a list of base, adapter, merged, gguf "
+                            "(adapter: what finetune trained, the whole model for method: full, which auto then "
+                            "scores once instead of again as merged).")
     mode: Literal["loglikelihood", "generative"] = Field(
         "loglikelihood", description="loglikelihood (lm-eval's scoring) or generative (<think> reasoning, then a letter).")
     max_new_tokens: int = Field(512, ge=1, description="Generative mode: the most tokens a reply may have.")

@@ -91,7 +91,8 @@ def card_data(cfg: DistilleryConfig, finetune: dict[str, Any], plan: list[dict[s
     from huggingface_hub import ModelCardData
 
     ggufs = any(p["path_in_repo"].endswith(".gguf") for p in plan)
-    tags = ["distillery", "lora", finetune.get("backend", "peft")] + (["gguf", "llama.cpp"] if ggufs else [])
+    method = "full-finetune" if finetune.get("method") == "full" else "lora"
+    tags = ["distillery", method, finetune.get("backend", "peft")] + (["gguf", "llama.cpp"] if ggufs else [])
     return ModelCardData(
         base_model=hub_base_model(str(finetune.get("model_path") or cfg.model.path)),
         datasets=card_datasets(cfg) or None, license=cfg.push.license, tags=list(dict.fromkeys(tags + cfg.push.tags)),
@@ -99,7 +100,7 @@ def card_data(cfg: DistilleryConfig, finetune: dict[str, Any], plan: list[dict[s
 
 
 def training_section(finetune: dict[str, Any]) -> list[str]:
-    keys = ("backend", "device", "template", "objective", "max_length", "train_examples", "steps", "load_in_4bit",
+    keys = ("method", "backend", "device", "template", "objective", "max_length", "train_examples", "steps", "load_in_4bit",
             "precision", "optimizer", "first_loss", "last_loss", "train_loss", "tokens_per_s", "train_seconds")
     rows = [(k, finetune[k]) for k in keys if k in finetune]
     if finetune.get("lora"):
@@ -132,7 +133,7 @@ def evaluation_section(run: RunDir, ggufs: list[str]) -> list[str]:
     if verify.get("gguf"):
         rows = [(r["file"], f"{r['top1_agreement']:.3f}", f"{r['mean_kl']:.4g}") for r in verify["gguf"].values()
                 if r["file"] in ggufs]
-        lines += ["", "Every GGUF was checked against the merged model on fixed prompts (KL in nats):", "",
+        lines += ["", "Every GGUF was checked against the exported 16-bit model on fixed prompts (KL in nats):", "",
                   *markdown_table(("file", "top-1 agreement", "mean KL"), rows)]
     return lines
 
@@ -171,9 +172,11 @@ def build_card(cfg: DistilleryConfig, plan: list[dict[str, Any]], repo_id: str) 
     data = card_data(cfg, finetune, plan)
     base = data.base_model
     ggufs = [p["path_in_repo"] for p in plan if p["path_in_repo"].endswith(".gguf")]
-    intro = (f"A LoRA fine-tune of {f'[{base}](https://huggingface.co/{base})' if base else cfg.model.path} made "
-             "with Distillery, merged into the base model's 16-bit weights"
-             + (" and converted to GGUF with llama.cpp." if ggufs else "."))
+    of = f"[{base}](https://huggingface.co/{base})" if base else cfg.model.path
+    intro = (f"A full fine-tune of {of} made with Distillery (every weight trained), saved in 16-bit weights"
+             if finetune.get("method") == "full" else
+             f"A LoRA fine-tune of {of} made with Distillery, merged into the base model's 16-bit weights")
+    intro += " and converted to GGUF with llama.cpp." if ggufs else "."
     body = [f"# {repo_id.split('/')[-1]}", "", intro, "", *training_section(finetune), "",
             *evaluation_section(run, ggufs), "", "## Files", "",
             *[f"- `{p['path_in_repo']}` ({p['bytes'] / 2**20:.1f} MiB)" for p in plan], "",

@@ -1,4 +1,5 @@
-"""What this machine's CPU is: /proc/cpuinfo read for the llama.cpp build and for training's precision choice."""
+"""What this machine is: /proc/cpuinfo read for the llama.cpp build and for training's precision choice, and
+/proc/meminfo for the memory checks before export and full fine-tuning."""
 
 from __future__ import annotations
 
@@ -28,3 +29,14 @@ def cpu_bf16_native() -> bool:
 def usable_cores() -> int:
     """The cores this process may run on (its affinity: a container's cpuset or `taskset`), not the machine's."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (None where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -20,15 +20,19 @@ class FinetuneSummary(BaseModel):
     model_config = ConfigDict(extra="allow")  # older or newer extras are kept, never needed
 
     backend: Literal["unsloth", "hf"]
-    base_model: str  # the local directory or Hub id the adapter was trained on
+    base_model: str  # the local directory or Hub id the adapter (or the full fine-tune) started from
     model_path: str  # model.path as configured (a bundled: name, a Hub id, a directory)
     device: str
     load_in_4bit: bool
     precision: str
     template: str
     max_length: int
-    lora: dict[str, Any]
+    lora: dict[str, Any]  # empty for method full
     steps: int
+    method: Literal["lora", "full"] = "lora"  # full: finetune/model holds the whole trained model, no adapter
+    memory_estimate: dict[str, Any] | None = None  # full: preflight's estimate (GiB), beside peak_memory_mb
+    tensors_changed: int | None = None  # full: trained tensors that differ from the base's (fp32)
+    tensors_compared: int | None = None
     optimizer: str | None = None
     objective: str = "sft"
     max_steps: int | None = None

@@ -46,8 +46,13 @@ SAFETENSORS_DTYPES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 HEADER_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 
 
-def read_finetune(adapter: Path, summary_path: Path) -> FinetuneSummary:
-    """finetune's summary, after checking its adapter is there."""
+def read_finetune(adapter: Path, summary_path: Path, model: Path | None = None) -> FinetuneSummary:
+    """finetune's summary, after checking it left what it trained: the adapter, or (method full) the model."""
+    if model is not None and summary_path.is_file() and read_finetune_summary(summary_path).method == "full":
+        if not (model / "config.json").is_file() or not list(model.glob("*.safetensors")):
+            raise UserError(f"no trained model in {model} (finetune.method: full writes config.json and "
+                            "safetensors there): rerun `distillery finetune --force`.")
+        return read_finetune_summary(summary_path)
     missing = [name for name in ADAPTER_FILES if not (adapter / name).is_file()]
     if missing:
         raise UserError(f"no LoRA adapter in {adapter} (missing {', '.join(missing)}): run `distillery finetune` "
@@ -310,6 +315,11 @@ def stream_merge(base: Path, deltas: dict[str, LoraDelta], out: Path, dtype: str
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
+def streamed_copy(source: Path, out: Path, dtype: str, max_shard_size: str = "5GB") -> None:
+    """A saved model's safetensors rewritten in `dtype` tensor by tensor (a merge with nothing to add)."""
+    stream_merge(source, {}, out, dtype, max_shard_size)
+
+
 def merge_adapter(summary: FinetuneSummary, adapter_dir: Path, out_dir: Path, dtype: str, max_shard_size: str,
                   trust_remote_code: bool = False) -> dict[str, Any]:
     """Merge into 16-bit weights and save to `out_dir` (written beside it, renamed when complete)."""
@@ -446,6 +456,74 @@ def check_merge(base_model: str, adapter_dir: Path, merged: Path) -> dict[str, A
     return {"passed": passed, "tensors": untargeted + targeted, "targeted": targeted, "adapted_weights": len(deltas),
             "untargeted_identical": f"{identical}/{untargeted}", "max_error_in_16bit_steps": round(worst, 3),
             "worst_tensor": worst_name, "weights_changed": changed}
+
+
+# ---- a full fine-tune: no merge ------------------------------------------------------------------------------
+
+
+def stored_dtype(model_dir: Path) -> str | None:
+    """The 16-bit dtype a saved model's config.json names (None for fp32 or none)."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(config.get("dtype") or config.get("torch_dtype"))
+
+
+def export_trained(model_dir: Path, out_dir: Path, dtype: str, max_shard_size: str) -> dict[str, Any]:
+    """A fully fine-tuned model into `out_dir` without a merge: its shards linked (or copied across file
+    systems) when already in `dtype`, else rewritten in `dtype` tensor by tensor; the small files are copies,
+    since finish_merged_dir rewrites them. `out_dir` appears only when complete."""
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    started = time.time()
+    if stored_dtype(model_dir) == dtype:
+        tmp.mkdir(parents=True)
+        for path in model_dir.iterdir():
+            if path.suffix == ".safetensors":
+                link_or_copy(path, tmp / path.name)
+            elif path.is_file():
+                shutil.copy(path, tmp / path.name)
+        method = "none: the trained model's own shards (full fine-tune)"
+    else:
+        streamed_copy(model_dir, tmp, dtype, max_shard_size)
+        method = f"none: the trained model rewritten in {dtype} (full fine-tune)"
+    finish_merged_dir(tmp, model_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    size = sum(p.stat().st_size for p in out_dir.glob("*.safetensors"))
+    return {"backend": "full", "method": method, "dtype": dtype, "seconds": round(time.time() - started, 2),
+            "bytes": size, "shards": len(list(out_dir.glob("*.safetensors")))}
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy(source, target)
+
+
+def check_trained_copy(base_model: str, trained: Path, exported: Path) -> dict[str, Any]:
+    """The exported model holds exactly the trained tensors (in its dtype), every one of them, and training
+    changed the base: an export of the untrained base, or of half the model, fails. One tensor at a time."""
+    import torch
+    from safetensors import safe_open
+
+    ours = {name: path for name, path, _ in base_tensors(exported)}
+    trained_files = {name: path for name, path, _ in base_tensors(trained)}
+    base = {name: path for name, path, _ in base_tensors(local_base(base_model))}
+    handles: dict[Path, Any] = {}
+
+    def tensor(files: dict[str, Path], name: str) -> Any:
+        handles.setdefault(files[name], safe_open(str(files[name]), framework="pt"))
+        return handles[files[name]].get_tensor(name)
+
+    identical = changed = 0
+    for name in ours:
+        mine = tensor(ours, name)
+        identical += name in trained_files and torch.equal(tensor(trained_files, name).to(mine.dtype), mine)
+        changed += name in base and not torch.equal(tensor(base, name).to(mine.dtype), mine)
+    missing = sorted(set(trained_files) - set(ours))
+    passed = identical == len(ours) == len(trained_files) and changed > 0
+    return {"passed": passed, "method": "full", "tensors": len(ours), "identical_to_trained": f"{identical}/{len(ours)}",
+            "missing": missing[:10], "changed_from_base": changed}
 
 
 # ---- the distribution check (small models) ------------------------------------------------------------------

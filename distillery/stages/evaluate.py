@@ -4,7 +4,8 @@ and on MathQA exactly as lm-evaluation-harness scores it.
 Steps, in order:
 1. read format's held-out split as the training tokens (evals/heldout.py) and, when evaluate.data is set, MathQA
    (a local file or a Hub id), skipping and reporting records whose options cannot be parsed;
-2. find the artifacts: the base model, the fine-tuned adapter, the merged 16-bit model, each GGUF
+2. find the artifacts: the base model, the fine-tuned adapter (or, method full, the trained model, which then
+   stands in for the merged one: export only linked its shards), the merged 16-bit model, each GGUF
    (`artifacts: auto` takes whatever the run has; a GGUF that does not load is reported and skipped);
 3. score each, loading it once: the held-out loss per task and the task's metric on generated answers
    (evals/tasks.py); MathQA in loglikelihood mode (acc, acc_norm, standard errors) or generative mode (<think>
@@ -63,8 +64,8 @@ def input_files(cfg: DistilleryConfig) -> list[Path]:
 
 @dataclass
 class Artifact:
-    name: str  # base, adapter, merged, or the GGUF's file stem
-    kind: str  # base | adapter | merged | gguf
+    name: str  # base, adapter (trained, for a full fine-tune), merged, or the GGUF's file stem
+    kind: str  # base | adapter (what finetune trained) | merged | gguf
     path: Path | str
     base_model: str | None = None  # for an adapter: the model it was trained on
 
@@ -76,16 +77,15 @@ def find_artifacts(ctx: StageContext) -> list[Artifact]:
     base = resolve_model_path(cfg.model.path)
     found = {"base": [Artifact("base", "base", base)], "adapter": [], "merged": [], "gguf": []}
     if "finetune" in stages:
-        adapter = ctx.upstream("finetune", "adapter")
-        if (adapter / "adapter_config.json").is_file():
-            found["adapter"].append(Artifact("adapter", "adapter", adapter,
-                                             trained_base(ctx.upstream("finetune", "summary"), base)))
+        found["adapter"] = trained_artifacts(ctx, base)
     if "export" in stages:
         merged = ctx.upstream("export", "merged")
         if (merged / "config.json").is_file():
             found["merged"].append(Artifact("merged", "merged", merged))
         found["gguf"] = [Artifact(p.stem, "gguf", p) for p in sorted(ctx.upstream("export", "gguf").glob("*.gguf"))]
     if wanted == "auto":
+        if any(a.name == "trained" for a in found["adapter"]):
+            found["merged"] = []  # the same tensors as the trained model (export linked them): scored once
         return [a for kind in KINDS for a in found[kind]]
     missing = [kind for kind in wanted if not found[kind]]
     if missing:
@@ -95,6 +95,16 @@ def find_artifacts(ctx: StageContext) -> list[Artifact]:
         raise UserError("evaluate.artifacts: this run has no " + "; no ".join(where[k] for k in missing)
                         + ". Drop them from the list or use artifacts: auto.")
     return [a for kind in wanted for a in found[kind]]
+
+
+def trained_artifacts(ctx: StageContext, base: str) -> list[Artifact]:
+    """What finetune trained: its adapter on the base, or (method full) the whole trained model."""
+    model, adapter = ctx.upstream("finetune", "model"), ctx.upstream("finetune", "adapter")
+    if (model / "config.json").is_file():
+        return [Artifact("trained", "adapter", model)]
+    if (adapter / "adapter_config.json").is_file():
+        return [Artifact("adapter", "adapter", adapter, trained_base(ctx.upstream("finetune", "summary"), base))]
+    return []
 
 
 def trained_base(summary: Path, default: str) -> str:
@@ -118,7 +128,7 @@ def load_model(artifact: Artifact, cfg: DistilleryConfig) -> Any:
     ev = cfg.evaluate
     if artifact.kind == "gguf":
         return GGUFModel(Path(artifact.path), n_ctx=gguf_context(cfg), threads=ev.gguf_threads)
-    if artifact.kind == "adapter":
+    if artifact.kind == "adapter" and artifact.base_model:
         return HFModel(artifact.base_model or "", ev.dtype, adapter=Path(artifact.path),
                        trust_remote_code=cfg.model.trust_remote_code)
     return HFModel(str(artifact.path), ev.dtype, trust_remote_code=cfg.model.trust_remote_code)
@@ -206,8 +216,8 @@ def load_heldout(ctx: StageContext) -> HeldoutSet | None:
     ho = ctx.cfg.evaluate.heldout
     eval_path = ctx.upstream("format", "eval")
     meta = json.loads(ctx.upstream("format", "template").read_text(encoding="utf-8"))
-    adapter = ctx.upstream("finetune", "adapter") if "finetune" in upstream(ctx.cfg) else None
-    source = str(adapter) if adapter and (adapter / "tokenizer_config.json").is_file() else \
+    trained = trained_artifacts(ctx, "") if "finetune" in upstream(ctx.cfg) else []
+    source = str(trained[0].path) if trained and (Path(trained[0].path) / "tokenizer_config.json").is_file() else \
         resolve_model_path(ctx.cfg.model.path)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=ctx.cfg.model.trust_remote_code)
     tokenizer.eos_token = meta["eos_token"]

@@ -1,4 +1,5 @@
-"""Export: the fine-tuned adapter -> a verified 16-bit HF model and verified GGUFs for llama.cpp / Ollama.
+"""Export: the fine-tuned adapter (or fully fine-tuned model) -> a verified 16-bit HF model and verified GGUFs for
+llama.cpp / Ollama.
 
 Steps, in order:
 1. read finetune's adapter and summary.json; take the training chat template and EOS from the adapter's
@@ -8,7 +9,8 @@ Steps, in order:
    the largest step needs is available (`estimate_memory`);
 3. merge the adapter into the base's original 16-bit weights, streamed tensor by tensor (export/merge.py),
    into merged/, and prove it tensor by tensor (untargeted weights identical, targeted ones W + scale·B·A);
-   small models also pass the distribution check against base + adapter run unmerged;
+   small models also pass the distribution check against base + adapter run unmerged. A full fine-tune has
+   nothing to merge: its own 16-bit shards go into merged/ (linked), proven identical and changed from the base;
 4. convert merged/ with llama.cpp's converter to one f16/bf16/q8_0 GGUF, quantize it with llama.cpp's
    quantizer to every requested type (export/gguf.py);
 5. verify every GGUF (export/verify.py) against the merged model run layer by layer: it loads in
@@ -39,6 +41,7 @@ from distillery.config import DistilleryConfig, ExportConfig
 from distillery.core.console import markdown_table, summary_table
 from distillery.core.errors import UserError
 from distillery.core.isolation import Child, plain
+from distillery.core.machine import available_memory
 from distillery.core.models import bundled_name
 from distillery.core.plots import figure
 from distillery.core.summaries import FinetuneSummary
@@ -162,17 +165,6 @@ def estimate_memory(base: Path, prompts: int, new_tokens: int) -> dict[str, Any]
             "steps_gib": {k: round(v / GIB, 2) for k, v in steps.items()}}
 
 
-def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo, in bytes (None where there is none)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def check_memory(base: Path, cfg: ExportConfig) -> dict[str, Any]:
     """Refuse to start when the export's estimated peak is more than this machine has available."""
     estimate = estimate_memory(base, len(cfg.verify.prompts), cfg.verify.new_tokens)
@@ -191,7 +183,7 @@ class Plan:
     """Everything decided before the first file is written."""
 
     summary: FinetuneSummary
-    adapter_dir: Path
+    adapter_dir: Path  # what finetune trained: the adapter, or (method full) the whole model
     outtype: QuantType
     quants: list[QuantType]
     imatrix: Any
@@ -207,12 +199,14 @@ class Plan:
 def plan_export(ctx: StageContext) -> Plan:
     """Read finetune's outputs and check everything that can be checked before writing (steps 1 and 2)."""
     cfg = ctx.cfg.export
-    adapter_dir = ctx.upstream("finetune", "adapter")
-    summary = merge.read_finetune(adapter_dir, ctx.upstream("finetune", "summary"))
+    summary = merge.read_finetune(ctx.upstream("finetune", "adapter"), ctx.upstream("finetune", "summary"),
+                                  ctx.upstream("finetune", "model"))
+    full = summary.method == "full"
+    adapter_dir = ctx.upstream("finetune", "model" if full else "adapter")
     outtype, quants = plan_types(cfg)
     imatrix = gguf_io.load_imatrix(Path(cfg.imatrix)) if cfg.imatrix else None
     template, eos, tokenizer = training_template(ctx, adapter_dir)
-    base = merge.local_base(summary.base_model)
+    base = adapter_dir if full else merge.local_base(summary.base_model)
     ctx.out.mkdir(parents=True, exist_ok=True)
     weights = base_weight_bytes(str(base))
     disk = check_free_disk(cfg, ctx.out, weights, outtype, quants) if weights else {}
@@ -229,6 +223,8 @@ def merge_and_check(ctx: StageContext, plan: Plan, report: dict[str, Any], timin
     fragments) goes back to the system before the converter runs."""
     cfg, merged_dir, summary = ctx.cfg.export, ctx.out / OUTPUTS["merged"], plan.summary
     trust = ctx.cfg.model.trust_remote_code
+    if summary.method == "full":
+        return export_full_finetune(ctx, plan, report, timings)
     with Child("torch", f"merging the adapter into {merged_dir}", hint=MEMORY_HINT) as child:
         if (merged_dir / "config.json").is_file():
             timings["merge"] = {"resumed": True}
@@ -256,8 +252,28 @@ def merge_and_check(ctx: StageContext, plan: Plan, report: dict[str, Any], timin
              discard=(merged_dir,))
 
 
+def export_full_finetune(ctx: StageContext, plan: Plan, report: dict[str, Any], timings: dict[str, Any]) -> None:
+    """Step 3 for a full fine-tune: no merge; its shards into merged/, proven to be the trained tensors."""
+    merged_dir, summary = ctx.out / OUTPUTS["merged"], plan.summary
+    with Child("torch", f"writing the trained model into {merged_dir}", hint=MEMORY_HINT) as child:
+        if (merged_dir / "config.json").is_file():
+            timings["merge"] = {"resumed": True}
+        else:
+            timings["merge"] = child.call(plain, merge.export_trained, plan.adapter_dir, merged_dir, plan.dtype,
+                                          ctx.cfg.export.max_shard_size)
+        tensors = child.call(plain, merge.check_trained_copy, summary.base_model, plan.adapter_dir, merged_dir)
+    report["merge"] = {"tensors": tensors, "passed": tensors["passed"], "distributions": {
+        "passed": None, "skipped": "a full fine-tune has no adapter to run unmerged"}}
+    if not tensors["passed"]:
+        fail(ctx, report, "the exported model is not the trained one: " + merge_failure(report["merge"]),
+             discard=(merged_dir,))
+
+
 def merge_failure(result: dict[str, Any]) -> str:
     tensors, distributions = result["tensors"], result["distributions"]
+    if tensors.get("method") == "full":
+        return (f"tensors identical to the trained model's {tensors['identical_to_trained']}, missing "
+                f"{tensors['missing'] or 'none'}, {tensors['changed_from_base']} tensors changed from the base")
     if tensors.get("passed") is False:
         return (f"untargeted tensors identical {tensors['untargeted_identical']}, worst targeted tensor "
                 f"{tensors['worst_tensor']} {tensors['max_error_in_16bit_steps']} 16-bit steps from W + scale*B@A, "
@@ -324,7 +340,7 @@ def run(ctx: StageContext) -> StageResult:
     plan = plan_export(ctx)
     timings: dict[str, Any] = {}
     report: dict[str, Any] = {"model": plan.stem, "base_model": plan.summary.base_model,
-                              "backend": plan.summary.backend, "disk": plan.disk, "memory": plan.memory,
+                              "backend": plan.summary.backend, "method": plan.summary.method, "disk": plan.disk, "memory": plan.memory,
                               "outtype": plan.outtype.value}
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                   console=ctx.console, transient=False) as progress:
@@ -333,7 +349,8 @@ def run(ctx: StageContext) -> StageResult:
         def step(description: str) -> None:
             progress.update(task, description=description, advance=1)  # counts the steps started
 
-        step(f"merging the adapter into {plan.dtype} weights and checking every tensor")
+        step(f"checking the trained model's {plan.dtype} weights, tensor by tensor" if plan.summary.method == "full"
+             else f"merging the adapter into {plan.dtype} weights and checking every tensor")
         merge_and_check(ctx, plan, report, timings)
         intermediate, files = convert_and_quantize(ctx, plan, timings, step)
         step("the merged model's reference distributions, layer by layer")
@@ -402,6 +419,10 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
 def merge_sentence(merge_result: dict[str, Any]) -> str:
     """One line on what proved the merge kept the adapter."""
     tensors, distributions = merge_result["tensors"], merge_result["distributions"]
+    if tensors.get("method") == "full":
+        verdict = "the trained weights are in the export" if merge_result["passed"] else "FAILED"
+        return (f"no merge (full fine-tune): {tensors['identical_to_trained']} tensors identical to the trained "
+                f"model's, {tensors['changed_from_base']} changed from the base -> {verdict}")
     parts = []
     if tensors.get("passed") is not None:
         parts.append(f"{tensors['targeted']} adapted tensors within {tensors['max_error_in_16bit_steps']} 16-bit steps "

@@ -1,15 +1,16 @@
-"""Finetune: LoRA / QLoRA training of the base model on format's prompt/completion pairs (Unsloth or hf).
+"""Finetune: LoRA / QLoRA (or full) training of the base model on format's prompt/completion pairs (Unsloth or hf).
 
 Steps, in order:
 1. read format's train/eval rows, chat template and EOS; refuse an empty training set;
-2. (training/preflight.py) find the model (bundled demo -> local dir; a Hub id needs the Hub or its cache) and check, before loading any
-   weights, that the LoRA target modules exist in it;
+2. (training/preflight.py) find the model (bundled demo -> local dir; a Hub id needs the Hub or its cache) and check,
+   before loading any weights, that the LoRA target modules exist in it, or (method full) that the weights,
+   gradients, optimizer state and activations fit in memory;
 3. choose from the hardware: 4-bit (auto: CUDA only), precision (bf16/fp16/fp32), optimizer (8-bit needs CUDA);
 4. check that every training example keeps at least one completion token within format.max_length;
 5. train (training/train.py) in a child process, under `accelerate launch` when accelerate_config is set;
    a killed run resumes from its last complete checkpoint (checkpoints live in the stage's partial directory);
-6. write adapter/ (+ tokenizer with the training chat template), metrics.jsonl, loss.png, samples.md,
-   summary.json, and drop the checkpoints.
+6. write adapter/ (+ tokenizer with the training chat template) or, method full, model/ (the whole model in 16
+   bits, same tokenizer), metrics.jsonl, loss.png, samples.md, summary.json, and drop the checkpoints.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from distillery.stage import Stage, StageContext, StageResult, load_stage
 from distillery.training.preflight import (
     check_accelerate_config,
     check_completions_fit,
+    check_full_finetune_memory,
     check_multiple_choice,
     check_target_modules,
     choose_4bit,
@@ -48,7 +50,7 @@ from distillery.training.preflight import (
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = {"adapter": "adapter", "metrics": "metrics.jsonl", "loss_plot": "loss.png", "samples": "samples.md",
+OUTPUTS = {"adapter": "adapter", "model": "model", "metrics": "metrics.jsonl", "loss_plot": "loss.png", "samples": "samples.md",
            "summary": "summary.json"}
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -84,13 +86,13 @@ def build_job(ctx: StageContext, model_path: str, template: str, meta: dict, eva
 
     ft = ctx.cfg.finetune
     cuda = cuda_available()
-    load_in_4bit = choose_4bit(ft.load_in_4bit, cuda)
+    load_in_4bit = choose_4bit(ft.load_in_4bit, cuda, ft.method)
     precision = choose_precision(ft.precision, cuda, cuda_bf16() if cuda else cpu_bf16_native())
     ctx.console.print(f"finetune: {ft.backend} backend on {'CUDA' if cuda else 'CPU'}, "
-                      f"{'4-bit (QLoRA)' if load_in_4bit else '16-bit'} base weights"
-                      f"{' (4-bit needs CUDA)' if not cuda and ft.load_in_4bit == 'auto' else ''}, {precision}")
+                      f"{weights_line(ft.method, load_in_4bit, cuda, ft.load_in_4bit)}, {precision}")
     return TrainJob(
-        out=str(ctx.out), adapter_dir=str(ctx.out / OUTPUTS["adapter"]), metrics_path=str(ctx.out / OUTPUTS["metrics"]),
+        out=str(ctx.out), adapter_dir=str(ctx.out / OUTPUTS["adapter"]), model_dir=str(ctx.out / OUTPUTS["model"]),
+        metrics_path=str(ctx.out / OUTPUTS["metrics"]),
         train_path=str(ctx.upstream("format", "train")), eval_path=str(ctx.upstream("format", "eval")),
         model_path=model_path, backend=ft.backend, device="cuda" if cuda else "cpu", load_in_4bit=load_in_4bit,
         precision=precision, optimizer=choose_optimizer(ft.optimizer, cuda), max_length=ctx.cfg.format.max_length,
@@ -99,6 +101,13 @@ def build_job(ctx: StageContext, model_path: str, template: str, meta: dict, eva
         sample_prompts=[r["prompt"] for r in eval_rows[:ft.sample_prompts]],
         **teacher_of(ctx, tokenizer),
     )
+
+
+def weights_line(method: str, load_in_4bit: bool, cuda: bool, setting: object) -> str:
+    if method == "full":
+        return "full fine-tuning: every weight trained (fp32 master weights, 16-bit mixed precision)"
+    return (f"{'4-bit (QLoRA)' if load_in_4bit else '16-bit'} base weights"
+            f"{' (4-bit needs CUDA)' if not cuda and setting == 'auto' else ''}")
 
 
 def teacher_of(ctx: StageContext, student_tokenizer: Any) -> dict[str, str]:
@@ -214,14 +223,15 @@ def window_mean(values: list[float]) -> float | None:
 
 
 def build_summary(job: Any, result: dict, rows: list[dict], model_setting: str, template_name: str,
-                  train_examples: int) -> dict:
+                  train_examples: int, memory_estimate: dict | None = None) -> dict:
     losses = [r["loss"] for r in rows if "loss" in r]
     ft = job.finetune
     summary = FinetuneSummary(
         backend=job.backend, base_model=job.model_path, model_path=model_setting,
         device=job.device, load_in_4bit=job.load_in_4bit, precision=job.precision,
         optimizer=job.optimizer, template=template_name,
-        max_length=job.max_length, objective=ft.objective, lora=ft.lora.model_dump(mode="json"),
+        max_length=job.max_length, objective=ft.objective, method=ft.method,
+        lora=ft.lora.model_dump(mode="json") if ft.method == "lora" else {},
         train_examples=train_examples, steps=result["global_step"], max_steps=ft.max_steps,
         resumed_from_step=result["resumed_from_step"], first_loss=losses[0] if losses else None,
         last_loss=losses[-1] if losses else None, train_loss=result["train_loss"],
@@ -229,7 +239,8 @@ def build_summary(job: Any, result: dict, rows: list[dict], model_setting: str, 
         loss_start_mean=window_mean(losses[:5]), loss_end_mean=window_mean(losses[-5:]),
         tokens=result["tokens"], tokens_per_s=result["tokens_per_s"],
         train_seconds=result["train_seconds"], peak_memory_mb=result["peak_memory_mb"],
-        peak_memory_kind=result["peak_memory_kind"], world_size=result["world_size"],
+        peak_memory_kind=result["peak_memory_kind"], world_size=result["world_size"], memory_estimate=memory_estimate,
+        tensors_changed=result.get("tensors_changed"), tensors_compared=result.get("tensors_compared"),
     )
     return summary.model_dump(mode="json")
 
@@ -239,21 +250,30 @@ def run(ctx: StageContext) -> StageResult:
     check_accelerate_config(ft.accelerate_config, cuda_available(), ft.backend)
     train_rows, eval_rows, template, meta = load_format_outputs(ctx.run.stage_dir("format"))
     model_path = locate_model(ctx.cfg.model.path)
-    check_target_modules(model_path, ft.lora.target_modules, ctx.cfg.model.trust_remote_code)
+    trust = ctx.cfg.model.trust_remote_code
+    if ft.method == "lora":
+        check_target_modules(model_path, ft.lora.target_modules, trust)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=ctx.cfg.model.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust)
     job = build_job(ctx, model_path, template, meta, eval_rows, tokenizer)
+    memory = None
+    if ft.method == "full":
+        memory = check_full_finetune_memory(model_path, ft, job.max_length, job.device == "cuda",
+                                            job.precision != "fp32", trust)
+        ctx.console.print(f"finetune: full fine-tuning needs about {memory['needed_gib']} GiB "
+                          f"({memory['available_gib']} GiB available)")
     if ft.objective == "multiple_choice":
         check_multiple_choice(train_rows)
     else:
         check_completions_fit(train_rows, tokenizer, job.max_length)
     result = train(job, ft, ctx)
     rows = read_metrics(ctx.out / OUTPUTS["metrics"])
-    title = f"{ft.backend} LoRA r={ft.lora.r} on {Path(model_path).name}"
+    title = (f"{ft.backend} full fine-tune" if ft.method == "full" else f"{ft.backend} LoRA r={ft.lora.r}") \
+        + f" on {Path(model_path).name}"
     save_loss_plot(rows, ctx.out / OUTPUTS["loss_plot"], title)
     (ctx.out / OUTPUTS["samples"]).write_text(render_samples(result["samples"], f"Samples: {title}"), encoding="utf-8")
-    summary = build_summary(job, result, rows, ctx.cfg.model.path, meta.get("name", ""), len(train_rows))
+    summary = build_summary(job, result, rows, ctx.cfg.model.path, meta.get("name", ""), len(train_rows), memory)
     atomic_write_text(ctx.out / OUTPUTS["summary"], json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     drop_training_state(ctx.out)
     return report(ctx, summary)
@@ -270,6 +290,14 @@ def drop_training_state(out: Path) -> None:
         shutil.rmtree(trash)
     for name in ("job.json", "train_result.json", "samples_before.json"):
         (out / name).unlink(missing_ok=True)
+    for staging in (".model-fp32", ".model.tmp"):  # left by a kill while the full model was being written
+        shutil.rmtree(out / staging, ignore_errors=True)
+
+
+def weights_kind(s: dict) -> str:
+    if s["method"] == "full":
+        return "every weight trained (fp32 master)"
+    return "4-bit base" if s["load_in_4bit"] else "16-bit base"
 
 
 def report(ctx: StageContext, s: dict) -> StageResult:
@@ -277,7 +305,9 @@ def report(ctx: StageContext, s: dict) -> StageResult:
     rows = [("steps", f"{s['steps']} (resumed from {s['resumed_from_step']})" if s["resumed_from_step"] else str(s["steps"])),
             ("loss (mean of first/last 5 steps)", loss), ("tokens/s", str(s["tokens_per_s"])),
             ("peak memory", f"{s['peak_memory_mb']:.0f} MB ({s['peak_memory_kind']})"),
-            ("weights", f"{'4-bit' if s['load_in_4bit'] else '16-bit'}, {s['precision']}, {s['device']}")]
+            ("weights", f"{weights_kind(s)}, {s['precision']}, {s['device']}")]
+    if s["method"] == "full":
+        rows.append(("tensors changed from the base", f"{s['tensors_changed']}/{s['tensors_compared']} (fp32)"))
     ctx.console.print(summary_table(f"finetune ({s['backend']})", rows, ("", "")))
     metrics = {k: s[k] for k in ("steps", "first_loss", "last_loss", "loss_start_mean", "loss_end_mean",
                                  "tokens_per_s", "peak_memory_mb", "resumed_from_step")}

@@ -1,10 +1,12 @@
 """What the finetune stage checks and chooses before any weights load: the model is there and has the LoRA
-target modules, the hardware decides 4-bit / precision / optimizer, and every example keeps a completion token.
+target modules, the hardware decides 4-bit / precision / optimizer, every example keeps a completion token, and
+full fine-tuning fits in the machine's memory.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +85,15 @@ def cuda_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def choose_4bit(setting: Any, cuda: bool) -> bool:
-    """auto: 4-bit (QLoRA) on CUDA, 16-bit elsewhere. true without CUDA is refused: the config insists."""
+def choose_4bit(setting: Any, cuda: bool, method: str = "lora") -> bool:
+    """auto: 4-bit (QLoRA) on CUDA, 16-bit elsewhere; full fine-tuning never in 4 bits. true without CUDA is
+    refused: the config insists."""
+    if method == "full":
+        if setting is True:
+            raise UserError("finetune.load_in_4bit: true cannot go with finetune.method: full: 4-bit weights are "
+                            "frozen (QLoRA trains adapters on them). Set load_in_4bit: auto (full fine-tuning trains "
+                            "16-bit mixed precision) or method: lora.")
+        return False
     if setting is True and not cuda:
         raise UserError("finetune.load_in_4bit: true needs a CUDA GPU (bitsandbytes 4-bit), and this machine has "
                         "none. Set it to auto (16-bit on CPU) or false.")
@@ -158,3 +167,140 @@ def check_accelerate_config(path: str | None, cuda: bool, backend: str = "hf") -
         raise UserError(f"finetune.accelerate_config: {path} runs one process per GPU and this machine has no CUDA "
                         "GPU. Use configs/accelerate/ddp_cpu.yaml or fsdp_cpu.yaml (use_cpu: true) to run the same "
                         "code on CPU processes.")
+
+
+# ---- 4. memory of full fine-tuning ---------------------------------------------------------------------------
+
+GIB = 1024**3
+# Bytes per parameter of optimizer state: AdamW keeps two fp32 moments; the 8-bit optimizers two 8-bit ones.
+OPTIMIZER_BYTES = {"adamw_torch": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
+BASELINE_BYTES = 1 << 30  # Python, torch, the tokenizer, the data and the allocator's slack of one process
+
+
+@dataclass
+class ModelShape:
+    parameters: int
+    hidden: int
+    intermediate: int
+    layers: int
+    vocab: int
+
+
+def model_shape(model_path: str, trust_remote_code: bool = False) -> ModelShape:
+    """The model's size from its config alone: built on the meta device, no weights read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    parameters = sum(p.numel() for p in model.parameters())  # a tied embedding counts once
+    hidden = text.hidden_size
+    return ModelShape(parameters, hidden, getattr(text, "intermediate_size", None) or 4 * hidden,
+                      text.num_hidden_layers, text.vocab_size)
+
+
+def activation_bytes(shape: ModelShape, tokens: int, checkpointing: bool) -> int:
+    """Activations kept for the backward pass of one batch of `tokens` under 16-bit autocast.
+
+    A decoder layer keeps about 36·hidden + 8·intermediate bytes per token (fp32 residual stream and norms,
+    16-bit projections and attention output, the MLP's four intermediate tensors); with gradient checkpointing,
+    only each layer's fp32 input (4·hidden) plus one layer recomputed at a time. The logits add 10 bytes per
+    token and vocabulary entry (fp32 logits and their gradient, a 16-bit copy)."""
+    per_layer = 36 * shape.hidden + 8 * shape.intermediate
+    layers = 4 * shape.hidden * shape.layers + per_layer if checkpointing else per_layer * shape.layers
+    return tokens * (layers + 10 * shape.vocab)
+
+
+def full_finetune_bytes(shape: ModelShape, tokens: int, checkpointing: bool, optimizer: str, mixed: bool,
+                        shards: int) -> dict[str, int]:
+    """One process's memory for full fine-tuning: fp32 weights and gradients (4 + 4 bytes per parameter), the
+    optimizer's state, the 16-bit copies autocast keeps during a step (2), all divided by the shards under FSDP /
+    ZeRO-3; the batch's activations; a baseline."""
+    per_parameter = 4 + 4 + OPTIMIZER_BYTES.get(optimizer, 8) + (2 if mixed else 0)
+    states = shape.parameters * per_parameter // shards
+    activations = activation_bytes(shape, tokens, checkpointing)
+    return {"states": states, "activations": activations, "baseline": BASELINE_BYTES,
+            "total": states + activations + BASELINE_BYTES}
+
+
+def lora_bytes(shape: ModelShape, tokens: int, checkpointing: bool, four_bit: bool) -> int:
+    """LoRA's memory for comparison: the frozen base in 16 (or about 4.5) bits, the same activations; the adapter
+    and its optimizer state are a few percent at most."""
+    weights = shape.parameters * (0.56 if four_bit else 2)
+    return int(weights * 1.05) + activation_bytes(shape, tokens, checkpointing) + BASELINE_BYTES
+
+
+def accelerate_layout(path: str | None) -> tuple[str, int]:
+    """(distributed type, processes) of an accelerate config; ("NO", 1) without one."""
+    if not path:
+        return "NO", 1
+    config = read_yaml_file(Path(path)) or {}
+    kind = str(config.get("distributed_type", "NO")).upper()
+    return kind, (max(1, int(config.get("num_processes", 1) or 1)) if kind != "NO" else 1)
+
+
+def memory_available(cuda: bool) -> tuple[int | None, str]:
+    """Free memory of one GPU (the first), or MemAvailable on a CPU machine, and where it was read."""
+    if cuda:
+        import torch
+
+        return torch.cuda.mem_get_info(0)[0], "free on GPU 0"
+    from distillery.core.machine import available_memory
+
+    return available_memory(), "available (MemAvailable)"
+
+
+def check_full_finetune_memory(model_path: str, ft: Any, max_length: int, cuda: bool, mixed: bool,
+                               trust_remote_code: bool = False, available: int | None = None) -> dict[str, Any]:
+    """Estimate what full fine-tuning needs (per process; on a CPU machine, every process shares its memory) and
+    refuse, before anything loads, when it is more than is available, with the figure and what would fit."""
+    shape = model_shape(model_path, trust_remote_code)
+    kind, processes = accelerate_layout(ft.accelerate_config)
+    shards = processes if kind in ("FSDP", "DEEPSPEED") else 1
+    tokens = ft.batch_size * max_length
+    need = full_finetune_bytes(shape, tokens, ft.gradient_checkpointing, ft.optimizer if cuda else "adamw_torch",
+                               mixed, shards)
+    where = "available (MemAvailable)"
+    if available is None:
+        available, where = memory_available(cuda)
+    sharing = 1 if cuda else processes  # CPU processes share one machine's memory; each GPU has its own
+    estimate = {"parameters": shape.parameters, "needed_gib": round(need["total"] * sharing / GIB, 2),
+                "states_gib": round(need["states"] / GIB, 2), "activations_gib": round(need["activations"] / GIB, 2),
+                "available_gib": round(available / GIB, 2) if available else None, "processes": processes}
+    if available is None or need["total"] * sharing <= available:
+        return estimate
+    raise UserError(memory_refusal(shape, ft, tokens, max_length, need, sharing, available, where, cuda, shards, mixed))
+
+
+def memory_refusal(shape: ModelShape, ft: Any, tokens: int, max_length: int, need: dict[str, int], sharing: int,
+                   available: int, where: str, cuda: bool, shards: int, mixed: bool) -> str:
+    """The refusal: the estimate, its parts, and each alternative's own figure against what is available."""
+    def gib(n: float) -> str:
+        return f"{n / GIB:.1f} GiB"
+
+    def fits(n: float) -> str:
+        return "fits" if n * sharing <= available else "does not fit either"
+
+    optimizer = ft.optimizer if cuda else "adamw_torch"
+    alternatives = [("finetune.method: lora", lora_bytes(shape, tokens, ft.gradient_checkpointing, cuda))]
+    if ft.batch_size > 1:
+        one = full_finetune_bytes(shape, max_length, ft.gradient_checkpointing, optimizer, mixed, shards)
+        alternatives.append((f"finetune.batch_size: 1 with gradient_accumulation_steps x{ft.batch_size}", one["total"]))
+    if not ft.gradient_checkpointing:
+        alternatives.append(("finetune.gradient_checkpointing: true",
+                             need["total"] - need["activations"] + activation_bytes(shape, tokens, True)))
+    if OPTIMIZER_BYTES.get(optimizer, 8) == 8:
+        alternatives.append(("finetune.optimizer: adamw_8bit (CUDA only)",
+                             need["total"] - shape.parameters * 6 // shards))
+    if shards == 1:
+        alternatives.append(("FSDP over 4 GPUs (finetune.accelerate_config: configs/accelerate/fsdp.yaml, "
+                             "backend: hf)", need["total"] - need["states"] * 3 // 4))
+    lines = "; ".join(f"{name}: about {gib(n * sharing)} ({fits(n)})" for name, n in alternatives)
+    return (f"finetune.method: full needs about {gib(need['total'] * sharing)} for this model "
+            f"({shape.parameters / 1e9:.2f}B parameters: weights, gradients and optimizer state "
+            f"{gib(need['states'])}, activations {gib(need['activations'])} at batch {ft.batch_size} x "
+            f"{max_length} tokens, {gib(need['baseline'])} for the process"
+            f"{f', times {sharing} processes' if sharing > 1 else ''}), and {gib(available)} {where}. "
+            f"What would need less: {lines}.")

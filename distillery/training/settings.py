@@ -53,6 +53,10 @@ class FinetuneConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    method: Literal["lora", "full"] = Field(
+        "lora", description="lora: train LoRA adapters on the frozen base (4-bit QLoRA on CUDA). full: train every "
+                            "weight (fp32 master weights, 16-bit mixed precision; about 16 bytes per parameter with "
+                            "AdamW, checked against the machine's memory before loading) and write the whole model.")
     backend: Literal["unsloth", "hf"] = Field("unsloth", description="unsloth (default) or hf (transformers+PEFT+TRL).")
     load_in_4bit: Literal["auto", True, False] = Field(
         "auto", description="auto: 4-bit on CUDA, 16-bit on CPU. true: insist (fails without CUDA)."
@@ -62,7 +66,8 @@ class FinetuneConfig(BaseModel):
     max_steps: int = Field(-1, description="If > 0, overrides epochs.")
     batch_size: int = Field(4, ge=1, description="Per-device batch size.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Batches per optimizer step (effective batch = batch_size x this).")
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of the LoRA weights.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (of the LoRA weights, or of every weight with method: full, "
+                                 "where 1e-5 to 5e-5 is usual).")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
                           "polynomial", "inverse_sqrt"] = Field("linear", description="Learning-rate schedule.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of the optimizer steps spent warming up.")

@@ -3,12 +3,13 @@
 Steps, in order:
 1. load the base model through the backend: Unsloth's FastLanguageModel, or transformers (+ bitsandbytes nf4
    with double quantization and 16-bit compute when 4-bit); give the tokenizer the training chat template and EOS;
-2. add LoRA adapters (r, alpha, dropout, target modules, rsLoRA, DoRA);
+2. add LoRA adapters (r, alpha, dropout, target modules, rsLoRA, DoRA), or train every weight (method full);
 3. generate the "before" samples on held-out prompts (kept in the output dir, so a resumed run reuses them);
 4. build the trainer of the objective: TRL's SFTTrainer with loss on completions only (sft), the multiple-choice
    trainer, the KD trainer on the teacher's stored top-k log-probs (kd), or TRL's DistillationTrainer (on_policy);
 5. train, resuming from the last complete checkpoint in <out>/checkpoints;
-6. save the adapter with its tokenizer, the "after" samples and train_result.json.
+6. save the adapter with its tokenizer (or, method full, the whole model in 16 bits), the "after" samples and
+   train_result.json.
 
 The stage (distillery/stages/finetune.py) decides everything that depends on the config and the machine and passes it
 here as a TrainJob; `python -m distillery.training.train <job.json>` is what `accelerate launch` runs.
@@ -20,6 +21,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,7 +44,8 @@ class TrainJob:
     """What the training process needs: every choice already made by the stage."""
 
     out: str  # the stage's output directory (checkpoints, the result or error file)
-    adapter_dir: str  # where the adapter goes, with its tokenizer
+    adapter_dir: str  # where the adapter goes, with its tokenizer (method lora)
+    model_dir: str  # where the whole trained model goes, in 16 bits, with its tokenizer (method full)
     metrics_path: str  # one JSON line per logged step
     train_path: str  # format's train.jsonl
     eval_path: str  # format's eval.jsonl
@@ -233,10 +236,12 @@ def peak_memory_mb(device: str) -> tuple[float, str]:
 
 def oom_message(job: TrainJob) -> str:
     ft = job.finetune
+    smaller = ("or finetune.method: lora (adapters on a frozen base, 4-bit on CUDA)" if ft.method == "full" else
+               f"or finetune.lora.r (now {ft.lora.r}), set finetune.load_in_4bit: true")
     return (f"CUDA ran out of memory while training {job.model_path}. Lower finetune.batch_size (now {ft.batch_size}) "
             f"and raise finetune.gradient_accumulation_steps to keep the effective batch, lower format.max_length "
-            f"(now {job.max_length}) or finetune.lora.r (now {ft.lora.r}), keep finetune.gradient_checkpointing "
-            "on, set finetune.load_in_4bit: true, or use finetune.optimizer: paged_adamw_8bit.")
+            f"(now {job.max_length}) {smaller}, keep finetune.gradient_checkpointing on, or use "
+            "finetune.optimizer: paged_adamw_8bit.")
 
 
 def run_job(job: TrainJob, console: Any) -> dict[str, Any]:
@@ -274,7 +279,7 @@ def run_job(job: TrainJob, console: Any) -> dict[str, Any]:
         train_started = time.time()
         output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         train_seconds = time.time() - train_started
-        trainer.save_model(job.adapter_dir)  # the PEFT adapter and, as processing_class, the tokenizer
+        changed = save_trained(trainer, job)
         after = generate_samples(model, tokenizer, job) if single_process else []
     except torch.cuda.OutOfMemoryError:
         raise UserError(oom_message(job)) from None
@@ -293,7 +298,69 @@ def run_job(job: TrainJob, console: Any) -> dict[str, Any]:
         "world_size": trainer.args.world_size,
         "samples": [{"prompt": p, "before": b, "after": a} for p, b, a in zip(job.sample_prompts, before, after)],
         "main_process": main_process,
+        **changed,
     }
+
+
+def save_trained(trainer: Any, job: TrainJob) -> dict[str, Any]:
+    """LoRA: the PEFT adapter and, as processing_class, the tokenizer. Full: the whole model, written in fp32 by
+    the Trainer (which gathers it from every process under FSDP), compared with the base tensor by tensor, then
+    streamed into 16-bit shards. Returns what the comparison found (full only)."""
+    if job.finetune.method == "lora":
+        trainer.save_model(job.adapter_dir)
+        return {}
+    staging = Path(job.out) / ".model-fp32"
+    trainer.save_model(str(staging))
+    if not trainer.is_world_process_zero():
+        return {}
+    changed = tensors_changed(staging, job.model_path)
+    save_16bit(staging, Path(job.model_dir), sixteen_bit_dtype(job))
+    shutil.rmtree(staging)
+    return changed
+
+
+def tensors_changed(trained: Path, base_model: str) -> dict[str, Any]:
+    """How many of the trained model's tensors differ from the base's (in fp32, before any 16-bit rounding), one
+    tensor in memory at a time: full fine-tuning must have changed every one."""
+    import torch
+    from safetensors import safe_open
+
+    from distillery.export.merge import base_tensors, local_base
+
+    base = {name: path for name, path, _ in base_tensors(local_base(base_model))}
+    handles: dict[Path, Any] = {}
+    changed, unchanged = 0, []
+    for name, path, _ in base_tensors(trained):
+        if name not in base:
+            continue
+        for file in (path, base[name]):
+            handles.setdefault(file, safe_open(str(file), framework="pt"))
+        mine, theirs = handles[path].get_tensor(name), handles[base[name]].get_tensor(name)
+        if torch.equal(mine.float(), theirs.float()):
+            unchanged.append(name)
+        else:
+            changed += 1
+    return {"tensors_changed": changed, "tensors_compared": changed + len(unchanged), "unchanged": unchanged[:10]}
+
+
+def sixteen_bit_dtype(job: TrainJob) -> str:
+    """The trained model's dtype on disk: the training precision, or the base's own 16-bit dtype after fp32."""
+    from distillery.export.merge import merged_dtype_name
+
+    return job.precision if job.precision in ("bf16", "fp16") else merged_dtype_name("auto", job.model_path)
+
+
+def save_16bit(source: Path, target: Path, dtype: str) -> None:
+    """`source` (a saved model) into `target` in 16 bits, tensor by tensor, with the tokenizer and a generation
+    config that stops at the training EOS; `target` appears only when complete."""
+    from distillery.export.merge import finish_merged_dir, streamed_copy
+
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    streamed_copy(source, tmp, dtype)
+    finish_merged_dir(tmp, source)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
 
 
 def load_or_generate_before(out: Path, model: Any, tokenizer: Any, job: TrainJob) -> list[str]:
