@@ -1,5 +1,6 @@
 """Training across processes for real: `accelerate launch` with two CPU processes (torch.distributed over gloo),
-the code path a multi-GPU DDP run takes, on the demo model: DDP and FSDP2 with the hf backend, DDP with unsloth."""
+the code path a multi-GPU DDP run takes, on the demo model: DDP (LoRA, and full fine-tuning killed and resumed) and
+FSDP2 with the hf backend, DDP with unsloth."""
 
 from __future__ import annotations
 
@@ -62,8 +63,10 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch(tmp_pat
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_kill_9_of_one_rank_then_the_same_command_resumes(tmp_path: Path) -> None:
-    config = ddp_project(tmp_path, max_steps=4, save_steps=2)
+def test_kill_9_of_one_rank_of_a_full_fine_tune_then_the_same_command_resumes(tmp_path: Path) -> None:
+    """Full fine-tuning (every weight and its AdamW state in each checkpoint) under DDP: the resume path LoRA
+    takes too, with the whole model to restore."""
+    config = ddp_project(tmp_path, max_steps=4, save_steps=2, method="full", learning_rate=5e-5)
     process = start_finetune(config)
     try:
         wait_for_checkpoint(process, tmp_path, 2)
@@ -79,7 +82,10 @@ def test_kill_9_of_one_rank_then_the_same_command_resumes(tmp_path: Path) -> Non
     out = " ".join(done.stdout.split())
     assert "resuming from checkpoint-" in out and int(out.split("resuming from checkpoint-")[1].split()[0]) >= 2
     summary = json.loads((stage_dir(tmp_path) / "summary.json").read_text())
-    assert summary["steps"] == 4 and summary["world_size"] == 2
+    assert summary["steps"] == 4 and summary["world_size"] == 2 and summary["method"] == "full"
+    assert summary["tensors_changed"] == summary["tensors_compared"] == 272
+    assert (stage_dir(tmp_path) / "model" / "model.safetensors").is_file()
+    assert not (tmp_path / "runs" / "t" / ".finetune.partial").exists()
 
 
 @pytest.mark.integration
