@@ -2,6 +2,7 @@
 TRL, the named baseline), and TRL packing against no packing, on the same config and data. Printed as ratios.
 
     python bench/finetune.py [--config configs/demo.yaml] [--steps 20]
+    python bench/finetune.py --methods   # full fine-tuning against LoRA (unsloth), and full's memory estimate
 
 Each variant is a fresh `python -m distillery finetune --force` process (Unsloth patches TRL when imported) under a
 temporary run root. tokens/s is measured from metrics.jsonl between the first and the last
@@ -46,7 +47,8 @@ def run_variant(config: Path, root: Path, name: str, steps: int, sets: list[str]
     rows = [r for r in rows if "loss" in r]
     first, last = rows[0], rows[-1]
     processes = summary.get("world_size", 1)  # metrics.jsonl counts rank 0's tokens
-    return {"name": name, "processes": processes,
+    estimate = (summary.get("memory_estimate") or {}).get("needed_gib")
+    return {"name": name, "processes": processes, "estimate_gib": estimate,
             "tokens_per_s": processes * (last["tokens"] - first["tokens"]) / (last["elapsed_s"] - first["elapsed_s"]),
             "peak_memory_mb": summary["peak_memory_mb"], "memory_kind": summary["peak_memory_kind"],
             "first_loss": summary["first_loss"], "last_loss": summary["last_loss"], "tokens": last["tokens"]}
@@ -64,15 +66,34 @@ def print_table(results: list[dict]) -> None:
               f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}")
 
 
+def methods(config: Path, steps: int, where: str) -> None:
+    """Full fine-tuning (fp32 master weights, 16-bit autocast, AdamW over every weight) against LoRA, unsloth."""
+    with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
+        lora = run_variant(config, Path(tmp), "unsloth-lora", steps, ["finetune.backend=unsloth"])
+        full = run_variant(config, Path(tmp), "unsloth-full", steps, ["finetune.backend=unsloth", "finetune.method=full",
+                                                                       "finetune.learning_rate=2e-5"])
+    print(f"finetune methods on {where}: {steps} steps per variant, config {config.name}")
+    print_table([lora, full])
+    print_figure(f"finetune, demo model on {where}: full fine-tuning", full, lora, "LoRA (unsloth, same batch)",
+                 "- (memory is what it costs)")
+    figure(f"finetune, demo model on {where}: full fine-tuning's memory estimate",
+           f"{full['estimate_gib']:.2f} GiB estimated, {full['peak_memory_mb'] / 1024:.2f} GiB measured "
+           f"({full['memory_kind']})", "the measured peak", "estimate >= measured, within 1.5x")
+
+
 def main() -> int:
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--methods", action="store_true", help="full fine-tuning against LoRA only")
     args = parser.parse_args()
     config = Path(args.config)
     cuda = torch.cuda.is_available()
+    if args.methods:
+        methods(config, args.steps, torch.cuda.get_device_name(0) if cuda else "CPU")
+        return 0
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
         root = Path(tmp)
         unsloth = run_variant(config, root, "unsloth", args.steps, ["finetune.backend=unsloth"])
