@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from distillery.reasoning.cgroups import ResourceGroup
+from distillery.sources.text import unseen_pattern
 
 RUNNER = Path(__file__).with_name("sandbox_runner.py")
 UID_RANGE = (200_000, 2**31 - 2)  # throw-away uids: no passwd entry, nothing owned by them on the machine
@@ -274,9 +275,10 @@ def interpret(returncode: int, stdout: bytes, stderr: bytes, stopped: str, nonce
 
 
 MESSAGE_CHARS, TEXT_CHARS = 300, 2000
-# Terminal escape sequences (CSI, OSC, and two-character ESC sequences), then any other control character.
+# Terminal escape sequences (CSI, OSC, and two-character ESC sequences), then any other character that acts on
+# the display: controls, zero-width and bidi characters, the line and paragraph separators.
 ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?|\x9b[0-?]*[ -/]*[@-~]")
-CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
+CONTROL = unseen_pattern(keep="\t\n")
 
 
 def clean_text(text: str, limit: int = TEXT_CHARS) -> str:

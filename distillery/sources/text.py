@@ -24,6 +24,19 @@ _INVISIBLE_ANYWHERE = re.compile("[" + "".join(f"{re.escape(chr(a))}-{re.escape(
 # control characters (Unicode Cc) but tab, line feed and carriage return: removed from text, the ones that are
 # whitespace (vertical tab, form feed, the separators) becoming a space
 CONTROLS = {c: (" " if chr(c).isspace() else None) for c in (*range(0x20), *range(0x7F, 0xA0)) if chr(c) not in "\t\n\r"}
+# Unicode's line and paragraph separators (Zl, Zp): line breaks to some viewers, nothing to others.
+SEPARATORS = "\u2028\u2029"
+
+
+def unseen_pattern(keep: str = "\t\n") -> re.Pattern:
+    """Every character that shows nothing or acts on the display instead of showing: the control characters but
+    those in `keep`, the ignorables (zero-width characters, bidi overrides and isolates), the separators and
+    lone surrogates (which no UTF-8 output can even write)."""
+    controls = "".join(chr(c) for c in (*range(0x20), *range(0x7F, 0xA0)) if chr(c) not in keep)
+    ranges = "".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in (*IGNORABLE_RANGES, (0xD800, 0xDFFF)))
+    return re.compile("[" + re.escape(controls + SEPARATORS) + ranges + "]")
+
+
 HANGUL = re.compile("[\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7a3\ud7b0-\ud7ff]")
 LATIN = re.compile("[A-Za-z\u00c0-\u024f]")
 

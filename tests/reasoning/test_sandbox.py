@@ -538,3 +538,12 @@ def test_the_code_can_signal_only_its_own_processes(unprivileged: bool) -> None:
     finally:
         sentinel.send_signal(signal.SIGKILL)
         sentinel.wait()
+
+
+def test_text_that_acts_on_the_display_is_removed() -> None:
+    """Control characters (carriage return included), zero-width and bidi characters (overrides and isolates),
+    the line and paragraph separators and lone surrogates: none survives into a message, a log or feedback."""
+    hostile = ("a\u2066b\u2067c\u2068d\u2069e\u202ef\u200bg\u2028h\u2029i\ufeffj\x00k\rl\x85m\u061cn\u00ado\ud800p"
+               "\u180eq\U000e0041r")
+    assert sandbox.clean_text(hostile + "\tz\n") == "abcdefghijklmnopqr\tz\n"
+    assert sandbox.preview(hostile) == '"abcdefghij\\u0000k\\rlmnopqr"'  # JSON's visible escapes stay
