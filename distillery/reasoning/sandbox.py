@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distillery.core.unseen import unseen_pattern
 from distillery.reasoning.cgroups import ResourceGroup
-from distillery.sources.text import unseen_pattern
 
 RUNNER = Path(__file__).with_name("sandbox_runner.py")
 UID_RANGE = (200_000, 2**31 - 2)  # throw-away uids: no passwd entry, nothing owned by them on the machine
