@@ -7,8 +7,9 @@ an empty keyring, a throw-away uid when we are root, a seccomp filter). This sid
   however deep a tree the code left in it, and passes a scrubbed environment (no HF_TOKEN, no API key);
 - puts the run in a cgroup (reasoning/cgroups.py) that bounds the memory and processes of everything it starts,
   or, where no cgroup can be made, watches their memory and kills them past `memory_mb`;
-- picks a throw-away uid that no process uses, kills the whole process group and every process of that uid
-  after the run, and stops it at the wall-clock timeout or when its output passes `max_output_kb`;
+- picks a throw-away uid that no process uses; after the run kills every process below the runner (left its
+  session or not), the process group and every process of that uid; stops the run at the wall-clock timeout or
+  when its output passes `max_output_kb`;
 - reads what comes back as untrusted text: a result that cannot be parsed (huge integers, deep nesting, a forged
   line) is a failed run, printed text is cut and cleaned of control characters and terminal escapes.
 A failure of any kind is a SandboxResult with a status, never an exception: the caller turns it into a failed
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distillery.core.unseen import unseen_pattern
 from distillery.reasoning.cgroups import ResourceGroup
 
 RUNNER = Path(__file__).with_name("sandbox_runner.py")
@@ -140,17 +142,18 @@ def remove_tree(path: Path) -> None:
 
 
 def memory_watchdog(pid: int, uid: int | None, memory_mb: int):
-    """Where no cgroup can be made: a check, run every tenth of a second, whether the run's processes (its
-    session, or every process of its throw-away uid) together hold more than `memory_mb` of anonymous memory."""
+    """Where no cgroup can be made: a check, run every tenth of a second, whether the run's processes (every
+    process below the runner `pid`, or every process of its throw-away uid) together hold more than `memory_mb`
+    of anonymous memory."""
     limit_kb = memory_mb * 1024
 
     def over() -> bool:
-        total = 0
+        total, members = 0, descendants(pid) | {pid} if uid is None else set()
         for status in Path("/proc").glob("[0-9]*/status"):
             try:
                 fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
                 mine = (fields.get("Uid", "").split()[:1] == [str(uid)] if uid is not None
-                        else os.getsid(int(status.parent.name)) == pid)
+                        else int(status.parent.name) in members)
             except (OSError, ValueError):
                 continue
             if mine:
@@ -205,8 +208,45 @@ def collect_output(proc: subprocess.Popen, deadline: float, cap: int, over_memor
     return bytes(chunks[proc.stdout][:cap]), bytes(chunks[proc.stderr][:cap]), stopped
 
 
+def descendants(pid: int) -> set[int]:
+    """The live processes below `pid` (its children, theirs, ...), from /proc. Below the runner that is every
+    process of the run while the runner lives: the runner never runs the code, and an orphan is adopted by the
+    PID namespace's first process (or, without one, by the runner as a subreaper), leaving a session or not."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+            state, parent = text[text.rindex(")") + 2:].split()[:2]
+        except (OSError, ValueError):
+            continue
+        if state != "Z":
+            children.setdefault(int(parent), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def kill_descendants(pid: int, timeout_s: float = 5.0) -> None:
+    """SIGKILL every process below `pid` until none is left (the namespace's first process takes the whole PID
+    namespace with it)."""
+    deadline = time.monotonic() + timeout_s
+    while (found := descendants(pid)) and time.monotonic() < deadline:
+        for child in found:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.01)
+
+
 def kill_everything(proc: subprocess.Popen, uid: int | None, group: ResourceGroup | None = None) -> None:
-    """Kill the run's process group, its cgroup and, under a throw-away uid, every process that uid still has."""
+    """Kill every process below the runner (first, while the runner still holds them in its tree), the runner's
+    process group, its cgroup and, under a throw-away uid, every process that uid still has."""
+    kill_descendants(proc.pid)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -274,9 +314,10 @@ def interpret(returncode: int, stdout: bytes, stderr: bytes, stopped: str, nonce
 
 
 MESSAGE_CHARS, TEXT_CHARS = 300, 2000
-# Terminal escape sequences (CSI, OSC, and two-character ESC sequences), then any other control character.
+# Terminal escape sequences (CSI, OSC, and two-character ESC sequences), then any other character that acts on
+# the display: controls, zero-width and bidi characters, the line and paragraph separators.
 ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?|\x9b[0-?]*[ -/]*[@-~]")
-CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
+CONTROL = unseen_pattern(keep="\t\n")
 
 
 def clean_text(text: str, limit: int = TEXT_CHARS) -> str:

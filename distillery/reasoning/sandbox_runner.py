@@ -4,7 +4,8 @@ This script itself is trusted. It reads its whole job from stdin (JSON: code, fu
 nonce), then, before any untrusted line runs:
 1. new namespaces: mount, network and PID (and, when not root, a user namespace that maps only our own uid);
    the code runs in a child that is PID 1 of its own namespace: it can neither see nor signal any process
-   outside it (kill(-1) included), and everything it starts dies with it;
+   outside it (kill(-1) included), and everything it starts dies with it. This process stays outside, waits, and
+   as a subreaper keeps every process of the run below it (the parent kills them all there);
 2. a new root (`new_root`): a small read-only tmpfs holding only what Python needs to run (/usr, the
    interpreter's own sys.path directories, /dev/null and the random devices), all read-only, and one writable
    tmpfs of `file_size_mb` as the working directory (/sandbox; /tmp points there). The old tree is detached: /home,
@@ -330,16 +331,42 @@ def is_directory(path) -> bool:
     return not isinstance(path, int) and os.path.isdir(path)
 
 
-def first_process_of_the_namespace() -> None:
-    """Fork: the child goes on as PID 1 of the new PID namespace; this process only waits and exits as it did."""
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def run_in_a_child(namespace: bool) -> None:
+    """Fork: the child goes on to run the code (as PID 1 of the new PID namespace, where there is one); this
+    process only waits and exits as it did. It is a subreaper: an orphan of the code becomes its child, so every
+    process of the run stays below it, where the parent finds and kills them, setsid() or not."""
+    libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     pid = os.fork()
     if pid == 0:
         return
     _, status = os.waitpid(pid, 0)
+    if not namespace:  # the first process's exit ended a namespace; without one, end what it left ourselves
+        end_the_rest()
     if os.WIFSIGNALED(status):
         signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
         os.kill(os.getpid(), os.WTERMSIG(status))
     os._exit(os.waitstatus_to_exitcode(status))
+
+
+def end_the_rest() -> None:
+    """Kill and reap every process the code left (all are our children by now, or become so as their parents
+    die), before our exit would hand them to the host's init."""
+    while True:
+        for stat in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{stat}/stat") as handle:
+                    text = handle.read()
+                if int(text[text.rindex(")") + 2:].split()[1]) == os.getpid():
+                    os.kill(int(stat), signal.SIGKILL)
+            except (OSError, ValueError):
+                continue
+        try:
+            os.wait()
+        except ChildProcessError:
+            return
 
 
 def main() -> None:
@@ -349,8 +376,7 @@ def main() -> None:
     limits, uid = job["limits"], job.get("uid")
     user_namespace = job.get("user_namespace", os.geteuid() != 0)
     network, files, processes = isolate(os.path.realpath(os.getcwd()), limits["file_size_mb"], uid, user_namespace)
-    if processes == "namespace":
-        first_process_of_the_namespace()
+    run_in_a_child(processes == "namespace")
     root = os.path.realpath(os.getcwd())
     os.environ["HOME"] = os.environ["TMPDIR"] = root
     set_limits(limits)

@@ -9,12 +9,15 @@
 - codeio_input:  the last JSON object ({"input": {...}}) is fed to the reference code in the sandbox and the
                  result compared with the expected output by the same rules.
 Each returns a Verdict with the feedback the teacher gets for a second turn (CodeI/O++) and the canonical
-final-answer line that ends the training trace.
+final-answer line that ends the training trace. Each never raises on what a teacher wrote or the code returned:
+a value that cannot be read or compared (an integer of thousands of digits, a structure nested thousands deep)
+is a failed verdict that says why (`never_raises`).
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import math
 import re
@@ -36,6 +39,35 @@ class Verdict:
     feedback: str = ""  # shown to the teacher on a second turn and kept in the trace
     canonical: str = ""  # the final answer the training trace ends with (set when ok)
     details: dict = field(default_factory=dict)
+
+
+# What reading or comparing a hostile value raises: JSON's integer-digit limit (ValueError), nesting past the
+# recursion limit, an integer too large for float arithmetic, a value too large to hold.
+UNREADABLE = (ValueError, RecursionError, OverflowError, MemoryError)
+
+
+def unreadable_reason(err: BaseException) -> str:
+    if isinstance(err, RecursionError):
+        return "a value in it is nested too deeply"
+    if isinstance(err, OverflowError):
+        return "a value in it holds a number too large to compare"
+    if isinstance(err, MemoryError):
+        return "a value in it is too large"
+    return clean_text(str(err).split(";")[0], 150)  # e.g. "Exceeds the limit (4300 digits) for integer ..."
+
+
+def never_raises(verify: Callable[[dict, str, Limits], Verdict]) -> Callable[[dict, str, Limits], Verdict]:
+    """The verifier, with a value it cannot read or compare turned into a failed verdict that says why."""
+
+    @functools.wraps(verify)
+    def checked(record: dict, text: str, limits: Limits) -> Verdict:
+        try:
+            return verify(record, text, limits)
+        except UNREADABLE as err:
+            return Verdict(False, feedback=f"The answer could not be checked: {unreadable_reason(err)}.",
+                           details={"unreadable": type(err).__name__})
+
+    return checked
 
 
 def final_part(text: str) -> str:
@@ -68,6 +100,7 @@ def extract_option(text: str, choices: list[str]) -> int | None:
     return None
 
 
+@never_raises
 def verify_math_mc(record: dict, text: str, limits: Limits) -> Verdict:
     choices, label = record["choices"], record["label"]
     chosen = extract_option(text, choices)
@@ -86,6 +119,7 @@ def reference_answer(record: dict) -> str:
     return next(m["content"] for m in reversed(record["messages"]) if m["role"] == "assistant")
 
 
+@never_raises
 def verify_numeric(record: dict, text: str, limits: Limits) -> Verdict:
     check = check_math(text, reference_answer(record))
     details = {"math": {"how": check.how, "predicted": check.predicted, "expected": check.expected,
@@ -182,9 +216,12 @@ def is_close(pred: Any, target: Any, tol: float = FLOAT_TOLERANCE) -> bool:
     if isinstance(pred, numbers) and isinstance(target, numbers) and not isinstance(pred, bool) \
             and not isinstance(target, bool):
         if isinstance(pred, float) or isinstance(target, float):
-            if any(math.isnan(v) or math.isinf(v) for v in (pred, target)):
+            try:
+                if not (math.isfinite(pred) and math.isfinite(target)):
+                    return False
+                return abs(pred - target) <= tol * abs(target) and int(pred) == int(target)
+            except OverflowError:  # an integer beyond any float is not close to a float
                 return False
-            return abs(pred - target) <= tol * abs(target) and int(pred) == int(target)
         return pred == target
     return pred == target
 
@@ -205,18 +242,20 @@ def extracted_field(text: str, key: str) -> Any:
     return MISSING if value is None else value
 
 
+@never_raises
 def verify_codeio_output(record: dict, text: str, limits: Limits) -> Verdict:
     meta = record["meta"]
-    expected, given = meta["io_output"], json.dumps(meta["io_input"])
+    expected, given = meta["io_output"], preview(meta["io_input"])
     pred = extracted_field(text, "output")
     if pred is MISSING:
         return Verdict(False, None, expected, 'No final answer was found: give it as JSON, {"output": <your output>}.')
     if not outputs_match(pred, expected):
         return Verdict(False, pred, expected,
-                       f"Mismatch: for the input {given}, the predicted output {json.dumps(pred)} is not correct.")
+                       f"Mismatch: for the input {given}, the predicted output {preview(pred)} is not correct.")
     return Verdict(True, pred, expected, "Correct: the predicted output matches.", json.dumps({"output": pred}))
 
 
+@never_raises
 def verify_codeio_input(record: dict, text: str, limits: Limits) -> Verdict:
     meta = record["meta"]
     expected = meta["io_output"]

@@ -6,13 +6,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
+from distillery.core.unseen import IGNORABLE_RANGES
 
-# Unicode's Default_Ignorable_Code_Point (DerivedCoreProperties.txt): characters that show as nothing at all, such
-# as the zero-width space U+200B, the word joiner U+2060, the BOM U+FEFF, soft hyphens and the Hangul fillers.
-IGNORABLE_RANGES = ((0xAD, 0xAD), (0x34F, 0x34F), (0x61C, 0x61C), (0x115F, 0x1160), (0x17B4, 0x17B5),
-                    (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x3164, 0x3164),
-                    (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3),
-                    (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF))
 # and the blank Braille pattern U+2800, a printable character that shows nothing, used to fake a non-empty cell
 IGNORABLE_RANGES += ((0x2800, 0x2800),)
 IGNORABLE = "".join(chr(c) for first, last in IGNORABLE_RANGES for c in range(first, last + 1))

@@ -424,6 +424,17 @@ def test_memory_is_bounded_across_all_processes(bound: str, monkeypatch: pytest.
         assert count_processes(result.uid) == 0
 
 
+def test_the_watchdog_counts_children_that_leave_the_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A normal user's run (a user namespace, no cgroup): four children that setsid() and hold 300 MB each are
+    still the run's, and stopped together within memory_mb=512."""
+    monkeypatch.setattr(sandbox.ResourceGroup, "create", classmethod(lambda cls, *args: None))
+    code = FORK_AND_HOLD.replace("            block =", "            os.setsid()\n            block =")
+    limits = Limits(timeout_s=6.0, memory_mb=512, file_size_mb=1, max_processes=8, max_output_kb=64)
+    result = run_function(code, "main", {"children": 4, "mb": 300}, limits, unprivileged=True)
+    assert result.memory == "watchdog" and result.uid is None
+    assert result.status == "memory_limit" or (result.ok and result.value <= 1), result
+
+
 def test_writes_are_bounded_together_and_never_reach_the_host() -> None:
     before = set(Path("/tmp").glob("distill-sandbox-*"))
     code = ("def main():\n"
@@ -538,3 +549,92 @@ def test_the_code_can_signal_only_its_own_processes(unprivileged: bool) -> None:
     finally:
         sentinel.send_signal(signal.SIGKILL)
         sentinel.wait()
+
+
+def test_text_that_acts_on_the_display_is_removed() -> None:
+    """Control characters (carriage return included), zero-width and bidi characters (overrides and isolates),
+    the line and paragraph separators and lone surrogates: none survives into a message, a log or feedback."""
+    hostile = ("a\u2066b\u2067c\u2068d\u2069e\u202ef\u200bg\u2028h\u2029i\ufeffj\x00k\rl\x85m\u061cn\u00ado\ud800p"
+               "\u180eq\U000e0041r")
+    assert sandbox.clean_text(hostile + "\tz\n") == "abcdefghijklmnopqr\tz\n"
+    assert sandbox.preview(hostile) == '"abcdefghij\\u0000k\\rlmnopqr"'  # JSON's visible escapes stay
+
+
+def live_processes_named(name: str) -> list[int]:
+    """Host pids of processes (not zombies) whose command name is `name`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if text[text.index("(") + 1:text.rindex(")")] == name and text[text.rindex(")") + 2] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def gone_soon(name: str, seconds: float = 1.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while live_processes_named(name) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not live_processes_named(name)
+
+
+# The code names itself (PR_SET_NAME) so that the test can find it on the host, leaves its session and sleeps:
+# as PID 1 of the namespace itself ("stay"), or as a daemon child whose parent returns at once.
+SETSID_AND_SLEEP = ("import ctypes, os, time\n"
+                    "def main(name, stay):\n"
+                    "    if not stay and os.fork() != 0:\n"
+                    "        return 'left'\n"
+                    "    os.setsid()\n"
+                    "    ctypes.CDLL(None).prctl(15, name.encode(), 0, 0, 0)\n"
+                    "    time.sleep(30)\n")
+
+
+@pytest.mark.parametrize("stay", [True, False], ids=["first-process", "daemon"])
+@pytest.mark.parametrize("unprivileged", [False, True], ids=["throw-away-uid", "user-namespace"])
+def test_nothing_the_code_starts_outlives_the_run(stay: bool, unprivileged: bool,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Leaving the session (setsid) escapes a kill of the process group; the run's processes must still all
+    be gone when run_function returns, also without a cgroup to kill or a throw-away uid to sweep (a normal user's
+    case)."""
+    import secrets
+
+    monkeypatch.setattr(sandbox.ResourceGroup, "create", classmethod(lambda cls, *args: None))
+    name = f"dst-{secrets.token_hex(5)}"
+    try:
+        result = run_function(SETSID_AND_SLEEP, "main", {"name": name, "stay": stay}, FAST, unprivileged=unprivileged)
+        assert result.status == ("timeout" if stay else "ok"), result
+        assert gone_soon(name), f"{name} outlived the run"
+    finally:
+        for pid in live_processes_named(name):
+            os.kill(pid, 9)
+
+
+@pytest.mark.skipif(not Path("/usr/bin/python3").is_file() or os.geteuid() != 0,
+                    reason="needs root to become `nobody`, and a Python that `nobody` can run")
+def test_without_namespaces_the_runner_ends_what_the_code_left() -> None:
+    """Where no namespace can be made (a normal user's job that asks for no user namespace: unshare is refused),
+    the code still runs in a child of the runner, a subreaper, which kills what the code left before it exits."""
+    import json
+    import secrets
+    import subprocess
+    import tempfile
+
+    name = f"dst-{secrets.token_hex(5)}"
+    workdir = Path(tempfile.mkdtemp(prefix="distillery-nobody-"))
+    workdir.chmod(0o777)
+    job = {"code": SETSID_AND_SLEEP, "funcname": "main", "args": {"name": name, "stay": False}, "uid": None,
+           "nonce": "n0nce", "user_namespace": False,
+           "limits": {"cpu_s": 5, "memory_mb": 512, "file_size_mb": 1, "nproc": 10_000}}
+    try:
+        done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3",
+                               "-I", str(sandbox.RUNNER)], input=json.dumps(job), capture_output=True, text=True,
+                              timeout=10, cwd=workdir)
+        assert "n0nce isolation audit-hook audit-hook" in done.stderr and "shared" in done.stderr, done.stderr
+        assert done.returncode == 0 and 'n0nce "left"' in done.stdout, done.stderr
+        assert gone_soon(name), f"{name} outlived the run"
+    finally:
+        for pid in live_processes_named(name):
+            os.kill(pid, 9)
+        remove_tree(workdir)

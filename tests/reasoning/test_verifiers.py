@@ -178,3 +178,47 @@ def test_what_the_code_returns_reaches_the_feedback_cleaned_and_bounded() -> Non
                                   '{"input": {"a": 3, "b": 4}}', Limits(timeout_s=2.0, memory_mb=512))
     assert not verdict.ok and "gives" in verdict.feedback
     assert len(verdict.feedback) < 1000 and "\x1b" not in verdict.feedback and "characters cut" in verdict.feedback
+
+
+DEEP = "[" * 5000 + "]" * 5000
+# Teacher answers and returned values that parse but cannot be compared, or cannot be parsed at all.
+HOSTILE_ANSWERS = {
+    "5000-digit integer": '{"output": ' + "9" * 5000 + "}",
+    "400-digit integer against a float": '{"output": 1' + "0" * 400 + "}",
+    "5000 nested lists": '{"output": ' + DEEP + "}",
+    "5000 nested lists, Python style": "{'output': " + DEEP + ", 'x': None}",
+    "NaN": '{"output": NaN}',
+    "infinity": '{"output": Infinity}',
+    "huge float": '{"output": 1e999}',
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_ANSWERS))
+def test_every_verifier_fails_an_answer_it_cannot_read_or_compare(kind: str) -> None:
+    """A failed verdict with a short reason, never an exception (distill would end as a bug)."""
+    text = HOSTILE_ANSWERS[kind]
+    verdicts = [verify_codeio_output(codeio_record(io_output=2.5), text, LIMITS),
+                verify_codeio_input(codeio_record("code_io_input", io_output=2.5), text.replace("output", "input"),
+                                    LIMITS),
+                verify_numeric(gsm_record(), text, LIMITS), verify_math_mc(mc_record(), text, LIMITS)]
+    for verdict in verdicts:
+        assert not verdict.ok and 0 < len(verdict.feedback) < 1000, verdict.feedback
+
+
+RETURNS = {
+    "400-digit integer against a float": "return 10 ** 400",
+    "600 nested lists": "x = 2.0\n    for _ in range(600):\n        x = [x]\n    return x",  # read, too deep to compare
+    "NaN": "return float('nan')",
+    "infinity": "return float('inf')",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(RETURNS))
+def test_a_returned_value_that_cannot_be_compared_is_a_failed_verdict(kind: str) -> None:
+    refcode = f"def main_solution(a, b):\n    {RETURNS[kind]}\n"
+    expected = 2.5
+    for _ in range(600 if "nested" in kind else 0):
+        expected = [expected]
+    verdict = verify_codeio_input(codeio_record("code_io_input", io_output=expected, refcode=refcode),
+                                  '{"input": {"a": 3, "b": 4}}', LIMITS)
+    assert not verdict.ok and 0 < len(verdict.feedback) < 1000, verdict.feedback

@@ -1,0 +1,24 @@
+"""Characters that show nothing, or act on the display instead of showing: one set for every place that takes
+text from outside (spreadsheet cells in sources/text.py, what sandboxed code prints in reasoning/sandbox.py)."""
+
+from __future__ import annotations
+
+import re
+
+# Unicode's Default_Ignorable_Code_Point (DerivedCoreProperties.txt): characters that show as nothing at all, such
+# as the zero-width space U+200B, the word joiner U+2060, the BOM U+FEFF, soft hyphens and the Hangul fillers.
+IGNORABLE_RANGES = ((0xAD, 0xAD), (0x34F, 0x34F), (0x61C, 0x61C), (0x115F, 0x1160), (0x17B4, 0x17B5),
+                    (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x3164, 0x3164),
+                    (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3),
+                    (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF))
+# Unicode's line and paragraph separators (Zl, Zp): line breaks to some viewers, nothing to others.
+SEPARATORS = "\u2028\u2029"
+
+
+def unseen_pattern(keep: str = "\t\n") -> re.Pattern:
+    """Every character that shows nothing or acts on the display instead of showing: the control characters but
+    those in `keep`, the ignorables (zero-width characters, bidi overrides and isolates), the separators and
+    lone surrogates (which no UTF-8 output can even write)."""
+    controls = "".join(chr(c) for c in (*range(0x20), *range(0x7F, 0xA0)) if chr(c) not in keep)
+    ranges = "".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in (*IGNORABLE_RANGES, (0xD800, 0xDFFF)))
+    return re.compile("[" + re.escape(controls + SEPARATORS) + ranges + "]")
