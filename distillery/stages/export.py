@@ -181,9 +181,18 @@ def check_memory(base: Path, cfg: ExportConfig) -> dict[str, Any]:
     estimate["needed_gib"] = round(estimate.pop("bytes") / GIB, 2)
     if free is not None and estimate["needed_gib"] * GIB > free:
         raise UserError(f"the export needs about {estimate['needed_gib']:.1f} GiB of memory (its largest step: "
-                        f"{estimate['largest_step']}) and {free / GIB:.1f} GiB are available. Close other programs, or "
-                        "lower export.verify.prompts / export.verify.new_tokens (the verification's logits).")
+                        f"{estimate['largest_step']}) and {free / GIB:.1f} GiB are available. Close other programs, "
+                        f"{MEMORY_ADVICE[estimate['largest_step']]}")
     return estimate
+
+
+# What lowers each step's memory: only the verification's logits depend on settings.
+MEMORY_ADVICE = {
+    "merge": "or export on a machine with more memory (the merge's row blocks have a fixed size).",
+    "convert": "or export on a machine with more memory (llama.cpp's converter holds the largest tensor in fp32).",
+    "reference": "or lower export.verify.prompts / export.verify.new_tokens (the verification's logits).",
+    "verify": "or lower export.verify.prompts / export.verify.new_tokens (the verification's logits).",
+}
 
 
 @dataclass

@@ -231,6 +231,41 @@ def test_too_little_free_disk_is_refused_before_writing(adapter_run: Path) -> No
     assert not run.partial_dir("export").exists() and not run.stage_dir("export").exists()
 
 
+def header_only_base(directory: Path, shapes: dict[str, list[int]]) -> Path:
+    """A base of safetensors headers only: the memory estimate reads shapes, never weights."""
+    header = json.dumps({name: {"dtype": "BF16", "shape": shape, "data_offsets": [0, 0]}
+                         for name, shape in shapes.items()}).encode()
+    directory.mkdir()
+    (directory / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    return directory
+
+
+@pytest.mark.parametrize("shapes, step, advice", [
+    ({"model.embed_tokens.weight": [152_000, 64], "model.layers.0.mlp.up_proj.weight": [256, 64]}, "verify",
+     "lower export.verify.prompts / export.verify.new_tokens"),
+    ({"model.embed_tokens.weight": [1000, 64], "model.layers.0.mlp.up_proj.weight": [200_000, 8192]}, "convert",
+     "llama.cpp's converter holds the largest tensor"),
+])
+def test_too_little_memory_is_refused_with_the_figures_and_advice_for_the_largest_step(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shapes: dict, step: str, advice: str) -> None:
+    from distillery.config import ExportConfig
+    from distillery.stages import export
+
+    base = header_only_base(tmp_path / "base", shapes)
+    cfg = ExportConfig(verify={"prompts": ["a"] * 8, "new_tokens": 256})
+    needed = export.estimate_memory(base, 8, 256)
+    assert needed["largest_step"] == step
+    monkeypatch.setattr(export, "available_memory", lambda: needed["bytes"] + (1 << 30))
+    assert export.check_memory(base, cfg)["largest_step"] == step
+    monkeypatch.setattr(export, "available_memory", lambda: needed["bytes"] - (1 << 30))
+    with pytest.raises(UserError) as refused:
+        export.check_memory(base, cfg)
+    message = str(refused.value)
+    assert f"needs about {needed['bytes'] / 2**30:.1f} GiB" in message and f"largest step: {step}" in message
+    assert f"{(needed['bytes'] - (1 << 30)) / 2**30:.1f} GiB are available" in message and advice in message
+    assert ("export.verify" in message) == (step == "verify")
+
+
 @pytest.fixture(scope="module")
 def tiny_opt(tmp_path_factory, demo_model_path: str) -> Path:
     """A tiny OPT model (an architecture llama.cpp's converter does not support) with the demo tokenizer."""
