@@ -11,8 +11,9 @@ does not grow with the model.
   unsloth backend — in a child process, since importing Unsloth patches transformers for the whole process.
   The base is always its original 16-bit weights, never a dequantized 4-bit copy. The tokenizer (training chat
   template, EOS) and a generation config whose eos is the training EOS go beside the shards;
-- `check_merge` proves it tensor by tensor in a second streamed pass: every untargeted tensor is byte-identical
-  to the base, every targeted one equals W + scale·B·A within one 16-bit step, and the adapter changed something;
+- `check_merge` proves it tensor by tensor in a second streamed pass: every base tensor is there, every untargeted
+  one is byte-identical to the base, every targeted one equals W + scale·B·A within one 16-bit step, and the
+  adapter changed something;
 - `verify_merge` (small models only: it loads base and base+adapter) also checks the merged model's next-token
   distributions against base+adapter run unmerged by PEFT.
 """
@@ -442,10 +443,21 @@ def check_merge(base_model: str, adapter_dir: Path, merged: Path) -> dict[str, A
             untargeted += 1
             identical += same
     missing = sorted(set(deltas) - set(located))
-    passed = identical == untargeted and targeted == len(deltas) and not missing and worst <= 1.0 and changed > 0
+    absent = absent_from_merged(set(located), merged)
+    passed = (identical == untargeted and targeted == len(deltas) and not missing and not absent and worst <= 1.0
+              and changed > 0)
     return {"passed": passed, "tensors": untargeted + targeted, "targeted": targeted, "adapted_weights": len(deltas),
+            "absent_from_merged": absent,
             "untargeted_identical": f"{identical}/{untargeted}", "max_error_in_16bit_steps": round(worst, 3),
             "worst_tensor": worst_name, "weights_changed": changed}
+
+
+def absent_from_merged(base_names: set[str], merged: Path) -> list[str]:
+    """The base's tensors the merged model lacks; a tied lm_head may be dropped (save_pretrained writes it once)."""
+    config = merged / "config.json"
+    tied = config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("tie_word_embeddings", False)
+    merged_names = {name for name, _, _ in base_tensors(merged)}
+    return sorted(n for n in base_names - merged_names if not (tied and n == "lm_head.weight"))
 
 
 # ---- the distribution check (small models) ------------------------------------------------------------------

@@ -267,6 +267,8 @@ def merge_and_check(ctx: StageContext, plan: Plan, report: dict[str, Any], timin
 
 def merge_failure(result: dict[str, Any]) -> str:
     tensors, distributions = result["tensors"], result["distributions"]
+    if tensors.get("absent_from_merged"):
+        return f"the base's tensors {', '.join(tensors['absent_from_merged'][:5])} are missing from the merged model"
     if tensors.get("passed") is False:
         return (f"untargeted tensors identical {tensors['untargeted_identical']}, worst targeted tensor "
                 f"{tensors['worst_tensor']} {tensors['max_error_in_16bit_steps']} 16-bit steps from W + scale*B@A, "
