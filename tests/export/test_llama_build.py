@@ -94,6 +94,24 @@ def test_a_build_for_another_cpu_is_refused_before_llama_cpp_loads(home: Path, m
     assert record != home / "llama-build.json"
 
 
+def test_the_quantizer_refuses_a_build_for_another_cpu_before_its_child_starts(home: Path, tmp_path: Path,
+                                                                               monkeypatch) -> None:
+    import json
+
+    import distillery.core.isolation as isolation
+    from distillery.export import gguf
+
+    monkeypatch.setattr(llama_build, "build_record_path", lambda: home / "llama-build.json")
+    (home / "llama-build.json").write_text(json.dumps({"profile": "x86-64-v4",
+                                                       "required_flags": list(llama_build.X86_64_V4)}))
+    monkeypatch.setattr(llama_build, "cpu_flags", lambda: set(llama_build.X86_64_V3))
+    monkeypatch.setattr(isolation, "Child", lambda *a, **k: pytest.fail("llama.cpp was loaded"))
+    dst = tmp_path / "out-Q4_K_M.gguf"
+    with pytest.raises(UserError, match="built for x86-64-v4 and this CPU lacks avx512f.*Run `just setup` here"):
+        gguf.quantize_gguf(tmp_path / "in.gguf", dst, gguf.QuantType("q4_k_m"))
+    assert not dst.exists()
+
+
 def test_the_installed_build_holds_no_instruction_its_level_excludes() -> None:
     """What makes the portable builds safe: no AMX instruction in either (a native build on an AMX CPU crashes,
     ggml-org/llama.cpp issue 20824), and no AVX-512 in x86-64-v3 (a native build on an AVX-512 CPU holds ~15,000
