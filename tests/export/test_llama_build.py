@@ -19,6 +19,14 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+def test_the_profile_help_names_the_level_chosen_by_default(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "400")  # argparse wraps at hyphens otherwise
+    with pytest.raises(SystemExit):
+        llama_build.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "x86-64-v4 where this CPU has every one of its flags and x86-64-v3 elsewhere" in help_text
+
+
 def test_x86_64_machines_get_the_highest_level_their_cpu_has_unless_told_otherwise(home: Path, monkeypatch) -> None:
     monkeypatch.setattr(llama_build.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(llama_build, "cpu_flags", lambda: set(llama_build.X86_64_V3) | {"avx512f"})
