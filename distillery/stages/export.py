@@ -211,6 +211,7 @@ class Plan:
     stem: str
     disk: dict[str, float]
     memory: dict[str, Any]
+    base: Path  # the 16-bit weights merged into: the base, or the original of a base published quantized
 
 
 def plan_export(ctx: StageContext) -> Plan:
@@ -221,7 +222,7 @@ def plan_export(ctx: StageContext) -> Plan:
     outtype, quants = plan_types(cfg)
     imatrix = gguf_io.load_imatrix(Path(cfg.imatrix)) if cfg.imatrix else None
     template, eos, tokenizer = training_template(ctx, adapter_dir)
-    base = merge.local_base(summary.base_model)
+    base = merge.original_16bit(summary.base_model, cfg.base_16bit)
     ctx.out.mkdir(parents=True, exist_ok=True)
     weights = base_weight_bytes(str(base))
     disk = check_free_disk(cfg, ctx.out, weights, outtype, quants) if weights else {}
@@ -229,14 +230,15 @@ def plan_export(ctx: StageContext) -> Plan:
     if (base / "config.json").is_file():
         check_architecture(base)
     return Plan(summary, adapter_dir, outtype, quants, imatrix, template, eos, tokenizer,
-                merge.merged_dtype_name(cfg.dtype, str(base)), model_stem(ctx.cfg, summary), disk, memory)
+                merge.merged_dtype_name(cfg.dtype, str(base)), model_stem(ctx.cfg, summary), disk, memory, base)
 
 
 def merge_and_check(ctx: StageContext, plan: Plan, report: dict[str, Any], timings: dict[str, Any]) -> None:
     """Step 3: the 16-bit merge (kept when a killed run already finished it), proven tensor by tensor, and for
     small models by next-token distributions too. All of it in a child process, whose memory (and the heap it
     fragments) goes back to the system before the converter runs."""
-    cfg, merged_dir, summary = ctx.cfg.export, ctx.out / OUTPUTS["merged"], plan.summary
+    cfg, merged_dir, base = ctx.cfg.export, ctx.out / OUTPUTS["merged"], str(plan.base)
+    summary = plan.summary.model_copy(update={"base_model": base})
     trust = ctx.cfg.model.trust_remote_code
     with Child("torch", f"merging the adapter into {merged_dir}", hint=MEMORY_HINT) as child:
         if (merged_dir / "config.json").is_file():
@@ -245,13 +247,13 @@ def merge_and_check(ctx: StageContext, plan: Plan, report: dict[str, Any], timin
             timings["merge"] = child.call(plain, merge.merge_adapter, summary, plan.adapter_dir, merged_dir, plan.dtype,
                                           cfg.max_shard_size, trust)
         started = time.time()
-        report["merge"] = {"tensors": child.call(plain, merge.check_merge, summary.base_model, plan.adapter_dir,
+        report["merge"] = {"tensors": child.call(plain, merge.check_merge, base, plan.adapter_dir,
                                                  merged_dir)}
-        weights = base_weight_bytes(str(merge.local_base(summary.base_model))) or 0
+        weights = base_weight_bytes(base) or 0
         if weights <= SMALL_MODEL_BYTES:
             _, prompt_ids = verify.rendered_prompts(plan.tokenizer, cfg.verify.prompts)
             merged_lp = child.call(plain, verify.reference_logprobs, merged_dir, prompt_ids)
-            report["merge"]["distributions"] = child.call(plain, merge.verify_merge, summary.base_model,
+            report["merge"]["distributions"] = child.call(plain, merge.verify_merge, base,
                                                           plan.adapter_dir, prompt_ids, merged_lp, "fp32", trust)
         else:
             report["merge"]["distributions"] = {"passed": None, "skipped": f"the model is over {SMALL_MODEL_BYTES >> 20} "

@@ -88,3 +88,36 @@ def test_unsloth_and_peft_merges_agree_and_keep_the_adapter(tmp_path: Path, demo
     merged_model = merge.load_causal_lm(str(tmp_path / "unsloth"))
     check = merge.verify_merge(demo_model_path, adapter, tokens, merge.next_token_logprobs(merged_model, tokens))
     assert check["passed"], check
+
+
+def prequantized_base(directory: Path, model: str) -> Path:
+    """A base as published pre-quantized in 4 bits (bitsandbytes): only its config matters here."""
+    config = json.loads((Path(model) / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_a_prequantized_base_is_merged_into_its_16_bit_original_or_refused(tmp_path: Path, demo_model_path: str,
+                                                                           tiny_r1_path: str) -> None:
+    base = str(prequantized_base(tmp_path / "bnb-4bit", demo_model_path))
+    assert merge.original_16bit(demo_model_path) == Path(demo_model_path)  # a 16-bit base is its own original
+    assert merge.original_16bit(base, demo_model_path) == Path(demo_model_path)
+    with pytest.raises(UserError, match=r"stored quantized \(bitsandbytes\).*no 16-bit original is known.*"
+                                        r"set export.base_16bit"):
+        merge.original_16bit(base)
+    with pytest.raises(UserError, match="export.base_16bit: .*nowhere is neither a directory nor in the local"):
+        merge.original_16bit(base, str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match="is another model than the base .*hidden_size"):
+        merge.original_16bit(base, tiny_r1_path)
+    with pytest.raises(UserError, match="is not 16-bit safetensors weights"):
+        merge.original_16bit(base, base)
+
+
+def test_unsloths_4_bit_names_map_to_their_16_bit_originals() -> None:
+    if not merge.unsloth_mapper():
+        pytest.skip("unsloth is not installed")
+    names = merge.unsloth_16bit_names("unsloth/DeepSeek-R1-Distill-Qwen-32B-unsloth-bnb-4bit")
+    assert names == ["unsloth/DeepSeek-R1-Distill-Qwen-32B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B"]
+    assert merge.unsloth_16bit_names("/data/my-model") == []

@@ -231,6 +231,29 @@ def test_too_little_free_disk_is_refused_before_writing(adapter_run: Path) -> No
     assert not run.partial_dir("export").exists() and not run.stage_dir("export").exists()
 
 
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_prequantized_base_exports_from_its_16_bit_original_or_is_refused_before_writing(
+        tmp_path: Path, demo_model_path: str) -> None:
+    """A QLoRA run on a base published in 4 bits: the merge goes onto, and is checked against, the original
+    16-bit weights named by export.base_16bit; without them nothing is written."""
+    from tests.export.test_merge import prequantized_base
+
+    run = make_adapter_run(tmp_path / "runs", demo_model_path)
+    summary_path = run.stage_dir("finetune") / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["base_model"] = str(prequantized_base(tmp_path / "SmolLM2-bnb-4bit", demo_model_path))
+    summary_path.write_text(json.dumps(summary))
+    with pytest.raises(UserError, match=r"stored quantized \(bitsandbytes\).*set export.base_16bit"):
+        run_stage("export", load_config(demo_config(tmp_path, **FAST_VERIFY)))
+    assert not run.partial_dir("export").exists() and not run.stage_dir("export").exists()
+    config = demo_config(tmp_path, **FAST_VERIFY, quantizations=["q8_0"], base_16bit=demo_model_path)
+    assert run_stage("export", load_config(config))[0] == "done"
+    verify = json.loads((run.stage_dir("export") / "verify.json").read_text())
+    assert verify["passed"] and verify["merge"]["tensors"]["passed"], verify["merge"]
+    assert verify["timings"]["merge"]["method"] == "streamed"
+
+
 def header_only_base(directory: Path, shapes: dict[str, list[int]]) -> Path:
     """A base of safetensors headers only: the memory estimate reads shapes, never weights."""
     header = json.dumps({name: {"dtype": "BF16", "shape": shape, "data_offsets": [0, 0]}
