@@ -73,7 +73,7 @@ def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[st
 
     partial = run.partial_dir(name)
     previous = run.stage_entry(name) or {}
-    resumable = stage.resumable and previous.get("fingerprint") == fp
+    resumable = stage.resumable and not force and previous.get("fingerprint") == fp
     prepare_run_dir(run, partial, keep=resumable, config_dump=redact(cfg.model_dump(mode="json")))
     started = time.time()
     run.update_stage(name, {"status": "running", "fingerprint": fp, "inputs": inputs, "started": _now()})

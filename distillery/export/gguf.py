@@ -263,12 +263,14 @@ def quantize_gguf(src: Path, dst: Path, quant: QuantType, imatrix: dict[str, Any
     returns seconds."""
     import time
 
+    from distillery.export.llama_build import check_installed_build
     from distillery.export.llama_child import LIBRARY, crash_hint
     from distillery.core.isolation import Child
 
     if quant.needs_imatrix and imatrix is None:
         raise UserError(f"export.quantizations: {quant.value} needs an importance matrix: set export.imatrix to a "
                         "llama-imatrix file (or choose a k-quant such as q4_k_m).")
+    check_installed_build()  # a build for another CPU: its remedy, not the quantizer dying of SIGILL
     tmp = temp_path(dst)
     tmp.unlink(missing_ok=True)
     started = time.time()

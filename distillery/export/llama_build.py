@@ -221,11 +221,15 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+PROFILE_HELP = ("default: $DISTILLERY_LLAMA_CPU, else on x86-64 x86-64-v4 where this CPU has every one of its flags "
+                "and x86-64-v3 elsewhere, native on other machines")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distillery.export.llama_build", description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("build", "install"),
                         help="build: compile once into the cache; install: into this environment")
-    parser.add_argument("--profile", choices=tuple(PROFILES), help="default: $DISTILLERY_LLAMA_CPU or x86-64-v3")
+    parser.add_argument("--profile", choices=tuple(PROFILES), help=PROFILE_HELP)
     args = parser.parse_args(argv)
     action = build if args.action == "build" else install
     try:

@@ -9,10 +9,13 @@ does not grow with the model.
   per-module rank/alpha patterns, biases, a base stored as pickles or pre-quantized in 4 bits) fall back to
   loading the whole model: PEFT's merge_and_unload on the hf backend, Unsloth's save_pretrained_merged on the
   unsloth backend — in a child process, since importing Unsloth patches transformers for the whole process.
-  The base is always its original 16-bit weights, never a dequantized 4-bit copy. The tokenizer (training chat
+  The base is always its original 16-bit weights, never a dequantized 4-bit copy: for a base published
+  quantized (a bnb-4bit QLoRA base) export finds them first (`original_16bit`: export.base_16bit, else
+  Unsloth's 4-bit -> 16-bit name mapping) and merges into and checks against them. The tokenizer (training chat
   template, EOS) and a generation config whose eos is the training EOS go beside the shards;
-- `check_merge` proves it tensor by tensor in a second streamed pass: every untargeted tensor is byte-identical
-  to the base, every targeted one equals W + scale·B·A within one 16-bit step, and the adapter changed something;
+- `check_merge` proves it tensor by tensor in a second streamed pass: every base tensor is there, every untargeted
+  one is byte-identical to the base, every targeted one equals W + scale·B·A within one 16-bit step, and the
+  adapter changed something;
 - `verify_merge` (small models only: it loads base and base+adapter) also checks the merged model's next-token
   distributions against base+adapter run unmerged by PEFT.
 """
@@ -170,6 +173,94 @@ def why_not_streamable(base: Path) -> str:
     if not dtypes <= set(SAFETENSORS_DTYPES):
         return f"{base} stores {', '.join(sorted(dtypes - set(SAFETENSORS_DTYPES)))} tensors"
     return ""
+
+
+def quantization_method(base: Path) -> str:
+    """The quant_method of a base stored quantized (e.g. bitsandbytes), "" for one in 16 or 32 bits."""
+    config = base / "config.json"
+    quantization = json.loads(config.read_text(encoding="utf-8")).get("quantization_config") if config.is_file() else None
+    return str(quantization.get("quant_method", "?")) if quantization else ""
+
+
+def original_16bit(base_model: str, base_16bit: str | None = None) -> Path:
+    """The weights the adapter is merged into and checked against, as a local directory: the base itself, or for
+    a base published quantized its original 16-bit weights (`base_16bit`, else the names Unsloth maps it to,
+    the first in the local Hugging Face cache)."""
+    base = local_base(base_model)
+    method = quantization_method(base)
+    if not method:
+        return base
+    if base_16bit:
+        found = cached_model(base_16bit)
+        if found is None:
+            raise UserError(f"export.base_16bit: {base_16bit} is neither a directory nor in the local Hugging Face "
+                            f"cache: download it (`huggingface-cli download {base_16bit}`) or point "
+                            "export.base_16bit at a directory of its safetensors.")
+        return same_model(base, found, "export.base_16bit")
+    candidates = unsloth_16bit_names(base_model)
+    for name in candidates:
+        found = cached_model(name)
+        if found is not None:
+            return same_model(base, found, f"Unsloth's 16-bit name for {base_model}")
+    known = f"its 16-bit originals ({', '.join(candidates)}) are not" if candidates else "no 16-bit original is known"
+    raise UserError(f"the base {base_model} is stored quantized ({method}) and the adapter goes into its original "
+                    f"16-bit weights, but {known} in the local Hugging Face cache. Download one "
+                    "(`huggingface-cli download <id>`) or set export.base_16bit to a local directory or Hub id.")
+
+
+def cached_model(name: str) -> Path | None:
+    try:
+        return local_base(name)
+    except UserError:
+        return None
+
+
+def same_model(base: Path, original: Path, source: str) -> Path:
+    """`original`, refused when it is quantized too or its shape differs from the quantized base's."""
+    if quantization_method(original) or not list(original.glob("*.safetensors")):
+        raise UserError(f"{source}: {original} is not 16-bit safetensors weights (it is quantized, or has no "
+                        "safetensors files); point export.base_16bit at the original 16-bit model.")
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    shapes = [json.loads((d / "config.json").read_text(encoding="utf-8")) for d in (base, original)]
+    differ = [k for k in keys if shapes[0].get(k) != shapes[1].get(k)]
+    if differ:
+        raise UserError(f"{source}: {original} is another model than the base {base} (its {', '.join(differ)} "
+                        "differ); point export.base_16bit at the base's original 16-bit weights.")
+    return original
+
+
+def unsloth_16bit_names(name: str) -> list[str]:
+    """The 16-bit models Unsloth's name mapping gives for a 4-bit model name, then the name without its
+    -bnb-4bit suffix (Unsloth's convention)."""
+    import re
+
+    stripped = re.sub(r"(-unsloth)?-bnb-4bit$", "", name, flags=re.IGNORECASE)
+    names = []
+    for key, values in unsloth_mapper().items():
+        values = values.get("16", ()) if isinstance(values, dict) else values
+        family = {key.lower(), *(v.lower() for v in values)}
+        if name.lower() in family or stripped.lower() in family:
+            names += [v for v in values if "4bit" not in v.lower()]
+    return list(dict.fromkeys([*names, *([stripped] if stripped != name else [])]))
+
+
+def unsloth_mapper() -> dict[str, Any]:
+    """Unsloth's table of 4-bit names -> 16-bit names, read from its source as data: importing unsloth patches
+    transformers for the whole process. Empty where unsloth is not installed or the table moved."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("unsloth")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / "mapper.py"
+    try:
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "__INT_TO_FLOAT_MAPPER" for t in node.targets):
+                return ast.literal_eval(node.value)
+    except (OSError, SyntaxError, ValueError):
+        pass
+    return {}
 
 
 # ---- streaming safetensors out ------------------------------------------------------------------------------
@@ -452,10 +543,21 @@ def check_merge(base_model: str, adapter_dir: Path, merged: Path) -> dict[str, A
             untargeted += 1
             identical += same
     missing = sorted(set(deltas) - set(located))
-    passed = identical == untargeted and targeted == len(deltas) and not missing and worst <= 1.0 and changed > 0
+    absent = absent_from_merged(set(located), merged)
+    passed = (identical == untargeted and targeted == len(deltas) and not missing and not absent and worst <= 1.0
+              and changed > 0)
     return {"passed": passed, "tensors": untargeted + targeted, "targeted": targeted, "adapted_weights": len(deltas),
+            "absent_from_merged": absent,
             "untargeted_identical": f"{identical}/{untargeted}", "max_error_in_16bit_steps": round(worst, 3),
             "worst_tensor": worst_name, "weights_changed": changed}
+
+
+def absent_from_merged(base_names: set[str], merged: Path) -> list[str]:
+    """The base's tensors the merged model lacks; a tied lm_head may be dropped (save_pretrained writes it once)."""
+    config = merged / "config.json"
+    tied = config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("tie_word_embeddings", False)
+    merged_names = {name for name, _, _ in base_tensors(merged)}
+    return sorted(n for n in base_names - merged_names if not (tied and n == "lm_head.weight"))
 
 
 # ---- a full fine-tune: no merge ------------------------------------------------------------------------------

@@ -173,9 +173,18 @@ def check_memory(base: Path, cfg: ExportConfig) -> dict[str, Any]:
     estimate["needed_gib"] = round(estimate.pop("bytes") / GIB, 2)
     if free is not None and estimate["needed_gib"] * GIB > free:
         raise UserError(f"the export needs about {estimate['needed_gib']:.1f} GiB of memory (its largest step: "
-                        f"{estimate['largest_step']}) and {free / GIB:.1f} GiB are available. Close other programs, or "
-                        "lower export.verify.prompts / export.verify.new_tokens (the verification's logits).")
+                        f"{estimate['largest_step']}) and {free / GIB:.1f} GiB are available. Close other programs, "
+                        f"{MEMORY_ADVICE[estimate['largest_step']]}")
     return estimate
+
+
+# What lowers each step's memory: only the verification's logits depend on settings.
+MEMORY_ADVICE = {
+    "merge": "or export on a machine with more memory (the merge's row blocks have a fixed size).",
+    "convert": "or export on a machine with more memory (llama.cpp's converter holds the largest tensor in fp32).",
+    "reference": "or lower export.verify.prompts / export.verify.new_tokens (the verification's logits).",
+    "verify": "or lower export.verify.prompts / export.verify.new_tokens (the verification's logits).",
+}
 
 
 @dataclass
@@ -194,6 +203,7 @@ class Plan:
     stem: str
     disk: dict[str, float]
     memory: dict[str, Any]
+    base: Path  # the 16-bit weights merged into: the base, or the original of a base published quantized
 
 
 def plan_export(ctx: StageContext) -> Plan:
@@ -206,7 +216,7 @@ def plan_export(ctx: StageContext) -> Plan:
     outtype, quants = plan_types(cfg)
     imatrix = gguf_io.load_imatrix(Path(cfg.imatrix)) if cfg.imatrix else None
     template, eos, tokenizer = training_template(ctx, adapter_dir)
-    base = adapter_dir if full else merge.local_base(summary.base_model)
+    base = adapter_dir if full else merge.original_16bit(summary.base_model, cfg.base_16bit)
     ctx.out.mkdir(parents=True, exist_ok=True)
     weights = base_weight_bytes(str(base))
     disk = check_free_disk(cfg, ctx.out, weights, outtype, quants) if weights else {}
@@ -214,17 +224,18 @@ def plan_export(ctx: StageContext) -> Plan:
     if (base / "config.json").is_file():
         check_architecture(base)
     return Plan(summary, adapter_dir, outtype, quants, imatrix, template, eos, tokenizer,
-                merge.merged_dtype_name(cfg.dtype, str(base)), model_stem(ctx.cfg, summary), disk, memory)
+                merge.merged_dtype_name(cfg.dtype, str(base)), model_stem(ctx.cfg, summary), disk, memory, base)
 
 
 def merge_and_check(ctx: StageContext, plan: Plan, report: dict[str, Any], timings: dict[str, Any]) -> None:
     """Step 3: the 16-bit merge (kept when a killed run already finished it), proven tensor by tensor, and for
     small models by next-token distributions too. All of it in a child process, whose memory (and the heap it
     fragments) goes back to the system before the converter runs."""
-    cfg, merged_dir, summary = ctx.cfg.export, ctx.out / OUTPUTS["merged"], plan.summary
-    trust = ctx.cfg.model.trust_remote_code
-    if summary.method == "full":
+    if plan.summary.method == "full":
         return export_full_finetune(ctx, plan, report, timings)
+    cfg, merged_dir, base = ctx.cfg.export, ctx.out / OUTPUTS["merged"], str(plan.base)
+    summary = plan.summary.model_copy(update={"base_model": base})
+    trust = ctx.cfg.model.trust_remote_code
     with Child("torch", f"merging the adapter into {merged_dir}", hint=MEMORY_HINT) as child:
         if (merged_dir / "config.json").is_file():
             timings["merge"] = {"resumed": True}
@@ -232,13 +243,13 @@ def merge_and_check(ctx: StageContext, plan: Plan, report: dict[str, Any], timin
             timings["merge"] = child.call(plain, merge.merge_adapter, summary, plan.adapter_dir, merged_dir, plan.dtype,
                                           cfg.max_shard_size, trust)
         started = time.time()
-        report["merge"] = {"tensors": child.call(plain, merge.check_merge, summary.base_model, plan.adapter_dir,
+        report["merge"] = {"tensors": child.call(plain, merge.check_merge, base, plan.adapter_dir,
                                                  merged_dir)}
-        weights = base_weight_bytes(str(merge.local_base(summary.base_model))) or 0
+        weights = base_weight_bytes(base) or 0
         if weights <= SMALL_MODEL_BYTES:
             _, prompt_ids = verify.rendered_prompts(plan.tokenizer, cfg.verify.prompts)
             merged_lp = child.call(plain, verify.reference_logprobs, merged_dir, prompt_ids)
-            report["merge"]["distributions"] = child.call(plain, merge.verify_merge, summary.base_model,
+            report["merge"]["distributions"] = child.call(plain, merge.verify_merge, base,
                                                           plan.adapter_dir, prompt_ids, merged_lp, "fp32", trust)
         else:
             report["merge"]["distributions"] = {"passed": None, "skipped": f"the model is over {SMALL_MODEL_BYTES >> 20} "
@@ -274,6 +285,8 @@ def merge_failure(result: dict[str, Any]) -> str:
     if tensors.get("method") == "full":
         return (f"tensors identical to the trained model's {tensors['identical_to_trained']}, missing "
                 f"{tensors['missing'] or 'none'}, {tensors['changed_from_base']} tensors changed from the base")
+    if tensors.get("absent_from_merged"):
+        return f"the base's tensors {', '.join(tensors['absent_from_merged'][:5])} are missing from the merged model"
     if tensors.get("passed") is False:
         return (f"untargeted tensors identical {tensors['untargeted_identical']}, worst targeted tensor "
                 f"{tensors['worst_tensor']} {tensors['max_error_in_16bit_steps']} 16-bit steps from W + scale*B@A, "

@@ -122,3 +122,30 @@ def test_a_resumable_stage_keeps_its_checkpoints_through_a_user_error(project: P
         (project / "runs/t/.ingest.partial/checkpoint-9").mkdir()
         run_stage("ingest", load_config("config.yaml", ["ingest.eval_fraction=0.3"]), force=True)
     assert seen[-1] == []
+
+
+def test_force_discards_a_resumable_stages_partial_directory(project: Path, monkeypatch) -> None:
+    """--force on an unchanged config starts over: the kept partial directory (checkpoints, a suspect GGUF)
+    is not resumed from."""
+    import distillery.runner as runner
+    from distillery.stage import Stage, StageResult
+
+    seen: list[list[str]] = []
+
+    def train(ctx) -> StageResult:
+        seen.append(sorted(p.name for p in ctx.out.iterdir()))
+        if not seen[-1]:
+            (ctx.out / "checkpoint-1").mkdir()
+            raise UserError("CUDA ran out of memory")
+        (ctx.out / "adapter.txt").write_text("trained")
+        return StageResult()
+
+    fake = Stage(name="ingest", run=train, outputs={"adapter": "adapter.txt"}, sections=("ingest",), resumable=True)
+    monkeypatch.setattr(runner, "load_stage", lambda name: fake)
+    cfg = load_config("config.yaml")
+    with pytest.raises(UserError):
+        run_stage("ingest", cfg)
+    assert (project / "runs/t/.ingest.partial/checkpoint-1").is_dir()
+    with pytest.raises(UserError):
+        run_stage("ingest", cfg, force=True)
+    assert seen == [[], []]

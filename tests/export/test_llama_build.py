@@ -19,6 +19,14 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+def test_the_profile_help_names_the_level_chosen_by_default(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "400")  # argparse wraps at hyphens otherwise
+    with pytest.raises(SystemExit):
+        llama_build.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "x86-64-v4 where this CPU has every one of its flags and x86-64-v3 elsewhere" in help_text
+
+
 def test_x86_64_machines_get_the_highest_level_their_cpu_has_unless_told_otherwise(home: Path, monkeypatch) -> None:
     monkeypatch.setattr(llama_build.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(llama_build, "cpu_flags", lambda: set(llama_build.X86_64_V3) | {"avx512f"})
@@ -92,6 +100,24 @@ def test_a_build_for_another_cpu_is_refused_before_llama_cpp_loads(home: Path, m
     monkeypatch.setattr(llama_build, "cpu_flags", lambda: set(llama_build.X86_64_V4))
     llama_build.check_installed_build()  # the same record on a CPU that has them: fine
     assert record != home / "llama-build.json"
+
+
+def test_the_quantizer_refuses_a_build_for_another_cpu_before_its_child_starts(home: Path, tmp_path: Path,
+                                                                               monkeypatch) -> None:
+    import json
+
+    import distillery.core.isolation as isolation
+    from distillery.export import gguf
+
+    monkeypatch.setattr(llama_build, "build_record_path", lambda: home / "llama-build.json")
+    (home / "llama-build.json").write_text(json.dumps({"profile": "x86-64-v4",
+                                                       "required_flags": list(llama_build.X86_64_V4)}))
+    monkeypatch.setattr(llama_build, "cpu_flags", lambda: set(llama_build.X86_64_V3))
+    monkeypatch.setattr(isolation, "Child", lambda *a, **k: pytest.fail("llama.cpp was loaded"))
+    dst = tmp_path / "out-Q4_K_M.gguf"
+    with pytest.raises(UserError, match="built for x86-64-v4 and this CPU lacks avx512f.*Run `just setup` here"):
+        gguf.quantize_gguf(tmp_path / "in.gguf", dst, gguf.QuantType("q4_k_m"))
+    assert not dst.exists()
 
 
 def test_the_installed_build_holds_no_instruction_its_level_excludes() -> None:

@@ -49,20 +49,23 @@ def _tensors(directory: Path) -> dict:
 @pytest.mark.slow
 def test_unsloth_and_peft_merges_agree_and_keep_the_adapter(tmp_path: Path, demo_model_path: str) -> None:
     """Unsloth's save_pretrained_merged and PEFT's merge_and_unload give the same 16-bit weights, and the
-    merge check proves the adapter is in them. Unsloth merges in a child process: imported here it would patch
-    transformers for the verification that follows (on a GPU machine bench/gpu.py saw that verification fail
-    with its rotary embeddings on CUDA and the model on the CPU)."""
+    merge check proves the adapter is in them. The adapter trains a copy of the final norm (modules_to_save),
+    which the streamed merge refuses, so both whole-model merges run. Unsloth merges in a child process:
+    imported here it would patch transformers for the verification that follows (on a GPU machine bench/gpu.py
+    saw that verification fail with its rotary embeddings on CUDA and the model on the CPU)."""
     import sys
 
     import torch
 
-    run = make_adapter_run(tmp_path / "runs", demo_model_path, backend="unsloth")
+    run = make_adapter_run(tmp_path / "runs", demo_model_path, backend="unsloth", modules_to_save=("norm",))
     finetune = run.stage_dir("finetune")
     summary = merge.read_finetune(finetune / "adapter", finetune / "summary.json")
     adapter = finetune / "adapter"
     unsloth_stats = merge.merge_adapter(summary, adapter, tmp_path / "unsloth", "bf16", "100MB")
     assert "unsloth" not in sys.modules  # the merge ran in its own process; no stage imports Unsloth here
     peft_stats = merge.merge_adapter(summary.model_copy(update={"backend": "hf"}), adapter, tmp_path / "peft", "bf16", "100MB")
+    assert unsloth_stats["method"].startswith("unsloth (whole model: the adapter uses modules_to_save")
+    assert peft_stats["method"].startswith("peft (whole model: the adapter uses modules_to_save")
     assert unsloth_stats["shards"] > 1 and peft_stats["shards"] > 1  # max_shard_size honoured
     a, b = _tensors(tmp_path / "unsloth"), _tensors(tmp_path / "peft")
     base = _tensors(Path(demo_model_path))
@@ -70,6 +73,7 @@ def test_unsloth_and_peft_merges_agree_and_keep_the_adapter(tmp_path: Path, demo
     assert shared and all(a[k].dtype == torch.bfloat16 for k in shared)
     changed = [k for k in shared if k in base and not torch.equal(b[k], base[k])]
     assert any("q_proj" in k for k in changed) and not any("k_proj" in k for k in changed)
+    assert "model.norm.weight" in changed  # the trained copy, not the base's norm
     for key in shared:  # the same merge up to one bf16 rounding step
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-2, rtol=1e-2), key
     tokenizer_config = json.loads((tmp_path / "unsloth" / "generation_config.json").read_text())
@@ -84,3 +88,36 @@ def test_unsloth_and_peft_merges_agree_and_keep_the_adapter(tmp_path: Path, demo
     merged_model = merge.load_causal_lm(str(tmp_path / "unsloth"))
     check = merge.verify_merge(demo_model_path, adapter, tokens, merge.next_token_logprobs(merged_model, tokens))
     assert check["passed"], check
+
+
+def prequantized_base(directory: Path, model: str) -> Path:
+    """A base as published pre-quantized in 4 bits (bitsandbytes): only its config matters here."""
+    config = json.loads((Path(model) / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_a_prequantized_base_is_merged_into_its_16_bit_original_or_refused(tmp_path: Path, demo_model_path: str,
+                                                                           tiny_r1_path: str) -> None:
+    base = str(prequantized_base(tmp_path / "bnb-4bit", demo_model_path))
+    assert merge.original_16bit(demo_model_path) == Path(demo_model_path)  # a 16-bit base is its own original
+    assert merge.original_16bit(base, demo_model_path) == Path(demo_model_path)
+    with pytest.raises(UserError, match=r"stored quantized \(bitsandbytes\).*no 16-bit original is known.*"
+                                        r"set export.base_16bit"):
+        merge.original_16bit(base)
+    with pytest.raises(UserError, match="export.base_16bit: .*nowhere is neither a directory nor in the local"):
+        merge.original_16bit(base, str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match="is another model than the base .*hidden_size"):
+        merge.original_16bit(base, tiny_r1_path)
+    with pytest.raises(UserError, match="is not 16-bit safetensors weights"):
+        merge.original_16bit(base, base)
+
+
+def test_unsloths_4_bit_names_map_to_their_16_bit_originals() -> None:
+    if not merge.unsloth_mapper():
+        pytest.skip("unsloth is not installed")
+    names = merge.unsloth_16bit_names("unsloth/DeepSeek-R1-Distill-Qwen-32B-unsloth-bnb-4bit")
+    assert names == ["unsloth/DeepSeek-R1-Distill-Qwen-32B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B"]
+    assert merge.unsloth_16bit_names("/data/my-model") == []

@@ -100,6 +100,12 @@ def test_the_check_refuses_a_merge_that_lost_the_adapter_or_used_other_weights(t
     check = merge.check_merge(demo_model_path, adapter, tmp_path / "other")
     assert not check["passed"] and check["max_error_in_16bit_steps"] > 1 and check["worst_tensor"] == name, check
 
+    good = load_file(str(tmp_path / "good" / "model.safetensors"))
+    del good["model.norm.weight"]  # a merge that wrote only some of the base's (untargeted) tensors
+    save_file(good, str(tmp_path / "other" / "model.safetensors"))
+    check = merge.check_merge(demo_model_path, adapter, tmp_path / "other")
+    assert not check["passed"] and check["absent_from_merged"] == ["model.norm.weight"], check
+
 
 def test_shards_are_planned_in_order_under_the_size(tmp_path: Path) -> None:
     layout = [(f"t{i}", (10, 10), "bf16") for i in range(7)]  # 200 bytes each

@@ -231,6 +231,64 @@ def test_too_little_free_disk_is_refused_before_writing(adapter_run: Path) -> No
     assert not run.partial_dir("export").exists() and not run.stage_dir("export").exists()
 
 
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_prequantized_base_exports_from_its_16_bit_original_or_is_refused_before_writing(
+        tmp_path: Path, demo_model_path: str) -> None:
+    """A QLoRA run on a base published in 4 bits: the merge goes onto, and is checked against, the original
+    16-bit weights named by export.base_16bit; without them nothing is written."""
+    from tests.export.test_merge import prequantized_base
+
+    run = make_adapter_run(tmp_path / "runs", demo_model_path)
+    summary_path = run.stage_dir("finetune") / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["base_model"] = str(prequantized_base(tmp_path / "SmolLM2-bnb-4bit", demo_model_path))
+    summary_path.write_text(json.dumps(summary))
+    with pytest.raises(UserError, match=r"stored quantized \(bitsandbytes\).*set export.base_16bit"):
+        run_stage("export", load_config(demo_config(tmp_path, **FAST_VERIFY)))
+    assert not run.partial_dir("export").exists() and not run.stage_dir("export").exists()
+    config = demo_config(tmp_path, **FAST_VERIFY, quantizations=["q8_0"], base_16bit=demo_model_path)
+    assert run_stage("export", load_config(config))[0] == "done"
+    verify = json.loads((run.stage_dir("export") / "verify.json").read_text())
+    assert verify["passed"] and verify["merge"]["tensors"]["passed"], verify["merge"]
+    assert verify["timings"]["merge"]["method"] == "streamed"
+
+
+def header_only_base(directory: Path, shapes: dict[str, list[int]]) -> Path:
+    """A base of safetensors headers only: the memory estimate reads shapes, never weights."""
+    header = json.dumps({name: {"dtype": "BF16", "shape": shape, "data_offsets": [0, 0]}
+                         for name, shape in shapes.items()}).encode()
+    directory.mkdir()
+    (directory / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    return directory
+
+
+@pytest.mark.parametrize("shapes, step, advice", [
+    ({"model.embed_tokens.weight": [152_000, 64], "model.layers.0.mlp.up_proj.weight": [256, 64]}, "verify",
+     "lower export.verify.prompts / export.verify.new_tokens"),
+    ({"model.embed_tokens.weight": [1000, 64], "model.layers.0.mlp.up_proj.weight": [200_000, 8192]}, "convert",
+     "llama.cpp's converter holds the largest tensor"),
+])
+def test_too_little_memory_is_refused_with_the_figures_and_advice_for_the_largest_step(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shapes: dict, step: str, advice: str) -> None:
+    from distillery.config import ExportConfig
+    from distillery.stages import export
+
+    base = header_only_base(tmp_path / "base", shapes)
+    cfg = ExportConfig(verify={"prompts": ["a"] * 8, "new_tokens": 256})
+    needed = export.estimate_memory(base, 8, 256)
+    assert needed["largest_step"] == step
+    monkeypatch.setattr(export, "available_memory", lambda: needed["bytes"] + (1 << 30))
+    assert export.check_memory(base, cfg)["largest_step"] == step
+    monkeypatch.setattr(export, "available_memory", lambda: needed["bytes"] - (1 << 30))
+    with pytest.raises(UserError) as refused:
+        export.check_memory(base, cfg)
+    message = str(refused.value)
+    assert f"needs about {needed['bytes'] / 2**30:.1f} GiB" in message and f"largest step: {step}" in message
+    assert f"{(needed['bytes'] - (1 << 30)) / 2**30:.1f} GiB are available" in message and advice in message
+    assert ("export.verify" in message) == (step == "verify")
+
+
 @pytest.fixture(scope="module")
 def tiny_opt(tmp_path_factory, demo_model_path: str) -> Path:
     """A tiny OPT model (an architecture llama.cpp's converter does not support) with the demo tokenizer."""
