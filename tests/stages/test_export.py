@@ -231,12 +231,12 @@ def test_too_little_free_disk_is_refused_before_writing(adapter_run: Path) -> No
     assert not run.partial_dir("export").exists() and not run.stage_dir("export").exists()
 
 
-@pytest.mark.integration
-@pytest.mark.slow
 def test_a_prequantized_base_exports_from_its_16_bit_original_or_is_refused_before_writing(
         tmp_path: Path, demo_model_path: str) -> None:
-    """A QLoRA run on a base published in 4 bits: the merge goes onto, and is checked against, the original
-    16-bit weights named by export.base_16bit; without them nothing is written."""
+    """A QLoRA run on a base published in 4 bits: without its original 16-bit weights the export writes nothing;
+    with them (export.base_16bit) the streamed merge goes onto them and passes the check against them."""
+    from distillery.core.summaries import read_finetune_summary
+    from distillery.export import merge
     from tests.export.test_merge import prequantized_base
 
     run = make_adapter_run(tmp_path / "runs", demo_model_path)
@@ -247,11 +247,11 @@ def test_a_prequantized_base_exports_from_its_16_bit_original_or_is_refused_befo
     with pytest.raises(UserError, match=r"stored quantized \(bitsandbytes\).*set export.base_16bit"):
         run_stage("export", load_config(demo_config(tmp_path, **FAST_VERIFY)))
     assert not run.partial_dir("export").exists() and not run.stage_dir("export").exists()
-    config = demo_config(tmp_path, **FAST_VERIFY, quantizations=["q8_0"], base_16bit=demo_model_path)
-    assert run_stage("export", load_config(config))[0] == "done"
-    verify = json.loads((run.stage_dir("export") / "verify.json").read_text())
-    assert verify["passed"] and verify["merge"]["tensors"]["passed"], verify["merge"]
-    assert verify["timings"]["merge"]["method"] == "streamed"
+    original = merge.original_16bit(summary["base_model"], demo_model_path)
+    merged, adapter = tmp_path / "merged", run.stage_dir("finetune") / "adapter"
+    resolved = read_finetune_summary(summary_path).model_copy(update={"base_model": str(original)})
+    assert merge.merge_adapter(resolved, adapter, merged, "bf16", "5GB")["method"] == "streamed"
+    assert merge.check_merge(str(original), adapter, merged)["passed"]
 
 
 def header_only_base(directory: Path, shapes: dict[str, list[int]]) -> Path:
