@@ -260,13 +260,14 @@ def mathqa_rows(n: int) -> list[dict]:
     return rows
 
 
-def write_project(tmp_path: Path, finetune: dict, mathqa: bool = False, rows: int = 24) -> Path:
+def write_project(tmp_path: Path, finetune: dict, mathqa: bool = False, rows: int = 24,
+                  model: str = "bundled:SmolLM2-135M-Instruct") -> Path:
     data = tmp_path / "data.jsonl"
     items = mathqa_rows(rows) if mathqa else toy_rows(rows)
     data.write_text("".join(json.dumps(r) + "\n" for r in items), encoding="utf-8")
     config = {
         "run": {"name": "t", "root": str(tmp_path / "runs"), "seed": 42},
-        "model": {"path": "bundled:SmolLM2-135M-Instruct"},
+        "model": {"path": model},
         "ingest": {"eval_fraction": 0.15, "sources": [
             {"name": "toy", "kind": "hf", "files": str(data), "format": "mathqa" if mathqa else "messages"}]},
         "format": {"template": "chat", "max_length": 256},

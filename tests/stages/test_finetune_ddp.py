@@ -22,11 +22,11 @@ def losses(tmp_path: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in rows if "loss" in json.loads(line)]
 
 
-def ddp_project(tmp_path: Path, **finetune) -> Path:
+def ddp_project(tmp_path: Path, model: str = "bundled:SmolLM2-135M-Instruct", **finetune) -> Path:
     tmp_path.mkdir(parents=True, exist_ok=True)
     return write_project(tmp_path, {"backend": "hf", "batch_size": 2, "sample_prompts": 0,
                                     "gradient_checkpointing": False, "accelerate_config": str(DDP_CPU),
-                                    **finetune}, rows=32)
+                                    **finetune}, rows=32, model=model)
 
 
 def two_processes_follow_one(tmp_path: Path, backend: str, steps: int) -> None:
@@ -65,8 +65,10 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch(tmp_pat
 @pytest.mark.slow
 def test_kill_9_of_one_rank_of_a_full_fine_tune_then_the_same_command_resumes(tmp_path: Path) -> None:
     """Full fine-tuning (every weight and its AdamW state in each checkpoint) under DDP: the resume path LoRA
-    takes too, with the whole model to restore."""
-    config = ddp_project(tmp_path, max_steps=4, save_steps=2, method="full", learning_rate=5e-5)
+    takes too, with the whole model to restore. On the tiny Qwen2 (R1's tokenizer and template): the demo
+    model's 1.6 GB checkpoints cost a minute here; its full fine-tune is tested end to end elsewhere."""
+    config = ddp_project(tmp_path, model="bundled:tiny-qwen2-r1", max_steps=4, save_steps=2, method="full",
+                         learning_rate=5e-5)
     process = start_finetune(config)
     try:
         wait_for_checkpoint(process, tmp_path, 2)
@@ -83,7 +85,7 @@ def test_kill_9_of_one_rank_of_a_full_fine_tune_then_the_same_command_resumes(tm
     assert "resuming from checkpoint-" in out and int(out.split("resuming from checkpoint-")[1].split()[0]) >= 2
     summary = json.loads((stage_dir(tmp_path) / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["world_size"] == 2 and summary["method"] == "full"
-    assert summary["tensors_changed"] == summary["tensors_compared"] == 272
+    assert summary["tensors_changed"] == summary["tensors_compared"] > 0
     assert (stage_dir(tmp_path) / "model" / "model.safetensors").is_file()
     assert not (tmp_path / "runs" / "t" / ".finetune.partial").exists()
 
