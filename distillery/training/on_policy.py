@@ -3,6 +3,9 @@
 The student generates a completion for each of format's training prompts (one sample, `on_policy.max_new_tokens`
 at `on_policy.temperature`), the teacher scores every generated token, and the loss is the generalised JSD between
 them (`on_policy.beta`: 0 = forward KL(teacher || student), 1 = reverse KL), averaged over the generated tokens.
+With `on_policy.lmbda` below 1, that share of optimizer steps is on-policy and the others take format's own
+completions in place of the student's (GKD's mix, Agarwal et al. 2024, TRL's GKDTrainer `lmbda`), chosen per step
+from the seed, so a resumed run makes the same choices.
 
 Two adaptations to TRL 1.15 (pinned):
 - TRL computes the divergence with a Triton kernel, which exists only on CUDA. On CPU `divergence_loss` below
@@ -77,6 +80,26 @@ def load_teacher(job: Any, student: Any) -> Any:
     return teacher.eval()
 
 
+def on_policy_step(seed: int, step: int, lmbda: float) -> bool:
+    """Whether optimizer step `step` trains on the student's own generations: a draw from the seed and the step."""
+    import random
+
+    return lmbda >= 1 or random.Random(f"{seed}:{step}").random() < lmbda
+
+
+def reference_completions(rows: list[dict], tokenizer: Any, max_length: int) -> dict[str, list[list[int]]]:
+    """{prompt: the token ids of each of its completions}, as training tokenizes and cuts them (a prompt distilled
+    several times has several)."""
+    from distillery.training.tokens import training_example
+
+    references: dict[str, list[list[int]]] = {}
+    for row in rows:
+        example = training_example(tokenizer, row["prompt"], row["completion"], max_length)
+        ids = [t for t, m in zip(example["input_ids"], example["completion_mask"]) if m]
+        references.setdefault(row["prompt"], []).append(ids)
+    return references
+
+
 def on_policy_trainer(job: Any, model: Any, tokenizer: Any, args: dict[str, Any]) -> Any:
     from datasets import Dataset
     from trl import DistillationConfig, DistillationTrainer
@@ -88,22 +111,33 @@ def on_policy_trainer(job: Any, model: Any, tokenizer: Any, args: dict[str, Any]
     if job.device != "cuda":
         distillation._chunked_divergence_loss = divergence_loss
 
+    policy = job.finetune.on_policy
+    rows = list(read_jsonl(Path(job.train_path)))
+    references = reference_completions(rows, tokenizer, job.max_length)
+
     class FormatPromptDistillationTrainer(resumable_on_cpu_processes(DistillationTrainer)):
         tokens_seen = 0
+        prompts: list = []
 
         def _tokenize_prompts(self, prompts: list) -> Any:
             if prompts and isinstance(prompts[0], str):
+                self.prompts = prompts
                 ids = self.processing_class(text=prompts, add_special_tokens=False)["input_ids"]
                 return ids, None, {}
             return super()._tokenize_prompts(prompts)
+
+        def _generate_single_turn(self, prompt_ids: Any, *rest: Any, **kwargs: Any) -> Any:
+            if on_policy_step(job.seed, self.state.global_step, policy.lmbda):
+                return super()._generate_single_turn(prompt_ids, *rest, **kwargs)
+            step = self.state.global_step
+            return [references[prompt][step % len(references[prompt])] for prompt in self.prompts]
 
         def training_step(self, model, inputs, *rest, **kwargs):
             loss = super().training_step(model, inputs, *rest, **kwargs)
             self.tokens_seen = int(self.state.num_input_tokens_seen or 0)
             return loss
 
-    policy = job.finetune.on_policy
-    prompts = [{"prompt": row["prompt"]} for row in read_jsonl(Path(job.train_path))]
+    prompts = [{"prompt": row["prompt"]} for row in rows]
     args = {key: value for key, value in args.items() if key not in ("eval_strategy", "eval_steps")}
     args["gradient_checkpointing"] = args["gradient_checkpointing"] and job.device == "cuda"
     config = DistillationConfig(**args, beta=policy.beta, temperature=policy.temperature,

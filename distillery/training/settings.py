@@ -45,7 +45,10 @@ class OnPolicyConfig(BaseModel):
                         "1 = reverse KL(student || teacher).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the student's generations.")
     max_new_tokens: int = Field(128, ge=1, description="Tokens the student generates per prompt (one sample per "
-                                "prompt, every batch on the student's own generations).")
+                                "prompt).")
+    lmbda: float = Field(1.0, ge=0, le=1, description="Share of optimizer steps on the student's own generations "
+                         "(GKD's lambda); the others score format's completions (the teacher's traces) with the "
+                         "same loss. 1: every step on-policy.")
 
 
 class FinetuneConfig(BaseModel):

@@ -458,3 +458,25 @@ def test_distilled_records_join_or_replace_the_records_they_came_from(tmp_path: 
         ctx.run.stage_dir(stage).mkdir(parents=True)
         write_jsonl(ctx.run.stage_dir(stage) / "train.jsonl", rows)
     assert [r["id"] for r in load_records(ctx, "train")] == ids
+
+
+def test_on_policy_lmbda_chooses_each_step_from_the_seed_and_references_are_the_training_tokens(
+        demo_model_path: str) -> None:
+    from transformers import AutoTokenizer
+
+    from distillery.training.on_policy import on_policy_step, reference_completions
+    from distillery.training.tokens import training_example
+
+    assert all(on_policy_step(7, step, 1.0) for step in range(50))
+    assert not any(on_policy_step(7, step, 0.0) for step in range(50))
+    draws = [on_policy_step(7, step, 0.5) for step in range(400)]
+    assert 150 < sum(draws) < 250 and draws == [on_policy_step(7, step, 0.5) for step in range(400)]  # a resume agrees
+    assert draws != [on_policy_step(8, step, 0.5) for step in range(400)]
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_path)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "2 + 3?"}], tokenize=False,
+                                           add_generation_prompt=True)
+    rows = [{"prompt": prompt, "completion": "5.<|im_end|>"}, {"prompt": prompt, "completion": "Five.<|im_end|>"}]
+    references = reference_completions(rows, tokenizer, 512)
+    for row, ids in zip(rows, references[prompt]):
+        example = training_example(tokenizer, row["prompt"], row["completion"], 512)
+        assert ids == [t for t, m in zip(example["input_ids"], example["completion_mask"]) if m] and ids
