@@ -129,7 +129,7 @@ class TeacherConfig(Section):
     kind: Literal["gguf", "hf", "openai"] = Field(
         "gguf", description="gguf (llama-cpp-python), hf (transformers) or openai (any chat-completions HTTP endpoint)."
     )
-    path: str | None = Field(
+    path: UserPath | None = Field(
         "bundled:SmolLM2-135M-Instruct",
         description="gguf: a .gguf file or bundled:<name>; hf: a local HF directory or Hub id.",
     )

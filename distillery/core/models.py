@@ -52,23 +52,24 @@ def bundled_name(path: str, field: str = "model.path") -> str | None:
     return name
 
 
-def resolve_model_path(path: str) -> str:
-    """A local directory or Hub id as given; a bundled model materialised (once) to a local directory."""
-    name = bundled_name(path)
+def resolve_model_path(path: str, field: str = "model.path") -> str:
+    """A local directory or Hub id as given; a bundled model materialised (once) to a local directory. `field`
+    names the setting in messages."""
+    name = bundled_name(path, field)
     if name:
         return str(materialize_bundled(name))
     local = Path(path).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():
-            raise UserError(f"model.path: {local} has no config.json; point it at a Hugging Face model directory.")
-        check_model_files(local)
+            raise UserError(f"{field}: {local} has no config.json; point it at a Hugging Face model directory.")
+        check_model_files(local, field)
         return str(local)
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise UserError(f"model.path: {path} does not exist locally and is not a Hub id (owner/name).")
+        raise UserError(f"{field}: {path} does not exist locally and is not a Hub id (owner/name).")
     return path
 
 
-def check_model_files(directory: Path) -> None:
+def check_model_files(directory: Path, field: str = "model.path") -> None:
     """Every JSON file of a local model directory parses and every safetensors file is whole: a corrupt or cut-off
     file is named here, not reported by transformers as an error deep inside loading."""
     from safetensors import SafetensorError, safe_open
@@ -78,15 +79,15 @@ def check_model_files(directory: Path) -> None:
         try:
             json.loads(path.read_bytes())
         except OSError as err:
-            raise UserError(f"model.path: {path} cannot be read ({err.strerror or err}).") from None
+            raise UserError(f"{field}: {path} cannot be read ({err.strerror or err}).") from None
         except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise UserError(f"model.path: {path} is not valid JSON ({err}). {redo}") from None
+            raise UserError(f"{field}: {path} is not valid JSON ({err}). {redo}") from None
     for path in sorted(directory.glob("*.safetensors")):
         try:
             with safe_open(str(path), framework="numpy"):  # reads the header, checks it against the file size
                 pass
         except (SafetensorError, OSError) as err:
-            raise UserError(f"model.path: {path} is damaged or incomplete ({err}). {redo}") from None
+            raise UserError(f"{field}: {path} is damaged or incomplete ({err}). {redo}") from None
 
 
 def bundled_gguf(name: str) -> Path:

@@ -5,6 +5,7 @@ line) and saying what to do.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 from pathlib import Path
@@ -21,12 +22,27 @@ UserPath = Annotated[str, AfterValidator(os.path.expanduser)]
 MAX_YAML_DEPTH = 100  # a config nests about 5 levels; far deeper is a mistake, and Python's stack has a limit
 
 
-def require_file(path: Path, what: str, hint: str = "") -> None:
+def require_file(path: Path, field: str, hint: str = "") -> None:
     """Refuse a path that is missing or a directory, before reading it."""
     if path.is_dir():
-        raise UserError(f"{what} {path} is a directory, not a file. {hint}".strip())
+        raise UserError(f"{field}: {path} is a directory, not a file. {hint}".strip())
     if not path.is_file():
-        raise UserError(f"{what} {path} does not exist. {hint}".strip())
+        raise missing_path(str(path), path, field, hint)
+
+
+def missing_path(item: str, path: Path, field: str, hint: str = "") -> UserError:
+    """Why `path` (given as `item`) is neither a file nor a directory: a symlink loop, a dangling symlink, or
+    nothing there."""
+    if os.path.islink(path):
+        try:
+            path.stat()
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                return UserError(f"{field}: {item} is a loop of symbolic links (it points to {os.readlink(path)}, "
+                                 "which leads back to itself). Point it at the real file or directory.")
+        return UserError(f"{field}: {item} is a symbolic link to {os.readlink(path)}, which does not exist. "
+                         "Fix or remove the link.")
+    return UserError(f"{field}: {item} does not exist. Check the path (relative to {Path.cwd()}). {hint}".strip())
 
 
 def read_utf8(path: Path) -> str:

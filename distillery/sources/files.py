@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-import errno
 import glob
 import os
 from pathlib import Path
 
 from distillery.core.errors import UserError
+from distillery.core.userinput import missing_path
 
 
 def is_junk(path: Path) -> bool:
     """Files no one means as data: Excel's lock files (`~$name.xlsx`, beside a workbook open in Excel) and what
     macOS leaves in folders and zips (`._name` AppleDouble files with a file's Finder metadata, `__MACOSX/`)."""
     return path.name.startswith(("~$", "._")) or "__MACOSX" in path.parts
-
-
-def missing_path(item: str, path: Path, field: str) -> UserError:
-    """Why `path` is neither a file nor a directory: a symlink loop, a dangling symlink, or nothing there."""
-    if os.path.islink(path):
-        try:
-            path.stat()
-        except OSError as err:
-            if err.errno == errno.ELOOP:
-                return UserError(f"{field}: {item} is a loop of symbolic links (it points to {os.readlink(path)}, "
-                                 "which leads back to itself). Point it at the real file or directory.")
-        return UserError(f"{field}: {item} is a symbolic link to {os.readlink(path)}, which does not exist. "
-                         "Fix or remove the link.")
-    return UserError(f"{field}: {item} does not exist. Check the path (relative to {Path.cwd()}).")
 
 
 def resolve_paths(spec: str | list[str], suffixes: tuple[str, ...], field: str) -> list[Path]:

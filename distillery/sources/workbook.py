@@ -43,6 +43,7 @@ MEMORY_PER_UNPACKED_BYTE = 4
 ROW_BATCH = 2000  # rows per message from the reading child
 CHUNK = 1 << 20
 CELL_REF = re.compile(rb'<c\s[^>]*?\br="([A-Z]{1,3})([0-9]{1,7})"[^>]*?(/?)>')
+OTHER_TAGS = re.compile(rb"<(?!/?(?:c|si)[\s/>])[^<>]*>")  # every tag but a cell's (<c>) or a shared string's (<si>)
 
 
 def size_text(n: float) -> str:
@@ -155,15 +156,15 @@ def check_packed_part(path: Path, archive: zipfile.ZipFile, part: zipfile.ZipInf
 
 
 def long_text_in(archive: zipfile.ZipFile, member: str) -> tuple[str, str] | None:
-    """(sheet, cell) holding the first text in `member` longer than a cell may hold (either empty where it
-    cannot be told); None when there is none."""
+    """(sheet, cell) holding the first text in `member` longer than a cell may hold, over all its runs (either
+    empty where it cannot be told); None when there is none."""
     sheets = sheet_parts(archive)
     with archive.open(member) as handle:
         found = first_long_text(handle, 4 * EXCEL_CELL_CHARS)  # UTF-8 takes up to 4 bytes a character
     if found is None:
         return None
-    before, items = found
-    refs = CELL_REF.findall(before)
+    opened, items = found
+    refs = CELL_REF.findall(opened)
     if member in sheets and refs:
         return sheets[member], (refs[-1][0] + refs[-1][1]).decode()
     if member.endswith("sharedStrings.xml") and items:
@@ -172,22 +173,48 @@ def long_text_in(archive: zipfile.ZipFile, member: str) -> tuple[str, str] | Non
 
 
 def first_long_text(handle: Any, limit: int) -> tuple[bytes, int] | None:
-    """The first run of more than `limit` bytes without a tag (a cell's text), streamed, stopping there: up to
-    64 KiB of the XML before it (its last `<c r=...>` names the cell) and how many `<si>` items open before it
-    (the shared string it is in). None when every run is shorter."""
-    before, carry, items = b"", b"", 0
+    """The first cell (`<c>`) or shared string (`<si>`) whose text, over all its runs (`<r><t>`), passes `limit`
+    bytes, or a run of text outside them that does; streamed, stopping there. Returns the cell's opening tag (its
+    `r=` names it; empty outside one) and how many `<si>` items open up to it (the shared string it is); None when
+    there is none."""
+    opened, length, items, carry = b"", 0, 0, b""  # the open cell's tag (empty outside one), its text so far
     while chunk := handle.read(CHUNK):
-        text = carry + chunk  # `carry`: the unfinished tag or text after the last "<", shorter than `limit`
-        pieces = text.split(b"<")
-        if max(map(len, pieces)) > limit:
-            at = next(i for i, piece in enumerate(pieces) if len(piece) > limit)
-            head = b"<".join(pieces[:at]) + (b"<" if at else b"")
-            return (before + head)[-65536:], items + head.count(b"<si>") + head.count(b"<si ")
-        cut = max(text.rfind(b"<"), 0)
+        text = carry + chunk
+        cut = text.rfind(b"<")
+        cut = cut if cut != -1 and text.find(b">", cut) == -1 else len(text)  # an unfinished tag waits
         done, carry = text[:cut], text[cut:]
-        items += done.count(b"<si>") + done.count(b"<si ")
-        before = (before + done)[-65536:]
+        if len(carry) > limit:
+            return b"", 0
+        first, *rest = OTHER_TAGS.sub(b"\0", done).split(b"<")  # the pieces after the first start with a cell's tag
+        length, long = grow(bool(opened), length, first, limit)
+        if long:
+            return opened, items if opened else 0
+        ends = [len(rest) - 1] if rest else []  # the last piece goes on into the next chunk
+        if max(map(len, rest), default=0) > limit:  # only a piece that long can hold a long cell or run
+            ends = [i for i, piece in enumerate(rest) if len(piece) > limit] + ends
+        for i in ends:
+            tag, _, body = rest[i].partition(b">")
+            opened = b"" if tag.startswith(b"/") or tag.endswith(b"/") else b"<" + tag + b">"
+            length, long = grow(bool(opened), 0, body, limit)
+            if long:
+                return opened, items + si_count(b"<" + b"<".join(rest[:i + 1])) if opened else 0
+        items += si_count(done)
     return None
+
+
+def si_count(xml: bytes) -> int:
+    return xml.count(b"<si>") + xml.count(b"<si ") + xml.count(b"<si/")
+
+
+def grow(inside: bool, length: int, body: bytes, limit: int) -> tuple[int, bool]:
+    """The text length after `body` (its tags made \\0) and whether it passed `limit`: a cell's text counts all its
+    runs, text outside cells one run at a time."""
+    if inside:
+        length += len(body) - body.count(b"\0")
+        return length, length > limit
+    runs = body.split(b"\0")
+    longest = max(length + len(runs[0]), max(map(len, runs[1:]), default=0))
+    return len(runs[-1]) + (length if len(runs) == 1 else 0), longest > limit
 
 
 def sheet_parts(archive: zipfile.ZipFile) -> dict[str, str]:

@@ -287,7 +287,7 @@ def build_teacher(cfg: TeacherConfig, retries: int) -> Any:
     if cfg.kind == "gguf":
         return GGUFTeacher(resolve_gguf_path(cfg.path), cfg.context_length)
     if cfg.kind == "hf":
-        return HFTeacher(resolve_model_path(cfg.path))
+        return HFTeacher(resolve_model_path(cfg.path, "distill.teacher.path"))
     url, model = cfg.url or os.environ.get("OPENAI_BASE_URL"), cfg.model or os.environ.get("OPENAI_MODEL")
     if not url or not model:
         missing = "url (or $OPENAI_BASE_URL)" if not url else "model (or $OPENAI_MODEL)"

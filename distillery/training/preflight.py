@@ -149,7 +149,7 @@ def check_accelerate_config(path: str | None, cuda: bool, backend: str = "hf") -
     if not path:
         return
     file = Path(path)
-    require_file(file, "finetune.accelerate_config:", "See configs/accelerate/.")
+    require_file(file, "finetune.accelerate_config", "See configs/accelerate/.")
     config = read_yaml_file(file) or {}
     if not isinstance(config, dict):
         raise UserError(f"finetune.accelerate_config: {path} is not an accelerate config (a mapping of settings); "

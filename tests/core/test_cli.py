@@ -167,8 +167,19 @@ def test_bad_config_files_exit_2_naming_the_file_and_the_fix(tmp_path: Path, tex
 
 def test_a_directory_as_the_config_is_named_as_a_directory(tmp_path: Path) -> None:
     toy_project(tmp_path)
-    assert_refused(distillery(tmp_path, "ingest", "-c", "."), r"config file \. is a directory, not a file\. Pass one "
+    assert_refused(distillery(tmp_path, "ingest", "-c", "."), r"config file: \. is a directory, not a file\. Pass one "
                                                                 r"YAML file in it, e.g\. -c c\.yaml")
+
+
+@pytest.mark.parametrize("target, message", [
+    ("loop.yaml", r"config file: loop\.yaml is a loop of symbolic links \(it points to loop\.yaml, which leads back "
+                  r"to itself\)\. Point it at the real file or directory\."),
+    ("moved.yaml", r"config file: loop\.yaml is a symbolic link to moved\.yaml, which does not exist\. Fix or "
+                   r"remove the link\.")], ids=["loop", "dangling"])
+def test_a_config_that_is_a_broken_symbolic_link_is_named_as_one(tmp_path: Path, target: str, message: str) -> None:
+    """Every path from the user gets the same words (core.userinput.missing_path), the config file too."""
+    (tmp_path / "loop.yaml").symlink_to(target)
+    assert_refused(distillery(tmp_path, "ingest", "-c", "loop.yaml"), message)
 
 
 def test_a_message_is_printed_as_written_never_read_as_markup(tmp_path: Path) -> None:

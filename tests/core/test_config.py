@@ -115,11 +115,32 @@ def test_paths_in_the_config_expand_the_home_directory(tmp_path: Path, monkeypat
     monkeypatch.setenv("HOME", str(tmp_path))
     cfg = load_config(write(tmp_path, {**MINIMAL, "run": {"root": "~/runs"}, "model": {"path": "~/models/m"},
                                        "export": {"imatrix": "~/i.dat"}, "evaluate": {"data": "~/mathqa.jsonl"},
-                                       "finetune": {"accelerate_config": "~/ddp.yaml"}}))
+                                       "finetune": {"accelerate_config": "~/ddp.yaml"},
+                                       "distill": {"teacher": {"kind": "hf", "path": "~/teacher"}}}))
     assert cfg.run.root == str(tmp_path / "runs") and cfg.model.path == str(tmp_path / "models/m")
+    assert cfg.distill.teacher.path == str(tmp_path / "teacher")
     assert cfg.export.imatrix == str(tmp_path / "i.dat") and cfg.evaluate.data == str(tmp_path / "mathqa.jsonl")
     assert cfg.finetune.accelerate_config == str(tmp_path / "ddp.yaml")
     assert load_config(write(tmp_path, MINIMAL)).model.path == "bundled:SmolLM2-135M-Instruct"  # not a path: as is
+
+
+def test_an_hf_teacher_s_model_files_are_checked_and_named_by_its_setting(tmp_path: Path, monkeypatch) -> None:
+    from distillery.stages.distill import build_teacher
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "config.json").write_text("{", encoding="utf-8")
+    cfg = load_config(write(tmp_path, {**MINIMAL, "distill": {"teacher": {"kind": "hf", "path": "~/teacher"}}}))
+    with pytest.raises(UserError, match=r"distill.teacher.path: .*teacher/config.json is not valid JSON"):
+        build_teacher(cfg.distill.teacher, retries=0)
+
+
+def test_an_accelerate_config_that_is_a_loop_of_symbolic_links_is_named_as_one(tmp_path: Path) -> None:
+    from distillery.training.preflight import check_accelerate_config
+
+    (tmp_path / "ddp.yaml").symlink_to(tmp_path / "ddp.yaml")
+    with pytest.raises(UserError, match=r"finetune.accelerate_config: .*ddp.yaml is a loop of symbolic links"):
+        check_accelerate_config(str(tmp_path / "ddp.yaml"), cuda=False)
 
 
 @pytest.mark.parametrize("root", ["a-file", "a-file/runs"])

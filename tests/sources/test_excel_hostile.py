@@ -4,6 +4,7 @@ what was dropped and why in the report; never a dead process, a hang or a silent
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import yaml
 from distillery.config import load_config
 from distillery.core.errors import UserError
 from distillery.runner import run_stage
-from distillery.sources import SourceReport, excel
+from distillery.sources import SourceReport, excel, workbook
 from distillery.sources.excel import AIHubExcelParams
 from tests.fixtures import aihub
 
@@ -45,30 +46,63 @@ def test_stray_values_far_away_are_refused_naming_them_and_the_process_lives(tmp
     assert len(read(aihub.write_layout(tmp_path / "good.xlsx", "구어체"))[0]) == len(aihub.PAIRS)  # and reads on
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_a_stray_value_in_ingest_fails_cleanly_in_one_process_or_two(tmp_path: Path, workers: int) -> None:
-    aihub.write_layout(tmp_path / "d" / "1_good.xlsx", "구어체")
-    aihub.write_stray_cell(tmp_path / "d" / "2_stray.xlsx")
+def ingest_fails(tmp_path: Path, workers: int = 1) -> str:
+    """Ingest of the workbooks in tmp_path/d: its one message; it fails leaving nothing half-written."""
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"run": {"name": "s", "root": str(tmp_path / "runs")}, "ingest": {
         "workers": workers, "sources": [{"name": "ko-en", "kind": "aihub_excel", "path": str(tmp_path / "d")}]}},
         allow_unicode=True), encoding="utf-8")
-    with pytest.raises(UserError, match=r"2_stray.xlsx \(sheet 'Sheet1'\): cell XFD1048576 holds a value far outside"):
+    with pytest.raises(UserError) as refused:
         run_stage("ingest", load_config(config))
     run = tmp_path / "runs" / "s"
     assert not (run / "ingest").exists() and not (run / ".ingest.partial").exists()
     assert json.loads((run / "manifest.json").read_text())["stages"]["ingest"]["status"] == "failed"
+    return str(refused.value)
 
 
-@pytest.mark.parametrize("shared, varied_every", [(False, 0), (True, 0), (True, 60)],
-                         ids=["inline text", "shared string", "shared string packing 40 times"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_stray_value_in_ingest_fails_cleanly_in_one_process_or_two(tmp_path: Path, workers: int) -> None:
+    aihub.write_layout(tmp_path / "d" / "1_good.xlsx", "구어체")
+    aihub.write_stray_cell(tmp_path / "d" / "2_stray.xlsx")
+    assert re.search(r"2_stray.xlsx \(sheet 'Sheet1'\): cell XFD1048576 holds a value far outside",
+                     ingest_fails(tmp_path, workers))
+
+
+def test_values_spread_too_far_for_a_few_stray_cells_are_refused_as_needing_too_much_memory(tmp_path: Path) -> None:
+    """More far cells than stray_cell names: the reader's memory budget is the limit, and the message says so."""
+    far = [f"{column}{1048576 - i}" for i, column in enumerate(["XFD", "XFC", "XFB", "XFA", "XEZ", "XEY", "XEX"])]
+    (tmp_path / "d").mkdir()
+    path = aihub.write_stray_cell(tmp_path / "d" / "spread.xlsx", far)
+    assert re.fullmatch(rf"{re.escape(str(path))} \(sheet 'Sheet1'\): reading it needs more memory than a workbook "
+                        r"of [\d.]+ KB may take \([\d.]+ GB\) \(it asked for [\d.]+ GB at once\)\. Something in it "
+                        r"claims far more than it holds: open it in Excel, delete empty rows and columns past the "
+                        r"data, and save it again\.", ingest_fails(tmp_path))
+
+
+def test_a_reader_past_its_cpu_time_is_one_message_naming_the_workbook(tmp_path: Path, monkeypatch) -> None:
+    """SIGXCPU ends the reading child past its CPU budget (60 s and more; 0 s here: the child's limit is in whole
+    seconds, so it may go on for up to 1 s, far less than openpyxl takes for 200,000 rows)."""
+    monkeypatch.setattr(workbook, "cpu_budget", lambda unpacked: 0)
+    (tmp_path / "d").mkdir()
+    path = aihub.write_many_rows_only_openpyxl_reads(tmp_path / "d" / "slow.xlsx", 200_000)
+    assert re.fullmatch(rf"{re.escape(str(path))} \(sheet 'Sheet1'\): reading it took more than 0 s of CPU time, "
+                        r"far more than a workbook of [\d.]+ MB needs\. Open it in Excel and save it again, or "
+                        r"replace it with a good copy\.", ingest_fails(tmp_path))
+
+
+@pytest.mark.parametrize("shared, varied_every, run_length", [
+    (False, 0, 0), (True, 0, 0), (True, 60, 0), (False, 0, 50), (True, 0, 50), (False, 60, 50), (True, 60, 50)],
+    ids=["inline text", "shared string", "shared string packing 40 times", "rich-text runs", "shared rich-text runs",
+         "rich-text runs packing less", "shared rich-text runs packing less"])
 def test_a_cell_that_unpacks_far_past_excel_s_limit_is_refused_before_reading_naming_the_cell(
-        tmp_path: Path, shared: bool, varied_every: int) -> None:
-    path = aihub.write_inflating_cell(tmp_path / "bomb.xlsx", 8 << 20, shared=shared, cell="C5", varied_every=varied_every)
-    assert path.stat().st_size < 300_000
+        tmp_path: Path, shared: bool, varied_every: int, run_length: int) -> None:
+    """A cell's text counts over all its rich-text runs (`<r><t>`), none of which is long on its own."""
+    path = aihub.write_inflating_cell(tmp_path / "bomb.xlsx", 8 << 20, shared=shared, cell="C5",
+                                      varied_every=varied_every, run_length=run_length)
+    assert path.stat().st_size < 400_000
     part = "xl/sharedStrings.xml" if shared else "xl/worksheets/sheet1.xml"
     with pytest.raises(UserError, match=rf"bomb.xlsx \(sheet 'Sheet1'\): cell C5 holds more text than the 32,767 "
-                                        rf"characters Excel lets a cell hold, and its part {part} unpacks to 8.4 MB "
+                                        rf"characters Excel lets a cell hold, and its part {part} unpacks to [\d.]+ MB "
                                         r"from [\d.]+ KB \([\d,]+ times; .*\): a zip bomb"):
         read(path)
 

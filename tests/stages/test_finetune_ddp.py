@@ -8,11 +8,13 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.stages.test_finetune import ROOT, cli, stage_dir, start_finetune, wait_for_checkpoint, write_project
+from tests.stages.test_finetune import (ROOT, child_env, cli, stage_dir, start_finetune, wait_for_checkpoint,
+                                       write_project)
 
 DDP_CPU = ROOT / "configs" / "accelerate" / "ddp_cpu.yaml"  # the shipped two-CPU-process config
 
@@ -160,3 +162,32 @@ def test_the_unsloth_backend_trains_data_parallel_under_the_same_launcher(tmp_pa
     float rounding; the later steps within the 3% of the hf test (same reasons, see above). Measured: the three
     losses agreed to five digits."""
     two_processes_follow_one(tmp_path, "unsloth", steps=3)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_ctrl_c_under_the_launcher_marks_it_interrupted_quietly_and_the_same_command_resumes(tmp_path: Path) -> None:
+    """Ctrl-C reaches accelerate, torchrun and both ranks at once (the terminal's foreground group): torchrun
+    only logs that it passes SIGINT to the ranks, and the stage ends as an interrupt (130) without a traceback. On the tiny Qwen2 (about 50 s here, two launches)."""
+    config = ddp_project(tmp_path, model="bundled:tiny-qwen2-r1", max_steps=6, save_steps=2)
+    log = tmp_path / "output.txt"
+    with open(log, "w", encoding="utf-8") as output:
+        process = subprocess.Popen([sys.executable, "-m", "distillery", "finetune", "-c", str(config)], cwd=ROOT,
+                                   stdout=output, stderr=subprocess.STDOUT, start_new_session=True, env=child_env())
+        try:
+            wait_for_checkpoint(process, tmp_path, 2)
+            os.killpg(process.pid, signal.SIGINT)
+            code = process.wait(timeout=120)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    said = log.read_text(encoding="utf-8")
+    assert code == 130, said[-4000:]
+    assert "Traceback" not in said and "KeyboardInterrupt" not in said, said[-4000:]
+    assert said.strip().splitlines()[-1].startswith("interrupted: finished stages are kept")
+    entry = json.loads((tmp_path / "runs" / "t" / "manifest.json").read_text())["stages"]["finetune"]
+    assert entry["status"] == "interrupted"
+    done = cli(config, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resuming from checkpoint-" in " ".join(done.stdout.split())
