@@ -217,7 +217,7 @@ class ExportConfig(Section):
                                    "model's name).")
     min_free_disk_gb: float = Field(1.0, ge=0, description="Free disk to leave beyond what the export needs.")
     threads: int = Field(0, ge=0, description="CPU threads for quantizing and verifying; 0: all cores.")
-    base_16bit: str | None = Field(None, description="For a base published quantized (e.g. a bnb-4bit QLoRA base): "
+    base_16bit: UserPath | None = Field(None, description="For a base published quantized (e.g. a bnb-4bit QLoRA base): "
                                    "its original 16-bit weights, a local directory or a Hub id in the local cache, "
                                    "which the adapter is merged into and checked against (default: the 16-bit names "
                                    "Unsloth maps the base to).")

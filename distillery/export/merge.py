@@ -221,7 +221,11 @@ def same_model(base: Path, original: Path, source: str) -> Path:
         raise UserError(f"{source}: {original} is not 16-bit safetensors weights (it is quantized, or has no "
                         "safetensors files); point export.base_16bit at the original 16-bit model.")
     keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-    shapes = [json.loads((d / "config.json").read_text(encoding="utf-8")) for d in (base, original)]
+    try:
+        shapes = [json.loads((d / "config.json").read_text(encoding="utf-8")) for d in (base, original)]
+    except (OSError, ValueError) as err:
+        raise UserError(f"{source}: {original} needs a readable config.json beside its safetensors, as the base "
+                        f"{base} has one ({type(err).__name__}): use the original model's whole directory.") from None
     differ = [k for k in keys if shapes[0].get(k) != shapes[1].get(k)]
     if differ:
         raise UserError(f"{source}: {original} is another model than the base {base} (its {', '.join(differ)} "
@@ -412,8 +416,10 @@ def streamed_copy(source: Path, out: Path, dtype: str, max_shard_size: str = "5G
 
 
 def merge_adapter(summary: FinetuneSummary, adapter_dir: Path, out_dir: Path, dtype: str, max_shard_size: str,
-                  trust_remote_code: bool = False) -> dict[str, Any]:
-    """Merge into 16-bit weights and save to `out_dir` (written beside it, renamed when complete)."""
+                  trust_remote_code: bool = False, replaced_base: bool = False) -> dict[str, Any]:
+    """Merge into 16-bit weights and save to `out_dir` (written beside it, renamed when complete).
+    `replaced_base`: summary.base_model is the 16-bit original of a base published quantized; a whole-model merge
+    then goes onto it with PEFT (Unsloth's would find a base of its own)."""
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     started = time.time()
@@ -426,7 +432,7 @@ def merge_adapter(summary: FinetuneSummary, adapter_dir: Path, out_dir: Path, dt
         stream_merge(base, deltas, tmp, dtype, max_shard_size)
         method = "streamed"
     else:
-        name, merge = WHOLE_MODEL_MERGES[summary.backend]
+        name, merge = WHOLE_MODEL_MERGES["hf" if replaced_base else summary.backend]
         merge(str(base), adapter_dir, tmp, dtype, max_shard_size, trust_remote_code)
         method = f"{name} (whole model: {why})"
     finish_merged_dir(tmp, adapter_dir)

@@ -240,8 +240,9 @@ def merge_and_check(ctx: StageContext, plan: Plan, report: dict[str, Any], timin
         if (merged_dir / "config.json").is_file():
             timings["merge"] = {"resumed": True}
         else:
+            replaced = plan.base != merge.local_base(plan.summary.base_model)
             timings["merge"] = child.call(plain, merge.merge_adapter, summary, plan.adapter_dir, merged_dir, plan.dtype,
-                                          cfg.max_shard_size, trust)
+                                          cfg.max_shard_size, trust, replaced)
         started = time.time()
         report["merge"] = {"tensors": child.call(plain, merge.check_merge, base, plan.adapter_dir,
                                                  merged_dir)}

@@ -46,6 +46,7 @@ from distillery.training.preflight import (
     cuda_available,
     cuda_bf16,
     locate_model,
+    refuse_quantized_base,
 )
 
 log = logging.getLogger(__name__)
@@ -259,6 +260,7 @@ def run(ctx: StageContext) -> StageResult:
     job = build_job(ctx, model_path, template, meta, eval_rows, tokenizer)
     memory = None
     if ft.method == "full":
+        refuse_quantized_base(model_path, trust)
         memory = check_full_finetune_memory(model_path, ft, job.max_length, job.device == "cuda",
                                             job.precision != "fp32", trust)
         ctx.console.print(f"finetune: full fine-tuning needs about {memory['needed_gib']} GiB "

@@ -214,12 +214,13 @@ def activation_bytes(shape: ModelShape, tokens: int, checkpointing: bool) -> int
 
 
 def full_finetune_bytes(shape: ModelShape, tokens: int, checkpointing: bool, optimizer: str, mixed: bool,
-                        shards: int) -> dict[str, int]:
-    """One process's memory for full fine-tuning: fp32 weights and gradients (4 + 4 bytes per parameter), the
-    optimizer's state, the 16-bit copies autocast keeps during a step (2), all divided by the shards under FSDP /
-    ZeRO-3; the batch's activations; a baseline."""
-    per_parameter = 4 + 4 + OPTIMIZER_BYTES.get(optimizer, 8) + (2 if mixed else 0)
-    states = shape.parameters * per_parameter // shards
+                        shards: tuple[int, int, int] = (1, 1, 1)) -> dict[str, int]:
+    """One process's memory for full fine-tuning: fp32 weights and the 16-bit copies autocast keeps during a step
+    (4 + 2 bytes per parameter), fp32 gradients (4), the optimizer's state, each divided by what shards it
+    (`shards`: weights, gradients, optimizer state); the batch's activations; a baseline."""
+    weights, gradients, optimizer_state = shards
+    states = (shape.parameters * (4 + (2 if mixed else 0)) // weights + shape.parameters * 4 // gradients
+              + shape.parameters * OPTIMIZER_BYTES.get(optimizer, 8) // optimizer_state)
     activations = activation_bytes(shape, tokens, checkpointing)
     return {"states": states, "activations": activations, "baseline": BASELINE_BYTES,
             "total": states + activations + BASELINE_BYTES}
@@ -232,24 +233,48 @@ def lora_bytes(shape: ModelShape, tokens: int, checkpointing: bool, four_bit: bo
     return int(weights * 1.05) + activation_bytes(shape, tokens, checkpointing) + BASELINE_BYTES
 
 
-def accelerate_layout(path: str | None) -> tuple[str, int]:
-    """(distributed type, processes) of an accelerate config; ("NO", 1) without one."""
+def accelerate_layout(path: str | None) -> tuple[int, tuple[int, int, int]]:
+    """(processes, what shards weights / gradients / optimizer state across them) of an accelerate config: FSDP
+    and ZeRO-3 shard all three, ZeRO-2 gradients and optimizer state, ZeRO-1 the optimizer state, DDP nothing."""
     if not path:
-        return "NO", 1
+        return 1, (1, 1, 1)
     config = read_yaml_file(Path(path)) or {}
     kind = str(config.get("distributed_type", "NO")).upper()
-    return kind, (max(1, int(config.get("num_processes", 1) or 1)) if kind != "NO" else 1)
+    n = max(1, int(config.get("num_processes", 1) or 1)) if kind != "NO" else 1
+    stage = int((config.get("deepspeed_config") or {}).get("zero_stage", 0) or 0) if kind == "DEEPSPEED" else 0
+    if kind == "FSDP" or stage == 3:
+        return n, (n, n, n)
+    return n, (1, n if stage == 2 else 1, n if stage >= 1 else 1)
 
 
 def memory_available(cuda: bool) -> tuple[int | None, str]:
-    """Free memory of one GPU (the first), or MemAvailable on a CPU machine, and where it was read."""
+    """Free memory of one GPU (the first), or MemAvailable on a CPU machine, and where it was read. The GPU is
+    asked from a short-lived process: a CUDA context made here would hold GPU memory through training."""
     if cuda:
-        import torch
+        import subprocess
+        import sys
 
-        return torch.cuda.mem_get_info(0)[0], "free on GPU 0"
+        asked = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.mem_get_info(0)[0])"],
+                               capture_output=True, text=True, timeout=120)
+        free = asked.stdout.strip().splitlines()[-1:] if asked.returncode == 0 else []
+        return (int(free[0]) if free and free[0].isdigit() else None), "free on GPU 0"
     from distillery.core.machine import available_memory
 
     return available_memory(), "available (MemAvailable)"
+
+
+def refuse_quantized_base(model_path: str, trust_remote_code: bool = False) -> None:
+    """Full fine-tuning trains 16-bit weights: a model published quantized (bnb-4bit) cannot be its base."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else \
+            getattr(quantization, "quant_method", "?")
+        raise UserError(f"finetune.method: full trains every weight in 16-bit mixed precision, and model.path "
+                        f"{model_path} is stored quantized ({method}). Set model.path to the original 16-bit model, "
+                        "or use method: lora (QLoRA trains adapters on the quantized base).")
 
 
 def check_full_finetune_memory(model_path: str, ft: Any, max_length: int, cuda: bool, mixed: bool,
@@ -257,8 +282,7 @@ def check_full_finetune_memory(model_path: str, ft: Any, max_length: int, cuda: 
     """Estimate what full fine-tuning needs (per process; on a CPU machine, every process shares its memory) and
     refuse, before anything loads, when it is more than is available, with the figure and what would fit."""
     shape = model_shape(model_path, trust_remote_code)
-    kind, processes = accelerate_layout(ft.accelerate_config)
-    shards = processes if kind in ("FSDP", "DEEPSPEED") else 1
+    processes, shards = accelerate_layout(ft.accelerate_config)
     tokens = ft.batch_size * max_length
     need = full_finetune_bytes(shape, tokens, ft.gradient_checkpointing, ft.optimizer if cuda else "adamw_torch",
                                mixed, shards)
@@ -275,7 +299,7 @@ def check_full_finetune_memory(model_path: str, ft: Any, max_length: int, cuda: 
 
 
 def memory_refusal(shape: ModelShape, ft: Any, tokens: int, max_length: int, need: dict[str, int], sharing: int,
-                   available: int, where: str, cuda: bool, shards: int, mixed: bool) -> str:
+                   available: int, where: str, cuda: bool, shards: tuple[int, int, int], mixed: bool) -> str:
     """The refusal: the estimate, its parts, and each alternative's own figure against what is available."""
     def gib(n: float) -> str:
         return f"{n / GIB:.1f} GiB"
@@ -293,8 +317,8 @@ def memory_refusal(shape: ModelShape, ft: Any, tokens: int, max_length: int, nee
                              need["total"] - need["activations"] + activation_bytes(shape, tokens, True)))
     if OPTIMIZER_BYTES.get(optimizer, 8) == 8:
         alternatives.append(("finetune.optimizer: adamw_8bit (CUDA only)",
-                             need["total"] - shape.parameters * 6 // shards))
-    if shards == 1:
+                             need["total"] - shape.parameters * 6 // shards[2]))
+    if shards == (1, 1, 1):
         alternatives.append(("FSDP over 4 GPUs (finetune.accelerate_config: configs/accelerate/fsdp.yaml, "
                              "backend: hf)", need["total"] - need["states"] * 3 // 4))
     lines = "; ".join(f"{name}: about {gib(n * sharing)} ({fits(n)})" for name, n in alternatives)

@@ -345,9 +345,11 @@ def tensors_changed(trained: Path, base_model: str) -> dict[str, Any]:
 
 def sixteen_bit_dtype(job: TrainJob) -> str:
     """The trained model's dtype on disk: the training precision, or the base's own 16-bit dtype after fp32."""
-    from distillery.export.merge import merged_dtype_name
+    from distillery.export.merge import local_base, merged_dtype_name
 
-    return job.precision if job.precision in ("bf16", "fp16") else merged_dtype_name("auto", job.model_path)
+    if job.precision in ("bf16", "fp16"):
+        return job.precision
+    return merged_dtype_name("auto", str(local_base(job.model_path)))
 
 
 def save_16bit(source: Path, target: Path, dtype: str) -> None:

@@ -480,3 +480,14 @@ def test_on_policy_lmbda_chooses_each_step_from_the_seed_and_references_are_the_
     for row, ids in zip(rows, references[prompt]):
         example = training_example(tokenizer, row["prompt"], row["completion"], 512)
         assert ids == [t for t, m in zip(example["input_ids"], example["completion_mask"]) if m] and ids
+
+
+def test_the_trl_method_lmbda_replaces_is_the_one_trl_generates_with() -> None:
+    """on_policy.lmbda swaps the student's generations for format's completions in DistillationTrainer's
+    `_generate_single_turn`: if TRL renamed or bypassed it, lmbda < 1 would silently train fully on-policy."""
+    import inspect
+
+    from trl import DistillationTrainer
+
+    assert "self._generate_single_turn(prompt_ids" in inspect.getsource(DistillationTrainer._generate)
+    assert list(inspect.signature(DistillationTrainer._generate_single_turn).parameters)[:2] == ["self", "prompt_ids"]

@@ -34,14 +34,16 @@ def test_full_fine_tuning_never_loads_4bit_and_refuses_insisting_on_it() -> None
 
 
 def test_the_estimate_counts_16_bytes_per_parameter_for_adamw_plus_autocast_copies_and_activations() -> None:
-    need = full_finetune_bytes(SMOLLM2, tokens=0, checkpointing=False, optimizer="adamw_torch", mixed=True, shards=1)
+    need = full_finetune_bytes(SMOLLM2, tokens=0, checkpointing=False, optimizer="adamw_torch", mixed=True)
     assert need["states"] == SMOLLM2.parameters * (4 + 4 + 8 + 2) and need["activations"] == 0
-    eight_bit = full_finetune_bytes(SMOLLM2, 0, False, "adamw_8bit", mixed=False, shards=1)
+    eight_bit = full_finetune_bytes(SMOLLM2, 0, False, "adamw_8bit", mixed=False)
     assert eight_bit["states"] == SMOLLM2.parameters * (4 + 4 + 2)
-    sharded = full_finetune_bytes(SMOLLM2, 0, False, "adamw_torch", True, shards=4)
+    sharded = full_finetune_bytes(SMOLLM2, 0, False, "adamw_torch", True, shards=(4, 4, 4))
     assert sharded["states"] == need["states"] // 4
-    long = full_finetune_bytes(SMOLLM2, 4096, False, "adamw_torch", True, 1)
-    recomputed = full_finetune_bytes(SMOLLM2, 4096, True, "adamw_torch", True, 1)
+    zero2 = full_finetune_bytes(SMOLLM2, 0, False, "adamw_torch", True, shards=(1, 4, 4))
+    assert zero2["states"] == SMOLLM2.parameters * 6 + SMOLLM2.parameters * 12 // 4  # ZeRO-2 keeps whole weights
+    long = full_finetune_bytes(SMOLLM2, 4096, False, "adamw_torch", True)
+    recomputed = full_finetune_bytes(SMOLLM2, 4096, True, "adamw_torch", True)
     per_layer = 36 * 576 + 8 * 1536
     # checkpointing keeps each layer's fp32 input and recomputes one layer at a time; the logits stay
     assert long["activations"] - recomputed["activations"] == 4096 * (29 * per_layer - 4 * 576 * 30)
@@ -124,3 +126,27 @@ def test_full_fine_tune_trains_every_weight_exports_a_verified_gguf_and_is_evalu
     scores = json.loads((tmp_path / "runs" / "t" / "evaluate" / "heldout.json").read_text())
     assert list(scores) == ["base", "trained", "SmolLM2-135M-Instruct-Q8_0"]  # merged = trained: scored once
     assert scores["trained"]["overall"]["loss"] < 0.8 * scores["base"]["overall"]["loss"], scores
+
+
+@pytest.mark.parametrize("name, layout", [
+    ("ddp_cpu.yaml", (2, (1, 1, 1))), ("fsdp_cpu.yaml", (2, (2, 2, 2))), ("deepspeed_zero2.yaml", None)])
+def test_what_each_accelerate_config_shards(name: str, layout: tuple | None) -> None:
+    from distillery.core.userinput import read_yaml_file
+    from distillery.training.preflight import accelerate_layout
+
+    path = ROOT / "configs" / "accelerate" / name
+    if layout is None:  # ZeRO-2: gradients and optimizer state over the processes, the weights whole on each
+        n = int(read_yaml_file(path)["num_processes"])
+        layout = (n, (1, n, n))
+    assert accelerate_layout(str(path)) == layout
+    assert accelerate_layout(None) == (1, (1, 1, 1))
+
+
+def test_full_fine_tuning_of_a_base_published_quantized_is_refused(tmp_path: Path, demo_model_path: str) -> None:
+    from distillery.training.preflight import refuse_quantized_base
+    from tests.export.test_merge import prequantized_base
+
+    base = prequantized_base(tmp_path / "bnb-4bit", demo_model_path)
+    with pytest.raises(UserError, match=r"method: full .* stored quantized \(bitsandbytes\).*method: lora"):
+        refuse_quantized_base(str(base))
+    refuse_quantized_base(demo_model_path)  # a 16-bit base passes
