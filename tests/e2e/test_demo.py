@@ -18,7 +18,8 @@ STAGES = ("ingest", "format", "finetune", "export", "evaluate")
 # The demo's own config and stages; fewer steps and items than `just demo` to keep the suite short.
 # One quant type: every type is written and decoded in tests/export/test_llama_child.py.
 LIGHTER = ("finetune.max_steps=12", "finetune.save_steps=6", "finetune.sample_prompts=1", "evaluate.limit=5",
-           "evaluate.heldout.limit=2", "evaluate.heldout.max_new_tokens=16", "export.quantizations=[q8_0]")
+           "evaluate.heldout.limit=2", "evaluate.heldout.max_new_tokens=16", "export.quantizations=[q8_0]",
+           "export.outtype=q8_0")
 
 
 def run_demo(run_root: Path) -> subprocess.CompletedProcess:

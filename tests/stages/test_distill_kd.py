@@ -326,7 +326,7 @@ def test_a_teacher_with_a_padded_embedding_is_the_same_vocabulary(tmp_path: Path
 SMALL = ["--set", "distill.max_prompts=6", "--set", "distill.max_tokens=48", "--set", "finetune.max_steps=6",
          "--set", "finetune.save_steps=3", "--set", "finetune.sample_prompts=0", "--set", "evaluate.heldout.limit=3",
          "--set", "evaluate.heldout.generate=0", "--set", 'export.verify.prompts=["What is 12 + 7?"]',
-         "--set", "export.verify.new_tokens=4"]
+         "--set", "export.verify.new_tokens=4", "--set", "export.outtype=q8_0"]
 
 
 def cli(stage: str, tmp_path: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:

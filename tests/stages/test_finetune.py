@@ -260,6 +260,10 @@ def mathqa_rows(n: int) -> list[dict]:
     return rows
 
 
+TINY = "bundled:tiny-qwen2-r1"  # 10M parameters: for tests of what training does around the model (kill, Ctrl-C,
+# processes), where the demo model only costs time
+
+
 def write_project(tmp_path: Path, finetune: dict, mathqa: bool = False, rows: int = 24,
                   model: str = "bundled:SmolLM2-135M-Instruct") -> Path:
     data = tmp_path / "data.jsonl"
@@ -405,7 +409,7 @@ def test_bad_settings_stop_with_one_message_and_exit_2(tmp_path: Path, override:
 @pytest.mark.slow
 def test_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path: Path) -> None:
     config = write_project(tmp_path, {"backend": "unsloth", "max_steps": 8, "save_steps": 2, "sample_prompts": 0},
-                           rows=32)
+                           rows=32)  # the demo model: the tiny one can finish before the kill lands
     process = start_finetune(config)
     try:
         wait_for_checkpoint(process, tmp_path, 4)
@@ -429,7 +433,7 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path: Path) ->
 @pytest.mark.slow
 def test_ctrl_c_stops_training_quietly_marks_it_interrupted_and_the_same_command_resumes(tmp_path: Path) -> None:
     config = write_project(tmp_path, {"backend": "unsloth", "max_steps": 6, "save_steps": 2, "sample_prompts": 0},
-                           rows=32)
+                           rows=32, model=TINY)
     log = tmp_path / "output.txt"
     with open(log, "w", encoding="utf-8") as output:
         process = subprocess.Popen([sys.executable, "-m", "distillery", "finetune", "-c", str(config)], cwd=ROOT,
