@@ -60,7 +60,7 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch(tmp_pat
     may differ a little: each process averages the loss over its own two examples' tokens and DDP averages the
     two means, where one process averages over all four examples' tokens, so the gradients weight tokens slightly
     differently; and CPU reductions are not bit-reproducible (the one-process run alone moved 1.1% at step 4
-    between two runs). Measured differences: at most 1.3%; bound 3%. In bf16 rounding adds more, hence fp32."""
+    between two runs). Measured differences on SmolLM2-135M: at most 1.3%; bound 3%. In bf16 rounding adds more, hence fp32."""
     two_processes_follow_one(tmp_path, "hf", steps=4)
 
 
@@ -181,6 +181,6 @@ def test_an_accelerate_config_is_read_as_strictly_as_the_config(tmp_path: Path, 
 def test_the_unsloth_backend_trains_data_parallel_under_the_same_launcher(tmp_path: Path) -> None:
     """Unsloth supports one process per device under accelerate/torchrun (DDP). 2 processes x batch 2 against
     1 process x batch 4, fp32: step 1 sees the same four examples from the same weights, so its loss agrees to
-    float rounding; the later steps within the 3% of the hf test (same reasons, see above). Measured: the three
+    float rounding; the later steps within the 3% of the hf test (same reasons, see above). Measured on SmolLM2-135M: the three
     losses agreed to five digits."""
     two_processes_follow_one(tmp_path, "unsloth", steps=3)
