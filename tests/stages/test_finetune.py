@@ -429,27 +429,36 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path: Path) ->
     assert steps == list(range(1, 9))  # each step once, before and after the kill
 
 
+def ctrl_c_after_checkpoint_is_a_quiet_interrupt(config: Path, tmp_path: Path, step: int) -> None:
+    """`distillery finetune` in its own session, SIGINT to the whole group (what Ctrl-C in a terminal does: the
+    foreground group) once checkpoint-`step` is complete: exit 130, no traceback, the stage `interrupted`."""
+    log = tmp_path / "output.txt"
+    code = None
+    with open(log, "w", encoding="utf-8") as output:
+        process = subprocess.Popen([sys.executable, "-m", "distillery", "finetune", "-c", str(config)], cwd=ROOT,
+                                   stdout=output, stderr=subprocess.STDOUT, start_new_session=True, env=child_env())
+        try:
+            wait_for_checkpoint(process, tmp_path, step)
+            os.killpg(process.pid, signal.SIGINT)
+            code = process.wait(timeout=120)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    said = log.read_text(encoding="utf-8")
+    assert code == 130, said[-4000:]
+    assert "Traceback" not in said and "KeyboardInterrupt" not in said, said[-4000:]
+    assert said.strip().splitlines()[-1].startswith("interrupted: finished stages are kept")
+    entry = json.loads((tmp_path / "runs" / "t" / "manifest.json").read_text())["stages"]["finetune"]
+    assert entry["status"] == "interrupted"
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_ctrl_c_stops_training_quietly_marks_it_interrupted_and_the_same_command_resumes(tmp_path: Path) -> None:
     config = write_project(tmp_path, {"backend": "unsloth", "max_steps": 6, "save_steps": 2, "sample_prompts": 0},
                            rows=32, model=TINY)
-    log = tmp_path / "output.txt"
-    with open(log, "w", encoding="utf-8") as output:
-        process = subprocess.Popen([sys.executable, "-m", "distillery", "finetune", "-c", str(config)], cwd=ROOT,
-                                   stdout=output, stderr=subprocess.STDOUT, start_new_session=True, env=child_env())
-        try:
-            wait_for_checkpoint(process, tmp_path, 2)
-            os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
-            assert process.wait(timeout=120) == 130
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-    said = log.read_text(encoding="utf-8")
-    assert "Traceback" not in said and "KeyboardInterrupt" not in said, said[-4000:]
-    assert said.strip().splitlines()[-1].startswith("interrupted: finished stages are kept")
-    entry = json.loads((tmp_path / "runs" / "t" / "manifest.json").read_text())["stages"]["finetune"]
-    assert entry["status"] == "interrupted"
+    ctrl_c_after_checkpoint_is_a_quiet_interrupt(config, tmp_path, 2)
     assert (tmp_path / "runs" / "t" / ".finetune.partial" / "checkpoints" / "checkpoint-2" / COMPLETE).is_file()
     done = cli(config)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -8,13 +8,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.stages.test_finetune import (ROOT, TINY, child_env, cli, stage_dir, start_finetune, wait_for_checkpoint,
-                                       write_project)
+from tests.stages.test_finetune import (ROOT, TINY, cli, ctrl_c_after_checkpoint_is_a_quiet_interrupt, stage_dir,
+                                       start_finetune, wait_for_checkpoint, write_project)
 
 DDP_CPU = ROOT / "configs" / "accelerate" / "ddp_cpu.yaml"  # the shipped two-CPU-process config
 
@@ -75,24 +74,7 @@ def test_ctrl_c_then_kill_9_of_one_rank_of_a_full_fine_tune_and_the_same_command
     elsewhere."""
     config = ddp_project(tmp_path, model=TINY, max_steps=6, save_steps=2, method="full",
                          learning_rate=5e-5)
-    log = tmp_path / "output.txt"
-    with open(log, "w", encoding="utf-8") as output:
-        process = subprocess.Popen([sys.executable, "-m", "distillery", "finetune", "-c", str(config)], cwd=ROOT,
-                                   stdout=output, stderr=subprocess.STDOUT, start_new_session=True, env=child_env())
-        try:
-            wait_for_checkpoint(process, tmp_path, 2)
-            os.killpg(process.pid, signal.SIGINT)
-            code = process.wait(timeout=120)
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-    said = log.read_text(encoding="utf-8")
-    assert code == 130, said[-4000:]
-    assert "Traceback" not in said and "KeyboardInterrupt" not in said, said[-4000:]
-    assert said.strip().splitlines()[-1].startswith("interrupted: finished stages are kept")
-    entry = json.loads((tmp_path / "runs" / "t" / "manifest.json").read_text())["stages"]["finetune"]
-    assert entry["status"] == "interrupted"
+    ctrl_c_after_checkpoint_is_a_quiet_interrupt(config, tmp_path, 2)
     process = start_finetune(config)
     try:
         wait_for_checkpoint(process, tmp_path, 4)
