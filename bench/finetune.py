@@ -75,7 +75,7 @@ def methods(config: Path, steps: int, where: str) -> None:
     print(f"finetune methods on {where}: {steps} steps per variant, config {config.name}")
     print_table([lora, full])
     print_figure(f"finetune, demo model on {where}: full fine-tuning", full, lora, "LoRA (unsloth, same batch)",
-                 "- (memory is what it costs)")
+                 "reported, no target")
     figure(f"finetune, demo model on {where}: full fine-tuning's memory estimate",
            f"{full['estimate_gib']:.2f} GiB estimated, {full['peak_memory_mb'] / 1024:.2f} GiB measured "
            f"({full['memory_kind']})", "the measured peak", "estimate >= measured, within 1.5x")
