@@ -67,13 +67,7 @@ def merged_dtype_name(requested: str, base_model: str) -> str:
     """auto: the base's own 16-bit dtype (config.json), bf16 when it is stored in 32 bits."""
     if requested != "auto":
         return requested
-    config_path = Path(base_model) / "config.json"
-    if config_path.is_file():
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        stored = config.get("dtype") or config.get("torch_dtype")
-        if stored == "float16":
-            return "fp16"
-    return "bf16"
+    return stored_dtype(Path(base_model)) or "bf16"
 
 
 # ---- the adapter --------------------------------------------------------------------------------------------
@@ -570,9 +564,32 @@ def absent_from_merged(base_names: set[str], merged: Path) -> list[str]:
 
 
 def stored_dtype(model_dir: Path) -> str | None:
-    """The 16-bit dtype a saved model's config.json names (None for fp32 or none)."""
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    """The 16-bit dtype a saved model's config.json names (None for fp32, none or no config.json)."""
+    path = model_dir / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     return {"bfloat16": "bf16", "float16": "fp16"}.get(config.get("dtype") or config.get("torch_dtype"))
+
+
+class TensorFiles:
+    """A saved model's tensors by name, read one at a time from its safetensors; each file opened once."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.files = {name: path for name, path, _ in base_tensors(model_dir)}
+        self.handles: dict[Path, Any] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def get(self, name: str) -> Any:
+        from safetensors import safe_open
+
+        path = self.files[name]
+        if path not in self.handles:
+            self.handles[path] = safe_open(str(path), framework="pt")
+        return self.handles[path].get_tensor(name)
 
 
 def export_trained(model_dir: Path, out_dir: Path, dtype: str, max_shard_size: str) -> dict[str, Any]:
@@ -612,23 +629,14 @@ def check_trained_copy(base_model: str, trained: Path, exported: Path) -> dict[s
     """The exported model holds exactly the trained tensors (in its dtype), every one of them, and training
     changed the base: an export of the untrained base, or of half the model, fails. One tensor at a time."""
     import torch
-    from safetensors import safe_open
 
-    ours = {name: path for name, path, _ in base_tensors(exported)}
-    trained_files = {name: path for name, path, _ in base_tensors(trained)}
-    base = {name: path for name, path, _ in base_tensors(local_base(base_model))}
-    handles: dict[Path, Any] = {}
-
-    def tensor(files: dict[str, Path], name: str) -> Any:
-        handles.setdefault(files[name], safe_open(str(files[name]), framework="pt"))
-        return handles[files[name]].get_tensor(name)
-
+    ours, trained_files, base = TensorFiles(exported), TensorFiles(trained), TensorFiles(local_base(base_model))
     identical = changed = 0
-    for name in ours:
-        mine = tensor(ours, name)
-        identical += name in trained_files and torch.equal(tensor(trained_files, name).to(mine.dtype), mine)
-        changed += name in base and not torch.equal(tensor(base, name).to(mine.dtype), mine)
-    missing = sorted(set(trained_files) - set(ours))
+    for name in ours.files:
+        mine = ours.get(name)
+        identical += name in trained_files and torch.equal(trained_files.get(name).to(mine.dtype), mine)
+        changed += name in base and not torch.equal(base.get(name).to(mine.dtype), mine)
+    missing = sorted(set(trained_files.files) - set(ours.files))
     passed = identical == len(ours) == len(trained_files) and changed > 0
     return {"passed": passed, "method": "full", "tensors": len(ours), "identical_to_trained": f"{identical}/{len(ours)}",
             "missing": missing[:10], "changed_from_base": changed}

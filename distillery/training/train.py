@@ -323,24 +323,14 @@ def tensors_changed(trained: Path, base_model: str) -> dict[str, Any]:
     """How many of the trained model's tensors differ from the base's (in fp32, before any 16-bit rounding), one
     tensor in memory at a time: full fine-tuning must have changed every one."""
     import torch
-    from safetensors import safe_open
 
-    from distillery.export.merge import base_tensors, local_base
+    from distillery.export.merge import TensorFiles, local_base
 
-    base = {name: path for name, path, _ in base_tensors(local_base(base_model))}
-    handles: dict[Path, Any] = {}
-    changed, unchanged = 0, []
-    for name, path, _ in base_tensors(trained):
-        if name not in base:
-            continue
-        for file in (path, base[name]):
-            handles.setdefault(file, safe_open(str(file), framework="pt"))
-        mine, theirs = handles[path].get_tensor(name), handles[base[name]].get_tensor(name)
-        if torch.equal(mine.float(), theirs.float()):
-            unchanged.append(name)
-        else:
-            changed += 1
-    return {"tensors_changed": changed, "tensors_compared": changed + len(unchanged), "unchanged": unchanged[:10]}
+    ours, base = TensorFiles(trained), TensorFiles(local_base(base_model))
+    compared = [name for name in ours.files if name in base]
+    unchanged = [name for name in compared if torch.equal(ours.get(name).float(), base.get(name).float())]
+    return {"tensors_changed": len(compared) - len(unchanged), "tensors_compared": len(compared),
+            "unchanged": unchanged[:10]}
 
 
 def sixteen_bit_dtype(job: TrainJob) -> str:
