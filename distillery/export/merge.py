@@ -45,6 +45,9 @@ MAX_MERGE_KL_RATIO = 0.5
 ROW_BLOCK_ELEMENTS = 1 << 24  # fp32 elements per row block of a merged tensor (64 MiB)
 # One step of the 16-bit type at a value's magnitude is at most |x| * this.
 STEP = {"bf16": 2.0**-7, "fp16": 2.0**-10}
+# The spacing of the subnormal numbers: below the smallest normal value a 16-bit type's step is this absolute
+# spacing, not a share of the value (fp16's subnormals start at 6.1e-5, where small weights live).
+SUBNORMAL_STEP = {"bf16": 2.0**-133, "fp16": 2.0**-24}
 SAFETENSORS_DTYPES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 HEADER_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 
@@ -531,9 +534,10 @@ def check_merge(base_model: str, adapter_dir: Path, merged: Path) -> dict[str, A
             if name not in deltas:
                 same = same and torch.equal(original.to(mine.dtype), mine)
                 continue
-            step = {torch.bfloat16: STEP["bf16"], torch.float16: STEP["fp16"]}.get(mine.dtype, 2.0**-23)
+            kind = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(mine.dtype)
+            step, smallest = (STEP[kind], SUBNORMAL_STEP[kind]) if kind else (2.0**-23, 2.0**-149)
             expected = merged_rows(original, deltas[name], start, stop)
-            error = float(((mine.float() - expected).abs() / (expected.abs() * step).clamp_min(1e-30)).max())
+            error = float(((mine.float() - expected).abs() / (expected.abs() * step).clamp_min(smallest)).max())
             if error > worst:
                 worst, worst_name = error, name
             changed += int((mine != original.to(mine.dtype)).sum())

@@ -77,6 +77,23 @@ def test_streamed_merge_equals_peft_merge_and_unload(kind: str, tmp_path: Path, 
 
 
 @pytest.mark.integration
+def test_a_merge_into_fp16_of_a_bf16_base_passes_the_check_within_one_step(tmp_path: Path, demo_model_path: str) -> None:
+    """export.dtype fp16 on the bf16 demo model: weights under fp16's smallest normal value (6.1e-5) round to its
+    subnormal spacing, which the check counted as 1024 relative steps and refused."""
+    import torch
+
+    adapter = make_adapter(demo_model_path, tmp_path / "adapter")
+    deltas, _ = merge.read_adapter(adapter)
+    out = tmp_path / "merged"
+    merge.stream_merge(Path(demo_model_path), deltas, out, "fp16", "5GB")
+    merged = tensors(out)
+    assert all(v.dtype == torch.float16 for v in merged.values())
+    assert any(bool(((v.abs() < 2.0**-14) & (v != 0)).any()) for v in merged.values())  # subnormals are there
+    check = merge.check_merge(demo_model_path, adapter, out)
+    assert check["passed"] and check["max_error_in_16bit_steps"] <= 1.0, check
+
+
+@pytest.mark.integration
 def test_the_check_refuses_a_merge_that_lost_the_adapter_or_used_other_weights(tmp_path: Path, demo_model_path: str) -> None:
     import shutil
 
