@@ -126,8 +126,7 @@ def reference_logprobs(model_dir: Path, token_lists: Sequence[Sequence[int]]) ->
             hidden = [layer(h, attention_mask=None, position_ids=p, position_embeddings=cs)
                       for h, p, cs in zip(hidden, positions, cos_sin)]
             hidden = [h[0] if isinstance(h, tuple) else h for h in hidden]
-            layer.to("meta")  # its weights go; the next layer's come
-            gc.collect()
+            layer.to("meta")  # its weights go (freed by reference count: a gc.collect() here cost 0.24 s a layer)
         load_module(inner.norm, weights, "model.norm.")
         hidden = [inner.norm(h)[0] for h in hidden]
         head = "lm_head.weight" if "lm_head.weight" in weights else "model.embed_tokens.weight"  # tied embeddings
