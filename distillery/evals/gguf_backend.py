@@ -46,7 +46,17 @@ class GGUFModel:
     def completion_logprobs(self, token_lists: list[list[int]], starts: list[int], batch_size: int,
                             progress: Callable[[int], None] = lambda n: None) -> list[float]:
         """For each token list, the summed log-probability of its tokens from `start` on (one pass each)."""
-        return self.llama.call(_completion_logprobs, token_lists, starts, on_event=progress)
+        return self.score_and_generate(token_lists, starts, [], 0, batch_size, -1, progress=progress)[0]
+
+    def score_and_generate(self, token_lists: list[list[int]], starts: list[int], answer: list[int],
+                           max_new_tokens: int, batch_size: int, eos_id: int, samples: int = 1,
+                           temperature: float = 0.0, progress: Callable[[int], None] = lambda n: None,
+                           ) -> tuple[list[float], dict[int, list[str]]]:
+        """completion_logprobs, and for the lists in `answer` (indices) `samples` continuations of their prompt
+        (the tokens before `start`), each generated right after its list is scored, from the prompt already in
+        llama.cpp's KV cache."""
+        return self.llama.call(_completion_logprobs, token_lists, starts, answer, max_new_tokens, eos_id, samples,
+                               temperature, on_event=progress)
 
     def generate_ids(self, id_lists: list[list[int]], max_new_tokens: int, batch_size: int, eos_id: int,
                      samples: int = 1, temperature: float = 0.0,
@@ -96,33 +106,24 @@ def _generate_ids(state: dict[str, Any], emit: Callable[[int], None], id_lists: 
     """In the child: each token list continued `samples` times (seeded), up to the EOS; emits 1 per list done."""
     llm, texts = state["llm"], []
     for ids in id_lists:
-        replies = []
-        for sample in range(samples):
-            llm.reset()
-            llm.set_seed(1234 + sample)
-            llm.eval(list(ids))
-            out: list[int] = []
-            for _ in range(max_new_tokens):
-                token = int(llm.sample(temp=temperature))  # 0: greedy
-                if token == eos_id:
-                    break
-                out.append(token)
-                llm.eval([token])
-            replies.append(llm.detokenize(out).decode("utf-8", errors="replace"))
-        texts.append(replies)
+        decode(llm, list(ids[:-1]), 0, len(ids), lambda position, rows: None)  # no logits: continue_prompt reads them
+        texts.append([continue_prompt(llm, list(ids), max_new_tokens, eos_id, temperature, 1234 + sample)
+                      for sample in range(samples)])
         emit(1)
     return texts
 
 
 def _completion_logprobs(state: dict[str, Any], emit: Callable[[int], None], token_lists: list[list[int]],
-                         starts: list[int]) -> list[float]:
+                         starts: list[int], answer: list[int], max_new_tokens: int, eos_id: int, samples: int,
+                         temperature: float) -> tuple[list[float], dict[int, list[str]]]:
     """In the child: each list's tokens from `start` on scored given all before them; lists taken in sorted order
-    so that each decodes only what it does not share with the one before."""
+    so that each decodes only what it does not share with the one before. A list in `answer` then has its prompt
+    continued `samples` times (seeded) up to the EOS. Emits 1 per list scored and 1 per list answered."""
     import numpy as np
 
     from distillery.training.tokens import common_prefix
 
-    llm, results, cached = state["llm"], [0.0] * len(token_lists), []
+    llm, results, replies, cached = state["llm"], [0.0] * len(token_lists), {}, []
     for index in sorted(range(len(token_lists)), key=lambda i: token_lists[i]):
         tokens, start = token_lists[index], max(1, starts[index])
         keep = min(common_prefix(cached, tokens), start - 1)  # the row before `start` is always decoded
@@ -132,7 +133,28 @@ def _completion_logprobs(state: dict[str, Any], emit: Callable[[int], None], tok
         results[index] = float(np.sum(picked, dtype=np.float64))
         cached = tokens[:-1]
         emit(1)
-    return results
+        if index in answer:
+            replies[index] = [continue_prompt(llm, tokens[:start], max_new_tokens, eos_id, temperature, 1234 + sample)
+                              for sample in range(samples)]
+            cached = llm.input_ids[:llm.n_tokens].tolist()
+            emit(1)
+    return results, replies
+
+
+def continue_prompt(llm: Any, prompt: list[int], max_new_tokens: int, eos_id: int, temperature: float,
+                    seed: int) -> str:
+    """Up to `max_new_tokens` tokens after `prompt`, whose first len - 1 tokens are in the KV cache: its last token
+    is decoded again for the first token's logits. Greedy when temperature is 0; stops at `eos_id`."""
+    llm.set_seed(seed)
+    decode(llm, prompt[-1:], len(prompt) - 1, len(prompt) - 1, lambda position, rows: None)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        token = int(llm.sample(temp=temperature))  # 0: greedy
+        if token == eos_id:
+            break
+        out.append(token)
+        decode(llm, [token], llm.n_tokens, llm.n_tokens, lambda position, rows: None)
+    return llm.detokenize(out).decode("utf-8", errors="replace")
 
 
 def decode(llm: Any, tokens: list[int], keep: int, logits_from: int, on_rows: Callable[[int, Any], None]) -> None:

@@ -65,9 +65,16 @@ def load_items(eval_path: Path, tokenizer: Any, max_length: int, limit: int | No
 def item_losses(model: Any, items: list[HeldoutItem], batch_size: int,
                 progress: Callable[[int], None] = lambda n: None) -> list[tuple[float, int]]:
     """(summed negative log-likelihood of the completion, its token count) per item, teacher-forced."""
-    scores = model.completion_logprobs([i.prompt_ids + i.completion_ids for i in items],
-                                       [len(i.prompt_ids) for i in items], batch_size, progress)
-    return [(-score, len(item.completion_ids)) for score, item in zip(scores, items)]
+    return nll_pairs(model.completion_logprobs(*sequences(items), batch_size, progress), items)
+
+
+def sequences(items: list[HeldoutItem]) -> tuple[list[list[int]], list[int]]:
+    """Each item's prompt + completion tokens, and where its completion starts."""
+    return [i.prompt_ids + i.completion_ids for i in items], [len(i.prompt_ids) for i in items]
+
+
+def nll_pairs(logprobs: list[float], items: list[HeldoutItem]) -> list[tuple[float, int]]:
+    return [(-score, len(item.completion_ids)) for score, item in zip(logprobs, items)]
 
 
 def loss_summary(pairs: list[tuple[float, int]]) -> dict[str, float]:
@@ -98,10 +105,12 @@ def score_artifact(model: Any, items: list[HeldoutItem], generate: list[HeldoutI
     item (its loss and, where generated, its answers and verdicts)."""
     from distillery.evals import tasks
 
-    pairs = item_losses(model, items, batch_size, progress)
-    replies = model.generate_ids([i.prompt_ids for i in generate], max_new_tokens, batch_size, eos_id, samples,
-                                 temperature if samples > 1 else 0.0, progress) if generate else []
-    answered = {item.id: sample_replies for item, sample_replies in zip(generate, replies)}
+    position = {item.id: k for k, item in enumerate(items)}
+    logprobs, replies = model.score_and_generate(*sequences(items), [position[item.id] for item in generate],
+                                                 max_new_tokens, batch_size, eos_id, samples,
+                                                 temperature if samples > 1 else 0.0, progress)
+    pairs = nll_pairs(logprobs, items)
+    answered = {items[k].id: sample_replies for k, sample_replies in replies.items()}
     rows = [{"id": item.id, "task": item.task, "nll": round(nll, 6), "tokens": n} for item, (nll, n) in zip(items, pairs)]
     scores: dict[str, Any] = {}
     for task in sorted({i.task for i in items}):

@@ -73,8 +73,13 @@ def test_items_are_cut_where_training_cuts_them(tmp_path: Path, demo_model_path:
 
 
 @pytest.mark.integration
-def test_the_loss_is_the_direct_log_likelihood_and_the_f16_gguf_agrees(tmp_path: Path, demo_model_path: str) -> None:
+def test_the_loss_is_the_direct_log_likelihood_and_the_f16_gguf_agrees(tmp_path: Path, demo_model_path: str,
+                                                                       monkeypatch) -> None:
+    """Also: answers generated from the prompt the scoring pass already read (its keys and values, in both
+    backends) are the answers a fresh generation gives."""
     import torch
+
+    from distillery.evals import hf_backend
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from distillery.evals.gguf_backend import GGUFModel
@@ -93,17 +98,24 @@ def test_the_loss_is_the_direct_log_likelihood_and_the_f16_gguf_agrees(tmp_path:
         start = len(item.prompt_ids)
         direct = -sum(float(logprobs[start - 1 + k, t]) for k, t in enumerate(item.completion_ids))
         assert count == len(item.completion_ids) and abs(nll - direct) < 1e-4 * max(1.0, count)
+    eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    original, reused = hf_backend.batch_cache, []
+    monkeypatch.setattr(hf_backend, "batch_cache", lambda rows, *rest: reused.append(len(rows)) or original(rows, *rest))
+    logprobs, answered = hf.score_and_generate(*heldout.sequences(items), [0, 2], 24, 2, eos)
+    assert reused == [2] and [-x for x in logprobs] == pytest.approx([nll for nll, _ in pairs], abs=1e-6)
+    assert [answered[0], answered[2]] == hf.generate_ids([items[0].prompt_ids, items[2].prompt_ids], 24, 2, eos)
     f16 = tmp_path / "m-F16.gguf"
     gguf_io.convert_to_gguf(Path(demo_model_path), f16, "f16", "m")
     gguf = GGUFModel(f16, threads=2)
     try:
         gguf_pairs = heldout.item_losses(gguf, items, batch_size=2)
-        replies = gguf.generate_ids([items[0].prompt_ids], 24, 1, tokenizer.convert_tokens_to_ids(tokenizer.eos_token))
+        replies = gguf.generate_ids([items[0].prompt_ids], 24, 1, eos)
+        _, gguf_answered = gguf.score_and_generate(*heldout.sequences(items), [0], 24, 1, eos)
     finally:
         gguf.close()
     ours, theirs = heldout.loss_summary(gguf_pairs), heldout.loss_summary(pairs)
     assert abs(ours["loss"] - theirs["loss"]) < 0.02 and ours["tokens"] == theirs["tokens"]  # export's bound
-    assert len(replies) == 1 and isinstance(replies[0][0], str)
+    assert len(replies) == 1 and isinstance(replies[0][0], str) and gguf_answered == {0: replies[0]}
     assert math.isclose(theirs["ppl"], math.exp(theirs["loss"]), rel_tol=1e-4)
 
 
