@@ -17,7 +17,7 @@ STAGES = ("ingest", "format", "finetune", "export", "evaluate")
 
 # The demo's own config and stages; fewer steps and items than `just demo` to keep the suite short.
 # One quant type: every type is written and decoded in tests/export/test_llama_child.py.
-LIGHTER = ("finetune.max_steps=12", "finetune.save_steps=6", "finetune.sample_prompts=1", "evaluate.limit=5",
+LIGHTER = ("finetune.max_steps=12", "finetune.save_steps=6", "finetune.sample_prompts=1",
            "evaluate.heldout.limit=2", "evaluate.heldout.max_new_tokens=16", "export.quantizations=[q8_0]",
            "export.outtype=q8_0")
 
@@ -42,12 +42,13 @@ def test_demo_runs_every_stage_offline_then_is_up_to_date(tmp_path: Path) -> Non
     assert finetune["steps"] == 12 and (run / "finetune" / "loss.png").is_file()
     verify = json.loads((run / "export" / "verify.json").read_text())
     assert sorted(p.name for p in (run / "export" / "gguf").glob("*.gguf")) == ["SmolLM2-135M-Instruct-Q8_0.gguf"]
-    assert verify["passed"] is True
-    comparison = json.loads((run / "evaluate" / "comparison.json").read_text())
-    assert {"base", "adapter", "gguf"} <= {row["kind"] for row in comparison}
+    assert verify["passed"] is True and verify["timings"]["merge"]["dtype"] == "fp16"  # the demo's export.dtype
     assert "held-out question" in first.stdout
     heldout = json.loads((run / "evaluate" / "heldout.json").read_text())
+    assert set(heldout) == {"base", "adapter", "SmolLM2-135M-Instruct-Q8_0"}
     assert heldout["adapter"]["overall"]["loss"] < heldout["base"]["overall"]["loss"]  # training on the data worked
+    contaminated = json.loads((run / "ingest" / "report.json").read_text())["decontamination"]["contaminated"]
+    assert any(name.endswith("mathqa/test.jsonl") and n >= 1 for name, n in contaminated.items()), contaminated
     assert "overall (" in first.stdout and "Held-out data" in (run / "evaluate" / "report.md").read_text()
 
     second = run_demo(tmp_path)
