@@ -79,7 +79,8 @@ def test_streamed_merge_equals_peft_merge_and_unload(kind: str, tmp_path: Path, 
 @pytest.mark.integration
 def test_a_merge_into_fp16_of_a_bf16_base_passes_the_check_within_one_step(tmp_path: Path, demo_model_path: str) -> None:
     """export.dtype fp16 on the bf16 demo model: weights under fp16's smallest normal value (6.1e-5) round to its
-    subnormal spacing, which the check counted as 1024 relative steps and refused."""
+    subnormal spacing, which the check counted as 1024 relative steps and refused. A weight past fp16's range
+    (inf) fails it, named."""
     import torch
 
     adapter = make_adapter(demo_model_path, tmp_path / "adapter")
@@ -90,7 +91,14 @@ def test_a_merge_into_fp16_of_a_bf16_base_passes_the_check_within_one_step(tmp_p
     assert all(v.dtype == torch.float16 for v in merged.values())
     assert any(bool(((v.abs() < 2.0**-14) & (v != 0)).any()) for v in merged.values())  # subnormals are there
     check = merge.check_merge(demo_model_path, adapter, out)
-    assert check["passed"] and check["max_error_in_16bit_steps"] <= 1.0, check
+    assert check["passed"] and check["max_error_in_16bit_steps"] <= 1.0 and check["out_of_range"] == [], check
+
+    from safetensors.torch import save_file
+
+    merged["model.norm.weight"][0] = float("inf")  # what fp16 makes of a weight past 65504
+    save_file(merged, str(out / "model.safetensors"), metadata={"format": "pt"})
+    check = merge.check_merge(demo_model_path, adapter, out)
+    assert not check["passed"] and check["out_of_range"] == ["model.norm.weight"], check
 
 
 @pytest.mark.integration
