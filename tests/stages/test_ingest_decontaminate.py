@@ -192,17 +192,18 @@ def test_the_demo_config_still_ingests(tmp_path: Path, monkeypatch) -> None:
     run_stage("ingest", load_config(ROOT / "configs" / "demo.yaml", [f"run.root={tmp_path}"]))
     report = json.loads((tmp_path / "demo" / "ingest" / "report.json").read_text())
     decontamination = report["decontamination"]
-    assert [s["set"] for s in decontamination["sets"]] == ["evaluate.data test.jsonl", "held-out split"]
+    mathqa_test = "configs/samples/mathqa/test.jsonl"  # the demo's decontaminate.against (it scores no MathQA)
+    assert [s["set"] for s in decontamination["sets"]] == [mathqa_test, "held-out split"]
     assert decontamination["not_checked"] == []
     # MathQA test item 65 is in the demo's MathQA sample too, reworded (the sample is the split's last 80 items);
     # the GSM samples are made from templates, so the held-out ones have twins in train that differ only in names
     # and numbers; two CodeI/O records share the standard reference-code comments with the held-out one
-    assert decontamination["contaminated"] == {"held-out split": 20, "evaluate.data test.jsonl": 1}
+    assert decontamination["contaminated"] == {"held-out split": 20, mathqa_test: 1}
     dropped = {(row["source"], row.get("line")): row["reason"] for row in read_jsonl(tmp_path / "demo" / "ingest" /
                                                                                     "dropped.jsonl")}
     assert dropped[("mathqa", 63)].endswith(" of test.jsonl:65")
     assert [r["dropped"] for r in report["sources"]][1:] == [{"contaminated: held-out split": 16},
-                                                             {"contaminated: evaluate.data test.jsonl": 1},
+                                                             {f"contaminated: {mathqa_test}": 1},
                                                              {"contaminated: held-out split": 4}]
 
 
