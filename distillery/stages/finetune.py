@@ -304,8 +304,9 @@ def weights_kind(s: dict) -> str:
 
 def report(ctx: StageContext, s: dict) -> StageResult:
     loss = f"{s['loss_start_mean']:.3f} -> {s['loss_end_mean']:.3f}" if s["first_loss"] is not None else "n/a"
+    speed = "-" if s["tokens_per_s"] is None else str(s["tokens_per_s"])  # None: resumed with no step left
     rows = [("steps", f"{s['steps']} (resumed from {s['resumed_from_step']})" if s["resumed_from_step"] else str(s["steps"])),
-            ("loss (mean of first/last 5 steps)", loss), ("tokens/s", str(s["tokens_per_s"])),
+            ("loss (mean of first/last 5 steps)", loss), ("tokens/s", speed),
             ("peak memory", f"{s['peak_memory_mb']:.0f} MB ({s['peak_memory_kind']})"),
             ("weights", f"{weights_kind(s)}, {s['precision']}, {s['device']}")]
     if s["method"] == "full":
@@ -314,7 +315,7 @@ def report(ctx: StageContext, s: dict) -> StageResult:
     metrics = {k: s[k] for k in ("steps", "first_loss", "last_loss", "loss_start_mean", "loss_end_mean",
                                  "tokens_per_s", "peak_memory_mb", "resumed_from_step")}
     return StageResult(metrics=metrics, summary=[("loss", loss), ("steps", str(s["steps"])),
-                                                  ("tokens/s", str(s["tokens_per_s"]))])
+                                                  ("tokens/s", speed)])
 
 
 # distill: on_policy may take its teacher from distill.teacher.

@@ -95,6 +95,21 @@ class CheckpointKeeper(TrainerCallback):
         return control
 
 
+class AlreadyTrained(Exception):
+    """Raised by StopWhenAlreadyTrained: the checkpoint resumed from holds every step."""
+
+
+class StopWhenAlreadyTrained(TrainerCallback):
+    """A run killed after its last checkpoint (step == max_steps) resumes at a global step the loop has already
+    reached, yet transformers (5.17; Unsloth's loop too) fast-forwards to that batch and trains one step more.
+    Stopped here, after the checkpoint's weights are loaded and before any step: the caller catches it."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.max_steps and state.global_step >= state.max_steps:
+            raise AlreadyTrained
+        return control
+
+
 class MetricsCallback(TrainerCallback):
     """Appends every log to metrics.jsonl (step, loss, lr, tokens/s) and shows a rich progress bar."""
 

@@ -248,7 +248,8 @@ def run_job(job: TrainJob, console: Any) -> dict[str, Any]:
     """Train as the job says and write the adapter, metrics and samples into job.out; returns the results."""
     import torch
 
-    from distillery.training.callbacks import CheckpointKeeper, MetricsCallback, last_complete_checkpoint, trim_metrics
+    from distillery.training.callbacks import (AlreadyTrained, CheckpointKeeper, MetricsCallback, StopWhenAlreadyTrained,
+                                               last_complete_checkpoint, trim_metrics)
 
     out = Path(job.out)
     checkpoints = out / "checkpoints"
@@ -276,8 +277,14 @@ def run_job(job: TrainJob, console: Any) -> dict[str, Any]:
         trainer.remove_callback(PrinterCallback)
         if resume:
             console.print(f"resuming from {resume.name} (step {resume_step}): the killed run's last complete checkpoint")
+        trainer.add_callback(StopWhenAlreadyTrained())
         train_started = time.time()
-        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        try:
+            train_loss = trainer.train(resume_from_checkpoint=str(resume) if resume else None).training_loss
+        except AlreadyTrained:
+            console.print(f"{resume.name} holds all {resume_step} steps: nothing left to train")
+            logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+            train_loss = sum(logged) / len(logged) if logged else None
         train_seconds = time.time() - train_started
         changed = save_trained(trainer, job)
         after = generate_samples(model, tokenizer, job) if single_process else []
@@ -291,10 +298,10 @@ def run_job(job: TrainJob, console: Any) -> dict[str, Any]:
         "train_seconds": round(train_seconds, 2),
         "load_seconds": round(load_seconds, 2),
         "tokens": tokens,
-        "tokens_per_s": round(tokens / train_seconds, 1) if train_seconds > 0 else None,
+        "tokens_per_s": round(tokens / train_seconds, 1) if tokens and train_seconds > 0 else None,
         "peak_memory_mb": memory,
         "peak_memory_kind": memory_kind,
-        "train_loss": output.training_loss,
+        "train_loss": train_loss,
         "world_size": trainer.args.world_size,
         "samples": [{"prompt": p, "before": b, "after": a} for p, b, a in zip(job.sample_prompts, before, after)],
         "main_process": main_process,

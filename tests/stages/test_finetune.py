@@ -429,6 +429,33 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path: Path) ->
     assert steps == list(range(1, 9))  # each step once, before and after the kill
 
 
+@pytest.mark.integration
+def test_a_run_killed_after_its_last_checkpoint_resumes_without_another_step(tmp_path: Path) -> None:
+    """Killed between the final checkpoint (step 4 of 4) and the end of the stage: the rerun loads that checkpoint
+    and trains nothing (transformers' loop alone would fast-forward to batch 4 and train a fifth step)."""
+    config = write_project(tmp_path, {"backend": "hf", "max_steps": 4, "save_steps": 2, "sample_prompts": 1,
+                                      "batch_size": 2, "gradient_checkpointing": False}, model=TINY)
+    process = start_finetune(config)
+    try:
+        wait_for_checkpoint(process, tmp_path, 4)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    from safetensors.torch import load_file
+
+    checkpoint = tmp_path / "runs" / "t" / ".finetune.partial" / "checkpoints" / "checkpoint-4"
+    trained = load_file(str(checkpoint / "adapter_model.safetensors"))
+    done = cli(config)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "checkpoint-4 holds all 4 steps: nothing left to train" in " ".join(done.stdout.split())
+    final = load_file(str(stage_dir(tmp_path) / "adapter" / "adapter_model.safetensors"))
+    assert final.keys() == trained.keys() and all(bool((final[k] == trained[k]).all()) for k in final)
+    summary = json.loads((stage_dir(tmp_path) / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["resumed_from_step"] == 4 and summary["tokens_per_s"] is None
+    steps = [json.loads(line)["step"] for line in (stage_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
 def ctrl_c_after_checkpoint_is_a_quiet_interrupt(config: Path, tmp_path: Path, step: int) -> None:
     """`distillery finetune` in its own session, SIGINT to the whole group (what Ctrl-C in a terminal does: the
     foreground group) once checkpoint-`step` is complete: exit 130, no traceback, the stage `interrupted`."""
