@@ -248,8 +248,7 @@ def run_job(job: TrainJob, console: Any) -> dict[str, Any]:
     """Train as the job says and write the adapter, metrics and samples into job.out; returns the results."""
     import torch
 
-    from distillery.training.callbacks import (AlreadyTrained, CheckpointKeeper, MetricsCallback, StopWhenAlreadyTrained,
-                                               last_complete_checkpoint, trim_metrics)
+    from distillery.training.callbacks import CheckpointKeeper, MetricsCallback, last_complete_checkpoint, trim_metrics
 
     out = Path(job.out)
     checkpoints = out / "checkpoints"
@@ -277,14 +276,8 @@ def run_job(job: TrainJob, console: Any) -> dict[str, Any]:
         trainer.remove_callback(PrinterCallback)
         if resume:
             console.print(f"resuming from {resume.name} (step {resume_step}): the killed run's last complete checkpoint")
-        trainer.add_callback(StopWhenAlreadyTrained())
         train_started = time.time()
-        try:
-            train_loss = trainer.train(resume_from_checkpoint=str(resume) if resume else None).training_loss
-        except AlreadyTrained:
-            console.print(f"{resume.name} holds all {resume_step} steps: nothing left to train")
-            logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-            train_loss = sum(logged) / len(logged) if logged else None
+        train_loss = train_from(trainer, resume, console)
         train_seconds = time.time() - train_started
         changed = save_trained(trainer, job)
         after = generate_samples(model, tokenizer, job) if single_process else []
@@ -307,6 +300,20 @@ def run_job(job: TrainJob, console: Any) -> dict[str, Any]:
         "main_process": main_process,
         **changed,
     }
+
+
+def train_from(trainer: Any, resume: Path | None, console: Any) -> float | None:
+    """trainer.train from the checkpoint (None: from the start); returns the mean training loss. A checkpoint that
+    already holds every step trains nothing: its weights are loaded and kept as they are."""
+    from distillery.training.callbacks import AlreadyTrained, StopWhenAlreadyTrained
+
+    trainer.add_callback(StopWhenAlreadyTrained())
+    try:
+        return trainer.train(resume_from_checkpoint=str(resume) if resume else None).training_loss
+    except AlreadyTrained:
+        console.print(f"{resume.name} holds all {trainer.state.global_step} steps: nothing left to train")
+        logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        return sum(logged) / len(logged) if logged else None
 
 
 def save_trained(trainer: Any, job: TrainJob) -> dict[str, Any]:
