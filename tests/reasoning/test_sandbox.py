@@ -394,18 +394,28 @@ def test_root_session_keyring_is_not_inherited() -> None:
         libc.syscall(SYSCALLS["keyctl"][column], 3, key)  # KEYCTL_REVOKE
 
 
+# Returns how many children hold their block at once: alive, and past the allocation (each says so on a pipe). A
+# child still alive but waiting in the kernel for memory the limit will not give does not hold it (under a loaded
+# machine cgroup v1's OOM kill can take that long).
 FORK_AND_HOLD = ("import os, time\n"
                  "def main(children, mb):\n"
+                 "    read, write = os.pipe()\n"
                  "    pids = []\n"
-                 "    for _ in range(children):\n"
+                 "    for k in range(children):\n"
                  "        pid = os.fork()\n"
                  "        if pid == 0:\n"
                  "            block = b'x' * (mb << 20)\n"
+                 "            os.write(write, bytes([k]))\n"
                  "            time.sleep(4)\n"
                  "            os._exit(0)\n"
                  "        pids.append(pid)\n"
-                 "    time.sleep(2)\n"  # by now each child holds its block or was killed
-                 "    return sum(os.waitpid(pid, os.WNOHANG)[0] == 0 for pid in pids)\n")
+                 "    time.sleep(2)\n"  # by now each child holds its block, was killed, or waits for memory
+                 "    os.set_blocking(read, False)\n"
+                 "    try:\n"
+                 "        held = set(os.read(read, 64))\n"
+                 "    except BlockingIOError:\n"
+                 "        held = set()\n"
+                 "    return sum(k in held and os.waitpid(pid, os.WNOHANG)[0] == 0 for k, pid in enumerate(pids))\n")
 
 
 @pytest.mark.parametrize("bound", ["cgroup", "watchdog"])
