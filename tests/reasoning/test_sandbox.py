@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -445,8 +446,15 @@ def test_the_watchdog_counts_children_that_leave_the_session(monkeypatch: pytest
     assert result.status == "memory_limit" or (result.ok and result.value <= 1), result
 
 
-def test_writes_are_bounded_together_and_never_reach_the_host() -> None:
-    before = set(Path("/tmp").glob("distill-sandbox-*"))
+@pytest.fixture
+def own_tempdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The sandbox's work directories go here: /tmp is shared with the other xdist worker, whose own sandbox runs
+    come and go there while this test looks."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
+
+
+def test_writes_are_bounded_together_and_never_reach_the_host(own_tempdir: Path) -> None:
     code = ("def main():\n"
             "    written = 0\n"
             "    for i in range(50):\n"
@@ -462,7 +470,7 @@ def test_writes_are_bounded_together_and_never_reach_the_host() -> None:
     written, error = result.value
     if result.files == "new-root":
         assert written <= 2 << 20 and error == 28  # ENOSPC: 2 MB for all files together
-    assert set(Path("/tmp").glob("distill-sandbox-*")) == before
+    assert list(own_tempdir.iterdir()) == []  # its work directory went with it
 
 
 HOSTILE_RESULTS = {
@@ -477,15 +485,14 @@ HOSTILE_RESULTS = {
 
 
 @pytest.mark.parametrize("case", list(HOSTILE_RESULTS))
-def test_hostile_results_become_failed_runs_and_leave_nothing(case: str) -> None:
-    before = set(Path("/tmp").glob("distill-sandbox-*"))
+def test_hostile_results_become_failed_runs_and_leave_nothing(case: str, own_tempdir: Path) -> None:
     result = run_function(HOSTILE_RESULTS[case], "main", {}, FAST)
     assert isinstance(result, sandbox.SandboxResult)
     if case == "deep_directories":
         assert result.ok and result.value == "deep"
     else:
         assert result.status == "error" and len(result.message) <= 400, result
-    assert set(Path("/tmp").glob("distill-sandbox-*")) == before
+    assert list(own_tempdir.iterdir()) == []
 
 
 def test_a_deep_tree_left_on_the_host_is_removed(tmp_path: Path) -> None:
