@@ -55,8 +55,8 @@ class GGUFModel:
         """completion_logprobs, and for the lists in `answer` (indices) `samples` continuations of their prompt
         (the tokens before `start`), each generated right after its list is scored, from the prompt already in
         llama.cpp's KV cache."""
-        return self.llama.call(_completion_logprobs, token_lists, starts, answer, max_new_tokens, eos_id, samples,
-                               temperature, on_event=progress)
+        return self.llama.call(_score_and_generate, token_lists, starts, set(answer), max_new_tokens, eos_id,
+                               samples, temperature, on_event=progress)
 
     def generate_ids(self, id_lists: list[list[int]], max_new_tokens: int, batch_size: int, eos_id: int,
                      samples: int = 1, temperature: float = 0.0,
@@ -113,9 +113,9 @@ def _generate_ids(state: dict[str, Any], emit: Callable[[int], None], id_lists: 
     return texts
 
 
-def _completion_logprobs(state: dict[str, Any], emit: Callable[[int], None], token_lists: list[list[int]],
-                         starts: list[int], answer: list[int], max_new_tokens: int, eos_id: int, samples: int,
-                         temperature: float) -> tuple[list[float], dict[int, list[str]]]:
+def _score_and_generate(state: dict[str, Any], emit: Callable[[int], None], token_lists: list[list[int]],
+                        starts: list[int], answer: set[int], max_new_tokens: int, eos_id: int, samples: int,
+                        temperature: float) -> tuple[list[float], dict[int, list[str]]]:
     """In the child: each list's tokens from `start` on scored given all before them; lists taken in sorted order
     so that each decodes only what it does not share with the one before. A list in `answer` then has its prompt
     continued `samples` times (seeded) up to the EOS. Emits 1 per list scored and 1 per list answered."""

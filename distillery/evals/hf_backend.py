@@ -16,6 +16,7 @@ from distillery.evals.scoring import Request, batches, distinct, longest_first, 
 from distillery.core.errors import UserError
 
 log = logging.getLogger(__name__)
+TOKEN_BUDGET = 4096  # tokens per teacher-forced batch of held-out sequences
 
 
 def resolve_dtype(dtype: str) -> str:
@@ -150,7 +151,8 @@ class HFModel:
         return texts
 
     def completion_logprobs(self, token_lists: list[list[int]], starts: list[int], batch_size: int,
-                            progress: Callable[[int], None] = lambda n: None, token_budget: int = 4096) -> list[float]:
+                            progress: Callable[[int], None] = lambda n: None,
+                            token_budget: int = TOKEN_BUDGET) -> list[float]:
         """For each token list, the summed log-probability of its tokens from `start` on, each given all before it
         (teacher forcing)."""
         return self._score(token_lists, starts, batch_size, progress, token_budget, set())[0]
@@ -161,7 +163,7 @@ class HFModel:
                            ) -> tuple[list[float], dict[int, list[str]]]:
         """completion_logprobs, and for the lists in `answer` (indices) `samples` continuations of their prompt
         (the tokens before `start`), generated from the prompt's keys and values the scoring pass computed."""
-        results, caches = self._score(token_lists, starts, batch_size, progress, 4096, set(answer))
+        results, caches = self._score(token_lists, starts, batch_size, progress, TOKEN_BUDGET, set(answer))
         replies = self.generate_ids([token_lists[i][:starts[i]] for i in answer], max_new_tokens, batch_size, eos_id,
                                     samples, temperature, progress, [caches.get(i) for i in answer])
         return results, dict(zip(answer, replies))
@@ -260,13 +262,12 @@ def batch_cache(rows: list[list[tuple[Any, Any]]], width: int, samples: int, con
     row repeated `samples` times, as one DynamicCache for generate."""
     from transformers.cache_utils import DynamicCache
 
-    layers = []
-    for layer in range(len(rows[0])):
-        keys, values = (rows[0][layer][k].new_zeros((len(rows), *rows[0][layer][k].shape[1:2], width,
-                                                     rows[0][layer][k].shape[3])) for k in (0, 1))
-        for r, row in enumerate(rows):
-            n = row[layer][0].shape[2]
-            if n:
-                keys[r, :, width - n:], values[r, :, width - n:] = row[layer][0][0], row[layer][1][0]
-        layers.append((keys.repeat_interleave(samples, 0), values.repeat_interleave(samples, 0)))
-    return DynamicCache(ddp_cache_data=layers, config=config)
+    def left_padded(tensors: list[Any]) -> Any:  # one layer's keys (or values) of every row, [1, heads, n, dim] each
+        out = tensors[0].new_zeros((len(tensors), tensors[0].shape[1], width, tensors[0].shape[3]))
+        for r, tensor in enumerate(tensors):
+            out[r, :, width - tensor.shape[2]:] = tensor[0]
+        return out.repeat_interleave(samples, 0)
+
+    return DynamicCache(ddp_cache_data=[(left_padded([row[layer][0] for row in rows]),
+                                         left_padded([row[layer][1] for row in rows])) for layer in range(len(rows[0]))],
+                        config=config)
