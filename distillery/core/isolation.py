@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Iterator
@@ -86,10 +87,10 @@ class Child:
         # so that nothing of the caller's __main__ runs again in it; it talks over one end of a socket pair.
         mine, theirs = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the modules we see
-        code = "import sys; from distillery.core.isolation import serve; serve(int(sys.argv[1]))"
+        code = "import sys; from distillery.core.isolation import serve; serve(int(sys.argv[1]), int(sys.argv[2]))"
         try:
-            self._process = subprocess.Popen([sys.executable, "-c", code, str(theirs.fileno())], env=env,
-                                             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+            self._process = subprocess.Popen([sys.executable, "-c", code, str(theirs.fileno()), str(os.getpid())],
+                                             env=env, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
                                              stderr=self._stderr)
         finally:
             theirs.close()  # only the child holds its end now: its death is an EOF here
@@ -194,10 +195,10 @@ def plain(state: dict[str, Any], emit: Callable[[Any], None], fn: Callable[..., 
     return fn(*args)
 
 
-def serve(fd: int) -> None:
+def serve(fd: int, parent_pid: int) -> None:
     """The child's loop: receive (fn, args), send events and then a result or an error; None ends it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then stops the child
-    _die_with_parent()
+    _die_with_parent(parent_pid)
     conn = Connection(fd)
     state: dict[str, Any] = {}
     while True:
@@ -256,11 +257,16 @@ def _transportable(err: Exception) -> Exception:
         return RuntimeError(f"{type(err).__name__}: {err}")
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to kill this child when its parent dies (kill -9 of the pipeline leaves no orphan)."""
-    try:
-        import ctypes
+def _die_with_parent(parent_pid: int) -> None:
+    """End this child soon after its parent dies (kill -9 of the pipeline leaves no orphan).
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    Linux's PR_SET_PDEATHSIG cannot do it: it fires when the *thread* that started the child ends, and distill
+    starts the math checker from a thread pool whose threads end long before the process (the checker was then
+    found dead, reported as SIGKILL). A watcher thread looks for the child being handed to a new parent instead."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.25)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()

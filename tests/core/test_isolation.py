@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -177,3 +180,60 @@ def test_a_captured_stderr_keeps_a_crashing_library_s_last_words_from_the_user()
         child.call(abort_with_words)
     assert "memory allocation of 549755813888 bytes failed" in child.stderr_tail()
     child.close()
+
+
+def test_a_child_started_from_a_thread_that_has_ended_still_answers() -> None:
+    """distill checks answers from a thread pool: the pool's thread that started the math checker ends, and
+    the checker must outlive it (Linux's parent-death signal follows the starting thread, not the process)."""
+    started: list[Child] = []
+
+    def start_and_use() -> None:
+        child = Child("demo-lib", "testing")
+        child.call(remember, "x", 1)  # the child is up and running when this thread ends
+        started.append(child)
+
+    starter = threading.Thread(target=start_and_use)
+    starter.start()
+    starter.join()
+    with started[0] as child:
+        time.sleep(0.5)
+        assert child.call(recall, "x") == 1
+
+
+def test_a_child_dies_with_the_process_that_started_it() -> None:
+    """kill -9 of the pipeline leaves no child behind, even a busy one started from a thread (an idle child
+    ends anyway: its parent's end of the socket closes)."""
+    script = ("import os, sys, threading, time\n"
+              "from distillery.core.isolation import Child, plain\n"
+              "children = []\n"
+              "def start():\n"
+              "    child = Child('demo-lib', 'testing')\n"
+              "    child.call(plain, os.getpid)\n"
+              "    children.append(child)\n"
+              "for _ in range(2):\n"
+              "    t = threading.Thread(target=start)\n"
+              "    t.start(); t.join()\n"
+              "start()\n"
+              "for child in children:\n"
+              "    threading.Thread(target=child.call, args=(plain, time.sleep, 600), daemon=True).start()\n"
+              "time.sleep(0.5)\n"
+              "print(' '.join(str(c.pid) for c in children), flush=True)\n"
+              "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    pids = [int(pid) for pid in parent.stdout.readline().split()]
+    assert len(pids) == 3 and all(alive(pid) for pid in pids)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in pids)
+
+
+def alive(pid: int) -> bool:
+    """A process that exists and is not a zombie waiting for its new parent to reap it."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
