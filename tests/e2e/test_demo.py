@@ -44,6 +44,7 @@ def test_demo_runs_every_stage_offline_then_is_up_to_date(tmp_path: Path) -> Non
     assert sorted(p.name for p in (run / "export" / "gguf").glob("*.gguf")) == ["SmolLM2-135M-Instruct-Q8_0.gguf"]
     assert verify["passed"] is True and verify["timings"]["merge"]["dtype"] == "fp16"  # the demo's export.dtype
     assert "held-out question" in first.stdout
+    assert "kernels-community" not in first.stdout + first.stderr  # bitsandbytes' import-time noise, silenced
     heldout = json.loads((run / "evaluate" / "heldout.json").read_text())
     assert set(heldout) == {"base", "adapter", "SmolLM2-135M-Instruct-Q8_0"}
     assert heldout["adapter"]["overall"]["loss"] < heldout["base"]["overall"]["loss"]  # training on the data worked

@@ -372,7 +372,7 @@ def test_the_kd_preset_runs_through_export_and_evaluate_and_the_student_learns(f
 def test_kd_trains_under_unsloth_with_packing(formatted: Path, tmp_path: Path) -> None:
     copy_of(formatted, tmp_path)
     done = cli("finetune", tmp_path, "--set", "finetune.backend=unsloth", "--set", "finetune.packing=true",
-               "--set", "finetune.max_steps=2", "--set", "finetune.sample_prompts=0")
+               "--set", "finetune.max_steps=2", "--set", "finetune.batch_size=1", "--set", "finetune.sample_prompts=0")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
     summary = json.loads((tmp_path / "runs/distill-kd/finetune/summary.json").read_text())
     assert summary["backend"] == "unsloth" and summary["objective"] == "kd" and summary["steps"] == 2
