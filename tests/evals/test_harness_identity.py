@@ -37,17 +37,13 @@ def assert_scored_like_the_harness(model_path: str, data: Path, limit: int) -> l
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_scores_equal_the_harness_on_25_items(demo_model_path: str, shared_file) -> None:
-    assert_scored_like_the_harness(demo_model_path, shared_file("data/mathqa/test.jsonl"), ITEMS)
-
-
-@pytest.mark.integration
-@pytest.mark.slow
-def test_an_empty_choice_is_scored_as_the_harness_scores_it(demo_model_path: str, shared_file,
-                                                            tmp_path: Path) -> None:
-    """Test items 1036-1045 (0-based): 1041's options end in `e ) `, an empty choice whose continuation is " "."""
-    lines = shared_file("data/mathqa/test.jsonl").read_text(encoding="utf-8").splitlines()[1036:1046]
-    subset = tmp_path / "test-1036-1045.jsonl"
-    subset.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    items = assert_scored_like_the_harness(demo_model_path, subset, len(lines))
-    assert [item.choices[4] for item in items].count("") == 1 and items[5].choices[4] == ""
+def test_scores_equal_the_harness_on_the_first_25_items_and_on_an_empty_choice(demo_model_path: str, shared_file,
+                                                                              tmp_path: Path) -> None:
+    """Test items 0-24 and 1036-1045 (0-based), in one harness run: 1041's options end in `e ) `, an empty choice
+    whose continuation is " "."""
+    lines = shared_file("data/mathqa/test.jsonl").read_text(encoding="utf-8").splitlines()
+    chosen = lines[:ITEMS] + lines[1036:1046]
+    subset = tmp_path / "test-0-24-1036-1045.jsonl"
+    subset.write_text("\n".join(chosen) + "\n", encoding="utf-8")
+    items = assert_scored_like_the_harness(demo_model_path, subset, len(chosen))
+    assert [item.choices[4] for item in items[ITEMS:]].count("") == 1 and items[ITEMS + 5].choices[4] == ""
