@@ -22,13 +22,6 @@ def setup_logging(verbose: bool = False) -> None:
     )
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    quiet_import_warnings()
-
-
-def quiet_import_warnings() -> None:
-    """Warnings libraries log when imported that no user can act on. bitsandbytes (imported by PEFT) says, on a CPU
-    with AVX512-BF16, that an optional kernel package is missing; 4-bit training needs CUDA here anyway."""
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def summary_table(title: str, rows: list[tuple[str, ...]], headers: tuple[str, ...]) -> Table:

@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distillery.core.console import quiet_import_warnings
 from distillery.core.errors import UserError
 from distillery.core.records import read_jsonl
 from distillery.core.rundir import atomic_write_text
@@ -393,7 +392,6 @@ def main(argv: list[str] | None = None) -> int:
     Ctrl-C ends it quietly with exit code 130: the stage reports the interrupt, the checkpoints stay to resume from."""
     argv = sys.argv[1:] if argv is None else argv
     job = TrainJob.load(Path(argv[0]))
-    quiet_import_warnings()
     try:
         backend_of(job.backend).start(job.finetune.objective)  # Unsloth first, before transformers/TRL/PEFT
         from rich.console import Console

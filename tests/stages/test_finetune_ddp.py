@@ -78,7 +78,9 @@ def test_ctrl_c_then_kill_9_of_one_rank_of_a_full_fine_tune_and_the_same_command
     process = start_finetune(config)
     try:
         wait_for_checkpoint(process, tmp_path, 4)
-        rank = subprocess.run(["pgrep", "-f", "-n", "distillery.training.train"], capture_output=True, text=True)
+        # A rank of this run (its own session): the other test worker may be training at the same time.
+        rank = subprocess.run(["pgrep", "-s", str(process.pid), "-f", "-n", "distillery.training.train"],
+                              capture_output=True, text=True)
         os.kill(int(rank.stdout.split()[0]), signal.SIGKILL)
         assert process.wait(timeout=120) != 0
     finally:
