@@ -10,7 +10,9 @@ import yaml
 from distillery.config import DistilleryConfig, load_config, redact
 from distillery.core.errors import UserError
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[2]
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 MINIMAL = {"ingest": {"sources": [{"name": "a", "kind": "hf", "files": "a.jsonl", "format": "messages"}]}}
 
 
@@ -34,7 +36,7 @@ def test_presets_exist() -> None:
 
 
 def test_kanana_preset_has_the_seed_settings() -> None:
-    cfg = load_config(Path("configs/kanana-8b-ko-qa.yaml"))
+    cfg = load_config(ROOT / "configs" / "kanana-8b-ko-qa.yaml")
     assert (cfg.finetune.lora.r, cfg.finetune.lora.alpha, cfg.finetune.lora.dropout) == (64, 128, 0.05)
     assert len(cfg.finetune.lora.target_modules) == 7
     assert cfg.format.template == "ko_qa" and cfg.format.max_length == 1024

@@ -495,11 +495,11 @@ def test_hostile_results_become_failed_runs_and_leave_nothing(case: str, own_tem
     assert list(own_tempdir.iterdir()) == []
 
 
-def test_a_deep_tree_left_on_the_host_is_removed(tmp_path: Path) -> None:
+def test_a_deep_tree_left_on_the_host_is_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where no new root holds, the code writes into the host directory: its removal must not recurse."""
     top = tmp_path / "work"
     top.mkdir()
-    os.chdir(top)
+    monkeypatch.chdir(top)  # the test's working directory comes back afterwards (later tests use relative paths)
     try:
         for _ in range(3000):
             os.mkdir("d")
