@@ -516,7 +516,7 @@ def check_merge(base_model: str, adapter_dir: Path, merged: Path) -> dict[str, A
     located = {name: path for name, path, _ in base_tensors(base)}
     handles: dict[Path, Any] = {}
     untargeted = identical = targeted = changed = 0
-    worst, worst_name, out_of_range = 0.0, "", []
+    worst, worst_name, out_of_range = 0.0, "", set()
     for name, path, _ in base_tensors(merged):
         base_path = located.get(name)
         if base_path is None:
@@ -532,7 +532,7 @@ def check_merge(base_model: str, adapter_dir: Path, merged: Path) -> dict[str, A
             mine = ours[start:stop] if shape else handles[path].get_tensor(name)
             original = theirs[start:stop] if shape else handles[base_path].get_tensor(name)
             if not bool(torch.isfinite(mine).all()) and bool(torch.isfinite(original).all()):
-                out_of_range.append(name)  # past the 16-bit type's range (fp16: 65504)
+                out_of_range.add(name)  # past the 16-bit type's range (fp16: 65504)
             if name not in deltas:
                 same = same and torch.equal(original.to(mine.dtype), mine)
                 continue
@@ -550,11 +550,10 @@ def check_merge(base_model: str, adapter_dir: Path, merged: Path) -> dict[str, A
             identical += same
     missing = sorted(set(deltas) - set(located))
     absent = absent_from_merged(set(located), merged)
-    out_of_range = sorted(set(out_of_range))
     passed = (identical == untargeted and targeted == len(deltas) and not missing and not absent and worst <= 1.0
               and changed > 0 and not out_of_range)
     return {"passed": passed, "tensors": untargeted + targeted, "targeted": targeted, "adapted_weights": len(deltas),
-            "absent_from_merged": absent, "out_of_range": out_of_range,
+            "absent_from_merged": absent, "out_of_range": sorted(out_of_range),
             "untargeted_identical": f"{identical}/{untargeted}", "max_error_in_16bit_steps": round(worst, 3),
             "worst_tensor": worst_name, "weights_changed": changed}
 
