@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from distillery.evals.hf_backend import HFModel
-from distillery.evals.scoring import Request, build_request, longest_first, packed_length
+from distillery.evals import hf_backend
+from distillery.evals.scoring import Request, build_request, longest_first, packed_length, row_length, shared_prefix_rows
 from distillery.core.errors import UserError
 from tests.fixtures.tiny_lm import build_tiny_lm
 
@@ -79,6 +80,41 @@ def test_batched_generation_equals_one_at_a_time(tiny_dir: Path) -> None:
     together = scorer.generate(prompts, max_new_tokens=6, batch_size=2)
     alone = [scorer.generate([p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
     assert together == alone and all(isinstance(t, str) for t in together)
+
+
+# Held-out sequences as token lists and where each one's scored part starts: two share a 6-token prefix past one's
+# start (the prefix stops before it), two share 3 tokens, one shares nothing, one is longer than the row width.
+SYSTEM = [1, 2, 3, 4, 5, 6]
+SEQUENCES = [SYSTEM + [7, 8, 20, 21, 22], SYSTEM + [7, 9, 30, 31], SYSTEM[:3] + list(range(40, 50)),
+             [50, 51, 52], SYSTEM + [7, 8, 60, 61, 62, 63], list(range(70, 100))]
+STARTS = [8, 4, 10, 1, 8, 20]
+
+
+def test_held_out_rows_hold_a_shared_prefix_once_and_stay_within_their_width() -> None:
+    rows = shared_prefix_rows(SEQUENCES, STARTS, width=24)
+    assert sorted(i for row in rows for i in row.members) == list(range(len(SEQUENCES)))
+    for row in rows:
+        first = SEQUENCES[row.members[0]]
+        assert all(SEQUENCES[i][:row.prefix] == first[:row.prefix] and row.prefix <= STARTS[i] - 1 for i in row.members)
+        assert row_length(row, SEQUENCES) <= 24 or row.members == (5,)  # longer than the width: a row of its own
+    together = next(row for row in rows if 0 in row.members)
+    assert set(together.members) >= {0, 4} and together.prefix >= 3  # the system prompt is read once for both
+    assert [r.members for r in shared_prefix_rows(SEQUENCES, STARTS, width=1)] == [(i,) for i in
+                                                                                   sorted(range(6), key=SEQUENCES.__getitem__)]
+
+
+@pytest.mark.parametrize("width,budget", [(512, 1024), (12, 12)])  # all in one batch; a row per batch
+def test_held_out_scores_and_answers_equal_a_plain_forward_however_the_rows_are_packed(
+        tiny_dir: Path, monkeypatch: pytest.MonkeyPatch, width: int, budget: int) -> None:
+    monkeypatch.setattr(hf_backend, "PACKED_WIDTH", width)
+    monkeypatch.setattr(hf_backend, "TOKEN_BUDGET", {"cpu": budget, "cuda": budget})
+    scorer = HFModel(str(tiny_dir))
+    expected = [full_forward(scorer.model, tuple(s[:start]), tuple(s[start:])) for s, start in zip(SEQUENCES, STARTS)]
+    assert scorer.completion_logprobs(SEQUENCES, STARTS, 8) == pytest.approx(expected, abs=1e-5)
+    scores, answers = scorer.score_and_generate(SEQUENCES, STARTS, [0, 2, 4], 5, 8, eos_id=-1)
+    assert scores == pytest.approx(expected, abs=1e-5)
+    fresh = scorer.generate_ids([SEQUENCES[i][:STARTS[i]] for i in (0, 2, 4)], 5, 8, eos_id=-1)
+    assert [answers[0], answers[2], answers[4]] == fresh  # from the keys and values the packed pass gathered
 
 
 def test_unknown_model_path_is_a_user_error(tmp_path: Path) -> None:
