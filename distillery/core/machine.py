@@ -1,10 +1,14 @@
-"""What this machine is: /proc/cpuinfo read for the llama.cpp build and for training's precision choice, and
-/proc/meminfo for the memory checks before export and full fine-tuning."""
+"""What this machine is: /proc/cpuinfo read for the llama.cpp build and for training's precision choice,
+/proc/meminfo for the memory checks before export and full fine-tuning, and the cores this process may use (its
+affinity and its cgroups' CPU quota) for llama.cpp's threads and ingest's workers."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def cpuinfo_field(*names: str) -> str:
@@ -27,8 +31,63 @@ def cpu_bf16_native() -> bool:
 
 
 def usable_cores() -> int:
-    """The cores this process may run on (its affinity: a container's cpuset or `taskset`), not the machine's."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The cores this process may run on (its affinity: a container's cpuset or `taskset`), not the machine's, and
+    no more than its CPU quota (`docker --cpus`, a Kubernetes CPU limit): a thread per host core under a 4-core
+    quota spends most of its time throttled."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cpu_quota_cores()
+    return max(1, min(cores, quota)) if quota else cores
+
+
+def own_cgroups() -> dict[str, str]:
+    """This process's cgroup path per hierarchy: {"": path} for v2, {"memory": path, "pids": path, ...} for v1."""
+    paths: dict[str, str] = {}
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return paths
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        for controller in controllers.split(",") if controllers else [""]:
+            paths[controller] = path
+    return paths
+
+
+def cpu_quota_cores(root: Path = CGROUP_ROOT) -> int | None:
+    """The tightest CPU quota of this process's cgroup and its parents, in whole cores (rounded up): cgroup v2's
+    `cpu.max`, else v1's `cpu.cfs_quota_us` over `cpu.cfs_period_us`; None where none is set or readable."""
+    paths = own_cgroups()
+    if "" in paths and (root / "cgroup.controllers").is_file():
+        quotas = [_v2_quota(d / "cpu.max") for d in _lineage(root, paths[""])]
+    elif "cpu" in paths:
+        quotas = [_v1_quota(d) for d in _lineage(root / "cpu", paths["cpu"])]
+    else:
+        return None
+    limits = [q for q in quotas if q]
+    return math.ceil(min(limits)) if limits else None
+
+
+def _lineage(root: Path, path: str) -> list[Path]:
+    """A cgroup's directory and each parent's, up to the hierarchy's root."""
+    parts = [p for p in path.split("/") if p and p != ".."]
+    return [root.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
+
+
+def _v2_quota(path: Path) -> float | None:
+    try:
+        quota, period = path.read_text().split()
+        return int(quota) / int(period) if quota != "max" else None
+    except (OSError, ValueError):
+        return None
+
+
+def _v1_quota(directory: Path) -> float | None:
+    try:
+        quota = int((directory / "cpu.cfs_quota_us").read_text())
+        period = int((directory / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
 
 
 def available_memory() -> int | None:

@@ -48,8 +48,11 @@ class LlamaChild:
         check_installed_build()
         self.path = Path(path)
         self._child = Child(LIBRARY, f"{doing} {self.path}", hint=crash_hint() if hint is None else hint)
-        params = {"n_ctx": n_ctx, "logits_all": logits_all, "n_threads": threads or usable_cores(),
-                  "vocab_only": vocab_only}  # vocab_only: the tokenizer of a GGUF without its weights
+        # n_threads_batch too: llama-cpp-python's default for prompt processing is multiprocessing.cpu_count(), the
+        # host's cores, not the container's. vocab_only: the tokenizer of a GGUF without its weights.
+        threads = threads or usable_cores()
+        params = {"n_ctx": n_ctx, "logits_all": logits_all, "n_threads": threads, "n_threads_batch": threads,
+                  "vocab_only": vocab_only}
         try:
             self.metadata: dict[str, Any] = self._child.call(_load, str(self.path), params)
         except BaseException:

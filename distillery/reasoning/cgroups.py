@@ -14,21 +14,7 @@ import signal
 import time
 from pathlib import Path
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-
-
-def own_cgroups() -> dict[str, str]:
-    """This process's cgroup path per hierarchy: {"": path} for v2, {"memory": path, "pids": path, ...} for v1."""
-    paths: dict[str, str] = {}
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return paths
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        for controller in controllers.split(",") if controllers else [""]:
-            paths[controller] = path
-    return paths
+from distillery.core.machine import CGROUP_ROOT, own_cgroups
 
 
 class ResourceGroup:
