@@ -89,7 +89,8 @@ class HFModel:
         # small model's work per position. The model's own forward applies it (and any logit scaling or
         # soft-capping its architecture has).
         keep = torch.arange(first, ids.shape[1], device=self.device)
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+        logits = self.model(input_ids=ids, attention_mask=layer_masks(self.model.config, mask, positions),
+                            position_ids=positions, logits_to_keep=keep).logits
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         rows, columns, targets = (torch.tensor(values, device=self.device) for values in zip(*reads))
         token_logprobs = logprobs[rows, columns - first, targets].cpu()
@@ -200,13 +201,15 @@ class HFModel:
                 ids, positions, mask, offsets = self.layout(
                     [(token_lists[r.members[0]][:r.prefix], [token_lists[i][r.prefix:-1] for i in r.members])
                      for r in batch])
-                out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions,
-                              use_cache=any(i in keep for r in batch for i in r.members))
+                out = decoder(input_ids=ids, attention_mask=layer_masks(base.config, mask, positions),
+                              position_ids=positions, use_cache=any(i in keep for r in batch for i in r.members))
                 reads: list[tuple[int, int, int, int]] = []  # (list, row, column, target): the column predicts it
                 for row, (shared, offset) in enumerate(zip(batch, offsets)):
                     for index, start in zip(shared.members, offset):
-                        tokens, first = token_lists[index], max(1, starts[index])  # token k: column start+k-1-prefix
-                        reads += [(index, row, start + k - 1 - shared.prefix, tokens[k]) for k in range(first, len(tokens))]
+                        tokens, first = token_lists[index], max(1, starts[index])
+                        # token k is predicted by position k - 1, which sits at column start + (k - 1 - prefix)
+                        reads += [(index, row, start + k - 1 - shared.prefix, tokens[k])
+                                  for k in range(first, len(tokens))]
                         if index in keep:
                             columns = [*range(shared.prefix), *range(start, start + first - 1 - shared.prefix)]
                             caches[index] = prompt_cache(out.past_key_values, row, columns)
@@ -264,6 +267,22 @@ class HFModel:
         return texts
 
 
+def layer_masks(config: Any, mask: Any, positions: Any) -> Any:
+    """The packed rows' 4D mask as each attention layer needs it. transformers hands a ready 4D mask to every layer
+    as it is, so a layer with a sliding window (Mistral, Gemma, Qwen2 with use_sliding_window) gets the window
+    applied here: a position sees only keys fewer than `sliding_window` positions behind it. Models that mix both
+    kinds (`layer_types`) get one mask per kind."""
+    window = getattr(config, "sliding_window", None)
+    kinds = set(getattr(config, "layer_types", None) or [])
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return mask
+    if kinds and "sliding_attention" not in kinds:
+        return mask
+    near = (positions[:, :, None] - positions[:, None, :]) < window
+    windowed = mask & near[:, None]
+    return {"full_attention": mask, "sliding_attention": windowed} if kinds else windowed
+
+
 def prompt_cache(cache: Any, row: int, columns: list[int]) -> list[tuple[Any, Any]] | None:
     """One sequence's keys and values, layer by layer, gathered from `columns` of a batch's row (its shared prefix
     and its own prompt positions) into a cache of its own; None when a layer is not a plain full-attention cache
@@ -274,7 +293,8 @@ def prompt_cache(cache: Any, row: int, columns: list[int]) -> list[tuple[Any, An
     if any(type(layer) is not DynamicLayer for layer in cache.layers):
         return None
     index = torch.tensor(columns, dtype=torch.long, device=cache.layers[0].keys.device)
-    return [(layer.keys[row:row + 1, :, index], layer.values[row:row + 1, :, index]) for layer in cache.layers]  # copies
+    # indexing with a tensor copies: the batch's cache can go
+    return [(layer.keys[row:row + 1, :, index], layer.values[row:row + 1, :, index]) for layer in cache.layers]
 
 
 def batch_cache(rows: list[list[tuple[Any, Any]]], width: int, samples: int, config: Any) -> Any:

@@ -9,7 +9,8 @@ import pytest
 
 from distillery.evals.hf_backend import HFModel
 from distillery.evals import hf_backend
-from distillery.evals.scoring import Request, build_request, longest_first, packed_length, row_length, shared_prefix_rows
+from distillery.evals.scoring import (Request, build_request, longest_first, packed_length, row_length,
+                                      shared_prefix_rows)
 from distillery.core.errors import UserError
 from tests.fixtures.tiny_lm import build_tiny_lm
 
@@ -99,8 +100,8 @@ def test_held_out_rows_hold_a_shared_prefix_once_and_stay_within_their_width() -
         assert row_length(row, SEQUENCES) <= 24 or row.members == (5,)  # longer than the width: a row of its own
     together = next(row for row in rows if 0 in row.members)
     assert set(together.members) >= {0, 4} and together.prefix >= 3  # the system prompt is read once for both
-    assert [r.members for r in shared_prefix_rows(SEQUENCES, STARTS, width=1)] == [(i,) for i in
-                                                                                   sorted(range(6), key=SEQUENCES.__getitem__)]
+    alone = [r.members for r in shared_prefix_rows(SEQUENCES, STARTS, width=1)]
+    assert alone == [(i,) for i in sorted(range(6), key=SEQUENCES.__getitem__)]
 
 
 @pytest.mark.parametrize("width,budget", [(512, 1024), (12, 12)])  # all in one batch; a row per batch
@@ -115,6 +116,36 @@ def test_held_out_scores_and_answers_equal_a_plain_forward_however_the_rows_are_
     assert scores == pytest.approx(expected, abs=1e-5)
     fresh = scorer.generate_ids([SEQUENCES[i][:STARTS[i]] for i in (0, 2, 4)], 5, 8, eos_id=-1)
     assert [answers[0], answers[2], answers[4]] == fresh  # from the keys and values the packed pass gathered
+
+
+def windowed_model(tiny_dir: Path, path: Path, kind: str) -> Path:
+    """The tiny model's tokenizer with a 2-layer model whose attention sees 4 positions back: Mistral (every layer)
+    or Qwen2 with use_sliding_window (layer 0 full, layer 1 windowed: one mask per kind)."""
+    import torch
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    shape = dict(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, sliding_window=4)
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(**shape)) if kind == "mistral" else \
+        Qwen2ForCausalLM(Qwen2Config(**shape, use_sliding_window=True, max_window_layers=1))
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+def test_a_sliding_window_is_kept_in_packed_rows(tiny_dir: Path, tmp_path: Path, kind: str) -> None:
+    """transformers passes a ready 4D mask to every layer unchanged: the packed scores match a plain forward (where
+    transformers applies the window itself) only if the window is applied to the packed mask too."""
+    scorer = HFModel(str(windowed_model(tiny_dir, tmp_path / kind, kind)))
+    assert scorer.model.config.sliding_window == 4 and max(map(len, SEQUENCES)) > 8
+    expected = [full_forward(scorer.model, tuple(s[:start]), tuple(s[start:])) for s, start in zip(SEQUENCES, STARTS)]
+    assert scorer.completion_logprobs(SEQUENCES, STARTS, 8) == pytest.approx(expected, abs=1e-5)
+    got = scorer.loglikelihoods(REQUESTS, 3)
+    for request, scores in zip(REQUESTS, got):
+        assert scores == pytest.approx([full_forward(scorer.model, request.context, c) for c in request.continuations],
+                                       abs=1e-5)
 
 
 def test_unknown_model_path_is_a_user_error(tmp_path: Path) -> None:
