@@ -1,4 +1,5 @@
-"""Tokenizing (context, continuation) pairs the way lm-evaluation-harness does, for any tokenizer.
+"""Tokenizing (context, continuation) pairs the way lm-evaluation-harness does, for any tokenizer, and laying
+held-out sequences out in rows that read a shared prefix once (`shared_prefix_rows`).
 
 The harness (HFLM/TemplateLM._encode_pair): trailing spaces of the context move to the continuation; the
 whole string is encoded, the context alone is encoded, and the continuation is whatever of the whole follows
