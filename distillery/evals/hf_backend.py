@@ -191,6 +191,8 @@ class HFModel:
         positions, and the lm_head is applied only where a scored token is predicted (a held-out completion is
         most of its sequence, and the vocabulary times every position would not fit)."""
         torch = self.torch
+        if not token_lists:
+            return [], {}
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         decoder = base.get_decoder()
         width = max(PACKED_WIDTH, max(map(len, token_lists)) - 1)

@@ -116,6 +116,7 @@ def test_held_out_scores_and_answers_equal_a_plain_forward_however_the_rows_are_
     assert scores == pytest.approx(expected, abs=1e-5)
     fresh = scorer.generate_ids([SEQUENCES[i][:STARTS[i]] for i in (0, 2, 4)], 5, 8, eos_id=-1)
     assert [answers[0], answers[2], answers[4]] == fresh  # from the keys and values the packed pass gathered
+    assert scorer.completion_logprobs([], [], 8) == []
 
 
 def windowed_model(tiny_dir: Path, path: Path, kind: str) -> Path:
