@@ -36,7 +36,7 @@ def usable_cores() -> int:
     quota spends most of its time throttled."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     quota = cpu_quota_cores()
-    return max(1, min(cores, quota)) if quota else cores
+    return min(cores, quota) if quota else cores
 
 
 def own_cgroups() -> dict[str, str]:

@@ -171,7 +171,7 @@ class HFModel:
         """For each token list, the summed log-probability of its tokens from `start` on, each given all before it
         (teacher forcing). Batches are bounded by positions (TOKEN_BUDGET), not by `batch_size`, which only
         generation reads."""
-        return self._score(token_lists, starts, progress, TOKEN_BUDGET[self.device], set())[0]
+        return self._score(token_lists, starts, progress, set())[0]
 
     def score_and_generate(self, token_lists: list[list[int]], starts: list[int], answer: list[int],
                            max_new_tokens: int, batch_size: int, eos_id: int, samples: int = 1,
@@ -179,15 +179,15 @@ class HFModel:
                            ) -> tuple[list[float], dict[int, list[str]]]:
         """completion_logprobs, and for the lists in `answer` (indices) `samples` continuations of their prompt
         (the tokens before `start`), generated from the prompt's keys and values the scoring pass computed."""
-        results, caches = self._score(token_lists, starts, progress, TOKEN_BUDGET[self.device], set(answer))
+        results, caches = self._score(token_lists, starts, progress, set(answer))
         replies = self.generate_ids([token_lists[i][:starts[i]] for i in answer], max_new_tokens, batch_size, eos_id,
                                     samples, temperature, progress, [caches.get(i) for i in answer])
         return results, dict(zip(answer, replies))
 
     def _score(self, token_lists: list[list[int]], starts: list[int], progress: Callable[[int], None],
-               token_budget: int, keep: set[int]) -> tuple[list[float], dict[int, Any]]:
+               keep: set[int]) -> tuple[list[float], dict[int, Any]]:
         """Scores as completion_logprobs says, and the prompt cache (`prompt_cache`) of each list in `keep`. The
-        lists go into rows that hold a shared prefix once (`shared_prefix_rows`), batches of at most `token_budget`
+        lists go into rows that hold a shared prefix once (`shared_prefix_rows`), batches of at most TOKEN_BUDGET
         positions, and the lm_head is applied only where a scored token is predicted (a held-out completion is
         most of its sequence, and the vocabulary times every position would not fit)."""
         torch = self.torch
@@ -199,7 +199,7 @@ class HFModel:
         rows = sorted(shared_prefix_rows(token_lists, starts, width), key=lambda r: -row_length(r, token_lists))
         results, caches = [0.0] * len(token_lists), {}
         with torch.inference_mode():
-            for batch in batches(rows, max(1, token_budget // width)):
+            for batch in batches(rows, max(1, TOKEN_BUDGET[self.device] // width)):
                 ids, positions, mask, offsets = self.layout(
                     [(token_lists[r.members[0]][:r.prefix], [token_lists[i][r.prefix:-1] for i in r.members])
                      for r in batch])

@@ -84,9 +84,8 @@ def shared_prefix_rows(token_lists: Sequence[Sequence[int]], starts: Sequence[in
     prefix = 0
     for index in sorted(range(len(token_lists)), key=lambda i: list(token_lists[i])):
         own = max(0, starts[index] - 1)
-        shared = min(prefix, own, common_prefix(list(token_lists[members[0]]), list(token_lists[index]))) \
-            if members else own
-        if members and shared + sum(len(token_lists[i]) - 1 - shared for i in [*members, index]) > width:
+        shared = min(prefix, own, common_prefix(token_lists[members[0]], token_lists[index])) if members else own
+        if members and row_length(SharedRow(shared, (*members, index)), token_lists) > width:
             rows.append(SharedRow(prefix, tuple(members)))
             members, shared = [], own
         members.append(index)

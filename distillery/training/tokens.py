@@ -11,10 +11,10 @@ a token that merges across the boundary belongs to the completion).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:
