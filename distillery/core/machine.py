@@ -77,7 +77,7 @@ def _v2_quota(path: Path) -> float | None:
     try:
         quota, period = path.read_text().split()
         return int(quota) / int(period) if quota != "max" else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, ZeroDivisionError):
         return None
 
 

@@ -30,6 +30,9 @@ def test_the_tightest_v2_quota_of_the_cgroup_and_its_parents_in_whole_cores(tmp_
     (root / "kube/pod/cpu.max").write_text("max 100000\n")
     (root / "kube/pod/container/cpu.max").write_text("max 100000\n")
     assert machine.cpu_quota_cores(root) is None
+    for unreadable in ("100000 0", "", "1 2 3", "\u200b"):  # a zero period, empty, too many fields, invisible
+        (root / "kube/pod/container/cpu.max").write_text(unreadable)
+        assert machine.cpu_quota_cores(root) is None
 
 
 def test_a_v1_quota_and_none_where_nothing_is_readable(tmp_path: Path, monkeypatch) -> None:
