@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from distillery.evals.scoring import (Request, batches, distinct, longest_first, packed_length, row_length,
                                       shared_prefix_rows)
+from distillery.core.cpu_linear import pack_linears
 from distillery.core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ class HFModel:
                 # W + s*BA in fp32 is the adapter's function (the demo's held-out loss agrees to 1e-6) and runs
                 # without the LoRA branches (13% faster). Not in 16 bits: rounding would drop a small update.
                 model = model.merge_and_unload()
+        if self.device == "cpu" and self.dtype == "float32":
+            pack_linears(model)  # oneDNN instead of MKL: 1.4x for scoring, 4x for generation here (core/cpu_linear.py)
         self.model = model.eval()
         self.torch = torch
 

@@ -1,0 +1,85 @@
+"""oneDNN-packed float32 linears compute what nn.Linear does, for a whole model, untied and tied, and leave alone
+what they cannot replace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from distillery.core.cpu_linear import pack_linears, packed_linear_available, packed_linear_class
+from tests.fixtures.tiny_lm import build_tiny_lm
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_lm(tmp_path_factory.mktemp("tiny"))
+
+
+def load(path: Path, dtype: str = "float32", tie: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    if tie:  # the output layer reads the embedding matrix, as SmolLM2's and small Qwen2.5's do
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+    return model.eval()
+
+
+def linears(model) -> int:
+    import torch
+
+    return sum(type(m) is torch.nn.Linear for m in model.modules())
+
+
+def test_this_torch_has_the_op_and_the_probe_leaves_the_random_state_alone() -> None:
+    import torch
+
+    packed_linear_available.cache_clear()
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    assert packed_linear_available()  # the pinned torch: every evaluate test runs the packed path
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_a_packed_model_computes_the_same_logits_and_answers(tiny_dir: Path, tie: bool) -> None:
+    import torch
+
+    plain, packed = load(tiny_dir, tie=tie), load(tiny_dir, tie=tie)
+    count = linears(packed)
+    assert pack_linears(packed) == count == 2 * 7 + 1  # q k v o gate up down per layer, and the output layer
+    assert linears(packed) == 0 and isinstance(packed.lm_head, packed_linear_class())
+    tied = plain.lm_head.weight.data_ptr() == plain.get_input_embeddings().weight.data_ptr()
+    assert tied == tie and torch.equal(packed.get_input_embeddings().weight, plain.get_input_embeddings().weight)
+    ids = torch.randint(0, 257, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.allclose(packed(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+        kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=256)
+        assert torch.equal(packed.generate(ids[:, :7], **kwargs), plain.generate(ids[:, :7], **kwargs))
+
+
+def test_one_linear_with_and_without_bias_in_any_leading_shape() -> None:
+    import torch
+
+    torch.manual_seed(0)
+    for bias in (True, False):
+        linear = torch.nn.Linear(48, 20, bias=bias).requires_grad_(False)
+        x = torch.randn(2, 3, 5, 48)
+        assert torch.allclose(packed_linear_class()(linear)(x), linear(x), atol=1e-5, rtol=1e-5)
+        assert torch.allclose(packed_linear_class()(linear)(x[:, 0, :, :].transpose(0, 1)),  # not contiguous
+                              linear(x[:, 0, :, :].transpose(0, 1)), atol=1e-5, rtol=1e-5)
+
+
+def test_other_dtypes_and_linear_subclasses_are_left_alone(tiny_dir: Path) -> None:
+    import torch
+
+    assert pack_linears(load(tiny_dir, dtype="bfloat16")) == 0
+
+    class Special(torch.nn.Linear):  # as PEFT's and bitsandbytes' layers are: they read their own .weight
+        pass
+
+    model = torch.nn.Sequential(Special(4, 4), torch.nn.Linear(4, 4))
+    assert pack_linears(model) == 1 and type(model[0]) is Special and type(model[1]) is packed_linear_class()
