@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Protocol, TypeVar
 
+from distillery.core.cpu_linear import pack_linears
 from distillery.core.errors import UserError
 from distillery.core.models import bundled_gguf, bundled_name
 
@@ -150,6 +151,8 @@ class HFTeacher:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
         if torch.cuda.is_available():  # GPU path: not exercised on the CPU-only test machine
             self.model = self.model.to("cuda")
+        else:
+            pack_linears(self.model)  # float32 through oneDNN: 2-4x faster generation on AMD CPUs (core/cpu_linear.py)
         self.model.eval()
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
