@@ -19,15 +19,17 @@ from distillery.core.errors import UserError
 
 log = logging.getLogger(__name__)
 # Positions per teacher-forced batch of held-out sequences. On a CPU two rows of 512 (activations that stay in
-# cache) scored the demo's held-out set in 9.5 s where one batch of 4096 took 13.6 s; a GPU wants larger batches.
+# cache) scored the demo's held-out set in 9.5 s where one batch of 4096 took 13.6 s (MKL; through oneDNN 1024 is
+# still the best of 1024-2048); a GPU wants larger batches.
 TOKEN_BUDGET = {"cpu": 1024, "cuda": 4096}
 PACKED_WIDTH = 512  # positions per packed row of held-out sequences, at least (the longest sequence sets more)
 
 
 def resolve_dtype(dtype: str) -> str:
     """auto: bfloat16 on a CUDA GPU that has it, float32 everywhere else. Not bfloat16 on a CPU, even one that
-    computes it natively: on the demo it took the held-out loss from 14.7 s to 8.8 s per artifact, but moved the
-    adapter's loss by 0.03 (2.006 -> 2.033), a seventh of what training changed."""
+    computes it natively: on the demo it scored the held-out set of an artifact in 8.8 s where float32 took 14.7 s
+    (through MKL; 11-12 s through oneDNN now), but moved the adapter's loss by 0.03 (2.006 -> 2.033), a seventh of
+    what training changed."""
     if dtype != "auto":
         return dtype
     import torch
