@@ -1,7 +1,7 @@
 """Inference-only float32 linear layers on a CPU through oneDNN with pre-packed weights.
 
 torch runs a float32 `nn.Linear` on a CPU through MKL. On AMD CPUs MKL takes a generic code path: on the
-2-core EPYC these projects are measured on, oneDNN (which torch also ships) computes the same products 1.4x faster
+2-core EPYC this project is measured on, oneDNN (which torch also ships) computes the same products 1.4x faster
 for a teacher-forced batch (216 vs 156 GFLOPS at 1,024 rows) and 4x faster for a few rows of generation (23 vs
 6 GB/s of weights at 6 rows), in float32 (no reduced-precision mode; outputs differ in summation order only).
 `pack_linears` swaps a model's plain `nn.Linear` modules for `PackedLinear`s that hold the oneDNN-packed weight
