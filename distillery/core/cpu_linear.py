@@ -67,12 +67,15 @@ def packed_linear_class() -> type:
 
 def pack_linears(model: Any) -> int:
     """Replace every plain float32 `nn.Linear` of `model` on the CPU with a PackedLinear; returns how many.
-    Subclasses of nn.Linear (LoRA layers, 4-bit layers) and other dtypes or devices are left as they are."""
+    Subclasses of nn.Linear (4-bit layers), the layers inside a PEFT adapter layer (which reads its base layer's
+    and its own weights) and other dtypes or devices are left as they are."""
     import torch
 
+    in_adapters = {id(inner) for layer in model.modules() if hasattr(layer, "get_base_layer")
+                   for inner in layer.modules()}
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if type(child) is torch.nn.Linear and child.weight.dtype == torch.float32
-               and child.weight.device.type == "cpu"]
+               and child.weight.device.type == "cpu" and id(child) not in in_adapters]
     if not targets or not packed_linear_available():
         return 0
     cls = packed_linear_class()

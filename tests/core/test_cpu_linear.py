@@ -83,3 +83,19 @@ def test_other_dtypes_and_linear_subclasses_are_left_alone(tiny_dir: Path) -> No
 
     model = torch.nn.Sequential(Special(4, 4), torch.nn.Linear(4, 4))
     assert pack_linears(model) == 1 and type(model[0]) is Special and type(model[1]) is packed_linear_class()
+
+
+def test_the_layers_of_a_peft_adapter_are_left_alone_and_the_rest_computes_the_same(tiny_dir: Path) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # B != 0: it counts
+    torch.manual_seed(0)
+    plain = get_peft_model(load(tiny_dir), config).eval()
+    torch.manual_seed(0)
+    packed = get_peft_model(load(tiny_dir), config).eval()
+    # 15 linears; in 2 layers q and v are adapter layers, each a base layer and lora_A, lora_B inside
+    assert pack_linears(packed) == 15 - 2 * 2
+    ids = torch.randint(0, 257, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.allclose(packed(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
