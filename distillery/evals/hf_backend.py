@@ -19,8 +19,8 @@ from distillery.core.errors import UserError
 
 log = logging.getLogger(__name__)
 # Positions per teacher-forced batch of held-out sequences. On a CPU two rows of 512 (activations that stay in
-# cache) scored the demo's held-out set in 9.5 s where one batch of 4096 took 13.6 s (MKL; through oneDNN 1024 is
-# still the best of 1024-2048); a GPU wants larger batches.
+# cache) scored the demo's held-out set in 9.5 s where one batch of 4096 took 13.6 s (MKL; through oneDNN, rows of
+# 256-1024 in batches of 512-2048 positions all take 8.6-10 s); a GPU wants larger batches.
 TOKEN_BUDGET = {"cpu": 1024, "cuda": 4096}
 PACKED_WIDTH = 512  # positions per packed row of held-out sequences, at least (the longest sequence sets more)
 
