@@ -73,12 +73,12 @@ def pack_linears(model: Any) -> int:
 
     in_adapters = {id(inner) for layer in model.modules() if hasattr(layer, "get_base_layer")
                    for inner in layer.modules()}
-    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+    targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
                if type(child) is torch.nn.Linear and child.weight.dtype == torch.float32
                and child.weight.device.type == "cpu" and id(child) not in in_adapters]
     if not targets or not packed_linear_available():
         return 0
     cls = packed_linear_class()
-    for parent, name, child in targets:
-        setattr(parent, name, cls(child))
+    for parent, name in targets:  # by name, not holding the layers: each original weight goes once it is packed
+        setattr(parent, name, cls(getattr(parent, name)))
     return len(targets)

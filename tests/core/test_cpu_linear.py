@@ -99,3 +99,26 @@ def test_the_layers_of_a_peft_adapter_are_left_alone_and_the_rest_computes_the_s
     ids = torch.randint(0, 257, (2, 30), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         assert torch.allclose(packed(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_each_original_weight_is_freed_once_it_is_packed(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory peaks at the model plus one layer's packed copy, not at two models."""
+    import weakref
+
+    import torch
+
+    from distillery.core import cpu_linear
+
+    model = load(tiny_dir, tie=False)
+    originals = [weakref.ref(m.weight) for m in model.modules() if type(m) is torch.nn.Linear]
+    alive_when_packing: list[int] = []
+    real = cpu_linear.packed_linear_class()
+
+    class Watching(real):  # counts the original weights still alive as each layer is packed
+        def __init__(self, linear: torch.nn.Linear):
+            super().__init__(linear)
+            alive_when_packing.append(sum(ref() is not None for ref in originals))
+
+    monkeypatch.setattr(cpu_linear, "packed_linear_class", lambda: Watching)
+    assert pack_linears(model) == len(originals)
+    assert alive_when_packing == list(range(len(originals), 0, -1))  # the one being packed and those not yet
