@@ -1,5 +1,7 @@
-"""Identity with lm-evaluation-harness 0.4.13 on the demo model: same log-likelihoods (1e-4), same predictions,
-on the first 25 test items and on items chosen for what they hold (test item 1041: an empty fifth choice)."""
+"""Identity with lm-evaluation-harness 0.4.13 on the demo model: same log-likelihoods (1e-4, or 1e-5 relative for a
+long continuation's sum: our float32 linears run through oneDNN, the harness's through MKL, and the summation order
+moved one -39.51 by 1.03e-4 on an Intel Xeon), same predictions, on the first 25 test items and on items chosen
+for what they hold (test item 1041: an empty fifth choice)."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ def assert_scored_like_the_harness(model_path: str, data: Path, limit: int) -> l
 
     assert len(reference) == len(ours) == limit
     for item, ref, lls in zip(items, reference, ours):
-        assert lls == pytest.approx(ref["loglikelihoods"], abs=1e-4), item.id
+        assert lls == pytest.approx(ref["loglikelihoods"], abs=1e-4, rel=1e-5), item.id
         pred, pred_norm = mathqa.predictions(item, lls)
         assert (pred, pred_norm) == mathqa.predictions(item, ref["loglikelihoods"]), item.id
         assert (float(pred == item.label), float(pred_norm == item.label)) == (ref["acc"], ref["acc_norm"]), item.id
