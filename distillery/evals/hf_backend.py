@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from distillery.evals.scoring import Request, batches, distinct, longest_first, row_length, shared_prefix_rows
+from distillery.core.cpu_attention import use_native_gqa
 from distillery.core.cpu_linear import pack_linears
 from distillery.core.errors import UserError
 
@@ -68,6 +69,7 @@ class HFModel:
         # float32 on a CPU through oneDNN instead of MKL: 1.4x for scoring, 4x for generation here; other dtypes and
         # devices are left as they are (core/cpu_linear.py)
         pack_linears(model)
+        use_native_gqa(model)  # a masked batch's attention without a copy of the keys per query head
         self.model = model.eval()
         self.torch = torch
 

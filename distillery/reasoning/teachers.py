@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Protocol, TypeVar
 
+from distillery.core.cpu_attention import use_native_gqa
 from distillery.core.cpu_linear import pack_linears
 from distillery.core.errors import UserError
 from distillery.core.models import bundled_gguf, bundled_name
@@ -152,6 +153,7 @@ class HFTeacher:
         if torch.cuda.is_available():  # GPU path: not exercised on the CPU-only test machine
             self.model = self.model.to("cuda")
         pack_linears(self.model)  # on a CPU, float32 through oneDNN: 2-4x faster generation on AMD (core/cpu_linear.py)
+        use_native_gqa(self.model)  # a padded batch's attention without a copy of the keys per query head
         self.model.eval()
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
