@@ -5,6 +5,7 @@ naming the file, not the death of the evaluation. `decode` asks llama.cpp for lo
 a scored token (the output layer over the whole vocabulary is a fifth of a small model's work per row) and keeps
 the KV cache of the tokens a sequence shares with the one before it: a MathQA context is decoded once for all its
 choices, and held-out sequences, taken in sorted order, share their template's system prompt and instruction.
+Answers to held-out prompts are generated side by side (gguf_answers.py).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from distillery.evals.gguf_answers import Answers
 from distillery.evals.scoring import Request
 from distillery.export.verify import log_softmax
 from distillery.export.llama_child import GGUFLoadError, LlamaChild
+from distillery.training.tokens import common_prefix
 
 __all__ = ["GGUFLoadError", "GGUFModel", "decode", "log_softmax_rows"]
 
@@ -24,12 +27,17 @@ def has_gguf_magic(path: Path) -> bool:
         return handle.read(4) == b"GGUF"
 
 
+ANSWERS_AT_ONCE = 8  # sequences generated side by side (Answers); a sampled item's k samples at least
+
+
 class GGUFModel:
-    def __init__(self, path: Path, n_ctx: int = 2048, threads: int | None = None):
+    """`n_ctx` cells: half for the list being scored, half for the answers generated side by side."""
+
+    def __init__(self, path: Path, n_ctx: int = 2048, threads: int | None = None, answers_at_once: int = ANSWERS_AT_ONCE):
         if not has_gguf_magic(path):
             raise GGUFLoadError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes); "
                                 "re-run `distillery export --force` or remove it")
-        self.llama = LlamaChild(path, "scoring", n_ctx=n_ctx, threads=threads)
+        self.llama = LlamaChild(path, "scoring", n_ctx=n_ctx, threads=threads, sequences=1 + answers_at_once)
 
     def encode(self, text: str) -> list[int]:
         """The model's own tokenization, with the special tokens its GGUF metadata asks for (like HF's default)."""
@@ -50,19 +58,20 @@ class GGUFModel:
 
     def score_and_generate(self, token_lists: list[list[int]], starts: list[int], answer: list[int],
                            max_new_tokens: int, batch_size: int, eos_id: int, samples: int = 1,
-                           temperature: float = 0.0, progress: Callable[[int], None] = lambda n: None,
-                           ) -> tuple[list[float], dict[int, list[str]]]:
+                           temperature: float = 0.0, top_p: float = 1.0,
+                           progress: Callable[[int], None] = lambda n: None) -> tuple[list[float], dict[int, list[str]]]:
         """completion_logprobs, and for the lists in `answer` (indices) `samples` continuations of their prompt
-        (the tokens before `start`), each generated right after its list is scored, from the prompt already in
-        llama.cpp's KV cache."""
+        (the tokens before `start`), from the prompt the scoring left in llama.cpp's KV cache."""
         return self.llama.call(_score_and_generate, token_lists, starts, set(answer), max_new_tokens, eos_id,
-                               samples, temperature, on_event=progress)
+                               samples, temperature, top_p, on_event=progress)
 
     def generate_ids(self, id_lists: list[list[int]], max_new_tokens: int, batch_size: int, eos_id: int,
-                     samples: int = 1, temperature: float = 0.0,
+                     samples: int = 1, temperature: float = 0.0, top_p: float = 1.0,
                      progress: Callable[[int], None] = lambda n: None) -> list[list[str]]:
-        """`samples` completions of each token list (greedy when temperature is 0), stopping at `eos_id`."""
-        return self.llama.call(_generate_ids, id_lists, max_new_tokens, eos_id, samples, temperature, on_event=progress)
+        """`samples` completions of each token list (greedy when temperature is 0, else `pick`), stopping at
+        `eos_id`."""
+        return self.llama.call(_generate_ids, id_lists, max_new_tokens, eos_id, samples, temperature, top_p,
+                               on_event=progress)
 
     def close(self) -> None:
         self.llama.close()
@@ -102,59 +111,55 @@ def _generate(state: dict[str, Any], emit: Callable[[int], None], prompts: list[
 
 
 def _generate_ids(state: dict[str, Any], emit: Callable[[int], None], id_lists: list[list[int]], max_new_tokens: int,
-                  eos_id: int, samples: int, temperature: float) -> list[list[str]]:
-    """In the child: each token list continued `samples` times (seeded), up to the EOS; emits 1 per list done."""
-    llm, texts = state["llm"], []
-    for ids in id_lists:
-        decode(llm, list(ids[:-1]), 0, len(ids), lambda position, rows: None)  # no logits: continue_prompt reads them
-        texts.append([continue_prompt(llm, list(ids), max_new_tokens, eos_id, temperature, 1234 + sample)
-                      for sample in range(samples)])
-        emit(1)
-    return texts
+                  eos_id: int, samples: int, temperature: float, top_p: float) -> list[list[str]]:
+    """In the child: each token list continued `samples` times (seeded) up to the EOS, side by side (`Answers`);
+    the lists are decoded in sorted order, each reading the prefix it shares with the one before. Emits 1 per list
+    answered."""
+    llm, cached = state["llm"], []
+    answers = Answers(llm, max_new_tokens, eos_id, temperature, top_p, emit)
+    for index in sorted(range(len(id_lists)), key=lambda i: id_lists[i]):
+        ids, last = id_lists[index], []
+        keep = min(common_prefix(cached, ids), len(ids) - 1)  # the last token is decoded again for its logits
+        decode(llm, ids[keep:], keep, len(ids) - 1, lambda position, rows: last.append(rows[-1].copy()))
+        cached = [] if answers.add(index, len(ids), last[-1], samples) else list(ids)
+    replies = answers.finish()
+    return [[text(llm, tokens) for tokens in replies[i]] for i in range(len(id_lists))]
 
 
 def _score_and_generate(state: dict[str, Any], emit: Callable[[int], None], token_lists: list[list[int]],
                         starts: list[int], answer: set[int], max_new_tokens: int, eos_id: int, samples: int,
-                        temperature: float) -> tuple[list[float], dict[int, list[str]]]:
+                        temperature: float, top_p: float) -> tuple[list[float], dict[int, list[str]]]:
     """In the child: each list's tokens from `start` on scored given all before them; lists taken in sorted order
-    so that each decodes only what it does not share with the one before. A list in `answer` then has its prompt
-    continued `samples` times (seeded) up to the EOS. Emits 1 per list scored and 1 per list answered."""
+    so that each decodes only what it does not share with the one before. A list in `answer` has its prompt (the
+    tokens before `start`) continued `samples` times (seeded) up to the EOS, side by side with the others'
+    (`Answers`). Emits 1 per list scored and 1 per list answered."""
     import numpy as np
 
-    from distillery.training.tokens import common_prefix
-
-    llm, results, replies, cached = state["llm"], [0.0] * len(token_lists), {}, []
+    llm, results, cached = state["llm"], [0.0] * len(token_lists), []
+    answers = Answers(llm, max_new_tokens, eos_id, temperature, top_p, emit)
     for index in sorted(range(len(token_lists)), key=lambda i: token_lists[i]):
         tokens, start = token_lists[index], max(1, starts[index])
         keep = min(common_prefix(cached, tokens), start - 1)  # the row before `start` is always decoded
         picked: list[float] = []
-        decode(llm, tokens[keep:-1], keep, start - 1,
-               lambda position, rows: picked.extend(log_softmax_rows(rows, tokens[position + 1:position + 1 + len(rows)])))
+        first: list[Any] = []  # the logits after the prompt: an answer's first token
+
+        def read(position: int, rows: Any) -> None:
+            if position == start - 1:
+                first.append(rows[0].copy())
+            picked.extend(log_softmax_rows(rows, tokens[position + 1:position + 1 + len(rows)]))
+
+        decode(llm, tokens[keep:-1], keep, start - 1, read)
         results[index] = float(np.sum(picked, dtype=np.float64))
         cached = tokens[:-1]
         emit(1)
         if index in answer:
-            replies[index] = [continue_prompt(llm, tokens[:start], max_new_tokens, eos_id, temperature, 1234 + sample)
-                              for sample in range(samples)]
-            cached = llm.input_ids[:llm.n_tokens].tolist()
-            emit(1)
-    return results, replies
+            llm._ctx.kv_cache_seq_rm(0, start, -1)  # the prompt's cells only
+            cached = [] if answers.add(index, start, first[0], samples) else tokens[:start]
+    return results, {key: [text(llm, tokens) for tokens in replies] for key, replies in answers.finish().items()}
 
 
-def continue_prompt(llm: Any, prompt: list[int], max_new_tokens: int, eos_id: int, temperature: float,
-                    seed: int) -> str:
-    """Up to `max_new_tokens` tokens after `prompt`, whose first len - 1 tokens are in the KV cache: its last token
-    is decoded again for the first token's logits. Greedy when temperature is 0; stops at `eos_id`."""
-    llm.set_seed(seed)
-    decode(llm, prompt[-1:], len(prompt) - 1, len(prompt) - 1, lambda position, rows: None)
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        token = int(llm.sample(temp=temperature))  # 0: greedy
-        if token == eos_id:
-            break
-        out.append(token)
-        decode(llm, [token], llm.n_tokens, llm.n_tokens, lambda position, rows: None)
-    return llm.detokenize(out).decode("utf-8", errors="replace")
+def text(llm: Any, tokens: list[int]) -> str:
+    return llm.detokenize(tokens).decode("utf-8", errors="replace")
 
 
 def decode(llm: Any, tokens: list[int], keep: int, logits_from: int, on_rows: Callable[[int, Any], None]) -> None:

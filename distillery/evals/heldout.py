@@ -100,15 +100,17 @@ def generation_subset(items: list[HeldoutItem], per_task: int | None) -> list[He
 
 def score_artifact(model: Any, items: list[HeldoutItem], generate: list[HeldoutItem], eos_id: int,
                    max_new_tokens: int, samples: int, temperature: float, batch_size: int, limits: Any,
-                   progress: Callable[[int], None] = lambda n: None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                   progress: Callable[[int], None] = lambda n: None,
+                   top_p: float = 1.0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One artifact's held-out scores: {task: {items, loss, ppl, <metric>...}, "overall": {...}} and one row per
-    item (its loss and, where generated, its answers and verdicts)."""
+    item (its loss and, where generated, its answers and verdicts). One answer is greedy; k samples are drawn at
+    `temperature` from the `top_p` nucleus."""
     from distillery.evals import tasks
 
     position = {item.id: k for k, item in enumerate(items)}
     logprobs, replies = model.score_and_generate(*sequences(items), [position[item.id] for item in generate],
                                                  max_new_tokens, batch_size, eos_id, samples,
-                                                 temperature if samples > 1 else 0.0, progress)
+                                                 temperature if samples > 1 else 0.0, top_p, progress)
     pairs = nll_pairs(logprobs, items)
     answered = {items[k].id: sample_replies for k, sample_replies in replies.items()}
     rows = [{"id": item.id, "task": item.task, "nll": round(nll, 6), "tokens": n} for item, (nll, n) in zip(items, pairs)]

@@ -167,8 +167,8 @@ class HFModel:
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start:start + batch_size]
                 enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-                out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                          pad_token_id=tokenizer.pad_token_id)
+                out = self.model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                          **decoding_rule(0.0, 1.0))
                 texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
                 progress(len(chunk))
         return texts
@@ -182,13 +182,13 @@ class HFModel:
 
     def score_and_generate(self, token_lists: list[list[int]], starts: list[int], answer: list[int],
                            max_new_tokens: int, batch_size: int, eos_id: int, samples: int = 1,
-                           temperature: float = 0.0, progress: Callable[[int], None] = lambda n: None,
-                           ) -> tuple[list[float], dict[int, list[str]]]:
+                           temperature: float = 0.0, top_p: float = 1.0,
+                           progress: Callable[[int], None] = lambda n: None) -> tuple[list[float], dict[int, list[str]]]:
         """completion_logprobs, and for the lists in `answer` (indices) `samples` continuations of their prompt
         (the tokens before `start`), generated from the prompt's keys and values the scoring pass computed."""
         results, caches = self._score(token_lists, starts, progress, set(answer))
         replies = self.generate_ids([token_lists[i][:starts[i]] for i in answer], max_new_tokens, batch_size, eos_id,
-                                    samples, temperature, progress, [caches.get(i) for i in answer])
+                                    samples, temperature, top_p, progress, [caches.get(i) for i in answer])
         return results, dict(zip(answer, replies))
 
     def _score(self, token_lists: list[list[int]], starts: list[int], progress: Callable[[int], None],
@@ -244,15 +244,16 @@ class HFModel:
         return picked
 
     def generate_ids(self, id_lists: list[list[int]], max_new_tokens: int, batch_size: int, eos_id: int,
-                     samples: int = 1, temperature: float = 0.0, progress: Callable[[int], None] = lambda n: None,
+                     samples: int = 1, temperature: float = 0.0, top_p: float = 1.0,
+                     progress: Callable[[int], None] = lambda n: None,
                      caches: list[Any] | None = None) -> list[list[str]]:
-        """`samples` completions of each token list (greedy when temperature is 0), stopping at `eos_id`; the
-        prompts are given as the ids training used, so nothing is tokenized twice. Batched by length: a batch is
-        left-padded to its longest prompt. `caches[i]`, when given (`prompt_cache`), holds the keys and values of
-        all but the last token of list i: a batch whose lists all have one decodes only its last column."""
+        """`samples` completions of each token list (`decoding_rule`), stopping at `eos_id`; the prompts are given
+        as the ids training used, so nothing is tokenized twice. Batched by length: a batch is left-padded to its
+        longest prompt. `caches[i]`, when given (`prompt_cache`), holds the keys and values of all but the last
+        token of list i: a batch whose lists all have one decodes only its last column."""
         torch = self.torch
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos_id
-        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        sampling = decoding_rule(temperature, top_p)
         order = sorted(range(len(id_lists)), key=lambda i: len(id_lists[i]))
         texts: list[list[str]] = [[] for _ in id_lists]
         with torch.inference_mode():
@@ -274,6 +275,15 @@ class HFModel:
                     texts[index] = decoded[k * samples:(k + 1) * samples]
                 progress(len(chunk))
         return texts
+
+
+def decoding_rule(temperature: float, top_p: float) -> dict[str, Any]:
+    """generate's settings for the rule a GGUF's answers follow too (gguf_answers.pick): greedy at temperature 0,
+    else softmax(logits / temperature) cut to the top_p nucleus; nothing from the model's generation_config (a
+    repetition penalty, a top-k), so that every artifact of a run answers by the same rule."""
+    if temperature <= 0:
+        return {"do_sample": False, "repetition_penalty": 1.0}
+    return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0, "repetition_penalty": 1.0}
 
 
 def layer_masks(config: Any, mask: Any, positions: Any) -> Any:

@@ -41,7 +41,7 @@ class LlamaChild:
     """A llama_cpp.Llama on `path`, living in a child process; `doing` names the work in crash messages."""
 
     def __init__(self, path: Path | str, doing: str, n_ctx: int = 2048, logits_all: bool = False,
-                 threads: int | None = None, hint: str | None = None, vocab_only: bool = False):
+                 threads: int | None = None, hint: str | None = None, vocab_only: bool = False, sequences: int = 1):
         from distillery.core.machine import usable_cores
         from distillery.export.llama_build import check_installed_build
 
@@ -49,10 +49,11 @@ class LlamaChild:
         self.path = Path(path)
         self._child = Child(LIBRARY, f"{doing} {self.path}", hint=crash_hint() if hint is None else hint)
         # n_threads_batch too: llama-cpp-python's default for prompt processing is multiprocessing.cpu_count(), the
-        # host's cores, not the container's. vocab_only: the tokenizer of a GGUF without its weights.
+        # host's cores, not the container's. vocab_only: the tokenizer of a GGUF without its weights. sequences:
+        # how many sequence ids the context holds (with_sequences).
         threads = threads or usable_cores()
         params = {"n_ctx": n_ctx, "logits_all": logits_all, "n_threads": threads, "n_threads_batch": threads,
-                  "vocab_only": vocab_only}
+                  "vocab_only": vocab_only, "sequences": sequences}
         try:
             self.metadata: dict[str, Any] = self._child.call(_load, str(self.path), params)
         except BaseException:
@@ -87,12 +88,30 @@ def _load(state: dict[str, Any], emit: Callable[[Any], None], path: str, params:
     """Load the GGUF (quietly, every layer offloaded where llama.cpp has a GPU backend) and return its metadata."""
     from llama_cpp import Llama
 
+    sequences = params.pop("sequences", 1)
     try:
         llm = Llama(model_path=path, verbose=False, n_gpu_layers=-1, **params)
+        if sequences > 1:
+            with_sequences(llm, sequences)
     except (ValueError, RuntimeError, OSError) as err:
         raise GGUFLoadError(f"llama.cpp cannot load {path}: {str(err).splitlines()[0] if str(err) else err}") from None
     state["llm"] = llm
     return gguf_metadata(llm)
+
+
+def with_sequences(llm: Any, sequences: int) -> None:
+    """Give the loaded model a context that holds `sequences` sequence ids in one unified KV cache, where sequences
+    share the cells of a common prompt (llama_memory_seq_cp tags them, nothing is copied). llama-cpp-python
+    (pinned) has no such argument: its context is made again, the first one freed before."""
+    import contextlib
+
+    from llama_cpp import _internals
+
+    llm._ctx.close()
+    llm.context_params.n_seq_max = sequences
+    llm.context_params.kv_unified = True
+    llm._ctx = llm._stack.enter_context(contextlib.closing(
+        _internals.LlamaContext(model=llm._model, params=llm.context_params, verbose=False)))
 
 
 def gguf_metadata(llm: Any) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from distillery.evals import generative, heldout, mathqa, report
-from distillery.evals.gguf_backend import GGUFLoadError, GGUFModel
+from distillery.evals.gguf_backend import ANSWERS_AT_ONCE, GGUFLoadError, GGUFModel
 from distillery.evals.hf_backend import HFModel, resolve_dtype
 from distillery.evals.scoring import build_request
 from distillery.config import DistilleryConfig, EvaluateConfig
@@ -118,16 +118,19 @@ def trained_base(summary: Path, default: str) -> str:
 
 def gguf_context(cfg: DistilleryConfig) -> int:
     """llama.cpp's context for scoring: a held-out sequence (cut at format.max_length) plus the longest answer
-    either evaluation generates, and never under 2048."""
+    either evaluation generates (k of them when sampling), twice (GGUFModel: half holds the answers generated side
+    by side), and never under 2048."""
     ev = cfg.evaluate
-    return max(2048, cfg.format.max_length + max(ev.heldout.max_new_tokens, ev.max_new_tokens))
+    longest = max(ev.heldout.samples * ev.heldout.max_new_tokens, ev.max_new_tokens)
+    return max(2048, 2 * (cfg.format.max_length + longest))
 
 
 def load_model(artifact: Artifact, cfg: DistilleryConfig) -> Any:
     """A scorer for the artifact: transformers (+ PEFT) for HF directories, llama.cpp for GGUFs."""
     ev = cfg.evaluate
     if artifact.kind == "gguf":
-        return GGUFModel(Path(artifact.path), n_ctx=gguf_context(cfg), threads=ev.gguf_threads)
+        return GGUFModel(Path(artifact.path), n_ctx=gguf_context(cfg), threads=ev.gguf_threads,
+                         answers_at_once=max(ANSWERS_AT_ONCE, ev.heldout.samples))
     if artifact.kind == "adapter" and artifact.base_model:
         return HFModel(artifact.base_model or "", ev.dtype, adapter=Path(artifact.path),
                        trust_remote_code=cfg.model.trust_remote_code)
@@ -274,7 +277,7 @@ def score_one(ctx: StageContext, artifact: Artifact, held: HeldoutSet | None, mq
         if held:
             scored, rows = heldout.score_artifact(
                 model, held.items, held.generate, held.eos_id, ev.heldout.max_new_tokens, ev.heldout.samples,
-                ev.heldout.temperature, ev.batch_size, limits, advance)
+                ev.heldout.temperature, ev.batch_size, limits, advance, ev.heldout.top_p)
             scores.heldout[artifact.name] = scored
             scores.heldout_items += [{"artifact": artifact.name, **row} for row in rows]
             scores.heldout_seconds[artifact.name] = round(time.time() - loaded, 2)

@@ -153,3 +153,23 @@ def test_unknown_model_path_is_a_user_error(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(UserError, match="cannot load the model"):
         HFModel(str(tmp_path))
+
+
+def test_answers_follow_the_evaluation_rule_not_the_models_generation_config(tiny_dir: Path, tmp_path: Path) -> None:
+    """A generation_config's repetition penalty or top-k (Qwen2.5 Instruct ships both) would make the HF artifacts
+    answer by another rule than the GGUFs (gguf_answers.pick)."""
+    import shutil
+
+    import torch
+
+    penalised = tmp_path / "penalised"
+    shutil.copytree(tiny_dir, penalised)
+    (penalised / "generation_config.json").write_text('{"repetition_penalty": 5.0, "top_k": 2, "eos_token_id": 256}')
+    scorer, plain = HFModel(str(penalised)), HFModel(str(tiny_dir))
+    prompts = [SEQUENCES[i][:STARTS[i]] for i in (0, 2, 4)]
+    answers = scorer.generate_ids(prompts, 16, 8, eos_id=-1)
+    assert answers == plain.generate_ids(prompts, 16, 8, eos_id=-1)
+    with torch.inference_mode():  # the configured penalty does change these answers
+        ids = torch.tensor([prompts[0]])
+        by_config = scorer.model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    assert scorer.tokenizer.decode(by_config[0, len(prompts[0]):], skip_special_tokens=True) != answers[0][0]
