@@ -46,6 +46,14 @@ def machine() -> str:
             f"GPU: {gpu}")
 
 
+def cpu_in_short() -> str:
+    """'Intel(R) Xeon(R) Processor, 2 cores': what a section measured on when it ran alone (--only)."""
+    sys.path.insert(0, str(BENCH.parent))
+    from distillery.export.llama_build import describe_cpu
+
+    return f"{describe_cpu().split(':')[0]}, {os.cpu_count()} cores"
+
+
 def versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -118,7 +126,7 @@ def run_benchmark(benchmark: tuple[str, ...], stamp: str, log: Path | None = Non
     else:
         print(f"\n=== {command} ===", flush=True)
         output, seconds, code = run_one(BENCH / benchmark[0], benchmark[1:])
-        where = f"{seconds:.0f} s, {stamp}"
+        where = f"{seconds:.0f} s, {stamp}, on {cpu_in_short()}"
     status = "" if code == 0 else f" — FAILED (exit {code})"
     section = "\n".join([f"## {heading_of(benchmark)}{status}", "", f"`{command}` ({where})", "",
                          "```", figure_lines_and_tail(output), "```", ""])
@@ -140,6 +148,12 @@ def has_gpu() -> bool:
         return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=10).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
+
+
+def previous_machine_line() -> str:
+    path = BENCH / "RESULTS.md"
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    return next((line for line in lines if line.startswith("- machine: ")), "")
 
 
 def previous_results() -> tuple[dict[str, list[dict[str, str]]], dict[str, str]]:
@@ -184,7 +198,10 @@ def main() -> int:
         failed += not ok
     table = figures_table([(command_of(b), f) for b in BENCHMARKS for f in figures.get(command_of(b), [])])
     when = f"{stamp} ({' '.join(only)} only; each section below says when it ran)" if only else stamp
-    parts = ["# Benchmark results", "", f"- when: {when}", f"- machine: {machine()}", f"- versions: {versions()}",
+    # one benchmark run alone names its CPU in its section: the machine line stays the full run's
+    machine_line = previous_machine_line() if only else ""
+    parts = ["# Benchmark results", "", f"- when: {when}", machine_line or f"- machine: {machine()}",
+             f"- versions: {versions()}",
              f"- load average at the end: {os.getloadavg()[0]:.1f} (the figures are only as steady as the machine)",
              "", *table, "", "Each script's full output follows.", "",
              *[sections[heading_of(b)] for b in BENCHMARKS if heading_of(b) in sections]]
