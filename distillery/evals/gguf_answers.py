@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+
 class Answers:
     """Pending prompts and the answers generated for them: `finish()` gives {key: one token list per sample}."""
 
