@@ -64,7 +64,7 @@ format *args: setup
 finetune *args: setup
     {{py}} -m distillery finetune -c {{config}} "$@"
 
-# Score MathQA for the base model, the adapter, the merged model and the GGUFs.
+# Score the held-out data and MathQA for the base model, the adapter, the merged model and each GGUF.
 evaluate *args: setup
     {{py}} -m distillery evaluate -c {{config}} "$@"
 
