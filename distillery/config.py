@@ -237,8 +237,8 @@ class HeldoutConfig(Section):
     generate: int | None = Field(50, ge=0, description="Of those, items per task also answered and scored by the "
                                  "task's metric (all when unset; 0: loss only).")
     max_new_tokens: int = Field(256, ge=1, description="The longest generated answer.")
-    samples: int = Field(1, ge=1, description="Answers per item: 1 is greedy; k > 1 samples at `temperature` and "
-                         "reports pass@k for the tasks scored by correctness.")
+    samples: int = Field(1, ge=1, le=64, description="Answers per item: 1 is greedy; k > 1 (at most 64) samples at "
+                         "`temperature` and reports pass@k for the tasks scored by correctness.")
     temperature: float = Field(0.6, gt=0, description="Sampling temperature when samples > 1.")
     top_p: float = Field(0.95, gt=0, le=1, description="When samples > 1, each token is drawn from the fewest most "
                          "likely tokens whose probability reaches this (1: all); the same rule for every artifact.")

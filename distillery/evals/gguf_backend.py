@@ -27,7 +27,7 @@ def has_gguf_magic(path: Path) -> bool:
         return handle.read(4) == b"GGUF"
 
 
-ANSWERS_AT_ONCE = 8  # sequences generated side by side (Answers); a sampled item's k samples at least
+ANSWERS_AT_ONCE = 8  # sequences generated side by side (Answers); more samples of an item take turns
 
 
 class GGUFModel:

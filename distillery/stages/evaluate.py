@@ -118,10 +118,10 @@ def trained_base(summary: Path, default: str) -> str:
 
 def gguf_context(cfg: DistilleryConfig) -> int:
     """llama.cpp's context for scoring: a held-out sequence (cut at format.max_length) plus the longest answer
-    either evaluation generates (k of them when sampling), twice (GGUFModel: half holds the answers generated side
-    by side), and never under 2048."""
+    either evaluation generates (as many as are generated side by side when sampling), twice (GGUFModel: half holds
+    the answers), and never under 2048."""
     ev = cfg.evaluate
-    longest = max(ev.heldout.samples * ev.heldout.max_new_tokens, ev.max_new_tokens)
+    longest = max(min(ev.heldout.samples, ANSWERS_AT_ONCE) * ev.heldout.max_new_tokens, ev.max_new_tokens)
     return max(2048, 2 * (cfg.format.max_length + longest))
 
 
@@ -129,8 +129,7 @@ def load_model(artifact: Artifact, cfg: DistilleryConfig) -> Any:
     """A scorer for the artifact: transformers (+ PEFT) for HF directories, llama.cpp for GGUFs."""
     ev = cfg.evaluate
     if artifact.kind == "gguf":
-        return GGUFModel(Path(artifact.path), n_ctx=gguf_context(cfg), threads=ev.gguf_threads,
-                         answers_at_once=max(ANSWERS_AT_ONCE, ev.heldout.samples))
+        return GGUFModel(Path(artifact.path), n_ctx=gguf_context(cfg), threads=ev.gguf_threads)
     if artifact.kind == "adapter" and artifact.base_model:
         return HFModel(artifact.base_model or "", ev.dtype, adapter=Path(artifact.path),
                        trust_remote_code=cfg.model.trust_remote_code)

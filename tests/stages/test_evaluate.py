@@ -217,3 +217,14 @@ def check_heldout(out: Path, run: Path) -> None:
 def load_config_dict(config: dict, directory: Path):
     (directory / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     return load_config(directory / "config.yaml")
+
+
+def test_many_samples_are_refused_and_the_gguf_context_does_not_grow_with_them(tmp_path: Path) -> None:
+    """samples: 100000 asked for 210 GB of generation rows (a crash); a GGUF's context holds only the answers
+    generated side by side, whatever the samples."""
+    base = {"ingest": {"sources": [{"name": "x", "kind": "hf", "files": "x.jsonl"}]}}
+    with pytest.raises(UserError, match=r"evaluate.heldout.samples: Input should be less than or equal to 64"):
+        load_config_dict({**base, "evaluate": {"heldout": {"samples": 65}}}, tmp_path)
+    contexts = [evaluate.gguf_context(load_config_dict({**base, "evaluate": {"heldout": {"samples": k}}}, tmp_path))
+                for k in (8, 64)]
+    assert contexts[0] == contexts[1] <= 2 * (2048 + 8 * 256)
