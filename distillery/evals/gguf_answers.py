@@ -170,13 +170,17 @@ def decode_step(llm: Any, entries: list[tuple[int, int, int]]) -> Any:
     """One decode of (token, position, sequence id) entries, logits for every one; returns a copy of the rows."""
     import numpy as np
 
-    fields = llm._batch.batch
-    fields.n_tokens = len(entries)
-    for j, (token, position, seq) in enumerate(entries):
-        fields.token[j], fields.pos[j], fields.n_seq_id[j] = token, position, 1
-        fields.seq_id[j][0] = seq
-        fields.logits[j] = True
-    llm._ctx.decode(llm._batch)
+    submit(llm, [(token, position, seq, True) for token, position, seq in entries])
     return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(entries), llm.n_vocab())).copy()
 
 
+def submit(llm: Any, entries: list[tuple[int, int, int, bool]]) -> None:
+    """One llama_decode of (token, position, sequence id, logits wanted) entries, at most n_batch of them, through
+    llama-cpp-python's own batch (pinned version: its `eval` asks only for every row's logits or the last's)."""
+    fields = llm._batch.batch
+    fields.n_tokens = len(entries)
+    for j, (token, position, seq, logits) in enumerate(entries):
+        fields.token[j], fields.pos[j], fields.n_seq_id[j] = token, position, 1
+        fields.seq_id[j][0] = seq
+        fields.logits[j] = logits
+    llm._ctx.decode(llm._batch)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from distillery.evals.gguf_answers import Answers
+from distillery.evals.gguf_answers import Answers, submit
 from distillery.evals.scoring import Request
 from distillery.export.verify import log_softmax
 from distillery.export.llama_child import GGUFLoadError, LlamaChild
@@ -163,23 +163,16 @@ def text(llm: Any, tokens: list[int]) -> str:
 
 
 def decode(llm: Any, tokens: list[int], keep: int, logits_from: int, on_rows: Callable[[int, Any], None]) -> None:
-    """Decode `tokens` after the first `keep` cached positions (the cache past them is dropped), asking llama.cpp
-    for logits only at positions >= logits_from; on_rows(first position, rows) gets them chunk by chunk (the
-    array is llama.cpp's own buffer: read it before the next decode). Uses llama-cpp-python's batch directly, as
-    its `eval` does (pinned version), because `eval` can ask only for every row or for the last."""
+    """Decode `tokens` as sequence 0 after its first `keep` cached positions (its cache past them is dropped),
+    asking llama.cpp for logits only at positions >= logits_from; on_rows(first position, rows) gets them chunk by
+    chunk (the array is llama.cpp's own buffer: read it before the next decode)."""
     import numpy as np
 
-    llm._ctx.kv_cache_seq_rm(-1, keep, -1)
-    at, batch = keep, llm._batch
+    llm._ctx.kv_cache_seq_rm(0, keep, -1)
+    at = keep
     for offset in range(0, len(tokens), llm.n_batch):
         chunk = tokens[offset:offset + llm.n_batch]
-        fields = batch.batch
-        fields.n_tokens = len(chunk)
-        for j, token in enumerate(chunk):
-            fields.token[j], fields.pos[j], fields.n_seq_id[j] = token, at + j, 1
-            fields.seq_id[j][0] = 0
-            fields.logits[j] = at + j >= logits_from
-        llm._ctx.decode(batch)
+        submit(llm, [(token, at + j, 0, at + j >= logits_from) for j, token in enumerate(chunk)])
         llm.input_ids[at:at + len(chunk)] = chunk
         outputs = at + len(chunk) - max(at, logits_from)
         if outputs > 0:

@@ -276,7 +276,7 @@ def score_one(ctx: StageContext, artifact: Artifact, held: HeldoutSet | None, mq
         if held:
             scored, rows = heldout.score_artifact(
                 model, held.items, held.generate, held.eos_id, ev.heldout.max_new_tokens, ev.heldout.samples,
-                ev.heldout.temperature, ev.batch_size, limits, advance, ev.heldout.top_p)
+                ev.heldout.temperature, ev.batch_size, limits, advance, top_p=ev.heldout.top_p)
             scores.heldout[artifact.name] = scored
             scores.heldout_items += [{"artifact": artifact.name, **row} for row in rows]
             scores.heldout_seconds[artifact.name] = round(time.time() - loaded, 2)
