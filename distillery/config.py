@@ -239,7 +239,7 @@ class HeldoutConfig(Section):
     max_new_tokens: int = Field(256, ge=1, description="The longest generated answer.")
     samples: int = Field(1, ge=1, le=64, description="Answers per item: 1 is greedy; k > 1 (at most 64) samples at "
                          "`temperature` and reports pass@k for the tasks scored by correctness.")
-    temperature: float = Field(0.6, gt=0, description="Sampling temperature when samples > 1.")
+    temperature: float = Field(0.6, ge=0.01, le=100, description="Sampling temperature when samples > 1.")
     top_p: float = Field(0.95, gt=0, le=1, description="When samples > 1, each token is drawn from the fewest most "
                          "likely tokens whose probability reaches this (1: all); the same rule for every artifact.")
     max_quant_loss_increase: float = Field(0.1, ge=0, description="A GGUF fails when its held-out loss on a task "

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from distillery.sources.files import resolve_paths
 from distillery.sources.registry import Source, SourceParams, SourceReport
@@ -47,8 +47,17 @@ class HFDatasetParams(SourceParams):
         default_factory=lambda: {"user": "INSTRUCTION", "assistant": "RESPONSE"},
         description="For format=columns: which column becomes which role.",
     )
-    task: str = Field("qa", description="The record task for format=columns/messages/sharegpt/alpaca.")
+    task: str = Field("qa", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                      description="The record task for format=columns/messages/sharegpt/alpaca: letters, digits, "
+                      "`_`, `.` and `-` (it names a row of evaluate's tables); not `overall`.")
     timeout_s: float = Field(10.0, gt=0, description="How long to wait for the Hub before failing (no long hangs offline).")
+
+    @field_validator("task")
+    @classmethod
+    def _not_overall(cls, task: str) -> str:
+        if task == "overall":
+            raise ValueError("`overall` is the name of evaluate's row for all tasks together: choose another task name")
+        return task
 
 
 def split_mathqa_options(options: str) -> list[str]:

@@ -136,3 +136,14 @@ def test_hub_unreachable_fails_within_the_timeout(monkeypatch: pytest.MonkeyPatc
                                         r"hf download regisss/math_qa --repo-type dataset"):
         read(dataset="regisss/math_qa", format="mathqa", timeout_s=3)
     assert seen["timeout"] == 3 and time.perf_counter() - started < 3
+
+
+@pytest.mark.parametrize("task", ["[/x]", "$\\frac{a}$", "a|b", "../up", "", "overall", "x" * 65])
+def test_a_task_name_that_would_break_evaluates_tables_is_refused(task: str) -> None:
+    """A task names a row of evaluate's console table (rich markup), report.md (a markdown table) and chart
+    (matplotlib mathtext); `overall` is the row of all tasks together."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="task"):
+        HFDatasetParams(name="src", kind="hf", files="x.jsonl", task=task)
+    assert HFDatasetParams(name="src", kind="hf", files="x.jsonl", task="gsm8k.v2-ko_en").task == "gsm8k.v2-ko_en"
