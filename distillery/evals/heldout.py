@@ -81,7 +81,14 @@ def loss_summary(pairs: list[tuple[float, int]]) -> dict[str, float]:
     """Mean negative log-likelihood per token (pooled over the items' tokens) and its perplexity."""
     nll, tokens = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
     loss = nll / tokens if tokens else float("nan")
-    return {"loss": round(loss, 6), "ppl": round(math.exp(loss), 4) if tokens else float("nan"), "tokens": tokens}
+    return {"loss": round(loss, 6), "ppl": round(perplexity(loss), 4), "tokens": tokens}
+
+
+def perplexity(loss: float) -> float:
+    try:
+        return math.exp(loss)
+    except OverflowError:  # a broken model's loss, past 709 nats a token
+        return float("inf")
 
 
 CORRECTNESS_KINDS = ("math", "option", "codeio", "text")
@@ -121,11 +128,11 @@ def score_artifact(model: Any, items: list[HeldoutItem], generate: list[HeldoutI
         asked = [items[k] for k in members if items[k].id in answered]
         if not asked:
             continue
-        kind = tasks.kind_of(task, asked[0].reference)
+        kind = tasks.kind_of(task, [item.reference for item in asked])
         verdicts = [[tasks.check_item(kind, item.record, item.reference, reply, limits) for reply in answered[item.id]]
                     for item in asked]
-        scores[task].update({"generated": len(asked), **tasks.corpus_metrics(
-            kind, task, [i.reference for i in asked], [answered[i.id][0] for i in asked], [v[0] for v in verdicts])})
+        scores[task].update({"generated": len(asked), **tasks.sample_metrics(
+            kind, task, [i.reference for i in asked], [answered[i.id] for i in asked], verdicts)})
         if samples > 1 and kind in CORRECTNESS_KINDS:
             scores[task][f"pass@{samples}"] = round(sum(any(x["correct"] for x in v) for v in verdicts) / len(asked), 4)
         for item, item_verdicts in zip(asked, verdicts):
@@ -153,7 +160,7 @@ def quant_checks(results: dict[str, dict[str, Any]], kinds: dict[str, str], max_
             theirs = results[reference].get(task)
             if not theirs:
                 continue
-            increase = (mine["loss"] - theirs["loss"]) / theirs["loss"] if theirs["loss"] else 0.0
+            increase = relative_increase(mine["loss"], theirs["loss"])
             check = {"reference": reference, "loss_increase": round(increase, 4)}
             passed = increase <= max_loss_increase
             ours, ref = main_metric(mine), main_metric(theirs)
@@ -162,3 +169,10 @@ def quant_checks(results: dict[str, dict[str, Any]], kinds: dict[str, str], max_
                 passed = passed and ref - ours <= max_drop
             mine["vs_reference"] = {**check, "passed": passed}
     return reference
+
+
+def relative_increase(loss: float, reference: float) -> float:
+    """How much higher `loss` is than `reference`, relative to it; from a reference of 0 any increase is infinite."""
+    if reference > 0:
+        return (loss - reference) / reference
+    return 0.0 if loss <= reference else float("inf")

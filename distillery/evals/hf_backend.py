@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 # cache) scored the demo's held-out set in 9.5 s where one batch of 4096 took 13.6 s (MKL; through oneDNN, rows of
 # 256-1024 in batches of 512-2048 positions all take 8.6-10 s); a GPU wants larger batches.
 TOKEN_BUDGET = {"cpu": 1024, "cuda": 4096}
+SAMPLING_SEED = 1234  # sampled answers are the same on every run (a GGUF's are seeded too: gguf_answers.pick)
 PACKED_WIDTH = 512  # positions per packed row of held-out sequences, at least (the longest sequence sets more)
 
 
@@ -266,10 +267,12 @@ class HFModel:
                 cached = [caches[i] for i in batch] if caches else []
                 past = batch_cache(cached, width - 1, samples, self.model.config) if cached and all(
                     c is not None for c in cached) and width > 1 else None
-                out = self.model.generate(input_ids=ids.repeat_interleave(samples, 0),
-                                          attention_mask=mask.repeat_interleave(samples, 0), past_key_values=past,
-                                          max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad,
-                                          **sampling)
+                with torch.random.fork_rng():  # seeded per batch; the caller's random state is kept
+                    torch.manual_seed(SAMPLING_SEED + start)
+                    out = self.model.generate(input_ids=ids.repeat_interleave(samples, 0),
+                                              attention_mask=mask.repeat_interleave(samples, 0), past_key_values=past,
+                                              max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad,
+                                              **sampling)
                 decoded = self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
                 for k, index in enumerate(batch):
                     texts[index] = decoded[k * samples:(k + 1) * samples]

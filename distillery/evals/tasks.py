@@ -3,7 +3,7 @@
 | task | checker | metrics |
 | --- | --- | --- |
 | translate_* | sacrebleu, corpus level | chrF++ (character n-grams plus word bigrams: tokenisation-free, fair to Korean) and BLEU (tokeniser 13a for English targets, char for Korean ones) |
-| math: a reference with `####` or `\\boxed{}`, or a task named math/gsm | math-verify (reasoning/answers.py) | accuracy |
+| math: at least half the references end in `#### <answer>` or hold `\\boxed{}`, or a task named math/gsm | math-verify (reasoning/answers.py) | accuracy |
 | math_mc (MathQA options) | the option letter after any reasoning | accuracy |
 | code_io_output, code_io_input | CodeI/O's own verifiers; input prediction runs the reference code in the sandbox | accuracy |
 | anything else | exact match after whitespace normalisation, and chrF++ | exact_match, chrf (named in the results) |
@@ -19,18 +19,21 @@ from typing import Any
 from distillery.reasoning.verifiers import final_part
 
 TRANSLATION_PREFIX = "translate_"
-MATH_MARKERS = ("####", "\\boxed{")
 
 
-def kind_of(task: str, reference: str) -> str:
-    """translation | math | option | codeio | text."""
+def kind_of(task: str, references: list[str]) -> str:
+    """translation | math | option | codeio | text. A task of another name is math when at least half its references
+    end in a GSM-style `#### <answer>` (not a markdown heading) or hold a `\\boxed{}` answer."""
+    from distillery.reasoning.answers import GSM_FINAL
+
     if task.startswith(TRANSLATION_PREFIX):
         return "translation"
     if task == "math_mc":
         return "option"
     if task.startswith("code_io"):
         return "codeio"
-    if any(marker in reference for marker in MATH_MARKERS) or re.search(r"math|gsm", task):
+    marked = sum(bool(GSM_FINAL.search(r)) or "\\boxed{" in r for r in references)
+    if 2 * marked >= len(references) or re.search(r"math|gsm", task):
         return "math"
     return "text"
 
@@ -83,6 +86,20 @@ def corpus_metrics(kind: str, task: str, references: list[str], replies: list[st
                 "checker": "exact match and chrF++ (no task-specific checker)"}
     checker = {"math": "math-verify", "option": "option letter", "codeio": "CodeI/O verifier"}[kind]
     return {"accuracy": round(accuracy, 4), "metric": "accuracy", "checker": checker}
+
+
+def sample_metrics(kind: str, task: str, references: list[str], replies: list[list[str]],
+                   verdicts: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """corpus_metrics over each item's answers: with one answer an item, its metrics; with k sampled answers, the
+    metrics of each of the k answer sets averaged (the expected metric of one sampled answer: DeepSeek-R1's pass@1
+    when the metric is accuracy), so that no single draw decides the number or the quant check."""
+    runs = [corpus_metrics(kind, task, references, [r[s] for r in replies], [v[s] for v in verdicts])
+            for s in range(len(replies[0]))]
+    if len(runs) == 1:
+        return runs[0]
+    averaged = {key: round(sum(run[key] for run in runs) / len(runs), 4) if isinstance(value, float) else value
+                for key, value in runs[0].items()}
+    return {**averaged, "averaged_over": len(runs)}
 
 
 def main_metric(scores: dict[str, Any]) -> float | None:

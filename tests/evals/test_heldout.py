@@ -39,9 +39,13 @@ def test_the_reference_answer_drops_the_eos_the_tail_and_the_reasoning() -> None
 
 
 def test_each_task_gets_its_checker() -> None:
-    assert tasks.kind_of("translate_en_ko", "안녕") == "translation"
-    assert tasks.kind_of("qa", "so 42.\n#### 42") == "math" and tasks.kind_of("qa", "Red.") == "text"
-    assert tasks.kind_of("math_mc", "") == "option" and tasks.kind_of("code_io_input", "") == "codeio"
+    assert tasks.kind_of("translate_en_ko", ["안녕"]) == "translation"
+    assert tasks.kind_of("qa", ["so 42.\n#### 42"]) == "math" and tasks.kind_of("qa", ["Red."]) == "text"
+    assert tasks.kind_of("math_mc", [""]) == "option" and tasks.kind_of("code_io_input", [""]) == "codeio"
+    # a markdown heading is not a GSM answer, and one record does not decide for the task
+    assert tasks.kind_of("qa", ["#### Step 1\nMix the flour.", "Red."]) == "text"
+    assert tasks.kind_of("qa", ["so 4.\n#### 4", "Red.", "Blue."]) == "text"
+    assert tasks.kind_of("qa", ["so 4.\n#### 4", "so $\\boxed{5}$", "Blue."]) == "math"
     option = tasks.check_item("option", {"label": 2}, "", "<think>hmm</think> The answer is (c)", None)
     assert option["correct"] and option["answer"] == "c"
     text = tasks.check_item("text", {}, "Red.", "  red. ", None)
@@ -145,3 +149,28 @@ def test_a_gguf_past_the_bound_is_marked() -> None:
     assert results["m-Q4_K_M"]["qa"]["vs_reference"]["passed"] is True
     check = results["m-Q2_K"]["qa"]["vs_reference"]
     assert check == {"reference": "merged", "loss_increase": 0.3, "metric_drop": 0.2, "passed": False}
+
+
+def test_sampled_answers_are_scored_as_the_mean_over_samples() -> None:
+    """With k samples the metric is the mean of the k answer sets' metrics (R1's pass@1), not the first draw's."""
+    right, wrong = {"correct": True}, {"correct": False}
+    verdicts = [[right, wrong, wrong, wrong], [right, right, wrong, wrong]]
+    scores = tasks.sample_metrics("math", "gsm", ["4", "5"], [["4", "1", "2", "3"], ["5", "5", "0", "0"]], verdicts)
+    assert scores["accuracy"] == 0.375 and scores["averaged_over"] == 4
+    sentence = "The weather in Seoul is very good today."
+    one = tasks.sample_metrics("translation", "translate_ko_en", [sentence], [[sentence]], [[{}]])
+    assert one == tasks.corpus_metrics("translation", "translate_ko_en", [sentence], [sentence], [{}])
+    two = tasks.sample_metrics("translation", "translate_ko_en", [sentence], [[sentence, "Nothing alike"]], [[{}, {}]])
+    half = tasks.corpus_metrics("translation", "translate_ko_en", [sentence], ["Nothing alike"], [{}])["chrf"]
+    assert two["chrf"] == pytest.approx((100 + half) / 2, abs=1e-3) and two["bleu_tokenizer"] == "13a"
+
+
+def test_a_loss_past_what_a_float_holds_is_an_infinite_perplexity_not_a_crash() -> None:
+    assert heldout.loss_summary([(800.0 * 3, 3)]) == {"loss": 800.0, "ppl": math.inf, "tokens": 3}
+
+
+def test_a_reference_loss_of_zero_does_not_let_every_quant_pass() -> None:
+    results = {"merged": {"qa": {"loss": 0.0}}, "m-Q8_0": {"qa": {"loss": 0.0}}, "m-Q2_K": {"qa": {"loss": 4.0}}}
+    heldout.quant_checks(results, {"merged": "merged", "m-Q8_0": "gguf", "m-Q2_K": "gguf"}, 0.1, 0.05)
+    assert results["m-Q8_0"]["qa"]["vs_reference"]["passed"] is True
+    assert results["m-Q2_K"]["qa"]["vs_reference"]["passed"] is False

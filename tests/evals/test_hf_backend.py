@@ -173,3 +173,17 @@ def test_answers_follow_the_evaluation_rule_not_the_models_generation_config(tin
         ids = torch.tensor([prompts[0]])
         by_config = scorer.model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=-1, pad_token_id=0)
     assert scorer.tokenizer.decode(by_config[0, len(prompts[0]):], skip_special_tokens=True) != answers[0][0]
+
+
+def test_sampled_answers_are_the_same_on_every_run_and_leave_the_random_state_alone(tiny_dir: Path) -> None:
+    import torch
+
+    scorer = HFModel(str(tiny_dir))
+    prompts = [SEQUENCES[i][:STARTS[i]] for i in (0, 2)]
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    first = scorer.generate_ids(prompts, 12, 8, eos_id=-1, samples=3, temperature=1.5)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(99)  # another caller's state: the answers do not depend on it
+    assert scorer.generate_ids(prompts, 12, 8, eos_id=-1, samples=3, temperature=1.5) == first
+    assert len({tuple(answers) for answers in first}) == 2 and len(set(first[0])) > 1  # they are samples
