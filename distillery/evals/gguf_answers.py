@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from distillery.export.llama_child import decode_failure
+
 
 class Answers:
     """Pending prompts and the answers generated for them: `finish()` gives {key: one token list per sample}."""
@@ -183,4 +185,9 @@ def submit(llm: Any, entries: list[tuple[int, int, int, bool]]) -> None:
         fields.token[j], fields.pos[j], fields.n_seq_id[j] = token, position, 1
         fields.seq_id[j][0] = seq
         fields.logits[j] = logits
-    llm._ctx.decode(llm._batch)
+    try:
+        llm._ctx.decode(llm._batch)
+    except RuntimeError as err:  # 'llama_decode returned N'
+        code = str(err).rsplit(" ", 1)[-1]
+        raise decode_failure(int(code) if code.lstrip("-").isdigit() else 0, llm, len(entries),
+                             entries[0][1] if entries else 0) from None

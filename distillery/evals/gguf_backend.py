@@ -16,10 +16,10 @@ from typing import Any, Callable
 from distillery.evals.gguf_answers import Answers, submit
 from distillery.evals.scoring import Request
 from distillery.export.verify import log_softmax
-from distillery.export.llama_child import GGUFLoadError, LlamaChild
+from distillery.export.llama_child import GGUFDecodeError, GGUFLoadError, LlamaChild, decode_failure
 from distillery.training.tokens import common_prefix
 
-__all__ = ["GGUFLoadError", "GGUFModel", "decode", "log_softmax_rows"]
+__all__ = ["GGUFDecodeError", "GGUFLoadError", "GGUFModel", "decode", "log_softmax_rows"]
 
 
 def has_gguf_magic(path: Path) -> bool:
@@ -38,6 +38,15 @@ class GGUFModel:
             raise GGUFLoadError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes); "
                                 "re-run `distillery export --force` or remove it")
         self.llama = LlamaChild(path, "scoring", n_ctx=n_ctx, threads=threads, sequences=1 + answers_at_once)
+
+    def check_vocabulary(self, highest_id: int) -> None:
+        """GGUFDecodeError when token ids up to `highest_id` (the training tokenizer's) are outside this GGUF's
+        vocabulary: it was not exported from the model the run trained."""
+        n_vocab = self.llama.metadata["n_vocab"]
+        if highest_id >= n_vocab:
+            raise GGUFDecodeError(f"{self.llama.path.name} has a vocabulary of {n_vocab} tokens, but the training "
+                                  f"tokenizer's ids reach {highest_id}: it is not a GGUF of this run's model "
+                                  "(re-run `distillery export --force`)")
 
     def encode(self, text: str) -> list[int]:
         """The model's own tokenization, with the special tokens its GGUF metadata asks for (like HF's default)."""
@@ -104,7 +113,9 @@ def _generate(state: dict[str, Any], emit: Callable[[int], None], prompts: list[
     llm, texts = state["llm"], []
     for prompt in prompts:
         llm.reset()
-        out = llm.create_completion(prompt, max_tokens=max_new_tokens, temperature=0.0)
+        # the prompt as the template wrote it (any BOS is in its text), as the HF side tokenizes it: no second BOS
+        ids = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        out = llm.create_completion(ids, max_tokens=max_new_tokens, temperature=0.0)
         texts.append(out["choices"][0]["text"])
         emit(1)
     return texts
@@ -168,6 +179,8 @@ def decode(llm: Any, tokens: list[int], keep: int, logits_from: int, on_rows: Ca
     chunk (the array is llama.cpp's own buffer: read it before the next decode)."""
     import numpy as np
 
+    if keep + len(tokens) > len(llm.input_ids):  # past the context asked for (llama.cpp's own is rounded up)
+        raise decode_failure(1, llm, len(tokens), keep)
     llm._ctx.kv_cache_seq_rm(0, keep, -1)
     at = keep
     for offset in range(0, len(tokens), llm.n_batch):

@@ -27,6 +27,22 @@ class GGUFLoadError(Exception):
     """llama.cpp refused the file (not a GGUF, truncated, unknown architecture): an error it reported itself."""
 
 
+class GGUFDecodeError(Exception):
+    """llama.cpp refused a batch of tokens (no room left in its context, a token outside the vocabulary)."""
+
+
+DECODE_FAILURES = {1: "no room for them in its context of {n_ctx} cells",
+                   -1: "the batch is invalid (a token id outside the GGUF's vocabulary of {n_vocab}?)"}
+
+
+def decode_failure(code: int, llm: Any, tokens: int, first: int) -> GGUFDecodeError:
+    """What llama_decode's return code `code` means, as a GGUFDecodeError (llama-cpp-python says only the number).
+    The context is the one asked for (llama.cpp rounds its own up to a multiple of 256 cells)."""
+    why = DECODE_FAILURES.get(code, "llama_decode returned {code}")
+    return GGUFDecodeError(f"llama.cpp could not decode {tokens} tokens from position {first}: "
+                           + why.format(n_ctx=len(llm.input_ids), n_vocab=llm.n_vocab(), code=code))
+
+
 def crash_hint() -> str:
     """What to try after llama.cpp crashed: check the runtime on this CPU, then rebuild or suspect the file."""
     from distillery.export.llama_build import REBUILD, describe_cpu, installed_build

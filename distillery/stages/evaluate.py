@@ -25,12 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from distillery.evals import generative, heldout, mathqa, report
-from distillery.evals.gguf_backend import ANSWERS_AT_ONCE, GGUFLoadError, GGUFModel
+from distillery.evals.gguf_backend import ANSWERS_AT_ONCE, GGUFDecodeError, GGUFLoadError, GGUFModel
 from distillery.evals.hf_backend import HFModel, resolve_dtype
 from distillery.evals.scoring import build_request
 from distillery.config import DistilleryConfig, EvaluateConfig
 from distillery.core.console import summary_table
+from distillery.core.isolation import NativeCrash
 from distillery.core.errors import UserError
 from distillery.core.summaries import read_finetune_summary
 from distillery.core.models import resolve_model_path
@@ -225,6 +228,11 @@ def load_heldout(ctx: StageContext) -> HeldoutSet | None:
     tokenizer.eos_token = meta["eos_token"]
     items, dropped = heldout.load_items(eval_path, tokenizer, ctx.cfg.format.max_length, ho.limit)
     if not items:
+        if dropped:
+            ctx.console.print(f"[yellow]held-out data not scored[/]: none of the {dropped} records of "
+                              f"{escape(str(eval_path))} has a completion token within format.max_length "
+                              f"({ctx.cfg.format.max_length}): their prompts fill it. Raise format.max_length to "
+                              "score them.")
         return None
     return HeldoutSet(items, heldout.generation_subset(items, ho.generate),
                       tokenizer.convert_tokens_to_ids(meta["eos_token"]), dropped)
@@ -243,10 +251,41 @@ def load_mathqa(ctx: StageContext) -> MathQASet:
     if not ev.data:
         return MathQASet([], [], mathqa.LoadReport())
     items, contexts, loaded = load_data(ev)
-    for skipped in loaded.skipped:
-        ctx.console.print(f"[yellow]skipped MathQA item {skipped['id']}[/]: {skipped['reason']}")
     prompts = chat_prompts(ctx, items, resolve_model_path(ctx.cfg.model.path)) if ev.mode == "generative" else contexts
+    items, prompts = within_window(ctx.cfg, items, prompts, loaded)
+    for skipped in loaded.skipped:
+        ctx.console.print(f"[yellow]skipped MathQA item {escape(skipped['id'])}[/]: {escape(skipped['reason'])}")
+    if not items:
+        raise UserError(f"evaluate.data {ev.data}: no MathQA item can be scored ({len(loaded.skipped)} skipped, "
+                        f"the first: {loaded.skipped[0]['reason']}).")
     return MathQASet(items, prompts, loaded)
+
+
+def within_window(cfg: DistilleryConfig, items: list[mathqa.Item], prompts: list[str],
+                  loaded: mathqa.LoadReport) -> tuple[list[mathqa.Item], list[str]]:
+    """The items whose tokens fit the window every artifact scores one sequence in (half a GGUF's context,
+    gguf_context); a longer one (a hostile Problem, many long few-shot examples) is skipped and reported instead
+    of failing llama.cpp's decode or building an attention mask of its length squared."""
+    from transformers import AutoTokenizer
+
+    ev, window = cfg.evaluate, gguf_context(cfg) // 2
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path),
+                                              trust_remote_code=cfg.model.trust_remote_code)
+    kept: tuple[list[mathqa.Item], list[str]] = ([], [])
+    for item, prompt in zip(items, prompts):
+        if ev.mode == "loglikelihood":
+            needed = len(tokenizer.encode(prompt)) + max(len(tokenizer.encode(c, add_special_tokens=False))
+                                                         for c in mathqa.continuations(item))
+        else:
+            needed = len(tokenizer.encode(prompt, add_special_tokens=False)) + ev.max_new_tokens
+        if needed > window:
+            loaded.skipped.append({"id": item.id, "reason": f"{needed} tokens with its longest answer, more than the "
+                                   f"{window} a sequence is scored in (raise format.max_length, or lower "
+                                   "evaluate.num_fewshot or evaluate.max_new_tokens)"})
+            continue
+        kept[0].append(item)
+        kept[1].append(prompt)
+    return kept
 
 
 @dataclass
@@ -269,10 +308,12 @@ def score_one(ctx: StageContext, artifact: Artifact, held: HeldoutSet | None, mq
         model = load_model(artifact, ctx.cfg)
     except GGUFLoadError as err:
         scores.results["errors"][artifact.name] = str(err)
-        ctx.console.print(f"[yellow]skipped {artifact.name}[/]: {err}")
+        ctx.console.print(f"[yellow]skipped {escape(artifact.name)}[/]: {escape(str(err))}")
         return
     loaded = time.time()
     try:
+        if held and isinstance(model, GGUFModel):
+            model.check_vocabulary(max(max(i.prompt_ids + i.completion_ids) for i in held.items))
         if held:
             scored, rows = heldout.score_artifact(
                 model, held.items, held.generate, held.eos_id, ev.heldout.max_new_tokens, ev.heldout.samples,
@@ -286,6 +327,9 @@ def score_one(ctx: StageContext, artifact: Artifact, held: HeldoutSet | None, mq
             scores.results["artifacts"][artifact.name] = {"kind": artifact.kind, "path": str(artifact.path),
                                                           **summarize(rows, ev.mode)}
             scores.per_item += [{"artifact": artifact.name, **row} for row in rows]
+    except (GGUFDecodeError, NativeCrash) as err:  # llama.cpp failed on this GGUF: the other artifacts still count
+        scores.results["errors"][artifact.name] = str(err)
+        ctx.console.print(f"[yellow]not scored {escape(artifact.name)}[/]: {escape(str(err))}")
     finally:
         if isinstance(model, GGUFModel):
             model.close()  # its llama.cpp child process
@@ -301,8 +345,8 @@ def run(ctx: StageContext) -> StageResult:
     held = load_heldout(ctx) if ev.heldout.enabled else None
     mqa = load_mathqa(ctx)
     if held is None and not mqa.items:
-        raise UserError("evaluate has nothing to score: the run has no held-out records (ingest.eval_fraction) and "
-                        "evaluate.data is not set. Set one of them.")
+        raise UserError("evaluate has nothing to score: the run has no held-out record it can score (ingest."
+                        "eval_fraction, format.max_length) and evaluate.data is not set. Set one of them.")
     artifacts = find_artifacts(ctx)
     scores = Scores({"task": "mathqa", "mode": ev.mode, "data": ev.data, "split": ev.split, "n": len(mqa.items),
                      "num_fewshot": ev.num_fewshot, "dtype": resolve_dtype(ev.dtype), "skipped_items": mqa.loaded.skipped,

@@ -202,3 +202,22 @@ def test_the_r1_generative_evaluation_reports_its_no_answer_rate(tiny_run) -> No
         replies = [r["reply"] for r in per_item if r["artifact"] == name]
         unanswered = sum(extract_letter(reply) is None for reply in replies)
         assert scored["n"] == len(replies) == 4 and scored["no_answer"] == unanswered / 4, (name, replies)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_gguf_answers_a_prompt_that_writes_its_bos_after_one_bos(tiny_run) -> None:
+    """R1-Distill-Qwen's template writes the BOS into the prompt's text and its GGUF asks for a BOS as well: the GGUF
+    side of generative evaluation must not add a second one (the HF side tokenizes without special tokens)."""
+    from distillery.evals.gguf_backend import GGUFModel
+    from tests.evals.test_gguf_backend import bos_of, prompt_tokens_of_an_answer
+
+    run, _ = tiny_run
+    model = GGUFModel(run / "export" / "gguf" / "tiny-qwen2-r1-Q8_0.gguf", threads=2, answers_at_once=1)
+    try:
+        bos, text = model.llama.call(bos_of)
+        assert text == BOS and model.llama.metadata["n_vocab"] > bos
+        seen = model.llama.call(prompt_tokens_of_an_answer, f"{BOS}{USER}2 + 2?{ASSISTANT}")
+        assert seen[0] == bos and seen[1] != bos, seen[:4]
+    finally:
+        model.close()

@@ -96,3 +96,36 @@ def test_a_held_out_sequence_longer_than_2048_tokens_is_scored(tmp_path: Path) -
         assert -20 * 30 < score < 0  # 20 scored tokens, each a finite log-probability
     finally:
         model.close()
+
+
+def test_what_llama_cpp_cannot_decode_is_an_error_that_says_why() -> None:
+    """llama-cpp-python's bare 'llama_decode returned 1' becomes a GGUFDecodeError naming what ran out, and ids past
+    the vocabulary are refused before llama.cpp sees them."""
+    pytest.importorskip("llama_cpp")
+    from distillery.evals.gguf_backend import GGUFDecodeError
+
+    model = GGUFModel(bundled_gguf(), n_ctx=256, threads=2, answers_at_once=1)
+    try:
+        with pytest.raises(GGUFDecodeError, match="no room for them in its context of 256 cells"):
+            model.completion_logprobs([[1000 + i for i in range(400)]], [390], 8)
+        assert model.completion_logprobs([[1000, 1001, 1002]], [1], 8)[0] < 0  # the model still answers after it
+        model.check_vocabulary(49151)
+        with pytest.raises(GGUFDecodeError, match="vocabulary of 49152 tokens, but the training tokenizer's ids reach"):
+            model.check_vocabulary(50000)
+    finally:
+        model.close()
+
+
+def bos_of(state: dict, emit) -> tuple[int, str]:
+    """In the llama.cpp child: the BOS token's id and text."""
+    llm = state["llm"]
+    return llm.token_bos(), llm.detokenize([llm.token_bos()], special=True).decode()
+
+
+def prompt_tokens_of_an_answer(state: dict, emit, prompt: str) -> list[int]:
+    """The tokens gguf_backend._generate puts before the answer (llama.cpp's own input_ids after the call)."""
+    from distillery.evals.gguf_backend import _generate
+
+    llm = state["llm"]
+    _generate(state, emit, [prompt], 1)
+    return [int(t) for t in llm.input_ids[:llm.n_tokens]]

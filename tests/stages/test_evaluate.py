@@ -186,6 +186,29 @@ def test_every_artifact_of_a_demo_run_is_scored_and_compared(demo_run: Path, mon
     check_heldout(out, demo_run)
 
 
+@pytest.mark.integration
+def test_a_gguf_llama_cpp_cannot_decode_is_reported_and_the_other_artifacts_kept(
+        demo_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama.cpp refusing a batch (here a context of fewer cells than one held-out sequence) is that GGUF's error
+    in results.json and the summary, not the end of the stage and of every score before it."""
+    pytest.importorskip("llama_cpp")
+    from rich.console import Console
+
+    monkeypatch.chdir(demo_run.parent.parent)
+    monkeypatch.setattr(evaluate, "gguf_context", lambda cfg: 16)
+    config = {"run": {"name": "demo", "root": "runs"},
+              "ingest": {"sources": [{"name": "x", "kind": "hf", "files": "x.jsonl", "format": "messages"}]},
+              "evaluate": {"data": None, "artifacts": ["base", "gguf"], "heldout": {"generate": 0}}}
+    cfg = load_config_dict(config, demo_run.parent.parent)
+    out = demo_run / ".evaluate.undecodable"
+    out.mkdir()
+    result = evaluate.run(StageContext(cfg=cfg, run=RunDir("runs", "demo"), out=out, console=Console(quiet=True)))
+    error = json.loads((out / "results.json").read_text())["errors"]["SmolLM2-135M-Instruct-Q4_1"]
+    assert "llama.cpp could not decode" in error and "no room for them in its context of 16 cells" in error
+    assert list(json.loads((out / "heldout.json").read_text())) == ["base"]
+    assert ("not scored", "SmolLM2-135M-Instruct-Q4_1") in result.summary
+
+
 def check_heldout(out: Path, run: Path) -> None:
     """heldout.json: {artifact: {task: {...}}} for every artifact, the merged model's loss the direct computation."""
     import torch
@@ -228,3 +251,44 @@ def test_many_samples_are_refused_and_the_gguf_context_does_not_grow_with_them(t
     contexts = [evaluate.gguf_context(load_config_dict({**base, "evaluate": {"heldout": {"samples": k}}}, tmp_path))
                 for k in (8, 64)]
     assert contexts[0] == contexts[1] <= 2 * (2048 + 8 * 256)
+
+
+def test_hostile_mathqa_rows_are_skipped_and_reported_not_scored(project: Path) -> None:
+    """A Problem longer than the window a sequence is scored in would fail llama.cpp's decode (or build a mask of its
+    length squared); a field that reads as rich markup would end the stage when its skip is printed."""
+    rows = [{**ROW, "Problem": "what is 1 + 1 ?"}, {**ROW, "Problem": "one more word " * 2000},
+            {**ROW, "correct": "[/x]"}]
+    (project / "mathqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cfg = load_config("config.yaml")
+    window = evaluate.gguf_context(cfg) // 2
+    status, _, _ = run_stage("evaluate", cfg)
+    results = json.loads((project / "runs" / "t" / "evaluate" / "results.json").read_text())
+    assert status == "done" and results["n"] == 1
+    reasons = {s["id"]: s["reason"] for s in results["skipped_items"]}
+    assert reasons["mathqa.jsonl:3"] == "correct is '[/x]', not one of a-e"
+    assert f"more than the {window} a sequence is scored in" in reasons["mathqa.jsonl:2"]
+    (project / "mathqa.jsonl").write_text(json.dumps(rows[1]) + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match="no MathQA item can be scored"):
+        run_stage("evaluate", load_config("config.yaml"))
+
+
+def test_held_out_records_whose_prompts_fill_max_length_are_named_as_the_reason(project: Path,
+                                                                                 tiny_dir: Path) -> None:
+    """Every held-out prompt longer than format.max_length leaves no completion token to score: the message names
+    format.max_length, not a missing held-out split."""
+    from rich.console import Console
+
+    fmt = project / "runs" / "t" / "format"
+    fmt.mkdir(parents=True)
+    rows = [{"id": f"r{k}", "task": "qa", "prompt": "<|user|>" + "a long question " * 8 + "\n<|assistant|>",
+             "completion": "yes<eos>", "meta": {}} for k in range(3)]
+    (fmt / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (fmt / "template.json").write_text(json.dumps({"name": "chat", "eos_token": "<eos>"}))
+    cfg = load_config("config.yaml", ["evaluate.heldout.enabled=true", "evaluate.data=null", "format.max_length=32"])
+    console = Console(record=True, width=200)
+    out = project / "out"
+    out.mkdir()
+    with pytest.raises(UserError, match=r"no held-out record it can score \(ingest.eval_fraction, format.max_length\)"):
+        evaluate.run(StageContext(cfg=cfg, run=RunDir("runs", "t"), out=out, console=console))
+    printed = console.export_text()
+    assert "none of the 3 records of" in printed and "Raise format.max_length to score them" in printed
