@@ -213,8 +213,8 @@ class ExportConfig(Section):
                                      description="GGUF types to write (q4_k_m, q5_k_m, q6_k, q8_0, f16, iq2_xxs, ...).")
     imatrix: UserPath | None = Field(None, description="llama-imatrix output (GGUF or .dat); required for i-quants.")
     keep_intermediate: bool = Field(False, description="Keep the converter's output even when not in quantizations.")
-    model_name: str | None = Field(None, description="File name stem: <model_name>-<QUANT>.gguf (default: the base "
-                                   "model's name).")
+    model_name: str | None = Field(None, description="File name stem: <model_name>-<QUANT>.gguf, one plain file name "
+                                   "(default: the base model's name).")
     min_free_disk_gb: float = Field(1.0, ge=0, description="Free disk to leave beyond what the export needs.")
     threads: int = Field(0, ge=0, description="CPU threads for quantizing and verifying; 0: all cores.")
     base_16bit: UserPath | None = Field(None, description="For a base published quantized (e.g. a bnb-4bit QLoRA base): "
@@ -222,6 +222,15 @@ class ExportConfig(Section):
                                    "which the adapter is merged into and checked against (default: the 16-bit names "
                                    "Unsloth maps the base to).")
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
+
+    @field_validator("model_name")
+    @classmethod
+    def _plain_file_stem(cls, name: str | None) -> str | None:
+        if name is not None and not RUN_NAME.fullmatch(name):
+            raise ValueError("the GGUF files' name stem is one plain file name: 1 to 100 letters, digits, '_', '.' or "
+                             "'-', starting with a letter or digit (not a path or a Hub id: `Qwen2.5-7B-ko`, not "
+                             "`Qwen/Qwen2.5-7B-ko`)")
+        return name
 
     @field_validator("quantizations")
     @classmethod

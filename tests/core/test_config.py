@@ -113,6 +113,15 @@ def test_run_names_that_are_plain_directory_names_pass(tmp_path: Path) -> None:
         assert load_config(write(tmp_path, MINIMAL), [f"run.name={name}"]).run.name == name
 
 
+@pytest.mark.parametrize("name", ["Qwen/Qwen2.5-7B-ko", "../x", "..", ".hidden", "a b"])
+def test_the_gguf_name_stem_is_one_plain_file_name(tmp_path: Path, name: str) -> None:
+    """export.model_name names <stem>-<QUANT>.gguf in the run's gguf/: a path there wrote the GGUFs elsewhere (or
+    into a folder the converter could not open)."""
+    with pytest.raises(UserError, match="export.model_name: .*one plain file name"):
+        load_config(write(tmp_path, MINIMAL), [f"export.model_name={name}"])
+    assert load_config(write(tmp_path, MINIMAL), ["export.model_name=Qwen2.5-7B-ko"]).export.model_name == "Qwen2.5-7B-ko"
+
+
 def test_paths_in_the_config_expand_the_home_directory(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     cfg = load_config(write(tmp_path, {**MINIMAL, "run": {"root": "~/runs"}, "model": {"path": "~/models/m"},
