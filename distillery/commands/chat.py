@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
-from distillery.export.llama_child import LlamaChild
+from distillery.export.llama_child import GGUFLoadError, LlamaChild
 from distillery.config import DistilleryConfig
 from distillery.core.errors import UserError
 from distillery.core.rundir import RunDir
@@ -51,17 +51,51 @@ def _stream_chat(state: dict[str, Any], emit: Any, messages: list[dict[str, str]
             emit(piece)
 
 
+CONTEXT = 4096  # llama.cpp's context for a chat: the conversation and the answer
+
+
+class ContextFull(Exception):
+    """The conversation does not fit llama.cpp's context (llama-cpp-python shortens an answer to what is left)."""
+
+
+def answer(llama: LlamaChild, console: Any, messages: list[dict[str, str]], max_tokens: int, temperature: float,
+           seed: int) -> str:
+    """Stream one answer to the console and return it; ContextFull before any of it when the conversation does not
+    fit the context."""
+    text = ""
+    try:
+        for piece in stream_answer(llama, messages, max_tokens, temperature, seed):
+            text += piece
+            console.out(piece, end="", highlight=False)
+    except ValueError as err:  # llama-cpp-python: 'Requested tokens (n) exceed context window of m'
+        if "context window" not in str(err) or text:
+            raise
+        raise ContextFull(str(err)) from None
+    console.out("")
+    return text
+
+
+def open_gguf(path: Path) -> LlamaChild:
+    try:
+        return LlamaChild(path, "chatting with", n_ctx=CONTEXT)
+    except GGUFLoadError as err:
+        raise UserError(f"{err}. Chat with a GGUF that `distillery export` wrote (--gguf: a file in the run's "
+                        "export/gguf/ or a type like q8_0).") from None
+
+
 def chat(cfg: DistilleryConfig, console: Any, gguf: str | None, prompt: str | None, system: str | None,
          max_tokens: int, temperature: float) -> None:
     path = find_gguf(cfg, gguf)
     console.print(f"[dim]{path} (llama.cpp, chat template from the GGUF)[/]")
     messages = [{"role": "system", "content": system}] if system else []
-    with LlamaChild(path, "chatting with", n_ctx=4096) as llama:
+    with open_gguf(path) as llama:
         if prompt is not None:
             messages.append({"role": "user", "content": prompt})
-            for piece in stream_answer(llama, messages, max_tokens, temperature, cfg.run.seed):
-                console.out(piece, end="", highlight=False)
-            console.out("")
+            try:
+                answer(llama, console, messages, max_tokens, temperature, cfg.run.seed)
+            except ContextFull as err:
+                raise UserError(f"--prompt does not fit llama.cpp's context of {CONTEXT} tokens ({err}): shorten "
+                                "it.") from None
             return
         console.print("[dim]Type a message; an empty line, /exit or Ctrl-D ends the chat.[/]")
         while True:
@@ -72,13 +106,28 @@ def chat(cfg: DistilleryConfig, console: Any, gguf: str | None, prompt: str | No
             if not text.strip() or text.strip() in ("/exit", "/quit"):
                 break
             messages.append({"role": "user", "content": text})
-            console.out("model> ", end="", highlight=False)
-            answer = ""
-            for piece in stream_answer(llama, messages, max_tokens, temperature, cfg.run.seed):
-                answer += piece
-                console.out(piece, end="", highlight=False)
+            reply = answer_within_context(llama, console, messages, bool(system), max_tokens, temperature, cfg.run.seed)
+            if reply is not None:
+                messages.append({"role": "assistant", "content": reply})
+
+
+def answer_within_context(llama: LlamaChild, console: Any, messages: list[dict[str, str]], system: bool,
+                          max_tokens: int, temperature: float, seed: int) -> str | None:
+    """The answer to the last message, dropping the oldest exchanges while the conversation does not fit the
+    context; None (and the message taken back) when the message alone does not fit."""
+    while True:
+        console.out("model> ", end="", highlight=False)
+        try:
+            return answer(llama, console, messages, max_tokens, temperature, seed)
+        except ContextFull:
             console.out("")
-            messages.append({"role": "assistant", "content": answer})
+            if len(messages) <= 1 + system:
+                messages.pop()
+                console.print(f"[yellow]that message does not fit llama.cpp's context of {CONTEXT} tokens: send a "
+                              "shorter one[/]")
+                return None
+            del messages[system:system + 2]  # the oldest exchange
+            console.print("[dim](the conversation outgrew llama.cpp's context: its oldest exchange was dropped)[/]")
 
 
 def held_out_question(cfg: DistilleryConfig) -> tuple[str, str] | None:

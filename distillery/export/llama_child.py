@@ -107,6 +107,11 @@ def _load(state: dict[str, Any], emit: Callable[[Any], None], path: str, params:
     sequences = params.pop("sequences", 1)
     try:
         llm = Llama(model_path=path, verbose=False, n_gpu_layers=-1, **params)
+        if "chat_template.default" in llm._chat_handlers:
+            # the GGUF's own (training) template, rendered by Jinja: llama-cpp-python would otherwise swap a template
+            # equal to its ChatML, Mistral or Llama 3 string for a built-in formatter that renders other text (its
+            # ChatML adds an empty system turn)
+            llm.chat_format = "chat_template.default"
         if sequences > 1:
             with_sequences(llm, sequences)
     except (ValueError, RuntimeError, OSError) as err:

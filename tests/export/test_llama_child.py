@@ -40,6 +40,28 @@ def test_the_model_lives_in_a_child_and_answers_for_its_metadata_and_tokens() ->
         assert len(hello) == 2 and special == [llama.metadata["eos_token_id"]]
 
 
+def test_chat_renders_the_ggufs_own_template_even_when_it_equals_a_built_in_format(tmp_path: Path) -> None:
+    """llama-cpp-python swaps a template equal to its ChatML string for its built-in `chatml` formatter, which adds
+    an empty system turn training never saw; the child keeps the GGUF's own template (rendered by Jinja)."""
+    from llama_cpp.llama_chat_format import CHATML_CHAT_TEMPLATE
+
+    chatml = tmp_path / "chatml.gguf"
+    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(bundled_gguf()), str(chatml),
+                    "--chat-template", CHATML_CHAT_TEMPLATE, "--force"], check=True, capture_output=True)
+    with LlamaChild(chatml, "chatting with", n_ctx=256) as llama:
+        prompt = llama.call(_chat_prompt_tokens, [{"role": "user", "content": "Hi"}])
+        expected = llama.tokenize(["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"], add_bos=False,
+                                  special=True)[0]
+    assert prompt == expected
+
+
+def _chat_prompt_tokens(state: dict, emit, messages: list[dict]) -> list[int]:
+    """In the child: the tokens create_chat_completion puts before the answer."""
+    llm = state["llm"]
+    llm.create_chat_completion(messages=messages, max_tokens=1, temperature=0.0)
+    return [int(t) for t in llm.input_ids[:llm.n_tokens]]  # the answer's one token is sampled, not decoded
+
+
 def test_a_file_llama_cpp_refuses_is_a_load_error_not_a_crash(tmp_path: Path) -> None:
     pytest.importorskip("llama_cpp")
     path = tmp_path / "half.gguf"
@@ -82,6 +104,31 @@ def test_chat_survives_a_crash_of_its_model_as_one_message_and_exit_code_1(tmp_p
         in output and "Traceback" not in output
     log = tmp_path / "runs" / "demo" / "logs" / "chat.log"
     assert f"Log: {log}" in output and "NativeCrash" in log.read_text()
+
+
+def test_chat_with_a_file_that_is_not_a_gguf_or_a_prompt_past_the_context_is_one_message(tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    config = demo_config(tmp_path)
+    (tmp_path / "notes.gguf").write_text("not a model")
+    for args, says in ((["--gguf", str(tmp_path / "notes.gguf"), "-p", "hi"], "Chat with a GGUF that"),
+                       (["--gguf", str(bundled_gguf()), "-p", "word " * 5000], "--prompt does not fit llama.cpp's "
+                        "context of 4096 tokens")):
+        result = subprocess.run([sys.executable, "-m", "distillery", "chat", "-c", str(config), *args], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "400"})
+        assert result.returncode == 2 and says in result.stdout and "Traceback" not in result.stdout + result.stderr
+
+
+def test_an_interactive_chat_that_outgrows_the_context_drops_its_oldest_exchange(tmp_path: Path) -> None:
+    """A conversation past llama.cpp's context ended the chat with a traceback (and lost it)."""
+    pytest.importorskip("llama_cpp")
+    config = demo_config(tmp_path)
+    turns = "Hi!\n" + "word " * 5000 + "\n" + ("word " * 2500 + "\n") * 2 + "/exit\n"
+    result = subprocess.run([sys.executable, "-m", "distillery", "chat", "-c", str(config), "--gguf",
+                             str(bundled_gguf()), "--max-tokens", "48"], cwd=ROOT, input=turns,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "400"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "that message does not fit llama.cpp's context" in result.stdout  # the 5000 words: taken back
+    assert "its oldest exchange was dropped" in result.stdout and result.stdout.count("model> ") >= 3
 
 
 def test_the_setup_self_check_decodes_the_bundled_quantized_model(capsys: pytest.CaptureFixture[str]) -> None:
