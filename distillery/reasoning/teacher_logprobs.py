@@ -87,7 +87,7 @@ def openai_top_k(logprobs: Any, ids: list[int], start: int, k: int, token_id: An
     of another shape, or log-probs that are not finite numbers <= 0, scores nothing: the server is untrusted."""
     try:
         return _openai_top_k(logprobs, ids, start, k, token_id)
-    except (AttributeError, TypeError, ValueError) as err:
+    except (AttributeError, TypeError, ValueError, OverflowError) as err:  # OverflowError: a 400-digit log-prob
         return Unscored(f"malformed echoed log-probs ({type(err).__name__})")
 
 

@@ -236,7 +236,7 @@ class OpenAITeacher:
         reply = self.request(body, self.completions_endpoint, cap=REPLY_BYTES_FLOOR + len(ids) * (k + 1) * 64)
         try:
             logprobs = json.loads(reply.body)["choices"][0]["logprobs"] or {}
-        except (ValueError, KeyError, IndexError, TypeError):
+        except (ValueError, KeyError, IndexError, TypeError, RecursionError):
             return Unscored(f"{self.completions_endpoint} gave no echoed log-probs: {reply.text()[:200]}")
         return openai_top_k(logprobs, ids, start, k, self.token_id)
 
@@ -295,6 +295,8 @@ class OpenAITeacher:
             choice = json.loads(reply.body)["choices"][0]
             message, finish_reason = choice["message"], choice.get("finish_reason")
             content = message.get("content")
+        except RecursionError:
+            return Dropped("unreadable reply", "JSON nested past Python's recursion limit")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise UserError(f"distill.teacher: {self.endpoint} did not answer in the chat-completions shape "
                             f"(choices[0].message.content): {reply.text()[:200]}") from None
@@ -302,7 +304,7 @@ class OpenAITeacher:
             raise UserError(f"distill.teacher: {self.endpoint} answered with a {type(content).__name__} as "
                             f"choices[0].message.content, not text: {reply.text()[:200]}")
         if content and content.strip():
-            return content
+            return content.encode("utf-8", "replace").decode("utf-8")  # a lone surrogate (JSON's "\ud800") -> "?"
         detail = f"content {'null' if content is None else 'empty'}, finish_reason {finish_reason}"
         if message.get("reasoning_content"):
             detail += "; the text is in reasoning_content (the server's reasoning parser)"
@@ -331,7 +333,7 @@ def retry_after_seconds(value: str | None) -> float | None:
     """A Retry-After header in seconds: delay-seconds or an HTTP date (RFC 9110); None if absent or unreadable."""
     if not value:
         return None
-    if value.strip().isdigit():
+    if value.strip().isascii() and value.strip().isdigit():  # not "²", which isdigit() and float() refuses
         return float(value.strip())
     try:
         when = email.utils.parsedate_to_datetime(value)

@@ -171,7 +171,7 @@ def parse_json_like(candidate: str) -> Any:
             continue
     try:
         value = ast.literal_eval(candidate)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):  # TypeError: `{[1, 2]: 3}`
         return None
     return json.loads(json.dumps(value)) if _jsonable(value) else None
 
@@ -212,9 +212,10 @@ def is_close(pred: Any, target: Any, tol: float = FLOAT_TOLERANCE) -> bool:
         return pred.keys() == target.keys() and all(is_close(pred[k], target[k], tol) for k in pred)
     if isinstance(pred, list) and isinstance(target, list):
         return len(pred) == len(target) and all(is_close(p, t, tol) for p, t in zip(pred, target))
+    if isinstance(pred, bool) or isinstance(target, bool):  # Python's True == 1: `true` is not the output 1
+        return type(pred) is type(target) and pred == target
     numbers = (int, float)
-    if isinstance(pred, numbers) and isinstance(target, numbers) and not isinstance(pred, bool) \
-            and not isinstance(target, bool):
+    if isinstance(pred, numbers) and isinstance(target, numbers):
         if isinstance(pred, float) or isinstance(target, float):
             try:
                 if not (math.isfinite(pred) and math.isfinite(target)):

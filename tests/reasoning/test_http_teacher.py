@@ -161,3 +161,23 @@ def test_a_longer_retry_after_is_cut_to_max_retry_wait_s_and_said_so(serve, monk
         ask(teacher_for(server, monkeypatch, retries=1, max_retry_wait_s=1.0))
     assert 0.9 <= server.arrivals[1] - server.arrivals[0] < 2
     assert "waiting 1 s, not the 3600 s asked (distill.teacher.max_retry_wait_s)" in caplog.text
+
+
+# ---- hostile replies ------------------------------------------------------------------------------------------------
+
+def test_a_lone_surrogate_in_a_reply_is_replaced_not_written_as_invalid_utf8(serve, monkeypatch) -> None:
+    """JSON can spell a lone surrogate (\\ud800); written to progress.jsonl it ended distill with a traceback."""
+    body = b'{"choices": [{"message": {"content": "ok \\ud800 then"}, "finish_reason": "stop"}]}'
+    answer = ask(teacher_for(serve(lambda handler, n: send(handler, body)), monkeypatch))
+    assert answer == "ok ? then" and answer.encode("utf-8")
+
+
+def test_a_reply_nested_past_the_recursion_limit_is_a_dropped_sample(serve, monkeypatch) -> None:
+    body = b"[" * 50_000  # within the byte cap
+    assert ask(teacher_for(serve(lambda handler, n: send(handler, body)), monkeypatch)) == Dropped(
+        "unreadable reply", "JSON nested past Python's recursion limit")
+
+
+def test_a_retry_after_of_digits_python_cannot_read_as_a_number_is_ignored(serve, monkeypatch) -> None:
+    server = serve(busy_once("²"))  # str.isdigit() says yes; float() says no
+    assert ask(teacher_for(server, monkeypatch, retries=1)) == "The answer is (a)"

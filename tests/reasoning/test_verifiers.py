@@ -95,6 +95,9 @@ def test_is_close_follows_codeio_rules() -> None:
     assert not is_close({"a": 1}, {"a": 1, "b": 2}) and not is_close([1, 2], [1, 2, 3])
     assert is_close(5, 5) and not is_close(5, 6)
     assert outputs_match("abc", "abc") and not outputs_match("abc", "abd")
+    # Python's True == 1, but the output `true` is not the output 1
+    assert not outputs_match(True, 1) and not outputs_match({"a": [True]}, {"a": [1]}) and not is_close(0, False)
+    assert outputs_match(True, True) and outputs_match(1, 1.0)
 
 
 def test_codeio_output_prediction() -> None:
@@ -187,6 +190,7 @@ HOSTILE_ANSWERS = {
     "400-digit integer against a float": '{"output": 1' + "0" * 400 + "}",
     "5000 nested lists": '{"output": ' + DEEP + "}",
     "5000 nested lists, Python style": "{'output': " + DEEP + ", 'x': None}",
+    "a tuple key": '{"output": {(1, 2): 3}}',  # read again with [ ] for ( ): an unhashable key
     "NaN": '{"output": NaN}',
     "infinity": '{"output": Infinity}',
     "huge float": '{"output": 1e999}',
