@@ -18,6 +18,7 @@ Steps, in order:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -166,11 +167,8 @@ def score_loglikelihood(model: Any, items: list[mathqa.Item], contexts: list[str
     return rows
 
 
-def chat_prompts(ctx: StageContext, items: list[mathqa.Item], base_path: str) -> list[str]:
+def chat_prompts(ctx: StageContext, items: list[mathqa.Item], tokenizer: Any) -> list[str]:
     """Generative prompts rendered with the run's chat template (format's), else the model's own."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=ctx.cfg.model.trust_remote_code)
     stored = ctx.upstream("format", "chat_template")
     template = stored.read_text(encoding="utf-8") if stored.is_file() else tokenizer.chat_template
     if not template:
@@ -212,6 +210,11 @@ class HeldoutSet:
     eos_id: int
     dropped: int  # items with no completion token left within format.max_length
 
+    @functools.cached_property
+    def highest_id(self) -> int:
+        """The largest token id of any item: a GGUF's vocabulary must hold it."""
+        return max(max(item.prompt_ids + item.completion_ids) for item in self.items)
+
 
 def load_heldout(ctx: StageContext) -> HeldoutSet | None:
     """Format's eval split, tokenized with the training tokenizer (the adapter's, else the base model's) and
@@ -250,9 +253,13 @@ def load_mathqa(ctx: StageContext) -> MathQASet:
     ev = ctx.cfg.evaluate
     if not ev.data:
         return MathQASet([], [], mathqa.LoadReport())
+    from transformers import AutoTokenizer
+
     items, contexts, loaded = load_data(ev)
-    prompts = chat_prompts(ctx, items, resolve_model_path(ctx.cfg.model.path)) if ev.mode == "generative" else contexts
-    items, prompts = within_window(ctx.cfg, items, prompts, loaded)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(ctx.cfg.model.path),
+                                              trust_remote_code=ctx.cfg.model.trust_remote_code)
+    prompts = chat_prompts(ctx, items, tokenizer) if ev.mode == "generative" else contexts
+    items, prompts = within_window(ctx.cfg, items, prompts, loaded, tokenizer)
     for skipped in loaded.skipped:
         ctx.console.print(f"[yellow]skipped MathQA item {escape(skipped['id'])}[/]: {escape(skipped['reason'])}")
     if not items:
@@ -261,16 +268,13 @@ def load_mathqa(ctx: StageContext) -> MathQASet:
     return MathQASet(items, prompts, loaded)
 
 
-def within_window(cfg: DistilleryConfig, items: list[mathqa.Item], prompts: list[str],
-                  loaded: mathqa.LoadReport) -> tuple[list[mathqa.Item], list[str]]:
+def within_window(cfg: DistilleryConfig, items: list[mathqa.Item], prompts: list[str], loaded: mathqa.LoadReport,
+                  tokenizer: Any) -> tuple[list[mathqa.Item], list[str]]:
     """The items whose tokens fit the window every artifact scores one sequence in (half a GGUF's context,
     gguf_context); a longer one (a hostile Problem, many long few-shot examples) is skipped and reported instead
-    of failing llama.cpp's decode or building an attention mask of its length squared."""
-    from transformers import AutoTokenizer
-
+    of failing llama.cpp's decode or building an attention mask of its length squared (counted with the base
+    model's tokenizer)."""
     ev, window = cfg.evaluate, gguf_context(cfg) // 2
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path),
-                                              trust_remote_code=cfg.model.trust_remote_code)
     kept: tuple[list[mathqa.Item], list[str]] = ([], [])
     for item, prompt in zip(items, prompts):
         if ev.mode == "loglikelihood":
@@ -313,7 +317,7 @@ def score_one(ctx: StageContext, artifact: Artifact, held: HeldoutSet | None, mq
     loaded = time.time()
     try:
         if held and isinstance(model, GGUFModel):
-            model.check_vocabulary(max(max(i.prompt_ids + i.completion_ids) for i in held.items))
+            model.check_vocabulary(held.highest_id)
         if held:
             scored, rows = heldout.score_artifact(
                 model, held.items, held.generate, held.eos_id, ev.heldout.max_new_tokens, ev.heldout.samples,
