@@ -77,6 +77,23 @@ def has_non_finite_float(value: Any) -> bool:
     return False
 
 
+def finite_or_null(value: Any) -> Any:
+    """`value` with every non-finite float (a broken model's loss or perplexity) as None: the reports evaluate writes
+    are strict JSON, which jq, JavaScript and pandas read (NaN and Infinity are Python's extensions)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_null(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
+def report_json(data: Any) -> str:
+    """Indented strict JSON (`finite_or_null`) of a report, ending with a newline."""
+    return json.dumps(finite_or_null(data), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
     """Write rows as UTF-8 JSON lines; returns how many were written."""
     count = 0

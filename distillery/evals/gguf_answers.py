@@ -20,9 +20,10 @@ nucleus, by a generator seeded by the sample and the list, as transformers does 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
-from distillery.export.llama_child import decode_failure
+from distillery.export.llama_child import GGUFDecodeError, decode_failure
 
 
 class Answers:
@@ -144,7 +145,8 @@ def restore_sequence(llm: Any, state: Any, seq: int) -> None:
     import llama_cpp
 
     if llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, state, len(state), seq) == 0:
-        raise RuntimeError(f"llama.cpp could not restore a prompt of {len(state)} bytes into sequence {seq}")
+        raise GGUFDecodeError(f"llama.cpp could not restore a prompt of {len(state)} bytes into sequence {seq} of "
+                              f"{Path(llm.model_path).name} (its context may be too small for the answers)")
 
 
 def pick(logits: Any, temperature: float, top_p: float, rng: Any) -> int:

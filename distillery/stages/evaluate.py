@@ -38,7 +38,7 @@ from distillery.core.isolation import NativeCrash
 from distillery.core.errors import UserError
 from distillery.core.summaries import read_finetune_summary
 from distillery.core.models import resolve_model_path
-from distillery.core.records import write_jsonl
+from distillery.core.records import report_json, write_jsonl
 from distillery.stage import Stage, StageContext, StageResult
 
 log = logging.getLogger(__name__)
@@ -379,17 +379,17 @@ def write_outputs(ctx: StageContext, results: dict[str, Any], per_item: list[dic
     out = {key: ctx.out / name for key, name in OUTPUTS.items()}
     ho = ctx.cfg.evaluate.heldout
     lines = [f"# Evaluation of run {ctx.cfg.run.name}", ""]
-    out["heldout"].write_text(json.dumps(scored_heldout, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    out["heldout"].write_text(report_json(scored_heldout), encoding="utf-8")
     write_jsonl(out["heldout_items"], heldout_items)
     if scored_heldout:
         report.save_heldout_chart(scored_heldout, out["heldout_plot"])
         bounds = {"loss": ho.max_quant_loss_increase, "drop": ho.max_quant_drop}
         lines += report.render_heldout_markdown(scored_heldout, results["heldout"]["reference"], bounds) + [""]
         print_heldout(ctx.console, scored_heldout, ctx.out / OUTPUTS["heldout_plot"])
-    out["results"].write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    out["results"].write_text(report_json(results), encoding="utf-8")
     write_jsonl(out["per_item"], per_item)
     rows = report.comparison_rows(results) if results["artifacts"] else []
-    out["comparison"].write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    out["comparison"].write_text(report_json(rows), encoding="utf-8")
     if rows:
         mathqa_md = report.render_markdown(results, rows)
         out["comparison_md"].write_text(mathqa_md, encoding="utf-8")

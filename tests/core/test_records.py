@@ -8,7 +8,7 @@ import math
 import pytest
 
 from distillery.core.errors import UserError
-from distillery.core.records import content_key, read_jsonl, write_jsonl
+from distillery.core.records import content_key, read_jsonl, report_json, write_jsonl
 
 
 def test_rows_round_trip_with_non_finite_floats_big_integers_and_korean(tmp_path):
@@ -44,3 +44,13 @@ def test_content_key_ignores_key_order_and_tells_contents_apart():
     assert content_key(one) == content_key([{"content": "x", "role": "user"}])
     assert content_key(one) != content_key([{"role": "user", "content": "y"}])
     assert content_key(one, ["a", "b"], 0) != content_key(one, ["a", "b"], 1)
+
+
+def test_a_report_is_strict_json_with_a_broken_models_loss_as_null() -> None:
+    """heldout.json and results.json are read by jq, JavaScript and pandas: no NaN or Infinity tokens."""
+    report = {"Q4_K_M": {"qa": {"loss": math.inf, "ppl": math.nan, "items": 3, "tokens": [1.5, -math.inf]}},
+              "name": "한국어"}
+    text = report_json(report)
+    assert "NaN" not in text and "Infinity" not in text and "한국어" in text and text.endswith("\n")
+    assert json.loads(text) == {"Q4_K_M": {"qa": {"loss": None, "ppl": None, "items": 3, "tokens": [1.5, None]}},
+                                "name": "한국어"}

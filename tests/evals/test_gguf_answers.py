@@ -119,3 +119,24 @@ def test_samples_are_seeded_and_differ_from_each_other() -> None:
         model.close()
     assert first == second and all(len(samples) == 3 for samples in first)
     assert all(len(set(samples)) > 1 for samples in first), first
+
+
+def _restore_garbage(state: dict, emit) -> None:
+    import ctypes
+
+    from distillery.evals.gguf_answers import restore_sequence
+
+    restore_sequence(state["llm"], (ctypes.c_uint8 * 64)(), 1)  # 64 zero bytes: no state llama.cpp wrote
+
+
+def test_a_prompt_llama_cpp_cannot_restore_is_a_decode_error_naming_the_gguf() -> None:
+    """Evaluate keeps the other artifacts' scores on a GGUFDecodeError (score_one); a plain RuntimeError ended it."""
+    pytest.importorskip("llama_cpp")
+    from distillery.evals.gguf_backend import GGUFDecodeError, GGUFModel
+
+    model = GGUFModel(bundled_gguf(), n_ctx=256, threads=1, answers_at_once=1)
+    try:
+        with pytest.raises(GGUFDecodeError, match=f"could not restore a prompt of 64 bytes.*{bundled_gguf().name}"):
+            model.llama.call(_restore_garbage)
+    finally:
+        model.close()
