@@ -5,8 +5,11 @@ Steps, in order:
 2. render each record twice with the tokenizer's `apply_chat_template`: the conversation without its last
    (assistant) turn plus the generation prompt = the prompt, the whole conversation = prompt + completion,
    so the completion (the only part trained on) is exact by construction, and it ends with EOS;
+   A record whose text holds a special token's text (`<|im_end|>`, `<｜end▁of▁sentence｜>`) is dropped first
+   (dropped.jsonl): tokenized, that text would be the control token itself, an end of turn in the middle of an
+   answer, and a hostile row or teacher reply could write whole turns of its own;
 3. count tokens with the model's tokenizer and report what `max_length` would truncate, never cutting silently;
-4. write train.jsonl, eval.jsonl, chat_template.jinja (stored later in the adapter and the GGUF), template.json,
+4. write train.jsonl, eval.jsonl, dropped.jsonl, chat_template.jinja (stored later in the adapter and the GGUF), template.json,
    stats.json, report.md and lengths.png.
 """
 
@@ -14,8 +17,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
+
+from rich.markup import escape
 
 from distillery.config import DistilleryConfig, FormatConfig
 from distillery.core.console import markdown_table, summary_table
@@ -28,7 +34,7 @@ from distillery.stage import Stage, StageContext, StageResult, load_stage
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = {"train": "train.jsonl", "eval": "eval.jsonl", "chat_template": "chat_template.jinja",
+OUTPUTS = {"train": "train.jsonl", "eval": "eval.jsonl", "dropped": "dropped.jsonl", "chat_template": "chat_template.jinja",
            "template": "template.json", "stats": "stats.json", "lengths_plot": "lengths.png", "report": "report.md",
            "teacher": "train.teacher.safetensors"}
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "templates"
@@ -50,6 +56,32 @@ def load_records(ctx: StageContext, split: str) -> list[dict]:
         answered = {r["meta"]["distill"]["from_id"] for r in by_stage["distill"]}
         by_stage["ingest"] = [r for r in by_stage["ingest"] if r["id"] not in answered]
     return [record for records in by_stage.values() for record in records]
+
+
+def special_token_pattern(tokenizer: Any) -> re.Pattern[str] | None:
+    """A regex matching the text of any of the tokenizer's special tokens (EOS, turn markers, padding); None when
+    it has none. Added tokens that are not special (R1's `<think>`) are text a record may hold."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+    texts = {token.content for token in added if token.special} | set(tokenizer.all_special_tokens)
+    texts.discard("")
+    return re.compile("|".join(map(re.escape, sorted(texts, key=len, reverse=True)))) if texts else None
+
+
+def without_special_token_text(records: list[dict], pattern: re.Pattern[str] | None, split: str,
+                               ) -> tuple[list[dict], list[dict]]:
+    """The records none of whose messages or choices hold a special token's text, and a dropped row (id, source,
+    split, reason) for each of the others."""
+    kept, dropped = [], []
+    for record in records:
+        texts = [m["content"] for m in record["messages"]] + list(record.get("choices") or [])
+        found = next((match for text in texts if pattern and (match := pattern.search(text))), None)
+        if found is None:
+            kept.append(record)
+            continue
+        dropped.append({"id": record["id"], "source": record.get("source"), "split": split,
+                        "reason": f"contains {found.group()!r}, a special token of the model: as text it would be "
+                                  "tokenized as that control token, not as text"})
+    return kept, dropped
 
 
 def load_template(name: str, tokenizer: Any) -> str:
@@ -200,15 +232,22 @@ def run(ctx: StageContext) -> StageResult:
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=ctx.cfg.model.trust_remote_code)
     template = load_template(fmt.template, tokenizer)
     stats: dict[str, Any] = {"template": fmt.template, "eos_token": tokenizer.eos_token}
-    all_lengths = []
+    all_lengths, dropped, specials = [], [], special_token_pattern(tokenizer)
     for split in ("train", "eval"):
-        rows = [render(r, fmt, template, tokenizer) for r in load_records(ctx, split)]
+        records, split_dropped = without_special_token_text(load_records(ctx, split), specials, split)
+        if split == "train" and split_dropped and not records:
+            raise UserError(f"format: every train record holds a special token's text ({split_dropped[0]['reason']}"
+                            f"; record {split_dropped[0]['id']}): nothing is left to train on. Clean the sources.")
+        dropped += split_dropped
+        rows = [render(r, fmt, template, tokenizer) for r in records]
         lengths = token_lengths(rows, tokenizer)
         all_lengths += lengths
         stats[split] = length_stats(lengths, fmt.max_length)
         write_jsonl(ctx.out / OUTPUTS[split], rows)
         if split == "train" and (teacher := align_teacher(rows, tokenizer, ctx)) is not None:
             stats["teacher_logprobs"] = teacher
+    write_jsonl(ctx.out / OUTPUTS["dropped"], dropped)
+    stats["dropped_special_token_text"] = len(dropped)
     (ctx.out / OUTPUTS["chat_template"]).write_text(template, encoding="utf-8")
     meta = {"name": fmt.template, "eos_token": tokenizer.eos_token, "bos_token": tokenizer.bos_token,
             "model": model_path}
@@ -220,7 +259,7 @@ def run(ctx: StageContext) -> StageResult:
     train = stats["train"]
     return StageResult(
         metrics={"train_examples": train["examples"], "over_max_length": train.get("over_max_length", 0),
-                 "completion_lost": train.get("completion_lost", 0)},
+                 "completion_lost": train.get("completion_lost", 0), "dropped": len(dropped)},
         summary=[("examples", str(train["examples"])), ("template", fmt.template),
                  ("over max_length", str(train.get("over_max_length", 0)))],
     )
@@ -248,6 +287,9 @@ def print_report(ctx: StageContext, stats: dict) -> None:
                           f"({teacher['tokens']:,} tokens, {teacher['bytes']:,} bytes)"
                           + (f"; {teacher['unaligned']} not found in their tokens (cross-entropy only)"
                              if teacher["unaligned"] else "") + ".")
+    if stats["dropped_special_token_text"]:
+        ctx.console.print(f"[yellow]{stats['dropped_special_token_text']} records dropped: their text holds a special "
+                          f"token's text (reasons in {escape(str(ctx.out / OUTPUTS['dropped']))}).[/]")
     lost = stats["train"].get("completion_lost", 0)
     over = stats["train"].get("over_max_length", 0)
     if over:
@@ -257,6 +299,9 @@ def print_report(ctx: StageContext, stats: dict) -> None:
 
 def render_report(stats: dict) -> str:
     lines = [f"# Format report ({stats['template']}, EOS {stats['eos_token']!r})", "", *markdown_table(HEADERS, _rows(stats))]
+    if stats.get("dropped_special_token_text"):
+        lines += ["", f"Dropped {stats['dropped_special_token_text']} records whose text holds a special token's text "
+                      f"({OUTPUTS['dropped']})."]
     return "\n".join(lines) + f"\n\nLength histogram: {OUTPUTS['lengths_plot']}\n"
 
 
