@@ -1,7 +1,7 @@
 """Stage order, fingerprints, and running a stage with its prerequisites.
 
 A stage's fingerprint hashes its whole config sections, the run seed, its external input files, its
-upstream stages' fingerprints and the package versions that matter. A stage whose fingerprint and
+upstream stages' fingerprints and output digests, and the package versions that matter. A stage whose fingerprint and
 outputs are unchanged is skipped ("up to date"); `force` redoes it.
 """
 
@@ -49,7 +49,7 @@ def fingerprint(stage: Stage, cfg: DistilleryConfig, run: RunDir) -> tuple[str, 
         entry = run.stage_entry(name)
         if not entry or entry.get("status") != "complete":
             raise UserError(f"stage {stage.name} needs {name} first: run `distillery {name}`.")
-        upstream[name] = entry["fingerprint"]
+        upstream[name] = upstream_identity(entry)
     inputs = {
         "config": {section: dump[section] for section in stage.sections},
         "seed": cfg.run.seed,
@@ -58,6 +58,13 @@ def fingerprint(stage: Stage, cfg: DistilleryConfig, run: RunDir) -> tuple[str, 
         "packages": package_versions(stage.packages),
     }
     return sha256_json(inputs), inputs
+
+
+def upstream_identity(entry: dict) -> str:
+    """An upstream stage's fingerprint and the digests of what it wrote: `--force` on a stage whose outputs then
+    differ (a retrained adapter) makes every stage below it out of date, not only a changed config."""
+    outputs = {rel: info["sha256"] for rel, info in entry.get("outputs", {}).items()}
+    return sha256_json({"fingerprint": entry["fingerprint"], "outputs": outputs})
 
 
 def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[str, StageResult | None, float]:

@@ -149,3 +149,19 @@ def test_force_discards_a_resumable_stages_partial_directory(project: Path, monk
     with pytest.raises(UserError):
         run_stage("ingest", cfg, force=True)
     assert seen == [[], []]
+
+
+def test_a_forced_upstream_that_writes_other_outputs_makes_the_stages_below_out_of_date(project: Path,
+                                                                                      monkeypatch) -> None:
+    """`finetune --force` that trains another adapter must not leave export "up to date" with the old one."""
+    from distillery.stages import ingest
+
+    cfg = load_config("config.yaml")
+    run_stage("ingest", cfg)
+    run_stage("format", cfg)
+    assert run_stage("ingest", cfg, force=True)[0] == "done"
+    assert run_stage("format", cfg)[0] == "up to date"  # the same outputs again: nothing below changes
+    original = ingest.split
+    monkeypatch.setattr(ingest, "split", lambda rows, kept, fraction: original(rows, kept, 0.5))  # same config
+    assert run_stage("ingest", cfg, force=True)[0] == "done"
+    assert run_stage("format", cfg)[0] == "done"
