@@ -156,6 +156,11 @@ class SandboxConfig(Section):
     file_size_mb: int = Field(8, ge=1, description="Largest file the code may write (RLIMIT_FSIZE).")
     max_processes: int = Field(16, ge=1, description="Processes the code may have at once (RLIMIT_NPROC under its own uid).")
     max_output_kb: int = Field(256, ge=1, description="stdout + stderr kept before the run is stopped.")
+    isolation: Literal["required", "best-effort"] = Field(
+        "required", description="required: run dataset code only behind mount and network namespaces and a new root "
+        "that hides your files; where the machine refuses namespaces the stage stops and says how to allow them. "
+        "best-effort: run it there anyway, with only an audit hook that refuses writes outside its directory (the "
+        "code can read every file your user can).")
 
 
 class DistillConfig(Section):

@@ -13,11 +13,14 @@ an empty keyring, a throw-away uid when we are root, a seccomp filter). This sid
 - reads what comes back as untrusted text: a result that cannot be parsed (huge integers, deep nesting, a forged
   line) is a failed run, printed text is cut and cleaned of control characters and terminal escapes.
 A failure of any kind is a SandboxResult with a status, never an exception: the caller turns it into a failed
-check and carries on.
+check and carries on. The one exception is a machine where the walls cannot be built (no mount or network
+namespace): with `isolation: required` (the default) the runner refuses to run the code there, and
+`check_isolation`, which the stages call before the first run, stops them with one message.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -33,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distillery.core.errors import UserError
 from distillery.core.unseen import unseen_pattern
 from distillery.reasoning.cgroups import ResourceGroup
 
@@ -49,6 +53,7 @@ class Limits:
     file_size_mb: int = 8  # everything the run writes, together (its working directory is a tmpfs of this size)
     max_processes: int = 16
     max_output_kb: int = 256  # stdout and stderr together; the result travels on stdout
+    isolation: str = "required"  # required: no run without the namespaces and the new root; best-effort: run anyway
 
     @classmethod
     def from_config(cls, section: Any) -> "Limits":
@@ -57,7 +62,7 @@ class Limits:
 
 @dataclass
 class SandboxResult:
-    status: str  # ok | error | timeout | output_limit | memory_limit
+    status: str  # ok | error | timeout | output_limit | memory_limit | refused (no walls, isolation required)
     value: Any = None
     message: str = ""
     stdout: str = ""
@@ -92,6 +97,7 @@ def run_function(code: str, funcname: str, args: Any, limits: Limits = Limits(),
     nproc = limits.max_processes if uid is not None else count_processes(os.getuid(), threads=True) + limits.max_processes
     job = {"code": code, "funcname": funcname, "args": args, "uid": uid, "nonce": nonce,
            "user_namespace": uid is None and (unprivileged or os.geteuid() != 0),
+           "require_new_root": limits.isolation == "required",
            "limits": {"cpu_s": int(limits.timeout_s) + 1, "memory_mb": limits.memory_mb,
                       "file_size_mb": limits.file_size_mb, "nproc": nproc}}
     group = ResourceGroup.create(f"distill-sandbox-{nonce}", limits.memory_mb * 2**20, limits.max_processes + 1)
@@ -123,6 +129,25 @@ def run_function(code: str, funcname: str, args: Any, limits: Limits = Limits(),
     result.seconds, result.uid = round(time.monotonic() - started, 3), uid
     result.memory = group.kind if group is not None else "watchdog"
     return result
+
+
+NO_WALLS = ("this machine does not let the sandbox hide its files and network from the code: creating mount and "
+            "network namespaces failed (unprivileged user namespaces switched off, e.g. Ubuntu 24.04's AppArmor "
+            "restriction, or a container without CAP_SYS_ADMIN)")
+
+
+@functools.cache
+def check_isolation(limits: Limits) -> None:
+    """A UserError when `limits` require isolation and this machine cannot build it (one trivial run; cached)."""
+    if limits.isolation != "required":
+        return
+    result = run_function("def probe():\n    return 1\n", "probe", {}, limits)
+    if result.status == "refused":
+        raise UserError(f"distill.sandbox.isolation is required, but {NO_WALLS}. Dataset code would read every file "
+                        "your user can (Hugging Face tokens, .env files, SSH keys). Allow unprivileged user "
+                        "namespaces (Ubuntu 24.04: `sudo sysctl kernel.apparmor_restrict_unprivileged_userns=0`), "
+                        "or set distill.sandbox.isolation: best-effort to run it with only the audit hook, which "
+                        "refuses writes outside its directory but not reads.")
 
 
 def unused_uid() -> int:
@@ -292,7 +317,9 @@ def interpret(returncode: int, stdout: bytes, stderr: bytes, stopped: str, nonce
     result = SandboxResult(status="error", stdout=clean_text(printed.rstrip()), stderr=clean_text(err),
                            network=network, files=files, unix_sockets=syscalls, keyring=keyring,
                            processes=processes)
-    if stopped == "timeout":
+    if f"{nonce} refused" in stderr.decode("utf-8", "replace").splitlines():
+        result.status, result.message = "refused", NO_WALLS
+    elif stopped == "timeout":
         result.status, result.message = "timeout", f"did not finish within {limits.timeout_s:g} s (killed)"
     elif stopped == "output_limit":
         result.status, result.message = "output_limit", f"printed more than {limits.max_output_kb} KB (killed)"

@@ -19,6 +19,8 @@ nonce), then, before any untrusted line runs:
    mounts, no keyrings, no userfaultfd, perf_event_open, bpf, ptrace or module loading;
 7. an audit hook refusing Python-level writes outside the working directory (a second layer, for systems where
    the namespaces are not available);
+   Without the namespaces and the new root, the job's `require_new_root` (isolation: required, the default)
+   refuses the run before any of the code is read;
 8. runs the code, calls `funcname(**args)` (or `funcname(args)` when args is not an object) and prints the
    JSON of the result on one line prefixed by the nonce.
 The first line on stderr says which layers hold. The parent bounds the memory and processes of everything the
@@ -376,6 +378,10 @@ def main() -> None:
     limits, uid = job["limits"], job.get("uid")
     user_namespace = job.get("user_namespace", os.geteuid() != 0)
     network, files, processes = isolate(os.path.realpath(os.getcwd()), limits["file_size_mb"], uid, user_namespace)
+    if job.get("require_new_root", True) and (network, files) != ("namespace", "new-root"):
+        print(f"{job['nonce']} isolation {network} {files} - - {processes}\n{job['nonce']} refused", file=sys.stderr,
+              flush=True)
+        sys.exit(1)  # before a line of the code runs: the walls it was promised are not there
     run_in_a_child(processes == "namespace")
     root = os.path.realpath(os.getcwd())
     os.environ["HOME"] = os.environ["TMPDIR"] = root

@@ -343,7 +343,7 @@ def score_one(ctx: StageContext, artifact: Artifact, held: HeldoutSet | None, mq
 def run(ctx: StageContext) -> StageResult:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from distillery.reasoning.sandbox import Limits
+    from distillery.reasoning.sandbox import Limits, check_isolation
 
     ev = ctx.cfg.evaluate
     held = load_heldout(ctx) if ev.heldout.enabled else None
@@ -356,6 +356,8 @@ def run(ctx: StageContext) -> StageResult:
                      "num_fewshot": ev.num_fewshot, "dtype": resolve_dtype(ev.dtype), "skipped_items": mqa.loaded.skipped,
                      "artifacts": {}, "errors": {}})
     limits = Limits.from_config(ctx.cfg.distill.sandbox)
+    if held and any(item.task == "code_io_input" for item in held.generate):
+        check_isolation(limits)  # its answers run the dataset's reference code
     work = len(mqa.items) + (len(held.items) + len(held.generate) if held else 0)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=ctx.console) as bar:

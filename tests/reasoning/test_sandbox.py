@@ -642,7 +642,7 @@ def test_without_namespaces_the_runner_ends_what_the_code_left() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="distillery-nobody-"))
     workdir.chmod(0o777)
     job = {"code": SETSID_AND_SLEEP, "funcname": "main", "args": {"name": name, "stay": False}, "uid": None,
-           "nonce": "n0nce", "user_namespace": False,
+           "nonce": "n0nce", "user_namespace": False, "require_new_root": False,
            "limits": {"cpu_s": 5, "memory_mb": 512, "file_size_mb": 1, "nproc": 10_000}}
     try:
         done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3",
@@ -655,3 +655,41 @@ def test_without_namespaces_the_runner_ends_what_the_code_left() -> None:
         for pid in live_processes_named(name):
             os.kill(pid, 9)
         remove_tree(workdir)
+
+
+@pytest.mark.skipif(not Path("/usr/bin/python3").is_file() or os.geteuid() != 0,
+                    reason="needs root to become `nobody`, and a Python that `nobody` can run")
+def test_without_namespaces_required_isolation_refuses_before_the_code_runs() -> None:
+    """isolation: required (the default): where no namespace can be made, not a line of the code runs."""
+    import json
+    import subprocess
+
+    workdir = Path(tempfile.mkdtemp(prefix="distillery-nobody-"))
+    workdir.chmod(0o777)
+    code = "open('ran', 'w').write('x')\ndef main():\n    return 'ran'\n"
+    job = {"code": code, "funcname": "main", "args": {}, "uid": None, "nonce": "n0nce", "user_namespace": False,
+           "limits": {"cpu_s": 5, "memory_mb": 512, "file_size_mb": 1, "nproc": 10_000}}
+    try:
+        done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3",
+                               "-I", str(sandbox.RUNNER)], input=json.dumps(job), capture_output=True, text=True,
+                              timeout=10, cwd=workdir)
+        assert done.returncode == 1 and "n0nce refused" in done.stderr.splitlines(), done.stderr
+        assert "ran" not in done.stdout and not (workdir / "ran").exists()
+        result = sandbox.interpret(done.returncode, done.stdout.encode(), done.stderr.encode(), "", "n0nce", FAST)
+        assert result.status == "refused" and result.files == "audit-hook" and "namespaces failed" in result.message
+    finally:
+        remove_tree(workdir)
+
+
+def test_check_isolation_passes_where_the_walls_hold_and_names_the_way_out_where_they_do_not(monkeypatch) -> None:
+    from distillery.core.errors import UserError
+
+    walls = run("def f():\n    return 1\n")
+    sandbox.check_isolation(FAST)  # the machine the suite runs on builds them (the tests above check each wall)
+    assert walls.files == "new-root"
+    refused = sandbox.SandboxResult(status="refused", files="audit-hook", network="audit-hook")
+    monkeypatch.setattr(sandbox, "run_function", lambda *args, **kwargs: refused)
+    required = Limits(timeout_s=3.0)
+    with pytest.raises(UserError, match="isolation is required.*best-effort"):
+        sandbox.check_isolation(required)
+    sandbox.check_isolation(Limits(timeout_s=3.0, isolation="best-effort"))  # nothing refused: it may run
