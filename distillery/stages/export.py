@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from distillery.export import gguf as gguf_io
 from distillery.export import merge, ollama, verify
 from distillery.export.gguf import QuantType
@@ -351,6 +353,16 @@ def probe_and_reference(ctx: StageContext, intermediate: Path, timings: dict[str
     return probe
 
 
+def write_modelfiles(ctx: StageContext, plan: Plan, files: dict[str, Path]) -> dict[str, Any]:
+    """Step 6: a Modelfile beside each GGUF; one whose TEMPLATE cannot be derived is written without it and
+    warned about, never an error (the GGUFs are finished and verified)."""
+    reasons = {ollama.write_modelfile(path, plan.template, plan.tokenizer, plan.eos) for path in files.values()}
+    why = next((r for r in reasons if r), None)
+    if why:
+        ctx.console.print(f"[yellow]Ollama Modelfiles without TEMPLATE[/]: {escape(why)}")
+    return {"template": why is None, "warning": why}
+
+
 def run(ctx: StageContext) -> StageResult:
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -375,8 +387,7 @@ def run(ctx: StageContext) -> StageResult:
         results = verify_all(ctx, plan, {plan.outtype.value: intermediate, **files}, probe, timings, step)
         report["gguf"] = results
         step("writing Modelfiles and reports")
-        for path in files.values():
-            ollama.write_modelfile(path, plan.template, plan.tokenizer, plan.eos)
+        report["ollama"] = write_modelfiles(ctx, plan, files)
         if plan.outtype.value not in files and not ctx.cfg.export.keep_intermediate:
             intermediate.unlink()
         progress.update(task, completed=5 + 2 * len(plan.quants))
@@ -459,6 +470,8 @@ def print_summary(ctx: StageContext, report: dict[str, Any]) -> None:
 def render_report(report: dict[str, Any]) -> str:
     lines = [f"# Export report: {report['model']}", "", merge_sentence(report["merge"]) + ".", "",
              *markdown_table(HEADERS, _rows(report))]
+    if report.get("ollama", {}).get("warning"):
+        lines += ["", f"Ollama Modelfiles without TEMPLATE: {report['ollama']['warning']}"]
     return "\n".join(lines) + "\n\nKL is KL(merged HF || GGUF) over every position of the fixed prompts.\n"
 
 
