@@ -310,8 +310,9 @@ def convert_and_quantize(ctx: StageContext, plan: Plan, timings: dict[str, Any],
     intermediate = gguf_dir / gguf_io.gguf_filename(plan.stem, plan.outtype.value)
     step(f"converting to {intermediate.name} (llama.cpp converter)")
     if not intermediate.is_file():
-        timings["convert_seconds"] = round(gguf_io.convert_to_gguf(ctx.out / OUTPUTS["merged"], intermediate,
-                                                                   plan.outtype.value, plan.stem), 2)
+        timings["convert_seconds"] = round(gguf_io.convert_to_gguf(
+            ctx.out / OUTPUTS["merged"], intermediate, plan.outtype.value, plan.stem,
+            log_path=ctx.run.log_path("export-converter")), 2)
     files: dict[str, Path] = {}
     for quant in plan.quants:
         target = gguf_dir / gguf_io.gguf_filename(plan.stem, quant.value)
