@@ -219,6 +219,7 @@ def plan_export(ctx: StageContext) -> Plan:
     imatrix = gguf_io.load_imatrix(Path(cfg.imatrix)) if cfg.imatrix else None
     template, eos, tokenizer = training_template(ctx, adapter_dir)
     base = adapter_dir if full else merge.original_16bit(summary.base_model, cfg.base_16bit)
+    merge.refuse_pickled_base(merge.local_base(summary.base_model) if full else base)
     ctx.out.mkdir(parents=True, exist_ok=True)
     weights = base_weight_bytes(str(base))
     disk = check_free_disk(cfg, ctx.out, weights, outtype, quants) if weights else {}
