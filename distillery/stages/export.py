@@ -112,19 +112,28 @@ def base_weight_bytes(base_model: str) -> int | None:
     return size // 2 if (config.get("dtype") or config.get("torch_dtype")) == "float32" else size
 
 
-def check_free_disk(cfg: ExportConfig, out: Path, weights_16bit: int, outtype: QuantType,
-                    quants: list[QuantType]) -> dict[str, float]:
-    """Refuse to start when the disk cannot hold merged/ + the intermediate + every quant + the margin."""
+def still_to_write(out: Path, stem: str, outtype: QuantType, quants: list[QuantType]) -> list[str]:
+    """What the export has left to write in `out`: "merged" unless a resumed run finished the merge, and each
+    GGUF type (the converter's output first) whose file is not there yet."""
+    left = [] if (out / OUTPUTS["merged"] / "config.json").is_file() else ["merged"]
+    gguf = out / OUTPUTS["gguf"]
+    return left + [q.value for q in dict.fromkeys([outtype, *quants])
+                   if not (gguf / gguf_io.gguf_filename(stem, q.value)).is_file()]
+
+
+def check_free_disk(cfg: ExportConfig, out: Path, weights_16bit: int, to_write: list[str]) -> dict[str, Any]:
+    """Refuse to start when the disk cannot hold what is still to write (`still_to_write`: merged/, the
+    intermediate, the quants) + the margin."""
     params = weights_16bit / 2
-    need = weights_16bit + params * gguf_io.BITS_PER_WEIGHT[outtype.value] / 8
-    need += sum(params * gguf_io.BITS_PER_WEIGHT[q.value] / 8 for q in quants if q != outtype)
+    need = sum(weights_16bit if name == "merged" else params * gguf_io.BITS_PER_WEIGHT[name] / 8 for name in to_write)
     need = need * 1.05 + cfg.min_free_disk_gb * GIB
     free = shutil.disk_usage(out).free
     if free < need:
         raise UserError(f"not enough free disk in {out.parent}: the export needs about {need / GIB:.1f} GiB "
-                        f"(merged model, GGUFs and export.min_free_disk_gb={cfg.min_free_disk_gb}) and "
-                        f"{free / GIB:.1f} GiB are free. Free some space or lower export.quantizations.")
-    return {"needed_gib": round(need / GIB, 2), "free_gib": round(free / GIB, 2)}
+                        f"(still to write: {', '.join(to_write) or 'nothing'}; and export.min_free_disk_gb="
+                        f"{cfg.min_free_disk_gb}) and {free / GIB:.1f} GiB are free. Free some space or lower "
+                        "export.quantizations.")
+    return {"needed_gib": round(need / GIB, 2), "free_gib": round(free / GIB, 2), "to_write": to_write}
 
 
 def check_architecture(model_dir: Path) -> None:
@@ -203,7 +212,7 @@ class Plan:
     tokenizer: Any
     dtype: str
     stem: str
-    disk: dict[str, float]
+    disk: dict[str, Any]
     memory: dict[str, Any]
     base: Path  # the 16-bit weights merged into: the base, or the original of a base published quantized
 
@@ -221,13 +230,13 @@ def plan_export(ctx: StageContext) -> Plan:
     base = adapter_dir if full else merge.original_16bit(summary.base_model, cfg.base_16bit)
     merge.refuse_pickled_base(merge.local_base(summary.base_model) if full else base)
     ctx.out.mkdir(parents=True, exist_ok=True)
-    weights = base_weight_bytes(str(base))
-    disk = check_free_disk(cfg, ctx.out, weights, outtype, quants) if weights else {}
+    stem, weights = model_stem(ctx.cfg, summary), base_weight_bytes(str(base))
+    disk = check_free_disk(cfg, ctx.out, weights, still_to_write(ctx.out, stem, outtype, quants)) if weights else {}
     memory = check_memory(base, cfg) if list(base.glob("*.safetensors")) else {}
     if (base / "config.json").is_file():
         check_architecture(base)
     return Plan(summary, adapter_dir, outtype, quants, imatrix, template, eos, tokenizer,
-                merge.merged_dtype_name(cfg.dtype, str(base)), model_stem(ctx.cfg, summary), disk, memory, base)
+                merge.merged_dtype_name(cfg.dtype, str(base)), stem, disk, memory, base)
 
 
 def merge_and_check(ctx: StageContext, plan: Plan, report: dict[str, Any], timings: dict[str, Any]) -> None:

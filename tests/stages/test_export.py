@@ -231,6 +231,34 @@ def test_too_little_free_disk_is_refused_before_writing(adapter_run: Path) -> No
     assert not run.partial_dir("export").exists() and not run.stage_dir("export").exists()
 
 
+def test_the_disk_check_of_a_resumed_export_counts_only_what_is_left_to_write(tmp_path: Path, monkeypatch) -> None:
+    """A 10 GiB base: a fresh export needs the merge, the F16 intermediate and both quants; one resumed after the
+    merge and the Q8_0 file needs only the F16 and Q4_K_M files, and fits a disk the fresh one does not."""
+    import shutil
+    from collections import namedtuple
+
+    from distillery.config import ExportConfig
+    from distillery.export.gguf import QuantType
+    from distillery.stages import export
+
+    cfg, weights = ExportConfig(min_free_disk_gb=0), 10 * 2**30
+    types = (QuantType.F16, [QuantType.Q8_0, QuantType.Q4_K_M])
+    fresh, resumed = tmp_path / "fresh", tmp_path / "resumed"
+    for out in (fresh, resumed):
+        (out / "gguf").mkdir(parents=True)
+    (resumed / "merged").mkdir()
+    (resumed / "merged" / "config.json").write_text("{}")
+    (resumed / "gguf" / "m-Q8_0.gguf").write_bytes(b"GGUF")
+    assert export.still_to_write(fresh, "m", *types) == ["merged", "f16", "q8_0", "q4_k_m"]
+    assert export.still_to_write(resumed, "m", *types) == ["f16", "q4_k_m"]
+    left = 1.05 * (weights / 2) * (16 + 4.9) / 8  # the F16 and Q4_K_M files
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: namedtuple("Usage", "free")(left + 2**30))
+    assert export.check_free_disk(cfg, resumed, weights, export.still_to_write(resumed, "m", *types))[
+        "needed_gib"] == round(left / 2**30, 2)
+    with pytest.raises(UserError, match=r"needs about 29\.8 GiB \(still to write: merged, f16, q8_0, q4_k_m;"):
+        export.check_free_disk(cfg, fresh, weights, export.still_to_write(fresh, "m", *types))
+
+
 def test_a_prequantized_base_exports_from_its_16_bit_original_or_is_refused_before_writing(
         tmp_path: Path, demo_model_path: str) -> None:
     """A QLoRA run on a base published in 4 bits: without its original 16-bit weights the export writes nothing;
