@@ -190,6 +190,49 @@ def test_push_without_a_token_lists_the_files_and_exits_2(exported, tmp_path: Pa
     assert f"{STEM}-Q8_0.gguf" in result.stdout and (run.path / "push" / "README.md").is_file()
 
 
+def finished_export(tmp_path: Path, files: dict[str, bytes], passed: bool = True) -> RunDir:
+    """A run whose export finished with these GGUFs (type -> content) recorded in summary.json and verify.json."""
+    run = RunDir(tmp_path / "runs", "demo")
+    gguf = run.stage_dir("export") / "gguf"
+    gguf.mkdir(parents=True)
+    for quant, content in files.items():
+        (gguf / f"{STEM}-{quant.upper()}.gguf").write_bytes(content)
+    results = {q: {"file": f"{STEM}-{q.upper()}.gguf", "bytes": len(c), "passed": passed} for q, c in files.items()}
+    (run.stage_dir("export") / "verify.json").write_text(json.dumps({"gguf": results, "passed": passed}))
+    (run.stage_dir("export") / "summary.json").write_text(json.dumps(
+        {"files": {q: r["file"] for q, r in results.items()}, "passed": passed}))
+    run.update_stage("export", {"status": "complete", "fingerprint": "fixture-export"})
+    return run
+
+
+def test_push_takes_only_the_ggufs_export_verified_and_refuses_changed_ones(tmp_path: Path) -> None:
+    from distillery.commands.push import push, upload_plan
+    from distillery.core.console import console
+
+    run = finished_export(tmp_path, {"q8_0": b"GGUF q8", "q4_k_m": b"GGUF q4"})
+    gguf = run.stage_dir("export") / "gguf"
+    (gguf / f"{STEM}-Q5_K_M.gguf").write_bytes(b"GGUF from an earlier export")  # not in summary.json
+    cfg = load_config(demo_config(tmp_path), ["push.upload=[gguf]"])
+    assert [p["path_in_repo"] for p in upload_plan(cfg, run)] == [f"{STEM}-Q4_K_M.gguf", f"{STEM}-Q8_0.gguf"]
+    only = load_config(demo_config(tmp_path), ["push.upload=[gguf]", "push.gguf_types=[Q4_K_M]"])
+    assert [p["path_in_repo"] for p in upload_plan(only, run)] == [f"{STEM}-Q4_K_M.gguf"]
+    (gguf / f"{STEM}-Q8_0.gguf").write_bytes(b"GGUF q8, rewritten after the export")
+    with pytest.raises(UserError, match=rf"{STEM}-Q8_0.gguf is not the GGUF the export verified"):
+        push(cfg, console, dry_run=True)
+
+
+def test_push_refuses_an_export_that_did_not_pass_or_a_type_it_did_not_write(tmp_path: Path) -> None:
+    from distillery.commands.push import upload_plan
+
+    failed = finished_export(tmp_path / "failed", {"q8_0": b"GGUF"}, passed=False)
+    with pytest.raises(UserError, match="does not record an export that passed verification"):
+        upload_plan(load_config(demo_config(tmp_path / "failed"), ["push.upload=[gguf]"]), failed)
+    run = finished_export(tmp_path, {"q8_0": b"GGUF"})
+    cfg = load_config(demo_config(tmp_path), ["push.upload=[gguf]", "push.gguf_types=[q4_k_m]"])
+    with pytest.raises(UserError, match=r"push.gguf_types: q4_k_m was not exported in this run \(it has q8_0\)"):
+        upload_plan(cfg, run)
+
+
 # --- bad input: each one a UserError before anything is written -------------------------------------------
 
 
