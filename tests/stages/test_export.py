@@ -58,6 +58,7 @@ def test_export_writes_verified_merged_model_and_ggufs(exported, demo_model_path
     assert json.loads((merged / "generation_config.json").read_text())["eos_token_id"] == 2  # <|im_end|>
     verify = json.loads((out / "verify.json").read_text())
     assert verify["passed"] and verify["merge"]["passed"]
+    assert verify["ollama"] == {"template": True, "warning": None}  # ChatML: every Modelfile has its TEMPLATE
     tensors, merge = verify["merge"]["tensors"], verify["merge"]["distributions"]
     assert tensors["passed"] and tensors["targeted"] == tensors["adapted_weights"] > 0 and tensors["weights_changed"] > 0
     assert merge["merged_vs_base_plus_adapter"]["mean_kl"] < 0.5 * merge["base_vs_base_plus_adapter"]["mean_kl"]
