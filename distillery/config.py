@@ -293,11 +293,19 @@ class PushConfig(Section):
     private: bool = Field(True, description="Create the repository private (the default) or public.")
     upload: list[Literal["merged", "gguf"]] = Field(default_factory=lambda: ["merged", "gguf"], min_length=1,
                                                     description="What to upload: the merged 16-bit model, the GGUFs.")
-    gguf_types: list[str] | None = Field(None, description="Only these GGUF types (default: every exported one).")
+    gguf_types: list[str] | None = Field(None, description="Only these GGUF types, each one the export writes "
+                                         "(default: every exported one).")
     license: str = Field("apache-2.0", description="License in the model card (a Hub license id).")
     tags: list[str] = Field(default_factory=list, description="Extra model card tags.")
     datasets: list[str] = Field(default_factory=list, description="Extra Hub dataset ids for the model card.")
     commit_message: str = Field("Upload model from Distillery", description="The Hub commit message.")
+
+    @field_validator("gguf_types")
+    @classmethod
+    def _known_gguf_types(cls, names: list[str] | None) -> list[str] | None:
+        from distillery.export.gguf import parse_quant
+
+        return None if names is None else list(dict.fromkeys(parse_quant(name).value for name in names))
 
 
 class DistilleryConfig(Section):
@@ -317,6 +325,16 @@ class DistilleryConfig(Section):
             getattr(s, "format", None) == "mathqa" for s in self.ingest.sources
         ):
             raise ValueError("finetune.objective=multiple_choice needs an ingest source with format: mathqa")
+        return self
+
+    @model_validator(mode="after")
+    def _pushed_types_are_exported(self) -> "DistilleryConfig":
+        exported = self.export.quantizations + ([self.export.outtype] if self.export.keep_intermediate else [])
+        missing = [name for name in self.push.gguf_types or [] if name not in exported]
+        if missing:
+            raise ValueError(f"push.gguf_types: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
+                             f"written by the export (export.quantizations: {', '.join(self.export.quantizations)}); "
+                             "add it to export.quantizations or drop it from push.gguf_types")
         return self
 
 

@@ -1,7 +1,7 @@
 """`distillery push`: the exported model to the Hugging Face Hub, with a generated model card.
 
 1. check the export stage finished, list what would be uploaded (merged/ files and/or GGUFs + Modelfiles,
-   with sizes) and render the model card (README.md: front matter base_model, datasets, license, tags; the
+   with sizes; only the GGUFs export's summary.json lists, each the file verify.json recorded as passed) and render the model card (README.md: front matter base_model, datasets, license, tags; the
    training summary from finetune's summary.json; the evaluation table from evaluate's comparison.md and how
    many training records ingest dropped as contaminated; how to run it with llama.cpp and Ollama);
 2. write the card and the plan to runs/<name>/push/ and print the plan;
@@ -67,10 +67,7 @@ def upload_plan(cfg: DistilleryConfig, run: RunDir) -> list[dict[str, Any]]:
         plan += [{"path": str(p), "path_in_repo": str(p.relative_to(merged)), "bytes": p.stat().st_size}
                  for p in sorted(merged.rglob("*")) if p.is_file()]
     if "gguf" in cfg.push.upload:
-        wanted = {t.upper() for t in cfg.push.gguf_types} if cfg.push.gguf_types else None
-        for path in sorted(artifact(run, "export", "gguf").glob("*.gguf")):
-            if wanted and path.stem.rsplit("-", 1)[-1].upper() not in wanted:
-                continue
+        for path in selected_ggufs(cfg, verified_ggufs(run)):
             plan.append({"path": str(path), "path_in_repo": path.name, "bytes": path.stat().st_size})
             modelfile = path.with_suffix(".Modelfile")
             if modelfile.is_file():
@@ -80,6 +77,37 @@ def upload_plan(cfg: DistilleryConfig, run: RunDir) -> list[dict[str, Any]]:
         raise UserError(f"nothing to push from {run.stage_dir('export')}: push.upload={cfg.push.upload} and "
                         f"push.gguf_types={cfg.push.gguf_types} select no file.")
     return plan
+
+
+def verified_ggufs(run: RunDir) -> dict[str, Path]:
+    """{type: GGUF} as export's summary.json lists them, each the file the export verified (its verify.json entry
+    passed, with this size). Other files in gguf/ (left by an earlier export) are never uploaded."""
+    summary_path, verify_path = artifact(run, "export", "summary"), artifact(run, "export", "verify")
+    summary, results = _read_json(summary_path), _read_json(verify_path).get("gguf") or {}
+    if summary.get("passed") is not True:
+        raise UserError(f"nothing to push: {summary_path} does not record an export that passed verification. Run "
+                        "`distillery export --force` (just export-gguf --force).")
+    found = {}
+    for quant, name in (summary.get("files") or {}).items():
+        path, result = artifact(run, "export", "gguf") / name, results.get(quant) or {}
+        if not result.get("passed") or not path.is_file() or path.stat().st_size != result.get("bytes"):
+            raise UserError(f"{path} is not the GGUF the export verified (it is missing, or {verify_path} does not "
+                            "record it as passed with its size): it changed after the export. Run `distillery "
+                            "export --force` (just export-gguf --force) to make and verify it again.")
+        found[quant] = path
+    return found
+
+
+def selected_ggufs(cfg: DistilleryConfig, verified: dict[str, Path]) -> list[Path]:
+    """The verified GGUFs push.gguf_types asks for (all of them by default); a type the export did not write is
+    a UserError."""
+    wanted = cfg.push.gguf_types or list(verified)
+    missing = [quant for quant in wanted if quant not in verified]
+    if missing:
+        raise UserError(f"push.gguf_types: {', '.join(missing)} {'was' if len(missing) == 1 else 'were'} not "
+                        f"exported in this run (it has {', '.join(verified) or 'no GGUF'}): run `distillery export` "
+                        "with it in export.quantizations, or drop it from push.gguf_types.")
+    return sorted(verified[quant] for quant in wanted)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator
 
-from distillery.export.converter import converter_env, converter_script
+from distillery.export.converter import converter_env, converter_script, installed_version
 from distillery.core.errors import UserError
 from distillery.core.machine import usable_cores
 
@@ -152,8 +152,10 @@ def conversion_source(model_dir: Path, staging: Path) -> Path:
     return staging
 
 
-def convert_to_gguf(model_dir: Path, out_path: Path, outtype: str, model_name: str) -> float:
-    """Run llama.cpp's converter on an HF directory; returns seconds. Unsupported architectures are UserErrors."""
+def convert_to_gguf(model_dir: Path, out_path: Path, outtype: str, model_name: str,
+                    log_path: Path | None = None) -> float:
+    """Run llama.cpp's converter on an HF directory; returns seconds. A model the converter cannot take is a
+    UserError quoting its error; its whole output then goes to `log_path`."""
     import time
 
     import shutil
@@ -172,17 +174,53 @@ def convert_to_gguf(model_dir: Path, out_path: Path, outtype: str, model_name: s
         shutil.rmtree(staging, ignore_errors=True)
     if done.returncode != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
-        output = done.stderr + done.stdout
-        unsupported = re.search(r"Model (\S+) is not supported", output)
-        if unsupported:
-            raise UserError(f"llama.cpp's converter does not support the architecture {unsupported.group(1)} "
-                            f"(from {model_dir / 'config.json'}), so it cannot be exported to GGUF. Use a model "
-                            "llama.cpp supports (`python <venv>/share/llama.cpp/convert_hf_to_gguf.py "
-                            "--print-supported-models` lists them).")
-        tail = "\n  ".join(output.strip().splitlines()[-8:])
-        raise RuntimeError(f"llama.cpp's converter failed on {model_dir} (exit {done.returncode}):\n  {tail}")
+        raise converter_failure(model_dir, done, log_path)
     os.replace(tmp, out_path)
     return time.time() - started
+
+
+# What a converter error caused by the model means, and what to do about it (the last one matches any
+# NotImplementedError: the converter does not implement something this model has).
+MODEL_FAILURES = (
+    ("BPE pre-tokenizer was not recognized", "the model's tokenizer (its pre-tokenizer) is not supported by this "
+     "llama.cpp version. Use a base model whose tokenizer llama.cpp supports, or a newer llama-cpp-python whose "
+     "converter knows it (upgrade it, then run `just setup`)"),
+    ("Can not map tensor", "the model has a tensor this llama.cpp version's converter does not know (a modified "
+     "architecture?). Use a model llama.cpp supports as it is published, or a newer llama-cpp-python"),
+    ("NotImplementedError", "this llama.cpp version's converter does not implement something this model needs. "
+     "Use a model llama.cpp supports, or a newer llama-cpp-python"),
+)
+
+
+def last_error_line(output: str) -> str:
+    """The converter's exception line (`NotImplementedError: ...`), or its last line when there is none."""
+    errors = re.findall(r"^(\w+(?:Error|Exception): .*)$", output, flags=re.MULTILINE)
+    lines = output.strip().splitlines()
+    return errors[-1].strip() if errors else (lines[-1].strip() if lines else "")
+
+
+def converter_failure(model_dir: Path, done: subprocess.CompletedProcess, log_path: Path | None) -> Exception:
+    """A UserError for a model the converter cannot take (unsupported architecture, unknown tokenizer, ...),
+    a RuntimeError for anything else; the converter's whole output is kept in `log_path`."""
+    output = done.stderr + ("\n" if done.stderr and done.stdout else "") + done.stdout
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text(f"{' '.join(done.args)}\nexit {done.returncode}\n\n{output}", encoding="utf-8")
+    kept = f" Its whole output: {log_path}." if log_path is not None else ""
+    unsupported = re.search(r"Model (\S+) is not supported", output)
+    if unsupported:
+        return UserError(f"llama.cpp's converter does not support the architecture {unsupported.group(1)} "
+                         f"(from {model_dir / 'config.json'}), so it cannot be exported to GGUF. Use a model "
+                         "llama.cpp supports (`python <venv>/share/llama.cpp/convert_hf_to_gguf.py "
+                         f"--print-supported-models` lists them).{kept}")
+    error = last_error_line(done.stderr) or last_error_line(output)
+    meaning = next((what for pattern, what in MODEL_FAILURES if pattern in error), None)
+    if meaning and done.returncode > 0:
+        return UserError(f"llama.cpp's converter (llama-cpp-python {installed_version()}) cannot convert {model_dir} "
+                         f"to GGUF: {meaning}. The converter "
+                         f"said: {error}.{kept}")
+    tail = "\n  ".join(output.strip().splitlines()[-8:])
+    return RuntimeError(f"llama.cpp's converter failed on {model_dir} (exit {done.returncode}):\n  {tail}")
 
 
 def load_imatrix(path: Path) -> dict[str, Any]:

@@ -6,9 +6,11 @@ does not grow with the model.
   scale·B·A (DoRA: rescaled by the magnitude vector) is added in fp32, row block by row block, and rounded once
   to the target dtype, and every tensor is written straight into its output shard. Peak memory is one tensor in
   16 bits plus one fp32 row block, whatever the model's size. Adapters the stream does not cover (modules_to_save,
-  per-module rank/alpha patterns, biases, a base stored as pickles or pre-quantized in 4 bits) fall back to
-  loading the whole model: PEFT's merge_and_unload on the hf backend, Unsloth's save_pretrained_merged on the
-  unsloth backend — in a child process, since importing Unsloth patches transformers for the whole process.
+  per-module rank/alpha patterns, biases, a base pre-quantized in 4 bits) fall back to loading the whole model:
+  PEFT's merge_and_unload on the hf backend, Unsloth's save_pretrained_merged on the unsloth backend — in a child
+  process, since importing Unsloth patches transformers for the whole process. A base stored only as
+  pytorch_model*.bin is refused before anything is written (`refuse_pickled_base`: the exact check reads
+  safetensors), with the command that converts it in place.
   The base is always its original 16-bit weights, never a dequantized 4-bit copy: for a base published
   quantized (a bnb-4bit QLoRA base) export finds them first (`original_16bit`: export.base_16bit, else
   Unsloth's 4-bit -> 16-bit name mapping) and merges into and checks against them. The tokenizer (training chat
@@ -170,6 +172,19 @@ def why_not_streamable(base: Path) -> str:
     if not dtypes <= set(SAFETENSORS_DTYPES):
         return f"{base} stores {', '.join(sorted(dtypes - set(SAFETENSORS_DTYPES)))} tensors"
     return ""
+
+
+def refuse_pickled_base(base: Path) -> None:
+    """A base stored only as pytorch_model*.bin: the merge and its tensor-by-tensor check read safetensors, so it
+    is converted once, in place (which keeps the fine-tune valid: its fingerprint does not cover the files)."""
+    if list(base.glob("*.safetensors")) or not list(base.glob("pytorch_model*.bin")):
+        return
+    raise UserError(f"the base model {base} stores its weights only as pytorch_model*.bin (pickles); the export "
+                    "merges and checks safetensors, tensor by tensor. Convert it once, in place (this adds "
+                    "model.safetensors beside the .bin files, which stay, and the fine-tune stays valid): "
+                    "python -c \"from transformers import AutoModelForCausalLM as M; "
+                    f"M.from_pretrained('{base}', dtype='auto').save_pretrained('{base}')\" "
+                    "Then run `distillery export` again.")
 
 
 def quantization_method(base: Path) -> str:

@@ -6,7 +6,9 @@ rendered on conversations whose contents are unique markers, and the text betwee
 pieces: what opens the prompt (with and without a system message), what goes between a user turn and the
 answer (the generation prompt), and between an answer and the next user turn. `render_parts` renders a
 conversation from those pieces exactly as the Go template does, and `template_parts` refuses a template
-whose pieces do not reproduce the Jinja rendering.
+whose pieces do not reproduce the Jinja rendering (or that raises an error on such a conversation, as templates
+that refuse a system turn do). `write_modelfile` then writes the Modelfile without TEMPLATE and says why: the
+GGUFs are verified and kept either way.
 """
 
 from __future__ import annotations
@@ -30,8 +32,16 @@ class TemplateParts:
 
 
 def _render(template: str, messages: list[dict[str, str]], tokenizer: Any, generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=generation_prompt)
+    """The template's text for `messages`; an error the template raises (a role it refuses) is a UserError."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except TemplateError as err:
+        roles = "/".join(m["role"] for m in messages)
+        raise UserError(f"the chat template cannot render a {roles} conversation ({type(err).__name__}: {err}), so "
+                        "no Ollama TEMPLATE can be derived from it.") from None
 
 
 def _between(text: str, left: str, right: str) -> str:
@@ -119,8 +129,24 @@ def build_modelfile(gguf_name: str, template: str, tokenizer: Any, eos_token: st
     return "\n".join(lines) + "\n"
 
 
-def write_modelfile(gguf_path: Path, template: str, tokenizer: Any, eos_token: str | None) -> Path:
-    """`<model>-<QUANT>.Modelfile` beside `<model>-<QUANT>.gguf`."""
-    path = gguf_path.with_suffix(".Modelfile")
-    path.write_text(build_modelfile(gguf_path.name, template, tokenizer, eos_token), encoding="utf-8")
-    return path
+def modelfile_without_template(gguf_name: str, eos_token: str | None) -> str:
+    """Modelfile text with FROM and the EOS stop only: Ollama picks the template itself (see write_modelfile)."""
+    lines = [f"FROM ./{gguf_name}", ""] + ([f'PARAMETER stop "{eos_token}"'] if eos_token else [])
+    return "\n".join(lines) + "\n"
+
+
+NO_TEMPLATE_ADVICE = ("The Modelfiles have no TEMPLATE: Ollama then uses one of its built-in templates only when the "
+                      "GGUF's chat template (its tokenizer.chat_template metadata) nearly equals it, and otherwise "
+                      "sends the bare prompt. Add a TEMPLATE by hand before `ollama create`; llama.cpp and "
+                      "`distillery chat` use the GGUF's own template and are not affected.")
+
+
+def write_modelfile(gguf_path: Path, template: str, tokenizer: Any, eos_token: str | None) -> str | None:
+    """`<model>-<QUANT>.Modelfile` beside `<model>-<QUANT>.gguf`. A template no Ollama TEMPLATE can reproduce
+    still gets a Modelfile, without TEMPLATE; the return value is then why (None when it has one)."""
+    try:
+        text, why = build_modelfile(gguf_path.name, template, tokenizer, eos_token), None
+    except UserError as err:
+        text, why = modelfile_without_template(gguf_path.name, eos_token), f"{err} {NO_TEMPLATE_ADVICE}"
+    gguf_path.with_suffix(".Modelfile").write_text(text, encoding="utf-8")
+    return why

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from distillery.export import gguf as gguf_io
 from distillery.export import merge, ollama, verify
 from distillery.export.gguf import QuantType
@@ -110,19 +112,28 @@ def base_weight_bytes(base_model: str) -> int | None:
     return size // 2 if (config.get("dtype") or config.get("torch_dtype")) == "float32" else size
 
 
-def check_free_disk(cfg: ExportConfig, out: Path, weights_16bit: int, outtype: QuantType,
-                    quants: list[QuantType]) -> dict[str, float]:
-    """Refuse to start when the disk cannot hold merged/ + the intermediate + every quant + the margin."""
+def still_to_write(out: Path, stem: str, outtype: QuantType, quants: list[QuantType]) -> list[str]:
+    """What the export has left to write in `out`: "merged" unless a resumed run finished the merge, and each
+    GGUF type (the converter's output first) whose file is not there yet."""
+    left = [] if (out / OUTPUTS["merged"] / "config.json").is_file() else ["merged"]
+    gguf = out / OUTPUTS["gguf"]
+    return left + [q.value for q in dict.fromkeys([outtype, *quants])
+                   if not (gguf / gguf_io.gguf_filename(stem, q.value)).is_file()]
+
+
+def check_free_disk(cfg: ExportConfig, out: Path, weights_16bit: int, to_write: list[str]) -> dict[str, Any]:
+    """Refuse to start when the disk cannot hold what is still to write (`still_to_write`: merged/, the
+    intermediate, the quants) + the margin."""
     params = weights_16bit / 2
-    need = weights_16bit + params * gguf_io.BITS_PER_WEIGHT[outtype.value] / 8
-    need += sum(params * gguf_io.BITS_PER_WEIGHT[q.value] / 8 for q in quants if q != outtype)
+    need = sum(weights_16bit if name == "merged" else params * gguf_io.BITS_PER_WEIGHT[name] / 8 for name in to_write)
     need = need * 1.05 + cfg.min_free_disk_gb * GIB
     free = shutil.disk_usage(out).free
     if free < need:
         raise UserError(f"not enough free disk in {out.parent}: the export needs about {need / GIB:.1f} GiB "
-                        f"(merged model, GGUFs and export.min_free_disk_gb={cfg.min_free_disk_gb}) and "
-                        f"{free / GIB:.1f} GiB are free. Free some space or lower export.quantizations.")
-    return {"needed_gib": round(need / GIB, 2), "free_gib": round(free / GIB, 2)}
+                        f"(still to write: {', '.join(to_write) or 'nothing'}; and export.min_free_disk_gb="
+                        f"{cfg.min_free_disk_gb}) and {free / GIB:.1f} GiB are free. Free some space or lower "
+                        "export.quantizations.")
+    return {"needed_gib": round(need / GIB, 2), "free_gib": round(free / GIB, 2), "to_write": to_write}
 
 
 def check_architecture(model_dir: Path) -> None:
@@ -201,7 +212,7 @@ class Plan:
     tokenizer: Any
     dtype: str
     stem: str
-    disk: dict[str, float]
+    disk: dict[str, Any]
     memory: dict[str, Any]
     base: Path  # the 16-bit weights merged into: the base, or the original of a base published quantized
 
@@ -217,14 +228,15 @@ def plan_export(ctx: StageContext) -> Plan:
     imatrix = gguf_io.load_imatrix(Path(cfg.imatrix)) if cfg.imatrix else None
     template, eos, tokenizer = training_template(ctx, adapter_dir)
     base = adapter_dir if full else merge.original_16bit(summary.base_model, cfg.base_16bit)
+    merge.refuse_pickled_base(merge.local_base(summary.base_model) if full else base)
     ctx.out.mkdir(parents=True, exist_ok=True)
-    weights = base_weight_bytes(str(base))
-    disk = check_free_disk(cfg, ctx.out, weights, outtype, quants) if weights else {}
+    stem, weights = model_stem(ctx.cfg, summary), base_weight_bytes(str(base))
+    disk = check_free_disk(cfg, ctx.out, weights, still_to_write(ctx.out, stem, outtype, quants)) if weights else {}
     memory = check_memory(base, cfg) if list(base.glob("*.safetensors")) else {}
     if (base / "config.json").is_file():
         check_architecture(base)
     return Plan(summary, adapter_dir, outtype, quants, imatrix, template, eos, tokenizer,
-                merge.merged_dtype_name(cfg.dtype, str(base)), model_stem(ctx.cfg, summary), disk, memory, base)
+                merge.merged_dtype_name(cfg.dtype, str(base)), stem, disk, memory, base)
 
 
 def merge_and_check(ctx: StageContext, plan: Plan, report: dict[str, Any], timings: dict[str, Any]) -> None:
@@ -308,8 +320,9 @@ def convert_and_quantize(ctx: StageContext, plan: Plan, timings: dict[str, Any],
     intermediate = gguf_dir / gguf_io.gguf_filename(plan.stem, plan.outtype.value)
     step(f"converting to {intermediate.name} (llama.cpp converter)")
     if not intermediate.is_file():
-        timings["convert_seconds"] = round(gguf_io.convert_to_gguf(ctx.out / OUTPUTS["merged"], intermediate,
-                                                                   plan.outtype.value, plan.stem), 2)
+        timings["convert_seconds"] = round(gguf_io.convert_to_gguf(
+            ctx.out / OUTPUTS["merged"], intermediate, plan.outtype.value, plan.stem,
+            log_path=ctx.run.log_path("export-converter")), 2)
     files: dict[str, Path] = {}
     for quant in plan.quants:
         target = gguf_dir / gguf_io.gguf_filename(plan.stem, quant.value)
@@ -351,6 +364,16 @@ def probe_and_reference(ctx: StageContext, intermediate: Path, timings: dict[str
     return probe
 
 
+def write_modelfiles(ctx: StageContext, plan: Plan, files: dict[str, Path]) -> dict[str, Any]:
+    """Step 6: a Modelfile beside each GGUF; one whose TEMPLATE cannot be derived is written without it and
+    warned about, never an error (the GGUFs are finished and verified)."""
+    reasons = {ollama.write_modelfile(path, plan.template, plan.tokenizer, plan.eos) for path in files.values()}
+    why = next((r for r in reasons if r), None)
+    if why:
+        ctx.console.print(f"[yellow]Ollama Modelfiles without TEMPLATE[/]: {escape(why)}")
+    return {"template": why is None, "warning": why}
+
+
 def run(ctx: StageContext) -> StageResult:
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -375,8 +398,7 @@ def run(ctx: StageContext) -> StageResult:
         results = verify_all(ctx, plan, {plan.outtype.value: intermediate, **files}, probe, timings, step)
         report["gguf"] = results
         step("writing Modelfiles and reports")
-        for path in files.values():
-            ollama.write_modelfile(path, plan.template, plan.tokenizer, plan.eos)
+        report["ollama"] = write_modelfiles(ctx, plan, files)
         if plan.outtype.value not in files and not ctx.cfg.export.keep_intermediate:
             intermediate.unlink()
         progress.update(task, completed=5 + 2 * len(plan.quants))
@@ -459,6 +481,8 @@ def print_summary(ctx: StageContext, report: dict[str, Any]) -> None:
 def render_report(report: dict[str, Any]) -> str:
     lines = [f"# Export report: {report['model']}", "", merge_sentence(report["merge"]) + ".", "",
              *markdown_table(HEADERS, _rows(report))]
+    if report.get("ollama", {}).get("warning"):
+        lines += ["", f"Ollama Modelfiles without TEMPLATE: {report['ollama']['warning']}"]
     return "\n".join(lines) + "\n\nKL is KL(merged HF || GGUF) over every position of the fixed prompts.\n"
 
 

@@ -122,6 +122,18 @@ def test_the_gguf_name_stem_is_one_plain_file_name(tmp_path: Path, name: str) ->
     assert load_config(write(tmp_path, MINIMAL), ["export.model_name=Qwen2.5-7B-ko"]).export.model_name == "Qwen2.5-7B-ko"
 
 
+def test_push_gguf_types_are_known_types_the_export_writes(tmp_path: Path) -> None:
+    """A typo or a type the export does not write selected nothing to push (or failed at upload time)."""
+    with pytest.raises(UserError, match="push.gguf_types: .*unknown GGUF quant type 'q4_km'; valid: "):
+        load_config(write(tmp_path, MINIMAL), ["push.gguf_types=[q4_km]"])
+    with pytest.raises(UserError, match=r"push.gguf_types: q5_k_m is not written by the export \(export.quantizations: "
+                                        "q8_0, q4_k_m\); add it to export.quantizations"):
+        load_config(write(tmp_path, MINIMAL), ["push.gguf_types=[q5_k_m]"])
+    assert load_config(write(tmp_path, MINIMAL), ["push.gguf_types=[Q4_K_M, q8_0]"]).push.gguf_types == ["q4_k_m", "q8_0"]
+    kept = load_config(write(tmp_path, MINIMAL), ["push.gguf_types=[f16]", "export.keep_intermediate=true"])
+    assert kept.push.gguf_types == ["f16"]
+
+
 def test_paths_in_the_config_expand_the_home_directory(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     cfg = load_config(write(tmp_path, {**MINIMAL, "run": {"root": "~/runs"}, "model": {"path": "~/models/m"},

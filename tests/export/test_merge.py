@@ -121,3 +121,38 @@ def test_unsloths_4_bit_names_map_to_their_16_bit_originals() -> None:
     names = merge.unsloth_16bit_names("unsloth/DeepSeek-R1-Distill-Qwen-32B-unsloth-bnb-4bit")
     assert names == ["unsloth/DeepSeek-R1-Distill-Qwen-32B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B"]
     assert merge.unsloth_16bit_names("/data/my-model") == []
+
+
+def test_a_base_stored_as_pytorch_model_bin_is_refused_with_a_conversion_that_works(tmp_path: Path) -> None:
+    """The check reads safetensors (on a .bin-only base it compared 0/0 tensors): such a base is refused with a
+    command that converts it in place; run as printed, the base then merges and passes the check."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.export.test_streamed_merge import make_adapter
+    from tests.fixtures.tiny_lm import build_tiny_lm
+
+    built = build_tiny_lm(tmp_path / "built")
+    base = tmp_path / "base"
+    base.mkdir()
+    torch.save(load_file(str(built / "model.safetensors")), base / "pytorch_model.bin")
+    for path in built.iterdir():
+        if path.suffix != ".safetensors":
+            shutil.copy(path, base / path.name)
+    merge.refuse_pickled_base(built)  # safetensors: nothing to say
+    with pytest.raises(UserError, match=r"stores its weights only as pytorch_model\*\.bin .*in place") as refused:
+        merge.refuse_pickled_base(base)
+    command = re.search(r'python -c "([^"]+)"', str(refused.value)).group(1)
+    subprocess.run([sys.executable, "-c", command], check=True, capture_output=True)
+    assert (base / "model.safetensors").is_file() and (base / "pytorch_model.bin").is_file()
+    merge.refuse_pickled_base(base)
+    adapter = make_adapter(str(base), tmp_path / "adapter")
+    deltas, _ = merge.read_adapter(adapter)
+    merge.stream_merge(base, deltas, tmp_path / "merged", "bf16", "5GB")
+    check = merge.check_merge(str(base), adapter, tmp_path / "merged")
+    assert check["passed"] and check["targeted"] == len(deltas) and check["untargeted_identical"] == "15/15", check

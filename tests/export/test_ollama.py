@@ -65,6 +65,22 @@ def test_a_template_that_depends_on_content_is_refused(tokenizer) -> None:
         ollama.template_parts(template, tokenizer)
 
 
+def test_a_template_that_raises_gets_a_modelfile_without_template_and_the_reason(tokenizer, tmp_path: Path) -> None:
+    """A template that refuses a system turn (as Gemma's does) cannot be rendered into pieces: the Modelfile is
+    still written, FROM and the EOS stop without TEMPLATE, and the reason names the template's own error."""
+    template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+                "supported') }}{% endif %}<{{ m['role'] }}>{{ m['content'] }}<|im_end|>{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% endif %}")
+    with pytest.raises(UserError, match="cannot render a system/user/assistant/user conversation .*System role not"):
+        ollama.template_parts(template, tokenizer)
+    gguf = tmp_path / "m-Q4_K_M.gguf"
+    why = ollama.write_modelfile(gguf, template, tokenizer, "<|im_end|>")
+    assert "System role not supported" in why and "Add a TEMPLATE by hand" in why
+    assert (tmp_path / "m-Q4_K_M.Modelfile").read_text() == 'FROM ./m-Q4_K_M.gguf\n\nPARAMETER stop "<|im_end|>"\n'
+    assert ollama.write_modelfile(gguf, tokenizer.chat_template, tokenizer, "<|im_end|>") is None
+    assert "TEMPLATE" in (tmp_path / "m-Q4_K_M.Modelfile").read_text()
+
+
 def test_go_braces_in_template_text_are_escaped() -> None:
     assert ollama.go_literal("a {{ b") == 'a {{ "{{" }} b'
 

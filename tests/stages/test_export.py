@@ -58,6 +58,7 @@ def test_export_writes_verified_merged_model_and_ggufs(exported, demo_model_path
     assert json.loads((merged / "generation_config.json").read_text())["eos_token_id"] == 2  # <|im_end|>
     verify = json.loads((out / "verify.json").read_text())
     assert verify["passed"] and verify["merge"]["passed"]
+    assert verify["ollama"] == {"template": True, "warning": None}  # ChatML: every Modelfile has its TEMPLATE
     tensors, merge = verify["merge"]["tensors"], verify["merge"]["distributions"]
     assert tensors["passed"] and tensors["targeted"] == tensors["adapted_weights"] > 0 and tensors["weights_changed"] > 0
     assert merge["merged_vs_base_plus_adapter"]["mean_kl"] < 0.5 * merge["base_vs_base_plus_adapter"]["mean_kl"]
@@ -190,6 +191,49 @@ def test_push_without_a_token_lists_the_files_and_exits_2(exported, tmp_path: Pa
     assert f"{STEM}-Q8_0.gguf" in result.stdout and (run.path / "push" / "README.md").is_file()
 
 
+def finished_export(tmp_path: Path, files: dict[str, bytes], passed: bool = True) -> RunDir:
+    """A run whose export finished with these GGUFs (type -> content) recorded in summary.json and verify.json."""
+    run = RunDir(tmp_path / "runs", "demo")
+    gguf = run.stage_dir("export") / "gguf"
+    gguf.mkdir(parents=True)
+    for quant, content in files.items():
+        (gguf / f"{STEM}-{quant.upper()}.gguf").write_bytes(content)
+    results = {q: {"file": f"{STEM}-{q.upper()}.gguf", "bytes": len(c), "passed": passed} for q, c in files.items()}
+    (run.stage_dir("export") / "verify.json").write_text(json.dumps({"gguf": results, "passed": passed}))
+    (run.stage_dir("export") / "summary.json").write_text(json.dumps(
+        {"files": {q: r["file"] for q, r in results.items()}, "passed": passed}))
+    run.update_stage("export", {"status": "complete", "fingerprint": "fixture-export"})
+    return run
+
+
+def test_push_takes_only_the_ggufs_export_verified_and_refuses_changed_ones(tmp_path: Path) -> None:
+    from distillery.commands.push import push, upload_plan
+    from distillery.core.console import console
+
+    run = finished_export(tmp_path, {"q8_0": b"GGUF q8", "q4_k_m": b"GGUF q4"})
+    gguf = run.stage_dir("export") / "gguf"
+    (gguf / f"{STEM}-Q5_K_M.gguf").write_bytes(b"GGUF from an earlier export")  # not in summary.json
+    cfg = load_config(demo_config(tmp_path), ["push.upload=[gguf]"])
+    assert [p["path_in_repo"] for p in upload_plan(cfg, run)] == [f"{STEM}-Q4_K_M.gguf", f"{STEM}-Q8_0.gguf"]
+    only = load_config(demo_config(tmp_path), ["push.upload=[gguf]", "push.gguf_types=[Q4_K_M]"])
+    assert [p["path_in_repo"] for p in upload_plan(only, run)] == [f"{STEM}-Q4_K_M.gguf"]
+    (gguf / f"{STEM}-Q8_0.gguf").write_bytes(b"GGUF q8, rewritten after the export")
+    with pytest.raises(UserError, match=rf"{STEM}-Q8_0.gguf is not the GGUF the export verified"):
+        push(cfg, console, dry_run=True)
+
+
+def test_push_refuses_an_export_that_did_not_pass_or_a_type_it_did_not_write(tmp_path: Path) -> None:
+    from distillery.commands.push import upload_plan
+
+    failed = finished_export(tmp_path / "failed", {"q8_0": b"GGUF"}, passed=False)
+    with pytest.raises(UserError, match="does not record an export that passed verification"):
+        upload_plan(load_config(demo_config(tmp_path / "failed"), ["push.upload=[gguf]"]), failed)
+    run = finished_export(tmp_path, {"q8_0": b"GGUF"})
+    cfg = load_config(demo_config(tmp_path), ["push.upload=[gguf]", "push.gguf_types=[q4_k_m]"])
+    with pytest.raises(UserError, match=r"push.gguf_types: q4_k_m was not exported in this run \(it has q8_0\)"):
+        upload_plan(cfg, run)
+
+
 # --- bad input: each one a UserError before anything is written -------------------------------------------
 
 
@@ -229,6 +273,34 @@ def test_too_little_free_disk_is_refused_before_writing(adapter_run: Path) -> No
         run_stage("export", cfg)
     run = RunDir(adapter_run / "runs", "demo")
     assert not run.partial_dir("export").exists() and not run.stage_dir("export").exists()
+
+
+def test_the_disk_check_of_a_resumed_export_counts_only_what_is_left_to_write(tmp_path: Path, monkeypatch) -> None:
+    """A 10 GiB base: a fresh export needs the merge, the F16 intermediate and both quants; one resumed after the
+    merge and the Q8_0 file needs only the F16 and Q4_K_M files, and fits a disk the fresh one does not."""
+    import shutil
+    from collections import namedtuple
+
+    from distillery.config import ExportConfig
+    from distillery.export.gguf import QuantType
+    from distillery.stages import export
+
+    cfg, weights = ExportConfig(min_free_disk_gb=0), 10 * 2**30
+    types = (QuantType.F16, [QuantType.Q8_0, QuantType.Q4_K_M])
+    fresh, resumed = tmp_path / "fresh", tmp_path / "resumed"
+    for out in (fresh, resumed):
+        (out / "gguf").mkdir(parents=True)
+    (resumed / "merged").mkdir()
+    (resumed / "merged" / "config.json").write_text("{}")
+    (resumed / "gguf" / "m-Q8_0.gguf").write_bytes(b"GGUF")
+    assert export.still_to_write(fresh, "m", *types) == ["merged", "f16", "q8_0", "q4_k_m"]
+    assert export.still_to_write(resumed, "m", *types) == ["f16", "q4_k_m"]
+    left = 1.05 * (weights / 2) * (16 + 4.9) / 8  # the F16 and Q4_K_M files
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: namedtuple("Usage", "free")(left + 2**30))
+    assert export.check_free_disk(cfg, resumed, weights, export.still_to_write(resumed, "m", *types))[
+        "needed_gib"] == round(left / 2**30, 2)
+    with pytest.raises(UserError, match=r"needs about 29\.8 GiB \(still to write: merged, f16, q8_0, q4_k_m;"):
+        export.check_free_disk(cfg, fresh, weights, export.still_to_write(fresh, "m", *types))
 
 
 def test_a_prequantized_base_exports_from_its_16_bit_original_or_is_refused_before_writing(
