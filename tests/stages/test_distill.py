@@ -43,7 +43,8 @@ def run_through(target: str, cfg):
 
 
 class ChatServer:
-    """An OpenAI-style /v1/chat/completions endpoint whose answers come from `reply(messages)`."""
+    """An OpenAI-style /v1/chat/completions endpoint whose answers come from `reply(messages)`: the content, or
+    (status, error message) for an error reply."""
 
     def __init__(self, reply: Callable[[list[dict]], str], fail_first: int = 0):
         self.reply, self.fail_first = reply, fail_first
@@ -60,9 +61,12 @@ class ChatServer:
                     self.send_response(503)
                     self.end_headers()
                     return
-                answer = server.reply(body["messages"])
-                payload = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}]})
-                self.send_response(200)
+                answer, status = server.reply(body["messages"]), 200
+                if isinstance(answer, tuple):
+                    status, payload = answer[0], json.dumps({"error": {"message": answer[1], "code": answer[0]}})
+                else:
+                    payload = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}]})
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.end_headers()
                 self.wfile.write(payload.encode())
@@ -531,6 +535,30 @@ def test_replies_without_text_or_too_large_are_dropped_counted_and_never_kept(tm
     dropped = [t for t in read_jsonl(out / "traces.jsonl") if "dropped" in t["turns"][0]]
     assert sorted(t["turns"][0]["dropped"] for t in dropped) == ["no text", "reply too large"]
     assert all(t["turns"][0]["text"] == "" and not t["verified"] and not t["revised"] for t in dropped)
+
+
+def test_a_prompt_the_teacher_refuses_is_dropped_and_the_stage_goes_on(tmp_path, monkeypatch, server) -> None:
+    """A 400 for one prompt (too long for the teacher's context) is that prompt's dropped sample, with the status
+    and the server's message; the other prompts are distilled, and a rerun is up to date."""
+    monkeypatch.chdir(tmp_path)
+
+    def reply(messages: list[dict]) -> str | tuple[int, str]:
+        if "4 times 5" in next(m["content"] for m in messages if m["role"] == "user"):
+            return 400, "This model's maximum context length is 4096 tokens."
+        return "The answer is (a)"
+
+    chat = server(reply=reply)
+    cfg = load_config(write_project(tmp_path, chat.url))
+    status, result, _ = run_through("distill", cfg)
+    assert status == "done" and len(chat.requests) == 6  # the refused sample is neither retried nor revised
+    out = tmp_path / "runs/t/distill"
+    report = json.loads((out / "report.json").read_text())
+    assert report["dropped"] == {"refused by the teacher (HTTP 400)": {
+        "replies": 1, "example": "This model's maximum context length is 4096 tokens."}}
+    assert result.metrics["train_records"] == 5 and result.metrics["dropped_replies"] == 1
+    refused = [t for t in read_jsonl(out / "traces.jsonl") if "dropped" in t["turns"][0]]
+    assert len(refused) == 1 and refused[0]["turns"][0]["dropped_detail"].startswith("This model's maximum")
+    assert run_through("distill", cfg)[0] == "up to date"
 
 
 def test_a_teacher_that_trickles_stops_the_stage_within_its_timeout_and_the_rerun_resumes(tmp_path,
