@@ -6,7 +6,8 @@ Steps, in order:
 2. skip the prompts an interrupted run already finished (progress.jsonl in the partial directory);
 3. ask the teacher for K samples per prompt and check each with its verifier (CodeI/O input prediction runs the
    reference code in the sandbox); with `revise`, a failed sample gets the feedback and one more turn; a reply
-   without usable text (empty, or cut off for its size) is a failed turn that says why, never kept;
+   without usable text (empty, cut off for its size, refused by the teacher with a 400/413/422, an answer
+   nested too deeply to write) is a dropped turn that says why, never kept;
 4. append each finished prompt to progress.jsonl at once, so a restart sends only the rest to the teacher (kept
    across a kill or a UserError such as an unreachable teacher by the runner, which keeps the partial directory);
 5. write train.jsonl (records in the ingest shape, `<think>` reasoning + final answer; only verified traces
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 OUTPUTS = {"train": "train.jsonl", "traces": "traces.jsonl", "report": "report.json", "report_md": "report.md",
            "report_plot": "report.png", "logprobs": "train.logprobs.safetensors"}
 PROGRESS = "progress.jsonl"  # the finished prompts while the stage runs: what an interrupted run resumes from
+# The deepest answer a verdict may hold: a worker thread parses it on a short stack, and progress.jsonl is written
+# with json.dumps on the main thread's deeper one, where an answer nested near the recursion limit would raise.
+MAX_ANSWER_DEPTH = 100
 
 
 def select_prompts(records: list[dict], cfg: DistillConfig) -> tuple[list[dict], dict[str, int]]:
@@ -135,12 +139,28 @@ def scored_trace(scorer: Any, trace: dict) -> dict:
 
 
 def checked_turn(record: dict, reply: str | Dropped, verify: Any, limits: Limits) -> tuple[str, Verdict]:
-    """The reply's text and its verdict; a reply without usable text fails with the reason in `dropped`."""
+    """The reply's text and its verdict; a reply without usable text, or whose answer nests too deeply to be
+    written, fails with the reason in `dropped`."""
     if isinstance(reply, str) and reply.strip():
-        return reply, verify(record, reply, limits)
+        verdict = verify(record, reply, limits)
+        if not nested_deeper_than(verdict.answer, MAX_ANSWER_DEPTH):
+            return reply, verdict
+        reply = Dropped("unreadable reply", f"its answer nests lists or objects more than {MAX_ANSWER_DEPTH} deep")
     why = reply if isinstance(reply, Dropped) else Dropped("no text", "an empty answer")
     return "", Verdict(ok=False, feedback=f"No usable reply: {why.reason} ({why.detail}).",
                        details={"dropped": why.reason, "dropped_detail": why.detail})
+
+
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether lists and dicts in `value` nest more than `limit` levels deep (counted level by level, without
+    the recursion that json.dumps needs)."""
+    level = [value]
+    for _ in range(limit + 1):
+        level = [child for item in level if isinstance(item, (list, dict))
+                 for child in (item.values() if isinstance(item, dict) else item)]
+        if not level:
+            return False
+    return True
 
 
 def is_dropped(turn: tuple[str, Verdict]) -> bool:

@@ -321,6 +321,36 @@ def test_codeio_records_through_the_stage_with_hostile_code(tmp_path, monkeypatc
     assert all(r["meta"]["funcname"] == "main_solution" for r in train)
 
 
+def test_an_answer_nested_too_deeply_to_write_is_a_dropped_sample(tmp_path, monkeypatch, server) -> None:
+    """A worker thread (concurrency 2) parses an answer nested 970 deep on its short stack; written to
+    progress.jsonl from the main thread's deeper one it raised RecursionError and ended the stage."""
+    monkeypatch.chdir(tmp_path)
+    nested = "[" * 970 + "2" + "]" * 970
+
+    def reply(messages: list[dict]) -> str:
+        index = int(next(m["content"] for m in messages if m["role"] == "user")[1])
+        return f'{{"output": {nested}}}' if index == 0 else f'{{"output": {index + 2}}}'
+
+    chat = server(reply=reply)
+    cfg = load_config(write_project(tmp_path, chat.url, revise=False, concurrency=2))
+    run_stage("ingest", cfg)
+    records = [make_record("codeio", "code_io_output", [{"role": "user", "content": f"[{i}] Predict for {ADD}"}],
+                           {"funcname": "main_solution", "io_input": {"a": i, "b": 2}, "io_output": i + 2})
+               for i in range(2)]
+    write_jsonl(tmp_path / "runs/t/ingest/train.jsonl", records)
+    from distillery.core.console import console
+    from distillery.core.rundir import RunDir
+    from distillery.stage import StageContext
+
+    out = tmp_path / "out"
+    out.mkdir()
+    result = distill.run(StageContext(cfg=cfg, run=RunDir("runs", "t"), out=out, console=console))
+    report = json.loads((out / "report.json").read_text())
+    assert report["dropped"] == {"unreadable reply": {"replies": 1, "example": "its answer nests lists or objects "
+                                                                                 "more than 100 deep"}}
+    assert result.metrics["train_records"] == 1 and result.metrics["prompts"] == 2
+
+
 GSM = gsm_rows(6)
 
 
