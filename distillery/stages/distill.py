@@ -26,7 +26,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Iterator
 
-from distillery.config import DistillConfig, TeacherConfig
+from distillery.config import DistillConfig, DistilleryConfig, TeacherConfig
 from distillery.core.console import markdown_table, summary_table
 from distillery.core.errors import UserError
 from distillery.core.plots import figure
@@ -308,11 +308,27 @@ def build_teacher(cfg: TeacherConfig, retries: int) -> Any:
         return GGUFTeacher(resolve_gguf_path(cfg.path), cfg.context_length)
     if cfg.kind == "hf":
         return HFTeacher(resolve_model_path(cfg.path, "distill.teacher.path"))
-    url, model = cfg.url or os.environ.get("OPENAI_BASE_URL"), cfg.model or os.environ.get("OPENAI_MODEL")
+    url, model = openai_location(cfg)
     if not url or not model:
         missing = "url (or $OPENAI_BASE_URL)" if not url else "model (or $OPENAI_MODEL)"
         raise UserError(f"distill.teacher: kind openai needs {missing}, e.g. --set distill.teacher.url=http://localhost:8000/v1")
     return OpenAITeacher(url, model, cfg.api_key_env, cfg.timeout_s, retries, cfg.max_retry_wait_s)
+
+
+def openai_location(cfg: TeacherConfig) -> tuple[str | None, str | None]:
+    """An openai teacher's base URL and model: the config's, else $OPENAI_BASE_URL and $OPENAI_MODEL."""
+    return cfg.url or os.environ.get("OPENAI_BASE_URL"), cfg.model or os.environ.get("OPENAI_MODEL")
+
+
+def teacher_environment(cfg: DistilleryConfig) -> dict[str, str]:
+    """The teacher location taken from the environment (never the key), for the fingerprint: switching the teacher
+    through $OPENAI_BASE_URL or $OPENAI_MODEL redoes distill, as switching it in the config does."""
+    teacher = cfg.distill.teacher
+    if teacher.kind != "openai":
+        return {}
+    url, model = openai_location(teacher)
+    taken = {"OPENAI_BASE_URL": None if teacher.url else url, "OPENAI_MODEL": None if teacher.model else model}
+    return {name: value for name, value in taken.items() if value}
 
 
 def dropped_replies(entries: list[dict]) -> dict[str, dict[str, Any]]:
@@ -430,4 +446,4 @@ def save_report_plot(rows: dict[str, dict], path: Path) -> None:
 
 STAGE = Stage(name="distill", run=run, outputs=OUTPUTS, sections=("model", "distill"), upstream=("ingest",),
               packages=("llama-cpp-python", "transformers", "httpx", "math-verify", "latex2sympy2_extended", "sympy"),
-              resumable=True)
+              resumable=True, environment=teacher_environment)

@@ -231,6 +231,31 @@ def test_http_teacher_location_from_the_environment(tmp_path, monkeypatch, serve
     assert [r["model"] for r in chat.requests] == ["from-env"]
 
 
+def test_a_teacher_switched_through_the_environment_redoes_distill(tmp_path, monkeypatch, server) -> None:
+    """$OPENAI_BASE_URL and $OPENAI_MODEL are in the fingerprint when the config leaves them out; the key is not."""
+    monkeypatch.chdir(tmp_path)
+    first, second = server(reply=lambda messages: "The answer is (a)"), server(reply=lambda messages: "The answer is (a)")
+    path = write_project(tmp_path, first.url, max_prompts=1)
+    config = yaml.safe_load(path.read_text())
+    config["distill"]["teacher"] = {"kind": "openai"}
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    monkeypatch.setenv("OPENAI_BASE_URL", first.url)
+    monkeypatch.setenv("OPENAI_MODEL", "teacher-a")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env-key-one")
+    assert run_through("distill", load_config(path))[0] == "done"
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env-key-two")
+    assert run_through("distill", load_config(path))[0] == "up to date"
+    monkeypatch.setenv("OPENAI_MODEL", "teacher-b")
+    assert run_through("distill", load_config(path))[0] == "done"
+    monkeypatch.setenv("OPENAI_BASE_URL", second.url)
+    assert run_through("distill", load_config(path))[0] == "done"
+    assert [r["model"] for r in first.requests + second.requests] == ["teacher-a", "teacher-b", "teacher-b"]
+    manifest = (tmp_path / "runs/t/manifest.json").read_text()
+    assert json.loads(manifest)["stages"]["distill"]["inputs"]["environment"] == {
+        "OPENAI_BASE_URL": second.url, "OPENAI_MODEL": "teacher-b"}
+    assert "sk-env-key" not in manifest
+
+
 def test_teacher_going_away_is_a_user_error_and_the_rerun_resumes(tmp_path, monkeypatch, server) -> None:
     monkeypatch.chdir(tmp_path)
     chat = server(reply=lambda messages: "The answer is (a)")
