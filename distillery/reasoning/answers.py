@@ -197,12 +197,13 @@ def committed_numbers(span: str) -> set:
 
 
 def number_values(text: str) -> set:
-    """The numbers in the text by value: '1,200' and '1200.0' are one, '25%' is not 25."""
+    """The numbers in the text by value: '1,200' and '1200.0' are one, and so are '25%' and '25' (as math-verify
+    reads them)."""
     values: set = set()
     for match in NUMBER.finditer(text):
         number = match.group(0)
         try:
-            values.add((Fraction(number.rstrip("%").replace(",", "")), number.endswith("%")))
+            values.add(Fraction(number.rstrip("%").replace(",", "")))
         except (ValueError, ZeroDivisionError):  # '1/0'
             values.add(number)
     return values

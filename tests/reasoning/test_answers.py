@@ -88,6 +88,7 @@ def test_an_answer_hedging_between_numbers_is_wrong_though_math_verify_reads_its
     ("The answer is 3 + 5 = 8.", "#### 8"),  # the arithmetic before its last '=' is no hedge
     ("The answer is 8 or 8.0", "#### 8"),  # one number, twice
     ("The answer is 1,200 (1200 in all).", "#### 1,200"),
+    ("The answer is 25 (25%).", "#### 25"),
     ("The answer is 3, 8", "The answer is 3, 8"),  # the reference names two numbers itself
     ("The answer is \\boxed{3 \\text{ or } 8}", "#### 8"),  # LaTeX: math-verify's set {3, 8}, not 8
 ])
