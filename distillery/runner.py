@@ -1,7 +1,8 @@
 """Stage order, fingerprints, and running a stage with its prerequisites.
 
 A stage's fingerprint hashes its whole config sections, the run seed, its external input files, its
-upstream stages' fingerprints and output digests, and the package versions that matter. A stage whose fingerprint and
+upstream stages' fingerprints and output digests, the package versions that matter and the settings it takes
+from the environment (distill: a teacher located by $OPENAI_BASE_URL / $OPENAI_MODEL). A stage whose fingerprint and
 outputs are unchanged is skipped ("up to date"); `force` redoes it.
 """
 
@@ -57,6 +58,9 @@ def fingerprint(stage: Stage, cfg: DistilleryConfig, run: RunDir) -> tuple[str, 
         "files": {str(path): sha256_file(path) for path in stage.input_files(cfg)},
         "packages": package_versions(stage.packages),
     }
+    environment = stage.environment(cfg)
+    if environment:  # only then: every other fingerprint stays as it was
+        inputs["environment"] = environment
     return sha256_json(inputs), inputs
 
 

@@ -15,6 +15,12 @@ units, thousands separators); `how` names the one that found the prediction's:
 - last number:    the last number in the text (`1,234`, `-7`, `3/4`, `25%`);
 - none:           nothing found, or nothing found that parses.
 
+The answer found must commit to one number: a plain-text one that names different numbers after its last `=`
+(`either 3 or 8`, `3, 8`), or anywhere in it when `or` joins them (`x = 3 or x = 8`), is wrong however it parses
+(math-verify would read only its last number); `3 + 5 = 8` commits to 8. math-verify reads a LaTeX one
+(`3 \\text{ or } 8`) as a set, never equal to one number. A reference that itself names several numbers (a pair)
+lets the prediction do so too.
+
 A prediction's reasoning (<think>...</think>) is dropped first; one that never closes leaves no answer. Only the
 last MAX_CHARS characters of each text are read.
 
@@ -32,6 +38,7 @@ import logging
 import re
 import threading
 from dataclasses import dataclass
+from fractions import Fraction
 
 from distillery.core.isolation import Child, ChildTimeout, limit_growth, plain
 
@@ -47,6 +54,7 @@ SENTENCE_END = re.compile(r"[.;!?](?!\d)|,\s+(?=[A-Za-z])")
 LATEX_SPAN = re.compile(r"\\\[(.+?)\\\]|\\\((.+?)\\\)|\$\$(.+?)\$\$|\$([^$]*\\[A-Za-z][^$]*)\$", re.DOTALL)
 LATEX_COMMAND = re.compile(r"\\[A-Za-z]")
 LATEX_MARKUP = re.compile(r"\\[A-Za-z]|[{}^_]")
+OR_WORD = re.compile(r"\bor\b", re.IGNORECASE)
 NUMBER = re.compile(r"(?<![\w.,])-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?%?")
 
 
@@ -57,7 +65,7 @@ class MathCheck:
     expected: str | None  # the answer found in the reference; None when it has none that parses
     how: str  # which extraction found the prediction's answer (see the module docstring); after a timeout or a
     #           failure, the first that found something
-    error: str | None = None  # a timeout, a crash, or an answer that cannot be parsed
+    error: str | None = None  # a timeout, a crash, an answer that cannot be parsed or that names several numbers
 
 
 def check_math(prediction: str, reference: str, timeout_s: float = 5.0) -> MathCheck:
@@ -166,7 +174,39 @@ def compare(prediction: str, reference: str) -> MathCheck:
         shown, _ = first_found(prediction)
         return MathCheck(False, shown, expected[1], "none", f"the answer {shown!r} cannot be parsed" if shown else None)
     how, span, parsed = got
+    hedge = hedged(span, expected[1])
+    if hedge:
+        return MathCheck(False, span, expected[1], how, hedge)
     return MathCheck(bool(verify(expected[2], parsed, timeout_seconds=None)), span, expected[1], how)
+
+
+def hedged(span: str, reference_span: str) -> str | None:
+    """Why a predicted answer commits to no one number (see the module docstring), or None."""
+    named = committed_numbers(span)
+    if len(named) < 2 or len(committed_numbers(reference_span)) > 1:
+        return None
+    return f"it names {len(named)} different numbers, not one final answer"
+
+
+def committed_numbers(span: str) -> set:
+    """The different numbers a plain-text answer commits to: those after its last '=' ('3 + 5 = 8': 8), all of
+    them when 'or' is in it; none for LaTeX (math-verify reads it whole)."""
+    if LATEX_MARKUP.search(span.strip().strip("$")):
+        return set()
+    return number_values(span if OR_WORD.search(span) else span.rsplit("=", 1)[-1])
+
+
+def number_values(text: str) -> set:
+    """The numbers in the text by value: '1,200' and '1200.0' are one, and so are '25%' and '25' (as math-verify
+    reads them)."""
+    values: set = set()
+    for match in NUMBER.finditer(text):
+        number = match.group(0)
+        try:
+            values.add(Fraction(number.rstrip("%").replace(",", "")))
+        except (ValueError, ZeroDivisionError):  # '1/0'
+            values.add(number)
+    return values
 
 
 def first_found(text: str) -> tuple[str | None, str]:

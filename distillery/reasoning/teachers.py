@@ -10,7 +10,9 @@
           with the key read from the environment variable the config names; safe to call from several threads.
           Its replies are untrusted: each request ends within timeout_s (all of it, not each read), a reply larger
           than max_tokens can explain is cut off and dropped, and 429/5xx are retried after the server's
-          Retry-After (at most max_retry_wait_s) or a backoff.
+          Retry-After (at most max_retry_wait_s) or a backoff. A 400, 413 or 422 concerns that one prompt (too long
+          for the teacher's context, a content filter): the sample is Dropped with the status and the server's
+          message. Any other error status (401/403: the key, 404: the URL or model) stops distill with one message.
 With distill.logprobs each teacher also reads a kept trace teacher-forced and returns its top-k log-probs per token
 (`top_logprobs`, reasoning/teacher_logprobs.py), and says how to tokenize with its vocabulary (`encoder`).
 Heavy libraries are imported when a teacher is built, never at import.
@@ -35,11 +37,14 @@ from distillery.core.cpu_attention import use_native_gqa
 from distillery.core.cpu_linear import pack_linears
 from distillery.core.errors import UserError
 from distillery.core.models import bundled_gguf, bundled_name
+from distillery.reasoning.sandbox import clean_text
 
 log = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+# The request is bad for this prompt only (too long for the teacher's context, a content filter): a dropped sample.
+PROMPT_STATUS = {400, 413, 422}
 # A token is a few characters; JSON may escape each one into up to 6 bytes. The floor covers the reply's JSON
 # around the text (ids, usage, a server's extra fields).
 REPLY_BYTES_PER_TOKEN = 32
@@ -53,6 +58,16 @@ class Dropped:
 
     reason: str
     detail: str
+
+
+class PromptRejected(UserError):
+    """The teacher refused one request with a 400, 413 or 422: the prompt, not the setup, is the problem.
+    `complete` makes it a Dropped sample; anywhere else it is the UserError it says."""
+
+    def __init__(self, endpoint: str, status: int, message: str):
+        self.status, self.message = status, message
+        super().__init__(f"distill.teacher: {endpoint} answered HTTP {status}: {message}. Check teacher.url, "
+                         "teacher.model and the key in teacher.api_key_env.")
 
 
 class Teacher(Protocol):
@@ -221,8 +236,15 @@ class OpenAITeacher:
     def complete(self, messages: Messages, n: int, temperature: float, max_tokens: int,
                  seed: int) -> list[str | Dropped]:
         # One request per sample: not every server honours `n` (llama-server does not).
-        return [self.answer(self.request({"model": self.model, "messages": messages, "temperature": temperature,
-                                          "max_tokens": max_tokens, "seed": seed + i}), max_tokens) for i in range(n)]
+        return [self.sample({"model": self.model, "messages": messages, "temperature": temperature,
+                             "max_tokens": max_tokens, "seed": seed + i}) for i in range(n)]
+
+    def sample(self, body: dict) -> str | Dropped:
+        """One chat completion; a request the teacher refuses for this prompt (400, 413, 422) is a dropped sample."""
+        try:
+            return self.answer(self.request(body), body["max_tokens"])
+        except PromptRejected as err:
+            return Dropped(f"refused by the teacher (HTTP {err.status})", err.message)
 
     def encoder(self, student_tokenizer: Any) -> None:
         return None  # a server's tokenizer is checked on every scored trace instead: the ids it echoes (round trip)
@@ -265,6 +287,8 @@ class OpenAITeacher:
                 if retry_after is not None:
                     problem += f", Retry-After {retry_after:.0f} s"
                 continue
+            if reply.status in PROMPT_STATUS:
+                raise PromptRejected(endpoint, reply.status, error_message(reply))
             if reply.status != 200:
                 raise UserError(f"distill.teacher: {endpoint} answered HTTP {reply.status}: "
                                 f"{reply.text()[:300]}. Check teacher.url, teacher.model and the key in teacher.api_key_env.")
@@ -322,6 +346,21 @@ class OpenAITeacher:
         else:
             log.info("%s: %s; waiting %.0f s as asked", self.endpoint, problem, wait)
         return wait
+
+
+def error_message(reply: Reply, limit: int = 200) -> str:
+    """The first `limit` characters of an error reply's message (OpenAI's error.message, vLLM's message), or of
+    its text, cleaned of anything that acts on a terminal."""
+    try:
+        data = json.loads(reply.body)
+        message = data.get("error", data) if isinstance(data, dict) else data
+        message = message.get("message", message) if isinstance(message, dict) else message
+    except (ValueError, RecursionError):
+        message = None
+    text = message if isinstance(message, str) and message.strip() else reply.text()
+    flat = " ".join(text[:limit * 4].split())
+    flat = clean_text(flat, len(flat))
+    return flat if len(flat) <= limit else flat[:limit] + "..."
 
 
 def reply_byte_cap(max_tokens: int) -> int:

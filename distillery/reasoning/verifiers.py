@@ -1,6 +1,6 @@
 """Checking a teacher's answer against what a record knows to be right.
 
-- math_mc:       the chosen option letter (a-e) against the record's label;
+- math_mc:       the chosen option letter (a-e; the one the reply states last) against the record's label;
 - numeric:       free-form math (GSM-style numbers, fractions, LaTeX, units): the answer's final answer against
                  the reference's, by math-verify (reasoning/answers.py); which extraction found it goes in details;
 - codeio_output: the last JSON object of the answer ({"output": ...}) against the expected output, with CodeI/O's
@@ -77,19 +77,21 @@ def final_part(text: str) -> str:
 
 # ---- math_mc ---------------------------------------------------------------------------------------------------
 
-MC_PATTERNS = (
+# An option stated as the answer; of several, the one stated last counts, whichever pattern states it.
+MC_STATED = re.compile("|".join((
     r"answer\s*(?:is|:)?\s*(?:option\s*)?[\(\[]?\s*([a-e])\s*[\)\]]",  # "The answer is (c)", "answer: c)"
     r"\\boxed\{\s*\(?([a-e])\)?\s*\}",
     r"answer\s*(?:is|:)\s*(?:option\s*)?([a-e])\b",  # "answer is c", "Answer: c"
-    r"\(([a-e])\)",  # a lone "(c)": the last one
-)
+)), flags=re.IGNORECASE)
+MC_LONE = re.compile(r"\(([a-e])\)", flags=re.IGNORECASE)  # a lone "(c)", when no option is stated as the answer
 
 
 def extract_option(text: str, choices: list[str]) -> int | None:
-    """Index of the option the text chose, by letter, or by quoting exactly one choice on its last line."""
+    """Index of the option the text chose: the last one it states as the answer, else the last lone "(c)", else
+    the one choice quoted (alone) on its last line."""
     tail = final_part(text)
-    for pattern in MC_PATTERNS:
-        found = re.findall(pattern, tail, flags=re.IGNORECASE)
+    for pattern in (MC_STATED, MC_LONE):
+        found = [next(letter for letter in match.groups() if letter) for match in pattern.finditer(tail)]
         if found:
             return LETTERS.index(found[-1].lower())
     lines = [line for line in tail.strip().splitlines() if line.strip()]

@@ -6,7 +6,8 @@ Steps, in order:
 2. skip the prompts an interrupted run already finished (progress.jsonl in the partial directory);
 3. ask the teacher for K samples per prompt and check each with its verifier (CodeI/O input prediction runs the
    reference code in the sandbox); with `revise`, a failed sample gets the feedback and one more turn; a reply
-   without usable text (empty, or cut off for its size) is a failed turn that says why, never kept;
+   without usable text (empty, cut off for its size, refused by the teacher with a 400/413/422, an answer
+   nested too deeply to write) is a dropped turn that says why, never kept;
 4. append each finished prompt to progress.jsonl at once, so a restart sends only the rest to the teacher (kept
    across a kill or a UserError such as an unreachable teacher by the runner, which keeps the partial directory);
 5. write train.jsonl (records in the ingest shape, `<think>` reasoning + final answer; only verified traces
@@ -25,14 +26,14 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Iterator
 
-from distillery.config import DistillConfig, TeacherConfig
+from distillery.config import DistillConfig, DistilleryConfig, TeacherConfig
 from distillery.core.console import markdown_table, summary_table
 from distillery.core.errors import UserError
 from distillery.core.plots import figure
 from distillery.core.records import make_record, read_jsonl, write_jsonl
 from distillery.stage import Stage, StageContext, StageResult
 from distillery.reasoning.prompts import question, revision_messages, teacher_messages, trace_content
-from distillery.reasoning.sandbox import Limits
+from distillery.reasoning.sandbox import Limits, check_isolation
 from distillery.reasoning.teachers import Dropped
 from distillery.reasoning.verifiers import VERIFIERS, Verdict, final_part, why_uncheckable
 
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 OUTPUTS = {"train": "train.jsonl", "traces": "traces.jsonl", "report": "report.json", "report_md": "report.md",
            "report_plot": "report.png", "logprobs": "train.logprobs.safetensors"}
 PROGRESS = "progress.jsonl"  # the finished prompts while the stage runs: what an interrupted run resumes from
+# The deepest answer a verdict may hold: a worker thread parses it on a short stack, and progress.jsonl is written
+# with json.dumps on the main thread's deeper one, where an answer nested near the recursion limit would raise.
+MAX_ANSWER_DEPTH = 100
 
 
 def select_prompts(records: list[dict], cfg: DistillConfig) -> tuple[list[dict], dict[str, int]]:
@@ -135,12 +139,28 @@ def scored_trace(scorer: Any, trace: dict) -> dict:
 
 
 def checked_turn(record: dict, reply: str | Dropped, verify: Any, limits: Limits) -> tuple[str, Verdict]:
-    """The reply's text and its verdict; a reply without usable text fails with the reason in `dropped`."""
+    """The reply's text and its verdict; a reply without usable text, or whose answer nests too deeply to be
+    written, fails with the reason in `dropped`."""
     if isinstance(reply, str) and reply.strip():
-        return reply, verify(record, reply, limits)
+        verdict = verify(record, reply, limits)
+        if not nested_deeper_than(verdict.answer, MAX_ANSWER_DEPTH):
+            return reply, verdict
+        reply = Dropped("unreadable reply", f"its answer nests lists or objects more than {MAX_ANSWER_DEPTH} deep")
     why = reply if isinstance(reply, Dropped) else Dropped("no text", "an empty answer")
     return "", Verdict(ok=False, feedback=f"No usable reply: {why.reason} ({why.detail}).",
                        details={"dropped": why.reason, "dropped_detail": why.detail})
+
+
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether lists and dicts in `value` nest more than `limit` levels deep (counted level by level, without
+    the recursion that json.dumps needs)."""
+    level = [value]
+    for _ in range(limit + 1):
+        level = [child for item in level if isinstance(item, (list, dict))
+                 for child in (item.values() if isinstance(item, dict) else item)]
+        if not level:
+            return False
+    return True
 
 
 def is_dropped(turn: tuple[str, Verdict]) -> bool:
@@ -242,6 +262,8 @@ def run(ctx: StageContext) -> StageResult:
     if done:
         ctx.console.print(f"distill: resuming, {len(prompts) - len(todo)} of {len(prompts)} prompts already done.")
     if todo:
+        if any(cfg.tasks.get(r["task"]) == "codeio_input" for r in todo):
+            check_isolation(Limits.from_config(cfg.sandbox))  # before the teacher is asked anything
         teacher = build_teacher(cfg.teacher, cfg.retries)
         try:
             scorer = build_scorer(ctx, teacher) if cfg.logprobs else None
@@ -288,11 +310,38 @@ def build_teacher(cfg: TeacherConfig, retries: int) -> Any:
         return GGUFTeacher(resolve_gguf_path(cfg.path), cfg.context_length)
     if cfg.kind == "hf":
         return HFTeacher(resolve_model_path(cfg.path, "distill.teacher.path"))
-    url, model = cfg.url or os.environ.get("OPENAI_BASE_URL"), cfg.model or os.environ.get("OPENAI_MODEL")
+    url, model = openai_location(cfg)
     if not url or not model:
         missing = "url (or $OPENAI_BASE_URL)" if not url else "model (or $OPENAI_MODEL)"
         raise UserError(f"distill.teacher: kind openai needs {missing}, e.g. --set distill.teacher.url=http://localhost:8000/v1")
     return OpenAITeacher(url, model, cfg.api_key_env, cfg.timeout_s, retries, cfg.max_retry_wait_s)
+
+
+def openai_location(cfg: TeacherConfig) -> tuple[str | None, str | None]:
+    """An openai teacher's base URL and model: the config's, else $OPENAI_BASE_URL and $OPENAI_MODEL."""
+    return cfg.url or os.environ.get("OPENAI_BASE_URL"), cfg.model or os.environ.get("OPENAI_MODEL")
+
+
+def teacher_environment(cfg: DistilleryConfig) -> dict[str, str]:
+    """The teacher location taken from the environment (never the key), for the fingerprint: switching the teacher
+    through $OPENAI_BASE_URL or $OPENAI_MODEL redoes distill, as switching it in the config does."""
+    teacher = cfg.distill.teacher
+    if teacher.kind != "openai":
+        return {}
+    url, model = openai_location(teacher)
+    taken = {"OPENAI_BASE_URL": None if teacher.url else without_credentials(url),
+             "OPENAI_MODEL": None if teacher.model else model}
+    return {name: value for name, value in taken.items() if value}
+
+
+def without_credentials(url: str | None) -> str | None:
+    """`url` without a user:password@ part: the fingerprint's inputs are stored in manifest.json."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if not url:
+        return url
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])) if "@" in parts.netloc else url
 
 
 def dropped_replies(entries: list[dict]) -> dict[str, dict[str, Any]]:
@@ -410,4 +459,4 @@ def save_report_plot(rows: dict[str, dict], path: Path) -> None:
 
 STAGE = Stage(name="distill", run=run, outputs=OUTPUTS, sections=("model", "distill"), upstream=("ingest",),
               packages=("llama-cpp-python", "transformers", "httpx", "math-verify", "latex2sympy2_extended", "sympy"),
-              resumable=True)
+              resumable=True, environment=teacher_environment)

@@ -71,6 +71,32 @@ def test_wrong_and_missing_answers(prediction: str, reference: str, how: str, pr
     assert (check.how, check.predicted) == (how, predicted)
 
 
+@pytest.mark.parametrize("prediction, reference, predicted", [
+    ("The answer is either 3 or 8.", "#### 8", "either 3 or 8"),
+    ("The answer is 8 or 3.", "#### 8", "8 or 3"),
+    ("The answer is x = 3 or x = 8", "#### 8", "x = 3 or x = 8"),
+    ("So \\boxed{3, 8}", "#### 8", "3, 8"),
+    ("The answer is $3$ or $8$.", "#### 8", "$3$ or $8$"),
+])
+def test_an_answer_hedging_between_numbers_is_wrong_though_math_verify_reads_its_last(prediction: str, reference: str,
+                                                                                      predicted: str) -> None:
+    check = check_math(prediction, reference)
+    assert check == MathCheck(False, predicted, "8", check.how, "it names 2 different numbers, not one final answer")
+
+
+@pytest.mark.parametrize("prediction, reference", [
+    ("The answer is 3 + 5 = 8.", "#### 8"),  # the arithmetic before its last '=' is no hedge
+    ("The answer is 8 or 8.0", "#### 8"),  # one number, twice
+    ("The answer is 1,200 (1200 in all).", "#### 1,200"),
+    ("The answer is 25 (25%).", "#### 25"),
+    ("The answer is 3, 8", "The answer is 3, 8"),  # the reference names two numbers itself
+    ("The answer is \\boxed{3 \\text{ or } 8}", "#### 8"),  # LaTeX: math-verify's set {3, 8}, not 8
+])
+def test_one_committed_number_is_no_hedge_and_latex_is_math_verifys(prediction: str, reference: str) -> None:
+    check = check_math(prediction, reference)
+    assert check.error is None and check.correct == ("text" not in prediction), check
+
+
 def test_a_reference_without_an_answer_is_reported_not_raised() -> None:
     check = check_math("The answer is 8.", "no number here")
     assert check == MathCheck(False, "8", None, "the answer is", "the reference has no answer")

@@ -181,3 +181,32 @@ def test_a_reply_nested_past_the_recursion_limit_is_a_dropped_sample(serve, monk
 def test_a_retry_after_of_digits_python_cannot_read_as_a_number_is_ignored(serve, monkeypatch) -> None:
     server = serve(busy_once("²"))  # str.isdigit() says yes; float() says no
     assert ask(teacher_for(server, monkeypatch, retries=1)) == "The answer is (a)"
+
+
+# ---- error statuses: one prompt's, or every request's ---------------------------------------------------------------
+
+CONTEXT_ERROR = (b'{"object": "error", "message": "This model\'s maximum context length is 4096 tokens. However, you '
+                 b'requested 9000 tokens \\u001b[31m(8000 in the messages).", "type": "BadRequestError", "code": 400}')
+
+
+@pytest.mark.parametrize(("status", "body", "detail"), [
+    (400, CONTEXT_ERROR, "This model's maximum context length is 4096 tokens. However, you requested 9000 tokens "
+                         "(8000 in the messages)."),
+    (413, b"<html>Request Entity Too Large</html>", "<html>Request Entity Too Large</html>"),
+    (422, b'{"error": {"message": "' + b"flagged " * 60 + b'", "code": "content_filter"}}',
+     ("flagged " * 25)[:200] + "..."),
+], ids=["400 vLLM", "413 plain", "422 OpenAI, long"])
+def test_a_prompt_the_teacher_refuses_is_a_dropped_sample_naming_the_status_and_message(serve, monkeypatch, status,
+                                                                                           body, detail) -> None:
+    """Not retried (the same request fails the same way), and the stage goes on with the other prompts."""
+    server = serve(lambda handler, n: send(handler, body, status=status))
+    assert ask(teacher_for(server, monkeypatch, retries=2)) == Dropped(f"refused by the teacher (HTTP {status})", detail)
+    assert server.requests == 1
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_an_error_that_concerns_every_request_stops_with_one_message(serve, monkeypatch, status) -> None:
+    server = serve(lambda handler, n: send(handler, b'{"error": {"message": "no"}}', status=status))
+    with pytest.raises(UserError, match=rf"answered HTTP {status}: .*Check teacher.url, teacher.model and the key"):
+        ask(teacher_for(server, monkeypatch, retries=2))
+    assert server.requests == 1

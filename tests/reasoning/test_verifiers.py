@@ -46,6 +46,16 @@ def test_extract_option(text: str, index: int | None) -> None:
     assert extract_option(text, CHOICES) == index
 
 
+@pytest.mark.parametrize("text, index", [
+    ("The answer is (b) at first sight, but 6 * 3 = 18, so \\boxed{c}", 2),
+    ("\\boxed{a} looks tempting; checking again, the answer is (c).", 2),
+    ("The answer is (a)? No: 6 * 3 = 18. Answer: c", 2),
+    ("Answer: b. Options (a) and (d) are too small.", 1),  # a lone (x) after the stated answer does not count
+])
+def test_extract_option_takes_the_option_stated_last(text: str, index: int) -> None:
+    assert extract_option(text, CHOICES) == index
+
+
 def test_math_mc_verdicts() -> None:
     good = verify_math_mc(mc_record(), "3 sixes... The answer is (c)", LIMITS)
     assert good.ok and good.canonical == "The answer is (c) 18."
@@ -70,6 +80,10 @@ def test_numeric_compares_final_answers_and_keeps_which_extraction_found_them() 
     assert verify_numeric(gsm_record(), "no idea", LIMITS).feedback.startswith("No final answer was found")
     unread = verify_numeric(gsm_record(), "\\boxed{\\frac{}{}}", LIMITS)
     assert not unread.ok and "cannot be read" in unread.feedback and unread.details["math"]["error"]
+    hedged = verify_numeric(gsm_record(), "It is 1,000 or 1,200. So the answer is either 1,000 or 1,200.", LIMITS)
+    assert not hedged.ok and hedged.feedback == ("The final answer either 1,000 or 1,200 could not be checked (it "
+                                                 "names 2 different numbers, not one final answer): finish with "
+                                                 "'The answer is N'.")
     nothing = verify_numeric(gsm_record("see the book"), "The answer is 3.", LIMITS)
     assert not nothing.ok and "this record cannot be checked" in nothing.feedback
 

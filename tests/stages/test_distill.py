@@ -43,7 +43,8 @@ def run_through(target: str, cfg):
 
 
 class ChatServer:
-    """An OpenAI-style /v1/chat/completions endpoint whose answers come from `reply(messages)`."""
+    """An OpenAI-style /v1/chat/completions endpoint whose answers come from `reply(messages)`: the content, or
+    (status, error message) for an error reply."""
 
     def __init__(self, reply: Callable[[list[dict]], str], fail_first: int = 0):
         self.reply, self.fail_first = reply, fail_first
@@ -60,9 +61,12 @@ class ChatServer:
                     self.send_response(503)
                     self.end_headers()
                     return
-                answer = server.reply(body["messages"])
-                payload = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}]})
-                self.send_response(200)
+                answer, status = server.reply(body["messages"]), 200
+                if isinstance(answer, tuple):
+                    status, payload = answer[0], json.dumps({"error": {"message": answer[1], "code": answer[0]}})
+                else:
+                    payload = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}]})
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.end_headers()
                 self.wfile.write(payload.encode())
@@ -227,6 +231,34 @@ def test_http_teacher_location_from_the_environment(tmp_path, monkeypatch, serve
     assert [r["model"] for r in chat.requests] == ["from-env"]
 
 
+def test_a_teacher_switched_through_the_environment_redoes_distill(tmp_path, monkeypatch, server) -> None:
+    """$OPENAI_BASE_URL and $OPENAI_MODEL are in the fingerprint when the config leaves them out; the key is not."""
+    monkeypatch.chdir(tmp_path)
+    first, second = server(reply=lambda messages: "The answer is (a)"), server(reply=lambda messages: "The answer is (a)")
+    path = write_project(tmp_path, first.url, max_prompts=1)
+    config = yaml.safe_load(path.read_text())
+    config["distill"]["teacher"] = {"kind": "openai"}
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    monkeypatch.setenv("OPENAI_BASE_URL", first.url)
+    monkeypatch.setenv("OPENAI_MODEL", "teacher-a")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env-key-one")
+    assert run_through("distill", load_config(path))[0] == "done"
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env-key-two")
+    assert run_through("distill", load_config(path))[0] == "up to date"
+    monkeypatch.setenv("OPENAI_MODEL", "teacher-b")
+    assert run_through("distill", load_config(path))[0] == "done"
+    monkeypatch.setenv("OPENAI_BASE_URL", second.url)
+    assert run_through("distill", load_config(path))[0] == "done"
+    assert [r["model"] for r in first.requests + second.requests] == ["teacher-a", "teacher-b", "teacher-b"]
+    manifest = (tmp_path / "runs/t/manifest.json").read_text()
+    assert json.loads(manifest)["stages"]["distill"]["inputs"]["environment"] == {
+        "OPENAI_BASE_URL": second.url, "OPENAI_MODEL": "teacher-b"}
+    assert "sk-env-key" not in manifest
+    monkeypatch.setenv("OPENAI_BASE_URL", second.url.replace("://", "://user:s3cret@"))  # the same teacher
+    assert run_through("distill", load_config(path))[0] == "up to date"
+    assert "s3cret" not in (tmp_path / "runs/t/manifest.json").read_text()
+
+
 def test_teacher_going_away_is_a_user_error_and_the_rerun_resumes(tmp_path, monkeypatch, server) -> None:
     monkeypatch.chdir(tmp_path)
     chat = server(reply=lambda messages: "The answer is (a)")
@@ -315,6 +347,36 @@ def test_codeio_records_through_the_stage_with_hostile_code(tmp_path, monkeypatc
     train = list(read_jsonl(out / "train.jsonl"))
     assert result.metrics["train_records"] == len(train) == 3
     assert all(r["meta"]["funcname"] == "main_solution" for r in train)
+
+
+def test_an_answer_nested_too_deeply_to_write_is_a_dropped_sample(tmp_path, monkeypatch, server) -> None:
+    """A worker thread (concurrency 2) parses an answer nested 970 deep on its short stack; written to
+    progress.jsonl from the main thread's deeper one it raised RecursionError and ended the stage."""
+    monkeypatch.chdir(tmp_path)
+    nested = "[" * 970 + "2" + "]" * 970
+
+    def reply(messages: list[dict]) -> str:
+        index = int(next(m["content"] for m in messages if m["role"] == "user")[1])
+        return f'{{"output": {nested}}}' if index == 0 else f'{{"output": {index + 2}}}'
+
+    chat = server(reply=reply)
+    cfg = load_config(write_project(tmp_path, chat.url, revise=False, concurrency=2))
+    run_stage("ingest", cfg)
+    records = [make_record("codeio", "code_io_output", [{"role": "user", "content": f"[{i}] Predict for {ADD}"}],
+                           {"funcname": "main_solution", "io_input": {"a": i, "b": 2}, "io_output": i + 2})
+               for i in range(2)]
+    write_jsonl(tmp_path / "runs/t/ingest/train.jsonl", records)
+    from distillery.core.console import console
+    from distillery.core.rundir import RunDir
+    from distillery.stage import StageContext
+
+    out = tmp_path / "out"
+    out.mkdir()
+    result = distill.run(StageContext(cfg=cfg, run=RunDir("runs", "t"), out=out, console=console))
+    report = json.loads((out / "report.json").read_text())
+    assert report["dropped"] == {"unreadable reply": {"replies": 1, "example": "its answer nests lists or objects "
+                                                                                 "more than 100 deep"}}
+    assert result.metrics["train_records"] == 1 and result.metrics["prompts"] == 2
 
 
 GSM = gsm_rows(6)
@@ -533,6 +595,30 @@ def test_replies_without_text_or_too_large_are_dropped_counted_and_never_kept(tm
     assert all(t["turns"][0]["text"] == "" and not t["verified"] and not t["revised"] for t in dropped)
 
 
+def test_a_prompt_the_teacher_refuses_is_dropped_and_the_stage_goes_on(tmp_path, monkeypatch, server) -> None:
+    """A 400 for one prompt (too long for the teacher's context) is that prompt's dropped sample, with the status
+    and the server's message; the other prompts are distilled, and a rerun is up to date."""
+    monkeypatch.chdir(tmp_path)
+
+    def reply(messages: list[dict]) -> str | tuple[int, str]:
+        if "4 times 5" in next(m["content"] for m in messages if m["role"] == "user"):
+            return 400, "This model's maximum context length is 4096 tokens."
+        return "The answer is (a)"
+
+    chat = server(reply=reply)
+    cfg = load_config(write_project(tmp_path, chat.url))
+    status, result, _ = run_through("distill", cfg)
+    assert status == "done" and len(chat.requests) == 6  # the refused sample is neither retried nor revised
+    out = tmp_path / "runs/t/distill"
+    report = json.loads((out / "report.json").read_text())
+    assert report["dropped"] == {"refused by the teacher (HTTP 400)": {
+        "replies": 1, "example": "This model's maximum context length is 4096 tokens."}}
+    assert result.metrics["train_records"] == 5 and result.metrics["dropped_replies"] == 1
+    refused = [t for t in read_jsonl(out / "traces.jsonl") if "dropped" in t["turns"][0]]
+    assert len(refused) == 1 and refused[0]["turns"][0]["dropped_detail"].startswith("This model's maximum")
+    assert run_through("distill", cfg)[0] == "up to date"
+
+
 def test_a_teacher_that_trickles_stops_the_stage_within_its_timeout_and_the_rerun_resumes(tmp_path,
                                                                                           monkeypatch) -> None:
     """After two good answers the server sends a byte every 0.2 s: each read is in time, the request is not."""
@@ -567,3 +653,25 @@ def test_a_teacher_that_trickles_stops_the_stage_within_its_timeout_and_the_reru
     finally:
         fault.close()
     assert status == "done" and result.metrics["prompts"] == 6 and fault.requests == 3 + 4
+
+
+def test_where_the_sandbox_cannot_build_its_walls_distill_stops_before_asking_the_teacher(tmp_path, monkeypatch,
+                                                                                         server) -> None:
+    """isolation: required (the default) with a codeio_input task: one message, no prompt sent, no code run."""
+    from distillery.core.console import console
+    from distillery.core.rundir import RunDir
+    from distillery.reasoning import sandbox
+    from distillery.stage import StageContext
+
+    monkeypatch.chdir(tmp_path)
+    chat = server(reply=codeio_reply)
+    cfg = load_config(write_project(tmp_path, chat.url))
+    run_stage("ingest", cfg)
+    write_jsonl(tmp_path / "runs/t/ingest/train.jsonl", codeio_records())
+    ran: list[str] = []
+    monkeypatch.setattr(sandbox, "run_function", lambda code, *args, **kwargs: ran.append(code) or
+                        sandbox.SandboxResult(status="refused", files="audit-hook", network="audit-hook"))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(UserError, match="distill.sandbox.isolation is required"):
+        distill.run(StageContext(cfg=cfg, run=RunDir("runs", "t"), out=tmp_path / "out", console=console))
+    assert chat.requests == [] and len(ran) == 1 and "probe" in ran[0]
