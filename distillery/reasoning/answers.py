@@ -15,11 +15,12 @@ units, thousands separators); `how` names the one that found the prediction's:
 - last number:    the last number in the text (`1,234`, `-7`, `3/4`, `25%`);
 - none:           nothing found, or nothing found that parses.
 
-The answer found must commit to one number: a plain-text one that names different numbers after its last `=`
-(`either 3 or 8`, `3, 8`), or anywhere in it when `or` joins them (`x = 3 or x = 8`), is wrong however it parses
-(math-verify would read only its last number); `3 + 5 = 8` commits to 8. math-verify reads a LaTeX one
-(`3 \\text{ or } 8`) as a set, never equal to one number. A reference that itself names several numbers (a pair)
-lets the prediction do so too.
+The answer found must commit to one number. It hedges, and is wrong however it parses (math-verify would read
+only its last number), when `or` joins different numbers in it (`either 3 or 8`, `x = 3 or x = 8`; for the last
+number found, in the last line that holds it), or when a box or a `####` line lists several after its last `=`
+(`\\boxed{3, 8}`; `3 + 5 = 8` commits to 8). Words around a stated answer are no hedge (`the answer is 18 after 3
+days`). math-verify reads a LaTeX answer (`3 \\text{ or } 8`) as a set, never equal to one number. A reference
+that itself names several numbers (a pair) lets the prediction do so too.
 
 A prediction's reasoning (<think>...</think>) is dropped first; one that never closes leaves no answer. Only the
 last MAX_CHARS characters of each text are read.
@@ -174,26 +175,34 @@ def compare(prediction: str, reference: str) -> MathCheck:
         shown, _ = first_found(prediction)
         return MathCheck(False, shown, expected[1], "none", f"the answer {shown!r} cannot be parsed" if shown else None)
     how, span, parsed = got
-    hedge = hedged(span, expected[1])
+    hedge = hedged(how, span if how != "last number" else line_holding_last_number(prediction), expected[1])
     if hedge:
         return MathCheck(False, span, expected[1], how, hedge)
     return MathCheck(bool(verify(expected[2], parsed, timeout_seconds=None)), span, expected[1], how)
 
 
-def hedged(span: str, reference_span: str) -> str | None:
+def hedged(how: str, span: str, reference_span: str) -> str | None:
     """Why a predicted answer commits to no one number (see the module docstring), or None."""
-    named = committed_numbers(span)
-    if len(named) < 2 or len(committed_numbers(reference_span)) > 1:
+    named = committed_numbers(how, span)
+    if len(named) < 2 or len(committed_numbers("boxed", reference_span)) > 1:
         return None
     return f"it names {len(named)} different numbers, not one final answer"
 
 
-def committed_numbers(span: str) -> set:
-    """The different numbers a plain-text answer commits to: those after its last '=' ('3 + 5 = 8': 8), all of
-    them when 'or' is in it; none for LaTeX (math-verify reads it whole)."""
+def committed_numbers(how: str, span: str) -> set:
+    """The different numbers an answer commits to: all of them when 'or' is in it; in a box or a `####` line,
+    those after its last '=' ('3 + 5 = 8': 8); none for LaTeX (math-verify reads it whole) or for the words
+    around a stated answer."""
     if LATEX_MARKUP.search(span.strip().strip("$")):
         return set()
-    return number_values(span if OR_WORD.search(span) else span.rsplit("=", 1)[-1])
+    if OR_WORD.search(span):
+        return number_values(span)
+    return number_values(span.rsplit("=", 1)[-1]) if how in ("boxed", "####") else set()
+
+
+def line_holding_last_number(text: str) -> str:
+    """The last line of `text` with a number in it: where a bare 'either 3 or 8' hedges."""
+    return next((line for line in reversed(text.splitlines()) if NUMBER.search(line)), "")
 
 
 def number_values(text: str) -> set:

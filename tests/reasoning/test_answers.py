@@ -77,6 +77,7 @@ def test_wrong_and_missing_answers(prediction: str, reference: str, how: str, pr
     ("The answer is x = 3 or x = 8", "#### 8", "x = 3 or x = 8"),
     ("So \\boxed{3, 8}", "#### 8", "3, 8"),
     ("The answer is $3$ or $8$.", "#### 8", "$3$ or $8$"),
+    ("It is either 3 or 8", "#### 8", "8"),  # the last number, in a line that hedges
 ])
 def test_an_answer_hedging_between_numbers_is_wrong_though_math_verify_reads_its_last(prediction: str, reference: str,
                                                                                       predicted: str) -> None:
@@ -91,10 +92,18 @@ def test_an_answer_hedging_between_numbers_is_wrong_though_math_verify_reads_its
     ("The answer is 25 (25%).", "#### 25"),
     ("The answer is 3, 8", "The answer is 3, 8"),  # the reference names two numbers itself
     ("The answer is \\boxed{3 \\text{ or } 8}", "#### 8"),  # LaTeX: math-verify's set {3, 8}, not 8
+    ("Either way, it takes 3 trucks.\nThe total is 18.", "#### 18"),  # the hedge word is on another line
 ])
 def test_one_committed_number_is_no_hedge_and_latex_is_math_verifys(prediction: str, reference: str) -> None:
     check = check_math(prediction, reference)
     assert check.error is None and check.correct == ("text" not in prediction), check
+
+
+@pytest.mark.parametrize("prediction", ["So the answer is 18 after 3 days.", "Final answer: 42 apples in 6 boxes",
+                                        "Answer: 1,200 (from 3 crates)"])
+def test_words_around_a_stated_answer_are_no_hedge(prediction: str) -> None:
+    """Not called a hedge (math-verify itself then reads the span's last number, as lm-evaluation-harness would)."""
+    assert check_math(prediction, "#### 18").error is None
 
 
 def test_a_reference_without_an_answer_is_reported_not_raised() -> None:
