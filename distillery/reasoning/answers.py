@@ -16,8 +16,8 @@ units, thousands separators); `how` names the one that found the prediction's:
 - none:           nothing found, or nothing found that parses.
 
 The answer found must commit to one number. It hedges, and is wrong however it parses (math-verify would read
-only its last number), when `or` joins different numbers in it (`either 3 or 8`, `x = 3 or x = 8`; for the last
-number found, in the last line that holds it), or when a box or a `####` line lists several after its last `=`
+only its last number), when `or` joins different numbers in it (`either 3 or 8`, `x = 3 or x = 8`; a bare last
+number offered as an alternative: `it is 3 or 8`), or when a box or a `####` line lists several after its last `=`
 (`\\boxed{3, 8}`; `3 + 5 = 8` commits to 8). Words around a stated answer are no hedge (`the answer is 18 after 3
 days`). math-verify reads a LaTeX answer (`3 \\text{ or } 8`) as a set, never equal to one number. A reference
 that itself names several numbers (a pair) lets the prediction do so too.
@@ -175,7 +175,7 @@ def compare(prediction: str, reference: str) -> MathCheck:
         shown, _ = first_found(prediction)
         return MathCheck(False, shown, expected[1], "none", f"the answer {shown!r} cannot be parsed" if shown else None)
     how, span, parsed = got
-    hedge = hedged(how, span if how != "last number" else line_holding_last_number(prediction), expected[1])
+    hedge = hedged(how, span if how != "last number" else alternatives_ending(prediction), expected[1])
     if hedge:
         return MathCheck(False, span, expected[1], how, hedge)
     return MathCheck(bool(verify(expected[2], parsed, timeout_seconds=None)), span, expected[1], how)
@@ -200,9 +200,15 @@ def committed_numbers(how: str, span: str) -> set:
     return number_values(span.rsplit("=", 1)[-1]) if how in ("boxed", "####") else set()
 
 
-def line_holding_last_number(text: str) -> str:
-    """The last line of `text` with a number in it: where a bare 'either 3 or 8' hedges."""
-    return next((line for line in reversed(text.splitlines()) if NUMBER.search(line)), "")
+OFFERED_BEFORE = re.compile(r"(?<![\w.,])-?\d[\d,]*(?:\.\d+)?(?:/\d+)?%?\s*,?\s+or\s+(?:else\s+|maybe\s+|perhaps\s+)?$",
+                            re.IGNORECASE)
+
+
+def alternatives_ending(text: str) -> str:
+    """'3 or 8' when the text's last number is offered as an alternative to the number before it; else ''."""
+    last = list(NUMBER.finditer(text))
+    offered = OFFERED_BEFORE.search(text[:last[-1].start()]) if last else None
+    return offered.group(0) + last[-1].group(0) if offered else ""
 
 
 def number_values(text: str) -> set:

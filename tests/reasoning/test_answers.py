@@ -77,7 +77,8 @@ def test_wrong_and_missing_answers(prediction: str, reference: str, how: str, pr
     ("The answer is x = 3 or x = 8", "#### 8", "x = 3 or x = 8"),
     ("So \\boxed{3, 8}", "#### 8", "3, 8"),
     ("The answer is $3$ or $8$.", "#### 8", "$3$ or $8$"),
-    ("It is either 3 or 8", "#### 8", "8"),  # the last number, in a line that hedges
+    ("It is either 3 or 8", "#### 8", "8"),  # a bare last number, offered as an alternative
+    ("Maybe 3, or perhaps 8.", "#### 8", "8"),
 ])
 def test_an_answer_hedging_between_numbers_is_wrong_though_math_verify_reads_its_last(prediction: str, reference: str,
                                                                                       predicted: str) -> None:
@@ -92,7 +93,8 @@ def test_an_answer_hedging_between_numbers_is_wrong_though_math_verify_reads_its
     ("The answer is 25 (25%).", "#### 25"),
     ("The answer is 3, 8", "The answer is 3, 8"),  # the reference names two numbers itself
     ("The answer is \\boxed{3 \\text{ or } 8}", "#### 8"),  # LaTeX: math-verify's set {3, 8}, not 8
-    ("Either way, it takes 3 trucks.\nThe total is 18.", "#### 18"),  # the hedge word is on another line
+    ("Either way, it takes 3 trucks.\nThe total is 18.", "#### 18"),  # 'or' is not between two numbers
+    ("2 or 3 apples were eaten, so 18 remain", "#### 18"),
 ])
 def test_one_committed_number_is_no_hedge_and_latex_is_math_verifys(prediction: str, reference: str) -> None:
     check = check_math(prediction, reference)
