@@ -75,15 +75,20 @@ def save_chart(results: dict[str, Any], rows: list[dict[str, Any]], path: Path) 
 # ---- held-out data --------------------------------------------------------------------------------------------
 
 
+def score_text(value: float | None, spec: str) -> str:
+    """A score as `spec` formats it; "n/a" for None, a loss past what a float holds as heldout.json stores it."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def heldout_cell(scores: dict[str, Any] | None) -> str:
     """'loss 1.234 · chrF 35.1' (the task's main metric when it was generated), '✗' when past the quant bound."""
     if not scores:
         return "-"
-    parts = [f"loss {scores['loss']:.3f}"]
+    parts = [f"loss {score_text(scores['loss'], '.3f')}"]
     metric = scores.get("metric")
     if metric:
         value = scores[metric]
-        parts.append(f"chrF {value:.1f}" if metric == "chrf" else f"{metric} {value:.2f}")
+        parts.append(f"chrF {score_text(value, '.1f')}" if metric == "chrf" else f"{metric} {score_text(value, '.2f')}")
     check = scores.get("vs_reference")
     if check and not check["passed"]:
         parts.append("✗ past the quant bound")

@@ -26,6 +26,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Iterator
 
+from rich.markup import escape
+
 from distillery.config import DistillConfig, DistilleryConfig, TeacherConfig
 from distillery.core.console import markdown_table, summary_table
 from distillery.core.errors import UserError
@@ -386,12 +388,13 @@ def finish(ctx: StageContext, entries: list[dict], skipped: dict[str, int]) -> S
     (ctx.out / OUTPUTS["report"]).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (ctx.out / OUTPUTS["report_md"]).write_text(render_report(report), encoding="utf-8")
     save_report_plot(rows, ctx.out / OUTPUTS["report_plot"])
-    (ctx.out / PROGRESS).unlink()
     ctx.console.print(summary_table("distill report", table_rows(rows), HEADERS))
-    if dropped:
-        ctx.console.print(f"[yellow]distill: teacher replies without usable text, dropped[/]: {describe_dropped(dropped)}.")
+    if dropped:  # the detail quotes the teacher's server: '[/INST]' in it is text, not markup
+        ctx.console.print(f"[yellow]distill: teacher replies without usable text, dropped[/]: "
+                          f"{escape(describe_dropped(dropped))}.")
     if "logprobs" in report:
         ctx.console.print(logprobs_line(report["logprobs"]))
+    (ctx.out / PROGRESS).unlink()  # last: the rerun of a stage that failed before here resumes from it
     generated = sum(r["generated"] for r in rows.values())
     verified = sum(r["verified"] for r in rows.values())
     replies_dropped = sum(d["replies"] for d in dropped.values())

@@ -174,3 +174,16 @@ def test_a_reference_loss_of_zero_does_not_let_every_quant_pass() -> None:
     heldout.quant_checks(results, {"merged": "merged", "m-Q8_0": "gguf", "m-Q2_K": "gguf"}, 0.1, 0.05)
     assert results["m-Q8_0"]["qa"]["vs_reference"]["passed"] is True
     assert results["m-Q2_K"]["qa"]["vs_reference"]["passed"] is False
+
+
+def test_a_loss_heldout_json_stores_as_null_is_shown_not_a_crash() -> None:
+    """`distillery run` ends by reading heldout.json back; a broken GGUF's inf loss is null there (strict JSON)."""
+    from distillery.core.records import report_json
+    from distillery.evals.report import heldout_rows
+
+    scored = {"base": {"qa": {"items": 2, "loss": 1.5, "metric": "chrf", "chrf": 30.0}, "overall": {"loss": 1.5}},
+              "Q4_K_M": {"qa": {"items": 2, "loss": math.inf, "metric": "chrf", "chrf": math.nan,
+                                "vs_reference": {"passed": False}}, "overall": {"loss": math.inf}}}
+    headers, rows = heldout_rows(json.loads(report_json(scored)))
+    assert headers[1:] == ("base", "Q4_K_M")
+    assert rows[0][2] == "loss n/a · chrF n/a · ✗ past the quant bound" and rows[0][1] == "loss 1.500 · chrF 30.0"

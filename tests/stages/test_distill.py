@@ -602,7 +602,7 @@ def test_a_prompt_the_teacher_refuses_is_dropped_and_the_stage_goes_on(tmp_path,
 
     def reply(messages: list[dict]) -> str | tuple[int, str]:
         if "4 times 5" in next(m["content"] for m in messages if m["role"] == "user"):
-            return 400, "This model's maximum context length is 4096 tokens."
+            return 400, "This model's maximum context length is 4096 tokens. [/INST]"  # rich would read markup
         return "The answer is (a)"
 
     chat = server(reply=reply)
@@ -612,7 +612,7 @@ def test_a_prompt_the_teacher_refuses_is_dropped_and_the_stage_goes_on(tmp_path,
     out = tmp_path / "runs/t/distill"
     report = json.loads((out / "report.json").read_text())
     assert report["dropped"] == {"refused by the teacher (HTTP 400)": {
-        "replies": 1, "example": "This model's maximum context length is 4096 tokens."}}
+        "replies": 1, "example": "This model's maximum context length is 4096 tokens. [/INST]"}}
     assert result.metrics["train_records"] == 5 and result.metrics["dropped_replies"] == 1
     refused = [t for t in read_jsonl(out / "traces.jsonl") if "dropped" in t["turns"][0]]
     assert len(refused) == 1 and refused[0]["turns"][0]["dropped_detail"].startswith("This model's maximum")
