@@ -1,9 +1,10 @@
 """Stage order, fingerprints, and running a stage with its prerequisites.
 
 A stage's fingerprint hashes its whole config sections, the run seed, its external input files, its
-upstream stages' fingerprints and output digests, the package versions that matter and the settings it takes
+upstream stages' fingerprints, the package versions that matter and the settings it takes
 from the environment (distill: a teacher located by $OPENAI_BASE_URL / $OPENAI_MODEL). A stage whose fingerprint and
-outputs are unchanged is skipped ("up to date"); `force` redoes it.
+outputs are unchanged, and whose upstream stages' files are those it last read, is skipped ("up to date");
+`force` redoes it.
 """
 
 from __future__ import annotations
@@ -43,14 +44,16 @@ def plan(target: str, cfg: DistilleryConfig) -> list[str]:
 
 
 def fingerprint(stage: Stage, cfg: DistilleryConfig, run: RunDir) -> tuple[str, dict]:
-    """The stage's fingerprint and the inputs it was computed from (stored in the manifest)."""
+    """The stage's fingerprint and the inputs it was computed from (stored in the manifest). `upstream_outputs`
+    (what each upstream stage wrote) is stored beside them, outside the fingerprint: runs made before it was
+    recorded keep their fingerprints."""
     dump = cfg.model_dump(mode="json")
-    upstream = {}
+    upstream, upstream_outputs = {}, {}
     for name in stage.upstream_of(cfg):
         entry = run.stage_entry(name)
         if not entry or entry.get("status") != "complete":
             raise UserError(f"stage {stage.name} needs {name} first: run `distillery {name}`.")
-        upstream[name] = upstream_identity(entry)
+        upstream[name], upstream_outputs[name] = entry["fingerprint"], outputs_digest(entry)
     inputs = {
         "config": {section: dump[section] for section in stage.sections},
         "seed": cfg.run.seed,
@@ -58,17 +61,31 @@ def fingerprint(stage: Stage, cfg: DistilleryConfig, run: RunDir) -> tuple[str, 
         "files": {str(path): sha256_file(path) for path in stage.input_files(cfg)},
         "packages": package_versions(stage.packages),
     }
-    environment = stage.environment(cfg)
+    environment = known_environment(stage.environment(cfg), run.stage_entry(stage.name) or {})
     if environment:  # only then: every other fingerprint stays as it was
         inputs["environment"] = environment
-    return sha256_json(inputs), inputs
+    return sha256_json(inputs), {**inputs, "upstream_outputs": upstream_outputs}
 
 
-def upstream_identity(entry: dict) -> str:
-    """An upstream stage's fingerprint and the digests of what it wrote: `--force` on a stage whose outputs then
-    differ (a retrained adapter) makes every stage below it out of date, not only a changed config."""
-    outputs = {rel: info["sha256"] for rel, info in entry.get("outputs", {}).items()}
-    return sha256_json({"fingerprint": entry["fingerprint"], "outputs": outputs})
+def known_environment(environment: dict[str, str | None], previous: dict) -> dict[str, str]:
+    """The stage's settings from environment variables; one unset now (None) keeps the value the stage last ran
+    with: running `finetune` in a shell without $OPENAI_BASE_URL must not redo a finished distill."""
+    recorded = previous.get("inputs", {}).get("environment", {})
+    known = {name: value if value is not None else recorded.get(name) for name, value in environment.items()}
+    return {name: value for name, value in known.items() if value is not None}
+
+
+def outputs_digest(entry: dict) -> str:
+    """One digest of every file a finished stage wrote (their sha256s, from its manifest entry)."""
+    return sha256_json({rel: info["sha256"] for rel, info in entry.get("outputs", {}).items()})
+
+
+def same_upstream_outputs(entry: dict, inputs: dict) -> bool:
+    """Whether the upstream stages' files are those the stage's last run read: `--force` on a stage whose outputs
+    then differ (a retrained adapter) makes the stages below it out of date, not only a changed config. An entry
+    from before this was recorded counts as the same."""
+    recorded = entry.get("inputs", {}).get("upstream_outputs")
+    return recorded is None or recorded == inputs["upstream_outputs"]
 
 
 def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[str, StageResult | None, float]:
@@ -76,7 +93,7 @@ def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[st
     stage = load_stage(name)
     run = RunDir(cfg.run.root, cfg.run.name)
     fp, inputs = fingerprint(stage, cfg, run)
-    if not force and run.is_complete(name, fp):
+    if not force and run.is_complete(name, fp) and same_upstream_outputs(run.stage_entry(name) or {}, inputs):
         console.print(f"[green]{name}[/]: up to date ({fp[:12]}), nothing to do; --force redoes it.")
         entry = run.stage_entry(name) or {}
         summary = [tuple(row) for row in entry.get("summary", [])]
@@ -84,7 +101,8 @@ def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[st
 
     partial = run.partial_dir(name)
     previous = run.stage_entry(name) or {}
-    resumable = stage.resumable and not force and previous.get("fingerprint") == fp
+    resumable = (stage.resumable and not force and previous.get("fingerprint") == fp
+                 and same_upstream_outputs(previous, inputs))  # a partial export of an older adapter is not resumed
     prepare_run_dir(run, partial, keep=resumable, config_dump=redact(cfg.model_dump(mode="json")))
     started = time.time()
     run.update_stage(name, {"status": "running", "fingerprint": fp, "inputs": inputs, "started": _now()})

@@ -29,7 +29,7 @@ def no_input_files(cfg: DistilleryConfig) -> list[Path]:
     return []
 
 
-def no_environment(cfg: DistilleryConfig) -> dict[str, str]:
+def no_environment(cfg: DistilleryConfig) -> dict[str, str | None]:
     return {}
 
 
@@ -43,8 +43,8 @@ class Stage:
     packages: tuple[str, ...] = ()  # distributions whose versions change its results
     resumable: bool = False  # keep the partial directory across an interrupted run
     input_files: Callable[[DistilleryConfig], list[Path]] = no_input_files  # external files it reads
-    # settings it takes from environment variables where the config leaves them out (never a secret)
-    environment: Callable[[DistilleryConfig], dict[str, str]] = no_environment
+    # settings it takes from environment variables where the config leaves them out (never a secret); None: unset
+    environment: Callable[[DistilleryConfig], dict[str, str | None]] = no_environment
 
     def upstream_of(self, cfg: DistilleryConfig) -> tuple[str, ...]:
         return tuple(self.upstream(cfg)) if callable(self.upstream) else tuple(self.upstream)

@@ -324,26 +324,33 @@ def openai_location(cfg: TeacherConfig) -> tuple[str | None, str | None]:
     return cfg.url or os.environ.get("OPENAI_BASE_URL"), cfg.model or os.environ.get("OPENAI_MODEL")
 
 
-def teacher_environment(cfg: DistilleryConfig) -> dict[str, str]:
+def teacher_environment(cfg: DistilleryConfig) -> dict[str, str | None]:
     """The teacher location taken from the environment (never the key), for the fingerprint: switching the teacher
-    through $OPENAI_BASE_URL or $OPENAI_MODEL redoes distill, as switching it in the config does."""
+    through $OPENAI_BASE_URL or $OPENAI_MODEL redoes distill, as switching it in the config does. A variable the
+    config leaves to the environment but that is unset now is None (the runner keeps the value distill ran with)."""
     teacher = cfg.distill.teacher
     if teacher.kind != "openai":
         return {}
     url, model = openai_location(teacher)
-    taken = {"OPENAI_BASE_URL": None if teacher.url else without_credentials(url),
-             "OPENAI_MODEL": None if teacher.model else model}
-    return {name: value for name, value in taken.items() if value}
+    taken: dict[str, str | None] = {}
+    if not teacher.url:
+        taken["OPENAI_BASE_URL"] = shown_url(url) or None
+    if not teacher.model:
+        taken["OPENAI_MODEL"] = model or None
+    return taken
 
 
-def without_credentials(url: str | None) -> str | None:
-    """`url` without a user:password@ part: the fingerprint's inputs are stored in manifest.json."""
+def shown_url(url: str | None) -> str | None:
+    """`url` as manifest.json may store it: no user:password@, and a query string (which can carry a key) only as
+    its digest."""
+    import hashlib
     from urllib.parse import urlsplit, urlunsplit
 
     if not url:
         return url
     parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])) if "@" in parts.netloc else url
+    shown = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query="", fragment=""))
+    return f"{shown} (query sha256:{hashlib.sha256(parts.query.encode()).hexdigest()[:12]})" if parts.query else shown
 
 
 def dropped_replies(entries: list[dict]) -> dict[str, dict[str, Any]]:

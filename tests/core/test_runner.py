@@ -165,3 +165,15 @@ def test_a_forced_upstream_that_writes_other_outputs_makes_the_stages_below_out_
     monkeypatch.setattr(ingest, "split", lambda rows, kept, fraction: original(rows, kept, 0.5))  # same config
     assert run_stage("ingest", cfg, force=True)[0] == "done"
     assert run_stage("format", cfg)[0] == "done"
+
+
+def test_a_run_recorded_before_upstream_outputs_were_kept_stays_up_to_date(project: Path) -> None:
+    """Upgrading Distillery must not redo a finished distill (teacher calls cost money) or finetune."""
+    cfg = load_config("config.yaml")
+    run_stage("ingest", cfg)
+    run_stage("format", cfg)
+    manifest_path = project / "runs/t/manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["stages"]["format"]["inputs"]["upstream_outputs"]  # as older versions wrote it
+    manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
+    assert run_stage("format", cfg)[0] == "up to date"

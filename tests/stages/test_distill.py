@@ -257,6 +257,19 @@ def test_a_teacher_switched_through_the_environment_redoes_distill(tmp_path, mon
     monkeypatch.setenv("OPENAI_BASE_URL", second.url.replace("://", "://user:s3cret@"))  # the same teacher
     assert run_through("distill", load_config(path))[0] == "up to date"
     assert "s3cret" not in (tmp_path / "runs/t/manifest.json").read_text()
+    monkeypatch.delenv("OPENAI_BASE_URL")  # another shell: a finished distill is not redone, nor its teacher asked
+    monkeypatch.delenv("OPENAI_MODEL")
+    assert run_through("format", load_config(path))[0] == "done"
+    assert run_stage("distill", load_config(path))[0] == "up to date"
+
+
+def test_a_teacher_url_is_stored_without_its_credentials_or_query() -> None:
+    from distillery.stages.distill import shown_url
+
+    assert shown_url("https://bob:pw@api.example.com/v1") == "https://api.example.com/v1"
+    shown = shown_url("https://api.example.com/v1?api-key=sekrit")
+    assert shown.startswith("https://api.example.com/v1 (query sha256:") and "sekrit" not in shown
+    assert shown != shown_url("https://api.example.com/v1?api-key=other")
 
 
 def test_teacher_going_away_is_a_user_error_and_the_rerun_resumes(tmp_path, monkeypatch, server) -> None:
