@@ -17,10 +17,11 @@ units, thousands separators); `how` names the one that found the prediction's:
 
 The answer found must commit to one number. It hedges, and is wrong however it parses (math-verify would read
 only its last number), when `or` joins different numbers in it (`either 3 or 8`, `x = 3 or x = 8`; a bare last
-number offered as an alternative: `it is 3 or 8`), or when a box or a `####` line lists several after its last `=`
-(`\\boxed{3, 8}`; `3 + 5 = 8` commits to 8). Words around a stated answer are no hedge (`the answer is 18 after 3
-days`). math-verify reads a LaTeX answer (`3 \\text{ or } 8`) as a set, never equal to one number. A reference
-that itself names several numbers (a pair) lets the prediction do so too.
+number offered as an alternative: `it is 3 or 8`), or when a box or a `####` line lists several after its last
+`=` (`\\boxed{3, 8}`; `3 + 5 = 8` commits to 8). `, or` and `(or` restate one value (`1/4, or 25%`) unless a word
+of doubt offers alternatives (`3, or perhaps 8`). Words around a stated answer are no hedge (`the answer is 18
+after 3 days`). math-verify reads a LaTeX answer (`3 \\text{ or } 8`) as a set, never equal to one number. A
+reference that itself names several numbers (a pair) lets the prediction do so too.
 
 A prediction's reasoning (<think>...</think>) is dropped first; one that never closes leaves no answer. Only the
 last MAX_CHARS characters of each text are read.
@@ -56,6 +57,10 @@ LATEX_SPAN = re.compile(r"\\\[(.+?)\\\]|\\\((.+?)\\\)|\$\$(.+?)\$\$|\$([^$]*\\[A
 LATEX_COMMAND = re.compile(r"\\[A-Za-z]")
 LATEX_MARKUP = re.compile(r"\\[A-Za-z]|[{}^_]")
 OR_WORD = re.compile(r"\bor\b", re.IGNORECASE)
+# ', or' and '(or' restate one value in other terms ('1/4, or 25%', '40 minutes (or 2/3 of an hour)'), unless a
+# word of doubt offers them as alternatives ('3, or perhaps 8')
+RESTATED = re.compile(r",\s*or\b|\(\s*or\b", re.IGNORECASE)
+DOUBT = re.compile(r"\b(?:either|maybe|perhaps|possibly|probably|might|could)\b", re.IGNORECASE)
 NUMBER = re.compile(r"(?<![\w.,])-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?%?")
 
 
@@ -196,7 +201,7 @@ def committed_numbers(how: str, span: str) -> set:
     if LATEX_MARKUP.search(span.strip().strip("$")):
         return set()
     if OR_WORD.search(span):
-        return number_values(span)
+        return set() if RESTATED.search(span) and not DOUBT.search(span) else number_values(span)
     return number_values(span.rsplit("=", 1)[-1]) if how in ("boxed", "####") else set()
 
 

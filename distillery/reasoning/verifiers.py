@@ -81,7 +81,8 @@ def final_part(text: str) -> str:
 MC_STATED = re.compile("|".join((
     r"answer\s*(?:is|:)?\s*(?:option\s*)?[\(\[]?\s*([a-e])\s*[\)\]]",  # "The answer is (c)", "answer: c)"
     r"\\boxed\{\s*\(?([a-e])\)?\s*\}",
-    r"answer\s*(?:is|:)\s*(?:option\s*)?([a-e])\b",  # "answer is c", "Answer: c"
+    # "answer is c", "Answer: c"; not the article ("the answer is a whole number") or "e.g."
+    r"answer\s*(?:is|:)\s*(?:option\s*)?(?:(a)(?!(?-i:\s+[a-z]))|([b-e]))(?!\w|\.\w)",
 )), flags=re.IGNORECASE)
 MC_LONE = re.compile(r"\(([a-e])\)", flags=re.IGNORECASE)  # a lone "(c)", when no option is stated as the answer
 

@@ -102,7 +102,8 @@ def test_one_committed_number_is_no_hedge_and_latex_is_math_verifys(prediction: 
 
 
 @pytest.mark.parametrize("prediction", ["So the answer is 18 after 3 days.", "Final answer: 42 apples in 6 boxes",
-                                        "Answer: 1,200 (from 3 crates)"])
+                                        "Answer: 1,200 (from 3 crates)", "The probability is 1/4, or 25%.",
+                                        "The answer is 40 minutes (or 2/3 of an hour).", "It costs $5, or 500 cents."])
 def test_words_around_a_stated_answer_are_no_hedge(prediction: str) -> None:
     """Not called a hedge (math-verify itself then reads the span's last number, as lm-evaluation-harness would)."""
     assert check_math(prediction, "#### 18").error is None

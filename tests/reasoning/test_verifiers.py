@@ -51,6 +51,9 @@ def test_extract_option(text: str, index: int | None) -> None:
     ("\\boxed{a} looks tempting; checking again, the answer is (c).", 2),
     ("The answer is (a)? No: 6 * 3 = 18. Answer: c", 2),
     ("Answer: b. Options (a) and (d) are too small.", 1),  # a lone (x) after the stated answer does not count
+    ("The correct option is \\boxed{c}. Note that the answer is a whole number.", 2),  # 'a': the article
+    ("Answer: (c)\nThe answer is e.g. 45", 2),  # 'e.g.' is no option
+    ("The answer is b because 6 * 3 = 18.", 1),
 ])
 def test_extract_option_takes_the_option_stated_last(text: str, index: int) -> None:
     assert extract_option(text, CHOICES) == index
