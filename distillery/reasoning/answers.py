@@ -9,7 +9,8 @@ units, thousands separators); `how` names the one that found the prediction's:
 
 - boxed:          the last \\boxed{...} (or \\fbox{...});
 - ####:           GSM8K's final line, `#### 42`;
-- the answer is:  the rest of the sentence after the last "answer is" / "answer:";
+- the answer is:  the rest of the sentence after the last "answer is" / "answer:" (a number followed by words:
+                  that number, `18 after 3 days` -> 18);
 - latex:          the last LaTeX math span with a command in it ($\\frac{3}{4}$, \\(...\\), \\[...\\], $$...$$), or a
                   whole one-line text written in LaTeX (a reference such as `\\frac{3}{4}`);
 - last number:    the last number in the text (`1,234`, `-7`, `3/4`, `25%`);
@@ -62,6 +63,7 @@ OR_WORD = re.compile(r"\bor\b", re.IGNORECASE)
 RESTATED = re.compile(r",\s*or\b|\(\s*or\b", re.IGNORECASE)
 DOUBT = re.compile(r"\b(?:either|maybe|perhaps|possibly|probably|might|could)\b", re.IGNORECASE)
 NUMBER = re.compile(r"(?<![\w.,])-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?%?")
+NUMBER_THEN_WORDS = re.compile(r"(\$?" + NUMBER.pattern + r")\s+(?:\(|[A-Za-z])")  # '$1,200 (from 3 crates)'
 
 
 @dataclass(frozen=True)
@@ -121,11 +123,15 @@ def last_boxed(text: str) -> str | None:
 
 
 def after_answer_is(text: str) -> str | None:
-    """The rest of the sentence after the last 'answer is' / 'answer:', markdown bold dropped."""
+    """The rest of the sentence after the last 'answer is' / 'answer:', markdown bold dropped; a plain number
+    followed by words is that number ('18 after 3 days': 18, where math-verify would read the last one, 3), unless
+    the words hold an '=' or an 'or' (hedged()'s to judge)."""
     rest = last_match(ANSWER_IS, text)
     if not rest:
         return None
-    return SENTENCE_END.split(rest, maxsplit=1)[0].strip(" *") or None
+    span = SENTENCE_END.split(rest, maxsplit=1)[0].strip(" *")
+    stated = NUMBER_THEN_WORDS.match(span)
+    return (stated.group(1) if stated and "=" not in span and not OR_WORD.search(span) else span) or None
 
 
 def last_latex(text: str) -> str | None:
