@@ -295,6 +295,29 @@ def native_stderr_captured() -> Iterator[io.StringIO]:
             captured.write(sink.read().decode("utf-8", errors="replace"))
 
 
+def check_imatrix(imatrix: dict[str, Any], model: Path, source: str) -> None:
+    """An importance matrix made for another model is a UserError before any quantization: llama.cpp skips the
+    entries whose names it does not find (quietly, for k-quants: the file seems used and is not) and stops halfway
+    at one whose size differs from the tensor's rows (ne0, times ne2 and ne3: a 3-D tensor's experts)."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    rows = {t.name: int(np.prod([t.shape[0], *t.shape[2:]])) for t in GGUFReader(str(model)).tensors if len(t.shape) >= 2}
+    shared = [name for name in imatrix if name in rows]
+    if not shared:
+        raise UserError(f"export.imatrix: {source} has no entry for any weight of {model.name} (it has "
+                        f"{next(iter(imatrix))}, the model has tensors such as {next(iter(rows), '-')}): it was "
+                        "computed for another model. Compute it with llama-imatrix on this model's GGUF, or remove "
+                        "export.imatrix.")
+    wrong = [(name, imatrix[name].size, rows[name]) for name in shared
+             if imatrix[name].size != rows[name] and name != "token_embd.weight"]  # llama.cpp skips that one
+    if wrong:
+        name, got, want = wrong[0]
+        raise UserError(f"export.imatrix: {source} has {got} values for {name}, whose rows hold {want} in "
+                        f"{model.name} ({len(wrong)} of {len(shared)} tensors differ): it was computed for another "
+                        "model. Compute it with llama-imatrix on this model's GGUF, or remove export.imatrix.")
+
+
 def quantize_gguf(src: Path, dst: Path, quant: QuantType, imatrix: dict[str, Any] | None = None,
                   threads: int = 0) -> float:
     """llama.cpp's quantizer (in a child process): `src` (16-bit or q8_0 GGUF) -> `dst` of type `quant`;

@@ -323,6 +323,8 @@ def convert_and_quantize(ctx: StageContext, plan: Plan, timings: dict[str, Any],
         timings["convert_seconds"] = round(gguf_io.convert_to_gguf(
             ctx.out / OUTPUTS["merged"], intermediate, plan.outtype.value, plan.stem,
             log_path=ctx.run.log_path("export-converter")), 2)
+    if plan.imatrix is not None:
+        gguf_io.check_imatrix(plan.imatrix, intermediate, str(ctx.cfg.export.imatrix))
     files: dict[str, Path] = {}
     for quant in plan.quants:
         target = gguf_dir / gguf_io.gguf_filename(plan.stem, quant.value)

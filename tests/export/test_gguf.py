@@ -148,3 +148,32 @@ def test_a_converter_failure_the_model_did_not_cause_stays_an_error_with_its_tai
     done = subprocess.CompletedProcess(["convert"], 1, stdout="", stderr="Traceback ...\nMemoryError: out of memory\n")
     failure = gguf_io.converter_failure(Path("m"), done, None)
     assert type(failure) is RuntimeError and "MemoryError: out of memory" in str(failure)
+
+
+def tiny_gguf(path: Path) -> Path:
+    """A GGUF with two weights as llama-imatrix names them: rows of 4 and 6 values (and a 1-D norm)."""
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), arch="llama")
+    writer.add_tensor("blk.0.attn_q.weight", np.zeros((3, 4), dtype=np.float32))
+    writer.add_tensor("blk.0.ffn_down.weight", np.zeros((4, 6), dtype=np.float32))
+    writer.add_tensor("blk.0.attn_norm.weight", np.zeros(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_an_imatrix_of_another_model_is_refused_before_quantizing(tmp_path: Path) -> None:
+    """llama.cpp skips names it does not find (quietly for k-quants) and stops halfway at a size that differs."""
+    model = tiny_gguf(tmp_path / "model.gguf")
+    ones = lambda n: np.ones(n, dtype=np.float32)  # noqa: E731
+    gguf_io.check_imatrix({"blk.0.attn_q.weight": ones(4), "blk.0.ffn_down.weight": ones(6)}, model, "im.gguf")
+    gguf_io.check_imatrix({"blk.0.attn_q.weight": ones(4)}, model, "im.gguf")  # a partial one: llama.cpp warns
+    with pytest.raises(UserError, match=r"im.gguf has no entry for any weight of model.gguf \(it has "
+                                        r"blk.0.attn_output.weight"):
+        gguf_io.check_imatrix({"blk.0.attn_output.weight": ones(4)}, model, "im.gguf")
+    with pytest.raises(UserError, match=r"im.gguf has 5 values for blk.0.ffn_down.weight, whose rows hold 6 in "
+                                        r"model.gguf \(1 of 2 tensors differ\)"):
+        gguf_io.check_imatrix({"blk.0.attn_q.weight": ones(4), "blk.0.ffn_down.weight": ones(5)}, model, "im.gguf")
