@@ -9,8 +9,7 @@ units, thousands separators); `how` names the one that found the prediction's:
 
 - boxed:          the last \\boxed{...} (or \\fbox{...});
 - ####:           GSM8K's final line, `#### 42`;
-- the answer is:  the rest of the sentence after the last "answer is" / "answer:" (a number followed by words
-                  with another number in them: that number, `18 after 3 days` -> 18);
+- the answer is:  the rest of the sentence after the last "answer is" / "answer:";
 - latex:          the last LaTeX math span with a command in it ($\\frac{3}{4}$, \\(...\\), \\[...\\], $$...$$), or a
                   whole one-line text written in LaTeX (a reference such as `\\frac{3}{4}`);
 - last number:    the last number in the text (`1,234`, `-7`, `3/4`, `25%`);
@@ -19,9 +18,10 @@ units, thousands separators); `how` names the one that found the prediction's:
 The answer found must commit to one number. It hedges, and is wrong however it parses (math-verify would read
 only its last number), when `or` joins different numbers in it (`either 3 or 8`, `x = 3 or x = 8`; a bare last
 number offered as an alternative: `it is 3 or 8`), or when a box or a `####` line lists several after its last
-`=` (`\\boxed{3, 8}`; `3 + 5 = 8` commits to 8). `, or` and `(or` restate one value (`1/4, or 25%`) unless a word
-of doubt offers alternatives (`3, or perhaps 8`). Words around a stated answer are no hedge (`the answer is 18
-after 3 days`). math-verify reads a LaTeX answer (`3 \\text{ or } 8`) as a set, never equal to one number. A
+`=` (`\\boxed{3, 8}`; `3 + 5 = 8` commits to 8). `, or` and `(or` restate one value when the numbers agree up to a
+unit factor (`1/4, or 25%`, `$5, or 500 cents`, `40 minutes (or 2/3 of an hour)`) and no word of doubt offers them
+as alternatives (`18 (or 20)`, `3, or perhaps 8` hedge). Words around a stated answer are no hedge (`the answer is
+18 after 3 days`: math-verify then reads the span as it reads any). math-verify reads a LaTeX answer (`3 \\text{ or } 8`) as a set, never equal to one number. A
 reference that itself names several numbers (a pair) lets the prediction do so too.
 
 A prediction's reasoning (<think>...</think>) is dropped first; one that never closes leaves no answer. Only the
@@ -58,12 +58,12 @@ LATEX_SPAN = re.compile(r"\\\[(.+?)\\\]|\\\((.+?)\\\)|\$\$(.+?)\$\$|\$([^$]*\\[A
 LATEX_COMMAND = re.compile(r"\\[A-Za-z]")
 LATEX_MARKUP = re.compile(r"\\[A-Za-z]|[{}^_]")
 OR_WORD = re.compile(r"\bor\b", re.IGNORECASE)
-# ', or' and '(or' restate one value in other terms ('1/4, or 25%', '40 minutes (or 2/3 of an hour)'), unless a
-# word of doubt offers them as alternatives ('3, or perhaps 8')
+# ', or' and '(or' restate one value in other units ('1/4, or 25%', '40 minutes (or 2/3 of an hour)', '$5, or 500
+# cents') when the numbers agree up to one of these factors; a word of doubt makes them alternatives anyway
 RESTATED = re.compile(r",\s*or\b|\(\s*or\b", re.IGNORECASE)
+UNIT_FACTORS = (1, 10, 12, 24, 60, 100, 1000, 3600)
 DOUBT = re.compile(r"\b(?:either|maybe|perhaps|possibly|probably|might|could)\b", re.IGNORECASE)
 NUMBER = re.compile(r"(?<![\w.,])-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?%?")
-NUMBER_THEN_WORDS = re.compile(r"(\$?" + NUMBER.pattern + r")\s+(?:\(|[A-Za-z])")  # '$1,200 (from 3 crates)'
 
 
 @dataclass(frozen=True)
@@ -123,16 +123,11 @@ def last_boxed(text: str) -> str | None:
 
 
 def after_answer_is(text: str) -> str | None:
-    """The rest of the sentence after the last 'answer is' / 'answer:', markdown bold dropped; a plain number
-    followed by words with another number in them is that number ('18 after 3 days': 18, where math-verify would
-    read the last one, 3; '7 dollars' stays whole), unless they hold an '=' or an 'or' (hedged()'s to judge)."""
+    """The rest of the sentence after the last 'answer is' / 'answer:', markdown bold dropped."""
     rest = last_match(ANSWER_IS, text)
     if not rest:
         return None
-    span = SENTENCE_END.split(rest, maxsplit=1)[0].strip(" *")
-    stated = NUMBER_THEN_WORDS.match(span)
-    cut = stated and len(NUMBER.findall(span)) > 1 and "=" not in span and not OR_WORD.search(span)
-    return (stated.group(1) if cut else span) or None
+    return SENTENCE_END.split(rest, maxsplit=1)[0].strip(" *") or None
 
 
 def last_latex(text: str) -> str | None:
@@ -208,7 +203,8 @@ def committed_numbers(how: str, span: str) -> set:
     if LATEX_MARKUP.search(span.strip().strip("$")):
         return set()
     if OR_WORD.search(span):
-        return set() if RESTATED.search(span) and not DOUBT.search(span) else number_values(span)
+        values = number_values(span)
+        return set() if RESTATED.search(span) and not DOUBT.search(span) and one_value_in_units(values) else values
     return number_values(span.rsplit("=", 1)[-1]) if how in ("boxed", "####") else set()
 
 
@@ -221,6 +217,17 @@ def alternatives_ending(text: str) -> str:
     last = list(NUMBER.finditer(text))
     offered = OFFERED_BEFORE.search(text[:last[-1].start()]) if last else None
     return offered.group(0) + last[-1].group(0) if offered else ""
+
+
+def one_value_in_units(values: set) -> bool:
+    """Whether every number is the first one in other units (a ratio in UNIT_FACTORS either way; a percentage
+    also as its fraction: 1/4 and 25)."""
+    numbers = [v for v in values if isinstance(v, Fraction) and v != 0]
+    if len(numbers) != len(values):
+        return False
+    first = numbers[0]
+    return all(any(v * f == first or first * f == v or v * f == first * 100 or first * f == v * 100
+                   for f in UNIT_FACTORS) for v in numbers[1:])
 
 
 def number_values(text: str) -> set:

@@ -81,8 +81,9 @@ def final_part(text: str) -> str:
 MC_STATED = re.compile("|".join((
     r"answer\s*(?:is|:)?\s*(?:option\s*)?[\(\[]?\s*([a-e])\s*[\)\]]",  # "The answer is (c)", "answer: c)"
     r"\\boxed\{\s*\(?([a-e])\)?\s*\}",
-    # "answer is c", "Answer: c"; not the article ("the answer is a whole number") or "e.g."
-    r"answer\s*(?:is|:)\s*(?:option\s*)?(?:(a)(?!(?-i:\s+[a-z]))|([b-e]))(?!\w|\.\w)",
+    # "answer is c", "Answer: A because", "answer is option a which"; not the article ("the answer is a whole
+    # number", "a 30% gain": a lowercase a before a word or number) nor "e.g."
+    r"answer\s*(?:is|:)\s*(?:option\s*([a-e])|(?-i:(a))(?!\s+[a-z0-9])|(?-i:([A-E]))|(?-i:([b-e])))(?!\w|\.\w)",
 )), flags=re.IGNORECASE)
 MC_LONE = re.compile(r"\(([a-e])\)", flags=re.IGNORECASE)  # a lone "(c)", when no option is stated as the answer
 

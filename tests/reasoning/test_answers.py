@@ -79,6 +79,9 @@ def test_wrong_and_missing_answers(prediction: str, reference: str, how: str, pr
     ("The answer is $3$ or $8$.", "#### 8", "$3$ or $8$"),
     ("It is either 3 or 8", "#### 8", "8"),  # a bare last number, offered as an alternative
     ("Maybe 3, or perhaps 8.", "#### 8", "8"),
+    ("The answer is 18 (or 8).", "#### 8", "18 (or 8)"),  # '(or' between two values that are not one
+    ("\\boxed{3, or 8}", "#### 8", "3, or 8"),
+    ("The total is 12, or 8 if we count the rotten ones.", "#### 8", "8"),
 ])
 def test_an_answer_hedging_between_numbers_is_wrong_though_math_verify_reads_its_last(prediction: str, reference: str,
                                                                                       predicted: str) -> None:
@@ -106,18 +109,6 @@ def test_one_committed_number_is_no_hedge_and_latex_is_math_verifys(prediction: 
                                         "The answer is 40 minutes (or 2/3 of an hour).", "It costs $5, or 500 cents."])
 def test_words_around_a_stated_answer_are_no_hedge(prediction: str) -> None:
     assert check_math(prediction, "#### 18").error is None
-
-
-@pytest.mark.parametrize("prediction, reference, predicted", [
-    ("So the answer is 18 after 3 days.", "#### 18", "18"),  # math-verify alone would read 3
-    ("Answer: 1,200 (from 3 crates)", "#### 1200", "1,200"),
-    ("The answer is $5 for 2 pens", "#### 5", "$5"),
-    ("The answer is 3/4 of the cake", "\\frac{3}{4}", "3/4 of the cake"),  # one number: the span stays whole
-    ("The answer is 2 + 3 = 5 apples", "#### 5", "2 + 3 = 5 apples"),  # an '=': math-verify reads it whole
-])
-def test_a_stated_number_followed_by_words_is_that_number(prediction: str, reference: str, predicted: str) -> None:
-    check = check_math(prediction, reference)
-    assert check.correct and check.predicted == predicted and check.how == "the answer is", check
 
 
 def test_a_reference_without_an_answer_is_reported_not_raised() -> None:

@@ -54,6 +54,10 @@ def test_extract_option(text: str, index: int | None) -> None:
     ("The correct option is \\boxed{c}. Note that the answer is a whole number.", 2),  # 'a': the article
     ("Answer: (c)\nThe answer is e.g. 45", 2),  # 'e.g.' is no option
     ("The answer is b because 6 * 3 = 18.", 1),
+    ("The answer is A because 6 * 3 = 18.", 0),
+    ("Answer: A is correct.", 0),
+    ("The answer is option a which is 12", 0),
+    ("(c) fits. The answer is a 30% gain", 2),  # the article again: the lone (c) decides
 ])
 def test_extract_option_takes_the_option_stated_last(text: str, index: int) -> None:
     assert extract_option(text, CHOICES) == index
