@@ -80,12 +80,27 @@ def outputs_digest(entry: dict) -> str:
     return sha256_json({rel: info["sha256"] for rel, info in entry.get("outputs", {}).items()})
 
 
-def same_upstream_outputs(entry: dict, inputs: dict) -> bool:
+def same_upstream_outputs(run: RunDir, entry: dict, inputs: dict) -> bool:
     """Whether the upstream stages' files are those the stage's last run read: `--force` on a stage whose outputs
     then differ (a retrained adapter) makes the stages below it out of date, not only a changed config. An entry
-    from before this was recorded counts as the same."""
+    written before the digests were kept: whether every upstream stage finished before it started."""
     recorded = entry.get("inputs", {}).get("upstream_outputs")
-    return recorded is None or recorded == inputs["upstream_outputs"]
+    if recorded is not None:
+        return recorded == inputs["upstream_outputs"]
+    started = entry.get("started", "")
+    return all((run.stage_entry(name) or {}).get("finished", "~") <= started for name in inputs["upstream"])
+
+
+def up_to_date(run: RunDir, name: str, fp: str, inputs: dict) -> bool:
+    """Finished with this fingerprint, its outputs as it left them, its upstream files those it read. An entry
+    from before the upstream digests were kept gets them now, so that a later forced upstream is noticed."""
+    entry = run.stage_entry(name) or {}
+    if not (run.is_complete(name, fp) and same_upstream_outputs(run, entry, inputs)):
+        return False
+    if "upstream_outputs" not in entry.get("inputs", {}):
+        run.update_stage(name, {**entry, "inputs": {**entry.get("inputs", {}),
+                                                    "upstream_outputs": inputs["upstream_outputs"]}})
+    return True
 
 
 def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[str, StageResult | None, float]:
@@ -93,7 +108,7 @@ def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[st
     stage = load_stage(name)
     run = RunDir(cfg.run.root, cfg.run.name)
     fp, inputs = fingerprint(stage, cfg, run)
-    if not force and run.is_complete(name, fp) and same_upstream_outputs(run.stage_entry(name) or {}, inputs):
+    if not force and up_to_date(run, name, fp, inputs):
         console.print(f"[green]{name}[/]: up to date ({fp[:12]}), nothing to do; --force redoes it.")
         entry = run.stage_entry(name) or {}
         summary = [tuple(row) for row in entry.get("summary", [])]
@@ -102,7 +117,7 @@ def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[st
     partial = run.partial_dir(name)
     previous = run.stage_entry(name) or {}
     resumable = (stage.resumable and not force and previous.get("fingerprint") == fp
-                 and same_upstream_outputs(previous, inputs))  # a partial export of an older adapter is not resumed
+                 and same_upstream_outputs(run, previous, inputs))  # a partial export of an older adapter is not resumed
     prepare_run_dir(run, partial, keep=resumable, config_dump=redact(cfg.model_dump(mode="json")))
     started = time.time()
     run.update_stage(name, {"status": "running", "fingerprint": fp, "inputs": inputs, "started": _now()})

@@ -323,13 +323,15 @@ def convert_and_quantize(ctx: StageContext, plan: Plan, timings: dict[str, Any],
         timings["convert_seconds"] = round(gguf_io.convert_to_gguf(
             ctx.out / OUTPUTS["merged"], intermediate, plan.outtype.value, plan.stem,
             log_path=ctx.run.log_path("export-converter")), 2)
-    if plan.imatrix is not None:
+    to_quantize = [q for q in plan.quants if q != plan.outtype
+                   and not (gguf_dir / gguf_io.gguf_filename(plan.stem, q.value)).is_file()]
+    if plan.imatrix is not None and to_quantize:
         gguf_io.check_imatrix(plan.imatrix, intermediate, str(ctx.cfg.export.imatrix))
     files: dict[str, Path] = {}
     for quant in plan.quants:
         target = gguf_dir / gguf_io.gguf_filename(plan.stem, quant.value)
         step(f"quantizing to {target.name}")
-        if quant != plan.outtype and not target.is_file():
+        if quant in to_quantize:
             timings[f"quantize_{quant.value}_seconds"] = round(
                 gguf_io.quantize_gguf(intermediate, target, quant, plan.imatrix, ctx.cfg.export.threads), 2)
         files[quant.value] = target

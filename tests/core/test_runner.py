@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -167,13 +168,30 @@ def test_a_forced_upstream_that_writes_other_outputs_makes_the_stages_below_out_
     assert run_stage("format", cfg)[0] == "done"
 
 
-def test_a_run_recorded_before_upstream_outputs_were_kept_stays_up_to_date(project: Path) -> None:
-    """Upgrading Distillery must not redo a finished distill (teacher calls cost money) or finetune."""
+def test_a_run_recorded_before_upstream_outputs_were_kept_stays_up_to_date_until_its_upstream_reruns(
+        project: Path, monkeypatch) -> None:
+    """Upgrading Distillery must not redo a finished distill (teacher calls cost money) or finetune; an upstream
+    forced after the upgrade still makes it out of date."""
+    from distillery.stages import ingest
+
     cfg = load_config("config.yaml")
     run_stage("ingest", cfg)
     run_stage("format", cfg)
     manifest_path = project / "runs/t/manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    del manifest["stages"]["format"]["inputs"]["upstream_outputs"]  # as older versions wrote it
-    manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
+
+    def as_older_versions_wrote_it() -> None:
+        manifest = json.loads(manifest_path.read_text())
+        del manifest["stages"]["format"]["inputs"]["upstream_outputs"]
+        manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
+
+    as_older_versions_wrote_it()
     assert run_stage("format", cfg)[0] == "up to date"
+    assert "upstream_outputs" in json.loads(manifest_path.read_text())["stages"]["format"]["inputs"]  # kept now
+    original = ingest.split
+    monkeypatch.setattr(ingest, "split", lambda rows, kept, fraction: original(rows, kept, 0.5))
+    assert run_stage("ingest", cfg, force=True)[0] == "done"
+    assert run_stage("format", cfg)[0] == "done"
+    as_older_versions_wrote_it()
+    time.sleep(1.1)  # manifest times have whole seconds
+    assert run_stage("ingest", cfg, force=True)[0] == "done"  # before the digests were read: only times tell
+    assert run_stage("format", cfg)[0] == "done"
