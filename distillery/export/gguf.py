@@ -226,32 +226,39 @@ def converter_failure(model_dir: Path, done: subprocess.CompletedProcess, log_pa
 def load_imatrix(path: Path) -> dict[str, Any]:
     """Importance values per tensor name (float32 arrays) from llama-imatrix's GGUF or legacy .dat file,
     normalised the way llama.cpp's quantize tool does (sums / counts)."""
-    import numpy as np
-
     if not path.is_file():
-        raise UserError(f"export.imatrix: {path} does not exist.")
+        raise UserError(f"export.imatrix: {path} {'is not a file' if path.exists() else 'does not exist'}.")
     with open(path, "rb") as handle:
         magic = handle.read(4)
     if magic == b"GGUF":
-        from gguf import GGUFReader
-
-        reader = GGUFReader(str(path))
-        tensors = {t.name: np.asarray(t.data, dtype=np.float32).reshape(-1) for t in reader.tensors}
-        values = {}
-        for name, sums in tensors.items():
-            if not name.endswith(".in_sum2"):
-                continue
-            base = name.removesuffix(".in_sum2")
-            counts = tensors.get(base + ".counts")
-            if counts is None:
-                raise UserError(f"export.imatrix: {path} has {name} but no {base}.counts: not an imatrix file.")
-            per_count = sums.reshape(len(counts), -1)
-            safe = np.where(counts[:, None] > 0, per_count / np.maximum(counts[:, None], 1), 1.0)
-            values[base] = safe.reshape(-1).astype(np.float32)
+        try:
+            values = _load_gguf_imatrix(path)
+        except (ValueError, IndexError, OverflowError, KeyError, struct.error) as err:  # a cut or lying header
+            raise UserError(f"export.imatrix: {path} is not a readable GGUF imatrix ({type(err).__name__}: "
+                            f"{str(err)[:200]}). Compute it again with llama-imatrix.") from None
     else:
         values = _load_legacy_imatrix(path)
     if not values:
         raise UserError(f"export.imatrix: {path} holds no importance data (expected llama-imatrix output).")
+    return values
+
+
+def _load_gguf_imatrix(path: Path) -> dict[str, Any]:
+    import numpy as np
+    from gguf import GGUFReader
+
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32).reshape(-1) for t in GGUFReader(str(path)).tensors}
+    values = {}
+    for name, sums in tensors.items():
+        if not name.endswith(".in_sum2"):
+            continue
+        base = name.removesuffix(".in_sum2")
+        counts = tensors.get(base + ".counts")
+        if counts is None:
+            raise UserError(f"export.imatrix: {path} has {name} but no {base}.counts: not an imatrix file.")
+        per_count = sums.reshape(len(counts), -1)
+        values[base] = np.where(counts[:, None] > 0, per_count / np.maximum(counts[:, None], 1), 1.0
+                                ).reshape(-1).astype(np.float32)
     return values
 
 

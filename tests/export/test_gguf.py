@@ -120,6 +120,12 @@ def test_a_file_that_is_no_imatrix_is_a_user_error(tmp_path: Path) -> None:
     path.write_text("hello")
     with pytest.raises(UserError, match="export.imatrix"):
         gguf_io.load_imatrix(path)
+    lying = tmp_path / "lying.gguf"  # a GGUF header that claims 2**63 tensors, then ends
+    lying.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 2**63 - 1, 0))
+    with pytest.raises(UserError, match="lying.gguf is not a readable GGUF imatrix"):
+        gguf_io.load_imatrix(lying)
+    with pytest.raises(UserError, match=r"export.imatrix: \S+ is not a file"):
+        gguf_io.load_imatrix(tmp_path)
     with pytest.raises(UserError, match="does not exist"):
         gguf_io.load_imatrix(tmp_path / "missing.dat")
 
