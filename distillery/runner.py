@@ -116,8 +116,9 @@ def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[st
 
     partial = run.partial_dir(name)
     previous = run.stage_entry(name) or {}
+    # a partial directory of another config, or of older upstream files (an export of the last adapter), is not resumed
     resumable = (stage.resumable and not force and previous.get("fingerprint") == fp
-                 and same_upstream_outputs(run, previous, inputs))  # a partial export of an older adapter is not resumed
+                 and same_upstream_outputs(run, previous, inputs))
     prepare_run_dir(run, partial, keep=resumable, config_dump=redact(cfg.model_dump(mode="json")))
     started = time.time()
     run.update_stage(name, {"status": "running", "fingerprint": fp, "inputs": inputs, "started": _now()})

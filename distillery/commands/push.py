@@ -1,7 +1,8 @@
 """`distillery push`: the exported model to the Hugging Face Hub, with a generated model card.
 
 1. check the export stage finished, list what would be uploaded (merged/ files and/or GGUFs + Modelfiles,
-   with sizes; only the GGUFs export's summary.json lists, each the file verify.json recorded as passed) and render the model card (README.md: front matter base_model, datasets, license, tags; the
+   with sizes; only the GGUFs export's summary.json lists, each the file verify.json recorded as passed) and
+   render the model card (README.md: front matter base_model, datasets, license, tags; the
    training summary from finetune's summary.json; the evaluation table from evaluate's comparison.md and how
    many training records ingest dropped as contaminated; how to run it with llama.cpp and Ollama);
 2. write the card and the plan to runs/<name>/push/ and print the plan;

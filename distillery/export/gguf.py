@@ -217,8 +217,7 @@ def converter_failure(model_dir: Path, done: subprocess.CompletedProcess, log_pa
     meaning = next((what for pattern, what in MODEL_FAILURES if pattern in error), None)
     if meaning and done.returncode > 0:
         return UserError(f"llama.cpp's converter (llama-cpp-python {installed_version()}) cannot convert {model_dir} "
-                         f"to GGUF: {meaning}. The converter "
-                         f"said: {error}.{kept}")
+                         f"to GGUF: {meaning}. The converter said: {error}.{kept}")
     tail = "\n  ".join(output.strip().splitlines()[-8:])
     return RuntimeError(f"llama.cpp's converter failed on {model_dir} (exit {done.returncode}):\n  {tail}")
 
@@ -309,7 +308,8 @@ def check_imatrix(imatrix: dict[str, Any], model: Path, source: str) -> None:
     import numpy as np
     from gguf import GGUFReader
 
-    rows = {t.name: int(np.prod([t.shape[0], *t.shape[2:]])) for t in GGUFReader(str(model)).tensors if len(t.shape) >= 2}
+    rows = {t.name: int(np.prod([t.shape[0], *t.shape[2:]]))
+            for t in GGUFReader(str(model)).tensors if len(t.shape) >= 2}
     shared = [name for name in imatrix if name in rows]
     if not shared:
         raise UserError(f"export.imatrix: {source} has no entry for any weight of {model.name} (it has "

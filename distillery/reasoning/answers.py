@@ -21,8 +21,9 @@ number offered as an alternative: `it is 3 or 8`), or when a box or a `####` lin
 `=` (`\\boxed{3, 8}`; `3 + 5 = 8` commits to 8). `, or` and `(or` restate one value when the numbers agree up to a
 unit factor (`1/4, or 25%`, `$5, or 500 cents`, `40 minutes (or 2/3 of an hour)`) and no word of doubt offers them
 as alternatives (`18 (or 20)`, `3, or perhaps 8` hedge). Words around a stated answer are no hedge (`the answer is
-18 after 3 days`: math-verify then reads the span as it reads any). math-verify reads a LaTeX answer (`3 \\text{ or } 8`) as a set, never equal to one number. A
-reference that itself names several numbers (a pair) lets the prediction do so too.
+18 after 3 days`: math-verify then reads the span as it reads any). math-verify reads a LaTeX answer (`3 \\text{ or
+} 8`) as a set, never equal to one number. A reference that itself names several numbers (a pair) lets the
+prediction do so too.
 
 A prediction's reasoning (<think>...</think>) is dropped first; one that never closes leaves no answer. Only the
 last MAX_CHARS characters of each text are read.
@@ -208,8 +209,7 @@ def committed_numbers(how: str, span: str) -> set:
     return number_values(span.rsplit("=", 1)[-1]) if how in ("boxed", "####") else set()
 
 
-OFFERED_BEFORE = re.compile(r"(?<![\w.,])-?\d[\d,]*(?:\.\d+)?(?:/\d+)?%?\s*,?\s+or\s+(?:else\s+|maybe\s+|perhaps\s+)?$",
-                            re.IGNORECASE)
+OFFERED_BEFORE = re.compile(f"(?:{NUMBER.pattern})" + r"\s*,?\s+or\s+(?:else\s+|maybe\s+|perhaps\s+)?$", re.IGNORECASE)
 
 
 def alternatives_ending(text: str) -> str:

@@ -9,8 +9,8 @@ Steps, in order:
    (dropped.jsonl): tokenized, that text would be the control token itself, an end of turn in the middle of an
    answer, and a hostile row or teacher reply could write whole turns of its own;
 3. count tokens with the model's tokenizer and report what `max_length` would truncate, never cutting silently;
-4. write train.jsonl, eval.jsonl, dropped.jsonl, chat_template.jinja (stored later in the adapter and the GGUF), template.json,
-   stats.json, report.md and lengths.png.
+4. write train.jsonl, eval.jsonl, dropped.jsonl, chat_template.jinja (stored later in the adapter and the GGUF),
+   template.json, stats.json, report.md and lengths.png.
 """
 
 from __future__ import annotations
