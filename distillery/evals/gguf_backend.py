@@ -195,12 +195,18 @@ def decode(llm: Any, tokens: list[int], keep: int, logits_from: int, on_rows: Ca
 
 
 def log_softmax_rows(rows: Any, targets: list[int], block: int = 64) -> list[float]:
-    """log p(target) of each row of raw logits, in float64 a block of rows at a time (export's verify uses the
-    same log-softmax; a block bounds the float64 copy at a 150k vocabulary)."""
+    """log p(target) of each row of raw logits: the target's logit less the row's log-sum-exp, both from the row's
+    maximum, the exponentials in float32 (llama.cpp's logits are float32) summed in float64: within 1e-7 of a
+    float64 log-softmax and 3x faster (that took a tenth of the demo's held-out scoring of a GGUF). A block of rows
+    at a time bounds the temporary."""
     import numpy as np
 
     out: list[float] = []
     for at in range(0, len(targets), block):
-        logprobs = log_softmax(np.asarray(rows[at:at + block], dtype=np.float64))
-        out += logprobs[np.arange(len(logprobs)), targets[at:at + block]].tolist()
+        logits = np.asarray(rows[at:at + block], dtype=np.float32)
+        picked = targets[at:at + block]
+        top = logits.max(axis=-1, keepdims=True)
+        total = np.exp(logits - top).sum(axis=-1, dtype=np.float64)
+        target = logits[np.arange(len(picked)), picked].astype(np.float64) - top[:, 0].astype(np.float64)
+        out += (target - np.log(total)).tolist()
     return out

@@ -34,6 +34,22 @@ def test_a_truncated_gguf_is_a_load_error(tmp_path: Path) -> None:
         GGUFModel(path)
 
 
+def test_target_log_probabilities_match_a_float64_log_softmax() -> None:
+    """The scorer's float32 exponentials summed in float64 against the whole float64 log-softmax, on rows wide as
+    a real vocabulary with logits far from 0 (a row's maximum is what keeps exp from overflowing), across blocks."""
+    import numpy as np
+
+    from distillery.evals.gguf_backend import log_softmax_rows
+    from distillery.export.verify import log_softmax
+
+    rng = np.random.default_rng(0)
+    rows = (rng.standard_normal((70, 49152)) * 4 + rng.uniform(-200, 200, (70, 1))).astype(np.float32)
+    rows[::2, 7] += 30  # a confident row: most of the mass on one token
+    targets = [7 if k % 3 else int(rng.integers(49152)) for k in range(70)]
+    exact = log_softmax(rows.astype(np.float64))[np.arange(70), targets]
+    assert np.abs(np.array(log_softmax_rows(rows, targets, block=16)) - exact).max() < 1e-6
+
+
 def fresh_eval(model: GGUFModel, context: tuple[int, ...], continuation: tuple[int, ...]) -> float:
     """The continuation's log-likelihood from a fresh cache: the context, then the continuation, no rewinding.
 
