@@ -1,26 +1,18 @@
 """Generative MathQA (R1 style): the model reasons inside <think>...</think>, then names an option letter.
 
 The prompt is the one the training data uses (sources.hf.mathqa_record: the problem, then the options
-as "a) ..." lines), rendered through the run's chat template; the answer is the letter found after the
-reasoning. A reply whose reasoning never closes, or that names no letter, counts as "no answer".
+as "a) ..." lines), rendered through the run's chat template; the answer is the option the reply states after
+its reasoning, by the rule distill's math_mc verifier reads a teacher's answer with. A reply whose reasoning never
+closes, or that names no option, counts as "no answer".
 """
 
 from __future__ import annotations
 
-import re
-
+from distillery.reasoning.verifiers import extract_option
 from distillery.sources.hf import LETTERS
 from distillery.evals.mathqa import Item
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-# Most explicit first: "answer is (c)", "Answer: c", "\boxed{c}", then a lone "(c)" / "c)", then a bare letter.
-ANSWER_PATTERNS = (
-    re.compile(r"answer\s*(?:is|:)\s*(?:option\s*)?\(?\s*([a-e])\s*\)?(?![a-z0-9])", re.IGNORECASE),
-    re.compile(r"\\boxed\{\s*\(?([a-e])\)?\s*\}", re.IGNORECASE),
-    re.compile(r"(?<![a-z0-9])\(([a-e])\)", re.IGNORECASE),
-    re.compile(r"(?<![a-z0-9(])([a-e])\)", re.IGNORECASE),
-    re.compile(r"^\s*\(?([a-e])\)?[\s.:]*$", re.IGNORECASE),
-)
 
 
 def user_prompt(item: Item) -> str:
@@ -38,13 +30,11 @@ def answer_region(text: str) -> str | None:
     return text
 
 
-def extract_letter(text: str) -> str | None:
-    """The option letter the reply settles on (the last explicit one), or None."""
+def extract_letter(text: str, choices: list[str] | tuple[str, ...]) -> str | None:
+    """The option letter the reply settles on after its reasoning, read as distill's math_mc verifier reads a
+    teacher's answer (verifiers.extract_option: the option stated last), or None."""
     region = answer_region(text)
     if region is None or not region.strip():
         return None
-    for pattern in ANSWER_PATTERNS:
-        matches = pattern.findall(region)
-        if matches:
-            return matches[-1].lower()
-    return None
+    index = extract_option(region, list(choices))
+    return LETTERS[index] if index is not None else None

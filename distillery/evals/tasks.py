@@ -4,7 +4,7 @@
 | --- | --- | --- |
 | translate_* | sacrebleu, corpus level | chrF++ (character n-grams plus word bigrams: tokenisation-free, fair to Korean) and BLEU (tokeniser 13a for English targets, char for Korean ones) |
 | math: at least half the references end in `#### <answer>` or hold `\\boxed{}`, or a task named math/gsm | math-verify (reasoning/answers.py) | accuracy |
-| math_mc (MathQA options) | the option letter after any reasoning | accuracy |
+| math_mc (MathQA options) | the option stated after any reasoning, as distill's math_mc verifier reads it | accuracy |
 | code_io_output, code_io_input | CodeI/O's own verifiers; input prediction runs the reference code in the sandbox | accuracy |
 | anything else | exact match after whitespace normalisation, and chrF++ | exact_match, chrf (named in the results) |
 
@@ -53,7 +53,7 @@ def check_item(kind: str, record: dict[str, Any], reference: str, reply: str, li
     if kind == "option":
         from distillery.evals.generative import extract_letter
 
-        letter = extract_letter(reply)
+        letter = extract_letter(reply, record.get("choices") or [])
         return {"correct": letter is not None and "abcde".index(letter) == record.get("label"), "how": "letter",
                 "answer": letter}
     if kind == "codeio":

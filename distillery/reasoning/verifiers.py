@@ -86,22 +86,26 @@ MC_STATED = re.compile("|".join((
     r"answer\s*(?:is|:)\s*(?:option\s*([a-e])|(?-i:(a))(?!\s+[a-z0-9])|(?-i:([A-E]))|(?-i:([b-e])))(?!\w|\.\w)",
 )), flags=re.IGNORECASE)
 MC_LONE = re.compile(r"\(([a-e])\)", flags=re.IGNORECASE)  # a lone "(c)", when no option is stated as the answer
+MC_ALONE = re.compile(r"\s*\(?([a-e])\)?[.:]?\s*", flags=re.IGNORECASE)  # a last line that is only a letter: "c", "(C)."
 
 
 def extract_option(text: str, choices: list[str]) -> int | None:
-    """Index of the option the text chose: the last one it states as the answer, else the last lone "(c)", else
-    the one choice quoted (alone) on its last line."""
+    """Index of the option the text chose: the last one it states as the answer, else the last lone "(c)", else a
+    last line that is only a letter, else the one choice quoted (alone) on its last line. Distill's math_mc
+    verifier and evaluate's option letters (held-out math_mc, generative MathQA) read answers by this one rule."""
     tail = final_part(text)
     for pattern in (MC_STATED, MC_LONE):
         found = [next(letter for letter in match.groups() if letter) for match in pattern.finditer(tail)]
         if found:
             return LETTERS.index(found[-1].lower())
     lines = [line for line in tail.strip().splitlines() if line.strip()]
-    if lines:
-        quoted = [i for i, choice in enumerate(choices) if choice and choice in lines[-1]]
-        if len(quoted) == 1:
-            return quoted[0]
-    return None
+    if not lines:
+        return None
+    alone = MC_ALONE.fullmatch(lines[-1])
+    if alone:
+        return LETTERS.index(alone[1].lower())
+    quoted = [i for i, choice in enumerate(choices) if choice and choice in lines[-1]]
+    return quoted[0] if len(quoted) == 1 else None
 
 
 @never_raises

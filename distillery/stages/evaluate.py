@@ -184,7 +184,7 @@ def score_generative(model: Any, items: list[mathqa.Item], prompts: list[str], e
     replies = model.generate(prompts, ev.max_new_tokens, ev.batch_size, progress)
     rows = []
     for item, reply in zip(items, replies):
-        letter = generative.extract_letter(reply)
+        letter = generative.extract_letter(reply, item.choices)
         pred = "abcde".index(letter) if letter else None
         rows.append({"id": item.id, "label": item.label, "pred": pred, "acc": int(pred == item.label),
                      "no_answer": int(pred is None), "reply": reply})

@@ -14,6 +14,7 @@ import pytest
 
 from distillery.core.records import read_jsonl
 from distillery.evals.generative import extract_letter
+from distillery.evals.mathqa import LoadReport, load_items
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("ingest", "distill", "format", "finetune", "export", "evaluate")
@@ -197,10 +198,13 @@ def test_the_r1_generative_evaluation_reports_its_no_answer_rate(tiny_run) -> No
     assert results["mode"] == "generative" and {"base", "tiny-qwen2-r1-Q4_K_M"} <= set(results["artifacts"])
     per_item = list(read_jsonl(run / "evaluate" / "per_item.jsonl"))
     assert len(per_item) == 4 * len(results["artifacts"])
+    choices = {item.id: item.choices for item in load_items(str(ROOT / "configs/samples/mathqa/test.jsonl"), "test", 4,
+                                                                 LoadReport())}
     for name, scored in results["artifacts"].items():
         # The reported rate is the share of this artifact's replies in which no option letter can be found.
-        replies = [r["reply"] for r in per_item if r["artifact"] == name]
-        unanswered = sum(extract_letter(reply) is None for reply in replies)
+        rows = [r for r in per_item if r["artifact"] == name]
+        replies = [r["reply"] for r in rows]
+        unanswered = sum(extract_letter(r["reply"], choices[r["id"]]) is None for r in rows)
         assert scored["n"] == len(replies) == 4 and scored["no_answer"] == unanswered / 4, (name, replies)
 
 

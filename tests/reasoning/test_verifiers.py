@@ -58,6 +58,9 @@ def test_extract_option(text: str, index: int | None) -> None:
     ("Answer: A is correct.", 0),
     ("The answer is option a which is 12", 0),
     ("(c) fits. The answer is a 30% gain", 2),  # the article again: the lone (c) decides
+    ("6 * 3 = 18\n\nc", 2),  # a last line that is only an option
+    ("6 * 3 = 18\n(C).", 2),
+    ("6 * 3 = 18\nc) 18", 2),  # the option's text, quoted alone
 ])
 def test_extract_option_takes_the_option_stated_last(text: str, index: int) -> None:
     assert extract_option(text, CHOICES) == index
