@@ -140,8 +140,8 @@ class TeacherConfig(Section):
     context_length: int = Field(4096, ge=256, description="gguf: llama.cpp context window (n_ctx).")
     timeout_s: float = Field(120.0, gt=0, description="openai: seconds one request may take in all (connecting, waiting, "
                                                       "reading the whole reply); then it is abandoned and retried.")
-    max_retry_wait_s: float = Field(60.0, ge=0, description="openai: longest wait before a retry that a 429/5xx's "
-                                                             "Retry-After header gets; a longer one is cut to this (and logged).")
+    max_retry_wait_s: float = Field(60.0, ge=0, description="openai: longest wait before a retry that a retried "
+                                                             "status's Retry-After header gets; a longer one is cut to this (and logged).")
 
     @model_validator(mode="after")
     def _needs_location(self) -> "TeacherConfig":
@@ -151,10 +151,10 @@ class TeacherConfig(Section):
 
 
 class SandboxConfig(Section):
-    timeout_s: float = Field(5.0, gt=0, description="Wall-clock limit of one run of untrusted code; its process group is killed after.")
-    memory_mb: int = Field(1024, ge=64, description="Address-space limit (RLIMIT_AS).")
-    file_size_mb: int = Field(8, ge=1, description="Largest file the code may write (RLIMIT_FSIZE).")
-    max_processes: int = Field(16, ge=1, description="Processes the code may have at once (RLIMIT_NPROC under its own uid).")
+    timeout_s: float = Field(5.0, gt=0, description="Wall-clock limit of one run of untrusted code (CPU seconds too); then everything it started is killed.")
+    memory_mb: int = Field(1024, ge=64, description="Memory of every process of one run together (a cgroup, else a watchdog), and of each alone (RLIMIT_AS).")
+    file_size_mb: int = Field(8, ge=1, description="Everything one run writes, together (the size of its tmpfs working directory; RLIMIT_FSIZE too).")
+    max_processes: int = Field(16, ge=1, description="Processes (threads) one run may have at once (a cgroup's pids.max, else RLIMIT_NPROC).")
     max_output_kb: int = Field(256, ge=1, description="stdout + stderr kept before the run is stopped.")
     isolation: Literal["required", "best-effort"] = Field(
         "required", description="required: run dataset code only behind mount and network namespaces and a new root "
@@ -176,7 +176,7 @@ class DistillConfig(Section):
     temperature: float = Field(0.7, ge=0, description="Sampling temperature of the teacher.")
     max_tokens: int = Field(512, ge=1, description="Most tokens the teacher writes per turn.")
     concurrency: int = Field(4, ge=1, description="Prompts in flight at once for the openai teacher (local teachers run one at a time).")
-    retries: int = Field(3, ge=0, description="openai: retries of a failed request (connection errors, 429, 5xx), after the server's Retry-After or a backoff.")
+    retries: int = Field(3, ge=0, description="openai: retries of a failed request (connection errors, timeouts, HTTP 408, 409, 429, 500, 502, 503, 504), after the server's Retry-After or a backoff.")
     revise: bool = Field(True, description="CodeI/O++: after a failed first turn, show the teacher the verifier's feedback and ask once more.")
     keep: Literal["verified", "all"] = Field("verified", description="verified: rejection sampling (only checked traces); all: every trace, marked in meta.")
     system_prompt: str = Field(
