@@ -12,8 +12,6 @@ from distillery.reasoning.verifiers import extract_option
 from distillery.sources.hf import LETTERS
 from distillery.evals.mathqa import Item
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-
 
 def user_prompt(item: Item) -> str:
     """The problem and its lettered options, worded like the training records."""
@@ -21,20 +19,9 @@ def user_prompt(item: Item) -> str:
     return f"{item.problem}\n\nOptions:\n{listed}"
 
 
-def answer_region(text: str) -> str | None:
-    """What follows the reasoning; None when a reasoning block was opened and never closed."""
-    if THINK_CLOSE in text:
-        return text.rsplit(THINK_CLOSE, 1)[1]
-    if THINK_OPEN in text:
-        return None
-    return text
-
-
 def extract_letter(text: str, choices: list[str] | tuple[str, ...]) -> str | None:
     """The option letter the reply settles on after its reasoning, read as distill's math_mc verifier reads a
-    teacher's answer (verifiers.extract_option: the option stated last), or None."""
-    region = answer_region(text)
-    if region is None or not region.strip():
-        return None
-    index = extract_option(region, list(choices))
+    teacher's answer (verifiers.extract_option: the option stated last), or None (also for reasoning that never
+    closes)."""
+    index = extract_option(text, list(choices))
     return LETTERS[index] if index is not None else None

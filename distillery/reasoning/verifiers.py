@@ -71,8 +71,12 @@ def never_raises(verify: Callable[[dict, str, Limits], Verdict]) -> Callable[[di
 
 
 def final_part(text: str) -> str:
-    """The answer after the reasoning: the text after the last </think>, or all of it."""
-    return text.rsplit("</think>", 1)[-1] if "</think>" in text else text
+    """The answer after the reasoning: the text after the last </think>, all of it when there is no reasoning
+    block, nothing when one was opened and never closed (a reply cut off mid-thought: what it said while thinking
+    is no answer, as answers.answer_region has it for math)."""
+    if "</think>" in text:
+        return text.rsplit("</think>", 1)[-1]
+    return "" if "<think>" in text else text
 
 
 # ---- math_mc ---------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ def codeio_record(task: str = "code_io_output", io_input=None, io_output=None, r
     ("I pick (a) over (b), final: (b)", 1),
     ("Therefore the result is 18", 2),
     ("I do not know", None),
+    ("<think>6 * 3 = 18, so the answer is (c)... let me check that again", None),  # cut off mid-thought
 ])
 def test_extract_option(text: str, index: int | None) -> None:
     assert extract_option(text, CHOICES) == index
@@ -132,6 +133,9 @@ def test_codeio_output_prediction() -> None:
     assert not bad.ok and "Mismatch" in bad.feedback and '{"a": 3, "b": 4}' in bad.feedback
     assert "No final answer" in verify_codeio_output(record, "it is seven", LIMITS).feedback
     assert "No final answer" in verify_codeio_output(record, '{"result": 7}', LIMITS).feedback
+    # a reply cut off while thinking: the JSON it wrote there is no final answer
+    assert "No final answer" in verify_codeio_output(record, '<think>maybe {"output": {"total": 7, "ratio": 0.75}}',
+                                                     LIMITS).feedback
     returns_none = codeio_record()
     returns_none["meta"]["io_output"] = None
     assert verify_codeio_output(returns_none, '{"output": null}', LIMITS).ok
