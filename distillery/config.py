@@ -257,7 +257,8 @@ class HeldoutConfig(Section):
     top_p: float = Field(0.95, gt=0, le=1, description="When samples > 1, each token is drawn from the fewest most "
                          "likely tokens whose probability reaches this (1: all); the same rule for every artifact.")
     max_quant_loss_increase: float = Field(0.1, ge=0, description="A GGUF fails when its held-out loss on a task "
-                                           "exceeds the merged model's (or the adapter's) by more than this share.")
+                                           "exceeds the merged model's (or the adapter's) by more than this share "
+                                           "and by more than 0.01 nats a token.")
     max_quant_drop: float = Field(0.05, ge=0, description="A GGUF fails when a task's main metric (0-1; chrF/100) "
                                   "falls below the merged model's (or the adapter's) by more than this.")
 

@@ -128,7 +128,7 @@ def score_artifact(model: Any, items: list[HeldoutItem], generate: list[HeldoutI
         asked = [items[k] for k in members if items[k].id in answered]
         if not asked:
             continue
-        kind = tasks.kind_of(task, [item.reference for item in asked])
+        kind = tasks.kind_of(task, [item.record for item in asked], [item.reference for item in asked])
         verdicts = [[tasks.check_item(kind, item.record, item.reference, reply, limits) for reply in answered[item.id]]
                     for item in asked]
         scores[task].update({"generated": len(asked), **tasks.sample_metrics(
@@ -142,15 +142,20 @@ def score_artifact(model: Any, items: list[HeldoutItem], generate: list[HeldoutI
     return scores, rows
 
 
+LOSS_FLOOR = 0.01  # nats a token: a GGUF this close to the reference passes whatever the ratio
+
+
 def quant_checks(results: dict[str, dict[str, Any]], kinds: dict[str, str], max_loss_increase: float,
                  max_drop: float) -> str | None:
-    """Each GGUF's tasks against the merged model's (the adapter's when the merged model was not scored): a loss
-    more than `max_loss_increase` higher (relative) or a main metric more than `max_drop` lower fails. Writes
-    `vs_reference` into each GGUF task; returns the reference artifact's name (None: nothing to compare)."""
+    """Each GGUF's tasks against the merged model's (the adapter's when the merged model was not scored or its loss
+    is not finite: a broken reference would fail every GGUF): a loss more than `max_loss_increase` higher
+    (relative) and more than LOSS_FLOOR higher (a task trained to a loss near 0 makes any ratio large), or a main
+    metric more than `max_drop` lower, fails. Writes `vs_reference` into each GGUF task; returns the reference
+    artifact's name (None: nothing to compare)."""
     from distillery.evals.tasks import main_metric
 
     reference = next((name for kind in ("merged", "adapter") for name, k in kinds.items() if k == kind
-                      and name in results), None)
+                      and name in results and all(finite(s.get("loss")) for s in results[name].values())), None)
     if reference is None:
         return None
     for name, scored in results.items():
@@ -162,13 +167,17 @@ def quant_checks(results: dict[str, dict[str, Any]], kinds: dict[str, str], max_
                 continue
             increase = relative_increase(mine["loss"], theirs["loss"])
             check = {"reference": reference, "loss_increase": round(increase, 4)}
-            passed = increase <= max_loss_increase
+            passed = increase <= max_loss_increase or mine["loss"] - theirs["loss"] <= LOSS_FLOOR
             ours, ref = main_metric(mine), main_metric(theirs)
             if ours is not None and ref is not None:
                 check["metric_drop"] = round(ref - ours, 4)
                 passed = passed and ref - ours <= max_drop
             mine["vs_reference"] = {**check, "passed": passed}
     return reference
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def relative_increase(loss: float, reference: float) -> float:

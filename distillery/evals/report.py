@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from distillery.core.plots import figure
-
+import math
 from pathlib import Path
 from typing import Any
 
 from distillery.core.console import markdown_table
+from distillery.core.plots import figure
 
 METRICS = {"loglikelihood": ("acc", "acc_norm"), "generative": ("acc", "no_answer")}
 
@@ -76,8 +76,9 @@ def save_chart(results: dict[str, Any], rows: list[dict[str, Any]], path: Path) 
 
 
 def score_text(value: float | None, spec: str) -> str:
-    """A score as `spec` formats it; "n/a" for None, a loss past what a float holds as heldout.json stores it."""
-    return "n/a" if value is None else format(value, spec)
+    """A score as `spec` formats it; "n/a" for None (a loss past what a float holds, as heldout.json stores it) and
+    NaN, "inf" for infinity."""
+    return "n/a" if value is None or value != value else format(value, spec)
 
 
 def heldout_cell(scores: dict[str, Any] | None) -> str:
@@ -126,10 +127,14 @@ def save_heldout_chart(heldout: dict[str, dict[str, Any]], path: Path) -> None:
     artifacts = list(heldout)
     tasks = sorted({t for scored in heldout.values() for t in scored if t != "overall"})
     width = 0.8 / max(1, len(artifacts))
+    losses = {name: [heldout[name].get(t, {}).get("loss", 0.0) for t in tasks] for name in artifacts}
+    ceiling = 1.15 * max((v for row in losses.values() for v in row if v is not None and math.isfinite(v)), default=1.0)
     with figure(path, (max(7.0, 1.3 * len(tasks) + 3), 7.0), nrows=2) as (fig, (top, bottom)):
         for k, name in enumerate(artifacts):
             xs = [i + (k - (len(artifacts) - 1) / 2) * width for i in range(len(tasks))]
-            top.bar(xs, [heldout[name].get(t, {}).get("loss", 0.0) for t in tasks], width, label=name)
+            bars = top.bar(xs, [v if v is not None and math.isfinite(v) else ceiling for v in losses[name]], width,
+                           label=name)
+            mark_broken_losses(top, bars, losses[name])
             bottom.bar(xs, [main_metric(heldout[name].get(t, {})) or 0.0 for t in tasks], width, label=name)
         for ax, title in ((top, "held-out loss per completion token (lower is better)"),
                           (bottom, "main metric: chrF/100, accuracy (higher is better)")):
@@ -137,3 +142,14 @@ def save_heldout_chart(heldout: dict[str, dict[str, Any]], path: Path) -> None:
             ax.set_title(title)
         bottom.set_ylim(0, 1)
         top.legend(fontsize=8)
+
+
+def mark_broken_losses(ax: Any, bars: Any, losses: list[float | None]) -> None:
+    """A loss past what a float holds (inf, or None as heldout.json stores it) or NaN: its bar drawn to the top of
+    the axis, hatched and labelled, so that a broken GGUF does not look like one with no loss."""
+    for bar, loss in zip(bars, losses):
+        if loss is None or not math.isfinite(loss):
+            bar.set_hatch("//")
+            bar.set_alpha(0.5)
+            ax.annotate(score_text(loss, ".3f"), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7)

@@ -2,11 +2,11 @@
 
 | task | checker | metrics |
 | --- | --- | --- |
-| translate_* | sacrebleu, corpus level | chrF++ (character n-grams plus word bigrams: tokenisation-free, fair to Korean) and BLEU (tokeniser 13a for English targets, char for Korean ones) |
-| math: at least half the references end in `#### <answer>` or hold `\\boxed{}`, or a task named math/gsm | math-verify (reasoning/answers.py) | accuracy |
-| math_mc (MathQA options) | the option stated after any reasoning, as distill's math_mc verifier reads it | accuracy |
-| code_io_output, code_io_input | CodeI/O's own verifiers; input prediction runs the reference code in the sandbox | accuracy |
-| anything else | exact match after whitespace normalisation, and chrF++ | exact_match, chrf (named in the results) |
+| translate_* | sacrebleu, corpus level | chrF++ (character n-grams plus word bigrams: tokenisation-free, fair to Korean) and BLEU (tokeniser by the target language, the task name's last part: char for ko, ja and th, zh for zh, 13a otherwise) |
+| math: at least half the references end in `#### <answer>` or hold `\\boxed{}`, or a task named math/gsm (a word of its name: `gsm8k`, `math_word`), and at least half the references have an answer math-verify can read | math-verify (reasoning/answers.py) | accuracy |
+| math_mc (MathQA options) with choices and a label | the option stated after any reasoning, as distill's math_mc verifier reads it | accuracy |
+| code_io_output, code_io_input whose records carry CodeI/O's meta | CodeI/O's own verifiers; input prediction runs the reference code in the sandbox | accuracy |
+| anything else (CodeI/O++'s `code_io` included) | exact match after whitespace and case normalisation, and chrF++ | exact_match, chrf (named in the results) |
 
 Each task has one main metric on a 0-1 scale (`main_metric`), which the quant bound compares.
 """
@@ -21,21 +21,45 @@ from distillery.reasoning.verifiers import final_part
 TRANSLATION_PREFIX = "translate_"
 
 
-def kind_of(task: str, references: list[str]) -> str:
-    """translation | math | option | codeio | text. A task of another name is math when at least half its references
-    end in a GSM-style `#### <answer>` (not a markdown heading) or hold a `\\boxed{}` answer."""
-    from distillery.reasoning.answers import GSM_FINAL
+MATH_NAME = re.compile(r"(?:^|[_.-])(?:math|gsm)(?:\d+k?)?(?:$|[_.-])", re.IGNORECASE)  # gsm8k, math_word; not aftermath
+CODEIO_VERIFIERS = {"code_io_output": "codeio_output", "code_io_input": "codeio_input"}
+
+
+def kind_of(task: str, records: list[dict[str, Any]], references: list[str]) -> str:
+    """translation | math | option | codeio | text, from the task's name and its records. A checker is chosen only
+    where every record carries what it reads (math_mc's choices and label, CodeI/O's meta); text otherwise. A task
+    is math when at least half its references end in a GSM-style `#### <answer>` line (not a markdown heading) or
+    hold a `\\boxed{}` answer, or a word of its name is math/gsm, and at least half have an answer to compare."""
+    from distillery.reasoning.answers import answer_region, candidates
+    from distillery.reasoning.verifiers import why_uncheckable
 
     if task.startswith(TRANSLATION_PREFIX):
         return "translation"
     if task == "math_mc":
-        return "option"
-    if task.startswith("code_io"):
-        return "codeio"
-    marked = sum(bool(GSM_FINAL.search(r)) or "\\boxed{" in r for r in references)
-    if 2 * marked >= len(references) or re.search(r"math|gsm", task):
+        return "option" if all(why_uncheckable("math_mc", record) is None for record in records) else "text"
+    if task in CODEIO_VERIFIERS:
+        checkable = all(why_uncheckable(CODEIO_VERIFIERS[task], record) is None for record in records)
+        return "codeio" if checkable else "text"
+    marked = sum(gsm_final(r) or "\\boxed{" in r for r in references)
+    answerable = sum(bool(candidates(answer_region(r))) for r in references)
+    if (2 * marked >= len(references) or MATH_NAME.search(task)) and 2 * answerable >= len(references):
         return "math"
     return "text"
+
+
+def gsm_final(reference: str) -> bool:
+    """Whether the reference's last line is a GSM-style `#### <answer>` (a `####` heading above text is not)."""
+    from distillery.reasoning.answers import GSM_FINAL
+
+    lines = reference.strip().splitlines()
+    return bool(lines) and GSM_FINAL.fullmatch(lines[-1].strip()) is not None
+
+
+def bleu_tokenizer(task: str) -> str:
+    """sacrebleu's tokeniser for the task's target language (`translate_en_ko` -> ko): 13a splits on spaces and
+    punctuation, which Korean, Japanese and Thai words and Chinese text do not delimit."""
+    target = task.rsplit("_", 1)[-1].lower()
+    return {"ko": "char", "ja": "char", "th": "char", "zh": "zh"}.get(target, "13a")
 
 
 def normalized(text: str) -> str:
@@ -75,7 +99,7 @@ def corpus_metrics(kind: str, task: str, references: list[str], replies: list[st
 
     answers = [final_part(r).strip() for r in replies]
     if kind == "translation":
-        tokenizer = "char" if task.endswith("_ko") else "13a"
+        tokenizer = bleu_tokenizer(task)
         chrf = sacrebleu.corpus_chrf(answers, [references], word_order=2).score
         bleu = sacrebleu.corpus_bleu(answers, [references], tokenize=tokenizer).score
         return {"chrf": round(chrf, 3), "bleu": round(bleu, 3), "bleu_tokenizer": tokenizer, "metric": "chrf"}

@@ -38,14 +38,44 @@ def test_the_reference_answer_drops_the_eos_the_tail_and_the_reasoning() -> None
     assert heldout.reference_answer("Hello.<｜end▁of▁sentence｜>", "<｜end▁of▁sentence｜>") == "Hello."
 
 
+def kind(task: str, references: list[str], records: list[dict] | None = None) -> str:
+    return tasks.kind_of(task, records or [{} for _ in references], references)
+
+
 def test_each_task_gets_its_checker() -> None:
-    assert tasks.kind_of("translate_en_ko", ["안녕"]) == "translation"
-    assert tasks.kind_of("qa", ["so 42.\n#### 42"]) == "math" and tasks.kind_of("qa", ["Red."]) == "text"
-    assert tasks.kind_of("math_mc", [""]) == "option" and tasks.kind_of("code_io_input", [""]) == "codeio"
+    mc = {"choices": ["1", "2", "3", "4", "5"], "label": 2}
+    codeio = {"task": "code_io_input", "meta": {"refcode": "def f(a): return a", "funcname": "f", "io_input": {"a": 1},
+                                                "io_output": 1}}
+    assert kind("translate_en_ko", ["안녕"]) == "translation"
+    assert kind("qa", ["so 42.\n#### 42"]) == "math" and kind("qa", ["Red."]) == "text"
+    assert kind("math_mc", [""], [mc]) == "option" and kind("code_io_input", [""], [codeio]) == "codeio"
     # a markdown heading is not a GSM answer, and one record does not decide for the task
-    assert tasks.kind_of("qa", ["#### Step 1\nMix the flour.", "Red."]) == "text"
-    assert tasks.kind_of("qa", ["so 4.\n#### 4", "Red.", "Blue."]) == "text"
-    assert tasks.kind_of("qa", ["so 4.\n#### 4", "so $\\boxed{5}$", "Blue."]) == "math"
+    assert kind("qa", ["#### Step 1\nMix the flour.", "Red."]) == "text"
+    assert kind("docs", ["#### 1. Install\nRun it.", "#### 2. Usage\nCall it.", "No heading."]) == "text"
+    assert kind("qa", ["so 4.\n#### 4", "Red.", "Blue."]) == "text"
+    assert kind("qa", ["so 4.\n#### 4", "so $\\boxed{5}$", "Blue."]) == "math"
+
+
+def test_a_checker_is_chosen_only_where_the_name_and_the_records_call_for_it() -> None:
+    """A word of the name, not a substring, makes a math task, and only with answers to compare; records without
+    what a checker reads (CodeI/O++'s `code_io`, a math_mc task of plain pairs) get exact match and chrF++, which
+    a reply equal to its reference passes."""
+    assert kind("GSM8K", ["so 4.\n#### 4"]) == "math" and kind("Math_word", ["It is 12."]) == "math"
+    for name in ("summarize_aftermath", "polymath_bio", "mathematics_essay"):
+        assert kind(name, ["A plain prose answer."]) == "text", name
+    assert kind("math_proofs", ["By induction on n the claim holds."]) == "text"  # no answer to compare
+    assert kind("code_io", ["x"], [{"task": "code_io", "meta": {"where": "a.jsonl:3"}}]) == "text"
+    assert kind("code_io_output", ["x"], [{"task": "code_io_output", "meta": {}}]) == "text"
+    assert kind("math_mc", ["(c)"], [{"task": "math_mc"}]) == "text"
+    same = tasks.check_item("text", {}, "Green tea, please.", "Green tea, please.", None)
+    assert same["correct"] is True
+
+
+def test_bleu_tokenizes_by_the_target_language() -> None:
+    """13a splits on spaces: a perfect Japanese or Chinese translation would score BLEU 0 with it."""
+    for task, sentence in (("translate_en_ja", "私はりんごが好きです。"), ("translate_en_zh", "我喜欢苹果。")):
+        scores = tasks.corpus_metrics("translation", task, [sentence], [sentence], [{}])
+        assert scores["bleu"] == 100.0 and scores["bleu_tokenizer"] != "13a", task
     option = tasks.check_item("option", {"label": 2}, "", "<think>hmm</think> The answer is (c)", None)
     assert option["correct"] and option["answer"] == "c"
     text = tasks.check_item("text", {}, "Red.", "  red. ", None)
@@ -174,6 +204,43 @@ def test_a_reference_loss_of_zero_does_not_let_every_quant_pass() -> None:
     heldout.quant_checks(results, {"merged": "merged", "m-Q8_0": "gguf", "m-Q2_K": "gguf"}, 0.1, 0.05)
     assert results["m-Q8_0"]["qa"]["vs_reference"]["passed"] is True
     assert results["m-Q2_K"]["qa"]["vs_reference"]["passed"] is False
+
+
+def test_a_task_trained_near_zero_loss_fails_a_quant_only_past_the_absolute_floor() -> None:
+    """1e-4 nats more on a loss of 5e-4 is 20% but nothing a user would see; 0.05 more is."""
+    results = {"merged": {"label": {"loss": 0.0005}}, "m-Q8_0": {"label": {"loss": 0.0006}},
+               "m-Q2_K": {"label": {"loss": 0.0505}}}
+    heldout.quant_checks(results, {"merged": "merged", "m-Q8_0": "gguf", "m-Q2_K": "gguf"}, 0.1, 0.05)
+    assert results["m-Q8_0"]["label"]["vs_reference"]["passed"] is True
+    assert results["m-Q2_K"]["label"]["vs_reference"]["passed"] is False
+
+
+def test_a_broken_merged_model_is_not_the_reference_that_fails_every_quant() -> None:
+    results = {"adapter": {"qa": {"loss": 1.0}, "overall": {"loss": 1.0}},
+               "merged": {"qa": {"loss": math.inf}, "overall": {"loss": math.inf}},
+               "m-Q8_0": {"qa": {"loss": 1.02}, "overall": {"loss": 1.02}}}
+    kinds = {"adapter": "adapter", "merged": "merged", "m-Q8_0": "gguf"}
+    assert heldout.quant_checks(results, kinds, 0.1, 0.05) == "adapter"
+    assert results["m-Q8_0"]["qa"]["vs_reference"] == {"reference": "adapter", "loss_increase": 0.02, "passed": True}
+
+
+def test_the_chart_marks_a_broken_loss_instead_of_drawing_no_bar(tmp_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from distillery.evals.report import mark_broken_losses, save_heldout_chart
+
+    fig, ax = plt.subplots()
+    bars = ax.bar([0, 1, 2], [1.2, 1.4, 1.4])
+    mark_broken_losses(ax, bars, [1.2, math.inf, None])
+    assert [bar.get_hatch() for bar in bars] == [None, "//", "//"]
+    assert [text.get_text() for text in ax.texts] == ["inf", "n/a"]
+    plt.close(fig)
+    scored = {"merged": {"qa": {"loss": 1.2}}, "m-Q8_0": {"qa": {"loss": math.nan}}}
+    save_heldout_chart(scored, tmp_path / "heldout.png")
+    assert (tmp_path / "heldout.png").stat().st_size > 0
 
 
 def test_a_loss_heldout_json_stores_as_null_is_shown_not_a_crash() -> None:
