@@ -40,3 +40,9 @@ def vocabulary_mismatch(student: Any, teacher_encode: Callable[[str], list[int]]
 
 def hf_encoder(tokenizer: Any) -> Callable[[str], list[int]]:
     return lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer starts every text with its BOS by itself (SmolLM2's has a BOS token it never adds)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]

@@ -13,7 +13,7 @@ GGUFs are verified and kept either way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,15 @@ def render_parts(parts: TemplateParts, system: str | None, turns: list[dict[str,
     return text
 
 
+def without_leading_bos(parts: TemplateParts, bos_token: str | None) -> TemplateParts:
+    """The pieces without the BOS text a template (R1's, Llama 3's) opens with: Ollama's tokenizer adds the BOS
+    the GGUF asks for, and llama.cpp strips the same text from a rendered prompt for the same reason."""
+    if not bos_token:
+        return parts
+    return replace(parts, start_system=parts.start_system.removeprefix(bos_token),
+                   start_no_system=parts.start_no_system.removeprefix(bos_token))
+
+
 def go_literal(text: str) -> str:
     """Text placed verbatim in a Go template (only `{{` would be read as an action)."""
     return text.replace("{{", '{{ "{{" }}')
@@ -121,7 +130,10 @@ def stop_tokens(parts: TemplateParts, eos_token: str | None) -> list[str]:
 
 def build_modelfile(gguf_name: str, template: str, tokenizer: Any, eos_token: str | None) -> str:
     """Modelfile text: FROM the GGUF beside it, TEMPLATE, PARAMETER stop for each stop string."""
+    from distillery.core.vocab import adds_bos
+
     parts = template_parts(template, tokenizer)
+    parts = without_leading_bos(parts, tokenizer.bos_token) if adds_bos(tokenizer) else parts
     if '"""' in go_template(parts):
         raise UserError('the chat template contains """, which a Modelfile TEMPLATE cannot hold.')
     lines = [f"FROM ./{gguf_name}", "", f'TEMPLATE """{go_template(parts)}"""', ""]

@@ -29,6 +29,7 @@ from distillery.core.errors import UserError
 from distillery.core.plots import figure
 from distillery.core.models import resolve_model_path
 from distillery.core.records import read_jsonl, write_jsonl
+from distillery.core.vocab import adds_bos
 from distillery.training.tokens import split_tokens
 from distillery.stage import Stage, StageContext, StageResult, load_stage
 
@@ -85,18 +86,28 @@ def without_special_token_text(records: list[dict], pattern: re.Pattern[str] | N
 
 
 def load_template(name: str, tokenizer: Any) -> str:
-    """The Jinja chat template for `name`; `chat` is the model's own."""
+    """The Jinja chat template for `name`; `chat` is the model's own. A named template opens with the BOS for a
+    tokenizer that adds one itself (R1-Distill-Qwen, Llama 3, Kanana), as those models' own templates do: the
+    text is tokenized without the tokenizer's additions (training/tokens.py), and the model was pretrained, and
+    runs in llama.cpp (which adds the BOS the GGUF asks for), with a BOS first."""
     if name == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise UserError("format.template: chat needs the model's chat template, and this tokenizer has none. "
                             "Use qa, ko_qa, alpaca or r1.")
         return tokenizer.chat_template
-    return (TEMPLATE_DIR / f"{name}.jinja").read_text(encoding="utf-8")
+    template = (TEMPLATE_DIR / f"{name}.jinja").read_text(encoding="utf-8")
+    return "{{- bos_token -}}\n" + template if adds_bos(tokenizer) else template
+
 
 
 def with_think(content: str) -> str:
-    """R1 training text always opens with a reasoning block; an answer without one gets an empty block."""
-    return content if content.lstrip().startswith(THINK_OPEN) else f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n{content}"
+    """R1 training text always opens with a reasoning block; an answer without one gets an empty block, and
+    reasoning that only closes (as R1 writes it after a generation prompt that opened it) gets its opening tag."""
+    if content.lstrip().startswith(THINK_OPEN):
+        return content
+    if THINK_CLOSE in content and THINK_OPEN not in content:
+        return f"{THINK_OPEN}\n{content}"
+    return f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n{content}"
 
 
 def prepare_messages(record: dict, fmt: FormatConfig) -> list[dict[str, str]]:
@@ -107,6 +118,10 @@ def prepare_messages(record: dict, fmt: FormatConfig) -> list[dict[str, str]]:
                         "message, so there is nothing to train on. Check that source's column mapping.")
     if fmt.system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": fmt.system_prompt})
+    if len(messages) < 2:
+        raise UserError(f"format: record {record['id']} ({record.get('source')}) is an answer with no question before "
+                        "it, so there is no prompt to train it after. Check that source's column mapping, or set "
+                        "format.system_prompt.")
     if fmt.template == "r1":
         messages[-1]["content"] = with_think(messages[-1]["content"])
     return messages

@@ -2,11 +2,15 @@
 length check and evaluate's held-out scoring all use it, so the model is trained and scored on exactly the tokens
 llama.cpp reads at inference.
 
-The chat template already writes any BOS and the other special tokens, so the rendered text is tokenized without
+The chat template already writes any BOS and the other special tokens (format's named templates open with the BOS
+for a tokenizer that adds one itself (core/vocab.adds_bos), as R1's and Llama 3's own templates do), so the rendered text is tokenized without
 the tokenizer adding its own (add_special_tokens=False): tokenizers that add a BOS themselves
 (DeepSeek-R1-Distill-Qwen, Llama 3, Kanana) would otherwise start every example with two, which inference never
-sees. The completion starts where the tokens of the prompt alone and of prompt + completion diverge (TRL's rule:
-a token that merges across the boundary belongs to the completion).
+sees. The prompt's tokens are those of the prompt alone, as inference reads it; the completion's are those of
+prompt + completion after them. Where a token merges across the boundary (the r1 template's `>` and `<think` on a
+tokenizer without R1's special tokens), the completion is tokenized alone instead of training a merged token the
+model never meets after its prompt (TRL gives the merged token to the completion), unless that does not
+reproduce the text (a tokenizer that adds a space before a text), where TRL's rule stays.
 """
 
 from __future__ import annotations
@@ -25,9 +29,15 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 def split_tokens(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], int]:
     """(the tokens of prompt + completion, how many of them are the prompt's)."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    ids = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
-    return list(ids), common_prefix(prompt_ids, ids)
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    ids = list(tokenizer(prompt + completion, add_special_tokens=False)["input_ids"])
+    shared = common_prefix(prompt_ids, ids)
+    if shared == len(prompt_ids):
+        return ids, shared
+    apart = prompt_ids + list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+    if tokenizer.decode(apart) == tokenizer.decode(ids):
+        return apart, len(prompt_ids)
+    return ids, shared
 
 
 def training_example(tokenizer: Any, prompt: str, completion: str, max_length: int) -> dict[str, list[int]]:

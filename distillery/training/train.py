@@ -97,7 +97,8 @@ def generate_samples(model: Any, tokenizer: Any, job: TrainJob) -> list[str]:
     answers = []
     try:
         for prompt in job.sample_prompts:
-            encoded = tokenizer(prompt, return_tensors="pt").to(model.device)
+            # the prompt as the template wrote it, any BOS in its text (training/tokens.py)
+            encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
             with torch.no_grad():
                 output = model.generate(**encoded, max_new_tokens=job.finetune.sample_max_new_tokens,
                                         do_sample=False, use_cache=True, eos_token_id=eos_id,

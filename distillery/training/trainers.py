@@ -101,9 +101,9 @@ class MultipleChoiceCollator:
         self.tokenizer, self.max_length = tokenizer, max_length
 
     def encode(self, prompt: str, option: str) -> tuple[list[int], list[int]]:
-        prompt_ids = self.tokenizer(prompt)["input_ids"]
-        ids = self.tokenizer(prompt + option)["input_ids"]
-        start = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids)))
+        from distillery.training.tokens import split_tokens
+
+        ids, start = split_tokens(self.tokenizer, prompt, option)  # the template wrote any BOS: no second one
         mask = [0] * start + [1] * (len(ids) - start)
         return ids[-self.max_length:], mask[-self.max_length:]
 

@@ -67,17 +67,21 @@ def test_format_keeps_the_reasoning_the_models_own_template_would_strip(tiny_run
 @pytest.mark.integration
 @pytest.mark.slow
 def test_the_loss_mask_starts_right_after_the_assistant_tag(tiny_run, tiny_r1_path: str) -> None:
-    """TRL's tokenization of format's rows, as finetune trains on them: the loss covers <think>, the
-    answer and the end-of-sentence token, and begins at the first token after <｜Assistant｜>."""
+    """Format's rows as finetune hands them to TRL (training/tokens.py's ids and completion mask): one BOS, first
+    (the r1 template writes it for a tokenizer that adds one); the loss covers <think>, the answer and the
+    end-of-sentence token, and begins at the first token after <｜Assistant｜>."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
+    from distillery.training.tokens import training_example
+
     run, _ = tiny_run
     row = next(r for r in read_jsonl(run / "format" / "train.jsonl") if "distill" in r["meta"])
     tokenizer = AutoTokenizer.from_pretrained(tiny_r1_path)
+    example = training_example(tokenizer, row["prompt"], row["completion"], 4096)
     trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_r1_path), processing_class=tokenizer,
-                         train_dataset=Dataset.from_list([{"prompt": row["prompt"], "completion": row["completion"]}]),
+                         train_dataset=Dataset.from_list([example]),
                          args=SFTConfig(output_dir=str(run.parent / "mask"), report_to=[], use_cpu=True,
                                         completion_only_loss=True, max_length=4096))
     example = trainer.train_dataset[0]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from distillery.export import ollama
+from distillery.stages.format import load_template
 from distillery.core.errors import UserError
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "distillery" / "templates"
@@ -92,7 +93,9 @@ def test_r1_modelfile_renders_like_the_r1_tokenizer(name: str, tiny_r1_path: str
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_r1_path)
-    template = (TEMPLATES / "r1.jinja").read_text() if name == "r1" else tokenizer.chat_template
+    template = load_template("r1", tokenizer) if name == "r1" else tokenizer.chat_template  # format's: BOS first
     assert_pieces_render_like_the_template(template, tokenizer)
     modelfile = ollama.build_modelfile("m.gguf", template, tokenizer, tokenizer.eos_token)
     assert 'PARAMETER stop "<｜end▁of▁sentence｜>"\nPARAMETER stop "<｜User｜>"' in modelfile
+    # the template's BOS text is left to Ollama, which adds the BOS the GGUF asks for (no second one)
+    assert tokenizer.bos_token not in modelfile

@@ -48,6 +48,55 @@ def test_named_templates_render_exactly(template: str, prompt: str, tiny_tokeniz
     assert row["completion"] == expected
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("template", ["r1", "qa"])
+def test_a_named_template_starts_with_the_bos_a_tokenizer_adds_itself(template: str, tiny_r1_path: str,
+                                                                      demo_model_path: str) -> None:
+    """R1-Distill-Qwen's tokenizer puts its BOS before every text (the model was pretrained so, llama.cpp adds it
+    at inference); training text is tokenized without the tokenizer's additions, so the template writes it: one
+    BOS, first. SmolLM2's tokenizer adds none, and its examples get none."""
+    from transformers import AutoTokenizer
+
+    from distillery.training.tokens import split_tokens
+
+    for path, bos_expected in ((tiny_r1_path, True), (demo_model_path, False)):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        row = render(record(), FormatConfig(template=template), load_template(template, tokenizer), tokenizer)
+        ids, _ = split_tokens(tokenizer, row["prompt"], row["completion"])
+        assert (ids[0] == tokenizer.bos_token_id) is bos_expected, path
+        assert ids.count(tokenizer.bos_token_id) == (1 if bos_expected else 0), path
+
+
+@pytest.mark.integration
+def test_a_token_merging_across_the_boundary_stays_out_of_the_completion(demo_model_path: str) -> None:
+    """The r1 template on SmolLM2 (no R1 special tokens): the prompt's last `>` and the answer's `<think` merge into
+    one token when tokenized together, a token the model never meets after its prompt at inference. The prompt
+    keeps its own tokens and the completion is tokenized after them."""
+    from transformers import AutoTokenizer
+
+    from distillery.training.tokens import split_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_path)
+    row = render(record(), FormatConfig(template="r1"), load_template("r1", tokenizer), tokenizer)
+    prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+    merged = tokenizer(row["prompt"] + row["completion"], add_special_tokens=False)["input_ids"]
+    assert merged[:len(prompt_ids)] != prompt_ids  # the case: tokenized together, the boundary token merges
+    ids, start = split_tokens(tokenizer, row["prompt"], row["completion"])
+    assert ids[:start] == prompt_ids and tokenizer.decode(ids[start:]) == row["completion"]
+
+
+def test_reasoning_that_only_closes_gets_its_opening_tag(tiny_tokenizer) -> None:
+    row = render(record("2 + 2 so 4\n</think>\n\n4"), FormatConfig(template="r1"), load_template("r1", tiny_tokenizer),
+                 tiny_tokenizer)
+    assert row["completion"] == "<think>\n2 + 2 so 4\n</think>\n\n4</s>"
+
+
+def test_an_answer_with_no_question_is_one_message_naming_the_record(tiny_tokenizer) -> None:
+    lone = make_record("toy", "qa", [{"role": "assistant", "content": "4"}], {"row": 7})
+    with pytest.raises(UserError, match=f"record {lone['id']} .*no question before it"):
+        render(lone, FormatConfig(template="qa"), load_template("qa", tiny_tokenizer), tiny_tokenizer)
+
+
 def test_r1_keeps_the_reasoning_block(tiny_tokenizer) -> None:
     answer = "<think>\n2 + 2 so 4\n</think>\n\n4"
     row = render(record(answer), FormatConfig(template="r1"), load_template("r1", tiny_tokenizer), tiny_tokenizer)
