@@ -181,14 +181,29 @@ def read_local_file(path: Path) -> Iterator[tuple[dict[str, Any], dict[str, Any]
                 raise UserError(f"{path}: item {i} is a JSON {type(row).__name__}, expected an object.")
             yield row, {"file": str(path), "index": i}
         return
+    rows = read_csv(path) if suffix == ".csv" else read_parquet(path)
+    for i, row in enumerate(rows):
+        yield row, {"file": str(path), "row": i + 2 if suffix == ".csv" else i}
+
+
+def read_csv(path: Path) -> list[dict[str, Any]]:
     import pandas as pd
 
     try:
-        frame = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
-    except Exception as err:  # pandas/pyarrow raise many types for a bad file
-        raise UserError(f"{path}: cannot read as {suffix[1:]}: {err}") from None
-    for i, row in enumerate(frame.to_dict(orient="records")):
-        yield row, {"file": str(path), "row": i + 2 if suffix == ".csv" else i}
+        return pd.read_csv(path).to_dict(orient="records")
+    except Exception as err:  # pandas raises many types for a bad file
+        raise UserError(f"{path}: cannot read as csv: {err}") from None
+
+
+def read_parquet(path: Path) -> Iterator[dict[str, Any]]:
+    """Rows as plain Python values: a list column is a list (pandas would give numpy arrays)."""
+    import pyarrow.parquet as pq
+
+    try:
+        for batch in pq.ParquetFile(path).iter_batches():
+            yield from batch.to_pylist()
+    except Exception as err:  # pyarrow raises many types for a bad file
+        raise UserError(f"{path}: cannot read as parquet: {err}") from None
 
 
 def check_hub_reachable(params: HFDatasetParams) -> None:

@@ -95,6 +95,21 @@ def test_csv_and_parquet_files(tmp_path: Path) -> None:
     assert from_csv[1]["meta"]["row"] == 3  # the CSV line, header included
 
 
+def test_parquet_list_columns_are_lists_in_every_conversation_layout(tmp_path: Path) -> None:
+    """pandas reads a Parquet list column as numpy arrays, which the layouts took for no conversation at all."""
+    import pandas as pd
+
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    layouts = {"messages": {"messages": turns},
+               "sharegpt": {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
+               "decomposition": {"question": "Who?", "sub_questions": ["When?", "Where?"]}}
+    for fmt, row in layouts.items():
+        pd.DataFrame([row]).to_parquet(tmp_path / f"{fmt}.parquet")
+        records, report = read(files=str(tmp_path / f"{fmt}.parquet"), format=fmt)
+        assert len(records) == 1 and not report.dropped, fmt
+    assert records[0]["messages"][1]["content"] == "1. When?\n2. Where?"
+
+
 def test_missing_column_lists_what_the_file_has(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "answer": "a"}])
     with pytest.raises(UserError, match=r"x.jsonl: no column INSTRUCTION, RESPONSE .* It has: question, answer"):
