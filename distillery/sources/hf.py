@@ -187,10 +187,12 @@ def read_local_file(path: Path) -> Iterator[tuple[dict[str, Any], dict[str, Any]
 
 
 def read_csv(path: Path) -> list[dict[str, Any]]:
+    """Every cell as its text: `8` stays `8` (not `8.0` in a column with a blank), `090210` keeps its zero, and
+    `None` or `NA` are text; only an empty cell is empty."""
     import pandas as pd
 
     try:
-        return pd.read_csv(path).to_dict(orient="records")
+        return pd.read_csv(path, dtype=str, keep_default_na=False).to_dict(orient="records")
     except Exception as err:  # pandas raises many types for a bad file
         raise UserError(f"{path}: cannot read as csv: {err}") from None
 

@@ -95,6 +95,14 @@ def test_csv_and_parquet_files(tmp_path: Path) -> None:
     assert from_csv[1]["meta"]["row"] == 3  # the CSV line, header included
 
 
+def test_csv_cells_are_read_as_the_text_they_hold(tmp_path: Path) -> None:
+    (tmp_path / "qa.csv").write_text("INSTRUCTION,RESPONSE\nLegs of a spider?,8\nBlank?,\nSay None,None\n"
+                                     "Zip code?,090210\nSay NA,NA\n", encoding="utf-8")
+    records, report = read(files=str(tmp_path / "qa.csv"))
+    assert [r["messages"][1]["content"] for r in records] == ["8", "None", "090210", "NA"]
+    assert dict(report.dropped) == {"empty RESPONSE": 1} and report.dropped_rows[0]["row"] == 3
+
+
 def test_parquet_list_columns_are_lists_in_every_conversation_layout(tmp_path: Path) -> None:
     """pandas reads a Parquet list column as numpy arrays, which the layouts took for no conversation at all."""
     import pandas as pd
