@@ -12,7 +12,6 @@ Layouts (`format`):
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -23,7 +22,8 @@ from pydantic import Field, field_validator
 from distillery.sources.files import resolve_paths
 from distillery.sources.registry import Source, SourceParams, SourceReport
 from distillery.core.errors import UserError
-from distillery.core.records import make_record, read_jsonl
+from distillery.core.records import make_record, read_json_objects
+from distillery.core.userinput import read_utf8
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 # lm-evaluation-harness, lm_eval/tasks/mathqa/utils.py: how an `options` string becomes five choices.
@@ -162,24 +162,8 @@ def check_columns(columns: list[str], params: HFDatasetParams, origin: str) -> N
 def read_local_file(path: Path) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
     """(row, where) pairs of a local file; JSONL errors name the line."""
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as handle:
-            line_of = [n for n, line in enumerate(handle, 1) if line.strip()]
-        for n, row in zip(line_of, read_jsonl(path)):
-            yield row, {"file": str(path), "line": n}
-        return
-    if suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}: not valid JSON (line {err.lineno}: {err.msg}).") from None
-        rows = data.get("data", data.get("train")) if isinstance(data, dict) else data
-        if not isinstance(rows, list):
-            raise UserError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}}).")
-        for i, row in enumerate(rows):
-            if not isinstance(row, dict):
-                raise UserError(f"{path}: item {i} is a JSON {type(row).__name__}, expected an object.")
-            yield row, {"file": str(path), "index": i}
+    if suffix in (".json", ".jsonl"):
+        yield from read_json_objects(path)
         return
     rows = read_csv(path) if suffix == ".csv" else read_parquet(path)
     for i, row in enumerate(rows):
@@ -193,6 +177,9 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
 
     try:
         return pd.read_csv(path, dtype=str, keep_default_na=False).to_dict(orient="records")
+    except UnicodeDecodeError:
+        read_utf8(path)  # raises the error that says where and what to do
+        raise
     except Exception as err:  # pandas raises many types for a bad file
         raise UserError(f"{path}: cannot read as csv: {err}") from None
 

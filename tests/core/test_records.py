@@ -39,6 +39,24 @@ def test_a_broken_line_names_the_file_and_line(tmp_path):
         list(read_jsonl(path))
 
 
+def test_a_file_that_is_not_utf8_names_the_file_the_line_and_the_byte(tmp_path):
+    """Windows saves Korean text as CP949 or UTF-16 ("Unicode"): one message saying so, not a UnicodeDecodeError."""
+    path = tmp_path / "ko.jsonl"
+    path.write_bytes(b'{"a": "ok"}\n' + '{"a": "안녕"}\n'.encode("cp949"))
+    with pytest.raises(UserError, match=r"ko\.jsonl is not UTF-8 text \(line 2, byte 19 cannot be decoded\)\. "
+                                        r"Save it as UTF-8"):
+        list(read_jsonl(path))
+    path.write_text('{"a": "안녕"}\n', encoding="utf-16")
+    with pytest.raises(UserError, match=r"\(line 1, byte 0 cannot be decoded\)\. It looks like UTF-16"):
+        list(read_jsonl(path))
+
+
+def test_a_utf8_byte_order_mark_is_read_past(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2}\n', encoding="utf-8-sig")
+    assert list(read_jsonl(path)) == [{"a": 1}, {"a": 2}]
+
+
 def test_content_key_ignores_key_order_and_tells_contents_apart():
     one = [{"role": "user", "content": "x"}]
     assert content_key(one) == content_key([{"content": "x", "role": "user"}])

@@ -130,6 +130,27 @@ def test_a_jsonl_line_that_is_not_json_names_the_line(tmp_path: Path) -> None:
         read(files=str(path))
 
 
+def test_json_lines_under_a_json_name_are_read_as_json_lines(tmp_path: Path) -> None:
+    """datasets' Dataset.to_json writes JSON Lines, under whatever name it is given."""
+    rows = [{"INSTRUCTION": "q1", "RESPONSE": "a1"}, {"INSTRUCTION": "q2", "RESPONSE": "a2"}]
+    path = write_jsonl(tmp_path / "rows.json", rows)
+    records, _ = read(files=str(path))
+    assert [r["meta"]["line"] for r in records] == [1, 2]
+    path.write_text("".join(json.dumps(r, indent=1) + "\n" for r in rows), encoding="utf-8")
+    with pytest.raises(UserError, match=r"rows.json: not valid JSON \(line 5: Extra data\)\. .*name it \.jsonl"):
+        read(files=str(path))
+
+
+def test_json_and_csv_with_a_byte_order_mark_are_read_and_other_encodings_named(tmp_path: Path) -> None:
+    rows = [{"INSTRUCTION": "안녕하세요를 영어로?", "RESPONSE": "Hello"}]
+    (tmp_path / "bom.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8-sig")
+    assert len(read(files=str(tmp_path / "bom.json"))[0]) == 1
+    for name, text in (("ko.json", json.dumps(rows, ensure_ascii=False)), ("ko.csv", "INSTRUCTION,RESPONSE\n안녕,Hello\n")):
+        (tmp_path / name).write_text(text, encoding="cp949")
+        with pytest.raises(UserError, match=rf"{name} is not UTF-8 text \(byte \d+ cannot be decoded\)\. Save it as UTF-8"):
+            read(files=str(tmp_path / name))
+
+
 def test_dataset_and_files_are_exclusive() -> None:
     with pytest.raises(UserError, match="set exactly one of `dataset:`"):
         read()
