@@ -29,6 +29,7 @@ SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 # lm-evaluation-harness, lm_eval/tasks/mathqa/utils.py: how an `options` string becomes five choices.
 MATHQA_OPTIONS = re.compile(r"[abcd] \) .*?, |e \) .*?$")
 LETTERS = "abcde"
+JSON_TYPES = {list: "list", dict: "object", bool: "boolean"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -69,11 +70,21 @@ class RowError(ValueError):
     """A row that cannot become a record: dropped with this reason."""
 
 
-def _text(row: dict[str, Any], column: str) -> str:
-    value = row.get(column)
-    if value is None or (isinstance(value, float) and value != value) or not str(value).strip():
-        raise RowError(f"empty {column}")
+def text_value(value: Any, column: str) -> str:
+    """A value as stripped text: a number as its text, None or NaN as "". A list, an object or a boolean is no
+    text to train on (its Python repr would be): RowError."""
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise RowError(f"non-text {column} ({JSON_TYPES.get(type(value), type(value).__name__)})")
     return str(value).strip()
+
+
+def _text(row: dict[str, Any], column: str) -> str:
+    text = text_value(row.get(column), column)
+    if not text:
+        raise RowError(f"empty {column}")
+    return text
 
 
 def mathqa_record(row: dict[str, Any]) -> tuple[list[dict], list[str], int]:
@@ -86,7 +97,7 @@ def mathqa_record(row: dict[str, Any]) -> tuple[list[dict], list[str], int]:
         raise RowError("correct is not a-e")
     label = LETTERS.index(correct)
     listed = "\n".join(f"{LETTERS[i]}) {choice}" for i, choice in enumerate(choices))
-    rationale = str(row.get("Rationale") or "").strip().strip('"').strip()
+    rationale = text_value(row.get("Rationale"), "Rationale").strip('"').strip()
     answer = f"The answer is ({correct}) {choices[label]}."
     messages = [{"role": "user", "content": f"{_text(row, 'Problem')}\n\nOptions:\n{listed}"},
                 {"role": "assistant", "content": f"{rationale}\n{answer}" if rationale else answer}]
@@ -95,9 +106,10 @@ def mathqa_record(row: dict[str, Any]) -> tuple[list[dict], list[str], int]:
 
 def decomposition_messages(row: dict[str, Any]) -> list[dict]:
     subs = row.get("sub_questions")
-    if not isinstance(subs, list) or not [s for s in subs if str(s).strip()]:
+    questions = [q for q in (text_value(s, "sub_questions") for s in subs) if q] if isinstance(subs, list) else []
+    if not questions:
         raise RowError("empty sub_questions")
-    numbered = "\n".join(f"{i}. {str(s).strip()}" for i, s in enumerate((s for s in subs if str(s).strip()), 1))
+    numbered = "\n".join(f"{i}. {question}" for i, question in enumerate(questions, 1))
     return [{"role": "user", "content": f"Break this question into simpler sub-questions.\n\n{_text(row, 'question')}"},
             {"role": "assistant", "content": numbered}]
 
@@ -131,7 +143,7 @@ def to_record(row: dict[str, Any], params: HFDatasetParams, where: dict[str, Any
     elif fmt == "sharegpt":
         messages = chat_messages(row.get("conversations"), "from", "value", SHAREGPT_ROLES)
     elif fmt == "alpaca":
-        extra = str(row.get("input") or "").strip()
+        extra = text_value(row.get("input"), "input")
         user = _text(row, "instruction") + (f"\n\n{extra}" if extra else "")
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row, "output")}]
     else:

@@ -39,6 +39,19 @@ def test_columns_map_gsm_instructions_into_user_and_assistant(tmp_path: Path) ->
     assert dict(report.dropped) == {"empty INSTRUCTION": 1} and report.dropped_rows[0]["line"] == 2
 
 
+def test_numbers_become_their_text_and_lists_objects_and_booleans_are_dropped(tmp_path: Path) -> None:
+    rows = [{"INSTRUCTION": "Legs of a spider?", "RESPONSE": 8}, {"INSTRUCTION": "Pi?", "RESPONSE": 3.14},
+            {"INSTRUCTION": "Pick two.", "RESPONSE": ["a", "b"]}, {"INSTRUCTION": "Map?", "RESPONSE": {"x": 1}},
+            {"INSTRUCTION": "Green sky?", "RESPONSE": False}]
+    records, report = read(files=str(write_jsonl(tmp_path / "v.jsonl", rows)))
+    assert [r["messages"][1]["content"] for r in records] == ["8", "3.14"]
+    assert [(d["reason"], d["line"]) for d in report.dropped_rows] == [
+        ("non-text RESPONSE (list)", 3), ("non-text RESPONSE (object)", 4), ("non-text RESPONSE (boolean)", 5)]
+    alpaca = {"instruction": "Sort.", "input": [3, 1], "output": "1, 3"}
+    _, report = read(files=str(write_jsonl(tmp_path / "a.jsonl", [alpaca])), format="alpaca")
+    assert dict(report.dropped) == {"non-text input (list)": 1}
+
+
 def test_mathqa_options_are_split_like_lm_evaluation_harness(tmp_path: Path) -> None:
     records, _ = read(files=str(write_jsonl(tmp_path / "mathqa.jsonl", [MATHQA_ROW])), format="mathqa")
     record = records[0]
