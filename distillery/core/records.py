@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import unicodedata
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -39,10 +40,14 @@ def make_record(
     choices: list[str] | None = None,
     label: int | None = None,
 ) -> dict[str, Any]:
-    """Build a normalized record; its id is a stable hash of the source name and the content."""
+    """Build a normalized record; its id is a stable hash of the source name and the content. Texts are in NFC,
+    so that decomposed Hangul (as macOS saves it) trains and dedupes as the syllables it spells."""
     for message in messages:
         if message.get("role") not in ROLES or not isinstance(message.get("content"), str):
             raise ValueError(f"bad message {message!r}: role must be one of {ROLES} and content a string")
+    messages = [{**message, "content": unicodedata.normalize("NFC", message["content"])} for message in messages]
+    if choices is not None:
+        choices = [unicodedata.normalize("NFC", choice) for choice in choices]
     record: dict[str, Any] = {
         "id": hashlib.sha256((source + "\0" + content_key(messages, choices, label)).encode()).hexdigest()[:16],
         "source": source,

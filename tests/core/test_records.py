@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 
 import pytest
 
 from distillery.core.errors import UserError
-from distillery.core.records import content_key, read_jsonl, report_json, write_jsonl
+from distillery.core.records import content_key, make_record, read_jsonl, report_json, write_jsonl
 
 
 def test_rows_round_trip_with_non_finite_floats_big_integers_and_korean(tmp_path):
@@ -62,6 +63,17 @@ def test_content_key_ignores_key_order_and_tells_contents_apart():
     assert content_key(one) == content_key([{"content": "x", "role": "user"}])
     assert content_key(one) != content_key([{"role": "user", "content": "y"}])
     assert content_key(one, ["a", "b"], 0) != content_key(one, ["a", "b"], 1)
+
+
+def test_decomposed_hangul_is_stored_composed_and_dedupes_with_its_composed_twin():
+    """macOS saves Hangul decomposed (NFD): it must train, and dedupe, as the syllables it spells."""
+    composed = "안녕하세요"
+    decomposed = unicodedata.normalize("NFD", composed)
+    record = make_record("s", "qa", [{"role": "user", "content": decomposed}, {"role": "assistant", "content": "Hi"}],
+                         {}, [decomposed, "x"], 0)
+    twin = make_record("s", "qa", [{"role": "user", "content": composed}, {"role": "assistant", "content": "Hi"}],
+                       {}, [composed, "x"], 0)
+    assert record == twin and record["messages"][0]["content"] == composed and record["choices"][0] == composed
 
 
 def test_a_report_is_strict_json_with_a_broken_models_loss_as_null() -> None:
