@@ -26,6 +26,7 @@ from distillery.core.records import make_record, read_json_objects
 from distillery.core.userinput import read_utf8
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+TABLES = (".csv", ".parquet")  # files whose every row has every column
 # lm-evaluation-harness, lm_eval/tasks/mathqa/utils.py: how an `options` string becomes five choices.
 MATHQA_OPTIONS = re.compile(r"[abcd] \) .*?, |e \) .*?$")
 LETTERS = "abcde"
@@ -133,6 +134,9 @@ def chat_messages(turns: Any, role_key: str, content_key: str, roles: dict[str, 
 
 def to_record(row: dict[str, Any], params: HFDatasetParams, where: dict[str, Any]) -> dict[str, Any]:
     """One row -> one record; raises RowError with the reason when it cannot."""
+    absent = [column for column in required_columns(params) if column not in row]
+    if absent:
+        raise RowError(f"missing {', '.join(absent)}")
     fmt, choices, label, task = params.format, None, None, params.task
     if fmt == "mathqa":
         (messages, choices, label), task = mathqa_record(row), "math_mc"
@@ -236,21 +240,32 @@ def read(params: HFDatasetParams, report: SourceReport) -> Iterator[dict[str, An
     if bool(params.dataset) == bool(params.files):
         raise UserError(f"source {params.name}: set exactly one of `dataset:` (a Hub id) or `files:` (local files).")
     if params.dataset:
-        rows, origin = read_hub(params), f"dataset {params.dataset}"
-    else:
-        files = resolve_paths(params.files, SUFFIXES, f"source {params.name}: files")
-        rows, origin = (pair for path in files for pair in read_local_file(path)), None
-    checked: set[str] = set()
+        yield from records_of(read_hub(params), f"dataset {params.dataset}", True, params, report)
+        return
+    for path in resolve_paths(params.files, SUFFIXES, f"source {params.name}: files"):
+        yield from records_of(read_local_file(path), str(path), path.suffix.lower() in TABLES, params, report)
+
+
+def records_of(rows: Iterator[tuple[dict[str, Any], dict[str, Any]]], origin: str, table: bool,
+               params: HFDatasetParams, report: SourceReport) -> Iterator[dict[str, Any]]:
+    """The records of one file's (or the Hub dataset's) rows. A row without a column the format needs is dropped
+    (`missing RESPONSE`); a file where no row has it is refused, at its first row when it is a table (every row
+    has every column), else (JSON objects, each with its own keys) once all its rows are read."""
+    missing = list(required_columns(params))
+    columns: dict[Any, None] = {}  # the columns of the rows read while one is missing, in order
     for row, where in rows:
-        key = where.get("file", origin)
-        if key not in checked:
-            check_columns(list(row), params, origin or where["file"])
-            checked.add(key)
+        if missing:
+            columns.update(dict.fromkeys(row))
+            missing = [column for column in missing if column not in row]
+            if missing and table:
+                check_columns(list(columns), params, origin)
         report.read += 1
         try:
             yield to_record(row, params, where)
         except RowError as err:
             report.drop(str(err), where)
+    if missing and columns:
+        check_columns(list(columns), params, origin)
 
 
 SOURCE = Source(kind="hf", params=HFDatasetParams, read=read, files_field="files", suffixes=SUFFIXES)

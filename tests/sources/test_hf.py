@@ -137,6 +137,15 @@ def test_missing_column_lists_what_the_file_has(tmp_path: Path) -> None:
         read(files=str(path))
 
 
+def test_a_json_row_without_a_column_is_dropped_and_only_a_file_without_it_is_refused(tmp_path: Path) -> None:
+    rows = [{"INSTRUCTION": "q1"}, {"INSTRUCTION": "q2", "RESPONSE": "a2"}, {"RESPONSE": "a3"}]
+    records, report = read(files=str(write_jsonl(tmp_path / "x.jsonl", rows)))
+    assert [r["meta"]["line"] for r in records] == [2]
+    assert [(d["reason"], d["line"]) for d in report.dropped_rows] == [("missing RESPONSE", 1), ("missing INSTRUCTION", 3)]
+    with pytest.raises(UserError, match=r"y.jsonl: no column RESPONSE .* It has: INSTRUCTION, answer\."):
+        read(files=str(write_jsonl(tmp_path / "y.jsonl", [{"INSTRUCTION": "q1"}, {"INSTRUCTION": "q2", "answer": "a"}])))
+
+
 def test_a_jsonl_line_that_is_not_json_names_the_line(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "x.jsonl", [{"INSTRUCTION": "q", "RESPONSE": "a"}, "{oops"])
     with pytest.raises(UserError, match=r"x.jsonl: line 2 is not valid JSON"):
