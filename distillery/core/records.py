@@ -132,9 +132,11 @@ def read_jsonl_numbered(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         offset = 0
         for line_no, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
                 raise not_utf8(path, f"line {line_no}, byte {offset + err.start}", raw if line_no == 1 else b"") from None
+            if line_no == 1:
+                line = line.removeprefix("\ufeff")  # a UTF-8 byte order mark
             offset += len(raw)
             if not line.strip():
                 continue
