@@ -8,14 +8,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import unicodedata
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import orjson
 
 from distillery.core.errors import UserError
+from distillery.core.userinput import not_utf8, read_utf8
 
 ROLES = ("system", "user", "assistant")
+JSON_LINES = object()  # read_json_value's answer for a .json file that holds JSON Lines
 
 
 def content_digest(messages: list[dict[str, str]], choices: list[str] | None = None, label: int | None = None) -> bytes:
@@ -37,10 +40,14 @@ def make_record(
     choices: list[str] | None = None,
     label: int | None = None,
 ) -> dict[str, Any]:
-    """Build a normalized record; its id is a stable hash of the source name and the content."""
+    """Build a normalized record; its id is a stable hash of the source name and the content. Texts are in NFC,
+    so that decomposed Hangul (as macOS saves it) trains and dedupes as the syllables it spells."""
     for message in messages:
         if message.get("role") not in ROLES or not isinstance(message.get("content"), str):
             raise ValueError(f"bad message {message!r}: role must be one of {ROLES} and content a string")
+    messages = [{**message, "content": unicodedata.normalize("NFC", message["content"])} for message in messages]
+    if choices is not None:
+        choices = [unicodedata.normalize("NFC", choice) for choice in choices]
     record: dict[str, Any] = {
         "id": hashlib.sha256((source + "\0" + content_key(messages, choices, label)).encode()).hexdigest()[:16],
         "source": source,
@@ -113,9 +120,24 @@ def load_json_line(line: str) -> Any:
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """Yield the JSON objects of a JSONL file; a line that is not a JSON object is a UserError naming it."""
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    """Yield the JSON objects of a JSONL file (read_jsonl_numbered without the line numbers)."""
+    for _, row in read_jsonl_numbered(path):
+        yield row
+
+
+def read_jsonl_numbered(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line of a JSONL file. A line that is not a JSON object, or not
+    UTF-8, is a UserError naming it; a UTF-8 byte order mark is fine."""
+    with open(path, "rb") as handle:
+        offset = 0
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise not_utf8(path, f"line {line_no}, byte {offset + err.start}", raw if line_no == 1 else b"") from None
+            if line_no == 1:
+                line = line.removeprefix("\ufeff")  # a UTF-8 byte order mark
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
@@ -124,4 +146,35 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
                 raise UserError(f"{path}: line {line_no} is not valid JSON ({err.msg}). Fix or remove that line.") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}: line {line_no} is a JSON {type(row).__name__}, expected an object.")
-            yield row
+            yield line_no, row
+
+
+def read_json_objects(path: Path) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """(object, where) of each row of a user's .jsonl or .json file, `where` naming the file and the line (JSON
+    Lines) or the index (a JSON list of objects, or one under "data" or "train")."""
+    data = read_json_value(path) if path.suffix.lower() == ".json" else JSON_LINES
+    if data is JSON_LINES:
+        for line_no, row in read_jsonl_numbered(path):
+            yield row, {"file": str(path), "line": line_no}
+        return
+    rows = data.get("data", data.get("train")) if isinstance(data, dict) else data
+    if not isinstance(rows, list):
+        raise UserError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}}, or JSON Lines: one object "
+                        "a line).")
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: item {index} is a JSON {type(row).__name__}, expected an object.")
+        yield row, {"file": str(path), "index": index}
+
+
+def read_json_value(path: Path) -> Any:
+    """The value of a .json file, or JSON_LINES when its first line is one whole value and more follow (JSON Lines
+    under a .json name, as datasets' Dataset.to_json writes them). Not UTF-8 or not JSON is a UserError."""
+    text = read_utf8(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data" and "\n" not in text[: err.pos].strip():
+            return JSON_LINES
+        extra = " A .json file holds one JSON value; for one object a line, name it .jsonl." if err.msg == "Extra data" else ""
+        raise UserError(f"{path}: not valid JSON (line {err.lineno}: {err.msg}).{extra}") from None

@@ -54,9 +54,14 @@ def read_utf8(path: Path) -> str:
     try:
         return data.decode("utf-8-sig")  # a UTF-8 byte order mark is still UTF-8
     except UnicodeDecodeError as err:
-        utf16 = " It looks like UTF-16 (Windows \"Unicode\")." if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
-        raise UserError(f"{path} is not UTF-8 text (byte {err.start} cannot be decoded).{utf16} Save it as "
-                        "UTF-8 and run again.") from None
+        raise not_utf8(path, f"byte {err.start}", data[:2]) from None
+
+
+def not_utf8(path: Path, where: str, head: bytes) -> UserError:
+    """The error for a file that is not UTF-8 (Windows' CP949 or UTF-16): `where` (its byte, maybe its line)
+    could not be decoded; `head`, the file's first bytes, names UTF-16 when it starts with its byte order mark."""
+    utf16 = " It looks like UTF-16 (Windows \"Unicode\")." if head[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+    return UserError(f"{path} is not UTF-8 text ({where} cannot be decoded).{utf16} Save it as UTF-8 and run again.")
 
 
 def read_yaml_file(path: Path) -> Any:

@@ -27,7 +27,7 @@ from pydantic import Field
 from distillery.sources.files import resolve_paths
 from distillery.sources.registry import Source, SourceParams, SourceReport
 from distillery.core.errors import UserError
-from distillery.core.records import make_record, read_jsonl
+from distillery.core.records import make_record, read_json_objects
 
 SUFFIXES = (".jsonl", ".json")
 
@@ -139,28 +139,10 @@ def sft_records(row: dict[str, Any], params: CodeIOParams, where: dict[str, Any]
     return [make_record(params.name, "code_io", messages, where)]
 
 
-def read_file(path: Path) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-    """(row, where) pairs of a JSONL file (a line that is not JSON is a UserError naming it) or a JSON list."""
-    if path.suffix.lower() == ".json":
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}: not valid JSON (line {err.lineno}: {err.msg}).") from None
-        if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
-            raise UserError(f"{path}: expected a JSON list of objects (or use JSONL, one object a line).")
-        for index, row in enumerate(rows):
-            yield row, {"file": str(path), "index": index}
-        return
-    with open(path, encoding="utf-8") as handle:
-        line_numbers = [n for n, line in enumerate(handle, 1) if line.strip()]
-    for line, row in zip(line_numbers, read_jsonl(path)):
-        yield row, {"file": str(path), "line": line}
-
-
 def read(params: CodeIOParams, report: SourceReport) -> Iterator[dict[str, Any]]:
     make = raw_records if params.format == "raw" else sft_records
     for path in resolve_paths(params.path, SUFFIXES, f"source {params.name}: path"):
-        for row, where in read_file(path):
+        for row, where in read_json_objects(path):
             report.read += 1
             try:
                 yield from make(row, params, where)

@@ -20,7 +20,8 @@ Cells in the text columns: empty, blank or only invisible characters -> the row 
 where; control characters (NUL, backspace, ...) -> removed and counted in a note; longer than Excel's 32,767
 characters -> dropped; numbers, dates and booleans -> written as text and counted in a note; formulas -> their
 cached value (the value Excel last computed and saved), counted in a note; a formula with no cached value is
-dropped as such (after an openpyxl fallback it reads as an empty cell). A row with English on the Korean side
+dropped as such (after an openpyxl fallback it reads as an empty cell); an error value (#N/A, #REF!, ...) in an
+.xlsx is dropped with its name (in an .xls it reads as an empty cell). A row with English on the Korean side
 and Korean on the English side (by Hangul share) is dropped as swapped; a sheet where most rows are is refused.
 """
 
@@ -38,7 +39,8 @@ from pydantic import Field
 from distillery.sources.files import resolve_paths
 from distillery.sources.registry import Source, SourceParams, SourceReport
 from distillery.sources.text import clean_text, codepoints, name_key, shown, swapped
-from distillery.sources.workbook import EXCEL_CELL_CHARS, SheetInfo, Workbooks, column_letter, shared_workbooks
+from distillery.sources.workbook import (EXCEL_CELL_CHARS, HiddenCells, SheetInfo, Workbooks, column_letter,
+                                        shared_workbooks)
 from distillery.core.errors import UserError
 from distillery.core.records import make_record
 
@@ -280,7 +282,7 @@ def read_workbook(path: Path, params: AIHubExcelParams, report: SourceReport, bo
     if header_index:
         report.note(f"{path.name} [{sheet}]: header found on Excel row {header_index + 1}, not row 1; "
                     "the rows above it are ignored")
-    formulas = books.formula_cells(sheet, header_index + 1, (columns.source, columns.target))
+    hidden = books.hidden_cells(sheet, header_index + 1, (columns.source, columns.target))
     counts = SheetCounts(Counter(), Counter(), set())
     file, names = str(path), TextNames.of(params)
     for index, row in enumerate(chain(head[header_index + 1:], books.rows()), start=header_index + 1):
@@ -298,21 +300,24 @@ def read_workbook(path: Path, params: AIHubExcelParams, report: SourceReport, bo
                 columns = repeated
             report.drop("repeated header row", where)
             continue
-        record_pair = pair_of(row, columns, params, formulas, index, counts, report, where)
+        record_pair = pair_of(row, columns, params, hidden, index, counts, report, where)
         if record_pair is not None:
             yield from pair_records(params, *record_pair, meta_of(row, columns, where))
     finish_sheet(path, sheet, params, counts, report)
 
 
-def pair_of(row: list[Any], columns: Columns, params: AIHubExcelParams, formulas: set, index: int,
+def pair_of(row: list[Any], columns: Columns, params: AIHubExcelParams, hidden: HiddenCells, index: int,
             counts: SheetCounts, report: SourceReport, where: dict[str, Any]) -> tuple[str, str] | None:
     """(Korean, English) of a data row, or None when the row is dropped (with the reason, in the report)."""
     sides = ((params.source_column, columns.source), (params.target_column, columns.target))
     texts = []
     for column, at in sides:
+        if (index, at) in hidden.errors:
+            report.drop(f"error value {hidden.errors[index, at]} in {column}", {**where, "column": column})
+            return None
         text, coerced, controls = cell_text(row[at])
         if not text:
-            report.drop(empty_reason(row[at], column, (index, at) in formulas), {**where, "column": column})
+            report.drop(empty_reason(row[at], column, (index, at) in hidden.formulas), {**where, "column": column})
             return None
         if len(text) > EXCEL_CELL_CHARS:
             report.drop(f"longer than Excel's {EXCEL_CELL_CHARS:,} characters in {column}", {**where, "column": column})
@@ -321,7 +326,7 @@ def pair_of(row: list[Any], columns: Columns, params: AIHubExcelParams, formulas
         if controls:
             counts.controls[column] += 1
             counts.control_chars.update(controls)
-        counts.formulas += (index, at) in formulas
+        counts.formulas += (index, at) in hidden.formulas
         texts.append(text)
     korean, english = texts
     counts.pairs += 1

@@ -12,7 +12,6 @@ Layouts (`format`):
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -23,12 +22,15 @@ from pydantic import Field, field_validator
 from distillery.sources.files import resolve_paths
 from distillery.sources.registry import Source, SourceParams, SourceReport
 from distillery.core.errors import UserError
-from distillery.core.records import make_record, read_jsonl
+from distillery.core.records import make_record, read_json_objects
+from distillery.core.userinput import read_utf8
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+TABLES = (".csv", ".parquet")  # files whose every row has every column
 # lm-evaluation-harness, lm_eval/tasks/mathqa/utils.py: how an `options` string becomes five choices.
 MATHQA_OPTIONS = re.compile(r"[abcd] \) .*?, |e \) .*?$")
 LETTERS = "abcde"
+JSON_TYPES = {list: "list", dict: "object", bool: "boolean"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -69,11 +71,21 @@ class RowError(ValueError):
     """A row that cannot become a record: dropped with this reason."""
 
 
-def _text(row: dict[str, Any], column: str) -> str:
-    value = row.get(column)
-    if value is None or (isinstance(value, float) and value != value) or not str(value).strip():
-        raise RowError(f"empty {column}")
+def text_value(value: Any, column: str) -> str:
+    """A value as stripped text: a number as its text, None or NaN as "". A list, an object or a boolean is no
+    text to train on (its Python repr would be): RowError."""
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise RowError(f"non-text {column} ({JSON_TYPES.get(type(value), type(value).__name__)})")
     return str(value).strip()
+
+
+def _text(row: dict[str, Any], column: str) -> str:
+    text = text_value(row.get(column), column)
+    if not text:
+        raise RowError(f"empty {column}")
+    return text
 
 
 def mathqa_record(row: dict[str, Any]) -> tuple[list[dict], list[str], int]:
@@ -86,7 +98,7 @@ def mathqa_record(row: dict[str, Any]) -> tuple[list[dict], list[str], int]:
         raise RowError("correct is not a-e")
     label = LETTERS.index(correct)
     listed = "\n".join(f"{LETTERS[i]}) {choice}" for i, choice in enumerate(choices))
-    rationale = str(row.get("Rationale") or "").strip().strip('"').strip()
+    rationale = text_value(row.get("Rationale"), "Rationale").strip('"').strip()
     answer = f"The answer is ({correct}) {choices[label]}."
     messages = [{"role": "user", "content": f"{_text(row, 'Problem')}\n\nOptions:\n{listed}"},
                 {"role": "assistant", "content": f"{rationale}\n{answer}" if rationale else answer}]
@@ -95,9 +107,10 @@ def mathqa_record(row: dict[str, Any]) -> tuple[list[dict], list[str], int]:
 
 def decomposition_messages(row: dict[str, Any]) -> list[dict]:
     subs = row.get("sub_questions")
-    if not isinstance(subs, list) or not [s for s in subs if str(s).strip()]:
+    questions = [q for q in (text_value(s, "sub_questions") for s in subs) if q] if isinstance(subs, list) else []
+    if not questions:
         raise RowError("empty sub_questions")
-    numbered = "\n".join(f"{i}. {str(s).strip()}" for i, s in enumerate((s for s in subs if str(s).strip()), 1))
+    numbered = "\n".join(f"{i}. {question}" for i, question in enumerate(questions, 1))
     return [{"role": "user", "content": f"Break this question into simpler sub-questions.\n\n{_text(row, 'question')}"},
             {"role": "assistant", "content": numbered}]
 
@@ -121,6 +134,9 @@ def chat_messages(turns: Any, role_key: str, content_key: str, roles: dict[str, 
 
 def to_record(row: dict[str, Any], params: HFDatasetParams, where: dict[str, Any]) -> dict[str, Any]:
     """One row -> one record; raises RowError with the reason when it cannot."""
+    absent = [column for column in required_columns(params) if column not in row]
+    if absent:
+        raise RowError(f"missing {', '.join(absent)}")
     fmt, choices, label, task = params.format, None, None, params.task
     if fmt == "mathqa":
         (messages, choices, label), task = mathqa_record(row), "math_mc"
@@ -131,7 +147,7 @@ def to_record(row: dict[str, Any], params: HFDatasetParams, where: dict[str, Any
     elif fmt == "sharegpt":
         messages = chat_messages(row.get("conversations"), "from", "value", SHAREGPT_ROLES)
     elif fmt == "alpaca":
-        extra = str(row.get("input") or "").strip()
+        extra = text_value(row.get("input"), "input")
         user = _text(row, "instruction") + (f"\n\n{extra}" if extra else "")
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row, "output")}]
     else:
@@ -162,33 +178,37 @@ def check_columns(columns: list[str], params: HFDatasetParams, origin: str) -> N
 def read_local_file(path: Path) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
     """(row, where) pairs of a local file; JSONL errors name the line."""
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as handle:
-            line_of = [n for n, line in enumerate(handle, 1) if line.strip()]
-        for n, row in zip(line_of, read_jsonl(path)):
-            yield row, {"file": str(path), "line": n}
+    if suffix in (".json", ".jsonl"):
+        yield from read_json_objects(path)
         return
-    if suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}: not valid JSON (line {err.lineno}: {err.msg}).") from None
-        rows = data.get("data", data.get("train")) if isinstance(data, dict) else data
-        if not isinstance(rows, list):
-            raise UserError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}}).")
-        for i, row in enumerate(rows):
-            if not isinstance(row, dict):
-                raise UserError(f"{path}: item {i} is a JSON {type(row).__name__}, expected an object.")
-            yield row, {"file": str(path), "index": i}
-        return
+    rows = read_csv(path) if suffix == ".csv" else read_parquet(path)
+    for i, row in enumerate(rows):
+        yield row, {"file": str(path), "row": i + 2 if suffix == ".csv" else i}
+
+
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    """Every cell as its text: `8` stays `8` (not `8.0` in a column with a blank), `090210` keeps its zero, and
+    `None` or `NA` are text; only an empty cell is empty."""
     import pandas as pd
 
     try:
-        frame = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
-    except Exception as err:  # pandas/pyarrow raise many types for a bad file
-        raise UserError(f"{path}: cannot read as {suffix[1:]}: {err}") from None
-    for i, row in enumerate(frame.to_dict(orient="records")):
-        yield row, {"file": str(path), "row": i + 2 if suffix == ".csv" else i}
+        return pd.read_csv(path, dtype=str, keep_default_na=False).to_dict(orient="records")
+    except UnicodeDecodeError:
+        read_utf8(path)  # raises the error that says where and what to do
+        raise
+    except Exception as err:  # pandas raises many types for a bad file
+        raise UserError(f"{path}: cannot read as csv: {err}") from None
+
+
+def read_parquet(path: Path) -> Iterator[dict[str, Any]]:
+    """Rows as plain Python values: a list column is a list (pandas would give numpy arrays)."""
+    import pyarrow.parquet as pq
+
+    try:
+        for batch in pq.ParquetFile(path).iter_batches():
+            yield from batch.to_pylist()
+    except Exception as err:  # pyarrow raises many types for a bad file
+        raise UserError(f"{path}: cannot read as parquet: {err}") from None
 
 
 def check_hub_reachable(params: HFDatasetParams) -> None:
@@ -220,21 +240,32 @@ def read(params: HFDatasetParams, report: SourceReport) -> Iterator[dict[str, An
     if bool(params.dataset) == bool(params.files):
         raise UserError(f"source {params.name}: set exactly one of `dataset:` (a Hub id) or `files:` (local files).")
     if params.dataset:
-        rows, origin = read_hub(params), f"dataset {params.dataset}"
-    else:
-        files = resolve_paths(params.files, SUFFIXES, f"source {params.name}: files")
-        rows, origin = (pair for path in files for pair in read_local_file(path)), None
-    checked: set[str] = set()
+        yield from records_of(read_hub(params), f"dataset {params.dataset}", True, params, report)
+        return
+    for path in resolve_paths(params.files, SUFFIXES, f"source {params.name}: files"):
+        yield from records_of(read_local_file(path), str(path), path.suffix.lower() in TABLES, params, report)
+
+
+def records_of(rows: Iterator[tuple[dict[str, Any], dict[str, Any]]], origin: str, table: bool,
+               params: HFDatasetParams, report: SourceReport) -> Iterator[dict[str, Any]]:
+    """The records of one file's (or the Hub dataset's) rows. A row without a column the format needs is dropped
+    (`missing RESPONSE`); a file where no row has it is refused, at its first row when it is a table (every row
+    has every column), else (JSON objects, each with its own keys) once all its rows are read."""
+    missing = list(required_columns(params))
+    columns: dict[Any, None] = {}  # the columns of the rows read while one is missing, in order
     for row, where in rows:
-        key = where.get("file", origin)
-        if key not in checked:
-            check_columns(list(row), params, origin or where["file"])
-            checked.add(key)
+        if missing:
+            columns.update(dict.fromkeys(row))
+            missing = [column for column in missing if column not in row]
+            if missing and table:
+                check_columns(list(columns), params, origin)
         report.read += 1
         try:
             yield to_record(row, params, where)
         except RowError as err:
             report.drop(str(err), where)
+    if missing and columns:
+        check_columns(list(columns), params, origin)
 
 
 SOURCE = Source(kind="hf", params=HFDatasetParams, read=read, files_field="files", suffixes=SUFFIXES)

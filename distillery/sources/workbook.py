@@ -497,41 +497,57 @@ def sheet_head(state: dict, emit: Callable, name: str, n: int) -> list[list[Any]
     return list(islice(openpyxl_rows(with_openpyxl(state)[name]), n))
 
 
-def formula_cells(state: dict, emit: Callable, sheet: str, rows_from: int, columns: tuple[int, ...]) -> set[tuple[int, int]]:
-    """In the child: (row index, column index) of formula cells in `columns` (0-based, rows >= rows_from).
-    calamine only returns a formula's cached value, so openpyxl finds the formulas themselves."""
+def typed_cells(state: dict, emit: Callable, sheet: str, rows_from: int, columns: tuple[int, ...],
+                data_type: str) -> dict[tuple[int, int], Any]:
+    """In the child: {(row index, column index): value} of the cells of openpyxl's `data_type` in `columns`
+    (0-based, rows >= rows_from): "f", formulas, of which calamine only returns the cached value; "e", error
+    values (#N/A, #REF!, also a formula's cached one), which calamine returns as ""."""
     import openpyxl
 
     with open(state["path"], "rb") as handle:
-        book = openpyxl.load_workbook(handle, read_only=True, data_only=False)
+        # formulas show only without data_only, a formula's cached error only with it
+        book = openpyxl.load_workbook(handle, read_only=True, data_only=data_type != "f")
         try:
-            found = set()
+            found = {}
             worksheet = book[sheet]
             worksheet.reset_dimensions()
             for row in worksheet.iter_rows(min_row=rows_from + 1, min_col=min(columns) + 1, max_col=max(columns) + 1):
                 for cell in row:
                     column = getattr(cell, "column", None)
-                    if column is not None and column - 1 in columns and cell.data_type == "f":
-                        found.add((cell.row - 1, column - 1))
+                    if column is not None and column - 1 in columns and cell.data_type == data_type:
+                        found[(cell.row - 1, column - 1)] = cell.value
             return found
         finally:
             book.close()
 
 
-def has_formulas(path: Path) -> bool:
-    """Whether any worksheet of an .xlsx holds a formula (an `<f>` element), by a streamed byte search."""
+@dataclass(frozen=True)
+class HiddenCells:
+    """What calamine's values hide, by (row index, column index): formula cells (it gives their cached value)
+    and error values such as #N/A (it gives "")."""
+
+    formulas: set[tuple[int, int]]
+    errors: dict[tuple[int, int], str]
+
+
+HIDDEN_KINDS = {"f": (b"<f>", b"<f "), "e": (b't="e"', b"t='e'")}  # a formula element, an error cell's type
+
+
+def hidden_kinds(path: Path) -> set[str]:
+    """Which of HIDDEN_KINDS (openpyxl's data types) the worksheets of an .xlsx hold, by one streamed byte search."""
+    found: set[str] = set()
+    keep = max(len(mark) for marks in HIDDEN_KINDS.values() for mark in marks) - 1  # a mark split across blocks
     with zipfile.ZipFile(path) as archive:
         for name in archive.namelist():
             if not (name.startswith("xl/worksheets/") and name.endswith(".xml")):
                 continue
             with archive.open(name) as handle:
                 tail = b""
-                while block := handle.read(CHUNK):
+                while len(found) < len(HIDDEN_KINDS) and (block := handle.read(CHUNK)):
                     chunk = tail + block
-                    if b"<f>" in chunk or b"<f " in chunk:
-                        return True
-                    tail = chunk[-2:]  # a tag split across two blocks
-    return False
+                    found.update(kind for kind, marks in HIDDEN_KINDS.items() if any(m in chunk for m in marks))
+                    tail = chunk[-keep:]
+    return found
 
 
 class Workbooks:
@@ -587,10 +603,13 @@ class Workbooks:
         self.sheet = sheet
         return self._call(sheet_head, sheet, n)
 
-    def formula_cells(self, sheet: str, rows_from: int, columns: tuple[int, ...]) -> set[tuple[int, int]]:
-        if self.fmt != "xlsx" or not has_formulas(self.path):
-            return set()
-        return self._call(formula_cells, sheet, rows_from, columns)
+    def hidden_cells(self, sheet: str, rows_from: int, columns: tuple[int, ...]) -> HiddenCells:
+        """The formula cells and the error values (#N/A, ...) of an .xlsx's `columns` (typed_cells); an .xls's
+        formulas give their cached value and its errors read as empty cells."""
+        kinds = hidden_kinds(self.path) if self.fmt == "xlsx" else set()
+        formulas = set(self._call(typed_cells, sheet, rows_from, columns, "f")) if "f" in kinds else set()
+        errors = self._call(typed_cells, sheet, rows_from, columns, "e") if "e" in kinds else {}
+        return HiddenCells(formulas, errors)
 
     def _started(self) -> Child:
         if self._child is None:

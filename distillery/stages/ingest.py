@@ -129,12 +129,14 @@ def split(rows: SourceRows, kept: list[int], fraction: float) -> tuple[list[int]
 
 
 def apply_weight(rows: SourceRows, train: list[int], weight: float, seed: int) -> list[int]:
-    """Repeat (weight > 1) or subsample (weight < 1) a source's train records, deterministically."""
+    """Repeat (weight > 1) or subsample (weight < 1) a source's train records, deterministically; a weight below 1
+    keeps at least one record, so that a small source does not vanish without a reason given."""
     if weight == 1.0 or not train:
         return train
     whole, frac = int(weight), weight - int(weight)
     ranked = sorted(train, key=lambda i: rank(seed + 2, rows.ids[i]))
-    return train * whole + ranked[: math.floor(len(train) * frac)]
+    sampled = math.floor(len(train) * frac)
+    return train * whole + ranked[: sampled if whole else max(sampled, 1)]
 
 
 def copy_lines(handle: BinaryIO, rows: SourceRows, positions: list[int]) -> None:
@@ -292,4 +294,4 @@ def render_report(rows: list[dict], totals: dict) -> str:
 
 
 STAGE = Stage(name="ingest", run=run, outputs=OUTPUTS, sections=("ingest",),
-              packages=("python-calamine", "openpyxl", "datasets", "pandas"), input_files=input_files)
+              packages=("python-calamine", "openpyxl", "datasets", "pandas", "pyarrow"), input_files=input_files)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 
 import pytest
 
 from distillery.core.errors import UserError
-from distillery.core.records import content_key, read_jsonl, report_json, write_jsonl
+from distillery.core.records import content_key, make_record, read_jsonl, report_json, write_jsonl
 
 
 def test_rows_round_trip_with_non_finite_floats_big_integers_and_korean(tmp_path):
@@ -39,11 +40,40 @@ def test_a_broken_line_names_the_file_and_line(tmp_path):
         list(read_jsonl(path))
 
 
+def test_a_file_that_is_not_utf8_names_the_file_the_line_and_the_byte(tmp_path):
+    """Windows saves Korean text as CP949 or UTF-16 ("Unicode"): one message saying so, not a UnicodeDecodeError."""
+    path = tmp_path / "ko.jsonl"
+    path.write_bytes(b'{"a": "ok"}\n' + '{"a": "안녕"}\n'.encode("cp949"))
+    with pytest.raises(UserError, match=r"ko\.jsonl is not UTF-8 text \(line 2, byte 19 cannot be decoded\)\. "
+                                        r"Save it as UTF-8"):
+        list(read_jsonl(path))
+    path.write_text('{"a": "안녕"}\n', encoding="utf-16")
+    with pytest.raises(UserError, match=r"\(line 1, byte 0 cannot be decoded\)\. It looks like UTF-16"):
+        list(read_jsonl(path))
+
+
+def test_a_utf8_byte_order_mark_is_read_past(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2}\n', encoding="utf-8-sig")
+    assert list(read_jsonl(path)) == [{"a": 1}, {"a": 2}]
+
+
 def test_content_key_ignores_key_order_and_tells_contents_apart():
     one = [{"role": "user", "content": "x"}]
     assert content_key(one) == content_key([{"content": "x", "role": "user"}])
     assert content_key(one) != content_key([{"role": "user", "content": "y"}])
     assert content_key(one, ["a", "b"], 0) != content_key(one, ["a", "b"], 1)
+
+
+def test_decomposed_hangul_is_stored_composed_and_dedupes_with_its_composed_twin():
+    """macOS saves Hangul decomposed (NFD): it must train, and dedupe, as the syllables it spells."""
+    composed = "안녕하세요"
+    decomposed = unicodedata.normalize("NFD", composed)
+    record = make_record("s", "qa", [{"role": "user", "content": decomposed}, {"role": "assistant", "content": "Hi"}],
+                         {}, [decomposed, "x"], 0)
+    twin = make_record("s", "qa", [{"role": "user", "content": composed}, {"role": "assistant", "content": "Hi"}],
+                       {}, [composed, "x"], 0)
+    assert record == twin and record["messages"][0]["content"] == composed and record["choices"][0] == composed
 
 
 def test_a_report_is_strict_json_with_a_broken_models_loss_as_null() -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from distillery.core.records import make_record
-from distillery.evals.decontaminate import (EvaluationSet, Index, Sizes, find_contaminated, hub_cache_files, ngrams,
-                                            words_and_hangul)
+from distillery.evals.decontaminate import (EvaluationSet, Index, Sizes, against_set, find_contaminated,
+                                            hub_cache_files, ngrams, words_and_hangul)
 
 SIZES = Sizes(words=13, chars=25)
 TEMPLATE = ("You are given a question that requires some input and output variables as follows. Can you predict "
@@ -70,3 +70,11 @@ def test_a_hub_dataset_is_read_only_from_the_local_cache(tmp_path: Path, monkeyp
         (snapshot / name).write_text("x")
     assert [p.relative_to(snapshot).as_posix() for p in hub_cache_files("someone/math_qa", "test")] == [
         "data/test-00000-of-00001.parquet", "test/0.jsonl"]
+
+
+def test_an_against_parquet_file_of_records_is_read_by_their_messages(tmp_path: Path) -> None:
+    import pandas as pd
+
+    messages = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]
+    pd.DataFrame([{"messages": messages}]).to_parquet(tmp_path / "held.parquet")
+    assert against_set(tmp_path / "held.parquet").items == [("held.parquet:0", ["What is 2 + 2?", "4"])]

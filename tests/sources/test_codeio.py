@@ -99,6 +99,15 @@ def test_a_json_list_file_is_read_too(tmp_path: Path) -> None:
     assert [r["meta"]["index"] for r in records] == [0, 1]
 
 
+def test_a_file_with_a_byte_order_mark_is_read_and_one_not_in_utf8_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "raw.jsonl"
+    path.write_text(json.dumps(RAW) + "\n", encoding="utf-8-sig")
+    assert len(read(path, tasks=["input"])[0]) == 1
+    path.write_text(json.dumps({**RAW, "funcname": "함수"}, ensure_ascii=False) + "\n", encoding="cp949")
+    with pytest.raises(UserError, match=r"raw.jsonl is not UTF-8 text \(line 1, byte \d+ cannot be decoded\)"):
+        read(path)
+
+
 def test_sft_records_are_flattened_into_one_codeio_plus_plus_response(tmp_path: Path) -> None:
     revised = {"prompt": "Predict the output.", "turn_1": "It is 3.\n```json\n{\"output\": 3}\n```",
                "feedback_1": "[Mismatch] Your output is not correct! Given the input, the output should be 4.",

@@ -115,6 +115,15 @@ def test_a_formula_with_a_cached_value_uses_it_and_says_so(tmp_path: Path) -> No
                             "computed and saved in the file"]
 
 
+def test_error_values_are_dropped_by_name_not_as_empty(tmp_path: Path) -> None:
+    """calamine returns an error cell (#N/A, #REF!, a formula's cached #DIV/0!) as "", as if it were empty."""
+    records, report = read(aihub.write_error_cells(tmp_path / "e.xlsx"))
+    assert [r["meta"]["row"] for r in records] == [5]
+    assert [(d["reason"], d["row"], d["column"]) for d in report.dropped_rows] == [
+        ("error value #N/A in 번역문", 2, "번역문"), ("error value #REF! in 원문", 3, "원문"),
+        ("error value #DIV/0! in 번역문", 4, "번역문")]
+
+
 def test_sheet_by_name_or_index_and_an_unknown_sheet_lists_the_sheets(tmp_path: Path) -> None:
     path = aihub.write_layout(tmp_path / "s.xlsx", "한국문화", sheet="말뭉치")
     assert len(read(path, sheet="말뭉치")[0]) == len(read(path, sheet=0)[0]) == len(aihub.PAIRS)

@@ -39,6 +39,19 @@ def test_columns_map_gsm_instructions_into_user_and_assistant(tmp_path: Path) ->
     assert dict(report.dropped) == {"empty INSTRUCTION": 1} and report.dropped_rows[0]["line"] == 2
 
 
+def test_numbers_become_their_text_and_lists_objects_and_booleans_are_dropped(tmp_path: Path) -> None:
+    rows = [{"INSTRUCTION": "Legs of a spider?", "RESPONSE": 8}, {"INSTRUCTION": "Pi?", "RESPONSE": 3.14},
+            {"INSTRUCTION": "Pick two.", "RESPONSE": ["a", "b"]}, {"INSTRUCTION": "Map?", "RESPONSE": {"x": 1}},
+            {"INSTRUCTION": "Green sky?", "RESPONSE": False}]
+    records, report = read(files=str(write_jsonl(tmp_path / "v.jsonl", rows)))
+    assert [r["messages"][1]["content"] for r in records] == ["8", "3.14"]
+    assert [(d["reason"], d["line"]) for d in report.dropped_rows] == [
+        ("non-text RESPONSE (list)", 3), ("non-text RESPONSE (object)", 4), ("non-text RESPONSE (boolean)", 5)]
+    alpaca = {"instruction": "Sort.", "input": [3, 1], "output": "1, 3"}
+    _, report = read(files=str(write_jsonl(tmp_path / "a.jsonl", [alpaca])), format="alpaca")
+    assert dict(report.dropped) == {"non-text input (list)": 1}
+
+
 def test_mathqa_options_are_split_like_lm_evaluation_harness(tmp_path: Path) -> None:
     records, _ = read(files=str(write_jsonl(tmp_path / "mathqa.jsonl", [MATHQA_ROW])), format="mathqa")
     record = records[0]
@@ -95,16 +108,69 @@ def test_csv_and_parquet_files(tmp_path: Path) -> None:
     assert from_csv[1]["meta"]["row"] == 3  # the CSV line, header included
 
 
+def test_csv_cells_are_read_as_the_text_they_hold(tmp_path: Path) -> None:
+    (tmp_path / "qa.csv").write_text("INSTRUCTION,RESPONSE\nLegs of a spider?,8\nBlank?,\nSay None,None\n"
+                                     "Zip code?,090210\nSay NA,NA\n", encoding="utf-8")
+    records, report = read(files=str(tmp_path / "qa.csv"))
+    assert [r["messages"][1]["content"] for r in records] == ["8", "None", "090210", "NA"]
+    assert dict(report.dropped) == {"empty RESPONSE": 1} and report.dropped_rows[0]["row"] == 3
+
+
+def test_parquet_list_columns_are_lists_in_every_conversation_layout(tmp_path: Path) -> None:
+    """pandas reads a Parquet list column as numpy arrays, which the layouts took for no conversation at all."""
+    import pandas as pd
+
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    layouts = {"messages": {"messages": turns},
+               "sharegpt": {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
+               "decomposition": {"question": "Who?", "sub_questions": ["When?", "Where?"]}}
+    for fmt, row in layouts.items():
+        pd.DataFrame([row]).to_parquet(tmp_path / f"{fmt}.parquet")
+        records, report = read(files=str(tmp_path / f"{fmt}.parquet"), format=fmt)
+        assert len(records) == 1 and not report.dropped, fmt
+    assert records[0]["messages"][1]["content"] == "1. When?\n2. Where?"
+
+
 def test_missing_column_lists_what_the_file_has(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "answer": "a"}])
     with pytest.raises(UserError, match=r"x.jsonl: no column INSTRUCTION, RESPONSE .* It has: question, answer"):
         read(files=str(path))
 
 
+def test_a_json_row_without_a_column_is_dropped_and_only_a_file_without_it_is_refused(tmp_path: Path) -> None:
+    rows = [{"INSTRUCTION": "q1"}, {"INSTRUCTION": "q2", "RESPONSE": "a2"}, {"RESPONSE": "a3"}]
+    records, report = read(files=str(write_jsonl(tmp_path / "x.jsonl", rows)))
+    assert [r["meta"]["line"] for r in records] == [2]
+    assert [(d["reason"], d["line"]) for d in report.dropped_rows] == [("missing RESPONSE", 1), ("missing INSTRUCTION", 3)]
+    with pytest.raises(UserError, match=r"y.jsonl: no column RESPONSE .* It has: INSTRUCTION, answer\."):
+        read(files=str(write_jsonl(tmp_path / "y.jsonl", [{"INSTRUCTION": "q1"}, {"INSTRUCTION": "q2", "answer": "a"}])))
+
+
 def test_a_jsonl_line_that_is_not_json_names_the_line(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "x.jsonl", [{"INSTRUCTION": "q", "RESPONSE": "a"}, "{oops"])
     with pytest.raises(UserError, match=r"x.jsonl: line 2 is not valid JSON"):
         read(files=str(path))
+
+
+def test_json_lines_under_a_json_name_are_read_as_json_lines(tmp_path: Path) -> None:
+    """datasets' Dataset.to_json writes JSON Lines, under whatever name it is given."""
+    rows = [{"INSTRUCTION": "q1", "RESPONSE": "a1"}, {"INSTRUCTION": "q2", "RESPONSE": "a2"}]
+    path = write_jsonl(tmp_path / "rows.json", rows)
+    records, _ = read(files=str(path))
+    assert [r["meta"]["line"] for r in records] == [1, 2]
+    path.write_text("".join(json.dumps(r, indent=1) + "\n" for r in rows), encoding="utf-8")
+    with pytest.raises(UserError, match=r"rows.json: not valid JSON \(line 5: Extra data\)\. .*name it \.jsonl"):
+        read(files=str(path))
+
+
+def test_json_and_csv_with_a_byte_order_mark_are_read_and_other_encodings_named(tmp_path: Path) -> None:
+    rows = [{"INSTRUCTION": "안녕하세요를 영어로?", "RESPONSE": "Hello"}]
+    (tmp_path / "bom.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8-sig")
+    assert len(read(files=str(tmp_path / "bom.json"))[0]) == 1
+    for name, text in (("ko.json", json.dumps(rows, ensure_ascii=False)), ("ko.csv", "INSTRUCTION,RESPONSE\n안녕,Hello\n")):
+        (tmp_path / name).write_text(text, encoding="cp949")
+        with pytest.raises(UserError, match=rf"{name} is not UTF-8 text \(byte \d+ cannot be decoded\)\. Save it as UTF-8"):
+            read(files=str(tmp_path / name))
 
 
 def test_dataset_and_files_are_exclusive() -> None:

@@ -61,6 +61,12 @@ def test_weight_repeats_or_subsamples(tmp_path: Path) -> None:
     assert len(apply_weight(rows, everything(rows), 0.5, 0)) == 5
     assert apply_weight(rows, everything(rows), 1.5, 0)[:10] == everything(rows)
     assert len(set(apply_weight(rows, everything(rows), 1.5, 0)[10:])) == 5
+    assert len(apply_weight(rows, everything(rows), 0.05, 0)) == 1  # a small source keeps a record
+
+
+def test_a_weight_below_one_leaves_a_one_record_source_its_record(tmp_path: Path) -> None:
+    rows = source_rows([rec("s", 0)], tmp_path)
+    assert apply_weight(rows, [0], 0.5, 0) == [0] and apply_weight(rows, [], 0.5, 0) == []
 
 
 def test_stage_writes_report_and_dropped_reasons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
