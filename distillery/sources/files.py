@@ -19,7 +19,8 @@ def is_junk(path: Path) -> bool:
 def resolve_paths(spec: str | list[str], suffixes: tuple[str, ...], field: str) -> list[Path]:
     """Expand `spec` into a sorted list of files ending in one of `suffixes`.
 
-    A directory contributes its matching files (recursively); a glob its matches; a plain path must exist.
+    A directory contributes its matching files (recursively); a glob its matches with such a suffix (`data/*` by a
+    README: the workbooks); a plain path must exist.
     Junk files (is_junk) are never read, and a file reached twice (through a symlink, or a `**` glob that
     follows a symlinked folder) is read once. Anything that matches nothing is a UserError naming the config
     field and the path.
@@ -30,9 +31,10 @@ def resolve_paths(spec: str | list[str], suffixes: tuple[str, ...], field: str) 
         path = Path(item).expanduser()
         if any(ch in item for ch in "*?["):
             matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True)
-                             if Path(m).is_file() and not is_junk(Path(m)))
+                             if Path(m).is_file() and Path(m).suffix.lower() in suffixes and not is_junk(Path(m)))
             if not matches:
-                raise UserError(f"{field}: the pattern {item!r} matches no file. Check the path (relative to {Path.cwd()}).")
+                raise UserError(f"{field}: the pattern {item!r} matches no {'/'.join(suffixes)} file. Check the path "
+                                f"(relative to {Path.cwd()}).")
             files.extend(matches)
         elif path.is_dir():
             matches = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes and not is_junk(p))

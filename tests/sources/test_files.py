@@ -40,3 +40,13 @@ def test_a_file_reached_through_a_symlinked_folder_is_read_once(tmp_path: Path) 
     (tmp_path / "d" / "back").symlink_to(tmp_path / "d")  # `**` follows it again and again
     assert resolve_paths(str(tmp_path / "d" / "**" / "*.xlsx"), XLSX, "path") == [good]
     assert resolve_paths([str(good), str(tmp_path / "d" / "back" / "a.xlsx")], XLSX, "path") == [good]
+
+
+def test_a_glob_reads_only_the_kind_of_file_it_is_for(tmp_path: Path) -> None:
+    """`data/*` over workbooks and their README: the workbooks, as a directory gives them; a glob that matches
+    only other files says what it looked for."""
+    good = aihub.write_layout(tmp_path / "d" / "구어체.xlsx", "구어체")
+    (tmp_path / "d" / "README.md").write_text("AI-Hub ko-en, downloaded 2026-11", encoding="utf-8")
+    assert resolve_paths(str(tmp_path / "d" / "*"), XLSX, "path") == [good]
+    with pytest.raises(UserError, match=r"path: the pattern .*\*\.md' matches no \.xlsx file"):
+        resolve_paths(str(tmp_path / "d" / "*.md"), XLSX, "path")
