@@ -147,7 +147,7 @@ def training_arguments(job: TrainJob) -> dict[str, Any]:
 
 
 def tokenized_rows(job: TrainJob, tokenizer: Any, path: str) -> list[dict]:
-    """Format's split tokenized here (training/tokens.py: no second BOS, TRL's completion boundary) so that training
+    """Format's split tokenized here (training/tokens.py: no second BOS, the prompt's own tokens) so that training
     sees exactly the tokens inference reads."""
     from distillery.training.tokens import training_example
 

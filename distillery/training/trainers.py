@@ -93,8 +93,9 @@ def mc_rows(rows: Iterable[dict]) -> list[dict]:
 class MultipleChoiceCollator:
     """Each example becomes one row per option: prompt + option text, with a mask over the option's tokens.
 
-    The option starts where the tokenized prompt and prompt+option stop agreeing (tokens can merge across the
-    boundary). Over-long rows lose tokens from the left, so the option itself is never cut.
+    The prompt and the option are tokenized as training tokenizes a prompt and its completion (training/tokens.py:
+    the template's own BOS, the prompt's own tokens). Over-long rows lose tokens from the left, so the option itself
+    is never cut.
     """
 
     def __init__(self, tokenizer: Any, max_length: int):

@@ -237,6 +237,27 @@ def test_multiple_choice_collator_masks_only_the_option_tokens(word_tokenizer) -
     assert batch["labels"].tolist() == [0]
 
 
+def test_multiple_choice_rows_start_with_the_one_bos_the_template_writes(tiny_r1_path: str) -> None:
+    """R1's tokenizer adds a BOS itself and format's qa template writes it: each option row has one, first, and the
+    option's mask starts where the prompt's own tokens end."""
+    from transformers import AutoTokenizer
+
+    from distillery.config import FormatConfig
+    from distillery.core.records import make_record
+    from distillery.stages.format import load_template, render
+    from distillery.training.trainers import MultipleChoiceCollator
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_r1_path)
+    record = make_record("t", "math_mc", [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}],
+                         {}, ["4", "5"], 0)
+    prompt = render(record, FormatConfig(template="qa"), load_template("qa", tokenizer), tokenizer)["prompt"]
+    batch = MultipleChoiceCollator(tokenizer, max_length=64)([{"prompt": prompt, "choices": ["4", "5"], "label": 0}])
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    for ids, mask in zip(batch["input_ids"].tolist(), batch["option_mask"].tolist()):
+        assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+        assert ids[:len(prompt_ids)] == prompt_ids and mask.index(1) == len(prompt_ids)
+
+
 # ---- integration: the real demo model through the real stage ----------------------------------------------------
 
 
@@ -486,7 +507,7 @@ def ctrl_c_after_checkpoint_is_a_quiet_interrupt(config: Path, tmp_path: Path, s
 
 def test_training_reads_the_tokens_inference_reads_with_one_bos(tiny_r1_path: str) -> None:
     """R1's tokenizer adds a BOS and its template writes one: training used to start every example with two, which
-    llama.cpp never sees. Now the rendered text is the whole truth: one BOS, the completion where TRL puts it."""
+    llama.cpp never sees. Now the rendered text is the whole truth: one BOS, the completion after the prompt's tokens."""
     from transformers import AutoTokenizer
 
     from distillery.training.tokens import training_example
