@@ -86,12 +86,14 @@ def check_math(prediction: str, reference: str, timeout_s: float = 5.0) -> MathC
 
 
 def answer_region(text: str) -> str:
-    """What follows the reasoning, at most its last MAX_CHARS characters; empty when the reasoning never closes."""
+    """What follows the reasoning, at most its last MAX_CHARS characters; empty when the reasoning never closes.
+    A typographic minus (U+2212, as LaTeX-to-Unicode and some teachers write it) is read as "-": its number would
+    otherwise lose the sign."""
     if THINK_CLOSE in text:
         text = text.rsplit(THINK_CLOSE, 1)[1]
     elif THINK_OPEN in text:
         return ""
-    return text[-MAX_CHARS:]
+    return text[-MAX_CHARS:].replace("\u2212", "-")
 
 
 # ---- finding the answer (plain regular expressions: cheap, safe in this process) ---------------------------------

@@ -115,14 +115,20 @@ def _openai_top_k(logprobs: dict, ids: list[int], start: int, k: int, token_id: 
 
 def token_id_mapper(tokenizer: Any) -> Any:
     """Returned token -> id: vLLM's `token_id:<n>`, else the tokenizer's own piece, else a unique decoded text."""
+    import threading
+
     vocab = tokenizer.get_vocab()
     decoded: dict[str, int | None] = {}
+    building = threading.Lock()  # distill's worker threads score traces at once: none may read a half-built table
 
     def by_text(text: str) -> int | None:
-        if not decoded:
-            for token_id in range(len(tokenizer)):
-                piece = tokenizer.decode([token_id])
-                decoded[piece] = None if piece in decoded else token_id  # ambiguous texts map to nothing
+        with building:
+            if not decoded:
+                table: dict[str, int | None] = {}
+                for token_id in range(len(tokenizer)):
+                    piece = tokenizer.decode([token_id])
+                    table[piece] = None if piece in table else token_id  # ambiguous texts map to nothing
+                decoded.update(table)
         return decoded.get(text)
 
     def token_id(text: str) -> int | None:

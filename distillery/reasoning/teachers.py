@@ -60,6 +60,19 @@ class Dropped:
     detail: str
 
 
+class CutOff(str):
+    """The text of a reply that stopped at max_tokens, not at its end: half a thought, whatever number it wrote
+    last. Distill fails its check whatever it says (keep: all still keeps it, marked unverified)."""
+
+
+def with_reasoning(content: str, reasoning: Any) -> str:
+    """The reply as R1 writes it: a server's reasoning parser (vLLM --reasoning-parser, DeepSeek's API) returns the
+    thought in `reasoning_content` and only the answer in `content`; put it back in a <think> block."""
+    if isinstance(reasoning, str) and reasoning.strip() and "</think>" not in content:
+        return f"<think>\n{reasoning.strip()}\n</think>\n\n{content}"
+    return content
+
+
 class PromptRejected(UserError):
     """The teacher refused one request with a 400, 413 or 422: the prompt, not the setup, is the problem.
     `complete` makes it a Dropped sample; anywhere else it is the UserError it says."""
@@ -112,7 +125,8 @@ class GGUFTeacher:
         self.llama = LlamaChild(path, "generating teacher answers with", n_ctx=context_length)
 
     def complete(self, messages: Messages, n: int, temperature: float, max_tokens: int, seed: int) -> list[str]:
-        return self.llama.call(_chat_completions, messages, n, temperature, max_tokens, seed)
+        replies = self.llama.call(_chat_completions, messages, n, temperature, max_tokens, seed)
+        return [CutOff(text) if finish_reason == "length" else text for text, finish_reason in replies]
 
     def encoder(self, student_tokenizer: Any) -> Callable[[str], list[int]]:
         return lambda text: self.llama.tokenize([text], add_bos=False, special=True)[0]
@@ -143,13 +157,14 @@ def _top_logprobs(state: dict[str, Any], emit: Any, ids: list[int], start: int, 
 
 
 def _chat_completions(state: dict[str, Any], emit: Any, messages: Messages, n: int, temperature: float,
-                      max_tokens: int, seed: int) -> list[str]:
-    """In the llama.cpp child: n chat completions through the GGUF's own chat template."""
+                      max_tokens: int, seed: int) -> list[tuple[str, str | None]]:
+    """In the llama.cpp child: n chat completions through the GGUF's own chat template, with why each stopped."""
     answers = []
     for i in range(n):
         reply = state["llm"].create_chat_completion(messages=messages, temperature=temperature,
                                                     max_tokens=max_tokens, seed=seed + i)
-        answers.append(reply["choices"][0]["message"]["content"] or "")
+        choice = reply["choices"][0]
+        answers.append((choice["message"]["content"] or "", choice.get("finish_reason")))
     return answers
 
 
@@ -182,7 +197,10 @@ class HFTeacher:
             output = self.model.generate(**inputs, max_new_tokens=max_tokens, num_return_sequences=n,
                                          pad_token_id=self.pad_token_id, **sampling)
         prompt_length = inputs["input_ids"].shape[1]
-        return [self.tokenizer.decode(row[prompt_length:], skip_special_tokens=True) for row in output]
+        configured = self.model.generation_config.eos_token_id
+        ends = {self.tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])} - {None}
+        texts = [self.tokenizer.decode(row[prompt_length:], skip_special_tokens=True) for row in output]
+        return [text if ends & set(row[prompt_length:].tolist()) else CutOff(text) for text, row in zip(texts, output)]
 
     def encoder(self, student_tokenizer: Any) -> Callable[[str], list[int]]:
         from distillery.core.vocab import hf_encoder
@@ -328,7 +346,9 @@ class OpenAITeacher:
             raise UserError(f"distill.teacher: {self.endpoint} answered with a {type(content).__name__} as "
                             f"choices[0].message.content, not text: {reply.text()[:200]}")
         if content and content.strip():
-            return content.encode("utf-8", "replace").decode("utf-8")  # a lone surrogate (JSON's "\ud800") -> "?"
+            text = with_reasoning(content, message.get("reasoning_content") or message.get("reasoning"))
+            text = text.encode("utf-8", "replace").decode("utf-8")  # a lone surrogate (JSON's "\ud800") -> "?"
+            return CutOff(text) if finish_reason == "length" else text
         detail = f"content {'null' if content is None else 'empty'}, finish_reason {finish_reason}"
         if message.get("reasoning_content"):
             detail += "; the text is in reasoning_content (the server's reasoning parser)"

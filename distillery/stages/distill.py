@@ -36,7 +36,7 @@ from distillery.core.records import make_record, read_jsonl, write_jsonl
 from distillery.stage import Stage, StageContext, StageResult
 from distillery.reasoning.prompts import question, revision_messages, teacher_messages, trace_content
 from distillery.reasoning.sandbox import Limits, check_isolation
-from distillery.reasoning.teachers import Dropped
+from distillery.reasoning.teachers import CutOff, Dropped
 from distillery.reasoning.verifiers import VERIFIERS, Verdict, final_part, why_uncheckable
 
 log = logging.getLogger(__name__)
@@ -140,9 +140,15 @@ def scored_trace(scorer: Any, trace: dict) -> dict:
     return {"unscored": scored.reason} if isinstance(scored, Unscored) else scored.encode()
 
 
+CUT_OFF_FEEDBACK = ("The reply was cut off at the token limit before it ended, so it has no final answer. Answer "
+                    "again more briefly, ending with the final answer.")
+
+
 def checked_turn(record: dict, reply: str | Dropped, verify: Any, limits: Limits) -> tuple[str, Verdict]:
     """The reply's text and its verdict; a reply without usable text, or whose answer nests too deeply to be
     written, fails with the reason in `dropped`."""
+    if isinstance(reply, CutOff) and reply.strip():
+        return str(reply), Verdict(ok=False, feedback=CUT_OFF_FEEDBACK, details={"cut_off": True})
     if isinstance(reply, str) and reply.strip():
         verdict = verify(record, reply, limits)
         if not nested_deeper_than(verdict.answer, MAX_ANSWER_DEPTH):
@@ -171,7 +177,8 @@ def is_dropped(turn: tuple[str, Verdict]) -> bool:
 
 def training_record(record: dict, turns: list, final: Any, sample: int, teacher_name: str) -> dict:
     """The record with the teacher's trace as its answer, in the ingest shape."""
-    canonical = final.canonical or final_part(turns[-1][0]).strip()
+    # a reply cut off at max_tokens has no final answer (keep: all keeps its reasoning only)
+    canonical = "" if final.details.get("cut_off") else final.canonical or final_part(turns[-1][0]).strip()
     content = trace_content([(text, verdict.feedback) for text, verdict in turns], canonical)
     messages = question(record)
     meta = {**record.get("meta", {}), "distill": {"from_id": record["id"], "teacher": teacher_name, "sample": sample,

@@ -131,6 +131,22 @@ def test_a_reply_without_text_is_a_dropped_sample_that_says_why(serve, monkeypat
     assert ask(teacher_for(serve(lambda handler, n: send(handler, body)), monkeypatch)) == Dropped("no text", detail)
 
 
+def test_reasoning_a_server_parsed_out_goes_back_into_the_trace(serve, monkeypatch) -> None:
+    """vLLM's --reasoning-parser and DeepSeek's API return the thought in reasoning_content and the answer in
+    content: the trace keeps both, as R1 writes them."""
+    body = chat_reply("The answer is 42.", reasoning_content="6 * 7 = 42")
+    assert ask(teacher_for(serve(lambda handler, n: send(handler, body)), monkeypatch)) == \
+        "<think>\n6 * 7 = 42\n</think>\n\nThe answer is 42."
+
+
+def test_a_reply_that_stopped_at_max_tokens_is_marked_cut_off(serve, monkeypatch) -> None:
+    from distillery.reasoning.teachers import CutOff
+
+    body = chat_reply("9 * 2 = 18 dollars, but she also pays for feed, so 18 - ", finish_reason="length")
+    reply = ask(teacher_for(serve(lambda handler, n: send(handler, body)), monkeypatch))
+    assert isinstance(reply, CutOff) and reply.endswith("so 18 - ")
+
+
 # ---- Retry-After ----------------------------------------------------------------------------------------------------
 
 def busy_once(retry_after: str):

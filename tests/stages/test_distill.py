@@ -688,3 +688,21 @@ def test_where_the_sandbox_cannot_build_its_walls_distill_stops_before_asking_th
     with pytest.raises(UserError, match="distill.sandbox.isolation is required"):
         distill.run(StageContext(cfg=cfg, run=RunDir("runs", "t"), out=tmp_path / "out", console=console))
     assert chat.requests == [] and len(ran) == 1 and "probe" in ran[0]
+
+
+def test_a_reply_cut_off_at_max_tokens_is_never_verified_and_keeps_no_final_answer() -> None:
+    """Half a thought whose last option happens to be right is not a verified trace; under keep: all it is kept
+    unverified, its reasoning without an answer (not the cut-off text a second time as the answer)."""
+    from distillery.reasoning.sandbox import Limits
+    from distillery.reasoning.teachers import CutOff
+    from distillery.reasoning.verifiers import VERIFIERS
+
+    record = make_record("mathqa", "math_mc", [{"role": "user", "content": "1 + 2?"},
+                                               {"role": "assistant", "content": "The answer is (c) 3."}],
+                         {}, ["1", "2", "3", "4", "5"], 2)
+    reply = CutOff("Option (a) gives 1, too small. Option (c) gives 3, let me check whether")
+    text, verdict = distill.checked_turn(record, reply, VERIFIERS["math_mc"], Limits())
+    assert verdict.ok is False and "cut off" in verdict.feedback and "dropped" not in verdict.details
+    assert VERIFIERS["math_mc"](record, str(reply), Limits()).ok  # read as a whole reply, it would have passed
+    trace = distill.training_record(record, [(text, verdict)], verdict, 0, "t")
+    assert trace["messages"][-1]["content"] == f"<think>\n{reply}\n</think>"
