@@ -250,6 +250,8 @@ def run(ctx: StageContext) -> StageResult:
     ft = ctx.cfg.finetune
     check_accelerate_config(ft.accelerate_config, cuda_available(), ft.backend)
     train_rows, eval_rows, template, meta = load_format_outputs(ctx.run.stage_dir("format"))
+    check_eval_rows(ft, eval_rows)
+    check_tracker_installed(ft.report_to)
     model_path = locate_model(ctx.cfg.model.path)
     trust = ctx.cfg.model.trust_remote_code
     if ft.method == "lora":
@@ -279,6 +281,27 @@ def run(ctx: StageContext) -> StageResult:
     atomic_write_text(ctx.out / OUTPUTS["summary"], json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     drop_training_state(ctx.out)
     return report(ctx, summary)
+
+
+def check_eval_rows(ft: FinetuneConfig, eval_rows: list[dict]) -> None:
+    """eval_steps needs held-out rows (with options, for multiple_choice); without them the trainer stopped with
+    a traceback after loading the model, and every rerun did the same."""
+    usable = [r for r in eval_rows if r.get("choices")] if ft.objective == "multiple_choice" else eval_rows
+    if ft.eval_steps and not usable:
+        raise UserError(f"finetune.eval_steps is {ft.eval_steps}, but format's eval split has no "
+                        f"{'multiple-choice ' if ft.objective == 'multiple_choice' else ''}example to evaluate "
+                        "(ingest.eval_fraction 0, or too few records to hold any out): unset eval_steps, or give "
+                        "ingest enough records to hold some out.")
+
+
+def check_tracker_installed(report_to: str) -> None:
+    """An experiment tracker transformers would fail to start after the model has loaded."""
+    import importlib.util
+
+    module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(report_to)
+    if module and importlib.util.find_spec(module) is None:
+        raise UserError(f"finetune.report_to is {report_to}, which is not installed: `.venv/bin/pip install "
+                        f"{module}`, or set report_to: none.")
 
 
 def drop_training_state(out: Path) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from distillery.core.userinput import UserPath
 
@@ -104,3 +104,10 @@ class FinetuneConfig(BaseModel):
                           "process with ddp_cpu.yaml / fsdp_cpu.yaml). The unsloth backend runs data-parallel "
                           "(DDP) only; FSDP and DeepSpeed need backend: hf.",
     )
+
+    @model_validator(mode="after")
+    def _lengths_to_group(self) -> "FinetuneConfig":
+        if self.objective == "multiple_choice" and self.group_by_length:
+            raise ValueError("group_by_length groups examples by their token count, and the multiple_choice objective "
+                             "tokenizes its options only as it batches them: set group_by_length: false")
+        return self

@@ -108,6 +108,32 @@ def test_empty_training_set_is_refused(tmp_path: Path) -> None:
         load_format_outputs(write_format_dir(tmp_path / "format", []))
 
 
+def test_settings_the_data_or_the_machine_cannot_honour_are_refused_before_the_model_loads() -> None:
+    """eval_steps with no held-out example, a tracker that is not installed, and multiple_choice with
+    group_by_length each stopped the trainer with a traceback after the model loaded (and a rerun did the same)."""
+    import importlib.util
+
+    from pydantic import ValidationError
+
+    from distillery.stages.finetune import check_eval_rows, check_tracker_installed
+    from distillery.training.settings import FinetuneConfig
+
+    row = {"prompt": "Q", "completion": "A"}
+    check_eval_rows(FinetuneConfig(eval_steps=5), [row])
+    check_eval_rows(FinetuneConfig(), [])
+    with pytest.raises(UserError, match="eval_steps is 5, but format's eval split has no example"):
+        check_eval_rows(FinetuneConfig(eval_steps=5), [])
+    with pytest.raises(UserError, match="no multiple-choice example"):
+        check_eval_rows(FinetuneConfig(eval_steps=5, objective="multiple_choice"), [row])
+    for tracker in ("tensorboard", "wandb"):
+        if importlib.util.find_spec(tracker) is None:
+            with pytest.raises(UserError, match=f"report_to is {tracker}, which is not installed"):
+                check_tracker_installed(tracker)
+    check_tracker_installed("none")
+    with pytest.raises(ValidationError, match="set group_by_length: false"):
+        FinetuneConfig(objective="multiple_choice", group_by_length=True)
+
+
 def test_missing_model_path_is_refused_fast(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist locally"):
         locate_model(str(tmp_path / "no-such-model"))
