@@ -64,6 +64,7 @@ def test_answers_written_in_other_forms_are_equal(prediction: str, reference: st
     ("\\boxed{\\frac{1}{3}}", "0.33", "boxed", "\\frac{1}{3}"),
     ("I am not sure.", "#### 42", "none", None),
     ("<think>It is 42, but let me check once more", "#### 42", "none", None),  # the reasoning never ended
+    ("The answer is \u22123.", "#### 3", "the answer is", "-3"),  # a typographic minus keeps its sign
 ])
 def test_wrong_and_missing_answers(prediction: str, reference: str, how: str, predicted: str | None) -> None:
     check = check_math(prediction, reference)
