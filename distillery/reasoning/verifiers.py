@@ -311,6 +311,8 @@ def why_uncheckable(verifier: str, record: dict) -> str | None:
         if not any(m["role"] == "assistant" for m in record["messages"]) \
                 or not candidates(answer_region(reference_answer(record))):
             return "no reference answer"
+        if check_math("", reference_answer(record)).expected is None:  # found, but math-verify cannot read it
+            return "reference answer math-verify cannot read"
     else:
         needed = ("io_input", "io_output") if verifier == "codeio_output" else ("refcode", "funcname", "io_input", "io_output")
         missing = [k for k in needed if k not in record.get("meta", {})]

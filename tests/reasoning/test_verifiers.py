@@ -158,6 +158,8 @@ def test_why_uncheckable() -> None:
     assert why_uncheckable("math_mc", no_label) == "no choices/label"
     assert why_uncheckable("numeric", gsm_record()) is None
     assert why_uncheckable("numeric", gsm_record("<think>7</think> see the book")) == "no reference answer"
+    # an answer is found but math-verify cannot read it: the teacher is not asked (twice, with revision) in vain
+    assert why_uncheckable("numeric", gsm_record("The answer is yes.")) == "reference answer math-verify cannot read"
     assert why_uncheckable("codeio_input", codeio_record()) is None
     missing = make_record("x", "code_io_input", [{"role": "user", "content": "q"}], {"io_input": {}})
     assert why_uncheckable("codeio_input", missing) == "meta lacks refcode, funcname, io_output"
