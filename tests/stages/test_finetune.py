@@ -134,6 +134,14 @@ def test_settings_the_data_or_the_machine_cannot_honour_are_refused_before_the_m
         FinetuneConfig(objective="multiple_choice", group_by_length=True)
 
 
+def test_the_runs_loss_weighs_each_logged_loss_by_the_steps_it_covers() -> None:
+    from distillery.stages.finetune import run_loss
+
+    rows = [{"step": 2, "loss": 3.0}, {"step": 2, "eval_loss": 9.0}, {"step": 6, "loss": 1.0}]
+    assert run_loss(rows, {"global_step": 6, "train_loss": 0.1}) == pytest.approx((3.0 * 2 + 1.0 * 4) / 6)
+    assert run_loss(rows[:1], {"global_step": 6, "train_loss": 0.1}) == 0.1  # the log stops short: the Trainer's
+
+
 def test_missing_model_path_is_refused_fast(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist locally"):
         locate_model(str(tmp_path / "no-such-model"))
@@ -476,8 +484,10 @@ def test_ctrl_c_then_kill_9_and_the_same_command_resumes_each_time_training_each
     assert resumed >= 4
     summary = json.loads((stage_dir(tmp_path) / "summary.json").read_text())
     assert summary["resumed_from_step"] == resumed and summary["steps"] == 8
-    steps = [json.loads(line)["step"] for line in (stage_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 9))  # each step once, across both interruptions
+    logged = [json.loads(line) for line in (stage_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged] == list(range(1, 9))  # each step once, across both interruptions
+    # the run's loss over all 8 steps, not the resumed process's sum divided by 8
+    assert summary["train_loss"] == pytest.approx(sum(row["loss"] for row in logged) / 8)
 
 
 @pytest.mark.integration
