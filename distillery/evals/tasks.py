@@ -81,10 +81,9 @@ def check_item(kind: str, record: dict[str, Any], reference: str, reply: str, li
         return {"correct": letter is not None and "abcde".index(letter) == record.get("label"), "how": "letter",
                 "answer": letter}
     if kind == "codeio":
-        from distillery.reasoning.verifiers import verify_codeio_input, verify_codeio_output
+        from distillery.reasoning.verifiers import VERIFIERS
 
-        verify = verify_codeio_input if record["task"] == "code_io_input" else verify_codeio_output
-        verdict = verify(record, final_part(reply), limits)
+        verdict = VERIFIERS[CODEIO_VERIFIERS[record["task"]]](record, final_part(reply), limits)
         return {"correct": verdict.ok, "how": record["task"], "answer": verdict.answer}
     if kind == "text":
         return {"correct": normalized(final_part(reply)) == normalized(reference), "how": "exact match"}

@@ -85,15 +85,19 @@ def check_math(prediction: str, reference: str, timeout_s: float = 5.0) -> MathC
         return MathCheck(False, None, None, "none", f"{type(err).__name__}: {err}")
 
 
-def answer_region(text: str) -> str:
-    """What follows the reasoning, at most its last MAX_CHARS characters; empty when the reasoning never closes.
-    A typographic minus (U+2212, as LaTeX-to-Unicode and some teachers write it) is read as "-": its number would
-    otherwise lose the sign."""
+def after_reasoning(text: str) -> str:
+    """The text after the last </think>; all of it when there is no reasoning block; nothing when one was opened
+    and never closed (a reply cut off mid-thought: what it said while thinking is no answer)."""
     if THINK_CLOSE in text:
-        text = text.rsplit(THINK_CLOSE, 1)[1]
-    elif THINK_OPEN in text:
-        return ""
-    return text[-MAX_CHARS:].replace("\u2212", "-")
+        return text.rsplit(THINK_CLOSE, 1)[1]
+    return "" if THINK_OPEN in text else text
+
+
+def answer_region(text: str) -> str:
+    """What follows the reasoning (after_reasoning), at most its last MAX_CHARS characters. A typographic minus
+    (U+2212, as LaTeX-to-Unicode and some teachers write it) is read as "-": its number would otherwise lose the
+    sign."""
+    return after_reasoning(text)[-MAX_CHARS:].replace("\u2212", "-")
 
 
 # ---- finding the answer (plain regular expressions: cheap, safe in this process) ---------------------------------

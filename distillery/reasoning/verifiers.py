@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from distillery.reasoning.answers import MathCheck, answer_region, candidates, check_math
+from distillery.reasoning.answers import MathCheck, after_reasoning, answer_region, candidates, check_math
 from distillery.reasoning.sandbox import Limits, clean_text, preview, run_function
 
 LETTERS = "abcde"
@@ -71,12 +71,8 @@ def never_raises(verify: Callable[[dict, str, Limits], Verdict]) -> Callable[[di
 
 
 def final_part(text: str) -> str:
-    """The answer after the reasoning: the text after the last </think>, all of it when there is no reasoning
-    block, nothing when one was opened and never closed (a reply cut off mid-thought: what it said while thinking
-    is no answer, as answers.answer_region has it for math)."""
-    if "</think>" in text:
-        return text.rsplit("</think>", 1)[-1]
-    return "" if "<think>" in text else text
+    """The answer after the reasoning, whole (answers.after_reasoning: nothing for reasoning that never closes)."""
+    return after_reasoning(text)
 
 
 # ---- math_mc ---------------------------------------------------------------------------------------------------

@@ -312,10 +312,9 @@ def check_tracker_installed(report_to: str) -> None:
     """An experiment tracker transformers would fail to start after the model has loaded."""
     import importlib.util
 
-    module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(report_to)
-    if module and importlib.util.find_spec(module) is None:
+    if report_to != "none" and importlib.util.find_spec(report_to) is None:  # the package is named as the tracker
         raise UserError(f"finetune.report_to is {report_to}, which is not installed: `.venv/bin/pip install "
-                        f"{module}`, or set report_to: none.")
+                        f"{report_to}`, or set report_to: none.")
 
 
 def drop_training_state(out: Path) -> None:
