@@ -128,6 +128,18 @@ def split(rows: SourceRows, kept: list[int], fraction: float) -> tuple[list[int]
     return ([i for i in kept if rows.groups[i] not in eval_groups], [i for i in kept if rows.groups[i] in eval_groups])
 
 
+def why_none_survived(table: list[dict]) -> str:
+    """Each source's rows read and its most common drop reasons, for the message that ends an ingest with no
+    training record (the report that lists them is not written then)."""
+    parts = []
+    for row in table:
+        reasons = sorted(row["dropped"].items(), key=lambda item: -item[1])[:3]
+        dropped = ", ".join(f"{reason}: {count}" for reason, count in reasons)
+        parts.append(f"{row['source']}: {row['read']} read" + (f", dropped {dropped}" if dropped else "")
+                     + (f", {row['eval']} held out" if row["eval"] else ""))
+    return "; ".join(parts)
+
+
 def apply_weight(rows: SourceRows, train: list[int], weight: float, seed: int) -> list[int]:
     """Repeat (weight > 1) or subsample (weight < 1) a source's train records, deterministically; a weight below 1
     keeps at least one record, so that a small source does not vanish without a reason given."""
@@ -222,7 +234,7 @@ def run(ctx: StageContext) -> StageResult:
                           "dropped": dict(report.dropped), "train": len(weighted), "eval": len(source_eval),
                           "notes": report.notes})
         if not any(train for _, train, _ in chosen):
-            raise UserError("ingest: no record survived (see the dropped reasons above); nothing to train on.")
+            raise UserError(f"ingest: no record survived ({why_none_survived(table)}); nothing to train on.")
         write_outputs(ctx.out, chosen, reports)
     finally:
         for rows, _ in per_source:

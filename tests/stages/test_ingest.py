@@ -95,3 +95,17 @@ def test_missing_source_file_is_a_clear_error(tmp_path: Path, monkeypatch: pytes
     with pytest.raises(UserError, match=r"ingest.sources.0.files \(one\): missing.jsonl does not exist"):
         run_stage("ingest", load_config("c.yaml"))
     assert not Path("runs/demo/ingest").exists()
+
+
+def test_an_ingest_with_no_record_left_says_why_in_its_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No report is written when nothing survives: the message itself names each source's drop reasons."""
+    monkeypatch.chdir(tmp_path)
+    rows = [{"question": ["a", "list"], "answer": "x"}, {"question": "q", "answer": ""}, {"question": "q2", "answer": ""}]
+    Path("d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    Path("c.yaml").write_text(yaml.safe_dump({"ingest": {"sources": [
+        {"name": "mine", "kind": "hf", "files": "d.jsonl", "format": "columns",
+         "columns": {"user": "question", "assistant": "answer"}}]}}), encoding="utf-8")
+    with pytest.raises(UserError, match=r"no record survived \(mine: 3 read, dropped empty answer: 2, non-text "
+                                        r"question \(list\): 1\)"):
+        run_stage("ingest", load_config("c.yaml"))
+    assert not Path("runs/demo/ingest").exists()
