@@ -12,13 +12,16 @@ units, thousands separators); `how` names the one that found the prediction's:
 - the answer is:  the rest of the sentence after the last "answer is" / "answer:";
 - latex:          the last LaTeX math span with a command in it ($\\frac{3}{4}$, \\(...\\), \\[...\\], $$...$$), or a
                   whole one-line text written in LaTeX (a reference such as `\\frac{3}{4}`);
+- whole:          a whole one-line text that is a tuple, an interval or a ratio with no words (MATH's `(1,-2)`,
+                  `[1,3)`, `3:45`): read as LaTeX, as math-verify reads them only there;
 - last number:    the last number in the text (`1,234`, `-7`, `3/4`, `25%`);
 - none:           nothing found, or nothing found that parses.
 
 The answer found must commit to one number. It hedges, and is wrong however it parses (math-verify would read
 only its last number), when `or` joins different numbers in it (`either 3 or 8`, `x = 3 or x = 8`; a bare last
 number offered as an alternative: `it is 3 or 8`), or when a box or a `####` line lists several after its last
-`=` (`\\boxed{3, 8}`; `3 + 5 = 8` commits to 8). `, or` and `(or` restate one value when the numbers agree up to a
+`=` (`\\boxed{3, 8}`; `3 + 5 = 8` commits to 8), or when `and` joins two numbers (`2 and 3`; math-verify
+reads 3). A tuple, an interval or a ratio is one answer (`\\boxed{(1, -2)}`, `3:45`, which is not 3). `, or` and `(or` restate one value when the numbers agree up to a
 unit factor (`1/4, or 25%`, `$5, or 500 cents`, `40 minutes (or 2/3 of an hour)`) and no word of doubt offers them
 as alternatives (`18 (or 20)`, `3, or perhaps 8` hedge). Words around a stated answer are no hedge (`the answer is
 18 after 3 days`: math-verify then reads the span as it reads any). math-verify reads a LaTeX answer (`3 \\text{ or
@@ -64,7 +67,14 @@ OR_WORD = re.compile(r"\bor\b", re.IGNORECASE)
 RESTATED = re.compile(r",\s*or\b|\(\s*or\b", re.IGNORECASE)
 UNIT_FACTORS = (1, 10, 12, 24, 60, 100, 1000, 3600)
 DOUBT = re.compile(r"\b(?:either|maybe|perhaps|possibly|probably|might|could)\b", re.IGNORECASE)
-NUMBER = re.compile(r"(?<![\w.,])-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?%?")
+NUMBER = re.compile(r"(?<![\w.,^])-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?(?:\^\d+)?%?")  # not cm^2's 2
+# read only as LaTeX by math-verify (as plain text, `(1,-2)` is -2 and `3:45` is 3): a bracketed tuple or interval
+# with no words, a ratio or a time
+TUPLE_OR_RATIO = re.compile(r"[\[(][^A-Za-z\n]*,[^A-Za-z\n]*[\])]|-?\d+(?:\.\d+)?(?:\s*:\s*\d+(?:\.\d+)?)+")
+NUMBER_OR_RATIO = re.compile(f"(?:{NUMBER.pattern})" + r"(?:\s*:\s*\d+(?:\.\d+)?)*")  # a last number: 3:1 whole
+JOINED_BY_AND = re.compile(f"(?:{NUMBER.pattern})" + r"\s*,?\s+and\s+" + f"(?:{NUMBER.pattern})")
+# a number and a plain-text unit with a power (`48 cm^2`, `9.8 m/s^2`): the number, not LaTeX's 48*c*m^2
+NUMBER_IN_UNITS = re.compile(f"({NUMBER.pattern})" + r"\s*[A-Za-z]+(?:\^\d+)?(?:\s*/\s*[A-Za-z]+(?:\^\d+)?)?")
 
 
 @dataclass(frozen=True)
@@ -106,7 +116,7 @@ def candidates(text: str) -> list[tuple[str, str]]:
     """(how, answer text) for each extraction that finds something, the most explicit first."""
     found = [("boxed", last_boxed(text)), ("####", last_match(GSM_FINAL, text)),
              ("the answer is", after_answer_is(text)), ("latex", last_latex(text)),
-             ("last number", last_match(NUMBER, text, group=0))]
+             ("whole", whole_tuple_or_ratio(text)), ("last number", last_match(NUMBER_OR_RATIO, text, group=0))]
     return [(how, span[:MAX_SPAN]) for how, span in found if span]
 
 
@@ -149,6 +159,12 @@ def last_latex(text: str) -> str | None:
     return None
 
 
+def whole_tuple_or_ratio(text: str) -> str | None:
+    """The whole text when it is one tuple, interval or ratio (TUPLE_OR_RATIO) and nothing else."""
+    whole = text.strip().strip("$").strip()
+    return whole if len(whole) <= MAX_SPAN and TUPLE_OR_RATIO.fullmatch(whole) else None
+
+
 # ---- parsing and comparing (sympy: only ever in the child) -----------------------------------------------------
 
 def parse_answer(span: str) -> list:
@@ -158,7 +174,10 @@ def parse_answer(span: str) -> list:
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
 
     inner = span.strip().strip("$").strip()
-    if LATEX_MARKUP.search(inner):
+    in_units = NUMBER_IN_UNITS.fullmatch(inner)
+    if in_units and "^" in inner:
+        inner = in_units.group(1)
+    if LATEX_MARKUP.search(inner) or TUPLE_OR_RATIO.fullmatch(inner):
         return parse(f"${inner}$", [LatexExtractionConfig()], fallback_mode="no_fallback", parsing_timeout=None)
     inner = inner.replace("\\$", "").replace("\\%", "%")
     return parse(inner, [LatexExtractionConfig(), ExprExtractionConfig()], fallback_mode="no_fallback",
@@ -189,26 +208,31 @@ def compare(prediction: str, reference: str) -> MathCheck:
         shown, _ = first_found(prediction)
         return MathCheck(False, shown, expected[1], "none", f"the answer {shown!r} cannot be parsed" if shown else None)
     how, span, parsed = got
-    hedge = hedged(how, span if how != "last number" else alternatives_ending(prediction), expected[1])
+    hedge = hedged(how, span if how != "last number" else alternatives_ending(prediction), expected[1], reference)
     if hedge:
         return MathCheck(False, span, expected[1], how, hedge)
     return MathCheck(bool(verify(expected[2], parsed, timeout_seconds=None)), span, expected[1], how)
 
 
-def hedged(how: str, span: str, reference_span: str) -> str | None:
+def hedged(how: str, span: str, reference_span: str, reference: str) -> str | None:
     """Why a predicted answer commits to no one number (see the module docstring), or None."""
     named = committed_numbers(how, span)
-    if len(named) < 2 or len(committed_numbers("boxed", reference_span)) > 1:
+    if len(named) < 2 or len(committed_numbers("boxed", reference_span)) > 1 or JOINED_BY_AND.search(reference):
         return None
     return f"it names {len(named)} different numbers, not one final answer"
 
 
 def committed_numbers(how: str, span: str) -> set:
     """The different numbers an answer commits to: all of them when 'or' is in it; in a box or a `####` line,
-    those after its last '=' ('3 + 5 = 8': 8); none for LaTeX (math-verify reads it whole) or for the words
+    those after its last '=' ('3 + 5 = 8': 8); both of two joined by 'and' ('2 and 3'; not '2 and 1/2', a mixed
+    number); none for LaTeX, a tuple, an interval or a ratio (math-verify reads them whole) or for the words
     around a stated answer."""
-    if LATEX_MARKUP.search(span.strip().strip("$")):
+    inner = span.strip().strip("$").strip()
+    if LATEX_MARKUP.search(inner) or TUPLE_OR_RATIO.fullmatch(inner):
         return set()
+    joined = JOINED_BY_AND.search(span)
+    if joined and "/" not in joined.group(0).split("and")[-1]:
+        return number_values(joined.group(0))
     if OR_WORD.search(span):
         values = number_values(span)
         return set() if RESTATED.search(span) and not DOUBT.search(span) and one_value_in_units(values) else values

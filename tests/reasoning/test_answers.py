@@ -38,6 +38,8 @@ def test_gsm_samples_the_reference_answer_and_a_reply_ending_in_it_are_right_and
     ("The answer is $42.", "42", "the answer is", "$42"),
     ("**Answer:** \\boxed{42 \\text{ dollars}}", "\\$42", "boxed", "42 \\text{ dollars}"),
     ("The answer is 12 apples, and 3 are left over.", "12", "the answer is", "12 apples"),
+    ("The area is 48 cm^2.", "#### 48", "last number", "48"),  # not the power's 2, not LaTeX's 48*c*m^2
+    ("The answer is 9.8 m/s^2", "9.8", "the answer is", "9.8 m/s^2"),
     # thousands separators
     ("#### 1,234", "1234", "####", "1,234"),
     ("In all 1,234,567 people came.", "1234567", "last number", "1,234,567"),
@@ -48,6 +50,12 @@ def test_gsm_samples_the_reference_answer_and_a_reply_ending_in_it_are_right_and
     # negative numbers
     ("The temperature is -7 degrees.", "-7", "last number", "-7"),
     ("\\boxed{-\\frac{1}{2}}", "-0.5", "boxed", "-\\frac{1}{2}"),
+    # tuples, intervals and ratios (MATH's plain `(1,-2)` was read as 2), powers
+    ("\\boxed{(1, -2)}", "(1,-2)", "boxed", "(1, -2)"),
+    ("The answer is $[1, 3)$.", "[1,3)", "the answer is", "$[1, 3)$"),
+    ("(-1, 2)", "\\boxed{(-1,2)}", "whole", "(-1, 2)"),
+    ("The ratio is 6:2", "3:1", "last number", "6:2"),
+    ("It is 10^3", "1000", "last number", "10^3"),
     # what comes first: the reasoning is dropped, a markdown heading is not GSM's ####
     ("<think>it is 41</think>\nThe answer is 42.", "#### 42", "the answer is", "42"),
     ("#### Step 1\nAdd them up.\n#### Final answer\nThe answer is **5**.", "5", "the answer is", "5"),
@@ -65,6 +73,10 @@ def test_answers_written_in_other_forms_are_equal(prediction: str, reference: st
     ("I am not sure.", "#### 42", "none", None),
     ("<think>It is 42, but let me check once more", "#### 42", "none", None),  # the reasoning never ended
     ("The answer is \u22123.", "#### 3", "the answer is", "-3"),  # a typographic minus keeps its sign
+    ("The answer is 3:45.", "#### 3", "the answer is", "3:45"),  # a time, not its hours
+    ("It ends at 3:45", "3", "last number", "3:45"),
+    ("\\boxed{(1, 2)}", "(1,-2)", "boxed", "(1, 2)"),
+    ("\\boxed{1}", "(1,-2)", "boxed", "1"),
 ])
 def test_wrong_and_missing_answers(prediction: str, reference: str, how: str, predicted: str | None) -> None:
     check = check_math(prediction, reference)
@@ -83,6 +95,7 @@ def test_wrong_and_missing_answers(prediction: str, reference: str, how: str, pr
     ("The answer is 18 (or 8).", "#### 8", "18 (or 8)"),  # '(or' between two values that are not one
     ("\\boxed{3, or 8}", "#### 8", "3, or 8"),
     ("The total is 12, or 8 if we count the rotten ones.", "#### 8", "8"),
+    ("The answer is 3 and 8.", "#### 8", "3 and 8"),  # math-verify reads 8
 ])
 def test_an_answer_hedging_between_numbers_is_wrong_though_math_verify_reads_its_last(prediction: str, reference: str,
                                                                                       predicted: str) -> None:
@@ -96,6 +109,7 @@ def test_an_answer_hedging_between_numbers_is_wrong_though_math_verify_reads_its
     ("The answer is 1,200 (1200 in all).", "#### 1,200"),
     ("The answer is 25 (25%).", "#### 25"),
     ("The answer is 3, 8", "The answer is 3, 8"),  # the reference names two numbers itself
+    ("The answer is 2 and 3", "2 and 3"),
     ("The answer is \\boxed{3 \\text{ or } 8}", "#### 8"),  # LaTeX: math-verify's set {3, 8}, not 8
     ("Either way, it takes 3 trucks.\nThe total is 18.", "#### 18"),  # 'or' is not between two numbers
     ("2 or 3 apples were eaten, so 18 remain", "#### 18"),
