@@ -14,19 +14,20 @@ units, thousands separators); `how` names the one that found the prediction's:
                   whole one-line text written in LaTeX (a reference such as `\\frac{3}{4}`);
 - whole:          a whole one-line text that is a tuple, an interval or a ratio with no words (MATH's `(1,-2)`,
                   `[1,3)`, `3:45`): read as LaTeX, as math-verify reads them only there;
-- last number:    the last number in the text (`1,234`, `-7`, `3/4`, `25%`);
+- last number:    the last number in the text (`1,234`, `-7`, `3/4`, `25%`, `10^3`, a ratio `3:1`);
 - none:           nothing found, or nothing found that parses.
 
 The answer found must commit to one number. It hedges, and is wrong however it parses (math-verify would read
 only its last number), when `or` joins different numbers in it (`either 3 or 8`, `x = 3 or x = 8`; a bare last
-number offered as an alternative: `it is 3 or 8`), or when a box or a `####` line lists several after its last
-`=` (`\\boxed{3, 8}`; `3 + 5 = 8` commits to 8), or when `and` joins two numbers (`2 and 3`; math-verify
-reads 3). A tuple, an interval or a ratio is one answer (`\\boxed{(1, -2)}`, `3:45`, which is not 3). `, or` and `(or` restate one value when the numbers agree up to a
-unit factor (`1/4, or 25%`, `$5, or 500 cents`, `40 minutes (or 2/3 of an hour)`) and no word of doubt offers them
-as alternatives (`18 (or 20)`, `3, or perhaps 8` hedge). Words around a stated answer are no hedge (`the answer is
-18 after 3 days`: math-verify then reads the span as it reads any). math-verify reads a LaTeX answer (`3 \\text{ or
-} 8`) as a set, never equal to one number. A reference that itself names several numbers (a pair) lets the
-prediction do so too.
+number offered as an alternative: `it is 3 or 8`), when a box or a `####` line lists several after its last `=`
+(`\\boxed{3, 8}`; `3 + 5 = 8` commits to 8), or when `and` joins two numbers (`2 and 3`, where math-verify reads 3;
+not the mixed number `2 and 1/2`). `, or` and `(or` restate one value when the numbers agree up to a unit factor
+(`1/4, or 25%`, `$5, or 500 cents`, `40 minutes (or 2/3 of an hour)`) and no word of doubt offers them as
+alternatives (`18 (or 20)`, `3, or perhaps 8` hedge). Words around a stated answer are no hedge (`the answer is 18
+after 3 days`: math-verify then reads the span as it reads any). math-verify reads a LaTeX answer (`3 \\text{ or }
+8`) as a set, never equal to one number. A tuple, an interval or a ratio is one answer (`\\boxed{(1, -2)}`; `3:45`
+is not 3), and a number with a unit and a power is the number (`48 cm^2`). A reference that itself names several
+numbers (a pair) lets the prediction do so too.
 
 A prediction's reasoning (<think>...</think>) is dropped first; one that never closes leaves no answer. Only the
 last MAX_CHARS characters of each text are read.
