@@ -127,13 +127,30 @@ def prepare_messages(record: dict, fmt: FormatConfig) -> list[dict[str, str]]:
     return messages
 
 
+def apply_template(tokenizer: Any, messages: list[dict[str, str]], template: str, record: dict, fmt: FormatConfig,
+                   add_generation_prompt: bool = False) -> str:
+    """The messages rendered as text; a template that refuses them (a model's own template that raises, as Gemma's
+    does for a system message and Mistral's for roles that do not alternate, or one that is not valid Jinja) is a
+    UserError naming the record and the template's own words."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except TemplateError as err:
+        roles = ", ".join(m["role"] for m in messages)
+        system = " or unset format.system_prompt" if fmt.system_prompt else ""
+        raise UserError(f"format.template {fmt.template}: the chat template refused record {record['id']} "
+                        f"({record.get('source')}; roles {roles}): {err}. Use template qa, ko_qa, alpaca or r1"
+                        f"{system}.") from None
+
+
 def render(record: dict, fmt: FormatConfig, template: str, tokenizer: Any) -> dict[str, Any]:
     """One record -> {"prompt", "completion"} with completion = the last assistant turn, ending in EOS."""
     messages = prepare_messages(record, fmt)
     eos = tokenizer.eos_token
-    prompt = tokenizer.apply_chat_template(messages[:-1], chat_template=template, tokenize=False,
-                                           add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+    prompt = apply_template(tokenizer, messages[:-1], template, record, fmt, add_generation_prompt=True)
+    full = apply_template(tokenizer, messages, template, record, fmt)
     if not full.startswith(prompt):
         raise UserError(f"format.template {fmt.template}: rendering record {record['id']} without its answer is not a "
                         "prefix of rendering it with the answer, so the completion cannot be cut exactly. "

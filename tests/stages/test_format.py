@@ -119,6 +119,22 @@ def test_template_that_deletes_think_is_refused(tiny_tokenizer) -> None:
         render(record("<think>so</think>4"), FormatConfig(template="chat"), deleting, tiny_tokenizer)
 
 
+@pytest.mark.parametrize("template, words", [
+    # Gemma's own template refuses a system message; this one is not Jinja at all.
+    ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+     "{% endif %}{{ m['content'] }}{% endfor %}", "System role not supported"),
+    ("{% for m in messages %}{{ m['content'] }}", "Unexpected end of template"),
+])
+def test_a_chat_template_that_refuses_a_record_is_one_message_naming_it(template: str, words: str,
+                                                                         tiny_tokenizer) -> None:
+    """It was an unexpected TemplateError: exit code 1 and 'a bug in Distillery'."""
+    fmt = FormatConfig(template="chat", system_prompt="Be brief.")
+    row = record()
+    with pytest.raises(UserError, match=f"format.template chat: the chat template refused record {row['id']} "
+                                        rf"\(toy; roles system, user\): {words}.*unset format.system_prompt"):
+        render(row, fmt, template, tiny_tokenizer)
+
+
 @pytest.mark.integration
 def test_the_real_r1_template_with_template_chat_is_refused_naming_r1(tiny_r1_path: str) -> None:
     """DeepSeek-R1-Distill-Qwen's own template (bundled:tiny-qwen2-r1) deletes the reasoning of a teacher trace:
