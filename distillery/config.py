@@ -288,6 +288,16 @@ class EvaluateConfig(Section):
     max_new_tokens: int = Field(512, ge=1, description="Generative mode: the most tokens a reply may have.")
     gguf_threads: int | None = Field(None, ge=1, description="llama.cpp threads (default: all cores).")
 
+    @field_validator("artifacts")
+    @classmethod
+    def _some_artifact(cls, artifacts: Any) -> Any:
+        if artifacts == "auto":
+            return artifacts
+        if not artifacts:
+            raise ValueError("an empty list scores nothing: name at least one of base, adapter, merged, gguf, or use "
+                             "auto (every artifact the run has)")
+        return list(dict.fromkeys(artifacts))  # one named twice is scored once
+
 
 class PushConfig(Section):
     repo_id: str | None = Field(None, description="Hub repository, e.g. my-org/kanana-8b-ko-qa.")

@@ -122,6 +122,16 @@ def test_the_gguf_name_stem_is_one_plain_file_name(tmp_path: Path, name: str) ->
     assert load_config(write(tmp_path, MINIMAL), ["export.model_name=Qwen2.5-7B-ko"]).export.model_name == "Qwen2.5-7B-ko"
 
 
+def test_evaluate_artifacts_name_at_least_one_each_once(tmp_path: Path) -> None:
+    """An empty list was accepted and evaluate ended with 'no artifact could be scored: ' and no reason."""
+    with pytest.raises(UserError, match="evaluate.artifacts: .*an empty list scores nothing: name at least one of "
+                                        "base, adapter, merged, gguf, or use auto"):
+        load_config(write(tmp_path, MINIMAL), ["evaluate.artifacts=[]"])
+    cfg = load_config(write(tmp_path, MINIMAL), ["evaluate.artifacts=[base, gguf, base]"])
+    assert cfg.evaluate.artifacts == ["base", "gguf"]
+    assert load_config(write(tmp_path, MINIMAL)).evaluate.artifacts == "auto"
+
+
 def test_push_gguf_types_are_known_types_the_export_writes(tmp_path: Path) -> None:
     """A typo or a type the export does not write selected nothing to push (or failed at upload time)."""
     with pytest.raises(UserError, match="push.gguf_types: .*unknown GGUF quant type 'q4_km'; valid: "):
