@@ -79,12 +79,12 @@ class FinetuneConfig(BaseModel):
         "adamw_torch", description="8-bit / paged AdamW need CUDA (bitsandbytes); on CPU adamw_torch is used, with a warning."
     )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 where supported, else fp16/fp32.")
-    packing: bool = Field(False, description="Pack several examples into one max_length row (TRL bfd; off under Unsloth on CPU).")
+    packing: bool = Field(False, description="Pack several sft or kd examples into one max_length row (TRL bfd; off under Unsloth on CPU).")
     group_by_length: bool = Field(False, description="Batch examples of similar length together (less padding; "
                                   "the loss curve then varies with each batch's lengths).")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass (Unsloth's own on GPU).")
     logging_steps: int = Field(1, ge=1, description="Log loss, learning rate and tokens/s every N steps (metrics.jsonl).")
-    eval_steps: int | None = Field(None, ge=1, description="Loss on format's eval split every N steps (off when unset).")
+    eval_steps: int | None = Field(None, ge=1, description="Loss on format's eval split every N steps (off when unset; not with on_policy).")
     save_steps: int = Field(10, ge=1, description="Checkpoint every N optimizer steps (what a resume restarts from).")
     save_total_limit: int = Field(2, ge=1, description="Complete checkpoints kept while training (older ones deleted).")
     report_to: Literal["none", "tensorboard", "wandb"] = Field(
@@ -110,4 +110,17 @@ class FinetuneConfig(BaseModel):
         if self.objective == "multiple_choice" and self.group_by_length:
             raise ValueError("group_by_length groups examples by their token count, and the multiple_choice objective "
                              "tokenizes its options only as it batches them: set group_by_length: false")
+        return self
+
+    @model_validator(mode="after")
+    def _settings_the_objective_reads(self) -> "FinetuneConfig":
+        """Settings an objective's trainer never reads are refused rather than silently ignored."""
+        if self.packing and self.objective in ("multiple_choice", "on_policy"):
+            batches = {"multiple_choice": "batches each question with its options",
+                       "on_policy": "trains on the student's own generations"}[self.objective]
+            raise ValueError(f"packing packs sft and kd examples into max_length rows; the {self.objective} objective "
+                             f"{batches} and never packs: set packing: false")
+        if self.eval_steps and self.objective == "on_policy":
+            raise ValueError("eval_steps: the on_policy objective's trainer (TRL's DistillationTrainer) runs no "
+                             "held-out loss here: unset eval_steps (evaluate scores the held-out split after training)")
         return self

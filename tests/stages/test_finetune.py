@@ -134,6 +134,22 @@ def test_settings_the_data_or_the_machine_cannot_honour_are_refused_before_the_m
         FinetuneConfig(objective="multiple_choice", group_by_length=True)
 
 
+def test_settings_an_objective_never_reads_are_refused() -> None:
+    """packing with multiple_choice or on_policy, and eval_steps with on_policy, were accepted and ignored: their
+    trainers neither pack nor (on_policy) evaluate."""
+    from pydantic import ValidationError
+
+    from distillery.training.settings import FinetuneConfig
+
+    for objective in ("multiple_choice", "on_policy"):
+        with pytest.raises(ValidationError, match=f"the {objective} objective .* never packs: set packing: false"):
+            FinetuneConfig(objective=objective, packing=True)
+    with pytest.raises(ValidationError, match="eval_steps: the on_policy objective.*unset eval_steps"):
+        FinetuneConfig(objective="on_policy", eval_steps=5)
+    assert FinetuneConfig(objective="kd", packing=True, eval_steps=5).packing
+    assert FinetuneConfig(objective="sft", packing=True, eval_steps=5).eval_steps == 5
+
+
 def test_the_runs_loss_weighs_each_logged_loss_by_the_steps_it_covers() -> None:
     from distillery.stages.finetune import run_loss
 
