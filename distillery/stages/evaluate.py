@@ -349,8 +349,7 @@ def run(ctx: StageContext) -> StageResult:
     held = load_heldout(ctx) if ev.heldout.enabled else None
     mqa = load_mathqa(ctx)
     if held is None and not mqa.items:
-        raise UserError("evaluate has nothing to score: the run has no held-out record it can score (ingest."
-                        "eval_fraction, format.max_length) and evaluate.data is not set. Set one of them.")
+        raise UserError(nothing_to_score(ev))
     artifacts = find_artifacts(ctx)
     scores = Scores({"task": "mathqa", "mode": ev.mode, "data": ev.data, "split": ev.split, "n": len(mqa.items),
                      "num_fewshot": ev.num_fewshot, "dtype": resolve_dtype(ev.dtype), "skipped_items": mqa.loaded.skipped,
@@ -374,6 +373,15 @@ def run(ctx: StageContext) -> StageResult:
                                  "seconds": scores.heldout_seconds}
     write_outputs(ctx, scores.results, scores.per_item, scores.heldout, scores.heldout_items)
     return stage_result(scores.results, scores.heldout)
+
+
+def nothing_to_score(ev: EvaluateConfig) -> str:
+    """Why evaluate has nothing to score, naming the setting that would give it something."""
+    if not ev.heldout.enabled:
+        return ("evaluate has nothing to score: evaluate.heldout.enabled is false and evaluate.data is not set. Set "
+                "heldout.enabled: true (the run's held-out split) or evaluate.data (MathQA).")
+    return ("evaluate has nothing to score: the run has no held-out record it can score (ingest.eval_fraction, "
+            "format.max_length) and evaluate.data is not set. Set one of them.")
 
 
 def write_outputs(ctx: StageContext, results: dict[str, Any], per_item: list[dict[str, Any]],
