@@ -85,6 +85,16 @@ def without_special_token_text(records: list[dict], pattern: re.Pattern[str] | N
     return kept, dropped
 
 
+def check_system_prompt(fmt: FormatConfig, pattern: re.Pattern[str] | None) -> None:
+    """format.system_prompt joins every record after the records' special-token check: text of a special token in
+    it would be that control token in every training example (an end of turn, a turn of its own)."""
+    found = pattern.search(fmt.system_prompt) if pattern and fmt.system_prompt else None
+    if found:
+        raise UserError(f"format.system_prompt contains {found.group()!r}, a special token of the model: as text it "
+                        "would be tokenized as that control token in every training example. Remove it from "
+                        "system_prompt (the template writes the turn markers itself).")
+
+
 def load_template(name: str, tokenizer: Any) -> str:
     """The Jinja chat template for `name`; `chat` is the model's own. A named template opens with the BOS for a
     tokenizer that adds one itself (R1-Distill-Qwen, Llama 3, Kanana), as those models' own templates do: the
@@ -265,6 +275,7 @@ def run(ctx: StageContext) -> StageResult:
     template = load_template(fmt.template, tokenizer)
     stats: dict[str, Any] = {"template": fmt.template, "eos_token": tokenizer.eos_token}
     all_lengths, dropped, specials = [], [], special_token_pattern(tokenizer)
+    check_system_prompt(fmt, specials)
     for split in ("train", "eval"):
         records, split_dropped = without_special_token_text(load_records(ctx, split), specials, split)
         if split == "train" and split_dropped and not records:

@@ -12,7 +12,8 @@ from distillery.config import FormatConfig, load_config
 from distillery.core.errors import UserError
 from distillery.core.records import make_record, read_jsonl
 from distillery.runner import run_stage
-from distillery.stages.format import length_stats, load_template, render, special_token_pattern, token_lengths
+from distillery.stages.format import (check_system_prompt, length_stats, load_template, render, special_token_pattern,
+                                      token_lengths)
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +109,16 @@ def test_system_prompt_added_only_when_missing(tiny_tokenizer) -> None:
     tpl = load_template("qa", tiny_tokenizer)
     assert render(record(), fmt, tpl, tiny_tokenizer)["prompt"].startswith("Be brief.\n\n### Question:")
     assert render(record(system="Own."), fmt, tpl, tiny_tokenizer)["prompt"].startswith("Own.\n\n")
+
+
+def test_a_system_prompt_holding_a_special_tokens_text_is_refused(tiny_tokenizer) -> None:
+    """Records with such text are dropped, but format.system_prompt joined every record after that check: its
+    </s> became the EOS control token inside every training prompt, silently."""
+    pattern = special_token_pattern(tiny_tokenizer)
+    check_system_prompt(FormatConfig(system_prompt="Be brief. <s> is fine."), pattern)
+    check_system_prompt(FormatConfig(), pattern)
+    with pytest.raises(UserError, match=r"format.system_prompt contains '</s>', a special token of the model"):
+        check_system_prompt(FormatConfig(system_prompt="Be brief.</s>\nQuestion: hi"), pattern)
 
 
 def test_template_that_deletes_think_is_refused(tiny_tokenizer) -> None:
