@@ -269,7 +269,7 @@ def run(ctx: StageContext) -> StageResult:
     model_path = locate_model(ctx.cfg.model.path)
     trust = ctx.cfg.model.trust_remote_code
     if ft.method == "lora":
-        check_target_modules(model_path, ft.lora.target_modules, trust)
+        check_target_modules(model_path, ft.lora.target_modules, trust, ft.backend, ft.objective)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust)

@@ -55,8 +55,32 @@ def linear_layer_names(model: Any) -> list[str]:
                    if isinstance(module, torch.nn.Linear) and name})
 
 
-def check_target_modules(model_path: str, targets: list[str], trust_remote_code: bool = False) -> None:
-    """Refuse target modules the model lacks, naming its linear layers; built on the meta device (no weights)."""
+EMBEDDING_MODULES = ("embed_tokens", "lm_head")
+
+
+def embedding_target_refusal(targets: list[str], backend: str, objective: str) -> str | None:
+    """Why embedding targets cannot train as asked (each stopped the training child with a traceback): Unsloth
+    trains embed_tokens and lm_head whole (modules_to_save), not as LoRA, so with no other target there is no adapter;
+    TRL's SFTTrainer computes the log-probabilities from lm_head.weight directly, so it refuses LoRA on lm_head."""
+    leaves = [t.rsplit(".", 1)[-1] for t in targets]
+    if backend == "unsloth" and all(leaf in EMBEDDING_MODULES for leaf in leaves):
+        return (f"finetune.lora.target_modules: {', '.join(targets)} only: the unsloth backend trains embed_tokens "
+                "and lm_head as whole modules, not as LoRA adapters, which leaves no module to adapt. Add at least one "
+                "projection (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).")
+    if backend == "hf" and objective == "sft" and "lm_head" in leaves:
+        return ("finetune.lora.target_modules: lm_head: TRL's SFTTrainer computes the log-probabilities from "
+                "lm_head.weight directly, so a LoRA adapter on it would never train (TRL refuses it). Remove lm_head "
+                "from target_modules.")
+    return None
+
+
+def check_target_modules(model_path: str, targets: list[str], trust_remote_code: bool = False,
+                         backend: str = "hf", objective: str = "sft") -> None:
+    """Refuse target modules the model lacks, naming its linear layers; built on the meta device (no weights);
+    and embedding targets the backend or trainer cannot train as LoRA (embedding_target_refusal)."""
+    refusal = embedding_target_refusal(targets, backend, objective)
+    if refusal:
+        raise UserError(refusal)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -64,7 +88,7 @@ def check_target_modules(model_path: str, targets: list[str], trust_remote_code:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     names = linear_layer_names(model)
-    missing = [t for t in targets if t not in names and t not in ("embed_tokens", "lm_head")]
+    missing = [t for t in targets if t not in names and t not in EMBEDDING_MODULES]
     if missing:
         raise UserError(f"finetune.lora.target_modules: {', '.join(missing)} not in {model_path}. "
                         f"Its linear layers are: {', '.join(names)}.")

@@ -222,6 +222,25 @@ def test_target_module_the_model_lacks_lists_its_linear_layers(tmp_path: Path) -
         check_target_modules(str(tmp_path), ["q_proj", "query_key_value"])
 
 
+def test_embedding_targets_a_backend_cannot_train_as_lora_are_refused_before_loading(tmp_path: Path) -> None:
+    """Unsloth moves embed_tokens and lm_head to modules_to_save, and with nothing else PEFT raised; TRL's SFTTrainer
+    refuses LoRA on lm_head (the hf backend). Both stopped the child: exit code 1, 'a bug in Distillery'."""
+    from transformers import LlamaConfig
+
+    from distillery.training.preflight import check_target_modules
+
+    with pytest.raises(UserError, match=r"target_modules: lm_head, embed_tokens only: the unsloth backend .*"
+                                        "Add at least one projection"):
+        check_target_modules(str(tmp_path / "never-read"), ["lm_head", "embed_tokens"], backend="unsloth")
+    with pytest.raises(UserError, match=r"target_modules: lm_head: TRL's SFTTrainer .* Remove lm_head"):
+        check_target_modules(str(tmp_path / "never-read"), ["q_proj", "lm_head"], backend="hf", objective="sft")
+    LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2, vocab_size=32).save_pretrained(tmp_path)
+    check_target_modules(str(tmp_path), ["lm_head", "q_proj"], backend="unsloth")
+    check_target_modules(str(tmp_path), ["embed_tokens", "q_proj"], backend="hf")
+    check_target_modules(str(tmp_path), ["lm_head"], backend="hf", objective="multiple_choice")
+
+
 def make_checkpoint(directory: Path, step: int, complete: bool) -> Path:
     path = directory / f"checkpoint-{step}"
     path.mkdir(parents=True)
