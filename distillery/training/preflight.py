@@ -47,12 +47,24 @@ def locate_model(path: str, timeout_s: float = 10.0) -> str:
     return resolved
 
 
-def linear_layer_names(model: Any) -> list[str]:
-    """Distinct last-name parts of the model's linear layers (what LoRA target_modules match)."""
+def linear_layers(model: Any) -> list[str]:
+    """The full names of the model's linear layers: nn.Linear, and GPT-2's Conv1D (c_attn, c_proj, c_fc), which
+    PEFT adapts as well."""
     import torch
+    from transformers.pytorch_utils import Conv1D
 
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, torch.nn.Linear) and name})
+    return [name for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D)) and name]
+
+
+def linear_layer_names(model: Any) -> list[str]:
+    """Distinct last-name parts of the model's linear layers (what LoRA target_modules usually name)."""
+    return sorted({name.rsplit(".", 1)[-1] for name in linear_layers(model)})
+
+
+def targets_a_layer(target: str, layers: list[str]) -> bool:
+    """PEFT's rule for a list of target_modules: a module is adapted when its full name is the target or ends with
+    `.` + the target (`q_proj`, `self_attn.q_proj`, `model.layers.0.self_attn.q_proj`)."""
+    return any(name == target or name.endswith("." + target) for name in layers)
 
 
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")
@@ -87,11 +99,12 @@ def check_target_modules(model_path: str, targets: list[str], trust_remote_code:
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    names = linear_layer_names(model)
-    missing = [t for t in targets if t not in names and t not in EMBEDDING_MODULES]
+    layers = linear_layers(model)
+    missing = [t for t in targets if not targets_a_layer(t, layers) and t not in EMBEDDING_MODULES]
     if missing:
         raise UserError(f"finetune.lora.target_modules: {', '.join(missing)} not in {model_path}. "
-                        f"Its linear layers are: {', '.join(names)}.")
+                        f"Its linear layers are: {', '.join(linear_layer_names(model))} (a name may also be a "
+                        "layer's dotted path or its end, e.g. self_attn.q_proj).")
 
 
 # ---- 2. hardware choices -------------------------------------------------------------------------------------

@@ -222,6 +222,24 @@ def test_target_module_the_model_lacks_lists_its_linear_layers(tmp_path: Path) -
         check_target_modules(str(tmp_path), ["q_proj", "query_key_value"])
 
 
+def test_target_modules_follow_peft_s_matching(tmp_path: Path) -> None:
+    """PEFT adapts a module whose full name is a target or ends with `.` + it, and GPT-2's Conv1D layers: both were
+    refused as 'not in' the model (only the last name part of an nn.Linear counted)."""
+    from transformers import GPT2Config, LlamaConfig
+
+    from distillery.training.preflight import check_target_modules
+
+    llama, gpt2 = tmp_path / "llama", tmp_path / "gpt2"
+    LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=2, vocab_size=32).save_pretrained(llama)
+    check_target_modules(str(llama), ["self_attn.q_proj", "model.layers.1.mlp.down_proj"])
+    for wrong in ("attn.q_proj", "layers.2.self_attn.q_proj", "self_attn"):  # not a suffix at a dot; no layer 2; not linear
+        with pytest.raises(UserError, match=f"target_modules: {wrong} not in"):
+            check_target_modules(str(llama), [wrong])
+    GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32, n_positions=32).save_pretrained(gpt2)
+    check_target_modules(str(gpt2), ["c_attn", "c_proj", "c_fc"])
+
+
 def test_embedding_targets_a_backend_cannot_train_as_lora_are_refused_before_loading(tmp_path: Path) -> None:
     """Unsloth moves embed_tokens and lm_head to modules_to_save, and with nothing else PEFT raised; TRL's SFTTrainer
     refuses LoRA on lm_head (the hf backend). Both stopped the child: exit code 1, 'a bug in Distillery'."""
