@@ -368,6 +368,9 @@ def apply_override(data: dict[str, Any], keys: list[str], value: Any) -> None:
         if node is None:
             raise UserError(f"--set {'.'.join(keys)}: there is no {'.'.join(keys[: i + 1])} to set it in.")
     last = keys[-1]
+    if not isinstance(node, (dict, list)):
+        raise UserError(f"--set {'.'.join(keys)}: {'.'.join(keys[:-1])} is a value ({node!r}), not a section with "
+                        f"keys: set {'.'.join(keys[:-1])}=VALUE itself.")
     if isinstance(node, list):
         if not (last.isdigit() and int(last) < len(node)):
             raise UserError(f"--set {'.'.join(keys)}: index {last} is out of range.")

@@ -227,3 +227,11 @@ def test_a_directory_given_as_the_config_is_named_as_one(tmp_path: Path) -> None
 def test_a_bad_set_value_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"--set finetune.lora.r=\[1: not valid YAML"):
         load_config(write(tmp_path, MINIMAL), ["finetune.lora.r=[1"])
+
+
+@pytest.mark.parametrize("override", ["run.name.x=1", "finetune.lora.r.alpha=8"])
+def test_a_set_key_inside_a_value_names_the_value(tmp_path: Path, override: str) -> None:
+    """A key set inside a plain value (run.name is a string) was a TypeError: an 'unexpected error', exit 1."""
+    parent = override.split("=")[0].rsplit(".", 1)[0]
+    with pytest.raises(UserError, match=rf"--set {override.split('=')[0]}: {parent} is a value .*not a section"):
+        load_config(write(tmp_path, {**MINIMAL, "run": {"name": "x"}, "finetune": {"lora": {"r": 8}}}), [override])
