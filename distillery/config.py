@@ -208,10 +208,15 @@ class VerifyConfig(Section):
                                 "file, not quantization loss (reported per type).")
 
 
+SHARD_SIZE = re.compile(r"(\d+) ?([GMK]i?B)", re.IGNORECASE)
+SHARD_UNITS = {unit.lower(): unit for unit in ("GB", "MB", "KB", "GiB", "MiB", "KiB")}  # 5gb is 5GB, never bits
+
+
 class ExportConfig(Section):
     enabled: bool = Field(True, description="Merge, convert and quantize to GGUF in `distillery run`.")
     dtype: Literal["auto", "bf16", "fp16"] = Field("auto", description="Merged weights; auto: the base's own 16-bit type.")
-    max_shard_size: str = Field("5GB", description="Largest safetensors shard of the merged model.")
+    max_shard_size: str = Field("5GB", description="Largest safetensors shard of the merged model: a whole number "
+                                "and a unit (GB, MB, KB, GiB, MiB, KiB), e.g. 5GB.")
     outtype: Literal["f16", "bf16", "q8_0"] = Field("f16", description="What llama.cpp's converter writes; every "
                                                     "quantization starts from it.")
     quantizations: list[str] = Field(default_factory=lambda: ["q8_0", "q4_k_m"], min_length=1,
@@ -236,6 +241,17 @@ class ExportConfig(Section):
                              "'-', starting with a letter or digit (not a path or a Hub id: `Qwen2.5-7B-ko`, not "
                              "`Qwen/Qwen2.5-7B-ko`)")
         return name
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _a_size(cls, size: str) -> str:
+        """Read here as both writers read it (the streamed merge's parse_size and transformers' save_pretrained,
+        which takes only a whole number and a unit): 'banana' failed mid-export as an unexpected error."""
+        found = SHARD_SIZE.fullmatch(size.strip())
+        if not found or int(found.group(1)) == 0:
+            raise ValueError("a shard size is a whole number above 0 and a unit (GB, MB, KB, GiB, MiB or KiB), e.g. "
+                             "5GB or 500MB")
+        return found.group(1) + SHARD_UNITS[found.group(2).lower()]
 
     @field_validator("quantizations")
     @classmethod

@@ -235,3 +235,16 @@ def test_a_set_key_inside_a_value_names_the_value(tmp_path: Path, override: str)
     parent = override.split("=")[0].rsplit(".", 1)[0]
     with pytest.raises(UserError, match=rf"--set {override.split('=')[0]}: {parent} is a value .*not a section"):
         load_config(write(tmp_path, {**MINIMAL, "run": {"name": "x"}, "finetune": {"lora": {"r": 8}}}), [override])
+
+
+@pytest.mark.parametrize("size", ["banana", "0GB", "0.5GB", "-1GB", "100", "5 GBs"])
+def test_a_shard_size_that_no_writer_reads_is_refused_at_load(tmp_path: Path, size: str) -> None:
+    """export.max_shard_size: 'banana' passed the config and failed the merge as an unexpected ValueError."""
+    with pytest.raises(UserError, match=r"export\.max_shard_size: .*a whole number above 0 and a unit"):
+        load_config(write(tmp_path, {**MINIMAL, "export": {"max_shard_size": size}}))
+
+
+def test_a_shard_size_is_written_as_both_writers_read_it(tmp_path: Path) -> None:
+    sizes = {"5gb": "5GB", " 500 mib ": "500MiB", "2GiB": "2GiB"}  # transformers reads 5gb as bits
+    for given, read in sizes.items():
+        assert load_config(write(tmp_path, {**MINIMAL, "export": {"max_shard_size": given}})).export.max_shard_size == read
