@@ -5,6 +5,7 @@ the conversation (input, output) stays in this one."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -83,8 +84,20 @@ def open_gguf(path: Path) -> LlamaChild:
                         "export/gguf/ or a type like q8_0).") from None
 
 
+def check_sampling(max_tokens: int, temperature: float) -> None:
+    """llama-cpp-python reads --max-tokens 0 or below as 'until the context is full' and samples garbage at a
+    negative, infinite or NaN temperature, all without a word: each is refused before the model loads."""
+    if max_tokens < 1:
+        raise UserError(f"--max-tokens {max_tokens}: an answer is at least 1 token; pass the most tokens an answer "
+                        "may have, e.g. --max-tokens 256.")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise UserError(f"--temperature {temperature}: a temperature is a finite number, 0 or more (0 is greedy, "
+                        "0.7 samples).")
+
+
 def chat(cfg: DistilleryConfig, console: Any, gguf: str | None, prompt: str | None, system: str | None,
          max_tokens: int, temperature: float) -> None:
+    check_sampling(max_tokens, temperature)
     path = find_gguf(cfg, gguf)
     console.print(f"[dim]{path} (llama.cpp, chat template from the GGUF)[/]")
     messages = [{"role": "system", "content": system}] if system else []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -122,6 +123,20 @@ def test_chat_with_an_unknown_gguf_lists_the_available_ones(exported) -> None:
     config, _ = exported
     result = cli("chat", "-c", str(config), "-p", "hi", "--gguf", "q5_k_m")
     assert result.returncode == 2 and f"{STEM}-Q8_0.gguf" in result.stdout and "Traceback" not in result.stdout
+
+
+@pytest.mark.parametrize("max_tokens, temperature, says", [
+    (0, 0.0, "--max-tokens 0: an answer is at least 1 token"), (-3, 0.0, "--max-tokens -3"),
+    (256, -1.0, "--temperature -1.0: a temperature is a finite number, 0 or more"),
+    (256, float("nan"), "--temperature nan"), (256, float("inf"), "--temperature inf")])
+def test_chat_refuses_a_length_or_temperature_llama_cpp_would_misread(tmp_path: Path, max_tokens: int,
+                                                                      temperature: float, says: str) -> None:
+    """--max-tokens 0 or below answered until the context was full; a negative temperature sampled garbage."""
+    from distillery.commands.chat import chat
+    from distillery.core.console import console
+
+    with pytest.raises(UserError, match=re.escape(says)):  # before any GGUF is looked for: this run has none
+        chat(load_config(demo_config(tmp_path)), console, None, "hi", None, max_tokens, temperature)
 
 
 @pytest.mark.integration
