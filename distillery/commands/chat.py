@@ -95,9 +95,30 @@ def check_sampling(max_tokens: int, temperature: float) -> None:
                         "0.7 samples).")
 
 
+def undecodable(text: str) -> str | None:
+    """Where `text` holds a byte that was not UTF-8 (Python keeps it as a lone surrogate: a terminal in Latin-1 or
+    CP949), as words for a message; None for UTF-8 text. llama.cpp takes only UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        char = ord(text[err.start])
+        byte = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"U+{char:04X}"
+        return f"{byte} at character {err.start + 1}"
+    return None
+
+
+def check_text(prompt: str | None, system: str | None) -> None:
+    for option, text in (("--prompt", prompt), ("--system", system)):
+        where = undecodable(text or "")
+        if where:
+            raise UserError(f"{option} is not UTF-8 text ({where}): set your terminal's encoding to UTF-8 (e.g. "
+                            "LANG=C.UTF-8) and pass it again.")
+
+
 def chat(cfg: DistilleryConfig, console: Any, gguf: str | None, prompt: str | None, system: str | None,
          max_tokens: int, temperature: float) -> None:
     check_sampling(max_tokens, temperature)
+    check_text(prompt, system)
     path = find_gguf(cfg, gguf)
     console.print(f"[dim]{path} (llama.cpp, chat template from the GGUF)[/]")
     messages = [{"role": "system", "content": system}] if system else []
@@ -111,17 +132,31 @@ def chat(cfg: DistilleryConfig, console: Any, gguf: str | None, prompt: str | No
                                 "it.") from None
             return
         console.print("[dim]Type a message; an empty line, /exit or Ctrl-D ends the chat.[/]")
-        while True:
-            try:
-                text = console.input("[bold]you>[/] ")
-            except EOFError:
-                break
-            if not text.strip() or text.strip() in ("/exit", "/quit"):
-                break
+        while (text := read_message(console)) is not None:
             messages.append({"role": "user", "content": text})
             reply = answer_within_context(llama, console, messages, bool(system), max_tokens, temperature, cfg.run.seed)
             if reply is not None:
                 messages.append({"role": "assistant", "content": reply})
+
+
+def read_message(console: Any) -> str | None:
+    """The user's next message; None when they end the chat. One that is not UTF-8 (a terminal in Latin-1 or CP949)
+    is refused with a warning and asked for again: the conversation goes on."""
+    while True:
+        try:
+            text = console.input("[bold]you>[/] ")
+        except EOFError:
+            return None
+        except UnicodeDecodeError as err:  # stdin decoding strictly (surrogateescape gives undecodable's case)
+            where = f"byte 0x{err.object[err.start]:02x}" if err.start < len(err.object) else "a cut character"
+        else:
+            if not text.strip() or text.strip() in ("/exit", "/quit"):
+                return None
+            where = undecodable(text)
+            if not where:
+                return text
+        console.print(f"[yellow]that message is not UTF-8 text ({where}): set your terminal's encoding to UTF-8 and "
+                      "send it again[/]")
 
 
 def answer_within_context(llama: LlamaChild, console: Any, messages: list[dict[str, str]], system: bool,

@@ -139,6 +139,41 @@ def test_chat_refuses_a_length_or_temperature_llama_cpp_would_misread(tmp_path: 
         chat(load_config(demo_config(tmp_path)), console, None, "hi", None, max_tokens, temperature)
 
 
+@pytest.mark.parametrize("prompt, system, says", [("caf\udce9", None, "--prompt is not UTF-8 text (byte 0xe9 at "
+                                                   "character 4)"), ("hi", "\udcff", "--system is not UTF-8 text")])
+def test_chat_refuses_a_prompt_that_is_not_utf8_naming_the_byte(tmp_path: Path, prompt: str, system: str | None,
+                                                                says: str) -> None:
+    """A Latin-1 terminal's byte (kept by Python as a lone surrogate) ended the chat as an unexpected
+    UnicodeEncodeError, exit 1."""
+    from distillery.commands.chat import chat
+    from distillery.core.console import console
+
+    with pytest.raises(UserError, match=re.escape(says)):
+        chat(load_config(demo_config(tmp_path)), console, None, prompt, system, 16, 0.0)
+
+
+def test_an_interactive_message_that_is_not_utf8_is_asked_for_again() -> None:
+    """The conversation goes on: such a message was an unexpected error that ended the chat and lost it."""
+    from distillery.commands.chat import read_message
+
+    class Terminal:
+        def __init__(self, *lines):
+            self.lines, self.printed = list(lines), []
+
+        def input(self, prompt: str) -> str:
+            line = self.lines.pop(0)
+            if isinstance(line, Exception):
+                raise line
+            return line
+
+        def print(self, text: str) -> None:
+            self.printed.append(text)
+
+    terminal = Terminal("caf\udce9", UnicodeDecodeError("utf-8", b"\xc7\xd1", 0, 1, "invalid"), "hi", "/exit")
+    assert read_message(terminal) == "hi" and read_message(terminal) is None
+    assert ["byte 0xe9 at character 4" in terminal.printed[0], "byte 0xc7" in terminal.printed[1]] == [True, True]
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_push_dry_run_lists_the_upload_and_writes_the_card(exported) -> None:
