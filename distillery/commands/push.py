@@ -57,7 +57,20 @@ def export_dir(run: RunDir) -> Path:
     if not entry or entry.get("status") != "complete" or not directory.is_dir():
         raise UserError(f"nothing to push: the export stage has not finished in {run.path}. Run `distillery export` "
                         "(just export-gguf) first.")
+    changed = changed_since_export(run, entry, directory)
+    if changed:
+        raise UserError(f"{directory / changed[0]} is not as the export left it ({len(changed)} of its files changed, "
+                        f"went or came since, by {run.manifest_path}): what was verified is not what would be "
+                        "uploaded. Run `distillery export` (just export-gguf) to redo the export, then push.")
     return directory
+
+
+def changed_since_export(run: RunDir, entry: dict[str, Any], directory: Path) -> list[str]:
+    """The export's files (relative paths) that changed or went since it finished, and those that came since
+    (a file dropped into merged/ would be uploaded with it), by the manifest's record of its outputs."""
+    listed = entry.get("outputs") or {}
+    present = (str(p.relative_to(directory)) for p in sorted(directory.rglob("*")) if p.is_file())
+    return run.changed_outputs("export") + ([rel for rel in present if rel not in listed] if listed else [])
 
 
 def upload_plan(cfg: DistilleryConfig, run: RunDir) -> list[dict[str, Any]]:

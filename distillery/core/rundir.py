@@ -115,15 +115,18 @@ class RunDir:
         entry = self.stage_entry(stage)
         if not entry or entry.get("status") != "complete" or entry.get("fingerprint") != fingerprint:
             return False
-        directory = self.stage_dir(stage)
-        for rel, info in entry.get("outputs", {}).items():
+        return not self.changed_outputs(stage)
+
+    def changed_outputs(self, stage: str) -> list[str]:
+        """The files the stage's manifest entry lists that are gone, or whose size or modification time is not
+        the one recorded when it finished (relative paths)."""
+        directory, changed = self.stage_dir(stage), []
+        for rel, info in (self.stage_entry(stage) or {}).get("outputs", {}).items():
             path = directory / rel
-            if not path.is_file():
-                return False
-            stat = path.stat()
-            if stat.st_size != info["bytes"] or stat.st_mtime_ns != info["mtime_ns"]:
-                return False
-        return True
+            stat = path.stat() if path.is_file() else None
+            if stat is None or stat.st_size != info["bytes"] or stat.st_mtime_ns != info["mtime_ns"]:
+                changed.append(rel)
+        return changed
 
     def publish(self, stage: str) -> Path:
         """Move the partial directory into place, replacing the previous artifacts only now that it is done."""

@@ -272,6 +272,28 @@ def test_push_takes_only_the_ggufs_export_verified_and_refuses_changed_ones(tmp_
         push(cfg, console, dry_run=True)
 
 
+@pytest.mark.parametrize("change, named", [
+    (lambda export: (export / "summary.json").write_text('{"files": {"q8_0": "../../elsewhere.gguf"'), "summary.json"),
+    (lambda export: (export / "merged" / "config.json").write_text('{"edited": true}'), "merged/config.json"),
+    (lambda export: (export / "merged" / "notes.txt").write_text("a file dropped in later"), "merged/notes.txt"),
+    (lambda export: (export / "merged" / "config.json").unlink(), "merged/config.json")])
+def test_push_refuses_an_export_changed_after_it_finished(tmp_path: Path, change, named: str) -> None:
+    """An edited summary.json was an unexpected JSONDecodeError (exit 1); merged/ was uploaded as it stood, edited
+    or with files added after the export verified it."""
+    from distillery.commands.push import export_dir, upload_plan
+    from distillery.core.rundir import describe_outputs
+
+    run = finished_export(tmp_path, {"q8_0": b"GGUF q8"})
+    export = run.stage_dir("export")
+    (export / "merged").mkdir()
+    (export / "merged" / "config.json").write_text("{}")
+    run.update_stage("export", {"status": "complete", "fingerprint": "x", "outputs": describe_outputs(export)})
+    assert export_dir(run) == export and len(upload_plan(load_config(demo_config(tmp_path)), run)) == 2  # as it was
+    change(export)
+    with pytest.raises(UserError, match=rf"export/{named} is not as the export left it .*Run `distillery export`"):
+        export_dir(run)  # what push checks first
+
+
 def test_push_refuses_an_export_that_did_not_pass_or_a_type_it_did_not_write(tmp_path: Path) -> None:
     from distillery.commands.push import upload_plan
 
