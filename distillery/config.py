@@ -327,6 +327,20 @@ class PushConfig(Section):
     datasets: list[str] = Field(default_factory=list, description="Extra Hub dataset ids for the model card.")
     commit_message: str = Field("Upload model from Distillery", description="The Hub commit message.")
 
+    @field_validator("repo_id")
+    @classmethod
+    def _a_hub_repository_id(cls, repo_id: str | None) -> str | None:
+        """Checked as the Hub checks it: a bad id failed only at the upload, told to check the network and token."""
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            if repo_id is not None:
+                validate_repo_id(repo_id)
+        except HFValidationError as err:
+            raise ValueError(f"not a Hugging Face Hub repository id ({str(err).split(': ')[0]}): write it as "
+                             "your-name/model-name") from None
+        return repo_id
+
     @field_validator("gguf_types")
     @classmethod
     def _known_gguf_types(cls, names: list[str] | None) -> list[str] | None:

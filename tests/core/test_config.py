@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -248,3 +249,13 @@ def test_a_shard_size_is_written_as_both_writers_read_it(tmp_path: Path) -> None
     sizes = {"5gb": "5GB", " 500 mib ": "500MiB", "2GiB": "2GiB"}  # transformers reads 5gb as bits
     for given, read in sizes.items():
         assert load_config(write(tmp_path, {**MINIMAL, "export": {"max_shard_size": given}})).export.max_shard_size == read
+
+
+@pytest.mark.parametrize("repo_id, why", [("my model", "alphanumeric chars"), ("../../x", "namespace/repo_name"),
+                                          ("org/sub/name", "namespace/repo_name"), ("org/name.git", ".git")])
+def test_a_push_repo_id_the_hub_refuses_is_named_when_the_config_loads(tmp_path: Path, repo_id: str, why: str) -> None:
+    """It failed only at the upload, after the card was written, told to check the network and the token."""
+    with pytest.raises(UserError, match=rf"push\.repo_id: .*not a Hugging Face Hub repository id \(.*{re.escape(why)}"):
+        load_config(write(tmp_path, {**MINIMAL, "push": {"repo_id": repo_id}}))
+    for good in ("my-org/kanana-8b-ko-qa", "model.v2"):
+        assert load_config(write(tmp_path, {**MINIMAL, "push": {"repo_id": good}})).push.repo_id == good
