@@ -426,7 +426,7 @@ def format_validation_error(path: Path, err: ValidationError) -> str:
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DistilleryConfig:
     """Read, override and validate a YAML config; every problem is a UserError naming the key."""
     path = Path(path)
-    require_file(path, "config file", config_hint(path))
+    require_file(path, "config file", config_hint(path), pipe=True)
     data = read_yaml_file(path) or {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: the top level must be a mapping of sections (run, model, ingest, ...).")

@@ -22,10 +22,15 @@ UserPath = Annotated[str, AfterValidator(os.path.expanduser)]
 MAX_YAML_DEPTH = 100  # a config nests about 5 levels; far deeper is a mistake, and Python's stack has a limit
 
 
-def require_file(path: Path, field: str, hint: str = "") -> None:
-    """Refuse a path that is missing or a directory, before reading it."""
+def require_file(path: Path, field: str, hint: str = "", pipe: bool = False) -> None:
+    """Refuse a path that is missing or a directory, before reading it; `pipe`: a named pipe passes too (a shell's
+    `-c <(envsubst < config.yaml)`)."""
     if path.is_dir():
         raise UserError(f"{field}: {path} is a directory, not a file. {hint}".strip())
+    if pipe and path.is_fifo():
+        return
+    if path.exists() and not path.is_file():
+        raise UserError(f"{field}: {path} is not a regular file (a device, socket or pipe). {hint}".strip())
     if not path.is_file():
         raise missing_path(str(path), path, field, hint)
 

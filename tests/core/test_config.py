@@ -259,3 +259,21 @@ def test_a_push_repo_id_the_hub_refuses_is_named_when_the_config_loads(tmp_path:
         load_config(write(tmp_path, {**MINIMAL, "push": {"repo_id": repo_id}}))
     for good in ("my-org/kanana-8b-ko-qa", "model.v2"):
         assert load_config(write(tmp_path, {**MINIMAL, "push": {"repo_id": good}})).push.repo_id == good
+
+
+def test_a_config_from_a_named_pipe_is_read_and_a_device_is_named(tmp_path: Path) -> None:
+    """`-c <(envsubst < config.yaml)` (a named pipe) and `-c /dev/null` were both '... does not exist'."""
+    import os
+    import threading
+
+    pipe = tmp_path / "config.pipe"
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=lambda: pipe.write_text(yaml.safe_dump({**MINIMAL, "run": {"name": "piped"}})),
+                              daemon=True)
+    writer.start()
+    try:
+        assert load_config(pipe).run.name == "piped"
+    finally:
+        writer.join(timeout=10)
+    with pytest.raises(UserError, match=r"config file: /dev/null is not a regular file \(a device, socket or pipe\)"):
+        load_config("/dev/null")
