@@ -95,10 +95,17 @@ def plan_types(cfg: ExportConfig) -> tuple[QuantType, list[QuantType]]:
 
 
 def model_stem(cfg: DistilleryConfig, summary: FinetuneSummary) -> str:
+    """export.model_name, else the base model's name: a local directory's own name (model.path `.` or `x/..` named
+    nothing or `..`: '-Q4_K_M.gguf', which reads as an option in the card's and Ollama's commands)."""
     if cfg.export.model_name:
         return cfg.export.model_name
     path = str(summary.base_model or cfg.model.path)
-    return bundled_name(path) or Path(path.rstrip("/")).name
+    local = Path(path).expanduser()
+    name = bundled_name(path) or (local.resolve().name if local.exists() else Path(path.rstrip("/")).name)
+    if not name or name.startswith(("-", ".")) or len(name.encode()) > 200:
+        raise UserError(f"the base model {path} has no name the GGUF files can be named after ({name!r}): set "
+                        "export.model_name, e.g. `export: {model_name: my-model}`.")
+    return name
 
 
 def base_weight_bytes(base_model: str) -> int | None:

@@ -398,6 +398,25 @@ def test_a_prequantized_base_exports_from_its_16_bit_original_or_is_refused_befo
     assert merge.check_merge(str(original), adapter, merged)["passed"]
 
 
+def test_the_gguf_stem_is_a_local_base_directory_s_own_name_or_refused(tmp_path: Path, monkeypatch) -> None:
+    """model.path `.` named the files '-Q4_K_M.gguf' (an option to the card's and Ollama's commands)."""
+    from types import SimpleNamespace
+
+    from distillery.stages.export import model_stem
+
+    cfg = load_config(demo_config(tmp_path))
+    (tmp_path / "smol-base" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "smol-base")
+    for base in (".", "sub/..", "./"):
+        assert model_stem(cfg, SimpleNamespace(base_model=base)) == "smol-base"
+    assert model_stem(cfg, SimpleNamespace(base_model="Qwen/Qwen2.5-1.5B-Instruct")) == "Qwen2.5-1.5B-Instruct"
+    for base in ("/", "org/" + "x" * 250):
+        with pytest.raises(UserError, match=r"has no name the GGUF files can be named after .*set export.model_name"):
+            model_stem(cfg, SimpleNamespace(base_model=base))
+    named = load_config(demo_config(tmp_path), ["export.model_name=mine"])
+    assert model_stem(named, SimpleNamespace(base_model="/")) == "mine"
+
+
 def header_only_base(directory: Path, shapes: dict[str, list[int]]) -> Path:
     """A base of safetensors headers only: the memory estimate reads shapes, never weights."""
     header = json.dumps({name: {"dtype": "BF16", "shape": shape, "data_offsets": [0, 0]}
