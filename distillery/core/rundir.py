@@ -118,14 +118,24 @@ class RunDir:
         return not self.changed_outputs(stage)
 
     def changed_outputs(self, stage: str) -> list[str]:
-        """The files the stage's manifest entry lists that are gone, or whose size or modification time is not
-        the one recorded when it finished (relative paths)."""
-        directory, changed = self.stage_dir(stage), []
-        for rel, info in (self.stage_entry(stage) or {}).get("outputs", {}).items():
+        """The files the stage's manifest entry lists that are gone or no longer as it left them (relative paths).
+        Size and modification time decide, except that a file whose time alone differs (a run directory copied or
+        restored without its times: `cp -r`, `rsync -r`) is compared by its sha256; when that is the one recorded,
+        its new time is recorded too, so that a copied run is hashed once, not redone."""
+        entry = self.stage_entry(stage) or {}
+        directory, changed, retimed = self.stage_dir(stage), [], {}
+        for rel, info in entry.get("outputs", {}).items():
             path = directory / rel
             stat = path.stat() if path.is_file() else None
-            if stat is None or stat.st_size != info["bytes"] or stat.st_mtime_ns != info["mtime_ns"]:
+            if stat is None or stat.st_size != info["bytes"]:
                 changed.append(rel)
+            elif stat.st_mtime_ns != info["mtime_ns"]:
+                if sha256_file(path) != info["sha256"]:
+                    changed.append(rel)
+                else:
+                    retimed[rel] = {**info, "mtime_ns": stat.st_mtime_ns}
+        if retimed and not changed:
+            self.update_stage(stage, {**entry, "outputs": {**entry["outputs"], **retimed}})
         return changed
 
     def publish(self, stage: str) -> Path:

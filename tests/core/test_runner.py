@@ -71,6 +71,25 @@ def test_tampered_output_is_not_trusted(project: Path) -> None:
     assert run_stage("ingest", cfg)[0] == "done"
 
 
+def test_a_run_copied_without_its_file_times_is_up_to_date_and_a_same_size_edit_is_not(project: Path) -> None:
+    """`cp -r` or `rsync -r` gives every file a new modification time: the contents decide then (a copied run
+    of a long finetune must not train again), and the new times are recorded (hashed once)."""
+    import os
+    import shutil
+
+    run_stage("ingest", load_config("config.yaml"))
+    shutil.copytree(project / "runs/t", project / "runs/copy", copy_function=shutil.copyfile)  # no times
+    copied = load_config("config.yaml", ["run.name=copy"])
+    train = project / "runs/copy/ingest/train.jsonl"
+    os.utime(train, ns=(train.stat().st_atime_ns, train.stat().st_mtime_ns + 10**9))
+    assert run_stage("ingest", copied)[0] == "up to date"
+    recorded = json.loads((project / "runs/copy/manifest.json").read_text())["stages"]["ingest"]["outputs"]
+    assert recorded["train.jsonl"]["mtime_ns"] == train.stat().st_mtime_ns
+    text = train.read_text(encoding="utf-8")
+    train.write_text(text.replace("What", "Wh4t", 1), encoding="utf-8")  # the same size, other bytes
+    assert run_stage("ingest", copied)[0] == "done"
+
+
 def test_failure_keeps_previous_artifacts_and_leaves_no_partial(project: Path) -> None:
     cfg = load_config("config.yaml")
     run_stage("ingest", cfg)
