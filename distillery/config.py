@@ -33,7 +33,7 @@ SourceConfig = Annotated[Union[tuple(source.params for source in SOURCES.values(
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # .inf or .nan in YAML: no setting means it
 
 
 # One plain directory name: no separator, never `.` or `..` (which would put the run into the root or its

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class SourceParams(BaseModel):
     """Fields every source has; each kind subclasses it and adds `kind: Literal[...]` and its own fields."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # .inf or .nan in YAML: no setting means it
 
     name: str = Field(description="Name of this source in the config; becomes `record.source`.")
     max_records: int | None = Field(None, ge=1, description="Keep at most this many records (a seeded sample).")

@@ -13,7 +13,7 @@ from distillery.core.userinput import UserPath
 
 
 class LoraConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # .inf or .nan in YAML: no setting means it
 
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: int = Field(16, ge=1, description="LoRA alpha (the update is scaled by alpha/r, or alpha/sqrt(r) with rsLoRA).")
@@ -28,7 +28,7 @@ class LoraConfig(BaseModel):
 
 
 class KDConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # .inf or .nan in YAML: no setting means it
 
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of KL(teacher || student) over the teacher's top-k; "
                          "1 - alpha weighs the cross-entropy on the completion.")
@@ -37,7 +37,7 @@ class KDConfig(BaseModel):
 
 
 class OnPolicyConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # .inf or .nan in YAML: no setting means it
 
     teacher: str | None = Field(None, description="The teacher: a local HF directory, Hub id or bundled:<name> sharing "
                                 "the student's tokenizer; unset: distill.teacher.path when its kind is hf.")
@@ -54,7 +54,7 @@ class OnPolicyConfig(BaseModel):
 class FinetuneConfig(BaseModel):
     """LoRA and trainer settings: the finetune section, read by the stage and, typed, by the training child."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # .inf or .nan in YAML: no setting means it
 
     method: Literal["lora", "full"] = Field(
         "lora", description="lora: train LoRA adapters on the frozen base (4-bit QLoRA on CUDA). full: train every "

@@ -230,6 +230,17 @@ def test_a_bad_set_value_is_a_user_error(tmp_path: Path) -> None:
         load_config(write(tmp_path, MINIMAL), ["finetune.lora.r=[1"])
 
 
+@pytest.mark.parametrize("override, named", [
+    ("export.verify.max_kl=.inf", "export.verify.max_kl"), ("export.min_free_disk_gb=.inf", "export.min_free_disk_gb"),
+    ("finetune.learning_rate=.nan", "finetune.learning_rate"),
+    ("ingest.sources.0.weight=.inf", "ingest.sources.0.hf.weight")])
+def test_an_infinite_or_nan_setting_is_refused_naming_it(tmp_path: Path, override: str, named: str) -> None:
+    """.inf passed where only a lower bound is checked: max_kl .inf switched the GGUF check off without a word,
+    min_free_disk_gb .inf failed every export's disk check."""
+    with pytest.raises(UserError, match=rf"{re.escape(named)}: Input should be a finite number"):
+        load_config(write(tmp_path, MINIMAL), [override])
+
+
 @pytest.mark.parametrize("override", ["run.name.x=1", "finetune.lora.r.alpha=8"])
 def test_a_set_key_inside_a_value_names_the_value(tmp_path: Path, override: str) -> None:
     """A key set inside a plain value (run.name is a string) was a TypeError: an 'unexpected error', exit 1."""
