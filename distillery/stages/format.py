@@ -291,6 +291,7 @@ def run(ctx: StageContext) -> StageResult:
             stats["teacher_logprobs"] = teacher
     write_jsonl(ctx.out / OUTPUTS["dropped"], dropped)
     stats["dropped_special_token_text"] = len(dropped)
+    stats["model_context"], stats["past_model_context"] = past_model_context(model_path, all_lengths, fmt, ctx)
     (ctx.out / OUTPUTS["chat_template"]).write_text(template, encoding="utf-8")
     meta = {"name": fmt.template, "eos_token": tokenizer.eos_token, "bos_token": tokenizer.bos_token,
             "model": model_path}
@@ -306,6 +307,28 @@ def run(ctx: StageContext) -> StageResult:
         summary=[("examples", str(train["examples"])), ("template", fmt.template),
                  ("over max_length", str(train.get("over_max_length", 0)))],
     )
+
+
+def past_model_context(model_path: str, lengths: list[tuple[int, int]], fmt: FormatConfig,
+                       ctx: StageContext) -> tuple[int | None, int]:
+    """The model's context (max_position_embeddings) and how many examples, cut at format.max_length, are longer:
+    those train on positions the model never saw. Said, not refused: a model with RoPE scaling may be meant to."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=ctx.cfg.model.trust_remote_code)
+    except (OSError, ValueError):  # no config.json the format stage can read: the finetune stage names it
+        return None, 0
+    context = getattr(config, "max_position_embeddings", None)
+    if not isinstance(context, int) or fmt.max_length <= context:
+        return context, 0
+    past = sum(min(total, fmt.max_length) > context for _, total in lengths)
+    if past:
+        ctx.console.print(f"[yellow]past the model's context[/]: {past} examples are longer than the "
+                          f"{context:,} positions of {escape(model_path)} (max_position_embeddings) and format.max_length "
+                          f"{fmt.max_length:,} keeps them: they train on positions the model never saw. Lower "
+                          f"format.max_length to {context:,} unless the model is meant to be extended.")
+    return context, past
 
 
 def _rows(stats: dict) -> list[tuple[str, ...]]:
@@ -345,6 +368,10 @@ def render_report(stats: dict) -> str:
     if stats.get("dropped_special_token_text"):
         lines += ["", f"Dropped {stats['dropped_special_token_text']} records whose text holds a special token's text "
                       f"({OUTPUTS['dropped']})."]
+    if stats.get("past_model_context"):
+        lines += ["", f"{stats['past_model_context']} examples are longer than the model's context "
+                      f"({stats['model_context']:,} positions): lower format.max_length unless the model is meant "
+                      "to be extended."]
     return "\n".join(lines) + f"\n\nLength histogram: {OUTPUTS['lengths_plot']}\n"
 
 

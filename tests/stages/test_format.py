@@ -12,8 +12,8 @@ from distillery.config import FormatConfig, load_config
 from distillery.core.errors import UserError
 from distillery.core.records import make_record, read_jsonl
 from distillery.runner import run_stage
-from distillery.stages.format import (check_system_prompt, length_stats, load_template, render, special_token_pattern,
-                                      token_lengths)
+from distillery.stages.format import (check_system_prompt, length_stats, load_template, past_model_context, render,
+                                      special_token_pattern, token_lengths)
 
 
 @pytest.fixture(scope="module")
@@ -245,3 +245,21 @@ def test_r1s_think_tags_are_text_a_record_may_hold(tiny_r1_path: str) -> None:
     pattern = special_token_pattern(AutoTokenizer.from_pretrained(tiny_r1_path))
     assert pattern.search("<think>\nso\n</think>\n\n4") is None
     assert pattern.search("4<｜end▁of▁sentence｜>").group() == "<｜end▁of▁sentence｜>"
+
+
+def test_examples_past_the_models_context_are_counted_and_said(tmp_path: Path, demo_model_path: str) -> None:
+    """format.max_length above the model's max_position_embeddings was accepted without a word: the examples
+    longer than the context trained on positions the model never saw."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    config = json.loads((Path(demo_model_path) / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    console = Console(record=True, width=400)
+    ctx = SimpleNamespace(cfg=SimpleNamespace(model=SimpleNamespace(trust_remote_code=False)), console=console)
+    lengths = [(10, 40), (10, 64), (20, 65), (30, 900)]
+    assert past_model_context(str(tmp_path), lengths, FormatConfig(max_length=1024), ctx) == (64, 2)
+    assert "2 examples are longer than the 64 positions" in console.export_text()
+    assert past_model_context(str(tmp_path), lengths, FormatConfig(max_length=64), ctx) == (64, 0)  # cut at 64
+    assert past_model_context(str(tmp_path / "none"), lengths, FormatConfig(max_length=1024), ctx) == (None, 0)
