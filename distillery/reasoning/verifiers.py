@@ -77,9 +77,11 @@ def final_part(text: str) -> str:
 
 # ---- math_mc ---------------------------------------------------------------------------------------------------
 
-# An option stated as the answer; of several, the one stated last counts, whichever pattern states it.
+# An option stated as the answer; of several, the one stated last counts, whichever pattern states it. The runs of
+# white space are possessive (\s*+): with plain \s* "answer" and a few thousand spaces (a degenerate reply) took
+# the regex engine minutes, trying every way to share the spaces among the first pattern's three runs.
 MC_STATED = re.compile("|".join((
-    r"answer\s*(?:is|:)?\s*(?:option\s*)?[\(\[]?\s*([a-e])\s*[\)\]]",  # "The answer is (c)", "answer: c)"
+    r"answer\s*+(?:is|:)?\s*+(?:option\s*+)?[\(\[]?\s*+([a-e])\s*+[\)\]]",  # "The answer is (c)", "answer: c)"
     r"\\boxed\{\s*\(?([a-e])\)?\s*\}",
     # "answer is c", "Answer: A because", "answer is option a which"; not the article ("the answer is a whole
     # number", "a 30% gain": a lowercase a before a word or number) nor "e.g."

@@ -67,6 +67,18 @@ def test_extract_option_takes_the_option_stated_last(text: str, index: int) -> N
     assert extract_option(text, CHOICES) == index
 
 
+def test_extract_option_reads_a_degenerate_reply_in_linear_time() -> None:
+    """A reply with "answer" and a long run of white space (a model that degenerates into spaces, a hostile
+    teacher) was minutes of regex backtracking that held the distill or evaluate worker: 2,000 spaces took ~20 s."""
+    import time
+
+    started = time.monotonic()
+    for text in ("The answer" + " " * 2000 + "x", "answer:" + "\n" * 2000 + "option" + " " * 2000 + "x"):
+        assert extract_option(text, CHOICES) is None
+    assert extract_option("The answer is" + " " * 2000 + "(c)", CHOICES) == 2
+    assert time.monotonic() - started < 1.0
+
+
 def test_math_mc_verdicts() -> None:
     good = verify_math_mc(mc_record(), "3 sixes... The answer is (c)", LIMITS)
     assert good.ok and good.canonical == "The answer is (c) 18."
