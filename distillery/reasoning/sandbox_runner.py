@@ -2,7 +2,10 @@
 
 This script itself is trusted. It reads its whole job from stdin (JSON: code, funcname, args, limits, uid,
 nonce), then, before any untrusted line runs:
-1. new namespaces: mount, network and PID (and, when not root, a user namespace that maps only our own uid);
+1. new namespaces: mount, network, IPC and PID (and, when not root, a user namespace that maps only our own uid);
+   in its own IPC namespace the code's System V segments, semaphores and message queues and its POSIX message
+   queues are gone with the run (in the host's they outlived it, holding memory, and 0666 ones of host services
+   could be opened);
    the code runs in a child that is PID 1 of its own namespace: it can neither see nor signal any process
    outside it (kill(-1) included), and everything it starts dies with it. This process stays outside, waits, and
    as a subreaper keeps every process of the run below it (the parent kills them all there);
@@ -38,7 +41,8 @@ import resource
 import signal
 import sys
 
-CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = (0x00020000, 0x08000000, 0x10000000, 0x20000000,
+                                                                      0x40000000)
 # Every CLONE_NEW* flag: clone(2) with any of them is refused (NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET).
 NAMESPACE_FLAGS = 0x7E020000
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
@@ -69,15 +73,16 @@ def checked(result: int, what: str) -> int:
 
 def isolate(host_dir: str, disk_mb: int, uid, user_namespace: bool) -> tuple[str, str, str]:
     """New namespaces and, in them, the new root: (what cuts the network, what hides and contains files, whether
-    the code's processes get a namespace of their own)."""
+    the code's processes get a namespace of their own). The IPC namespace comes with the network's."""
     c = libc()
-    flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | (CLONE_NEWUSER if user_namespace else 0)
+    flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWPID | (CLONE_NEWUSER if user_namespace else 0)
     ids = os.getuid(), os.getgid()  # read before the new user namespace, where they are unmapped
     try:
         checked(c.unshare(flags), "unshare")
     except (OSError, AttributeError):  # no namespaces here (a container without CAP_SYS_ADMIN, userns disabled)
         try:
-            network = "namespace" if c.unshare(CLONE_NEWNET | (CLONE_NEWUSER if user_namespace else 0)) == 0 else "audit-hook"
+            alone = CLONE_NEWNET | CLONE_NEWIPC | (CLONE_NEWUSER if user_namespace else 0)
+            network = "namespace" if c.unshare(alone) == 0 else "audit-hook"
         except AttributeError:  # not Linux
             network = "audit-hook"
         return network, "audit-hook", "shared"

@@ -369,6 +369,47 @@ def test_the_kernel_interfaces_of_escapes_are_refused() -> None:
         **{name: (-1, DENIED[name]) for name in calls}, "clone_newuser": (-1, 1)}
 
 
+IPC_OBJECTS = (LIBC + "def main(key, queue):\n"
+               "    libc.shmat.restype = ctypes.c_void_p\n"
+               "    shm = libc.shmget(key, 1 << 20, 0o1666)\n"  # IPC_CREAT | 0666, 1 MB touched, then detached
+               "    ctypes.memset(libc.shmat(shm, None, 0), 1, 1 << 20)\n"
+               "    made = [shm, libc.semget(key, 1, 0o1666), libc.msgget(key, 0o1666)]\n"
+               "    rt = ctypes.CDLL('librt.so.1', use_errno=True)\n"
+               "    return made + [rt.mq_open(queue.encode(), os.O_CREAT | os.O_RDWR, 0o666, None)]\n")
+
+
+def host_ipc_keys() -> set[int]:
+    """The keys of every System V segment, semaphore set and message queue in the host's IPC namespace."""
+    keys = set()
+    for kind in ("shm", "sem", "msg"):
+        for line in Path(f"/proc/sysvipc/{kind}").read_text().splitlines()[1:]:
+            keys.add(int(line.split()[0]))
+    return keys
+
+
+@pytest.mark.skipif(not Path("/proc/sysvipc/shm").exists(), reason="no System V IPC in this kernel")
+@pytest.mark.parametrize("unprivileged", [False, True], ids=["throw-away-uid", "user-namespace"])
+def test_ipc_objects_of_the_code_are_gone_with_the_run(unprivileged: bool) -> None:
+    """Shared memory, semaphores and message queues (System V and POSIX) live in an IPC namespace, not in a
+    directory: in the host's they outlived the run (1 MB of shared memory each, for ever) and a host service's
+    0666 ones could be opened."""
+    import ctypes
+    import secrets
+    import subprocess
+
+    key, queue = 0x5A000000 + secrets.randbelow(1 << 24), f"/distillery-test-{secrets.token_hex(4)}"
+    rt = ctypes.CDLL("librt.so.1", use_errno=True)
+    try:
+        result = run_function(IPC_OBJECTS, "main", {"key": key, "queue": queue}, FAST, unprivileged=unprivileged)
+        assert result.ok and min(result.value) >= 0, result  # each was made, in a namespace of its own
+        assert key not in host_ipc_keys()
+        assert rt.mq_unlink(queue.encode()) == -1 and ctypes.get_errno() == 2  # ENOENT: no queue on the host
+    finally:
+        for kind in ("M", "S", "Q"):
+            subprocess.run(["ipcrm", f"-{kind}", str(key)], capture_output=True, check=False)
+        rt.mq_unlink(queue.encode())
+
+
 @AS_ROOT
 def test_root_session_keyring_is_not_inherited() -> None:
     import ctypes
