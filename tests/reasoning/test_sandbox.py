@@ -369,13 +369,11 @@ def test_the_kernel_interfaces_of_escapes_are_refused() -> None:
         **{name: (-1, DENIED[name]) for name in calls}, "clone_newuser": (-1, 1)}
 
 
+# System V shared memory and message queues are refused (test_memory_no_process_maps_is_refused); semaphores and
+# POSIX message queues are not.
 IPC_OBJECTS = (LIBC + "def main(key, queue):\n"
-               "    libc.shmat.restype = ctypes.c_void_p\n"
-               "    shm = libc.shmget(key, 1 << 20, 0o1666)\n"  # IPC_CREAT | 0666, 1 MB touched, then detached
-               "    ctypes.memset(libc.shmat(shm, None, 0), 1, 1 << 20)\n"
-               "    made = [shm, libc.semget(key, 1, 0o1666), libc.msgget(key, 0o1666)]\n"
                "    rt = ctypes.CDLL('librt.so.1', use_errno=True)\n"
-               "    return made + [rt.mq_open(queue.encode(), os.O_CREAT | os.O_RDWR, 0o666, None)]\n")
+               "    return [libc.semget(key, 1, 0o1666), rt.mq_open(queue.encode(), os.O_CREAT | os.O_RDWR, 0o666, None)]\n")
 
 
 def host_ipc_keys() -> set[int]:
@@ -390,9 +388,9 @@ def host_ipc_keys() -> set[int]:
 @pytest.mark.skipif(not Path("/proc/sysvipc/shm").exists(), reason="no System V IPC in this kernel")
 @pytest.mark.parametrize("unprivileged", [False, True], ids=["throw-away-uid", "user-namespace"])
 def test_ipc_objects_of_the_code_are_gone_with_the_run(unprivileged: bool) -> None:
-    """Shared memory, semaphores and message queues (System V and POSIX) live in an IPC namespace, not in a
-    directory: in the host's they outlived the run (1 MB of shared memory each, for ever) and a host service's
-    0666 ones could be opened."""
+    """Semaphores and message queues (System V and POSIX; shared memory too before it was refused) live in an
+    IPC namespace, not in a directory: in the host's they outlived the run and a host service's 0666 ones could be
+    opened."""
     import ctypes
     import secrets
     import subprocess
@@ -408,6 +406,48 @@ def test_ipc_objects_of_the_code_are_gone_with_the_run(unprivileged: bool) -> No
         for kind in ("M", "S", "Q"):
             subprocess.run(["ipcrm", f"-{kind}", str(key)], capture_output=True, check=False)
         rt.mq_unlink(queue.encode())
+
+
+# Memory that no process maps, by each route: 8 MB memfds written and kept open; 8 MB System V segments touched and
+# detached; message queues filled to their 16 KB. Returns the MB held that way (or the errno that refused the route).
+UNMAPPED_MEMORY = (LIBC + "libc.shmat.restype = ctypes.c_void_p\n"
+                   "def main(route, count):\n"
+                   "    held = []\n"
+                   "    for _ in range(count):\n"
+                   "        if route == 'memfd':\n"
+                   "            try:\n"
+                   "                fd = os.memfd_create('x')\n"
+                   "            except OSError as err:\n"
+                   "                return 'errno %d' % err.errno\n"
+                   "            os.write(fd, b'x' * (8 << 20))\n"
+                   "        elif route == 'shm':\n"
+                   "            fd = libc.shmget(0, 8 << 20, 0o1600)\n"  # IPC_PRIVATE
+                   "            if fd < 0:\n"
+                   "                return 'errno %d' % ctypes.get_errno()\n"
+                   "            address = libc.shmat(fd, None, 0)\n"
+                   "            ctypes.memset(address, 1, 8 << 20)\n"
+                   "            libc.shmdt(ctypes.c_void_p(address))\n"
+                   "        else:\n"
+                   "            fd = libc.msgget(0, 0o1600)\n"
+                   "            if fd < 0:\n"
+                   "                return 'errno %d' % ctypes.get_errno()\n"
+                   "            message = ctypes.create_string_buffer(8 + 8000)\n"
+                   "            ctypes.memset(message, 1, 8)\n"
+                   "            libc.msgsnd(fd, message, 8000, 0o4000)\n"  # IPC_NOWAIT
+                   "            libc.msgsnd(fd, message, 8000, 0o4000)\n"
+                   "        held.append(fd)\n"
+                   "    return len(held) * (8 if route != 'msg' else 0.016)\n")
+
+
+@pytest.mark.parametrize("route, count", [("memfd", 30), ("shm", 30), ("msg", 100)])
+def test_memory_no_process_maps_is_refused(route: str, count: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watchdog (a normal user's bound) sums what the run's processes map: 30 memfds of 8 MB (240 MB) held
+    under memory_mb=128 went unseen, and so would segments touched and detached, or queued messages."""
+    monkeypatch.setattr(sandbox.ResourceGroup, "create", classmethod(lambda cls, *args: None))
+    limits = Limits(timeout_s=5.0, memory_mb=128, file_size_mb=8, max_processes=8, max_output_kb=64)
+    result = run_function(UNMAPPED_MEMORY, "main", {"route": route, "count": count}, limits, unprivileged=True)
+    assert result.memory == "watchdog" and result.unix_sockets == "seccomp", result
+    assert result.ok and result.value == "errno 1", result
 
 
 @AS_ROOT
