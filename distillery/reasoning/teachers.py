@@ -341,10 +341,10 @@ class OpenAITeacher:
             return Dropped("unreadable reply", "JSON nested past Python's recursion limit")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise UserError(f"distill.teacher: {self.endpoint} did not answer in the chat-completions shape "
-                            f"(choices[0].message.content): {reply.text()[:200]}") from None
+                            f"(choices[0].message.content): {clean_text(reply.text()[:200])}") from None
         if content is not None and not isinstance(content, str):
             raise UserError(f"distill.teacher: {self.endpoint} answered with a {type(content).__name__} as "
-                            f"choices[0].message.content, not text: {reply.text()[:200]}")
+                            f"choices[0].message.content, not text: {clean_text(reply.text()[:200])}")
         if content and content.strip():
             text = with_reasoning(content, message.get("reasoning_content") or message.get("reasoning"))
             text = text.encode("utf-8", "replace").decode("utf-8")  # a lone surrogate (JSON's "\ud800") -> "?"

@@ -194,6 +194,19 @@ def test_a_reply_nested_past_the_recursion_limit_is_a_dropped_sample(serve, monk
         "unreadable reply", "JSON nested past Python's recursion limit")
 
 
+@pytest.mark.parametrize("body", [b"\x1bc\x1b]0;owned\x07 not JSON",
+                                  '{"choices": [{"message": {"content": ["\u009b2J \u202edesrever"]}}]}'.encode()],
+                         ids=["not the chat shape", "content not text"])
+def test_a_reply_in_the_wrong_shape_is_quoted_without_what_acts_on_the_terminal(serve, monkeypatch, body) -> None:
+    """The server's text in the message that stops distill was printed raw: ESC c resets the user's terminal, an
+    OSC sequence retitles it, a bidi override reverses what follows (valid JSON may hold it, and C1's CSI, raw)."""
+    with pytest.raises(UserError) as raised:
+        ask(teacher_for(serve(lambda handler, n: send(handler, body)), monkeypatch))
+    message = str(raised.value)
+    assert not any(char in message for char in "\x1b\x07\u009b\u202e"), message
+    assert "not JSON" in message or "desrever" in message
+
+
 def test_a_retry_after_of_digits_python_cannot_read_as_a_number_is_ignored(serve, monkeypatch) -> None:
     server = serve(busy_once("²"))  # str.isdigit() says yes; float() says no
     assert ask(teacher_for(server, monkeypatch, retries=1)) == "The answer is (a)"
