@@ -73,7 +73,7 @@ NUMBER = re.compile(r"(?<![\w.,^])-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?
 # with no words, a ratio or a time
 TUPLE_OR_RATIO = re.compile(r"[\[(][^A-Za-z\n]*,[^A-Za-z\n]*[\])]|-?\d+(?:\.\d+)?(?:\s*:\s*\d+(?:\.\d+)?)+")
 NUMBER_OR_RATIO = re.compile(f"(?:{NUMBER.pattern})" + r"(?:\s*:\s*\d+(?:\.\d+)?)*")  # a last number: 3:1 whole
-JOINED_BY_AND = re.compile(f"(?:{NUMBER.pattern})" + r"\s*,?\s+and\s+" + f"(?:{NUMBER.pattern})")
+JOINED_BY_AND = re.compile(f"(?:{NUMBER.pattern})" + r"(?:\s*+,)?\s++and\s++" + f"(?:{NUMBER.pattern})")
 # a number and a plain-text unit with a power (`48 cm^2`, `9.8 m/s^2`): the number, not LaTeX's 48*c*m^2
 NUMBER_IN_UNITS = re.compile(f"({NUMBER.pattern})" + r"\s*[A-Za-z]+(?:\^\d+)?(?:\s*/\s*[A-Za-z]+(?:\^\d+)?)?")
 
