@@ -61,7 +61,7 @@ def parse_item(row: dict[str, Any], item_id: str) -> Item:
     if len(choices) != len(LETTERS):
         raise ValueError(f"options not parseable into 5 choices: {str(options)[:80]!r}")
     correct = str(row.get("correct") or "").strip().lower()
-    if correct not in LETTERS:
+    if correct not in tuple(LETTERS):  # one letter: "" or "ab" is a substring of "abcde", not an answer
         raise ValueError(f"correct is {row.get('correct')!r}, not one of a-e")
     return Item(item_id, problem, tuple(choices), LETTERS.index(correct), str(row.get("category") or ""))
 

@@ -94,7 +94,7 @@ def mathqa_record(row: dict[str, Any]) -> tuple[list[dict], list[str], int]:
     if len(choices) != 5:
         raise RowError("options not parseable")
     correct = _text(row, "correct").lower()
-    if correct not in LETTERS:
+    if correct not in tuple(LETTERS):  # one letter: "ab" is a substring of "abcde", not an answer
         raise RowError("correct is not a-e")
     label = LETTERS.index(correct)
     listed = "\n".join(f"{LETTERS[i]}) {choice}" for i, choice in enumerate(choices))

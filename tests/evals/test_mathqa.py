@@ -31,6 +31,9 @@ def test_parse_item_splits_options_like_the_harness() -> None:
 @pytest.mark.parametrize("change, reason", [
     ({"options": "1, 2, 3"}, "options not parseable"),
     ({"correct": "f"}, "not one of a-e"),
+    ({"correct": None}, "not one of a-e"),  # "" and "ab" are substrings of "abcde": both were read as answer a
+    ({"correct": "ab"}, "not one of a-e"),
+    ({"correct": "bc"}, "not one of a-e"),
     ({"Problem": " "}, "empty Problem"),
 ])
 def test_unscoreable_rows_are_rejected_with_the_reason(change: dict, reason: str) -> None:
