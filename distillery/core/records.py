@@ -119,6 +119,16 @@ def load_json_line(line: str) -> Any:
         return json.loads(line)
 
 
+def json_reason(err: Exception) -> str:
+    """Why a JSON text could not be read: the decoder's message, or what Python's json module cannot hold (arrays
+    or objects nested thousands deep, an integer of more than 4300 digits), which it raises as other errors."""
+    if isinstance(err, json.JSONDecodeError):
+        return err.msg
+    if isinstance(err, RecursionError):
+        return "arrays or objects nested too deep to read"
+    return str(err).split(";")[0]  # ValueError: Exceeds the limit (4300 digits) for integer string conversion...
+
+
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     """Yield the JSON objects of a JSONL file (read_jsonl_numbered without the line numbers)."""
     for _, row in read_jsonl_numbered(path):
@@ -142,8 +152,9 @@ def read_jsonl_numbered(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 continue
             try:
                 row = load_json_line(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}: line {line_no} is not valid JSON ({err.msg}). Fix or remove that line.") from None
+            except (ValueError, RecursionError) as err:  # JSONDecodeError, and what json.loads cannot hold
+                raise UserError(f"{path}: line {line_no} is not valid JSON ({json_reason(err)}). Fix or remove that "
+                                "line.") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}: line {line_no} is a JSON {type(row).__name__}, expected an object.")
             yield line_no, row
@@ -173,7 +184,9 @@ def read_json_value(path: Path) -> Any:
     text = read_utf8(path)
     try:
         return json.loads(text)
-    except json.JSONDecodeError as err:
+    except (ValueError, RecursionError) as err:
+        if not isinstance(err, json.JSONDecodeError):
+            raise UserError(f"{path}: not valid JSON ({json_reason(err)}).") from None
         if err.msg == "Extra data" and "\n" not in text[: err.pos].strip():
             return JSON_LINES
         extra = " A .json file holds one JSON value; for one object a line, name it .jsonl." if err.msg == "Extra data" else ""

@@ -9,7 +9,7 @@ import unicodedata
 import pytest
 
 from distillery.core.errors import UserError
-from distillery.core.records import content_key, make_record, read_jsonl, report_json, write_jsonl
+from distillery.core.records import content_key, make_record, read_json_objects, read_jsonl, report_json, write_jsonl
 
 
 def test_rows_round_trip_with_non_finite_floats_big_integers_and_korean(tmp_path):
@@ -38,6 +38,22 @@ def test_a_broken_line_names_the_file_and_line(tmp_path):
     path.write_text('{"a": 1}\n{"a": \n', encoding="utf-8")
     with pytest.raises(UserError, match=r"bad\.jsonl: line 2 is not valid JSON"):
         list(read_jsonl(path))
+
+
+def test_json_python_cannot_hold_names_the_file_and_line(tmp_path):
+    """Nesting thousands deep (a RecursionError) or an integer of 5000 digits (a ValueError) ended a stage as an
+    unexpected error, exit code 1, 'a bug in Distillery'."""
+    path = tmp_path / "hostile.jsonl"
+    path.write_text('{"a": 1}\n' + "[" * 100_000 + "]" * 100_000 + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"hostile\.jsonl: line 2 is not valid JSON \(arrays or objects nested too deep"):
+        list(read_jsonl(path))
+    path.write_text('{"a": ' + "1" * 5000 + "}\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"line 1 is not valid JSON \(Exceeds the limit \(4300 digits\)"):
+        list(read_jsonl(path))
+    whole = tmp_path / "hostile.json"
+    whole.write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    with pytest.raises(UserError, match=r"hostile\.json: not valid JSON \(arrays or objects nested too deep"):
+        list(read_json_objects(whole))
 
 
 def test_a_file_that_is_not_utf8_names_the_file_the_line_and_the_byte(tmp_path):
