@@ -66,46 +66,64 @@ def parse_item(row: dict[str, Any], item_id: str) -> Item:
     return Item(item_id, problem, tuple(choices), LETTERS.index(correct), str(row.get("category") or ""))
 
 
-def iter_rows(data: str, split: str) -> Iterator[tuple[dict[str, Any], str]]:
-    """(row, id) pairs from a local file or a Hub dataset split."""
+DATA_KEYS = ("evaluate.data", "evaluate.split")  # the settings a source and its split come from, for messages
+FEWSHOT_KEYS = ("evaluate.fewshot_data", "evaluate.fewshot_split")
+
+
+def iter_rows(data: str, split: str, keys: tuple[str, str] = DATA_KEYS) -> Iterator[tuple[dict[str, Any], str]]:
+    """(row, id) pairs from a local file or a Hub dataset split; `keys` name the settings in messages."""
     if is_local(data):
-        path = Path(data).expanduser()
-        if not path.is_file():
-            raise UserError(f"evaluate.data: {data} does not exist. Point it at a MathQA jsonl/json/csv/parquet file "
-                            "(e.g. configs/samples/mathqa/test.jsonl) or a Hub id (regisss/math_qa).")
+        path = local_file(data, keys[0])
         for row, where in read_local_file(path):
             yield row, f"{path.name}:{where.get('line', where.get('index', where.get('row')))}"
         return
-    for index, row in enumerate(load_hub_split(data, split)):
+    for index, row in enumerate(load_hub_split(data, split, keys)):
         yield row, f"{data}/{split}:{index}"
 
 
-def load_hub_split(dataset: str, split: str) -> Any:
+def local_file(data: str, key: str) -> Path:
+    """The file `data` names; missing, a directory, or not read by its suffix (one of LOCAL_SUFFIXES) is a UserError
+    naming the setting (a .txt file was read as Parquet and failed on its magic bytes)."""
+    path = Path(data).expanduser()
+    fix = ("Point it at a MathQA jsonl/json/csv/parquet file (e.g. configs/samples/mathqa/test.jsonl) or a Hub id "
+           "(regisss/math_qa).")
+    if path.is_dir():
+        raise UserError(f"{key}: {data} is a directory. {fix}")
+    if not path.is_file():
+        raise UserError(f"{key}: {data} does not exist. {fix}")
+    if path.suffix.lower() not in LOCAL_SUFFIXES:
+        raise UserError(f"{key}: {data} is read by its suffix, which is not one of {', '.join(LOCAL_SUFFIXES)}. "
+                        "Rename it to the format it holds (JSON Lines: .jsonl).")
+    return path
+
+
+def load_hub_split(dataset: str, split: str, keys: tuple[str, str] = DATA_KEYS) -> Any:
     """A Hub dataset split, failing fast with the way out when the Hub cannot be reached."""
     import os
 
     hint = (f"Download it where you have network (`hf download {dataset} --repo-type dataset`) and set "
-            "evaluate.data to the local file.")
+            f"{keys[0]} to the local file.")
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        raise UserError(f"evaluate.data {dataset}: HF_HUB_OFFLINE is set, so the Hub is not used. {hint}")
+        raise UserError(f"{keys[0]} {dataset}: HF_HUB_OFFLINE is set, so the Hub is not used. {hint}")
     import datasets
     from huggingface_hub import HfApi
 
     try:
         HfApi().dataset_info(dataset, timeout=10)
     except Exception as err:  # connection, timeout, 404 and auth errors all end the same way
-        raise UserError(f"evaluate.data {dataset}: the Hub cannot be reached or has no such dataset "
+        raise UserError(f"{keys[0]} {dataset}: the Hub cannot be reached or has no such dataset "
                         f"({type(err).__name__}). {hint}") from None
     try:
         return datasets.load_dataset(dataset, split=split)
     except ValueError as err:
-        raise UserError(f"evaluate.data {dataset}: no split {split!r} ({err}). Set evaluate.split.") from None
+        raise UserError(f"{keys[0]} {dataset}: no split {split!r} ({err}). Set {keys[1]}.") from None
 
 
-def load_items(data: str, split: str, limit: int | None, report: LoadReport) -> list[Item]:
+def load_items(data: str, split: str, limit: int | None, report: LoadReport,
+               keys: tuple[str, str] = DATA_KEYS) -> list[Item]:
     """The first `limit` scoreable items (all when None); unparseable rows are skipped and reported."""
     items: list[Item] = []
-    for row, item_id in iter_rows(data, split):
+    for row, item_id in iter_rows(data, split, keys):
         if limit is not None and items and len(items) >= limit:
             break
         report.read += 1
@@ -114,7 +132,7 @@ def load_items(data: str, split: str, limit: int | None, report: LoadReport) -> 
         except ValueError as err:
             report.skipped.append({"id": item_id, "reason": str(err)})
     if not items:
-        raise UserError(f"evaluate.data {data}: no scoreable MathQA item (read {report.read}, skipped "
+        raise UserError(f"{keys[0]} {data}: no scoreable MathQA item (read {report.read}, skipped "
                         f"{len(report.skipped)}). It needs the columns Problem, options and correct.")
     return items
 

@@ -150,7 +150,8 @@ def load_data(ev: EvaluateConfig) -> tuple[list[mathqa.Item], list[str], mathqa.
         source = ev.fewshot_data or ev.data
         split = ev.fewshot_split if not mathqa.is_local(source) else "train"
         same_split = source == ev.data and (mathqa.is_local(source) or split == ev.split)
-        pool = mathqa.load_items(source, split, None, mathqa.LoadReport())
+        keys = mathqa.FEWSHOT_KEYS if ev.fewshot_data else (mathqa.DATA_KEYS[0], mathqa.FEWSHOT_KEYS[1])
+        pool = mathqa.load_items(source, split, None, mathqa.LoadReport(), keys)
     return items, mathqa.build_contexts(items, ev.num_fewshot, pool, same_split), loaded
 
 

@@ -57,6 +57,18 @@ def test_missing_file_and_empty_data_are_user_errors(tmp_path: Path) -> None:
         mathqa.load_items(str(path), "test", None, mathqa.LoadReport())
 
 
+def test_a_directory_or_a_file_of_another_suffix_is_named_as_such(tmp_path: Path) -> None:
+    """A directory was said not to exist; a .txt file was read as Parquet and failed on its magic bytes."""
+    with pytest.raises(UserError, match=r"evaluate.data: .* is a directory\. Point it at a MathQA jsonl"):
+        mathqa.load_items(str(tmp_path), "test", None, mathqa.LoadReport())
+    path = write_rows(tmp_path / "test.txt", [ROW])
+    with pytest.raises(UserError, match=r"test.txt is read by its suffix, which is not one of \.jsonl, \.json, "
+                                        r"\.csv, \.parquet\. Rename it"):
+        mathqa.load_items(str(path), "test", None, mathqa.LoadReport())
+    with pytest.raises(UserError, match=r"^evaluate.fewshot_data: .*nope.jsonl does not exist"):
+        mathqa.load_items(str(tmp_path / "nope.jsonl"), "train", None, mathqa.LoadReport(), mathqa.FEWSHOT_KEYS)
+
+
 def items(n: int) -> list[mathqa.Item]:
     return [mathqa.Item(f"t:{i}", f"problem {i}", ("1", "22", "333", "4", "5"), i % 5) for i in range(n)]
 

@@ -301,3 +301,13 @@ def test_nothing_to_score_with_the_held_out_split_switched_off_names_that_settin
     with pytest.raises(UserError, match=r"evaluate.heldout.enabled is false and evaluate.data is not set. Set "
                                         r"heldout.enabled: true \(the run's held-out split\) or evaluate.data"):
         evaluate.run(context(cfg, project))
+
+
+def test_a_few_shot_source_that_cannot_be_read_is_named_by_its_own_setting(project: Path) -> None:
+    """A missing or empty evaluate.fewshot_data was blamed on evaluate.data, which was fine."""
+    (project / "empty.jsonl").write_text("", encoding="utf-8")
+    for source, error in (("nope.jsonl", "evaluate.fewshot_data: nope.jsonl does not exist"),
+                          ("empty.jsonl", "evaluate.fewshot_data empty.jsonl: no scoreable MathQA item")):
+        cfg = load_config("config.yaml", [f"evaluate.fewshot_data={source}", "evaluate.num_fewshot=1"])
+        with pytest.raises(UserError, match=f"^{error}"):
+            evaluate.load_data(cfg.evaluate)
