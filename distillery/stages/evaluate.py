@@ -396,7 +396,7 @@ def write_outputs(ctx: StageContext, results: dict[str, Any], per_item: list[dic
         report.save_heldout_chart(scored_heldout, out["heldout_plot"])
         bounds = {"loss": ho.max_quant_loss_increase, "drop": ho.max_quant_drop}
         lines += report.render_heldout_markdown(scored_heldout, results["heldout"]["reference"], bounds) + [""]
-        print_heldout(ctx.console, scored_heldout, ctx.out / OUTPUTS["heldout_plot"])
+        print_heldout(ctx.console, scored_heldout, ctx.run.stage_dir("evaluate") / OUTPUTS["heldout_plot"])
     out["results"].write_text(report_json(results), encoding="utf-8")
     write_jsonl(out["per_item"], per_item)
     rows = report.comparison_rows(results) if results["artifacts"] else []

@@ -311,3 +311,24 @@ def test_a_few_shot_source_that_cannot_be_read_is_named_by_its_own_setting(proje
         cfg = load_config("config.yaml", [f"evaluate.fewshot_data={source}", "evaluate.num_fewshot=1"])
         with pytest.raises(UserError, match=f"^{error}"):
             evaluate.load_data(cfg.evaluate)
+
+
+def test_the_held_out_chart_is_named_where_the_finished_stage_keeps_it(project: Path) -> None:
+    """The table's 'chart:' line named .evaluate.partial/heldout.png, which is renamed away when the stage ends."""
+    from rich.console import Console
+
+    fmt = project / "runs" / "t" / "format"
+    fmt.mkdir(parents=True)
+    rows = [{"id": f"r{k}", "task": "qa", "prompt": f"<|user|>what is {k}?\n<|assistant|>", "completion": f"{k}<eos>",
+             "meta": {}} for k in range(2)]
+    (fmt / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (fmt / "template.json").write_text(json.dumps({"name": "chat", "eos_token": "<eos>"}))
+    cfg = load_config("config.yaml", ["evaluate.heldout.enabled=true", "evaluate.data=null",
+                                      "evaluate.heldout.max_new_tokens=2"])
+    run = RunDir("runs", "t")
+    console = Console(record=True, width=300)
+    out = run.partial_dir("evaluate")
+    out.mkdir(parents=True)
+    evaluate.run(StageContext(cfg=cfg, run=run, out=out, console=console))
+    assert (out / "heldout.png").is_file()
+    assert f"chart: {run.stage_dir('evaluate') / 'heldout.png'}" in console.export_text()
