@@ -44,13 +44,19 @@ def render_markdown(results: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         cells.append((row["artifact"], row["kind"], *(cell for m in metrics for cell in (
             fmt(row[m], row[f"{m}_stderr"]), "" if row.get(f"{m}_vs_base") is None else f"{row[f'{m}_vs_base']:+.4f}"))))
     lines += markdown_table(headers, cells)
-    if results.get("errors"):
-        lines += ["", "Not scored:"] + [f"- {name}: {msg}" for name, msg in results["errors"].items()]
+    lines += not_scored(results)
     if results.get("skipped_items"):
         lines += ["", f"Items skipped (options not parseable etc.): {len(results['skipped_items'])}, e.g. "
                   + ", ".join(s["id"] for s in results["skipped_items"][:5])]
     lines += ["", "± is the standard error of the mean (as lm-evaluation-harness reports it). Chart: comparison.png"]
     return "\n".join(lines) + "\n"
+
+
+def not_scored(results: dict[str, Any]) -> list[str]:
+    """Markdown lines naming each artifact that could not be scored and why (none when all were)."""
+    if not results.get("errors"):
+        return []
+    return ["", "Not scored:"] + [f"- {name}: {msg}" for name, msg in results["errors"].items()]
 
 
 def save_chart(results: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> None:
@@ -115,7 +121,7 @@ def render_heldout_markdown(heldout: dict[str, dict[str, Any]], reference: str |
         failed = [f"{name} on {task}" for name, scored in heldout.items() for task, s in scored.items()
                   if s.get("vs_reference", {}).get("passed") is False]
         lines += ["", f"Each GGUF against {reference}: at most {bounds['loss']:.0%} more loss and {bounds['drop']:.2f} "
-                  f"less of the main metric per task: " + ("every GGUF within the bounds." if not failed else
+                  f"less of the main metric per task: " + ("every GGUF scored is within the bounds." if not failed else
                                                            "PAST THE BOUND: " + ", ".join(failed) + ".")]
     return lines
 

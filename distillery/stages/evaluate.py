@@ -411,6 +411,8 @@ def write_outputs(ctx: StageContext, results: dict[str, Any], per_item: list[dic
                        *(f"{r[f'{m}_vs_base']:+.4f}" if f"{m}_vs_base" in r else "" for m in metrics)) for r in rows]
         ctx.console.print(summary_table(f"MathQA {results['mode']} ({results['n']} items, {results['num_fewshot']}-shot)",
                                         table_rows, ("artifact", "kind", *metrics, *(f"Δ {m}" for m in metrics))))
+    else:
+        lines += report.not_scored(results)[1:]  # with MathQA, its section lists them
     out["report"].write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

@@ -317,14 +317,7 @@ def test_the_held_out_chart_is_named_where_the_finished_stage_keeps_it(project: 
     """The table's 'chart:' line named .evaluate.partial/heldout.png, which is renamed away when the stage ends."""
     from rich.console import Console
 
-    fmt = project / "runs" / "t" / "format"
-    fmt.mkdir(parents=True)
-    rows = [{"id": f"r{k}", "task": "qa", "prompt": f"<|user|>what is {k}?\n<|assistant|>", "completion": f"{k}<eos>",
-             "meta": {}} for k in range(2)]
-    (fmt / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    (fmt / "template.json").write_text(json.dumps({"name": "chat", "eos_token": "<eos>"}))
-    cfg = load_config("config.yaml", ["evaluate.heldout.enabled=true", "evaluate.data=null",
-                                      "evaluate.heldout.max_new_tokens=2"])
+    cfg = heldout_only(project)
     run = RunDir("runs", "t")
     console = Console(record=True, width=300)
     out = run.partial_dir("evaluate")
@@ -332,3 +325,28 @@ def test_the_held_out_chart_is_named_where_the_finished_stage_keeps_it(project: 
     evaluate.run(StageContext(cfg=cfg, run=run, out=out, console=console))
     assert (out / "heldout.png").is_file()
     assert f"chart: {run.stage_dir('evaluate') / 'heldout.png'}" in console.export_text()
+
+
+def heldout_only(project: Path, *overrides: str):
+    """The project's config scoring a held-out split of two records (written as format writes it), no MathQA."""
+    fmt = project / "runs" / "t" / "format"
+    fmt.mkdir(parents=True)
+    rows = [{"id": f"r{k}", "task": "qa", "prompt": f"<|user|>what is {k}?\n<|assistant|>", "completion": f"{k}<eos>",
+             "meta": {}} for k in range(2)]
+    (fmt / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (fmt / "template.json").write_text(json.dumps({"name": "chat", "eos_token": "<eos>"}))
+    return load_config("config.yaml", ["evaluate.heldout.enabled=true", "evaluate.data=null",
+                                       "evaluate.heldout.max_new_tokens=2", *overrides])
+
+
+def test_a_gguf_not_scored_is_named_in_the_report_without_mathqa(project: Path) -> None:
+    """Only MathQA's section listed what was not scored: scoring held-out data alone (the demo), report.md had no
+    word of a GGUF that failed (and, with a reference, said every GGUF was within the quant bounds)."""
+    gguf = project / "runs" / "t" / "export" / "gguf"
+    gguf.mkdir(parents=True)
+    (gguf / "model-Q4_K_M.gguf").write_bytes(b"not a gguf at all")
+    (project / "runs" / "t" / "finetune").mkdir(parents=True)
+    cfg = heldout_only(project, "evaluate.artifacts=auto", "export.enabled=true")
+    evaluate.run(context(cfg, project))
+    text = (project / "out" / "report.md").read_text()
+    assert "Not scored:\n- model-Q4_K_M: " in text and "is not a GGUF file" in text
