@@ -8,6 +8,7 @@ import os
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
+from rich.text import Text
 
 console = Console(highlight=False, soft_wrap=os.environ.get("CI") == "true")
 
@@ -25,12 +26,13 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def summary_table(title: str, rows: list[tuple[str, ...]], headers: tuple[str, ...]) -> Table:
-    """A compact table for the end of a stage or a run."""
-    table = Table(title=title, title_justify="left", show_edge=False)
+    """A compact table for the end of a stage or a run. Its text is shown as it is, never read as rich markup: a
+    GGUF named after a base directory `model [v2]` lost its `[v2]`, and one holding `[/x]` ended the stage."""
+    table = Table(title=Text(title), title_justify="left", show_edge=False)
     for header in headers:
-        table.add_column(header)
+        table.add_column(Text(header))
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(Text(str(cell)) for cell in row))
     return table
 
 

@@ -350,3 +350,16 @@ def test_a_gguf_not_scored_is_named_in_the_report_without_mathqa(project: Path) 
     evaluate.run(context(cfg, project))
     text = (project / "out" / "report.md").read_text()
     assert "Not scored:\n- model-Q4_K_M: " in text and "is not a GGUF file" in text
+
+
+def test_artifact_names_are_shown_as_they_are_not_read_as_markup() -> None:
+    """A GGUF is named after the base model's directory: `model [v2]` lost its `[v2]` in the tables, and `m[/x]`
+    ended the stage with a MarkupError (exit 1) after every artifact was scored."""
+    from rich.console import Console
+
+    console = Console(record=True, width=300)
+    scored = {name: {"qa": {"items": 1, "loss": 1.0}, "overall": {"items": 1, "loss": 1.0}}
+              for name in ("model [v2]-Q8_0", "m[/x]-Q4_K_M")}
+    evaluate.print_heldout(console, scored, Path("runs/t/evaluate/heldout.png"))
+    printed = console.export_text()
+    assert "model [v2]-Q8_0" in printed and "m[/x]-Q4_K_M" in printed
