@@ -19,9 +19,9 @@ nonce), then, before any untrusted line runs:
 5. its own empty session keyring (root's keys are not inherited), then, when started as root, a throw-away
    uid/gid with no groups;
 6. a seccomp filter (`SYSCALLS`, `DENIED`): no sockets of any family, no io_uring, no new namespaces, no
-   mounts, no keyrings, no userfaultfd, perf_event_open, bpf, ptrace or module loading, and no memory that no
-   process maps (memfd_create, System V shared memory and message queues: the watchdog, which sums what
-   processes map, never saw it);
+   mounts, no keyrings, no kernel log, no userfaultfd, perf_event_open, bpf, ptrace or module loading, and no
+   memory that no process maps (memfd_create, System V shared memory and message queues: the watchdog, which
+   sums what processes map, never saw it);
 7. an audit hook refusing Python-level writes outside the working directory (a second layer, for systems where
    the namespaces are not available);
    Without the namespaces and the new root, the job's `require_new_root` (isolation: required, the default)
@@ -256,6 +256,7 @@ SYSCALLS = {
     "io_uring_register": (427, 427), "open_tree": (428, 428), "move_mount": (429, 429), "fsopen": (430, 430),
     "fsconfig": (431, 431), "fsmount": (432, 432), "fspick": (433, 433), "mount_setattr": (442, 442),
     "memfd_create": (319, 279), "memfd_secret": (447, 447), "shmget": (29, 194), "msgget": (68, 186),
+    "syslog": (103, 116),
 }
 # What each refused call returns. Sockets of every family: the network namespace is empty, but AF_UNIX reaches
 # filesystem paths and AF_VSOCK the hypervisor. clone3 gets ENOSYS so that the C library falls back to clone,
@@ -264,7 +265,9 @@ SYSCALLS = {
 # a segment touched and detached, 512 MB of queued messages): the watchdog, which sums what the run's processes
 # map, would not see it.
 DENIED = {name: errno.EPERM for name in SYSCALLS if name != "clone"}
-DENIED.update(socket=errno.EACCES, socketpair=errno.EACCES, clone3=errno.ENOSYS)
+# syslog: the host's kernel log where kernel.dmesg_restrict is 0; ENOSYS, which the kernel never answers for it,
+# tells the filter's refusal from the kernel's own EPERM where the sysctl already restricts it.
+DENIED.update(socket=errno.EACCES, socketpair=errno.EACCES, clone3=errno.ENOSYS, syslog=errno.ENOSYS)
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 
 
