@@ -205,27 +205,57 @@ def run_prompts(todo: list[dict], ctx: StageContext, teacher: Any, limits: Limit
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=ctx.console) as progress:
         bar = progress.add_task(f"teacher {teacher.name}", total=len(todo))
-        for entry in (map(one, todo) if workers == 1 else in_flight(one, todo, workers)):
+
+        def save(entry: dict) -> None:
             append_progress(progress_path, entry)
             progress.advance(bar)
 
+        if workers == 1:
+            for entry in map(one, todo):
+                save(entry)
+        else:
+            in_flight(one, todo, workers, save)
 
-def in_flight(function: Any, items: list, workers: int) -> Iterator[Any]:
-    """function(item) for every item in threads, at most `workers` at a time; results as they finish."""
+
+def in_flight(function: Any, items: list, workers: int, save: Any) -> None:
+    """save(function(item)) for every item, `function` in threads, at most `workers` at a time, `save` in this
+    thread as each finishes. When the run stops (Ctrl-C, a prompt's error), the prompts still in flight are let
+    finish, as the pool's shutdown waits for them anyway, and those that succeed are saved before the error goes
+    on: their replies are not asked for again. A second Ctrl-C leaves them unsaved."""
     queue = iter(items)
     pool = ThreadPoolExecutor(max_workers=workers)
-    pending: set = set()
+    unsaved: set = set()
     try:
         while True:
-            while len(pending) < workers and (item := next(queue, None)) is not None:
-                pending.add(pool.submit(function, item))
-            if not pending:
+            while len(unsaved) < workers and (item := next(queue, None)) is not None:
+                unsaved.add(pool.submit(function, item))
+            if not unsaved:
                 return
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                yield future.result()
+            finished, _ = wait(unsaved, return_when=FIRST_COMPLETED)
+            failed = [future for future in finished if future.exception() is not None]
+            for future in finished - set(failed):
+                unsaved.discard(future)  # before save: one interrupted there is not saved twice
+                save(future.result())
+            unsaved -= set(failed)
+            if failed:
+                failed[0].result()  # raises its error
+    except BaseException:
+        save_the_rest(unsaved, save)
+        raise
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def save_the_rest(futures: set, save: Any) -> None:
+    """After an error: wait for the prompts in flight and save those that succeed (their own errors are dropped:
+    the first error is the one reported)."""
+    if not futures:
+        return
+    log.warning("distill: stopping; waiting for the %d prompt(s) in flight to finish and saving them "
+                "(Ctrl-C again: they are not saved)", len(futures))
+    for future in wait(futures).done:
+        if not future.cancelled() and future.exception() is None:
+            save(future.result())
 
 
 def task_report(entries: list[dict]) -> dict[str, dict[str, Any]]:

@@ -194,6 +194,39 @@ def test_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, server)
     assert result.metrics["train_records"] == 6
 
 
+def test_prompts_in_flight_at_an_interruption_are_saved_not_asked_again(tmp_path, monkeypatch, server) -> None:
+    """Ctrl-C with 3 prompts in flight: the 2 still running finish (the pool waits for them anyway) and are saved,
+    so the rerun sends only the 3 never started; they were dropped and asked again."""
+    monkeypatch.chdir(tmp_path)
+
+    def slow_reply(messages: list[dict]) -> str:
+        time.sleep(0.3)
+        return "The answer is (a)"
+
+    chat = server(reply=slow_reply)
+    cfg = load_config(write_project(tmp_path, chat.url, concurrency=3, revise=False))
+    real_append = distill.append_progress
+    written = []
+
+    def interrupt_after_the_first(path, entry):
+        real_append(path, entry)
+        written.append(entry["id"])
+        if len(written) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill, "append_progress", interrupt_after_the_first)
+    run_stage("ingest", cfg)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("distill", cfg)
+    assert len(chat.requests) == 3 and len(set(written)) == 3
+    progress = tmp_path / "runs/t/.distill.partial/progress.jsonl"
+    assert len(progress.read_text().splitlines()) == 3
+    monkeypatch.setattr(distill, "append_progress", real_append)
+    status, result, _ = run_stage("distill", cfg)
+    assert status == "done" and result.metrics["prompts"] == 6 and result.metrics["train_records"] == 6
+    assert len(chat.requests) == 6  # every prompt asked once
+
+
 def test_http_teacher_keeps_concurrency_prompts_in_flight(tmp_path, monkeypatch, server) -> None:
     monkeypatch.chdir(tmp_path)
     lock, state = threading.Lock(), {"now": 0, "most": 0}
