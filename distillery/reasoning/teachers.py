@@ -124,8 +124,13 @@ class GGUFTeacher:
         self.context_length = context_length
         self.llama = LlamaChild(path, "generating teacher answers with", n_ctx=context_length)
 
-    def complete(self, messages: Messages, n: int, temperature: float, max_tokens: int, seed: int) -> list[str]:
+    def complete(self, messages: Messages, n: int, temperature: float, max_tokens: int,
+                 seed: int) -> list[str | Dropped]:
         replies = self.llama.call(_chat_completions, messages, n, temperature, max_tokens, seed)
+        if isinstance(replies, str):  # the prompt alone fills the context: as an HTTP teacher's 400, dropped samples
+            why = (f"{replies} (distill.teacher.context_length {self.context_length}): raise context_length, up to the "
+                   "model's own, or shorten the prompt")
+            return [Dropped("prompt too long for the teacher", why)] * n
         return [CutOff(text) if finish_reason == "length" else text for text, finish_reason in replies]
 
     def encoder(self, student_tokenizer: Any) -> Callable[[str], list[int]]:
@@ -157,12 +162,19 @@ def _top_logprobs(state: dict[str, Any], emit: Any, ids: list[int], start: int, 
 
 
 def _chat_completions(state: dict[str, Any], emit: Any, messages: Messages, n: int, temperature: float,
-                      max_tokens: int, seed: int) -> list[tuple[str, str | None]]:
-    """In the llama.cpp child: n chat completions through the GGUF's own chat template, with why each stopped."""
+                      max_tokens: int, seed: int) -> list[tuple[str, str | None]] | str:
+    """In the llama.cpp child: n chat completions through the GGUF's own chat template, with why each stopped;
+    llama-cpp-python's message when the prompt does not fit the context ("Requested tokens (700) exceed context
+    window of 256"; a reply that would not fit is cut off where the context ends, finish_reason "length")."""
     answers = []
     for i in range(n):
-        reply = state["llm"].create_chat_completion(messages=messages, temperature=temperature,
-                                                    max_tokens=max_tokens, seed=seed + i)
+        try:
+            reply = state["llm"].create_chat_completion(messages=messages, temperature=temperature,
+                                                        max_tokens=max_tokens, seed=seed + i)
+        except ValueError as err:
+            if "exceed context window" in str(err):
+                return str(err)
+            raise
         choice = reply["choices"][0]
         answers.append((choice["message"]["content"] or "", choice.get("finish_reason")))
     return answers

@@ -575,6 +575,24 @@ def test_hf_teacher_samples_k_answers(demo_model_path) -> None:
     assert teacher.complete(messages, 1, 0.0, 12, seed=1) == teacher.complete(messages, 1, 0.0, 12, seed=2)
 
 
+def test_a_prompt_longer_than_the_gguf_teachers_context_is_a_dropped_sample() -> None:
+    """As an HTTP teacher's 400: that prompt's samples are dropped with the reason, and the teacher goes on; it was
+    llama-cpp-python's ValueError, an unexpected error (exit 1) that ended the stage. A reply that would overrun
+    the context is cut off at its end."""
+    from distillery.reasoning.teachers import CutOff, Dropped, GGUFTeacher, resolve_gguf_path
+
+    teacher = GGUFTeacher(resolve_gguf_path("bundled:SmolLM2-135M-Instruct"), 256)
+    try:
+        replies = teacher.complete([{"role": "user", "content": "word " * 400}], 2, 0.0, 8, 0)
+        assert [r.reason for r in replies] == ["prompt too long for the teacher"] * 2
+        assert all(isinstance(r, Dropped) and "context_length 256" in r.detail for r in replies)
+        counting = [{"role": "user", "content": "Count: " + "one two three four five " * 38}]
+        assert isinstance(teacher.complete(counting, 1, 0.0, 200, 0)[0], CutOff)
+        assert isinstance(teacher.complete([{"role": "user", "content": "Hi"}], 1, 0.0, 4, 0)[0], str)
+    finally:
+        teacher.close()
+
+
 def test_a_bundled_model_without_a_runnable_gguf_is_refused_as_a_teacher() -> None:
     from distillery.reasoning.teachers import resolve_gguf_path
 
