@@ -285,7 +285,10 @@ class OpenAITeacher:
 
         body = {"model": self.model, "prompt": ids, "max_tokens": 1, "temperature": 0.0, "echo": True,
                 "logprobs": k, "return_tokens_as_token_ids": True}
-        reply = self.request(body, self.completions_endpoint, cap=REPLY_BYTES_FLOOR + len(ids) * (k + 1) * 64)
+        try:  # a 400/413/422 concerns this trace (longer than the teacher's context): cross-entropy only
+            reply = self.request(body, self.completions_endpoint, cap=REPLY_BYTES_FLOOR + len(ids) * (k + 1) * 64)
+        except PromptRejected as err:
+            return Unscored(f"refused by the teacher (HTTP {err.status}): {err.message}")
         try:
             logprobs = json.loads(reply.body)["choices"][0]["logprobs"] or {}
         except (ValueError, KeyError, IndexError, TypeError, RecursionError):

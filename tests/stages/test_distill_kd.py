@@ -252,6 +252,25 @@ def test_the_openai_teacher_reads_the_servers_echoed_log_probs_after_the_round_t
             assert got.ids.tolist() == want.ids.tolist() and np.allclose(got.logprobs, want.logprobs, atol=1e-3)
 
 
+def test_a_trace_the_completions_endpoint_refuses_is_unscored_and_distill_goes_on() -> None:
+    """A kept trace read whole (question, first reply, feedback, revision) can be longer than the teacher's context
+    though each chat request fitted: the 400 concerns that trace, which trains on cross-entropy only, as documented
+    for a failed round trip; it was a UserError that stopped distill, blaming the URL, model and key."""
+    from distillery.reasoning.teachers import OpenAITeacher
+    from tests.fixtures.http_faults import FaultServer, send
+
+    error = {"error": {"message": "This model's maximum context length is 2048 tokens, you requested 2300"}}
+    server = FaultServer(lambda handler, n: send(handler, json.dumps(error).encode(), status=400))
+    teacher = OpenAITeacher(server.url, "stub", "NO_KEY", 30.0, 0)
+    try:
+        got = teacher.top_logprobs([1, 2, 3, 4], 1, 4)
+    finally:
+        teacher.close()
+        server.close()
+    assert isinstance(got, Unscored) and got.reason.startswith("refused by the teacher (HTTP 400): ")
+    assert "maximum context length is 2048" in got.reason
+
+
 def test_echoed_text_tokens_map_to_ids_and_missing_top_log_probs_are_unscored(demo_model_path: str) -> None:
     from transformers import AutoTokenizer
 
