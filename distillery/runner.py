@@ -9,11 +9,13 @@ outputs are unchanged, and whose upstream stages' files are those it last read, 
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from distillery.config import DistilleryConfig, redact
 from distillery.core.console import console
@@ -55,7 +57,7 @@ def fingerprint(stage: Stage, cfg: DistilleryConfig, run: RunDir) -> tuple[str, 
             raise UserError(f"stage {stage.name} needs {name} first: run `distillery {name}`.")
         upstream[name], upstream_outputs[name] = entry["fingerprint"], outputs_digest(entry)
     inputs = {
-        "config": {section: dump[section] for section in stage.sections},
+        "config": without_operational({section: dump[section] for section in stage.sections}, stage.operational),
         "seed": cfg.run.seed,
         "upstream": upstream,
         "files": {str(path): sha256_file(path) for path in stage.input_files(cfg)},
@@ -65,6 +67,31 @@ def fingerprint(stage: Stage, cfg: DistilleryConfig, run: RunDir) -> tuple[str, 
     if environment:  # only then: every other fingerprint stays as it was
         inputs["environment"] = environment
     return sha256_json(inputs), {**inputs, "upstream_outputs": upstream_outputs}
+
+
+def without_operational(sections: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """The config sections less the stage's operational settings (`Stage.operational`, dotted keys)."""
+    sections = copy.deepcopy(sections)
+    for key in keys:
+        *parents, leaf = key.split(".")
+        node = sections
+        for part in parents:
+            node = node.get(part) or {}
+        node.pop(leaf, None)
+    return sections
+
+
+def recorded_fingerprint(stage: Stage, cfg: DistilleryConfig, run: RunDir, fp: str, inputs: dict) -> str:
+    """`fp`, or the fingerprint an entry recorded before the stage's operational settings were left out of it
+    (its sections whole) when that is the one it has: such a run stays up to date, and so do the stages below it,
+    whose fingerprints hold this one."""
+    recorded = (run.stage_entry(stage.name) or {}).get("fingerprint")
+    if not stage.operational or recorded in (None, fp):
+        return fp
+    dump = cfg.model_dump(mode="json")
+    whole = {key: value for key, value in inputs.items() if key != "upstream_outputs"}
+    whole["config"] = {section: dump[section] for section in stage.sections}
+    return recorded if sha256_json(whole) == recorded else fp
 
 
 def known_environment(environment: dict[str, str | None], previous: dict) -> dict[str, str]:
@@ -108,6 +135,7 @@ def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[st
     stage = load_stage(name)
     run = RunDir(cfg.run.root, cfg.run.name)
     fp, inputs = fingerprint(stage, cfg, run)
+    fp = recorded_fingerprint(stage, cfg, run, fp, inputs)
     if not force and up_to_date(run, name, fp, inputs):
         console.print(f"[green]{name}[/]: up to date ({fp[:12]}), nothing to do; --force redoes it.")
         entry = run.stage_entry(name) or {}

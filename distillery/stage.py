@@ -38,13 +38,16 @@ class Stage:
     name: str  # also its config section and its directory runs/<name>/<stage>/
     run: Callable[[StageContext], StageResult]
     outputs: Mapping[str, str]  # artifact key -> path relative to the stage directory
-    sections: tuple[str, ...]  # config sections its fingerprint covers (whole sections, never a pick)
+    sections: tuple[str, ...]  # config sections its fingerprint covers (whole sections less `operational`)
     upstream: tuple[str, ...] | Callable[[DistilleryConfig], tuple[str, ...]] = ()  # stages it reads
     packages: tuple[str, ...] = ()  # distributions whose versions change its results
     resumable: bool = False  # keep the partial directory across an interrupted run
     input_files: Callable[[DistilleryConfig], list[Path]] = no_input_files  # external files it reads
     # settings it takes from environment variables where the config leaves them out (never a secret); None: unset
     environment: Callable[[DistilleryConfig], dict[str, str | None]] = no_environment
+    # dotted keys in its sections that change how it runs, not what it writes (left out of the fingerprint: raising
+    # a timeout must resume a long distill, not start it over)
+    operational: tuple[str, ...] = ()
 
     def upstream_of(self, cfg: DistilleryConfig) -> tuple[str, ...]:
         return tuple(self.upstream(cfg)) if callable(self.upstream) else tuple(self.upstream)

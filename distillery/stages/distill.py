@@ -506,4 +506,6 @@ def save_report_plot(rows: dict[str, dict], path: Path) -> None:
 
 STAGE = Stage(name="distill", run=run, outputs=OUTPUTS, sections=("model", "distill"), upstream=("ingest",),
               packages=("llama-cpp-python", "transformers", "httpx", "math-verify", "latex2sympy2_extended", "sympy"),
-              resumable=True, environment=teacher_environment)
+              resumable=True, environment=teacher_environment,
+              operational=("distill.concurrency", "distill.retries", "distill.teacher.timeout_s",
+                           "distill.teacher.max_retry_wait_s", "distill.teacher.api_key_env"))

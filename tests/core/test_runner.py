@@ -214,3 +214,31 @@ def test_a_run_recorded_before_upstream_outputs_were_kept_stays_up_to_date_until
     time.sleep(1.1)  # manifest times have whole seconds
     assert run_stage("ingest", cfg, force=True)[0] == "done"  # before the digests were read: only times tell
     assert run_stage("format", cfg)[0] == "done"
+
+
+def test_operational_settings_leave_a_stage_up_to_date_and_a_run_recorded_before_them_too(project: Path,
+                                                                                          monkeypatch) -> None:
+    """A stage's operational settings (distill's timeouts, retries, concurrency) change how it runs, not what it
+    writes: raising distill.teacher.timeout_s after 'did not answer' must resume the prompts already answered, not
+    ask the teacher for every one again. A run recorded when they were still in the fingerprint stays up to date."""
+    import dataclasses
+
+    import distillery.runner as runner
+    from distillery.stage import Stage, StageResult
+
+    def write(ctx) -> StageResult:
+        (ctx.out / "out.txt").write_text("written")
+        return StageResult()
+
+    whole = Stage(name="ingest", run=write, outputs={"out": "out.txt"}, sections=("ingest",), resumable=True)
+    operational = dataclasses.replace(whole, operational=("ingest.eval_fraction",))
+    stage = {"now": whole}
+    monkeypatch.setattr(runner, "load_stage", lambda name: stage["now"])
+    assert run_stage("ingest", load_config("config.yaml"))[0] == "done"
+    recorded = json.loads((project / "runs/t/manifest.json").read_text())["stages"]["ingest"]["fingerprint"]
+    stage["now"] = operational  # the same settings, read by a version that leaves eval_fraction out
+    assert run_stage("ingest", load_config("config.yaml"))[0] == "up to date"
+    assert json.loads((project / "runs/t/manifest.json").read_text())["stages"]["ingest"]["fingerprint"] == recorded
+    assert run_stage("ingest", load_config("config.yaml", ["ingest.eval_fraction=0.3"]))[0] == "done"
+    assert run_stage("ingest", load_config("config.yaml", ["ingest.eval_fraction=0.4"]))[0] == "up to date"
+    assert run_stage("ingest", load_config("config.yaml", ["ingest.eval_fraction=0.4", "ingest.dedupe=false"]))[0] == "done"
