@@ -270,3 +270,20 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
+def die_with(pid: int) -> None:
+    """End this process soon after process `pid` ends, whoever its parent is (under `accelerate launch` the
+    pipeline is a grandparent): a pidfd becomes readable when `pid` exits, a zombie not yet reaped included."""
+    import select
+
+    try:
+        handle = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(1)
+
+    def watch() -> None:
+        select.select([handle], [], [])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-stage", daemon=True).start()

@@ -162,14 +162,15 @@ def train(job: Any, ft: FinetuneConfig, ctx: StageContext) -> dict:
     the pipeline process, which may go on to evaluate or export, stays unpatched, and both backends start clean.
     The same child runs under `accelerate launch` for several GPUs; only this process writes the manifest.
     """
-    from distillery.training.train import ERROR, INTERRUPTED, RESULT
+    from distillery.training.train import ERROR, INTERRUPTED, RESULT, STAGE_PID
 
     job_path = ctx.out / "job.json"
     job.save(job_path)
     for stale in (RESULT, ERROR):
         (ctx.out / stale).unlink(missing_ok=True)
     command = training_command(job_path, ft.accelerate_config)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+           STAGE_PID: str(os.getpid())}  # the training process ends with this one (no orphan trains on)
     if ft.accelerate_config:
         ctx.console.print(f"finetune: accelerate launch --config_file {ft.accelerate_config}")
     code = subprocess.call(command, env=env)

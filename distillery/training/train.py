@@ -387,11 +387,25 @@ ERROR = "train_error.txt"
 INTERRUPTED = 130  # the exit code of a shell's command stopped by Ctrl-C
 
 
+STAGE_PID = "DISTILLERY_STAGE_PID"
+
+
+def watch_stage() -> None:
+    """End this process (as a kill -9 would: the checkpoints allow for it) when the stage that started it dies. A
+    kill -9 of `distillery finetune` alone left it training on, orphaned, beside the rerun's own training process:
+    both wrote the same checkpoints and metrics.jsonl (steps 5 and 6 logged twice, out of order)."""
+    from distillery.core.isolation import die_with
+
+    if os.environ.get(STAGE_PID, "").isdigit():
+        die_with(int(os.environ[STAGE_PID]))
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m distillery.training.train <job.json>`, started by the stage (under `accelerate launch` on several
     GPUs: one process each). Writes train_result.json (main process), or train_error.txt for a UserError.
     Ctrl-C ends it quietly with exit code 130: the stage reports the interrupt, the checkpoints stay to resume from."""
     argv = sys.argv[1:] if argv is None else argv
+    watch_stage()
     job = TrainJob.load(Path(argv[0]))
     try:
         backend_of(job.backend).start(job.finetune.objective)  # Unsloth first, before transformers/TRL/PEFT

@@ -196,6 +196,51 @@ def test_a_training_child_stopped_by_ctrl_c_alone_is_an_interrupt_not_a_failure(
         finetune.train(job, FinetuneConfig(), SimpleNamespace(out=tmp_path, console=None))
 
 
+def test_the_training_process_ends_when_the_stage_is_killed_alone(tmp_path: Path, monkeypatch) -> None:
+    """kill -9 of `distillery finetune` (not its group) left the training child running, orphaned: the rerun's
+    child trained beside it on the same checkpoints and metrics.jsonl. It now ends with the stage."""
+    from types import SimpleNamespace
+
+    import distillery.stages.finetune as finetune
+    from distillery.training.settings import FinetuneConfig
+    from distillery.training.train import STAGE_PID
+
+    seen = {}
+    monkeypatch.setattr(finetune.subprocess, "call", lambda command, env: seen.update(env) or 130)
+    job = SimpleNamespace(save=lambda path: path.write_text("{}", encoding="utf-8"))
+    with pytest.raises(KeyboardInterrupt):
+        finetune.train(job, FinetuneConfig(), SimpleNamespace(out=tmp_path, console=None))
+    assert seen[STAGE_PID] == str(os.getpid())
+
+    child = ("from distillery.training.train import watch_stage; watch_stage(); import time; time.sleep(60)")
+    stage = ("import os, subprocess, sys, time\n"
+             f"env = {{**os.environ, {STAGE_PID!r}: str(os.getpid())}}\n"
+             f"print(subprocess.Popen([sys.executable, '-c', {child!r}], env=env).pid, flush=True)\n"
+             "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", stage], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                              env=child_env())
+    training = int(parent.stdout.readline())
+    time.sleep(1)  # the child is watching
+    os.kill(training, 0)  # alive while the stage lives
+    parent.kill()  # not reaped yet: a zombie stage counts as gone
+    deadline = time.time() + 20
+    while time.time() < deadline and running(training):
+        time.sleep(0.1)
+    parent.wait()
+    alive = running(training)
+    if alive:
+        os.kill(training, signal.SIGKILL)
+    assert not alive
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def test_hub_id_without_network_is_refused_fast(tmp_path: Path, monkeypatch) -> None:
     import huggingface_hub.constants as hub
 
