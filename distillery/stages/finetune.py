@@ -178,9 +178,14 @@ def train(job: Any, ft: FinetuneConfig, ctx: StageContext) -> dict:
         raise KeyboardInterrupt  # the child was stopped by Ctrl-C (sent to it alone): an interrupt, not a failure
     if (ctx.out / ERROR).is_file():
         raise UserError((ctx.out / ERROR).read_text(encoding="utf-8"))
+    if code < 0:  # killed by a signal (the OOM killer's SIGKILL, a kill): no bug of ours, and resumable
+        from distillery.core.isolation import NativeCrash
+
+        raise NativeCrash("the training process", "training", code,
+                          "Run the same command again to resume from the last complete checkpoint.")
     if code != 0 or not (ctx.out / RESULT).is_file():
         raise RuntimeError(f"the training process exited with code {code} (its output is above); run the same "
-                           "command again to resume from the last checkpoint.")
+                           "command again to resume from the last checkpoint")
     return json.loads((ctx.out / RESULT).read_text(encoding="utf-8"))
 
 

@@ -196,6 +196,23 @@ def test_a_training_child_stopped_by_ctrl_c_alone_is_an_interrupt_not_a_failure(
         finetune.train(job, FinetuneConfig(), SimpleNamespace(out=tmp_path, console=None))
 
 
+def test_a_training_child_killed_by_a_signal_is_named_with_its_likely_cause_not_called_a_bug(tmp_path: Path,
+                                                                                              monkeypatch) -> None:
+    """The OOM killer's SIGKILL of the training process was 'an unexpected RuntimeError ... This is a bug in
+    Distillery'; it is a crash of the training process, named with its signal, its likely cause and the resume."""
+    from types import SimpleNamespace
+
+    import distillery.stages.finetune as finetune
+    from distillery.core.isolation import NativeCrash
+    from distillery.training.settings import FinetuneConfig
+
+    monkeypatch.setattr(finetune.subprocess, "call", lambda command, env: -signal.SIGKILL)
+    job = SimpleNamespace(save=lambda path: path.write_text("{}", encoding="utf-8"))
+    with pytest.raises(NativeCrash, match=r"the training process crashed with SIGKILL \(signal 9\) while training: "
+                                          r".*out of memory.*Run the same command again to resume"):
+        finetune.train(job, FinetuneConfig(), SimpleNamespace(out=tmp_path, console=None))
+
+
 def test_the_training_process_ends_when_the_stage_is_killed_alone(tmp_path: Path, monkeypatch) -> None:
     """kill -9 of `distillery finetune` (not its group) left the training child running, orphaned: the rerun's
     child trained beside it on the same checkpoints and metrics.jsonl. It now ends with the stage."""
