@@ -1,7 +1,8 @@
 """Trainer callbacks of the finetune stage, and the checkpoint bookkeeping that makes a kill -9 resumable.
 
 A checkpoint counts only once it is complete: the Trainer writes checkpoint-N/ file by file, and only after it
-has finished does CheckpointKeeper drop a marker into it. A restart resumes from the newest marked checkpoint and
+has finished does CheckpointKeeper drop a marker into it, listing each file and its size (a file since lost or cut
+short unmarks it). A restart resumes from the newest marked checkpoint and
 deletes unmarked ones (a save the kill interrupted). Old checkpoints are renamed away before they are deleted, so
 a kill during the clean-up never leaves a marked checkpoint with files missing. metrics.jsonl is cut back to the
 resumed step, so a resumed run's curve has each step once.
@@ -43,6 +44,26 @@ def discard(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def checkpoint_files(path: Path) -> dict[str, int]:
+    """Every file of a checkpoint but its marker: relative path -> size in bytes."""
+    return {f.relative_to(path).as_posix(): f.stat().st_size for f in sorted(path.rglob("*"))
+            if f.is_file() and f.name != COMPLETE}
+
+
+def is_complete(path: Path) -> bool:
+    """Marked complete, and every file the marker lists still there at the size it was written: a checkpoint
+    that lost its optimizer.pt was resumed with a fresh optimizer and schedule, silently. A marker without the
+    list (written before it was kept) is taken at its word."""
+    try:
+        marker = json.loads((path / COMPLETE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    files = marker.get("files", {}) if isinstance(marker, dict) else None
+    if not isinstance(files, dict):
+        return False
+    return all((path / rel).is_file() and (path / rel).stat().st_size == size for rel, size in files.items())
+
+
 def last_complete_checkpoint(directory: Path) -> Path | None:
     """The newest checkpoint with its completion marker; incomplete ones and leftover trash are removed."""
     if not directory.is_dir():
@@ -51,7 +72,7 @@ def last_complete_checkpoint(directory: Path) -> Path | None:
         shutil.rmtree(leftover, ignore_errors=True)
     complete = None
     for path in list_checkpoints(directory):
-        if (path / COMPLETE).is_file():
+        if is_complete(path):
             complete = path
         else:
             discard(path)
@@ -60,7 +81,7 @@ def last_complete_checkpoint(directory: Path) -> Path | None:
 
 def prune_checkpoints(directory: Path, keep: int) -> None:
     """Delete all but the newest `keep` complete checkpoints."""
-    complete = [p for p in list_checkpoints(directory) if (p / COMPLETE).is_file()]
+    complete = [p for p in list_checkpoints(directory) if is_complete(p)]
     for path in complete[:-keep]:
         discard(path)
 
@@ -89,8 +110,9 @@ class CheckpointKeeper(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             directory = Path(args.output_dir)
-            atomic_write_text(directory / f"{PREFIX}{state.global_step}" / COMPLETE,
-                              json.dumps({"global_step": state.global_step, "max_steps": state.max_steps}))
+            checkpoint = directory / f"{PREFIX}{state.global_step}"
+            atomic_write_text(checkpoint / COMPLETE, json.dumps({"global_step": state.global_step, "max_steps":
+                                                                 state.max_steps, "files": checkpoint_files(checkpoint)}))
             prune_checkpoints(directory, self.keep)
         return control
 

@@ -340,6 +340,28 @@ def test_resume_uses_the_newest_complete_checkpoint_and_drops_a_torn_one(tmp_pat
     assert last_complete_checkpoint(tmp_path / "absent") is None
 
 
+def test_a_marked_checkpoint_that_lost_or_cut_a_file_is_not_resumed_from(tmp_path: Path) -> None:
+    """A checkpoint-N missing its optimizer.pt (a disk edited between runs) resumed with a fresh optimizer and
+    learning-rate schedule, silently: the marker now lists each file's size, and one lost or cut short unmarks it."""
+    from types import SimpleNamespace
+
+    from distillery.training.callbacks import CheckpointKeeper
+
+    for step in (2, 4):
+        path = tmp_path / f"checkpoint-{step}"
+        path.mkdir()
+        for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt"):
+            (path / name).write_bytes(b"x" * 10)
+        CheckpointKeeper(keep=3).on_save(SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(
+            is_world_process_zero=True, global_step=step, max_steps=6), None)
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+    (tmp_path / "checkpoint-4" / "optimizer.pt").unlink()
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    (tmp_path / "checkpoint-2" / "scheduler.pt").write_bytes(b"x" * 4)  # cut short
+    assert last_complete_checkpoint(tmp_path) is None
+    assert not list(tmp_path.iterdir())
+
+
 def test_pruning_keeps_the_newest_complete_checkpoints(tmp_path: Path) -> None:
     for step in (1, 2, 3):
         make_checkpoint(tmp_path, step, True)
