@@ -281,6 +281,8 @@ def die_with(pid: int) -> None:
         handle = os.pidfd_open(pid)
     except ProcessLookupError:
         os._exit(1)
+    except (AttributeError, OSError):  # no pidfd here (not Linux, a kernel before 5.3): training runs unwatched
+        return
 
     def watch() -> None:
         select.select([handle], [], [])
