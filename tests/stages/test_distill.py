@@ -166,20 +166,25 @@ def test_rejection_sampling_keeps_only_verified(tmp_path, monkeypatch, server) -
     assert len(kept) == 6 and sum(r["meta"]["distill"]["verified"] for r in kept) == 1
 
 
+def interrupt_progress_after(monkeypatch, prompts: int) -> list[str]:
+    """Ctrl-C right after the `prompts`-th finished prompt is saved; the ids saved, in order."""
+    real_append, written = distill.append_progress, []
+
+    def append_then_interrupt(path, entry):
+        real_append(path, entry)
+        written.append(entry["id"])
+        if len(written) == prompts:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill, "append_progress", append_then_interrupt)
+    return written
+
+
 def test_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, server) -> None:
     monkeypatch.chdir(tmp_path)
     chat = server(reply=lambda messages: "The answer is (a)")
     cfg = load_config(write_project(tmp_path, chat.url, concurrency=1))
-    real_append = distill.append_progress
-    written = []
-
-    def interrupt_after_two(path, entry):
-        real_append(path, entry)
-        written.append(entry["id"])
-        if len(written) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(distill, "append_progress", interrupt_after_two)
+    real_append, written = distill.append_progress, interrupt_progress_after(monkeypatch, 2)
     run_stage("ingest", cfg)
     with pytest.raises(KeyboardInterrupt):
         run_stage("distill", cfg)
@@ -205,16 +210,7 @@ def test_prompts_in_flight_at_an_interruption_are_saved_not_asked_again(tmp_path
 
     chat = server(reply=slow_reply)
     cfg = load_config(write_project(tmp_path, chat.url, concurrency=3, revise=False))
-    real_append = distill.append_progress
-    written = []
-
-    def interrupt_after_the_first(path, entry):
-        real_append(path, entry)
-        written.append(entry["id"])
-        if len(written) == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(distill, "append_progress", interrupt_after_the_first)
+    real_append, written = distill.append_progress, interrupt_progress_after(monkeypatch, 1)
     run_stage("ingest", cfg)
     with pytest.raises(KeyboardInterrupt):
         run_stage("distill", cfg)
