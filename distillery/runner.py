@@ -57,7 +57,8 @@ def fingerprint(stage: Stage, cfg: DistilleryConfig, run: RunDir) -> tuple[str, 
             raise UserError(f"stage {stage.name} needs {name} first: run `distillery {name}`.")
         upstream[name], upstream_outputs[name] = entry["fingerprint"], outputs_digest(entry)
     inputs = {
-        "config": without_operational({section: dump[section] for section in stage.sections}, stage.operational),
+        "config": {**without_operational({section: dump[section] for section in stage.sections}, stage.operational),
+                   **{key: setting(dump, key) for key in stage.also_reads}},
         "seed": cfg.run.seed,
         "upstream": upstream,
         "files": {str(path): sha256_file(path) for path in stage.input_files(cfg)},
@@ -81,17 +82,32 @@ def without_operational(sections: dict[str, Any], keys: tuple[str, ...]) -> dict
     return sections
 
 
+def setting(dump: dict[str, Any], key: str) -> Any:
+    """The value at a dotted key of the config dump."""
+    for part in key.split("."):
+        dump = dump[part]
+    return dump
+
+
 def recorded_fingerprint(stage: Stage, cfg: DistilleryConfig, run: RunDir, fp: str, inputs: dict) -> str:
     """`fp`, or the fingerprint an entry recorded before the stage's operational settings were left out of it
-    (its sections whole) when that is the one it has: such a run stays up to date, and so do the stages below it,
-    whose fingerprints hold this one."""
-    recorded = (run.stage_entry(stage.name) or {}).get("fingerprint")
-    if not stage.operational or recorded in (None, fp):
+    and its `also_reads` settings put in (its sections whole, nothing else) when that is the one it has: such a
+    run stays up to date, and so do the stages below it, whose fingerprints hold this one. The `also_reads`
+    values it is first accepted with are kept in the entry: changing one later makes it out of date."""
+    entry = run.stage_entry(stage.name) or {}
+    recorded = entry.get("fingerprint")
+    if not (stage.operational or stage.also_reads) or recorded in (None, fp):
         return fp
     dump = cfg.model_dump(mode="json")
     whole = {key: value for key, value in inputs.items() if key != "upstream_outputs"}
     whole["config"] = {section: dump[section] for section in stage.sections}
-    return recorded if sha256_json(whole) == recorded else fp
+    if sha256_json(whole) != recorded:
+        return fp
+    reads = {key: setting(dump, key) for key in stage.also_reads}
+    kept = entry.get("inputs", {}).get("also_reads")
+    if kept is None:
+        run.update_stage(stage.name, {**entry, "inputs": {**entry.get("inputs", {}), "also_reads": reads}})
+    return recorded if kept in (None, reads) else fp
 
 
 def known_environment(environment: dict[str, str | None], previous: dict) -> dict[str, str]:
@@ -135,9 +151,9 @@ def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[st
     stage = load_stage(name)
     run = RunDir(cfg.run.root, cfg.run.name)
     fp, inputs = fingerprint(stage, cfg, run)
-    fp = recorded_fingerprint(stage, cfg, run, fp, inputs)
-    if not force and up_to_date(run, name, fp, inputs):
-        console.print(f"[green]{name}[/]: up to date ({fp[:12]}), nothing to do; --force redoes it.")
+    accepted = recorded_fingerprint(stage, cfg, run, fp, inputs)  # fp, or what a run recorded by an older version
+    if not force and up_to_date(run, name, accepted, inputs):
+        console.print(f"[green]{name}[/]: up to date ({accepted[:12]}), nothing to do; --force redoes it.")
         entry = run.stage_entry(name) or {}
         summary = [tuple(row) for row in entry.get("summary", [])]
         return "up to date", StageResult(metrics=entry.get("metrics", {}), summary=summary), 0.0
@@ -145,7 +161,7 @@ def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[st
     partial = run.partial_dir(name)
     previous = run.stage_entry(name) or {}
     # a partial directory of another config, or of older upstream files (an export of the last adapter), is not resumed
-    resumable = (stage.resumable and not force and previous.get("fingerprint") == fp
+    resumable = (stage.resumable and not force and previous.get("fingerprint") in (fp, accepted)
                  and same_upstream_outputs(run, previous, inputs))
     prepare_run_dir(run, partial, keep=resumable, config_dump=redact(cfg.model_dump(mode="json")))
     started = time.time()

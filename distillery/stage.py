@@ -48,6 +48,8 @@ class Stage:
     # dotted keys in its sections that change how it runs, not what it writes (left out of the fingerprint: raising
     # a timeout must resume a long distill, not start it over)
     operational: tuple[str, ...] = ()
+    # dotted keys outside its sections that change what it writes (evaluate: the sandbox its code_io checks run in)
+    also_reads: tuple[str, ...] = ()
 
     def upstream_of(self, cfg: DistilleryConfig) -> tuple[str, ...]:
         return tuple(self.upstream(cfg)) if callable(self.upstream) else tuple(self.upstream)

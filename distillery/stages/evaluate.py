@@ -445,4 +445,5 @@ def stage_result(results: dict[str, Any], scored_heldout: dict[str, Any]) -> Sta
 
 STAGE = Stage(name="evaluate", run=run, outputs=OUTPUTS, sections=("model", "evaluate"), upstream=upstream,
               packages=("torch", "transformers", "peft", "llama-cpp-python", "tokenizers", "sacrebleu", "math-verify",
-                        "latex2sympy2_extended", "sympy"), input_files=input_files)
+                        "latex2sympy2_extended", "sympy"), input_files=input_files,
+              also_reads=("distill.sandbox", "format.max_length"))  # code_io verdicts; the scoring window

@@ -242,3 +242,27 @@ def test_operational_settings_leave_a_stage_up_to_date_and_a_run_recorded_before
     assert run_stage("ingest", load_config("config.yaml", ["ingest.eval_fraction=0.3"]))[0] == "done"
     assert run_stage("ingest", load_config("config.yaml", ["ingest.eval_fraction=0.4"]))[0] == "up to date"
     assert run_stage("ingest", load_config("config.yaml", ["ingest.eval_fraction=0.4", "ingest.dedupe=false"]))[0] == "done"
+
+
+def test_a_setting_outside_the_stages_sections_that_it_reads_makes_it_out_of_date(project: Path, monkeypatch) -> None:
+    """evaluate reads distill.sandbox (its code_io checks) and format.max_length (its scoring window) outside its
+    own sections: changing one left it 'up to date'. A run recorded before they counted stays up to date."""
+    import dataclasses
+
+    import distillery.runner as runner
+    from distillery.stage import Stage, StageResult
+
+    def write(ctx) -> StageResult:
+        (ctx.out / "out.txt").write_text("written")
+        return StageResult()
+
+    before = Stage(name="ingest", run=write, outputs={"out": "out.txt"}, sections=("ingest",))
+    stage = {"now": before}
+    monkeypatch.setattr(runner, "load_stage", lambda name: stage["now"])
+    assert run_stage("ingest", load_config("config.yaml"))[0] == "done"
+    stage["now"] = dataclasses.replace(before, also_reads=("distill.sandbox", "format.max_length"))
+    assert run_stage("ingest", load_config("config.yaml"))[0] == "up to date"  # recorded before they counted
+    assert run_stage("ingest", load_config("config.yaml", ["distill.sandbox.timeout_s=9"]))[0] == "done"
+    assert run_stage("ingest", load_config("config.yaml", ["distill.sandbox.timeout_s=9"]))[0] == "up to date"
+    assert run_stage("ingest", load_config("config.yaml", ["distill.sandbox.timeout_s=9",
+                                                           "format.max_length=512"]))[0] == "done"
