@@ -74,17 +74,14 @@ def without_operational(sections: dict[str, Any], keys: tuple[str, ...]) -> dict
     """The config sections less the stage's operational settings (`Stage.operational`, dotted keys)."""
     sections = copy.deepcopy(sections)
     for key in keys:
-        *parents, leaf = key.split(".")
-        node = sections
-        for part in parents:
-            node = node.get(part) or {}
-        node.pop(leaf, None)
+        parent, _, leaf = key.rpartition(".")
+        setting(sections, parent).pop(leaf, None)
     return sections
 
 
 def setting(dump: dict[str, Any], key: str) -> Any:
-    """The value at a dotted key of the config dump."""
-    for part in key.split("."):
+    """The value at a dotted key of the config dump (the dump itself for "")."""
+    for part in filter(None, key.split(".")):
         dump = dump[part]
     return dump
 

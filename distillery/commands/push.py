@@ -70,7 +70,7 @@ def changed_since_export(run: RunDir, entry: dict[str, Any], directory: Path) ->
     (a file dropped into merged/ would be uploaded with it), by the manifest's record of its outputs."""
     listed = entry.get("outputs") or {}
     present = (str(p.relative_to(directory)) for p in sorted(directory.rglob("*")) if p.is_file())
-    return run.changed_outputs("export") + ([rel for rel in present if rel not in listed] if listed else [])
+    return run.changed_outputs("export", entry) + ([rel for rel in present if rel not in listed] if listed else [])
 
 
 def upload_plan(cfg: DistilleryConfig, run: RunDir) -> list[dict[str, Any]]:

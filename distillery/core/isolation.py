@@ -198,7 +198,7 @@ def plain(state: dict[str, Any], emit: Callable[[Any], None], fn: Callable[..., 
 def serve(fd: int, parent_pid: int) -> None:
     """The child's loop: receive (fn, args), send events and then a result or an error; None ends it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then stops the child
-    _die_with_parent(parent_pid)
+    die_with(parent_pid)
     conn = Connection(fd)
     state: dict[str, Any] = {}
     while True:
@@ -257,35 +257,40 @@ def _transportable(err: Exception) -> Exception:
         return RuntimeError(f"{type(err).__name__}: {err}")
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """End this child soon after its parent dies (kill -9 of the pipeline leaves no orphan).
+def die_with(pid: int) -> None:
+    """End this process soon after process `pid` ends, whoever its parent is: a child of the pipeline (kill -9 of
+    the pipeline leaves no orphan), or the training process under `accelerate launch`, where the pipeline is its
+    grandparent. A pidfd becomes readable when `pid` exits (a zombie not yet reaped included); where there is none
+    (not Linux, a kernel before 5.3) `pid` is polled.
 
     Linux's PR_SET_PDEATHSIG cannot do it: it fires when the *thread* that started the child ends, and distill
     starts the math checker from a thread pool whose threads end long before the process (the checker was then
-    found dead, reported as SIGKILL). A watcher thread looks for the child being handed to a new parent instead."""
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(0.25)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
-
-
-def die_with(pid: int) -> None:
-    """End this process soon after process `pid` ends, whoever its parent is (under `accelerate launch` the
-    pipeline is a grandparent): a pidfd becomes readable when `pid` exits, a zombie not yet reaped included."""
+    found dead, reported as SIGKILL)."""
     import select
 
     try:
         handle = os.pidfd_open(pid)
     except ProcessLookupError:
         os._exit(1)
-    except (AttributeError, OSError):  # no pidfd here (not Linux, a kernel before 5.3): training runs unwatched
-        return
+    except (AttributeError, OSError):
+        handle = None
 
     def watch() -> None:
-        select.select([handle], [], [])
+        if handle is not None:
+            select.select([handle], [], [])
+        else:
+            while alive(pid):
+                time.sleep(0.25)
         os._exit(1)
 
-    threading.Thread(target=watch, name="die-with-stage", daemon=True).start()
+    threading.Thread(target=watch, name=f"die-with-{pid}", daemon=True).start()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # there, but another user's
+        return True
+    return True

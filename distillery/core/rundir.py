@@ -115,14 +115,15 @@ class RunDir:
         entry = self.stage_entry(stage)
         if not entry or entry.get("status") != "complete" or entry.get("fingerprint") != fingerprint:
             return False
-        return not self.changed_outputs(stage)
+        return not self.changed_outputs(stage, entry)
 
-    def changed_outputs(self, stage: str) -> list[str]:
+    def changed_outputs(self, stage: str, entry: dict[str, Any] | None = None) -> list[str]:
         """The files the stage's manifest entry lists that are gone or no longer as it left them (relative paths).
         Size and modification time decide, except that a file whose time alone differs (a run directory copied or
         restored without its times: `cp -r`, `rsync -r`) is compared by its sha256; when that is the one recorded,
-        its new time is recorded too, so that a copied run is hashed once, not redone."""
-        entry = self.stage_entry(stage) or {}
+        its new time is recorded too, so that a copied run is hashed once, not redone. `entry`: the stage's manifest
+        entry when the caller has it."""
+        entry = entry if entry is not None else self.stage_entry(stage) or {}
         directory, changed, retimed = self.stage_dir(stage), [], {}
         for rel, info in entry.get("outputs", {}).items():
             path = directory / rel

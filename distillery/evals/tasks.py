@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from distillery.reasoning.verifiers import final_part
+from distillery.reasoning.answers import after_reasoning
 
 TRANSLATION_PREFIX = "translate_"
 
@@ -83,10 +83,10 @@ def check_item(kind: str, record: dict[str, Any], reference: str, reply: str, li
     if kind == "codeio":
         from distillery.reasoning.verifiers import VERIFIERS
 
-        verdict = VERIFIERS[CODEIO_VERIFIERS[record["task"]]](record, final_part(reply), limits)
+        verdict = VERIFIERS[CODEIO_VERIFIERS[record["task"]]](record, after_reasoning(reply), limits)
         return {"correct": verdict.ok, "how": record["task"], "answer": verdict.answer}
     if kind == "text":
-        return {"correct": normalized(final_part(reply)) == normalized(reference), "how": "exact match"}
+        return {"correct": normalized(after_reasoning(reply)) == normalized(reference), "how": "exact match"}
     return {"correct": None, "how": "chrF++/BLEU"}
 
 
@@ -96,7 +96,7 @@ def corpus_metrics(kind: str, task: str, references: list[str], replies: list[st
     and chrF++ for the rest; `metric` names the main one."""
     import sacrebleu
 
-    answers = [final_part(r).strip() for r in replies]
+    answers = [after_reasoning(r).strip() for r in replies]
     if kind == "translation":
         tokenizer = bleu_tokenizer(task)
         chrf = sacrebleu.corpus_chrf(answers, [references], word_order=2).score

@@ -70,11 +70,6 @@ def never_raises(verify: Callable[[dict, str, Limits], Verdict]) -> Callable[[di
     return checked
 
 
-def final_part(text: str) -> str:
-    """The answer after the reasoning, whole (answers.after_reasoning: nothing for reasoning that never closes)."""
-    return after_reasoning(text)
-
-
 # ---- math_mc ---------------------------------------------------------------------------------------------------
 
 # An option stated as the answer; of several, the one stated last counts, whichever pattern states it. The runs of
@@ -95,7 +90,7 @@ def extract_option(text: str, choices: list[str]) -> int | None:
     """Index of the option the text chose: the last one it states as the answer, else the last lone "(c)", else a
     last line that is only a letter, else the one choice quoted (alone) on its last line. Distill's math_mc
     verifier and evaluate's option letters (held-out math_mc, generative MathQA) read answers by this one rule."""
-    tail = final_part(text)
+    tail = after_reasoning(text)
     for pattern in (MC_STATED, MC_LONE):
         found = [next(letter for letter in match.groups() if letter) for match in pattern.finditer(tail)]
         if found:
@@ -196,7 +191,7 @@ def _jsonable(value: Any) -> bool:
 
 def extract_last_json(text: str) -> Any:
     """The answer's last JSON object: the last ```json block if any, else the last {...}; tuples read as lists."""
-    tail = final_part(text)
+    tail = after_reasoning(text)
     if "```json" in tail:
         block = tail[tail.rfind("```json") + len("```json"):]
         candidate = block.split("```", 1)[0].strip()

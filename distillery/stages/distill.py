@@ -37,7 +37,8 @@ from distillery.stage import Stage, StageContext, StageResult
 from distillery.reasoning.prompts import question, revision_messages, teacher_messages, trace_content
 from distillery.reasoning.sandbox import Limits, check_isolation
 from distillery.reasoning.teachers import CutOff, Dropped
-from distillery.reasoning.verifiers import VERIFIERS, Verdict, final_part, why_uncheckable
+from distillery.reasoning.answers import after_reasoning
+from distillery.reasoning.verifiers import VERIFIERS, Verdict, why_uncheckable
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ def is_dropped(turn: tuple[str, Verdict]) -> bool:
 def training_record(record: dict, turns: list, final: Any, sample: int, teacher_name: str) -> dict:
     """The record with the teacher's trace as its answer, in the ingest shape."""
     # a reply cut off at max_tokens has no final answer (keep: all keeps its reasoning only)
-    canonical = "" if final.details.get("cut_off") else final.canonical or final_part(turns[-1][0]).strip()
+    canonical = "" if final.details.get("cut_off") else final.canonical or after_reasoning(turns[-1][0]).strip()
     content = trace_content([(text, verdict.feedback) for text, verdict in turns], canonical)
     messages = question(record)
     meta = {**record.get("meta", {}), "distill": {"from_id": record["id"], "teacher": teacher_name, "sample": sample,
