@@ -23,8 +23,9 @@ setup:
     started=$SECONDS
     [[ -x "{{py}}" ]] || python3 -m venv "{{venv}}"
     pip="{{py}} -m pip --disable-pip-version-check"
-    # llama-cpp-python compiles for a named CPU level (x86-64-v4 or v3), not -march=native, once per machine into
-    # ~/.cache/distillery/wheels (distillery/export/llama_build.py says why); it compiles while pip installs the rest.
+    # llama-cpp-python compiles for a named CPU level (x86-64-v4-amx, v4 or v3), not -march=native, once per machine
+    # into ~/.cache/distillery/wheels (distillery/export/llama_build.py says why); it compiles while pip installs the
+    # rest.
     "{{py}}" -m distillery.export.llama_build build &
     llama_build=$!
     # torch first and alone, pinned: a CPU build from this machine's disk here, PyPI's CUDA build on a GPU box.

@@ -4,6 +4,7 @@ portable llama.cpp build costs against a native one on this machine.
 
     .venv/bin/python bench/export.py [--tokens 64] [--quants q8_0 q4_k_m] [--repeat 3] [--no-native]
     .venv/bin/python bench/export.py --scale [--shapes 0.5b 1.5b 3b]
+    .venv/bin/python bench/export.py --builds-at 1.5b [--quants q8_0 q4_k_m] [--repeat 2]
 
 --scale grows the model: random-weight Qwen2s of real shapes (bench/shapes.py: Qwen2.5-0.5B, R1-Distill-Qwen-1.5B,
 Qwen2.5-3B, with the R1 tokenizer), each through `distillery finetune` (hf backend, 2 steps) and `distillery export`
@@ -13,13 +14,18 @@ children: what the machine must really have; memory-mapped weights the kernel ca
 A straight line through the sizes projects 8B and 32B. Baseline: 8.5 GB peak anonymous memory and 163-240 s at
 the 1.78B shape, measured on main at 8a0e01f (whole-model merge, fp32 verification).
 
+--builds-at runs only the build comparison, on the GGUFs of a random-weight model of a real shape: the demo model's
+rows are 576 wide, not a multiple of 256, so its "q4_k_m" is mostly Q5_0 (llama.cpp's fallback), where a real
+model's is Q4_K and Q6_K.
+
 Baselines: per-GB rates are absolute (bytes written by merge, bytes read by conversion and quantization);
 tokens/s is compared with transformers `generate` (greedy, fp32, KV cache) on the merged model, same prompt,
-same number of new tokens, same threads. The build comparison runs the installed (portable, x86-64-v3 by
-default) llama-cpp-python, the x86-64-v4 build where the CPU has AVX-512, and one compiled with llama.cpp's
-default -march=native (each compiled once into the wheel cache, a few minutes) on the same files, alternating, best of --repeat runs: generation tokens/s (one
-token at a time) and prompt tokens/s (a 480-token batch). Every llama.cpp measurement runs in its own process:
-a build that crashes on this CPU (native on AMX) is reported as such.
+same number of new tokens, same threads. The build comparison runs the installed llama-cpp-python (the CPU's level:
+x86-64-v4-amx, v4 or v3), the x86-64-v4 build where the CPU has AVX-512, and one compiled with llama.cpp's default
+-march=native (patched as the AMX level is; each compiled once into the wheel cache, a few minutes) on the same
+files, alternating, best of --repeat runs: generation tokens/s (one token at a time) and prompt tokens/s (a
+480-token batch). Every llama.cpp measurement runs in its own process: a build that crashes on this CPU is
+reported as such.
 """
 
 from __future__ import annotations
@@ -128,12 +134,12 @@ def compare_builds(files: dict[str, Path], tokens: int, repeat: int, tmp: Path) 
                 else:
                     best[(build, name)] = got if previous is None else {k: max(v, previous[k]) for k, v in got.items()}
     print(f"\nllama.cpp builds on this CPU ({llama_build.describe_cpu()}), best of {repeat}, tokens/s")
-    print(f"{'file':10} {'build':12} {'generation':>11} {'prompt':>9}")
+    print(f"{'file':14} {'build':14} {'generation':>11} {'prompt':>9}")
     for name in files:
         for build in builds:
             got = best[(build, name)]
             shown = got if isinstance(got, str) else f"{got['generation']:11.1f} {got['prompt']:9.0f}"
-            print(f"{name:10} {build:12} {shown}")
+            print(f"{name:14} {build:14} {shown}")
         native = best[("native", name)]
         for build in builds:
             ours = best[(build, name)]
@@ -262,18 +268,41 @@ def scale(shapes: list[str]) -> None:
                        f"{value:.1f} {unit} (straight line through {', '.join(r['shape'] for r in rows)})", "- (projection)")
 
 
+def builds_at(shape: str, quants: list[str], tokens: int, repeat: int) -> None:
+    """The build comparison on the GGUFs (f16 converted, then each of `quants`) of a random model of `shape`."""
+    from shapes import build_model
+
+    with tempfile.TemporaryDirectory(prefix=f"bench-builds-{shape}-") as tmp:
+        model = Path(tmp) / "model"
+        build_model(shape, model, device="cpu")
+        f16 = Path(tmp) / "m-F16.gguf"
+        gguf_io.convert_to_gguf(model, f16, "f16", "m")
+        files = {}
+        for name in quants:
+            quant = gguf_io.parse_quant(name)
+            files[f"{shape} {name}"] = Path(tmp) / gguf_io.gguf_filename("m", quant.value)
+            gguf_io.quantize_gguf(f16, files[f"{shape} {name}"], quant)
+        f16.unlink()
+        compare_builds(files, tokens, repeat, Path(tmp))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--quants", nargs="+", default=["q8_0", "q4_k_m"])
     parser.add_argument("--repeat", type=int, default=3, help="build comparison: best of this many runs")
     parser.add_argument("--no-native", action="store_true", help="skip the comparison with a native build")
+    parser.add_argument("--builds-at", metavar="SHAPE", help="only the build comparison, on a random model of this "
+                        "bench/shapes.py shape")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # the measuring child process
     parser.add_argument("--scale", action="store_true", help="grow the model: export's memory and time per size")
     parser.add_argument("--shapes", nargs="+", default=["0.5b", "1.5b", "3b"], help="--scale: bench/shapes.py names")
     args = parser.parse_args()
     if args.scale:
         scale(args.shapes)
+        return
+    if args.builds_at:
+        builds_at(args.builds_at, args.quants, args.tokens, args.repeat)
         return
     if args.measure:
         print(json.dumps(measure_here(args.measure, args.tokens)))

@@ -49,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llama.cpp self-check FAILED: {err}", file=sys.stderr)
         print(f"  CPU: {describe_cpu()}", file=sys.stderr)
         print(f"  installed llama-cpp-python build: {build}", file=sys.stderr)
-        print(f"  remedy: {REBUILD}; a build of your own must not use GGML_NATIVE on CPUs with AMX "
-              "(ggml-org/llama.cpp issue 20824).", file=sys.stderr)
+        print(f"  remedy: {REBUILD}; on a CPU with AMX, DISTILLERY_LLAMA_CPU=x86-64-v4 has no AMX code, and a build "
+              "of your own with AMX needs distillery/export/llama_amx_tile_config.patch (ggml-org/llama.cpp issue "
+              "20824).", file=sys.stderr)
         return 1
     print(f"llama.cpp self-check: ok ({build} build, {path.name} decoded {result['text']!r} in "
           f"{result['seconds']:.1f} s)")

@@ -24,7 +24,7 @@ def test_the_profile_help_names_the_level_chosen_by_default(capsys, monkeypatch)
     with pytest.raises(SystemExit):
         llama_build.main(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "x86-64-v4 where this CPU has every one of its flags and x86-64-v3 elsewhere" in help_text
+    assert "x86-64-v4-amx or x86-64-v4 where this CPU has every one of its flags and x86-64-v3 elsewhere" in help_text
 
 
 def test_x86_64_machines_get_the_highest_level_their_cpu_has_unless_told_otherwise(home: Path, monkeypatch) -> None:
@@ -32,11 +32,14 @@ def test_x86_64_machines_get_the_highest_level_their_cpu_has_unless_told_otherwi
     monkeypatch.setattr(llama_build, "cpu_flags", lambda: set(llama_build.X86_64_V3) | {"avx512f"})
     assert llama_build.chosen_profile() == "x86-64-v3"  # some AVX-512, not all of v4
     monkeypatch.setattr(llama_build, "cpu_flags", lambda: set(llama_build.X86_64_V4) | {"amx_int8", "amx_tile"})
-    assert llama_build.chosen_profile() == "x86-64-v4"  # AMX present: v4 still compiles none of it
+    assert llama_build.chosen_profile() == "x86-64-v4"  # AMX without its bf16 part: v4 compiles none of it
+    monkeypatch.setattr(llama_build, "cpu_flags", lambda: set(llama_build.X86_64_V4) | set(llama_build.AMX_FLAGS))
+    assert llama_build.chosen_profile() == "x86-64-v4-amx"
     monkeypatch.setenv("DISTILLERY_LLAMA_CPU", "x86-64-v3")
     assert llama_build.chosen_profile() == "x86-64-v3"
     monkeypatch.setenv("DISTILLERY_LLAMA_CPU", "skylake")
-    with pytest.raises(UserError, match="DISTILLERY_LLAMA_CPU=skylake: unknown; use one of x86-64-v3, x86-64-v4, native"):
+    with pytest.raises(UserError, match="DISTILLERY_LLAMA_CPU=skylake: unknown; use one of x86-64-v3, x86-64-v4, "
+                                        "x86-64-v4-amx, native"):
         llama_build.chosen_profile()
 
 
@@ -48,6 +51,21 @@ def test_portable_levels_never_compile_native_avx512_or_amx_code(home: Path) -> 
     assert "-DGGML_AVX512=OFF" in v3 and "-DGGML_AVX2=ON" in v3
     assert "-DGGML_AVX512=ON" in v4 and "-DGGML_AVX512_BF16=ON" in v4
     assert "set(LLAMA_BUILD_COMMON OFF" in llama_build.HOOK.read_text()
+    amx = llama_build.cmake_args("x86-64-v4-amx")
+    assert "-DGGML_NATIVE=OFF" in amx and "-DGGML_AVX512_VNNI=ON" in amx and "-DGGML_AMX_INT8=ON" in amx
+    assert "-DGGML_AMX_TILE=ON" in amx
+
+
+def test_the_amx_build_and_only_it_among_the_levels_is_keyed_by_the_patch(home: Path, tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    before = {level: llama_build.wheel_dir(level) for level in ("x86-64-v3", "x86-64-v4", "x86-64-v4-amx")}
+    assert len(set(before.values())) == 3
+    patch = tmp_path / "other.patch"
+    patch.write_text(llama_build.PATCH.read_text() + "\n")
+    monkeypatch.setattr(llama_build, "PATCH", patch)
+    after = {level: llama_build.wheel_dir(level) for level in before}
+    assert after["x86-64-v4-amx"] != before["x86-64-v4-amx"]
+    assert after["x86-64-v3"] == before["x86-64-v3"] and after["x86-64-v4"] == before["x86-64-v4"]
 
 
 def test_the_wheel_cache_key_separates_levels_extra_arguments_and_native_cpus(home: Path, monkeypatch) -> None:
@@ -72,6 +90,52 @@ def test_a_cached_wheel_is_reused_without_compiling(home: Path, monkeypatch) -> 
     wheel.write_bytes(b"PK")
     monkeypatch.setattr(llama_build, "fetch_sdist", lambda *a: pytest.fail("a cached build must not download"))
     assert llama_build.build("x86-64-v3") == wheel
+
+
+def fake_sdist(home: Path, mmq: str) -> Path:
+    """A tarball laid out as llama-cpp-python's sdist, holding only the file the patch touches."""
+    import tarfile
+
+    source = home / "fake" / "llama_cpp_python-0.3.36" / "vendor/llama.cpp/ggml/src/ggml-cpu/amx/mmq.cpp"
+    source.parent.mkdir(parents=True)
+    source.write_text(mmq)
+    sdist = home / "llama_cpp_python-0.3.36.tar.gz"
+    with tarfile.open(sdist, "w:gz") as archive:
+        archive.add(home / "fake" / "llama_cpp_python-0.3.36", arcname="llama_cpp_python-0.3.36")
+    return sdist
+
+
+def patch_sides() -> tuple[str, str]:
+    """The text the patch expects (context and removed lines) and what it leaves (context and added lines)."""
+    hunk = llama_build.PATCH.read_text().split("\n@@", 1)[1].split("\n", 1)[1].splitlines()
+    return ("\n".join(line[1:] for line in hunk if line[:1] in (" ", "-")) + "\n",
+            "\n".join(line[1:] for line in hunk if line[:1] in (" ", "+")) + "\n")
+
+
+def test_the_sources_of_an_amx_build_get_the_tile_configuration_patch(home: Path) -> None:
+    expected, patched = patch_sides()
+    assert "alignas(64) tile_config_t tc = {};" in expected and "static const tile_config_t tc" in patched
+    # The hunk starts at line 208 of the real file: the same lines before it
+    root = llama_build.patched_sources(fake_sdist(home, "//\n" * 207 + expected), home / "src")
+    assert (root / "vendor/llama.cpp/ggml/src/ggml-cpu/amx/mmq.cpp").read_text() == "//\n" * 207 + patched
+
+
+def test_sources_the_patch_does_not_fit_are_refused_with_the_way_out(home: Path) -> None:
+    with pytest.raises(UserError, match="llama_amx_tile_config.patch does not apply .* DISTILLERY_LLAMA_CPU=x86-64-v4"):
+        llama_build.patched_sources(fake_sdist(home, "int other_llama_cpp_version;\n"), home / "src")
+
+
+@pytest.mark.parametrize("check_exit, installed", [(0, ["x86-64-v4-amx"]), (1, ["x86-64-v4-amx", "x86-64-v4"])])
+def test_an_amx_build_that_fails_the_self_check_gives_way_to_v4(monkeypatch, check_exit: int,
+                                                                 installed: list[str]) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(llama_build, "install", lambda profile: calls.append(profile) or Path(profile))
+    monkeypatch.setattr(llama_build.subprocess, "run", lambda cmd, **kw: type("Done", (), {"returncode": check_exit}))
+    assert llama_build.install_checked("x86-64-v4-amx", chosen=True) == Path(installed[-1])
+    assert calls == installed
+    calls.clear()
+    llama_build.install_checked("x86-64-v4-amx", chosen=False)  # asked for by name: kept, whatever the check says
+    assert calls == ["x86-64-v4-amx"]
 
 
 def test_a_level_this_cpu_lacks_is_refused_with_the_flags_it_misses(home: Path, monkeypatch) -> None:
@@ -121,9 +185,10 @@ def test_the_quantizer_refuses_a_build_for_another_cpu_before_its_child_starts(h
 
 
 def test_the_installed_build_holds_no_instruction_its_level_excludes() -> None:
-    """What makes the portable builds safe: no AMX instruction in either (a native build on an AMX CPU crashes,
-    ggml-org/llama.cpp issue 20824), and no AVX-512 in x86-64-v3 (a native build on an AVX-512 CPU holds ~15,000
-    zmm instructions)."""
+    """What makes the builds safe: no AMX instruction in the portable levels, and in the AMX build a tile
+    configuration read from a static constant, never from the stack (where GCC 12 dropped its stores and the
+    first AMX matmul crashed, ggml-org/llama.cpp issue 20824); no AVX-512 in x86-64-v3 (a native build on an
+    AVX-512 CPU holds ~15,000 zmm instructions)."""
     import re
     import shutil
     import subprocess
@@ -132,8 +197,8 @@ def test_the_installed_build_holds_no_instruction_its_level_excludes() -> None:
 
     spec = pytest.importorskip("llama_cpp")
     profile = installed_build().get("profile")
-    if profile not in ("x86-64-v3", "x86-64-v4"):
-        pytest.skip(f"the installed llama-cpp-python is not a portable build ({profile})")
+    if profile not in ("x86-64-v3", "x86-64-v4", "x86-64-v4-amx"):
+        pytest.skip(f"the installed llama-cpp-python is not a build of a named level ({profile})")
     if shutil.which("objdump") is None:
         pytest.skip("objdump (binutils) is not installed")
     libraries = sorted((Path(spec.__file__).parent / "lib").glob("lib*.so"))
@@ -142,6 +207,10 @@ def test_the_installed_build_holds_no_instruction_its_level_excludes() -> None:
                              text=True, check=True).stdout
     assert "vfmadd" in listing  # the disassembly is real: AVX2/FMA code is there
     amx = re.findall(r"%tmm\d|\bldtilecfg\b|\btdpb\w+", listing)
-    assert amx == [], f"{len(amx)} AMX instructions, e.g. {amx[:5]}"
+    if profile == "x86-64-v4-amx":
+        configs = re.findall(r"ldtilecfg\s+(\S+)", listing)
+        assert len(amx) > 50 and configs and all(operand.endswith("(%rip)") for operand in configs), configs
+    else:
+        assert amx == [], f"{len(amx)} AMX instructions, e.g. {amx[:5]}"
     avx512 = re.findall(r"%zmm\d+|%k[0-7]\b", listing)
     assert (avx512 == []) if profile == "x86-64-v3" else len(avx512) > 1000, f"{profile}: {len(avx512)} AVX-512 operands"
