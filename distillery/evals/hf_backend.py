@@ -249,35 +249,45 @@ class HFModel:
                      progress: Callable[[int], None] = lambda n: None,
                      caches: list[Any] | None = None) -> list[list[str]]:
         """`samples` completions of each token list (`decoding_rule`), stopping at `eos_id`; the prompts are given
-        as the ids training used, so nothing is tokenized twice. Batched by length: a batch is left-padded to its
-        longest prompt. `caches[i]`, when given (`prompt_cache`), holds the keys and values of all but the last
-        token of list i: a batch whose lists all have one decodes only its last column."""
+        as the ids training used, so nothing is tokenized twice. Batched by length, at most `batch_size` sequences
+        a call (k samples of a list are k: memory is bounded by batch_size whatever k is): a batch is left-padded
+        to its longest prompt. `caches[i]`, when given (`prompt_cache`), holds the keys and values of all but the
+        last token of list i: a batch whose lists all have one decodes only its last column."""
         torch = self.torch
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos_id
-        sampling = decoding_rule(temperature, top_p)
         order = sorted(range(len(id_lists)), key=lambda i: len(id_lists[i]))
         texts: list[list[str]] = [[] for _ in id_lists]
+        per_call = max(1, batch_size // samples)  # lists a call
         with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                batch = order[start:start + batch_size]
+            for start in range(0, len(order), per_call):
+                batch = order[start:start + per_call]
                 chunk = [id_lists[i] for i in batch]
                 width = max(map(len, chunk))
                 ids = torch.tensor([[pad] * (width - len(c)) + list(c) for c in chunk], device=self.device)
                 mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=self.device)
                 cached = [caches[i] for i in batch] if caches else []
-                past = batch_cache(cached, width - 1, samples, self.model.config) if cached and all(
-                    c is not None for c in cached) and width > 1 else None
-                with torch.random.fork_rng():  # seeded per batch; the caller's random state is kept
-                    torch.manual_seed(SAMPLING_SEED + start)
-                    out = self.model.generate(input_ids=ids.repeat_interleave(samples, 0),
-                                              attention_mask=mask.repeat_interleave(samples, 0), past_key_values=past,
-                                              max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad,
-                                              **sampling)
-                decoded = self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-                for k, index in enumerate(batch):
-                    texts[index] = decoded[k * samples:(k + 1) * samples]
+                reuse = bool(cached) and all(c is not None for c in cached) and width > 1
+                for first in range(0, samples, batch_size):  # samples of one list past batch_size: in turns
+                    count = min(batch_size, samples - first)
+                    past = batch_cache(cached, width - 1, count, self.model.config) if reuse else None
+                    decoded = self._sample(ids, mask, past, count, SAMPLING_SEED + start * samples + first,
+                                           max_new_tokens, eos_id, pad, decoding_rule(temperature, top_p))
+                    for k, index in enumerate(batch):
+                        texts[index] += decoded[k * count:(k + 1) * count]
                 progress(len(chunk))
         return texts
+
+    def _sample(self, ids: Any, mask: Any, past: Any, count: int, seed: int, max_new_tokens: int, eos_id: int,
+                pad: int, sampling: dict[str, Any]) -> list[str]:
+        """`count` continuations of each row of `ids` (row by row), drawn with `seed`; the caller's random state is
+        kept."""
+        torch = self.torch
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            out = self.model.generate(input_ids=ids.repeat_interleave(count, 0),
+                                      attention_mask=mask.repeat_interleave(count, 0), past_key_values=past,
+                                      max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad, **sampling)
+        return self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
 
 
 def decoding_rule(temperature: float, top_p: float) -> dict[str, Any]:

@@ -175,6 +175,18 @@ def test_answers_follow_the_evaluation_rule_not_the_models_generation_config(tin
     assert scorer.tokenizer.decode(by_config[0, len(prompts[0]):], skip_special_tokens=True) != answers[0][0]
 
 
+def test_samples_past_the_batch_size_are_drawn_in_turns_of_at_most_batch_size_sequences(tiny_dir: Path) -> None:
+    """k samples of each list used to make one call of lists x k rows (64 samples of 8 lists at once asked a 135M
+    model for 210 GB); every call now holds at most batch_size sequences, and each list still gets its k."""
+    scorer = HFModel(str(tiny_dir))
+    rows, generate = [], scorer.model.generate
+    scorer.model.generate = lambda **kw: rows.append(kw["input_ids"].shape[0]) or generate(**kw)
+    prompts = [SEQUENCES[i][:STARTS[i]] for i in (0, 2, 4)]
+    answers = scorer.generate_ids(prompts, 6, 2, eos_id=-1, samples=5, temperature=1.5)
+    assert [len(a) for a in answers] == [5, 5, 5] and max(rows) == 2 and sum(rows) == 15
+    assert all(len(set(a)) > 1 for a in answers)  # samples, not one answer repeated
+
+
 def test_sampled_answers_are_the_same_on_every_run_and_leave_the_random_state_alone(tiny_dir: Path) -> None:
     import torch
 
