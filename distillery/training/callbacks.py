@@ -5,7 +5,8 @@ has finished does CheckpointKeeper drop a marker into it, listing each file and 
 short unmarks it). A restart resumes from the newest marked checkpoint and
 deletes unmarked ones (a save the kill interrupted). Old checkpoints are renamed away before they are deleted, so
 a kill during the clean-up never leaves a marked checkpoint with files missing. metrics.jsonl is cut back to the
-resumed step, so a resumed run's curve has each step once.
+resumed step, so a resumed run's curve has each step once, and the marker holds the tokens trained so far, from
+which the resumed run counts on.
 """
 
 from __future__ import annotations
@@ -86,6 +87,16 @@ def prune_checkpoints(directory: Path, keep: int) -> None:
         discard(path)
 
 
+def tokens_trained(checkpoint: Path | None) -> int:
+    """The tokens trained up to `checkpoint` as its marker says (0: no checkpoint, or a marker without them)."""
+    try:
+        marker = json.loads((checkpoint / COMPLETE).read_text(encoding="utf-8")) if checkpoint else {}
+    except (OSError, ValueError):
+        return 0
+    value = marker.get("tokens_seen", 0) if isinstance(marker, dict) else 0
+    return value if isinstance(value, int) and value >= 0 else 0
+
+
 def trim_metrics(path: Path, last_step: int) -> None:
     """Keep metrics.jsonl rows up to the resumed step (and no torn last line); nothing to do on a fresh start."""
     if not path.is_file():
@@ -102,17 +113,19 @@ def trim_metrics(path: Path, last_step: int) -> None:
 
 
 class CheckpointKeeper(TrainerCallback):
-    """Marks each checkpoint complete once the Trainer has written all of it, then prunes older ones."""
+    """Marks each checkpoint complete once the Trainer has written all of it (with the tokens trained so far,
+    `tokens_seen()`), then prunes older ones."""
 
-    def __init__(self, keep: int):
-        self.keep = keep
+    def __init__(self, keep: int, tokens_seen: Any = lambda: 0):
+        self.keep, self.tokens_seen = keep, tokens_seen
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             directory = Path(args.output_dir)
             checkpoint = directory / f"{PREFIX}{state.global_step}"
-            atomic_write_text(checkpoint / COMPLETE, json.dumps({"global_step": state.global_step, "max_steps":
-                                                                 state.max_steps, "files": checkpoint_files(checkpoint)}))
+            atomic_write_text(checkpoint / COMPLETE, json.dumps({
+                "global_step": state.global_step, "max_steps": state.max_steps, "tokens_seen": int(self.tokens_seen()),
+                "files": checkpoint_files(checkpoint)}))
             prune_checkpoints(directory, self.keep)
         return control
 

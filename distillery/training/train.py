@@ -249,7 +249,8 @@ def run_job(job: TrainJob, console: Any) -> dict[str, Any]:
     """Train as the job says and write the adapter, metrics and samples into job.out; returns the results."""
     import torch
 
-    from distillery.training.callbacks import CheckpointKeeper, MetricsCallback, last_complete_checkpoint, trim_metrics
+    from distillery.training.callbacks import (CheckpointKeeper, MetricsCallback, last_complete_checkpoint, tokens_trained,
+                                               trim_metrics)
 
     out = Path(job.out)
     checkpoints = out / "checkpoints"
@@ -266,12 +267,13 @@ def run_job(job: TrainJob, console: Any) -> dict[str, Any]:
         tokenizer = prepare_tokenizer(tokenizer, job)
         load_seconds = time.time() - started
         trainer = build_trainer(job, model, tokenizer)
+        trainer.tokens_seen = resumed_tokens = tokens_trained(resume)  # the run's count goes on across a resume
         main_process = trainer.is_world_process_zero()
         single_process = trainer.args.world_size == 1
         before = load_or_generate_before(out, model, tokenizer, job) if single_process else []
         metrics = MetricsCallback(Path(job.metrics_path), console, trainer, enabled=main_process)
         trainer.add_callback(metrics)
-        trainer.add_callback(CheckpointKeeper(job.finetune.save_total_limit))
+        trainer.add_callback(CheckpointKeeper(job.finetune.save_total_limit, lambda: trainer.tokens_seen))
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
@@ -285,14 +287,14 @@ def run_job(job: TrainJob, console: Any) -> dict[str, Any]:
     except torch.cuda.OutOfMemoryError:
         raise UserError(oom_message(job)) from None
     memory, memory_kind = peak_memory_mb(job.device)
-    tokens = trainer.tokens_seen * trainer.args.world_size
+    tokens, trained_now = (n * trainer.args.world_size for n in (trainer.tokens_seen, trainer.tokens_seen - resumed_tokens))
     return {
         "global_step": trainer.state.global_step,
         "resumed_from_step": resume_step,
         "train_seconds": round(train_seconds, 2),
         "load_seconds": round(load_seconds, 2),
         "tokens": tokens,
-        "tokens_per_s": round(tokens / train_seconds, 1) if tokens and train_seconds > 0 else None,
+        "tokens_per_s": round(trained_now / train_seconds, 1) if trained_now > 0 and train_seconds > 0 else None,
         "peak_memory_mb": memory,
         "peak_memory_kind": memory_kind,
         "train_loss": train_loss,

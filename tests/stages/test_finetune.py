@@ -362,6 +362,26 @@ def test_a_marked_checkpoint_that_lost_or_cut_a_file_is_not_resumed_from(tmp_pat
     assert not list(tmp_path.iterdir())
 
 
+def test_a_checkpoint_keeps_the_tokens_trained_so_far_for_the_run_that_resumes_from_it(tmp_path: Path) -> None:
+    """A resumed run counted tokens from 0 again: metrics.jsonl's `tokens` column fell back at the resumed step and
+    summary.json's total was the resumed process's share."""
+    from types import SimpleNamespace
+
+    from distillery.training.callbacks import CheckpointKeeper, tokens_trained
+
+    path = tmp_path / "checkpoint-2"
+    path.mkdir()
+    (path / "adapter_model.safetensors").write_bytes(b"x")
+    CheckpointKeeper(keep=3, tokens_seen=lambda: 1234).on_save(SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(
+        is_world_process_zero=True, global_step=2, max_steps=6), None)
+    assert tokens_trained(last_complete_checkpoint(tmp_path)) == 1234
+    assert tokens_trained(None) == 0
+    (path / COMPLETE).write_text('{"files": {}}')  # a marker written before the count was kept
+    assert tokens_trained(path) == 0
+    (path / COMPLETE).write_text('{"files": {}, "tokens_seen": "many"}')
+    assert tokens_trained(path) == 0
+
+
 def test_pruning_keeps_the_newest_complete_checkpoints(tmp_path: Path) -> None:
     for step in (1, 2, 3):
         make_checkpoint(tmp_path, step, True)
@@ -623,6 +643,8 @@ def test_ctrl_c_then_kill_9_and_the_same_command_resumes_each_time_training_each
     assert summary["resumed_from_step"] == resumed and summary["steps"] == 8
     logged = [json.loads(line) for line in (stage_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in logged] == list(range(1, 9))  # each step once, across both interruptions
+    counts = [row["tokens"] for row in logged]  # the run's count, not restarted by either resume
+    assert counts == sorted(counts) and len(set(counts)) == 8 and summary["tokens"] == counts[-1]
     # the run's loss over all 8 steps, not the resumed process's sum divided by 8
     assert summary["train_loss"] == pytest.approx(sum(row["loss"] for row in logged) / 8)
 
