@@ -14,11 +14,12 @@ so the tiles are configured with no rows). So `just setup` builds it here instea
   VNNI, BF16), without AMX: on AVX-512 CPUs prompt processing runs at native speed;
 - `x86-64-v3` (the default elsewhere): AVX2, FMA, F16C, BMI2 and nothing newer: runs on every x86-64 CPU since
   2013-2015 (Intel Haswell, AMD Zen 1), no AVX-512 and no AMX code at all;
-- `native`: llama.cpp's default (patched too), for comparison (bench/export.py) or for a user who wants it on
+- `native`: llama.cpp's default (patched too on an AMX CPU), for comparison (bench/export.py) or for a user who wants it on
   their own machine.
 
-`just setup` ends with a self-check (llama_check.py) that decodes a quantized GGUF in a child process; where the
-AMX build fails it, `install` puts the x86-64-v4 build in its place.
+`just setup` ends with a self-check (llama_check.py) that decodes a quantized GGUF in a child process. Where
+setup chose the AMX level and it cannot be compiled here or fails that check, `install` puts the x86-64-v4 build
+in its place.
 
 Only the libraries the Python binding loads are built (libllama, libggml*): no multimodal library
 (LLAVA_BUILD=OFF) and no llama.cpp `common` library with its HTTP client (see llama_build.cmake), which
@@ -69,9 +70,8 @@ PROFILES: dict[str, tuple[str, ...]] = {
     "native": ("-DGGML_NATIVE=ON",),
 }
 REQUIRED_FLAGS = {"x86-64-v3": X86_64_V3, "x86-64-v4": X86_64_V4, "x86-64-v4-amx": X86_64_V4 + AMX_FLAGS, "native": ()}
-# Applied to the sources of the profiles that can compile ggml's AMX code (native compiles it on an AMX CPU).
+# Applied to the sources of the builds that compile ggml's AMX code (`patched`).
 PATCH = Path(__file__).with_name("llama_amx_tile_config.patch")
-PATCHED = ("x86-64-v4-amx", "native")
 # Flags that tell which llama.cpp code a CPU can run; printed when llama.cpp fails on it.
 RELEVANT_FLAGS = X86_64_V4 + ("avx_vnni", *AMX_FLAGS)
 REBUILD = ("`just setup` installs a build for this CPU's level (unset DISTILLERY_LLAMA_CPU if you set it; "
@@ -121,6 +121,12 @@ def check_installed_build() -> None:
                         "`just setup` here; it builds llama.cpp for this CPU.")
 
 
+def patched(profile: str) -> bool:
+    """Whether a build of `profile` compiles ggml's AMX code, and so gets PATCH: the AMX level, and native on an
+    AMX CPU."""
+    return profile == "x86-64-v4-amx" or (profile == "native" and "amx_tile" in cpu_flags())
+
+
 def cmake_args(profile: str) -> list[str]:
     extra = os.environ.get("DISTILLERY_LLAMA_CMAKE_ARGS", "").split()
     return [*PROFILES[profile], "-DLLAVA_BUILD=OFF", "-DGGML_CCACHE=OFF", f"-DCMAKE_PROJECT_INCLUDE={HOOK}", *extra]
@@ -138,7 +144,7 @@ def wheel_dir(profile: str) -> Path:
     """Where the wheel for `profile` (with this machine's arguments) is kept."""
     key = {"version": VERSION, "profile": profile, "cmake": [a for a in cmake_args(profile) if "PROJECT_INCLUDE" not in a],
            "hook": HOOK.read_text(encoding="utf-8"), "machine": platform.machine()}
-    if profile in PATCHED:
+    if patched(profile):
         key["patch"] = PATCH.read_text(encoding="utf-8")
     if profile == "native":
         key["cpu"] = sorted(cpu_flags())
@@ -187,7 +193,7 @@ def build(profile: str) -> Path:
     started = time.time()
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
-        source = patched_sources(sdist, tmp / "src") if profile in PATCHED else sdist
+        source = patched_sources(sdist, tmp / "src") if patched(profile) else sdist
         env = {**os.environ, "CMAKE_ARGS": " ".join(cmake_args(profile)),
                "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
         cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "--disable-pip-version-check",
@@ -216,8 +222,8 @@ def patched_sources(sdist: Path, into: Path) -> Path:
     import tarfile
 
     into.mkdir(parents=True)
-    with tarfile.open(sdist) as archive:
-        archive.extractall(into, filter="data")
+    with tarfile.open(sdist) as archive:  # the "data" filter (no links out, no devices) from Python 3.11.4 on
+        archive.extractall(into, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     root = next(path for path in into.iterdir() if path.is_dir())
     try:
         done = subprocess.run(["git", "apply", str(PATCH)], cwd=root, capture_output=True, text=True,
@@ -248,12 +254,18 @@ def install(profile: str) -> Path:
 
 
 def install_checked(profile: str, chosen: bool) -> Path:
-    """`install(profile)`; where the AMX build was chosen for this CPU (not asked for) and fails the self-check
-    here (a CPU whose AMX the patch does not cover), the x86-64-v4 build in its place."""
-    wheel = install(profile)
+    """`install(profile)`; where the AMX build was chosen for this CPU (not asked for) and cannot be built here (an
+    old compiler without -mamx-int8, no git for the patch) or fails the self-check (a CPU whose AMX the patch does
+    not cover), the x86-64-v4 build in its place."""
     if profile != "x86-64-v4-amx" or not chosen:
-        return wheel
-    if subprocess.run([sys.executable, "-m", "distillery.export.llama_check"]).returncode == 0:
+        return install(profile)
+    try:
+        wheel = install(profile)
+    except UserError as err:
+        say(f"{err}\nllama.cpp's AMX build could not be built here: installing the x86-64-v4 build (no AMX) instead")
+        return install("x86-64-v4")
+    check = [sys.executable, "-m", "distillery.export.llama_check", "--no-remedy"]
+    if subprocess.run(check).returncode == 0:
         return wheel
     say("llama.cpp's AMX build failed its self-check on this CPU: installing the x86-64-v4 build (no AMX) instead")
     return install("x86-64-v4")

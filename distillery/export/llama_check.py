@@ -5,7 +5,7 @@ llama.cpp crashed.
 
 Loads a small quantized GGUF (default: the bundled SmolLM2-135M Q4_1, whose quantized matmuls are the ones an
 unsuitable build crashes in) in a child process, decodes a prompt and a few tokens greedily, and prints what it
-got. When the child crashes or fails: what failed, the CPU's relevant flags, the installed build and the
+got; the default model must answer "Paris" (a build that computes wrong numbers fails too). When the child crashes or fails: what failed, the CPU's relevant flags, the installed build and the
 remedy; exit code 1.
 """
 
@@ -24,6 +24,7 @@ from distillery.core.isolation import NativeCrash
 
 # The bundled model's ChatML; it continues with " Paris." at every quantization.
 PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nThe capital of France is"
+EXPECTED = "Paris"
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
 
@@ -37,7 +38,10 @@ def check(path: Path, prompt: str = PROMPT, tokens: int = 3) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distillery.export.llama_check", description=__doc__.splitlines()[0])
-    parser.add_argument("--gguf", type=Path, help=f"the GGUF to decode (default: the bundled {DEFAULT_MODEL} Q4_1)")
+    parser.add_argument("--gguf", type=Path, help=f"the GGUF to decode (default: the bundled {DEFAULT_MODEL} Q4_1, "
+                        f"whose answer must hold {EXPECTED!r})")
+    parser.add_argument("--no-remedy", action="store_true", help="on failure, leave out the remedy (setup's own "
+                        "fallback to another build runs the check so)")
     args = parser.parse_args(argv)
     build = installed_build().get("profile", "not installed by `just setup`")
     try:
@@ -45,13 +49,17 @@ def main(argv: list[str] | None = None) -> int:
 
         path = args.gguf or bundled_gguf(DEFAULT_MODEL)
         result = check(path)
+        if args.gguf is None and EXPECTED not in result["text"]:
+            raise UserError(f"{path.name} decoded {result['text']!r}, where every quantization of it answers "
+                            f"{EXPECTED!r}: this build computes wrong numbers")
     except (NativeCrash, GGUFLoadError, UserError, ImportError) as err:
         print(f"llama.cpp self-check FAILED: {err}", file=sys.stderr)
         print(f"  CPU: {describe_cpu()}", file=sys.stderr)
         print(f"  installed llama-cpp-python build: {build}", file=sys.stderr)
-        print(f"  remedy: {REBUILD}; on a CPU with AMX, DISTILLERY_LLAMA_CPU=x86-64-v4 has no AMX code, and a build "
-              "of your own with AMX needs distillery/export/llama_amx_tile_config.patch (ggml-org/llama.cpp issue "
-              "20824).", file=sys.stderr)
+        if not args.no_remedy:
+            print(f"  remedy: {REBUILD}; on a CPU with AMX, DISTILLERY_LLAMA_CPU=x86-64-v4 has no AMX code, and a build "
+                  "of your own with AMX needs distillery/export/llama_amx_tile_config.patch (ggml-org/llama.cpp issue "
+                  "20824).", file=sys.stderr)
         return 1
     print(f"llama.cpp self-check: ok ({build} build, {path.name} decoded {result['text']!r} in "
           f"{result['seconds']:.1f} s)")

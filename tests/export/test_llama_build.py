@@ -138,6 +138,31 @@ def test_an_amx_build_that_fails_the_self_check_gives_way_to_v4(monkeypatch, che
     assert calls == ["x86-64-v4-amx"]
 
 
+def test_an_amx_build_that_cannot_be_compiled_here_gives_way_to_v4_unless_asked_for(monkeypatch, capsys) -> None:
+    """A compiler without -mamx-int8, or no git for the patch: setup goes on with x86-64-v4."""
+    def install(profile: str) -> Path:
+        if profile == "x86-64-v4-amx":
+            raise UserError("compiling llama-cpp-python 0.3.36 for x86-64-v4-amx failed (exit 1)")
+        return Path(profile)
+
+    monkeypatch.setattr(llama_build, "install", install)
+    monkeypatch.setattr(llama_build.subprocess, "run", lambda *a, **k: pytest.fail("no AMX build to check"))
+    assert llama_build.install_checked("x86-64-v4-amx", chosen=True) == Path("x86-64-v4")
+    assert "could not be built here: installing the x86-64-v4 build" in capsys.readouterr().err
+    with pytest.raises(UserError, match="failed"):
+        llama_build.install_checked("x86-64-v4-amx", chosen=False)
+
+
+def test_only_builds_that_compile_amx_code_are_patched(home: Path, monkeypatch) -> None:
+    """native compiles ggml's AMX code only on an AMX CPU: elsewhere (arm64, AMD) it needs neither git nor the
+    patch, and its wheel key is what it was."""
+    monkeypatch.setattr(llama_build, "cpu_flags", lambda: {"avx2", "fma"})
+    assert not llama_build.patched("native") and not llama_build.patched("x86-64-v4")
+    assert llama_build.patched("x86-64-v4-amx")
+    monkeypatch.setattr(llama_build, "cpu_flags", lambda: {"avx2", "fma", "amx_tile", "amx_int8"})
+    assert llama_build.patched("native")
+
+
 def test_a_level_this_cpu_lacks_is_refused_with_the_flags_it_misses(home: Path, monkeypatch) -> None:
     monkeypatch.setattr(llama_build, "cpu_flags", lambda: set(llama_build.X86_64_V3))
     with pytest.raises(UserError, match="this CPU lacks avx512f, .*which the x86-64-v4 build of llama.cpp needs"):

@@ -149,6 +149,17 @@ def test_the_self_check_says_what_failed_the_cpu_and_the_remedy(tmp_path: Path,
     assert err.startswith(f"llama.cpp self-check FAILED: llama.cpp cannot load {path}")
     assert "  CPU: " in err and "avx2" in err and f"installed llama-cpp-python build: {installed_profile()}" in err
     assert "remedy: `just setup`" in err
+    assert llama_check.main(["--gguf", str(path), "--no-remedy"]) == 1  # setup's own fallback runs it so
+    assert "remedy" not in capsys.readouterr().err
+
+
+def test_a_build_that_decodes_the_wrong_answer_fails_the_self_check(monkeypatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A build that runs but computes wrong numbers (what a bad AMX kernel would do) is no better than a crash."""
+    pytest.importorskip("llama_cpp")
+    monkeypatch.setattr(llama_check, "check", lambda path: {"text": " Lyon.", "seconds": 0.1})
+    assert llama_check.main([]) == 1
+    assert "decoded ' Lyon.', where every quantization of it answers 'Paris'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
