@@ -291,8 +291,8 @@ class EvaluateConfig(Section):
                                      "default: `data` (its fewshot_split for a Hub id).")
     fewshot_split: str = Field("train", description="Split of a Hub dataset the few-shot examples come from.")
     batch_size: int = Field(8, ge=1, description="MathQA items per forward pass (each item's 5 choices share its "
-                            "context) and held-out answers generated at once (k samples of an item are k); held-out loss batches are bounded by "
-                            "positions instead (rows of 512 holding shared prefixes once).")
+                            "context) and held-out answers generated at once (k samples of an item are k); held-out "
+                            "loss batches are bounded by positions instead (rows of 512 holding shared prefixes once).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights of the HF artifacts; auto: bfloat16 on a CUDA GPU that has it, else float32.")
     artifacts: Literal["auto"] | list[Literal["base", "adapter", "merged", "gguf"]] = Field(

@@ -58,7 +58,7 @@ def fingerprint(stage: Stage, cfg: DistilleryConfig, run: RunDir) -> tuple[str, 
         upstream[name], upstream_outputs[name] = entry["fingerprint"], outputs_digest(entry)
     inputs = {
         "config": {**without_operational({section: dump[section] for section in stage.sections}, stage.operational),
-                   **{key: setting(dump, key) for key in stage.also_reads}},
+                   **also_read(stage, dump)},
         "seed": cfg.run.seed,
         "upstream": upstream,
         "files": {str(path): sha256_file(path) for path in stage.input_files(cfg)},
@@ -77,6 +77,11 @@ def without_operational(sections: dict[str, Any], keys: tuple[str, ...]) -> dict
         parent, _, leaf = key.rpartition(".")
         setting(sections, parent).pop(leaf, None)
     return sections
+
+
+def also_read(stage: Stage, dump: dict[str, Any]) -> dict[str, Any]:
+    """The values of the stage's `also_reads` settings (dotted keys outside its sections)."""
+    return {key: setting(dump, key) for key in stage.also_reads}
 
 
 def setting(dump: dict[str, Any], key: str) -> Any:
@@ -100,7 +105,7 @@ def recorded_fingerprint(stage: Stage, cfg: DistilleryConfig, run: RunDir, fp: s
     whole["config"] = {section: dump[section] for section in stage.sections}
     if sha256_json(whole) != recorded:
         return fp
-    reads = {key: setting(dump, key) for key in stage.also_reads}
+    reads = also_read(stage, dump)
     kept = entry.get("inputs", {}).get("also_reads")
     if kept is None:
         run.update_stage(stage.name, {**entry, "inputs": {**entry.get("inputs", {}), "also_reads": reads}})

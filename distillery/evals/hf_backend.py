@@ -255,6 +255,7 @@ class HFModel:
         last token of list i: a batch whose lists all have one decodes only its last column."""
         torch = self.torch
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos_id
+        sampling = decoding_rule(temperature, top_p)
         order = sorted(range(len(id_lists)), key=lambda i: len(id_lists[i]))
         texts: list[list[str]] = [[] for _ in id_lists]
         per_call = max(1, batch_size // samples)  # lists a call
@@ -271,7 +272,7 @@ class HFModel:
                     count = min(batch_size, samples - first)
                     past = batch_cache(cached, width - 1, count, self.model.config) if reuse else None
                     decoded = self._sample(ids, mask, past, count, SAMPLING_SEED + start * samples + first,
-                                           max_new_tokens, eos_id, pad, decoding_rule(temperature, top_p))
+                                           max_new_tokens, eos_id, pad, sampling)
                     for k, index in enumerate(batch):
                         texts[index] += decoded[k * count:(k + 1) * count]
                 progress(len(chunk))

@@ -14,8 +14,8 @@ so the tiles are configured with no rows). So `just setup` builds it here instea
   VNNI, BF16), without AMX: on AVX-512 CPUs prompt processing runs at native speed;
 - `x86-64-v3` (the default elsewhere): AVX2, FMA, F16C, BMI2 and nothing newer: runs on every x86-64 CPU since
   2013-2015 (Intel Haswell, AMD Zen 1), no AVX-512 and no AMX code at all;
-- `native`: llama.cpp's default (patched too on an AMX CPU), for comparison (bench/export.py) or for a user who wants it on
-  their own machine.
+- `native`: llama.cpp's default (patched too on an AMX CPU), for comparison (bench/export.py) or for a user who
+  wants it on their own machine.
 
 `just setup` ends with a self-check (llama_check.py) that decodes a quantized GGUF in a child process. Where
 setup chose the AMX level and it cannot be compiled here or fails that check, `install` puts the x86-64-v4 build

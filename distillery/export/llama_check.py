@@ -5,8 +5,8 @@ llama.cpp crashed.
 
 Loads a small quantized GGUF (default: the bundled SmolLM2-135M Q4_1, whose quantized matmuls are the ones an
 unsuitable build crashes in) in a child process, decodes a prompt and a few tokens greedily, and prints what it
-got; the default model must answer "Paris" (a build that computes wrong numbers fails too). When the child crashes or fails: what failed, the CPU's relevant flags, the installed build and the
-remedy; exit code 1.
+got; the default model must answer "Paris" (a build that computes wrong numbers fails too). When the child
+crashes or fails: what failed, the CPU's relevant flags, the installed build and the remedy; exit code 1.
 """
 
 from __future__ import annotations

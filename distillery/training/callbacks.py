@@ -2,8 +2,8 @@
 
 A checkpoint counts only once it is complete: the Trainer writes checkpoint-N/ file by file, and only after it
 has finished does CheckpointKeeper drop a marker into it, listing each file and its size (a file since lost or cut
-short unmarks it). A restart resumes from the newest marked checkpoint and
-deletes unmarked ones (a save the kill interrupted). Old checkpoints are renamed away before they are deleted, so
+short unmarks it). A restart resumes from the newest marked checkpoint and deletes unmarked ones (a save the kill
+interrupted). Old checkpoints are renamed away before they are deleted, so
 a kill during the clean-up never leaves a marked checkpoint with files missing. metrics.jsonl is cut back to the
 resumed step, so a resumed run's curve has each step once, and the marker holds the tokens trained so far, from
 which the resumed run counts on.
@@ -51,15 +51,21 @@ def checkpoint_files(path: Path) -> dict[str, int]:
             if f.is_file() and f.name != COMPLETE}
 
 
+def read_marker(path: Path) -> dict[str, Any] | None:
+    """A checkpoint's completion marker; None when it has none, or one that is not a JSON object."""
+    try:
+        marker = json.loads((path / COMPLETE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
 def is_complete(path: Path) -> bool:
     """Marked complete, and every file the marker lists still there at the size it was written: a checkpoint
     that lost its optimizer.pt was resumed with a fresh optimizer and schedule, silently. A marker without the
     list (written before it was kept) is taken at its word."""
-    try:
-        marker = json.loads((path / COMPLETE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    files = marker.get("files", {}) if isinstance(marker, dict) else None
+    marker = read_marker(path)
+    files = marker.get("files", {}) if marker is not None else None
     if not isinstance(files, dict):
         return False
     return all((path / rel).is_file() and (path / rel).stat().st_size == size for rel, size in files.items())
@@ -89,12 +95,8 @@ def prune_checkpoints(directory: Path, keep: int) -> None:
 
 def tokens_trained(checkpoint: Path | None) -> int:
     """The tokens trained up to `checkpoint` as its marker says (0: no checkpoint, or a marker without them)."""
-    try:
-        marker = json.loads((checkpoint / COMPLETE).read_text(encoding="utf-8")) if checkpoint else {}
-    except (OSError, ValueError):
-        return 0
-    value = marker.get("tokens_seen", 0) if isinstance(marker, dict) else 0
-    return value if isinstance(value, int) and value >= 0 else 0
+    value = ((read_marker(checkpoint) if checkpoint else None) or {}).get("tokens_seen", 0)
+    return value if type(value) is int and value >= 0 else 0
 
 
 def trim_metrics(path: Path, last_step: int) -> None:

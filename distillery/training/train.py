@@ -249,8 +249,8 @@ def run_job(job: TrainJob, console: Any) -> dict[str, Any]:
     """Train as the job says and write the adapter, metrics and samples into job.out; returns the results."""
     import torch
 
-    from distillery.training.callbacks import (CheckpointKeeper, MetricsCallback, last_complete_checkpoint, tokens_trained,
-                                               trim_metrics)
+    from distillery.training.callbacks import (CheckpointKeeper, MetricsCallback, last_complete_checkpoint,
+                                               tokens_trained, trim_metrics)
 
     out = Path(job.out)
     checkpoints = out / "checkpoints"
@@ -287,7 +287,8 @@ def run_job(job: TrainJob, console: Any) -> dict[str, Any]:
     except torch.cuda.OutOfMemoryError:
         raise UserError(oom_message(job)) from None
     memory, memory_kind = peak_memory_mb(job.device)
-    tokens, trained_now = (n * trainer.args.world_size for n in (trainer.tokens_seen, trainer.tokens_seen - resumed_tokens))
+    tokens = trainer.tokens_seen * trainer.args.world_size  # the run's, across any resume
+    trained_now = (trainer.tokens_seen - resumed_tokens) * trainer.args.world_size  # this process's, for tokens/s
     return {
         "global_step": trainer.state.global_step,
         "resumed_from_step": resume_step,
