@@ -16,7 +16,7 @@ the 1.78B shape, measured on main at 8a0e01f (whole-model merge, fp32 verificati
 
 --builds-at runs only the build comparison, on the GGUFs of a random-weight model of a real shape: the demo model's
 rows are 576 wide, not a multiple of 256, so its "q4_k_m" is mostly Q5_0 (llama.cpp's fallback), where a real
-model's is Q4_K and Q6_K.
+model's is Q4_K and Q6_K. On an AMX CPU it also gives what the x86-64-v4-amx build gains over x86-64-v4.
 
 Baselines: per-GB rates are absolute (bytes written by merge, bytes read by conversion and quantization);
 tokens/s is compared with transformers `generate` (greedy, fp32, KV cache) on the merged model, same prompt,
@@ -116,10 +116,11 @@ def unpacked_build(profile: str, into: Path) -> Path:
     return into
 
 
-def compare_builds(files: dict[str, Path], tokens: int, repeat: int, tmp: Path, targets: bool = True) -> None:
+def compare_builds(files: dict[str, Path], tokens: int, repeat: int, tmp: Path,
+                   targets: bool = True) -> dict[tuple[str, str], dict[str, float] | str]:
     """The installed build (and x86-64-v4 where this CPU has AVX-512) against a native one on the same files,
     alternating, best of `repeat`; `targets`: the installed build's figures carry the >= 0.95x target (else they
-    are informational)."""
+    are informational). Returns the best tokens/s per (build, file), or what killed a build."""
     installed = llama_build.installed_build().get("profile", "installed")
     builds: dict[str, Path | None] = {installed: None}
     if installed != "x86-64-v4" and set(llama_build.X86_64_V4) <= llama_build.cpu_flags():
@@ -141,19 +142,21 @@ def compare_builds(files: dict[str, Path], tokens: int, repeat: int, tmp: Path, 
             got = best[(build, name)]
             shown = got if isinstance(got, str) else f"{got['generation']:11.1f} {got['prompt']:9.0f}"
             print(f"{name:14} {build:14} {shown}")
-        native = best[("native", name)]
         for build in builds:
-            ours = best[(build, name)]
-            for kind in ("generation", "prompt"):
-                if build == "native" or isinstance(ours, str):
-                    continue
-                if isinstance(native, str):
-                    result = f"{ours[kind]:.0f} tokens/s; the native build {native}"
-                else:
-                    result = f"{ours[kind] / native[kind]:.2f}x tokens/s ({ours[kind]:.0f} vs {native[kind]:.0f})"
+            if build != "native" and not isinstance(best[(build, name)], str):
                 default = build == installed
-                figure(f"llama.cpp {build} build{' (the default here)' if default else ''}, {name} {kind}", result,
+                figure(f"llama.cpp {build}{' (default)' if default else ''}, {name}",
+                       speed_ratios(best[(build, name)], best[("native", name)]),
                        "llama.cpp built with -march=native, same machine", ">= 0.95x" if default and targets else "-")
+    return best
+
+
+def speed_ratios(ours: dict[str, float], theirs: dict[str, float] | str) -> str:
+    """'generation 1.01x (131 vs 130), prompt 0.98x (994 vs 1010) tokens/s', or our speeds where theirs crashed."""
+    if isinstance(theirs, str):
+        return f"generation {ours['generation']:.0f}, prompt {ours['prompt']:.0f} tokens/s; the other build {theirs}"
+    return ", ".join(f"{kind} {ours[kind] / theirs[kind]:.2f}x ({ours[kind]:.0f} vs {theirs[kind]:.0f})"
+                     for kind in ("generation", "prompt")) + " tokens/s"
 
 
 def tree_memory(root: int) -> tuple[int, int]:
@@ -284,7 +287,12 @@ def builds_at(shape: str, quants: list[str], tokens: int, repeat: int) -> None:
             files[f"{shape} {name}"] = Path(tmp) / gguf_io.gguf_filename("m", quant.value)
             gguf_io.quantize_gguf(f16, files[f"{shape} {name}"], quant)
         f16.unlink()
-        compare_builds(files, tokens, repeat, Path(tmp), targets=False)  # the demo's figures hold the target
+        best = compare_builds(files, tokens, repeat, Path(tmp), targets=False)  # the demo's figures hold the target
+    for name in files:  # what the AMX level gains over the level it replaces, on this CPU
+        amx, v4 = best.get(("x86-64-v4-amx", name)), best.get(("x86-64-v4", name))
+        if isinstance(amx, dict) and v4 is not None:
+            figure(f"llama.cpp x86-64-v4-amx over x86-64-v4, {name}", speed_ratios(amx, v4),
+                   "the x86-64-v4 build, same machine", "> 1x prompt")
 
 
 def main() -> None:

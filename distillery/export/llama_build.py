@@ -8,8 +8,8 @@ so the tiles are configured with no rows). So `just setup` builds it here instea
 
 - `x86-64-v4-amx` (the default where the CPU has AMX and every v4 flag): v4 plus AMX-INT8/BF16, with
   llama_amx_tile_config.patch applied to llama.cpp (the tile configuration a static constant): quantized weights
-  go to ggml's AMX buffer, and a Q8_0 prompt is read 1.9x (the demo model) to 2.9x (1.78B) faster than by
-  v4 (bench/export.py --builds-at);
+  go to ggml's AMX buffer, and a Q8_0 prompt is read 1.8x (the demo model) to 3x (1.78B) faster than by v4
+  (bench/export.py --builds-at);
 - `x86-64-v4` (the default on other CPUs with every one of its flags): v3 plus AVX-512 (F, CD, VL, DQ, BW, VBMI,
   VNNI, BF16), without AMX: on AVX-512 CPUs prompt processing runs at native speed;
 - `x86-64-v3` (the default elsewhere): AVX2, FMA, F16C, BMI2 and nothing newer: runs on every x86-64 CPU since
