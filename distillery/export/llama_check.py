@@ -6,7 +6,8 @@ llama.cpp crashed.
 Loads a small quantized GGUF (default: the bundled SmolLM2-135M Q4_1, whose quantized matmuls are the ones an
 unsuitable build crashes in) in a child process, decodes a prompt and a few tokens greedily, and prints what it
 got; the default model must answer "Paris" (a build that computes wrong numbers fails too). When the child
-crashes or fails: what failed, the CPU's relevant flags, the installed build and the remedy; exit code 1.
+crashes or fails: what failed, the CPU's relevant flags, the installed build and the remedy; exit code 1. A --gguf
+that is not a file is bad input: one line naming it, exit code 2.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from distillery.export.llama_build import REBUILD, describe_cpu, installed_build
 from distillery.export.llama_child import GGUFLoadError, LlamaChild, greedy_decode
 from distillery.core.errors import UserError
 from distillery.core.isolation import NativeCrash
+from distillery.core.userinput import require_file
 
 # The bundled model's ChatML; it continues with " Paris." at every quantization.
 PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nThe capital of France is"
@@ -43,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-remedy", action="store_true", help="on failure, leave out the remedy (setup's own "
                         "fallback to another build runs the check so)")
     args = parser.parse_args(argv)
+    if args.gguf is not None:
+        try:
+            require_file(args.gguf, "--gguf", "Pass the path of a .gguf file, e.g. one under runs/<name>/export/gguf/.")
+        except UserError as err:
+            print(f"llama.cpp self-check: {err}", file=sys.stderr)
+            return 2
     build = installed_build().get("profile", "not installed by `just setup`")
     try:
         from distillery.core.models import bundled_gguf

@@ -153,6 +153,16 @@ def test_the_self_check_says_what_failed_the_cpu_and_the_remedy(tmp_path: Path,
     assert "remedy" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("given", ["missing.gguf", "a-directory"])
+def test_a_gguf_that_is_not_a_file_is_bad_input_exit_2(tmp_path: Path, given: str,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a-directory").mkdir()
+    assert llama_check.main(["--gguf", str(tmp_path / given)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"llama.cpp self-check: --gguf: {tmp_path / given} ") and err.count("\n") == 1, err
+    assert "FAILED" not in err and "remedy" not in err  # nothing is wrong with the build
+
+
 def test_a_build_that_decodes_the_wrong_answer_fails_the_self_check(monkeypatch,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """A build that runs but computes wrong numbers (what a bad AMX kernel would do) is no better than a crash."""
