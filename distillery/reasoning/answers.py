@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from distillery.core.isolation import Child, ChildTimeout, limit_growth, plain
+from distillery.core.unseen import unseen_pattern
 
 MAX_CHARS = 4000  # of a reply, from its end: the final answer is there, and sympy's work grows with the text
 MAX_SPAN = 200  # characters of one extracted answer
@@ -57,6 +58,7 @@ STARTUP_TIMEOUT_S = 120.0  # starting the child and importing sympy, before the 
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 GSM_FINAL = re.compile(r"####[ \t]*([^\sA-Za-z#][^\n]*)")  # not a markdown heading (`#### Step 2`)
+INVISIBLE = unseen_pattern(keep="\t\n\r")  # control and zero-width characters; line breaks stay
 ANSWER_IS = re.compile(r"answer\s*(?:is|:|=)[\s*:]*([^\n]*)", re.IGNORECASE)
 SENTENCE_END = re.compile(r"[.;!?](?!\d)|,\s+(?=[A-Za-z])")
 LATEX_SPAN = re.compile(r"\\\[(.+?)\\\]|\\\((.+?)\\\)|\$\$(.+?)\$\$|\$([^$]*\\[A-Za-z][^$]*)\$", re.DOTALL)
@@ -105,10 +107,11 @@ def after_reasoning(text: str) -> str:
 
 
 def answer_region(text: str) -> str:
-    """What follows the reasoning (after_reasoning), at most its last MAX_CHARS characters. A typographic minus
-    (U+2212, as LaTeX-to-Unicode and some teachers write it) is read as "-": its number would otherwise lose the
-    sign."""
-    return after_reasoning(text)[-MAX_CHARS:].replace("\u2212", "-")
+    """What follows the reasoning (after_reasoning), at most its last MAX_CHARS characters, as a reader sees it:
+    a typographic minus (U+2212, as LaTeX-to-Unicode and some teachers write it) is "-" (its number would otherwise
+    lose the sign), and characters that show nothing (a zero-width space or a soft hyphen inside "1\u200b000") are
+    dropped, so the number is not read as two."""
+    return INVISIBLE.sub("", after_reasoning(text)[-MAX_CHARS:]).replace("\u2212", "-")
 
 
 # ---- finding the answer (plain regular expressions: cheap, safe in this process) ---------------------------------

@@ -59,6 +59,8 @@ def test_gsm_samples_the_reference_answer_and_a_reply_ending_in_it_are_right_and
     # what comes first: the reasoning is dropped, a markdown heading is not GSM's ####
     ("<think>it is 41</think>\nThe answer is 42.", "#### 42", "the answer is", "42"),
     ("#### Step 1\nAdd them up.\n#### Final answer\nThe answer is **5**.", "5", "the answer is", "5"),
+    ("The answer is 1\u200b000.", "#### 1000", "the answer is", "1000"),  # a zero-width space shows nothing
+    ("#### 12\u00ad345", "12,345", "####", "12345"),  # nor does a soft hyphen
 ])
 def test_answers_written_in_other_forms_are_equal(prediction: str, reference: str, how: str, predicted: str) -> None:
     check = check_math(prediction, reference)
