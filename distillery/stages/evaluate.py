@@ -14,6 +14,9 @@ Steps, in order:
    evaluate.heldout's bounds is marked as failing;
 5. write heldout.json, heldout_items.jsonl, heldout.png, results.json, per_item.jsonl, the MathQA comparison
    (comparison.md / .json / .png) and report.md, and print the tables.
+
+The stage is resumable: each artifact's scores are kept in the partial directory as it is done, and an
+interrupted evaluate (Ctrl-C, a kill, a GGUF that took the machine's memory) goes on from the next artifact.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +43,7 @@ from distillery.core.errors import UserError
 from distillery.core.summaries import read_finetune_summary
 from distillery.core.models import resolve_model_path
 from distillery.core.records import report_json, write_jsonl
+from distillery.core.rundir import atomic_write_text, sha256_json
 from distillery.stage import Stage, StageContext, StageResult
 
 log = logging.getLogger(__name__)
@@ -47,6 +52,7 @@ OUTPUTS = {"results": "results.json", "per_item": "per_item.jsonl", "comparison"
            "comparison_md": "comparison.md", "comparison_plot": "comparison.png", "heldout": "heldout.json",
            "heldout_items": "heldout_items.jsonl", "heldout_plot": "heldout.png", "report": "report.md"}
 KINDS = ("base", "adapter", "merged", "gguf")
+SCORED = "scored"  # in the partial directory: each artifact's scores as it is done (save_scored)
 
 
 def upstream(cfg: DistilleryConfig) -> tuple[str, ...]:
@@ -363,7 +369,12 @@ def run(ctx: StageContext) -> StageResult:
     with Progress(*columns, console=ctx.console) as bar:
         for artifact in artifacts:
             task = bar.add_task(f"evaluating {artifact.name}", total=work)
+            if restore_scored(ctx.out / SCORED, artifact, scores):  # scored before this run was interrupted
+                bar.update(task, completed=work)
+                ctx.console.print(f"{escape(artifact.name)}: scored before the stage was interrupted, kept")
+                continue
             score_one(ctx, artifact, held, mqa, scores, limits, lambda n, task=task: bar.advance(task, n))
+            save_scored(ctx.out / SCORED, artifact, scores)
     if not scores.results["artifacts"] and not scores.heldout:
         raise UserError("evaluate: no artifact could be scored: " + "; ".join(scores.results["errors"].values()))
     reference = heldout.quant_checks(scores.heldout, {a.name: a.kind for a in artifacts},
@@ -373,7 +384,52 @@ def run(ctx: StageContext) -> StageResult:
                                  "dropped_no_completion_token": held.dropped if held else 0, "reference": reference,
                                  "seconds": scores.heldout_seconds}
     write_outputs(ctx, scores.results, scores.per_item, scores.heldout, scores.heldout_items)
+    shutil.rmtree(ctx.out / SCORED, ignore_errors=True)
     return stage_result(scores.results, scores.heldout)
+
+
+def scored_path(directory: Path, artifact: Artifact) -> Path:
+    """Where one artifact's scores wait for the end of the stage; named by a digest, never by the artifact's name
+    (a GGUF's file name)."""
+    return directory / f"{sha256_json([artifact.kind, artifact.name])[:16]}.json"
+
+
+def artifact_scores(scores: Scores, name: str) -> dict[str, Any]:
+    """Everything scored of one artifact, as save_scored keeps it."""
+    return {"name": name, "heldout": scores.heldout.get(name), "heldout_seconds": scores.heldout_seconds.get(name),
+            "heldout_items": [row for row in scores.heldout_items if row["artifact"] == name],
+            "mathqa": scores.results["artifacts"].get(name), "per_item": [r for r in scores.per_item if r["artifact"] == name],
+            "seconds": scores.results.get("seconds", {}).get(name)}
+
+
+def save_scored(directory: Path, artifact: Artifact, scores: Scores) -> None:
+    """Keep an artifact's scores in the partial directory, so that an interrupted evaluate goes on from the next
+    artifact (the runner keeps that directory only while the config, the packages and every upstream artifact
+    are the ones it was scored with). An artifact that could not be scored is tried again."""
+    if artifact.name in scores.results["errors"]:
+        return
+    directory.mkdir(exist_ok=True)
+    # json.dumps, not report_json: a broken model's infinite loss must come back as the float it was
+    atomic_write_text(scored_path(directory, artifact), json.dumps(artifact_scores(scores, artifact.name)))
+
+
+def restore_scored(directory: Path, artifact: Artifact, scores: Scores) -> bool:
+    """Put back an artifact's scores saved by an interrupted run of this stage; False when there are none."""
+    try:
+        saved = json.loads(scored_path(directory, artifact).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none saved (written whole or not at all: atomic_write_text)
+        return False
+    if not isinstance(saved, dict) or saved.get("name") != artifact.name:
+        return False
+    name = artifact.name
+    if saved["heldout"] is not None:
+        scores.heldout[name], scores.heldout_seconds[name] = saved["heldout"], saved["heldout_seconds"]
+    if saved["mathqa"] is not None:
+        scores.results["artifacts"][name] = saved["mathqa"]
+    scores.heldout_items += saved["heldout_items"]
+    scores.per_item += saved["per_item"]
+    scores.results.setdefault("seconds", {})[name] = saved["seconds"]
+    return True
 
 
 def nothing_to_score(ev: EvaluateConfig) -> str:
@@ -446,4 +502,4 @@ def stage_result(results: dict[str, Any], scored_heldout: dict[str, Any]) -> Sta
 STAGE = Stage(name="evaluate", run=run, outputs=OUTPUTS, sections=("model", "evaluate"), upstream=upstream,
               packages=("torch", "transformers", "peft", "llama-cpp-python", "tokenizers", "sacrebleu", "math-verify",
                         "latex2sympy2_extended", "sympy"), input_files=input_files,
-              also_reads=("distill.sandbox", "format.max_length"))  # code_io verdicts; the scoring window
+              also_reads=("distill.sandbox", "format.max_length"), resumable=True)  # code_io verdicts; the scoring window

@@ -209,6 +209,47 @@ def test_a_gguf_llama_cpp_cannot_decode_is_reported_and_the_other_artifacts_kept
     assert ("not scored", "SmolLM2-135M-Instruct-Q4_1") in result.summary
 
 
+@pytest.mark.integration
+def test_an_interrupted_evaluate_goes_on_from_the_next_artifact(demo_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stage stopped while the merged model is scored (an out-of-memory error, say; the runner keeps a
+    resumable stage's partial directory on any failure): base and adapter were kept there, and the same call scores
+    only what is left; the outputs hold all four and the kept scores are not left among them."""
+    pytest.importorskip("llama_cpp")
+    from rich.console import Console
+
+    monkeypatch.chdir(demo_run.parent.parent)
+    config = {"run": {"name": "demo", "root": "runs"},
+              "ingest": {"sources": [{"name": "x", "kind": "hf", "files": "x.jsonl", "format": "messages"}]},
+              "evaluate": {"data": None, "heldout": {"generate": 1, "max_new_tokens": 4}}}
+    cfg = load_config_dict(config, demo_run.parent.parent)
+    out = demo_run / ".evaluate.resumed"
+    out.mkdir()
+    scored, stopped, score_one = [], [], evaluate.score_one
+
+    def interrupted_at_merged(ctx, artifact, *args) -> None:  # the first time only
+        if artifact.name == "merged" and "merged" not in stopped:
+            stopped.append("merged")
+            raise MemoryError("stopped here")
+        scored.append(artifact.name)
+        score_one(ctx, artifact, *args)
+
+    monkeypatch.setattr(evaluate, "score_one", interrupted_at_merged)
+    stage = lambda: evaluate.run(StageContext(cfg=cfg, run=RunDir("runs", "demo"), out=out,  # noqa: E731
+                                              console=Console(quiet=True)))
+    with pytest.raises(MemoryError):
+        stage()
+    assert scored == ["base", "adapter"] and len(list((out / evaluate.SCORED).iterdir())) == 2
+    kept = {json.loads(p.read_text())["name"]: json.loads(p.read_text()) for p in (out / evaluate.SCORED).iterdir()}
+    stage()
+    assert scored == ["base", "adapter", "merged", "SmolLM2-135M-Instruct-Q4_1"]
+    results = json.loads((out / "heldout.json").read_text())
+    assert list(results) == ["base", "adapter", "merged", "SmolLM2-135M-Instruct-Q4_1"]
+    assert results["base"] == kept["base"]["heldout"] and results["adapter"]["overall"] == kept["adapter"]["heldout"]["overall"]
+    rows = [json.loads(line) for line in (out / "heldout_items.jsonl").read_text().splitlines()]
+    assert [r["artifact"] for r in rows] == [name for name in results for _ in range(results[name]["overall"]["items"])]
+    assert not (out / evaluate.SCORED).exists() and evaluate.STAGE.resumable
+
+
 def check_heldout(out: Path, run: Path) -> None:
     """heldout.json: {artifact: {task: {...}}} for every artifact, the merged model's loss the direct computation."""
     import torch
