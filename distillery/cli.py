@@ -40,6 +40,13 @@ def execute(target: str | None, config: Path, sets: list[str] | None, force: boo
 
 
 def run_stages(cfg: Any, target: str | None, force: bool) -> None:
+    from distillery.core.rundir import RunDir
+
+    with RunDir(cfg.run.root, cfg.run.name).exclusive():
+        run_held_stages(cfg, target, force)
+
+
+def run_held_stages(cfg: Any, target: str | None, force: bool) -> None:
     names = pipeline_stages(cfg) if target is None else plan(target, cfg)
     rows = []
     started = time.time()

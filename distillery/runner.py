@@ -20,7 +20,8 @@ from typing import Any
 from distillery.config import DistilleryConfig, redact
 from distillery.core.console import console
 from distillery.core.errors import StageFailed, UserError
-from distillery.core.rundir import RunDir, atomic_write_text, describe_outputs, package_versions, sha256_file, sha256_json
+from distillery.core.rundir import (RunDir, atomic_write_text, describe_outputs, package_versions, sha256_file, sha256_json,
+                                    unwritable)
 from distillery.stage import STAGES, Stage, StageContext, StageResult, load_stage
 
 log = logging.getLogger(__name__)
@@ -199,8 +200,7 @@ def prepare_run_dir(run: RunDir, partial: Path, keep: bool, config_dump: dict) -
         partial.mkdir(parents=True, exist_ok=True)
         run.save_config(config_dump)
     except OSError as err:
-        raise UserError(f"cannot write the run directory {run.path} ({err.strerror or err}): set run.root to a "
-                        "directory you can write to.") from None
+        raise unwritable(run.path, err.strerror or str(err)) from None
 
 
 def record_failure(run: RunDir, stage: Stage, fp: str, inputs: dict, err: BaseException) -> None:

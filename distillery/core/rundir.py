@@ -11,6 +11,8 @@ later stage never reads a half-written artifact.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -18,9 +20,11 @@ import shutil
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
+
+from distillery.core.errors import UserError
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -74,12 +78,47 @@ def describe_outputs(directory: Path) -> dict[str, dict[str, Any]]:
     return outputs
 
 
+def unwritable(path: Path, reason: str) -> UserError:
+    return UserError(f"cannot write the run directory {path} ({reason}): set run.root to a directory you can write "
+                     "to.")
+
+
 class RunDir:
     """One run's directory and its manifest."""
 
     def __init__(self, root: Path | str, name: str):
         self.path = Path(root) / name
         self.manifest_path = self.path / "manifest.json"
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """The run directory held by this process while it runs stages in it: a second distillery command on the
+        same run (another terminal, a scheduler's retry) would delete the partial directory this one writes, or
+        publish its own over it. A flock on the directory itself: the kernel lets go when the process ends, however
+        it ends, so no stale lock is ever left; a run directory this made is removed again if nothing was written."""
+        import fcntl
+
+        created = [p for p in (self.path, *self.path.parents) if not p.exists()]  # deepest first
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except FileExistsError:  # a file where the directory goes
+            raise unwritable(self.path, os.strerror(errno.ENOTDIR)) from None
+        except OSError as err:
+            raise unwritable(self.path, err.strerror or str(err)) from None
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(f"the run directory {self.path} is in use by another distillery command, still "
+                                "running: wait for it to finish, or give this one a run of its own "
+                                "(--set run.name=...).") from None
+            yield
+        finally:
+            os.close(handle)
+            with contextlib.suppress(OSError):  # only while empty: a command that wrote nothing leaves nothing
+                for directory in created:
+                    directory.rmdir()
 
     def stage_dir(self, stage: str) -> Path:
         """Where a finished stage's artifacts live."""

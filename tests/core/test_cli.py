@@ -263,3 +263,46 @@ def test_ctrl_c_in_a_stage_is_recorded_as_interrupted_and_exits_130(tmp_path: Pa
     assert result.output.strip().splitlines()[-1].startswith("interrupted: finished stages are kept")
     entry = json.loads((tmp_path / "runs" / "t" / "manifest.json").read_text())["stages"]["ingest"]
     assert entry["status"] == "interrupted" and "error" not in entry
+
+
+def test_a_second_command_on_a_run_in_use_is_refused_and_the_first_keeps_its_files(tmp_path: Path) -> None:
+    """Two commands on one run: the second would delete the partial directory the first writes (or publish over
+    it). While another process holds the run it is refused, exit 2, nothing of the run touched; the hold ends with
+    its process, however it ends (here kill -9), and the same command then runs."""
+    import fcntl
+    import os
+    import signal
+
+    config = toy_project(tmp_path)
+    assert distillery(tmp_path, "ingest", "-c", str(config)).returncode == 0
+    before = tree(tmp_path / "runs")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               "fd = os.open(sys.argv[1], os.O_RDONLY)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
+                               "print('held', flush=True)\ntime.sleep(300)\n", str(tmp_path / "runs" / "t")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert_refused(distillery(tmp_path, "ingest", "-c", str(config), "--force"),
+                       r"the run directory runs/t is in use by another distillery command, still running: wait for "
+                       r"it to finish, or give this one a run of its own \(--set run.name=...\)")
+        assert tree(tmp_path / "runs") == before
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert distillery(tmp_path, "ingest", "-c", str(config), "--force").returncode == 0
+    fd = os.open(tmp_path / "runs" / "t", os.O_RDONLY)  # and the command let go when it ended
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(fd)
+
+
+
+def test_a_run_directory_held_by_a_command_that_wrote_nothing_is_not_left_behind(tmp_path: Path) -> None:
+    from distillery.core.rundir import RunDir
+
+    with RunDir(tmp_path / "runs" / "nested", "t").exclusive():
+        assert (tmp_path / "runs" / "nested" / "t").is_dir()
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    with RunDir(tmp_path / "kept", "t").exclusive():
+        (tmp_path / "kept" / "t" / "config.yaml").write_text("run: {}\n")
+    assert (tmp_path / "kept" / "t" / "config.yaml").is_file()
