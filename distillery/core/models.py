@@ -173,5 +173,9 @@ def smollm2_from_gguf(gguf_path: Path, out: Path) -> None:
 if __name__ == "__main__":  # `just setup`: the demo model materialised with the install, not in the first demo
     import sys
 
-    for bundled in sys.argv[1:]:
-        print(f"bundled model {bundled}: {materialize_bundled(bundled)}")
+    try:
+        for bundled in sys.argv[1:]:
+            print(f"bundled model {bundled}: {resolve_model_path('bundled:' + bundled, 'bundled model')}")
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -16,15 +16,10 @@ from typing import Any, Callable
 from distillery.evals.gguf_answers import Answers, submit
 from distillery.evals.scoring import Request
 from distillery.export.verify import log_softmax
-from distillery.export.llama_child import GGUFDecodeError, GGUFLoadError, LlamaChild, decode_failure
+from distillery.export.llama_child import GGUFDecodeError, GGUFLoadError, LlamaChild, decode_failure, has_gguf_magic
 from distillery.training.tokens import common_prefix
 
 __all__ = ["GGUFDecodeError", "GGUFLoadError", "GGUFModel", "decode", "log_softmax_rows"]
-
-
-def has_gguf_magic(path: Path) -> bool:
-    with open(path, "rb") as handle:
-        return handle.read(4) == b"GGUF"
 
 
 ANSWERS_AT_ONCE = 8  # sequences generated side by side (Answers); more samples of an item take turns

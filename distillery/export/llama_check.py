@@ -7,7 +7,7 @@ Loads a small quantized GGUF (default: the bundled SmolLM2-135M Q4_1, whose quan
 unsuitable build crashes in) in a child process, decodes a prompt and a few tokens greedily, and prints what it
 got; the default model must answer "Paris" (a build that computes wrong numbers fails too). When the child
 crashes or fails: what failed, the CPU's relevant flags, the installed build and the remedy; exit code 1. A --gguf
-that is not a file is bad input: one line naming it, exit code 2.
+that is not a file, or not a GGUF, is bad input: one line naming it, exit code 2.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from distillery.export.llama_build import REBUILD, describe_cpu, installed_build
-from distillery.export.llama_child import GGUFLoadError, LlamaChild, greedy_decode
+from distillery.export.llama_child import GGUFLoadError, LlamaChild, greedy_decode, has_gguf_magic
 from distillery.core.errors import UserError
 from distillery.core.isolation import NativeCrash
 from distillery.core.userinput import require_file
@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.gguf is not None:
         try:
             require_file(args.gguf, "--gguf", "Pass the path of a .gguf file, e.g. one under runs/<name>/export/gguf/.")
+            if not has_gguf_magic(args.gguf):
+                raise UserError(f"--gguf: {args.gguf} is not a GGUF file (it does not start with the GGUF magic "
+                                "bytes). Pass the path of a .gguf file, e.g. one under runs/<name>/export/gguf/.")
         except UserError as err:
             print(f"llama.cpp self-check: {err}", file=sys.stderr)
             return 2

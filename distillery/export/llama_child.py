@@ -43,6 +43,11 @@ def decode_failure(code: int, llm: Any, tokens: int, first: int) -> GGUFDecodeEr
                            + why.format(n_ctx=len(llm.input_ids), n_vocab=llm.n_vocab(), code=code))
 
 
+def has_gguf_magic(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"GGUF"
+
+
 def crash_hint() -> str:
     """What to try after llama.cpp crashed: check the runtime on this CPU, then rebuild or suspect the file."""
     from distillery.export.llama_build import REBUILD, describe_cpu, installed_build

@@ -394,6 +394,9 @@ def scored_path(directory: Path, artifact: Artifact) -> Path:
     return directory / f"{sha256_json([artifact.kind, artifact.name])[:16]}.json"
 
 
+SAVED_KEYS = {"name", "heldout", "heldout_seconds", "heldout_items", "mathqa", "per_item", "seconds"}
+
+
 def artifact_scores(scores: Scores, name: str) -> dict[str, Any]:
     """Everything scored of one artifact, as save_scored keeps it."""
     return {"name": name, "heldout": scores.heldout.get(name), "heldout_seconds": scores.heldout_seconds.get(name),
@@ -419,8 +422,9 @@ def restore_scored(directory: Path, artifact: Artifact, scores: Scores) -> bool:
         saved = json.loads(scored_path(directory, artifact).read_text(encoding="utf-8"))
     except (OSError, ValueError):  # none saved (written whole or not at all: atomic_write_text)
         return False
-    if not isinstance(saved, dict) or saved.get("name") != artifact.name:
-        return False
+    if not (isinstance(saved, dict) and saved.get("name") == artifact.name and SAVED_KEYS <= saved.keys()
+            and isinstance(saved["heldout_items"], list) and isinstance(saved["per_item"], list)):
+        return False  # not what save_scored wrote: scored again
     name = artifact.name
     if saved["heldout"] is not None:
         scores.heldout[name], scores.heldout_seconds[name] = saved["heldout"], saved["heldout_seconds"]

@@ -153,10 +153,12 @@ def test_the_self_check_says_what_failed_the_cpu_and_the_remedy(tmp_path: Path,
     assert "remedy" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("given", ["missing.gguf", "a-directory"])
+@pytest.mark.parametrize("given", ["missing.gguf", "a-directory", "notes.txt", "empty.gguf"])
 def test_a_gguf_that_is_not_a_file_is_bad_input_exit_2(tmp_path: Path, given: str,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "a-directory").mkdir()
+    (tmp_path / "notes.txt").write_text("not a model\n")
+    (tmp_path / "empty.gguf").write_bytes(b"")
     assert llama_check.main(["--gguf", str(tmp_path / given)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"llama.cpp self-check: --gguf: {tmp_path / given} ") and err.count("\n") == 1, err
