@@ -28,6 +28,7 @@ from distillery.core.userinput import require_file
 PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nThe capital of France is"
 EXPECTED = "Paris"
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+GGUF_HINT = "Pass the path of a .gguf file, e.g. one under runs/<name>/export/gguf/."
 
 
 def check(path: Path, prompt: str = PROMPT, tokens: int = 3) -> dict[str, Any]:
@@ -47,10 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.gguf is not None:
         try:
-            require_file(args.gguf, "--gguf", "Pass the path of a .gguf file, e.g. one under runs/<name>/export/gguf/.")
+            require_file(args.gguf, "--gguf", GGUF_HINT)
             if not has_gguf_magic(args.gguf):
                 raise UserError(f"--gguf: {args.gguf} is not a GGUF file (it does not start with the GGUF magic "
-                                "bytes). Pass the path of a .gguf file, e.g. one under runs/<name>/export/gguf/.")
+                                f"bytes). {GGUF_HINT}")
         except UserError as err:
             print(f"llama.cpp self-check: {err}", file=sys.stderr)
             return 2
