@@ -315,7 +315,9 @@ def interpret(returncode: int, stdout: bytes, stderr: bytes, stopped: str, nonce
     result = SandboxResult(status="error", stdout=clean_text(printed.rstrip()), stderr=clean_text(err),
                            network=network, files=files, unix_sockets=syscalls, keyring=keyring,
                            processes=processes)
-    if f"{nonce} refused" in stderr.decode("utf-8", "replace").splitlines():
+    # The runner's refusal comes before any code, with "-" for the layers it never built; the code itself can find
+    # the nonce in its interpreter and print a refusal of its own, which must not pass for the machine's.
+    if syscalls == "-" and f"{nonce} refused" in stderr.decode("utf-8", "replace").splitlines():
         result.status, result.message = "refused", NO_WALLS
     elif stopped == "timeout":
         result.status, result.message = "timeout", f"did not finish within {limits.timeout_s:g} s (killed)"

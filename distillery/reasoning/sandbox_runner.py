@@ -17,8 +17,10 @@ nonce), then, before any untrusted line runs:
 3. resource limits: CPU seconds, address space, file size, open files, no core dumps, process count;
 4. imports the modules the code names while it may still read every file of the runtime;
 5. its own empty session keyring (root's keys are not inherited), then, when started as root, a throw-away
-   uid/gid with no groups;
-6. a seccomp filter (`SYSCALLS`, `DENIED`): no sockets of any family, no io_uring, no new namespaces, no
+   uid/gid with no groups; no capabilities, none in the bounding set (in a user namespace the code would
+   otherwise hold every capability inside it);
+6. a seccomp filter (`SYSCALLS`, `DENIED`, `FIRST_UNVETTED`): no sockets of any family, no io_uring, no new
+   namespaces, no
    mounts, no keyrings, no kernel log, no userfaultfd, perf_event_open, bpf, ptrace or module loading, and no
    memory that no process maps (memfd_create, System V shared memory and message queues: the watchdog, which
    sums what processes map, never saw it);
@@ -242,6 +244,29 @@ def drop_privileges(uid: int) -> None:
     os.setuid(uid)
 
 
+PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 47, 4
+CAPABILITY_VERSION_3 = 0x20080522
+
+
+def empty_bounding_set() -> None:
+    """No capability can come back, not even through executing a program as (namespace) root. Needs CAP_SETPCAP,
+    which a process without capabilities does not have and does not need this for; so failures are ignored."""
+    c = libc()
+    for capability in range(64):
+        if c.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) < 0 and ctypes.get_errno() == errno.EINVAL:
+            return  # past the kernel's last capability
+
+
+def drop_capabilities() -> None:
+    """Clear every capability this process holds. In a user namespace the code would otherwise keep all of them
+    inside it (CAP_SYS_ADMIN among them): enough to clone the read-only runtime mounts writable with a mount call
+    newer than the seccomp list (open_tree_attr, Linux 6.15) and write into the host's files."""
+    c = libc()
+    header = (ctypes.c_uint32 * 2)(CAPABILITY_VERSION_3, 0)
+    checked(c.capset(header, (ctypes.c_uint32 * 6)()), "capset")  # effective, permitted, inheritable: all empty
+    c.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+
+
 # ---- 6. seccomp ---------------------------------------------------------------------------------------------
 
 # name: (x86_64, aarch64) numbers, from the kernel's unistd headers.
@@ -269,6 +294,10 @@ DENIED = {name: errno.EPERM for name in SYSCALLS if name != "clone"}
 # tells the filter's refusal from the kernel's own EPERM where the sysctl already restricts it.
 DENIED.update(socket=errno.EACCES, socketpair=errno.EACCES, clone3=errno.ENOSYS, syslog=errno.ENOSYS)
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+# Calls from statmount/listmount (Linux 6.8) on, the same numbers on both architectures, get ENOSYS: what a kernel
+# without them answers, so libraries fall back. New mount calls keep coming (open_tree_attr, 6.15, clones a mount
+# with its read-only flag cleared), and a list of refusals only knows the calls that existed when it was written.
+FIRST_UNVETTED = 457
 
 
 class SockFilter(ctypes.Structure):
@@ -280,13 +309,14 @@ class SockFprog(ctypes.Structure):
 
 
 def seccomp_program(machine: str) -> list[tuple[int, int, int, int]]:
-    """The BPF program: kill on a foreign architecture or the x32 ABI, an errno for each DENIED call, EPERM for
-    clone with a namespace flag, allow the rest."""
+    """The BPF program: kill on a foreign architecture or the x32 ABI, ENOSYS from FIRST_UNVETTED on, an errno for
+    each DENIED call, EPERM for clone with a namespace flag, allow the rest."""
     column = 0 if machine == "x86_64" else 1
     load, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, JMP|JEQ|K, JMP|JGE|K, JMP|JSET|K, RET|K
     allow, kill = 0x7FFF0000, 0x80000000  # SECCOMP_RET_ALLOW, SECCOMP_RET_KILL_PROCESS
     program = [(load, 0, 0, 4), (jeq, 1, 0, AUDIT_ARCH[machine]), (ret, 0, 0, kill),  # seccomp_data.arch
-               (load, 0, 0, 0), (jge, 0, 1, 0x40000000), (ret, 0, 0, kill)]  # seccomp_data.nr; x32 calls
+               (load, 0, 0, 0), (jge, 0, 1, 0x40000000), (ret, 0, 0, kill),  # seccomp_data.nr; x32 calls
+               (jge, 0, 1, FIRST_UNVETTED), (ret, 0, 0, 0x00050000 | errno.ENOSYS)]
     for name, error in DENIED.items():
         program += [(jeq, 0, 1, SYSCALLS[name][column]), (ret, 0, 0, 0x00050000 | error)]  # SECCOMP_RET_ERRNO
     program += [(jeq, 0, 3, SYSCALLS["clone"][column]), (load, 0, 0, 16),  # clone's flags: args[0], low half
@@ -402,8 +432,10 @@ def main() -> None:
     set_limits(limits)
     preimport(job["code"])
     keyring = own_session_keyring()
+    empty_bounding_set()
     if uid is not None:
         drop_privileges(uid)
+    drop_capabilities()
     syscalls = install_seccomp()
     install_guard(root)
     print(f"{job['nonce']} isolation {network} {files} {syscalls} {keyring} {processes}", file=sys.stderr, flush=True)

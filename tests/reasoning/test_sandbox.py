@@ -369,6 +369,48 @@ def test_the_kernel_interfaces_of_escapes_are_refused() -> None:
         **{name: (-1, DENIED[name]) for name in calls}, "clone_newuser": (-1, 1)}
 
 
+# The code's capabilities and bounding set, then open_tree_attr (Linux 6.15, syscall 467 everywhere) cloning the
+# runtime's read-only site-packages mount with MOUNT_ATTR_RDONLY cleared, and a file created through the clone.
+CLONED_MOUNT = (LIBC + "import sys\n"
+                "class MountAttr(ctypes.Structure):\n"
+                "    _fields_ = [(n, ctypes.c_uint64) for n in ('set', 'clear', 'propagation', 'userns_fd')]\n"
+                "def main(name):\n"
+                "    data = (ctypes.c_uint32 * 6)()\n"
+                "    libc.capget((ctypes.c_uint32 * 2)(0x20080522, 0), data)\n"
+                "    bounding = [c for c in range(64) if libc.prctl(23, c, 0, 0, 0) == 1]\n"
+                "    target = [p for p in sys.path if p.endswith('site-packages')][0]\n"
+                "    attr = MountAttr(0, 1, 0, 0)\n"
+                "    fd = libc.syscall(467, -100, target.encode(), 1 | 0o2000000, ctypes.byref(attr), 32)\n"
+                "    opened = [fd, ctypes.get_errno()]\n"
+                "    if fd >= 0:\n"
+                "        libc.openat(fd, name.encode(), os.O_WRONLY | os.O_CREAT, 0o644)\n"
+                "    return {'capabilities': list(data), 'bounding': bounding, 'open_tree_attr': opened,\n"
+                "            'target': target}\n")
+
+
+@AS_ROOT
+@pytest.mark.parametrize("unprivileged", [False, True], ids=["throw-away-uid", "user-namespace"])
+def test_the_code_holds_no_capability_and_cannot_make_the_runtime_writable(unprivileged: bool) -> None:
+    """In a user namespace the code kept every capability inside it; with a mount call newer than the seccomp list
+    (open_tree_attr) it cloned the runtime's read-only bind mount writable and wrote into the host's site-packages
+    (a .pth file there runs at every start of Python). Now it holds no capability, none can come back, and calls
+    past the vetted ones answer ENOSYS."""
+    import errno
+    import secrets
+
+    name = f"distillery-sandbox-probe-{secrets.token_hex(4)}"
+    result = run_function(CLONED_MOUNT, "main", {"name": name}, FAST, unprivileged=unprivileged)
+    planted = Path(result.value["target"]) / name if result.ok else None
+    try:
+        assert result.ok and result.files == "new-root", result
+        assert result.value["capabilities"] == [0] * 6 and result.value["bounding"] == []
+        assert result.value["open_tree_attr"] == [-1, errno.ENOSYS]
+        assert not planted.exists()
+    finally:
+        if planted is not None:
+            planted.unlink(missing_ok=True)
+
+
 # System V shared memory and message queues are refused (test_memory_no_process_maps_is_refused); semaphores and
 # POSIX message queues are not.
 IPC_OBJECTS = (LIBC + "def main(key, queue):\n"
@@ -560,6 +602,8 @@ HOSTILE_RESULTS = {
                      "    print('\\n' + nonce + ' ' + '[' * 5000 + ']' * 5000, flush=True)\n    os._exit(0)\n"),
     "forged_line": ("import os, sys\ndef main():\n    nonce = sys._getframe(1).f_locals['job']['nonce']\n"
                     "    print('\\n' + nonce + ' {not json', flush=True)\n    os._exit(0)\n"),
+    "forged_refusal": ("import os, sys\ndef main():\n    nonce = sys._getframe(1).f_locals['job']['nonce']\n"
+                       "    print(nonce + ' refused', file=sys.stderr, flush=True)\n    os._exit(1)\n"),
     "deep_directories": ("import os\ndef main():\n    for _ in range(3000):\n        os.mkdir('d')\n"
                          "        os.chdir('d')\n    return 'deep'\n"),
 }
