@@ -58,7 +58,7 @@ def run_held_stages(cfg: Any, target: str | None, force: bool) -> None:
         rows.append((name, status, f"{seconds:.1f}s", artifacts, headline))
     console.print(summary_table(f"run {cfg.run.name} ({time.time() - started:.1f}s)", rows,
                                 ("stage", "status", "time", "artifacts", "result")))
-    if target is None and "evaluate" in names:
+    if "evaluate" in names:
         show_heldout(cfg)
     if target is None and "export" in names:
         from distillery.commands.chat import answer_held_out
@@ -67,7 +67,8 @@ def run_held_stages(cfg: Any, target: str | None, force: bool) -> None:
 
 
 def show_heldout(cfg: Any) -> None:
-    """The end of `distillery run`: what fine-tuning changed on the held-out data, per task and artifact."""
+    """The end of `distillery run` and `distillery evaluate`: what fine-tuning changed on the held-out data, per task
+    and artifact, with the chart where the finished stage keeps it."""
     import json
 
     from distillery.core.rundir import RunDir

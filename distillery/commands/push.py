@@ -235,8 +235,14 @@ def print_plan(console, plan: list[dict[str, Any]], card_path: Path, repo_id: st
 
 
 def push(cfg: DistilleryConfig, console, dry_run: bool = False) -> dict[str, Any]:
-    """Plan, write the card, and (unless dry_run) upload. Returns the plan and what happened."""
+    """Plan, write the card, and (unless dry_run) upload. Returns the plan and what happened. The run is held as a
+    stage command holds it: push records itself in the manifest, and a re-export would swap the files it uploads."""
     run = RunDir(cfg.run.root, cfg.run.name)
+    with run.exclusive():
+        return push_held(cfg, run, console, dry_run)
+
+
+def push_held(cfg: DistilleryConfig, run: RunDir, console, dry_run: bool) -> dict[str, Any]:
     export_dir(run)
     repo_id = cfg.push.repo_id or "<push.repo_id>"
     plan = upload_plan(cfg, run)

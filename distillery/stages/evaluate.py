@@ -456,7 +456,6 @@ def write_outputs(ctx: StageContext, results: dict[str, Any], per_item: list[dic
         report.save_heldout_chart(scored_heldout, out["heldout_plot"])
         bounds = {"loss": ho.max_quant_loss_increase, "drop": ho.max_quant_drop}
         lines += report.render_heldout_markdown(scored_heldout, results["heldout"]["reference"], bounds) + [""]
-        print_heldout(ctx.console, scored_heldout, ctx.run.stage_dir("evaluate") / OUTPUTS["heldout_plot"])
     out["results"].write_text(report_json(results), encoding="utf-8")
     write_jsonl(out["per_item"], per_item)
     rows = report.comparison_rows(results) if results["artifacts"] else []
@@ -477,7 +476,8 @@ def write_outputs(ctx: StageContext, results: dict[str, Any], per_item: list[dic
 
 
 def print_heldout(console: Any, scored_heldout: dict[str, Any], chart: Path) -> None:
-    """The held-out table: one row per task, one column per artifact (also what `distillery run` ends with)."""
+    """The held-out table: one row per task, one column per artifact. The command that ran evaluate prints it once,
+    after its summary table (cli.show_heldout), not the stage, so `distillery run` ends with it."""
     headers, rows = report.heldout_rows(scored_heldout)
     console.print(summary_table("held-out data: loss per completion token · the task's metric", rows, headers))
     console.print(f"chart: {chart}")

@@ -267,7 +267,7 @@ def test_ctrl_c_in_a_stage_is_recorded_as_interrupted_and_exits_130(tmp_path: Pa
 
 def test_a_second_command_on_a_run_in_use_is_refused_and_the_first_keeps_its_files(tmp_path: Path) -> None:
     """Two commands on one run: the second would delete the partial directory the first writes (or publish over
-    it). While another process holds the run it is refused, exit 2, nothing of the run touched; the hold ends with
+    it, or lose the first's manifest entry). While another process holds the run it is refused (push too), exit 2, nothing of the run touched; the hold ends with
     its process, however it ends (here kill -9), and the same command then runs."""
     import fcntl
     import os
@@ -285,6 +285,8 @@ def test_a_second_command_on_a_run_in_use_is_refused_and_the_first_keeps_its_fil
         assert_refused(distillery(tmp_path, "ingest", "-c", str(config), "--force"),
                        r"the run directory runs/t is in use by another distillery command, still running: wait for "
                        r"it to finish, or give this one a run of its own \(--set run.name=...\)")
+        assert_refused(distillery(tmp_path, "push", "--dry-run", "-c", str(config)),  # push writes the manifest too
+                       r"the run directory runs/t is in use by another distillery command")
         assert tree(tmp_path / "runs") == before
     finally:
         os.kill(holder.pid, signal.SIGKILL)

@@ -354,18 +354,28 @@ def test_a_few_shot_source_that_cannot_be_read_is_named_by_its_own_setting(proje
             evaluate.load_data(cfg.evaluate)
 
 
-def test_the_held_out_chart_is_named_where_the_finished_stage_keeps_it(project: Path) -> None:
-    """The table's 'chart:' line named .evaluate.partial/heldout.png, which is renamed away when the stage ends."""
+def test_the_held_out_table_is_printed_once_by_the_command_with_the_chart_where_the_stage_keeps_it(
+        project: Path, monkeypatch) -> None:
+    """`just demo` printed the held-out table twice, from the stage and again at the end of the run. The stage now
+    prints none; the command prints it after its summary, naming the chart in the finished stage's directory (the
+    table's 'chart:' line once named .evaluate.partial/heldout.png, which is renamed away when the stage ends)."""
     from rich.console import Console
+
+    from distillery import cli
 
     cfg = heldout_only(project)
     run = RunDir("runs", "t")
-    console = Console(record=True, width=300)
+    stage_console, command_console = Console(record=True, width=300), Console(record=True, width=300)
     out = run.partial_dir("evaluate")
     out.mkdir(parents=True)
-    evaluate.run(StageContext(cfg=cfg, run=run, out=out, console=console))
-    assert (out / "heldout.png").is_file()
-    assert f"chart: {run.stage_dir('evaluate') / 'heldout.png'}" in console.export_text()
+    evaluate.run(StageContext(cfg=cfg, run=run, out=out, console=stage_console))
+    assert "held-out data" not in stage_console.export_text()
+    out.rename(run.stage_dir("evaluate"))
+    monkeypatch.setattr(cli, "console", command_console)
+    cli.show_heldout(cfg)
+    printed = command_console.export_text()
+    assert printed.count("held-out data: loss per completion token") == 1 and "overall (2)" in printed
+    assert f"chart: {run.stage_dir('evaluate') / 'heldout.png'}" in printed
 
 
 def heldout_only(project: Path, *overrides: str):
