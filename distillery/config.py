@@ -58,6 +58,11 @@ class RunConfig(Section):
     @field_validator("root")
     @classmethod
     def _root_is_a_directory(cls, root: str) -> str:
+        if "\0" in root:
+            raise ValueError("holds a null byte, which no path can: set run.root to a directory")
+        if any(len(part.encode("utf-8", "surrogateescape")) > 255 for part in Path(root).parts):
+            raise ValueError("has a name longer than 255 bytes, which file systems do not take: set run.root to a "
+                             "directory with shorter names")
         existing = nearest_existing(Path(root))
         if not existing.is_dir():
             raise ValueError(f"{existing} is a file, not a directory; set run.root to a directory (it is created "

@@ -34,7 +34,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from distillery.sources.files import resolve_paths
 from distillery.sources.registry import Source, SourceParams, SourceReport
@@ -61,6 +61,15 @@ class AIHubExcelParams(SourceParams):
     instruction_en_ko: str = Field("Translate the following English text into Korean.\n\n{text}", description="User prompt for en->ko.")
     header_search_rows: int = Field(20, ge=1, description="How many top rows to search for the header row.")
     max_unpacked_mb: int = Field(2048, ge=1, description="Refuse a workbook whose contents unpack to more than this many MB; reading one takes up to about 4 times as much memory.")
+
+    @field_validator("target_column")
+    @classmethod
+    def _another_column(cls, target: str, info: ValidationInfo) -> str:
+        if name_key(target) == name_key(info.data.get("source_column", "")):
+            raise ValueError(f"is the same column as source_column ({target!r}): every record would translate a "
+                             "sentence into itself. Set source_column to the Korean column and target_column to the "
+                             "English one")
+        return target
 
 
 def sheet_label(sheet: SheetInfo) -> str:

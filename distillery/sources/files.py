@@ -29,23 +29,54 @@ def resolve_paths(spec: str | list[str], suffixes: tuple[str, ...], field: str) 
     files: list[Path] = []
     for item in specs:
         path = Path(item).expanduser()
-        if any(ch in item for ch in "*?["):
+        kind = existing_kind(path, item, field)
+        if kind == "file":  # first: a real name may hold glob characters ("[AI-Hub] 1_구어체.xlsx")
+            files.append(path)
+        elif kind is None and any(ch in item for ch in "*?["):
             matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True)
                              if Path(m).is_file() and Path(m).suffix.lower() in suffixes and not is_junk(Path(m)))
             if not matches:
                 raise UserError(f"{field}: the pattern {item!r} matches no {'/'.join(suffixes)} file. Check the path "
                                 f"(relative to {Path.cwd()}).")
             files.extend(matches)
-        elif path.is_dir():
+        elif kind == "directory":
             matches = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes and not is_junk(p))
             if not matches:
                 raise UserError(f"{field}: the directory {item} holds no {'/'.join(suffixes)} file.")
             files.extend(matches)
-        elif path.is_file():
-            files.append(path)
         else:
             raise missing_path(item, path, field)
     return once_each(files)
+
+
+def existing_kind(path: Path, item: str, field: str) -> str | None:
+    """"file", "directory" or None (nothing there); a path the system cannot even look up is the user's to fix."""
+    if "\0" in item:
+        raise UserError(f"{field}: {item!r} holds a null byte, which no path can. Check the path.")
+    try:
+        return "file" if path.is_file() else "directory" if path.is_dir() else None
+    except (OSError, ValueError) as err:  # a name too long, a NUL byte
+        reason = getattr(err, "strerror", None) or str(err)
+        raise UserError(f"{field}: {item!r} is not a usable path ({reason}). Check the path.") from None
+
+
+def walked_folder(item: str) -> Path | None:
+    """The folder below which a spec item takes every file, now and whenever it is read again: a directory, or
+    the fixed part of a `**` glob; None for a file or a one-level glob."""
+    path = Path(item).expanduser()
+    if "**" in item:
+        fixed = []
+        for part in path.parts:
+            if glob.has_magic(part):
+                break
+            fixed.append(part)
+        return Path(*fixed) if fixed else Path(".")
+    return path if path.is_dir() else None
+
+
+def inside(path: Path, directory: Path) -> bool:
+    """Whether `path` (followed through symbolic links) lies in `directory`."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(directory))
 
 
 def once_each(files: list[Path]) -> list[Path]:

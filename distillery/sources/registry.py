@@ -22,7 +22,7 @@ class SourceParams(BaseModel):
 
     name: str = Field(description="Name of this source in the config; becomes `record.source`.")
     max_records: int | None = Field(None, ge=1, description="Keep at most this many records (a seeded sample).")
-    weight: float = Field(1.0, gt=0, description="Repeat factor for the train split: 0.5 keeps half, 2 doubles.")
+    weight: float = Field(1.0, gt=0, le=100, description="Repeat factor for the train split: 0.5 keeps half, 2 doubles (at most 100).")
 
 
 @dataclass

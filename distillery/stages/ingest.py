@@ -24,16 +24,18 @@ from collections import Counter
 from pathlib import Path
 from typing import BinaryIO
 
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from distillery.sources import SOURCES, SourceReport
-from distillery.sources.files import resolve_paths
+from distillery.sources.files import inside, resolve_paths, walked_folder
 from distillery.sources.shards import (Shard, SourceRows, input_bytes, merge_reports, plan_units, rank, read_units,
                                        worker_count)
 from distillery.config import DistilleryConfig
 from distillery.core.console import markdown_table, summary_table
 from distillery.core.errors import UserError
 from distillery.core.records import load_json_line, write_jsonl
+from distillery.core.rundir import RunDir
 from distillery.evals.decontaminate import (EvaluationSet, Index, Sizes, against_files, against_set,
                                             evaluate_data_files, evaluate_data_set, find_contaminated, record_texts)
 from distillery.stage import Stage, StageContext, StageResult
@@ -51,10 +53,27 @@ def input_files(cfg: DistilleryConfig) -> list[Path]:
         kind = SOURCES[source.kind]
         spec = getattr(source, kind.files_field, None)
         if spec:
-            files.extend(resolve_paths(spec, kind.suffixes, f"ingest.sources.{i}.{kind.files_field} ({source.name})"))
+            field = f"ingest.sources.{i}.{kind.files_field} ({source.name})"
+            files.extend(refuse_own_run(spec, resolve_paths(spec, kind.suffixes, field), field, cfg))
     if cfg.ingest.decontaminate.enabled:  # the evaluation sets: a changed test file redoes the check
         files.extend(evaluate_data_files(cfg.evaluate.data, cfg.evaluate.split)[0])
         files.extend(against_files(cfg.ingest.decontaminate.against))
+    return files
+
+
+def refuse_own_run(spec: str | list[str], files: list[Path], field: str, cfg: DistilleryConfig) -> list[Path]:
+    """A source that reaches this run's own directory would read back what ingest writes there: a folder like `.`
+    that holds runs/ is walked again by its reader while the shards are being written, without end."""
+    run = RunDir(cfg.run.root, cfg.run.name).path
+    folders = [folder for item in ([spec] if isinstance(spec, str) else spec) if (folder := walked_folder(item))]
+    holding = next((folder for folder in folders if inside(run, folder)), None)
+    if holding is not None:
+        raise UserError(f"{field}: the folder {holding} holds this run's own directory {run}, which ingest writes "
+                        "into: it would read back its own output. Point the source at your data folder (e.g. data/).")
+    ours = next((path for path in files if inside(path, run)), None)
+    if ours is not None:
+        raise UserError(f"{field}: {ours} is in this run's own directory {run}, which ingest writes into: copy it "
+                        "elsewhere first.")
     return files
 
 
@@ -66,7 +85,7 @@ def read_sources(cfg: DistilleryConfig, console, directory: Path) -> list[tuple[
     workers = worker_count(cfg.ingest.workers, units, input_bytes(units))
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bars:
-        tasks = [bars.add_task(f"{source.name} ({source.kind})", total=None) for source in sources]
+        tasks = [bars.add_task(escape(f"{source.name} ({source.kind})"), total=None) for source in sources]
 
         def progress(counts: list[int], shards: list[Shard | None]) -> None:
             for index, task in enumerate(tasks):
@@ -289,9 +308,9 @@ def print_report(console, rows: list[dict], decontamination: dict) -> None:
     console.print(summary_table("ingest report", table_rows(rows), HEADERS))
     for r in rows:
         for note in r["notes"]:
-            console.print(f"  [dim]{r['source']}:[/] {note}")
+            console.print(f"  [dim]{escape(r['source'])}:[/] {escape(note)}")
     for line in decontamination_lines(decontamination):
-        console.print(f"  [dim]decontamination:[/] {line}")
+        console.print(f"  [dim]decontamination:[/] {escape(line)}")
 
 
 def render_report(rows: list[dict], totals: dict) -> str:

@@ -177,6 +177,14 @@ def test_an_accelerate_config_that_is_a_loop_of_symbolic_links_is_named_as_one(t
         check_accelerate_config(str(tmp_path / "ddp.yaml"), cuda=False)
 
 
+@pytest.mark.parametrize("root, message", [("r\0x", "holds a null byte, which no path can"),
+                                           ("runs/" + "y" * 256, "has a name longer than 255 bytes")])
+def test_a_run_root_no_file_system_takes_is_named_in_the_config(tmp_path: Path, root: str, message: str) -> None:
+    """Both were an 'unexpected' error (exit 1), the null byte one whose report failed too."""
+    with pytest.raises(UserError, match=f"run.root: Value error, {message}"):
+        load_config(write(tmp_path, {**MINIMAL, "run": {"root": root}}))
+
+
 @pytest.mark.parametrize("root", ["a-file", "a-file/runs"])
 def test_a_run_root_that_is_or_lies_in_a_file_is_refused(tmp_path: Path, root: str) -> None:
     (tmp_path / "a-file").write_text("", encoding="utf-8")

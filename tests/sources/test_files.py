@@ -50,3 +50,19 @@ def test_a_glob_reads_only_the_kind_of_file_it_is_for(tmp_path: Path) -> None:
     assert resolve_paths(str(tmp_path / "d" / "*"), XLSX, "path") == [good]
     with pytest.raises(UserError, match=r"path: the pattern .*\*\.md' matches no \.xlsx file"):
         resolve_paths(str(tmp_path / "d" / "*.md"), XLSX, "path")
+
+
+def test_a_file_whose_name_holds_glob_characters_is_read_as_named(tmp_path: Path) -> None:
+    """AI-Hub downloads are named like "[AI-Hub] 1_구어체.xlsx": given as such, or found in a folder (ingest then
+    reads each file by its path), `[` began a glob pattern that matched nothing."""
+    good = aihub.write_layout(tmp_path / "d" / "[AI-Hub] 1_구어체*?.xlsx", "구어체")
+    assert resolve_paths(str(good), XLSX, "path") == [good]
+    assert resolve_paths(str(tmp_path / "d"), XLSX, "path") == [good]
+    assert resolve_paths(str(tmp_path / "d" / "*.xlsx"), XLSX, "path") == [good]
+
+
+@pytest.mark.parametrize("name, reason", [("a\0b*.xlsx", "holds a null byte, which no path can"),
+                                          ("x" * 300 + ".xlsx", "is not a usable path \\(File name too long\\)")])
+def test_a_path_the_system_cannot_look_up_is_named(tmp_path: Path, name: str, reason: str) -> None:
+    with pytest.raises(UserError, match=f"path: .* {reason}"):
+        resolve_paths(str(tmp_path / name), XLSX, "path")

@@ -109,3 +109,56 @@ def test_an_ingest_with_no_record_left_says_why_in_its_message(tmp_path: Path, m
                                         r"question \(list\): 1\)"):
         run_stage("ingest", load_config("c.yaml"))
     assert not Path("runs/demo/ingest").exists()
+
+
+def write_source_config(sources: list[dict]) -> Path:
+    Path("c.yaml").write_text(yaml.safe_dump({"ingest": {"eval_fraction": 0.0, "sources": sources}},
+                                             allow_unicode=True), encoding="utf-8")
+    return Path("c.yaml")
+
+
+@pytest.mark.parametrize("spec", [".", "**/*.jsonl", "runs/demo/ingest/train.jsonl"])
+def test_a_source_that_reaches_this_runs_own_directory_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  spec: str) -> None:
+    """`files: .` in a project holding runs/ read back the shards ingest was writing there, without end (180 MB in
+    20 s); a file of the run itself would be replaced as it is read."""
+    monkeypatch.chdir(tmp_path)
+    row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    Path("d.jsonl").write_text(json.dumps(row) + "\n", encoding="utf-8")
+    run_stage("ingest", load_config(write_source_config([{"name": "one", "kind": "hf", "files": "d.jsonl",
+                                                          "format": "messages"}])))
+    config = write_source_config([{"name": "all", "kind": "hf", "files": spec, "format": "messages"}])
+    with pytest.raises(UserError, match=r"ingest.sources.0.files \(all\): .*(this run's own directory runs/demo), "
+                                        r"which ingest writes into"):
+        run_stage("ingest", load_config(config))
+
+
+def test_names_that_look_like_markup_are_printed_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A source named '[/c]' (the progress bar) and an unread second sheet named '[/x]' (the report's notes) ended
+    ingest with rich's MarkupError, exit 1, after every record was read."""
+    from tests.fixtures import aihub
+
+    monkeypatch.chdir(tmp_path)
+    path = aihub.write_rows(tmp_path / "w.xlsx", [list(aihub.LAYOUT_COLUMNS["구어체"]),
+                                                 *aihub.layout_rows("구어체", aihub.PAIRS)], extra_sheets=["x"])
+    # Excel and openpyxl refuse '[' in a sheet name; a file written by other means can hold one
+    aihub.rewrite_parts(path, {"xl/workbook.xml": lambda xml: xml.replace(b'name="x"', b'name="[/x]"')})
+    status, result, _ = run_stage("ingest", load_config(write_source_config([
+        {"name": "[/c]", "kind": "aihub_excel", "path": path.name}])))
+    assert status == "done" and result.metrics["train"] == len(aihub.PAIRS)
+    assert "'[/x]'" in Path("runs/demo/ingest/report.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"weight": 1e300}, r"weight: Input should be less than or equal to 100"),
+    ({"source_column": "원문", "target_column": "원문"}, r"target_column: Value error, is the same column as source_column"),
+])
+def test_source_settings_that_cannot_make_sense_are_refused_in_the_config(tmp_path: Path, setting: dict,
+                                                                          message: str) -> None:
+    """weight 1e300 ended in an OverflowError and 1e8 built a list of billions; one column for both sides made
+    every record a sentence 'translated' into itself."""
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"ingest": {"sources": [{"name": "w", "kind": "aihub_excel", "path": "w.xlsx",
+                                                              **setting}]}}, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(UserError, match=message):
+        load_config(str(config))
