@@ -116,7 +116,18 @@ def load_json_line(line: str) -> Any:
     try:
         return orjson.loads(line)
     except orjson.JSONDecodeError:
-        return json.loads(line)
+        return without_lone_surrogates(json.loads(line))
+
+
+def without_lone_surrogates(value: Any) -> Any:
+    """`value` as json.loads read it, refusing a lone UTF-16 surrogate escape ("\\ud800"): json accepts one (orjson
+    does not), and the text it makes cannot be written as UTF-8, so it failed far from the line that held it."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"the escape \\u{ord(err.object[err.start]):04x} is half of a UTF-16 surrogate pair, not a "
+                         "character") from None
+    return value
 
 
 def json_reason(err: Exception) -> str:
@@ -183,7 +194,7 @@ def read_json_value(path: Path) -> Any:
     under a .json name, as datasets' Dataset.to_json writes them). Not UTF-8 or not JSON is a UserError."""
     text = read_utf8(path)
     try:
-        return json.loads(text)
+        return without_lone_surrogates(json.loads(text))
     except (ValueError, RecursionError) as err:
         if not isinstance(err, json.JSONDecodeError):
             raise UserError(f"{path}: not valid JSON ({json_reason(err)}).") from None

@@ -129,7 +129,16 @@ def chat_messages(turns: Any, role_key: str, content_key: str, roles: dict[str, 
         messages.append({"role": role, "content": content.strip()})
     if messages[-1]["role"] != "assistant":
         raise RowError("conversation does not end with an assistant turn")
+    check_turn_order([m["role"] for m in messages])
     return messages
+
+
+def check_turn_order(roles: list[str]) -> None:
+    """An optional system turn first, then user and assistant by turns, as chat templates render them (several
+    raise on anything else); LLaMA-Factory drops such conversations too."""
+    dialogue = roles[1:] if roles[0] == "system" else roles
+    if dialogue != ["user", "assistant"] * (len(dialogue) // 2) or not dialogue:
+        raise RowError("turns out of order (after an optional system turn: user, assistant, user, ...)")
 
 
 def to_record(row: dict[str, Any], params: HFDatasetParams, where: dict[str, Any]) -> dict[str, Any]:
@@ -172,7 +181,14 @@ def check_columns(columns: list[str], params: HFDatasetParams, origin: str) -> N
     missing = [c for c in required_columns(params) if c not in columns]
     if missing:
         raise UserError(f"{origin}: no column {', '.join(missing)} (format: {params.format}). It has: "
-                        f"{', '.join(map(str, columns))}. Set `columns:` (format: columns) or pick the right format.")
+                        f"{listed(columns)}. Set `columns:` (format: columns) or pick the right format.")
+
+
+def listed(columns: list[Any], most: int = 20, width: int = 40) -> str:
+    """Column names for a message, bounded: a file that is not a table has its first line (or a megabyte of it)
+    for a header."""
+    names = [name if len(name) <= width else name[:width] + "…" for name in map(str, columns[:most])]
+    return ", ".join(names) + (f" (and {len(columns) - most} more)" if len(columns) > most else "")
 
 
 def read_local_file(path: Path) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:

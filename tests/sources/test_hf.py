@@ -214,3 +214,36 @@ def test_a_task_name_that_would_break_evaluates_tables_is_refused(task: str) -> 
     with pytest.raises(ValidationError, match="task"):
         HFDatasetParams(name="src", kind="hf", files="x.jsonl", task=task)
     assert HFDatasetParams(name="src", kind="hf", files="x.jsonl", task="gsm8k.v2-ko_en").task == "gsm8k.v2-ko_en"
+
+
+def test_conversations_whose_turns_are_out_of_order_are_dropped_not_fatal_to_format(tmp_path: Path) -> None:
+    """[human, gpt, gpt] or [gpt] alone reached format, whose template raised for the whole stage (with advice
+    that did not apply); such rows are dropped at ingest with their reason, as LLaMA-Factory drops them."""
+    turns = {"ok": [("human", "Hi"), ("gpt", "Hello!")], "two_answers": [("human", "Hi"), ("gpt", "a"), ("gpt", "b")],
+             "answer_only": [("gpt", "a")], "system_late": [("human", "Hi"), ("system", "s"), ("gpt", "a")],
+             "system_first": [("system", "Be brief."), ("human", "Hi"), ("gpt", "Hello!")]}
+    rows = [{"conversations": [{"from": role, "value": text} for role, text in conversation]}
+            for conversation in turns.values()]
+    records, report = read(files=str(write_jsonl(tmp_path / "s.jsonl", rows)), format="sharegpt")
+    assert [r["meta"]["line"] for r in records] == [1, 5]
+    assert [(d["reason"], d["line"]) for d in report.dropped_rows] == [
+        ("turns out of order (after an optional system turn: user, assistant, user, ...)", line) for line in (2, 3, 4)]
+
+
+@pytest.mark.parametrize("escape", ["\\ud800", "\\udfff"])
+def test_a_lone_surrogate_escape_is_refused_naming_the_line(tmp_path: Path, escape: str) -> None:
+    """json reads "\\ud800" as a character no UTF-8 text can hold (orjson refuses it): ingest ended with a
+    TypeError far from the line. A pair ("\\ud83d\\ude00", an emoji) is text."""
+    path = write_jsonl(tmp_path / "x.jsonl", ['{"INSTRUCTION": "q \\ud83d\\ude00", "RESPONSE": "a"}',
+                                              '{"INSTRUCTION": "q %s", "RESPONSE": "a"}' % escape])
+    with pytest.raises(UserError, match=r"x.jsonl: line 2 is not valid JSON \(the escape \\u(d800|dfff) is half of a "
+                                        r"UTF-16 surrogate pair, not a character\)"):
+        read(files=str(path))
+
+
+def test_a_file_that_is_no_table_shows_a_bounded_part_of_its_first_line() -> None:
+    """A CSV's header is its first line, whatever the file holds (a secret behind a symbolic link, a megabyte)."""
+    columns = [f"c{i}:" + "x" * 100 for i in range(30)]
+    with pytest.raises(UserError) as refused:
+        hf.check_columns(columns, HFDatasetParams(name="src", kind="hf", files="x.csv"), "x.csv")
+    assert len(str(refused.value)) < 1200 and "(and 10 more)" in str(refused.value)
