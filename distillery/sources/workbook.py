@@ -597,6 +597,10 @@ class Workbooks:
                 yield from batch
         except (NativeCrash, MemoryError) as crash:
             raise self._failed(crash) from None
+        except UserError:
+            raise
+        except Exception as err:  # noqa: BLE001 - what a reader raised on this file, transported from the child
+            raise self._unreadable(err) from None
         self._streaming = False
 
     def head(self, sheet: str, n: int) -> list[list[Any]]:
@@ -621,6 +625,20 @@ class Workbooks:
             return self._started().call(fn, *args)
         except (NativeCrash, MemoryError) as crash:
             raise self._failed(crash) from None
+        except UserError:
+            raise
+        except Exception as err:  # noqa: BLE001 - what a reader raised on this file, transported from the child
+            raise self._unreadable(err) from None
+
+    def _unreadable(self, err: Exception) -> UserError:
+        """A reader's own error on a file it opened (openpyxl's ValueError on a style index that is no number, its
+        TypeError on a style part it cannot follow): the file's fault, named with it."""
+        self.close()
+        where = f"{self.path} (sheet {self.sheet!r})" if self.sheet else str(self.path)
+        detail = (str(err).splitlines() or [""])[0][:200]
+        return UserError(f"{where}: the Excel readers cannot read it ({type(err).__name__}: {detail}): the file is "
+                         "damaged or written by a program that does not follow the format. Open it in Excel and save "
+                         "it again, or replace it with a good copy.")
 
     def _failed(self, crash: BaseException) -> UserError:
         stderr = self._child.stderr_tail() if self._child is not None else ""

@@ -214,3 +214,13 @@ def test_an_xlsx_under_an_xls_name_is_read_and_noted(tmp_path: Path) -> None:
     records, report = read(path)
     assert len(records) == len(aihub.PAIRS)
     assert report.notes == ["misnamed.xls: an .xlsx workbook under an .xls name; read as .xlsx"]
+
+
+def test_an_error_the_excel_reader_raises_itself_names_the_file_and_the_sheet(tmp_path: Path) -> None:
+    """A sheet calamine refuses goes to openpyxl; a style index that is no number made openpyxl raise ValueError,
+    which ended ingest as 'unexpected' (exit 1)."""
+    path = aihub.write_calamine_unreadable(tmp_path / "u.xlsx")
+    aihub.rewrite_parts(path, {aihub.SHEET1: lambda xml: xml.replace(b'<c r="A6" t="n">', b'<c r="A6" t="n" s="abc">')})
+    with pytest.raises(UserError, match=r"u.xlsx \(sheet 'Sheet1'\): the Excel readers cannot read it \(ValueError: "
+                                        r"invalid literal .*'abc'\): the file is damaged .* Open it in Excel and save"):
+        read(path)
