@@ -62,13 +62,22 @@ def fingerprint(stage: Stage, cfg: DistilleryConfig, run: RunDir) -> tuple[str, 
                    **also_read(stage, dump)},
         "seed": cfg.run.seed,
         "upstream": upstream,
-        "files": {str(path): sha256_file(path) for path in stage.input_files(cfg)},
+        "files": {str(path): input_digest(path) for path in stage.input_files(cfg)},
         "packages": package_versions(stage.packages),
     }
     environment = known_environment(stage.environment(cfg), run.stage_entry(stage.name) or {})
     if environment:  # only then: every other fingerprint stays as it was
         inputs["environment"] = environment
     return sha256_json(inputs), {**inputs, "upstream_outputs": upstream_outputs}
+
+
+def input_digest(path: Path) -> str:
+    """sha256 of a file the stage reads; one it cannot read (its permissions, a device that fails) is the user's."""
+    try:
+        return sha256_file(path)
+    except OSError as err:
+        raise UserError(f"{path} cannot be read ({err.strerror or err}): check the file and its permissions, or take "
+                        "it out of the config.") from None
 
 
 def without_operational(sections: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
@@ -162,13 +171,13 @@ def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[st
         return "up to date", StageResult(metrics=entry.get("metrics", {}), summary=summary), 0.0
 
     partial = run.partial_dir(name)
-    previous = run.stage_entry(name) or {}
+    previous = last_attempt(run.stage_entry(name) or {})
     # a partial directory of another config, or of older upstream files (an export of the last adapter), is not resumed
     resumable = (stage.resumable and not force and previous.get("fingerprint") in (fp, accepted)
                  and same_upstream_outputs(run, previous, inputs))
     prepare_run_dir(run, partial, keep=resumable, config_dump=redact(cfg.model_dump(mode="json")))
     started = time.time()
-    run.update_stage(name, {"status": "running", "fingerprint": fp, "inputs": inputs, "started": _now()})
+    save_entry(run, name, {"status": "running", "fingerprint": fp, "inputs": inputs, "started": _now()})
     console.rule(f"[bold]{name}")
     try:
         result = stage.run(StageContext(cfg=cfg, run=run, out=partial, console=console, force=force))
@@ -226,12 +235,23 @@ def record_failure(run: RunDir, stage: Stage, fp: str, inputs: dict, err: BaseEx
     raise StageFailed(stage.name, err, log_path) from err
 
 
-def save_entry(run: RunDir, stage: str, entry: dict) -> None:
-    """Record a stage's end in the manifest; when even that fails, the error that ended the stage still counts."""
+def save_entry(run: RunDir, stage: str, attempt: dict) -> None:
+    """Record an attempt that has not finished (running, failed, interrupted) in the manifest. Over a finished run
+    of the stage it goes under `attempt`: the stage's directory still holds that run's files, so its entry stays
+    (going back to the config that made them is up to date, not hours of training again). When even the manifest
+    cannot be written, the error that ended the stage still counts."""
+    previous = run.stage_entry(stage) or {}
+    if previous.get("status") == "complete":
+        attempt = {**{key: value for key, value in previous.items() if key != "attempt"}, "attempt": attempt}
     try:
-        run.update_stage(stage, entry)
+        run.update_stage(stage, attempt)
     except OSError as err:
-        log.warning("could not record %s as %s in %s: %s", stage, entry["status"], run.manifest_path, err)
+        log.warning("could not record %s as %s in %s: %s", stage, attempt["status"], run.manifest_path, err)
+
+
+def last_attempt(entry: dict) -> dict:
+    """The stage's last attempt: one that did not finish after a finished run (`attempt`), else the entry."""
+    return entry.get("attempt", entry)
 
 
 def write_failure_log(run: RunDir | None, step: str, err: BaseException) -> str | None:

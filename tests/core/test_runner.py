@@ -101,7 +101,25 @@ def test_failure_keeps_previous_artifacts_and_leaves_no_partial(project: Path) -
     run = project / "runs/t"
     assert (run / "ingest/train.jsonl").read_bytes() == before
     assert not (run / ".ingest.partial").exists()
-    assert json.loads((run / "manifest.json").read_text())["stages"]["ingest"]["status"] == "failed"
+    entry = json.loads((run / "manifest.json").read_text())["stages"]["ingest"]
+    assert entry["status"] == "complete" and entry["attempt"]["status"] == "failed"  # the files are the last run's
+    assert "line 21" in entry["attempt"]["error"]
+
+
+def test_a_failed_attempt_with_another_config_keeps_the_finished_run_up_to_date(project: Path) -> None:
+    """Config A finished; config B failed. The manifest said `failed` with B's fingerprint although the stage's
+    directory still held A's files, so going back to A redid the stage (for finetune: the training). A's entry now
+    stays, B's attempt beside it; a first attempt that fails is still the entry itself."""
+    cfg = load_config("config.yaml")
+    assert run_stage("ingest", cfg)[0] == "done"
+    (project / "bad.jsonl").write_text("{not json\n", encoding="utf-8")
+    for name in ("t", "u"):
+        with pytest.raises(UserError, match="bad.jsonl: line 1 is not valid JSON"):
+            run_stage("ingest", load_config("config.yaml", ["ingest.sources.0.files=bad.jsonl", f"run.name={name}"]))
+    entry = json.loads((project / "runs/t/manifest.json").read_text())["stages"]["ingest"]
+    assert entry["status"] == "complete" and entry["attempt"]["status"] == "failed"
+    assert run_stage("ingest", cfg)[0] == "up to date"
+    assert json.loads((project / "runs/u/manifest.json").read_text())["stages"]["ingest"]["status"] == "failed"
 
 
 def test_plan_runs_upstream_first(project: Path) -> None:
@@ -266,3 +284,13 @@ def test_a_setting_outside_the_stages_sections_that_it_reads_makes_it_out_of_dat
     assert run_stage("ingest", load_config("config.yaml", ["distill.sandbox.timeout_s=9"]))[0] == "up to date"
     assert run_stage("ingest", load_config("config.yaml", ["distill.sandbox.timeout_s=9",
                                                            "format.max_length=512"]))[0] == "done"
+
+
+def test_an_input_file_that_cannot_be_read_is_named(project: Path) -> None:
+    """Hashing the inputs (the fingerprint) met EIO from a file the system will not read (here /proc/self/mem
+    behind a link; for a normal user any file without read permission): an 'unexpected' OSError, exit 1."""
+    (project / "data.jsonl").unlink()
+    (project / "data.jsonl").symlink_to("/proc/self/mem")
+    with pytest.raises(UserError, match=r"data.jsonl cannot be read \(Input/output error\): check the file and its "
+                                        r"permissions, or take it out of the config"):
+        run_stage("ingest", load_config("config.yaml"))
