@@ -9,6 +9,8 @@ import math
 from pathlib import Path
 from typing import Any, Iterator
 
+from rich.markup import escape
+
 from distillery.export.llama_child import GGUFLoadError, LlamaChild
 from distillery.config import DistilleryConfig
 from distillery.core.errors import UserError
@@ -120,7 +122,7 @@ def chat(cfg: DistilleryConfig, console: Any, gguf: str | None, prompt: str | No
     check_sampling(max_tokens, temperature)
     check_text(prompt, system)
     path = find_gguf(cfg, gguf)
-    console.print(f"[dim]{path} (llama.cpp, chat template from the GGUF)[/]")
+    console.print(f"[dim]{escape(str(path))} (llama.cpp, chat template from the GGUF)[/]")
     messages = [{"role": "system", "content": system}] if system else []
     with open_gguf(path) as llama:
         if prompt is not None:
@@ -197,5 +199,5 @@ def answer_held_out(cfg: DistilleryConfig, console: Any, max_tokens: int = 96) -
         return
     question, reference = qa
     console.rule("[bold]one held-out question, answered by the fine-tuned GGUF in llama.cpp")
-    console.print(f"[bold]question:[/] {question}\n[bold]reference answer:[/] {reference}")
+    console.print(f"[bold]question:[/] {escape(question)}\n[bold]reference answer:[/] {escape(reference)}")
     chat(cfg, console, None, question, None, max_tokens, 0.0)

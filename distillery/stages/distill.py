@@ -205,7 +205,7 @@ def run_prompts(todo: list[dict], ctx: StageContext, teacher: Any, limits: Limit
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=ctx.console) as progress:
-        bar = progress.add_task(f"teacher {teacher.name}", total=len(todo))
+        bar = progress.add_task(escape(f"teacher {teacher.name}"), total=len(todo))
 
         def save(entry: dict) -> None:
             append_progress(progress_path, entry)

@@ -368,7 +368,7 @@ def run(ctx: StageContext) -> StageResult:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=ctx.console) as bar:
         for artifact in artifacts:
-            task = bar.add_task(f"evaluating {artifact.name}", total=work)
+            task = bar.add_task(escape(f"evaluating {artifact.name}"), total=work)
             if restore_scored(ctx.out / SCORED, artifact, scores):  # scored before this run was interrupted
                 bar.update(task, completed=work)
                 ctx.console.print(f"{escape(artifact.name)}: scored before the stage was interrupted, kept")
@@ -480,7 +480,7 @@ def print_heldout(console: Any, scored_heldout: dict[str, Any], chart: Path) -> 
     after its summary table (cli.show_heldout), not the stage, so `distillery run` ends with it."""
     headers, rows = report.heldout_rows(scored_heldout)
     console.print(summary_table("held-out data: loss per completion token · the task's metric", rows, headers))
-    console.print(f"chart: {chart}")
+    console.print(f"chart: {escape(str(chart))}")
 
 
 def stage_result(results: dict[str, Any], scored_heldout: dict[str, Any]) -> StageResult:
