@@ -146,12 +146,19 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
         yield row
 
 
+MAX_LINE_BYTES = 64 << 20  # a JSONL line: a long reasoning trace is a few MB
+
+
 def read_jsonl_numbered(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) of each non-blank line of a JSONL file. A line that is not a JSON object, or not
     UTF-8, is a UserError naming it; a UTF-8 byte order mark is fine."""
     with open(path, "rb") as handle:
         offset = 0
-        for line_no, raw in enumerate(handle, start=1):
+        for line_no, raw in enumerate(iter(lambda: handle.readline(MAX_LINE_BYTES + 1), b""), start=1):
+            if len(raw) > MAX_LINE_BYTES:  # read no further: one line of gigabytes would take several times that
+                raise UserError(f"{path}: line {line_no} is longer than {MAX_LINE_BYTES >> 20} MB, more than one "
+                                "record holds. Check that the file is JSON Lines (one object a line), or take that "
+                                "line out.")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:

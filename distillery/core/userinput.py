@@ -50,12 +50,17 @@ def missing_path(item: str, path: Path, field: str, hint: str = "") -> UserError
     return UserError(f"{field}: {item} does not exist. Check the path (relative to {Path.cwd()}). {hint}".strip())
 
 
-def read_utf8(path: Path) -> str:
-    """The text of a file the user wrote; unreadable or not UTF-8 (a UTF-16 file, a binary) is a UserError."""
+def read_utf8(path: Path, limit: int | None = None) -> str:
+    """The text of a file the user wrote; unreadable, larger than `limit` bytes (read no further), or not UTF-8
+    (a UTF-16 file, a binary) is a UserError."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as handle:
+            data = handle.read(-1 if limit is None else limit + 1)
     except OSError as err:
         raise UserError(f"{path} cannot be read ({err.strerror or err}). Check its permissions.") from None
+    if limit is not None and len(data) > limit:
+        raise UserError(f"{path} is larger than {limit >> 20} MB, far more than a config holds: check that it is "
+                        "the file you meant.")
     try:
         return data.decode("utf-8-sig")  # a UTF-8 byte order mark is still UTF-8
     except UnicodeDecodeError as err:
@@ -69,9 +74,12 @@ def not_utf8(path: Path, where: str, head: bytes) -> UserError:
     return UserError(f"{path} is not UTF-8 text ({where} cannot be decoded).{utf16} Save it as UTF-8 and run again.")
 
 
+MAX_YAML_BYTES = 16 << 20  # a config or an accelerate config: a few KB
+
+
 def read_yaml_file(path: Path) -> Any:
     """A YAML file the user wrote, read as `parse_yaml` reads text."""
-    return parse_yaml(read_utf8(path), str(path))
+    return parse_yaml(read_utf8(path, MAX_YAML_BYTES), str(path))
 
 
 def parse_yaml(text: str, where: str) -> Any:

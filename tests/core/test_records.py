@@ -100,3 +100,27 @@ def test_a_report_is_strict_json_with_a_broken_models_loss_as_null() -> None:
     assert "NaN" not in text and "Infinity" not in text and "한국어" in text and text.endswith("\n")
     assert json.loads(text) == {"Q4_K_M": {"qa": {"loss": None, "ppl": None, "items": 3, "tokens": [1.5, None]}},
                                 "name": "한국어"}
+
+
+def test_a_line_longer_than_any_record_is_refused_before_it_is_read_whole(tmp_path, monkeypatch):
+    """One line of 200 MB took 1 GB to read (2 GB would take 10): the line is refused at the bound, which is
+    lowered here to keep the test small."""
+    from distillery.core import records
+
+    monkeypatch.setattr(records, "MAX_LINE_BYTES", 1000)
+    path = tmp_path / "x.jsonl"
+    path.write_text(json.dumps({"a": "b"}) + "\n" + json.dumps({"a": "b" * 2000}) + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"x.jsonl: line 2 is longer than 0 MB, more than one record holds"):
+        list(read_jsonl(path))
+    path.write_text(json.dumps({"a": "b" * 900}) + "\n", encoding="utf-8")  # under the bound, newline included
+    assert len(list(read_jsonl(path))) == 1
+
+
+def test_a_config_far_larger_than_any_config_is_refused_unread(tmp_path, monkeypatch):
+    from distillery.core import userinput
+
+    monkeypatch.setattr(userinput, "MAX_YAML_BYTES", 1 << 20)
+    path = tmp_path / "c.yaml"
+    path.write_text("run: {name: t}\n" + "# padding\n" * 200_000, encoding="utf-8")
+    with pytest.raises(UserError, match=r"c.yaml is larger than 1 MB, far more than a config holds"):
+        userinput.read_yaml_file(path)
