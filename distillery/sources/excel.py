@@ -34,7 +34,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, StrictInt, StrictStr, ValidationInfo, field_validator
 
 from distillery.sources.files import resolve_paths
 from distillery.sources.registry import Source, SourceParams, SourceReport
@@ -53,7 +53,7 @@ class AIHubExcelParams(SourceParams):
 
     kind: Literal["aihub_excel"]
     path: str | list[str] = Field(description="A workbook, a list of them, a directory or a glob (.xlsx/.xlsm/.xls).")
-    sheet: str | int | None = Field(None, description="Sheet name or 0-based index (hidden sheets count); default: the first visible sheet.")
+    sheet: StrictStr | StrictInt | None = Field(None, description="Sheet name or 0-based index (hidden sheets count); default: the first visible sheet.")
     source_column: str = Field("원문", description="Column holding the Korean text.")
     target_column: str = Field("번역문", description="Column holding the English text.")
     direction: Literal["ko_en", "en_ko", "both"] = Field("ko_en", description="Which way to translate; both yields two records a row.")
@@ -125,8 +125,22 @@ def columns_of(row: list[Any], params: AIHubExcelParams) -> Columns | None:
         return None
     source, target = keys.index(source_key), keys.index(target_key)
     # named columns always go into meta; a column without a header only where it holds something
-    others = tuple((i, meta_key(key or column_letter(i)), bool(key)) for i, key in enumerate(keys) if i not in (source, target))
-    return Columns(source, target, others, len(keys))
+    others = tuple((i, key or column_letter(i), bool(key)) for i, key in enumerate(keys) if i not in (source, target))
+    return Columns(source, target, distinct_meta_keys(others), len(keys))
+
+
+def distinct_meta_keys(others: tuple[tuple[int, str, bool], ...]) -> tuple[tuple[int, str, bool], ...]:
+    """Each column its own meta key (meta_key), so that none overwrites another: a second column of a name seen
+    before (two SID columns; a real `col_file` beside the renamed `file`) is keyed with its letter, `SID (D)`."""
+    seen: set[str] = set()
+    distinct = []
+    for at, name, named in others:
+        key = meta_key(name)
+        if key in seen:
+            key = f"{key} ({column_letter(at)})"
+        seen.add(key)
+        distinct.append((at, key, named))
+    return tuple(distinct)
 
 
 def header_position(rows: list[list[Any]], params: AIHubExcelParams) -> tuple[int, Columns] | None:

@@ -44,6 +44,9 @@ def resolve_paths(spec: str | list[str], suffixes: tuple[str, ...], field: str) 
             if not matches:
                 raise UserError(f"{field}: the directory {item} holds no {'/'.join(suffixes)} file.")
             files.extend(matches)
+        elif os.path.lexists(path) and not os.path.islink(path):
+            raise UserError(f"{field}: {item} is neither a file nor a directory (a pipe, a device or a socket): "
+                            "point it at your data files.")
         else:
             raise missing_path(item, path, field)
     return once_each(files)

@@ -239,3 +239,19 @@ def test_a_table_away_from_a1_keeps_excel_rows_and_columns(tmp_path: Path) -> No
     assert "header found on Excel row 3" in report.notes[0]
     calamine = [[None if value == "" else value for value in row] for row in calamine_rows(path)]
     assert calamine == [[None] * 6, [None] * 6, [None, None, *header], *[[None, None, *row] for row in data]]
+
+
+def test_columns_of_one_name_each_keep_their_value_in_meta(tmp_path: Path) -> None:
+    """A second SID column overwrote the first in meta, and a real `col_file` column the renamed `file` one."""
+    rows = [["SID", "원문", "번역문", "SID", "file", "col_file"], [1, *aihub.PAIRS[0], 2, "a.txt", "b.txt"]]
+    records, _ = read(aihub.write_rows(tmp_path / "dup.xlsx", rows))
+    meta = records[0]["meta"]
+    assert (meta["SID"], meta["SID (D)"], meta["col_file"], meta["col_file (F)"]) == (1, 2, "a.txt", "b.txt")
+    assert meta["file"].endswith("dup.xlsx")
+
+
+@pytest.mark.parametrize("sheet", [True, 1.5])
+def test_a_sheet_that_is_neither_a_name_nor_an_index_is_refused(sheet: Any) -> None:
+    """`sheet: true` was read as sheet 1."""
+    with pytest.raises(ValueError, match="sheet"):
+        params("w.xlsx", sheet=sheet)

@@ -66,3 +66,11 @@ def test_a_file_whose_name_holds_glob_characters_is_read_as_named(tmp_path: Path
 def test_a_path_the_system_cannot_look_up_is_named(tmp_path: Path, name: str, reason: str) -> None:
     with pytest.raises(UserError, match=f"path: .* {reason}"):
         resolve_paths(str(tmp_path / name), XLSX, "path")
+
+
+def test_a_pipe_given_by_name_is_named_as_what_it_is(tmp_path: Path) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "data.xlsx")
+    with pytest.raises(UserError, match=r"path: .*data.xlsx is neither a file nor a directory \(a pipe, a device"):
+        resolve_paths(str(tmp_path / "data.xlsx"), XLSX, "path")
