@@ -17,7 +17,7 @@ STAGES = ("ingest", "format", "finetune", "export", "evaluate")
 
 # The demo's own config and stages; fewer steps and items than `just demo` to keep the suite short.
 # One quant type: every type is written and decoded in tests/export/test_llama_child.py.
-LIGHTER = ("finetune.max_steps=12", "finetune.save_steps=6", "finetune.sample_prompts=1",
+LIGHTER = ("finetune.max_steps=8", "finetune.save_steps=4", "finetune.sample_prompts=0",
            "evaluate.heldout.limit=2", "evaluate.heldout.max_new_tokens=16", "export.quantizations=[q8_0]",
            "export.outtype=q8_0")
 
@@ -39,7 +39,7 @@ def test_demo_runs_every_stage_offline_then_is_up_to_date(tmp_path: Path) -> Non
     assert all(manifest[stage]["status"] == "complete" for stage in STAGES), manifest.keys()
 
     finetune = json.loads((run / "finetune" / "summary.json").read_text())
-    assert finetune["steps"] == 12 and (run / "finetune" / "loss.png").is_file()
+    assert finetune["steps"] == 8 and (run / "finetune" / "loss.png").is_file()
     verify = json.loads((run / "export" / "verify.json").read_text())
     assert sorted(p.name for p in (run / "export" / "gguf").glob("*.gguf")) == ["SmolLM2-135M-Instruct-Q8_0.gguf"]
     assert verify["passed"] is True and verify["timings"]["merge"]["dtype"] == "fp16"  # the demo's export.dtype
