@@ -25,16 +25,20 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
+from distillery.core.errors import UserError
 from distillery.core.machine import usable_cores
 from distillery.core.isolation import NativeCrash
 from distillery.core.records import content_digest, json_line, load_json_line
 from distillery.sources import SOURCES, SourceReport
 from distillery.sources.files import resolve_paths
 from distillery.sources.registry import SourceParams
+from distillery.sources.workbook import size_text
 
 WHERE_KEYS = ("file", "sheet", "row", "line", "index")
 TICK = 5000  # records between progress reports from a unit
 PARALLEL_FROM_BYTES = 16 << 20  # below this much input a process pool costs more than it saves
+DISK_RESERVE = 1 << 30  # a source stops before its records leave less than this free on the disk
+DISK_CHECK_BYTES = 64 << 20  # written between two looks at the free space
 
 
 def rank(seed: int, key: str) -> float:
@@ -90,10 +94,13 @@ class Shard:
 def write_shard(records: Iterable[dict], path: Path, report: SourceReport, seed: int,
                 tick: Callable[[int], None] = lambda n: None) -> Shard:
     """Write `records` to `path` as JSON lines and return the shard with its columns."""
-    shard, offset = Shard(path, report), 0
+    shard, offset, check_at = Shard(path, report), 0, 0
     with open(path, "wb") as handle, cyclic_gc_paused():
         for record in records:
             line = json_line(record)
+            if offset >= check_at:
+                check_free_disk(path, offset, report.name)
+                check_at = offset + DISK_CHECK_BYTES
             handle.write(line)
             shard.ids.append(record["id"])
             shard.keys.append(content_digest(record["messages"], record.get("choices"), record.get("label")))
@@ -104,6 +111,18 @@ def write_shard(records: Iterable[dict], path: Path, report: SourceReport, seed:
             if len(shard.ids) % TICK == 0:
                 tick(len(shard.ids))
     return shard
+
+
+def check_free_disk(path: Path, written: int, source: str) -> None:
+    """A source whose records would fill the disk stops with a message, before the disk is full: a small
+    workbook can make huge records (a thousand long column names, each in every record's meta)."""
+    import shutil
+
+    if shutil.disk_usage(path.parent).free < DISK_RESERVE:
+        raise UserError(f"source {source}: its records take {size_text(written)} so far, and the disk holding "
+                        f"{path.parent} has less than {size_text(DISK_RESERVE)} left. Free some space, or check the "
+                        "source: a few cells can make huge records (every named column of a workbook goes into each "
+                        "record's meta).")
 
 
 @dataclass(frozen=True)

@@ -224,3 +224,29 @@ def test_an_error_the_excel_reader_raises_itself_names_the_file_and_the_sheet(tm
     with pytest.raises(UserError, match=r"u.xlsx \(sheet 'Sheet1'\): the Excel readers cannot read it \(ValueError: "
                                         r"invalid literal .*'abc'\): the file is damaged .* Open it in Excel and save"):
         read(path)
+
+
+def test_records_that_would_fill_the_disk_stop_the_source_before_it_is_full(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 0.1 MB workbook of 200 columns with 1,000-character names made 40 MB of records (every named column goes
+    into each record's meta; a 741 KB one made 193 MB). On a disk of `free` bytes the source stops while 8 MB are
+    still free: the shards written are counted against it, looked at every 1 MB."""
+    import shutil
+
+    from distillery.sources import shards
+
+    header = list(aihub.LAYOUT_COLUMNS["구어체"]) + [f"{i:03d}" + "x" * 997 for i in range(200)]
+    aihub.write_rows(tmp_path / "d" / "wide.xlsx", [header, *aihub.layout_rows("구어체", aihub.numbered(aihub.PAIRS, 200))])
+    free = 16 << 20
+    usage = shutil.disk_usage(tmp_path)
+
+    def disk_usage(path: Any) -> Any:
+        written = sum(p.stat().st_size for p in (tmp_path / "runs").rglob("*") if p.is_file())
+        return usage._replace(free=free - written)
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    monkeypatch.setattr(shards, "DISK_RESERVE", 8 << 20)
+    monkeypatch.setattr(shards, "DISK_CHECK_BYTES", 1 << 20)
+    message = ingest_fails(tmp_path)
+    assert re.fullmatch(r"source ko-en: its records take [\d.]+ MB so far, and the disk holding .* has less than "
+                        r"8.4 MB left\. Free some space, or check the source: .*", message), message
