@@ -37,6 +37,7 @@ from distillery.sources.workbook import size_text
 WHERE_KEYS = ("file", "sheet", "row", "line", "index")
 TICK = 5000  # records between progress reports from a unit
 PARALLEL_FROM_BYTES = 16 << 20  # below this much input a process pool costs more than it saves
+OPEN_SHARDS = 64  # shard files a reader keeps open at once
 DISK_RESERVE = 1 << 30  # a source stops before its records leave less than this free on the disk
 DISK_CHECK_BYTES = 64 << 20  # written between two looks at the free space
 
@@ -253,7 +254,7 @@ class SourceRows:
     ids: list[str] = field(default_factory=list)
     keys: list[bytes] = field(default_factory=list)
     groups: array = field(default_factory=lambda: array("d"))
-    shard: array = field(default_factory=lambda: array("H"))  # which shard holds each line
+    shard: array = field(default_factory=lambda: array("I"))  # which shard holds each line
     offsets: array = field(default_factory=lambda: array("q"))
     lengths: array = field(default_factory=lambda: array("l"))
     handles: dict[int, BinaryIO] = field(default_factory=dict)
@@ -263,7 +264,7 @@ class SourceRows:
             self.ids += shard.ids
             self.keys += shard.keys
             self.groups += shard.groups
-            self.shard += array("H", [number]) * len(shard.ids)
+            self.shard += array("I", [number]) * len(shard.ids)
             self.offsets += shard.offsets
             self.lengths += shard.lengths
 
@@ -273,6 +274,8 @@ class SourceRows:
     def line(self, i: int) -> bytes:
         number = self.shard[i]
         if number not in self.handles:
+            if len(self.handles) >= OPEN_SHARDS:  # a source of thousands of workbooks: as many files open
+                self.close()
             self.handles[number] = open(self.shards[number].path, "rb")
         handle = self.handles[number]
         handle.seek(self.offsets[i])

@@ -66,3 +66,26 @@ def test_a_tiny_source_keeps_a_train_row(tmp_path: Path) -> None:
     for seed in range(20):
         train, evaluation = split_records(records, 0.9, seed, tmp_path)
         assert len(train) == 1 and len(evaluation) == 1 and not train & evaluation
+
+
+def test_a_source_of_more_than_65535_files_keeps_few_open(tmp_path) -> None:
+    """A source of that many workbooks overflowed the 16-bit shard numbers (OverflowError), and every shard file
+    read stayed open (past the open-files limit long before)."""
+    from array import array
+
+    from distillery.sources import SourceReport
+    from distillery.sources.shards import OPEN_SHARDS, Shard, SourceRows
+
+    lines = [b'{"n": %d}\n' % k for k in range(100)]
+    for k, line in enumerate(lines):
+        (tmp_path / f"{k}.jsonl").write_bytes(line)
+    shards = [Shard(tmp_path / f"{k % 100}.jsonl", SourceReport("s"), [f"id{k}"], [b"k"], array("d", [0.0]),
+                    array("q", [0]), array("l", [len(lines[k % 100])])) for k in range(70_000)]
+    rows = SourceRows(shards)
+    try:
+        assert rows.line(69_999) == b'{"n": 99}\n' and rows.line(65_536) == b'{"n": 36}\n'
+        for k in range(100):
+            assert rows.line(k) == b'{"n": %d}\n' % k
+            assert len(rows.handles) <= OPEN_SHARDS
+    finally:
+        rows.close()
