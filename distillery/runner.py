@@ -164,8 +164,9 @@ def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[st
     run = RunDir(cfg.run.root, cfg.run.name)
     fp, inputs = fingerprint(stage, cfg, run)
     accepted = recorded_fingerprint(stage, cfg, run, fp, inputs)  # fp, or what a run recorded by an older version
-    if not force and up_to_date(run, name, accepted, inputs):
-        console.print(f"[green]{name}[/]: up to date ({accepted[:12]}), nothing to do; --force redoes it.")
+    if not force and up_to_date(run, name, accepted, inputs) and not attempt_to_resume(stage, run, fp, accepted):
+        console.print(f"[green]{name}[/]: up to date ({accepted[:12]}), nothing to do; --force redoes it."
+                      + set_aside_attempt(run, name))
         entry = run.stage_entry(name) or {}
         summary = [tuple(row) for row in entry.get("summary", [])]
         return "up to date", StageResult(metrics=entry.get("metrics", {}), summary=summary), 0.0
@@ -247,6 +248,26 @@ def save_entry(run: RunDir, stage: str, attempt: dict) -> None:
         run.update_stage(stage, attempt)
     except OSError as err:
         log.warning("could not record %s as %s in %s: %s", stage, attempt["status"], run.manifest_path, err)
+
+
+def attempt_to_resume(stage: Stage, run: RunDir, fp: str, accepted: str) -> bool:
+    """A resumable stage's attempt of this same config that did not finish (a `--force` run that ran out of
+    memory) and left work to go on from: the same command resumes it rather than call the stage up to date."""
+    attempt = (run.stage_entry(stage.name) or {}).get("attempt", {})
+    partial = run.partial_dir(stage.name)
+    return (stage.resumable and attempt.get("fingerprint") in (fp, accepted) and partial.is_dir()
+            and any(partial.iterdir()))
+
+
+def set_aside_attempt(run: RunDir, name: str) -> str:
+    """Drop the record of an attempt that did not finish from an entry found up to date (its files are this
+    config's); what to say about it."""
+    entry = run.stage_entry(name) or {}
+    attempt = entry.pop("attempt", None)
+    if attempt is None:
+        return ""
+    run.update_stage(name, entry)
+    return f" (the last attempt, {attempt['status']}, was set aside)"
 
 
 def last_attempt(entry: dict) -> dict:

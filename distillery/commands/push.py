@@ -59,6 +59,12 @@ def export_dir(run: RunDir) -> Path:
     if not entry or entry.get("status") != "complete" or not directory.is_dir():
         raise UserError(f"nothing to push: the export stage has not finished in {run.path}. Run `distillery export` "
                         "(just export-gguf) first.")
+    if "attempt" in entry:  # the files are an earlier export's, the config may be another's
+        attempt = entry["attempt"]
+        raise UserError(f"the last export in {run.path} did not finish ({attempt['status']}"
+                        f"{': ' + attempt['error'] if attempt.get('error') else ''}): run `distillery export` (just "
+                        "export-gguf) first, which finishes it or finds the files up to date for this config, then "
+                        "push.")
     changed = changed_since_export(run, entry, directory)
     if changed:
         raise UserError(f"{directory / changed[0]} is not as the export left it ({len(changed)} of its files changed, "

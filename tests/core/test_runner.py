@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any, Callable
 from pathlib import Path
 
 import pytest
@@ -294,3 +295,57 @@ def test_an_input_file_that_cannot_be_read_is_named(project: Path) -> None:
     with pytest.raises(UserError, match=r"data.jsonl cannot be read \(Input/output error\): check the file and its "
                                         r"permissions, or take it out of the config"):
         run_stage("ingest", load_config("config.yaml"))
+
+
+def resumable_stub(monkeypatch: pytest.MonkeyPatch, seen: list, fail_when: Callable[[Any], bool]) -> None:
+    """The ingest stage replaced by a resumable one that records what its partial directory held when it started,
+    leaves progress there, and fails (as running out of memory would) where `fail_when(ctx)` says."""
+    from distillery import runner
+    from distillery.stage import Stage, StageResult
+
+    def run(ctx: Any) -> StageResult:
+        seen.append(sorted(p.name for p in ctx.out.iterdir()))
+        (ctx.out / "progress").write_text("half", encoding="utf-8")
+        if fail_when(ctx):
+            raise UserError("out of memory")
+        (ctx.out / "done.txt").write_text(str(ctx.cfg.ingest.eval_fraction), encoding="utf-8")
+        return StageResult()
+
+    stub = Stage(name="ingest", run=run, outputs={"done": "done.txt"}, sections=("ingest",), resumable=True)
+    monkeypatch.setattr(runner, "load_stage", lambda name: stub)
+
+
+def test_a_forced_run_that_failed_is_resumed_by_the_same_config_not_called_up_to_date(
+        project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finished stage, then `--force` that fails after leaving work to resume (checkpoints): the plain command
+    goes on from that work; it must not call the stage up to date because the earlier run's files are still there."""
+    seen: list = []
+    resumable_stub(monkeypatch, seen, lambda ctx: ctx.force)
+    cfg = load_config("config.yaml")
+    assert run_stage("ingest", cfg)[0] == "done"
+    with pytest.raises(UserError, match="out of memory"):
+        run_stage("ingest", cfg, force=True)
+    assert run_stage("ingest", cfg)[0] == "done" and seen == [[], [], ["progress"]]
+    entry = json.loads((project / "runs/t/manifest.json").read_text())["stages"]["ingest"]
+    assert entry["status"] == "complete" and "attempt" not in entry
+
+
+def test_an_attempt_of_another_config_resumes_and_going_back_sets_it_aside(project: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finished with A; B interrupted: B again resumes from B's partial directory (the attempt, not A's entry,
+    says what it belongs to), and A again is up to date, the record of B's attempt set aside."""
+    seen: list = []
+    other = ["ingest.eval_fraction=0.3"]
+    resumable_stub(monkeypatch, seen, lambda ctx: ctx.cfg.ingest.eval_fraction == 0.3 and len(seen) == 2)
+    assert run_stage("ingest", load_config("config.yaml"))[0] == "done"
+    with pytest.raises(UserError):
+        run_stage("ingest", load_config("config.yaml", other))
+    manifest = project / "runs/t/manifest.json"
+    assert json.loads(manifest.read_text())["stages"]["ingest"]["attempt"]["status"] == "failed"
+    assert run_stage("ingest", load_config("config.yaml", other))[0] == "done" and seen[2] == ["progress"]
+    resumable_stub(monkeypatch, seen, lambda ctx: True)  # B's files in place; A fails, then back to B
+    with pytest.raises(UserError):
+        run_stage("ingest", load_config("config.yaml"))
+    assert json.loads(manifest.read_text())["stages"]["ingest"]["attempt"]["status"] == "failed"
+    assert run_stage("ingest", load_config("config.yaml", other))[0] == "up to date"
+    assert "attempt" not in json.loads(manifest.read_text())["stages"]["ingest"]

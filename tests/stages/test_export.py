@@ -294,6 +294,19 @@ def test_push_refuses_an_export_changed_after_it_finished(tmp_path: Path, change
         export_dir(run)  # what push checks first
 
 
+def test_push_refuses_the_files_of_an_earlier_export_while_the_last_one_did_not_finish(tmp_path: Path) -> None:
+    """A re-export that failed leaves the earlier export's files and entry in place (the runner records the attempt
+    beside it): push would upload them with a card of the new config."""
+    from distillery.commands.push import export_dir
+
+    run = finished_export(tmp_path, {"q8_0": b"GGUF q8"})
+    entry = run.stage_entry("export")
+    run.update_stage("export", {**entry, "attempt": {"status": "failed", "fingerprint": "y", "error": "UserError: x"}})
+    with pytest.raises(UserError, match=r"the last export in .* did not finish \(failed: UserError: x\): run "
+                                        r"`distillery export` \(just export-gguf\) first"):
+        export_dir(run)
+
+
 def test_push_refuses_an_export_that_did_not_pass_or_a_type_it_did_not_write(tmp_path: Path) -> None:
     from distillery.commands.push import upload_plan
 
