@@ -16,11 +16,14 @@ def is_junk(path: Path) -> bool:
     return path.name.startswith(("~$", "._")) or "__MACOSX" in path.parts
 
 
-def resolve_paths(spec: str | list[str], suffixes: tuple[str, ...], field: str) -> list[Path]:
+def resolve_paths(spec: str | list[str], suffixes: tuple[str, ...], field: str,
+                  exclude: Path | None = None) -> list[Path]:
     """Expand `spec` into a sorted list of files ending in one of `suffixes`.
 
     A directory contributes its matching files (recursively); a glob its matches with such a suffix (`data/*` by a
-    README: the workbooks); a plain path must exist.
+    README: the workbooks); a plain path must exist. A name that exists as written is that file or directory even
+    where it holds glob characters ("[AI-Hub] 1_구어체.xlsx", "[AI-Hub]/*.xlsx"), unless as a pattern it would also
+    take other files: that is refused as ambiguous. Files in `exclude` (the run's own directory) are left out.
     Junk files (is_junk) are never read, and a file reached twice (through a symlink, or a `**` glob that
     follows a symlinked folder) is read once. Anything that matches nothing is a UserError naming the config
     field and the path.
@@ -30,26 +33,52 @@ def resolve_paths(spec: str | list[str], suffixes: tuple[str, ...], field: str) 
     for item in specs:
         path = Path(item).expanduser()
         kind = existing_kind(path, item, field)
-        if kind == "file":  # first: a real name may hold glob characters ("[AI-Hub] 1_구어체.xlsx")
+        if glob.has_magic(item):
+            matches = [m for m in glob_matches(str(path), suffixes) if not (exclude and inside(m, exclude))]
+            others = [m for m in matches if m != path and not inside(m, path)] if kind is not None else []
+            if others:
+                raise UserError(f"{field}: {item!r} names a {kind} and, read as a pattern, {len(others)} other "
+                                "files. Write its glob characters in brackets ([[] for [, [*] for *) to mean the "
+                                f"{kind} alone, or rename it.")
+            if kind is None:
+                files.extend(no_empty(matches, f"the pattern {item!r} matches", field, suffixes))
+                continue
+        if kind == "file":
+            if exclude and inside(path, exclude):
+                raise UserError(f"{field}: {item} is in this run's own directory {exclude}, which ingest writes "
+                                "into: copy it elsewhere first.")
             files.append(path)
-        elif kind is None and any(ch in item for ch in "*?["):
-            matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True)
-                             if Path(m).is_file() and Path(m).suffix.lower() in suffixes and not is_junk(Path(m)))
-            if not matches:
-                raise UserError(f"{field}: the pattern {item!r} matches no {'/'.join(suffixes)} file. Check the path "
-                                f"(relative to {Path.cwd()}).")
-            files.extend(matches)
         elif kind == "directory":
-            matches = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes and not is_junk(p))
-            if not matches:
-                raise UserError(f"{field}: the directory {item} holds no {'/'.join(suffixes)} file.")
-            files.extend(matches)
-        elif os.path.lexists(path) and not os.path.islink(path):
+            walked = [p for p in walk(path, suffixes) if not (exclude and inside(p, exclude))]
+            files.extend(no_empty(walked, f"the directory {item} holds", field, suffixes))
+        elif os.path.exists(path):
             raise UserError(f"{field}: {item} is neither a file nor a directory (a pipe, a device or a socket): "
                             "point it at your data files.")
         else:
             raise missing_path(item, path, field)
     return once_each(files)
+
+
+def glob_matches(pattern: str, suffixes: tuple[str, ...]) -> list[Path]:
+    """The files a glob matches, with one of `suffixes`, junk left out; the longest leading folder that exists
+    as written is taken literally (a folder named "[AI-Hub]")."""
+    parts = Path(pattern).parts
+    for n in range(len(parts) - 1, 0, -1):
+        if glob.has_magic(str(Path(*parts[:n]))) and os.path.isdir(Path(*parts[:n])):
+            pattern = os.path.join(glob.escape(str(Path(*parts[:n]))), *parts[n:])
+            break
+    return sorted(Path(m) for m in glob.glob(pattern, recursive=True)
+                  if Path(m).is_file() and Path(m).suffix.lower() in suffixes and not is_junk(Path(m)))
+
+
+def walk(directory: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in suffixes and not is_junk(p))
+
+
+def no_empty(matches: list[Path], what: str, field: str, suffixes: tuple[str, ...]) -> list[Path]:
+    if not matches:
+        raise UserError(f"{field}: {what} no {'/'.join(suffixes)} file. Check the path (relative to {Path.cwd()}).")
+    return matches
 
 
 def existing_kind(path: Path, item: str, field: str) -> str | None:
@@ -61,20 +90,6 @@ def existing_kind(path: Path, item: str, field: str) -> str | None:
     except (OSError, ValueError) as err:  # a name too long, a NUL byte
         reason = getattr(err, "strerror", None) or str(err)
         raise UserError(f"{field}: {item!r} is not a usable path ({reason}). Check the path.") from None
-
-
-def walked_folder(item: str) -> Path | None:
-    """The folder below which a spec item takes every file, now and whenever it is read again: a directory, or
-    the fixed part of a `**` glob; None for a file or a one-level glob."""
-    path = Path(item).expanduser()
-    if "**" in item:
-        fixed = []
-        for part in path.parts:
-            if glob.has_magic(part):
-                break
-            fixed.append(part)
-        return Path(*fixed) if fixed else Path(".")
-    return path if path.is_dir() else None
 
 
 def inside(path: Path, directory: Path) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import glob
 import hashlib
 import os
 import signal
@@ -135,17 +136,25 @@ class Unit:
     label: str  # for progress and errors: "aihub-ko-en (뉴스.xlsx)"
 
 
-def plan_units(sources: list[SourceParams]) -> list[Unit]:
-    """The units to read, in the order their records are output."""
+def plan_units(sources: list[SourceParams], exclude: Path | None = None) -> list[Unit]:
+    """The units to read, in the order their records are output. Each names its files as resolved here, never
+    as patterns (a file "[AI-Hub] 1.xlsx"), and none in `exclude` (the run's own directory): a source's reader
+    resolves only those."""
     units = []
     for index, params in enumerate(sources):
         kind = SOURCES[params.kind]
-        if not kind.per_file:
+        field_name = kind.files_field
+        spec = getattr(params, field_name, None)
+        if not spec:  # a Hub dataset
             units.append(Unit(index, params, params.name))
             continue
-        field_name = kind.files_field
-        for path in resolve_paths(getattr(params, field_name), kind.suffixes, f"source {params.name}: {field_name}"):
-            units.append(Unit(index, params.model_copy(update={field_name: str(path)}), f"{params.name} ({path.name})"))
+        files = resolve_paths(spec, kind.suffixes, f"source {params.name}: {field_name}", exclude)
+        named = [glob.escape(str(path)) for path in files]
+        if not kind.per_file:
+            units.append(Unit(index, params.model_copy(update={field_name: named}), params.name))
+            continue
+        for path, name in zip(files, named):
+            units.append(Unit(index, params.model_copy(update={field_name: name}), f"{params.name} ({path.name})"))
     return units
 
 

@@ -550,6 +550,11 @@ def hidden_kinds(path: Path) -> set[str]:
     return found
 
 
+# What openpyxl and the zip and XML parsers raise on a file they cannot follow (a style index that is no number, a
+# part missing from the archive). Distillery's own mistakes (AttributeError, NameError, ...) stay bugs, with a log.
+READER_ERRORS = (ValueError, TypeError, KeyError, IndexError, EOFError, zipfile.BadZipFile, ElementTree.ParseError)
+
+
 class Workbooks:
     """Workbooks read one after another in one child process, each within its budget:
 
@@ -599,7 +604,7 @@ class Workbooks:
             raise self._failed(crash) from None
         except UserError:
             raise
-        except Exception as err:  # noqa: BLE001 - what a reader raised on this file, transported from the child
+        except READER_ERRORS as err:  # what a reader raised on this file, transported from the child
             raise self._unreadable(err) from None
         self._streaming = False
 
@@ -627,7 +632,7 @@ class Workbooks:
             raise self._failed(crash) from None
         except UserError:
             raise
-        except Exception as err:  # noqa: BLE001 - what a reader raised on this file, transported from the child
+        except READER_ERRORS as err:  # what a reader raised on this file, transported from the child
             raise self._unreadable(err) from None
 
     def _unreadable(self, err: Exception) -> UserError:

@@ -28,7 +28,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from distillery.sources import SOURCES, SourceReport
-from distillery.sources.files import inside, resolve_paths, walked_folder
+from distillery.sources.files import resolve_paths
 from distillery.sources.shards import (Shard, SourceRows, input_bytes, merge_reports, plan_units, rank, read_units,
                                        worker_count)
 from distillery.config import DistilleryConfig
@@ -54,34 +54,24 @@ def input_files(cfg: DistilleryConfig) -> list[Path]:
         spec = getattr(source, kind.files_field, None)
         if spec:
             field = f"ingest.sources.{i}.{kind.files_field} ({source.name})"
-            files.extend(refuse_own_run(spec, resolve_paths(spec, kind.suffixes, field), field, cfg))
+            files.extend(resolve_paths(spec, kind.suffixes, field, own_run(cfg)))
     if cfg.ingest.decontaminate.enabled:  # the evaluation sets: a changed test file redoes the check
         files.extend(evaluate_data_files(cfg.evaluate.data, cfg.evaluate.split)[0])
         files.extend(against_files(cfg.ingest.decontaminate.against))
     return files
 
 
-def refuse_own_run(spec: str | list[str], files: list[Path], field: str, cfg: DistilleryConfig) -> list[Path]:
-    """A source that reaches this run's own directory would read back what ingest writes there: a folder like `.`
-    that holds runs/ is walked again by its reader while the shards are being written, without end."""
-    run = RunDir(cfg.run.root, cfg.run.name).path
-    folders = [folder for item in ([spec] if isinstance(spec, str) else spec) if (folder := walked_folder(item))]
-    holding = next((folder for folder in folders if inside(run, folder)), None)
-    if holding is not None:
-        raise UserError(f"{field}: the folder {holding} holds this run's own directory {run}, which ingest writes "
-                        "into: it would read back its own output. Point the source at your data folder (e.g. data/).")
-    ours = next((path for path in files if inside(path, run)), None)
-    if ours is not None:
-        raise UserError(f"{field}: {ours} is in this run's own directory {run}, which ingest writes into: copy it "
-                        "elsewhere first.")
-    return files
+def own_run(cfg: DistilleryConfig) -> Path:
+    """The run's own directory, which no source reads from: ingest writes its shards and outputs there (`files: .`
+    in a project holding runs/ read back what it was writing, without end)."""
+    return RunDir(cfg.run.root, cfg.run.name).path
 
 
 def read_sources(cfg: DistilleryConfig, console, directory: Path) -> list[tuple[SourceRows, SourceReport]]:
     """Read every source into shards under `directory` (one process per core for large inputs), with a progress
     line per source; returns each source's rows and report."""
     sources = cfg.ingest.sources
-    units = plan_units(sources)
+    units = plan_units(sources, own_run(cfg))
     workers = worker_count(cfg.ingest.workers, units, input_bytes(units))
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bars:

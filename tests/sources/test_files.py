@@ -55,10 +55,21 @@ def test_a_glob_reads_only_the_kind_of_file_it_is_for(tmp_path: Path) -> None:
 def test_a_file_whose_name_holds_glob_characters_is_read_as_named(tmp_path: Path) -> None:
     """AI-Hub downloads are named like "[AI-Hub] 1_구어체.xlsx": given as such, or found in a folder (ingest then
     reads each file by its path), `[` began a glob pattern that matched nothing."""
-    good = aihub.write_layout(tmp_path / "d" / "[AI-Hub] 1_구어체*?.xlsx", "구어체")
+    good = aihub.write_layout(tmp_path / "[AI-Hub] d" / "[AI-Hub] 1_구어체*?.xlsx", "구어체")
     assert resolve_paths(str(good), XLSX, "path") == [good]
-    assert resolve_paths(str(tmp_path / "d"), XLSX, "path") == [good]
-    assert resolve_paths(str(tmp_path / "d" / "*.xlsx"), XLSX, "path") == [good]
+    assert resolve_paths(str(good.parent), XLSX, "path") == [good]
+    assert resolve_paths(str(good.parent / "*.xlsx"), XLSX, "path") == [good]  # the folder's name taken as written
+
+
+def test_a_name_that_is_a_file_and_a_pattern_of_other_files_is_refused_as_ambiguous(tmp_path: Path) -> None:
+    """`[ab].xlsx` beside a.xlsx and b.xlsx read those two; read as the one file, it would silently change what an
+    existing config reads."""
+    for name in ("a.xlsx", "b.xlsx", "[ab].xlsx"):
+        aihub.write_layout(tmp_path / name, "구어체")
+    with pytest.raises(UserError, match=r"path: '.*\[ab\].xlsx' names a file and, read as a pattern, 2 other files. "
+                                        r"Write its glob characters in brackets \(\[\[\] for \["):
+        resolve_paths(str(tmp_path / "[ab].xlsx"), XLSX, "path")
+    assert resolve_paths(str(tmp_path / "[[]ab].xlsx"), XLSX, "path") == [tmp_path / "[ab].xlsx"]
 
 
 @pytest.mark.parametrize("name, reason", [("a\0b*.xlsx", "holds a null byte, which no path can"),
