@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import unicodedata
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -116,12 +117,18 @@ def load_json_line(line: str) -> Any:
     try:
         return orjson.loads(line)
     except orjson.JSONDecodeError:
-        return without_lone_surrogates(json.loads(line))
+        return without_lone_surrogates(json.loads(line), line)
 
 
-def without_lone_surrogates(value: Any) -> Any:
-    """`value` as json.loads read it, refusing a lone UTF-16 surrogate escape ("\\ud800"): json accepts one (orjson
-    does not), and the text it makes cannot be written as UTF-8, so it failed far from the line that held it."""
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def without_lone_surrogates(value: Any, text: str) -> Any:
+    """`value`, which json.loads read from `text`, refusing a lone UTF-16 surrogate escape ("\\ud800"): json accepts
+    one (orjson does not), and the text it makes cannot be written as UTF-8, so it failed far from the line that
+    held it. Only text that holds such an escape is looked at again."""
+    if not SURROGATE_ESCAPE.search(text):
+        return value
     try:
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as err:
@@ -201,7 +208,7 @@ def read_json_value(path: Path) -> Any:
     under a .json name, as datasets' Dataset.to_json writes them). Not UTF-8 or not JSON is a UserError."""
     text = read_utf8(path)
     try:
-        return without_lone_surrogates(json.loads(text))
+        return without_lone_surrogates(json.loads(text), text)
     except (ValueError, RecursionError) as err:
         if not isinstance(err, json.JSONDecodeError):
             raise UserError(f"{path}: not valid JSON ({json_reason(err)}).") from None

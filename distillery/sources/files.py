@@ -30,12 +30,18 @@ def resolve_paths(spec: str | list[str], suffixes: tuple[str, ...], field: str,
     """
     specs = [spec] if isinstance(spec, str) else list(spec)
     files: list[Path] = []
+    excluded = os.path.realpath(exclude) if exclude else None
+
+    def kept(paths: list[Path]) -> list[Path]:
+        return [p for p in paths if not inside(p, excluded)] if excluded else paths
+
     for item in specs:
         path = Path(item).expanduser()
         kind = existing_kind(path, item, field)
         if glob.has_magic(item):
-            matches = [m for m in glob_matches(str(path), suffixes) if not (exclude and inside(m, exclude))]
-            others = [m for m in matches if m != path and not inside(m, path)] if kind is not None else []
+            matches = kept(glob_matches(str(path), suffixes))
+            itself = os.path.realpath(path)
+            others = [m for m in matches if not inside(m, itself)] if kind is not None else []
             if others:
                 raise UserError(f"{field}: {item!r} names a {kind} and, read as a pattern, {len(others)} other "
                                 "files. Write its glob characters in brackets ([[] for [, [*] for *) to mean the "
@@ -44,12 +50,12 @@ def resolve_paths(spec: str | list[str], suffixes: tuple[str, ...], field: str,
                 files.extend(no_empty(matches, f"the pattern {item!r} matches", field, suffixes))
                 continue
         if kind == "file":
-            if exclude and inside(path, exclude):
+            if not kept([path]):
                 raise UserError(f"{field}: {item} is in this run's own directory {exclude}, which ingest writes "
                                 "into: copy it elsewhere first.")
             files.append(path)
         elif kind == "directory":
-            walked = [p for p in walk(path, suffixes) if not (exclude and inside(p, exclude))]
+            walked = kept(walk(path, suffixes))
             files.extend(no_empty(walked, f"the directory {item} holds", field, suffixes))
         elif os.path.exists(path):
             raise UserError(f"{field}: {item} is neither a file nor a directory (a pipe, a device or a socket): "
@@ -92,9 +98,9 @@ def existing_kind(path: Path, item: str, field: str) -> str | None:
         raise UserError(f"{field}: {item!r} is not a usable path ({reason}). Check the path.") from None
 
 
-def inside(path: Path, directory: Path) -> bool:
-    """Whether `path` (followed through symbolic links) lies in `directory`."""
-    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(directory))
+def inside(path: Path, directory: str) -> bool:
+    """Whether `path` (followed through symbolic links) lies in `directory` (a real path)."""
+    return Path(os.path.realpath(path)).is_relative_to(directory)
 
 
 def once_each(files: list[Path]) -> list[Path]:
