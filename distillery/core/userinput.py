@@ -47,7 +47,8 @@ def missing_path(item: str, path: Path, field: str, hint: str = "") -> UserError
                                  "which leads back to itself). Point it at the real file or directory.")
         return UserError(f"{field}: {item} is a symbolic link to {os.readlink(path)}, which does not exist. "
                          "Fix or remove the link.")
-    return UserError(f"{field}: {item} does not exist. Check the path (relative to {Path.cwd()}). {hint}".strip())
+    shown = item if item.isprintable() and item.strip() else ascii(item)  # a name of spaces or zero-width characters
+    return UserError(f"{field}: {shown} does not exist. Check the path (relative to {Path.cwd()}). {hint}".strip())
 
 
 def read_utf8(path: Path, limit: int | None = None) -> str:

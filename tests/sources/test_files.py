@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,10 @@ def test_a_pipe_given_by_name_is_named_as_what_it_is(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "data.xlsx")
     with pytest.raises(UserError, match=r"path: .*data.xlsx is neither a file nor a directory \(a pipe, a device"):
         resolve_paths(str(tmp_path / "data.xlsx"), XLSX, "path")
+
+
+@pytest.mark.parametrize("name", ["\u200b", " "])
+def test_a_missing_name_that_shows_nothing_is_shown_escaped(tmp_path: Path, name: str, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=f"path: {re.escape(ascii(name))} does not exist"):
+        resolve_paths(name, XLSX, "path")
