@@ -43,6 +43,7 @@ def test_demo_runs_every_stage_offline_then_is_up_to_date(tmp_path: Path) -> Non
     verify = json.loads((run / "export" / "verify.json").read_text())
     assert sorted(p.name for p in (run / "export" / "gguf").glob("*.gguf")) == ["SmolLM2-135M-Instruct-Q8_0.gguf"]
     assert verify["passed"] is True and verify["timings"]["merge"]["dtype"] == "fp16"  # the demo's export.dtype
+    assert verify["timings"]["merge"]["method"] == "streamed"
     assert "held-out question" in first.stdout
     assert "kernels-community" not in first.stdout + first.stderr  # bitsandbytes' import-time noise, silenced
     heldout = json.loads((run / "evaluate" / "heldout.json").read_text())

@@ -16,6 +16,7 @@ import yaml
 from distillery.core import tiny_qwen2
 from distillery.core.records import read_jsonl
 from distillery.export.llama_build import fetch_sdist
+from tests.e2e.test_tiny_r1 import gguf_metadata
 
 ROOT = Path(__file__).resolve().parents[2]
 IM_END = "<|im_end|>"
@@ -67,16 +68,15 @@ def test_chatml_rows_end_their_turn_with_im_end(chatml_run) -> None:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_the_chatml_gguf_carries_qwen2s_tokenizer_template_and_end_token(chatml_run) -> None:
-    from gguf import GGUFReader
     from transformers import AutoTokenizer
 
     run, model, chat = chatml_run
     tokenizer = AutoTokenizer.from_pretrained(model)
     [gguf] = sorted((run / "export" / "gguf").glob("*.gguf"))
-    fields = GGUFReader(gguf).fields
-    assert fields["tokenizer.ggml.pre"].contents() == "qwen2"
-    assert fields["tokenizer.chat_template"].contents() == tokenizer.chat_template
-    assert fields["tokenizer.ggml.eos_token_id"].contents() == tokenizer.convert_tokens_to_ids(IM_END)
+    fields = gguf_metadata(gguf)
+    assert fields["tokenizer.ggml.pre"] == "qwen2"
+    assert fields["tokenizer.chat_template"] == tokenizer.chat_template
+    assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.convert_tokens_to_ids(IM_END)
     modelfile = gguf.with_suffix(".Modelfile").read_text()
     assert f'PARAMETER stop "{IM_END}"' in modelfile and "<|im_start|>assistant\n" in modelfile
     assert chat.returncode == 0 and "chat template from the GGUF" in chat.stdout, chat.stderr[-2000:]
