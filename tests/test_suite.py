@@ -36,3 +36,13 @@ def test_a_native_crash_fails_only_its_test_and_is_named(tmp_path: Path) -> None
     assert done.returncode == 1, output
     assert "1 failed, 2 passed" in output, output
     assert "FAILED test_crashy.py::test_segfaults" in output and "crashed while running" in output, output
+
+
+def test_setup_leaves_out_the_scikit_learn_that_transformers_would_import_in_every_model_process() -> None:
+    """lm-eval declares scikit-learn and never imports it for MathQA; installed, transformers imports it whenever
+    a process loads a model (1.3 s each: over a minute of a demo's child processes). `just setup` installs lm-eval
+    with --no-deps; this fails where a change brings scikit-learn back."""
+    import importlib.util
+
+    assert importlib.util.find_spec("sklearn") is None
+    assert importlib.util.find_spec("lm_eval") is not None
