@@ -40,8 +40,8 @@ def test_a_native_crash_fails_only_its_test_and_is_named(tmp_path: Path) -> None
 
 def test_setup_leaves_out_the_scikit_learn_that_transformers_would_import_in_every_model_process() -> None:
     """lm-eval declares scikit-learn and never imports it for MathQA; installed, transformers imports it whenever
-    a process loads a model (1.3 s each on a 2-core CPU, in every stage's child processes). `just setup` installs lm-eval
-    with --no-deps; this fails where a change brings scikit-learn back."""
+    a process loads a model (1.3 s each on a 2-core CPU, in every stage's child processes). `just setup` installs
+    lm-eval with --no-deps; this fails where a change brings scikit-learn back."""
     import importlib.util
 
     assert importlib.util.find_spec("sklearn") is None
