@@ -205,12 +205,14 @@ def chat_command(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
                  system: Annotated[Optional[str], typer.Option("--system", help="A system message.")] = None,
                  max_tokens: Annotated[int, typer.Option("--max-tokens", help="Longest answer.")] = 256,
                  temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy.")] = 0.0,
+                 context: Annotated[int, typer.Option("--context", help="llama.cpp's context in tokens: the "
+                                                      "conversation and the answer.")] = 4096,
                  verbose: VerboseOpt = False) -> None:
     """Chat with the exported GGUF in llama.cpp (its embedded chat template), streaming the answer."""
     from distillery.commands.chat import chat
 
     _with_config("chat", config, set_, verbose,
-                 lambda cfg: chat(cfg, console, gguf, prompt, system, max_tokens, temperature))
+                 lambda cfg: chat(cfg, console, gguf, prompt, system, max_tokens, temperature, context))
 
 
 def main() -> None:

@@ -54,7 +54,8 @@ def _stream_chat(state: dict[str, Any], emit: Any, messages: list[dict[str, str]
             emit(piece)
 
 
-CONTEXT = 4096  # llama.cpp's context for a chat: the conversation and the answer
+CONTEXT = 4096  # llama.cpp's context for a chat by default (--context): the conversation and the answer
+MIN_CONTEXT = 64
 
 
 class ContextFull(Exception):
@@ -78,17 +79,21 @@ def answer(llama: LlamaChild, console: Any, messages: list[dict[str, str]], max_
     return text
 
 
-def open_gguf(path: Path) -> LlamaChild:
+def open_gguf(path: Path, context: int = CONTEXT) -> LlamaChild:
     try:
-        return LlamaChild(path, "chatting with", n_ctx=CONTEXT)
+        return LlamaChild(path, "chatting with", n_ctx=context)
     except GGUFLoadError as err:
         raise UserError(f"{err}. Chat with a GGUF that `distillery export` wrote (--gguf: a file in the run's "
                         "export/gguf/ or a type like q8_0).") from None
 
 
-def check_sampling(max_tokens: int, temperature: float) -> None:
+def check_sampling(max_tokens: int, temperature: float, context: int = CONTEXT) -> None:
     """llama-cpp-python reads --max-tokens 0 or below as 'until the context is full' and samples garbage at a
-    negative, infinite or NaN temperature, all without a word: each is refused before the model loads."""
+    negative, infinite or NaN temperature, all without a word: each is refused before the model loads, as is a
+    context too small for a chat template and an answer."""
+    if context < MIN_CONTEXT:
+        raise UserError(f"--context {context}: llama.cpp's context holds the conversation and the answer; pass at "
+                        f"least {MIN_CONTEXT} tokens, e.g. --context {CONTEXT} (the default).")
     if max_tokens < 1:
         raise UserError(f"--max-tokens {max_tokens}: an answer is at least 1 token; pass the most tokens an answer "
                         "may have, e.g. --max-tokens 256.")
@@ -118,25 +123,26 @@ def check_text(prompt: str | None, system: str | None) -> None:
 
 
 def chat(cfg: DistilleryConfig, console: Any, gguf: str | None, prompt: str | None, system: str | None,
-         max_tokens: int, temperature: float) -> None:
-    check_sampling(max_tokens, temperature)
+         max_tokens: int, temperature: float, context: int = CONTEXT) -> None:
+    check_sampling(max_tokens, temperature, context)
     check_text(prompt, system)
     path = find_gguf(cfg, gguf)
     console.print(f"[dim]{escape(str(path))} (llama.cpp, chat template from the GGUF)[/]")
     messages = [{"role": "system", "content": system}] if system else []
-    with open_gguf(path) as llama:
+    with open_gguf(path, context) as llama:
         if prompt is not None:
             messages.append({"role": "user", "content": prompt})
             try:
                 answer(llama, console, messages, max_tokens, temperature, cfg.run.seed)
             except ContextFull as err:
-                raise UserError(f"--prompt does not fit llama.cpp's context of {CONTEXT} tokens ({err}): shorten "
-                                "it.") from None
+                raise UserError(f"--prompt does not fit llama.cpp's context of {context} tokens ({err}): shorten "
+                                "it or pass a larger --context.") from None
             return
         console.print("[dim]Type a message; an empty line, /exit or Ctrl-D ends the chat.[/]")
         while (text := read_message(console)) is not None:
             messages.append({"role": "user", "content": text})
-            reply = answer_within_context(llama, console, messages, bool(system), max_tokens, temperature, cfg.run.seed)
+            reply = answer_within_context(llama, console, messages, bool(system), max_tokens, temperature,
+                                          cfg.run.seed, context)
             if reply is not None:
                 messages.append({"role": "assistant", "content": reply})
 
@@ -162,7 +168,7 @@ def read_message(console: Any) -> str | None:
 
 
 def answer_within_context(llama: LlamaChild, console: Any, messages: list[dict[str, str]], system: bool,
-                          max_tokens: int, temperature: float, seed: int) -> str | None:
+                          max_tokens: int, temperature: float, seed: int, context: int = CONTEXT) -> str | None:
     """The answer to the last message, dropping the oldest exchanges while the conversation does not fit the
     context; None (and the message taken back) when the message alone does not fit."""
     while True:
@@ -173,8 +179,8 @@ def answer_within_context(llama: LlamaChild, console: Any, messages: list[dict[s
             console.out("")
             if len(messages) <= 1 + system:
                 messages.pop()
-                console.print(f"[yellow]that message does not fit llama.cpp's context of {CONTEXT} tokens: send a "
-                              "shorter one[/]")
+                console.print(f"[yellow]that message does not fit llama.cpp's context of {context} tokens: send a "
+                              "shorter one (or chat again with a larger --context)[/]")
                 return None
             del messages[system:system + 2]  # the oldest exchange
             console.print("[dim](the conversation outgrew llama.cpp's context: its oldest exchange was dropped)[/]")

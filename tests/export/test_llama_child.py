@@ -119,15 +119,16 @@ def test_chat_with_a_file_that_is_not_a_gguf_or_a_prompt_past_the_context_is_one
 
 
 def test_an_interactive_chat_that_outgrows_the_context_drops_its_oldest_exchange(tmp_path: Path) -> None:
-    """A conversation past llama.cpp's context ended the chat with a traceback (and lost it)."""
+    """A conversation past llama.cpp's context ended the chat with a traceback (and lost it). A context of 256
+    tokens: one message of 320 words cannot fit, two of 160 words cannot fit together."""
     pytest.importorskip("llama_cpp")
     config = demo_config(tmp_path)
-    turns = "Hi!\n" + "word " * 5000 + "\n" + ("word " * 2500 + "\n") * 2 + "/exit\n"
+    turns = "Hi!\n" + "word " * 320 + "\n" + ("word " * 160 + "\n") * 2 + "/exit\n"
     result = subprocess.run([sys.executable, "-m", "distillery", "chat", "-c", str(config), "--gguf",
-                             str(bundled_gguf()), "--max-tokens", "48"], cwd=ROOT, input=turns,
+                             str(bundled_gguf()), "--max-tokens", "48", "--context", "256"], cwd=ROOT, input=turns,
                             capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "400"})
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "that message does not fit llama.cpp's context" in result.stdout  # the 5000 words: taken back
+    assert "that message does not fit llama.cpp's context of 256 tokens" in result.stdout  # the 320 words: taken back
     assert "its oldest exchange was dropped" in result.stdout and result.stdout.count("model> ") >= 3
 
 

@@ -152,18 +152,20 @@ def test_chat_with_an_unknown_gguf_lists_the_available_ones(exported) -> None:
     assert result.returncode == 2 and f"{STEM}-Q8_0.gguf" in result.stdout and "Traceback" not in result.stdout
 
 
-@pytest.mark.parametrize("max_tokens, temperature, says", [
-    (0, 0.0, "--max-tokens 0: an answer is at least 1 token"), (-3, 0.0, "--max-tokens -3"),
-    (256, -1.0, "--temperature -1.0: a temperature is a finite number, 0 or more"),
-    (256, float("nan"), "--temperature nan"), (256, float("inf"), "--temperature inf")])
-def test_chat_refuses_a_length_or_temperature_llama_cpp_would_misread(tmp_path: Path, max_tokens: int,
-                                                                      temperature: float, says: str) -> None:
-    """--max-tokens 0 or below answered until the context was full; a negative temperature sampled garbage."""
+@pytest.mark.parametrize("max_tokens, temperature, context, says", [
+    (0, 0.0, 4096, "--max-tokens 0: an answer is at least 1 token"), (-3, 0.0, 4096, "--max-tokens -3"),
+    (256, -1.0, 4096, "--temperature -1.0: a temperature is a finite number, 0 or more"),
+    (256, float("nan"), 4096, "--temperature nan"), (256, float("inf"), 4096, "--temperature inf"),
+    (256, 0.0, 0, "--context 0: llama.cpp's context holds the conversation and the answer; pass at least 64")])
+def test_chat_refuses_a_length_temperature_or_context_llama_cpp_would_misread(
+        tmp_path: Path, max_tokens: int, temperature: float, context: int, says: str) -> None:
+    """--max-tokens 0 or below answered until the context was full; a negative temperature sampled garbage;
+    llama-cpp-python reads a context of 0 as the model's own (up to 128k tokens of cache for R1)."""
     from distillery.commands.chat import chat
     from distillery.core.console import console
 
     with pytest.raises(UserError, match=re.escape(says)):  # before any GGUF is looked for: this run has none
-        chat(load_config(demo_config(tmp_path)), console, None, "hi", None, max_tokens, temperature)
+        chat(load_config(demo_config(tmp_path)), console, None, "hi", None, max_tokens, temperature, context)
 
 
 @pytest.mark.parametrize("prompt, system, says", [("caf\udce9", None, "--prompt is not UTF-8 text (byte 0xe9 at "
