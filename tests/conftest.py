@@ -34,13 +34,14 @@ def pin_this_worker() -> None:
         os.sched_setaffinity(0, cores[int(worker[2:]) % count::count])
 
 
-# Seconds each of the longest files took in a full run on 2 cores (2026-12-05); only the order below reads them.
-LONGEST_FILES = {"tests/stages/test_finetune_ddp.py": 242, "tests/stages/test_distill_kd.py": 200,
-                 "tests/stages/test_finetune.py": 185, "tests/e2e/test_demo.py": 163, "tests/e2e/test_tiny_r1.py": 134,
-                 "tests/stages/test_export.py": 114, "tests/stages/test_finetune_full.py": 87,
-                 "tests/e2e/test_tiny_chatml.py": 76, "tests/evals/test_harness_identity.py": 35,
-                 "tests/export/test_llama_child.py": 35, "tests/stages/test_distill_server.py": 32,
-                 "tests/stages/test_distill.py": 30}
+# Seconds each of the longest files took in a full run on 2 cores (2026-12-06); only the order below reads them.
+LONGEST_FILES = {"tests/stages/test_finetune.py": 214, "tests/stages/test_distill_kd.py": 212,
+                 "tests/stages/test_finetune_ddp.py": 192, "tests/e2e/test_demo.py": 177, "tests/e2e/test_tiny_r1.py": 113,
+                 "tests/stages/test_finetune_full.py": 90, "tests/stages/test_export.py": 77,
+                 "tests/e2e/test_tiny_chatml.py": 63, "tests/export/test_llama_child.py": 52,
+                 "tests/evals/test_harness_identity.py": 44, "tests/stages/test_distill_server.py": 36,
+                 "tests/evals/test_gguf_backend.py": 36, "tests/evals/test_heldout.py": 32,
+                 "tests/export/test_streamed_merge.py": 31, "tests/stages/test_evaluate.py": 31}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
