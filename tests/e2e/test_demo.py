@@ -16,9 +16,10 @@ STAGES = ("ingest", "format", "finetune", "export", "evaluate")
 
 
 # The demo's own config and stages; fewer steps and items than `just demo` to keep the suite short.
-# One quant type: every type is written and decoded in tests/export/test_llama_child.py.
+# One quant type: every type is written and decoded in tests/export/test_llama_child.py. Held-out loss only: the
+# generated answers and their metrics go through the pipeline in tests/e2e/test_tiny_r1.py.
 LIGHTER = ("finetune.max_steps=8", "finetune.save_steps=4", "finetune.sample_prompts=0",
-           "evaluate.heldout.limit=2", "evaluate.heldout.max_new_tokens=16", "export.quantizations=[q8_0]",
+           "evaluate.heldout.limit=2", "evaluate.heldout.generate=0", "export.quantizations=[q8_0]",
            "export.outtype=q8_0")
 
 

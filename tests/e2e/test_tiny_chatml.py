@@ -40,9 +40,9 @@ def chatml_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProces
             {"name": "gsm", "kind": "hf", "files": str(ROOT / "configs/samples/hf/gsm_instructions.jsonl"),
              "format": "columns", "columns": {"user": "INSTRUCTION", "assistant": "RESPONSE"}, "max_records": 24}]},
         "format": {"template": "chat", "max_length": 512},
-        "finetune": {"backend": "unsloth", "max_steps": 4, "save_steps": 2, "batch_size": 4, "sample_prompts": 1,
+        "finetune": {"backend": "unsloth", "max_steps": 4, "save_steps": 2, "batch_size": 4, "sample_prompts": 0,
                      "lora": {"r": 8, "alpha": 16}, "gradient_checkpointing": False},
-        "export": {"quantizations": ["q8_0"]},
+        "export": {"quantizations": ["q8_0"], "outtype": "q8_0"},
         "evaluate": {"enabled": False},
     }
     path = work / "chatml.yaml"

@@ -587,13 +587,13 @@ use_cpu: true
 
 @pytest.mark.integration
 def test_multiple_choice_objective_lowers_its_loss_under_accelerate_launch(tmp_path: Path) -> None:
-    # Two examples, batch 2: every step sees the same batch, so the loss must fall. Launched the way several
-    # GPUs are (accelerate launch + job file), with a one-process CPU accelerate config.
+    # One example, batch 1: every step sees the same batch (its five options), so the loss must fall. Launched the
+    # way several GPUs are (accelerate launch + job file), with a one-process CPU accelerate config.
     accelerate = tmp_path / "accelerate.yaml"
     accelerate.write_text(CPU_ACCELERATE, encoding="utf-8")
     config = write_project(tmp_path, {"backend": "hf", "objective": "multiple_choice", "max_steps": 3,
-                                      "batch_size": 2, "learning_rate": 1e-3, "save_steps": 3,
-                                      "accelerate_config": str(accelerate)}, mathqa=True, rows=2)
+                                      "batch_size": 1, "learning_rate": 1e-3, "save_steps": 3, "sample_prompts": 0,
+                                      "accelerate_config": str(accelerate)}, mathqa=True, rows=1)
     done = cli(config, "--set", "ingest.eval_fraction=0", "--set", "format.template=qa")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "accelerate launch" in " ".join(done.stdout.split())
