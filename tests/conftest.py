@@ -35,13 +35,14 @@ def pin_this_worker() -> None:
 
 
 # Seconds each of the longest files took in a full run on 2 cores (2026-12-06); only the order below reads them.
-LONGEST_FILES = {"tests/stages/test_finetune.py": 214, "tests/stages/test_distill_kd.py": 212,
-                 "tests/stages/test_finetune_ddp.py": 192, "tests/e2e/test_demo.py": 177, "tests/e2e/test_tiny_r1.py": 113,
-                 "tests/stages/test_finetune_full.py": 90, "tests/stages/test_export.py": 77,
-                 "tests/e2e/test_tiny_chatml.py": 63, "tests/export/test_llama_child.py": 52,
-                 "tests/evals/test_harness_identity.py": 44, "tests/stages/test_distill_server.py": 36,
-                 "tests/evals/test_gguf_backend.py": 36, "tests/evals/test_heldout.py": 32,
-                 "tests/export/test_streamed_merge.py": 31, "tests/stages/test_evaluate.py": 31}
+LONGEST_FILES = {"tests/stages/test_distill_kd.py": 201, "tests/stages/test_finetune_ddp.py": 179,
+                 "tests/stages/test_finetune.py": 174, "tests/e2e/test_demo.py": 155, "tests/e2e/test_tiny_r1.py": 108,
+                 "tests/stages/test_finetune_full.py": 85, "tests/stages/test_export.py": 72,
+                 "tests/e2e/test_tiny_chatml.py": 60, "tests/export/test_llama_child.py": 43,
+                 "tests/evals/test_harness_identity.py": 41, "tests/stages/test_distill_server.py": 33,
+                 "tests/evals/test_gguf_backend.py": 30, "tests/stages/test_evaluate.py": 29,
+                 "tests/stages/test_distill.py": 24, "tests/export/test_streamed_merge.py": 23,
+                 "tests/evals/test_heldout.py": 22}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
