@@ -44,5 +44,7 @@ def test_setup_leaves_out_the_scikit_learn_that_transformers_would_import_in_eve
     lm-eval with --no-deps; this fails where a change brings scikit-learn back."""
     import importlib.util
 
-    assert importlib.util.find_spec("sklearn") is None
+    assert importlib.util.find_spec("sklearn") is None, (
+        "scikit-learn is installed in this venv (set up before December 2026?): remove it with `.venv/bin/python -m "
+        "pip uninstall scikit-learn scipy`")
     assert importlib.util.find_spec("lm_eval") is not None
