@@ -83,6 +83,9 @@ def open_gguf(path: Path, context: int = CONTEXT) -> LlamaChild:
     try:
         return LlamaChild(path, "chatting with", n_ctx=context)
     except GGUFLoadError as err:
+        if context > CONTEXT and "context" in str(err):
+            raise UserError(f"{err}: --context {context} asks for a key/value cache of that many tokens; pass a "
+                            f"smaller --context (the default is {CONTEXT}).") from None
         raise UserError(f"{err}. Chat with a GGUF that `distillery export` wrote (--gguf: a file in the run's "
                         "export/gguf/ or a type like q8_0).") from None
 
