@@ -165,9 +165,9 @@ def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[st
     fp, inputs = fingerprint(stage, cfg, run)
     accepted = recorded_fingerprint(stage, cfg, run, fp, inputs)  # fp, or what a run recorded by an older version
     if not force and up_to_date(run, name, accepted, inputs) and not attempt_to_resume(stage, run, fp, accepted):
-        console.print(f"[green]{name}[/]: up to date ({accepted[:12]}), nothing to do; --force redoes it."
-                      + set_aside_attempt(run, name))
         entry = run.stage_entry(name) or {}
+        console.print(f"[green]{name}[/]: up to date ({accepted[:12]}), nothing to do; --force redoes it."
+                      + set_aside_attempt(run, name, entry))
         summary = [tuple(row) for row in entry.get("summary", [])]
         return "up to date", StageResult(metrics=entry.get("metrics", {}), summary=summary), 0.0
 
@@ -259,10 +259,9 @@ def attempt_to_resume(stage: Stage, run: RunDir, fp: str, accepted: str) -> bool
             and any(partial.iterdir()))
 
 
-def set_aside_attempt(run: RunDir, name: str) -> str:
-    """Drop the record of an attempt that did not finish from an entry found up to date (its files are this
-    config's); what to say about it."""
-    entry = run.stage_entry(name) or {}
+def set_aside_attempt(run: RunDir, name: str, entry: dict) -> str:
+    """Drop the record of an attempt that did not finish from `entry`, the stage's entry found up to date (its files
+    are this config's); what to say about it."""
     attempt = entry.pop("attempt", None)
     if attempt is None:
         return ""

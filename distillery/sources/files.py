@@ -73,12 +73,15 @@ def glob_matches(pattern: str, suffixes: tuple[str, ...]) -> list[Path]:
         if glob.has_magic(str(Path(*parts[:n]))) and os.path.isdir(Path(*parts[:n])):
             pattern = os.path.join(glob.escape(str(Path(*parts[:n]))), *parts[n:])
             break
-    return sorted(Path(m) for m in glob.glob(pattern, recursive=True)
-                  if Path(m).is_file() and Path(m).suffix.lower() in suffixes and not is_junk(Path(m)))
+    return sorted(p for p in map(Path, glob.glob(pattern, recursive=True)) if is_data_file(p, suffixes))
 
 
 def walk(directory: Path, suffixes: tuple[str, ...]) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in suffixes and not is_junk(p))
+    return sorted(p for p in directory.rglob("*") if is_data_file(p, suffixes))
+
+
+def is_data_file(path: Path, suffixes: tuple[str, ...]) -> bool:
+    return path.is_file() and path.suffix.lower() in suffixes and not is_junk(path)
 
 
 def no_empty(matches: list[Path], what: str, field: str, suffixes: tuple[str, ...]) -> list[Path]:

@@ -16,6 +16,7 @@ import gc
 import glob
 import hashlib
 import os
+import shutil
 import signal
 from array import array
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
@@ -118,8 +119,6 @@ def write_shard(records: Iterable[dict], path: Path, report: SourceReport, seed:
 def check_free_disk(path: Path, written: int, source: str) -> None:
     """A source whose records would fill the disk stops with a message, before the disk is full: a small
     workbook can make huge records (a thousand long column names, each in every record's meta)."""
-    import shutil
-
     if shutil.disk_usage(path.parent).free < DISK_RESERVE:
         raise UserError(f"source {source}: its records take {size_text(written)} so far, and the disk holding "
                         f"{path.parent} has less than {size_text(DISK_RESERVE)} left. Free some space, or check the "
