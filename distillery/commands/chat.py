@@ -55,7 +55,7 @@ def _stream_chat(state: dict[str, Any], emit: Any, messages: list[dict[str, str]
 
 
 CONTEXT = 4096  # llama.cpp's context for a chat by default (--context): the conversation and the answer
-MIN_CONTEXT = 64
+MIN_CONTEXT, MAX_CONTEXT = 64, 1 << 24  # llama.cpp keeps n_ctx in 32 bits: 2**32 would wrap to 0, "the model's own"
 
 
 class ContextFull(Exception):
@@ -94,9 +94,9 @@ def check_sampling(max_tokens: int, temperature: float, context: int = CONTEXT) 
     """llama-cpp-python reads --max-tokens 0 or below as 'until the context is full' and samples garbage at a
     negative, infinite or NaN temperature, all without a word: each is refused before the model loads, as is a
     context too small for a chat template and an answer."""
-    if context < MIN_CONTEXT:
-        raise UserError(f"--context {context}: llama.cpp's context holds the conversation and the answer; pass at "
-                        f"least {MIN_CONTEXT} tokens, e.g. --context {CONTEXT} (the default).")
+    if not MIN_CONTEXT <= context <= MAX_CONTEXT:
+        raise UserError(f"--context {context}: llama.cpp's context holds the conversation and the answer; pass from "
+                        f"{MIN_CONTEXT} to {MAX_CONTEXT:,} tokens, e.g. --context {CONTEXT} (the default).")
     if max_tokens < 1:
         raise UserError(f"--max-tokens {max_tokens}: an answer is at least 1 token; pass the most tokens an answer "
                         "may have, e.g. --max-tokens 256.")

@@ -135,10 +135,10 @@ def test_an_interactive_chat_that_outgrows_the_context_drops_its_oldest_exchange
 def test_a_context_llama_cpp_cannot_allocate_is_one_message_naming_the_option(tmp_path: Path) -> None:
     pytest.importorskip("llama_cpp")
     result = subprocess.run([sys.executable, "-m", "distillery", "chat", "-c", str(demo_config(tmp_path)), "--gguf",
-                             str(bundled_gguf()), "-p", "hi", "--context", "100000000"], cwd=ROOT, capture_output=True,
+                             str(bundled_gguf()), "-p", "hi", "--context", "16000000"], cwd=ROOT, capture_output=True,
                             text=True, timeout=300, env={**os.environ, "COLUMNS": "400"})
     assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr, result.stdout + result.stderr
-    assert "--context 100000000 asks for a key/value cache of that many tokens; pass a smaller --context" in result.stdout
+    assert "--context 16000000 asks for a key/value cache of that many tokens; pass a smaller --context" in result.stdout
 
 
 def test_the_setup_self_check_decodes_the_bundled_quantized_model(capsys: pytest.CaptureFixture[str]) -> None:

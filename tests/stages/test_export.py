@@ -156,11 +156,13 @@ def test_chat_with_an_unknown_gguf_lists_the_available_ones(exported) -> None:
     (0, 0.0, 4096, "--max-tokens 0: an answer is at least 1 token"), (-3, 0.0, 4096, "--max-tokens -3"),
     (256, -1.0, 4096, "--temperature -1.0: a temperature is a finite number, 0 or more"),
     (256, float("nan"), 4096, "--temperature nan"), (256, float("inf"), 4096, "--temperature inf"),
-    (256, 0.0, 0, "--context 0: llama.cpp's context holds the conversation and the answer; pass at least 64")])
+    (256, 0.0, 0, "--context 0: llama.cpp's context holds the conversation and the answer; pass from 64 to"),
+    (256, 0.0, 1 << 32, "--context 4294967296: llama.cpp's context holds the conversation and the answer")])
 def test_chat_refuses_a_length_temperature_or_context_llama_cpp_would_misread(
         tmp_path: Path, max_tokens: int, temperature: float, context: int, says: str) -> None:
     """--max-tokens 0 or below answered until the context was full; a negative temperature sampled garbage;
-    llama-cpp-python reads a context of 0 as the model's own (up to 128k tokens of cache for R1)."""
+    llama-cpp-python reads a context of 0 as the model's own (up to 128k tokens of cache for R1), and 2**32 wrapped
+    to 0."""
     from distillery.commands.chat import chat
     from distillery.core.console import console
 
