@@ -14,13 +14,12 @@ from typing import Annotated, Any, Iterator, Optional
 
 import click
 import typer
-from rich.markup import escape
 from rich.traceback import Traceback
 
 from dotenv import load_dotenv
 
 from distillery.config import load_config
-from distillery.core.console import console, setup_logging, summary_table
+from distillery.core.console import console, printable, setup_logging, summary_table
 from distillery.core.errors import StageFailed, UserError
 from distillery.runner import STAGES, pipeline_stages, plan, run_stage
 
@@ -93,7 +92,7 @@ def reported_errors(command: str, verbose: bool) -> Iterator[dict[str, Any]]:
     except (typer.Exit, click.exceptions.Abort):
         raise
     except UserError as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}")
+        console.print(f"[bold red]error:[/] {printable(str(err))}")
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         if command in STAGES or command == "run":
@@ -132,13 +131,13 @@ def report_failure(failure: StageFailed, verbose: bool) -> None:
     if verbose:
         console.print(Traceback.from_exception(type(cause), cause, cause.__traceback__, show_locals=False))
     if isinstance(cause, NativeCrash):
-        console.print(f"[bold red]error:[/] {failure.step} failed: {escape(str(cause))} Log: {failure.log}",
+        console.print(f"[bold red]error:[/] {failure.step} failed: {printable(str(cause))} Log: {failure.log}",
                       soft_wrap=True)
         return
     text = first_line(cause)
     where = f"written to {failure.log}" if failure.log else "which could not be written to a log file"
     console.print(f"[bold red]error:[/] {failure.step} failed with an unexpected {type(cause).__name__}"
-                  f"{': ' + escape(text) if text else ''}. This is a bug in Distillery, not a problem with your data "
+                  f"{': ' + printable(text) if text else ''}. This is a bug in Distillery, not a problem with your data "
                   f"or config; please report it with the full traceback, {where} (-v shows it here).",
                   soft_wrap=True)
 

@@ -9,12 +9,13 @@ import math
 from pathlib import Path
 from typing import Any, Iterator
 
-from rich.markup import escape
 
+from distillery.core.console import printable
 from distillery.export.llama_child import GGUFLoadError, LlamaChild
 from distillery.config import DistilleryConfig
 from distillery.core.errors import UserError
 from distillery.core.rundir import RunDir
+from distillery.core.unseen import for_terminal
 from distillery.stage import artifact
 
 PREFERRED = "Q4_K_M"
@@ -70,7 +71,7 @@ def answer(llama: LlamaChild, console: Any, messages: list[dict[str, str]], max_
     try:
         for piece in stream_answer(llama, messages, max_tokens, temperature, seed):
             text += piece
-            console.out(piece, end="", highlight=False)
+            console.out(for_terminal(piece), end="", highlight=False)  # a model can write an escape sequence
     except ValueError as err:  # llama-cpp-python: 'Requested tokens (n) exceed context window of m'
         if "context window" not in str(err) or text:
             raise
@@ -130,7 +131,7 @@ def chat(cfg: DistilleryConfig, console: Any, gguf: str | None, prompt: str | No
     check_sampling(max_tokens, temperature, context)
     check_text(prompt, system)
     path = find_gguf(cfg, gguf)
-    console.print(f"[dim]{escape(str(path))} (llama.cpp, chat template from the GGUF)[/]")
+    console.print(f"[dim]{printable(str(path))} (llama.cpp, chat template from the GGUF)[/]")
     messages = [{"role": "system", "content": system}] if system else []
     with open_gguf(path, context) as llama:
         if prompt is not None:
@@ -208,5 +209,6 @@ def answer_held_out(cfg: DistilleryConfig, console: Any, max_tokens: int = 96) -
         return
     question, reference = qa
     console.rule("[bold]one held-out question, answered by the fine-tuned GGUF in llama.cpp")
-    console.print(f"[bold]question:[/] {escape(question)}\n[bold]reference answer:[/] {escape(reference)}")
+    console.print(f"[bold]question:[/] {printable(question)}\n"
+                  f"[bold]reference answer:[/] {printable(reference)}")
     chat(cfg, console, None, question, None, max_tokens, 0.0)

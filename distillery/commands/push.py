@@ -19,10 +19,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from rich.markup import escape
 
 from distillery.config import DistilleryConfig
-from distillery.core.console import markdown_table, summary_table
+from distillery.core.console import markdown_table, printable, summary_table
 from distillery.core.summaries import read_finetune_summary
 from distillery.core.errors import UserError
 from distillery.core.models import bundled_name
@@ -239,7 +238,7 @@ def print_plan(console, plan: list[dict[str, Any]], card_path: Path, repo_id: st
     total = sum(p["bytes"] for p in plan)
     console.print(summary_table(f"upload to {repo_id}: {len(plan)} files, {total / 2**20:.1f} MiB", rows,
                                 ("in the repository", "size", "from")))
-    console.print(escape(f"model card: {card_path}"))
+    console.print(printable(f"model card: {card_path}"))
 
 
 def push(cfg: DistilleryConfig, console, dry_run: bool = False) -> dict[str, Any]:

@@ -7,8 +7,11 @@ import os
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
+
+from distillery.core.unseen import for_terminal
 
 console = Console(highlight=False, soft_wrap=os.environ.get("CI") == "true")
 
@@ -25,14 +28,21 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def printable(text: str) -> str:
+    """Text from outside (a file name, a dataset's id, an error naming either) for a rich markup string: shown as
+    written, never read as markup, and without what would act on the terminal (for_terminal)."""
+    return escape(for_terminal(text))
+
+
 def summary_table(title: str, rows: list[tuple[str, ...]], headers: tuple[str, ...]) -> Table:
-    """A compact table for the end of a stage or a run. Its text is shown as it is, never read as rich markup: a
-    GGUF named after a base directory `model [v2]` lost its `[v2]`, and one holding `[/x]` ended the stage."""
-    table = Table(title=Text(title), title_justify="left", show_edge=False)
+    """A compact table for the end of a stage or a run. Its text is shown as it is, never read as rich markup (a
+    GGUF named after a base directory `model [v2]` lost its `[v2]`, and one holding `[/x]` ended the stage) and
+    without terminal escapes (a file named with one)."""
+    table = Table(title=Text(for_terminal(title)), title_justify="left", show_edge=False)
     for header in headers:
-        table.add_column(Text(header))
+        table.add_column(Text(for_terminal(header)))
     for row in rows:
-        table.add_row(*(Text(str(cell)) for cell in row))
+        table.add_row(*(Text(for_terminal(str(cell))) for cell in row))
     return table
 
 

@@ -1,5 +1,6 @@
 """Characters that show nothing, or act on the display instead of showing: one set for every place that takes
-text from outside (spreadsheet cells in sources/text.py, what sandboxed code prints in reasoning/sandbox.py)."""
+text from outside (spreadsheet cells in sources/text.py, what sandboxed code prints in reasoning/sandbox.py, what
+the console prints: `for_terminal`)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,17 @@ def unseen_pattern(keep: str = "\t\n") -> re.Pattern:
     controls = "".join(chr(c) for c in (*range(0x20), *range(0x7F, 0xA0)) if chr(c) not in keep)
     ranges = "".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in (*IGNORABLE_RANGES, (0xD800, 0xDFFF)))
     return re.compile("[" + re.escape(controls + SEPARATORS) + ranges + "]")
+
+
+# Terminal escape sequences (CSI, OSC, and two-character ESC sequences): a title, a clipboard write (OSC 52), a
+# cleared screen or a hidden line, from text that only meant to be shown.
+ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?|\x9b[0-?]*[ -/]*[@-~]")
+TERMINAL_CONTROLS = re.compile("[" + re.escape("".join(chr(c) for c in (*range(0x20), *range(0x7F, 0xA0))
+                                                    if chr(c) not in "\t\n")) + "]")
+
+
+def for_terminal(text: str) -> str:
+    """Text from outside (a dataset row, a file name, a model's answer) as the console may print it: without
+    terminal escape sequences and control characters (tabs and newlines kept). Everything else stays, zero-width
+    joiners and bidi marks included: an emoji sequence or a right-to-left answer shows as written."""
+    return TERMINAL_CONTROLS.sub("", ESCAPES.sub("", text))

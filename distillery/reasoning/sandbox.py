@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from distillery.core.errors import UserError
-from distillery.core.unseen import unseen_pattern
+from distillery.core.unseen import ESCAPES, unseen_pattern
 from distillery.reasoning.cgroups import ResourceGroup
 
 RUNNER = Path(__file__).with_name("sandbox_runner.py")
@@ -341,9 +341,8 @@ def interpret(returncode: int, stdout: bytes, stderr: bytes, stopped: str, nonce
 
 
 MESSAGE_CHARS, TEXT_CHARS = 300, 2000
-# Terminal escape sequences (CSI, OSC, and two-character ESC sequences), then any other character that acts on
-# the display: controls, zero-width and bidi characters, the line and paragraph separators.
-ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?|\x9b[0-?]*[ -/]*[@-~]")
+# After the terminal escapes (core/unseen.py), any other character that acts on the display: controls, zero-width
+# and bidi characters, the line and paragraph separators.
 CONTROL = unseen_pattern(keep="\t\n")
 
 

@@ -26,10 +26,9 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Iterator
 
-from rich.markup import escape
 
 from distillery.config import DistillConfig, DistilleryConfig, TeacherConfig
-from distillery.core.console import markdown_table, summary_table
+from distillery.core.console import markdown_table, printable, summary_table
 from distillery.core.errors import UserError
 from distillery.core.plots import figure
 from distillery.core.records import make_record, read_jsonl, write_jsonl
@@ -205,7 +204,7 @@ def run_prompts(todo: list[dict], ctx: StageContext, teacher: Any, limits: Limit
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=ctx.console) as progress:
-        bar = progress.add_task(escape(f"teacher {teacher.name}"), total=len(todo))
+        bar = progress.add_task(printable(f"teacher {teacher.name}"), total=len(todo))
 
         def save(entry: dict) -> None:
             append_progress(progress_path, entry)
@@ -436,7 +435,7 @@ def finish(ctx: StageContext, entries: list[dict], skipped: dict[str, int]) -> S
     ctx.console.print(summary_table("distill report", table_rows(rows), HEADERS))
     if dropped:  # the detail quotes the teacher's server: '[/INST]' in it is text, not markup
         ctx.console.print(f"[yellow]distill: teacher replies without usable text, dropped[/]: "
-                          f"{escape(describe_dropped(dropped))}.")
+                          f"{printable(describe_dropped(dropped))}.")
     if "logprobs" in report:
         ctx.console.print(logprobs_line(report["logprobs"]))
     (ctx.out / PROGRESS).unlink()  # last: the rerun of a stage that failed before here resumes from it

@@ -30,14 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.markup import escape
 
 from distillery.evals import generative, heldout, mathqa, report
 from distillery.evals.gguf_backend import ANSWERS_AT_ONCE, GGUFDecodeError, GGUFLoadError, GGUFModel
 from distillery.evals.hf_backend import HFModel, resolve_dtype
 from distillery.evals.scoring import build_request
 from distillery.config import DistilleryConfig, EvaluateConfig
-from distillery.core.console import summary_table
+from distillery.core.console import printable, summary_table
 from distillery.core.isolation import NativeCrash
 from distillery.core.errors import UserError
 from distillery.core.summaries import read_finetune_summary
@@ -240,7 +239,7 @@ def load_heldout(ctx: StageContext) -> HeldoutSet | None:
     if not items:
         if dropped:
             ctx.console.print(f"[yellow]held-out data not scored[/]: none of the {dropped} records of "
-                              f"{escape(str(eval_path))} has a completion token within format.max_length "
+                              f"{printable(str(eval_path))} has a completion token within format.max_length "
                               f"({ctx.cfg.format.max_length}): their prompts fill it. Raise format.max_length to "
                               "score them.")
         return None
@@ -268,7 +267,7 @@ def load_mathqa(ctx: StageContext) -> MathQASet:
     prompts = chat_prompts(ctx, items, tokenizer) if ev.mode == "generative" else contexts
     items, prompts = within_window(ctx.cfg, items, prompts, loaded, tokenizer)
     for skipped in loaded.skipped:
-        ctx.console.print(f"[yellow]skipped MathQA item {escape(skipped['id'])}[/]: {escape(skipped['reason'])}")
+        ctx.console.print(f"[yellow]skipped MathQA item {printable(skipped['id'])}[/]: {printable(skipped['reason'])}")
     if not items:
         raise UserError(f"evaluate.data {ev.data}: no MathQA item can be scored ({len(loaded.skipped)} skipped, "
                         f"the first: {loaded.skipped[0]['reason']}).")
@@ -319,7 +318,7 @@ def score_one(ctx: StageContext, artifact: Artifact, held: HeldoutSet | None, mq
         model = load_model(artifact, ctx.cfg)
     except GGUFLoadError as err:
         scores.results["errors"][artifact.name] = str(err)
-        ctx.console.print(f"[yellow]skipped {escape(artifact.name)}[/]: {escape(str(err))}")
+        ctx.console.print(f"[yellow]skipped {printable(artifact.name)}[/]: {printable(str(err))}")
         return
     loaded = time.time()
     try:
@@ -340,7 +339,7 @@ def score_one(ctx: StageContext, artifact: Artifact, held: HeldoutSet | None, mq
             scores.per_item += [{"artifact": artifact.name, **row} for row in rows]
     except (GGUFDecodeError, NativeCrash) as err:  # llama.cpp failed on this GGUF: the other artifacts still count
         scores.results["errors"][artifact.name] = str(err)
-        ctx.console.print(f"[yellow]not scored {escape(artifact.name)}[/]: {escape(str(err))}")
+        ctx.console.print(f"[yellow]not scored {printable(artifact.name)}[/]: {printable(str(err))}")
     finally:
         if isinstance(model, GGUFModel):
             model.close()  # its llama.cpp child process
@@ -368,10 +367,10 @@ def run(ctx: StageContext) -> StageResult:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=ctx.console) as bar:
         for artifact in artifacts:
-            task = bar.add_task(escape(f"evaluating {artifact.name}"), total=work)
+            task = bar.add_task(printable(f"evaluating {artifact.name}"), total=work)
             if restore_scored(ctx.out / SCORED, artifact, scores):  # scored before this run was interrupted
                 bar.update(task, completed=work)
-                ctx.console.print(f"{escape(artifact.name)}: scored before the stage was interrupted, kept")
+                ctx.console.print(f"{printable(artifact.name)}: scored before the stage was interrupted, kept")
                 continue
             score_one(ctx, artifact, held, mqa, scores, limits, lambda n, task=task: bar.advance(task, n))
             save_scored(ctx.out / SCORED, artifact, scores)
@@ -480,7 +479,7 @@ def print_heldout(console: Any, scored_heldout: dict[str, Any], chart: Path) -> 
     after its summary table (cli.show_heldout), not the stage, so `distillery run` ends with it."""
     headers, rows = report.heldout_rows(scored_heldout)
     console.print(summary_table("held-out data: loss per completion token · the task's metric", rows, headers))
-    console.print(f"chart: {escape(str(chart))}")
+    console.print(f"chart: {printable(str(chart))}")
 
 
 def stage_result(results: dict[str, Any], scored_heldout: dict[str, Any]) -> StageResult:

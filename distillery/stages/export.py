@@ -34,13 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.markup import escape
 
 from distillery.export import gguf as gguf_io
 from distillery.export import merge, ollama, verify
 from distillery.export.gguf import QuantType
 from distillery.config import DistilleryConfig, ExportConfig
-from distillery.core.console import markdown_table, summary_table
+from distillery.core.console import markdown_table, printable, summary_table
 from distillery.core.errors import UserError
 from distillery.core.isolation import Child, plain
 from distillery.core.machine import available_memory
@@ -381,7 +380,7 @@ def write_modelfiles(ctx: StageContext, plan: Plan, files: dict[str, Path]) -> d
     reasons = {ollama.write_modelfile(path, plan.template, plan.tokenizer, plan.eos) for path in files.values()}
     why = next((r for r in reasons if r), None)
     if why:
-        ctx.console.print(f"[yellow]Ollama Modelfiles without TEMPLATE[/]: {escape(why)}")
+        ctx.console.print(f"[yellow]Ollama Modelfiles without TEMPLATE[/]: {printable(why)}")
     return {"template": why is None, "warning": why}
 
 

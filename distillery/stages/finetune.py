@@ -25,10 +25,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rich.markup import escape
 
 from distillery.config import DistilleryConfig, FinetuneConfig
-from distillery.core.console import markdown_table, summary_table
+from distillery.core.console import markdown_table, printable, summary_table
 from distillery.core.errors import UserError
 from distillery.core.machine import cpu_bf16_native
 from distillery.core.plots import figure
@@ -174,7 +173,7 @@ def train(job: Any, ft: FinetuneConfig, ctx: StageContext) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
            STAGE_PID: str(os.getpid())}  # the training process ends with this one (no orphan trains on)
     if ft.accelerate_config:
-        ctx.console.print(escape(f"finetune: accelerate launch --config_file {ft.accelerate_config}"))
+        ctx.console.print(printable(f"finetune: accelerate launch --config_file {ft.accelerate_config}"))
     code = subprocess.call(command, env=env)
     if code in (INTERRUPTED, -signal.SIGINT):
         raise KeyboardInterrupt  # the child was stopped by Ctrl-C (sent to it alone): an interrupt, not a failure

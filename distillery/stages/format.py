@@ -21,10 +21,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from rich.markup import escape
 
 from distillery.config import DistilleryConfig, FormatConfig
-from distillery.core.console import markdown_table, summary_table
+from distillery.core.console import markdown_table, printable, summary_table
 from distillery.core.errors import UserError
 from distillery.core.plots import figure
 from distillery.core.models import resolve_model_path
@@ -325,7 +324,7 @@ def past_model_context(model_path: str, lengths: list[tuple[int, int]], fmt: For
     past = sum(min(total, fmt.max_length) > context for _, total in lengths)
     if past:
         ctx.console.print(f"[yellow]past the model's context[/]: {past} examples are longer than the "
-                          f"{context:,} positions of {escape(model_path)} (max_position_embeddings) and format.max_length "
+                          f"{context:,} positions of {printable(model_path)} (max_position_embeddings) and format.max_length "
                           f"{fmt.max_length:,} keeps them: they train on positions the model never saw. Lower "
                           f"format.max_length to {context:,} unless the model is meant to be extended.")
     return context, past
@@ -355,7 +354,7 @@ def print_report(ctx: StageContext, stats: dict) -> None:
                              if teacher["unaligned"] else "") + ".")
     if stats["dropped_special_token_text"]:
         ctx.console.print(f"[yellow]{stats['dropped_special_token_text']} records dropped: their text holds a special "
-                          f"token's text (reasons in {escape(str(ctx.out / OUTPUTS['dropped']))}).[/]")
+                          f"token's text (reasons in {printable(str(ctx.out / OUTPUTS['dropped']))}).[/]")
     lost = stats["train"].get("completion_lost", 0)
     over = stats["train"].get("over_max_length", 0)
     if over:

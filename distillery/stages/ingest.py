@@ -24,7 +24,6 @@ from collections import Counter
 from pathlib import Path
 from typing import BinaryIO
 
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from distillery.sources import SOURCES, SourceReport
@@ -32,7 +31,7 @@ from distillery.sources.files import resolve_paths
 from distillery.sources.shards import (Shard, SourceRows, input_bytes, merge_reports, plan_units, rank, read_units,
                                        worker_count)
 from distillery.config import DistilleryConfig
-from distillery.core.console import markdown_table, summary_table
+from distillery.core.console import markdown_table, printable, summary_table
 from distillery.core.errors import UserError
 from distillery.core.records import load_json_line, write_jsonl
 from distillery.core.rundir import RunDir
@@ -75,7 +74,7 @@ def read_sources(cfg: DistilleryConfig, console, directory: Path) -> list[tuple[
     workers = worker_count(cfg.ingest.workers, units, input_bytes(units))
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bars:
-        tasks = [bars.add_task(escape(f"{source.name} ({source.kind})"), total=None) for source in sources]
+        tasks = [bars.add_task(printable(f"{source.name} ({source.kind})"), total=None) for source in sources]
 
         def progress(counts: list[int], shards: list[Shard | None]) -> None:
             for index, task in enumerate(tasks):
@@ -298,9 +297,9 @@ def print_report(console, rows: list[dict], decontamination: dict) -> None:
     console.print(summary_table("ingest report", table_rows(rows), HEADERS))
     for r in rows:
         for note in r["notes"]:
-            console.print(f"  [dim]{escape(r['source'])}:[/] {escape(note)}")
+            console.print(f"  [dim]{printable(r['source'])}:[/] {printable(note)}")
     for line in decontamination_lines(decontamination):
-        console.print(f"  [dim]decontamination:[/] {escape(line)}")
+        console.print(f"  [dim]decontamination:[/] {printable(line)}")
 
 
 def render_report(rows: list[dict], totals: dict) -> str:

@@ -308,3 +308,57 @@ def test_a_run_directory_held_by_a_command_that_wrote_nothing_is_not_left_behind
     with RunDir(tmp_path / "kept", "t").exclusive():
         (tmp_path / "kept" / "t" / "config.yaml").write_text("run: {}\n")
     assert (tmp_path / "kept" / "t" / "config.yaml").is_file()
+
+
+# ---- text from outside never acts on the terminal ----------------------------------------------------------------
+
+HOSTILE = "\x1b]0;pwned\x07\x1b]52;c;cm0gLXJmIH4=\x07\x1b[2J\x9b1;31m\x00\r"  # title, clipboard, clear, C1 CSI
+
+
+def test_an_error_naming_a_hostile_file_name_prints_no_terminal_escape(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / f"{HOSTILE.replace(chr(0), '')}rows.jsonl").write_text("{not json\n", encoding="utf-8")  # no NUL in a name
+    config = tmp_path / "c.yaml"
+    config.write_text("run: {name: t, root: runs}\ningest:\n  sources:\n    - {name: toy, kind: hf, files: data, "
+                      "format: messages}\n", encoding="utf-8")
+    result = CliRunner().invoke(app, ["ingest", "-c", str(config)], terminal_width=400)
+    assert result.exit_code == 2, result.output
+    assert "rows.jsonl: line 1 is not valid JSON" in " ".join(result.output.split())
+    assert not set(result.output) & {"\x1b", "\x07", "\x9b", "\x00", "\r"}, repr(result.output)
+
+
+def test_the_held_out_question_of_a_hostile_dataset_prints_no_terminal_escape(tmp_path: Path) -> None:
+    import io
+    import json
+
+    from rich.console import Console
+
+    from distillery.commands.chat import answer_held_out
+    from distillery.config import load_config
+    from distillery.core.errors import UserError
+
+    config = toy_project(tmp_path)
+    cfg = load_config(config, [f"run.root={tmp_path / 'runs'}"])
+    (tmp_path / "runs" / "t" / "ingest").mkdir(parents=True)
+    row = {"messages": [{"role": "user", "content": f"Translate{HOSTILE} this"},
+                        {"role": "assistant", "content": f"done{HOSTILE}"}]}
+    (tmp_path / "runs" / "t" / "ingest" / "eval.jsonl").write_text(json.dumps(row) + "\n", encoding="utf-8")
+    out = io.StringIO()
+    with pytest.raises(UserError, match="no GGUF"):  # printed before the GGUF is looked for
+        answer_held_out(cfg, Console(file=out, force_terminal=True, width=200))
+    printed = out.getvalue()
+    assert "Translate]0;pwned]52;c;cm0gLXJmIH4= this" not in printed  # the sequences go whole, not only their ESC
+    assert "Translate this" in printed and "done" in printed
+    assert "\x07" not in printed and "\x9b" not in printed and "\x00" not in printed
+    assert "\x1b]" not in printed and "\x1b[2J" not in printed  # the console's own colours (\x1b[1m...) stay
+
+
+def test_for_terminal_removes_escapes_and_controls_and_keeps_what_shows() -> None:
+    from distillery.core.unseen import for_terminal
+
+    shown = "안녕하세요\tשלום\n👨\u200d👩\u200d👧 \ufe0f e\u0301"  # Korean, Hebrew, an emoji ZWJ sequence, marks
+    assert for_terminal(shown) == shown
+    assert for_terminal(f"a{HOSTILE}b") == "ab"
+    assert for_terminal("\x1b") == "" and for_terminal("x\x1b]52;c;aGk=") == "x"  # cut off mid-sequence (a stream)
