@@ -18,14 +18,18 @@ console = Console(highlight=False, soft_wrap=os.environ.get("CI") == "true")
 
 def setup_logging(verbose: bool = False) -> None:
     """Route `logging` through rich; quiet the chatty libraries unless verbose."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
-        force=True,
-    )
+    handler = RichHandler(console=console, show_path=False, show_time=False)
+    handler.addFilter(without_escapes)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[handler],
+                        force=True)
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def without_escapes(record: logging.LogRecord) -> bool:
+    """A logging filter: the message as for_terminal shows it (a log line can name a file or quote a reply)."""
+    record.msg, record.args = for_terminal(record.getMessage()), None
+    return True
 
 
 def printable(text: str) -> str:

@@ -362,3 +362,14 @@ def test_for_terminal_removes_escapes_and_controls_and_keeps_what_shows() -> Non
     assert for_terminal(shown) == shown
     assert for_terminal(f"a{HOSTILE}b") == "ab"
     assert for_terminal("\x1b") == "" and for_terminal("x\x1b]52;c;aGk=") == "x"  # cut off mid-sequence (a stream)
+
+
+def test_a_log_line_quoting_outside_text_prints_no_terminal_escape() -> None:
+    import logging
+
+    from distillery.core.console import console, setup_logging
+
+    setup_logging()
+    with console.capture() as captured:
+        logging.getLogger("distillery.test").warning("reply from %s: %s", "teacher", f"ok{HOSTILE}")
+    assert "reply from teacher: ok" in captured.get() and "\x07" not in captured.get() and "]52;" not in captured.get()
