@@ -81,7 +81,16 @@ def walk(directory: Path, suffixes: tuple[str, ...]) -> list[Path]:
 
 
 def is_data_file(path: Path, suffixes: tuple[str, ...]) -> bool:
-    return path.is_file() and path.suffix.lower() in suffixes and not is_junk(path)
+    """Whether `path` is a data file: its suffix first (no system call for the rest of a folder, where some entry
+    may not even be looked up: /proc/1/cwd in a walk of /), then that it is a regular file. A data file the system
+    will not look up is the user's to fix."""
+    if path.suffix.lower() not in suffixes or is_junk(path):
+        return False
+    try:
+        return path.is_file()
+    except OSError as err:
+        raise UserError(f"{path} cannot be looked up ({err.strerror or err}). Fix its permissions, or move it out "
+                        "of the data folder.") from None
 
 
 def no_empty(matches: list[Path], what: str, field: str, suffixes: tuple[str, ...]) -> list[Path]:

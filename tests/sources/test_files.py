@@ -93,3 +93,23 @@ def test_a_missing_name_that_shows_nothing_is_shown_escaped(tmp_path: Path, name
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match=f"path: {re.escape(ascii(name))} does not exist"):
         resolve_paths(name, XLSX, "path")
+
+
+def test_a_folder_entry_the_system_will_not_look_up_stops_the_walk_only_when_it_is_data(tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    """Like /proc/1/cwd in a walk of / (EACCES even for root): a data file is named, anything else is not read."""
+    (tmp_path / "a.xlsx").touch()
+    (tmp_path / "cwd").symlink_to(tmp_path)
+    (tmp_path / "b.xlsx").touch()
+    looked_up = Path.is_file
+
+    def is_file(path: Path) -> bool:
+        if path.name in ("cwd", "b.xlsx"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return looked_up(path)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    with pytest.raises(UserError, match=r"b.xlsx cannot be looked up \(Permission denied\). Fix its permissions"):
+        resolve_paths(str(tmp_path), XLSX, "path")
+    (tmp_path / "b.xlsx").unlink()
+    assert resolve_paths(str(tmp_path), XLSX, "path") == [tmp_path / "a.xlsx"]
