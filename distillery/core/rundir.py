@@ -106,6 +106,7 @@ class RunDir:
             raise unwritable(self.path, os.strerror(errno.ENOTDIR)) from None
         except OSError as err:
             raise unwritable(self.path, err.strerror or str(err)) from None
+        claimed = False
         try:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -113,12 +114,31 @@ class RunDir:
                 raise UserError(f"the run directory {self.path} is in use by another distillery command, still "
                                 "running: wait for it to finish, or give this one a run of its own "
                                 "(--set run.name=...).") from None
+            claimed = self.claim()
             yield
         finally:
             os.close(handle)
             with contextlib.suppress(OSError):  # only while empty: a command that wrote nothing leaves nothing
+                if claimed and os.listdir(self.path) == [self.manifest_path.name] and not self.load_manifest()["stages"]:
+                    self.manifest_path.unlink()
                 for directory in created:
                     directory.rmdir()
+
+    def claim(self) -> bool:
+        """Mark the directory as a run (an empty manifest) before anything is written into it; True when this did.
+        A directory that holds files but no manifest is not a run: its `ingest/` or `config.yaml` would be replaced
+        (a run.name that names a folder of the user's own)."""
+        if self.manifest_path.exists():
+            return False
+        if any(self.path.iterdir()):
+            raise UserError(f"run.name/run.root: {self.path} already holds files and is not a Distillery run (it has "
+                            "no manifest.json): a run there would replace them. Set run.name or run.root to a new "
+                            "or empty directory.")
+        try:
+            atomic_write_text(self.manifest_path, json.dumps({"stages": {}}) + "\n")
+        except OSError as err:
+            raise unwritable(self.path, err.strerror or str(err)) from None
+        return True
 
     def stage_dir(self, stage: str) -> Path:
         """Where a finished stage's artifacts live."""

@@ -208,6 +208,7 @@ def test_an_unexpected_error_whose_log_cannot_be_written_in_the_run_goes_to_the_
     config = broken_stage_project(tmp_path, monkeypatch)
     monkeypatch.setenv("DISTILLERY_HOME", str(tmp_path / "cache"))
     (tmp_path / "runs" / "t").mkdir(parents=True)
+    (tmp_path / "runs" / "t" / "manifest.json").write_text('{"stages": {}}', encoding="utf-8")  # a run, whose
     (tmp_path / "runs" / "t" / "logs").write_text("", encoding="utf-8")  # logs/ is taken by a file
     result = CliRunner().invoke(app, ["ingest", "-c", str(config)], terminal_width=400)
     assert result.exit_code == 1 and not isinstance(result.exception, OSError), result.exception
@@ -223,6 +224,7 @@ def test_an_unexpected_error_that_cannot_be_logged_anywhere_is_still_one_line(tm
     (tmp_path / "cache").write_text("", encoding="utf-8")
     monkeypatch.setenv("DISTILLERY_HOME", str(tmp_path / "cache"))  # a file: no log can go there either
     (tmp_path / "runs" / "t").mkdir(parents=True)
+    (tmp_path / "runs" / "t" / "manifest.json").write_text('{"stages": {}}', encoding="utf-8")  # a run, whose
     (tmp_path / "runs" / "t" / "logs").write_text("", encoding="utf-8")
     result = CliRunner().invoke(app, ["ingest", "-c", str(config)], terminal_width=400)
     assert result.exit_code == 1 and not isinstance(result.exception, OSError), result.exception
@@ -373,3 +375,26 @@ def test_a_log_line_quoting_outside_text_prints_no_terminal_escape() -> None:
     with console.capture() as captured:
         logging.getLogger("distillery.test").warning("reply from %s: %s", "teacher", f"ok{HOSTILE}")
     assert "reply from teacher: ok" in captured.get() and "\x07" not in captured.get() and "]52;" not in captured.get()
+
+
+def test_a_run_name_naming_a_folder_of_the_users_own_is_refused_and_nothing_in_it_changes(tmp_path: Path,
+                                                                                         monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = toy_project(tmp_path)
+    mine = tmp_path / "runs" / "t"
+    (mine / "ingest").mkdir(parents=True)
+    (mine / "ingest" / "notes.txt").write_text("notes", encoding="utf-8")
+    (mine / "config.yaml").write_text("mine", encoding="utf-8")
+    before = tree(mine)
+    result = CliRunner().invoke(app, ["ingest", "-c", str(config), "--set", f"run.root={tmp_path / 'runs'}"],
+                                terminal_width=400)
+    assert result.exit_code == 2, result.output
+    assert "already holds files and is not a Distillery run (it has no manifest.json)" in " ".join(result.output.split())
+    assert tree(mine) == before and sorted(p.name for p in mine.iterdir()) == ["config.yaml", "ingest"]
+    (mine / "ingest" / "notes.txt").unlink()
+    (mine / "ingest").rmdir()
+    (mine / "config.yaml").unlink()  # an empty folder is claimed as the run
+    result = CliRunner().invoke(app, ["ingest", "-c", str(config), "--set", f"run.root={tmp_path / 'runs'}"],
+                                terminal_width=400)
+    assert result.exit_code == 0, result.output
+    assert (mine / "manifest.json").is_file() and (mine / "ingest" / "train.jsonl").is_file()
