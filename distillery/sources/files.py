@@ -62,7 +62,24 @@ def resolve_paths(spec: str | list[str], suffixes: tuple[str, ...], field: str,
                             "point it at your data files.")
         else:
             raise missing_path(item, path, field)
-    return once_each(files)
+    return once_each([utf8_named(path, field) for path in files])
+
+
+def utf8_named(path: Path, field: str) -> Path:
+    """`path`, when its name is UTF-8 (every name a run records is JSON); a name in another encoding (a zip made on
+    Korean Windows names its files in CP949) is the user's to rename, shown as CP949 would read it."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raw = os.fsencode(path)
+        try:
+            guess = f" (in CP949: {raw.decode('cp949')!r})"
+        except UnicodeDecodeError:
+            guess = ""
+        raise UserError(f"{field}: the file name {raw!r}{guess} is not UTF-8, as a zip made on Korean Windows names "
+                        "its files. Rename it to UTF-8 (`convmv -f cp949 -t utf8 -r --notest <folder>`, or unzip "
+                        "with `unzip -O cp949`) and run again.") from None
+    return path
 
 
 def glob_matches(pattern: str, suffixes: tuple[str, ...]) -> list[Path]:

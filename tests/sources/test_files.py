@@ -113,3 +113,15 @@ def test_a_folder_entry_the_system_will_not_look_up_stops_the_walk_only_when_it_
         resolve_paths(str(tmp_path), XLSX, "path")
     (tmp_path / "b.xlsx").unlink()
     assert resolve_paths(str(tmp_path), XLSX, "path") == [tmp_path / "a.xlsx"]
+
+
+def test_a_file_named_in_cp949_is_named_with_the_fix(tmp_path: Path) -> None:
+    """AI-Hub zips made on Korean Windows name their files in CP949: every name a run records is JSON (UTF-8)."""
+    import os
+
+    (tmp_path / "a.xlsx").touch()
+    with open(os.path.join(os.fsencode(tmp_path), "구어체".encode("cp949") + b".xlsx"), "wb"):
+        pass
+    with pytest.raises(UserError, match=r"path: the file name b'.*\\xb1\\xb8.*\.xlsx' \(in CP949: '.*구어체\.xlsx'\) is "
+                                        r"not UTF-8, as a zip made on Korean Windows names its files. Rename it"):
+        resolve_paths(str(tmp_path), XLSX, "path")
