@@ -137,6 +137,27 @@ def without_lone_surrogates(value: Any, text: str) -> Any:
     return value
 
 
+MAX_NESTING = 100  # arrays and objects in a user's row: no record holds more; Python's own limit is near 1000
+
+
+def nested_too_deep(value: Any, text: str) -> bool:
+    """Whether `value` (read from `text`) nests arrays and objects more than MAX_NESTING deep: such a row passes the
+    JSON reader and then ends whatever walks it recursively (repr, json.dumps) in a RecursionError. Only text with
+    that many brackets is walked."""
+    if text.count("[") + text.count("{") <= MAX_NESTING:
+        return False
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > MAX_NESTING:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
 def json_reason(err: Exception) -> str:
     """Why a JSON text could not be read: the decoder's message, or what Python's json module cannot hold (arrays
     or objects nested thousands deep, an integer of more than 4300 digits), which it raises as other errors."""
@@ -182,6 +203,9 @@ def read_jsonl_numbered(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                                 "line.") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}: line {line_no} is a JSON {type(row).__name__}, expected an object.")
+            if nested_too_deep(row, line):
+                raise UserError(f"{path}: line {line_no} nests arrays or objects more than {MAX_NESTING} deep, "
+                                "deeper than any record. Fix or remove that line.")
             yield line_no, row
 
 
@@ -208,7 +232,11 @@ def read_json_value(path: Path) -> Any:
     under a .json name, as datasets' Dataset.to_json writes them). Not UTF-8 or not JSON is a UserError."""
     text = read_utf8(path)
     try:
-        return without_lone_surrogates(json.loads(text), text)
+        value = without_lone_surrogates(json.loads(text), text)
+        if nested_too_deep(value, text):  # a list of rows, or one under "data": one level more than a row
+            raise UserError(f"{path}: nests arrays or objects more than {MAX_NESTING} deep, deeper than any record. "
+                            "Fix the rows that do.")
+        return value
     except (ValueError, RecursionError) as err:
         if not isinstance(err, json.JSONDecodeError):
             raise UserError(f"{path}: not valid JSON ({json_reason(err)}).") from None

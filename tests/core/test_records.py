@@ -56,6 +56,25 @@ def test_json_python_cannot_hold_names_the_file_and_line(tmp_path):
         list(read_json_objects(whole))
 
 
+@pytest.mark.parametrize("depth", [101, 990])
+def test_a_row_nested_deeper_than_any_record_names_the_file_and_line(tmp_path, depth):
+    """Nested 990 deep, a row passes the JSON reader (orjson's limit is 1024) and then ended ingest in a
+    RecursionError wherever it was walked (codeio's repr of a test input, json.dumps of a MathQA id)."""
+    from distillery.core.records import MAX_NESTING
+
+    path = tmp_path / "deep.jsonl"
+    nested = "[" * (depth - 1) + "]" * (depth - 1)
+    path.write_text('{"a": [[1]]}\n' + '{"ios": ' + nested + "}\n", encoding="utf-8")
+    with pytest.raises(UserError, match=rf"deep\.jsonl: line 2 nests arrays or objects more than {MAX_NESTING} deep"):
+        list(read_jsonl(path))
+    path.write_text('{"ios": ' + "[" * (MAX_NESTING - 1) + "]" * (MAX_NESTING - 1) + "}\n", encoding="utf-8")
+    assert len(list(read_jsonl(path))) == 1  # as deep as a row may be
+    whole = tmp_path / "deep.json"
+    whole.write_text("[" + '{"ios": ' + "[" * 100 + "]" * 100 + "}]", encoding="utf-8")  # deeper: json.loads's own
+    with pytest.raises(UserError, match=rf"deep\.json: nests arrays or objects more than {MAX_NESTING} deep"):
+        list(read_json_objects(whole))
+
+
 def test_a_file_that_is_not_utf8_names_the_file_the_line_and_the_byte(tmp_path):
     """Windows saves Korean text as CP949 or UTF-16 ("Unicode"): one message saying so, not a UnicodeDecodeError."""
     path = tmp_path / "ko.jsonl"
