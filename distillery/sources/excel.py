@@ -329,6 +329,12 @@ def read_workbook(path: Path, params: AIHubExcelParams, report: SourceReport, bo
     finish_sheet(path, sheet, params, counts, report)
 
 
+# The error values Excel writes into a cell (and its newer dynamic-array and data-type errors).
+EXCEL_ERRORS = frozenset(("#NULL!", "#DIV/0!", "#VALUE!", "#REF!", "#NAME?", "#NUM!", "#N/A", "#GETTING_DATA",
+                          "#SPILL!", "#CALC!", "#FIELD!", "#BLOCKED!", "#CONNECT!", "#UNKNOWN!", "#BUSY!",
+                          "#PYTHON!"))
+
+
 def pair_of(row: list[Any], columns: Columns, params: AIHubExcelParams, hidden: HiddenCells, index: int,
             counts: SheetCounts, report: SourceReport, where: dict[str, Any]) -> tuple[str, str] | None:
     """(Korean, English) of a data row, or None when the row is dropped (with the reason, in the report)."""
@@ -336,7 +342,10 @@ def pair_of(row: list[Any], columns: Columns, params: AIHubExcelParams, hidden: 
     texts = []
     for column, at in sides:
         if (index, at) in hidden.errors:
-            report.drop(f"error value {hidden.errors[index, at]} in {column}", {**where, "column": column})
+            code = hidden.errors[index, at]
+            known = code in EXCEL_ERRORS  # any other text would make a reason (a row of the report) of its own
+            report.drop(f"error value {code if known else 'of no kind Excel writes'} in {column}",
+                        {**where, "column": column}, "" if known else f"{code[:40]!r}")
             return None
         text, coerced, controls = cell_text(row[at])
         if not text:

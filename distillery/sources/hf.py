@@ -68,7 +68,12 @@ def split_mathqa_options(options: str) -> list[str]:
 
 
 class RowError(ValueError):
-    """A row that cannot become a record: dropped with this reason."""
+    """A row that cannot become a record: dropped with this reason (a fixed text: each distinct reason is a row of
+    the report) and `detail`, the value at fault, in dropped.jsonl only."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.detail = detail
 
 
 def text_value(value: Any, column: str) -> str:
@@ -122,7 +127,9 @@ def chat_messages(turns: Any, role_key: str, content_key: str, roles: dict[str, 
     for turn in turns:
         role = roles.get(str(turn.get(role_key, "")).lower()) if isinstance(turn, dict) else None
         if role is None:
-            raise RowError(f"unknown role {turn.get(role_key)!r}" if isinstance(turn, dict) else "turn is not an object")
+            if not isinstance(turn, dict):
+                raise RowError("turn is not an object")
+            raise RowError(f"unknown role in {role_key}", f"{str(turn.get(role_key))[:40]!r}")
         content = turn.get(content_key)
         if not isinstance(content, str) or not content.strip():
             raise RowError("empty turn")
@@ -279,7 +286,7 @@ def records_of(rows: Iterator[tuple[dict[str, Any], dict[str, Any]]], origin: st
         try:
             yield to_record(row, params, where)
         except RowError as err:
-            report.drop(str(err), where)
+            report.drop(str(err), where, err.detail)
     if missing and columns:
         check_columns(list(columns), params, origin)
 

@@ -124,6 +124,16 @@ def test_error_values_are_dropped_by_name_not_as_empty(tmp_path: Path) -> None:
         ("error value #DIV/0! in 번역문", 4, "번역문")]
 
 
+def test_an_error_value_excel_never_writes_is_one_reason_with_the_value_cut_in_its_drop(tmp_path: Path) -> None:
+    """Any text of an error cell was its reason: a hostile workbook made a report row of each."""
+    plain = aihub.write_rows(tmp_path / "plain.xlsx", [list(aihub.LAYOUT_COLUMNS["구어체"]),
+                                                        [1, aihub.PAIRS[0][0], "x"], [2, *aihub.PAIRS[1]]])
+    path = aihub.with_cell_xml(plain, tmp_path / "e.xlsx", "C2", b'<c r="C2" t="e"><v>#WHAT' + b"?" * 100 + b"</v></c>")
+    records, report = read(path)
+    assert len(records) == 1 and report.dropped == {"error value of no kind Excel writes in 번역문": 1}
+    assert report.dropped_rows[0]["reason"] == "error value of no kind Excel writes in 번역문, '#WHAT" + "?" * 35 + "'"
+
+
 def test_sheet_by_name_or_index_and_an_unknown_sheet_lists_the_sheets(tmp_path: Path) -> None:
     path = aihub.write_layout(tmp_path / "s.xlsx", "한국문화", sheet="말뭉치")
     assert len(read(path, sheet="말뭉치")[0]) == len(read(path, sheet=0)[0]) == len(aihub.PAIRS)

@@ -96,6 +96,18 @@ def test_messages_sharegpt_and_alpaca(tmp_path: Path) -> None:
                                          {"role": "assistant", "content": "chat"}]
 
 
+def test_rows_with_distinct_unknown_roles_are_one_reason_and_each_value_is_kept_cut_in_its_drop(tmp_path: Path) -> None:
+    """Each role's repr was its own reason: 3,000 hostile rows made a 6,000-line table and a 6 MB report."""
+    rows = [{"messages": [{"role": f"r{i}" + "Z" * 2000, "content": "x"}, {"role": "assistant", "content": "y"}]}
+            for i in range(300)]
+    rows.append({"conversations": [{"from": "robot", "value": "x"}, {"from": "gpt", "value": "y"}]})
+    records, report = read(files=str(write_jsonl(tmp_path / "m.jsonl", rows[:300])), format="messages")
+    assert records == [] and report.dropped == {"unknown role in role": 300}
+    assert report.dropped_rows[7]["reason"] == "unknown role in role, 'r7" + "Z" * 38 + "'"
+    _, report = read(files=str(write_jsonl(tmp_path / "s.jsonl", rows[300:])), format="sharegpt")
+    assert report.dropped_rows[0]["reason"] == "unknown role in from, 'robot'"
+
+
 def test_csv_and_parquet_files(tmp_path: Path) -> None:
     import pandas as pd
 
