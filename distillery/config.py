@@ -397,7 +397,7 @@ def apply_override(data: dict[str, Any], keys: list[str], value: Any) -> None:
     node: Any = data
     for i, key in enumerate(keys[:-1]):
         if isinstance(node, list):
-            node = node[int(key)] if key.isdigit() and int(key) < len(node) else None
+            node = node[int(key)] if is_index(key) and int(key) < len(node) else None
         else:
             node = node.setdefault(key, {}) if isinstance(node, dict) else None
         if node is None:
@@ -407,11 +407,16 @@ def apply_override(data: dict[str, Any], keys: list[str], value: Any) -> None:
         raise UserError(f"--set {'.'.join(keys)}: {'.'.join(keys[:-1])} is a value ({node!r}), not a section with "
                         f"keys: set {'.'.join(keys[:-1])}=VALUE itself.")
     if isinstance(node, list):
-        if not (last.isdigit() and int(last) < len(node)):
+        if not (is_index(last) and int(last) < len(node)):
             raise UserError(f"--set {'.'.join(keys)}: index {last} is out of range.")
         node[int(last)] = value
     else:
         node[last] = value
+
+
+def is_index(key: str) -> bool:
+    """ASCII digits only: str.isdigit() is also true of "²" (int() refuses it) and "٠" (int() reads it as 0)."""
+    return key.isascii() and key.isdigit()
 
 
 def format_validation_error(path: Path, err: ValidationError) -> str:

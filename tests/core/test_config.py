@@ -78,6 +78,10 @@ def test_set_overrides_revalidate(tmp_path: Path) -> None:
         load_config(path, ["finetune.max_steps"])
     with pytest.raises(UserError, match="index 3 is out of range"):
         load_config(path, ["ingest.sources.3=1"])
+    with pytest.raises(UserError, match="index ² is out of range"):  # int("²") raised a ValueError: exit 1
+        load_config(path, ["ingest.sources.²=1"])
+    with pytest.raises(UserError, match="there is no ingest.sources.٠ to set it in"):  # int("٠") is 0
+        load_config(path, ["ingest.sources.٠.max_records=5"])
 
 
 def test_duplicate_source_names_rejected(tmp_path: Path) -> None:
