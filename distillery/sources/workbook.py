@@ -17,10 +17,12 @@ allocation aborts the process that asked. So, before any reader:
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import re
 import signal
 import zipfile
+import zlib
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -42,6 +44,10 @@ CELL_BYTES = 32  # what calamine keeps for each cell of a sheet's block, empty o
 MEMORY_PER_UNPACKED_BYTE = 4
 ROW_BATCH = 2000  # rows per message from the reading child
 CHUNK = 1 << 20
+INDEX_BYTES = 16 << 20  # xl/workbook.xml and its relationships list the sheets: kilobytes in a real workbook
+# What unpacking a damaged zip member raises (a bad CRC, an unknown compression method, the encrypted flag, a cut
+# deflate stream); the readers in the child say the same of the parts they read.
+UNPACK_ERRORS = (zipfile.BadZipFile, NotImplementedError, RuntimeError, zlib.error, EOFError, OSError)
 CELL_REF = re.compile(rb'<c\s[^>]*?\br="([A-Z]{1,3})([0-9]{1,7})"[^>]*?(/?)>')
 OTHER_TAGS = re.compile(rb"<(?!/?(?:c|si)[\s/>])[^<>]*>")  # every tag but a cell's (<c>) or a shared string's (<si>)
 
@@ -127,7 +133,8 @@ def check_unpacked_size(path: Path, limit: int) -> int:
             parts = archive.infolist()
             for part in parts:
                 if part.file_size > RATIO_FROM_BYTES and part.file_size > SCAN_FROM_RATIO * max(part.compress_size, 1):
-                    check_packed_part(path, archive, part)
+                    with damaged_part(path, part.filename):
+                        check_packed_part(path, archive, part)
     except zipfile.BadZipFile:
         return path.stat().st_size  # the readers say what is wrong with it
     total = sum(part.file_size for part in parts)
@@ -138,6 +145,16 @@ def check_unpacked_size(path: Path, limit: int) -> int:
                         f"{limit >> 20}`). Split it into smaller workbooks, or raise `max_unpacked_mb` if it is "
                         "genuine and the machine has the memory (reading takes up to about 4 times the unpacked size).")
     return total
+
+
+@contextlib.contextmanager
+def damaged_part(path: Path, member: str) -> Iterator[None]:
+    """A zip member that cannot be unpacked, read in this process, as the UserError the readers give."""
+    try:
+        yield
+    except UNPACK_ERRORS as err:
+        raise UserError(f"{path}: the workbook is damaged: its part {member} cannot be unpacked ({err}). Replace it "
+                        "with a good copy, or open it in Excel and save it again.") from None
 
 
 def check_packed_part(path: Path, archive: zipfile.ZipFile, part: zipfile.ZipInfo) -> None:
@@ -222,9 +239,11 @@ def sheet_parts(archive: zipfile.ZipFile) -> dict[str, str]:
     main = "{http://schemas.openxmlformats.org/spreadsheetml/2006/main}"
     rel = "{http://schemas.openxmlformats.org/officeDocument/2006/relationships}"
     try:
+        if any(archive.getinfo(name).file_size > INDEX_BYTES for name in ("xl/workbook.xml", "xl/_rels/workbook.xml.rels")):
+            return {}  # not a real one (check_packed_part refuses it): the sheet names are not needed to say so
         workbook = ElementTree.fromstring(archive.read("xl/workbook.xml"))
         rels = ElementTree.fromstring(archive.read("xl/_rels/workbook.xml.rels"))
-    except (KeyError, ElementTree.ParseError):
+    except (KeyError, ElementTree.ParseError, *UNPACK_ERRORS):
         return {}
     targets = {r.get("Id"): r.get("Target", "") for r in rels}
     parts = {}
@@ -541,7 +560,7 @@ def hidden_kinds(path: Path) -> set[str]:
         for name in archive.namelist():
             if not (name.startswith("xl/worksheets/") and name.endswith(".xml")):
                 continue
-            with archive.open(name) as handle:
+            with damaged_part(path, name), archive.open(name) as handle:
                 tail = b""
                 while len(found) < len(HIDDEN_KINDS) and (block := handle.read(CHUNK)):
                     chunk = tail + block

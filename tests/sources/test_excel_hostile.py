@@ -250,3 +250,59 @@ def test_records_that_would_fill_the_disk_stop_the_source_before_it_is_full(tmp_
     message = ingest_fails(tmp_path)
     assert re.fullmatch(r"source ko-en: its records take [\d.]+ MB so far, and the disk holding .* has less than "
                         r"8.4 MB left\. Free some space, or check the source: .*", message), message
+
+
+def with_member(path: Path, name: str, data: bytes, header_patch: tuple[int, int, bytes] | None = None) -> Path:
+    """`path` with a zip member `name` added, and optionally bytes patched in that member's local and central
+    headers at (local offset, central offset, bytes): a wrong CRC, a compression method, a flag."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "a", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(name, data)
+    if header_patch:
+        raw = bytearray(path.read_bytes())
+        local, central, value = header_patch
+        head = raw.rindex(b"PK\x01\x02")  # the last central entry: the member added
+        offset = int.from_bytes(raw[head + 42:head + 46], "little")
+        raw[offset + local:offset + local + len(value)] = value
+        raw[head + central:head + central + len(value)] = value
+        path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize("patch, why", [((14, 16, b"\0\0\0\0"), "Bad CRC-32"),
+                                        ((8, 10, (98).to_bytes(2, "little")), "compression method"),
+                                        ((6, 8, b"\x01\x00"), "encrypted")])
+def test_a_damaged_worksheet_part_is_one_message_naming_it(tmp_path: Path, patch: tuple, why: str) -> None:
+    """An extra, unreferenced worksheet part that cannot be unpacked ended ingest as a bug in Distillery: the
+    search for formula and error cells reads every worksheet part in the pipeline process."""
+    path = with_member(aihub.write_layout(tmp_path / "w.xlsx", "구어체"), "xl/worksheets/zz.xml",
+                       b'<c r="A1" t="e"><v>#N/A</v></c>' * 50, patch)
+    with pytest.raises(UserError, match=rf"w\.xlsx: the workbook is damaged: its part xl/worksheets/zz\.xml cannot "
+                                        rf"be unpacked \(.*{why}.*\)\. Replace it with a good copy"):
+        read(path)
+
+
+def test_an_index_part_that_packs_like_a_zip_bomb_is_refused_without_being_read(tmp_path: Path, monkeypatch) -> None:
+    """xl/workbook.xml padded to 500 MB (a 515 KB file) was parsed whole in the pipeline process, at 3 times its
+    size, before the packing ratio was even looked at."""
+    import zipfile
+
+    plain = aihub.write_layout(tmp_path / "plain.xlsx", "구어체")
+    path = tmp_path / "bomb.xlsx"
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename == "xl/workbook.xml":
+                data = data.replace(b"</workbook>", b" " * (workbook.INDEX_BYTES + (1 << 20)) + b"</workbook>")
+            dst.writestr(item.filename, data)
+    read_whole = zipfile.ZipFile.read
+
+    def read_member(archive: zipfile.ZipFile, name: Any, *args: Any) -> bytes:
+        assert name != "xl/workbook.xml", "the padded index was read whole"
+        return read_whole(archive, name, *args)
+
+    monkeypatch.setattr(zipfile.ZipFile, "read", read_member)
+    with pytest.raises(UserError, match=r"bomb\.xlsx: its part xl/workbook\.xml unpacks to 17\.\d MB from .* a zip "
+                                        r"bomb, not a workbook"):
+        workbook.check_unpacked_size(path, 1 << 40)
