@@ -10,6 +10,7 @@ outputs are unchanged, and whose upstream stages' files are those it last read, 
 from __future__ import annotations
 
 import copy
+import errno
 import logging
 import shutil
 import time
@@ -183,8 +184,11 @@ def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[st
     try:
         result = stage.run(StageContext(cfg=cfg, run=run, out=partial, console=console, force=force))
     except BaseException as err:
-        record_failure(run, stage, fp, inputs, err)
-        raise
+        failure = full_disk(err, run)
+        record_failure(run, stage, fp, inputs, failure)
+        if failure is err:
+            raise
+        raise failure from None
     final = run.publish(name)
     seconds = time.time() - started
     run.update_stage(name, {
@@ -211,6 +215,16 @@ def prepare_run_dir(run: RunDir, partial: Path, keep: bool, config_dump: dict) -
         run.save_config(config_dump)
     except OSError as err:
         raise unwritable(run.path, err.strerror or str(err)) from None
+
+
+def full_disk(err: BaseException, run: RunDir) -> BaseException:
+    """A disk or a quota that filled up while a stage wrote is the user's to fix, not a bug: a UserError saying so
+    (the stage's partial files go, as for any failure); any other error as it is."""
+    if not (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)):
+        return err
+    where = f" while writing {err.filename}" if err.filename else f" under {run.path}"
+    return UserError(f"the disk is full ({err.strerror}{where}). Free some space and run the same command again: "
+                     "the stages that finished are kept.")
 
 
 def record_failure(run: RunDir, stage: Stage, fp: str, inputs: dict, err: BaseException) -> None:

@@ -28,8 +28,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from distillery.sources import SOURCES, SourceReport
 from distillery.sources.files import resolve_paths
-from distillery.sources.shards import (Shard, SourceRows, input_bytes, merge_reports, plan_units, rank, read_units,
-                                       worker_count)
+from distillery.sources.workbook import size_text
+from distillery.sources.shards import (DISK_RESERVE, Shard, SourceRows, input_bytes, merge_reports, plan_units, rank,
+                                       read_units, worker_count)
 from distillery.config import DistilleryConfig
 from distillery.core.console import markdown_table, printable, summary_table
 from distillery.core.errors import UserError
@@ -166,11 +167,22 @@ def copy_lines(handle: BinaryIO, rows: SourceRows, positions: list[int]) -> None
 
 def write_outputs(out: Path, chosen: list[tuple[SourceRows, list[int], list[int]]], reports: list[SourceReport]) -> None:
     """train.jsonl and eval.jsonl from the chosen lines of each source, in source order; dropped.jsonl."""
+    check_room(out, sum(rows.lengths[i] for rows, train, held in chosen for i in (*train, *held)))
     with open(out / OUTPUTS["train"], "wb") as train, open(out / OUTPUTS["eval"], "wb") as evaluation:
         for rows, train_positions, eval_positions in chosen:
             copy_lines(train, rows, train_positions)
             copy_lines(evaluation, rows, eval_positions)
     write_jsonl(out / OUTPUTS["dropped"], (row for rep in reports for row in rep.dropped_rows))
+
+
+def check_room(out: Path, needed: int) -> None:
+    """train.jsonl and eval.jsonl would leave less than DISK_RESERVE free (a `weight` copies a source's records up to
+    100 times): a UserError before a byte of them is written."""
+    free = shutil.disk_usage(out).free
+    if free - needed < DISK_RESERVE:
+        raise UserError(f"ingest: train.jsonl and eval.jsonl would take {size_text(needed)}, more than the disk "
+                        f"holding {out.parent} can take while {size_text(DISK_RESERVE)} stays free ({size_text(free)} "
+                        "free now). Free some space, or lower the sources' `weight` or `max_records`.")
 
 
 def held_out_set(per_source: list[tuple[SourceRows, SourceReport]], splits: list[tuple[list[int], list[int]]]) -> EvaluationSet:

@@ -168,3 +168,53 @@ def test_source_settings_that_cannot_make_sense_are_refused_in_the_config(tmp_pa
                                                               **setting}]}}, allow_unicode=True), encoding="utf-8")
     with pytest.raises(UserError, match=message):
         load_config(str(config))
+
+
+def weighted_project(tmp_path: Path, weight: int = 100) -> Path:
+    rows = [{"INSTRUCTION": f"question {i} " + "x" * 400, "RESPONSE": f"answer {i}"} for i in range(100)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"run": {"name": "w", "root": str(tmp_path / "runs")}, "ingest": {
+        "decontaminate": {"enabled": False},
+        "sources": [{"name": "s", "kind": "hf", "files": str(tmp_path / "d.jsonl"), "weight": weight}]}}),
+        encoding="utf-8")
+    return config
+
+
+def assert_failed_cleanly(tmp_path: Path) -> None:
+    run = tmp_path / "runs" / "w"
+    assert not (run / "ingest").exists() and not (run / ".ingest.partial").exists()
+    assert json.loads((run / "manifest.json").read_text())["stages"]["ingest"]["status"] == "failed"
+
+
+def test_a_weight_that_would_fill_the_disk_is_refused_before_train_jsonl_is_written(tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    """The free-space check ran only while sources were read: `weight: 100` copied 12 MB of records into 1.2 GB of
+    train.jsonl, past the reserve, and a full disk ended ingest as a bug in Distillery."""
+    import shutil
+
+    from distillery.sources.shards import DISK_RESERVE
+
+    config = weighted_project(tmp_path)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=DISK_RESERVE + (2 << 20)))
+    with pytest.raises(UserError, match=r"ingest: train.jsonl and eval.jsonl would take 6\.\d MB, more than the disk "
+                                        r"holding .*runs/w can take while 1\.1 GB stays free \(1\.1 GB free now\)\. "
+                                        r"Free some space, or lower the sources' `weight`"):
+        run_stage("ingest", load_config(config))
+    assert_failed_cleanly(tmp_path)
+
+
+def test_a_disk_that_fills_up_while_a_stage_writes_is_the_users_to_fix(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from distillery.stages import ingest
+
+    def full(out: Path, *args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "train.jsonl"))
+
+    monkeypatch.setattr(ingest, "write_outputs", full)
+    with pytest.raises(UserError, match=r"the disk is full \(No space left on device while writing .*train\.jsonl\)\. "
+                                        r"Free some space and run the same command again"):
+        run_stage("ingest", load_config(weighted_project(tmp_path, weight=1)))
+    assert_failed_cleanly(tmp_path)
