@@ -74,7 +74,8 @@ class CodeIOParams(SourceParams):
     path: str | list[str] = Field(description="JSONL file(s), a directory or a glob.")
     format: Literal["raw", "sft"] = Field("raw", description="raw: problem_description/refcode/ios; sft: prompt/turn_1/feedback_1/turn_2/feedback_2.")
     tasks: list[Literal["output", "input"]] = Field(
-        default_factory=lambda: ["output", "input"], description="For raw records: which prediction prompts to make."
+        default_factory=lambda: ["output", "input"], min_length=1,
+        description="For raw records: which prediction prompts to make (output, input or both)."
     )
     ios_per_record: int = Field(1, ge=1, description="For raw records: how many of the `ios` pairs become prompts.")
 
@@ -125,7 +126,11 @@ def raw_records(raw: dict[str, Any], params: CodeIOParams, where: dict[str, Any]
 
 def flatten_sft(row: dict[str, Any]) -> str:
     """CodeI/O++: first answer, its feedback, then the revision and its feedback when there was one."""
-    parts = [str(row.get(key) or "").strip() for key in SFT_PARTS]
+    values = {key: row.get(key) for key in SFT_PARTS}
+    wrong = next((key for key, value in values.items() if value is not None and not isinstance(value, str)), None)
+    if wrong:  # its Python repr ("{'answer': 42}", "True") is no text to train on
+        raise RecordError(f"non-text {wrong} ({type(values[wrong]).__name__})")
+    parts = [(values[key] or "").strip() for key in SFT_PARTS]
     if not parts[0]:
         raise RecordError("no turn_1")
     return "\n\n".join(part for part in parts if part)

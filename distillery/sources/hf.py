@@ -54,6 +54,20 @@ class HFDatasetParams(SourceParams):
                       "`_`, `.` and `-` (it names a row of evaluate's tables); not `overall`.")
     timeout_s: float = Field(10.0, gt=0, description="How long to wait for the Hub before failing (no long hangs offline).")
 
+    @field_validator("columns")
+    @classmethod
+    def _a_user_and_an_assistant_column(cls, columns: dict[str, str]) -> dict[str, str]:
+        """Checked whatever the format (only `columns` reads them): a mapping that makes no conversation, or one
+        where two roles read one column (the model would learn to echo), is a config error."""
+        missing = [role for role in ("user", "assistant") if role not in columns]
+        if missing:
+            raise ValueError(f"needs a column for {' and '.join(missing)} (e.g. {{user: INSTRUCTION, assistant: "
+                             "RESPONSE}): a record is a user turn answered by an assistant turn")
+        shared = sorted({c for c in columns.values() if list(columns.values()).count(c) > 1})
+        if shared:
+            raise ValueError(f"{shared[0]!r} is the column of two roles: each role reads a column of its own")
+        return columns
+
     @field_validator("task")
     @classmethod
     def _not_overall(cls, task: str) -> str:

@@ -114,14 +114,22 @@ def test_sft_records_are_flattened_into_one_codeio_plus_plus_response(tmp_path: 
                "turn_2": "I see, it is 4.\n```json\n{\"output\": 4}\n```", "feedback_2": "Correct!"}
     right_first = {"prompt": "Predict the input.", "turn_1": "{\"input\": {\"n\": 1}}", "feedback_1": "Feasible input!",
                    "turn_2": None, "feedback_2": None}
-    path = write_jsonl(tmp_path / "sft.jsonl", [revised, right_first, {"prompt": "x", "turn_1": ""}])
+    typed = {"prompt": "px", "turn_1": {"answer": 42}, "feedback_1": True, "turn_2": [1, 2]}  # was "{'answer': 42}..."
+    path = write_jsonl(tmp_path / "sft.jsonl", [revised, right_first, {"prompt": "x", "turn_1": ""}, typed])
     records, report = read(path, format="sft")
     assert [r["task"] for r in records] == ["code_io", "code_io"]
     assert records[0]["messages"] == [
         {"role": "user", "content": "Predict the output."},
         {"role": "assistant", "content": "\n\n".join(revised[k] for k in ("turn_1", "feedback_1", "turn_2", "feedback_2"))}]
     assert records[1]["messages"][1]["content"] == "{\"input\": {\"n\": 1}}\n\nFeasible input!"
-    assert dict(report.dropped) == {"no turn_1": 1} and report.dropped_rows[0]["line"] == 3
+    assert dict(report.dropped) == {"no turn_1": 1, "non-text turn_1 (dict)": 1} and report.dropped_rows[0]["line"] == 3
+
+
+def test_an_empty_task_list_is_a_config_error() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="tasks"):
+        CodeIOParams(name="c", kind="codeio", path="x.jsonl", tasks=[])
 
 
 @pytest.mark.integration

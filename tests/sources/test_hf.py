@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -259,3 +260,15 @@ def test_a_file_that_is_no_table_shows_a_bounded_part_of_its_first_line() -> Non
     with pytest.raises(UserError) as refused:
         hf.check_columns(columns, HFDatasetParams(name="src", kind="hf", files="x.csv"), "x.csv")
     assert len(str(refused.value)) < 1200 and "(and 10 more)" in str(refused.value)
+
+
+@pytest.mark.parametrize("columns, why", [({}, "needs a column for user and assistant"),
+                                          ({"user": "INSTRUCTION"}, "needs a column for assistant"),
+                                          ({"system": "S", "assistant": "A"}, "needs a column for user"),
+                                          ({"user": "Q", "assistant": "Q"}, "'Q' is the column of two roles")])
+def test_a_columns_mapping_that_makes_no_conversation_is_a_config_error(columns: dict, why: str) -> None:
+    """`columns: {}` ingested records with no messages; {user: Q, assistant: Q} taught the model to echo."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=re.escape(why)):
+        HFDatasetParams(name="src", kind="hf", files="x.jsonl", columns=columns)
