@@ -146,12 +146,19 @@ def apply_template(tokenizer: Any, messages: list[dict[str, str]], template: str
     try:
         return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
-    except TemplateError as err:
+    except (TemplateError, TypeError, ValueError, ArithmeticError, LookupError) as err:  # what Jinja code raises
         roles = ", ".join(m["role"] for m in messages)
         system = " or unset format.system_prompt" if fmt.system_prompt else ""
         raise UserError(f"format.template {fmt.template}: the chat template refused record {record['id']} "
-                        f"({record.get('source')}; roles {roles}): {err}. Use template qa, ko_qa, alpaca or r1"
+                        f"({record.get('source')}; roles {roles}): {describe(err)}. Use template qa, ko_qa, alpaca or r1"
                         f"{system}.") from None
+
+
+def describe(err: Exception) -> str:
+    """A template's own words (raise_exception's message), or the kind of error its code ran into and where."""
+    from jinja2 import TemplateError
+
+    return str(err) if isinstance(err, TemplateError) else f"{type(err).__name__}: {err}"
 
 
 def render(record: dict, fmt: FormatConfig, template: str, tokenizer: Any) -> dict[str, Any]:

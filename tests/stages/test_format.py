@@ -135,6 +135,9 @@ def test_template_that_deletes_think_is_refused(tiny_tokenizer) -> None:
     ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
      "{% endif %}{{ m['content'] }}{% endfor %}", "System role not supported"),
     ("{% for m in messages %}{{ m['content'] }}", "Unexpected end of template"),
+    # code in a template that fails on some records: a TypeError ended format as a bug in Distillery
+    ("{% for m in messages %}{{ m['content'] * 1.5 }}{% endfor %}", "TypeError: can't multiply sequence"),
+    ("{% for m in messages %}{{ 1 / (m['content'] | length - 9) }}{% endfor %}", "ZeroDivisionError"),
 ])
 def test_a_chat_template_that_refuses_a_record_is_one_message_naming_it(template: str, words: str,
                                                                          tiny_tokenizer) -> None:
