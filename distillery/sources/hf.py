@@ -21,6 +21,7 @@ from pydantic import Field, field_validator
 
 from distillery.sources.files import resolve_paths
 from distillery.sources.registry import Source, SourceParams, SourceReport
+from distillery.sources.text import clean_values, codepoints, stripped
 from distillery.core.errors import UserError
 from distillery.core.records import make_record, read_json_objects
 from distillery.core.userinput import read_utf8
@@ -97,7 +98,7 @@ def text_value(value: Any, column: str) -> str:
         return ""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise RowError(f"non-text {column} ({JSON_TYPES.get(type(value), type(value).__name__)})")
-    return str(value).strip()
+    return stripped(str(value))  # whitespace, and the zero-width characters a blank-looking cell holds
 
 
 def _text(row: dict[str, Any], column: str) -> str:
@@ -144,14 +145,25 @@ def chat_messages(turns: Any, role_key: str, content_key: str, roles: dict[str, 
             if not isinstance(turn, dict):
                 raise RowError("turn is not an object")
             raise RowError(f"unknown role in {role_key}", f"{str(turn.get(role_key))[:40]!r}")
-        content = turn.get(content_key)
-        if not isinstance(content, str) or not content.strip():
+        content = turn_text(turn.get(content_key), content_key)
+        if not content:
             raise RowError("empty turn")
-        messages.append({"role": role, "content": content.strip()})
+        messages.append({"role": role, "content": content})
     if messages[-1]["role"] != "assistant":
         raise RowError("conversation does not end with an assistant turn")
     check_turn_order([m["role"] for m in messages])
     return messages
+
+
+def turn_text(content: Any, key: str) -> str:
+    """A turn's text: a string, a number as its text, or OpenAI's list of text parts ([{"type": "text", "text":
+    ...}], joined as OpenAI joins them); any other part (an image) or value is no text to train on: RowError."""
+    if isinstance(content, list) and content and all(isinstance(part, dict) for part in content):
+        kinds = sorted({str(part.get("type")) for part in content} - {"text"})
+        if kinds or not all(isinstance(part.get("text"), str) for part in content):
+            raise RowError(f"non-text {key} part ({kinds[0] if kinds else 'text without a string'})")
+        return stripped("".join(part["text"] for part in content))
+    return text_value(content, key)
 
 
 def check_turn_order(roles: list[str]) -> None:
@@ -290,7 +302,11 @@ def records_of(rows: Iterator[tuple[dict[str, Any], dict[str, Any]]], origin: st
     has every column), else (JSON objects, each with its own keys) once all its rows are read."""
     missing = list(required_columns(params))
     columns: dict[Any, None] = {}  # the columns of the rows read while one is missing, in order
+    cleaned, controls = 0, set()
     for row, where in rows:
+        row, removed = clean_values(row)  # as a workbook's cells: no control characters, nothing invisible at the ends
+        if removed:
+            cleaned, controls = cleaned + 1, controls | set(removed)
         if missing:
             columns.update(dict.fromkeys(row))
             missing = [column for column in missing if column not in row]
@@ -303,6 +319,9 @@ def records_of(rows: Iterator[tuple[dict[str, Any], dict[str, Any]]], origin: st
             report.drop(str(err), where, err.detail)
     if missing and columns:
         check_columns(list(columns), params, origin)
+    if cleaned:
+        report.note(f"{origin}: control characters ({codepoints(''.join(sorted(controls)))}) removed from {cleaned} "
+                    "row(s)")
 
 
 SOURCE = Source(kind="hf", params=HFDatasetParams, read=read, files_field="files", suffixes=SUFFIXES)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from typing import Any
 
 from distillery.core.unseen import IGNORABLE_RANGES
 
@@ -13,12 +14,14 @@ IGNORABLE_RANGES += ((0x2800, 0x2800),)
 IGNORABLE = "".join(chr(c) for first, last in IGNORABLE_RANGES for c in range(first, last + 1))
 WHITESPACE = "".join(chr(c) for c in range(0x3001) if chr(c).isspace())
 INVISIBLE = WHITESPACE + IGNORABLE
+INVISIBLE_SET = frozenset(INVISIBLE)
 # ignorables that str.isprintable() lets through (combining marks and letters such as the Hangul fillers)
 PRINTABLE_IGNORABLE = frozenset(ch for ch in IGNORABLE if ch.isprintable())
 _INVISIBLE_ANYWHERE = re.compile("[" + "".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in IGNORABLE_RANGES) + "]")
 # control characters (Unicode Cc) but tab, line feed and carriage return: removed from text, the ones that are
 # whitespace (vertical tab, form feed, the separators) becoming a space
 CONTROLS = {c: (" " if chr(c).isspace() else None) for c in (*range(0x20), *range(0x7F, 0xA0)) if chr(c) not in "\t\n\r"}
+CONTROL_CHARS = re.compile("[" + re.escape("".join(map(chr, CONTROLS))) + "]")
 HANGUL = re.compile("[\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7a3\ud7b0-\ud7ff]")
 LATIN = re.compile("[A-Za-z\u00c0-\u024f]")
 
@@ -28,10 +31,47 @@ def clean_text(value: str) -> tuple[str, str]:
     characters removed). Text that was only invisible characters comes back empty."""
     if value.isprintable() and not (value[:1] in PRINTABLE_IGNORABLE or value[-1:] in PRINTABLE_IGNORABLE):
         return value.strip(), ""  # the common case, at C speed
-    controls = "".join(ch for ch in value if ord(ch) in CONTROLS)
-    if controls:
-        value = value.translate(CONTROLS)
+    value, controls = without_controls(value)
     return value.strip(INVISIBLE), controls
+
+
+def without_controls(value: str) -> tuple[str, str]:
+    """(the text without control characters, those removed); tab, line feed and carriage return stay."""
+    controls = "".join(CONTROL_CHARS.findall(value))
+    return (value.translate(CONTROLS), controls) if controls else (value, "")
+
+
+def clean_values(value: Any) -> tuple[Any, str]:
+    """`value` (a dataset row: objects, lists, text) without control characters in any of its texts, and those
+    removed (what is invisible at a text's ends is for the reader of each field to strip: text parts are joined)."""
+    if isinstance(value, str):
+        return without_controls(value)
+    if not holds_controls(value):
+        return value, ""  # nearly every row: nothing is rebuilt
+    if isinstance(value, (dict, list)):
+        pairs = [(key, clean_values(item)) for key, item in (value.items() if isinstance(value, dict) else enumerate(value))]
+        removed = "".join(controls for _, (_, controls) in pairs)
+        if isinstance(value, dict):
+            return {key: item for key, (item, _) in pairs}, removed
+        return [item for _, (item, _) in pairs], removed
+    return value, ""
+
+
+def stripped(text: str) -> str:
+    """`text` without whitespace or invisible characters at its ends (str.strip(INVISIBLE) only where an end is
+    one: its thousands of characters make it slow for every value of a large dataset)."""
+    text = text.strip()
+    if text and (text[0] in INVISIBLE_SET or text[-1] in INVISIBLE_SET):
+        return text.strip(INVISIBLE)
+    return text
+
+
+def holds_controls(value: Any) -> bool:
+    if isinstance(value, str):
+        return CONTROL_CHARS.search(value) is not None
+    if isinstance(value, (dict, list)):
+        return any(map(holds_controls, value.values() if isinstance(value, dict) else value))
+    return False
 
 
 def name_key(name: str) -> str:

@@ -272,3 +272,29 @@ def test_a_columns_mapping_that_makes_no_conversation_is_a_config_error(columns:
 
     with pytest.raises(ValidationError, match=re.escape(why)):
         HFDatasetParams(name="src", kind="hf", files="x.jsonl", columns=columns)
+
+
+def test_text_is_cleaned_as_a_workbook_cell_is_and_the_note_says_so(tmp_path: Path) -> None:
+    """NUL, escapes and a BOM went into training text, and an answer of zero-width characters was kept; excel's
+    cells lose them (clean_text)."""
+    rows = [{"INSTRUCTION": "\ufeffWhat is\x00 2+2?\x1b[2J", "RESPONSE": "4\u200b"},
+            {"INSTRUCTION": "Say nothing.", "RESPONSE": "\u200b\u2060\u3164"},
+            {"INSTRUCTION": "Keep\tthis\nas is: \u202eright-to-left", "RESPONSE": "ok"}]
+    records, report = read(files=str(write_jsonl(tmp_path / "c.jsonl", rows)))
+    assert [r["messages"][0]["content"] for r in records] == ["What is 2+2?[2J", "Keep\tthis\nas is: \u202eright-to-left"]
+    assert records[0]["messages"][1]["content"] == "4"
+    assert report.dropped == {"empty RESPONSE": 1}
+    assert report.notes == [f"{tmp_path / 'c.jsonl'}: control characters (U+0000 U+001B) removed from 1 row(s)"]
+
+
+def test_a_turn_is_text_a_number_or_openai_text_parts(tmp_path: Path) -> None:
+    def conversation(content: Any) -> dict:
+        return {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "ok"}]}
+
+    parts = [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "world"}]
+    image = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "x.png"}}]
+    rows = [conversation(7), conversation(parts), conversation(image), conversation(["a", "b"]), conversation(True)]
+    records, report = read(files=str(write_jsonl(tmp_path / "m.jsonl", rows)), format="messages")
+    assert [r["messages"][0]["content"] for r in records] == ["7", "Hello, world"]
+    assert report.dropped == {"non-text content part (image_url)": 1, "non-text content (list)": 1,
+                              "non-text content (boolean)": 1}
