@@ -12,6 +12,7 @@ Layouts (`format`):
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -21,7 +22,7 @@ from pydantic import Field, field_validator
 
 from distillery.sources.files import resolve_paths
 from distillery.sources.registry import Source, SourceParams, SourceReport
-from distillery.sources.text import clean_values, codepoints, stripped
+from distillery.sources.text import clean_values, codepoints, name_key, stripped
 from distillery.core.errors import UserError
 from distillery.core.records import make_record, read_json_objects
 from distillery.core.userinput import read_utf8
@@ -60,6 +61,7 @@ class HFDatasetParams(SourceParams):
     def _a_user_and_an_assistant_column(cls, columns: dict[str, str]) -> dict[str, str]:
         """Checked whatever the format (only `columns` reads them): a mapping that makes no conversation, or one
         where two roles read one column (the model would learn to echo), is a config error."""
+        columns = {role: name_key(column) for role, column in columns.items()}  # as a file's header is read
         missing = [role for role in ("user", "assistant") if role not in columns]
         if missing:
             raise ValueError(f"needs a column for {' and '.join(missing)} (e.g. {{user: INSTRUCTION, assistant: "
@@ -209,6 +211,19 @@ def required_columns(params: HFDatasetParams) -> tuple[str, ...]:
     return REQUIRED[params.format]
 
 
+@functools.lru_cache(maxsize=4096)
+def column_key(name: Any) -> Any:
+    return name_key(name) if isinstance(name, str) else name
+
+
+def with_column_keys(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with its column names as the config's are compared (NFC, without invisible characters: macOS writes
+    a Korean header decomposed, a spreadsheet leaves `RESPONSE ` with its space); the row itself when they are."""
+    if all(column_key(key) == key for key in row):
+        return row
+    return {column_key(key): value for key, value in row.items()}
+
+
 def check_columns(columns: list[str], params: HFDatasetParams, origin: str) -> None:
     """A missing column is a config problem, not a row problem: stop and list what the data has."""
     missing = [c for c in required_columns(params) if c not in columns]
@@ -305,6 +320,7 @@ def records_of(rows: Iterator[tuple[dict[str, Any], dict[str, Any]]], origin: st
     cleaned, controls = 0, set()
     for row, where in rows:
         row, removed = clean_values(row)  # as a workbook's cells: no control characters, nothing invisible at the ends
+        row = with_column_keys(row)
         if removed:
             cleaned, controls = cleaned + 1, controls | set(removed)
         if missing:

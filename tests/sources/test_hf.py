@@ -298,3 +298,16 @@ def test_a_turn_is_text_a_number_or_openai_text_parts(tmp_path: Path) -> None:
     assert [r["messages"][0]["content"] for r in records] == ["7", "Hello, world"]
     assert report.dropped == {"non-text content part (image_url)": 1, "non-text content (list)": 1,
                               "non-text content (boolean)": 1}
+
+
+def test_column_names_are_matched_as_written_whatever_their_normal_form_or_invisible_ends(tmp_path: Path) -> None:
+    """A CSV saved on macOS has its Korean header decomposed (NFD): `no column 질문, 답변 ... It has: 질문, 답변`."""
+    import unicodedata
+
+    header = ",".join(unicodedata.normalize("NFD", name) for name in ("질문", "답변 "))
+    (tmp_path / "nfd.csv").write_text(f"{header}\n서울은 어디?,한국\n", encoding="utf-8")
+    records, _ = read(files=str(tmp_path / "nfd.csv"), columns={"user": "질문", "assistant": "\u200b답변"})
+    assert records[0]["messages"] == [{"role": "user", "content": "서울은 어디?"}, {"role": "assistant", "content": "한국"}]
+    (tmp_path / "other.csv").write_text("질문,대답\u200b\nq,a\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"no column 답변 \(format: columns\). It has: 질문, 대답\. Set"):
+        read(files=str(tmp_path / "other.csv"), columns={"user": "질문", "assistant": "답변"})
