@@ -227,9 +227,23 @@ def read_json_objects(path: Path) -> Iterator[tuple[dict[str, Any], dict[str, An
         yield row, {"file": str(path), "index": index}
 
 
+def first_line_is_a_whole_object(path: Path) -> bool:
+    """Whether the file's first line (up to MAX_LINE_BYTES) is one whole JSON object and something follows it."""
+    with open(path, "rb") as handle:
+        first = handle.readline(MAX_LINE_BYTES + 1)
+        more = handle.read(4096).strip()
+    try:
+        return bool(more) and isinstance(orjson.loads(first.removeprefix(b"\xef\xbb\xbf")), dict)
+    except orjson.JSONDecodeError:
+        return False
+
+
 def read_json_value(path: Path) -> Any:
     """The value of a .json file, or JSON_LINES when its first line is one whole value and more follow (JSON Lines
-    under a .json name, as datasets' Dataset.to_json writes them). Not UTF-8 or not JSON is a UserError."""
+    under a .json name, as datasets' Dataset.to_json writes them: told from its first line, so that such a file
+    streams as a .jsonl does instead of being read whole). Not UTF-8 or not JSON is a UserError."""
+    if first_line_is_a_whole_object(path):
+        return JSON_LINES
     text = read_utf8(path)
     try:
         value = without_lone_surrogates(json.loads(text), text)

@@ -250,18 +250,45 @@ def read_local_file(path: Path) -> Iterator[tuple[dict[str, Any], dict[str, Any]
         yield row, {"file": str(path), "row": i + 2 if suffix == ".csv" else i}
 
 
-def read_csv(path: Path) -> list[dict[str, Any]]:
+CSV_CHUNK_ROWS = 10_000  # rows in memory at a time: a CSV of millions of rows streams like a JSONL file
+
+
+def read_csv(path: Path) -> Iterator[dict[str, Any]]:
     """Every cell as its text: `8` stays `8` (not `8.0` in a column with a blank), `090210` keeps its zero, and
-    `None` or `NA` are text; only an empty cell is empty."""
+    `None` or `NA` are text; only an empty cell is empty. Read in chunks of CSV_CHUNK_ROWS rows."""
     import pandas as pd
 
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False).to_dict(orient="records")
+        check_unique_columns(path, csv_header(path))
+        with pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=CSV_CHUNK_ROWS) as chunks:
+            for chunk in chunks:
+                yield from chunk.to_dict(orient="records")
     except UnicodeDecodeError:
         read_utf8(path)  # raises the error that says where and what to do
         raise
+    except UserError:
+        raise
     except Exception as err:  # pandas raises many types for a bad file
         raise UserError(f"{path}: cannot read as csv: {err}") from None
+
+
+def csv_header(path: Path) -> list[str]:
+    """The CSV's first row as written (pandas renames a repeated name `RESPONSE.1`)."""
+    import csv
+
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        return next(csv.reader(handle), [])
+
+
+def check_unique_columns(path: Path, names: list[Any]) -> None:
+    """Two columns of one name (as names are compared): which one a row's value came from would be a reader's
+    choice (pandas takes the first, pyarrow the last), so the file is refused."""
+    keys = [column_key(name) for name in names]
+    repeated = next((key for key in keys if keys.count(key) > 1), None)
+    if repeated is not None:
+        where = [i + 1 for i, key in enumerate(keys) if key == repeated]
+        raise UserError(f"{path}: the column {repeated} appears {len(where)} times (columns "
+                        f"{', '.join(map(str, where))}). Rename or remove the extra ones.")
 
 
 def read_parquet(path: Path) -> Iterator[dict[str, Any]]:
@@ -269,8 +296,12 @@ def read_parquet(path: Path) -> Iterator[dict[str, Any]]:
     import pyarrow.parquet as pq
 
     try:
-        for batch in pq.ParquetFile(path).iter_batches():
+        parquet = pq.ParquetFile(path)
+        check_unique_columns(path, parquet.schema_arrow.names)
+        for batch in parquet.iter_batches():
             yield from batch.to_pylist()
+    except UserError:
+        raise
     except Exception as err:  # pyarrow raises many types for a bad file
         raise UserError(f"{path}: cannot read as parquet: {err}") from None
 

@@ -311,3 +311,35 @@ def test_column_names_are_matched_as_written_whatever_their_normal_form_or_invis
     (tmp_path / "other.csv").write_text("질문,대답\u200b\nq,a\n", encoding="utf-8")
     with pytest.raises(UserError, match=r"no column 답변 \(format: columns\). It has: 질문, 대답\. Set"):
         read(files=str(tmp_path / "other.csv"), columns={"user": "질문", "assistant": "답변"})
+
+
+def test_a_column_repeated_in_a_csv_or_parquet_header_is_refused(tmp_path: Path) -> None:
+    """pandas took the first RESPONSE (renaming the other RESPONSE.1), pyarrow the last: silently, differently."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "d.csv").write_text("INSTRUCTION,RESPONSE,RESPONSE\nq,a1,a2\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"d\.csv: the column RESPONSE appears 2 times \(columns 2, 3\)\. Rename"):
+        read(files=str(tmp_path / "d.csv"))
+    table = pa.Table.from_arrays([pa.array(["q"]), pa.array(["a1"]), pa.array(["a2"])],
+                                 names=["INSTRUCTION", "RESPONSE", "RESPONSE\u200b"])
+    pq.write_table(table, tmp_path / "d.parquet")
+    with pytest.raises(UserError, match=r"d\.parquet: the column RESPONSE appears 2 times \(columns 2, 3\)"):
+        read(files=str(tmp_path / "d.parquet"))
+
+
+def test_a_csv_is_read_in_chunks_and_a_json_lines_file_named_json_streams(tmp_path: Path, monkeypatch) -> None:
+    """A 213 MB CSV took 766 MB before its first row, and JSON Lines named .json was read whole (466 MB)."""
+    from distillery.core import records
+
+    monkeypatch.setattr(hf, "CSV_CHUNK_ROWS", 3)
+    (tmp_path / "d.csv").write_text("INSTRUCTION,RESPONSE\n" + "".join(f"q{i},0{i}\n" for i in range(8)), encoding="utf-8")
+    got, _ = read(files=str(tmp_path / "d.csv"))
+    assert [r["messages"][1]["content"] for r in got] == [f"0{i}" for i in range(8)]
+
+    def read_whole(*args: Any) -> str:
+        raise AssertionError("read whole")
+
+    monkeypatch.setattr(records, "read_utf8", read_whole)
+    lines = write_jsonl(tmp_path / "lines.json", [{"INSTRUCTION": f"q{i}", "RESPONSE": "a"} for i in range(3)])
+    assert len(read(files=str(lines))[0]) == 3
