@@ -45,8 +45,8 @@ class Stage:
     input_files: Callable[[DistilleryConfig], list[Path]] = no_input_files  # external files it reads
     # settings it takes from environment variables where the config leaves them out (never a secret); None: unset
     environment: Callable[[DistilleryConfig], dict[str, str | None]] = no_environment
-    # dotted keys in its sections that change how it runs, not what it writes (left out of the fingerprint: raising
-    # a timeout must resume a long distill, not start it over)
+    # dotted keys in its sections that change how it runs, not what it writes, or that it does not read at all (left
+    # out of the fingerprint: raising a timeout must resume a long distill, not start it over)
     operational: tuple[str, ...] = ()
     # dotted keys outside its sections that change what it writes (evaluate: the sandbox its code_io checks run in)
     also_reads: tuple[str, ...] = ()

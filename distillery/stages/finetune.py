@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 
-from distillery.config import DistilleryConfig, FinetuneConfig
+from distillery.config import DistillConfig, DistilleryConfig, FinetuneConfig, TeacherConfig
 from distillery.core.console import markdown_table, printable, summary_table
 from distillery.core.errors import UserError
 from distillery.core.machine import cpu_bf16_native
@@ -361,7 +361,11 @@ def report(ctx: StageContext, s: dict) -> StageResult:
                                                   ("tokens/s", speed)])
 
 
-# distill: on_policy may take its teacher from distill.teacher.
+# Of the distill section, finetune reads only the teacher an on_policy objective may take (distill.teacher.kind and
+# path); what distill made reaches it through format, its upstream. The rest is left out of its fingerprint: a
+# changed distill.concurrency retrained the model.
+NOT_READ_OF_DISTILL = (*(f"distill.{key}" for key in DistillConfig.model_fields if key != "teacher"),
+                       *(f"distill.teacher.{key}" for key in TeacherConfig.model_fields if key not in ("kind", "path")))
 STAGE = Stage(name="finetune", run=run, outputs=OUTPUTS, sections=("model", "distill", "finetune"), upstream=("format",),
               packages=("torch", "transformers", "trl", "peft", "unsloth", "unsloth_zoo", "accelerate", "bitsandbytes"),
-              resumable=True, input_files=input_files)
+              resumable=True, input_files=input_files, operational=NOT_READ_OF_DISTILL)

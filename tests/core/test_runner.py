@@ -349,3 +349,25 @@ def test_an_attempt_of_another_config_resumes_and_going_back_sets_it_aside(proje
     assert json.loads(manifest.read_text())["stages"]["ingest"]["attempt"]["status"] == "failed"
     assert run_stage("ingest", load_config("config.yaml", other))[0] == "up to date"
     assert "attempt" not in json.loads(manifest.read_text())["stages"]["ingest"]
+
+
+def test_finetune_is_fingerprinted_on_the_only_distill_settings_it_reads(tmp_path: Path) -> None:
+    """Every distill setting was in finetune's fingerprint: raising distill.concurrency retrained the model."""
+    from distillery.config import load_config
+    from distillery.core.rundir import RunDir
+    from distillery.runner import fingerprint
+    from distillery.stage import load_stage
+
+    run = RunDir(tmp_path, "t")
+    run.update_stage("format", {"status": "complete", "fingerprint": "f" * 64, "outputs": {}})
+
+    def finetune_fp(*overrides: str) -> str:
+        cfg = load_config(Path(__file__).parents[2] / "configs" / "demo.yaml", [f"run.root={tmp_path}", "run.name=t", *overrides])
+        return fingerprint(load_stage("finetune"), cfg, run)[0]
+
+    same = finetune_fp()
+    for override in ("distill.concurrency=8", "distill.retries=9", "distill.teacher.timeout_s=30", "distill.enabled=true",
+                     "distill.max_tokens=77", "distill.teacher.url=http://localhost:9/v1"):
+        assert finetune_fp(override) == same, override
+    assert finetune_fp("distill.teacher.path=./another-teacher") != same  # the teacher on_policy may take
+    assert finetune_fp("finetune.max_steps=21") != same
