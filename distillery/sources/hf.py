@@ -79,8 +79,14 @@ class HFDatasetParams(SourceParams):
         return task
 
 
+MAX_OPTIONS_CHARS = 1000  # MathQA's longest is 137 characters; the harness's expression takes time quadratic in it
+
+
 def split_mathqa_options(options: str) -> list[str]:
-    """`"a ) 38 , b ) 27.675 , ..."` -> `["38", "27.675", ...]`, exactly as the harness's mathqa task does."""
+    """`"a ) 38 , b ) 27.675 , ..."` -> `["38", "27.675", ...]`, exactly as the harness's mathqa task does. Longer
+    than MAX_OPTIONS_CHARS is a RowError ("a ) " repeated over 256 KB took 146 s of one core)."""
+    if len(options) > MAX_OPTIONS_CHARS:
+        raise RowError(f"options longer than {MAX_OPTIONS_CHARS:,} characters")
     return [c[4:].rstrip(" ,") for c in MATHQA_OPTIONS.findall(options)]
 
 

@@ -42,11 +42,13 @@ def test_unscoreable_rows_are_rejected_with_the_reason(change: dict, reason: str
 
 
 def test_load_items_skips_and_reports_bad_rows_by_line(tmp_path: Path) -> None:
-    path = write_rows(tmp_path / "test.jsonl", [ROW, {**ROW, "options": "garbled"}, ROW, ROW])
+    slow = "a ) " * 65536  # 256 KB on which the harness's expression took 146 s of one core
+    path = write_rows(tmp_path / "test.jsonl", [ROW, {**ROW, "options": "garbled"}, {**ROW, "options": slow}, ROW, ROW])
     report = mathqa.LoadReport()
     items = mathqa.load_items(str(path), "test", 2, report)
-    assert [i.id for i in items] == ["test.jsonl:1", "test.jsonl:3"]
-    assert report.skipped == [{"id": "test.jsonl:2", "reason": "options not parseable into 5 choices: 'garbled'"}]
+    assert [i.id for i in items] == ["test.jsonl:1", "test.jsonl:4"]
+    assert report.skipped == [{"id": "test.jsonl:2", "reason": "options not parseable into 5 choices: 'garbled'"},
+                              {"id": "test.jsonl:3", "reason": "options longer than 1,000 characters"}]
 
 
 def test_missing_file_and_empty_data_are_user_errors(tmp_path: Path) -> None:

@@ -65,9 +65,11 @@ def test_mathqa_options_are_split_like_lm_evaluation_harness(tmp_path: Path) -> 
 
 def test_mathqa_rows_it_cannot_parse_are_dropped(tmp_path: Path) -> None:
     rows = [{**MATHQA_ROW, "options": "a ) 1 , b ) 2"}, {**MATHQA_ROW, "correct": "f"},
-            {**MATHQA_ROW, "correct": "bc"}]  # a substring of "abcde", not a letter: it was trained as answer b
+            {**MATHQA_ROW, "correct": "bc"},  # a substring of "abcde", not a letter: it was trained as answer b
+            {**MATHQA_ROW, "options": "a ) " * 65536}]  # the harness's expression: quadratic, 146 s
     records, report = read(files=str(write_jsonl(tmp_path / "m.jsonl", rows)), format="mathqa")
-    assert not records and dict(report.dropped) == {"options not parseable": 1, "correct is not a-e": 2}
+    assert not records and dict(report.dropped) == {"options not parseable": 1, "correct is not a-e": 2,
+                                                    "options longer than 1,000 characters": 1}
 
 
 def test_decomposition_from_json_and_jsonl(tmp_path: Path) -> None:
