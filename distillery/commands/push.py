@@ -12,12 +12,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 from distillery.config import DistilleryConfig
@@ -108,9 +109,13 @@ def verified_ggufs(run: RunDir) -> dict[str, Path]:
     if summary.get("passed") is not True:
         raise UserError(f"nothing to push: {summary_path} does not record an export that passed verification. Run "
                         "`distillery export --force` (just export-gguf --force).")
+    with written_by_its_stage(summary_path):
+        files = {str(quant): str(name) for quant, name in (summary.get("files") or {}).items()}
     found = {}
-    for quant, name in (summary.get("files") or {}).items():
-        path, result = artifact(run, "export", "gguf") / name, results.get(quant) or {}
+    for quant, name in files.items():
+        path = artifact(run, "export", "gguf") / Path(name).name  # a name, never a path out of gguf/
+        with written_by_its_stage(verify_path):
+            result = dict(results.get(quant) or {})
         if not result.get("passed") or not path.is_file() or path.stat().st_size != result.get("bytes"):
             raise UserError(f"{path} is not the GGUF the export verified (it is missing, or {verify_path} does not "
                             "record it as passed with its size): it changed after the export. Run `distillery "
@@ -132,7 +137,27 @@ def selected_ggufs(cfg: DistilleryConfig, verified: dict[str, Path]) -> list[Pat
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """A stage's JSON file as a dict ({} when there is none); one edited or cut short is the user's to redo."""
+    if not path.is_file():
+        return {}
+    with written_by_its_stage(path):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise TypeError(f"a JSON {type(data).__name__}, not an object")
+        return data
+
+
+@contextlib.contextmanager
+def written_by_its_stage(path: Path) -> Iterator[None]:
+    """What reading or using a run's file raises when it is not what its stage wrote (edited by hand, cut short by a
+    full disk), as a UserError naming it and the stage that writes it again."""
+    try:
+        yield
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as err:  # UnicodeDecodeError: a ValueError
+        stage = path.parent.name
+        raise UserError(f"{path} is not what `distillery {stage}` writes ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:120] if str(err) else ''}): it was edited or cut short. Run "
+                        f"`distillery {stage} --force` to write it again.") from None
 
 
 def card_data(cfg: DistilleryConfig, finetune: dict[str, Any], plan: list[dict[str, Any]]) -> Any:
@@ -161,7 +186,12 @@ def training_section(finetune: dict[str, Any]) -> list[str]:
 def decontamination_line(run: RunDir) -> str:
     """How many training records were dropped for overlapping an evaluation set, and which sets were checked
     (from ingest's report)."""
-    summary = _read_json(artifact(run, "ingest", "report")).get("decontamination")
+    report = artifact(run, "ingest", "report")
+    with written_by_its_stage(report):
+        return decontamination_sentence(_read_json(report).get("decontamination"))
+
+
+def decontamination_sentence(summary: Any) -> str:
     if not summary or not summary.get("enabled"):
         return "The training data was not checked for overlap with the evaluation sets."
     sets = ", ".join(f"{s['set']} ({s['items']} items)" for s in summary["sets"])
@@ -174,14 +204,16 @@ def decontamination_line(run: RunDir) -> str:
 
 
 def evaluation_section(run: RunDir, ggufs: list[str]) -> list[str]:
-    comparison = artifact(run, "evaluate", "comparison_md")
-    lines = ["## Evaluation", "", comparison.read_text(encoding="utf-8").strip() if comparison.is_file()
-             else "Not evaluated yet (`distillery evaluate` writes the table this section shows).",
+    comparison, verify_path = artifact(run, "evaluate", "comparison_md"), artifact(run, "export", "verify")
+    with written_by_its_stage(comparison):
+        table = comparison.read_text(encoding="utf-8").strip() if comparison.is_file() else None
+    lines = ["## Evaluation", "", table or "Not evaluated yet (`distillery evaluate` writes the table this section shows).",
              "", decontamination_line(run)]
-    verify = _read_json(artifact(run, "export", "verify"))
+    verify = _read_json(verify_path)
     if verify.get("gguf"):
-        rows = [(r["file"], f"{r['top1_agreement']:.3f}", f"{r['mean_kl']:.4g}") for r in verify["gguf"].values()
-                if r["file"] in ggufs]
+        with written_by_its_stage(verify_path):
+            rows = [(r["file"], f"{r['top1_agreement']:.3f}", f"{r['mean_kl']:.4g}") for r in verify["gguf"].values()
+                    if r["file"] in ggufs]
         lines += ["", "Every GGUF was checked against the exported 16-bit model on fixed prompts (KL in nats):", "",
                   *markdown_table(("file", "top-1 agreement", "mean KL"), rows)]
     return lines

@@ -539,3 +539,23 @@ def test_killed_export_leaves_no_final_file_and_a_rerun_completes_it(exported) -
     assert killed == {"stage dir": False, "final gguf": False, "merge kept": True}
     verify = json.loads((run.stage_dir("export") / "verify.json").read_text())
     assert verify["passed"] and verify["timings"]["merge"] == {"resumed": True}
+
+
+@pytest.mark.parametrize("stage, name, content", [
+    ("ingest", "report.json", b'{"decontamination": {"enabled": true, "sets'),  # cut short
+    ("ingest", "report.json", b"[1, 2]"),
+    ("ingest", "report.json", b'{"decontamination": {"enabled": true, "sets": "x"}}'),
+    ("evaluate", "comparison.md", b"\xff\xfe| a |")])
+def test_push_names_a_report_of_the_run_that_was_edited_or_cut_short(tmp_path: Path, stage: str, name: str,
+                                                                     content: bytes) -> None:
+    """The model card reads ingest's and evaluate's reports: each of these was an unexpected error, exit 1."""
+    from distillery.commands.push import push
+    from distillery.core.console import console
+
+    run = finished_export(tmp_path, {"q8_0": b"GGUF q8"})
+    run.stage_dir(stage).mkdir(parents=True, exist_ok=True)
+    (run.stage_dir(stage) / name).write_bytes(content)
+    cfg = load_config(demo_config(tmp_path), ["push.upload=[gguf]", "push.repo_id=me/x"])
+    with pytest.raises(UserError, match=rf"{stage}/{re.escape(name)} is not what `distillery {stage}` writes \(.*\): it "
+                                        rf"was edited or cut short\. Run `distillery {stage} --force`"):
+        push(cfg, console, dry_run=True)
