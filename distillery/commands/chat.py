@@ -16,6 +16,7 @@ from distillery.config import DistilleryConfig
 from distillery.core.errors import UserError
 from distillery.core.rundir import RunDir
 from distillery.core.unseen import for_terminal
+from distillery.core.userinput import is_usable_file
 from distillery.stage import artifact
 
 PREFERRED = "Q4_K_M"
@@ -27,7 +28,7 @@ def find_gguf(cfg: DistilleryConfig, choice: str | None = None) -> Path:
     available = sorted(gguf_dir.glob("*.gguf")) if gguf_dir.is_dir() else []
     if choice:
         for candidate in (Path(choice), gguf_dir / choice):
-            if candidate.is_file():
+            if is_usable_file(candidate):
                 return candidate
         by_type = [p for p in available if p.stem.upper().endswith("-" + choice.upper())]
         if by_type:

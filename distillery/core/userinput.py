@@ -35,6 +35,15 @@ def require_file(path: Path, field: str, hint: str = "", pipe: bool = False) -> 
         raise missing_path(str(path), path, field, hint)
 
 
+def is_usable_file(path: Path) -> bool:
+    """path.is_file(), and False where the system cannot even look the name up (a name over 255 bytes): the caller
+    then says the file is not there, naming the setting, instead of an OSError."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def missing_path(item: str, path: Path, field: str, hint: str = "") -> UserError:
     """Why `path` (given as `item`) is neither a file nor a directory: a symlink loop, a dangling symlink, or
     nothing there."""

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 from distillery.sources.hf import LETTERS, read_local_file, split_mathqa_options
 from distillery.core.errors import UserError
+from distillery.core.userinput import is_usable_file
 
 FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed
 TARGET_DELIMITER = " "
@@ -48,7 +49,8 @@ class LoadReport:
 def is_local(data: str) -> bool:
     """A path (existing, or spelled like a file) rather than a Hub dataset id."""
     path = Path(data).expanduser()
-    return path.exists() or data.startswith((".", "/", "~")) or path.suffix.lower() in LOCAL_SUFFIXES
+    return data.startswith((".", "/", "~")) or path.suffix.lower() in LOCAL_SUFFIXES or is_usable_file(path) or \
+        path_exists(path)
 
 
 def parse_item(row: dict[str, Any], item_id: str) -> Item:
@@ -81,15 +83,22 @@ def iter_rows(data: str, split: str, keys: tuple[str, str] = DATA_KEYS) -> Itera
         yield row, f"{data}/{split}:{index}"
 
 
+def path_exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name the system cannot look up
+        return False
+
+
 def local_file(data: str, key: str) -> Path:
     """The file `data` names; missing, a directory, or not read by its suffix (one of LOCAL_SUFFIXES) is a UserError
     naming the setting (a .txt file was read as Parquet and failed on its magic bytes)."""
     path = Path(data).expanduser()
     fix = ("Point it at a MathQA jsonl/json/csv/parquet file (e.g. configs/samples/mathqa/test.jsonl) or a Hub id "
            "(regisss/math_qa).")
-    if path.is_dir():
+    if path_exists(path) and path.is_dir():
         raise UserError(f"{key}: {data} is a directory. {fix}")
-    if not path.is_file():
+    if not is_usable_file(path):
         raise UserError(f"{key}: {data} does not exist. {fix}")
     if path.suffix.lower() not in LOCAL_SUFFIXES:
         raise UserError(f"{key}: {data} is read by its suffix, which is not one of {', '.join(LOCAL_SUFFIXES)}. "

@@ -43,6 +43,7 @@ from distillery.core.summaries import read_finetune_summary
 from distillery.core.models import resolve_model_path
 from distillery.core.records import report_json, write_jsonl
 from distillery.core.rundir import atomic_write_text, sha256_json
+from distillery.core.userinput import is_usable_file
 from distillery.stage import Stage, StageContext, StageResult
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def input_files(cfg: DistilleryConfig) -> list[Path]:
     """The local MathQA files (hashed into the fingerprint); Hub ids are not files."""
     ev = cfg.evaluate
     sources = ([ev.data] if ev.data else []) + ([ev.fewshot_data] if ev.fewshot_data and ev.num_fewshot else [])
-    return [Path(s).expanduser() for s in sources if mathqa.is_local(s) and Path(s).expanduser().is_file()]
+    return [Path(s).expanduser() for s in sources if mathqa.is_local(s) and is_usable_file(Path(s).expanduser())]
 
 
 @dataclass

@@ -398,3 +398,18 @@ def test_a_run_name_naming_a_folder_of_the_users_own_is_refused_and_nothing_in_i
                                 terminal_width=400)
     assert result.exit_code == 0, result.output
     assert (mine / "manifest.json").is_file() and (mine / "ingest" / "train.jsonl").is_file()
+
+
+def test_chat_gguf_naming_a_path_the_system_cannot_look_up_is_one_message(tmp_path: Path) -> None:
+    """--gguf with a 300-byte name was an unexpected OSError (File name too long), exit 1."""
+    from distillery.commands.chat import find_gguf
+    from distillery.config import load_config
+    from distillery.core.errors import UserError
+
+    cfg = load_config(toy_project(tmp_path), [f"run.root={tmp_path / 'runs'}"])
+    gguf = tmp_path / "runs" / "t" / "export" / "gguf"
+    gguf.mkdir(parents=True)
+    (gguf / "m-Q8_0.gguf").write_bytes(b"GGUF")
+    with pytest.raises(UserError, match=r"--gguf a{300}: no such file or type; the run's GGUFs .*: m-Q8_0.gguf"):
+        find_gguf(cfg, "a" * 300)
+    assert find_gguf(cfg, "q8_0") == gguf / "m-Q8_0.gguf"

@@ -54,6 +54,8 @@ def test_load_items_skips_and_reports_bad_rows_by_line(tmp_path: Path) -> None:
 def test_missing_file_and_empty_data_are_user_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist"):
         mathqa.load_items(str(tmp_path / "nope.jsonl"), "test", None, mathqa.LoadReport())
+    with pytest.raises(UserError, match=r"evaluate.data: .*a{300}\.jsonl does not exist"):  # was an OSError: exit 1
+        mathqa.load_items(str(tmp_path / ("a" * 300 + ".jsonl")), "test", None, mathqa.LoadReport())
     path = write_rows(tmp_path / "bad.jsonl", [{"question": "no mathqa columns"}])
     with pytest.raises(UserError, match="no scoreable MathQA item"):
         mathqa.load_items(str(path), "test", None, mathqa.LoadReport())
