@@ -119,7 +119,7 @@ class FormatConfig(Section):
     template: Literal["qa", "ko_qa", "alpaca", "r1", "chat"] = Field(
         "qa", description="qa, ko_qa, alpaca, r1 (<think> reasoning kept) or chat (the model's own chat template)."
     )
-    max_length: int = Field(1024, ge=16, description="Token budget of prompt + completion; longer examples are counted, not cut.")
+    max_length: int = Field(1024, ge=16, le=1 << 22, description="Token budget of prompt + completion (at most 4,194,304); longer examples are counted, not cut.")
     system_prompt: str | None = Field(None, description="Added as a system message when a record has none.")
     distilled: Literal["add", "replace"] = Field(
         "add", description="With distill on: add (the teacher's traces join the records they came from) or replace "
@@ -271,7 +271,7 @@ class HeldoutConfig(Section):
     limit: int | None = Field(500, ge=1, description="Held-out items per task whose loss is scored (all when unset).")
     generate: int | None = Field(50, ge=0, description="Of those, items per task also answered and scored by the "
                                  "task's metric (all when unset; 0: loss only).")
-    max_new_tokens: int = Field(256, ge=1, description="The longest generated answer.")
+    max_new_tokens: int = Field(256, ge=1, le=1 << 20, description="The longest generated answer (at most 1,048,576).")
     samples: int = Field(1, ge=1, le=64, description="Answers per item: 1 is greedy; k > 1 (at most 64) samples at "
                          "`temperature` and reports pass@k for the tasks scored by correctness.")
     temperature: float = Field(0.6, ge=0.01, le=100, description="Sampling temperature when samples > 1.")
@@ -306,7 +306,7 @@ class EvaluateConfig(Section):
                             "scores once instead of again as merged).")
     mode: Literal["loglikelihood", "generative"] = Field(
         "loglikelihood", description="loglikelihood (lm-eval's scoring) or generative (<think> reasoning, then a letter).")
-    max_new_tokens: int = Field(512, ge=1, description="Generative mode: the most tokens a reply may have.")
+    max_new_tokens: int = Field(512, ge=1, le=1 << 20, description="Generative mode: the most tokens a reply may have (at most 1,048,576).")
     gguf_threads: int | None = Field(None, ge=1, description="llama.cpp threads (default: all cores).")
 
     @field_validator("artifacts")

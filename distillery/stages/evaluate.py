@@ -126,13 +126,22 @@ def trained_base(summary: Path, default: str) -> str:
     return default
 
 
+MAX_CONTEXT = 1 << 24  # tokens of a llama.cpp context (as `distillery chat --context` allows)
+
+
 def gguf_context(cfg: DistilleryConfig) -> int:
     """llama.cpp's context for scoring: a held-out sequence (cut at format.max_length) plus the longest answer
     either evaluation generates (as many as are generated side by side when sampling), twice (GGUFModel: half holds
     the answers), and never under 2048."""
     ev = cfg.evaluate
     longest = max(min(ev.heldout.samples, ANSWERS_AT_ONCE) * ev.heldout.max_new_tokens, ev.max_new_tokens)
-    return max(2048, 2 * (cfg.format.max_length + longest))
+    context = max(2048, 2 * (cfg.format.max_length + longest))
+    if context > MAX_CONTEXT:  # llama.cpp keeps it in 32 bits: past them it wraps without a word
+        raise UserError(f"evaluate: scoring a GGUF needs a llama.cpp context of {context:,} tokens (twice "
+                        "format.max_length plus the longest answer: evaluate.max_new_tokens, or "
+                        "evaluate.heldout.max_new_tokens times the samples generated side by side), more than the "
+                        f"{MAX_CONTEXT:,} it can hold. Lower them.")
+    return context
 
 
 def load_model(artifact: Artifact, cfg: DistilleryConfig) -> Any:

@@ -414,3 +414,14 @@ def test_artifact_names_are_shown_as_they_are_not_read_as_markup() -> None:
     evaluate.print_heldout(console, scored, Path("runs/t/evaluate/heldout.png"))
     printed = console.export_text()
     assert "model [v2]-Q8_0" in printed and "m[/x]-Q4_K_M" in printed
+
+
+def test_a_gguf_context_past_what_llama_cpp_holds_is_refused_naming_the_settings(project: Path) -> None:
+    """evaluate.max_new_tokens=4294967296 was an unexpected MemoryError (32 GiB), 2147483648 a context that wrapped
+    in 32 bits without a word."""
+    with pytest.raises(UserError, match=r"evaluate.max_new_tokens: Input should be less than or equal to 1048576"):
+        load_config("config.yaml", ["evaluate.max_new_tokens=4294967296"])
+    cfg = load_config("config.yaml", ["evaluate.heldout.max_new_tokens=1048576", "evaluate.heldout.samples=8"])
+    with pytest.raises(UserError, match=r"a llama.cpp context of 16,779,264 tokens .* more than the 16,777,216 it can "
+                                        r"hold. Lower them"):
+        evaluate.gguf_context(cfg)
