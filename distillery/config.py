@@ -143,9 +143,9 @@ class TeacherConfig(Section):
     model: str | None = Field(None, description="openai: the model name the endpoint serves; default: $OPENAI_MODEL.")
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the key (may be unset for local servers).")
     context_length: int = Field(4096, ge=256, description="gguf: llama.cpp context window (n_ctx).")
-    timeout_s: float = Field(120.0, gt=0, description="openai: seconds one request may take in all (connecting, waiting, "
+    timeout_s: float = Field(120.0, gt=0, le=86400, description="openai: seconds one request may take in all (connecting, waiting, "
                                                       "reading the whole reply); then it is abandoned and retried.")
-    max_retry_wait_s: float = Field(60.0, ge=0, description="openai: longest wait before a retry that a retried "
+    max_retry_wait_s: float = Field(60.0, ge=0, le=86400, description="openai: longest wait before a retry that a retried "
                                                              "status's Retry-After header gets; a longer one is cut to this (and logged).")
 
     @model_validator(mode="after")

@@ -38,6 +38,7 @@ from distillery.core.cpu_linear import pack_linears
 from distillery.core.errors import UserError
 from distillery.core.models import bundled_gguf, bundled_name
 from distillery.reasoning.sandbox import clean_text
+from distillery.sources.text import without_controls
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +253,7 @@ class OpenAITeacher:
         import httpx
 
         self.name = f"openai:{model}"
+        check_url(httpx, url)
         self.endpoint = url.rstrip("/") + "/chat/completions"
         self.completions_endpoint = url.rstrip("/") + "/completions"
         self.token_id: Any = None  # set by distill when it scores traces (teacher_logprobs.token_id_mapper)
@@ -349,12 +351,18 @@ class OpenAITeacher:
             return Dropped("reply too large", f"over {len(reply.body):,} bytes, the cap for max_tokens {max_tokens}; "
                                               "the rest was not read")
         try:
-            choice = json.loads(reply.body)["choices"][0]
-            message, finish_reason = choice["message"], choice.get("finish_reason")
-            content = message.get("content")
+            data = json.loads(reply.body)
         except RecursionError:
             return Dropped("unreadable reply", "JSON nested past Python's recursion limit")
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        except json.JSONDecodeError:
+            data = None  # not JSON at all: the server does not speak the protocol (below)
+        except ValueError as err:  # JSON Python cannot hold (an integer of 5,000 digits): this reply, not the server
+            return Dropped("unreadable reply", clean_text(str(err).split(";")[0], 150))
+        try:
+            choice = data["choices"][0]
+            message, finish_reason = choice["message"], choice.get("finish_reason")
+            content = message.get("content")
+        except (KeyError, IndexError, TypeError, AttributeError):
             raise UserError(f"distill.teacher: {self.endpoint} did not answer in the chat-completions shape "
                             f"(choices[0].message.content): {clean_text(reply.text()[:200])}") from None
         if content is not None and not isinstance(content, str):
@@ -363,8 +371,9 @@ class OpenAITeacher:
         if content and content.strip():
             text = with_reasoning(content, message.get("reasoning_content") or message.get("reasoning"))
             text = text.encode("utf-8", "replace").decode("utf-8")  # a lone surrogate (JSON's "\ud800") -> "?"
+            text = without_controls(text)[0]  # as ingest's rows: no escape sequence or NUL is trained on
             return CutOff(text) if finish_reason == "length" else text
-        detail = f"content {'null' if content is None else 'empty'}, finish_reason {finish_reason}"
+        detail = f"content {'null' if content is None else 'empty'}, finish_reason {clean_text(str(finish_reason)[:100], 100)}"
         if message.get("reasoning_content"):
             detail += "; the text is in reasoning_content (the server's reasoning parser)"
         return Dropped("no text", detail)
@@ -416,6 +425,19 @@ def retry_after_seconds(value: str | None) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def check_url(httpx: Any, url: str) -> None:
+    """An http(s) URL with a host, as the config or $OPENAI_BASE_URL gives it; anything else (`http://[::1`, an
+    `ftp://` one) is the user's to fix, before a request is made."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError, TypeError) as err:
+        raise UserError(f"distill.teacher.url {url!r} is not a URL ({err}): give the server's base URL, e.g. "
+                        "http://localhost:8000/v1 (or set $OPENAI_BASE_URL).") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise UserError(f"distill.teacher.url {url!r} is not an http(s) URL with a host: give the server's base URL, "
+                        "e.g. http://localhost:8000/v1 (or set $OPENAI_BASE_URL).")
 
 
 def finish_within(seconds: float, action: Callable[[], T]) -> T:

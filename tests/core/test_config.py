@@ -300,3 +300,10 @@ def test_a_config_from_a_named_pipe_is_read_and_a_device_is_named(tmp_path: Path
         writer.join(timeout=10)
     with pytest.raises(UserError, match=r"config file: /dev/null is not a regular file \(a device, socket or pipe\)"):
         load_config("/dev/null")
+
+
+@pytest.mark.parametrize("override", ["distill.teacher.timeout_s=1e300", "distill.teacher.max_retry_wait_s=1e300"])
+def test_a_teacher_wait_longer_than_a_day_is_refused(tmp_path: Path, override: str) -> None:
+    """timeout_s=1e300 passed the config and ended distill in an OverflowError (a queue's timeout), exit 1."""
+    with pytest.raises(UserError, match=r"less than or equal to 86400"):
+        load_config(write(tmp_path, MINIMAL), [override])

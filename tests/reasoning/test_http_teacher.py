@@ -194,6 +194,34 @@ def test_a_reply_nested_past_the_recursion_limit_is_a_dropped_sample(serve, monk
         "unreadable reply", "JSON nested past Python's recursion limit")
 
 
+def test_a_reply_with_a_number_python_cannot_hold_is_a_dropped_sample_not_the_end_of_distill(serve, monkeypatch) -> None:
+    """A 5,000-digit integer in any field stopped the stage: 'did not answer in the chat-completions shape'."""
+    body = b'{"choices": [{"message": {"content": "ok"}, "finish_reason": "stop", "n": ' + b"9" * 5000 + b"}]}"
+    assert ask(teacher_for(serve(lambda handler, n: send(handler, body)), monkeypatch)) == Dropped(
+        "unreadable reply", "Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits")
+
+
+def test_a_reply_without_text_names_its_finish_reason_cut_short(serve, monkeypatch) -> None:
+    """A 60 KB finish_reason went whole into the message and the report."""
+    body = b'{"choices": [{"message": {"content": ""}, "finish_reason": {"x": [' + b"1, " * 20000 + b'1]}}]}'
+    dropped = ask(teacher_for(serve(lambda handler, n: send(handler, body)), monkeypatch))
+    assert dropped.reason == "no text" and len(dropped.detail) < 150 and dropped.detail.startswith("content empty")
+
+
+def test_control_characters_in_a_reply_are_not_trained_on(serve, monkeypatch) -> None:
+    """An escape sequence or a NUL in a teacher's text went into distill's train.jsonl; ingest removes them."""
+    body = chat_reply("\x1b]52;c;cm0gLXJm\x07\x1b[2J\x00The answer is (a).\n\tDone.")
+    assert ask(teacher_for(serve(lambda handler, n: send(handler, body)), monkeypatch)) == \
+        "]52;c;cm0gLXJm[2JThe answer is (a).\n\tDone."
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "ftp://example.com/v1", "localhost:8000/v1"])
+def test_a_teacher_url_that_is_no_http_url_is_one_message(url: str) -> None:
+    """`http://[::1` was an unexpected InvalidURL, exit 1."""
+    with pytest.raises(UserError, match=r"distill.teacher.url .* is not (a URL|an http\(s\) URL with a host)"):
+        OpenAITeacher(url, "stub", "NO_KEY", timeout_s=5.0, retries=0)
+
+
 @pytest.mark.parametrize("body", [b"\x1bc\x1b]0;owned\x07 not JSON",
                                   '{"choices": [{"message": {"content": ["\u009b2J \u202edesrever"]}}]}'.encode()],
                          ids=["not the chat shape", "content not text"])
