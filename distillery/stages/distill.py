@@ -26,6 +26,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Iterator
 
+from pydantic import BaseModel, Field, ValidationError
 
 from distillery.config import DistillConfig, DistilleryConfig, TeacherConfig
 from distillery.core.console import markdown_table, printable, summary_table
@@ -72,20 +73,66 @@ def select_prompts(records: list[dict], cfg: DistillConfig) -> tuple[list[dict],
     return chosen, dict(skipped)
 
 
+class Message(BaseModel):
+    role: str
+    content: str
+
+
+class Turn(BaseModel, extra="allow"):
+    ok: bool
+    dropped: str | None = None
+    dropped_detail: str = ""
+
+
+class Attempt(BaseModel, extra="allow"):
+    verified: bool
+    revised: bool
+    turns: list[Turn] = Field(min_length=1)
+
+
+class Kept(BaseModel, extra="allow"):
+    id: str
+    task: str
+    messages: list[Message] = Field(min_length=1)
+
+
+class ProgressEntry(BaseModel, extra="allow"):
+    """What distill_prompt writes for a prompt: what the report and the outputs read of a progress line."""
+
+    id: str
+    task: str
+    verifier: str
+    teacher: str
+    seconds: float
+    attempts: list[Attempt]
+    kept: list[Kept]
+    logprobs: list[Any] | None = None
+
+
 def load_progress(path: Path) -> list[dict]:
-    """Finished prompts of an interrupted run; a line torn by the interruption is dropped (and redone)."""
+    """Finished prompts of an interrupted run; a line torn by the interruption is dropped (and redone), and so is
+    a whole line that is not what distill writes (edited by hand, or by another version): its prompt is asked
+    again, never trained on as it stands."""
     if not path.is_file():
         return []
-    done, good_bytes = [], 0
+    done, good_bytes, wrong = [], 0, 0
     with open(path, "rb") as handle:
         for line in handle:
             try:
-                done.append(json.loads(line))
+                entry = json.loads(line)
             except json.JSONDecodeError:
                 break
             good_bytes += len(line)
+            try:
+                ProgressEntry.model_validate(entry)
+            except ValidationError:
+                wrong += 1
+                continue
+            done.append(entry)
     with open(path, "r+b") as handle:
         handle.truncate(good_bytes)
+    if wrong:
+        log.warning("%s: %d line(s) not as distill writes them; their prompts are asked again", path, wrong)
     return done
 
 

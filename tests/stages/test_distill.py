@@ -11,7 +11,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 import yaml
@@ -323,11 +323,30 @@ def test_teacher_going_away_is_a_user_error_and_the_rerun_resumes(tmp_path, monk
     assert not list((tmp_path / "runs/t").glob(".distill.progress-*"))
 
 
+def progress_line(prompt: str, **change: Any) -> str:
+    record = {"id": f"{prompt}-0", "task": "math_mc", "messages": [{"role": "user", "content": "q"},
+                                                                  {"role": "assistant", "content": "a"}]}
+    entry = {"id": prompt, "task": "math_mc", "verifier": "option", "teacher": "t", "seconds": 0.5,
+             "attempts": [{"sample": 0, "verified": True, "revised": False, "turns": [{"text": "a", "ok": True}]}],
+             "kept": [record], **change}
+    return json.dumps(entry) + "\n"
+
+
 def test_torn_progress_line_is_dropped(tmp_path: Path) -> None:
     path = tmp_path / "progress.jsonl"
-    path.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c', encoding="utf-8")
+    path.write_text(progress_line("a") + progress_line("b") + '{"id": "c', encoding="utf-8")
     assert [e["id"] for e in distill.load_progress(path)] == ["a", "b"]
-    assert path.read_text() == '{"id": "a"}\n{"id": "b"}\n'
+    assert path.read_text() == progress_line("a") + progress_line("b")
+
+
+def test_a_progress_line_not_as_distill_writes_it_is_asked_again_not_trained_on(tmp_path: Path) -> None:
+    """`[1]`, `{"id": ...}` alone or `"attempts": 1` ended every rerun in a TypeError or KeyError (exit 1), and a
+    `kept` record without messages went into distill's train.jsonl."""
+    path = tmp_path / "progress.jsonl"
+    wrong = ["[1]\n", '{"id": "b"}\n', progress_line("c", attempts=1), progress_line("d", kept=[{"x": 1}]),
+             progress_line("e", attempts=[{"verified": True, "revised": False, "turns": []}])]
+    path.write_text(progress_line("a") + "".join(wrong) + progress_line("f"), encoding="utf-8")
+    assert [e["id"] for e in distill.load_progress(path)] == ["a", "f"]
 
 
 def test_http_teacher_retries_then_gives_a_clear_error(server) -> None:
