@@ -227,7 +227,11 @@ def with_column_keys(row: dict[str, Any]) -> dict[str, Any]:
     a Korean header decomposed, a spreadsheet leaves `RESPONSE ` with its space); the row itself when they are."""
     if all(column_key(key) == key for key in row):
         return row
-    return {column_key(key): value for key, value in row.items()}
+    keyed = {column_key(key): value for key, value in row.items()}
+    if len(keyed) < len(row):  # two of its names are one as compared: which value is meant cannot be told
+        twice = next(key for key in keyed if sum(column_key(k) == key for k in row) > 1)
+        raise RowError("a column named twice", f"{str(twice)[:40]!r}")
+    return keyed
 
 
 def check_columns(columns: list[str], params: HFDatasetParams, origin: str) -> None:
@@ -357,15 +361,19 @@ def records_of(rows: Iterator[tuple[dict[str, Any], dict[str, Any]]], origin: st
     cleaned, controls = 0, set()
     for row, where in rows:
         row, removed = clean_values(row)  # as a workbook's cells: no control characters, nothing invisible at the ends
-        row = with_column_keys(row)
         if removed:
             cleaned, controls = cleaned + 1, controls | set(removed)
+        report.read += 1
+        try:
+            row = with_column_keys(row)
+        except RowError as err:
+            report.drop(str(err), where, err.detail)
+            continue
         if missing:
             columns.update(dict.fromkeys(row))
             missing = [column for column in missing if column not in row]
             if missing and table:
                 check_columns(list(columns), params, origin)
-        report.read += 1
         try:
             yield to_record(row, params, where)
         except RowError as err:

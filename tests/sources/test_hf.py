@@ -345,3 +345,11 @@ def test_a_csv_is_read_in_chunks_and_a_json_lines_file_named_json_streams(tmp_pa
     monkeypatch.setattr(records, "read_utf8", read_whole)
     lines = write_jsonl(tmp_path / "lines.json", [{"INSTRUCTION": f"q{i}", "RESPONSE": "a"} for i in range(3)])
     assert len(read(files=str(lines))[0]) == 3
+
+
+def test_a_json_row_with_two_keys_that_are_one_column_is_dropped(tmp_path: Path) -> None:
+    rows = [{"INSTRUCTION": "q", "RESPONSE": "a1", "RESPONSE\u200b": "a2"}, {"INSTRUCTION": "q2", "RESPONSE": "a"}]
+    records, report = read(files=str(write_jsonl(tmp_path / "d.jsonl", rows)))
+    assert [r["messages"][1]["content"] for r in records] == ["a"] and report.read == 2
+    assert report.dropped == {"a column named twice": 1}
+    assert report.dropped_rows[0]["reason"] == "a column named twice, 'RESPONSE'"
