@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from distillery.core.errors import UserError
 
@@ -68,6 +69,20 @@ def resolve_model_path(path: str, field: str = "model.path") -> str:
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise UserError(f"{field}: {path} does not exist locally and is not a Hub id (owner/name).")
     return path
+
+
+def load_tokenizer(model_path: str, trust_remote_code: bool = False, field: str = "model.path") -> Any:
+    """The model's tokenizer (AutoTokenizer, which reads its config too); a config or tokenizer transformers refuses
+    (a hidden size that is no multiple of the heads, an unknown model type) is a UserError naming `field`."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, StrictDataclassError) as err:
+        reason = " ".join(str(err).split())[:300]
+        raise UserError(f"{field}: transformers cannot load {model_path} ({type(err).__name__}: {reason}). Check its "
+                        "config.json and tokenizer files, or download the model again.") from None
 
 
 def check_model_files(directory: Path, field: str = "model.path") -> None:

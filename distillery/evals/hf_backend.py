@@ -44,6 +44,7 @@ class HFModel:
     def __init__(self, model_path: str, dtype: str = "float32", adapter: Path | None = None,
                  trust_remote_code: bool = False):
         import torch
+        from huggingface_hub.errors import StrictDataclassError
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         # On a CUDA machine the model runs there; everything else (and every test here) runs on the CPU.
@@ -54,7 +55,7 @@ class HFModel:
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, self.dtype), device_map=self.device,
                                                          trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, StrictDataclassError) as err:
             raise UserError(f"cannot load the model {model_path}: {str(err).splitlines()[0]}. "
                             "Check model.path (a local HF directory or a Hub id).") from None
         if adapter is not None:

@@ -138,12 +138,11 @@ def teacher_of(ctx: StageContext, student_tokenizer: Any) -> dict[str, str]:
 
 
 def check_on_policy_teacher(teacher_path: str, student_tokenizer: Any, ctx: StageContext) -> str:
-    from transformers import AutoTokenizer
-
+    from distillery.core.models import load_tokenizer
     from distillery.core.vocab import hf_encoder
     from distillery.reasoning.teacher_logprobs import check_teacher_vocabulary
 
-    teacher = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=ctx.cfg.model.trust_remote_code)
+    teacher = load_tokenizer(teacher_path, ctx.cfg.model.trust_remote_code, "finetune.on_policy.teacher")
     check_teacher_vocabulary(student_tokenizer, hf_encoder(teacher), teacher_path)
     return teacher_path
 

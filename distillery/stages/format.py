@@ -26,7 +26,7 @@ from distillery.config import DistilleryConfig, FormatConfig
 from distillery.core.console import markdown_table, printable, summary_table
 from distillery.core.errors import UserError
 from distillery.core.plots import figure
-from distillery.core.models import resolve_model_path
+from distillery.core.models import load_tokenizer, resolve_model_path
 from distillery.core.records import read_jsonl, write_jsonl
 from distillery.core.vocab import adds_bos
 from distillery.training.tokens import split_tokens
@@ -273,11 +273,9 @@ def save_length_plot(lengths: list[tuple[int, int]], max_length: int, path: Path
 
 
 def run(ctx: StageContext) -> StageResult:
-    from transformers import AutoTokenizer
-
     fmt = ctx.cfg.format
     model_path = resolve_model_path(ctx.cfg.model.path)
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=ctx.cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(model_path, ctx.cfg.model.trust_remote_code)
     template = load_template(fmt.template, tokenizer)
     stats: dict[str, Any] = {"template": fmt.template, "eos_token": tokenizer.eos_token}
     all_lengths, dropped, specials = [], [], special_token_pattern(tokenizer)

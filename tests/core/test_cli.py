@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -413,3 +414,26 @@ def test_chat_gguf_naming_a_path_the_system_cannot_look_up_is_one_message(tmp_pa
     with pytest.raises(UserError, match=r"--gguf a{300}: no such file or type; the run's GGUFs .*: m-Q8_0.gguf"):
         find_gguf(cfg, "a" * 300)
     assert find_gguf(cfg, "q8_0") == gguf / "m-Q8_0.gguf"
+
+
+def test_a_model_config_transformers_refuses_is_named_not_a_bug(tmp_path: Path, monkeypatch) -> None:
+    """A hidden size that is no multiple of the heads: huggingface_hub's StrictDataclassClassValidationError ended
+    format as a bug in Distillery (exit 1)."""
+    import json
+    import shutil
+
+    from distillery.core.models import resolve_model_path
+
+    monkeypatch.chdir(tmp_path)
+    config = toy_project(tmp_path)
+    source, model = Path(resolve_model_path("bundled:SmolLM2-135M-Instruct")), tmp_path / "model"
+    model.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, model / name)
+    settings = json.loads((source / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**settings, "hidden_size": 1000}))
+    CliRunner().invoke(app, ["ingest", "-c", str(config)])
+    result = CliRunner().invoke(app, ["format", "-c", str(config), "--set", f"model.path={model}"], terminal_width=400)
+    assert result.exit_code == 2, result.output
+    assert re.search(r"model\.path: transformers cannot load .*model \(StrictDataclassClassValidationError: .*hidden "
+                     r"size \(1000\) is not a multiple of the number of attention heads", " ".join(result.output.split()))
