@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 
 from distillery.core.console import printable
-from distillery.export.llama_child import GGUFLoadError, LlamaChild
+from distillery.export.llama_child import MAX_CONTEXT, GGUFLoadError, LlamaChild
 from distillery.config import DistilleryConfig
 from distillery.core.errors import UserError
 from distillery.core.rundir import RunDir
@@ -57,7 +57,7 @@ def _stream_chat(state: dict[str, Any], emit: Any, messages: list[dict[str, str]
 
 
 CONTEXT = 4096  # llama.cpp's context for a chat by default (--context): the conversation and the answer
-MIN_CONTEXT, MAX_CONTEXT = 64, 1 << 24  # llama.cpp keeps n_ctx in 32 bits: 2**32 would wrap to 0, "the model's own"
+MIN_CONTEXT = 64
 
 
 class ContextFull(Exception):

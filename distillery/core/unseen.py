@@ -16,11 +16,16 @@ IGNORABLE_RANGES = ((0xAD, 0xAD), (0x34F, 0x34F), (0x61C, 0x61C), (0x115F, 0x116
 SEPARATORS = "\u2028\u2029"
 
 
+def control_characters(keep: str) -> str:
+    """Unicode's control characters (Cc: C0, DEL and C1) but those in `keep`."""
+    return "".join(chr(c) for c in (*range(0x20), *range(0x7F, 0xA0)) if chr(c) not in keep)
+
+
 def unseen_pattern(keep: str = "\t\n") -> re.Pattern:
     """Every character that shows nothing or acts on the display instead of showing: the control characters but
     those in `keep`, the ignorables (zero-width characters, bidi overrides and isolates), the separators and
     lone surrogates (which no UTF-8 output can even write)."""
-    controls = "".join(chr(c) for c in (*range(0x20), *range(0x7F, 0xA0)) if chr(c) not in keep)
+    controls = control_characters(keep)
     ranges = "".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in (*IGNORABLE_RANGES, (0xD800, 0xDFFF)))
     return re.compile("[" + re.escape(controls + SEPARATORS) + ranges + "]")
 
@@ -28,8 +33,7 @@ def unseen_pattern(keep: str = "\t\n") -> re.Pattern:
 # Terminal escape sequences (CSI, OSC, and two-character ESC sequences): a title, a clipboard write (OSC 52), a
 # cleared screen or a hidden line, from text that only meant to be shown.
 ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?|\x9b[0-?]*[ -/]*[@-~]")
-TERMINAL_CONTROLS = re.compile("[" + re.escape("".join(chr(c) for c in (*range(0x20), *range(0x7F, 0xA0))
-                                                    if chr(c) not in "\t\n")) + "]")
+TERMINAL_CONTROLS = re.compile("[" + re.escape(control_characters("\t\n")) + "]")
 
 
 def for_terminal(text: str) -> str:

@@ -44,6 +44,14 @@ def is_usable_file(path: Path) -> bool:
         return False
 
 
+def path_exists(path: Path) -> bool:
+    """path.exists(), and False where the system cannot even look the name up (as is_usable_file)."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
 def missing_path(item: str, path: Path, field: str, hint: str = "") -> UserError:
     """Why `path` (given as `item`) is neither a file nor a directory: a symlink loop, a dangling symlink, or
     nothing there."""

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from distillery.sources.hf import LETTERS, read_local_file, split_mathqa_options
 from distillery.core.errors import UserError
-from distillery.core.userinput import is_usable_file
+from distillery.core.userinput import is_usable_file, path_exists
 
 FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed
 TARGET_DELIMITER = " "
@@ -49,8 +49,7 @@ class LoadReport:
 def is_local(data: str) -> bool:
     """A path (existing, or spelled like a file) rather than a Hub dataset id."""
     path = Path(data).expanduser()
-    return data.startswith((".", "/", "~")) or path.suffix.lower() in LOCAL_SUFFIXES or is_usable_file(path) or \
-        path_exists(path)
+    return data.startswith((".", "/", "~")) or path.suffix.lower() in LOCAL_SUFFIXES or path_exists(path)
 
 
 def parse_item(row: dict[str, Any], item_id: str) -> Item:
@@ -81,13 +80,6 @@ def iter_rows(data: str, split: str, keys: tuple[str, str] = DATA_KEYS) -> Itera
         return
     for index, row in enumerate(load_hub_split(data, split, keys)):
         yield row, f"{data}/{split}:{index}"
-
-
-def path_exists(path: Path) -> bool:
-    try:
-        return path.exists()
-    except (OSError, ValueError):  # a name the system cannot look up
-        return False
 
 
 def local_file(data: str, key: str) -> Path:

@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterator
 
 from distillery.core.isolation import Child
 
+# tokens a llama.cpp context may hold: it keeps n_ctx in 32 bits (2**32 wraps to 0, "the model's own")
+MAX_CONTEXT = 1 << 24
 LIBRARY = "llama.cpp"
 
 

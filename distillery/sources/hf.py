@@ -16,7 +16,7 @@ import functools
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 from pydantic import Field, field_validator
 
@@ -222,16 +222,25 @@ def column_key(name: Any) -> Any:
     return name_key(name) if isinstance(name, str) else name
 
 
+def first_repeated(keys: Iterable[Any]) -> Any:
+    """The first key that comes again, else None (linear: a CSV header may have thousands of columns)."""
+    seen: set[Any] = set()
+    for key in keys:
+        if key in seen:
+            return key
+        seen.add(key)
+    return None
+
+
 def with_column_keys(row: dict[str, Any]) -> dict[str, Any]:
     """The row with its column names as the config's are compared (NFC, without invisible characters: macOS writes
     a Korean header decomposed, a spreadsheet leaves `RESPONSE ` with its space); the row itself when they are."""
     if all(column_key(key) == key for key in row):
         return row
-    keyed = {column_key(key): value for key, value in row.items()}
-    if len(keyed) < len(row):  # two of its names are one as compared: which value is meant cannot be told
-        twice = next(key for key in keyed if sum(column_key(k) == key for k in row) > 1)
+    twice = first_repeated(map(column_key, row))
+    if twice is not None:  # two of its names are one as compared: which value is meant cannot be told
         raise RowError("a column named twice", f"{str(twice)[:40]!r}")
-    return keyed
+    return {column_key(key): value for key, value in row.items()}
 
 
 def check_columns(columns: list[str], params: HFDatasetParams, origin: str) -> None:
@@ -294,7 +303,7 @@ def check_unique_columns(path: Path, names: list[Any]) -> None:
     """Two columns of one name (as names are compared): which one a row's value came from would be a reader's
     choice (pandas takes the first, pyarrow the last), so the file is refused."""
     keys = [column_key(name) for name in names]
-    repeated = next((key for key in keys if keys.count(key) > 1), None)
+    repeated = first_repeated(keys)
     if repeated is not None:
         where = [i + 1 for i, key in enumerate(keys) if key == repeated]
         raise UserError(f"{path}: the column {repeated} appears {len(where)} times (columns "

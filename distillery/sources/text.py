@@ -7,7 +7,7 @@ import re
 import unicodedata
 from typing import Any
 
-from distillery.core.unseen import IGNORABLE_RANGES
+from distillery.core.unseen import IGNORABLE_RANGES, control_characters
 
 # and the blank Braille pattern U+2800, a printable character that shows nothing, used to fake a non-empty cell
 IGNORABLE_RANGES += ((0x2800, 0x2800),)
@@ -20,7 +20,7 @@ PRINTABLE_IGNORABLE = frozenset(ch for ch in IGNORABLE if ch.isprintable())
 _INVISIBLE_ANYWHERE = re.compile("[" + "".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in IGNORABLE_RANGES) + "]")
 # control characters (Unicode Cc) but tab, line feed and carriage return: removed from text, the ones that are
 # whitespace (vertical tab, form feed, the separators) becoming a space
-CONTROLS = {c: (" " if chr(c).isspace() else None) for c in (*range(0x20), *range(0x7F, 0xA0)) if chr(c) not in "\t\n\r"}
+CONTROLS = {ord(ch): (" " if ch.isspace() else None) for ch in control_characters("\t\n\r")}
 CONTROL_CHARS = re.compile("[" + re.escape("".join(map(chr, CONTROLS))) + "]")
 HANGUL = re.compile("[\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7a3\ud7b0-\ud7ff]")
 LATIN = re.compile("[A-Za-z\u00c0-\u024f]")
@@ -43,18 +43,21 @@ def without_controls(value: str) -> tuple[str, str]:
 
 def clean_values(value: Any) -> tuple[Any, str]:
     """`value` (a dataset row: objects, lists, text) without control characters in any of its texts, and those
-    removed (what is invisible at a text's ends is for the reader of each field to strip: text parts are joined)."""
+    removed (what is invisible at a text's ends is for the reader of each field to strip: text parts are joined).
+    Nearly every row holds none (holds_controls): it comes back as it is, nothing rebuilt."""
+    return without_any_controls(value) if holds_controls(value) else (value, "")
+
+
+def without_any_controls(value: Any) -> tuple[Any, str]:
     if isinstance(value, str):
         return without_controls(value)
-    if not holds_controls(value):
-        return value, ""  # nearly every row: nothing is rebuilt
-    if isinstance(value, (dict, list)):
-        pairs = [(key, clean_values(item)) for key, item in (value.items() if isinstance(value, dict) else enumerate(value))]
-        removed = "".join(controls for _, (_, controls) in pairs)
-        if isinstance(value, dict):
-            return {key: item for key, (item, _) in pairs}, removed
-        return [item for _, (item, _) in pairs], removed
-    return value, ""
+    if not isinstance(value, (dict, list)):
+        return value, ""
+    pairs = [(key, without_any_controls(item)) for key, item in (value.items() if isinstance(value, dict) else enumerate(value))]
+    removed = "".join(controls for _, (_, controls) in pairs)
+    if isinstance(value, dict):
+        return {key: item for key, (item, _) in pairs}, removed
+    return [item for _, (item, _) in pairs], removed
 
 
 def stripped(text: str) -> str:

@@ -34,6 +34,7 @@ from typing import Any
 from distillery.evals import generative, heldout, mathqa, report
 from distillery.evals.gguf_backend import ANSWERS_AT_ONCE, GGUFDecodeError, GGUFLoadError, GGUFModel
 from distillery.evals.hf_backend import HFModel, resolve_dtype
+from distillery.export.llama_child import MAX_CONTEXT
 from distillery.evals.scoring import build_request
 from distillery.config import DistilleryConfig, EvaluateConfig
 from distillery.core.console import printable, summary_table
@@ -126,9 +127,6 @@ def trained_base(summary: Path, default: str) -> str:
     return default
 
 
-MAX_CONTEXT = 1 << 24  # tokens of a llama.cpp context (as `distillery chat --context` allows)
-
-
 def gguf_context(cfg: DistilleryConfig) -> int:
     """llama.cpp's context for scoring: a held-out sequence (cut at format.max_length) plus the longest answer
     either evaluation generates (as many as are generated side by side when sampling), twice (GGUFModel: half holds
@@ -136,7 +134,7 @@ def gguf_context(cfg: DistilleryConfig) -> int:
     ev = cfg.evaluate
     longest = max(min(ev.heldout.samples, ANSWERS_AT_ONCE) * ev.heldout.max_new_tokens, ev.max_new_tokens)
     context = max(2048, 2 * (cfg.format.max_length + longest))
-    if context > MAX_CONTEXT:  # llama.cpp keeps it in 32 bits: past them it wraps without a word
+    if context > MAX_CONTEXT:
         raise UserError(f"evaluate: scoring a GGUF needs a llama.cpp context of {context:,} tokens (twice "
                         "format.max_length plus the longest answer: evaluate.max_new_tokens, or "
                         "evaluate.heldout.max_new_tokens times the samples generated side by side), more than the "
