@@ -98,7 +98,9 @@ class ResourceGroup:
             if self.kind == "cgroup-v2":
                 events = dict(line.split() for line in (directory / "memory.events").read_text().splitlines())
                 return int(events.get("oom_kill", 0)) > 0 or int(events.get("max", 0)) > 0
-            return int((directory / "memory.failcnt").read_text()) > 0
+            # v1: a kill by the group's OOM killer shows in oom_control (Linux 4.13+), a refused charge in failcnt
+            control = dict(line.split() for line in (directory / "memory.oom_control").read_text().splitlines())
+            return int(control.get("oom_kill", 0)) > 0 or int((directory / "memory.failcnt").read_text()) > 0
         except (OSError, ValueError):
             return False
 

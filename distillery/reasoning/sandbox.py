@@ -86,6 +86,10 @@ def run_function(code: str, funcname: str, args: Any, limits: Limits = Limits(),
 
     As root the code runs under a throw-away uid; `unprivileged` runs it as a non-root user would: under our own
     uid in a user namespace (the same new root and filters, no uid change)."""
+    try:
+        json.dumps(args)  # the model's predicted input: too deep or not JSON at all is a failed run, not an error here
+    except (ValueError, TypeError, RecursionError) as err:
+        return SandboxResult("error", message=f"the input cannot be passed to the code: {type(err).__name__}")
     nonce = secrets.token_hex(8)
     workdir = Path(tempfile.mkdtemp(prefix="distill-sandbox-"))
     uid = None

@@ -14,12 +14,13 @@ nonce), then, before any untrusted line runs:
    tmpfs of `file_size_mb` as the working directory (/sandbox; /tmp points there). The old tree is detached: /home,
    /root, /opt, /srv, /run, the project and every cache (HF tokens, `.env` files, host Unix sockets) do not exist
    for the code;
-3. resource limits: CPU seconds, address space, file size, open files, no core dumps, process count;
+3. resource limits: CPU seconds, address space, file size, open files, no core dumps, process count; an empty
+   capability bounding set and, in a user namespace (where the code would otherwise hold every capability inside
+   it), no capabilities: both per thread, so before step 4, whose imports may start native threads;
 4. imports the modules the code names while it may still read every file of the runtime;
 5. its own empty session keyring (root's keys are not inherited), then, when started as root, a throw-away
-   uid/gid with no groups; no capabilities, none in the bounding set (in a user namespace the code would
-   otherwise hold every capability inside it);
-6. a seccomp filter (`SYSCALLS`, `DENIED`, `FIRST_UNVETTED`): no sockets of any family, no io_uring, no new
+   uid/gid with no groups (on every thread) and no capabilities;
+6. a seccomp filter on every thread (`SYSCALLS`, `DENIED`, `FIRST_UNVETTED`): no sockets of any family, no io_uring, no new
    namespaces, no
    mounts, no keyrings, no kernel log, no userfaultfd, perf_event_open, bpf, ptrace or module loading, and no
    memory that no process maps (memfd_create, System V shared memory and message queues: the watchdog, which
@@ -44,6 +45,7 @@ import platform
 import resource
 import signal
 import sys
+import sysconfig
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = (0x00020000, 0x08000000, 0x10000000, 0x20000000,
                                                                       0x40000000)
@@ -92,6 +94,8 @@ def isolate(host_dir: str, disk_mb: int, uid, user_namespace: bool) -> tuple[str
         return network, "audit-hook", "shared"
     if user_namespace:
         map_own_ids(*ids)
+    # the new root holds the runtime at its real paths: a venv reached through a symlink is found there
+    sys.path[:] = [os.path.realpath(entry) if entry else entry for entry in sys.path]
     try:
         new_root(host_dir, disk_mb, uid)
     except OSError:
@@ -121,13 +125,21 @@ OPEN_TREE_CLONE, OPEN_TREE_CLOEXEC, MOVE_MOUNT_F_EMPTY_PATH = 1, 0o2000000, 4
 
 
 def runtime_paths() -> list[str]:
-    """What Python needs to run and import: /usr, and this interpreter's sys.path directories that lie under its
-    own prefixes (a venv inside a project contributes its site-packages, never the project)."""
-    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
+    """What Python needs to run and import: /usr, and this interpreter's sys.path entries that lie in its library
+    directories (the standard library's and site-packages, the venv's and the base interpreter's). Never a
+    prefix itself: a venv made in a project's own folder (`python -m venv .`) has the project as its prefix, and
+    an editable install's .pth file puts the project on sys.path, `.env` files and all."""
+    libraries = set()
+    for prefixes in (None, {"base": sys.base_prefix, "platbase": sys.base_exec_prefix}):
+        scheme = sysconfig.get_paths(vars=prefixes)
+        libraries.update(os.path.realpath(scheme[key]) for key in ("stdlib", "platstdlib", "purelib", "platlib"))
+    homes = {os.path.dirname(library) for library in libraries}  # lib/, where a zipped standard library lies
     paths = {"/usr"}
     for entry in sys.path:
         real = os.path.realpath(entry) if entry else ""
-        if real and os.path.exists(real) and any(real == p or real.startswith(p + os.sep) for p in prefixes):
+        in_library = any(real == lib or real.startswith(lib + os.sep) for lib in libraries)
+        zipped_stdlib = real.endswith(".zip") and os.path.dirname(real) in homes
+        if real and os.path.exists(real) and (in_library or zipped_stdlib):
             paths.add(real)
     kept: list[str] = []
     for path in sorted(paths):  # a parent sorts before its children: bind each tree once
@@ -174,7 +186,7 @@ def new_root(host_dir: str, disk_mb: int, uid) -> None:
             bind(link, new + link, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)
     for device in DEVICES:
         if os.path.exists(device):
-            bind(device, new + device, MOUNT_ATTR_NOSUID)
+            bind(device, new + device, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID)  # still read and written: not chmod
     work = next(f"{WORK}{n or ''}" for n in range(100) if not os.path.lexists(f"{new}{WORK}{n or ''}"))
     os.makedirs(new + work)
     owner = f",uid={uid},gid={uid}" if uid is not None else ""
@@ -324,8 +336,14 @@ def seccomp_program(machine: str) -> list[tuple[int, int, int, int]]:
     return program
 
 
+SYS_SECCOMP = {"x86_64": 317, "aarch64": 277}
+SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC = 1, 1
+
+
 def install_seccomp() -> str:
-    """Load the filter for this process and everything it starts; returns what refuses the calls."""
+    """Load the filter for every thread of this process (TSYNC: an installed module's import may have started
+    native threads, which a filter of the calling thread alone would leave unfiltered) and everything it starts;
+    returns what refuses the calls."""
     machine = platform.machine()
     if machine not in AUDIT_ARCH:
         return "audit-hook"
@@ -333,8 +351,11 @@ def install_seccomp() -> str:
     filters = (SockFilter * len(program))(*(SockFilter(*step) for step in program))
     c = libc()
     try:
-        checked(c.prctl(38, 1, 0, 0, 0), "no_new_privs")  # PR_SET_NO_NEW_PRIVS: needed without root
-        checked(c.prctl(22, 2, ctypes.byref(SockFprog(len(program), filters)), 0, 0), "seccomp")  # SECCOMP_MODE_FILTER
+        checked(c.prctl(38, 1, 0, 0, 0), "no_new_privs")  # PR_SET_NO_NEW_PRIVS: needed without root; TSYNC copies it
+        # seccomp(2) returns a thread's id (> 0) when that thread cannot take the filter
+        if c.syscall(SYS_SECCOMP[machine], SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC,
+                     ctypes.byref(SockFprog(len(program), filters))) != 0:
+            raise OSError(ctypes.get_errno(), "seccomp")
     except OSError:
         return "audit-hook"
     return "seccomp"
@@ -392,7 +413,8 @@ def run_in_a_child(namespace: bool) -> None:
     if not namespace:  # the first process's exit ended a namespace; without one, end what it left ourselves
         end_the_rest()
     if os.WIFSIGNALED(status):
-        signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+        if os.WTERMSIG(status) not in (signal.SIGKILL, signal.SIGSTOP):  # no handler can be set for these two
+            signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
         os.kill(os.getpid(), os.WTERMSIG(status))
     os._exit(os.waitstatus_to_exitcode(status))
 
@@ -430,12 +452,16 @@ def main() -> None:
     root = os.path.realpath(os.getcwd())
     os.environ["HOME"] = os.environ["TMPDIR"] = root
     set_limits(limits)
+    # Capabilities and the bounding set are per thread: dropped before the imports, whose native threads (hf_xet,
+    # jemalloc) inherit them. As root the uid changes after them, on every thread (the C library's setuid does).
+    empty_bounding_set()
+    if uid is None:
+        drop_capabilities()
     preimport(job["code"])
     keyring = own_session_keyring()
-    empty_bounding_set()
     if uid is not None:
         drop_privileges(uid)
-    drop_capabilities()
+        drop_capabilities()
     syscalls = install_seccomp()
     install_guard(root)
     print(f"{job['nonce']} isolation {network} {files} {syscalls} {keyring} {processes}", file=sys.stderr, flush=True)

@@ -7,6 +7,7 @@ uid layer, which only exists when the pipeline runs as root (elsewhere RLIMIT_NP
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import tempfile
@@ -820,3 +821,135 @@ def test_check_isolation_passes_where_the_walls_hold_and_names_the_way_out_where
     with pytest.raises(UserError, match="isolation is required.*best-effort"):
         sandbox.check_isolation(required)
     sandbox.check_isolation(Limits(timeout_s=3.0, isolation="best-effort"))  # nothing refused: it may run
+
+
+# hf_xet (a dependency of huggingface_hub, so installed wherever Distillery is) starts native threads when imported.
+# A signal that the main thread blocks runs a C-level handler in one of them.
+IN_AN_IMPORTED_THREAD = (
+    "import hf_xet\n" + LIBC +
+    "import signal, threading, time\n"
+    "def main():\n"
+    "    seen = []\n"
+    "    def in_a_native_thread(number):\n"
+    "        header, data = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()\n"
+    "        libc.capget(header, data)\n"
+    "        fd = libc.socket(1, 1, 0)\n"
+    "        seen.append({'thread': threading.get_native_id(), 'socket': [fd, ctypes.get_errno()],\n"
+    "                     'no_new_privs': libc.prctl(39, 0, 0, 0, 0), 'capabilities': list(data)})\n"
+    "    handler = ctypes.CFUNCTYPE(None, ctypes.c_int)(in_a_native_thread)\n"
+    "    libc.signal(signal.SIGUSR1, handler)\n"
+    "    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})\n"
+    "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+    "    time.sleep(0.5)\n"
+    "    return {'main': threading.get_native_id(), 'seen': seen}\n")
+
+
+@AS_ROOT
+@pytest.mark.parametrize("unprivileged", [False, True], ids=["throw-away-uid", "user-namespace"])
+def test_threads_an_import_started_are_as_walled_in_as_the_code(unprivileged: bool) -> None:
+    """The modules the code names are imported before the walls go up, and seccomp and capabilities are per
+    thread: hf_xet's threads ran with no filter (a socket opened) and, in a user namespace, every capability
+    (enough to make the host's site-packages writable). Now the filter covers every thread and the capabilities
+    go before the imports."""
+    import errno
+
+    pytest.importorskip("hf_xet", reason="hf_xet comes with huggingface_hub in the project's pins")
+    result = run_function(IN_AN_IMPORTED_THREAD, "main", {}, FAST, unprivileged=unprivileged)
+    assert result.ok and result.unix_sockets == "seccomp", result
+    seen = result.value["seen"]
+    assert seen and all(entry["thread"] != result.value["main"] for entry in seen), result.value
+    for entry in seen:
+        assert entry["socket"] == [-1, errno.EACCES] and entry["no_new_privs"] == 1
+        assert entry["capabilities"] == [0] * 6
+
+
+def test_a_project_on_sys_path_is_not_part_of_the_runtime(tmp_path: Path) -> None:
+    """A venv made in the project's own folder (`python -m venv .`) has the project as its prefix, and an
+    editable install's .pth puts the project on sys.path: the whole project, `.env` included, was bound into the
+    new root. Only the library directories are."""
+    import subprocess
+    import sys
+    import sysconfig
+
+    project = tmp_path / "project"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(project)], check=True)
+    (project / ".env").write_text("HF_TOKEN=hf_secret\n")
+    site = Path(sysconfig.get_path("purelib", vars={"base": str(project), "platbase": str(project)}))
+    (site / "editable-project.pth").write_text(f"{project}\n")
+    probe = (f"import json, sys; sys.path.insert(0, {str(Path(sandbox.RUNNER).parent)!r}); import sandbox_runner; "
+             "print(json.dumps([sandbox_runner.runtime_paths(), sys.path]))")
+    paths, sys_path = json.loads(subprocess.run([str(project / "bin" / "python"), "-I", "-c", probe],
+                                                capture_output=True, text=True, check=True).stdout)
+    assert str(project) in sys_path  # the .pth did put it there
+    assert str(site) in paths and not any(path in (str(project), str(tmp_path), "/") for path in paths), paths
+
+
+DEVICE_TIMES = (LIBC + "def main():\n"
+                "    touched = [libc.utimensat(-100, b'/dev/null', None, 0), ctypes.get_errno()]\n"
+                "    sink = libc.open(b'/dev/null', os.O_WRONLY)\n"
+                "    written = libc.write(sink, b'still a sink', 12)\n"
+                "    return {'touched': touched, 'written': written, 'random': len(open('/dev/urandom', 'rb').read(8))}\n")
+
+
+@AS_ROOT
+@pytest.mark.parametrize("unprivileged", [False, True], ids=["throw-away-uid", "user-namespace"])
+def test_the_host_s_device_nodes_are_used_but_not_changed(unprivileged: bool) -> None:
+    """/dev/null and the random devices are the host's inodes: the code changed /dev/null's times (and, owning it
+    in a user namespace, could chmod it). Bound read-only, they are still read and written."""
+    import errno
+
+    before = os.stat("/dev/null")
+    result = run_function(DEVICE_TIMES, "main", {}, FAST, unprivileged=unprivileged)
+    assert result.ok, result
+    assert result.value == {"touched": [-1, errno.EROFS], "written": 12, "random": 8}
+    after = os.stat("/dev/null")
+    assert (after.st_mtime_ns, after.st_mode) == (before.st_mtime_ns, before.st_mode)
+
+
+def test_an_input_too_deep_to_pass_is_a_failed_run_not_an_exception() -> None:
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    result = run("def main(x):\n    return 1\n", {"x": deep})
+    assert result.status == "error" and "cannot be passed" in result.message
+
+
+OOM_KILLS_THE_CODE = ("import os, time\n"
+                      "def main():\n"
+                      "    for k in range(2):\n"
+                      "        if os.fork() == 0:\n"
+                      "            block = b'y' * (90 << 20)\n"
+                      "            time.sleep(5)\n"
+                      "            os._exit(0)\n"
+                      "    time.sleep(0.5)\n"
+                      "    block = b'x' * (200 << 20)\n"  # the biggest process: the one the kernel's OOM killer picks
+                      "    time.sleep(3)\n"
+                      "    return 1\n")
+
+
+@pytest.mark.parametrize("unprivileged", [False, True], ids=["throw-away-uid", "user-namespace"])
+def test_the_code_killed_by_the_group_s_oom_killer_is_a_memory_limit(unprivileged: bool) -> None:
+    """Each process under memory_mb, together over it: the cgroup's OOM killer kills the code's process with
+    SIGKILL. The runner, passing the signal on, set a handler for SIGKILL (EINVAL) and died with a traceback; and
+    cgroup v1 counts such a kill in memory.oom_control, not in memory.failcnt. A memory_limit now."""
+    limits = Limits(timeout_s=6.0, memory_mb=256, file_size_mb=1, max_processes=8, max_output_kb=64)
+    result = run_function(OOM_KILLS_THE_CODE, "main", {}, limits, unprivileged=unprivileged)
+    if not result.memory.startswith("cgroup"):
+        pytest.skip("no cgroup can be made here: the watchdog stops such runs (test_memory_is_bounded_across_all_processes)")
+    assert result.status == "memory_limit", result
+    assert "Traceback" not in result.stderr
+
+
+def test_a_venv_reached_through_a_symlink_still_imports_its_packages(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new root holds the runtime at its real paths, and sys.path spelled the venv through the symlink
+    (a clone whose .venv links to another's): every installed package was missing to the code."""
+    import sys
+
+    if sys.prefix == sys.base_prefix:
+        pytest.skip("not running in a venv")
+    linked = tmp_path / "linked-venv"
+    linked.symlink_to(sys.prefix)
+    monkeypatch.setattr(sys, "executable", str(linked / "bin" / Path(sys.executable).name))
+    result = run("import yaml\ndef main():\n    return yaml.safe_load('a: 1')\n")
+    assert result.ok and result.value == {"a": 1}, result
