@@ -232,10 +232,12 @@ def preimport(code: str) -> None:
             names.add(node.module)
             names.update(f"{node.module}.{alias.name}" for alias in node.names)
     for name in sorted(names):
+        if name.split(".")[-1] == "__main__":  # a program (`import venv.__main__` runs venv): the code's own import
+            continue
         try:
             importlib.import_module(name)
-        except Exception:  # not a module (a class imported from one) or not installed: the job's own import says so
-            pass
+        except BaseException:  # noqa: BLE001 - not a module (a class imported from one), not installed, a module that
+            pass  # exits when imported: the job's own import says so, inside the walls
 
 
 SYS_KEYCTL = {"x86_64": 250, "aarch64": 219}

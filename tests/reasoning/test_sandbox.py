@@ -953,3 +953,12 @@ def test_a_venv_reached_through_a_symlink_still_imports_its_packages(tmp_path: P
     monkeypatch.setattr(sys, "executable", str(linked / "bin" / Path(sys.executable).name))
     result = run("import yaml\ndef main():\n    return yaml.safe_load('a: 1')\n")
     assert result.ok and result.value == {"a": 1}, result
+
+
+def test_a_program_named_in_an_import_runs_only_inside_every_wall() -> None:
+    """The runner imports the modules the code names before the last walls go up (as root, before seccomp):
+    `import venv.__main__` ran venv's command line there, whose exit ended the runner. Programs are left to the
+    code's own import."""
+    result = run("import venv.__main__\ndef main():\n    return 1\n")
+    assert result.status == "error" and "isolation" not in result.message, result
+    assert result.unix_sockets == "seccomp", result  # the walls were up when venv ran
