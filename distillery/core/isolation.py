@@ -21,6 +21,7 @@ of its memory back to the system when the child ends, which a long-lived process
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import signal
@@ -78,24 +79,28 @@ class ChildTimeout(Exception):
 class Child:
     """One spawned process that runs functions for this one; see the module docstring."""
 
-    def __init__(self, library: str, doing: str, hint: str = "", capture_stderr: bool = False):
+    def __init__(self, library: str, doing: str, hint: str = "", capture_stderr: bool = False,
+                 preload: tuple[str, ...] = ()):
         """capture_stderr: keep what the child writes to stderr (a native library's dying words) for
-        `stderr_tail()` instead of showing it to the user."""
+        `stderr_tail()` instead of showing it to the user. preload: modules the child imports as soon as it
+        starts, while the caller goes on (torch and transformers take seconds to import); the first call waits
+        for them."""
         self.library, self.doing, self.hint = library, doing, hint
         self._stderr = tempfile.TemporaryFile() if capture_stderr else None
         # A fresh interpreter (never a fork of a process holding torch's threads), started as a plain subprocess
         # so that nothing of the caller's __main__ runs again in it; it talks over one end of a socket pair.
         mine, theirs = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the modules we see
-        code = "import sys; from distillery.core.isolation import serve; serve(int(sys.argv[1]), int(sys.argv[2]))"
+        code = ("import sys; from distillery.core.isolation import serve; "
+                "serve(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:])")
         try:
-            self._process = subprocess.Popen([sys.executable, "-c", code, str(theirs.fileno()), str(os.getpid())],
+            self._process = subprocess.Popen([sys.executable, "-c", code, str(theirs.fileno()), str(os.getpid()), *preload],
                                              env=env, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
                                              stderr=self._stderr)
         finally:
             theirs.close()  # only the child holds its end now: its death is an EOF here
         self._conn = Connection(mine.detach())
-        self._busy = False
+        self._busy = self._called = False
 
     @property
     def pid(self) -> int:
@@ -130,8 +135,8 @@ class Child:
                 return
 
     def close(self) -> None:
-        """Stop the child (politely when it is idle, at once when it is busy or gone)."""
-        if self._process.poll() is None and not self._busy:
+        """Stop the child (politely when it is idle, at once when it is busy, gone or never called)."""
+        if self._process.poll() is None and not self._busy and self._called:
             try:
                 self._conn.send(None)
                 self._process.wait(timeout=5)
@@ -155,7 +160,7 @@ class Child:
         if self._busy:
             raise RuntimeError(f"the {self.library} child is still answering an earlier call")
         payload = pickle.dumps((fn, args))  # a function or argument that cannot travel fails here, not there
-        self._busy = True
+        self._busy = self._called = True
         finished = False
         try:
             try:
@@ -195,10 +200,15 @@ def plain(state: dict[str, Any], emit: Callable[[Any], None], fn: Callable[..., 
     return fn(*args)
 
 
-def serve(fd: int, parent_pid: int) -> None:
+def serve(fd: int, parent_pid: int, preload: list[str] | None = None) -> None:
     """The child's loop: receive (fn, args), send events and then a result or an error; None ends it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then stops the child
     die_with(parent_pid)
+    for module in preload or ():
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - the call that needs the module raises the real error, in context
+            pass
     conn = Connection(fd)
     state: dict[str, Any] = {}
     while True:

@@ -30,6 +30,7 @@ import logging
 import math
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,10 +156,16 @@ def check_architecture(model_dir: Path) -> None:
                         f"{', '.join(sorted(a for a in supported if 'Llama' in a or 'Qwen' in a)[:6])}, ...")
 
 
+# what the torch child imports as soon as it starts, while this process checks the plan
+TORCH_MODULES = ("torch", "transformers", "peft", "safetensors.torch")
 MEMORY_HINT = "If the machine ran out of memory, free some: the export's estimate is in the message before it started."
 # Models up to this size (16-bit weights) also get the distribution check of the merge, which loads the base and
 # base + adapter whole in fp32 (4x this); above it the tensor-by-tensor check stands alone.
 SMALL_MODEL_BYTES = 512 << 20
+
+
+def small_model(plan: Plan) -> bool:
+    return (base_weight_bytes(str(plan.base)) or 0) <= SMALL_MODEL_BYTES
 
 
 def estimate_memory(base: Path, prompts: int, new_tokens: int) -> dict[str, Any]:
@@ -245,34 +252,32 @@ def plan_export(ctx: StageContext) -> Plan:
                 merge.merged_dtype_name(cfg.dtype, str(base)), stem, disk, memory, base)
 
 
-def merge_and_check(ctx: StageContext, plan: Plan, report: dict[str, Any], timings: dict[str, Any]) -> None:
+def merge_and_check(ctx: StageContext, plan: Plan, report: dict[str, Any], timings: dict[str, Any],
+                    child: Child) -> None:
     """Step 3: the 16-bit merge (kept when a killed run already finished it), proven tensor by tensor, and for
-    small models by next-token distributions too. All of it in a child process, whose memory (and the heap it
-    fragments) goes back to the system before the converter runs."""
+    small models by next-token distributions too. All of it in the torch child."""
     if plan.summary.method == "full":
-        return export_full_finetune(ctx, plan, report, timings)
+        return export_full_finetune(ctx, plan, report, timings, child)
     cfg, merged_dir, base = ctx.cfg.export, ctx.out / OUTPUTS["merged"], str(plan.base)
     summary = plan.summary.model_copy(update={"base_model": base})
     trust = ctx.cfg.model.trust_remote_code
-    with Child("torch", f"merging the adapter into {merged_dir}", hint=MEMORY_HINT) as child:
-        if (merged_dir / "config.json").is_file():
-            timings["merge"] = {"resumed": True}
-        else:
-            replaced = plan.base != merge.local_base(plan.summary.base_model)
-            timings["merge"] = child.call(plain, merge.merge_adapter, summary, plan.adapter_dir, merged_dir, plan.dtype,
-                                          cfg.max_shard_size, trust, replaced)
-        started = time.time()
-        report["merge"] = {"tensors": child.call(plain, merge.check_merge, base, plan.adapter_dir,
-                                                 merged_dir)}
-        weights = base_weight_bytes(base) or 0
-        if weights <= SMALL_MODEL_BYTES:
-            _, prompt_ids = verify.rendered_prompts(plan.tokenizer, cfg.verify.prompts)
-            merged_lp = child.call(plain, verify.reference_logprobs, merged_dir, prompt_ids)
-            report["merge"]["distributions"] = child.call(plain, merge.verify_merge, base,
-                                                          plan.adapter_dir, prompt_ids, merged_lp, "fp32", trust)
-        else:
-            report["merge"]["distributions"] = {"passed": None, "skipped": f"the model is over {SMALL_MODEL_BYTES >> 20} "
-                                                "MiB in 16 bits: the tensor check stands alone"}
+    child.doing = f"merging the adapter into {merged_dir}"
+    if (merged_dir / "config.json").is_file():
+        timings["merge"] = {"resumed": True}
+    else:
+        replaced = plan.base != merge.local_base(plan.summary.base_model)
+        timings["merge"] = child.call(plain, merge.merge_adapter, summary, plan.adapter_dir, merged_dir, plan.dtype,
+                                      cfg.max_shard_size, trust, replaced)
+    started = time.time()
+    report["merge"] = {"tensors": child.call(plain, merge.check_merge, base, plan.adapter_dir, merged_dir)}
+    if small_model(plan):
+        _, prompt_ids = verify.rendered_prompts(plan.tokenizer, cfg.verify.prompts)
+        merged_lp = child.call(plain, verify.reference_logprobs, merged_dir, prompt_ids)
+        report["merge"]["distributions"] = child.call(plain, merge.verify_merge, base,
+                                                      plan.adapter_dir, prompt_ids, merged_lp, "fp32", trust)
+    else:
+        report["merge"]["distributions"] = {"passed": None, "skipped": f"the model is over {SMALL_MODEL_BYTES >> 20} "
+                                            "MiB in 16 bits: the tensor check stands alone"}
     timings["verify_merge_seconds"] = round(time.time() - started, 2)
     tensors, distributions = report["merge"]["tensors"], report["merge"]["distributions"]
     report["merge"]["passed"] = tensors["passed"] is not False and distributions["passed"] is not False and (
@@ -282,16 +287,17 @@ def merge_and_check(ctx: StageContext, plan: Plan, report: dict[str, Any], timin
              discard=(merged_dir,))
 
 
-def export_full_finetune(ctx: StageContext, plan: Plan, report: dict[str, Any], timings: dict[str, Any]) -> None:
+def export_full_finetune(ctx: StageContext, plan: Plan, report: dict[str, Any], timings: dict[str, Any],
+                         child: Child) -> None:
     """Step 3 for a full fine-tune: no merge; its shards into merged/, proven to be the trained tensors."""
     merged_dir, summary = ctx.out / OUTPUTS["merged"], plan.summary
-    with Child("torch", f"writing the trained model into {merged_dir}", hint=MEMORY_HINT) as child:
-        if (merged_dir / "config.json").is_file():
-            timings["merge"] = {"resumed": True}
-        else:
-            timings["merge"] = child.call(plain, merge.export_trained, plan.adapter_dir, merged_dir, plan.dtype,
-                                          ctx.cfg.export.max_shard_size)
-        tensors = child.call(plain, merge.check_trained_copy, summary.base_model, plan.adapter_dir, merged_dir)
+    child.doing = f"writing the trained model into {merged_dir}"
+    if (merged_dir / "config.json").is_file():
+        timings["merge"] = {"resumed": True}
+    else:
+        timings["merge"] = child.call(plain, merge.export_trained, plan.adapter_dir, merged_dir, plan.dtype,
+                                      ctx.cfg.export.max_shard_size)
+    tensors = child.call(plain, merge.check_trained_copy, summary.base_model, plan.adapter_dir, merged_dir)
     report["merge"] = {"tensors": tensors, "passed": tensors["passed"], "distributions": {
         "passed": None, "skipped": "a full fine-tune has no adapter to run unmerged"}}
     if not tensors["passed"]:
@@ -362,14 +368,15 @@ def verify_all(ctx: StageContext, plan: Plan, checked: dict[str, Path], probe: d
     return results
 
 
-def probe_and_reference(ctx: StageContext, intermediate: Path, timings: dict[str, Any]) -> dict[str, Any]:
+def probe_and_reference(ctx: StageContext, intermediate: Path, timings: dict[str, Any],
+                        child: Child) -> dict[str, Any]:
     """The verification probes (prompts + the 16-bit GGUF's greedy answer) and the merged model's log-probs on
     them, layer by layer."""
     cfg, merged_dir = ctx.cfg.export, ctx.out / OUTPUTS["merged"]
     started = time.time()
     probe = verify.probe_tokens(merged_dir, cfg.verify.prompts, cfg.verify.new_tokens, intermediate, cfg.threads)
-    with Child("torch", f"running {merged_dir} layer by layer", hint=MEMORY_HINT) as child:
-        probe["reference"] = child.call(plain, verify.reference_logprobs, merged_dir, probe["token_lists"])
+    child.doing = f"running {merged_dir} layer by layer"
+    probe["reference"] = child.call(plain, verify.reference_logprobs, merged_dir, probe["token_lists"])
     timings["reference_seconds"] = round(time.time() - started, 2)
     return probe
 
@@ -385,9 +392,20 @@ def write_modelfiles(ctx: StageContext, plan: Plan, files: dict[str, Path]) -> d
 
 
 def run(ctx: StageContext) -> StageResult:
+    with ExitStack() as children:
+        # the merge's child imports torch while the plan is checked (the converter's own start takes seconds)
+        torch_child = children.enter_context(torch_child_for(ctx))
+        plan = plan_export(ctx)
+        return export_planned(ctx, plan, torch_child, children)
+
+
+def torch_child_for(ctx: StageContext) -> Child:
+    return Child("torch", f"exporting {ctx.out}", hint=MEMORY_HINT, preload=TORCH_MODULES)
+
+
+def export_planned(ctx: StageContext, plan: Plan, torch_child: Child, children: ExitStack) -> StageResult:
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    plan = plan_export(ctx)
     timings: dict[str, Any] = {}
     report: dict[str, Any] = {"model": plan.stem, "base_model": plan.summary.base_model,
                               "backend": plan.summary.backend, "method": plan.summary.method, "disk": plan.disk, "memory": plan.memory,
@@ -401,10 +419,17 @@ def run(ctx: StageContext) -> StageResult:
 
         step(f"checking the trained model's {plan.dtype} weights, tensor by tensor" if plan.summary.method == "full"
              else f"merging the adapter into {plan.dtype} weights and checking every tensor")
-        merge_and_check(ctx, plan, report, timings)
+        merge_and_check(ctx, plan, report, timings, torch_child)
+        # A big model's merge heap goes back to the system before the converter runs; a small one's child is kept
+        # for the reference (a fresh one would import torch again).
+        if not small_model(plan):
+            torch_child.close()
         intermediate, files = convert_and_quantize(ctx, plan, timings, step)
+        if not small_model(plan):
+            torch_child = children.enter_context(torch_child_for(ctx))
         step("the merged model's reference distributions, layer by layer")
-        probe = probe_and_reference(ctx, intermediate, timings)
+        probe = probe_and_reference(ctx, intermediate, timings, torch_child)
+        torch_child.close()  # its memory goes back before the GGUFs are run
         results = verify_all(ctx, plan, {plan.outtype.value: intermediate, **files}, probe, timings, step)
         report["gguf"] = results
         step("writing Modelfiles and reports")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from typing import Any, Callable
 import pytest
 
 from distillery.core.errors import UserError
-from distillery.core.isolation import Child, ChildTimeout, NativeCrash, describe_exit, limit_growth
+from distillery.core.isolation import Child, ChildTimeout, NativeCrash, describe_exit, limit_growth, plain
 
 
 def remember(state: dict[str, Any], emit: Callable[[Any], None], key: str, value: Any) -> int:
@@ -237,3 +238,22 @@ def alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def imported(state: dict[str, Any], emit: Callable[[Any], None], names: list[str]) -> list[bool]:
+    return [name in sys.modules for name in names]
+
+
+def test_a_child_imports_its_preload_before_the_first_call_and_a_missing_module_is_the_call_s_error() -> None:
+    with Child("demo-lib", "testing", preload=("colorsys", "no_such_module_here")) as child:
+        assert child.call(imported, ["colorsys", "wave"]) == [True, False]
+    with Child("demo-lib", "testing", preload=("no_such_module_here",)) as child:
+        with pytest.raises(ModuleNotFoundError, match="no_such_module_here"):
+            child.call(plain, importlib.import_module, "no_such_module_here")
+
+
+def test_closing_a_child_that_was_never_called_does_not_wait_for_its_preload() -> None:
+    child = Child("demo-lib", "testing", preload=("torch", "transformers"))
+    started = time.monotonic()
+    child.close()
+    assert time.monotonic() - started < 2 and child._process.poll() is not None
