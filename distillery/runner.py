@@ -9,8 +9,10 @@ outputs are unchanged, and whose upstream stages' files are those it last read, 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
+import os
 import logging
 import shutil
 import time
@@ -21,8 +23,8 @@ from typing import Any
 from distillery.config import DistilleryConfig, redact
 from distillery.core.console import console
 from distillery.core.errors import StageFailed, UserError
-from distillery.core.rundir import (RunDir, atomic_write_text, describe_outputs, package_versions, sha256_file, sha256_json,
-                                    unwritable)
+from distillery.core.rundir import (RunDir, atomic_write_text, describe_outputs, is_run_manifest, package_versions,
+                                    remove_path, sha256_file, sha256_json, unwritable)
 from distillery.stage import STAGES, Stage, StageContext, StageResult, load_stage
 
 log = logging.getLogger(__name__)
@@ -119,7 +121,8 @@ def recorded_fingerprint(stage: Stage, cfg: DistilleryConfig, run: RunDir, fp: s
     reads = also_read(stage, dump)
     kept = entry.get("inputs", {}).get("also_reads")
     if kept is None:
-        run.update_stage(stage.name, {**entry, "inputs": {**entry.get("inputs", {}), "also_reads": reads}})
+        with contextlib.suppress(OSError):  # bookkeeping: a read-only run is still up to date
+            run.update_stage(stage.name, {**entry, "inputs": {**entry.get("inputs", {}), "also_reads": reads}})
     return recorded if kept in (None, reads) else fp
 
 
@@ -154,8 +157,9 @@ def up_to_date(run: RunDir, name: str, fp: str, inputs: dict) -> bool:
     if not (run.is_complete(name, fp) and same_upstream_outputs(run, entry, inputs)):
         return False
     if "upstream_outputs" not in entry.get("inputs", {}):
-        run.update_stage(name, {**entry, "inputs": {**entry.get("inputs", {}),
-                                                    "upstream_outputs": inputs["upstream_outputs"]}})
+        with contextlib.suppress(OSError):  # bookkeeping: a read-only run is still up to date
+            run.update_stage(name, {**entry, "inputs": {**entry.get("inputs", {}),
+                                                        "upstream_outputs": inputs["upstream_outputs"]}})
     return True
 
 
@@ -167,6 +171,9 @@ def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[st
     accepted = recorded_fingerprint(stage, cfg, run, fp, inputs)  # fp, or what a run recorded by an older version
     if not force and up_to_date(run, name, accepted, inputs) and not attempt_to_resume(stage, run, fp, accepted):
         entry = run.stage_entry(name) or {}
+        if not stage.resumable:  # what a killed run of it left (a resumable stage's may be another config's to resume)
+            with contextlib.suppress(OSError):
+                remove_path(run.partial_dir(name))
         console.print(f"[green]{name}[/]: up to date ({accepted[:12]}), nothing to do; --force redoes it."
                       + set_aside_attempt(run, name, entry))
         summary = [tuple(row) for row in entry.get("summary", [])]
@@ -177,19 +184,19 @@ def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[st
     # a partial directory of another config, or of older upstream files (an export of the last adapter), is not resumed
     resumable = (stage.resumable and not force and previous.get("fingerprint") in (fp, accepted)
                  and same_upstream_outputs(run, previous, inputs))
-    prepare_run_dir(run, partial, keep=resumable, config_dump=redact(cfg.model_dump(mode="json")))
+    prepare_run_dir(run, name, keep=resumable, config_dump=redact(cfg.model_dump(mode="json")))
     started = time.time()
     save_entry(run, name, {"status": "running", "fingerprint": fp, "inputs": inputs, "started": _now()})
     console.rule(f"[bold]{name}")
     try:
         result = stage.run(StageContext(cfg=cfg, run=run, out=partial, console=console, force=force))
+        final = run.publish(name)
     except BaseException as err:
         failure = full_disk(err, run)
         record_failure(run, stage, fp, inputs, failure)
         if failure is err:
             raise
         raise failure from None
-    final = run.publish(name)
     seconds = time.time() - started
     run.update_stage(name, {
         "status": "complete",
@@ -205,12 +212,17 @@ def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[st
     return "done", result, seconds
 
 
-def prepare_run_dir(run: RunDir, partial: Path, keep: bool, config_dump: dict) -> None:
+def prepare_run_dir(run: RunDir, name: str, keep: bool, config_dump: dict) -> None:
     """The stage's partial directory (a leftover kept only to resume from) and the run's config.yaml; a run
     directory that cannot be written (no permission, a read-only disk) is the user's to fix."""
+    partial = run.partial_dir(name)
+    for folder in (run.stage_dir(name), partial):
+        if is_run_manifest(folder / "manifest.json"):
+            raise UserError(f"{folder} holds another Distillery run (its manifest.json), which this stage would "
+                            f"replace: move that run out of {run.path} first.")
     try:
-        if partial.exists() and not keep:
-            shutil.rmtree(partial)  # a leftover from an interrupted run of another config: never resume from it
+        if os.path.lexists(partial) and not (keep and partial.is_dir() and not partial.is_symlink()):
+            remove_path(partial)  # a leftover of another config (never resumed from), or a link: only the link goes
         partial.mkdir(parents=True, exist_ok=True)
         run.save_config(config_dump)
     except OSError as err:
@@ -279,7 +291,8 @@ def set_aside_attempt(run: RunDir, name: str, entry: dict) -> str:
     attempt = entry.pop("attempt", None)
     if attempt is None:
         return ""
-    run.update_stage(name, entry)
+    with contextlib.suppress(OSError):  # bookkeeping: a read-only run is still up to date
+        run.update_stage(name, entry)
     return f" (the last attempt, {attempt['status']}, was set aside)"
 
 
@@ -298,9 +311,10 @@ def write_failure_log(run: RunDir | None, step: str, err: BaseException) -> str 
     text = f"{_now()} {step} failed\n\n" + "".join(traceback.format_exception(err))
     for place in ([run] if run else []) + [RunDir(cache_home(), "logs-outside-a-run")]:
         try:
+            place.real_subdir("logs")  # never through a link into a folder of the user's
             atomic_write_text(place.log_path(step), text)
             return str(place.log_path(step))
-        except OSError:
+        except (OSError, UserError):
             continue
     return None
 

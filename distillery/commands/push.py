@@ -285,7 +285,8 @@ def push_held(cfg: DistilleryConfig, run: RunDir, console, dry_run: bool) -> dic
     export_dir(run)
     repo_id = cfg.push.repo_id or "<push.repo_id>"
     plan = upload_plan(cfg, run)
-    out = {key: run.stage_dir("push") / name for key, name in OUTPUTS.items()}
+    push_dir = run.real_subdir("push")  # never written through a link into a folder of the user's
+    out = {key: push_dir / name for key, name in OUTPUTS.items()}
     atomic_write_text(out["card"], build_card(cfg, plan, repo_id))
     plan_with_card = plan + [{"path": str(out["card"]), "path_in_repo": "README.md",
                               "bytes": out["card"].stat().st_size}]

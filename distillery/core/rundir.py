@@ -106,7 +106,7 @@ class RunDir:
             raise unwritable(self.path, os.strerror(errno.ENOTDIR)) from None
         except OSError as err:
             raise unwritable(self.path, err.strerror or str(err)) from None
-        claimed = False
+        locked = claimed = False
         try:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -114,21 +114,29 @@ class RunDir:
                 raise UserError(f"the run directory {self.path} is in use by another distillery command, still "
                                 "running: wait for it to finish, or give this one a run of its own "
                                 "(--set run.name=...).") from None
+            locked = True
             claimed = self.claim()
             yield
         finally:
             os.close(handle)
-            with contextlib.suppress(OSError):  # only while empty: a command that wrote nothing leaves nothing
+            # only while empty, and only by the holder of the lock: a command refused because another one holds the
+            # run must not remove the directory that one has just made
+            with contextlib.suppress(OSError, UserError):
                 if claimed and os.listdir(self.path) == [self.manifest_path.name] and not self.load_manifest()["stages"]:
                     self.manifest_path.unlink()
-                for directory in created:
+                for directory in created if locked else ():
                     directory.rmdir()
 
     def claim(self) -> bool:
         """Mark the directory as a run (an empty manifest) before anything is written into it; True when this did.
         A directory that holds files but no manifest is not a run: its `ingest/` or `config.yaml` would be replaced
         (a run.name that names a folder of the user's own)."""
+        outer = self.enclosing_run()
+        if outer is not None:
+            raise UserError(f"run.name/run.root: {self.path} lies inside the run {outer}, whose stages replace their "
+                            "folders (and would delete this run). Set run.root to a directory outside it.")
         if self.manifest_path.exists():
+            self.load_manifest()  # one Distillery wrote, or the user hears what it is
             return False
         if any(self.path.iterdir()):
             raise UserError(f"run.name/run.root: {self.path} already holds files and is not a Distillery run (it has "
@@ -140,6 +148,13 @@ class RunDir:
             raise unwritable(self.path, err.strerror or str(err)) from None
         return True
 
+    def enclosing_run(self) -> Path | None:
+        """The run directory this one lies inside, if any (a folder above it with a run's manifest)."""
+        for parent in self.path.resolve().parents:
+            if is_run_manifest(parent / "manifest.json"):
+                return parent
+        return None
+
     def stage_dir(self, stage: str) -> Path:
         """Where a finished stage's artifacts live."""
         return self.path / stage
@@ -149,9 +164,22 @@ class RunDir:
         return self.path / f".{stage}.partial"
 
     def load_manifest(self) -> dict[str, Any]:
+        """The manifest; one that is not a Distillery run's (another program's manifest.json, a damaged file) is a
+        UserError naming it."""
         if not self.manifest_path.is_file():
             return {"stages": {}}
-        return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        try:
+            manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise self.not_a_run(f"it cannot be read as JSON: {type(err).__name__}") from None
+        if not run_manifest_shape(manifest):
+            raise self.not_a_run("it is not one Distillery wrote: no \"stages\" object of stage entries")
+        return manifest
+
+    def not_a_run(self, why: str) -> UserError:
+        return UserError(f"{self.manifest_path}: {why}. If {self.path} is a Distillery run, its manifest is damaged: "
+                         "move the run aside and run the stages again in a new one; if it is a folder of yours, set "
+                         "run.name or run.root to a new or empty directory.")
 
     def stage_entry(self, stage: str) -> dict[str, Any] | None:
         return self.load_manifest()["stages"].get(stage)
@@ -194,17 +222,54 @@ class RunDir:
                     changed.append(rel)
                 else:
                     retimed[rel] = {**info, "mtime_ns": stat.st_mtime_ns}
-        if retimed and not changed:
-            self.update_stage(stage, {**entry, "outputs": {**entry["outputs"], **retimed}})
+        if retimed and not changed:  # bookkeeping only: a read-only run is still up to date
+            with contextlib.suppress(OSError):
+                self.update_stage(stage, {**entry, "outputs": {**entry["outputs"], **retimed}})
         return changed
 
     def publish(self, stage: str) -> Path:
-        """Move the partial directory into place, replacing the previous artifacts only now that it is done."""
+        """Move the partial directory into place, replacing the previous artifacts only now that it is done. What
+        stood there goes; a symbolic link put there goes as a link (what it points to is not the run's)."""
         final, partial = self.stage_dir(stage), self.partial_dir(stage)
         old = self.path / f".{stage}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(partial, final)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            remove_path(old)
+            if os.path.lexists(final):
+                os.replace(final, old)
+            os.replace(partial, final)
+            remove_path(old)
+        except OSError as err:
+            raise unwritable(self.path, err.strerror or str(err)) from None
         return final
+
+    def real_subdir(self, name: str) -> Path:
+        """runs/<name>/<name>, a directory of the run's own, made if missing: one that is a symbolic link (to a
+        folder of the user's, whose files writing there would replace) is refused."""
+        directory = self.path / name
+        if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
+            raise UserError(f"{directory} is not a directory of the run (a symbolic link or a file): Distillery writes "
+                            "only inside the run directory. Remove it (a link's target is kept) and run the command "
+                            "again.")
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, a symbolic link (not what it points to) or a directory tree; nothing there is fine."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def run_manifest_shape(manifest: Any) -> bool:
+    """Whether a parsed manifest.json is a Distillery run's: {"stages": {stage: {...}}}."""
+    stages = manifest.get("stages") if isinstance(manifest, dict) else None
+    return isinstance(stages, dict) and all(isinstance(entry, dict) for entry in stages.values())
+
+
+def is_run_manifest(path: Path) -> bool:
+    try:
+        return path.is_file() and run_manifest_shape(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False

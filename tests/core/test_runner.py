@@ -371,3 +371,141 @@ def test_finetune_is_fingerprinted_on_the_only_distill_settings_it_reads(tmp_pat
         assert finetune_fp(override) == same, override
     assert finetune_fp("distill.teacher.path=./another-teacher") != same  # the teacher on_policy may take
     assert finetune_fp("finetune.max_steps=21") != same
+
+
+# ---- run directories that are not what they seem (from an adversarial review) ------------------------------
+
+
+def test_a_run_inside_another_run_is_refused_and_a_stage_never_replaces_one(project: Path) -> None:
+    """A run made inside another run's stage folder was deleted without a word when that stage ran again."""
+    from distillery.core.rundir import RunDir
+
+    cfg = load_config("config.yaml")
+    run_stage("ingest", cfg)
+    with pytest.raises(UserError, match="lies inside the run"):
+        with RunDir(project / "runs/t", "format").exclusive():
+            pass
+    assert not (project / "runs/t/format").exists()
+    nested = project / "runs/t/ingest"  # one made before this check: the stage that would replace it refuses
+    (nested / "manifest.json").write_text(json.dumps({"stages": {"ingest": {"status": "complete"}}}))
+    with pytest.raises(UserError, match="holds another Distillery run"):
+        run_stage("ingest", cfg, force=True)
+    assert (nested / "manifest.json").is_file() and (nested / "train.jsonl").is_file()
+
+
+@pytest.mark.parametrize("manifest", ['{"name": "My PWA", "start_url": "/"}', "not json", "[]", '{"stages": []}',
+                                      '{"stages": {"ingest": "x"}}', ""])
+def test_a_manifest_distillery_did_not_write_is_one_message_and_nothing_is_written(project: Path, manifest: str) -> None:
+    from distillery.core.rundir import RunDir
+
+    folder = project / "runs" / "webapp"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(manifest)
+    (folder / "index.html").write_text("<html></html>")
+    with pytest.raises(UserError, match="manifest.json: it .*Distillery"):
+        with RunDir(project / "runs", "webapp").exclusive():
+            pass
+    with pytest.raises(UserError, match="manifest.json: it"):
+        run_stage("ingest", load_config("config.yaml", ["run.name=webapp"]))
+    assert sorted(p.name for p in folder.iterdir()) == ["index.html", "manifest.json"]
+
+
+def test_links_in_the_run_directory_are_replaced_as_links_and_what_they_point_to_is_kept(project: Path) -> None:
+    """A stage folder or a partial folder that is a symbolic link to a folder of the user's: the stage runs, the
+    link goes, the user's folder stays as it was; a leftover `.ingest.old` file does not stop the next run."""
+    cfg = load_config("config.yaml")
+    run_stage("ingest", cfg)
+    run = project / "runs/t"
+    mine = project / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for link in ("ingest", ".ingest.partial"):
+        target = run / link
+        if target.is_dir():
+            import shutil
+
+            shutil.rmtree(target)
+        target.symlink_to(mine)
+        assert run_stage("ingest", cfg, force=True)[0] == "done"
+        assert not (run / "ingest").is_symlink() and (run / "ingest/train.jsonl").is_file()
+        assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+        assert not any(p.name.endswith((".old", ".partial")) for p in run.iterdir())
+    (run / ".ingest.old").write_text("a file where the old folder goes")
+    assert run_stage("ingest", cfg, force=True)[0] == "done"
+
+
+def test_the_run_s_own_folders_are_never_written_through_a_link(project: Path, monkeypatch) -> None:
+    """push wrote its model card over a README.md of the user's through a linked `push/`; a failed stage's
+    traceback went into a linked `logs/`. push refuses; the traceback goes to the cache's logs instead."""
+    from distillery.core import models
+    from distillery.core.rundir import RunDir
+    from distillery.runner import write_failure_log
+
+    run = RunDir(project / "runs", "t")
+    run.path.mkdir(parents=True)
+    mine = project / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("my readme")
+    (run.path / "push").symlink_to(mine)
+    with pytest.raises(UserError, match="not a directory of the run"):
+        run.real_subdir("push")
+    (run.path / "logs").symlink_to(mine)
+    monkeypatch.setattr(models, "cache_home", lambda: project / "cache")
+    where = write_failure_log(run, "ingest", RuntimeError("boom"))
+    assert where == str(project / "cache/logs-outside-a-run/logs/ingest.log")
+    assert sorted(p.name for p in mine.iterdir()) == ["README.md"] and (mine / "README.md").read_text() == "my readme"
+
+
+def test_a_run_that_cannot_be_written_is_still_up_to_date(project: Path, monkeypatch) -> None:
+    """A copied, read-only run: recording the copied files' new times is bookkeeping, not a reason to fail."""
+    import os
+
+    from distillery.core.rundir import RunDir
+
+    cfg = load_config("config.yaml")
+    run_stage("ingest", cfg)
+    os.utime(project / "runs/t/ingest/train.jsonl")
+
+    def read_only(*args: Any) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(RunDir, "update_stage", read_only)
+    assert run_stage("ingest", cfg)[0] == "up to date"
+
+
+def test_what_a_killed_run_left_goes_when_the_stage_is_found_up_to_date(project: Path) -> None:
+    cfg = load_config("config.yaml")
+    run_stage("ingest", cfg)
+    left = project / "runs/t/.ingest.partial/.shards-123"
+    left.mkdir(parents=True)
+    (left / "0.jsonl").write_text("{}\n")
+    assert run_stage("ingest", cfg)[0] == "up to date"
+    assert not (project / "runs/t/.ingest.partial").exists()
+
+
+def test_a_command_refused_because_another_holds_the_run_leaves_that_run_s_new_directory(project: Path,
+                                                                                        monkeypatch) -> None:
+    """Two commands making the same new run: the one refused removed the directory the other had just made and
+    locked (it had not existed when the refused one looked)."""
+    import fcntl
+    import os
+
+    from distillery.core import rundir
+
+    held, real_open = [], os.open
+
+    def the_other_command_locks_first(path, flags, *args):
+        if str(path).endswith("new-run") and not held:
+            held.append(real_open(path, flags))
+            fcntl.flock(held[0], fcntl.LOCK_EX)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(rundir.os, "open", the_other_command_locks_first)
+    try:
+        with pytest.raises(UserError, match="in use by another"):
+            with rundir.RunDir(project / "runs", "new-run").exclusive():
+                pass
+        assert (project / "runs/new-run").is_dir()
+    finally:
+        for fd in held:
+            os.close(fd)
