@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from distillery.sources import SOURCES
 from distillery.training.settings import FinetuneConfig
@@ -45,7 +45,8 @@ class RunConfig(Section):
     name: str = Field("demo", description="Run name, one plain directory name (letters, digits, _ . -, starting "
                       "with a letter or digit, at most 100): artifacts go to <root>/<name>/.")
     root: UserPath = Field("runs", description="Directory that holds all runs (created when missing).")
-    seed: int = Field(42, description="Seed for sampling, splitting and training.")
+    seed: StrictInt = Field(42, ge=0, le=2**32 - 1, description="Seed for sampling, splitting and training "
+                            "(0 to 2^32-1, numpy's range).")
 
     @field_validator("name")
     @classmethod
@@ -63,11 +64,17 @@ class RunConfig(Section):
         if any(len(part.encode("utf-8", "surrogateescape")) > 255 for part in Path(root).parts):
             raise ValueError("has a name longer than 255 bytes, which file systems do not take: set run.root to a "
                              "directory with shorter names")
+        if len(os.path.abspath(root).encode("utf-8", "surrogateescape")) > MAX_ROOT_BYTES:
+            raise ValueError(f"is longer than {MAX_ROOT_BYTES} bytes, and the run's files lie below it (a path has "
+                             "at most 4,096): set run.root to a shorter path")
         existing = nearest_existing(Path(root))
         if not existing.is_dir():
             raise ValueError(f"{existing} is a file, not a directory; set run.root to a directory (it is created "
                              "when missing)")
         return root
+
+
+MAX_ROOT_BYTES = 3072  # room below it for <name>/<stage>/<file> within Linux's 4,096-byte paths
 
 
 def nearest_existing(path: Path) -> Path:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from distillery.core.errors import UserError
+from distillery.core.userinput import path_exists
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def resolve_model_path(path: str, field: str = "model.path") -> str:
     if name:
         return str(materialize_bundled(name))
     local = Path(path).expanduser()
-    if local.exists():
+    if path_exists(local):
         if not (local / "config.json").is_file():
             raise UserError(f"{field}: {local} has no config.json; point it at a Hugging Face model directory.")
         check_model_files(local, field)

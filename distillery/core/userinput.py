@@ -20,6 +20,9 @@ from distillery.core.errors import UserError
 UserPath = Annotated[str, AfterValidator(os.path.expanduser)]
 
 MAX_YAML_DEPTH = 100  # a config nests about 5 levels; far deeper is a mistake, and Python's stack has a limit
+# What aliases (*name) may repeat, in characters of the values they stand for: a `<<: *defaults` repeats a few
+# hundred; 1,000 aliases of a 100 KB string (a "billion laughs") wrote a 100 MB config.yaml.
+MAX_ALIASED_CHARS = 1 << 20
 
 
 def require_file(path: Path, field: str, hint: str = "", pipe: bool = False) -> None:
@@ -121,9 +124,16 @@ class StrictLoader(yaml.SafeLoader):
 
     def __init__(self, stream: Any):
         super().__init__(stream)
-        self.depth = 0
+        self.depth = self.aliased = 0
+        self.sizes: dict[int, int] = {}
 
     def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent) and self.peek_event().anchor in self.anchors:
+            self.aliased += self.node_chars(self.anchors[self.peek_event().anchor])
+            if self.aliased > MAX_ALIASED_CHARS:
+                raise yaml.composer.ComposerError(None, None, f"its aliases (*name) repeat more than "
+                                                  f"{MAX_ALIASED_CHARS >> 20} MB of values; write what they stand for "
+                                                  "once", self.peek_event().start_mark)
         self.depth += 1
         try:
             if self.depth > MAX_YAML_DEPTH:
@@ -132,6 +142,17 @@ class StrictLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self.depth -= 1
+
+    def node_chars(self, node: Any) -> int:
+        """Characters of every scalar under `node`, aliases expanded (each node sized once: linear, however the
+        aliases nest)."""
+        if id(node) not in self.sizes:
+            if isinstance(node, yaml.ScalarNode):
+                self.sizes[id(node)] = len(node.value)
+            else:
+                children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else node.value
+                self.sizes[id(node)] = sum(self.node_chars(child) for child in children)
+        return self.sizes[id(node)]
 
     def construct_mapping(self, node: Any, deep: bool = False) -> Any:
         self.refuse_repeated_keys(node)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from distillery.core.errors import UserError
+from distillery.core.userinput import is_usable_file
 from distillery.evals.mathqa import LOCAL_SUFFIXES, LoadReport, is_local, load_items
 from distillery.sources.files import resolve_paths
 from distillery.sources.hf import read_local_file
@@ -243,8 +244,11 @@ def hub_cache_files(dataset: str, split: str) -> list[Path]:
 
     repo = Path(HF_HUB_CACHE) / ("datasets--" + dataset.replace("/", "--"))
     ref = repo / "refs" / "main"
-    snapshot = repo / "snapshots" / ref.read_text().strip() if ref.is_file() else None
-    if snapshot is None or not snapshot.is_dir():
+    try:  # a name the system cannot look up (over 255 bytes) is not in the cache either
+        snapshot = repo / "snapshots" / ref.read_text().strip() if ref.is_file() else None
+        if snapshot is None or not snapshot.is_dir():
+            return []
+    except (OSError, ValueError):
         return []
     named = re.compile(rf"{re.escape(split)}([-_.].*)?")
     return sorted(path for path in snapshot.rglob("*") if path.is_file() and path.suffix.lower() in LOCAL_SUFFIXES
@@ -257,7 +261,7 @@ def evaluate_data_files(data: str | None, split: str) -> tuple[list[Path], str |
         return [], None
     if is_local(data):
         path = Path(data).expanduser()
-        if path.is_file():
+        if is_usable_file(path):
             return [path], None
         return [], f"evaluate.data {data} does not exist (evaluate will say so too)"
     files = hub_cache_files(data, split)

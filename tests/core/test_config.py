@@ -212,6 +212,25 @@ def test_yaml_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:
         load_config(path)
 
 
+def test_yaml_aliases_that_repeat_megabytes_are_refused_and_a_few_are_fine(tmp_path: Path) -> None:
+    """1,000 aliases of a 100 KB string: a 106 KB config that wrote a 100 MB config.yaml (70 s); nested
+    "billion laughs" too. The usual anchors (a source's defaults merged into others) still load."""
+    flat = tmp_path / "flat.yaml"
+    flat.write_text(yaml.safe_dump(MINIMAL) + 'push: {tags: [&s "' + "A" * 100_000 + '"' + ", *s" * 1000 + "]}\n")
+    with pytest.raises(UserError, match=r"flat.yaml: not valid YAML: its aliases \(\*name\) repeat more than 1 MB"):
+        load_config(flat)
+    laughs = ["a0: &a0 [" + ", ".join(['"lol"'] * 10) + "]"]
+    laughs += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 10)]
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(yaml.safe_dump(MINIMAL) + "\n".join(laughs) + "\n")
+    with pytest.raises(UserError, match="repeat more than 1 MB"):
+        load_config(nested)
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("run: {name: m}\ningest:\n  sources:\n    - &a {name: a, kind: hf, files: a.jsonl, format: messages}\n"
+                      "    - {<<: *a, name: b}\n    - {<<: *a, name: c}\n")
+    assert [s.name for s in load_config(merged).ingest.sources] == ["a", "b", "c"]
+
+
 def test_yaml_nested_without_end_is_refused_naming_the_file(tmp_path: Path) -> None:
     path = tmp_path / "deep.yaml"
     path.write_text("ingest: " + "[" * 20000, encoding="utf-8")
@@ -307,3 +326,26 @@ def test_a_teacher_wait_longer_than_a_day_is_refused(tmp_path: Path, override: s
     """timeout_s=1e300 passed the config and ended distill in an OverflowError (a queue's timeout), exit 1."""
     with pytest.raises(UserError, match=r"less than or equal to 86400"):
         load_config(write(tmp_path, MINIMAL), [override])
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32), "true", "1.5"])
+def test_a_seed_outside_numpy_s_range_is_refused_before_any_stage(tmp_path: Path, seed: str) -> None:
+    """run.seed=-1 went through ingest and format and failed in the training child with a traceback (numpy: seeds
+    are 0 to 2^32-1), which a rerun 'resumed' into again; true was taken as 1."""
+    with pytest.raises(UserError, match="run.seed"):
+        load_config(write(tmp_path, MINIMAL), [f"run.seed={seed}"])
+    assert load_config(write(tmp_path, MINIMAL), [f"run.seed={2**32 - 1}"]).run.seed == 2**32 - 1
+
+
+def test_paths_too_long_for_the_system_are_named_not_crashed_on(tmp_path: Path) -> None:
+    """An OSError 'File name too long' ended format (model.path), ingest (evaluate.data) and every command
+    (run.root over 4,096 bytes) as a bug."""
+    from distillery.core.models import resolve_model_path
+    from distillery.evals.decontaminate import evaluate_data_files
+
+    with pytest.raises(UserError, match="run.root.*longer than 3072 bytes"):
+        load_config(write(tmp_path, MINIMAL), ["run.root=" + "/".join(["c" * 200] * 25)])
+    with pytest.raises(UserError, match="model.path: a{300} does not exist locally"):
+        resolve_model_path("a" * 300)
+    assert evaluate_data_files("x/" + "a" * 300, "test")[0] == []
+    assert evaluate_data_files("./" + "a" * 300 + ".jsonl", "test")[0] == []
