@@ -61,6 +61,8 @@ class RunConfig(Section):
     def _root_is_a_directory(cls, root: str) -> str:
         if "\0" in root:
             raise ValueError("holds a null byte, which no path can: set run.root to a directory")
+        if not root.strip():
+            raise ValueError("is empty: set run.root to the directory that holds the runs, e.g. runs")
         if any(len(part.encode("utf-8", "surrogateescape")) > 255 for part in Path(root).parts):
             raise ValueError("has a name longer than 255 bytes, which file systems do not take: set run.root to a "
                              "directory with shorter names")
@@ -435,9 +437,26 @@ def format_validation_error(path: Path, err: ValidationError) -> str:
             lines.append(f"  {loc}: unknown key (check the spelling; docs/config.md lists the keys of each section)")
         else:
             got = problem.get("input")
-            shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
-            lines.append(f"  {loc or '<top>'}: {problem['msg']}{shown}")
+            shown = "" if isinstance(got, (dict, list)) else f" (got {shortened(got)})"
+            lines.append(f"  {loc or '<top>'}: {problem['msg']}{shown}{quoting_hint(problem)}")
     return "\n".join(lines)
+
+
+def shortened(value: Any, limit: int = 120) -> str:
+    """repr(value), a long text cut to its first `limit` characters and its length."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value):,} characters)"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
+def quoting_hint(problem: dict[str, Any]) -> str:
+    """YAML reads 0777, 2024-01-01, yes and 12:30 as a number, a date, true and 750: where text was expected,
+    say how to write it as text."""
+    got = problem.get("input")
+    if problem["type"] != "string_type" or isinstance(got, (dict, list, type(None))):
+        return ""
+    return "; YAML read it as a number, a date or true/false: quote it to keep it text, e.g. name: \"0777\""
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DistilleryConfig:

@@ -25,7 +25,7 @@ PREFERRED = "Q4_K_M"
 def find_gguf(cfg: DistilleryConfig, choice: str | None = None) -> Path:
     """--gguf (a path, a file name in the run's gguf/ or a type like q8_0), else the run's Q4_K_M, else the first."""
     gguf_dir = artifact(RunDir(cfg.run.root, cfg.run.name), "export", "gguf")
-    available = sorted(gguf_dir.glob("*.gguf")) if gguf_dir.is_dir() else []
+    available = sorted(p for p in gguf_dir.glob("*.gguf") if is_usable_file(p)) if gguf_dir.is_dir() else []
     if choice:
         for candidate in (Path(choice), gguf_dir / choice):
             if is_usable_file(candidate):

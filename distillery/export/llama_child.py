@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from distillery.core.isolation import Child
+from distillery.core.userinput import is_usable_file
 
 # tokens a llama.cpp context may hold: it keeps n_ctx in 32 bits (2**32 wraps to 0, "the model's own")
 MAX_CONTEXT = 1 << 24
@@ -46,6 +47,8 @@ def decode_failure(code: int, llm: Any, tokens: int, first: int) -> GGUFDecodeEr
 
 
 def has_gguf_magic(path: Path) -> bool:
+    if not Path(path).is_file():  # a FIFO or a device would block the read, or never end it
+        return False
     with open(path, "rb") as handle:
         return handle.read(4) == b"GGUF"
 
@@ -70,6 +73,8 @@ class LlamaChild:
 
         check_installed_build()
         self.path = Path(path)
+        if not is_usable_file(self.path):  # llama.cpp would wait forever on a FIFO
+            raise GGUFLoadError(f"llama.cpp cannot load {self.path}: not a regular file")
         self._child = Child(LIBRARY, f"{doing} {self.path}", hint=crash_hint() if hint is None else hint)
         # n_threads_batch too: llama-cpp-python's default for prompt processing is multiprocessing.cpu_count(), the
         # host's cores, not the container's. vocab_only: the tokenizer of a GGUF without its weights. sequences:
@@ -109,6 +114,7 @@ class LlamaChild:
 
 def _load(state: dict[str, Any], emit: Callable[[Any], None], path: str, params: dict[str, Any]) -> dict[str, Any]:
     """Load the GGUF (quietly, every layer offloaded where llama.cpp has a GPU backend) and return its metadata."""
+    from jinja2 import TemplateError
     from llama_cpp import Llama
 
     sequences = params.pop("sequences", 1)
@@ -123,6 +129,9 @@ def _load(state: dict[str, Any], emit: Callable[[Any], None], path: str, params:
             with_sequences(llm, sequences)
     except (ValueError, RuntimeError, OSError) as err:
         raise GGUFLoadError(f"llama.cpp cannot load {path}: {str(err).splitlines()[0] if str(err) else err}") from None
+    except TemplateError as err:  # llama-cpp-python compiles the GGUF's chat template when it loads
+        raise GGUFLoadError(f"llama.cpp cannot load {path}: its chat template (tokenizer.chat_template) is not valid "
+                            f"Jinja: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
     state["llm"] = llm
     return gguf_metadata(llm)
 

@@ -349,3 +349,16 @@ def test_paths_too_long_for_the_system_are_named_not_crashed_on(tmp_path: Path) 
         resolve_model_path("a" * 300)
     assert evaluate_data_files("x/" + "a" * 300, "test")[0] == []
     assert evaluate_data_files("./" + "a" * 300 + ".jsonl", "test")[0] == []
+
+
+def test_values_yaml_reads_as_numbers_or_dates_say_to_quote_them_and_long_values_are_cut(tmp_path: Path) -> None:
+    config = write(tmp_path, MINIMAL)
+    for value in ("0777", "2024-01-01", "yes", "12:30"):
+        with pytest.raises(UserError, match="run.name: .*quote it to keep it text"):
+            load_config(config, [f"run.name={value}"])
+    assert load_config(config, ['run.name="0777"']).run.name == "0777"
+    with pytest.raises(UserError) as caught:
+        load_config(config, ["run.name=" + "a" * 100_000])
+    assert len(str(caught.value)) < 1000 and "100,000 characters" in str(caught.value)
+    with pytest.raises(UserError, match="run.root: .*is empty"):
+        load_config(config, ["run.root="])

@@ -15,7 +15,7 @@ import pytest
 from distillery.export import gguf as gguf_io
 from distillery.export import verify
 from distillery.export import llama_check
-from distillery.export.llama_child import GGUFLoadError, LlamaChild
+from distillery.export.llama_child import GGUFLoadError, LlamaChild, has_gguf_magic
 from distillery.core.isolation import NativeCrash
 from tests.evals.test_gguf_backend import bundled_gguf
 from tests.fixtures.adapter_run import demo_config
@@ -68,6 +68,24 @@ def test_a_file_llama_cpp_refuses_is_a_load_error_not_a_crash(tmp_path: Path) ->
     path.write_bytes(bundled_gguf().read_bytes()[:4096])
     with pytest.raises(GGUFLoadError, match=f"llama.cpp cannot load {path}"):
         LlamaChild(path, "testing")
+
+
+def test_a_gguf_whose_chat_template_is_not_jinja_is_a_load_error(tmp_path: Path) -> None:
+    """llama-cpp-python compiles the GGUF's chat template as it loads: a broken one ended chat as a bug."""
+    broken = tmp_path / "broken-template.gguf"
+    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(bundled_gguf()), str(broken),
+                    "--chat-template", "{% fox message in messages %}{{ message.content }}{% endfor %}", "--force"],
+                   check=True, capture_output=True)
+    with pytest.raises(GGUFLoadError, match=r"its chat template \(tokenizer.chat_template\) is not valid Jinja"):
+        LlamaChild(broken, "chatting with", n_ctx=256)
+
+
+def test_a_fifo_named_like_a_gguf_is_refused_not_waited_on(tmp_path: Path) -> None:
+    fifo = tmp_path / "model-Q4_K_M.gguf"
+    os.mkfifo(fifo)
+    with pytest.raises(GGUFLoadError, match="not a regular file"):
+        LlamaChild(fifo, "chatting with", n_ctx=256)
+    assert not has_gguf_magic(fifo)
 
 
 def installed_profile() -> str:
