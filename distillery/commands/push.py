@@ -47,9 +47,13 @@ def hub_base_model(model_path: str) -> str | None:
     return model_path
 
 
-def card_datasets(cfg: DistilleryConfig) -> list[str]:
-    """Hub datasets the run trained on (hf sources with a dataset id) plus push.datasets."""
-    found = [getattr(s, "dataset", None) for s in cfg.ingest.sources]
+def card_datasets(cfg: DistilleryConfig, run: RunDir) -> list[str]:
+    """Hub datasets the run trained on (hf sources with a dataset id, as its ingest recorded them: the config may
+    have changed since) plus push.datasets."""
+    recorded = ((run.stage_entry("ingest") or {}).get("inputs", {}).get("config", {}).get("ingest", {})
+                .get("sources"))
+    sources = recorded if isinstance(recorded, list) else [s.model_dump() for s in cfg.ingest.sources]
+    found = [source.get("dataset") for source in sources if isinstance(source, dict)]
     return list(dict.fromkeys([d for d in found if isinstance(d, str) and d] + cfg.push.datasets))
 
 
@@ -160,7 +164,7 @@ def written_by_its_stage(path: Path) -> Iterator[None]:
                         f"`distillery {stage} --force` to write it again.") from None
 
 
-def card_data(cfg: DistilleryConfig, finetune: dict[str, Any], plan: list[dict[str, Any]]) -> Any:
+def card_data(cfg: DistilleryConfig, run: RunDir, finetune: dict[str, Any], plan: list[dict[str, Any]]) -> Any:
     """The card's front matter (huggingface_hub's ModelCardData): base model, datasets, license, tags."""
     from huggingface_hub import ModelCardData
 
@@ -169,7 +173,7 @@ def card_data(cfg: DistilleryConfig, finetune: dict[str, Any], plan: list[dict[s
     tags = ["distillery", method, finetune.get("backend", "peft")] + (["gguf", "llama.cpp"] if ggufs else [])
     return ModelCardData(
         base_model=hub_base_model(str(finetune.get("model_path") or cfg.model.path)),
-        datasets=card_datasets(cfg) or None, license=cfg.push.license, tags=list(dict.fromkeys(tags + cfg.push.tags)),
+        datasets=card_datasets(cfg, run) or None, license=cfg.push.license, tags=list(dict.fromkeys(tags + cfg.push.tags)),
         library_name="transformers" if any(p["path_in_repo"] == "config.json" for p in plan) else None)
 
 
@@ -250,7 +254,7 @@ def build_card(cfg: DistilleryConfig, plan: list[dict[str, Any]], repo_id: str) 
     run = RunDir(cfg.run.root, cfg.run.name)
     summary_path = artifact(run, "finetune", "summary")
     finetune = read_finetune_summary(summary_path).model_dump() if summary_path.is_file() else {}
-    data = card_data(cfg, finetune, plan)
+    data = card_data(cfg, run, finetune, plan)
     base = data.base_model
     ggufs = [p["path_in_repo"] for p in plan if p["path_in_repo"].endswith(".gguf")]
     of = f"[{base}](https://huggingface.co/{base})" if base else cfg.model.path

@@ -559,3 +559,15 @@ def test_push_names_a_report_of_the_run_that_was_edited_or_cut_short(tmp_path: P
     with pytest.raises(UserError, match=rf"{stage}/{re.escape(name)} is not what `distillery {stage}` writes \(.*\): it "
                                         rf"was edited or cut short\. Run `distillery {stage} --force`"):
         push(cfg, console, dry_run=True)
+
+
+def test_the_card_names_the_datasets_the_run_s_ingest_read_not_a_later_config_s(tmp_path: Path) -> None:
+    """A config changed after training (another Hub dataset) put a dataset the model never saw in the card."""
+    from distillery.commands.push import card_datasets
+
+    run = finished_export(tmp_path, {"q8_0": b"GGUF q8"})
+    trained = {"sources": [{"name": "gsm", "kind": "hf", "dataset": "openai/gsm8k"}, {"name": "mine", "kind": "hf"}]}
+    run.update_stage("ingest", {"status": "complete", "fingerprint": "i", "inputs": {"config": {"ingest": trained}}})
+    later = load_config(demo_config(tmp_path), ["ingest.sources.1.files=null", "ingest.sources.1.dataset=other/set",
+                                                "push.datasets=[me/extra]"])
+    assert card_datasets(later, run) == ["openai/gsm8k", "me/extra"]
