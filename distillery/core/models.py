@@ -15,7 +15,9 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -80,31 +82,128 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False, field: str 
 
     try:
         return AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, StrictDataclassError) as err:
-        reason = " ".join(str(err).split())[:300]
-        raise UserError(f"{field}: transformers cannot load {model_path} ({type(err).__name__}: {reason}). Check its "
-                        "config.json and tokenizer files, or download the model again.") from None
+    except (*CONFIG_ERRORS, StrictDataclassError) as err:
+        raise refused_by_transformers(model_path, field, err) from None
+
+
+# What transformers raises for a config.json or tokenizer it cannot use (num_attention_heads 0: ZeroDivisionError;
+# a negative hidden_size: RuntimeError; an unknown dtype or model_type: ValueError).
+CONFIG_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError, RuntimeError)
+
+
+def refused_by_transformers(model_path: str, field: str, err: BaseException) -> UserError:
+    reason = " ".join(str(err).split())[:300]
+    return UserError(f"{field}: transformers cannot load {model_path} ({type(err).__name__}: {reason}). Check its "
+                     "config.json and tokenizer files, or download the model again.")
+
+
+def model_config(model_path: str, trust_remote_code: bool = False, field: str = "model.path") -> Any:
+    """The model's config (AutoConfig); one transformers refuses, or with an absurd number of layers, is a
+    UserError naming `field`."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except (*CONFIG_ERRORS, StrictDataclassError) as err:
+        raise refused_by_transformers(model_path, field, err) from None
+    check_layer_count(config, model_path, field)
+    return config
+
+
+def meta_model(model_path: str, trust_remote_code: bool = False, field: str = "model.path") -> tuple[Any, Any]:
+    """(config, model built on the meta device: no weights); a config transformers cannot build is a UserError."""
+    import torch
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(model_path, trust_remote_code, field)
+    try:
+        with torch.device("meta"):
+            return config, AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (*CONFIG_ERRORS, StrictDataclassError) as err:
+        raise refused_by_transformers(model_path, field, err) from None
+
+
+MAX_LAYERS = 1000  # the largest open models have about 130; building a million on the meta device took minutes and GBs
+
+
+def check_layer_count(config: Any, model_path: str, field: str) -> None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None)
+    if isinstance(layers, int) and not 0 < layers <= MAX_LAYERS:
+        raise UserError(f"{field}: {model_path}'s config.json has num_hidden_layers {layers}; a model has 1 to "
+                        f"{MAX_LAYERS}. Fix config.json or download the model again.")
+
+
+MAX_JSON_BYTES = 256 << 20  # a model's largest JSON file, its tokenizer.json, is tens of MB
 
 
 def check_model_files(directory: Path, field: str = "model.path") -> None:
-    """Every JSON file of a local model directory parses and every safetensors file is whole: a corrupt or cut-off
-    file is named here, not reported by transformers as an error deep inside loading."""
+    """Every JSON file of a local model directory parses and every safetensors file is whole, and the config's
+    layers are in the weights: a corrupt, cut-off or mismatched file is named here, not reported by transformers
+    as an error deep inside loading. Only regular files are read (a FIFO would block, /dev/zero never end)."""
     from safetensors import SafetensorError, safe_open
 
     redo = "Download the model again (or repair the file) and run again."
     for path in sorted(directory.glob("*.json")):
+        check_regular_file(path, field, MAX_JSON_BYTES)
         try:
             json.loads(path.read_bytes())
         except OSError as err:
             raise UserError(f"{field}: {path} cannot be read ({err.strerror or err}).") from None
         except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise UserError(f"{field}: {path} is not valid JSON ({err}). {redo}") from None
+    names: list[str] = []
     for path in sorted(directory.glob("*.safetensors")):
+        check_regular_file(path, field)
         try:
-            with safe_open(str(path), framework="numpy"):  # reads the header, checks it against the file size
-                pass
+            with safe_open(str(path), framework="numpy") as weights:  # reads the header, checks it against the size
+                names += list(weights.keys())
         except (SafetensorError, OSError) as err:
             raise UserError(f"{field}: {path} is damaged or incomplete ({err}). {redo}") from None
+    check_layers_in_weights(directory, names, field)
+    for index in sorted(directory.glob("*.safetensors.index.json")):
+        check_shard_names(index, field)
+
+
+def check_regular_file(path: Path, field: str, max_bytes: int | None = None) -> None:
+    try:
+        info = path.stat()
+    except OSError as err:
+        raise UserError(f"{field}: {path} cannot be read ({err.strerror or err}).") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise UserError(f"{field}: {path} is not a regular file (a device, a FIFO or a socket): a model directory "
+                        "holds files. Remove it from the directory.")
+    if max_bytes is not None and info.st_size > max_bytes:
+        raise UserError(f"{field}: {path} is {info.st_size / 2**20:,.0f} MB, far more than a model's JSON files "
+                        f"(at most {max_bytes >> 20} MB here): remove it from the model directory.")
+
+
+def check_shard_names(index: Path, field: str) -> None:
+    """A sharded model's index names shards of its own directory: plain .safetensors file names that are there
+    (a name like ../../etc/passwd was opened by transformers)."""
+    weight_map = json.loads(index.read_bytes()).get("weight_map")
+    shards = set(weight_map.values()) if isinstance(weight_map, dict) else set()
+    for shard in sorted(map(str, shards)):
+        if Path(shard).name != shard or not shard.endswith(".safetensors") or not (index.parent / shard).is_file():
+            raise UserError(f"{field}: {index} names the shard {shard!r}, which is not a .safetensors file of "
+                            f"{index.parent}. Download the model again (or repair the index).")
+
+
+def check_layers_in_weights(directory: Path, names: list[str], field: str) -> None:
+    """config.json's num_hidden_layers against the decoder layers its safetensors hold (when both say)."""
+    indexes = {int(m.group(1)) for name in names if (m := re.search(r"(?:^|\.)layers\.(\d+)\.", name))}
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    layers = text.get("num_hidden_layers") if isinstance(text, dict) else None
+    if indexes and isinstance(layers, int) and layers > max(indexes) + 1:
+        raise UserError(f"{field}: {directory / 'config.json'} says num_hidden_layers {layers}, and its weights hold "
+                        f"{max(indexes) + 1} layers: the config is not this model's. Fix config.json or download "
+                        "the model again.")
 
 
 def bundled_gguf(name: str) -> Path:

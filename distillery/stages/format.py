@@ -272,10 +272,30 @@ def save_length_plot(lengths: list[tuple[int, int]], max_length: int, path: Path
         ax.legend()
 
 
+def check_special_tokens(tokenizer: Any, model_path: str, trust_remote_code: bool) -> None:
+    """An EOS to end every completion with, and special tokens the model has embeddings for: a tokenizer without
+    an EOS trained answers that never end; an id past the embeddings failed inside training (a device-side
+    assert on a GPU)."""
+    from distillery.core.models import model_config
+
+    if tokenizer.eos_token is None:
+        raise UserError(f"model.path: {model_path}'s tokenizer has no EOS token (eos_token in tokenizer_config.json): "
+                        "every completion ends with it, so that the model learns to stop. Set it there.")
+    config = model_config(model_path, trust_remote_code)
+    vocab = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", None)
+    for role in ("eos", "bos", "pad"):
+        token, token_id = getattr(tokenizer, f"{role}_token"), getattr(tokenizer, f"{role}_token_id")
+        if isinstance(vocab, int) and token_id is not None and not 0 <= token_id < vocab:
+            raise UserError(f"model.path: {model_path}'s {role.upper()} token {token!r} has id {token_id}, and the "
+                            f"model has embeddings for ids 0 to {vocab - 1} (config.json vocab_size): the tokenizer "
+                            "is not this model's. Use the model's own tokenizer files.")
+
+
 def run(ctx: StageContext) -> StageResult:
     fmt = ctx.cfg.format
     model_path = resolve_model_path(ctx.cfg.model.path)
     tokenizer = load_tokenizer(model_path, ctx.cfg.model.trust_remote_code)
+    check_special_tokens(tokenizer, model_path, ctx.cfg.model.trust_remote_code)
     template = load_template(fmt.template, tokenizer)
     stats: dict[str, Any] = {"template": fmt.template, "eos_token": tokenizer.eos_token}
     all_lengths, dropped, specials = [], [], special_token_pattern(tokenizer)

@@ -12,6 +12,7 @@ which the resumed run counts on.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -190,8 +191,9 @@ class MetricsCallback(TrainerCallback):
             row["eval_loss"] = logs["eval_loss"]
         else:
             return control  # the end-of-training summary log
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
+        with open(self.path, "a", encoding="utf-8") as handle:  # NaN or inf (a diverged step) as null: valid JSON
+            handle.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                     for k, v in row.items()}) + "\n")
         return control
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from distillery.core.errors import UserError
-from distillery.core.models import resolve_model_path
+from distillery.core.models import meta_model, resolve_model_path
 from distillery.training import tokens
 from distillery.core.userinput import read_yaml_file, require_file
 
@@ -93,12 +93,7 @@ def check_target_modules(model_path: str, targets: list[str], trust_remote_code:
     refusal = embedding_target_refusal(targets, backend, objective)
     if refusal:
         raise UserError(refusal)
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    _, model = meta_model(model_path, trust_remote_code)
     layers = linear_layers(model)
     missing = [t for t in targets if not targets_a_layer(t, layers) and t not in EMBEDDING_MODULES]
     if missing:
@@ -225,13 +220,8 @@ class ModelShape:
 
 def model_shape(model_path: str, trust_remote_code: bool = False) -> ModelShape:
     """The model's size from its config alone: built on the meta device, no weights read."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    config, model = meta_model(model_path, trust_remote_code)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     parameters = sum(p.numel() for p in model.parameters())  # a tied embedding counts once
     hidden = text.hidden_size
     return ModelShape(parameters, hidden, getattr(text, "intermediate_size", None) or 4 * hidden,

@@ -238,6 +238,25 @@ def peak_memory_mb(device: str) -> tuple[float, str]:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "peak RSS"
 
 
+def load_model(job: TrainJob) -> tuple[Any, Any]:
+    """The backend's model and tokenizer; a model directory whose files do not load (a config.json that does not
+    match the weights, a missing or refused shard, a pickle-only checkpoint) is the user's to fix, not a bug that
+    a rerun would resume from."""
+    import pickle
+
+    import torch
+
+    try:
+        return backend_of(job.backend).load(job)
+    except (torch.cuda.OutOfMemoryError, UserError):
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, IndexError, TypeError, pickle.UnpicklingError) as err:
+        reason = " ".join(str(err).split())[:400]
+        raise UserError(f"model.path: {job.model_path} cannot be loaded for training ({type(err).__name__}: "
+                        f"{reason}). Its config.json, weights and tokenizer files must be one model's, whole and in "
+                        "safetensors: check them, or download the model again.") from None
+
+
 def oom_message(job: TrainJob) -> str:
     ft = job.finetune
     smaller = ("or finetune.method: lora (adapters on a frozen base, 4-bit on CUDA)" if ft.method == "full" else
@@ -266,7 +285,7 @@ def run_job(job: TrainJob, console: Any) -> dict[str, Any]:
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
     try:
         started = time.time()
-        model, tokenizer = backend_of(job.backend).load(job)
+        model, tokenizer = load_model(job)
         tokenizer = prepare_tokenizer(tokenizer, job)
         load_seconds = time.time() - started
         trainer = build_trainer(job, model, tokenizer)
@@ -285,6 +304,7 @@ def run_job(job: TrainJob, console: Any) -> dict[str, Any]:
         train_started = time.time()
         train_loss = train_from(trainer, resume, console)
         train_seconds = time.time() - train_started
+        check_finite(trainer.model)
         changed = save_trained(trainer, job)
         after = generate_samples(model, tokenizer, job) if single_process else []
     except torch.cuda.OutOfMemoryError:
@@ -321,6 +341,18 @@ def train_from(trainer: Any, resume: Path | None, console: Any) -> float | None:
         console.print(f"{resume.name} holds all {trainer.state.global_step} steps: nothing left to train")
         logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         return sum(logged) / len(logged) if logged else None
+
+
+def check_finite(model: Any) -> None:
+    """Training that diverged (NaN weights in the base, a learning rate far too high) leaves NaN or inf in what it
+    trained, with a loss logged as 0: nothing of it is saved as if it had worked."""
+    import torch
+
+    bad = [name for name, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise UserError(f"training diverged: {len(bad)} trained tensors hold NaN or inf (the first: {bad[0]}), so "
+                        "nothing was saved. metrics.jsonl shows from which step the loss or grad_norm is null. Check "
+                        "model.path's weights for NaN or inf, or lower finetune.learning_rate.")
 
 
 def save_trained(trainer: Any, job: TrainJob) -> dict[str, Any]:

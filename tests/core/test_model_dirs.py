@@ -1,0 +1,129 @@
+"""A model directory is untrusted input: a config.json, tokenizer, index or file that is not the model's is one
+message naming it (exit 2), found before anything heavy loads, at a bounded cost (from an adversarial review)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from distillery.core.errors import UserError
+from distillery.core.models import check_model_files, load_tokenizer, meta_model, resolve_model_path
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    """The demo model's small files copied, its weights linked (270 MB)."""
+    source, copy = Path(resolve_model_path("bundled:SmolLM2-135M-Instruct")), tmp_path / "model"
+    copy.mkdir()
+    for path in source.iterdir():
+        if path.suffix == ".safetensors":
+            (copy / path.name).symlink_to(path)
+        elif path.is_file():
+            shutil.copy(path, copy / path.name)
+    return copy
+
+
+def edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("changes", [{"num_attention_heads": 0}, {"hidden_size": -576}, {"model_type": "nosuch"},
+                                     {"dtype": "int3"}])
+def test_a_config_transformers_cannot_build_is_named(model: Path, changes: dict) -> None:
+    """ZeroDivisionError at format (heads 0), RuntimeError, ValueError in finetune's preflight: each was a bug."""
+    edit_json(model / "config.json", **changes)
+    with pytest.raises(UserError, match="model.path: transformers cannot load"):
+        meta_model(str(model))
+    if "num_attention_heads" in changes:  # format reads the config with the tokenizer
+        with pytest.raises(UserError, match="model.path: transformers cannot load"):
+            load_tokenizer(str(model))
+
+
+def test_a_config_with_more_layers_than_its_weights_is_refused_before_building_them(model: Path) -> None:
+    """num_hidden_layers 1,000,000: preflight built them on the meta device for minutes and gigabytes."""
+    edit_json(model / "config.json", num_hidden_layers=1_000_000)
+    with pytest.raises(UserError, match="num_hidden_layers 1000000, and its weights hold 30 layers"):
+        check_model_files(model)
+    with pytest.raises(UserError, match="num_hidden_layers 1000000; a model has 1 to 1000"):
+        meta_model(str(model))
+
+
+def test_only_regular_files_of_a_bounded_size_are_read(model: Path) -> None:
+    """extra.json linked to /dev/zero grew past 4 GB; a FIFO named .safetensors blocked format forever."""
+    (model / "extra.json").symlink_to("/dev/zero")
+    with pytest.raises(UserError, match="extra.json is not a regular file"):
+        check_model_files(model)
+    (model / "extra.json").unlink()
+    os.mkfifo(model / "extra.safetensors")
+    with pytest.raises(UserError, match="extra.safetensors is not a regular file"):
+        check_model_files(model)
+    (model / "extra.safetensors").unlink()
+    with open(model / "extra.json", "wb") as handle:
+        handle.truncate(300 << 20)  # sparse: no disk
+    with pytest.raises(UserError, match="extra.json is 300 MB, far more than a model's JSON files"):
+        check_model_files(model)
+
+
+def test_an_index_naming_a_file_outside_the_model_is_refused(model: Path) -> None:
+    """transformers opened ../../etc/passwd as a shard."""
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "../../../../etc/passwd"}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match=r"names the shard '../../../../etc/passwd', which is not a .safetensors file"):
+        check_model_files(model)
+
+
+def test_a_tokenizer_without_eos_or_with_one_past_the_embeddings_is_refused(model: Path) -> None:
+    """No EOS: completions that never end were written (exit 0); an EOS id past the embeddings failed inside
+    training (a device-side assert on a GPU)."""
+    from distillery.stages.format import check_special_tokens
+
+    settings = json.loads((model / "tokenizer_config.json").read_text())
+    for key in ("eos_token", "eos_token_id", "pad_token", "pad_token_id"):
+        settings.pop(key, None)
+    (model / "tokenizer_config.json").write_text(json.dumps(settings))
+    with pytest.raises(UserError, match="has no EOS token"):
+        check_special_tokens(load_tokenizer(str(model)), str(model), False)
+    (model / "tokenizer_config.json").write_text(json.dumps({**settings, "eos_token": "<|nosuch|>"}))
+    with pytest.raises(UserError, match=r"EOS token '<\|nosuch\|>' has id 49152, and the model has embeddings for "
+                                        r"ids 0 to 49151"):
+        check_special_tokens(load_tokenizer(str(model)), str(model), False)
+
+
+def test_weights_that_trained_into_nan_are_not_saved() -> None:
+    """A base with NaN weights trained to 'done' with a loss of 0.000 and an all-NaN adapter."""
+    import torch
+
+    from distillery.training.train import check_finite
+
+    model = torch.nn.Linear(4, 2)
+    check_finite(model)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(UserError, match="training diverged: 1 trained tensors hold NaN or inf .*weight"):
+        check_finite(model)
+    model.weight.requires_grad_(False)  # frozen: not what training made
+    check_finite(model)
+
+
+@pytest.mark.parametrize("damage", ["config disagrees with the weights", "no weights", "pickle only"])
+def test_a_model_that_does_not_load_for_training_is_the_user_s_to_fix(model: Path, tmp_path: Path, damage: str) -> None:
+    """Each ended finetune as 'a bug in Distillery, run the same command again to resume', which cannot help."""
+    from distillery.config import FinetuneConfig
+    from distillery.training.train import TrainJob, load_model
+
+    if damage == "config disagrees with the weights":
+        edit_json(model / "config.json", vocab_size=50_000)
+    else:
+        (model / "model.safetensors").unlink()
+        if damage == "pickle only":
+            (model / "pytorch_model.bin").write_bytes(b"\x80\x04not a checkpoint")
+    job = TrainJob(out=str(tmp_path), adapter_dir="", model_dir="", metrics_path="", train_path="", eval_path="",
+                   model_path=str(model), backend="hf", device="cpu", load_in_4bit=False, precision="fp32",
+                   optimizer="adamw_torch", max_length=64, seed=0, template="", eos_token="<|im_end|>",
+                   finetune=FinetuneConfig())
+    with pytest.raises(UserError, match=f"model.path: {model} cannot be loaded for training"):
+        load_model(job)
