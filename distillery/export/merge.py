@@ -97,9 +97,11 @@ class LoraDelta:
 
 def read_adapter(adapter_dir: Path) -> tuple[dict[str, LoraDelta] | None, str]:
     """{weight name in the base: its delta}, or (None, why) when the adapter needs the whole-model merge."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    check_adapter_config(config, adapter_dir)
     unsupported = [key for key in ("modules_to_save", "rank_pattern", "alpha_pattern", "fan_in_fan_out")
                    if config.get(key)]
     if config.get("bias", "none") != "none":
@@ -109,7 +111,10 @@ def read_adapter(adapter_dir: Path) -> tuple[dict[str, LoraDelta] | None, str]:
     if unsupported:
         return None, f"the adapter uses {', '.join(unsupported)}"
     scale = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
-    tensors = {key: value.float() for key, value in load_file(str(adapter_dir / "adapter_model.safetensors")).items()}
+    try:
+        tensors = {key: value.float() for key, value in load_file(str(adapter_dir / "adapter_model.safetensors")).items()}
+    except (SafetensorError, OSError) as err:
+        raise not_finetunes_adapter(adapter_dir, f"adapter_model.safetensors cannot be read ({err})") from None
     deltas: dict[str, LoraDelta] = {}
     for key, value in tensors.items():
         for a_name, b_name, embedding in ((".lora_A.weight", ".lora_B.weight", False),
@@ -119,11 +124,41 @@ def read_adapter(adapter_dir: Path) -> tuple[dict[str, LoraDelta] | None, str]:
                 magnitude = tensors.get(key[: -len(a_name)] + ".lora_magnitude_vector")
                 if magnitude is None:
                     magnitude = tensors.get(key[: -len(a_name)] + ".lora_magnitude_vector.weight")
-                deltas[module + ".weight"] = LoraDelta(value, tensors[key[: -len(a_name)] + b_name], scale, embedding,
-                                                       magnitude)
+                up = tensors.get(key[: -len(a_name)] + b_name)
+                check_pair(key, value, up, config["r"], adapter_dir)
+                deltas[module + ".weight"] = LoraDelta(value, up, scale, embedding, magnitude)
     if not deltas:
         return None, "the adapter holds no LoRA weights"
     return deltas, ""
+
+
+def not_finetunes_adapter(adapter_dir: Path, why: str) -> UserError:
+    return UserError(f"{adapter_dir}: {why}: it is not the adapter finetune wrote. Run `distillery finetune --force` "
+                     "to train it again.")
+
+
+def check_adapter_config(config: Any, adapter_dir: Path) -> None:
+    """adapter_config.json as PEFT writes it: a positive integer rank and a finite number for alpha."""
+    if not isinstance(config, dict):
+        raise not_finetunes_adapter(adapter_dir, "adapter_config.json is not a JSON object")
+    rank, alpha = config.get("r"), config.get("lora_alpha")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise not_finetunes_adapter(adapter_dir, f"adapter_config.json's r is {rank!r}, not a positive integer")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise not_finetunes_adapter(adapter_dir, f"adapter_config.json's lora_alpha is {alpha!r}, not a number")
+
+
+def check_pair(key: str, down: Any, up: Any, rank: int, adapter_dir: Path) -> None:
+    """A LoRA pair of the config's rank (A: r rows, B: r columns), with finite values."""
+    import torch
+
+    if up is None:
+        raise not_finetunes_adapter(adapter_dir, f"{key} has no B matrix beside it")
+    if down.dim() != 2 or up.dim() != 2 or down.shape[0] != rank or up.shape[1] != rank:
+        raise not_finetunes_adapter(adapter_dir, f"{key} is {tuple(down.shape)} and its B {tuple(up.shape)}, not of "
+                                    f"the rank {rank} adapter_config.json gives")
+    if not (bool(torch.isfinite(down).all()) and bool(torch.isfinite(up).all())):
+        raise not_finetunes_adapter(adapter_dir, f"{key} or its B holds NaN or inf")
 
 
 # ---- the base -----------------------------------------------------------------------------------------------

@@ -156,3 +156,44 @@ def test_a_base_stored_as_pytorch_model_bin_is_refused_with_a_conversion_that_wo
     merge.stream_merge(base, deltas, tmp_path / "merged", "bf16", "5GB")
     check = merge.check_merge(str(base), adapter, tmp_path / "merged")
     assert check["passed"] and check["targeted"] == len(deltas) and check["untargeted_identical"] == "15/15", check
+
+
+def write_adapter(directory: Path, config: dict, tensors: dict) -> Path:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    return directory
+
+
+@pytest.mark.parametrize("config_change, tensor_change, why", [
+    ({"r": 0}, None, "r is 0, not a positive integer"),
+    ({"r": 100_000}, None, r"\(4, 8\) and its B \(6, 4\), not of the rank 100000"),
+    ({"lora_alpha": "16"}, None, "lora_alpha is '16', not a number"),
+    ({"lora_alpha": None}, None, "lora_alpha is None"),
+    ({}, "no B", "has no B matrix beside it"),
+    ({}, "inf", "holds NaN or inf"),
+])
+def test_an_adapter_finetune_did_not_write_is_named_before_the_merge(tmp_path: Path, config_change: dict,
+                                                                    tensor_change: str | None, why: str) -> None:
+    """r 0 was a ZeroDivisionError, a huge r grew export past 4 GB (and merged with a wrong scale), a missing B
+    a KeyError, inf deltas were merged: each an unexpected error or worse."""
+    import torch
+
+    from distillery.export.merge import read_adapter
+
+    name = "base_model.model.model.layers.0.self_attn.q_proj"
+    tensors = {f"{name}.lora_A.weight": torch.zeros(4, 8), f"{name}.lora_B.weight": torch.zeros(6, 4)}
+    if tensor_change == "no B":
+        del tensors[f"{name}.lora_B.weight"]
+    elif tensor_change == "inf":
+        tensors[f"{name}.lora_B.weight"][0, 0] = float("inf")
+    config = {"r": 4, "lora_alpha": 8, "peft_type": "LORA", **config_change}
+    adapter = write_adapter(tmp_path / "adapter", config, tensors)
+    with pytest.raises(UserError, match=why + ".*not the adapter finetune wrote"):
+        read_adapter(adapter)
+    good = write_adapter(tmp_path / "good", {"r": 4, "lora_alpha": 8, "peft_type": "LORA"},
+                         {f"{name}.lora_A.weight": torch.zeros(4, 8), f"{name}.lora_B.weight": torch.zeros(6, 4)})
+    deltas, _ = read_adapter(good)
+    assert list(deltas) == ["model.layers.0.self_attn.q_proj.weight"] and deltas[list(deltas)[0]].scale == 2.0
