@@ -230,8 +230,10 @@ class Plan:
     base: Path  # the 16-bit weights merged into: the base, or the original of a base published quantized
 
 
-def plan_export(ctx: StageContext) -> Plan:
-    """Read finetune's outputs and check everything that can be checked before writing (steps 1 and 2)."""
+def plan_export(ctx: StageContext, children: ExitStack) -> tuple[Plan, Child]:
+    """Read finetune's outputs and check everything that can be checked before writing (steps 1 and 2); the torch
+    child of step 3, started before the slow checks (the training tokenizer, the converter's model list) so that it
+    imports torch while they run, and only after the quick ones, which refuse most mistakes."""
     cfg = ctx.cfg.export
     summary = merge.read_finetune(ctx.upstream("finetune", "adapter"), ctx.upstream("finetune", "summary"),
                                   ctx.upstream("finetune", "model"))
@@ -239,17 +241,18 @@ def plan_export(ctx: StageContext) -> Plan:
     adapter_dir = ctx.upstream("finetune", "model" if full else "adapter")
     outtype, quants = plan_types(cfg)
     imatrix = gguf_io.load_imatrix(Path(cfg.imatrix)) if cfg.imatrix else None
-    template, eos, tokenizer = training_template(ctx, adapter_dir)
     base = adapter_dir if full else merge.original_16bit(summary.base_model, cfg.base_16bit)
     merge.refuse_pickled_base(merge.local_base(summary.base_model) if full else base)
     ctx.out.mkdir(parents=True, exist_ok=True)
     stem, weights = model_stem(ctx.cfg, summary), base_weight_bytes(str(base))
     disk = check_free_disk(cfg, ctx.out, weights, still_to_write(ctx.out, stem, outtype, quants)) if weights else {}
     memory = check_memory(base, cfg) if list(base.glob("*.safetensors")) else {}
+    torch_child = children.enter_context(torch_child_for(ctx))
+    template, eos, tokenizer = training_template(ctx, adapter_dir)
     if (base / "config.json").is_file():
         check_architecture(base)
     return Plan(summary, adapter_dir, outtype, quants, imatrix, template, eos, tokenizer,
-                merge.merged_dtype_name(cfg.dtype, str(base)), stem, disk, memory, base)
+                merge.merged_dtype_name(cfg.dtype, str(base)), stem, disk, memory, base), torch_child
 
 
 def merge_and_check(ctx: StageContext, plan: Plan, report: dict[str, Any], timings: dict[str, Any],
@@ -393,9 +396,7 @@ def write_modelfiles(ctx: StageContext, plan: Plan, files: dict[str, Path]) -> d
 
 def run(ctx: StageContext) -> StageResult:
     with ExitStack() as children:
-        # the merge's child imports torch while the plan is checked (the converter's own start takes seconds)
-        torch_child = children.enter_context(torch_child_for(ctx))
-        plan = plan_export(ctx)
+        plan, torch_child = plan_export(ctx, children)
         return export_planned(ctx, plan, torch_child, children)
 
 
