@@ -128,9 +128,13 @@ def meta_model(model_path: str, trust_remote_code: bool = False, field: str = "m
 MAX_LAYERS = 1000  # the largest open models have about 130; building a million on the meta device took minutes and GBs
 
 
+def text_config(config: Any) -> Any:
+    """The language model's part of a config (a vision-language model nests it; others are it)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def check_layer_count(config: Any, model_path: str, field: str) -> None:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers = getattr(text, "num_hidden_layers", None)
+    layers = getattr(text_config(config), "num_hidden_layers", None)
     if isinstance(layers, int) and not 0 < layers <= MAX_LAYERS:
         raise UserError(f"{field}: {model_path}'s config.json has num_hidden_layers {layers}; a model has 1 to "
                         f"{MAX_LAYERS}. Fix config.json or download the model again.")
@@ -146,10 +150,11 @@ def check_model_files(directory: Path, field: str = "model.path") -> None:
     from safetensors import SafetensorError, safe_open
 
     redo = "Download the model again (or repair the file) and run again."
+    parsed: dict[str, Any] = {}
     for path in sorted(directory.glob("*.json")):
         check_regular_file(path, field, MAX_JSON_BYTES)
         try:
-            json.loads(path.read_bytes())
+            parsed[path.name] = json.loads(path.read_bytes())
         except OSError as err:
             raise UserError(f"{field}: {path} cannot be read ({err.strerror or err}).") from None
         except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -162,9 +167,9 @@ def check_model_files(directory: Path, field: str = "model.path") -> None:
                 names += list(weights.keys())
         except (SafetensorError, OSError) as err:
             raise UserError(f"{field}: {path} is damaged or incomplete ({err}). {redo}") from None
-    check_layers_in_weights(directory, names, field)
-    for index in sorted(directory.glob("*.safetensors.index.json")):
-        check_shard_names(index, field)
+    check_layers_in_weights(directory, parsed.get("config.json"), names, field)
+    for name in sorted(n for n in parsed if n.endswith(".safetensors.index.json")):
+        check_shard_names(directory / name, parsed[name], field)
 
 
 def check_regular_file(path: Path, field: str, max_bytes: int | None = None) -> None:
@@ -180,10 +185,10 @@ def check_regular_file(path: Path, field: str, max_bytes: int | None = None) -> 
                         f"(at most {max_bytes >> 20} MB here): remove it from the model directory.")
 
 
-def check_shard_names(index: Path, field: str) -> None:
-    """A sharded model's index names shards of its own directory: plain .safetensors file names that are there
-    (a name like ../../etc/passwd was opened by transformers)."""
-    weight_map = json.loads(index.read_bytes()).get("weight_map")
+def check_shard_names(index: Path, content: Any, field: str) -> None:
+    """A sharded model's index (`content`, parsed) names shards of its own directory: plain .safetensors file names
+    that are there (a name like ../../etc/passwd was opened by transformers)."""
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
     shards = set(weight_map.values()) if isinstance(weight_map, dict) else set()
     for shard in sorted(map(str, shards)):
         if Path(shard).name != shard or not shard.endswith(".safetensors") or not (index.parent / shard).is_file():
@@ -191,12 +196,11 @@ def check_shard_names(index: Path, field: str) -> None:
                             f"{index.parent}. Download the model again (or repair the index).")
 
 
-def check_layers_in_weights(directory: Path, names: list[str], field: str) -> None:
-    """config.json's num_hidden_layers against the decoder layers its safetensors hold (when both say)."""
+def check_layers_in_weights(directory: Path, config: Any, names: list[str], field: str) -> None:
+    """config.json's num_hidden_layers (`config`, parsed) against the decoder layers its safetensors hold (when
+    both say)."""
     indexes = {int(m.group(1)) for name in names if (m := re.search(r"(?:^|\.)layers\.(\d+)\.", name))}
-    try:
-        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    if not isinstance(config, dict):
         return
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     layers = text.get("num_hidden_layers") if isinstance(text, dict) else None

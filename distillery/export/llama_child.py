@@ -47,7 +47,7 @@ def decode_failure(code: int, llm: Any, tokens: int, first: int) -> GGUFDecodeEr
 
 
 def has_gguf_magic(path: Path) -> bool:
-    if not Path(path).is_file():  # a FIFO or a device would block the read, or never end it
+    if not is_usable_file(Path(path)):  # a FIFO or a device would block the read, or never end it
         return False
     with open(path, "rb") as handle:
         return handle.read(4) == b"GGUF"

@@ -164,10 +164,6 @@ MEMORY_HINT = "If the machine ran out of memory, free some: the export's estimat
 SMALL_MODEL_BYTES = 512 << 20
 
 
-def small_model(plan: Plan) -> bool:
-    return (base_weight_bytes(str(plan.base)) or 0) <= SMALL_MODEL_BYTES
-
-
 def estimate_memory(base: Path, prompts: int, new_tokens: int) -> dict[str, Any]:
     """Peak memory of the export's largest step, from the base's tensor shapes (no weights read): the streamed
     merge (row blocks), the converter (llama.cpp's is lazy: about a tensor at a time, in fp32 at worst), the
@@ -228,6 +224,7 @@ class Plan:
     disk: dict[str, Any]
     memory: dict[str, Any]
     base: Path  # the 16-bit weights merged into: the base, or the original of a base published quantized
+    small: bool  # up to SMALL_MODEL_BYTES in 16 bits: the distribution check, one torch child for merge and reference
 
 
 def plan_export(ctx: StageContext, children: ExitStack) -> tuple[Plan, Child]:
@@ -252,7 +249,8 @@ def plan_export(ctx: StageContext, children: ExitStack) -> tuple[Plan, Child]:
     if (base / "config.json").is_file():
         check_architecture(base)
     return Plan(summary, adapter_dir, outtype, quants, imatrix, template, eos, tokenizer,
-                merge.merged_dtype_name(cfg.dtype, str(base)), stem, disk, memory, base), torch_child
+                merge.merged_dtype_name(cfg.dtype, str(base)), stem, disk, memory, base,
+                (weights or 0) <= SMALL_MODEL_BYTES), torch_child
 
 
 def merge_and_check(ctx: StageContext, plan: Plan, report: dict[str, Any], timings: dict[str, Any],
@@ -273,7 +271,7 @@ def merge_and_check(ctx: StageContext, plan: Plan, report: dict[str, Any], timin
                                       cfg.max_shard_size, trust, replaced)
     started = time.time()
     report["merge"] = {"tensors": child.call(plain, merge.check_merge, base, plan.adapter_dir, merged_dir)}
-    if small_model(plan):
+    if plan.small:
         _, prompt_ids = verify.rendered_prompts(plan.tokenizer, cfg.verify.prompts)
         merged_lp = child.call(plain, verify.reference_logprobs, merged_dir, prompt_ids)
         report["merge"]["distributions"] = child.call(plain, merge.verify_merge, base,
@@ -423,10 +421,10 @@ def export_planned(ctx: StageContext, plan: Plan, torch_child: Child, children: 
         merge_and_check(ctx, plan, report, timings, torch_child)
         # A big model's merge heap goes back to the system before the converter runs; a small one's child is kept
         # for the reference (a fresh one would import torch again).
-        if not small_model(plan):
+        if not plan.small:
             torch_child.close()
         intermediate, files = convert_and_quantize(ctx, plan, timings, step)
-        if not small_model(plan):
+        if not plan.small:
             torch_child = children.enter_context(torch_child_for(ctx))
         step("the merged model's reference distributions, layer by layer")
         probe = probe_and_reference(ctx, intermediate, timings, torch_child)

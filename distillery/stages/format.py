@@ -26,7 +26,7 @@ from distillery.config import DistilleryConfig, FormatConfig
 from distillery.core.console import markdown_table, printable, summary_table
 from distillery.core.errors import UserError
 from distillery.core.plots import figure
-from distillery.core.models import load_tokenizer, resolve_model_path
+from distillery.core.models import load_tokenizer, model_config, resolve_model_path, text_config
 from distillery.core.records import read_jsonl, write_jsonl
 from distillery.core.vocab import adds_bos
 from distillery.training.tokens import split_tokens
@@ -276,13 +276,10 @@ def check_special_tokens(tokenizer: Any, model_path: str, trust_remote_code: boo
     """An EOS to end every completion with, and special tokens the model has embeddings for: a tokenizer without
     an EOS trained answers that never end; an id past the embeddings failed inside training (a device-side
     assert on a GPU)."""
-    from distillery.core.models import model_config
-
     if tokenizer.eos_token is None:
         raise UserError(f"model.path: {model_path}'s tokenizer has no EOS token (eos_token in tokenizer_config.json): "
                         "every completion ends with it, so that the model learns to stop. Set it there.")
-    config = model_config(model_path, trust_remote_code)
-    vocab = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", None)
+    vocab = getattr(text_config(model_config(model_path, trust_remote_code)), "vocab_size", None)
     for role in ("eos", "bos", "pad"):
         token, token_id = getattr(tokenizer, f"{role}_token"), getattr(tokenizer, f"{role}_token_id")
         if isinstance(vocab, int) and token_id is not None and not 0 <= token_id < vocab:

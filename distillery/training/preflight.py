@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from distillery.core.errors import UserError
-from distillery.core.models import meta_model, resolve_model_path
+from distillery.core.models import meta_model, resolve_model_path, text_config
 from distillery.training import tokens
 from distillery.core.userinput import read_yaml_file, require_file
 
@@ -221,7 +221,7 @@ class ModelShape:
 def model_shape(model_path: str, trust_remote_code: bool = False) -> ModelShape:
     """The model's size from its config alone: built on the meta device, no weights read."""
     config, model = meta_model(model_path, trust_remote_code)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     parameters = sum(p.numel() for p in model.parameters())  # a tied embedding counts once
     hidden = text.hidden_size
     return ModelShape(parameters, hidden, getattr(text, "intermediate_size", None) or 4 * hidden,
