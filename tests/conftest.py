@@ -87,3 +87,12 @@ def tiny_r1_path() -> str:
     from distillery.core.models import resolve_model_path
 
     return resolve_model_path("bundled:tiny-qwen2-r1")
+
+
+@pytest.fixture(scope="session")
+def renderer():
+    """One chat-template child (core/chat_render.py) for the tests that render records one by one."""
+    from distillery.core.chat_render import ChatRenderer
+
+    with ChatRenderer() as one:
+        yield one

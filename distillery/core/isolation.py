@@ -236,8 +236,8 @@ def serve(fd: int, parent_pid: int, preload: list[str] | None = None) -> None:
 def limit_growth(memory_bytes: int, cpu_seconds: float) -> None:
     """Called in a child: from now on this process may take at most `memory_bytes` more address space and
     `cpu_seconds` more CPU time. Past the first an allocation fails (a native library aborts, Python raises
-    MemoryError) at once, instead of the machine filling up; past the second SIGXCPU ends it. Only lowers
-    soft limits, so a later call may raise them again. Linux only (elsewhere it does nothing)."""
+    MemoryError) at once, instead of the machine filling up; past the second SIGXCPU ends it (without a core
+    dump). Only lowers soft limits, so a later call may raise them again. Linux only (elsewhere it does nothing)."""
     import resource
 
     try:
@@ -250,6 +250,8 @@ def limit_growth(memory_bytes: int, cpu_seconds: float) -> None:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     _, hard = resource.getrlimit(resource.RLIMIT_CPU)
     resource.setrlimit(resource.RLIMIT_CPU, (_capped(int(usage.ru_utime + usage.ru_stime + cpu_seconds) + 1, hard), hard))
+    _, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, hard))  # SIGXCPU dumps core by default: no core file in the cwd
 
 
 def _capped(value: int, hard: int) -> int:

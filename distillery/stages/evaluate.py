@@ -37,6 +37,7 @@ from distillery.evals.hf_backend import HFModel, resolve_dtype
 from distillery.export.llama_child import MAX_CONTEXT
 from distillery.evals.scoring import build_request
 from distillery.config import DistilleryConfig, EvaluateConfig
+from distillery.core.chat_render import Chat, ChatRenderer, TemplateRefused, TemplateTooCostly
 from distillery.core.console import printable, summary_table
 from distillery.core.isolation import NativeCrash
 from distillery.core.errors import UserError
@@ -188,9 +189,17 @@ def chat_prompts(ctx: StageContext, items: list[mathqa.Item], tokenizer: Any) ->
     if not template:
         raise UserError("evaluate.mode generative needs a chat template: run `distillery format` first, or use a "
                         "model that has one.")
-    return [tokenizer.apply_chat_template([{"role": "user", "content": generative.user_prompt(item)}],
-                                          chat_template=template, tokenize=False, add_generation_prompt=True)
-            for item in items]
+    chats = [Chat([{"role": "user", "content": generative.user_prompt(item)}], True) for item in items]
+    try:
+        with ChatRenderer() as renderer:
+            return renderer.render(chats, template, tokenizer.special_tokens_map)
+    except TemplateRefused as err:
+        raise UserError(f"evaluate: the run's chat template refused MathQA item {items[err.index].id}: {err.reason}. "
+                        "Use evaluate.mode loglikelihood, or format.template qa, ko_qa, alpaca or r1.") from None
+    except TemplateTooCostly as err:
+        raise UserError(f"evaluate: the run's chat template took more than {err.budget()} rendering MathQA items "
+                        f"{items[err.first].id} to {items[err.last].id}: it is broken or hostile. Use evaluate.mode "
+                        "loglikelihood, or format.template qa, ko_qa, alpaca or r1.") from None
 
 
 def score_generative(model: Any, items: list[mathqa.Item], prompts: list[str], ev: EvaluateConfig,

@@ -23,6 +23,7 @@ from typing import Any
 
 
 from distillery.config import DistilleryConfig, FormatConfig
+from distillery.core.chat_render import Chat, ChatRenderer, TemplateRefused, TemplateTooCostly
 from distillery.core.console import markdown_table, printable, summary_table
 from distillery.core.errors import UserError
 from distillery.core.plots import figure
@@ -136,37 +137,47 @@ def prepare_messages(record: dict, fmt: FormatConfig) -> list[dict[str, str]]:
     return messages
 
 
-def apply_template(tokenizer: Any, messages: list[dict[str, str]], template: str, record: dict, fmt: FormatConfig,
-                   add_generation_prompt: bool = False) -> str:
-    """The messages rendered as text; a template that refuses them (a model's own template that raises, as Gemma's
-    does for a system message and Mistral's for roles that do not alternate, or one that is not valid Jinja) is a
-    UserError naming the record and the template's own words."""
-    from jinja2 import TemplateError
-
+def render_rows(records: list[dict], fmt: FormatConfig, template: str, tokenizer: Any,
+                renderer: ChatRenderer) -> list[dict[str, Any]]:
+    """Each record -> {"prompt", "completion", ...}: the conversation without its answer (plus the generation
+    prompt) and the whole of it, rendered by the template in the renderer's child, then cut apart."""
+    conversations = [prepare_messages(record, fmt) for record in records]
+    chats = [chat for messages in conversations for chat in (Chat(messages[:-1], True), Chat(messages))]
     try:
-        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
-    except (TemplateError, TypeError, ValueError, ArithmeticError, LookupError) as err:  # what Jinja code raises
-        roles = ", ".join(m["role"] for m in messages)
-        system = " or unset format.system_prompt" if fmt.system_prompt else ""
-        raise UserError(f"format.template {fmt.template}: the chat template refused record {record['id']} "
-                        f"({record.get('source')}; roles {roles}): {describe(err)}. Use template qa, ko_qa, alpaca or r1"
-                        f"{system}.") from None
+        texts = renderer.render(chats, template, tokenizer.special_tokens_map)
+    except TemplateRefused as err:
+        raise refused(records[err.index // 2], chats[err.index].messages, fmt, err.reason) from None
+    except TemplateTooCostly as err:
+        raise too_costly(records[err.first // 2], records[err.last // 2], fmt, err) from None
+    return [cut(record, messages, texts[2 * i], texts[2 * i + 1], fmt, tokenizer.eos_token)
+            for i, (record, messages) in enumerate(zip(records, conversations))]
 
 
-def describe(err: Exception) -> str:
-    """A template's own words (raise_exception's message), or the kind of error its code ran into and where."""
-    from jinja2 import TemplateError
-
-    return str(err) if isinstance(err, TemplateError) else f"{type(err).__name__}: {err}"
-
-
-def render(record: dict, fmt: FormatConfig, template: str, tokenizer: Any) -> dict[str, Any]:
+def render(record: dict, fmt: FormatConfig, template: str, tokenizer: Any, renderer: ChatRenderer) -> dict[str, Any]:
     """One record -> {"prompt", "completion"} with completion = the last assistant turn, ending in EOS."""
-    messages = prepare_messages(record, fmt)
-    eos = tokenizer.eos_token
-    prompt = apply_template(tokenizer, messages[:-1], template, record, fmt, add_generation_prompt=True)
-    full = apply_template(tokenizer, messages, template, record, fmt)
+    return render_rows([record], fmt, template, tokenizer, renderer)[0]
+
+
+def refused(record: dict, messages: list[dict[str, str]], fmt: FormatConfig, reason: str) -> UserError:
+    """A template that refuses a record (a model's own that raises, as Gemma's does for a system message and
+    Mistral's for roles that do not alternate, or one that is not valid Jinja), in the template's own words."""
+    roles = ", ".join(m["role"] for m in messages)
+    system = " or unset format.system_prompt" if fmt.system_prompt else ""
+    return UserError(f"format.template {fmt.template}: the chat template refused record {record['id']} "
+                     f"({record.get('source')}; roles {roles}): {reason}. Use template qa, ko_qa, alpaca or r1{system}.")
+
+
+def too_costly(first: dict, last: dict, fmt: FormatConfig, err: TemplateTooCostly) -> UserError:
+    where = f"record {first['id']}" if first is last else f"records {first['id']} to {last['id']}"
+    origin = "the model's chat template (its tokenizer files)" if fmt.template == "chat" else "the chat template"
+    return UserError(f"format.template {fmt.template}: {origin} took more than {err.budget()} rendering {where}, "
+                     "where a chat template needs milliseconds and a few MB: it is broken or hostile. Use template "
+                     "qa, ko_qa, alpaca or r1, or a model whose template is sound.")
+
+
+def cut(record: dict, messages: list[dict[str, str]], prompt: str, full: str, fmt: FormatConfig,
+        eos: str | None) -> dict[str, Any]:
+    """The record's row from its two renderings: completion = the last assistant turn, ending in EOS."""
     if not full.startswith(prompt):
         raise UserError(f"format.template {fmt.template}: rendering record {record['id']} without its answer is not a "
                         "prefix of rendering it with the answer, so the completion cannot be cut exactly. "
@@ -288,6 +299,26 @@ def check_special_tokens(tokenizer: Any, model_path: str, trust_remote_code: boo
                             "is not this model's. Use the model's own tokenizer files.")
 
 
+def format_splits(ctx: StageContext, template: str, tokenizer: Any, specials: re.Pattern | None,
+                  renderer: ChatRenderer, stats: dict[str, Any]) -> tuple[list[tuple[int, int]], list[dict]]:
+    """train.jsonl and eval.jsonl written, their length stats put in `stats`; (every row's lengths, dropped)."""
+    fmt, all_lengths, dropped = ctx.cfg.format, [], []
+    for split in ("train", "eval"):
+        records, split_dropped = without_special_token_text(load_records(ctx, split), specials, split)
+        if split == "train" and split_dropped and not records:
+            raise UserError(f"format: every train record holds a special token's text ({split_dropped[0]['reason']}"
+                            f"; record {split_dropped[0]['id']}): nothing is left to train on. Clean the sources.")
+        dropped += split_dropped
+        rows = render_rows(records, fmt, template, tokenizer, renderer)
+        lengths = token_lengths(rows, tokenizer)
+        all_lengths += lengths
+        stats[split] = length_stats(lengths, fmt.max_length)
+        write_jsonl(ctx.out / OUTPUTS[split], rows)
+        if split == "train" and (teacher := align_teacher(rows, tokenizer, ctx)) is not None:
+            stats["teacher_logprobs"] = teacher
+    return all_lengths, dropped
+
+
 def run(ctx: StageContext) -> StageResult:
     fmt = ctx.cfg.format
     model_path = resolve_model_path(ctx.cfg.model.path)
@@ -295,21 +326,10 @@ def run(ctx: StageContext) -> StageResult:
     check_special_tokens(tokenizer, model_path, ctx.cfg.model.trust_remote_code)
     template = load_template(fmt.template, tokenizer)
     stats: dict[str, Any] = {"template": fmt.template, "eos_token": tokenizer.eos_token}
-    all_lengths, dropped, specials = [], [], special_token_pattern(tokenizer)
+    specials = special_token_pattern(tokenizer)
     check_system_prompt(fmt, specials)
-    for split in ("train", "eval"):
-        records, split_dropped = without_special_token_text(load_records(ctx, split), specials, split)
-        if split == "train" and split_dropped and not records:
-            raise UserError(f"format: every train record holds a special token's text ({split_dropped[0]['reason']}"
-                            f"; record {split_dropped[0]['id']}): nothing is left to train on. Clean the sources.")
-        dropped += split_dropped
-        rows = [render(r, fmt, template, tokenizer) for r in records]
-        lengths = token_lengths(rows, tokenizer)
-        all_lengths += lengths
-        stats[split] = length_stats(lengths, fmt.max_length)
-        write_jsonl(ctx.out / OUTPUTS[split], rows)
-        if split == "train" and (teacher := align_teacher(rows, tokenizer, ctx)) is not None:
-            stats["teacher_logprobs"] = teacher
+    with ChatRenderer() as renderer:
+        all_lengths, dropped = format_splits(ctx, template, tokenizer, specials, renderer, stats)
     write_jsonl(ctx.out / OUTPUTS["dropped"], dropped)
     stats["dropped_special_token_text"] = len(dropped)
     stats["model_context"], stats["past_model_context"] = past_model_context(model_path, all_lengths, fmt, ctx)

@@ -127,3 +127,25 @@ def test_a_model_that_does_not_load_for_training_is_the_user_s_to_fix(model: Pat
                    finetune=FinetuneConfig())
     with pytest.raises(UserError, match=f"model.path: {model} cannot be loaded for training"):
         load_model(job)
+
+
+def test_a_chat_template_that_never_ends_stops_format_within_its_budget(model: Path, monkeypatch) -> None:
+    """Three nested range(99999) in the model's chat_template.jinja hung format for good; it is now stopped after
+    its CPU budget, naming the records and what to use instead."""
+    from distillery.config import FormatConfig
+    from distillery.core import chat_render
+    from distillery.core.records import make_record
+    from distillery.stages.format import load_template, render_rows
+
+    monkeypatch.setattr(chat_render, "CPU_SECONDS", 2.0)
+    (model / "chat_template.jinja").write_text("{% for a in range(99999) %}{% for b in range(99999) %}"
+                                               "{% for c in range(99999) %}{% endfor %}{% endfor %}{% endfor %}")
+    tokenizer = load_tokenizer(str(model))
+    records = [make_record("toy", "qa", [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}],
+                           {"row": i}) for i in range(3)]
+    with chat_render.ChatRenderer() as renderer, pytest.raises(UserError) as refused:
+        render_rows(records, FormatConfig(template="chat"), load_template("chat", tokenizer), tokenizer, renderer)
+    assert str(refused.value) == (
+        f"format.template chat: the model's chat template (its tokenizer files) took more than 2 s of CPU time "
+        f"rendering records {records[0]['id']} to {records[2]['id']}, where a chat template needs milliseconds and a "
+        "few MB: it is broken or hostile. Use template qa, ko_qa, alpaca or r1, or a model whose template is sound.")

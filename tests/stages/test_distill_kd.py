@@ -120,7 +120,7 @@ def test_a_cut_short_sidecar_is_one_message_naming_the_file(tmp_path: Path) -> N
 
 @pytest.mark.parametrize("model, template", [("demo", "chat"), ("tiny_r1", "r1")])
 def test_the_teachers_tokens_are_the_completion_tokens_format_trains_on(model: str, template: str, demo_model_path: str,
-                                                                       tiny_r1_path: str) -> None:
+                                                                       tiny_r1_path: str, renderer) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(demo_model_path if model == "demo" else tiny_r1_path)
@@ -128,7 +128,7 @@ def test_the_teachers_tokens_are_the_completion_tokens_format_trains_on(model: s
                                      {"role": "assistant", "content": TRACE}], {})
     ids, start = scored_sequence(tokenizer, question(record), TRACE)
     teacher_tokens = ids[start:]
-    row = render(record, FormatConfig(template=template), load_template(template, tokenizer), tokenizer)
+    row = render(record, FormatConfig(template=template), load_template(template, tokenizer), tokenizer, renderer)
     assert "<think>" in row["completion"]
     trained, prompt_len = split_tokens(tokenizer, row["prompt"], row["completion"])
     at = find_tokens(trained, teacher_tokens, prompt_len - 8)

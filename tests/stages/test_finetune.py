@@ -428,7 +428,7 @@ def test_multiple_choice_collator_masks_only_the_option_tokens(word_tokenizer) -
     assert batch["labels"].tolist() == [0]
 
 
-def test_multiple_choice_rows_start_with_the_one_bos_the_template_writes(tiny_r1_path: str) -> None:
+def test_multiple_choice_rows_start_with_the_one_bos_the_template_writes(tiny_r1_path: str, renderer) -> None:
     """R1's tokenizer adds a BOS itself and format's qa template writes it: each option row has one, first, and the
     option's mask starts where the prompt's own tokens end."""
     from transformers import AutoTokenizer
@@ -441,7 +441,7 @@ def test_multiple_choice_rows_start_with_the_one_bos_the_template_writes(tiny_r1
     tokenizer = AutoTokenizer.from_pretrained(tiny_r1_path)
     record = make_record("t", "math_mc", [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}],
                          {}, ["4", "5"], 0)
-    prompt = render(record, FormatConfig(template="qa"), load_template("qa", tokenizer), tokenizer)["prompt"]
+    prompt = render(record, FormatConfig(template="qa"), load_template("qa", tokenizer), tokenizer, renderer)["prompt"]
     batch = MultipleChoiceCollator(tokenizer, max_length=64)([{"prompt": prompt, "choices": ["4", "5"], "label": 0}])
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     for ids, mask in zip(batch["input_ids"].tolist(), batch["option_mask"].tolist()):

@@ -41,9 +41,9 @@ def record(answer: str = "4", system: str | None = None) -> dict:
                "request.\n\n### Instruction:\nWhat is 2 + 2?\n\n### Response:\n"),
     ("r1", "<｜User｜>What is 2 + 2?<｜Assistant｜>"),
 ])
-def test_named_templates_render_exactly(template: str, prompt: str, tiny_tokenizer) -> None:
+def test_named_templates_render_exactly(template: str, prompt: str, tiny_tokenizer, renderer) -> None:
     fmt = FormatConfig(template=template)
-    row = render(record(), fmt, load_template(template, tiny_tokenizer), tiny_tokenizer)
+    row = render(record(), fmt, load_template(template, tiny_tokenizer), tiny_tokenizer, renderer)
     assert row["prompt"] == prompt
     expected = "<think>\n\n</think>\n\n4</s>" if template == "r1" else "4</s>"
     assert row["completion"] == expected
@@ -52,7 +52,7 @@ def test_named_templates_render_exactly(template: str, prompt: str, tiny_tokeniz
 @pytest.mark.integration
 @pytest.mark.parametrize("template", ["r1", "qa"])
 def test_a_named_template_starts_with_the_bos_a_tokenizer_adds_itself(template: str, tiny_r1_path: str,
-                                                                      demo_model_path: str) -> None:
+                                                                      demo_model_path: str, renderer) -> None:
     """R1-Distill-Qwen's tokenizer puts its BOS before every text (the model was pretrained so, llama.cpp adds it
     at inference); training text is tokenized without the tokenizer's additions, so the template writes it: one
     BOS, first. SmolLM2's tokenizer adds none, and its examples get none."""
@@ -62,14 +62,14 @@ def test_a_named_template_starts_with_the_bos_a_tokenizer_adds_itself(template: 
 
     for path, bos_expected in ((tiny_r1_path, True), (demo_model_path, False)):
         tokenizer = AutoTokenizer.from_pretrained(path)
-        row = render(record(), FormatConfig(template=template), load_template(template, tokenizer), tokenizer)
+        row = render(record(), FormatConfig(template=template), load_template(template, tokenizer), tokenizer, renderer)
         ids, _ = split_tokens(tokenizer, row["prompt"], row["completion"])
         assert (ids[0] == tokenizer.bos_token_id) is bos_expected, path
         assert ids.count(tokenizer.bos_token_id) == (1 if bos_expected else 0), path
 
 
 @pytest.mark.integration
-def test_a_token_merging_across_the_boundary_stays_out_of_the_completion(demo_model_path: str) -> None:
+def test_a_token_merging_across_the_boundary_stays_out_of_the_completion(demo_model_path: str, renderer) -> None:
     """The r1 template on SmolLM2 (no R1 special tokens): the prompt's last `>` and the answer's `<think` merge into
     one token when tokenized together, a token the model never meets after its prompt at inference. The prompt
     keeps its own tokens and the completion is tokenized after them."""
@@ -78,7 +78,7 @@ def test_a_token_merging_across_the_boundary_stays_out_of_the_completion(demo_mo
     from distillery.training.tokens import split_tokens
 
     tokenizer = AutoTokenizer.from_pretrained(demo_model_path)
-    row = render(record(), FormatConfig(template="r1"), load_template("r1", tokenizer), tokenizer)
+    row = render(record(), FormatConfig(template="r1"), load_template("r1", tokenizer), tokenizer, renderer)
     prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
     merged = tokenizer(row["prompt"] + row["completion"], add_special_tokens=False)["input_ids"]
     assert merged[:len(prompt_ids)] != prompt_ids  # the case: tokenized together, the boundary token merges
@@ -86,29 +86,29 @@ def test_a_token_merging_across_the_boundary_stays_out_of_the_completion(demo_mo
     assert ids[:start] == prompt_ids and tokenizer.decode(ids[start:]) == row["completion"]
 
 
-def test_reasoning_that_only_closes_gets_its_opening_tag(tiny_tokenizer) -> None:
+def test_reasoning_that_only_closes_gets_its_opening_tag(tiny_tokenizer, renderer) -> None:
     row = render(record("2 + 2 so 4\n</think>\n\n4"), FormatConfig(template="r1"), load_template("r1", tiny_tokenizer),
-                 tiny_tokenizer)
+                 tiny_tokenizer, renderer)
     assert row["completion"] == "<think>\n2 + 2 so 4\n</think>\n\n4</s>"
 
 
-def test_an_answer_with_no_question_is_one_message_naming_the_record(tiny_tokenizer) -> None:
+def test_an_answer_with_no_question_is_one_message_naming_the_record(tiny_tokenizer, renderer) -> None:
     lone = make_record("toy", "qa", [{"role": "assistant", "content": "4"}], {"row": 7})
     with pytest.raises(UserError, match=f"record {lone['id']} .*no question before it"):
-        render(lone, FormatConfig(template="qa"), load_template("qa", tiny_tokenizer), tiny_tokenizer)
+        render(lone, FormatConfig(template="qa"), load_template("qa", tiny_tokenizer), tiny_tokenizer, renderer)
 
 
-def test_r1_keeps_the_reasoning_block(tiny_tokenizer) -> None:
+def test_r1_keeps_the_reasoning_block(tiny_tokenizer, renderer) -> None:
     answer = "<think>\n2 + 2 so 4\n</think>\n\n4"
-    row = render(record(answer), FormatConfig(template="r1"), load_template("r1", tiny_tokenizer), tiny_tokenizer)
+    row = render(record(answer), FormatConfig(template="r1"), load_template("r1", tiny_tokenizer), tiny_tokenizer, renderer)
     assert row["completion"] == answer + "</s>"
 
 
-def test_system_prompt_added_only_when_missing(tiny_tokenizer) -> None:
+def test_system_prompt_added_only_when_missing(tiny_tokenizer, renderer) -> None:
     fmt = FormatConfig(template="qa", system_prompt="Be brief.")
     tpl = load_template("qa", tiny_tokenizer)
-    assert render(record(), fmt, tpl, tiny_tokenizer)["prompt"].startswith("Be brief.\n\n### Question:")
-    assert render(record(system="Own."), fmt, tpl, tiny_tokenizer)["prompt"].startswith("Own.\n\n")
+    assert render(record(), fmt, tpl, tiny_tokenizer, renderer)["prompt"].startswith("Be brief.\n\n### Question:")
+    assert render(record(system="Own."), fmt, tpl, tiny_tokenizer, renderer)["prompt"].startswith("Own.\n\n")
 
 
 def test_a_system_prompt_holding_a_special_tokens_text_is_refused(tiny_tokenizer) -> None:
@@ -121,13 +121,13 @@ def test_a_system_prompt_holding_a_special_tokens_text_is_refused(tiny_tokenizer
         check_system_prompt(FormatConfig(system_prompt="Be brief.</s>\nQuestion: hi"), pattern)
 
 
-def test_template_that_deletes_think_is_refused(tiny_tokenizer) -> None:
+def test_template_that_deletes_think_is_refused(tiny_tokenizer, renderer) -> None:
     # Like R1-Distill's own template: assistant content after </think> only.
     deleting = ("{% for m in messages %}{% if m['role'] == 'user' %}U:{{ m['content'] }}{% else %}A:"
                 "{{ m['content'].split('</think>')[-1] }}{{ eos_token }}{% endif %}{% endfor %}"
                 "{% if add_generation_prompt %}A:{% endif %}")
     with pytest.raises(UserError, match="use template: r1"):
-        render(record("<think>so</think>4"), FormatConfig(template="chat"), deleting, tiny_tokenizer)
+        render(record("<think>so</think>4"), FormatConfig(template="chat"), deleting, tiny_tokenizer, renderer)
 
 
 @pytest.mark.parametrize("template, words", [
@@ -140,17 +140,17 @@ def test_template_that_deletes_think_is_refused(tiny_tokenizer) -> None:
     ("{% for m in messages %}{{ 1 / (m['content'] | length - 9) }}{% endfor %}", "ZeroDivisionError"),
 ])
 def test_a_chat_template_that_refuses_a_record_is_one_message_naming_it(template: str, words: str,
-                                                                         tiny_tokenizer) -> None:
+                                                                         tiny_tokenizer, renderer) -> None:
     """It was an unexpected TemplateError: exit code 1 and 'a bug in Distillery'."""
     fmt = FormatConfig(template="chat", system_prompt="Be brief.")
     row = record()
     with pytest.raises(UserError, match=f"format.template chat: the chat template refused record {row['id']} "
                                         rf"\(toy; roles system, user\): {words}.*unset format.system_prompt"):
-        render(row, fmt, template, tiny_tokenizer)
+        render(row, fmt, template, tiny_tokenizer, renderer)
 
 
 @pytest.mark.integration
-def test_the_real_r1_template_with_template_chat_is_refused_naming_r1(tiny_r1_path: str) -> None:
+def test_the_real_r1_template_with_template_chat_is_refused_naming_r1(tiny_r1_path: str, renderer) -> None:
     """DeepSeek-R1-Distill-Qwen's own template (bundled:tiny-qwen2-r1) deletes the reasoning of a teacher trace:
     format stops before training on answers without it, and says which template keeps it."""
     from transformers import AutoTokenizer
@@ -158,15 +158,15 @@ def test_the_real_r1_template_with_template_chat_is_refused_naming_r1(tiny_r1_pa
     tokenizer = AutoTokenizer.from_pretrained(tiny_r1_path)
     trace = record("<think>\n2 and 2 make 4\n</think>\n\n4")
     with pytest.raises(UserError, match=r"deletes <think> reasoning: use template: r1"):
-        render(trace, FormatConfig(template="chat"), load_template("chat", tokenizer), tokenizer)
-    kept = render(trace, FormatConfig(template="r1"), load_template("r1", tokenizer), tokenizer)
+        render(trace, FormatConfig(template="chat"), load_template("chat", tokenizer), tokenizer, renderer)
+    kept = render(trace, FormatConfig(template="r1"), load_template("r1", tokenizer), tokenizer, renderer)
     assert kept["completion"] == "<think>\n2 and 2 make 4\n</think>\n\n4<｜end▁of▁sentence｜>"
 
 
-def test_record_without_final_answer_is_refused(tiny_tokenizer) -> None:
+def test_record_without_final_answer_is_refused(tiny_tokenizer, renderer) -> None:
     bad = make_record("toy", "qa", [{"role": "user", "content": "hi"}], {"row": 3})
     with pytest.raises(UserError, match="does not end with an assistant message"):
-        render(bad, FormatConfig(), load_template("qa", tiny_tokenizer), tiny_tokenizer)
+        render(bad, FormatConfig(), load_template("qa", tiny_tokenizer), tiny_tokenizer, renderer)
 
 
 def test_length_stats_count_truncation_instead_of_cutting(tiny_tokenizer) -> None:
