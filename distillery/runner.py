@@ -163,6 +163,21 @@ def up_to_date(run: RunDir, name: str, fp: str, inputs: dict) -> bool:
     return True
 
 
+def first_out_of_date(target: str, cfg: DistilleryConfig) -> str | None:
+    """The first stage of `target`'s chain, itself last, that `distillery <target>` would run again for this config
+    (its settings, input files or packages changed, or an upstream stage's files), else None."""
+    run = RunDir(cfg.run.root, cfg.run.name)
+    for name in plan(target, cfg):
+        stage = load_stage(name)
+        try:
+            fp, inputs = fingerprint(stage, cfg, run)
+        except UserError:  # an upstream stage that has not finished
+            return name
+        if not up_to_date(run, name, recorded_fingerprint(stage, cfg, run, fp, inputs), inputs):
+            return name
+    return None
+
+
 def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[str, StageResult | None, float]:
     """Run one stage unless it is up to date; returns (status, result, seconds)."""
     stage = load_stage(name)

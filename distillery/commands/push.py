@@ -27,6 +27,7 @@ from distillery.core.summaries import read_finetune_summary
 from distillery.core.errors import UserError
 from distillery.core.models import bundled_name
 from distillery.core.rundir import RunDir, atomic_write_text, describe_outputs
+from distillery.runner import first_out_of_date
 from distillery.stage import artifact
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,17 @@ def changed_since_export(run: RunDir, entry: dict[str, Any], directory: Path) ->
     listed = entry.get("outputs") or {}
     present = (str(p.relative_to(directory)) for p in sorted(directory.rglob("*")) if p.is_file())
     return run.changed_outputs("export", entry) + ([rel for rel in present if rel not in listed] if listed else [])
+
+
+def refuse_stale_export(cfg: DistilleryConfig, run: RunDir) -> None:
+    """The export must be the one this config makes: a config changed since (another learning rate, other data)
+    would otherwise get a card of its settings on a model trained with the old ones."""
+    stale = first_out_of_date("export", cfg)
+    if stale:
+        raise UserError(f"the export in {run.path} is not the one this config makes: `distillery export` would run "
+                        f"{stale} again (its settings, its input files or what came before it changed since). Run "
+                        "`distillery export` (just export-gguf) first, then push; or push with the config it was "
+                        "made with. Nothing was uploaded.")
 
 
 def upload_plan(cfg: DistilleryConfig, run: RunDir) -> list[dict[str, Any]]:
@@ -287,6 +299,7 @@ def push(cfg: DistilleryConfig, console, dry_run: bool = False) -> dict[str, Any
 
 def push_held(cfg: DistilleryConfig, run: RunDir, console, dry_run: bool) -> dict[str, Any]:
     export_dir(run)
+    refuse_stale_export(cfg, run)
     repo_id = cfg.push.repo_id or "<push.repo_id>"
     plan = upload_plan(cfg, run)
     push_dir = run.real_subdir("push")  # never written through a link into a folder of the user's

@@ -12,7 +12,7 @@ import yaml
 
 from distillery.config import load_config
 from distillery.core.errors import UserError
-from distillery.runner import plan, run_stage
+from distillery.runner import first_out_of_date, plan, run_stage
 
 
 def chat(q: str, a: str) -> dict:
@@ -63,6 +63,19 @@ def test_changed_input_or_config_reruns(project: Path) -> None:
         handle.write(json.dumps(chat("new?", "yes")) + "\n")
     assert run_stage("ingest", cfg)[0] == "done"
     assert run_stage("ingest", load_config("config.yaml", ["ingest.eval_fraction=0.3"]))[0] == "done"
+
+
+def test_first_out_of_date_names_the_stage_a_run_would_redo(project: Path) -> None:
+    """What push asks before uploading an export: is it the one this config makes?"""
+    cfg = load_config("config.yaml")
+    assert first_out_of_date("ingest", cfg) == "ingest"  # never ran
+    run_stage("ingest", cfg)
+    assert first_out_of_date("ingest", cfg) is None
+    assert first_out_of_date("format", cfg) == "format"
+    assert first_out_of_date("format", load_config("config.yaml", ["ingest.eval_fraction=0.3"])) == "ingest"
+    with open(project / "data.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(chat("new?", "yes")) + "\n")
+    assert first_out_of_date("ingest", cfg) == "ingest"
 
 
 def test_tampered_output_is_not_trusted(project: Path) -> None:

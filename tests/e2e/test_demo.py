@@ -30,6 +30,24 @@ def run_demo(run_root: Path) -> subprocess.CompletedProcess:
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
 
 
+def check_push_dry_run(run_root: Path, run: Path) -> None:
+    """`distillery push --dry-run` on the finished demo: the upload list and the model card, nothing uploaded."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    sets = [arg for item in (f"run.root={run_root}", *LIGHTER, "push.repo_id=me/demo-distilled")
+            for arg in ("--set", item)]
+    result = subprocess.run([sys.executable, "-m", "distillery", "push", "-c", "configs/demo.yaml", "--dry-run", *sets],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    plan = json.loads((run / "push" / "upload_plan.json").read_text())
+    in_repo = {f["path_in_repo"] for f in plan["files"]}
+    gguf = "SmolLM2-135M-Instruct-Q8_0"
+    assert {"config.json", "tokenizer.json", "README.md", f"{gguf}.gguf", f"{gguf}.Modelfile"} <= in_repo
+    assert plan["private"] is True and "dry run" in result.stdout and f"{gguf}.gguf" in result.stdout
+    card = (run / "push" / "README.md").read_text()
+    assert card.startswith("---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n")
+    assert "license: apache-2.0" in card and "ollama create" in card and "llama-cli -m" in card
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_demo_runs_every_stage_offline_then_is_up_to_date(tmp_path: Path) -> None:
@@ -55,6 +73,8 @@ def test_demo_runs_every_stage_offline_then_is_up_to_date(tmp_path: Path) -> Non
     assert first.stdout.count("held-out data:") == 1  # once, at the end
     assert "overall (" in first.stdout[first.stdout.rindex("run demo ("):]  # after the run's summary table
     assert "Held-out data" in (run / "evaluate" / "report.md").read_text()
+
+    check_push_dry_run(tmp_path, run)
 
     second = run_demo(tmp_path)
     assert second.returncode == 0, second.stdout[-3000:]

@@ -80,3 +80,20 @@ def test_the_chatml_gguf_carries_qwen2s_tokenizer_template_and_end_token(chatml_
     modelfile = gguf.with_suffix(".Modelfile").read_text()
     assert f'PARAMETER stop "{IM_END}"' in modelfile and "<|im_start|>assistant\n" in modelfile
     assert chat.returncode == 0 and "chat template from the GGUF" in chat.stdout, chat.stderr[-2000:]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_push_takes_only_the_export_this_config_makes(chatml_run) -> None:
+    """push uploaded an export trained with other settings, under a card of the changed config's."""
+    from distillery.commands.push import push
+    from distillery.config import load_config
+    from distillery.core.console import console
+    from distillery.core.errors import UserError
+
+    run, _, _ = chatml_run
+    config = run.parents[1] / "chatml.yaml"
+    assert push(load_config(config), console, dry_run=True)["uploaded"] is False
+    with pytest.raises(UserError, match=r"the export in .* is not the one this config makes: `distillery export` "
+                                        r"would run finetune again"):
+        push(load_config(config, ["finetune.learning_rate=0.001"]), console, dry_run=True)

@@ -207,30 +207,16 @@ def test_an_interactive_message_that_is_not_utf8_is_asked_for_again() -> None:
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_push_dry_run_lists_the_upload_and_writes_the_card(exported) -> None:
-    config, run, _ = exported
-    result = cli("push", "-c", str(config), "--dry-run", "--set", "push.repo_id=me/demo-distilled")
-    assert result.returncode == 0, result.stdout + result.stderr
-    plan = json.loads((run.path / "push" / "upload_plan.json").read_text())
-    in_repo = {f["path_in_repo"] for f in plan["files"]}
-    assert {"config.json", "tokenizer.json", "README.md", f"{STEM}-Q4_K_M.gguf", f"{STEM}-Q8_0.Modelfile"} <= in_repo
-    assert plan["private"] is True
-    for name in (f"{STEM}-Q4_K_M.gguf", "README.md", "dry run"):
-        assert name in result.stdout
-    card = (run.path / "push" / "README.md").read_text()
-    assert card.startswith("---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n")
-    assert "license: apache-2.0" in card and "ollama create" in card and "llama-cli -m" in card
-
-
-@pytest.mark.integration
-@pytest.mark.slow
 def test_push_uploads_through_the_hub_api_without_leaking_the_token(exported, monkeypatch, capsys) -> None:
     import huggingface_hub
 
+    from distillery.commands import push as push_command
     from distillery.commands.push import push
     from distillery.core.console import console
 
     config, run, _ = exported
+    # the fixture's ingest, format and finetune are not real stages: push's check of them is in test_tiny_chatml.py
+    monkeypatch.setattr(push_command, "first_out_of_date", lambda target, cfg: None)
     calls = []
 
     class RecordingApi:
@@ -263,13 +249,19 @@ def test_push_uploads_through_the_hub_api_without_leaking_the_token(exported, mo
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_push_without_a_token_lists_the_files_and_exits_2(exported, tmp_path: Path) -> None:
+def test_push_without_a_token_lists_the_files_and_uploads_nothing(exported, monkeypatch) -> None:
+    from distillery.commands import push as push_command
+    from distillery.commands.push import push
+    from distillery.core.console import console
+
     config, run, _ = exported
-    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
-    # cwd without a .env file
-    result = cli("push", "-c", str(config), "--set", "push.repo_id=me/x", env=env, cwd=tmp_path)
-    assert result.returncode == 2 and "HF_TOKEN" in result.stdout and "Traceback" not in result.stdout
-    assert f"{STEM}-Q8_0.gguf" in result.stdout and (run.path / "push" / "README.md").is_file()
+    monkeypatch.setattr(push_command, "first_out_of_date", lambda target, cfg: None)  # as above
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(UserError, match="no Hugging Face token: set HF_TOKEN"):
+        push(load_config(config, ["push.repo_id=me/x"]), console)
+    plan = json.loads((run.path / "push" / "upload_plan.json").read_text())
+    assert f"{STEM}-Q8_0.gguf" in {f["path_in_repo"] for f in plan["files"]}
+    assert (run.path / "push" / "README.md").is_file()
 
 
 def finished_export(tmp_path: Path, files: dict[str, bytes], passed: bool = True) -> RunDir:
@@ -287,9 +279,13 @@ def finished_export(tmp_path: Path, files: dict[str, bytes], passed: bool = True
     return run
 
 
-def test_push_takes_only_the_ggufs_export_verified_and_refuses_changed_ones(tmp_path: Path) -> None:
+def test_push_takes_only_the_ggufs_export_verified_and_refuses_changed_ones(tmp_path: Path, monkeypatch) -> None:
+    from distillery.commands import push as push_command
     from distillery.commands.push import push, upload_plan
     from distillery.core.console import console
+
+    # the fixture's stages have no real fingerprints; push's check of them is in tests/e2e/test_tiny_chatml.py
+    monkeypatch.setattr(push_command, "first_out_of_date", lambda target, cfg: None)
 
     run = finished_export(tmp_path, {"q8_0": b"GGUF q8", "q4_k_m": b"GGUF q4"})
     gguf = run.stage_dir("export") / "gguf"
@@ -547,10 +543,13 @@ def test_killed_export_leaves_no_final_file_and_a_rerun_completes_it(exported) -
     ("ingest", "report.json", b'{"decontamination": {"enabled": true, "sets": "x"}}'),
     ("evaluate", "comparison.md", b"\xff\xfe| a |")])
 def test_push_names_a_report_of_the_run_that_was_edited_or_cut_short(tmp_path: Path, stage: str, name: str,
-                                                                     content: bytes) -> None:
+                                                                     content: bytes, monkeypatch) -> None:
     """The model card reads ingest's and evaluate's reports: each of these was an unexpected error, exit 1."""
+    from distillery.commands import push as push_command
     from distillery.commands.push import push
     from distillery.core.console import console
+
+    monkeypatch.setattr(push_command, "first_out_of_date", lambda target, cfg: None)  # as above
 
     run = finished_export(tmp_path, {"q8_0": b"GGUF q8"})
     run.stage_dir(stage).mkdir(parents=True, exist_ok=True)
