@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import struct
 import time
@@ -214,12 +215,12 @@ def refuse_pickled_base(base: Path) -> None:
     is converted once, in place (which keeps the fine-tune valid: its fingerprint does not cover the files)."""
     if list(base.glob("*.safetensors")) or not list(base.glob("pytorch_model*.bin")):
         return
+    code = (f"from transformers import AutoModelForCausalLM as M; "
+            f"M.from_pretrained({str(base)!r}, dtype='auto').save_pretrained({str(base)!r})")
     raise UserError(f"the base model {base} stores its weights only as pytorch_model*.bin (pickles); the export "
                     "merges and checks safetensors, tensor by tensor. Convert it once, in place (this adds "
                     "model.safetensors beside the .bin files, which stay, and the fine-tune stays valid): "
-                    "python -c \"from transformers import AutoModelForCausalLM as M; "
-                    f"M.from_pretrained('{base}', dtype='auto').save_pretrained('{base}')\" "
-                    "Then run `distillery export` again.")
+                    f"python -c {shlex.quote(code)} Then run `distillery export` again.")
 
 
 def quantization_method(base: Path) -> str:

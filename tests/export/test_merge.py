@@ -127,6 +127,7 @@ def test_a_base_stored_as_pytorch_model_bin_is_refused_with_a_conversion_that_wo
     """The check reads safetensors (on a .bin-only base it compared 0/0 tensors): such a base is refused with a
     command that converts it in place; run as printed, the base then merges and passes the check."""
     import re
+    import shlex
     import shutil
     import subprocess
     import sys
@@ -138,7 +139,7 @@ def test_a_base_stored_as_pytorch_model_bin_is_refused_with_a_conversion_that_wo
     from tests.fixtures.tiny_lm import build_tiny_lm
 
     built = build_tiny_lm(tmp_path / "built")
-    base = tmp_path / "base"
+    base = tmp_path / "it's a \"base\" $HOME"  # the command it suggests quotes the path for the shell
     base.mkdir()
     torch.save(load_file(str(built / "model.safetensors")), base / "pytorch_model.bin")
     for path in built.iterdir():
@@ -147,8 +148,8 @@ def test_a_base_stored_as_pytorch_model_bin_is_refused_with_a_conversion_that_wo
     merge.refuse_pickled_base(built)  # safetensors: nothing to say
     with pytest.raises(UserError, match=r"stores its weights only as pytorch_model\*\.bin .*in place") as refused:
         merge.refuse_pickled_base(base)
-    command = re.search(r'python -c "([^"]+)"', str(refused.value)).group(1)
-    subprocess.run([sys.executable, "-c", command], check=True, capture_output=True)
+    command = re.search(r"python (-c .+) Then run", str(refused.value)).group(1)  # pasted into a shell, as is
+    subprocess.run(f"{shlex.quote(sys.executable)} {command}", shell=True, check=True, capture_output=True)
     assert (base / "model.safetensors").is_file() and (base / "pytorch_model.bin").is_file()
     merge.refuse_pickled_base(base)
     adapter = make_adapter(str(base), tmp_path / "adapter")
