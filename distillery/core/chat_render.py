@@ -54,10 +54,11 @@ class TemplateTooCostly(Exception):
 
 
 class ChatRenderer:
-    """One child, started at the first call; a chunk that overruns its budget ends it (the next call starts one)."""
+    """One child, started at once (its imports overlap the caller's work); a chunk that overruns its budget ends it
+    (the next call starts another)."""
 
     def __init__(self) -> None:
-        self._child: Child | None = None
+        self._child: Child | None = self._start()
         self._started = False
 
     def render(self, chats: list[Chat], template: str, special_tokens: dict[str, Any],
@@ -82,10 +83,13 @@ class ChatRenderer:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    @staticmethod
+    def _start() -> Child:
+        return Child("the chat template", "rendering conversations", preload=(MODULE,))
+
     def _render_chunk(self, chunk: list[Chat], first: int, template: str, special_tokens: dict[str, Any]) -> list[str]:
         if self._child is None:
-            self._child = Child("the chat template", "rendering conversations", preload=(MODULE,))
-            self._started = False
+            self._child, self._started = self._start(), False
         timeout = CPU_SECONDS * 3 + (0 if self._started else STARTUP_S)
         jobs = [(chat.messages, chat.add_generation_prompt) for chat in chunk]
         try:

@@ -320,6 +320,11 @@ def format_splits(ctx: StageContext, template: str, tokenizer: Any, specials: re
 
 
 def run(ctx: StageContext) -> StageResult:
+    with ChatRenderer() as renderer:  # its child imports while the tokenizer loads
+        return format_with(ctx, renderer)
+
+
+def format_with(ctx: StageContext, renderer: ChatRenderer) -> StageResult:
     fmt = ctx.cfg.format
     model_path = resolve_model_path(ctx.cfg.model.path)
     tokenizer = load_tokenizer(model_path, ctx.cfg.model.trust_remote_code)
@@ -328,8 +333,7 @@ def run(ctx: StageContext) -> StageResult:
     stats: dict[str, Any] = {"template": fmt.template, "eos_token": tokenizer.eos_token}
     specials = special_token_pattern(tokenizer)
     check_system_prompt(fmt, specials)
-    with ChatRenderer() as renderer:
-        all_lengths, dropped = format_splits(ctx, template, tokenizer, specials, renderer, stats)
+    all_lengths, dropped = format_splits(ctx, template, tokenizer, specials, renderer, stats)
     write_jsonl(ctx.out / OUTPUTS["dropped"], dropped)
     stats["dropped_special_token_text"] = len(dropped)
     stats["model_context"], stats["past_model_context"] = past_model_context(model_path, all_lengths, fmt, ctx)
