@@ -16,6 +16,8 @@ replace that distribution, so instead:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import os
 import shutil
@@ -27,6 +29,7 @@ from importlib import metadata
 from pathlib import Path
 
 from distillery.core.errors import UserError, exit_code
+from distillery.core.rundir import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ SCRIPT = "convert_hf_to_gguf.py"
 # What the converter needs from the sdist's vendor/llama.cpp/ (directories and files).
 MEMBERS = ("convert_hf_to_gguf.py", "conversion", "gguf-py", "requirements", "LICENSE")
 STAMP = "VERSION"
+SUPPORTED = "supported-models.json"  # supported_models' cache
 
 
 def install_dir() -> Path:
@@ -122,6 +126,25 @@ def check_converter() -> list[str]:
                    and " " not in n})
 
 
+def supported_models() -> list[str]:
+    """check_converter's list, kept beside the converter (SUPPORTED) for as long as the converter is the same file
+    of the same version: listing takes 3 s of CPU, and every export asks."""
+    script = converter_script()
+    stat = script.stat()
+    key = f"{installed_version()} {stat.st_size} {stat.st_mtime_ns}"
+    cache = install_dir() / SUPPORTED
+    try:
+        cached = json.loads(cache.read_text(encoding="utf-8"))
+        if cached["key"] == key and all(isinstance(name, str) for name in cached["models"]):
+            return list(cached["models"])
+    except (OSError, ValueError, TypeError, KeyError):
+        pass
+    models = check_converter()
+    with contextlib.suppress(OSError):  # a read-only install lists them each time
+        atomic_write_text(cache, json.dumps({"key": key, "models": models}) + "\n")
+    return models
+
+
 def install(sdist: Path | None = None, force: bool = False) -> Path:
     """Install the converter of the runtime's llama.cpp version; a no-op when it is already there."""
     version = runtime_version()
@@ -149,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.install:
             install(args.sdist, args.force)
         if args.check or args.install:
-            models = check_converter()
+            (install_dir() / SUPPORTED).unlink(missing_ok=True)
+            models = supported_models()  # runs the converter, and keeps its list for the exports
             print(f"llama.cpp converter {installed_version()} in {install_dir()}: ok ({len(models)} architectures)")
         if not (args.install or args.check):
             parser.print_help()

@@ -145,10 +145,10 @@ def check_free_disk(cfg: ExportConfig, out: Path, weights_16bit: int, to_write: 
 
 def check_architecture(model_dir: Path) -> None:
     """Fail before the merge when llama.cpp's converter cannot convert this architecture."""
-    from distillery.export.converter import check_converter
+    from distillery.export.converter import supported_models
 
     archs = gguf_io.model_architectures(model_dir)
-    supported = set(check_converter())
+    supported = set(supported_models())
     unsupported = [a for a in archs if a not in supported]
     if archs and unsupported:
         raise UserError(f"llama.cpp's converter does not support the architecture {', '.join(unsupported)} (from "

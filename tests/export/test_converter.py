@@ -85,3 +85,21 @@ def test_installed_converter_starts_beside_the_pypi_gguf_package() -> None:
     models = converter.check_converter()
     assert "LlamaForCausalLM" in models and "Qwen2ForCausalLM" in models
     assert metadata.version("gguf") == "0.19.0" and "site-packages" in gguf.__file__
+
+
+def test_the_supported_list_is_kept_until_the_converter_changes(tmp_path: Path, monkeypatch) -> None:
+    """Every export asked the converter for its list (3 s of CPU); it is kept beside the converter, keyed by the
+    script's version, size and time, and asked again when any of them changes or the kept file is damaged."""
+    import os
+
+    (tmp_path / converter.SCRIPT).write_text("print('converter')\n")
+    (tmp_path / converter.STAMP).write_text("9.9.9\n")
+    monkeypatch.setenv("DISTILLERY_LLAMA_CPP", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(converter, "check_converter", lambda: calls.append(1) or ["LlamaForCausalLM"])
+    assert converter.supported_models() == ["LlamaForCausalLM"] and converter.supported_models() == ["LlamaForCausalLM"]
+    assert len(calls) == 1
+    os.utime(tmp_path / converter.SCRIPT, ns=(1, 1))  # another converter file
+    assert converter.supported_models() == ["LlamaForCausalLM"] and len(calls) == 2
+    (tmp_path / converter.SUPPORTED).write_text('{"key": 3')
+    assert converter.supported_models() == ["LlamaForCausalLM"] and len(calls) == 3
