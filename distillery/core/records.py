@@ -112,22 +112,34 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
     return count
 
 
-def load_json_line(line: str) -> Any:
-    """orjson for speed; json for what it rejects and Python writes (NaN, Infinity, integers beyond 64 bits)."""
-    try:
-        return orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return without_lone_surrogates(json.loads(line), line)
+def load_json_line(line: str | bytes) -> Any:
+    """A JSON line (text or UTF-8 bytes): orjson for speed; json for what orjson refuses (NaN and Infinity, as Python
+    writes them) or reads otherwise: an integer beyond 64 bits, which orjson reads as a float that loses its digits
+    (a CodeI/O answer such as 27! would train as 1.0888869450418352e+28)."""
+    if not search(LONG_DIGITS, line):
+        try:
+            return orjson.loads(line)
+        except orjson.JSONDecodeError:
+            pass
+    return without_lone_surrogates(json.loads(line), line)
 
 
+LONG_DIGITS = re.compile(r"\d{19}")  # may be an integer past 64 bits: json reads it (and a float or a string) exactly
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def without_lone_surrogates(value: Any, text: str) -> Any:
+def search(pattern: re.Pattern[str], text: str | bytes) -> bool:
+    """pattern.search on text, or on bytes with the same pattern as bytes."""
+    if isinstance(text, bytes):
+        return re.search(pattern.pattern.encode("ascii"), text) is not None  # re caches the compiled pattern
+    return pattern.search(text) is not None
+
+
+def without_lone_surrogates(value: Any, text: str | bytes) -> Any:
     """`value`, which json.loads read from `text`, refusing a lone UTF-16 surrogate escape ("\\ud800"): json accepts
     one (orjson does not), and the text it makes cannot be written as UTF-8, so it failed far from the line that
     held it. Only text that holds such an escape is looked at again."""
-    if not SURROGATE_ESCAPE.search(text):
+    if not search(SURROGATE_ESCAPE, text):
         return value
     try:
         json.dumps(value, ensure_ascii=False).encode("utf-8")
@@ -137,6 +149,9 @@ def without_lone_surrogates(value: Any, text: str) -> Any:
     return value
 
 
+MAX_CONTAINERS = 200_000  # `[` and `{` in one line: 20 million empty arrays in a 60 MB line took 3 GB to read
+MAX_FILE_CONTAINERS = 10_000_000  # the same in a .json file read whole (14 million `{}` in 40 MB took 3 GB)
+MAX_JSON_FILE_BYTES = 512 << 20  # a .json file read whole takes twice its size, as bytes and as text
 MAX_NESTING = 100  # arrays and objects in a user's row: no record holds more; Python's own limit is near 1000
 
 
@@ -196,6 +211,10 @@ def read_jsonl_numbered(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             offset += len(raw)
             if not line.strip():
                 continue
+            if line.count("[") + line.count("{") > MAX_CONTAINERS:  # before parsing: each is a Python object
+                raise UserError(f"{path}: line {line_no} holds more than {MAX_CONTAINERS:,} arrays or objects (or "
+                                "brackets in its text), far more than one record holds; reading it would take GBs of "
+                                "memory. Fix or remove that line.")
             try:
                 row = load_json_line(line)
             except (ValueError, RecursionError) as err:  # JSONDecodeError, and what json.loads cannot hold
@@ -244,7 +263,15 @@ def read_json_value(path: Path) -> Any:
     streams as a .jsonl does instead of being read whole). Not UTF-8 or not JSON is a UserError."""
     if first_line_is_a_whole_object(path):
         return JSON_LINES
+    if path.stat().st_size > MAX_JSON_FILE_BYTES:
+        raise UserError(f"{path} is {path.stat().st_size / (1 << 20):,.0f} MB; a .json file is read whole, up to "
+                        f"{MAX_JSON_FILE_BYTES >> 20} MB. Convert it to JSON Lines (one record a line, read as it "
+                        "streams) and name it .jsonl.")
     text = read_utf8(path)
+    if text.count("[") + text.count("{") > MAX_FILE_CONTAINERS:  # before parsing: each is a Python object
+        raise UserError(f"{path} holds more than {MAX_FILE_CONTAINERS:,} arrays or objects: read whole, they would "
+                        "take GBs of memory. Convert it to JSON Lines (one record a line, read as it streams) and "
+                        "name it .jsonl.")
     try:
         value = without_lone_surrogates(json.loads(text), text)
         if nested_too_deep(value, text):  # a list of rows, or one under "data": one level more than a row

@@ -26,6 +26,7 @@ from pydantic import Field
 
 from distillery.sources.files import resolve_paths
 from distillery.sources.registry import Source, SourceParams, SourceReport
+from distillery.sources.text import codepoints, without_controls
 from distillery.core.errors import UserError
 from distillery.core.records import make_record, read_json_objects
 
@@ -144,15 +145,38 @@ def sft_records(row: dict[str, Any], params: CodeIOParams, where: dict[str, Any]
     return [make_record(params.name, "code_io", messages, where)]
 
 
+# The text fields whose control characters go (as hf and aihub sources remove them). Not refcode: it is the code
+# the verifier runs and the io values came from; nor the io values, which prompts quote with repr, answers as JSON.
+TEXT_FIELDS = ("problem_description", "io_requirements", "funcname", "prompt", *SFT_PARTS)
+
+
+def without_control_text(row: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The row with the control characters of its TEXT_FIELDS removed, and those removed."""
+    removed = ""
+    for field in TEXT_FIELDS:
+        if isinstance(row.get(field), str):
+            text, controls = without_controls(row[field])
+            if controls:
+                row, removed = {**row, field: text}, removed + controls
+    return row, removed
+
+
 def read(params: CodeIOParams, report: SourceReport) -> Iterator[dict[str, Any]]:
     make = raw_records if params.format == "raw" else sft_records
+    cleaned, controls = 0, set()
     for path in resolve_paths(params.path, SUFFIXES, f"source {params.name}: path"):
         for row, where in read_json_objects(path):
             report.read += 1
+            row, removed = without_control_text(row)
+            if removed:
+                cleaned, controls = cleaned + 1, controls | set(removed)
             try:
                 yield from make(row, params, where)
             except RecordError as err:
                 report.drop(str(err), where)
+    if cleaned:
+        report.note(f"source {params.name}: control characters ({codepoints(''.join(sorted(controls)))}) removed from "
+                    f"{cleaned} record(s)")
 
 
 SOURCE = Source(kind="codeio", params=CodeIOParams, read=read, files_field="path", suffixes=SUFFIXES)

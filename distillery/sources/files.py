@@ -83,14 +83,20 @@ def utf8_named(path: Path, field: str) -> Path:
 
 
 def glob_matches(pattern: str, suffixes: tuple[str, ...]) -> list[Path]:
-    """The files a glob matches, with one of `suffixes`, junk left out; the longest leading folder that exists
-    as written is taken literally (a folder named "[AI-Hub]")."""
+    """The files a glob matches, with one of `suffixes`, junk and hidden names left out (glob's `*` leaves those
+    out unless the pattern's part starts with a dot). The leading folders without glob characters, or the longest
+    one that exists as written (a folder named "[AI-Hub]"), are taken literally. A `**` does not enter linked
+    folders, as a directory's walk does not: two links of a folder to itself made glob's `**` list 2^40 paths."""
     parts = Path(pattern).parts
-    for n in range(len(parts) - 1, 0, -1):
-        if glob.has_magic(str(Path(*parts[:n]))) and os.path.isdir(Path(*parts[:n])):
-            pattern = os.path.join(glob.escape(str(Path(*parts[:n]))), *parts[n:])
-            break
-    return sorted(p for p in map(Path, glob.glob(pattern, recursive=True)) if is_data_file(p, suffixes))
+    literal = next(n for n, part in enumerate(parts) if glob.has_magic(part))
+    literal = next((n for n in range(len(parts) - 1, literal, -1) if os.path.isdir(Path(*parts[:n]))), literal)
+    base, rest = Path(*parts[:literal]) if literal else Path("."), list(parts[literal:])
+    if rest[-1] == "**":  # glob's `dir/**` is every file below; pathlib's, only the folders
+        rest.append("*")
+    dotted = any(part.startswith(".") for part in rest)
+    return sorted(path for path in base.glob(str(Path(*rest)))
+                  if (dotted or not any(part.startswith(".") for part in path.relative_to(base).parts))
+                  and is_data_file(path, suffixes))
 
 
 def walk(directory: Path, suffixes: tuple[str, ...]) -> list[Path]:

@@ -12,6 +12,7 @@ Layouts (`format`):
 
 from __future__ import annotations
 
+import math
 import functools
 import os
 import re
@@ -103,7 +104,9 @@ def text_value(value: Any, column: str) -> str:
     """A value as stripped text: a number as its text, None or NaN as "". A list, an object or a boolean is no
     text to train on (its Python repr would be): RowError."""
     if value is None or (isinstance(value, float) and value != value):
-        return ""
+        return ""  # a CSV's or a table's missing cell
+    if isinstance(value, float) and math.isinf(value):  # Infinity, or 1e400, in JSON: no text to train on
+        raise RowError(f"{column} is not a finite number ({value})")
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise RowError(f"non-text {column} ({JSON_TYPES.get(type(value), type(value).__name__)})")
     return stripped(str(value))  # whitespace, and the zero-width characters a blank-looking cell holds

@@ -304,11 +304,7 @@ def merge_reports(name: str, shards: list[Shard]) -> SourceReport:
     """One source's report from its units' reports, as if it had been read in one go."""
     report = SourceReport(name)
     for shard in shards:
-        report.read += shard.report.read
-        report.dropped.update(shard.report.dropped)
-        report.dropped_rows += shard.report.dropped_rows
-        for note in shard.report.notes:
-            report.note(note)
+        report.add(shard.report)
     if not report.read:  # `read` counts input rows/lines, which a reader may turn into several records
         report.read = sum(len(shard.ids) for shard in shards) + sum(report.dropped.values())
     return report

@@ -249,6 +249,9 @@ def run(ctx: StageContext) -> StageResult:
         for (rows, report), source_train, (_, source_eval), source in zip(per_source, trains, splits, cfg.ingest.sources):
             weighted = apply_weight(rows, source_train, source.weight, seed)
             chosen.append((rows, weighted, source_eval))
+            if report.unlisted():
+                report.note(f"dropped.jsonl lists the first {len(report.dropped_rows):,} of its "
+                            f"{sum(report.dropped.values()):,} dropped items; all are counted by reason")
             table.append({"source": source.name, "kind": source.kind, "read": report.read,
                           "kept": len(source_train) + len(source_eval),
                           "dropped": dict(report.dropped), "train": len(weighted), "eval": len(source_eval),
