@@ -38,9 +38,22 @@ def test_macos_metadata_files_in_a_directory_or_glob_are_skipped(tmp_path: Path)
 
 def test_a_file_reached_through_a_symlinked_folder_is_read_once(tmp_path: Path) -> None:
     good = aihub.write_layout(tmp_path / "d" / "a.xlsx", "구어체")
-    (tmp_path / "d" / "back").symlink_to(tmp_path / "d")  # `**` follows it again and again
+    (tmp_path / "d" / "back").symlink_to(tmp_path / "d")
     assert resolve_paths(str(tmp_path / "d" / "**" / "*.xlsx"), XLSX, "path") == [good]
     assert resolve_paths([str(good), str(tmp_path / "d" / "back" / "a.xlsx")], XLSX, "path") == [good]
+
+
+def test_a_glob_over_a_folder_linked_into_itself_ends(tmp_path: Path) -> None:
+    """Two links of a folder to itself: glob's `**` listed 2^40 paths and never ended. A `**` does not enter
+    linked folders, as a directory's walk does not; `d/**` is every file below, hidden ones left out as glob does."""
+    good = aihub.write_layout(tmp_path / "d" / "a.xlsx", "구어체")
+    for link in ("x", "y"):
+        (tmp_path / "d" / link).symlink_to(".")
+    (tmp_path / "d" / ".cache").mkdir()
+    (tmp_path / "d" / ".cache" / "old.xlsx").write_bytes(good.read_bytes())
+    for pattern in ("**/*.xlsx", "**", "*"):
+        assert resolve_paths(str(tmp_path / "d" / pattern), XLSX, "path") == [good]
+    assert resolve_paths(str(tmp_path / "d" / ".*" / "*.xlsx"), XLSX, "path") == [tmp_path / "d" / ".cache" / "old.xlsx"]
 
 
 def test_a_glob_reads_only_the_kind_of_file_it_is_for(tmp_path: Path) -> None:
