@@ -25,7 +25,7 @@ from distillery.sources.files import resolve_paths
 from distillery.sources.registry import Source, SourceParams, SourceReport
 from distillery.sources.text import clean_values, codepoints, name_key, stripped
 from distillery.core.errors import UserError
-from distillery.core.records import make_record, read_json_objects
+from distillery.core.records import MAX_LINE_BYTES, make_record, read_json_objects
 from distillery.core.userinput import read_utf8
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
@@ -320,12 +320,30 @@ def read_parquet(path: Path) -> Iterator[dict[str, Any]]:
     try:
         parquet = pq.ParquetFile(path)
         check_unique_columns(path, parquet.schema_arrow.names)
-        for batch in parquet.iter_batches():
+        for batch in parquet.iter_batches(batch_size=parquet_batch_rows(path, parquet.metadata)):
             yield from batch.to_pylist()
     except UserError:
         raise
     except Exception as err:  # pyarrow raises many types for a bad file
-        raise UserError(f"{path}: cannot read as parquet: {err}") from None
+        raise UserError(f"{path}: cannot read as parquet: {str(err) or type(err).__name__}") from None
+
+
+PARQUET_BATCH_BYTES = 256 << 20  # rows decompressed at a time
+
+
+def parquet_batch_rows(path: Path, metadata: Any) -> int:
+    """Rows to read at a time (about PARQUET_BATCH_BYTES of them); a row group whose rows average more than a JSONL
+    line may hold (an 11 KB file of 100 MB rows of one repeated letter) is refused before it is decompressed."""
+    largest = 1
+    for i in range(metadata.num_row_groups):
+        group = metadata.row_group(i)
+        per_row = group.total_byte_size / max(group.num_rows, 1)
+        if per_row > MAX_LINE_BYTES:
+            raise UserError(f"{path}: row group {i} holds rows of {per_row / (1 << 20):,.0f} MB on average once "
+                            f"decompressed ({group.total_byte_size / (1 << 20):,.0f} MB in all), more than one "
+                            f"record holds (at most {MAX_LINE_BYTES >> 20} MB). Check the file, or take those rows out.")
+        largest = max(largest, math.ceil(per_row))
+    return max(1, min(65_536, PARQUET_BATCH_BYTES // largest))
 
 
 def check_hub_reachable(params: HFDatasetParams) -> None:

@@ -104,3 +104,18 @@ def test_control_characters_leave_codeio_text_as_they_leave_other_sources(tmp_pa
                            for p in prompts)
     notes = json.loads((out / "report.json").read_text())["sources"][0]["notes"]
     assert any("control characters" in note and "removed from 10 record(s)" in note for note in notes), notes
+
+
+def test_a_parquet_file_whose_rows_decompress_past_a_record_is_refused_before_reading(tmp_path: Path) -> None:
+    """Three 100 MB rows of one letter in an 11 KB zstd file took 1.1 GB and ended 'cannot read as parquet: '."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "d.parquet"
+    with pq.ParquetWriter(path, pa.schema([("INSTRUCTION", pa.string()), ("RESPONSE", pa.string())]),
+                          compression="zstd") as writer:
+        writer.write_table(pa.table({"INSTRUCTION": ["q"], "RESPONSE": ["x" * (70 << 20)]}))
+    assert path.stat().st_size < 100_000
+    with pytest.raises(UserError, match=r"d.parquet: row group 0 holds rows of 70 MB on average once decompressed"):
+        ingest(tmp_path, {"kind": "hf", "files": str(path), "format": "columns",
+                          "columns": {"user": "INSTRUCTION", "assistant": "RESPONSE"}})
