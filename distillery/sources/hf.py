@@ -299,6 +299,11 @@ def read_csv(path: Path, wanted: Wanted = ((), ())) -> Iterator[dict[str, Any]]:
     except UserError:
         raise
     except Exception as err:  # pandas raises many types for a bad file
+        ragged = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(err))
+        if ragged:
+            want, line, got = ragged.groups()
+            raise UserError(f"{path}: line {line} has {got} fields where the header has {want}: a field holding a "
+                            "comma or a line break needs double quotes around it. Fix or remove that line.") from None
         raise UserError(f"{path}: cannot read as csv: {err}") from None
 
 

@@ -140,3 +140,11 @@ def test_of_a_wide_table_only_the_columns_the_format_needs_are_read(tmp_path: Pa
     out = ingest(tmp_path, {"kind": "hf", "files": str(tmp_path / "d.csv"), "format": "columns",
                             "columns": {"user": "INSTRUCTION", "assistant": "RESPONSE"}})
     assert len(list(read_jsonl(out / "train.jsonl"))) + len(list(read_jsonl(out / "eval.jsonl"))) == 20
+
+
+def test_a_csv_line_with_more_fields_than_its_header_is_named_with_the_fix(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "d.csv", ["INSTRUCTION,RESPONSE", *(f"q{i},a{i}" for i in range(10)), "q,1,000,a"])
+    with pytest.raises(UserError, match=r"d.csv: line 12 has 4 fields where the header has 2: a field holding a comma "
+                                        "or a line break needs double quotes around it. Fix or remove that line."):
+        ingest(tmp_path, {"kind": "hf", "files": path, "format": "columns",
+                          "columns": {"user": "INSTRUCTION", "assistant": "RESPONSE"}})
