@@ -334,10 +334,13 @@ def test_a_csv_is_read_in_chunks_and_a_json_lines_file_named_json_streams(tmp_pa
     """A 213 MB CSV took 766 MB before its first row, and JSON Lines named .json was read whole (466 MB)."""
     from distillery.core import records
 
-    monkeypatch.setattr(hf, "CSV_CHUNK_ROWS", 3)
     (tmp_path / "d.csv").write_text("INSTRUCTION,RESPONSE\n" + "".join(f"q{i},0{i}\n" for i in range(8)), encoding="utf-8")
     got, _ = read(files=str(tmp_path / "d.csv"))
     assert [r["messages"][1]["content"] for r in got] == [f"0{i}" for i in range(8)]
+    with open(tmp_path / "d.csv", "a", encoding="utf-8") as handle:
+        handle.write("q,a,too many\n")
+    rows = hf.read_csv(tmp_path / "d.csv")
+    assert [next(rows)["RESPONSE"] for _ in range(8)] == [f"0{i}" for i in range(8)]  # before the last line is read
 
     def read_whole(*args: Any) -> str:
         raise AssertionError("read whole")
