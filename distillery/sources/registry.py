@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 
 class SourceParams(BaseModel):
@@ -21,7 +21,7 @@ class SourceParams(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # .inf or .nan in YAML: no setting means it
 
     name: str = Field(description="Name of this source in the config; becomes `record.source`.")
-    max_records: int | None = Field(None, ge=1, description="Keep at most this many records (a seeded sample).")
+    max_records: StrictInt | None = Field(None, ge=1, description="Keep at most this many records (a seeded sample).")
     weight: float = Field(1.0, gt=0, le=100, description="Repeat factor for the train split: 0.5 keeps half, 2 doubles (at most 100).")
 
 
