@@ -177,7 +177,7 @@ def json_reason(err: Exception) -> str:
     """Why a JSON text could not be read: the decoder's message, or what Python's json module cannot hold (arrays
     or objects nested thousands deep, an integer of more than 4300 digits), which it raises as other errors."""
     if isinstance(err, json.JSONDecodeError):
-        return err.msg
+        return f"{err.msg} column {err.colno}" if err.msg.endswith(" at") else err.msg  # 'Invalid control character at'
     if isinstance(err, RecursionError):
         return "arrays or objects nested too deep to read"
     return str(err).split(";")[0]  # ValueError: Exceeds the limit (4300 digits) for integer string conversion...

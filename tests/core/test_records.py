@@ -38,6 +38,9 @@ def test_a_broken_line_names_the_file_and_line(tmp_path):
     path.write_text('{"a": 1}\n{"a": \n', encoding="utf-8")
     with pytest.raises(UserError, match=r"bad\.jsonl: line 2 is not valid JSON"):
         list(read_jsonl(path))
+    path.write_text('{"a": "x\x01y"}\n', encoding="utf-8")  # the message ended 'Invalid control character at'
+    with pytest.raises(UserError, match=r"line 1 is not valid JSON \(Invalid control character at column 9\)"):
+        list(read_jsonl(path))
 
 
 def test_json_python_cannot_hold_names_the_file_and_line(tmp_path):
