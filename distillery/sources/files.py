@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import unicodedata
 from pathlib import Path
 
 from distillery.core.errors import UserError
@@ -66,8 +67,13 @@ def resolve_paths(spec: str | list[str], suffixes: tuple[str, ...], field: str,
 
 
 def utf8_named(path: Path, field: str) -> Path:
-    """`path`, when its name is UTF-8 (every name a run records is JSON); a name in another encoding (a zip made on
-    Korean Windows names its files in CP949) is the user's to rename, shown as CP949 would read it."""
+    """`path`, when its name is UTF-8 (every name a run records is JSON) without control characters; a name in
+    another encoding (a zip made on Korean Windows names its files in CP949) is the user's to rename, shown as CP949
+    would read it, and so is one holding a line break or an escape (it would print as other lines or another name
+    in every message that names it)."""
+    if any(unicodedata.category(ch) == "Cc" for ch in str(path)):
+        raise UserError(f"{field}: the file name {str(path)!r} holds a control character (a line break, a tab, an "
+                        "escape). Rename it and run again.")
     try:
         str(path).encode("utf-8")
     except UnicodeEncodeError:

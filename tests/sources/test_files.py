@@ -138,3 +138,13 @@ def test_a_file_named_in_cp949_is_named_with_the_fix(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"path: the file name b'.*\\xb1\\xb8.*\.xlsx' \(in CP949: '.*구어체\.xlsx'\) is "
                                         r"not UTF-8, as a zip made on Korean Windows names its files. Rename it"):
         resolve_paths(str(tmp_path), XLSX, "path")
+
+
+@pytest.mark.parametrize("name", ["nl\nFAKE: all good.xlsx", "e\x1b[2J\x1b[31mRED.xlsx"])
+def test_a_data_file_whose_name_holds_a_control_character_is_refused_shown_escaped(tmp_path: Path, name: str) -> None:
+    """Printed in a message, a line break in a name made lines of its own and an escape showed another name."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / name).touch()
+    with pytest.raises(UserError, match=rf"path: the file name .*{re.escape(repr(name)[1:-1])}' holds a control "
+                                        "character"):
+        resolve_paths(str(tmp_path / "d"), XLSX, "path")
