@@ -240,6 +240,7 @@ class Reply:
     retry_after: str | None
     body: bytes
     cut: bool = False  # more than the cap arrived; body is its first cap bytes
+    encoding: str = ""  # a Content-Encoding the server used though asked for none: the body was not read
 
     def text(self) -> str:
         return self.body.decode("utf-8", errors="replace")
@@ -264,6 +265,7 @@ class OpenAITeacher:
         if key:
             headers["Authorization"] = f"Bearer {key}"
         self.client = httpx.Client(timeout=timeout_s, headers=headers)
+        self.spoke_the_protocol = False  # a reply in the chat-completions shape has come: a bad one is that sample's
 
     def complete(self, messages: Messages, n: int, temperature: float, max_tokens: int,
                  seed: int) -> list[str | Dropped]:
@@ -335,7 +337,13 @@ class OpenAITeacher:
     def post(self, endpoint: str, body: dict, cap: int) -> Reply:
         """One POST, reading at most `cap` bytes of the reply and stopping once timeout_s has passed."""
         deadline = time.monotonic() + self.timeout_s
-        with self.client.stream("POST", endpoint, json=body) as response:
+        # uncompressed: httpx inflates each chunk whole before the cap is checked (307 bytes of gzip in gzip in gzip
+        # are 4 GB); a reply compressed all the same is not read
+        with self.client.stream("POST", endpoint, json=body, headers={"Accept-Encoding": "identity"}) as response:
+            encoding = response.headers.get("Content-Encoding", "").strip().lower()
+            if encoding not in ("", "identity"):
+                return Reply(response.status_code, response.headers.get("Retry-After"), b"",
+                             encoding=clean_text(encoding, 40))
             data = bytearray()
             for chunk in response.iter_bytes():
                 data += chunk
@@ -350,6 +358,8 @@ class OpenAITeacher:
         if reply.cut:
             return Dropped("reply too large", f"over {len(reply.body):,} bytes, the cap for max_tokens {max_tokens}; "
                                               "the rest was not read")
+        if reply.encoding:
+            return Dropped("unreadable reply", f"compressed ({reply.encoding}) though asked for none; not read")
         try:
             data = json.loads(reply.body)
         except RecursionError:
@@ -363,11 +373,12 @@ class OpenAITeacher:
             message, finish_reason = choice["message"], choice.get("finish_reason")
             content = message.get("content")
         except (KeyError, IndexError, TypeError, AttributeError):
-            raise UserError(f"distill.teacher: {self.endpoint} did not answer in the chat-completions shape "
-                            f"(choices[0].message.content): {clean_text(reply.text()[:200])}") from None
+            return self.misshapen(f"did not answer in the chat-completions shape (choices[0].message.content): "
+                                  f"{clean_text(reply.text()[:200])}")
         if content is not None and not isinstance(content, str):
-            raise UserError(f"distill.teacher: {self.endpoint} answered with a {type(content).__name__} as "
-                            f"choices[0].message.content, not text: {clean_text(reply.text()[:200])}")
+            return self.misshapen(f"answered with a {type(content).__name__} as choices[0].message.content, not text: "
+                                  f"{clean_text(reply.text()[:200])}")
+        self.spoke_the_protocol = True
         if content and content.strip():
             text = with_reasoning(content, message.get("reasoning_content") or message.get("reasoning"))
             text = text.encode("utf-8", "replace").decode("utf-8")  # a lone surrogate (JSON's "\ud800") -> "?"
@@ -377,6 +388,14 @@ class OpenAITeacher:
         if message.get("reasoning_content"):
             detail += "; the text is in reasoning_content (the server's reasoning parser)"
         return Dropped("no text", detail)
+
+    def misshapen(self, what: str) -> Dropped:
+        """A 200 reply not in the chat-completions shape: that sample's loss once the server has answered in it,
+        else the sign of a server that does not speak the protocol (a UserError: dropping every sample would
+        train on no trace, quietly)."""
+        if self.spoke_the_protocol:
+            return Dropped("unreadable reply", what[:300])
+        raise UserError(f"distill.teacher: {self.endpoint} {what}")
 
     def retry_wait(self, attempt: int, retry_after: float | None, problem: str) -> float:
         """Exponential backoff, or the server's Retry-After when longer, at most max_retry_wait_s."""

@@ -267,3 +267,39 @@ def test_an_error_that_concerns_every_request_stops_with_one_message(serve, monk
     with pytest.raises(UserError, match=rf"answered HTTP {status}: .*Check teacher.url, teacher.model and the key"):
         ask(teacher_for(server, monkeypatch, retries=2))
     assert server.requests == 1
+
+
+def test_a_compressed_reply_is_asked_against_and_not_read(serve, monkeypatch) -> None:
+    """307 bytes of gzip in gzip in gzip are 4 GB: httpx inflated each chunk whole before the cap was checked (a
+    MemoryError, 'a bug'). The request asks for no compression, and a reply compressed anyway is that sample's."""
+    import gzip
+
+    seen = []
+    bomb = gzip.compress(gzip.compress(b"\0" * (64 << 20)))  # inflated, it would be past the byte cap
+    assert len(bomb) < 100_000
+
+    def answer(handler, n: int) -> None:
+        seen.append(handler.headers.get("Accept-Encoding"))
+        send(handler, bomb, headers={"Content-Encoding": "gzip, gzip"})
+
+    assert ask(teacher_for(serve(answer), monkeypatch)) == Dropped(
+        "unreadable reply", "compressed (gzip, gzip) though asked for none; not read")
+    assert seen == ["identity"]
+
+
+def test_a_misshapen_reply_after_good_ones_costs_its_sample_and_first_it_names_the_server(serve, monkeypatch) -> None:
+    """One reply of the wrong shape stopped a run whose other replies were fine; from a server that never answered
+    in the chat-completions shape it is still one message."""
+    def answer(handler, n: int) -> None:
+        send(handler, chat_reply("The answer is (a).") if n == 1 else b'{"choices": [{"message": {"content": [1]}}]}')
+
+    teacher = teacher_for(serve(answer), monkeypatch)
+    try:
+        assert teacher.complete(HI, 1, 0.0, 64, 0) == ["The answer is (a)."]
+        dropped = teacher.complete(HI, 1, 0.0, 64, 0)[0]
+    finally:
+        teacher.close()
+    assert dropped.reason == "unreadable reply" and dropped.detail.startswith("answered with a list as choices[0]")
+    fresh = teacher_for(serve(lambda handler, n: send(handler, b'{"choices": {"0": 1}}')), monkeypatch)
+    with pytest.raises(UserError, match=r"did not answer in the chat-completions shape \(choices\[0\].message.content\)"):
+        ask(fresh)
