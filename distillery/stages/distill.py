@@ -118,6 +118,8 @@ def load_progress(path: Path) -> list[dict]:
     done, good_bytes, wrong = [], 0, 0
     with open(path, "rb") as handle:
         for line in handle:
+            if not line.endswith(b"\n"):  # torn at the end: the next line appended would join it
+                break
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError:
@@ -357,6 +359,10 @@ def run(ctx: StageContext) -> StageResult:
         finally:
             teacher.close()
     entries = {entry["id"]: entry for entry in load_progress(progress_path)}  # the last line of a prompt wins
+    lost = [r["id"] for r in prompts if r["id"] not in entries]
+    if lost:
+        raise UserError(f"distill: {progress_path} lost the answers of {len(lost)} prompt(s) during this run (record "
+                        f"{lost[0]}): it was changed while distill wrote it. Run distill again: it asks those again.")
     ordered = [entries[r["id"]] for r in prompts]
     refuse_if_nothing_usable(ordered, progress_path)
     return finish(ctx, ordered, skipped)

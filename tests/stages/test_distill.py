@@ -337,6 +337,11 @@ def test_torn_progress_line_is_dropped(tmp_path: Path) -> None:
     path.write_text(progress_line("a") + progress_line("b") + '{"id": "c', encoding="utf-8")
     assert [e["id"] for e in distill.load_progress(path)] == ["a", "b"]
     assert path.read_text() == progress_line("a") + progress_line("b")
+    # torn at its newline: the whole object is there, and the next line appended joined it ('}{'), a KeyError later
+    path.write_text(progress_line("a") + progress_line("b").rstrip("\n"), encoding="utf-8")
+    assert [e["id"] for e in distill.load_progress(path)] == ["a"]
+    distill.append_progress(path, json.loads(progress_line("c")))
+    assert [e["id"] for e in distill.load_progress(path)] == ["a", "c"]
 
 
 def test_a_progress_line_not_as_distill_writes_it_is_asked_again_not_trained_on(tmp_path: Path) -> None:
