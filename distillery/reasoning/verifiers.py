@@ -88,7 +88,7 @@ MC_ALONE = re.compile(r"\s*\(?([a-e])\)?[.:]?\s*", flags=re.IGNORECASE)  # a las
 
 def extract_option(text: str, choices: list[str]) -> int | None:
     """Index of the option the text chose: the last one it states as the answer, else the last lone "(c)", else a
-    last line that is only a letter, else the one choice quoted (alone) on its last line. Distill's math_mc
+    last line that is only a letter, else the one choice that ends its last line (option_ending). Distill's math_mc
     verifier and evaluate's option letters (held-out math_mc, generative MathQA) read answers by this one rule."""
     tail = after_reasoning(text)
     for pattern in (MC_STATED, MC_LONE):
@@ -101,8 +101,27 @@ def extract_option(text: str, choices: list[str]) -> int | None:
     alone = MC_ALONE.fullmatch(lines[-1])
     if alone:
         return LETTERS.index(alone[1].lower())
-    quoted = [i for i, choice in enumerate(choices) if choice and choice in lines[-1]]
-    return quoted[0] if len(quoted) == 1 else None
+    return option_ending(lines[-1], choices)
+
+
+TRAILING = " \t.!*_`'\"$"  # what may follow an answer on its line: punctuation, markdown, LaTeX's $
+NEGATION = re.compile(r"\b(?:not|never|no)\b|n't", re.IGNORECASE)
+
+
+def option_ending(line: str, choices: list[str]) -> int | None:
+    """The one option whose text ends the line ("so the result is 18."), as a whole number or word (not the 2 of
+    "12" or "1.2"), on a line that negates nothing: "I gave up after 22 minutes" and "it is not 22" choose none
+    (a choice anywhere in the line used to count)."""
+    if NEGATION.search(line):
+        return None
+    end = line.rstrip(TRAILING)
+    found = []
+    for i, choice in enumerate(choices):
+        text = (choice or "").strip().rstrip(TRAILING)
+        before = end[:len(end) - len(text)][-1:]
+        if text and end.endswith(text) and not (before.isalnum() or before in ".,"):
+            found.append(i)
+    return found[0] if len(found) == 1 else None
 
 
 @never_raises
