@@ -24,7 +24,9 @@ number offered as an alternative: `it is 3 or 8`), when a box or a `####` line l
 not the mixed number `2 and 1/2`). `, or` and `(or` restate one value when the numbers agree up to a unit factor
 (`1/4, or 25%`, `$5, or 500 cents`, `40 minutes (or 2/3 of an hour)`) and no word of doubt offers them as
 alternatives (`18 (or 20)`, `3, or perhaps 8` hedge). Words around a stated answer are no hedge (`the answer is 18
-after 3 days`: math-verify then reads the span as it reads any). math-verify reads a LaTeX answer (`3 \\text{ or }
+after 3 days`: math-verify then reads the span as it reads any), except those that make it a bound or set it
+against another number (`12 (not 7)`, `12 instead of 7`, `at least 7`, `7 or more`), and a box that assigns
+several values (`\\boxed{x=12, y=7}`) names them all. math-verify reads a LaTeX answer (`3 \\text{ or }
 8`) as a set, never equal to one number. A tuple, an interval or a ratio is one answer (`\\boxed{(1, -2)}`; `3:45`
 is not 3), and a number with a unit and a power is the number (`48 cm^2`). A reference that itself names several
 numbers (a pair) lets the prediction do so too.
@@ -65,6 +67,10 @@ LATEX_SPAN = re.compile(r"\\\[(.+?)\\\]|\\\((.+?)\\\)|\$\$(.+?)\$\$|\$([^$]*\\[A
 LATEX_COMMAND = re.compile(r"\\[A-Za-z]")
 LATEX_MARKUP = re.compile(r"\\[A-Za-z]|[{}^_]")
 OR_WORD = re.compile(r"\bor\b", re.IGNORECASE)
+# words that make a stated answer a bound or one number set against another ('12 (not 7)', '12 instead of 7', 'at
+# least 7'): math-verify would read its last number
+QUALIFIED = re.compile(r"\b(?:not|instead of|rather than|at (?:least|most)|or (?:more|less|fewer)|(?:more|less|fewer) "
+                       r"than)\b", re.IGNORECASE)
 # ', or' and '(or' restate one value in other units ('1/4, or 25%', '40 minutes (or 2/3 of an hour)', '$5, or 500
 # cents') when the numbers agree up to one of these factors; a word of doubt makes them alternatives anyway
 RESTATED = re.compile(r",\s*or\b|\(\s*or\b", re.IGNORECASE)
@@ -213,6 +219,9 @@ def compare(prediction: str, reference: str) -> MathCheck:
         return MathCheck(False, shown, expected[1], "none", f"the answer {shown!r} cannot be parsed" if shown else None)
     how, span, parsed = got
     hedge = hedged(how, span if how != "last number" else alternatives_ending(prediction), expected[1], reference)
+    qualified = QUALIFIED.search(span) if how == "the answer is" else None
+    if qualified and not hedge:
+        hedge = f"it qualifies its answer ({qualified.group(0).lower()}), not one final answer"
     if hedge:
         return MathCheck(False, span, expected[1], how, hedge)
     return MathCheck(bool(verify(expected[2], parsed, timeout_seconds=None)), span, expected[1], how)
@@ -240,7 +249,10 @@ def committed_numbers(how: str, span: str) -> set:
     if OR_WORD.search(span):
         values = number_values(span)
         return set() if RESTATED.search(span) and not DOUBT.search(span) and one_value_in_units(values) else values
-    return number_values(span.rsplit("=", 1)[-1]) if how in ("boxed", "####") else set()
+    if how in ("boxed", "####"):  # each part's value after its last '=': `x=12, y=7` names two
+        return set().union(*(number_values(part.rsplit("=", 1)[-1]) for part in span.split(",") if "=" in part)) \
+            if span.count("=") > 1 else number_values(span.rsplit("=", 1)[-1])
+    return set()
 
 
 OFFERED_BEFORE = re.compile(f"(?:{NUMBER.pattern})" + r"\s*,?\s+or\s+(?:else\s+|maybe\s+|perhaps\s+)?$", re.IGNORECASE)

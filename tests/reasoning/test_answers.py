@@ -128,6 +128,22 @@ def test_words_around_a_stated_answer_are_no_hedge(prediction: str) -> None:
     assert check_math(prediction, "#### 18").error is None
 
 
+@pytest.mark.parametrize("prediction, qualifier", [
+    ("The answer is 12 (not 7).", "not"), ("The answer is 12 not 7", "not"),
+    ("The answer is 12 instead of 7", "instead of"), ("The answer is 12 rather than 7", "rather than"),
+    ("The answer is 7 or more", "or more"), ("The answer is at least 7", "at least")])
+def test_a_stated_answer_made_a_bound_or_set_against_the_reference_is_wrong(prediction: str, qualifier: str) -> None:
+    """math-verify read the span's last number: each was a verified trace for the reference 7."""
+    check = check_math(prediction, "#### 7")
+    assert not check.correct and check.error == f"it qualifies its answer ({qualifier}), not one final answer"
+
+
+def test_a_box_that_assigns_several_values_names_them_all() -> None:
+    check = check_math("So \\boxed{x=12, y=7}", "#### 7")
+    assert not check.correct and check.error == "it names 2 different numbers, not one final answer"
+    assert check_math("So \\boxed{3 + 4 = 7}", "#### 7").correct
+
+
 def test_a_reference_without_an_answer_is_reported_not_raised() -> None:
     check = check_math("The answer is 8.", "no number here")
     assert check == MathCheck(False, "8", None, "the answer is", "the reference has no answer")
