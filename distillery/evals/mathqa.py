@@ -129,13 +129,26 @@ def load_items(data: str, split: str, limit: int | None, report: LoadReport,
             break
         report.read += 1
         try:
-            items.append(parse_item(row, item_id))
+            items.append(within_size(parse_item(row, item_id)))
         except ValueError as err:
             report.skipped.append({"id": item_id, "reason": str(err)})
     if not items:
+        first = f"; the first: {report.skipped[0]['reason']}" if report.skipped else ""
         raise UserError(f"{keys[0]} {data}: no scoreable MathQA item (read {report.read}, skipped "
-                        f"{len(report.skipped)}). It needs the columns Problem, options and correct.")
+                        f"{len(report.skipped)}{first}). It needs the columns Problem, options and correct.")
     return items
+
+
+MAX_ITEM_CHARS = 100_000  # a MathQA problem and its options are a few hundred characters
+
+
+def within_size(item: Item) -> Item:
+    """The item, unless its text is longer than any problem (a 30 MB Problem copied into every few-shot context
+    that drew it grew evaluate past 2.8 GB before the contexts were measured)."""
+    size = len(item.problem) + sum(map(len, item.choices))
+    if size > MAX_ITEM_CHARS:
+        raise ValueError(f"{size:,} characters of problem and options, more than any MathQA item")
+    return item
 
 
 def question(item: Item) -> str:

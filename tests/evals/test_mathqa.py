@@ -51,6 +51,18 @@ def test_load_items_skips_and_reports_bad_rows_by_line(tmp_path: Path) -> None:
                               {"id": "test.jsonl:3", "reason": "options longer than 1,000 characters"}]
 
 
+def test_a_problem_longer_than_any_is_skipped_before_contexts_are_built(tmp_path: Path) -> None:
+    """A 30 MB few-shot Problem, copied into every context that drew it, grew evaluate past 2.8 GB; when every row
+    is skipped, the message gives the first reason (it said only which columns are needed, and they were there)."""
+    path = write_rows(tmp_path / "pool.jsonl", [ROW, {**ROW, "Problem": "x" * 200_000}])
+    report = mathqa.LoadReport()
+    assert len(mathqa.load_items(str(path), "test", None, report)) == 1
+    assert report.skipped[0]["reason"] == "200,017 characters of problem and options, more than any MathQA item"
+    path = write_rows(tmp_path / "lists.jsonl", [{**ROW, "options": ["1", "2", "3", "4", "5"]}])
+    with pytest.raises(UserError, match=r"no scoreable MathQA item \(read 1, skipped 1; the first: options "):
+        mathqa.load_items(str(path), "test", None, mathqa.LoadReport())
+
+
 def test_missing_file_and_empty_data_are_user_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist"):
         mathqa.load_items(str(tmp_path / "nope.jsonl"), "test", None, mathqa.LoadReport())
