@@ -82,7 +82,8 @@ MC_STATED = re.compile("|".join((
     # number", "a 30% gain": a lowercase a before a word or number) nor "e.g."
     r"answer\s*(?:is|:)\s*(?:option\s*([a-e])|(?-i:(a))(?!\s+[a-z0-9])|(?-i:([A-E]))|(?-i:([b-e])))(?!\w|\.\w)",
 )), flags=re.IGNORECASE)
-MC_LONE = re.compile(r"\(([a-e])\)", flags=re.IGNORECASE)  # a lone "(c)", when no option is stated as the answer
+# a lone "(c)", when no option is stated as the answer; not one the text rules out ("the answer is not (c)")
+MC_LONE = re.compile(r"(?<!not )(?<!n't )(?<!no )\(([a-e])\)", flags=re.IGNORECASE)
 MC_ALONE = re.compile(r"\s*\(?([a-e])\)?[.:]?\s*", flags=re.IGNORECASE)  # a last line that is only a letter: "c", "(C)."
 
 

@@ -272,7 +272,7 @@ def test_a_returned_value_that_cannot_be_compared_is_a_failed_verdict(kind: str)
 
 @pytest.mark.parametrize("text", ["I could not solve it, sorry; I gave up after 18 minutes.",
                                   "Whatever it is, it is certainly not 18.", "It is 118", "It is 1.18",
-                                  "18 or 21, I cannot tell"])
+                                  "18 or 21, I cannot tell", "The answer is not (c)", "It isn't (C) either"])
 def test_an_option_named_in_a_last_line_that_does_not_end_on_it_or_negates_it_is_no_choice(text: str) -> None:
     """Any choice appearing in the last line counted: a reply that gave up after '22 minutes' was a verified trace
     (and evaluate counted it right)."""
