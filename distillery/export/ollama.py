@@ -13,6 +13,7 @@ GGUFs are verified and kept either way.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -125,7 +126,14 @@ def stop_tokens(parts: TemplateParts, eos_token: str | None) -> list[str]:
     lines = [line.strip() for line in next_user.splitlines() if line.strip()]
     if lines and lines[0] not in stops:
         stops.append(lines[0])
-    return stops
+    return [stop for stop in stops if quotable(stop)]
+
+
+def quotable(text: str) -> bool:
+    """Whether `text` can stand in a Modelfile's double quotes: no quote, backslash or control character. A
+    tokenizer's EOS text is the model's to choose, and one holding `"` and a line break would end the PARAMETER
+    line and write Modelfile lines of its own (an ADAPTER, another FROM)."""
+    return not any(ch in '"\\' or unicodedata.category(ch) == "Cc" for ch in text)
 
 
 def build_modelfile(gguf_name: str, template: str, tokenizer: Any, eos_token: str | None) -> str:
@@ -143,7 +151,7 @@ def build_modelfile(gguf_name: str, template: str, tokenizer: Any, eos_token: st
 
 def modelfile_without_template(gguf_name: str, eos_token: str | None) -> str:
     """Modelfile text with FROM and the EOS stop only: Ollama picks the template itself (see write_modelfile)."""
-    lines = [f"FROM ./{gguf_name}", ""] + ([f'PARAMETER stop "{eos_token}"'] if eos_token else [])
+    lines = [f"FROM ./{gguf_name}", ""] + ([f'PARAMETER stop "{eos_token}"'] if eos_token and quotable(eos_token) else [])
     return "\n".join(lines) + "\n"
 
 

@@ -99,3 +99,12 @@ def test_r1_modelfile_renders_like_the_r1_tokenizer(name: str, tiny_r1_path: str
     assert 'PARAMETER stop "<｜end▁of▁sentence｜>"\nPARAMETER stop "<｜User｜>"' in modelfile
     # the template's BOS text is left to Ollama, which adds the BOS the GGUF asks for (no second one)
     assert tokenizer.bos_token not in modelfile
+
+
+def test_a_stop_text_that_cannot_be_quoted_is_left_out_of_the_modelfile(tokenizer, tmp_path: Path) -> None:
+    """An EOS text is the tokenizer's to choose: one holding a quote and a line break wrote Modelfile lines of its
+    own after `PARAMETER stop "`."""
+    hostile = '<|im_end|>"\nADAPTER /etc/passwd\nPARAMETER stop "'
+    text = ollama.build_modelfile("m-Q4_K_M.gguf", tokenizer.chat_template, tokenizer, hostile)
+    assert "ADAPTER" not in text and text.endswith('"""\n\nPARAMETER stop "<|im_end|>"\n')  # the next turn's
+    assert ollama.modelfile_without_template("m.gguf", hostile) == "FROM ./m.gguf\n\n"
