@@ -23,6 +23,7 @@ from typing import Any
 from distillery.config import DistilleryConfig, redact
 from distillery.core.console import console
 from distillery.core.errors import StageFailed, UserError
+from distillery.core.userinput import is_usable_file, path_exists
 from distillery.core.rundir import (RunDir, atomic_write_text, describe_outputs, is_run_manifest, package_versions,
                                     remove_path, sha256_file, sha256_json, unwritable)
 from distillery.stage import STAGES, Stage, StageContext, StageResult, load_stage
@@ -75,7 +76,10 @@ def fingerprint(stage: Stage, cfg: DistilleryConfig, run: RunDir) -> tuple[str, 
 
 
 def input_digest(path: Path) -> str:
-    """sha256 of a file the stage reads; one it cannot read (its permissions, a device that fails) is the user's."""
+    """sha256 of a file the stage reads; one it cannot read (its permissions, a device that fails) is the user's,
+    and so is one that is not a regular file: a pipe blocked the hash (holding the run) and /dev/zero never ended."""
+    if path_exists(path) and not is_usable_file(path):
+        raise UserError(f"{path} is not a regular file (a pipe, a device or a folder): point the setting at a file.")
     try:
         return sha256_file(path)
     except OSError as err:

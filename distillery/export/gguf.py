@@ -222,11 +222,17 @@ def converter_failure(model_dir: Path, done: subprocess.CompletedProcess, log_pa
     return RuntimeError(f"llama.cpp's converter failed on {model_dir} (exit {done.returncode}):\n  {tail}")
 
 
+MAX_IMATRIX_BYTES = 4 << 30  # a 32B model's importance matrix is tens of MB; a mixture of experts', a few GB at most
+
+
 def load_imatrix(path: Path) -> dict[str, Any]:
     """Importance values per tensor name (float32 arrays) from llama-imatrix's GGUF or legacy .dat file,
     normalised the way llama.cpp's quantize tool does (sums / counts)."""
     if not path.is_file():
         raise UserError(f"export.imatrix: {path} {'is not a file' if path.exists() else 'does not exist'}.")
+    if path.stat().st_size > MAX_IMATRIX_BYTES:
+        raise UserError(f"export.imatrix: {path} is {path.stat().st_size / (1 << 30):.1f} GB, more than any importance "
+                        f"matrix (at most {MAX_IMATRIX_BYTES >> 30} GB). Compute it again with llama-imatrix.")
     with open(path, "rb") as handle:
         magic = handle.read(4)
     if magic == b"GGUF":
@@ -246,7 +252,10 @@ def _load_gguf_imatrix(path: Path) -> dict[str, Any]:
     import numpy as np
     from gguf import GGUFReader
 
-    tensors = {t.name: np.asarray(t.data, dtype=np.float32).reshape(-1) for t in GGUFReader(str(path)).tensors}
+    listed = GGUFReader(str(path)).tensors
+    if sum(int(t.data.nbytes) for t in listed) > path.stat().st_size:  # tensors that share their bytes, to multiply them
+        raise ValueError("its tensors claim more bytes than the file holds")
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32).reshape(-1) for t in listed}
     values = {}
     for name, sums in tensors.items():
         if not name.endswith(".in_sum2"):
@@ -268,12 +277,18 @@ def _load_legacy_imatrix(path: Path) -> dict[str, Any]:
     try:
         (n_entries,), offset = struct.unpack_from("<i", data, 0), 4
         values = {}
+        if n_entries > len(data) // 12:  # an entry takes 12 bytes at least
+            raise ValueError("more entries than the file can hold")
         for _ in range(n_entries):
             (length,) = struct.unpack_from("<i", data, offset)
+            if not 0 <= length <= len(data) - offset - 12:  # a negative length read the same entry again, for hours
+                raise ValueError("a name length out of the file")
             name = data[offset + 4: offset + 4 + length].decode("utf-8")
             offset += 4 + length
             ncall, nval = struct.unpack_from("<ii", data, offset)
             offset += 8
+            if not 0 <= nval <= (len(data) - offset) // 4:
+                raise ValueError("a value count out of the file")
             sums = np.frombuffer(data, dtype="<f4", count=nval, offset=offset)
             offset += 4 * nval
             values[name] = (sums / ncall if ncall > 0 else sums).astype(np.float32)

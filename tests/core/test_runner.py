@@ -310,6 +310,18 @@ def test_an_input_file_that_cannot_be_read_is_named(project: Path) -> None:
         run_stage("ingest", load_config("config.yaml"))
 
 
+def test_an_input_that_is_not_a_regular_file_is_named_before_it_is_hashed(tmp_path: Path) -> None:
+    """export.imatrix set to a pipe blocked the fingerprint's hash for good, holding the run; /dev/zero never ended."""
+    import os
+
+    from distillery.runner import input_digest
+
+    os.mkfifo(tmp_path / "imatrix.dat")
+    for path in (tmp_path / "imatrix.dat", Path("/dev/zero"), tmp_path):
+        with pytest.raises(UserError, match=r"is not a regular file \(a pipe, a device or a folder\)"):
+            input_digest(path)
+
+
 def resumable_stub(monkeypatch: pytest.MonkeyPatch, seen: list, fail_when: Callable[[Any], bool]) -> None:
     """The ingest stage replaced by a resumable one that records what its partial directory held when it started,
     leaves progress there, and fails (as running out of memory would) where `fail_when(ctx)` says."""

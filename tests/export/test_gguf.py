@@ -183,3 +183,28 @@ def test_an_imatrix_of_another_model_is_refused_before_quantizing(tmp_path: Path
     with pytest.raises(UserError, match=r"im.gguf has 5 values for blk.0.ffn_down.weight, whose rows hold 6 in "
                                         r"model.gguf \(1 of 2 tensors differ\)"):
         gguf_io.check_imatrix({"blk.0.attn_q.weight": ones(4), "blk.0.ffn_down.weight": ones(5)}, model, "im.gguf")
+
+
+def test_an_imatrix_that_lies_about_its_sizes_is_refused_at_once(tmp_path: Path) -> None:
+    """From an adversarial review: a 20-byte .dat whose negative name length read the same entry again (2^31
+    times: hours), and a 16 MB GGUF whose tensors all point at the same bytes (3 GB to read, 'a bug')."""
+    looping = tmp_path / "loop.dat"
+    looping.write_bytes(struct.pack("<i", 2**31 - 1) + struct.pack("<iii", 0, 1, 0) + struct.pack("<i", -12))
+    with pytest.raises(UserError, match="loop.dat is neither a GGUF imatrix nor a legacy .dat imatrix file"):
+        gguf_io.load_imatrix(looping)
+    negative = tmp_path / "negative.dat"
+    negative.write_bytes(struct.pack("<ii", 1, 1) + b"x" + struct.pack("<ii", 1, -1) + b"\0" * 64)
+    with pytest.raises(UserError, match="negative.dat is neither"):
+        gguf_io.load_imatrix(negative)
+
+    def text(value: str) -> bytes:
+        return struct.pack("<Q", len(value.encode())) + value.encode()
+
+    tensors = [(f"blk.{i}.attn_q.weight.{kind}", 4096 if kind == "in_sum2" else 1) for i in range(50)
+               for kind in ("in_sum2", "counts")]
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), 0) + b"".join(
+        text(name) + struct.pack("<IQIQ", 1, n, 0, 0) for name, n in tensors)  # one dim, F32, every one at offset 0
+    shared = tmp_path / "shared.gguf"
+    shared.write_bytes(head + b"\0" * (-len(head) % 32) + np.ones(4096, dtype="<f4").tobytes())
+    with pytest.raises(UserError, match="shared.gguf is not a readable GGUF imatrix .*claim more bytes than the file"):
+        gguf_io.load_imatrix(shared)
