@@ -56,39 +56,39 @@ setup:
 
 # Read every data source into records (runs/<name>/ingest/).
 ingest *args: setup
-    {{py}} -m distillery ingest -c {{config}} "$@"
+    {{py}} -m distillery ingest -c {{quote(config)}} "$@"
 
 # Generate verified reasoning traces with a teacher model.
 distill *args: setup
-    {{py}} -m distillery distill -c {{config}} "$@"
+    {{py}} -m distillery distill -c {{quote(config)}} "$@"
 
 # Render records into prompt/completion pairs.
 format *args: setup
-    {{py}} -m distillery format -c {{config}} "$@"
+    {{py}} -m distillery format -c {{quote(config)}} "$@"
 
 # Train LoRA adapters (Unsloth by default); a killed run resumes.
 finetune *args: setup
-    {{py}} -m distillery finetune -c {{config}} "$@"
+    {{py}} -m distillery finetune -c {{quote(config)}} "$@"
 
 # Score the held-out data and MathQA for the base model, the adapter, the merged model and each GGUF.
 evaluate *args: setup
-    {{py}} -m distillery evaluate -c {{config}} "$@"
+    {{py}} -m distillery evaluate -c {{quote(config)}} "$@"
 
 # Merge, convert and quantize to GGUF, verify.
 export-gguf *args: setup
-    {{py}} -m distillery export -c {{config}} "$@"
+    {{py}} -m distillery export -c {{quote(config)}} "$@"
 
 # Upload the merged model and/or GGUFs with a model card (--dry-run lists what would be uploaded).
 push *args: setup
-    {{py}} -m distillery push -c {{config}} "$@"
+    {{py}} -m distillery push -c {{quote(config)}} "$@"
 
 # Chat with the exported GGUF in llama.cpp (--prompt "..." for one answer).
 chat *args: setup
-    {{py}} -m distillery chat -c {{config}} "$@"
+    {{py}} -m distillery chat -c {{quote(config)}} "$@"
 
 # The whole pipeline on the bundled demo, offline.
 demo *args: setup
-    {{py}} -m distillery run -c {{config}} "$@"
+    {{py}} -m distillery run -c {{quote(config)}} "$@"
 
 # Serve the bundled demo GGUF as an OpenAI-compatible teacher on 127.0.0.1:8000 (distill.teacher.kind: openai,
 # url: http://127.0.0.1:8000/v1). On a GPU box the same client talks to vLLM: `vllm serve <model> --port 8000`.
