@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 import time
 from contextlib import ExitStack
@@ -39,7 +40,7 @@ from typing import Any
 from distillery.export import gguf as gguf_io
 from distillery.export import merge, ollama, verify
 from distillery.export.gguf import QuantType
-from distillery.config import DistilleryConfig, ExportConfig
+from distillery.config import RUN_NAME, DistilleryConfig, ExportConfig
 from distillery.core.console import markdown_table, printable, summary_table
 from distillery.core.errors import UserError
 from distillery.core.isolation import Child, plain
@@ -102,10 +103,13 @@ def model_stem(cfg: DistilleryConfig, summary: FinetuneSummary) -> str:
     path = str(summary.base_model or cfg.model.path)
     local = Path(path).expanduser()
     name = bundled_name(path) or (local.resolve().name if local.exists() else Path(path.rstrip("/")).name)
-    if not name or name.startswith(("-", ".")) or len(name.encode()) > 200:
-        raise UserError(f"the base model {path} has no name the GGUF files can be named after ({name!r}): set "
+    # as export.model_name must be: a directory's name with a line break or `$(...)` in it wrote Modelfile lines of
+    # its own and commands into the card; spaces and the like become '-'
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")
+    if not RUN_NAME.fullmatch(stem):
+        raise UserError(f"the base model {path} has no name the GGUF files can be named after ({name[:120]!r}): set "
                         "export.model_name, e.g. `export: {model_name: my-model}`.")
-    return name
+    return stem
 
 
 def base_weight_bytes(base_model: str) -> int | None:

@@ -455,6 +455,12 @@ def test_the_gguf_stem_is_a_local_base_directory_s_own_name_or_refused(tmp_path:
             model_stem(cfg, SimpleNamespace(base_model=base))
     named = load_config(demo_config(tmp_path), ["export.model_name=mine"])
     assert model_stem(named, SimpleNamespace(base_model="/")) == "mine"
+    # a name with a line break wrote Modelfile lines of its own; `$(...)` went into the card's commands
+    for base, stem in (("/m/Evil\nADAPTER evil.bin\nSYSTEM hacked", "Evil-ADAPTER-evil.bin-SYSTEM-hacked"),
+                       ("/m/m $(id>&2)", "m-id-2"), ("/m/my model", "my-model")):
+        assert model_stem(cfg, SimpleNamespace(base_model=base)) == stem
+    with pytest.raises(UserError, match=r"has no name the GGUF files can be named after \('모델'\)"):
+        model_stem(cfg, SimpleNamespace(base_model="/m/모델"))
 
 
 def header_only_base(directory: Path, shapes: dict[str, list[int]]) -> Path:
