@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+from distillery.core.chat_render import (TEMPLATE_ERRORS, Chat, ChatRenderer, TemplateRefused, TemplateTooCostly,
+                                         describe)
 from distillery.core.console import printable
 from distillery.export.llama_child import MAX_CONTEXT, GGUFLoadError, LlamaChild
 from distillery.config import DistilleryConfig
@@ -46,11 +48,23 @@ def stream_answer(llama: LlamaChild, messages: list[dict[str, str]], max_tokens:
     return llama.stream(_stream_chat, messages, max_tokens, temperature, seed)
 
 
+class ChatTemplateFailed(Exception):
+    """The GGUF's chat template raised on the conversation (its own words, or the error its code ran into)."""
+
+
 def _stream_chat(state: dict[str, Any], emit: Any, messages: list[dict[str, str]], max_tokens: int,
                  temperature: float, seed: int) -> None:
-    """In the llama.cpp child: emit each piece of the streamed chat completion."""
-    for chunk in state["llm"].create_chat_completion(messages=messages, max_tokens=max_tokens,
-                                                     temperature=temperature, seed=seed, stream=True):
+    """In the llama.cpp child: emit each piece of the streamed chat completion (the template renders first)."""
+    from jinja2 import TemplateError
+
+    try:
+        chunks = state["llm"].create_chat_completion(messages=messages, max_tokens=max_tokens,
+                                                     temperature=temperature, seed=seed, stream=True)
+    except (TemplateError, *TEMPLATE_ERRORS, MemoryError) as err:
+        if "context window" in str(err):  # llama-cpp-python's own ValueError: answer() tells it apart
+            raise
+        raise ChatTemplateFailed(describe(err)[:300]) from None
+    for chunk in chunks:
         piece = chunk["choices"][0]["delta"].get("content")
         if piece:
             emit(piece)
@@ -73,6 +87,9 @@ def answer(llama: LlamaChild, console: Any, messages: list[dict[str, str]], max_
         for piece in stream_answer(llama, messages, max_tokens, temperature, seed):
             text += piece
             console.out(for_terminal(piece), end="", highlight=False)  # a model can write an escape sequence
+    except ChatTemplateFailed as err:
+        raise UserError(f"{llama.path.name}: its chat template (tokenizer.chat_template) failed on this "
+                        f"conversation: {err}. Chat with a GGUF that `distillery export` wrote.") from None
     except ValueError as err:  # llama-cpp-python: 'Requested tokens (n) exceed context window of m'
         if "context window" not in str(err) or text:
             raise
@@ -82,14 +99,41 @@ def answer(llama: LlamaChild, console: Any, messages: list[dict[str, str]], max_
 
 
 def open_gguf(path: Path, context: int = CONTEXT) -> LlamaChild:
+    """The GGUF loaded for chat, its chat template first rendered once within a budget (core/chat_render.py: one
+    that loops for ever or builds gigabytes hung chat or ended it as a MemoryError); the renderer's child starts
+    importing while the model loads."""
+    with ChatRenderer() as renderer:
+        try:
+            llama = LlamaChild(path, "chatting with", n_ctx=context)
+        except GGUFLoadError as err:
+            if context > CONTEXT and "context" in str(err):
+                raise UserError(f"{err}: --context {context} asks for a key/value cache of that many tokens; pass a "
+                                f"smaller --context (the default is {CONTEXT}).") from None
+            raise UserError(f"{err}. Chat with a GGUF that `distillery export` wrote (--gguf: a file in the run's "
+                            "export/gguf/ or a type like q8_0).") from None
+        try:
+            probe_template(renderer, llama)
+        except BaseException:
+            llama.close()
+            raise
+    return llama
+
+
+def probe_template(renderer: ChatRenderer, llama: LlamaChild) -> None:
+    """A GGUF chat template that takes more than its budget on one short message is refused; one that raises on it
+    is left to the real conversation, which says so (a template may refuse this message and not the user's)."""
+    template = llama.metadata.get("chat_template")
+    if not template:
+        return
     try:
-        return LlamaChild(path, "chatting with", n_ctx=context)
-    except GGUFLoadError as err:
-        if context > CONTEXT and "context" in str(err):
-            raise UserError(f"{err}: --context {context} asks for a key/value cache of that many tokens; pass a "
-                            f"smaller --context (the default is {CONTEXT}).") from None
-        raise UserError(f"{err}. Chat with a GGUF that `distillery export` wrote (--gguf: a file in the run's "
-                        "export/gguf/ or a type like q8_0).") from None
+        renderer.render([Chat([{"role": "user", "content": "Hello"}], True)], template,
+                        {"bos_token": "", "eos_token": ""})
+    except TemplateTooCostly as err:
+        raise UserError(f"{llama.path.name}: its chat template (tokenizer.chat_template) took more than "
+                        f"{err.budget()} to render one short message: it is broken or hostile. Chat with a GGUF that "
+                        "`distillery export` wrote.") from None
+    except TemplateRefused:
+        pass
 
 
 def check_sampling(max_tokens: int, temperature: float, context: int = CONTEXT) -> None:

@@ -4,7 +4,9 @@ the project writes decoding on this machine's CPU with F16's top-1 token."""
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from distillery.export import gguf as gguf_io
 from distillery.export import verify
 from distillery.export import llama_check
 from distillery.export.llama_child import GGUFLoadError, LlamaChild, has_gguf_magic
+from distillery.core.errors import UserError
 from distillery.core.isolation import NativeCrash
 from tests.evals.test_gguf_backend import bundled_gguf
 from tests.fixtures.adapter_run import demo_config
@@ -223,3 +226,26 @@ def test_every_quant_type_written_from_the_demo_model_decodes_here_and_agrees_wi
         decoded[name] = llama_check.check(path)["text"]
     assert {name: tokens for name, tokens in top1.items() if tokens != top1["f16"]} == {}, top1
     assert all(text.strip() for text in decoded.values()), decoded
+
+
+@pytest.mark.parametrize("template, words", [
+    ("{{ raise_exception('no chat here') }}", "failed on this conversation: ValueError: no chat here"),
+    ("{% for m in messages %}{{ m.content / 0 }}{% endfor %}", "failed on this conversation: TypeError"),
+    ("{% for a in range(99999) %}{% for b in range(99999) %}{% for c in range(99999) %}{% endfor %}{% endfor %}"
+     "{% endfor %}", "took more than 2 s of CPU time to render one short message"),
+])
+def test_a_gguf_chat_template_that_raises_or_never_ends_is_one_message(template: str, words: str, tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    """From an adversarial review: a template that raised ended chat as 'a bug' (exit 1); one that loops hung it."""
+    from rich.console import Console
+
+    from distillery.commands.chat import answer, open_gguf
+    from distillery.core import chat_render
+
+    monkeypatch.setattr(chat_render, "CPU_SECONDS", 2.0)
+    hostile = tmp_path / "hostile.gguf"
+    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(bundled_gguf()), str(hostile),
+                    "--chat-template", template, "--force"], check=True, capture_output=True)
+    with pytest.raises(UserError, match=re.escape(words)):
+        with open_gguf(hostile, 256) as llama:
+            answer(llama, Console(file=io.StringIO()), [{"role": "user", "content": "hi"}], 4, 0.0, 0)
