@@ -219,12 +219,24 @@ def decontamination_sentence(summary: Any) -> str:
     return line + "".join(f" Not checked: {reason}." for reason in summary["not_checked"])
 
 
-def evaluation_section(run: RunDir, ggufs: list[str]) -> list[str]:
-    comparison, verify_path = artifact(run, "evaluate", "comparison_md"), artifact(run, "export", "verify")
+def evaluation_table(cfg: DistilleryConfig, run: RunDir) -> str:
+    """evaluate's comparison.md when that evaluation is the one this config makes, of this export, as evaluate
+    left it; else why the card has none (a comparison.md dropped into evaluate/, or an older evaluation of another
+    model, went into the card as the model's scores)."""
+    comparison = artifact(run, "evaluate", "comparison_md")
+    entry = run.stage_entry("evaluate") or {}
+    if entry.get("status") != "complete" or "attempt" in entry or not comparison.is_file():
+        return "Not evaluated yet (`distillery evaluate` writes the table this section shows)."
+    if run.changed_outputs("evaluate", entry) or first_out_of_date("evaluate", cfg):
+        return ("Not evaluated for this export and config (the last evaluation is of another one, or its files "
+                "changed since): `distillery evaluate` writes the table this section shows.")
     with written_by_its_stage(comparison):
-        table = comparison.read_text(encoding="utf-8").strip() if comparison.is_file() else None
-    lines = ["## Evaluation", "", table or "Not evaluated yet (`distillery evaluate` writes the table this section shows).",
-             "", decontamination_line(run)]
+        return comparison.read_text(encoding="utf-8").strip()
+
+
+def evaluation_section(cfg: DistilleryConfig, run: RunDir, ggufs: list[str]) -> list[str]:
+    verify_path = artifact(run, "export", "verify")
+    lines = ["## Evaluation", "", evaluation_table(cfg, run), "", decontamination_line(run)]
     verify = _read_json(verify_path)
     if verify.get("gguf"):
         with written_by_its_stage(verify_path):
@@ -275,7 +287,7 @@ def build_card(cfg: DistilleryConfig, plan: list[dict[str, Any]], repo_id: str) 
              f"A LoRA fine-tune of {of} made with Distillery, merged into the base model's 16-bit weights")
     intro += " and converted to GGUF with llama.cpp." if ggufs else "."
     body = [f"# {repo_id.split('/')[-1]}", "", intro, "", *training_section(finetune), "",
-            *evaluation_section(run, ggufs), "", "## Files", "",
+            *evaluation_section(cfg, run, ggufs), "", "## Files", "",
             *[f"- `{p['path_in_repo']}` ({p['bytes'] / 2**20:.1f} MiB)" for p in plan], "",
             *usage_section(repo_id, ggufs, bool(data.library_name))]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body).rstrip() + "\n"))
