@@ -336,7 +336,8 @@ class PushConfig(Section):
                                                     description="What to upload: the merged 16-bit model, the GGUFs.")
     gguf_types: list[str] | None = Field(None, description="Only these GGUF types, each one the export writes "
                                          "(default: every exported one).")
-    license: str = Field("apache-2.0", description="License in the model card (a Hub license id).")
+    license: str = Field("apache-2.0", description="License in the model card (a Hub license id: apache-2.0, mit, "
+                         "llama3, other).")
     tags: list[str] = Field(default_factory=list, description="Extra model card tags.")
     datasets: list[str] = Field(default_factory=list, description="Extra Hub dataset ids for the model card.")
     commit_message: str = Field("Upload model from Distillery", description="The Hub commit message.")
@@ -354,6 +355,15 @@ class PushConfig(Section):
             raise ValueError(f"not a Hugging Face Hub repository id ({str(err).split(': ')[0]}): write it as "
                              "your-name/model-name") from None
         return repo_id
+
+    @field_validator("license")
+    @classmethod
+    def _a_hub_license_id(cls, license: str) -> str:
+        """The card's front matter takes it as it is: a line break and '---' made it no license id."""
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]{0,63}", license):
+            raise ValueError("a Hub license id is lowercase letters, digits, '.', '+' and '-', e.g. apache-2.0, mit, "
+                             "llama3 or other (huggingface.co/docs/hub/repositories-licenses)")
+        return license
 
     @field_validator("gguf_types")
     @classmethod

@@ -362,3 +362,13 @@ def test_values_yaml_reads_as_numbers_or_dates_say_to_quote_them_and_long_values
     assert len(str(caught.value)) < 1000 and "100,000 characters" in str(caught.value)
     with pytest.raises(UserError, match="run.root: .*is empty"):
         load_config(config, ["run.root="])
+
+
+@pytest.mark.parametrize("license", ["mit\n---\nevil: 1", "MIT", "Apache 2.0"])
+def test_push_license_is_a_hub_license_id(tmp_path: Path, license: str) -> None:
+    path = tmp_path / "c.yaml"
+    sources = [{"name": "toy", "kind": "hf", "files": "d.jsonl", "format": "messages"}]
+    path.write_text(yaml.safe_dump({"push": {"license": license}, "ingest": {"sources": sources}}), encoding="utf-8")
+    with pytest.raises(UserError, match=r"push.license.*a Hub license id is lowercase letters"):
+        load_config(path)
+    assert load_config(path, ["push.license=cc-by-nc-4.0"]).push.license == "cc-by-nc-4.0"
