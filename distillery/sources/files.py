@@ -6,6 +6,7 @@ import glob
 import os
 import unicodedata
 from pathlib import Path
+from typing import Iterator
 
 from distillery.core.errors import UserError
 from distillery.core.userinput import missing_path
@@ -100,13 +101,25 @@ def glob_matches(pattern: str, suffixes: tuple[str, ...]) -> list[Path]:
     if rest[-1] == "**":  # glob's `dir/**` is every file below; pathlib's, only the folders
         rest.append("*")
     dotted = any(part.startswith(".") for part in rest)
-    return sorted(path for path in base.glob(str(Path(*rest)))
+    return sorted(path for path in bounded(base.glob(str(Path(*rest))), pattern)
                   if (dotted or not any(part.startswith(".") for part in path.relative_to(base).parts))
                   and is_data_file(path, suffixes))
 
 
+MAX_ENTRIES = 1_000_000  # what a directory's walk, or a glob's matches, may count: `files: /` walked the whole disk
+
+
 def walk(directory: Path, suffixes: tuple[str, ...]) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if is_data_file(p, suffixes))
+    return sorted(p for p in bounded(directory.rglob("*"), str(directory)) if is_data_file(p, suffixes))
+
+
+def bounded(paths: Iterator[Path], spec: str) -> Iterator[Path]:
+    """`paths`, refused past MAX_ENTRIES: the whole disk, or a folder of millions of files, is no data folder."""
+    for n, path in enumerate(paths):
+        if n >= MAX_ENTRIES:
+            raise UserError(f"{spec} holds more than {MAX_ENTRIES:,} files and folders: point at the folder or the "
+                            "files that hold the data.")
+        yield path
 
 
 def is_data_file(path: Path, suffixes: tuple[str, ...]) -> bool:

@@ -148,3 +148,15 @@ def test_a_data_file_whose_name_holds_a_control_character_is_refused_shown_escap
     with pytest.raises(UserError, match=rf"path: the file name .*{re.escape(repr(name)[1:-1])}' holds a control "
                                         "character"):
         resolve_paths(str(tmp_path / "d"), XLSX, "path")
+
+
+def test_a_folder_or_glob_of_more_entries_than_any_data_folder_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """`files: /` walked the whole disk."""
+    from distillery.sources import files
+
+    monkeypatch.setattr(files, "MAX_ENTRIES", 5)
+    for i in range(6):
+        (tmp_path / "d" / f"sub{i}").mkdir(parents=True)
+    for spec in (str(tmp_path / "d"), str(tmp_path / "d" / "*")):  # a glob: what it matches
+        with pytest.raises(UserError, match=r"holds more than 5 files and folders: point at the folder"):
+            resolve_paths(spec, XLSX, "path")
