@@ -94,7 +94,7 @@ def find_artifacts(ctx: StageContext) -> list[Artifact]:
         merged = ctx.upstream("export", "merged")
         if (merged / "config.json").is_file():
             found["merged"].append(Artifact("merged", "merged", merged))
-        found["gguf"] = [Artifact(p.stem, "gguf", p) for p in sorted(ctx.upstream("export", "gguf").glob("*.gguf"))]
+        found["gguf"] = exported_ggufs(ctx)
     if wanted == "auto":
         if any(a.name == "trained" for a in found["adapter"]):
             found["merged"] = []  # the same tensors as the trained model (export linked them): scored once
@@ -107,6 +107,19 @@ def find_artifacts(ctx: StageContext) -> list[Artifact]:
         raise UserError("evaluate.artifacts: this run has no " + "; no ".join(where[k] for k in missing)
                         + ". Drop them from the list or use artifacts: auto.")
     return [a for kind in wanted for a in found[kind]]
+
+
+def exported_ggufs(ctx: StageContext) -> list[Artifact]:
+    """The GGUFs export's summary.json lists, as push takes them: a file an earlier export left in gguf/, or one put
+    there by hand, is not this export's model (every *.gguf there was scored)."""
+    summary, folder = ctx.upstream("export", "summary"), ctx.upstream("export", "gguf")
+    try:
+        names = [Path(str(name)).name for name in json.loads(summary.read_text(encoding="utf-8"))["files"].values()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{summary} is not what `distillery export` writes (the GGUFs it made): it was edited or cut "
+                        "short. Run `distillery export --force`.") from None
+    return [Artifact(Path(name).stem, "gguf", folder / name) for name in sorted(set(names))
+            if (folder / name).is_file()]
 
 
 def trained_artifacts(ctx: StageContext, base: str) -> list[Artifact]:

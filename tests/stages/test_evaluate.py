@@ -79,10 +79,31 @@ def context(cfg, project: Path) -> StageContext:
     return StageContext(cfg=cfg, run=RunDir("runs", "t"), out=out, console=Console(quiet=True))
 
 
+def listed_by_export(gguf: Path, *names: str) -> None:
+    """export's summary.json naming these GGUFs as the ones it made (evaluate scores those only)."""
+    (gguf.parent / "summary.json").write_text(json.dumps({"files": {name.split("-")[-1]: name for name in names}}))
+
+
+def test_only_the_ggufs_export_made_are_scored(project: Path) -> None:
+    """Every *.gguf in export/gguf/ was scored: one an earlier export left there, or one put there by hand."""
+    gguf = project / "runs" / "t" / "export" / "gguf"
+    gguf.mkdir(parents=True)
+    for name in ("model-Q4_K_M.gguf", "model-Q8_0.gguf", "dropped-in.gguf"):
+        (gguf / name).write_bytes(b"GGUF")
+    listed_by_export(gguf, "model-Q4_K_M.gguf", "model-Q8_0.gguf")
+    (project / "runs" / "t" / "finetune").mkdir(parents=True)
+    ctx = context(load_config("config.yaml", ["export.enabled=true"]), project)
+    assert [a.name for a in evaluate.exported_ggufs(ctx)] == ["model-Q4_K_M", "model-Q8_0"]
+    (gguf.parent / "summary.json").write_text('{"files": ')
+    with pytest.raises(UserError, match=r"export/summary.json is not what `distillery export` writes"):
+        evaluate.exported_ggufs(ctx)
+
+
 def test_a_gguf_that_does_not_load_is_reported_and_skipped(project: Path) -> None:
     gguf = project / "runs" / "t" / "export" / "gguf"
     gguf.mkdir(parents=True)
     (gguf / "model-Q4_K_M.gguf").write_bytes(b"not a gguf at all")
+    listed_by_export(gguf, "model-Q4_K_M.gguf")
     (project / "runs" / "t" / "finetune").mkdir(parents=True)
     cfg = load_config("config.yaml", ["evaluate.artifacts=auto", "export.enabled=true", "evaluate.limit=2"])
     result = evaluate.run(context(cfg, project))
@@ -145,6 +166,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory, demo_model_path: str) -> 
     AutoTokenizer.from_pretrained(demo_model_path).save_pretrained(export / "merged")
     (export / "gguf").mkdir()
     (export / "gguf" / "SmolLM2-135M-Instruct-Q4_1.gguf").symlink_to(bundled_gguf())
+    listed_by_export(export / "gguf", "SmolLM2-135M-Instruct-Q4_1.gguf")
     from tests.evals.test_heldout import eval_rows, write_eval
 
     tokenizer = AutoTokenizer.from_pretrained(demo_model_path)
@@ -396,6 +418,7 @@ def test_a_gguf_not_scored_is_named_in_the_report_without_mathqa(project: Path) 
     gguf = project / "runs" / "t" / "export" / "gguf"
     gguf.mkdir(parents=True)
     (gguf / "model-Q4_K_M.gguf").write_bytes(b"not a gguf at all")
+    listed_by_export(gguf, "model-Q4_K_M.gguf")
     (project / "runs" / "t" / "finetune").mkdir(parents=True)
     cfg = heldout_only(project, "evaluate.artifacts=auto", "export.enabled=true")
     evaluate.run(context(cfg, project))
