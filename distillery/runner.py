@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import functools
 import os
 import logging
 import shutil
@@ -81,10 +82,18 @@ def input_digest(path: Path) -> str:
     if path_exists(path) and not is_usable_file(path):
         raise UserError(f"{path} is not a regular file (a pipe, a device or a folder): point the setting at a file.")
     try:
-        return sha256_file(path)
+        stat = path.stat()
+        return file_digest(str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
     except OSError as err:
         raise UserError(f"{path} cannot be read ({err.strerror or err}): check the file and its permissions, or take "
                         "it out of the config.") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def file_digest(path: str, *identity: int) -> str:
+    """sha256_file, once in a process for a file as it stands (device, inode, size, modification and change
+    times): push asks whether export's chain and then evaluate's are up to date, and they share the data files."""
+    return sha256_file(Path(path))
 
 
 def without_operational(sections: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:

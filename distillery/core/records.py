@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -130,9 +131,12 @@ SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 def search(pattern: re.Pattern[str], text: str | bytes) -> bool:
     """pattern.search on text, or on bytes with the same pattern as bytes."""
-    if isinstance(text, bytes):
-        return re.search(pattern.pattern.encode("ascii"), text) is not None  # re caches the compiled pattern
-    return pattern.search(text) is not None
+    return (as_bytes(pattern) if isinstance(text, bytes) else pattern).search(text) is not None
+
+
+@functools.cache
+def as_bytes(pattern: re.Pattern[str]) -> re.Pattern[bytes]:
+    return re.compile(pattern.pattern.encode("ascii"))
 
 
 def without_lone_surrogates(value: Any, text: str | bytes) -> Any:
@@ -263,8 +267,9 @@ def read_json_value(path: Path) -> Any:
     streams as a .jsonl does instead of being read whole). Not UTF-8 or not JSON is a UserError."""
     if first_line_is_a_whole_object(path):
         return JSON_LINES
-    if path.stat().st_size > MAX_JSON_FILE_BYTES:
-        raise UserError(f"{path} is {path.stat().st_size / (1 << 20):,.0f} MB; a .json file is read whole, up to "
+    size = path.stat().st_size
+    if size > MAX_JSON_FILE_BYTES:
+        raise UserError(f"{path} is {size / (1 << 20):,.0f} MB; a .json file is read whole, up to "
                         f"{MAX_JSON_FILE_BYTES >> 20} MB. Convert it to JSON Lines (one record a line, read as it "
                         "streams) and name it .jsonl.")
     text = read_utf8(path)

@@ -30,6 +30,15 @@ def unseen_pattern(keep: str = "\t\n") -> re.Pattern:
     return re.compile("[" + re.escape(controls + SEPARATORS) + ranges + "]")
 
 
+CONTROLS = re.compile("[" + re.escape(control_characters("")) + "]")  # every one, line breaks and tabs too
+
+
+def holds_control(text: str) -> bool:
+    """Whether `text` holds a control character (Cc), a line break or a tab included: a name or a value that must
+    stay on its line (a file name in a message, a stop string in a Modelfile's quotes)."""
+    return CONTROLS.search(text) is not None
+
+
 # Terminal escape sequences (CSI, OSC, and two-character ESC sequences): a title, a clipboard write (OSC 52), a
 # cleared screen or a hidden line, from text that only meant to be shown.
 ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?|\x9b[0-?]*[ -/]*[@-~]")

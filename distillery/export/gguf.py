@@ -230,8 +230,9 @@ def load_imatrix(path: Path) -> dict[str, Any]:
     normalised the way llama.cpp's quantize tool does (sums / counts)."""
     if not path.is_file():
         raise UserError(f"export.imatrix: {path} {'is not a file' if path.exists() else 'does not exist'}.")
-    if path.stat().st_size > MAX_IMATRIX_BYTES:
-        raise UserError(f"export.imatrix: {path} is {path.stat().st_size / (1 << 30):.1f} GB, more than any importance "
+    size = path.stat().st_size
+    if size > MAX_IMATRIX_BYTES:
+        raise UserError(f"export.imatrix: {path} is {size / (1 << 30):.1f} GB, more than any importance "
                         f"matrix (at most {MAX_IMATRIX_BYTES >> 30} GB). Compute it again with llama-imatrix.")
     with open(path, "rb") as handle:
         magic = handle.read(4)

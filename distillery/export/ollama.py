@@ -13,12 +13,12 @@ GGUFs are verified and kept either way.
 
 from __future__ import annotations
 
-import unicodedata
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from distillery.core.errors import UserError
+from distillery.core.unseen import holds_control
 
 SYS, U1, A1, U2 = "\x01SYSTEM\x01", "\x01USER1\x01", "\x01ASSISTANT1\x01", "\x01USER2\x01"
 
@@ -133,7 +133,7 @@ def quotable(text: str) -> bool:
     """Whether `text` can stand in a Modelfile's double quotes: no quote, backslash or control character. A
     tokenizer's EOS text is the model's to choose, and one holding `"` and a line break would end the PARAMETER
     line and write Modelfile lines of its own (an ADAPTER, another FROM)."""
-    return not any(ch in '"\\' or unicodedata.category(ch) == "Cc" for ch in text)
+    return not (holds_control(text) or '"' in text or "\\" in text)
 
 
 def build_modelfile(gguf_name: str, template: str, tokenizer: Any, eos_token: str | None) -> str:

@@ -26,7 +26,7 @@ from pydantic import Field
 
 from distillery.sources.files import resolve_paths
 from distillery.sources.registry import Source, SourceParams, SourceReport
-from distillery.sources.text import codepoints, without_controls
+from distillery.sources.text import controls_removed, without_controls
 from distillery.core.errors import UserError
 from distillery.core.records import make_record, read_json_objects
 
@@ -175,8 +175,7 @@ def read(params: CodeIOParams, report: SourceReport) -> Iterator[dict[str, Any]]
             except RecordError as err:
                 report.drop(str(err), where)
     if cleaned:
-        report.note(f"source {params.name}: control characters ({codepoints(''.join(sorted(controls)))}) removed from "
-                    f"{cleaned} record(s)")
+        report.note(controls_removed(f"source {params.name}", controls, cleaned, "record(s)"))
 
 
 SOURCE = Source(kind="codeio", params=CodeIOParams, read=read, files_field="path", suffixes=SUFFIXES)

@@ -38,7 +38,7 @@ from pydantic import Field, StrictInt, StrictStr, ValidationInfo, field_validato
 
 from distillery.sources.files import resolve_paths
 from distillery.sources.registry import Source, SourceParams, SourceReport
-from distillery.sources.text import clean_text, codepoints, name_key, shown, swapped
+from distillery.sources.text import clean_text, controls_removed, name_key, shown, swapped
 from distillery.sources.workbook import (EXCEL_CELL_CHARS, HiddenCells, SheetInfo, Workbooks, column_letter,
                                         shared_workbooks)
 from distillery.core.errors import UserError
@@ -393,8 +393,7 @@ def finish_sheet(path: Path, sheet: str, params: AIHubExcelParams, counts: Sheet
         report.note(f"{path.name} [{sheet}]: {counts.swapped} row(s) with English in {params.source_column} and "
                     f"Korean in {params.target_column} dropped as swapped (the first on Excel row {counts.first_swapped})")
     for column, count in counts.controls.items():
-        report.note(f"{path.name} [{sheet}]: control characters ({codepoints(''.join(sorted(counts.control_chars)))}) "
-                    f"removed from {count} cell(s) in {column}")
+        report.note(controls_removed(f"{path.name} [{sheet}]", counts.control_chars, count, f"cell(s) in {column}"))
     for column, count in counts.coerced.items():
         if count:
             report.note(f"{path.name} [{sheet}]: {count} non-text cell(s) in {column} (numbers/dates) written as text")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import glob
 import os
-import unicodedata
 from pathlib import Path
 from typing import Iterator
 
 from distillery.core.errors import UserError
+from distillery.core.unseen import holds_control
 from distillery.core.userinput import missing_path
 
 
@@ -72,7 +72,7 @@ def utf8_named(path: Path, field: str) -> Path:
     another encoding (a zip made on Korean Windows names its files in CP949) is the user's to rename, shown as CP949
     would read it, and so is one holding a line break or an escape (it would print as other lines or another name
     in every message that names it)."""
-    if any(unicodedata.category(ch) == "Cc" for ch in str(path)):
+    if holds_control(str(path)):
         raise UserError(f"{field}: the file name {str(path)!r} holds a control character (a line break, a tab, an "
                         "escape). Rename it and run again.")
     try:

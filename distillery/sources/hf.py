@@ -12,8 +12,8 @@ Layouts (`format`):
 
 from __future__ import annotations
 
-import math
 import functools
+import math
 import os
 import re
 from pathlib import Path
@@ -23,7 +23,7 @@ from pydantic import Field, field_validator
 
 from distillery.sources.files import resolve_paths
 from distillery.sources.registry import Source, SourceParams, SourceReport
-from distillery.sources.text import clean_values, codepoints, name_key, stripped
+from distillery.sources.text import clean_values, controls_removed, name_key, stripped
 from distillery.core.errors import UserError
 from distillery.core.records import MAX_LINE_BYTES, make_record, read_json_objects
 from distillery.core.userinput import read_utf8
@@ -311,14 +311,6 @@ def read_csv(path: Path, wanted: Wanted = ((), ())) -> Iterator[dict[str, Any]]:
                             "line.") from None
 
 
-def csv_header(path: Path) -> list[str]:
-    """The CSV's first row as written."""
-    import csv
-
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        return next(csv.reader(handle), [])
-
-
 def check_unique_columns(path: Path, names: list[Any]) -> None:
     """Two columns of one name (as names are compared): which one a row's value came from would be a reader's
     choice (pandas takes the first, pyarrow the last), so the file is refused."""
@@ -441,8 +433,7 @@ def records_of(rows: Iterator[tuple[dict[str, Any], dict[str, Any]]], origin: st
     if missing and columns:
         check_columns(list(columns), params, origin)
     if cleaned:
-        report.note(f"{origin}: control characters ({codepoints(''.join(sorted(controls)))}) removed from {cleaned} "
-                    "row(s)")
+        report.note(controls_removed(origin, controls, cleaned, "row(s)"))
 
 
 SOURCE = Source(kind="hf", params=HFDatasetParams, read=read, files_field="files", suffixes=SUFFIXES)

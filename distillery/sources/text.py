@@ -86,6 +86,11 @@ def codepoints(text: str) -> str:
     return " ".join(f"U+{ord(ch):04X}" for ch in text)
 
 
+def controls_removed(where: str, controls: set[str], count: int, what: str) -> str:
+    """The note every source writes for the control characters it removed from `count` `what`s."""
+    return f"{where}: control characters ({codepoints(''.join(sorted(controls)))}) removed from {count} {what}"
+
+
 def shown(name: str) -> str:
     """`name` for a message: as it is when what one sees is what it holds, else with its code points, so that
     two names that look the same but differ (decomposed Hangul, a BOM, a zero-width space) can be told apart."""
