@@ -23,7 +23,7 @@ from pydantic import Field, field_validator
 
 from distillery.sources.files import resolve_paths
 from distillery.sources.registry import Source, SourceParams, SourceReport
-from distillery.sources.text import clean_values, controls_removed, name_key, stripped
+from distillery.sources.text import clean_values, controls_removed, name_key, shown, stripped
 from distillery.core.errors import UserError
 from distillery.core.records import MAX_LINE_BYTES, make_record, read_json_objects
 from distillery.core.userinput import read_utf8
@@ -318,7 +318,7 @@ def check_unique_columns(path: Path, names: list[Any]) -> None:
     repeated = first_repeated(keys)
     if repeated is not None:
         where = [i + 1 for i, key in enumerate(keys) if key == repeated]
-        raise UserError(f"{path}: the column {repeated} appears {len(where)} times (columns "
+        raise UserError(f"{path}: the column {shown(str(names[where[0] - 1]))} appears {len(where)} times (columns "
                         f"{', '.join(map(str, where))}). Rename or remove the extra ones.")
 
 

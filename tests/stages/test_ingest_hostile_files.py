@@ -148,3 +148,12 @@ def test_a_csv_line_with_more_fields_than_its_header_is_named_with_the_fix(tmp_p
                                         "or a line break needs double quotes around it. Fix or remove that line."):
         ingest(tmp_path, {"kind": "hf", "files": path, "format": "columns",
                           "columns": {"user": "INSTRUCTION", "assistant": "RESPONSE"}})
+
+
+def test_header_names_of_only_invisible_characters_are_shown_by_their_code_points(tmp_path: Path) -> None:
+    """Two names that compare as empty were named as `the column  appears 2 times`: nothing to look for."""
+    path = tmp_path / "d.csv"
+    path.write_text("\u200b\u200b,\u2060\nq,a\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"d.csv: the column '\\u200b\\u200b' \[U\+200B U\+200B\] appears 2 times"):
+        ingest(tmp_path, {"kind": "hf", "files": str(path), "format": "columns",
+                          "columns": {"user": "INSTRUCTION", "assistant": "RESPONSE"}})
