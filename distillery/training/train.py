@@ -90,6 +90,8 @@ def generate_samples(model: Any, tokenizer: Any, job: TrainJob) -> list[str]:
     (one decode step for every prompt at once, not one per prompt)."""
     import torch
 
+    from distillery.core.cpu_linear import packed_while_generating
+
     if not job.sample_prompts:
         return []
     backend = backend_of(job.backend)
@@ -101,7 +103,7 @@ def generate_samples(model: Any, tokenizer: Any, job: TrainJob) -> list[str]:
         # the prompts as the template wrote them, any BOS in their text (training/tokens.py)
         encoded = tokenizer(job.sample_prompts, return_tensors="pt", padding=True,
                             add_special_tokens=False).to(model.device)
-        with torch.no_grad():
+        with torch.no_grad(), packed_while_generating(model):  # on a CPU in fp32: 2-4x faster a token
             output = model.generate(**encoded, max_new_tokens=job.finetune.sample_max_new_tokens,
                                     do_sample=False, use_cache=True, eos_token_id=eos_id,
                                     pad_token_id=tokenizer.pad_token_id)

@@ -122,3 +122,57 @@ def test_each_original_weight_is_freed_once_it_is_packed(tiny_dir: Path, monkeyp
     monkeypatch.setattr(cpu_linear, "packed_linear_class", lambda: Watching)
     assert pack_linears(model) == len(originals)
     assert alive_when_packing == list(range(len(originals), 0, -1))  # the one being packed and those not yet
+
+
+def lora_model(tiny_dir: Path, **settings):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **settings)  # B != 0
+    torch.manual_seed(0)
+    return get_peft_model(load(tiny_dir), config)
+
+
+def swapped(model) -> int:
+    return sum("forward" in vars(m) for m in model.modules())
+
+
+def test_while_generating_a_lora_model_in_training_runs_packed_merged_layers_and_is_restored_after(
+        tiny_dir: Path) -> None:
+    import torch
+
+    from distillery.core.cpu_linear import packed_while_generating
+
+    model = lora_model(tiny_dir)
+    ids = torch.randint(0, 257, (2, 30), generator=torch.Generator().manual_seed(1))
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=256)
+    with torch.no_grad():
+        logits, answers = model(input_ids=ids).logits, model.generate(input_ids=ids[:, :7], **kwargs)
+        with packed_while_generating(model) as count:
+            # 2 layers x (q, v) LoRA layers from their merged weights; k o gate up down and the output layer
+            assert count == swapped(model) == 2 * 2 + 2 * 5 + 1
+            assert torch.allclose(model(input_ids=ids).logits, logits, atol=1e-4, rtol=1e-4)
+            assert torch.equal(model.generate(input_ids=ids[:, :7], **kwargs), answers)
+        assert swapped(model) == 0 and torch.equal(model(input_ids=ids).logits, logits)
+        with pytest.raises(RuntimeError), packed_while_generating(model):
+            raise RuntimeError("generation failed")
+        assert swapped(model) == 0
+
+
+def test_while_generating_trained_weights_dora_and_an_unaffordable_copy_are_left_alone(
+        tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from distillery.core import machine
+    from distillery.core.cpu_linear import packed_while_generating
+
+    full = load(tiny_dir)
+    full.lm_head.weight.requires_grad_(False)  # every other weight trains: a full fine-tune's are never packed
+    with torch.no_grad(), packed_while_generating(full) as count:
+        assert count == 1 and "forward" in vars(full.lm_head)
+    dora = lora_model(tiny_dir, use_dora=True)
+    with torch.no_grad(), packed_while_generating(dora) as count:
+        assert count == 2 * 5 + 1  # DoRA's layers run as PEFT computes them
+    monkeypatch.setattr(machine, "available_memory", lambda: 10_000)  # less than twice the frozen weights
+    with torch.no_grad(), packed_while_generating(lora_model(tiny_dir)) as count:
+        assert count == 0
