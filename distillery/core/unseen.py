@@ -26,11 +26,16 @@ def unseen_pattern(keep: str = "\t\n") -> re.Pattern:
     those in `keep`, the ignorables (zero-width characters, bidi overrides and isolates), the separators and
     lone surrogates (which no UTF-8 output can even write)."""
     controls = control_characters(keep)
-    ranges = "".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in (*IGNORABLE_RANGES, (0xD800, 0xDFFF)))
-    return re.compile("[" + re.escape(controls + SEPARATORS) + ranges + "]")
+    return re.compile("[" + re.escape(controls + SEPARATORS) + class_ranges((*IGNORABLE_RANGES, (0xD800, 0xDFFF))) + "]")
+
+
+def class_ranges(ranges: tuple[tuple[int, int], ...]) -> str:
+    """Code point ranges (first, last) as the inside of a regular expression's character class."""
+    return "".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges)
 
 
 CONTROLS = re.compile("[" + re.escape(control_characters("")) + "]")  # every one, line breaks and tabs too
+IGNORABLE = re.compile("[" + class_ranges(IGNORABLE_RANGES) + "]")  # the ignorables alone: controls stay separators
 
 
 def holds_control(text: str) -> bool:

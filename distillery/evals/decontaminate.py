@@ -11,7 +11,9 @@ A training record is contaminated when it shares an n-gram with an evaluation te
 
 An n-gram that many training records of one source and task share (more than 10, or more than a quarter of them)
 is boilerplate, a prompt template or a stock phrase, not a copied evaluation item: it is not counted (GPT-3
-ignored 13-grams found in more than 10 training documents for the same reason).
+ignored 13-grams found in more than 10 training documents for the same reason). A record that holds an evaluation
+item whole (its normalized words in a row) is contaminated however many records do: distilled traces repeat their
+problem in every sampled answer.
 
 Only the evaluation side is held: a sorted array of the 64-bit hashes of its n-grams. Training records stream
 past it once, in batches, and keep nothing but their hits.
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from distillery.core.errors import UserError
+from distillery.core.unseen import IGNORABLE
 from distillery.core.userinput import is_usable_file
 from distillery.evals.mathqa import LOCAL_SUFFIXES, LoadReport, is_local, load_items
 from distillery.sources.files import resolve_paths
@@ -57,7 +60,8 @@ def words_and_hangul(text: str) -> tuple[list[str], str]:
     its Hangul words run together."""
     if text.isascii():  # the same words, five times faster
         return text.encode().translate(ASCII_WORD_BYTES).decode().split(), ""
-    words = WORD.findall(unicodedata.normalize("NFKC", text).lower())
+    # characters that show nothing (a zero-width space, a soft hyphen from a web page) would split a word in two
+    words = WORD.findall(unicodedata.normalize("NFKC", IGNORABLE.sub("", text)).lower())
     return words, "".join(filter(HANGUL.search, words))
 
 
@@ -85,6 +89,11 @@ def ngrams(texts: list[str], sizes: Sizes) -> list[Any]:
         for paragraph in text.split("\n\n"):
             found += paragraph_ngrams(paragraph, sizes)
     return found
+
+
+def joined_words(texts: list[str]) -> str:
+    """All the words of some texts (words_and_hangul), one space between each two."""
+    return " ".join(word for text in texts for word in words_and_hangul(text)[0])
 
 
 def record_texts(record: dict[str, Any]) -> list[str]:
@@ -145,6 +154,7 @@ class Index:
 
         self.sizes = sizes
         self.items: list[tuple[str, str]] = []  # item number -> (set name, item id)
+        self.texts: list[list[str]] = []  # item number -> its texts
         self.summaries: list[SetSummary] = []
         hashes, owners = array("q"), array("q")
         for evaluation in sets:
@@ -155,27 +165,47 @@ class Index:
                 hashes.extend(map(hash, grams))
                 owners.extend(itertools.repeat(len(self.items), len(grams)))
                 self.items.append((evaluation.name, item_id))
+                self.texts.append(texts)
             self.summaries.append(SetSummary(evaluation.name, len(evaluation.items), len(hashes) - before, too_short))
         self.hashes, first = np.unique(np.frombuffer(hashes, dtype=np.int64), return_index=True)
         self.owners = np.frombuffer(owners, dtype=np.int64)[first]
+        self.owned = np.bincount(self.owners, minlength=len(self.items))  # item number -> entries it owns
 
     def __len__(self) -> int:
         return len(self.hashes)
 
-    def hits(self, hashes: array, counts: list[int], dead: np.ndarray) -> list[tuple[int, int]]:
-        """(record number in the batch, entry) for each distinct n-gram of a record found in the index and not
-        dead (already known boilerplate)."""
+    def hits(self, hashes: array, counts: list[int]) -> dict[int, list[int]]:
+        """The entries (distinct n-grams found in the index) of each record of a batch that has any, by its number
+        in the batch."""
         import numpy as np
 
         if not len(hashes) or not len(self.hashes):
-            return []
+            return {}
         wanted = np.frombuffer(hashes, dtype=np.int64)
         entries = np.minimum(np.searchsorted(self.hashes, wanted), len(self.hashes) - 1)
-        found = (self.hashes[entries] == wanted) & ~dead[entries]
-        if not found.any():
-            return []
-        records = np.repeat(np.arange(len(counts)), counts)[found]
-        return sorted(set(zip(records.tolist(), entries[found].tolist())))
+        found = self.hashes[entries] == wanted
+        by_record: dict[int, list[int]] = {}
+        if found.any():
+            records = np.repeat(np.arange(len(counts)), counts)[found]
+            for number, entry in sorted(set(zip(records.tolist(), entries[found].tolist()))):
+                by_record.setdefault(number, []).append(entry)
+        return by_record
+
+    def copied_whole(self, texts: list[str], entries: list[int]) -> Overlap | None:
+        """The first item the record holds whole, its normalized words in a row: of the items every one of whose
+        own n-grams the record shares (a template's item is one too), the one whose text is in the record's."""
+        import numpy as np
+
+        owners, shared = np.unique(self.owners[entries], return_counts=True)
+        candidates = [int(owner) for owner, count in zip(owners, shared) if count == self.owned[owner]]
+        if not candidates:
+            return None
+        record = f" {joined_words(texts)} "
+        owner = next((owner for owner in candidates if f" {joined_words(self.texts[owner])} " in record), None)
+        if owner is None:
+            return None
+        set_name, item_id = self.items[owner]
+        return Overlap(set_name, item_id, "the whole text")
 
     def overlap(self, texts: list[str], entries: list[int]) -> Overlap:
         """What a training record shares with the evaluation sets: with the first item (by set, then item) that
@@ -204,6 +234,7 @@ def find_contaminated(index: Index, records: Iterable[tuple[int, dict[str, Any]]
     per_task: Counter = Counter()
     hits: dict[int, tuple[str, list[int]]] = {}
     texts_of: dict[int, list[str]] = {}
+    found = {}
     for batch in batched(records, BATCH):
         hashes, counts = array("q"), []
         for _, record in batch:
@@ -211,16 +242,19 @@ def find_contaminated(index: Index, records: Iterable[tuple[int, dict[str, Any]]
             before = len(hashes)
             hashes.extend(map(hash, ngrams(record_texts(record), index.sizes)))
             counts.append(len(hashes) - before)
-        for number, entry in index.hits(hashes, counts, dead):
+        for number, entries in index.hits(hashes, counts).items():
             position, record = batch[number]
-            key = (record["task"], entry)
-            shared[key] += 1
-            if shared[key] > BOILERPLATE:
-                dead[entry] = True
+            if whole := index.copied_whole(record_texts(record), entries):
+                found[position] = whole  # not counted as sharing: copies of an item do not make it boilerplate
                 continue
-            hits.setdefault(position, (record["task"], []))[1].append(entry)
-            texts_of[position] = record_texts(record)
-    found = {}
+            for entry in entries:
+                key = (record["task"], entry)
+                shared[key] += 1
+                if dead[entry] or shared[key] > BOILERPLATE:
+                    dead[entry] = True
+                    continue
+                hits.setdefault(position, (record["task"], []))[1].append(entry)
+                texts_of[position] = record_texts(record)
     for position, (task, entries) in hits.items():
         real = [entry for entry in entries if not dead[entry] and shared[(task, entry)] <= boilerplate_limit(per_task[task])]
         if real:

@@ -50,6 +50,27 @@ def test_an_edited_copy_is_found_and_a_template_shared_by_many_records_is_not() 
     assert found[0].set == "test" and found[0].item == "test:1" and found[0].gram.startswith('13-gram "')
 
 
+def test_an_item_copied_whole_into_many_records_is_found_in_every_one() -> None:
+    """Distilled traces repeat their problem in each sampled answer: 14 or more copies made every n-gram of the item
+    boilerplate and none was dropped. A template's item, held whole by no record (its own question differs), still
+    counts as boilerplate."""
+    item = ("a shopkeeper sold an article offering a discount of 5 % and earned a profit of 31.1 % . what would "
+            "have been the percentage of profit earned if no discount had been offered ?")
+    index = Index([EvaluationSet("test", [("test:1", [item]), ("test:2", [TEMPLATE.format("is 7 prime?")])])], SIZES)
+    copies = [record(i, "Problem: " + item.title(), f"Attempt {i}: the answer is {i}.") for i in range(40)]
+    templated = [record(40 + i, TEMPLATE.format(f"is {i} even?"), task="code") for i in range(30)]
+    found = find_contaminated(index, copies + templated)
+    assert sorted(found) == list(range(40))
+    assert {(o.item, o.gram) for o in found.values()} == {("test:1", "the whole text")}
+
+
+def test_characters_that_show_nothing_do_not_split_a_word() -> None:
+    """A zero-width space, a soft hyphen, a word joiner or a BOM inside a word made it two: every n-gram changed."""
+    assert words_and_hangul("sho\u200bpkeeper dis\u00adcount pro\u2060fit \ufeffsold") == (
+        ["shopkeeper", "discount", "profit", "sold"], "")
+    assert words_and_hangul("한\u200b강 공원") == (["한강", "공원"], "한강공원")
+
+
 def test_in_a_small_source_an_ngram_shared_by_most_records_of_a_task_is_boilerplate() -> None:
     index = Index([EvaluationSet("held-out", [("r9", [TEMPLATE.format("sort a list")])])], SIZES)
     records = [record(i, TEMPLATE.format(f"task number {i}"), task="code") for i in range(4)]

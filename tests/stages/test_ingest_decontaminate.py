@@ -67,8 +67,10 @@ def test_planted_mathqa_test_items_are_dropped_verbatim_or_lightly_edited(tmp_pa
     reasons = dropped_reasons()
     assert sorted(reasons) == [1, 2, 16, 23, 24]  # the four planted MathQA rows and the planted question
     test_line = {1: 1, 2: 3, 23: 4, 24: 8, 16: 7}  # where each came from in test.jsonl
+    whole = {1, 16, 24}  # copied whole, case and spacing aside; the others edited, found by a 13-gram they keep
     for line, reason in reasons.items():
-        assert reason.startswith('contaminated: evaluate.data test.jsonl, 13-gram "'), reason
+        found_by = "the whole text" if line in whole else '13-gram "'
+        assert reason.startswith(f"contaminated: evaluate.data test.jsonl, {found_by}"), reason
         assert reason.endswith(f" of test.jsonl:{test_line[line]}"), reason
     report = json.loads(Path("runs/demo/ingest/report.json").read_text())
     mathqa, gsm = report["sources"]
