@@ -42,6 +42,8 @@ from distillery.stage import Stage, StageContext, StageResult
 
 log = logging.getLogger(__name__)
 
+# A record's JSON line: 128k tokens of English are about 0.5 MB. Format's tokenizer takes some 275 times a text's size.
+MAX_RECORD_BYTES = 2 << 20
 OUTPUTS = {"train": "train.jsonl", "eval": "eval.jsonl", "dropped": "dropped.jsonl", "report": "report.json",
            "report_md": "report.md"}
 
@@ -94,11 +96,24 @@ def read_sources(cfg: DistilleryConfig, console, directory: Path) -> list[tuple[
     return per_source
 
 
-def cap(rows: SourceRows, limit: int | None, seed: int, report: SourceReport) -> list[int]:
-    """Positions of a seeded sample of at most `limit` records; the rest are dropped with the reason."""
-    if not limit or len(rows) <= limit:
-        return list(range(len(rows)))
-    ranked = sorted(range(len(rows)), key=lambda i: rank(seed, rows.ids[i]))
+def within_size(rows: SourceRows, report: SourceReport) -> list[int]:
+    """Positions of the records of at most MAX_RECORD_BYTES; each larger one is dropped with its size. One 30 MB
+    record took 4 GB to decontaminate and 8 GB to tokenize in format, and ended each as a crash."""
+    kept = []
+    for i, length in enumerate(rows.lengths):
+        if length <= MAX_RECORD_BYTES:
+            kept.append(i)
+        else:
+            report.drop(f"record over {MAX_RECORD_BYTES >> 20} MB", {"id": rows.ids[i], **rows.where(i)},
+                        f"{length:,} bytes, more than any model's context holds: split it into shorter records")
+    return kept
+
+
+def cap(rows: SourceRows, positions: list[int], limit: int | None, seed: int, report: SourceReport) -> list[int]:
+    """Of `positions`, those of a seeded sample of at most `limit` records; the rest are dropped with the reason."""
+    if not limit or len(positions) <= limit:
+        return positions
+    ranked = sorted(positions, key=lambda i: rank(seed, rows.ids[i]))
     for i in ranked[limit:]:
         report.drop("over max_records", {"id": rows.ids[i], **rows.where(i)})
     return sorted(ranked[:limit])
@@ -240,7 +255,8 @@ def run(ctx: StageContext) -> StageResult:
     try:
         per_source = read_sources(cfg, ctx.console, directory)
         reports = [report for _, report in per_source]
-        kept = [cap(rows, src.max_records, seed, report) for (rows, report), src in zip(per_source, cfg.ingest.sources)]
+        kept = [cap(rows, within_size(rows, report), src.max_records, seed, report)
+                for (rows, report), src in zip(per_source, cfg.ingest.sources)]
         if cfg.ingest.dedupe:
             kept = dedupe([rows for rows, _ in per_source], kept, reports)
         splits = [split(rows, positions, cfg.ingest.eval_fraction) for (rows, _), positions in zip(per_source, kept)]

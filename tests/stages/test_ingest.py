@@ -25,9 +25,9 @@ def rec(source: str, i: int, answer: str | None = None) -> dict:
 def test_cap_keeps_a_seeded_sample_and_reports_the_rest(tmp_path: Path) -> None:
     rows = source_rows([rec("s", i) for i in range(10)], tmp_path)
     report = SourceReport("s")
-    kept = cap(rows, 4, seed=1, report=report)
+    kept = cap(rows, everything(rows), 4, seed=1, report=report)
     assert len(kept) == 4 and report.dropped["over max_records"] == 6
-    assert kept == cap(rows, 4, 1, SourceReport("s"))
+    assert kept == cap(rows, everything(rows), 4, 1, SourceReport("s"))
     assert kept == sorted(kept)  # original order kept
     assert {d["row"] for d in report.dropped_rows} == set(range(10)) - set(kept)  # where each dropped one was
 
@@ -137,6 +137,22 @@ def test_a_source_never_reads_this_runs_own_directory(tmp_path: Path, monkeypatc
     status, result, _ = run_stage("ingest", config)
     assert status == "done" and result.metrics["train"] == 1
     assert [r["meta"]["file"] for r in read_jsonl(Path("runs/demo/ingest/train.jsonl"))] == ["d.jsonl"]
+
+
+def test_a_record_longer_than_any_context_is_dropped_with_its_size(tmp_path: Path, monkeypatch) -> None:
+    """One 30 MB record took 4 GB to decontaminate and 8 GB to tokenize in format, and ended each as a crash
+    (MemoryError, or the tokenizer's abort). Past 2 MB a record is dropped before either, with its size."""
+    monkeypatch.chdir(tmp_path)
+    rows = [{"q": f"question {i}?", "a": f"answer {i}."} for i in range(6)]
+    rows.insert(3, {"q": "a " * 1_100_000, "a": "ok"})  # 2.2 MB
+    Path("d.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    status, result, _ = run_stage("ingest", load_config(write_source_config([
+        {"name": "one", "kind": "hf", "files": "d.jsonl", "format": "columns", "columns": {"user": "q", "assistant": "a"}}])))
+    assert status == "done" and result.metrics["train"] == 6
+    dropped = list(read_jsonl(Path("runs/demo/ingest/dropped.jsonl")))
+    assert len(dropped) == 1 and dropped[0]["line"] == 4
+    assert dropped[0]["reason"].startswith("record over 2 MB, 2,200,")
+    assert dropped[0]["reason"].endswith(" bytes, more than any model's context holds: split it into shorter records")
 
 
 def test_names_that_look_like_markup_are_printed_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
