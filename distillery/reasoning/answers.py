@@ -47,6 +47,7 @@ import atexit
 import logging
 import re
 import threading
+import unicodedata
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -115,9 +116,14 @@ def after_reasoning(text: str) -> str:
 def answer_region(text: str) -> str:
     """What follows the reasoning (after_reasoning), at most its last MAX_CHARS characters, as a reader sees it:
     a typographic minus (U+2212, as LaTeX-to-Unicode and some teachers write it) is "-" (its number would otherwise
-    lose the sign), and characters that show nothing (a zero-width space or a soft hyphen inside "1\u200b000") are
-    dropped, so the number is not read as two."""
-    return INVISIBLE.sub("", after_reasoning(text)[-MAX_CHARS:]).replace("\u2212", "-")
+    lose the sign), characters that show nothing (a zero-width space or a soft hyphen inside "1\u200b000") are
+    dropped, so the number is not read as two, and digits of other scripts (fullwidth ４２, Arabic-Indic ٤٢) are
+    ASCII digits, which math-verify reads."""
+    region = INVISIBLE.sub("", after_reasoning(text)[-MAX_CHARS:]).replace("\u2212", "-")
+    return region if region.isascii() else OTHER_DIGIT.sub(lambda digit: str(unicodedata.decimal(digit[0])), region)
+
+
+OTHER_DIGIT = re.compile(r"(?![0-9])\d")  # a decimal digit (Unicode Nd) of any script but ASCII
 
 
 # ---- finding the answer (plain regular expressions: cheap, safe in this process) ---------------------------------

@@ -61,6 +61,8 @@ def test_gsm_samples_the_reference_answer_and_a_reply_ending_in_it_are_right_and
     ("#### Step 1\nAdd them up.\n#### Final answer\nThe answer is **5**.", "5", "the answer is", "5"),
     ("The answer is 1\u200b000.", "#### 1000", "the answer is", "1000"),  # a zero-width space shows nothing
     ("#### 12\u00ad345", "12,345", "####", "12345"),  # nor does a soft hyphen
+    ("The answer is ４２.", "#### 42", "the answer is", "42"),  # fullwidth digits, as a CJK keyboard writes them
+    ("The answer is 42.", "#### \u0664\u0662", "the answer is", "42"),  # Arabic-Indic digits in the reference
 ])
 def test_answers_written_in_other_forms_are_equal(prediction: str, reference: str, how: str, predicted: str) -> None:
     check = check_math(prediction, reference)
