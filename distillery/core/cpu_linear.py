@@ -120,9 +120,12 @@ def generation_swaps(model: Any) -> list[tuple[Any, Any]]:
     if not (lora_layers or plain) or free is None or size > free // 2 or not packed_linear_available():
         return []
     cls = packed_linear_class()
-    with torch.no_grad():
-        swaps = [(m, cls(m.get_base_layer(), merged_lora_weight(m))) for m in lora_layers]
-        return swaps + [(m, cls(m)) for m in plain]
+    try:
+        with torch.no_grad():
+            return [(m, cls(m.get_base_layer(), merged_lora_weight(m))) for m in lora_layers] + [(m, cls(m)) for m in plain]
+    except (RuntimeError, MemoryError) as err:  # samples are not worth a failed run: they are generated as they were
+        log.info("generating without packed weights: %s", err)
+        return []
 
 
 def frozen_fp32_cpu(linear: Any) -> bool:

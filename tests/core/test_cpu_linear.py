@@ -176,3 +176,18 @@ def test_while_generating_trained_weights_dora_and_an_unaffordable_copy_are_left
     monkeypatch.setattr(machine, "available_memory", lambda: 10_000)  # less than twice the frozen weights
     with torch.no_grad(), packed_while_generating(lora_model(tiny_dir)) as count:
         assert count == 0
+
+
+def test_a_packing_that_fails_leaves_generation_as_it_was(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Samples are generated after minutes of training: a failure to pack is no reason to lose the run."""
+    import torch
+
+    from distillery.core import cpu_linear
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("mkldnn: unsupported shape")
+
+    monkeypatch.setattr(cpu_linear, "packed_linear_class", lambda: refuse)
+    model = lora_model(tiny_dir)
+    with torch.no_grad(), cpu_linear.packed_while_generating(model) as count:
+        assert count == 0 == swapped(model)
