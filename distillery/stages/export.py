@@ -45,7 +45,7 @@ from distillery.core.console import markdown_table, printable, summary_table
 from distillery.core.errors import UserError
 from distillery.core.isolation import Child, plain
 from distillery.core.machine import available_memory
-from distillery.core.models import bundled_name
+from distillery.core.models import CONFIG_ERRORS, bundled_name
 from distillery.core.plots import figure
 from distillery.core.summaries import FinetuneSummary
 from distillery.core.rundir import atomic_write_text
@@ -70,7 +70,11 @@ def training_template(ctx: StageContext, adapter_dir: Path) -> tuple[str, str, A
     """(chat template, EOS token, tokenizer) of training, from the adapter's tokenizer."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    except CONFIG_ERRORS as err:  # a file cut short or edited by hand
+        raise UserError(f"the adapter's tokenizer in {adapter_dir} cannot be loaded ({type(err).__name__}: "
+                        f"{' '.join(str(err).split())[:200]}); rerun `distillery finetune --force`.") from None
     template, eos = tokenizer.chat_template, tokenizer.eos_token
     if not template or not eos:
         raise UserError(f"the adapter's tokenizer in {adapter_dir} has no chat template or EOS; rerun "

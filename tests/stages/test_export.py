@@ -600,3 +600,20 @@ def test_the_card_names_the_datasets_the_run_s_ingest_read_not_a_later_config_s(
     later = load_config(demo_config(tmp_path), ["ingest.sources.1.files=null", "ingest.sources.1.dataset=other/set",
                                                 "push.datasets=[me/extra]"])
     assert card_datasets(later, run) == ["openai/gsm8k", "me/extra"]
+
+
+def test_an_adapter_tokenizer_cut_short_is_one_message_naming_it(tmp_path: Path, demo_model_path: str) -> None:
+    """A tokenizer.json cut short in the adapter ended export as 'an unexpected JSONDecodeError ... a bug'."""
+    import shutil
+
+    from distillery.stages.export import training_template
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(demo_model_path) / name).is_file():
+            shutil.copy(Path(demo_model_path) / name, adapter / name)
+    (adapter / "tokenizer.json").write_bytes((adapter / "tokenizer.json").read_bytes()[:1000])
+    with pytest.raises(UserError, match=rf"the adapter's tokenizer in {re.escape(str(adapter))} cannot be loaded "
+                                        r"\(JSONDecodeError: .*\); rerun `distillery finetune --force`"):
+        training_template(None, adapter)
