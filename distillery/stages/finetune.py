@@ -38,6 +38,7 @@ from distillery.stage import Stage, StageContext, StageResult, load_stage
 from distillery.training.preflight import (
     check_accelerate_config,
     check_completions_fit,
+    check_eval_rows_fit,
     check_full_finetune_memory,
     check_multiple_choice,
     check_target_modules,
@@ -47,6 +48,7 @@ from distillery.training.preflight import (
     cuda_available,
     cuda_bf16,
     locate_model,
+    prompts_that_fit,
     refuse_quantized_base,
 )
 
@@ -100,7 +102,7 @@ def build_job(ctx: StageContext, model_path: str, template: str, meta: dict, eva
         precision=precision, optimizer=choose_optimizer(ft.optimizer, cuda), max_length=ctx.cfg.format.max_length,
         seed=ctx.cfg.run.seed, template=template, eos_token=meta["eos_token"], finetune=ft,
         trust_remote_code=ctx.cfg.model.trust_remote_code,
-        sample_prompts=[r["prompt"] for r in eval_rows[:ft.sample_prompts]],
+        sample_prompts=prompts_that_fit(eval_rows, ft.sample_prompts, tokenizer, ctx.cfg.format.max_length),
         **teacher_of(ctx, tokenizer),
     )
 
@@ -291,6 +293,8 @@ def run(ctx: StageContext) -> StageResult:
         check_multiple_choice(train_rows)
     else:
         check_completions_fit(train_rows, tokenizer, job.max_length)
+        if ft.eval_steps and (note := check_eval_rows_fit(eval_rows, tokenizer, job.max_length, ft.eval_steps)):
+            ctx.console.print(printable(note))
     result = train(job, ft, ctx)
     rows = read_metrics(ctx.out / OUTPUTS["metrics"])
     title = (f"{ft.backend} full fine-tune" if ft.method == "full" else f"{ft.backend} LoRA r={ft.lora.r}") \

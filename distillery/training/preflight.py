@@ -170,6 +170,35 @@ def check_completions_fit(rows: list[dict], tokenizer: Any, max_length: int) -> 
                         "system_prompt).")
 
 
+def check_eval_rows_fit(rows: list[dict], tokenizer: Any, max_length: int, eval_steps: int) -> str | None:
+    """eval_loss is read from the eval examples that keep a completion token within max_length (TRL drops the
+    others quietly): none is a UserError, before the model loads (the run trained with no eval_loss and said
+    nothing); some is a note, returned."""
+    kept = completion_tokens_kept(rows, tokenizer, max_length)
+    lost = [r["id"] for r, k in zip(rows, kept) if k == 0]
+    if not lost:
+        return None
+    if len(lost) == len(rows):
+        raise UserError(f"finetune.eval_steps is {eval_steps}, but all {len(rows)} of format's eval examples lose their "
+                        f"whole completion to format.max_length {max_length} (e.g. id {lost[0]}), so no eval loss "
+                        "can be computed. Raise format.max_length, or unset eval_steps.")
+    return (f"finetune: {len(lost)} of {len(rows)} eval examples lose their whole completion to format.max_length "
+            f"{max_length} (e.g. id {lost[0]}); eval_loss leaves them out")
+
+
+def prompts_that_fit(rows: list[dict], count: int, tokenizer: Any, max_length: int) -> list[str]:
+    """The first `count` eval prompts that leave room for a completion token within max_length, for the samples
+    generated before and after training: one of 36k tokens at max_length 64 asked for 10 GB of attention and ended
+    the run after it had trained."""
+    chosen: list[str] = []
+    for row in rows:
+        if len(chosen) == count:
+            break
+        if tokens.completion_tokens_kept(tokenizer, row["prompt"], row["completion"], max_length) > 0:
+            chosen.append(row["prompt"])
+    return chosen
+
+
 def check_multiple_choice(rows: list[dict]) -> None:
     if not any(r.get("choices") for r in rows):
         raise UserError("finetune.objective multiple_choice needs math_mc training rows (with choices and label); "

@@ -95,6 +95,25 @@ def test_a_prompt_that_leaves_exactly_one_completion_token_is_accepted(word_toke
         check_completions_fit(rows, word_tokenizer, max_length=5)
 
 
+def test_eval_rows_and_sample_prompts_are_those_with_room_for_a_completion(word_tokenizer) -> None:
+    """A held-out prompt of 36k tokens at max_length 64 went to sample generation, which asked for 10 GB and ended
+    the run after training; eval rows that all lost their completion gave no eval_loss and no word of why."""
+    from distillery.training.preflight import check_eval_rows_fit, prompts_that_fit
+
+    long = {"id": "long", "prompt": "Q: " + "long " * 12 + "A: ", "completion": "four </s>"}
+    short = [{"id": f"s{i}", "prompt": f"Q: {i} plus {i} A: ", "completion": "more </s>"} for i in range(3)]
+    rows = [long, *short]
+    assert prompts_that_fit(rows, 2, word_tokenizer, max_length=8) == [short[0]["prompt"], short[1]["prompt"]]
+    assert prompts_that_fit(rows, 5, word_tokenizer, max_length=20) == [r["prompt"] for r in rows]
+    assert check_eval_rows_fit(rows, word_tokenizer, 20, eval_steps=2) is None
+    assert check_eval_rows_fit(rows, word_tokenizer, 8, eval_steps=2) == (
+        "finetune: 1 of 4 eval examples lose their whole completion to format.max_length 8 (e.g. id long); eval_loss "
+        "leaves them out")
+    with pytest.raises(UserError, match=r"finetune.eval_steps is 2, but all 4 of format's eval examples lose their "
+                                        r"whole completion to format.max_length 3 \(e.g. id long\), so no eval loss"):
+        check_eval_rows_fit(rows, word_tokenizer, 3, eval_steps=2)
+
+
 def write_format_dir(directory: Path, train: list[dict]) -> Path:
     directory.mkdir(parents=True)
     (directory / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train), encoding="utf-8")
