@@ -236,14 +236,18 @@ def answer_within_context(llama: LlamaChild, console: Any, messages: list[dict[s
 
 
 def held_out_question(cfg: DistilleryConfig) -> tuple[str, str] | None:
-    """The shortest held-out user question of the run (ingest's eval split) and its reference answer."""
+    """The shortest held-out user question of the run and its reference answer: of ingest's eval records, those
+    format kept (it drops one whose text holds a special token's: that question, chatted, would be turns of its
+    own, as llama.cpp's chat reads special tokens in it)."""
     from distillery.core.records import read_jsonl
 
-    path = artifact(RunDir(cfg.run.root, cfg.run.name), "ingest", "eval")
-    if not path.is_file():
+    run = RunDir(cfg.run.root, cfg.run.name)
+    path, formatted = artifact(run, "ingest", "eval"), artifact(run, "format", "eval")
+    if not (path.is_file() and formatted.is_file()):
         return None
+    kept = {row["id"] for row in read_jsonl(formatted)}
     pairs = [(r["messages"][-2]["content"], r["messages"][-1]["content"]) for r in read_jsonl(path)
-             if len(r["messages"]) >= 2 and r["messages"][-2]["role"] == "user"]
+             if r["id"] in kept and len(r["messages"]) >= 2 and r["messages"][-2]["role"] == "user"]
     return min(pairs, key=lambda qa: len(qa[0])) if pairs else None
 
 
