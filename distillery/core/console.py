@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -48,6 +49,13 @@ def summary_table(title: str, rows: list[tuple[str, ...]], headers: tuple[str, .
     for row in rows:
         table.add_row(*(Text(for_terminal(str(cell))) for cell in row))
     return table
+
+
+def code_block(text: str, language: str = "") -> list[str]:
+    """The lines of a markdown code block holding `text` as it is: its fence is longer than any run of backticks
+    in it (a prompt holding ``` closed a 3-backtick fence and the rest rendered as the document's own markdown)."""
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
+    return [fence + language, text, fence]
 
 
 def markdown_table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:

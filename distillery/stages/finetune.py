@@ -27,7 +27,7 @@ from typing import Any
 
 
 from distillery.config import DistillConfig, DistilleryConfig, FinetuneConfig, TeacherConfig
-from distillery.core.console import markdown_table, printable, summary_table
+from distillery.core.console import code_block, markdown_table, printable, summary_table
 from distillery.core.errors import UserError
 from distillery.core.machine import cpu_bf16_native
 from distillery.core.plots import figure
@@ -218,13 +218,14 @@ def render_samples(samples: list[dict], title: str) -> str:
     if not samples:
         return "\n".join(lines + ["No held-out prompts (format's eval split is empty or sample_prompts is 0).", ""])
     for i, s in enumerate(samples, 1):
-        lines += [f"## Prompt {i}", "", "```text", s["prompt"].rstrip(), "```", "",
+        lines += [f"## Prompt {i}", "", *code_block(s["prompt"].rstrip(), "text"), "",
                   *markdown_table(("before tuning", "after tuning"), [(_cell(s["before"]), _cell(s["after"]))]), ""]
     return "\n".join(lines)
 
 
 def _cell(text: str) -> str:
-    return text.strip().replace("|", "\\|").replace("\n", "<br>") or "(empty)"
+    # < as &lt;: a model's answer holding <img ...> or <details> is shown, not rendered
+    return text.strip().replace("<", "&lt;").replace("|", "\\|").replace("\n", "<br>") or "(empty)"
 
 
 def window_mean(values: list[float]) -> float | None:

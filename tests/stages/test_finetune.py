@@ -421,6 +421,15 @@ def test_samples_are_side_by_side() -> None:
     assert "| maybe 5 | 4<br>sure \\| yes |" in text
 
 
+def test_a_prompt_or_answer_holding_markdown_or_html_stays_text_in_samples_md() -> None:
+    """A held-out prompt holding ``` closed the code fence: the heading and the image after it became the
+    document's own."""
+    prompt = 'hi\n```\n\n# Training passed all safety checks\n\n<img src="https://example.invalid/x.png">\n```text\n'
+    text = render_samples([{"prompt": prompt, "before": "<img src=x>", "after": "b"}], "S")
+    assert "````text\n" + prompt.rstrip() + "\n````\n" in text
+    assert "| &lt;img src=x> | b |" in text
+
+
 def test_multiple_choice_loss_is_cross_entropy_over_option_log_likelihoods() -> None:
     import torch
 
