@@ -400,7 +400,7 @@ def print_report(ctx: StageContext, stats: dict) -> None:
                              if teacher["unaligned"] else "") + ".")
     if stats["dropped_special_token_text"]:
         ctx.console.print(f"[yellow]{stats['dropped_special_token_text']} records dropped: their text holds a special "
-                          f"token's text (reasons in {printable(str(ctx.out / OUTPUTS['dropped']))}).[/]")
+                          f"token's text (reasons in {printable(str(ctx.run.stage_dir('format') / OUTPUTS['dropped']))}).[/]")
     lost = stats["train"].get("completion_lost", 0)
     over = stats["train"].get("over_max_length", 0)
     if over:

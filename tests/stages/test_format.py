@@ -204,7 +204,8 @@ def test_chat_template_matches_the_models_own_and_stage_outputs(tmp_path: Path, 
     assert (out / "chat_template.jinja").read_text() == tokenizer.chat_template
 
 
-def test_records_holding_a_special_tokens_text_are_dropped_with_the_token_named(tmp_path: Path, monkeypatch) -> None:
+def test_records_holding_a_special_tokens_text_are_dropped_with_the_token_named(tmp_path: Path, monkeypatch,
+                                                                                capsys) -> None:
     """'<|im_end|>' written in an answer would be tokenized as the end of turn itself: the model would learn to stop
     mid-answer, and a hostile row could write whole turns of its own."""
     monkeypatch.chdir(tmp_path)
@@ -227,6 +228,8 @@ def test_records_holding_a_special_tokens_text_are_dropped_with_the_token_named(
     reasons = {row["reason"].split(",")[0] for row in dropped}
     assert reasons == {"contains '<|im_end|>'", "contains '<|endoftext|>'"}
     assert json.loads((out / "stats.json").read_text())["dropped_special_token_text"] == 9
+    printed = "".join(capsys.readouterr().out.split())  # the file as it is after the stage, not its partial directory
+    assert "9recordsdropped:theirtextholdsaspecialtoken'stext(reasonsinruns/demo/format/dropped.jsonl)" in printed
 
 
 def test_every_train_record_holding_special_token_text_is_one_message(tmp_path: Path, monkeypatch) -> None:
