@@ -114,30 +114,28 @@ def score_artifact(model: Any, items: list[HeldoutItem], generate: list[HeldoutI
     `temperature` from the `top_p` nucleus."""
     from distillery.evals import tasks
 
-    position = {item.id: k for k, item in enumerate(items)}
-    logprobs, replies = model.score_and_generate(*sequences(items), [position[item.id] for item in generate],
+    position = {id(item): k for k, item in enumerate(items)}  # by the item itself: ids repeat without ingest's dedupe
+    logprobs, replies = model.score_and_generate(*sequences(items), [position[id(item)] for item in generate],
                                                  max_new_tokens, batch_size, eos_id, samples,
                                                  temperature if samples > 1 else 0.0, top_p, progress)
     pairs = nll_pairs(logprobs, items)
-    answered = {items[k].id: sample_replies for k, sample_replies in replies.items()}
     rows = [{"id": item.id, "task": item.task, "nll": round(nll, 6), "tokens": n} for item, (nll, n) in zip(items, pairs)]
     scores: dict[str, Any] = {}
     for task in sorted({i.task for i in items}):
         members = [k for k, item in enumerate(items) if item.task == task]
         scores[task] = {"items": len(members), **loss_summary([pairs[k] for k in members])}
-        asked = [items[k] for k in members if items[k].id in answered]
+        asked = [k for k in members if k in replies]
         if not asked:
             continue
-        kind = tasks.kind_of(task, [item.record for item in asked], [item.reference for item in asked])
-        verdicts = [[tasks.check_item(kind, item.record, item.reference, reply, limits) for reply in answered[item.id]]
-                    for item in asked]
+        kind = tasks.kind_of(task, [items[k].record for k in asked], [items[k].reference for k in asked])
+        verdicts = [[tasks.check_item(kind, items[k].record, items[k].reference, reply, limits) for reply in replies[k]]
+                    for k in asked]
         scores[task].update({"generated": len(asked), **tasks.sample_metrics(
-            kind, task, [i.reference for i in asked], [answered[i.id] for i in asked], verdicts)})
+            kind, task, [items[k].reference for k in asked], [replies[k] for k in asked], verdicts)})
         if samples > 1 and kind in CORRECTNESS_KINDS:
             scores[task][f"pass@{samples}"] = round(sum(any(x["correct"] for x in v) for v in verdicts) / len(asked), 4)
-        for item, item_verdicts in zip(asked, verdicts):
-            row = rows[next(k for k in members if items[k].id == item.id)]
-            row.update({"replies": answered[item.id], "verdicts": item_verdicts})
+        for k, item_verdicts in zip(asked, verdicts):
+            rows[k].update({"replies": replies[k], "verdicts": item_verdicts})
     scores["overall"] = {"items": len(items), **loss_summary(pairs)}
     return scores, rows
 

@@ -172,6 +172,20 @@ def test_an_artifact_is_scored_per_task_with_its_metric(tmp_path: Path, demo_mod
     assert all(len(r["replies"]) == 2 and len(r["verdicts"]) == 2 for r in rows)
 
 
+def test_items_that_share_an_id_are_each_answered_and_scored() -> None:
+    """Without ingest's dedupe two held-out records can share an id: one was answered, its reply counted twice
+    ('generated: 5' with 4 replies) and the other's row had none."""
+
+    class Answering:  # answers item k with "reply k": what a model returns, by position
+        def score_and_generate(self, token_lists, starts, answer, *args):
+            return [-1.0] * len(token_lists), {k: [f"reply {k}"] for k in answer}
+
+    items = [heldout.HeldoutItem(item_id, "other", [1, 2], [3], "ref", {}) for item_id in ("a", "dup", "dup")]
+    scores, rows = heldout.score_artifact(Answering(), items, items, 0, 8, 1, 0.0, 2, None)
+    assert scores["other"]["generated"] == 3
+    assert [row["replies"] for row in rows] == [["reply 0"], ["reply 1"], ["reply 2"]]
+
+
 def test_a_gguf_past_the_bound_is_marked() -> None:
     results = {"merged": {"qa": {"loss": 1.0, "metric": "accuracy", "accuracy": 0.5}},
                "m-Q4_K_M": {"qa": {"loss": 1.05, "metric": "accuracy", "accuracy": 0.5}},
