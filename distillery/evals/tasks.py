@@ -84,7 +84,10 @@ def check_item(kind: str, record: dict[str, Any], reference: str, reply: str, li
         from distillery.reasoning.verifiers import VERIFIERS
 
         verdict = VERIFIERS[CODEIO_VERIFIERS[record["task"]]](record, after_reasoning(reply), limits)
-        return {"correct": verdict.ok, "how": record["task"], "answer": verdict.answer}
+        # why it failed, and how the sandboxed run ended: a record whose reference code never returns shows as such
+        sandbox = verdict.details.get("sandbox", {}).get("status")
+        return {"correct": verdict.ok, "how": record["task"], "answer": verdict.answer,
+                **({"error": verdict.feedback} if not verdict.ok else {}), **({"sandbox": sandbox} if sandbox else {})}
     if kind == "text":
         return {"correct": normalized(after_reasoning(reply)) == normalized(reference), "how": "exact match"}
     return {"correct": None, "how": "chrF++/BLEU"}

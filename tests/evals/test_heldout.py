@@ -56,6 +56,20 @@ def test_each_task_gets_its_checker() -> None:
     assert kind("qa", ["so 4.\n#### 4", "so $\\boxed{5}$", "Blue."]) == "math"
 
 
+def test_a_codeio_verdict_keeps_why_it_failed_and_how_the_sandboxed_run_ended() -> None:
+    """A held-out record whose reference code fails scored as a wrong answer with the reason gone: nothing in
+    heldout_items.jsonl told a broken record from a wrong reply."""
+    from distillery.reasoning.sandbox import Limits
+
+    record = {"task": "code_io_input", "meta": {"refcode": "def f(a):\n    raise ValueError('broken record')",
+                                                "funcname": "f", "io_input": {"a": 1}, "io_output": 1}}
+    verdict = tasks.check_item("codeio", record, "1", 'So {"input": {"a": 1}}', Limits())
+    assert verdict == {"correct": False, "how": "code_io_input", "answer": {"a": 1}, "sandbox": "error",
+                       "error": 'Running the code on the predicted input {"a": 1} failed: ValueError: broken record'}
+    unanswered = tasks.check_item("codeio", {**record, "task": "code_io_output"}, "1", "no idea", Limits())
+    assert unanswered["error"].startswith("No final answer was found") and "sandbox" not in unanswered
+
+
 def test_a_checker_is_chosen_only_where_the_name_and_the_records_call_for_it() -> None:
     """A word of the name, not a substring, makes a math task, and only with answers to compare; records without
     what a checker reads (CodeI/O++'s `code_io`, a math_mc task of plain pairs) get exact match and chrF++, which
