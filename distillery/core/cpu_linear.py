@@ -7,8 +7,9 @@ for a teacher-forced batch (216 vs 156 GFLOPS at 1,024 rows) and 4x faster for a
 `pack_linears` swaps a model's plain `nn.Linear` modules for `PackedLinear`s that hold the oneDNN-packed weight
 instead of the original (memory stays the same, except for an output layer tied to the embeddings, which is packed
 as a copy). `packed_while_generating` does the same for a model in training, for the length of a generation: packed
-copies beside the weights, a LoRA layer's from its merged weight, all dropped on exit. The op is torch's own (`torch.ops.mkldnn`, what torch.compile's CPU freezing uses), not a public API:
-where this torch lacks it, or it disagrees with `nn.Linear` on a probe, nothing is swapped.
+copies beside the weights, a LoRA layer's from its merged weight, all dropped on exit. The op is torch's own
+(`torch.ops.mkldnn`, what torch.compile's CPU freezing uses), not a public API: where this torch lacks it, or it
+disagrees with `nn.Linear` on a probe, nothing is swapped.
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ def generation_swaps(model: Any) -> list[tuple[Any, Any]]:
     cls = packed_linear_class()
     try:
         with torch.no_grad():
-            return [(m, cls(m.get_base_layer(), merged_lora_weight(m))) for m in lora_layers] + [(m, cls(m)) for m in plain]
+            merged = [(m, cls(m.get_base_layer(), merged_lora_weight(m))) for m in lora_layers]
+            return merged + [(m, cls(m)) for m in plain]
     except (RuntimeError, MemoryError) as err:  # samples are not worth a failed run: they are generated as they were
         log.info("generating without packed weights: %s", err)
         return []

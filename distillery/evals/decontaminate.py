@@ -155,6 +155,7 @@ class Index:
         self.sizes = sizes
         self.items: list[tuple[str, str]] = []  # item number -> (set name, item id)
         self.texts: list[list[str]] = []  # item number -> its texts
+        self.joined_of: dict[int, str] = {}  # item number -> its joined words, once asked for (copied_whole)
         self.summaries: list[SetSummary] = []
         hashes, owners = array("q"), array("q")
         for evaluation in sets:
@@ -201,11 +202,17 @@ class Index:
         if not candidates:
             return None
         record = f" {joined_words(texts)} "
-        owner = next((owner for owner in candidates if f" {joined_words(self.texts[owner])} " in record), None)
+        owner = next((owner for owner in candidates if f" {self.joined(owner)} " in record), None)
         if owner is None:
             return None
         set_name, item_id = self.items[owner]
         return Overlap(set_name, item_id, "the whole text")
+
+    def joined(self, owner: int) -> str:
+        """An item's joined_words, worked out once: a template's item is a candidate for every record using it."""
+        if owner not in self.joined_of:
+            self.joined_of[owner] = joined_words(self.texts[owner])
+        return self.joined_of[owner]
 
     def overlap(self, texts: list[str], entries: list[int]) -> Overlap:
         """What a training record shares with the evaluation sets: with the first item (by set, then item) that

@@ -399,8 +399,9 @@ def print_report(ctx: StageContext, stats: dict) -> None:
                           + (f"; {teacher['unaligned']} not found in their tokens (cross-entropy only)"
                              if teacher["unaligned"] else "") + ".")
     if stats["dropped_special_token_text"]:
+        listed = ctx.run.stage_dir("format") / OUTPUTS["dropped"]  # where it is once the stage is done
         ctx.console.print(f"[yellow]{stats['dropped_special_token_text']} records dropped: their text holds a special "
-                          f"token's text (reasons in {printable(str(ctx.run.stage_dir('format') / OUTPUTS['dropped']))}).[/]")
+                          f"token's text (reasons in {printable(str(listed))}).[/]")
     lost = stats["train"].get("completion_lost", 0)
     over = stats["train"].get("over_max_length", 0)
     if over:

@@ -159,10 +159,14 @@ def completion_tokens_kept(rows: list[dict], tokenizer: Any, max_length: int) ->
     return [tokens.completion_tokens_kept(tokenizer, r["prompt"], r["completion"], max_length) for r in rows]
 
 
+def completions_lost(rows: list[dict], tokenizer: Any, max_length: int) -> list[str]:
+    """The ids of the examples that keep no completion token within max_length."""
+    return [r["id"] for r, kept in zip(rows, completion_tokens_kept(rows, tokenizer, max_length)) if kept == 0]
+
+
 def check_completions_fit(rows: list[dict], tokenizer: Any, max_length: int) -> None:
     """Every example must keep >= 1 trained token; otherwise say how many would lose their whole completion."""
-    kept = completion_tokens_kept(rows, tokenizer, max_length)
-    lost = [r["id"] for r, k in zip(rows, kept) if k == 0]
+    lost = completions_lost(rows, tokenizer, max_length)
     if lost:
         raise UserError(f"format.max_length {max_length} is shorter than the prompts: {len(lost)} of {len(rows)} "
                         f"training examples would lose their whole completion (e.g. id {lost[0]}). Raise "
@@ -174,8 +178,7 @@ def check_eval_rows_fit(rows: list[dict], tokenizer: Any, max_length: int, eval_
     """eval_loss is read from the eval examples that keep a completion token within max_length (TRL drops the
     others quietly): none is a UserError, before the model loads (the run trained with no eval_loss and said
     nothing); some is a note, returned."""
-    kept = completion_tokens_kept(rows, tokenizer, max_length)
-    lost = [r["id"] for r, k in zip(rows, kept) if k == 0]
+    lost = completions_lost(rows, tokenizer, max_length)
     if not lost:
         return None
     if len(lost) == len(rows):
