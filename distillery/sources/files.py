@@ -23,7 +23,8 @@ def resolve_paths(spec: str | list[str], suffixes: tuple[str, ...], field: str,
     """Expand `spec` into a sorted list of files ending in one of `suffixes`.
 
     A directory contributes its matching files (recursively); a glob its matches with such a suffix (`data/*` by a
-    README: the workbooks); a plain path must exist. A name that exists as written is that file or directory even
+    README: the workbooks); a plain path must exist. Distillery runs inside a directory or below a glob's folder
+    are left out (`files: .` in a project takes the user's files, not every run's outputs); a file named is read. A name that exists as written is that file or directory even
     where it holds glob characters ("[AI-Hub] 1_구어체.xlsx", "[AI-Hub]/*.xlsx"), unless as a pattern it would also
     take other files: that is refused as ambiguous. Files in `exclude` (the run's own directory) are left out.
     Junk files (is_junk) are never read, and a file reached twice (through a symlink, or a `**` glob that
@@ -41,7 +42,7 @@ def resolve_paths(spec: str | list[str], suffixes: tuple[str, ...], field: str,
         path = Path(item).expanduser()
         kind = existing_kind(path, item, field)
         if glob.has_magic(item):
-            matches = kept(glob_matches(str(path), suffixes))
+            matches = kept(outside_runs(glob_matches(str(path), suffixes), literal_base(str(path))))
             itself = os.path.realpath(path)
             others = [m for m in matches if not inside(m, itself)] if kind is not None else []
             if others:
@@ -57,7 +58,7 @@ def resolve_paths(spec: str | list[str], suffixes: tuple[str, ...], field: str,
                                 "into: copy it elsewhere first.")
             files.append(path)
         elif kind == "directory":
-            walked = kept(walk(path, suffixes))
+            walked = kept(outside_runs(walk(path, suffixes), path))
             files.extend(no_empty(walked, f"the directory {item} holds", field, suffixes))
         elif os.path.exists(path):
             raise UserError(f"{field}: {item} is neither a file nor a directory (a pipe, a device or a socket): "
@@ -94,16 +95,42 @@ def glob_matches(pattern: str, suffixes: tuple[str, ...]) -> list[Path]:
     out unless the pattern's part starts with a dot). The leading folders without glob characters, or the longest
     one that exists as written (a folder named "[AI-Hub]"), are taken literally. A `**` does not enter linked
     folders, as a directory's walk does not: two links of a folder to itself made glob's `**` list 2^40 paths."""
-    parts = Path(pattern).parts
-    literal = next(n for n, part in enumerate(parts) if glob.has_magic(part))
-    literal = next((n for n in range(len(parts) - 1, literal, -1) if os.path.isdir(Path(*parts[:n]))), literal)
-    base, rest = Path(*parts[:literal]) if literal else Path("."), list(parts[literal:])
+    base = literal_base(pattern)
+    rest = list(Path(pattern).parts[len(base.parts) if base != Path(".") else 0:])
     if rest[-1] == "**":  # glob's `dir/**` is every file below; pathlib's, only the folders
         rest.append("*")
     dotted = any(part.startswith(".") for part in rest)
     return sorted(path for path in bounded(base.glob(str(Path(*rest))), pattern)
                   if (dotted or not any(part.startswith(".") for part in path.relative_to(base).parts))
                   and is_data_file(path, suffixes))
+
+
+def literal_base(pattern: str) -> Path:
+    """A glob's leading folders without glob characters, or the longest one that exists as written (a folder named
+    "[AI-Hub]"); "." when the first part is a pattern."""
+    parts = Path(pattern).parts
+    literal = next(n for n, part in enumerate(parts) if glob.has_magic(part))
+    literal = next((n for n in range(len(parts) - 1, literal, -1) if os.path.isdir(Path(*parts[:n]))), literal)
+    return Path(*parts[:literal]) if literal else Path(".")
+
+
+def outside_runs(paths: list[Path], top: Path) -> list[Path]:
+    """`paths` less those inside a Distillery run (a folder holding a run's manifest.json) below `top`."""
+    from distillery.core.rundir import is_run_manifest
+
+    runs: dict[Path, bool] = {}
+
+    def in_a_run(path: Path) -> bool:
+        for folder in path.parents:
+            if folder == top or folder == Path("."):
+                return False
+            if folder not in runs:
+                runs[folder] = is_run_manifest(folder / "manifest.json")
+            if runs[folder]:
+                return True
+        return False
+
+    return [path for path in paths if not in_a_run(path)]
 
 
 MAX_ENTRIES = 1_000_000  # what a directory's walk, or a glob's matches, may count: `files: /` walked the whole disk

@@ -122,12 +122,14 @@ def test_a_source_never_reads_this_runs_own_directory(tmp_path: Path, monkeypatc
                                                        spec: str) -> None:
     """`files: .` in a project holding runs/ read back the shards ingest was writing there, without end (180 MB in
     20 s): the run's own directory is left out of a folder or a glob, and a file in it named outright is refused
-    (it would be replaced as it is read)."""
+    (it would be replaced as it is read). Other runs are left out of a folder or a glob too: a second run
+    (`--set run.name=try1`) read the first run's report.json as data and stopped on it."""
     monkeypatch.chdir(tmp_path)
     row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     Path("d.jsonl").write_text(json.dumps(row) + "\n", encoding="utf-8")
-    run_stage("ingest", load_config(write_source_config([{"name": "one", "kind": "hf", "files": "d.jsonl",
-                                                          "format": "messages"}])))
+    one = write_source_config([{"name": "one", "kind": "hf", "files": "d.jsonl", "format": "messages"}])
+    run_stage("ingest", load_config(one))
+    run_stage("ingest", load_config(one, ["run.name=old"]))
     config = load_config(write_source_config([{"name": "all", "kind": "hf", "files": spec, "format": "messages"}]))
     if spec.startswith("runs/"):
         with pytest.raises(UserError, match=r"ingest.sources.0.files \(all\): runs/demo/ingest/train.jsonl is in "
@@ -137,6 +139,8 @@ def test_a_source_never_reads_this_runs_own_directory(tmp_path: Path, monkeypatc
     status, result, _ = run_stage("ingest", config)
     assert status == "done" and result.metrics["train"] == 1
     assert [r["meta"]["file"] for r in read_jsonl(Path("runs/demo/ingest/train.jsonl"))] == ["d.jsonl"]
+    report = json.loads(Path("runs/demo/ingest/report.json").read_text(encoding="utf-8"))
+    assert [source["read"] for source in report["sources"]] == [1]  # not the other run's train.jsonl, deduped
 
 
 def test_a_record_longer_than_any_context_is_dropped_with_its_size(tmp_path: Path, monkeypatch) -> None:
