@@ -219,25 +219,25 @@ def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[st
     try:
         result = stage.run(StageContext(cfg=cfg, run=run, out=partial, console=console, force=force))
         final = run.publish(name)
+        # inside: a disk that fills as the finished stage is recorded is the user's to free, as one while it ran
+        run.update_stage(name, {
+            "status": "complete",
+            "fingerprint": fp,
+            "inputs": inputs,
+            "outputs": describe_outputs(final),
+            "metrics": result.metrics,
+            "summary": [list(row) for row in result.summary],
+            "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+            "finished": _now(),
+            "seconds": round(time.time() - started, 2),
+        })
     except BaseException as err:
-        failure = full_disk(err, run)
+        failure = storage_failure(err, run)
         record_failure(run, stage, fp, inputs, failure)
         if failure is err:
             raise
         raise failure from None
-    seconds = time.time() - started
-    run.update_stage(name, {
-        "status": "complete",
-        "fingerprint": fp,
-        "inputs": inputs,
-        "outputs": describe_outputs(final),
-        "metrics": result.metrics,
-        "summary": [list(row) for row in result.summary],
-        "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
-        "finished": _now(),
-        "seconds": round(seconds, 2),
-    })
-    return "done", result, seconds
+    return "done", result, time.time() - started
 
 
 def prepare_run_dir(run: RunDir, name: str, keep: bool, config_dump: dict) -> None:
@@ -248,6 +248,7 @@ def prepare_run_dir(run: RunDir, name: str, keep: bool, config_dump: dict) -> No
         if is_run_manifest(folder / "manifest.json"):
             raise UserError(f"{folder} holds another Distillery run (its manifest.json), which this stage would "
                             f"replace: move that run out of {run.path} first.")
+    run.remove_replaced(name)
     try:
         if os.path.lexists(partial) and not (keep and partial.is_dir() and not partial.is_symlink()):
             remove_path(partial)  # a leftover of another config (never resumed from), or a link: only the link goes
@@ -257,14 +258,25 @@ def prepare_run_dir(run: RunDir, name: str, keep: bool, config_dump: dict) -> No
         raise unwritable(run.path, err.strerror or str(err)) from None
 
 
-def full_disk(err: BaseException, run: RunDir) -> BaseException:
-    """A disk or a quota that filled up while a stage wrote is the user's to fix, not a bug: a UserError saying so
-    (the stage's partial files go, as for any failure); any other error as it is."""
-    if not (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)):
+# What the system refuses to store, and what to do about it: the user's to fix, not a bug.
+STORAGE_REFUSALS = {
+    errno.ENOSPC: ("the disk is full", "Free some space"),
+    errno.EDQUOT: ("the disk quota is used up", "Free some space or raise the quota"),
+    errno.EFBIG: ("a file grew past the largest size allowed for one file (the shell's `ulimit -f`, or the file "
+                  "system's own limit)", "Raise the limit (`ulimit -f unlimited`) or set run.root on another disk"),
+    errno.EROFS: ("the file system is read-only", "Set run.root to a directory on a writable disk"),
+}
+
+
+def storage_failure(err: BaseException, run: RunDir) -> BaseException:
+    """A disk or quota that filled up, a file-size limit or a read-only disk met while a stage wrote: a UserError
+    saying which and what to do (the stage's partial files go, as for any failure); any other error as it is."""
+    if not (isinstance(err, OSError) and err.errno in STORAGE_REFUSALS):
         return err
+    what, remedy = STORAGE_REFUSALS[err.errno]
     where = f" while writing {err.filename}" if err.filename else f" under {run.path}"
-    return UserError(f"the disk is full ({err.strerror}{where}). Free some space and run the same command again: "
-                     "the stages that finished are kept.")
+    return UserError(f"{what} ({err.strerror}{where}). {remedy} and run the same command again: the stages that "
+                     "finished are kept.")
 
 
 def record_failure(run: RunDir, stage: Stage, fp: str, inputs: dict, err: BaseException) -> None:

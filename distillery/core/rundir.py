@@ -15,6 +15,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -23,8 +24,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from distillery.core.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -53,16 +57,27 @@ def package_versions(names: tuple[str, ...]) -> dict[str, str]:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to a temporary file beside `path`, then rename it over `path`."""
+    """Write text to a temporary file beside `path`, then rename it over `path`; with the permissions a file the
+    user makes gets (mkstemp's are the owner's alone: a shared run's manifest.json was unreadable to the group)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it (os.umask can only set it, racing other threads)."""
+    try:
+        status = Path("/proc/self/status").read_text(encoding="ascii")
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        return 0o022
 
 
 def describe_outputs(directory: Path) -> dict[str, dict[str, Any]]:
@@ -102,7 +117,10 @@ class RunDir:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             handle = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        except FileExistsError:  # a file where the directory goes
+        except FileExistsError:  # a file where the directory goes, or a link to nothing
+            if self.path.is_symlink():
+                raise UserError(f"the run directory {self.path} is a symbolic link to {os.readlink(self.path)}, which "
+                                "does not exist: make that folder, or remove the link.") from None
             raise unwritable(self.path, os.strerror(errno.ENOTDIR)) from None
         except OSError as err:
             raise unwritable(self.path, err.strerror or str(err)) from None
@@ -166,14 +184,19 @@ class RunDir:
     def load_manifest(self) -> dict[str, Any]:
         """The manifest; one that is not a Distillery run's (another program's manifest.json, a damaged file) is a
         UserError naming it."""
-        if not self.manifest_path.is_file():
+        if not os.path.lexists(self.manifest_path):
             return {"stages": {}}
+        if not self.manifest_path.is_file():  # a folder there made a run of any folder, and its files went
+            raise self.not_a_run("it is not a file (a folder, a device or a broken link)")
         try:
             manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as err:
             raise self.not_a_run(f"it cannot be read as JSON: {type(err).__name__}") from None
         if not run_manifest_shape(manifest):
             raise self.not_a_run("it is not one Distillery wrote: no \"stages\" object of stage entries")
+        for stage, entry in manifest["stages"].items():
+            if (problem := entry_problem(entry)) is not None:
+                raise self.not_a_run(f"the entry of stage {stage!r} is damaged ({problem})")
         return manifest
 
     def not_a_run(self, why: str) -> UserError:
@@ -227,19 +250,38 @@ class RunDir:
                 self.update_stage(stage, {**entry, "outputs": {**entry["outputs"], **retimed}})
         return changed
 
+    def replaced_dir(self, stage: str) -> Path:
+        """Where a stage's previous artifacts go while its new ones are moved into place (`publish`)."""
+        return self.path / f".{stage}.old"
+
+    def remove_replaced(self, stage: str) -> None:
+        """The previous artifacts a `publish` could not remove (a folder in them made read-only): named, with the
+        fix, before the stage runs again; the run directory itself is writable."""
+        replaced = self.replaced_dir(stage)
+        try:
+            remove_path(replaced)
+        except OSError as err:
+            raise UserError(f"{replaced} holds the artifacts {stage} replaced last time, and it cannot be removed "
+                            f"({err.strerror or err}): make it writable and remove it (`chmod -R u+w {replaced} && "
+                            f"rm -rf {replaced}`), then run the command again.") from None
+
     def publish(self, stage: str) -> Path:
         """Move the partial directory into place, replacing the previous artifacts only now that it is done. What
-        stood there goes; a symbolic link put there goes as a link (what it points to is not the run's)."""
-        final, partial = self.stage_dir(stage), self.partial_dir(stage)
-        old = self.path / f".{stage}.old"
+        stood there goes; a symbolic link put there goes as a link (what it points to is not the run's). Previous
+        artifacts that cannot be removed stay aside, with a warning: the new ones are in place."""
+        final, partial, replaced = self.stage_dir(stage), self.partial_dir(stage), self.replaced_dir(stage)
+        self.remove_replaced(stage)
         try:
-            remove_path(old)
             if os.path.lexists(final):
-                os.replace(final, old)
+                os.replace(final, replaced)
             os.replace(partial, final)
-            remove_path(old)
         except OSError as err:
             raise unwritable(self.path, err.strerror or str(err)) from None
+        try:
+            remove_path(replaced)
+        except OSError as err:
+            log.warning("%s: the artifacts it replaced are left in %s, which cannot be removed (%s); remove it "
+                        "(`chmod -R u+w %s && rm -rf %s`)", stage, replaced, err.strerror or err, replaced, replaced)
         return final
 
     def real_subdir(self, name: str) -> Path:
@@ -266,6 +308,59 @@ def run_manifest_shape(manifest: Any) -> bool:
     """Whether a parsed manifest.json is a Distillery run's: {"stages": {stage: {...}}}."""
     stages = manifest.get("stages") if isinstance(manifest, dict) else None
     return isinstance(stages, dict) and all(isinstance(entry, dict) for entry in stages.values())
+
+
+class OutputRecord(BaseModel):
+    """A file a stage wrote, as its manifest entry lists it."""
+
+    model_config = ConfigDict(extra="allow")
+    bytes: int
+    mtime_ns: int
+    sha256: str
+
+
+class RecordedInputs(BaseModel):
+    """What a stage's fingerprint was made of (`runner.fingerprint`); only the parts read back are typed."""
+
+    model_config = ConfigDict(extra="allow")
+    config: dict[str, Any] = {}
+    upstream: dict[str, str] = {}
+    upstream_outputs: dict[str, str] | None = None
+    environment: dict[str, str] = {}
+    also_reads: dict[str, Any] | None = None
+
+
+class StageRecord(BaseModel):
+    """A stage's manifest entry, or the attempt kept under a finished one: the fields the runner, push and the
+    reports read, with the types they read them as (a hand-edited `"outputs": "x"` is a damaged manifest, not an
+    AttributeError); a status or fingerprint of another type only makes the stage run again."""
+
+    model_config = ConfigDict(extra="allow")
+    inputs: RecordedInputs = RecordedInputs()
+    outputs: dict[str, OutputRecord] = {}
+    metrics: dict[str, Any] = {}
+    summary: list[tuple[Any, Any]] = []
+    started: str = ""
+    finished: str = ""
+
+
+class AttemptRecord(StageRecord):
+    status: Any  # what the messages about an unfinished attempt name
+
+
+class StageEntry(StageRecord):
+    attempt: AttemptRecord = None  # type: ignore[assignment]  # absent unless an attempt after it did not finish
+
+
+def entry_problem(entry: dict[str, Any]) -> str | None:
+    """What is wrong with a stage's manifest entry, in one line (the first field pydantic finds), or None."""
+    try:
+        StageEntry.model_validate(entry)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "the entry"
+        return f"{field}: {first['msg'].split(' or instance of ')[0]}"
+    return None
 
 
 def is_run_manifest(path: Path) -> bool:

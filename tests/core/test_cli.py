@@ -142,6 +142,11 @@ def test_run_root_in_the_home_directory_expands_and_a_file_as_root_is_refused(tm
     assert_refused(distillery(tmp_path, "ingest", "-c", str(config), "--set", "run.root=a-file"),
                    r"run\.root: .*a-file is a file, not a directory")
     assert (tmp_path / "a-file").read_text() == "mine"
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "t").symlink_to(tmp_path / "nowhere")
+    assert_refused(distillery(tmp_path, "ingest", "-c", str(config)),
+                   r"the run directory runs/t is a symbolic link to .*nowhere, which does not exist: make that folder, "
+                   r"or remove the link\.")
 
 
 def test_a_run_directory_that_cannot_be_written_is_the_users_to_fix(tmp_path: Path) -> None:
@@ -443,3 +448,28 @@ def test_a_model_config_transformers_refuses_is_named_not_a_bug(tmp_path: Path, 
     assert result.exit_code == 2, result.output
     assert re.search(r"model\.path: transformers cannot load .*model \(StrictDataclassClassValidationError: .*hidden "
                      r"size \(1000\) is not a multiple of the number of attention heads", " ".join(result.output.split()))
+
+
+def test_a_file_size_limit_met_while_a_stage_writes_is_the_users_to_fix(tmp_path: Path) -> None:
+    """`ulimit -f` (RLIMIT_FSIZE) under the size of ingest's outputs: EFBIG ended ingest as "a bug in Distillery".
+    It is one message with the limit to raise, exit 2, and nothing half-written."""
+    import json
+    import os
+    import resource
+
+    config = toy_project(tmp_path).name  # its config, over a larger data file
+    rows = [{"messages": [{"role": "user", "content": f"question {i} " + "x" * 80},
+                          {"role": "assistant", "content": f"answer {i}"}]} for i in range(2000)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    limit = 128 << 10
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run([sys.executable, "-m", "distillery", "ingest", "-c", config], cwd=tmp_path,
+                            capture_output=True, text=True, preexec_fn=limited, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "300"})
+    assert_refused(result, r"a file grew past the largest size allowed for one file \(the shell's `ulimit -f`, or the "
+                           r"file system's own limit\) \(File too large under runs/t\)\. Raise the limit \(`ulimit -f "
+                           r"unlimited`\) or set run.root on another disk and run the same command again")
+    assert sorted(p.name for p in (tmp_path / "runs/t").iterdir()) == ["config.yaml", "manifest.json"]

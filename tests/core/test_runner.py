@@ -534,3 +534,121 @@ def test_a_command_refused_because_another_holds_the_run_leaves_that_run_s_new_d
     finally:
         for fd in held:
             os.close(fd)
+
+
+def test_a_folder_holding_a_folder_named_manifest_json_is_not_a_run_and_keeps_its_files(project: Path) -> None:
+    """A manifest.json that was a folder counted as a run with no stages: the folder's `ingest/` went, replaced by
+    the stage's outputs, and the stage then failed as a bug."""
+    from distillery.core.rundir import RunDir
+
+    folder = project / "runs" / "mine"
+    (folder / "manifest.json").mkdir(parents=True)
+    (folder / "ingest").mkdir()
+    (folder / "ingest" / "keep.txt").write_text("precious")
+    with pytest.raises(UserError, match=r"mine/manifest.json: it is not a file \(a folder, a device or a broken "
+                                        r"link\)\. If .* is a Distillery run, its manifest is damaged"):
+        with RunDir(project / "runs", "mine").exclusive():
+            pass
+    with pytest.raises(UserError, match="manifest.json: it is not a file"):
+        run_stage("ingest", load_config("config.yaml", ["run.name=mine"]))
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) == ["ingest", "ingest/keep.txt",
+                                                                             "manifest.json"]
+
+
+@pytest.mark.parametrize(("edit", "problem"), [
+    (lambda e: e.update(outputs="x"), "outputs: Input should be a valid dictionary"),
+    (lambda e: e["outputs"].update({"train.jsonl": {}}), "outputs.train.jsonl.bytes: Field required"),
+    (lambda e: e.update(attempt={}), "attempt.status: Field required"),
+    (lambda e: e.update(attempt="x"), "attempt: Input should be a valid dictionary"),
+    (lambda e: e.update(inputs="x"), "inputs: Input should be a valid dictionary"),
+    (lambda e: e.update(summary="abc"), "summary: Input should be a valid list"),
+    (lambda e: e.update(started=5), "started: Input should be a valid string"),
+    (lambda e: e["inputs"].update(upstream_outputs=[]), "inputs.upstream_outputs: Input should be a valid dictionary"),
+])
+def test_a_manifest_entry_of_the_wrong_shape_is_a_damaged_manifest(project: Path, edit, problem: str) -> None:
+    """A hand-edited entry (the right JSON, a field of another type) ended the next command as a bug: an
+    AttributeError, KeyError or TypeError wherever the runner read that field first."""
+    cfg = load_config("config.yaml")
+    run_stage("ingest", cfg)
+    path = project / "runs/t/manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest["stages"]["ingest"])
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=rf"manifest.json: the entry of stage 'ingest' is damaged \({problem}\)\. If "):
+        run_stage("ingest", cfg)
+
+
+@pytest.mark.parametrize("field", ["fingerprint", "status"])
+def test_a_status_or_fingerprint_of_another_type_only_runs_the_stage_again(project: Path, field: str) -> None:
+    cfg = load_config("config.yaml")
+    run_stage("ingest", cfg)
+    path = project / "runs/t/manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["stages"]["ingest"][field] = 5
+    path.write_text(json.dumps(manifest))
+    assert run_stage("ingest", cfg)[0] == "done"
+
+
+def test_a_disk_that_fills_as_a_finished_stage_is_recorded_is_the_users_to_fix(project: Path, monkeypatch) -> None:
+    """The last write of a stage, its manifest entry, met a full disk outside the check for one: "a bug", exit 1."""
+    import errno
+
+    from distillery.core.rundir import RunDir
+
+    real = RunDir.update_stage
+
+    def full_when_complete(self: RunDir, stage: str, entry: dict) -> None:
+        if entry.get("status") == "complete":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, stage, entry)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(RunDir, "update_stage", full_when_complete)
+        with pytest.raises(UserError, match=r"^the disk is full \(No space left on device under .*runs/t\)\. Free "
+                                            r"some space and run the same command again"):
+            run_stage("ingest", load_config("config.yaml"))
+    assert json.loads((project / "runs/t/manifest.json").read_text())["stages"]["ingest"]["status"] == "failed"
+    assert run_stage("ingest", load_config("config.yaml"))[0] == "done"
+
+
+def test_artifacts_a_stage_replaced_but_could_not_remove_are_named_before_it_runs_again(project: Path,
+                                                                                       monkeypatch) -> None:
+    """A read-only folder in a stage's previous artifacts: its removal failed after the new ones were in place, the
+    stage was recorded as failed, and every later command told the user to change run.root (which was writable)."""
+    from distillery.core import rundir
+
+    cfg = load_config("config.yaml")
+    run_stage("ingest", cfg)
+    real = rundir.remove_path
+
+    def read_only_old(path: Path) -> None:
+        if path.name == ".ingest.old" and path.exists():
+            raise PermissionError(13, "Permission denied")
+        real(path)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(rundir, "remove_path", read_only_old)
+        assert run_stage("ingest", cfg, force=True)[0] == "done"  # the new artifacts are in place, and recorded
+        assert (project / "runs/t/.ingest.old/train.jsonl").is_file()
+        with pytest.raises(UserError, match=r"runs/t/\.ingest\.old holds the artifacts ingest replaced last time, and "
+                                            r"it cannot be removed \(Permission denied\): make it writable and remove "
+                                            r"it \(`chmod -R u\+w .*\.ingest\.old && rm -rf .*\.ingest\.old`\)"):
+            run_stage("ingest", cfg, force=True)
+    assert run_stage("ingest", cfg, force=True)[0] == "done"
+    assert not (project / "runs/t/.ingest.old").exists()
+
+
+def test_the_manifest_and_config_get_the_permissions_of_the_stage_outputs(project: Path) -> None:
+    """They were written through mkstemp, the owner's alone (0600), beside outputs the group could read."""
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        run_stage("ingest", load_config("config.yaml"))
+    finally:
+        os.umask(old)
+    run = project / "runs/t"
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (run / "manifest.json", run / "config.yaml",
+                                                               run / "ingest/train.jsonl")}
+    assert modes == {"manifest.json": 0o640, "config.yaml": 0o640, "train.jsonl": 0o640}
