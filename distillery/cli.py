@@ -7,6 +7,7 @@ overrides, and `--force`. A stage first brings its upstream stages up to date (a
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from dotenv import load_dotenv
 
 from distillery.config import load_config
 from distillery.core.console import console, printable, setup_logging, summary_table
-from distillery.core.errors import StageFailed, UserError
+from distillery.core.errors import StageFailed, Terminated, UserError, stop_on_sigterm
 from distillery.runner import STAGES, pipeline_stages, plan, run_stage
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -84,7 +85,7 @@ def show_heldout(cfg: Any) -> None:
 @contextlib.contextmanager
 def reported_errors(command: str, verbose: bool) -> Iterator[dict[str, Any]]:
     """Every way a command can end, as one message and an exit code: 2 for the user's mistakes, 1 for a native
-    crash or a bug (with the log holding the traceback), 130 for Ctrl-C. The body stores the loaded config in
+    crash or a bug (with the log holding the traceback), 130 for Ctrl-C, 143 for SIGTERM. The body stores the loaded config in
     the yielded dict, so that an unexpected error outside a stage can still be logged into the run."""
     where: dict[str, Any] = {}
     try:
@@ -94,10 +95,12 @@ def reported_errors(command: str, verbose: bool) -> Iterator[dict[str, Any]]:
     except UserError as err:
         console.print(f"[bold red]error:[/] {printable(str(err))}")
         raise typer.Exit(2) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        terminated = isinstance(err, Terminated)
         if command in STAGES or command == "run":
-            console.print("[yellow]interrupted[/]: finished stages are kept; run the same command to continue.")
-        raise typer.Exit(130) from None
+            console.print(f"[yellow]{'terminated (SIGTERM)' if terminated else 'interrupted'}[/]: finished stages "
+                          "are kept; run the same command to continue.")
+        raise typer.Exit(128 + signal.SIGTERM if terminated else 130) from None
     except Exception as err:  # noqa: BLE001 - reported in one line; the traceback goes to the log
         report_unexpected(where, command, err, verbose)
         raise typer.Exit(1) from None
@@ -215,4 +218,5 @@ def chat_command(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
 
 
 def main() -> None:
+    stop_on_sigterm()
     app()

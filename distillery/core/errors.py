@@ -1,4 +1,4 @@
-"""The one exception type for mistakes a user can fix.
+"""The one exception type for mistakes a user can fix, and how a command that is stopped ends.
 
 The CLI turns a `UserError` into one red message and exit code 2, never a traceback. Raise it with a
 message that names the file / sheet / row / field and says what to do about it.
@@ -6,6 +6,7 @@ message that names the file / sheet / row / field and says what to do about it.
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Callable
 
@@ -32,3 +33,18 @@ def exit_code(action: Callable[[], object]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, `docker stop`, `kill`): ends the command as Ctrl-C does, so that its
+    reading processes are stopped, the stage is recorded as interrupted and the same command resumes."""
+
+
+def stop_on_sigterm() -> None:
+    """From now on SIGTERM raises Terminated in this process's main thread (Python's default lets it die at once,
+    its child processes orphaned and the stage recorded as running)."""
+
+    def terminated(signum: int, frame: object) -> None:
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, terminated)

@@ -26,6 +26,7 @@ from typing import Any, Iterator
 from distillery.export.converter import converter_env, converter_script, installed_version
 from distillery.core.errors import UserError
 from distillery.core.machine import usable_cores
+from distillery.core.tether import tethered
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +166,7 @@ def convert_to_gguf(model_dir: Path, out_path: Path, outtype: str, model_name: s
     tmp.unlink(missing_ok=True)
     staging = out_path.with_name(f".{out_path.name}.source")
     source = conversion_source(model_dir, staging)
-    cmd = [sys.executable, str(script), str(source), "--outfile", str(tmp), "--outtype", outtype,
-           "--model-name", model_name]
+    cmd = tethered(script, str(source), "--outfile", str(tmp), "--outtype", outtype, "--model-name", model_name)
     started = time.time()
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, env=converter_env())

@@ -119,11 +119,15 @@ def write_shard(records: Iterable[dict], path: Path, report: SourceReport, seed:
 def check_free_disk(path: Path, written: int, source: str) -> None:
     """A source whose records would fill the disk stops with a message, before the disk is full: a small
     workbook can make huge records (a thousand long column names, each in every record's meta)."""
-    if shutil.disk_usage(path.parent).free < DISK_RESERVE:
-        raise UserError(f"source {source}: its records take {size_text(written)} so far, and the disk holding "
-                        f"{path.parent} has less than {size_text(DISK_RESERVE)} left. Free some space, or check the "
-                        "source: a few cells can make huge records (every named column of a workbook goes into each "
-                        "record's meta).")
+    if shutil.disk_usage(path.parent).free >= DISK_RESERVE:
+        return
+    low = f"the disk holding {path.parent} has less than {size_text(DISK_RESERVE)} left (ingest keeps that much free)"
+    if not written:
+        raise UserError(f"source {source}: {low}. Free some space, or set run.root to a directory on a disk with "
+                        "more room.")
+    raise UserError(f"source {source}: its records take {size_text(written)} so far, and {low}. Free some space, or "
+                    "check the source: a few cells can make huge records (every named column of a workbook goes into "
+                    "each record's meta).")
 
 
 @dataclass(frozen=True)
@@ -173,9 +177,13 @@ def worker_count(wanted: int | None, units: list[Unit], input_bytes: int) -> int
 _counts: Any = None  # in a worker: the shared per-unit record counts, set by _start_worker
 
 
-def _start_worker(counts: Any) -> None:
+def _start_worker(counts: Any, pipeline: int) -> None:
+    """A reading process: ends with the pipeline however that ends (a kill -9 left them reading on, orphaned)."""
+    from distillery.core.isolation import die_with
+
     global _counts
     _counts = counts
+    die_with(pipeline)
 
 
 def _report_count(unit_index: int, n: int) -> None:
@@ -208,7 +216,8 @@ def _read_in_pool(units: list[Unit], paths: list[Path], seed: int, workers: int,
     context = get_context("spawn")
     counts = context.Array("q", len(units), lock=False)  # each slot written by one worker only
     shards: list[Shard | None] = [None] * len(units)
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(counts,))
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                               initargs=(counts, os.getpid()))
     try:
         futures = {pool.submit(read_unit, unit, paths[i], seed, functools.partial(_report_count, i)): i
                    for i, unit in enumerate(units)}

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distillery.core.errors import UserError
+from distillery.core.errors import UserError, stop_on_sigterm
 from distillery.core.records import read_jsonl
 from distillery.core.rundir import atomic_write_text
 from distillery.training.backends import backend_of
@@ -446,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     Ctrl-C ends it quietly with exit code 130: the stage reports the interrupt, the checkpoints stay to resume from."""
     argv = sys.argv[1:] if argv is None else argv
     watch_stage()
+    stop_on_sigterm()  # a scheduler's SIGTERM to the whole job: stopped as by Ctrl-C, not killed mid-write
     job = TrainJob.load(Path(argv[0]))
     try:
         backend_of(job.backend).start(job.finetune.objective)  # Unsloth first, before transformers/TRL/PEFT

@@ -257,3 +257,25 @@ def test_closing_a_child_that_was_never_called_does_not_wait_for_its_preload() -
     started = time.monotonic()
     child.close()
     assert time.monotonic() - started < 2 and child._process.poll() is not None
+
+
+def test_a_tethered_script_runs_as_python_script_does_and_ends_with_the_pipeline(tmp_path) -> None:
+    """llama.cpp's converter went on converting after a kill -9 of export, orphaned, writing gigabytes into a
+    partial directory the next run had removed. Run through `tethered`, a script gets its own argv and its folder's
+    modules, and ends with the process that started it."""
+    (tmp_path / "sibling.py").write_text("WORD = 'sibling'\n")
+    (tmp_path / "script.py").write_text("import os, sys, time\nimport sibling\n"
+                                        "print(os.getpid(), sibling.WORD, *sys.argv[1:], __name__, flush=True)\n"
+                                        "time.sleep(600)\n")
+    starter = ("import subprocess, sys\nfrom distillery.core.tether import tethered\n"
+               "subprocess.run(tethered(sys.argv[1], '--outfile', 'x y'))\n")
+    parent = subprocess.Popen([sys.executable, "-c", starter, str(tmp_path / "script.py")], stdout=subprocess.PIPE,
+                              text=True)
+    pid, *rest = parent.stdout.readline().split()
+    assert rest == ["sibling", "--outfile", "x", "y", "__main__"] and alive(int(pid))
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while alive(int(pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(int(pid))

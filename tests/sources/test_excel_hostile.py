@@ -249,7 +249,12 @@ def test_records_that_would_fill_the_disk_stop_the_source_before_it_is_full(tmp_
     monkeypatch.setattr(shards, "DISK_CHECK_BYTES", 1 << 20)
     message = ingest_fails(tmp_path)
     assert re.fullmatch(r"source ko-en: its records take [\d.]+ MB so far, and the disk holding .* has less than "
-                        r"8.4 MB left\. Free some space, or check the source: .*", message), message
+                        r"8.4 MB left \(ingest keeps that much free\)\. Free some space, or check the source: .*",
+                        message), message
+    monkeypatch.setattr(shards, "DISK_RESERVE", 64 << 20)  # a disk short of room from the start: no "0 bytes so far"
+    assert re.fullmatch(r"source ko-en: the disk holding .* has less than 67.1 MB left \(ingest keeps that much free\)"
+                        r"\. Free some space, or set run.root to a directory on a disk with more room\.",
+                        ingest_fails(tmp_path)), message
 
 
 def with_member(path: Path, name: str, data: bytes, header_patch: tuple[int, int, bytes] | None = None) -> Path:

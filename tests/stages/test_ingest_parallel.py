@@ -104,3 +104,74 @@ def test_a_worker_killed_mid_read_is_one_line_naming_what_it_read(tmp_path: Path
     assert "Set `ingest.workers: 1`" in output
     assert "Traceback" not in output
     assert not (tmp_path / "runs/k/ingest").exists() and not any((tmp_path / "runs/k").glob(".ingest*"))
+
+
+def wait_for_children(proc: subprocess.Popen, count: int, timeout: float = 60) -> list[int]:
+    """The pids of `proc`'s reading processes, once `count` of them have started."""
+    import time
+
+    from tests.fixtures.crash import child_pids
+
+    deadline = time.time() + timeout
+    while len(pids := child_pids(proc.pid, b"spawn_main")) < count:
+        assert proc.poll() is None and time.time() < deadline, "the reading processes did not start"
+        time.sleep(0.05)
+    return pids
+
+
+def alive_pids(pids: list[int], within: float) -> list[int]:
+    """Those of `pids` still running (not zombies) after up to `within` seconds."""
+    import time
+
+    deadline = time.time() + within
+    while True:
+        running = []
+        for pid in pids:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if state != "Z":
+                running.append(pid)
+        if not running or time.time() > deadline:
+            return running
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_reading_processes_end_with_the_pipeline_and_sigterm_is_an_interrupt(tmp_path: Path, sig: int) -> None:
+    """SIGTERM (a scheduler's preemption, `docker stop`) ended ingest at once, silent, recorded as running; after it
+    or a kill -9 its reading processes read and wrote on, orphaned, then hung for good. Now SIGTERM ends it as Ctrl-C
+    does (exit 143, one line, recorded as interrupted) and the reading processes end with it either way."""
+    from tests.fixtures.crash import child_pids
+
+    for part in ("a", "b"):
+        with open(tmp_path / f"{part}.jsonl", "w", encoding="utf-8") as handle:
+            for i in range(150_000):
+                handle.write(json.dumps({"q": f"{part} question {i}", "a": f"answer {i}"}) + "\n")
+    sources = [{"name": part, "kind": "hf", "files": str(tmp_path / f"{part}.jsonl"), "format": "columns",
+                "columns": {"user": "q", "assistant": "a"}} for part in ("a", "b")]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"run": {"name": "k", "root": str(tmp_path / "runs")},
+                                    "ingest": {"workers": 2, "sources": sources}}), encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, "-m", "distillery", "ingest", "-c", str(path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "COLUMNS": "300"})
+    workers = wait_for_children(proc, count=2)
+    workers += child_pids(proc.pid, b"resource_tracker")  # multiprocessing's helper: it ends with them
+    proc.send_signal(sig)
+    try:
+        output = proc.communicate(timeout=30)[0]  # orphans would hold its output open
+        assert alive_pids(workers, within=10) == []
+    finally:
+        for pid in alive_pids(workers, within=0):
+            os.kill(pid, signal.SIGKILL)
+    if sig == signal.SIGKILL:
+        return
+    assert proc.returncode == 143, output
+    assert output.strip().splitlines()[-1] == ("terminated (SIGTERM): finished stages are kept; run the same "
+                                               "command to continue.")
+    assert "Traceback" not in output
+    entry = json.loads((tmp_path / "runs/k/manifest.json").read_text())["stages"]["ingest"]
+    assert entry["status"] == "interrupted"
+    assert not (tmp_path / "runs/k/ingest").exists() and not any((tmp_path / "runs/k").glob(".ingest*"))
