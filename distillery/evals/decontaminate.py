@@ -32,7 +32,7 @@ from typing import Any, Iterable, Iterator
 
 from distillery.core.errors import UserError
 from distillery.core.unseen import IGNORABLE
-from distillery.core.userinput import is_usable_file
+from distillery.core.userinput import is_usable_file, path_exists
 from distillery.evals.mathqa import LOCAL_SUFFIXES, LoadReport, is_local, load_items
 from distillery.sources.files import resolve_paths
 from distillery.sources.hf import read_local_file
@@ -304,7 +304,8 @@ def evaluate_data_files(data: str | None, split: str) -> tuple[list[Path], str |
         path = Path(data).expanduser()
         if is_usable_file(path):
             return [path], None
-        return [], f"evaluate.data {data} does not exist (evaluate will say so too)"
+        what = "is not a regular file (a folder, a pipe or a device)" if path_exists(path) else "does not exist"
+        return [], f"evaluate.data {data} {what} (evaluate will say so too)"
     files = hub_cache_files(data, split)
     if files:
         return files, None

@@ -245,3 +245,14 @@ def test_the_model_card_says_how_many_records_were_dropped_and_against_what(tmp_
         "Decontamination: training records that overlap an evaluation set, dropped before training: 0. Checked "
         "against held-out split (0 items), by 13-word and 25-character (Hangul) n-grams. Not checked: evaluate.data "
         "someone/not_cached (test), a Hub dataset not in the local Hugging Face cache")
+
+
+def test_evaluate_data_that_is_a_folder_or_a_pipe_is_named_as_such_not_as_missing(tmp_path: Path) -> None:
+    from distillery.evals.decontaminate import evaluate_data_files
+
+    os.mkfifo(tmp_path / "fifo.jsonl")
+    for path in (tmp_path, tmp_path / "fifo.jsonl"):
+        assert evaluate_data_files(str(path), "test") == (
+            [], f"evaluate.data {path} is not a regular file (a folder, a pipe or a device) (evaluate will say so too)")
+    assert evaluate_data_files(str(tmp_path / "gone.jsonl"), "test")[1] == (
+        f"evaluate.data {tmp_path / 'gone.jsonl'} does not exist (evaluate will say so too)")
