@@ -98,7 +98,7 @@ def run_function(code: str, funcname: str, args: Any, limits: Limits = Limits(),
         os.chown(workdir, uid, uid)
     # RLIMIT_NPROC counts every thread of the real uid: our own user already has some.
     nproc = limits.max_processes if uid is not None else count_processes(os.getuid(), threads=True) + limits.max_processes
-    job = {"code": code, "funcname": funcname, "args": args, "uid": uid, "nonce": nonce,
+    job = {"code": code, "funcname": funcname, "args": args, "uid": uid, "nonce": nonce, "pipeline": os.getpid(),
            "user_namespace": uid is None and (unprivileged or os.geteuid() != 0),
            "require_new_root": limits.isolation == "required",
            "limits": {"cpu_s": int(limits.timeout_s) + 1, "memory_mb": limits.memory_mb,

@@ -403,14 +403,18 @@ def is_directory(path) -> bool:
 PR_SET_CHILD_SUBREAPER = 36
 
 
-def run_in_a_child(namespace: bool) -> None:
+def run_in_a_child(namespace: bool, pipeline: int | None) -> None:
     """Fork: the child goes on to run the code (as PID 1 of the new PID namespace, where there is one); this
     process only waits and exits as it did. It is a subreaper: an orphan of the code becomes its child, so every
-    process of the run stays below it, where the parent finds and kills them, setsid() or not."""
+    process of the run stays below it, where the parent finds and kills them, setsid() or not. When the pipeline
+    (`pipeline`, its pid) ends before the code does, this process kills it: a kill -9 of distill left code that
+    sleeps running, unbounded, as no parent was left to end it at its time limit."""
     libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     pid = os.fork()
     if pid == 0:
         return
+    if pipeline is not None:
+        wait_or_end_with(pipeline, pid)
     _, status = os.waitpid(pid, 0)
     if not namespace:  # the first process's exit ended a namespace; without one, end what it left ourselves
         end_the_rest()
@@ -419,6 +423,27 @@ def run_in_a_child(namespace: bool) -> None:
             signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
         os.kill(os.getpid(), os.WTERMSIG(status))
     os._exit(os.waitstatus_to_exitcode(status))
+
+
+def wait_or_end_with(pipeline: int, code: int) -> None:
+    """Return when process `code` ends, killing it first if process `pipeline` ends before it. Pidfds, not a
+    thread: after unshare(CLONE_NEWPID) this process can start none."""
+    import select
+
+    try:
+        watched = [os.pidfd_open(code)]
+    except (AttributeError, OSError):
+        return  # no pidfd here (a kernel before 5.3): the CPU time limit still ends the code
+    try:
+        watched.append(os.pidfd_open(pipeline))
+    except ProcessLookupError:
+        os.kill(code, signal.SIGKILL)  # gone already
+        return
+    except OSError:
+        return
+    ready, _, _ = select.select(watched, [], [])
+    if watched[0] not in ready:
+        os.kill(code, signal.SIGKILL)
 
 
 def end_the_rest() -> None:
@@ -450,7 +475,7 @@ def main() -> None:
         print(f"{job['nonce']} isolation {network} {files} - - {processes}\n{job['nonce']} refused", file=sys.stderr,
               flush=True)
         sys.exit(1)  # before a line of the code runs: the walls it was promised are not there
-    run_in_a_child(processes == "namespace")
+    run_in_a_child(processes == "namespace", job.get("pipeline"))
     root = os.path.realpath(os.getcwd())
     os.environ["HOME"] = os.environ["TMPDIR"] = root
     set_limits(limits)

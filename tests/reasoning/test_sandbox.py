@@ -756,6 +756,36 @@ def test_nothing_the_code_starts_outlives_the_run(stay: bool, unprivileged: bool
             os.kill(pid, 9)
 
 
+@pytest.mark.parametrize("unprivileged", [False, True], ids=["throw-away-uid", "user-namespace"])
+def test_the_code_ends_with_the_pipeline_that_ran_it(unprivileged: bool) -> None:
+    """A kill -9 of distill left the code of a run it had started sleeping on: its time limit was the pipeline's
+    to enforce. The runner kills it when the pipeline ends."""
+    import secrets
+    import signal
+    import subprocess
+    import sys
+
+    name = f"dst-{secrets.token_hex(5)}"
+    starter = ("import sys\nfrom distillery.reasoning.sandbox import Limits, run_function\n"
+               "from tests.reasoning.test_sandbox import SETSID_AND_SLEEP\n"
+               "run_function(SETSID_AND_SLEEP, 'main', {'name': sys.argv[1], 'stay': True}, Limits(timeout_s=60), "
+               "unprivileged=sys.argv[2] == '1')\n")
+    pipeline = subprocess.Popen([sys.executable, "-c", starter, name, str(int(unprivileged))],
+                                cwd=Path(__file__).resolve().parents[2])
+    try:
+        deadline = time.monotonic() + 30
+        while not live_processes_named(name):
+            assert pipeline.poll() is None and time.monotonic() < deadline, "the code did not start"
+            time.sleep(0.02)
+        pipeline.send_signal(signal.SIGKILL)
+        pipeline.wait()
+        assert gone_soon(name, seconds=5), f"{name} outlived the pipeline"
+    finally:
+        for pid in live_processes_named(name):
+            os.kill(pid, 9)
+        pipeline.kill()
+
+
 @pytest.mark.skipif(not Path("/usr/bin/python3").is_file() or os.geteuid() != 0,
                     reason="needs root to become `nobody`, and a Python that `nobody` can run")
 def test_without_namespaces_the_runner_ends_what_the_code_left() -> None:
