@@ -83,8 +83,8 @@ def test_a_bad_workbook_read_by_a_worker_is_the_usual_message_and_nothing_is_lef
     assert not any((tmp_path / "runs/bad").glob(".ingest*"))
 
 
-def test_a_worker_killed_mid_read_is_one_line_naming_what_it_read(tmp_path: Path) -> None:
-    """A native crash (here SIGSEGV from outside) in a reading process: exit 1, one line, no partial output."""
+def ingest_two_large_sources(tmp_path: Path) -> subprocess.Popen:
+    """`distillery ingest` started on two 150,000-row sources read in two processes (run `k` under tmp_path)."""
     for part in ("a", "b"):
         with open(tmp_path / f"{part}.jsonl", "w", encoding="utf-8") as handle:
             for i in range(150_000):
@@ -97,6 +97,12 @@ def test_a_worker_killed_mid_read_is_one_line_naming_what_it_read(tmp_path: Path
     proc = subprocess.Popen([sys.executable, "-m", "distillery", "ingest", "-c", str(path)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "COLUMNS": "300"})
+    return proc
+
+
+def test_a_worker_killed_mid_read_is_one_line_naming_what_it_read(tmp_path: Path) -> None:
+    """A native crash (here SIGSEGV from outside) in a reading process: exit 1, one line, no partial output."""
+    proc = ingest_two_large_sources(tmp_path)
     crash_child_of(proc, signal.SIGSEGV, marker=b"spawn_main", timeout=60)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 1, output
@@ -145,18 +151,7 @@ def test_reading_processes_end_with_the_pipeline_and_sigterm_is_an_interrupt(tmp
     does (exit 143, one line, recorded as interrupted) and the reading processes end with it either way."""
     from tests.fixtures.crash import child_pids
 
-    for part in ("a", "b"):
-        with open(tmp_path / f"{part}.jsonl", "w", encoding="utf-8") as handle:
-            for i in range(150_000):
-                handle.write(json.dumps({"q": f"{part} question {i}", "a": f"answer {i}"}) + "\n")
-    sources = [{"name": part, "kind": "hf", "files": str(tmp_path / f"{part}.jsonl"), "format": "columns",
-                "columns": {"user": "q", "assistant": "a"}} for part in ("a", "b")]
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"run": {"name": "k", "root": str(tmp_path / "runs")},
-                                    "ingest": {"workers": 2, "sources": sources}}), encoding="utf-8")
-    proc = subprocess.Popen([sys.executable, "-m", "distillery", "ingest", "-c", str(path)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "COLUMNS": "300"})
+    proc = ingest_two_large_sources(tmp_path)
     workers = wait_for_children(proc, count=2)
     workers += child_pids(proc.pid, b"resource_tracker")  # multiprocessing's helper: it ends with them
     proc.send_signal(sig)
