@@ -97,9 +97,11 @@ def reported_errors(command: str, verbose: bool) -> Iterator[dict[str, Any]]:
         raise typer.Exit(2) from None
     except KeyboardInterrupt as err:
         terminated = isinstance(err, Terminated)
+        how = "terminated (SIGTERM)" if terminated else "interrupted"
         if command in STAGES or command == "run":
-            console.print(f"[yellow]{'terminated (SIGTERM)' if terminated else 'interrupted'}[/]: finished stages "
-                          "are kept; run the same command to continue.")
+            console.print(f"[yellow]{how}[/]: finished stages are kept; run the same command to continue.")
+        else:  # chat, push: nothing to continue
+            console.print(f"[yellow]{how}[/]")
         raise typer.Exit(128 + signal.SIGTERM if terminated else 130) from None
     except Exception as err:  # noqa: BLE001 - reported in one line; the traceback goes to the log
         report_unexpected(where, command, err, verbose)

@@ -94,6 +94,9 @@ def answer(llama: LlamaChild, console: Any, messages: list[dict[str, str]], max_
         if "context window" not in str(err) or text:
             raise
         raise ContextFull(str(err)) from None
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM mid-answer: what follows starts on a line of its own
+        console.out("")
+        raise
     console.out("")
     return text
 

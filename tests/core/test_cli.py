@@ -473,3 +473,21 @@ def test_a_file_size_limit_met_while_a_stage_writes_is_the_users_to_fix(tmp_path
                            r"file system's own limit\) \(File too large under runs/t\)\. Raise the limit \(`ulimit -f "
                            r"unlimited`\) or set run.root on another disk and run the same command again")
     assert sorted(p.name for p in (tmp_path / "runs/t").iterdir()) == ["config.yaml", "manifest.json"]
+
+
+@pytest.mark.parametrize(("stop", "line", "code"), [("Terminated", "terminated (SIGTERM)", 143),
+                                                    ("KeyboardInterrupt", "interrupted", 130)])
+def test_chat_stopped_mid_answer_ends_the_line_and_says_so(monkeypatch, stop: str, line: str, code: int) -> None:
+    """SIGTERM during a streamed answer ended `distillery chat` in the middle of a line, with nothing said."""
+    from distillery.commands import chat
+    from distillery.core import errors
+
+    def streamed(*args: object):
+        yield "Once upon a"
+        raise getattr(errors, stop, KeyboardInterrupt)()
+
+    monkeypatch.setattr(chat, "stream_answer", streamed)
+    monkeypatch.setattr(chat, "chat", lambda cfg, console, *args: chat.answer(None, console, [], 8, 0.0, 0))
+    result = CliRunner().invoke(app, ["chat", "-c", str(ROOT / "configs/demo.yaml")], terminal_width=400)
+    assert result.exit_code == code
+    assert result.output.splitlines()[-2:] == ["Once upon a", line]
