@@ -441,18 +441,20 @@ def export_planned(ctx: StageContext, plan: Plan, torch_child: Child, children: 
         report["gguf"] = results
         step("writing Modelfiles and reports")
         report["ollama"] = write_modelfiles(ctx, plan, files)
-        if plan.outtype.value not in files and not ctx.cfg.export.keep_intermediate:
-            intermediate.unlink()
         progress.update(task, completed=5 + 2 * len(plan.quants))
+    # The 16-bit GGUF goes last: an export stopped while it wrote its reports reruns without converting again.
+    dropped = () if plan.outtype.value in files or ctx.cfg.export.keep_intermediate else (intermediate,)
     report["timings"] = timings
     report["passed"] = report["merge"]["passed"] and all(r["passed"] for r in results.values())
-    write_reports(ctx, report)
+    write_reports(ctx, report, leaving=dropped)
     if not report["passed"]:
         bad = [f"{r['file']} ({', '.join(k for k, ok in r['checks'].items() if not ok)})"
                for r in results.values() if not r["passed"]]
         failed = tuple(ctx.out / OUTPUTS["gguf"] / r["file"] for r in results.values() if not r["passed"])
-        fail(ctx, report, "GGUF verification failed: " + "; ".join(bad), discard=failed)
+        fail(ctx, report, "GGUF verification failed: " + "; ".join(bad), discard=failed + dropped)
     print_summary(ctx, report)
+    for path in dropped:
+        path.unlink()
     return stage_result(results, files)
 
 
@@ -476,11 +478,14 @@ def fail(ctx: StageContext, report: dict[str, Any], message: str, discard: tuple
     raise VerificationError(f"export verification failed, nothing was published: {message}. Details: {kept}")
 
 
-def write_reports(ctx: StageContext, report: dict[str, Any]) -> None:
+def write_reports(ctx: StageContext, report: dict[str, Any], leaving: tuple[Path, ...] = ()) -> None:
+    """verify.json, summary.json (its `files`: the GGUFs the stage publishes, not those in `leaving`), report.md
+    and the chart."""
     out = {key: ctx.out / name for key, name in OUTPUTS.items()}
     atomic_write_text(out["verify"], json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n")
+    kept = {r["file"] for r in report["gguf"].values() if (out["gguf"] / r["file"]).is_file()} - {p.name for p in leaving}
     summary = {"model": report["model"], "base_model": report["base_model"], "backend": report["backend"],
-               "files": {n: r["file"] for n, r in report["gguf"].items() if (out["gguf"] / r["file"]).is_file()},
+               "files": {n: r["file"] for n, r in report["gguf"].items() if r["file"] in kept},
                "passed": report["passed"], "timings": report["timings"]}
     atomic_write_text(out["summary"], json.dumps(summary, indent=2) + "\n")
     atomic_write_text(out["report"], render_report(report))

@@ -60,12 +60,24 @@ def kill_while_converting(config: Path, run: RunDir) -> dict[str, bool]:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, demo_model_path: str) -> tuple[Path, RunDir, dict[str, bool]]:
-    """The demo model's export, killed while converting, then run again to the end (one export, not two, for the
-    tests of the finished export and of the interruption)."""
+    """The demo model's export, killed while converting, run again and stopped (Ctrl-C) while it writes its reports,
+    then run again to the end (one export, not three, for the tests of the finished export and of the
+    interruptions)."""
+    from distillery.stages import export
+
     tmp = tmp_path_factory.mktemp("export")
     run = make_adapter_run(tmp / "runs", demo_model_path)
     config = demo_config(tmp, **FAST_VERIFY)
     killed = kill_while_converting(config, run)
+
+    def stopped(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(export, "print_summary", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            run_stage("export", load_config(config))
+    killed["ggufs kept"] = sorted(p.name for p in (run.partial_dir("export") / "gguf").glob("*.gguf"))
     status, _, _ = run_stage("export", load_config(config))
     assert status == "done"
     return config, run, killed
@@ -537,10 +549,14 @@ def test_converter_error_for_unsupported_architecture_names_it(tmp_path: Path, t
 @pytest.mark.slow
 def test_killed_export_leaves_no_final_file_and_a_rerun_completes_it(exported) -> None:
     _, run, killed = exported
-    # killed: no stage directory, only the converter's temp file (never a final name), the finished merge kept
-    assert killed == {"stage dir": False, "final gguf": False, "merge kept": True}
+    # killed: no stage directory, only the converter's temp file (never a final name), the finished merge kept;
+    # stopped as it wrote its reports: every GGUF kept, the 16-bit one too (it was deleted first, and converted again)
+    assert killed == {"stage dir": False, "final gguf": False, "merge kept": True,
+                      "ggufs kept": [f"{STEM}-F16.gguf", f"{STEM}-Q4_K_M.gguf", f"{STEM}-Q8_0.gguf"]}
     verify = json.loads((run.stage_dir("export") / "verify.json").read_text())
     assert verify["passed"] and verify["timings"]["merge"] == {"resumed": True}
+    assert not any(key.startswith(("convert", "quantize")) for key in verify["timings"]), verify["timings"]
+    assert sorted(p.name for p in (run.stage_dir("export") / "gguf").glob("*.gguf")) == killed["ggufs kept"][1:]
 
 
 @pytest.mark.parametrize("stage, name, content", [
