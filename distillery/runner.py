@@ -23,7 +23,7 @@ from typing import Any
 
 from distillery.config import DistilleryConfig, redact
 from distillery.core.console import console
-from distillery.core.errors import StageFailed, UserError
+from distillery.core.errors import StageFailed, UserError, interrupts_held
 from distillery.core.userinput import is_usable_file, path_exists
 from distillery.core.rundir import (RunDir, atomic_write_text, describe_outputs, is_run_manifest, package_versions,
                                     remove_path, sha256_file, sha256_json, unwritable)
@@ -218,19 +218,22 @@ def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[st
     console.rule(f"[bold]{name}")
     try:
         result = stage.run(StageContext(cfg=cfg, run=run, out=partial, console=console, force=force))
-        final = run.publish(name)
-        # inside: a disk that fills as the finished stage is recorded is the user's to free, as one while it ran
-        run.update_stage(name, {
-            "status": "complete",
-            "fingerprint": fp,
-            "inputs": inputs,
-            "outputs": describe_outputs(final),
-            "metrics": result.metrics,
-            "summary": [list(row) for row in result.summary],
-            "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
-            "finished": _now(),
-            "seconds": round(time.time() - started, 2),
-        })
+        outputs = describe_outputs(partial)  # hashed before the interrupts are held (a 32B GGUF takes minutes)
+        # inside the try: a disk that fills as the finished stage is recorded is the user's to free, as one while
+        # it ran
+        with interrupts_held():
+            run.publish(name)
+            run.update_stage(name, {
+                "status": "complete",
+                "fingerprint": fp,
+                "inputs": inputs,
+                "outputs": outputs,
+                "metrics": result.metrics,
+                "summary": [list(row) for row in result.summary],
+                "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+                "finished": _now(),
+                "seconds": round(time.time() - started, 2),
+            })
     except BaseException as err:
         failure = storage_failure(err, run)
         record_failure(run, stage, fp, inputs, failure)

@@ -6,9 +6,11 @@ message that names the file / sheet / row / field and says what to do about it.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
-from typing import Callable
+import threading
+from typing import Callable, Iterator
 
 
 class UserError(Exception):
@@ -48,3 +50,24 @@ def stop_on_sigterm() -> None:
         raise Terminated
 
     signal.signal(signal.SIGTERM, terminated)
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held back while the block runs and delivered as it ends (to the handlers they had): a
+    finished stage is published and recorded both or neither (stopped between the two, a trained adapter was
+    recorded as running, and trained again). Python handlers, not a signal mask: the kernel would hand a masked
+    signal to another thread. Only the main thread can set them; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.signal(number, lambda number, frame: caught.append(number)) for number in held}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    for number in dict.fromkeys(caught):
+        signal.raise_signal(number)

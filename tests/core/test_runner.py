@@ -652,3 +652,27 @@ def test_the_manifest_and_config_get_the_permissions_of_the_stage_outputs(projec
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (run / "manifest.json", run / "config.yaml",
                                                                run / "ingest/train.jsonl")}
     assert modes == {"manifest.json": 0o640, "config.yaml": 0o640, "train.jsonl": 0o640}
+
+
+def test_ctrl_c_as_a_finished_stage_is_published_waits_until_it_is_recorded(project: Path, monkeypatch) -> None:
+    """Ctrl-C between the publish of a finished stage and its manifest entry left it recorded as running: the next
+    command did the stage again (for finetune, the whole training). The interrupt now comes once both are done."""
+    import os
+    import signal
+
+    from distillery.core.rundir import RunDir
+
+    real = RunDir.publish
+
+    def interrupted_publish(self: RunDir, stage: str) -> Path:
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(self, stage)
+
+    cfg = load_config("config.yaml")
+    with monkeypatch.context() as patched:
+        patched.setattr(RunDir, "publish", interrupted_publish)
+        with pytest.raises(KeyboardInterrupt):
+            run_stage("ingest", cfg)
+    entry = json.loads((project / "runs/t/manifest.json").read_text())["stages"]["ingest"]
+    assert entry["status"] == "complete" and entry["attempt"]["status"] == "interrupted"
+    assert run_stage("ingest", cfg)[0] == "up to date"
