@@ -386,10 +386,20 @@ class DistilleryConfig(Section):
 
     @model_validator(mode="after")
     def _cross_stage_checks(self) -> "DistilleryConfig":
+        """Settings of two stages that cannot go together, refused when the config loads: found by the later stage,
+        they stopped a run after the earlier ones had worked for nothing."""
         if self.finetune.objective == "multiple_choice" and not any(
             getattr(s, "format", None) == "mathqa" for s in self.ingest.sources
         ):
             raise ValueError("finetune.objective=multiple_choice needs an ingest source with format: mathqa")
+        if self.finetune.objective == "kd" and not (self.distill.enabled and self.distill.logprobs):
+            raise ValueError("finetune.objective kd trains on the teacher's top-k log-probs, which only distill "
+                             "writes: set distill.enabled: true and distill.logprobs: 20 (a teacher that shares the "
+                             "student's tokenizer), or use objective: sft")
+        if self.evaluate.enabled and not self.evaluate.heldout.enabled and self.evaluate.data is None:
+            raise ValueError("evaluate would have nothing to score: evaluate.heldout.enabled is false and "
+                             "evaluate.data is not set. Set heldout.enabled: true (the run's held-out split) or "
+                             "evaluate.data (MathQA), or evaluate.enabled: false")
         return self
 
     @model_validator(mode="after")

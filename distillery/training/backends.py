@@ -15,6 +15,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from distillery.core.models import torch_dtype
+from distillery.training.settings import ON_POLICY_ON_UNSLOTH
 
 if TYPE_CHECKING:
     from distillery.training.train import TrainJob
@@ -42,8 +43,7 @@ class UnslothBackend:
 
     def refusal(self, objective: str) -> str | None:
         if objective == "on_policy":
-            return ("finetune.objective on_policy runs TRL's DistillationTrainer, which generates with the student "
-                    "between steps; Unsloth's patched model does not run it. Set finetune.backend: hf.")
+            return ON_POLICY_ON_UNSLOTH
         return None
 
     def start(self, objective: str) -> None:

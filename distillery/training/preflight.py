@@ -13,6 +13,7 @@ from typing import Any
 from distillery.core.errors import UserError
 from distillery.core.models import meta_model, resolve_model_path, text_config
 from distillery.training import tokens
+from distillery.training.settings import FULL_IN_4BIT
 from distillery.core.userinput import read_yaml_file, require_file
 
 log = logging.getLogger(__name__)
@@ -122,9 +123,7 @@ def choose_4bit(setting: Any, cuda: bool, method: str = "lora") -> bool:
     refused: the config insists."""
     if method == "full":
         if setting is True:
-            raise UserError("finetune.load_in_4bit: true cannot go with finetune.method: full: 4-bit weights are "
-                            "frozen (QLoRA trains adapters on them). Set load_in_4bit: auto (full fine-tuning trains "
-                            "16-bit mixed precision) or method: lora.")
+            raise UserError(FULL_IN_4BIT)
         return False
     if setting is True and not cuda:
         raise UserError("finetune.load_in_4bit: true needs a CUDA GPU (bitsandbytes 4-bit), and this machine has "

@@ -51,6 +51,13 @@ class OnPolicyConfig(BaseModel):
                          "same loss. 1: every step on-policy.")
 
 
+FULL_IN_4BIT = ("finetune.load_in_4bit: true cannot go with finetune.method: full: 4-bit weights are frozen (QLoRA "
+                "trains adapters on them). Set load_in_4bit: auto (full fine-tuning trains 16-bit mixed precision) or "
+                "method: lora.")
+ON_POLICY_ON_UNSLOTH = ("finetune.objective on_policy runs TRL's DistillationTrainer, which generates with the student "
+                        "between steps; Unsloth's patched model does not run it. Set finetune.backend: hf.")
+
+
 class FinetuneConfig(BaseModel):
     """LoRA and trainer settings: the finetune section, read by the stage and, typed, by the training child."""
 
@@ -104,6 +111,15 @@ class FinetuneConfig(BaseModel):
                           "process with ddp_cpu.yaml / fsdp_cpu.yaml). The unsloth backend runs data-parallel "
                           "(DDP) only; FSDP and DeepSpeed need backend: hf.",
     )
+
+    @model_validator(mode="after")
+    def _what_the_method_and_backend_can_train(self) -> "FinetuneConfig":
+        """Refused when the config loads, not when training starts (after distill and format have run)."""
+        if self.method == "full" and self.load_in_4bit is True:
+            raise ValueError(FULL_IN_4BIT)
+        if self.objective == "on_policy" and self.backend == "unsloth":
+            raise ValueError(ON_POLICY_ON_UNSLOTH)
+        return self
 
     @model_validator(mode="after")
     def _lengths_to_group(self) -> "FinetuneConfig":

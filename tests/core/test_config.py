@@ -372,3 +372,26 @@ def test_push_license_is_a_hub_license_id(tmp_path: Path, license: str) -> None:
     with pytest.raises(UserError, match=r"push.license.*a Hub license id is lowercase letters"):
         load_config(path)
     assert load_config(path, ["push.license=cc-by-nc-4.0"]).push.license == "cc-by-nc-4.0"
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["finetune.objective=kd"], r"<top>: Value error, finetune.objective kd trains on the teacher's top-k log-probs, "
+                                r"which only distill writes: set distill.enabled: true and distill.logprobs: 20"),
+    (["finetune.objective=kd", "distill.enabled=true"], r"which only distill writes"),
+    (["evaluate.heldout.enabled=false", "evaluate.data=null"],
+     r"evaluate would have nothing to score: evaluate.heldout.enabled is false and evaluate.data is not set"),
+    (["finetune.method=full", "finetune.load_in_4bit=true"],
+     r"finetune: Value error, finetune.load_in_4bit: true cannot go with finetune.method: full"),
+    (["finetune.objective=on_policy", "finetune.backend=unsloth"],
+     r"finetune: Value error, finetune.objective on_policy runs TRL's DistillationTrainer"),
+])
+def test_settings_of_two_stages_that_cannot_go_together_are_refused_when_the_config_loads(
+        tmp_path: Path, overrides: list[str], message: str) -> None:
+    """Each was found only by the later stage: kd's missing log-probs after distill, a 4-bit full fine-tune after
+    format, an evaluate with nothing to score after training and export."""
+    with pytest.raises(UserError, match=message):
+        load_config(write(tmp_path, MINIMAL), overrides)
+    # evaluate switched off; an export of an earlier run scored without exporting again
+    for fine in (["evaluate.enabled=false", "evaluate.heldout.enabled=false", "evaluate.data=null"],
+                 ["export.enabled=false", "evaluate.artifacts=[base, merged, gguf]"]):
+        load_config(write(tmp_path, MINIMAL), fine)

@@ -419,11 +419,10 @@ def test_kd_without_the_teachers_log_probs_is_refused_before_training(tmp_path: 
 
 
 def test_on_policy_is_refused_on_unsloth_with_the_backend_to_use(tmp_path: Path) -> None:
-    from distillery.stages.finetune import teacher_of
-
-    ctx = stage_context(tmp_path, "finetune.objective=on_policy", "finetune.backend=unsloth")
-    with pytest.raises(UserError, match=r"Set finetune.backend: hf"):
-        teacher_of(ctx, None)
+    """When the config loads, not when finetune starts after distill and format have run."""
+    with pytest.raises(UserError, match=r"finetune: Value error, finetune.objective on_policy runs TRL's "
+                                        r"DistillationTrainer, .* Set finetune.backend: hf"):
+        stage_context(tmp_path, "finetune.objective=on_policy", "finetune.backend=unsloth")
 
 
 def test_on_policy_with_a_teacher_of_another_tokenizer_is_refused(tmp_path: Path, tiny_r1_path: str) -> None:
