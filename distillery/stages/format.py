@@ -120,6 +120,14 @@ def with_think(content: str) -> str:
     return f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n{content}"
 
 
+def has_reasoning(answer: str) -> bool:
+    """Whether an answer brings reasoning of its own: an opened or closed think block with text in it."""
+    if THINK_CLOSE not in answer:
+        return False
+    inside = answer.split(THINK_CLOSE, 1)[0].replace(THINK_OPEN, "")
+    return bool(inside.strip())
+
+
 def prepare_messages(record: dict, fmt: FormatConfig) -> list[dict[str, str]]:
     """The record's messages with the configured system prompt and, for r1, the reasoning block."""
     messages = [dict(m) for m in record["messages"]]
@@ -313,6 +321,8 @@ def format_splits(ctx: StageContext, template: str, tokenizer: Any, specials: re
         lengths = token_lengths(rows, tokenizer)
         all_lengths += lengths
         stats[split] = length_stats(lengths, fmt.max_length)
+        if fmt.template == "r1":
+            stats[split]["no_reasoning"] = sum(not has_reasoning(r["messages"][-1]["content"]) for r in records)
         write_jsonl(ctx.out / OUTPUTS[split], rows)
         if split == "train" and (teacher := align_teacher(rows, tokenizer, ctx)) is not None:
             stats["teacher_logprobs"] = teacher
@@ -402,6 +412,12 @@ def print_report(ctx: StageContext, stats: dict) -> None:
         listed = ctx.run.stage_dir("format") / OUTPUTS["dropped"]  # where it is once the stage is done
         ctx.console.print(f"[yellow]{stats['dropped_special_token_text']} records dropped: their text holds a special "
                           f"token's text (reasons in {printable(str(listed))}).[/]")
+    bare = stats["train"].get("no_reasoning", 0)
+    if bare:
+        ctx.console.print(f"[yellow]{bare} of {stats['train']['examples']} train answers hold no reasoning: the r1 "
+                          "template gives each an empty <think> block, and the model learns to answer without "
+                          "thinking. For reasoning in the training text, add a teacher's verified traces "
+                          "(distill.enabled: true, docs/distill.md).[/]")
     lost = stats["train"].get("completion_lost", 0)
     over = stats["train"].get("over_max_length", 0)
     if over:
@@ -414,6 +430,9 @@ def render_report(stats: dict) -> str:
     if stats.get("dropped_special_token_text"):
         lines += ["", f"Dropped {stats['dropped_special_token_text']} records whose text holds a special token's text "
                       f"({OUTPUTS['dropped']})."]
+    if stats["train"].get("no_reasoning"):
+        lines += ["", f"{stats['train']['no_reasoning']} of {stats['train']['examples']} train answers hold no "
+                      "reasoning: the r1 template gives each an empty <think> block (distill adds reasoning)."]
     if stats.get("past_model_context"):
         lines += ["", f"{stats['past_model_context']} examples are longer than the model's context "
                       f"({stats['model_context']:,} positions): lower format.max_length unless the model is meant "

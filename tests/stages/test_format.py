@@ -269,3 +269,31 @@ def test_examples_past_the_models_context_are_counted_and_said(tmp_path: Path, d
     assert "2 examples are longer than the 64 positions" in console.export_text()
     assert past_model_context(str(tmp_path), lengths, FormatConfig(max_length=64), ctx) == (64, 0)  # cut at 64
     assert past_model_context(str(tmp_path / "none"), lengths, FormatConfig(max_length=1024), ctx) == (None, 0)
+
+
+def test_r1_answers_without_reasoning_are_counted_and_said(tmp_path: Path, monkeypatch, capsys,
+                                                          tiny_r1_path: str) -> None:
+    """The 32B preset trained R1 on translation pairs, every answer after an empty <think> block, and nothing said
+    so: the model learns to answer without thinking."""
+    from distillery.stages.format import has_reasoning
+
+    assert [has_reasoning(a) for a in ("4", "<think>\n\n</think>\n\n4", "2 + 2\n</think>\n\n4",
+                                       "<think>2 + 2</think>4", "<think> </think> 4")] == [False, False, True, True,
+                                                                                          False]
+    monkeypatch.chdir(tmp_path)
+    answers = [f"{2 * i}" if i % 3 else f"<think>\n{i} + {i}\n</think>\n\n{2 * i}" for i in range(12)]
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"}, {"role": "assistant", "content": a}]}
+            for i, a in enumerate(answers)]
+    Path("d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    Path("c.yaml").write_text(yaml.safe_dump({"model": {"path": tiny_r1_path}, "format": {"template": "r1"},
+                                              "ingest": {"eval_fraction": 0.0, "sources": [
+                                                  {"name": "toy", "kind": "hf", "files": "d.jsonl",
+                                                   "format": "messages"}]}}), encoding="utf-8")
+    cfg = load_config("c.yaml")
+    run_stage("ingest", cfg)
+    run_stage("format", cfg)
+    assert json.loads(Path("runs/demo/format/stats.json").read_text())["train"]["no_reasoning"] == 8
+    printed = " ".join(capsys.readouterr().out.split())
+    assert ("8 of 12 train answers hold no reasoning: the r1 template gives each an empty <think> block, and the "
+            "model learns to answer without thinking") in printed
+    assert "8 of 12 train answers hold no reasoning" in Path("runs/demo/format/report.md").read_text()
