@@ -47,8 +47,7 @@ class HFModel:
         from huggingface_hub.errors import StrictDataclassError
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        # On a CUDA machine the model runs there; everything else (and every test here) runs on the CPU.
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = hf_device()
         self.dtype = resolve_dtype(dtype)
         tokenizer_path = str(adapter) if adapter and (adapter / "tokenizer_config.json").is_file() else model_path
         try:
@@ -290,6 +289,46 @@ class HFModel:
                                       attention_mask=mask.repeat_interleave(count, 0), past_key_values=past,
                                       max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad, **sampling)
         return self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+
+
+# Bytes per value of each safetensors dtype; floats load in the evaluation's dtype, the rest (bitsandbytes' packed
+# 4-bit and 8-bit weights, their quantization state) as stored.
+STORED_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+                "I8": 1, "U8": 1, "BOOL": 1}
+FLOATS = ("F64", "F32", "F16", "BF16")
+
+
+def loaded_bytes(model_dir: Path, dtype: str) -> int | None:
+    """What a model directory's weights take once loaded in `dtype` (resolve_dtype's name), from its safetensors
+    headers (no weight read); None without safetensors."""
+    import math
+
+    from distillery.export.merge import base_tensors
+
+    tensors = base_tensors(model_dir) if list(model_dir.glob("*.safetensors")) else []
+    if not tensors:
+        return None
+    size = 4 if dtype == "float32" else 2
+    return sum(math.prod(entry["shape"]) * (size if entry["dtype"] in FLOATS else STORED_BYTES.get(entry["dtype"], 4))
+               for _, _, entry in tensors)
+
+
+def hf_device() -> str:
+    """On a CUDA machine the HF artifacts run there; everything else (and every test here) runs on the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def free_memory(device: str) -> int | None:
+    """Bytes free where the HF artifacts run: the GPU's, or the memory this process may still take."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info()[0]
+    from distillery.core.machine import available_memory
+
+    return available_memory()
 
 
 def decoding_rule(temperature: float, top_p: float) -> dict[str, Any]:

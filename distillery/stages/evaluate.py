@@ -54,6 +54,7 @@ OUTPUTS = {"results": "results.json", "per_item": "per_item.jsonl", "comparison"
            "comparison_md": "comparison.md", "comparison_plot": "comparison.png", "heldout": "heldout.json",
            "heldout_items": "heldout_items.jsonl", "heldout_plot": "heldout.png", "report": "report.md"}
 KINDS = ("base", "adapter", "merged", "gguf")
+GIB = 1 << 30
 SCORED = "scored"  # in the partial directory: each artifact's scores as it is done (save_scored)
 
 
@@ -107,6 +108,53 @@ def find_artifacts(ctx: StageContext) -> list[Artifact]:
         raise UserError("evaluate.artifacts: this run has no " + "; no ".join(where[k] for k in missing)
                         + ". Drop them from the list or use artifacts: auto.")
     return [a for kind in wanted for a in found[kind]]
+
+
+def weights_of(artifact: Artifact) -> Path | None:
+    """The model directory whose weights an HF artifact loads (an adapter: its base's); None for a GGUF or a base
+    that is not on this machine."""
+    if artifact.kind == "gguf":
+        return None
+    try:
+        path = Path(resolve_model_path(artifact.base_model)) if artifact.base_model else Path(artifact.path)
+    except UserError:
+        return None
+    return path if path.is_dir() else None
+
+
+def within_memory(artifacts: list[Artifact], ctx: StageContext) -> list[Artifact]:
+    """The artifacts whose weights fit the memory of the device they run on, checked before any is loaded: the
+    merged 16-bit 32B model (61 GiB) was loaded onto a 40 GB GPU after base and adapter were scored, and every
+    rerun tried it again. Under `artifacts: auto` a merged model that does not fit is left out, with a note (export
+    checked its GGUFs against it); any other is a UserError naming what fits."""
+    from distillery.evals.hf_backend import free_memory, hf_device, loaded_bytes
+
+    dtype, needs = resolve_dtype(ctx.cfg.evaluate.dtype), {}
+    for artifact in artifacts:
+        path = weights_of(artifact)
+        weights = loaded_bytes(path, dtype) if path is not None else None
+        if weights is not None:
+            needs[artifact.name] = weights + max(weights // 10, 512 << 20)  # and what scoring itself holds
+    if not needs:
+        return artifacts
+    device = hf_device()
+    free = free_memory(device)
+    too_big = {name: need for name, need in needs.items() if free is not None and need > free}
+    kept = [a for a in artifacts if a.name not in too_big]
+    where = f"the {'GPU' if device == 'cuda' else 'machine'} has {free / GIB if free else 0:.1f} GiB free"
+    for artifact in artifacts:
+        if artifact.name not in too_big:
+            continue
+        need = (f"it needs about {too_big[artifact.name] / GIB:.1f} GiB in {dtype} (its weights and the scoring), "
+                f"and {where}")
+        if ctx.cfg.evaluate.artifacts == "auto" and artifact.kind == "merged":
+            ctx.console.print(f"[yellow]the merged model is left out[/]: {need} (export checked its GGUFs against it). "
+                              "List it in evaluate.artifacts on a machine with more memory.")
+            continue
+        listed = [kind for kind in KINDS if any(a.kind == kind for a in kept)]
+        raise UserError(f"evaluate: {artifact.name} ({printable(str(artifact.path))}) would not fit: {need}. Leave it "
+                        f"out (evaluate.artifacts: [{', '.join(listed)}]), or evaluate on a machine with more memory.")
+    return kept
 
 
 def exported_ggufs(ctx: StageContext) -> list[Artifact]:
@@ -386,7 +434,7 @@ def run(ctx: StageContext) -> StageResult:
     mqa = load_mathqa(ctx)
     if held is None and not mqa.items:
         raise UserError(nothing_to_score(ev))
-    artifacts = find_artifacts(ctx)
+    artifacts = within_memory(find_artifacts(ctx), ctx)
     scores = Scores({"task": "mathqa", "mode": ev.mode, "data": ev.data, "split": ev.split, "n": len(mqa.items),
                      "num_fewshot": ev.num_fewshot, "dtype": resolve_dtype(ev.dtype), "skipped_items": mqa.loaded.skipped,
                      "artifacts": {}, "errors": {}})

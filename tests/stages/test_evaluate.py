@@ -448,3 +448,48 @@ def test_a_gguf_context_past_what_llama_cpp_holds_is_refused_naming_the_settings
     with pytest.raises(UserError, match=r"a llama.cpp context of 16,779,264 tokens .* more than the 16,777,216 it can "
                                         r"hold. Lower them"):
         evaluate.gguf_context(cfg)
+
+
+def header_only_model(directory: Path, rows: int, columns: int) -> Path:
+    """A model directory whose one safetensors file declares a rows x columns bf16 tensor and holds no data: its
+    size is read from the header alone."""
+    import struct
+
+    directory.mkdir(parents=True)
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [rows, columns], "data_offsets": [0, rows * columns * 2]}})
+    (directory / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header.encode())
+    return directory
+
+
+@pytest.mark.parametrize("artifacts", ["auto", ["base", "merged"]])
+def test_an_hf_artifact_too_big_for_the_memory_is_left_out_under_auto_or_refused_before_loading(
+        tmp_path: Path, demo_model_path: str, monkeypatch, artifacts) -> None:
+    """The merged 16-bit 32B model (61 GiB) was loaded onto a 40 GB GPU after base and adapter had been scored, and
+    every rerun tried it again: the GGUFs were never scored."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from distillery.evals import hf_backend
+    from distillery.evals.hf_backend import loaded_bytes
+    from distillery.stages.evaluate import Artifact, within_memory
+
+    assert loaded_bytes(Path(demo_model_path), "float32") == 4 * 134_515_008  # its tied embeddings once
+    assert loaded_bytes(Path(demo_model_path), "bfloat16") == 2 * 134_515_008
+    merged = header_only_model(tmp_path / "merged", 40_000, 40_000)  # 6.0 GiB in float32, 0.6 more to score
+    found = [Artifact("base", "base", demo_model_path), Artifact("merged", "merged", merged),
+             Artifact("Q4_K_M", "gguf", tmp_path / "m.gguf")]
+    monkeypatch.setattr(hf_backend, "free_memory", lambda device: 2 << 30)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"ingest": {"sources": [{"name": "a", "kind": "hf", "files": "a.jsonl"}]},
+                                      "evaluate": {"artifacts": artifacts, "dtype": "float32"}}), encoding="utf-8")
+    ctx = SimpleNamespace(cfg=load_config(config), console=Console(record=True, width=300))
+    if artifacts == "auto":
+        assert [a.name for a in within_memory(found, ctx)] == ["base", "Q4_K_M"]
+        assert ("the merged model is left out: it needs about 6.6 GiB in float32 (its weights and the scoring), and the "
+                "machine has 2.0 GiB free (export checked its GGUFs against it)") in ctx.console.export_text()
+        return
+    with pytest.raises(UserError, match=r"evaluate: merged \(.*merged\) would not fit: it needs about 6\.6 GiB in "
+                                        r"float32 \(its weights and the scoring\), and the machine has 2\.0 GiB free\. "
+                                        r"Leave it out \(evaluate\.artifacts: \[base, gguf\]\)"):
+        within_memory(found, ctx)
