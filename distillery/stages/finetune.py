@@ -94,6 +94,7 @@ def build_job(ctx: StageContext, model_path: str, template: str, meta: dict, eva
     precision = choose_precision(ft.precision, cuda, cuda_bf16() if cuda else cpu_bf16_native())
     ctx.console.print(f"finetune: {ft.backend} backend on {'CUDA' if cuda else 'CPU'}, "
                       f"{weights_line(ft.method, load_in_4bit, cuda, ft.load_in_4bit)}, {precision}")
+    note_export_original(ctx, model_path)
     return TrainJob(
         out=str(ctx.out), adapter_dir=str(ctx.out / OUTPUTS["adapter"]), model_dir=str(ctx.out / OUTPUTS["model"]),
         metrics_path=str(ctx.out / OUTPUTS["metrics"]),
@@ -105,6 +106,21 @@ def build_job(ctx: StageContext, model_path: str, template: str, meta: dict, eva
         sample_prompts=prompts_that_fit(eval_rows, ft.sample_prompts, tokenizer, ctx.cfg.format.max_length),
         **teacher_of(ctx, tokenizer),
     )
+
+
+def note_export_original(ctx: StageContext, model_path: str) -> None:
+    """Said before training, not after it: export merges a LoRA trained on a base published quantized into the
+    base's 16-bit original, which must be on this machine (61 GiB for the 32B); found missing only when export
+    started, it stopped `distillery run` hours in. Training goes on: it can download meanwhile."""
+    from distillery.export.merge import cached_model, original_16bit
+
+    if not ctx.cfg.export.enabled or ctx.cfg.finetune.method == "full" or cached_model(model_path) is None:
+        return  # nothing to merge, or a base not downloaded yet (training fetches it; export will look again)
+    try:
+        original_16bit(model_path, ctx.cfg.export.base_16bit)
+    except UserError as err:
+        ctx.console.print(f"[yellow]export will need the base's 16-bit weights[/]: {printable(str(err))} Download "
+                          "it while training runs.")
 
 
 def weights_line(method: str, load_in_4bit: bool, cuda: bool, setting: object) -> str:

@@ -742,3 +742,27 @@ def test_training_reads_the_tokens_inference_reads_with_one_bos(tiny_r1_path: st
     assert ids[:mask.index(1)] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids[mask.index(1):]) == "<think>\nadd\n</think>\n\n4<｜end▁of▁sentence｜>"
     assert tokenizer(prompt)["input_ids"][:2] == [tokenizer.bos_token_id] * 2  # what the tokenizer alone does
+
+
+def test_a_missing_16_bit_original_of_a_quantized_base_is_said_before_training(tmp_path: Path,
+                                                                                demo_model_path: str) -> None:
+    """Export merges into the base's 16-bit original; found missing only when export started, it stopped
+    `distillery run` after hours of training. finetune says so first, and trains on."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from distillery.config import load_config
+    from distillery.stages.finetune import note_export_original
+    from tests.export.test_merge import prequantized_base
+
+    base = str(prequantized_base(tmp_path / "SmolLM2-bnb-4bit", demo_model_path))
+    for overrides, said in (([], True), ([f"export.base_16bit={demo_model_path}"], False),
+                            (["export.enabled=false"], False)):
+        ctx = SimpleNamespace(cfg=load_config(ROOT / "configs/demo.yaml", overrides),
+                              console=Console(record=True, width=400))
+        note_export_original(ctx, base)
+        printed = ctx.console.export_text()
+        assert (printed.startswith("export will need the base's 16-bit weights: the base ") and "stored quantized "
+                "(bitsandbytes)" in printed and printed.strip().endswith("Download it while training runs.")) == said
+        assert said or printed == ""
