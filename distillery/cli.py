@@ -85,8 +85,9 @@ def show_heldout(cfg: Any) -> None:
 @contextlib.contextmanager
 def reported_errors(command: str, verbose: bool) -> Iterator[dict[str, Any]]:
     """Every way a command can end, as one message and an exit code: 2 for the user's mistakes, 1 for a native
-    crash or a bug (with the log holding the traceback), 130 for Ctrl-C, 143 for SIGTERM. The body stores the loaded config in
-    the yielded dict, so that an unexpected error outside a stage can still be logged into the run."""
+    crash or a bug (with the log holding the traceback), 130 for Ctrl-C, 143 for SIGTERM. The body stores the
+    loaded config in the yielded dict, so that an unexpected error outside a stage can still be logged into the
+    run."""
     where: dict[str, Any] = {}
     try:
         yield where

@@ -24,9 +24,10 @@ def resolve_paths(spec: str | list[str], suffixes: tuple[str, ...], field: str,
 
     A directory contributes its matching files (recursively); a glob its matches with such a suffix (`data/*` by a
     README: the workbooks); a plain path must exist. Distillery runs inside a directory or below a glob's folder
-    are left out (`files: .` in a project takes the user's files, not every run's outputs); a file named is read. A name that exists as written is that file or directory even
-    where it holds glob characters ("[AI-Hub] 1_구어체.xlsx", "[AI-Hub]/*.xlsx"), unless as a pattern it would also
-    take other files: that is refused as ambiguous. Files in `exclude` (the run's own directory) are left out.
+    are left out (`files: .` in a project takes the user's files, not every run's outputs); a file named is read.
+    A name that exists as written is that file or directory even where it holds glob characters ("[AI-Hub]
+    1_구어체.xlsx", "[AI-Hub]/*.xlsx"), unless as a pattern it would also take other files: that is refused as
+    ambiguous. Files in `exclude` (the run's own directory) are left out.
     Junk files (is_junk) are never read, and a file reached twice (through a symlink, or a `**` glob that
     follows a symlinked folder) is read once. Anything that matches nothing is a UserError naming the config
     field and the path.

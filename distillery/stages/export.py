@@ -483,7 +483,8 @@ def write_reports(ctx: StageContext, report: dict[str, Any], leaving: tuple[Path
     and the chart."""
     out = {key: ctx.out / name for key, name in OUTPUTS.items()}
     atomic_write_text(out["verify"], json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n")
-    kept = {r["file"] for r in report["gguf"].values() if (out["gguf"] / r["file"]).is_file()} - {p.name for p in leaving}
+    present = {r["file"] for r in report["gguf"].values() if (out["gguf"] / r["file"]).is_file()}
+    kept = present - {path.name for path in leaving}
     summary = {"model": report["model"], "base_model": report["base_model"], "backend": report["backend"],
                "files": {n: r["file"] for n, r in report["gguf"].items() if r["file"] in kept},
                "passed": report["passed"], "timings": report["timings"]}
