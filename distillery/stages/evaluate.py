@@ -111,15 +111,17 @@ def find_artifacts(ctx: StageContext) -> list[Artifact]:
 
 
 def weights_of(artifact: Artifact) -> Path | None:
-    """The model directory whose weights an HF artifact loads (an adapter: its base's); None for a GGUF or a base
-    that is not on this machine."""
+    """The model directory whose weights an HF artifact loads (an adapter: its base's; a Hub id: its snapshot in the
+    local cache); None for a GGUF or a base that is not on this machine."""
+    from distillery.export.merge import cached_model
+
     if artifact.kind == "gguf":
         return None
     try:
-        path = Path(resolve_model_path(artifact.base_model)) if artifact.base_model else Path(artifact.path)
+        model = resolve_model_path(artifact.base_model) if artifact.base_model else str(artifact.path)
     except UserError:
         return None
-    return path if path.is_dir() else None
+    return cached_model(model)
 
 
 def within_memory(artifacts: list[Artifact], ctx: StageContext) -> list[Artifact]:
