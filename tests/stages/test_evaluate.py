@@ -360,9 +360,12 @@ def test_held_out_records_whose_prompts_fill_max_length_are_named_as_the_reason(
 def test_nothing_to_score_with_the_held_out_split_switched_off_names_that_setting(project: Path) -> None:
     """heldout.enabled: false with no evaluate.data blamed ingest.eval_fraction and format.max_length, which were
     fine: the run had held-out records, scoring them was switched off."""
-    cfg = load_config("config.yaml", ["evaluate.data=null"])
-    with pytest.raises(UserError, match=r"evaluate.heldout.enabled is false and evaluate.data is not set. Set "
-                                        r"heldout.enabled: true \(the run's held-out split\) or evaluate.data"):
+    message = (r"evaluate.heldout.enabled is false and evaluate.data is not set. Set heldout.enabled: true \(the run's "
+               r"held-out split\) or evaluate.data")
+    with pytest.raises(UserError, match=message):  # refused as the config loads, before any stage runs
+        load_config("config.yaml", ["evaluate.data=null"])
+    cfg = load_config("config.yaml", ["evaluate.data=null", "evaluate.enabled=false"])  # off in `run`, run by name
+    with pytest.raises(UserError, match=message):
         evaluate.run(context(cfg, project))
 
 

@@ -162,9 +162,9 @@ def test_settings_an_objective_never_reads_are_refused() -> None:
 
     for objective in ("multiple_choice", "on_policy"):
         with pytest.raises(ValidationError, match=f"the {objective} objective .* never packs: set packing: false"):
-            FinetuneConfig(objective=objective, packing=True)
+            FinetuneConfig(objective=objective, packing=True, backend="hf")
     with pytest.raises(ValidationError, match="eval_steps: the on_policy objective.*unset eval_steps"):
-        FinetuneConfig(objective="on_policy", eval_steps=5)
+        FinetuneConfig(objective="on_policy", eval_steps=5, backend="hf")
     assert FinetuneConfig(objective="kd", packing=True, eval_steps=5).packing
     assert FinetuneConfig(objective="sft", packing=True, eval_steps=5).eval_steps == 5
 
