@@ -103,14 +103,9 @@ def read_adapter(adapter_dir: Path) -> tuple[dict[str, LoraDelta] | None, str]:
 
     config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
     check_adapter_config(config, adapter_dir)
-    unsupported = [key for key in ("modules_to_save", "rank_pattern", "alpha_pattern", "fan_in_fan_out")
-                   if config.get(key)]
-    if config.get("bias", "none") != "none":
-        unsupported.append("bias")
-    if config.get("peft_type", "LORA") != "LORA":
-        unsupported.append(str(config.get("peft_type")))
-    if unsupported:
-        return None, f"the adapter uses {', '.join(unsupported)}"
+    unstreamed = why_whole_model(config)
+    if unstreamed:
+        return None, unstreamed
     scale = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
     try:
         tensors = {key: value.float() for key, value in load_file(str(adapter_dir / "adapter_model.safetensors")).items()}
@@ -131,6 +126,18 @@ def read_adapter(adapter_dir: Path) -> tuple[dict[str, LoraDelta] | None, str]:
     if not deltas:
         return None, "the adapter holds no LoRA weights"
     return deltas, ""
+
+
+def why_whole_model(config: dict[str, Any]) -> str:
+    """Why an adapter (its adapter_config.json) is merged with the whole model loaded, not streamed; "" when it
+    streams."""
+    unsupported = [key for key in ("modules_to_save", "rank_pattern", "alpha_pattern", "fan_in_fan_out")
+                   if config.get(key)]
+    if config.get("bias", "none") != "none":
+        unsupported.append("bias")
+    if config.get("peft_type", "LORA") != "LORA":
+        unsupported.append(str(config.get("peft_type")))
+    return f"the adapter uses {', '.join(unsupported)}" if unsupported else ""
 
 
 def not_finetunes_adapter(adapter_dir: Path, why: str) -> UserError:

@@ -172,9 +172,9 @@ MEMORY_HINT = "If the machine ran out of memory, free some: the export's estimat
 SMALL_MODEL_BYTES = 512 << 20
 
 
-def estimate_memory(base: Path, prompts: int, new_tokens: int) -> dict[str, Any]:
+def estimate_memory(base: Path, prompts: int, new_tokens: int, whole_model: int = 0) -> dict[str, Any]:
     """Peak memory of the export's largest step, from the base's tensor shapes (no weights read): the streamed
-    merge (row blocks), the converter (llama.cpp's is lazy: about a tensor at a time, in fp32 at worst), the
+    merge (row blocks; `whole_model` bytes for an adapter merged with the whole model loaded), the converter (llama.cpp's is lazy: about a tensor at a time, in fp32 at worst), the
     layer-by-layer reference (one decoder layer in fp32 and the logits of every probe position) and a GGUF
     verification child (its logits buffer), over a baseline for this process (Python, torch, the tokenizer)."""
     tensors = merge.base_tensors(base)
@@ -185,7 +185,7 @@ def estimate_memory(base: Path, prompts: int, new_tokens: int) -> dict[str, Any]
                 default=0)
     positions = prompts * (192 + new_tokens)  # a generous prompt length
     # llama.cpp's converter turns each bf16 tensor into fp32, then f16: 6 bytes per value of the largest one
-    steps = {"merge": 8 * merge.ROW_BLOCK_ELEMENTS * 4, "convert": 6 * largest + (300 << 20),
+    steps = {"merge": max(8 * merge.ROW_BLOCK_ELEMENTS * 4, whole_model), "convert": 6 * largest + (300 << 20),
              "reference": layer * 4 + positions * vocab * 4 * 3 + verify.VOCAB_BLOCK * 8192 * 4,
              "verify": 2 * positions * vocab * 8}
     baseline = 600 << 20
@@ -193,16 +193,20 @@ def estimate_memory(base: Path, prompts: int, new_tokens: int) -> dict[str, Any]
             "steps_gib": {k: round(v / GIB, 2) for k, v in steps.items()}}
 
 
-def check_memory(base: Path, cfg: ExportConfig) -> dict[str, Any]:
-    """Refuse to start when the export's estimated peak is more than this machine has available."""
-    estimate = estimate_memory(base, len(cfg.verify.prompts), cfg.verify.new_tokens)
+def check_memory(base: Path, cfg: ExportConfig, whole_model: tuple[int, str] = (0, "")) -> dict[str, Any]:
+    """Refuse to start when the export's estimated peak is more than this machine has available. `whole_model`:
+    the bytes of a merge that loads the whole model, and why it does (merge.why_whole_model)."""
+    estimate = estimate_memory(base, len(cfg.verify.prompts), cfg.verify.new_tokens, whole_model[0])
     free = available_memory()
     estimate["available_gib"] = round(free / GIB, 2) if free else None
     estimate["needed_gib"] = round(estimate.pop("bytes") / GIB, 2)
     if free is not None and estimate["needed_gib"] * GIB > free:
+        step = estimate["largest_step"]
+        advice = (f"or export on a machine with more memory: {whole_model[1]}, so the merge loads the whole 16-bit "
+                  "model (train without them to stream it)." if step == "merge" and whole_model[0]
+                  else MEMORY_ADVICE[step])
         raise UserError(f"the export needs about {estimate['needed_gib']:.1f} GiB of memory (its largest step: "
-                        f"{estimate['largest_step']}) and {free / GIB:.1f} GiB are available. Close other programs, "
-                        f"{MEMORY_ADVICE[estimate['largest_step']]}")
+                        f"{step}) and {free / GIB:.1f} GiB are available. Close other programs, {advice}")
     return estimate
 
 
@@ -235,6 +239,14 @@ class Plan:
     small: bool  # up to SMALL_MODEL_BYTES in 16 bits: the distribution check, one torch child for merge and reference
 
 
+def unstreamed_merge(adapter_dir: Path) -> str:
+    """Why this adapter is merged with the whole model loaded ("" when it streams, or has no config to read)."""
+    try:
+        return merge.why_whole_model(json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return ""
+
+
 def plan_export(ctx: StageContext, children: ExitStack) -> tuple[Plan, Child]:
     """Read finetune's outputs and check everything that can be checked before writing (steps 1 and 2); the torch
     child of step 3, started before the slow checks (the training tokenizer, the converter's model list) so that it
@@ -251,7 +263,8 @@ def plan_export(ctx: StageContext, children: ExitStack) -> tuple[Plan, Child]:
     ctx.out.mkdir(parents=True, exist_ok=True)
     stem, weights = model_stem(ctx.cfg, summary), base_weight_bytes(str(base))
     disk = check_free_disk(cfg, ctx.out, weights, still_to_write(ctx.out, stem, outtype, quants)) if weights else {}
-    memory = check_memory(base, cfg) if list(base.glob("*.safetensors")) else {}
+    whole = "" if full else unstreamed_merge(adapter_dir)
+    memory = check_memory(base, cfg, ((weights or 0) if whole else 0, whole)) if list(base.glob("*.safetensors")) else {}
     torch_child = children.enter_context(torch_child_for(ctx))
     template, eos, tokenizer = training_template(ctx, adapter_dir)
     if (base / "config.json").is_file():

@@ -633,3 +633,30 @@ def test_an_adapter_tokenizer_cut_short_is_one_message_naming_it(tmp_path: Path,
     with pytest.raises(UserError, match=rf"the adapter's tokenizer in {re.escape(str(adapter))} cannot be loaded "
                                         r"\(JSONDecodeError: .*\); rerun `distillery finetune --force`"):
         training_template(None, adapter)
+
+
+def test_an_adapter_merged_with_the_whole_model_counts_the_whole_model_in_the_memory_check(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """modules_to_save or a rank pattern makes the merge load the whole 16-bit model (PEFT's merge_and_unload), and
+    the check counted only the streamed merge's row blocks: it passed, and the merge ran out of memory."""
+    from distillery.config import ExportConfig
+    from distillery.export import merge
+    from distillery.stages import export
+
+    base = header_only_base(tmp_path / "base", {"model.layers.0.mlp.up_proj.weight": [64, 64]})
+    cfg = ExportConfig(verify={"prompts": ["a"], "new_tokens": 4})
+    streamed = export.estimate_memory(base, 1, 4)
+    whole = 8 << 30
+    assert export.estimate_memory(base, 1, 4, whole)["bytes"] >= whole > streamed["bytes"]
+    monkeypatch.setattr(export, "available_memory", lambda: 4 << 30)
+    export.check_memory(base, cfg)  # streamed: its row blocks fit
+    with pytest.raises(UserError, match=r"largest step: merge\) and 4\.0 GiB are available\. Close other programs, or "
+                                        r"export on a machine with more memory: the adapter uses modules_to_save, so "
+                                        r"the merge loads the whole 16-bit model"):
+        export.check_memory(base, cfg, (whole, merge.why_whole_model({"modules_to_save": ["lm_head"]})))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"rank_pattern": {"q_proj": 4}, "r": 8}))
+    assert export.unstreamed_merge(adapter) == "the adapter uses rank_pattern"
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16}))
+    assert export.unstreamed_merge(adapter) == ""
