@@ -186,11 +186,39 @@ def local_base(base_model: str) -> Path:
                         "directory.") from None
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own bound on a header
+
+
 def safetensors_header(path: Path) -> dict[str, Any]:
-    """A safetensors file's header: {name: {"dtype", "shape", "data_offsets"}, "__metadata__": ...}."""
-    with open(path, "rb") as handle:
-        size = struct.unpack("<Q", handle.read(8))[0]
-        return json.loads(handle.read(size))
+    """A safetensors file's header: {name: {"dtype", "shape", "data_offsets"}, "__metadata__": ...}; a UserError
+    naming the file when it is not one (a file cut short, or one whose first 8 bytes claim a header of a petabyte:
+    reading that was a MemoryError)."""
+    try:
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            size = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
+            if not 0 < size <= MAX_HEADER_BYTES:
+                raise ValueError(f"its first 8 bytes give a header of {size:,} bytes")
+            header = json.loads(handle.read(size))
+    except (OSError, ValueError) as err:
+        raise damaged_weights(path, str(err)) from None
+    if not isinstance(header, dict) or not all(is_tensor_entry(entry) for name, entry in header.items()
+                                               if name != "__metadata__"):
+        raise damaged_weights(path, "its header does not list tensors with a dtype, a shape and offsets")
+    return header
+
+
+def is_tensor_entry(entry: Any) -> bool:
+    def naturals(value: Any) -> bool:
+        return isinstance(value, list) and all(type(n) is int and n >= 0 for n in value)
+
+    return (isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and naturals(entry.get("shape"))
+            and naturals(entry.get("data_offsets")) and len(entry["data_offsets"]) == 2)
+
+
+def damaged_weights(path: Path, why: str) -> UserError:
+    return UserError(f"{path} is not a readable safetensors file ({why}): the model is damaged or was cut short. "
+                     "Download or write it again.")
 
 
 def base_tensors(base: Path) -> list[tuple[str, Path, dict[str, Any]]]:

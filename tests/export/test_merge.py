@@ -198,3 +198,20 @@ def test_an_adapter_finetune_did_not_write_is_named_before_the_merge(tmp_path: P
                          {f"{name}.lora_A.weight": torch.zeros(4, 8), f"{name}.lora_B.weight": torch.zeros(6, 4)})
     deltas, _ = read_adapter(good)
     assert list(deltas) == ["model.layers.0.self_attn.q_proj.weight"] and deltas[list(deltas)[0]].scale == 2.0
+
+
+@pytest.mark.parametrize(("content", "why"), [
+    (b"garbage", r"its first 8 bytes give a header of 0 bytes"),
+    ((10**15).to_bytes(8, "little"), r"its first 8 bytes give a header of 1,000,000,000,000,000 bytes"),
+    (len(b'{"w": {"dtype": "BF16", "shape": "abc", "data_offsets": [0, 0]}}').to_bytes(8, "little")
+     + b'{"w": {"dtype": "BF16", "shape": "abc", "data_offsets": [0, 0]}}',
+     r"its header does not list tensors with a dtype, a shape and offsets"),
+    ((64).to_bytes(8, "little") + b'{"w": {', r"Expecting"),  # cut short
+])
+def test_a_safetensors_file_that_claims_what_it_is_not_is_named(tmp_path: Path, content: bytes, why: str) -> None:
+    """A file whose first 8 bytes claimed a petabyte header ended in a MemoryError; a header of another shape in a
+    TypeError wherever a shape was multiplied (export's and evaluate's memory checks)."""
+    (tmp_path / "model.safetensors").write_bytes(content)
+    with pytest.raises(UserError, match=rf"model\.safetensors is not a readable safetensors file \({why}.*\): the "
+                                        r"model is damaged or was cut short"):
+        merge.base_tensors(tmp_path)
