@@ -397,9 +397,7 @@ class DistilleryConfig(Section):
                              "writes: set distill.enabled: true and distill.logprobs: 20 (a teacher that shares the "
                              "student's tokenizer), or use objective: sft")
         if self.evaluate.enabled and not self.evaluate.heldout.enabled and self.evaluate.data is None:
-            raise ValueError("evaluate would have nothing to score: evaluate.heldout.enabled is false and "
-                             "evaluate.data is not set. Set heldout.enabled: true (the run's held-out split) or "
-                             "evaluate.data (MathQA), or evaluate.enabled: false")
+            raise ValueError(f"evaluate would have nothing to score: {HELDOUT_OFF_NO_DATA}, or evaluate.enabled: false")
         return self
 
     @model_validator(mode="after")
@@ -411,6 +409,11 @@ class DistilleryConfig(Section):
                              f"written by the export (export.quantizations: {', '.join(self.export.quantizations)}); "
                              "add it to export.quantizations or drop it from push.gguf_types")
         return self
+
+
+# Why evaluate has nothing to score when the held-out split is switched off (the config check and the stage's own).
+HELDOUT_OFF_NO_DATA = ("evaluate.heldout.enabled is false and evaluate.data is not set. Set heldout.enabled: true "
+                       "(the run's held-out split) or evaluate.data (MathQA)")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

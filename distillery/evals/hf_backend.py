@@ -305,7 +305,7 @@ def loaded_bytes(model_dir: Path, dtype: str) -> int | None:
 
     from distillery.export.merge import base_tensors
 
-    tensors = base_tensors(model_dir) if list(model_dir.glob("*.safetensors")) else []
+    tensors = base_tensors(model_dir)
     if not tensors:
         return None
     size = 4 if dtype == "float32" else 2

@@ -36,7 +36,7 @@ from distillery.evals.gguf_backend import ANSWERS_AT_ONCE, GGUFDecodeError, GGUF
 from distillery.evals.hf_backend import HFModel, resolve_dtype
 from distillery.export.llama_child import MAX_CONTEXT
 from distillery.evals.scoring import build_request
-from distillery.config import DistilleryConfig, EvaluateConfig
+from distillery.config import HELDOUT_OFF_NO_DATA, DistilleryConfig, EvaluateConfig
 from distillery.core.chat_render import Chat, ChatRenderer, TemplateRefused, TemplateTooCostly
 from distillery.core.console import printable, summary_table
 from distillery.core.isolation import NativeCrash
@@ -518,8 +518,7 @@ def restore_scored(directory: Path, artifact: Artifact, scores: Scores) -> bool:
 def nothing_to_score(ev: EvaluateConfig) -> str:
     """Why evaluate has nothing to score, naming the setting that would give it something."""
     if not ev.heldout.enabled:
-        return ("evaluate has nothing to score: evaluate.heldout.enabled is false and evaluate.data is not set. Set "
-                "heldout.enabled: true (the run's held-out split) or evaluate.data (MathQA).")
+        return f"evaluate has nothing to score: {HELDOUT_OFF_NO_DATA}."
     return ("evaluate has nothing to score: the run has no held-out record it can score (ingest.eval_fraction, "
             "format.max_length) and evaluate.data is not set. Set one of them.")
 
