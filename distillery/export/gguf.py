@@ -1,6 +1,7 @@
 """GGUF: llama.cpp's converter to one 16-bit (or q8_0) file, llama.cpp's quantizer to each requested type.
 
 - `convert_to_gguf` runs convert_hf_to_gguf.py (export/converter.py) as a subprocess, offline;
+- `check_convertible` runs its dry run before a merge, on the base's weights with the training tokenizer;
 - `quantize_gguf` calls llama.cpp's `llama_model_quantize` through llama-cpp-python in a child process,
   optionally with an importance matrix (`load_imatrix`: llama-imatrix's GGUF or legacy .dat file);
 The checks that every file is the model that was trained live in export/verify.py.
@@ -153,30 +154,61 @@ def conversion_source(model_dir: Path, staging: Path) -> Path:
     return staging
 
 
+def run_converter(model_dir: Path, outfile: Path, outtype: str, *options: str) -> subprocess.CompletedProcess:
+    """llama.cpp's converter on `model_dir` (through the staging copy its tokenizer may need), offline and tied to
+    this process."""
+    import shutil
+
+    staging = outfile.with_name(f".{outfile.name}.source")
+    source = conversion_source(model_dir, staging)
+    cmd = tethered(converter_script(), str(source), "--outfile", str(outfile), "--outtype", outtype, *options)
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, env=converter_env())
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def convert_to_gguf(model_dir: Path, out_path: Path, outtype: str, model_name: str,
                     log_path: Path | None = None) -> float:
     """Run llama.cpp's converter on an HF directory; returns seconds. A model the converter cannot take is a
     UserError quoting its error; its whole output then goes to `log_path`."""
     import time
 
-    import shutil
-
-    script = converter_script()
     tmp = temp_path(out_path)
     tmp.unlink(missing_ok=True)
-    staging = out_path.with_name(f".{out_path.name}.source")
-    source = conversion_source(model_dir, staging)
-    cmd = tethered(script, str(source), "--outfile", str(tmp), "--outtype", outtype, "--model-name", model_name)
     started = time.time()
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, env=converter_env())
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    done = run_converter(model_dir, tmp, outtype, "--model-name", model_name)
     if done.returncode != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
         raise converter_failure(model_dir, done, log_path)
     os.replace(tmp, out_path)
     return time.time() - started
+
+
+def check_convertible(base: Path, tokenizer: Any, outtype: str, work: Path, log_path: Path | None = None) -> None:
+    """Fail before the merge when the converter could not take the merged model: its dry run (every tensor name
+    mapped, the vocabulary and its pre-tokenizer read, no tensor data) on what the merged directory will hold,
+    the base's weights and configs with the training tokenizer. A model whose tokenizer llama.cpp does not know
+    (a new release's) is refused in seconds, not after a merge that takes minutes at 8B."""
+    import shutil
+
+    from distillery.export.merge import model_json_files
+
+    staging = work / ".conversion-check"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        for path in base.iterdir():
+            if path.name.endswith(".safetensors") or path.name == "model.safetensors.index.json":
+                (staging / path.name).symlink_to(path.resolve())
+        for name in model_json_files(base):  # copies: the tokenizer below must never write through a link
+            shutil.copy(base / name, staging / name)
+        tokenizer.save_pretrained(str(staging))
+        done = run_converter(staging, staging / "dry-run.gguf", outtype, "--dry-run")
+        if done.returncode != 0:
+            raise converter_failure(base, done, log_path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # What a converter error caused by the model means, and what to do about it (the last one matches any

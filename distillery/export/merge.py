@@ -483,14 +483,20 @@ def stream_merge(base: Path, deltas: dict[str, LoraDelta], out: Path, dtype: str
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    for name in os.listdir(base):  # config, generation config; the tokenizer comes from the adapter
-        if name.endswith(".json") and not name.startswith(("model.safetensors", "tokenizer", "special_tokens")):
-            shutil.copy(base / name, out / name)
+    for name in model_json_files(base):
+        shutil.copy(base / name, out / name)
     config_path = out / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
     config.pop("torch_dtype", None)
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def model_json_files(base: Path) -> list[str]:
+    """The base's JSON files a merged directory copies: config, generation config; not the weights' index (the
+    merge writes its own) nor the tokenizer's (the training tokenizer comes from the adapter)."""
+    return sorted(name for name in os.listdir(base) if name.endswith(".json")
+                  and not name.startswith(("model.safetensors", "tokenizer", "special_tokens")))
 
 
 def streamed_copy(source: Path, out: Path, dtype: str, max_shard_size: str = "5GB") -> None:

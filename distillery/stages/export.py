@@ -172,6 +172,17 @@ MEMORY_HINT = "If the machine ran out of memory, free some: the export's estimat
 SMALL_MODEL_BYTES = 512 << 20
 
 
+def check_conversion(ctx: StageContext, base: Path, tokenizer: Any, outtype: QuantType, weights: int) -> None:
+    """The converter's dry run before a merge that takes minutes (models over SMALL_MODEL_BYTES; a small one's
+    merge is quicker than the check, and the conversion right after it says the same). Skipped on a rerun that
+    has the merged model already: the conversion comes next."""
+    merged_dir = ctx.out / OUTPUTS["merged"]
+    if weights <= SMALL_MODEL_BYTES or (merged_dir / "config.json").is_file():
+        return
+    ctx.console.print("checking that llama.cpp's converter takes this model (a dry run: names and vocabulary)")
+    gguf_io.check_convertible(base, tokenizer, outtype.value, ctx.out, ctx.run.log_path("export-converter"))
+
+
 def estimate_memory(base: Path, prompts: int, new_tokens: int, whole_model: int = 0) -> dict[str, Any]:
     """Peak memory of the export's largest step, from the base's tensor shapes (no weights read): the streamed
     merge (row blocks; `whole_model` bytes for an adapter merged with the whole model loaded), the converter (llama.cpp's is lazy: about a tensor at a time, in fp32 at worst), the
@@ -269,6 +280,7 @@ def plan_export(ctx: StageContext, children: ExitStack) -> tuple[Plan, Child]:
     template, eos, tokenizer = training_template(ctx, adapter_dir)
     if (base / "config.json").is_file():
         check_architecture(base)
+        check_conversion(ctx, base, tokenizer, outtype, weights or 0)
     return Plan(summary, adapter_dir, outtype, quants, imatrix, template, eos, tokenizer,
                 merge.merged_dtype_name(cfg.dtype, str(base)), stem, disk, memory, base,
                 (weights or 0) <= SMALL_MODEL_BYTES), torch_child

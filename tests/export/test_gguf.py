@@ -148,6 +148,20 @@ def test_a_tokenizer_the_converter_does_not_know_is_one_user_error_with_its_outp
     assert list(out.parent.iterdir()) == []
 
 
+@pytest.mark.integration
+def test_the_converter_dry_run_passes_a_model_it_takes_and_writes_nothing(demo_model_path: str, tmp_path: Path) -> None:
+    """The demo model with its tokenizer (converted through the byte-level staging copy): no error, no GGUF, no
+    staging left behind, the model directory unchanged."""
+    from transformers import AutoTokenizer
+
+    base = Path(demo_model_path)
+    before = sorted(p.name for p in base.iterdir())
+    work = tmp_path / "export"
+    work.mkdir()
+    gguf_io.check_convertible(base, AutoTokenizer.from_pretrained(base), "f16", work)
+    assert list(work.iterdir()) == [] and sorted(p.name for p in base.iterdir()) == before
+
+
 def test_a_converter_failure_the_model_did_not_cause_stays_an_error_with_its_tail() -> None:
     import subprocess
 

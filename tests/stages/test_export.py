@@ -534,6 +534,26 @@ def test_unsupported_architecture_is_named_before_the_merge(tmp_path: Path, tiny
 
 
 @pytest.mark.integration
+def test_a_tokenizer_the_converter_does_not_know_is_refused_before_the_merge(tmp_path: Path, monkeypatch) -> None:
+    """A model over SMALL_MODEL_BYTES gets the converter's dry run before its merge (minutes at 8B): a tokenizer
+    llama.cpp has no pre-tokenizer entry for (a Llama here; Kanana's, say, before llama.cpp knows it) is refused
+    with nothing merged, and the base model is left as it was."""
+    from distillery.stages import export
+    from tests.fixtures.tiny_lm import build_tiny_lm
+
+    base = build_tiny_lm(tmp_path / "tiny")
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    make_adapter_run(tmp_path / "runs", str(base), target_modules=("q_proj", "v_proj"))
+    monkeypatch.setattr(export, "SMALL_MODEL_BYTES", 0)
+    with pytest.raises(UserError, match=r"tokenizer \(its pre-tokenizer\) is not supported.*BPE pre-tokenizer was "
+                       "not recognized"):
+        run_stage("export", load_config(demo_config(tmp_path)))
+    partial = RunDir(tmp_path / "runs", "demo").partial_dir("export")
+    assert not (partial / "merged").exists() and not (partial / ".conversion-check").exists()
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+
+
+@pytest.mark.integration
 def test_converter_error_for_unsupported_architecture_names_it(tmp_path: Path, tiny_opt: Path) -> None:
     from distillery.export.gguf import convert_to_gguf
 
