@@ -131,24 +131,6 @@ def test_a_file_that_is_no_imatrix_is_a_user_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-def test_a_tokenizer_the_converter_does_not_know_is_one_user_error_with_its_output_kept(tmp_path: Path) -> None:
-    """The real converter on a tiny Llama whose byte-level BPE tokenizer llama.cpp has no pre-tokenizer entry for:
-    one UserError quoting the converter's error and saying what to do, its whole output in the log, no file."""
-    from tests.fixtures.tiny_lm import build_tiny_lm
-
-    model = build_tiny_lm(tmp_path / "tiny")
-    out, log = tmp_path / "gguf" / "x-F16.gguf", tmp_path / "logs" / "export-converter.log"
-    out.parent.mkdir()
-    with pytest.raises(UserError) as refused:
-        gguf_io.convert_to_gguf(model, out, "f16", "x", log_path=log)
-    message = str(refused.value)
-    assert "tokenizer (its pre-tokenizer) is not supported by this llama.cpp version" in message
-    assert "said: NotImplementedError: BPE pre-tokenizer was not recognized" in message and str(log) in message
-    assert "Traceback" in log.read_text() and "get_vocab_base_pre" in log.read_text()
-    assert list(out.parent.iterdir()) == []
-
-
-@pytest.mark.integration
 def test_the_converter_dry_run_passes_a_model_it_takes_and_writes_nothing(demo_model_path: str, tmp_path: Path) -> None:
     """The demo model with its tokenizer (converted through the byte-level staging copy): no error, no GGUF, no
     staging left behind, the model directory unchanged."""

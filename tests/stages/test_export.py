@@ -545,10 +545,14 @@ def test_a_tokenizer_the_converter_does_not_know_is_refused_before_the_merge(tmp
     before = {p.name: p.read_bytes() for p in base.iterdir()}
     make_adapter_run(tmp_path / "runs", str(base), target_modules=("q_proj", "v_proj"))
     monkeypatch.setattr(export, "SMALL_MODEL_BYTES", 0)
-    with pytest.raises(UserError, match=r"tokenizer \(its pre-tokenizer\) is not supported.*BPE pre-tokenizer was "
-                       "not recognized"):
+    with pytest.raises(UserError) as refused:
         run_stage("export", load_config(demo_config(tmp_path)))
-    partial = RunDir(tmp_path / "runs", "demo").partial_dir("export")
+    message, run = str(refused.value), RunDir(tmp_path / "runs", "demo")
+    assert "tokenizer (its pre-tokenizer) is not supported by this llama.cpp version" in message
+    assert "said: NotImplementedError: BPE pre-tokenizer was not recognized" in message
+    log = run.log_path("export-converter")  # the converter's whole output, named in the message
+    assert str(log) in message and "Traceback" in log.read_text() and "get_vocab_base_pre" in log.read_text()
+    partial = run.partial_dir("export")
     assert not (partial / "merged").exists() and not (partial / ".conversion-check").exists()
     assert {p.name: p.read_bytes() for p in base.iterdir()} == before
 
