@@ -66,7 +66,7 @@ distill *args: setup
 format *args: setup
     {{py}} -m distillery format -c {{quote(config)}} "$@"
 
-# Train LoRA adapters (Unsloth by default); a killed run resumes.
+# Train a LoRA adapter or every weight (Unsloth by default); a killed run resumes.
 finetune *args: setup
     {{py}} -m distillery finetune -c {{quote(config)}} "$@"
 

@@ -164,10 +164,10 @@ def _stage_command(stage: str, help_text: str) -> None:
 
 STAGE_HELP = {
     "ingest": "Read every data source into normalized records, dedupe, split train/eval, report.",
-    "distill": "Generate and verify reasoning traces with a teacher model.",
+    "distill": "Have a teacher model write reasoning traces; keep those that check out (and its top-k log-probs).",
     "format": "Render records into prompt/completion pairs through a template; token-length report.",
-    "finetune": "Train LoRA adapters with Unsloth (or the hf backend); resumes after a kill.",
-    "evaluate": "Score MathQA on the base model, the adapter, the merged model and GGUFs.",
+    "finetune": "Train a LoRA adapter or every weight with Unsloth (or the hf backend); resumes after a kill.",
+    "evaluate": "Score the held-out data by task, and MathQA, on the base, the adapter, the merged model and each GGUF.",
     "export": "Merge to 16-bit, convert and quantize to GGUF, verify.",
 }
 for _stage in STAGES:
