@@ -91,6 +91,10 @@ def openai_top_k(logprobs: Any, ids: list[int], start: int, k: int, token_id: An
         return Unscored(f"malformed echoed log-probs ({type(err).__name__})")
 
 
+# A server's rounding may lift the top-k probabilities a little past 1; more is no distribution.
+MAX_TOP_K_MASS = 1.01
+
+
 def _openai_top_k(logprobs: dict, ids: list[int], start: int, k: int, token_id: Any) -> TopK | Unscored:
     tokens, tops = logprobs.get("tokens") or [], logprobs.get("top_logprobs") or []
     if len(tokens) < len(ids) or len(tops) < len(ids):
@@ -105,11 +109,17 @@ def _openai_top_k(logprobs: dict, ids: list[int], start: int, k: int, token_id: 
         pairs = sorted(((i, v) for i, v in pairs if i is not None), key=lambda p: -p[1])[:k]
         if len(pairs) < k:
             return Unscored(f"the server gave {len(pairs)} of {k} top log-probs at token {position}")
+        if len({i for i, _ in pairs}) < k:  # "token_id:7" and "token_id:07", or two pieces of one token
+            return Unscored(f"the server gave one token twice among the top log-probs at token {position}")
         rows_ids.append([i for i, _ in pairs])
         rows_values.append([float(v) for _, v in pairs])
     values = np.array(rows_values, dtype=np.float64)
     if not (np.isfinite(values).all() and (values <= 1e-3).all()):
         return Unscored("log-probs that are not finite numbers <= 0")
+    mass = np.exp(values).sum(axis=1)
+    if (mass > MAX_TOP_K_MASS).any():  # a distribution that is none: the KL against it can go below zero
+        return Unscored(f"top log-probs whose probabilities add up to {mass.max():.3g} at token "
+                        f"{start + int(mass.argmax())} (more than 1)")
     return TopK.of(ids[start:], np.array(rows_ids), values)
 
 

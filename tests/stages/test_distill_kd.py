@@ -305,9 +305,15 @@ def test_a_hostile_servers_echo_scores_nothing_and_never_raises(demo_model_path:
         "an id past the vocabulary": {"tokens": echoed,
                                       "top_logprobs": [None, {"token_id:99999999": -0.1, "token_id:6": -1.0}]},
         "nothing": {},
+        # from an adversarial review: one id twice (the KD loss went to -1.3, a KL below zero), and a row of
+        # certainties (five log-probs of 0: a mass of 5, quietly renormalised)
+        "one id written twice": {"tokens": echoed, "top_logprobs": [None, {"token_id:7": -0.1, "token_id:07": -0.2}]},
+        "a mass past 1": {"tokens": echoed, "top_logprobs": [None, {"token_id:5": 0.0, "token_id:6": 0.0}]},
     }
     for name, reply in replies.items():
         assert isinstance(openai_top_k(reply, ids, 1, 2, token_id), Unscored), name
+    rounded = {"tokens": echoed, "top_logprobs": [None, {"token_id:5": -0.0001, "token_id:6": -5.0}]}
+    assert not isinstance(openai_top_k(rounded, ids, 1, 2, token_id), Unscored)  # rounding past 1 by a hair
 
 
 # ---- the vocabulary check --------------------------------------------------------------------------------------
