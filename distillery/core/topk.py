@@ -78,8 +78,9 @@ def save_sequences(path: Path, sequences: list[TopK | None], metadata: dict, ext
     save_file(arrays, str(path), metadata={key: json.dumps(value) for key, value in metadata.items()})
 
 
-def load_sequences(path: Path) -> tuple[dict[str, np.ndarray], dict]:
-    """The arrays of a file save_sequences wrote, and its metadata."""
+def load_sequences(path: Path, sequences: int | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """The arrays of a file save_sequences wrote, and its metadata; `sequences`: how many it must hold (one per
+    record of the file it sits beside)."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -91,6 +92,14 @@ def load_sequences(path: Path) -> tuple[dict[str, np.ndarray], dict]:
                         "stage that wrote it with --force.") from None
     if not {"offsets", "tokens", "ids", "logprobs"} <= set(arrays):
         raise UserError(f"{path} lacks teacher log-prob arrays; rerun the stage that wrote it with --force.")
+    offsets = arrays["offsets"]
+    held = len(offsets) - 1
+    if held < 0 or (sequences is not None and held != sequences) or (
+            held and (int(offsets[0]) != 0 or (np.diff(offsets) < 0).any() or int(offsets[-1]) > len(arrays["tokens"]))):
+        wanted = f" for {sequences} records" if sequences is not None else ""
+        raise UserError(f"{path} holds {max(held, 0)} sequences of teacher log-probs{wanted}, or offsets that do not fit "
+                        "its arrays: it is out of step with the records beside it. Rerun the stage that wrote it "
+                        "with --force.")
     return arrays, metadata
 
 

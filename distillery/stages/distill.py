@@ -26,7 +26,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Iterator
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from distillery.config import DistillConfig, DistilleryConfig, TeacherConfig
 from distillery.core.console import markdown_table, printable, summary_table
@@ -107,6 +107,27 @@ class ProgressEntry(BaseModel, extra="allow"):
     attempts: list[Attempt]
     kept: list[Kept]
     logprobs: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def one_readable_scoring_per_kept_trace(self) -> ProgressEntry:
+        if self.logprobs is None:
+            return self
+        if len(self.logprobs) != len(self.kept):  # the sidecar would pair later records with others' log-probs
+            raise ValueError(f"{len(self.logprobs)} log-prob entries for {len(self.kept)} kept traces")
+        for scored in self.logprobs:
+            if scored and not (isinstance(scored, dict) and isinstance(scored.get("unscored"), str)):
+                decoded_top_k(scored)
+        return self
+
+
+def decoded_top_k(scored: Any) -> Any:
+    """One kept trace's top-k as its progress line carries it; a ValueError when it is not what distill writes."""
+    from distillery.core.topk import TopK
+
+    try:
+        return TopK.decode(scored)
+    except Exception as err:  # bad base64, a missing key, a k of zero: any of them means the line was changed
+        raise ValueError(f"unreadable top-k log-probs ({type(err).__name__})") from None
 
 
 def load_progress(path: Path) -> list[dict]:
@@ -380,16 +401,27 @@ def build_scorer(ctx: StageContext, teacher: Any) -> Any:
     return Scorer(teacher, tokenizer, ctx.cfg.distill.logprobs)
 
 
+def unscored_kind(reason: str) -> str:
+    """The kind of a reason a trace has no log-probs, for counting: its words before ': ', numbers as N (the
+    report keeps one count and one whole example per kind, not one count per trace)."""
+    import re
+
+    return re.sub(r"\d+(\.\d+)?", "N", reason.split(": ")[0])
+
+
 def write_logprobs(path: Path, entries: list[dict], k: int, teacher: str | None) -> dict[str, Any]:
     """The sidecar beside train.jsonl: record i's top-k rows are offsets[i]:offsets[i+1]; returns its summary."""
     from distillery.core.topk import TopK, bytes_per_token, save_sequences
 
-    stored = [scored for entry in entries for scored in entry.get("logprobs", [None] * len(entry["kept"]))]
+    stored = [scored for entry in entries for scored in entry.get("logprobs") or [None] * len(entry["kept"])]
     sequences = [TopK.decode(s) if s and "unscored" not in s else None for s in stored]
-    unscored = Counter(s["unscored"].split(":")[0] for s in stored if s and "unscored" in s)
+    reasons = [s["unscored"] for s in stored if s and "unscored" in s]
+    unscored = Counter(unscored_kind(reason) for reason in reasons)
+    examples = {unscored_kind(reason): reason[:300] for reason in reversed(reasons)}  # the first of each kind
     save_sequences(path, sequences, {"k": k, "teacher": teacher})
     tokens = sum(len(s.tokens) for s in sequences if s is not None)
-    return {"k": k, "records": sum(s is not None for s in sequences), "unscored": dict(unscored), "tokens": tokens,
+    return {"k": k, "records": sum(s is not None for s in sequences), "unscored": dict(unscored),
+            "unscored_examples": examples, "tokens": tokens,
             "bytes": path.stat().st_size, "bytes_per_token": bytes_per_token(k)}
 
 

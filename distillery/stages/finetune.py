@@ -145,6 +145,7 @@ def teacher_of(ctx: StageContext, student_tokenizer: Any) -> dict[str, str]:
             raise UserError("finetune.objective kd trains on the teacher's top-k log-probs, and format has none: set "
                             "distill.enabled: true and distill.logprobs: 20 (a teacher that shares the student's "
                             "tokenizer), then rerun distill and format; or use objective: sft.")
+        check_teacher_rows(ctx)
         return {"teacher_logprobs": str(path)}
     if ft.objective == "on_policy":
         teacher = ft.on_policy.teacher or (distill.teacher.path if distill.teacher.kind == "hf" else None)
@@ -153,6 +154,23 @@ def teacher_of(ctx: StageContext, student_tokenizer: Any) -> dict[str, str]:
                             "directory, Hub id or bundled:<name>) or distill.teacher with kind: hf.")
         return {"teacher_model": check_on_policy_teacher(locate_model(teacher), student_tokenizer, ctx)}
     return {}
+
+
+def check_teacher_rows(ctx: StageContext) -> None:
+    """kd with no train row carrying the teacher's log-probs would be cross-entropy under kd's name: refused,
+    with the reasons distill gave (a teacher of another tokenizer echoes other tokens than those sent)."""
+    stats = json.loads(ctx.upstream("format", "stats").read_text(encoding="utf-8"))
+    if (stats.get("teacher_logprobs") or {}).get("rows", 0) > 0:
+        return
+    report_path = ctx.upstream("distill", "report")
+    report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
+    logprobs = report.get("logprobs") or {}
+    reasons, examples = logprobs.get("unscored") or {}, logprobs.get("unscored_examples") or {}
+    said = "; ".join(f"{n} x {printable(str(examples.get(kind, kind)))}" for kind, n in list(reasons.items())[:3])
+    raise UserError("finetune.objective kd trains on the teacher's top-k log-probs, and no train example has them"
+                    + (f" (distill could not score its traces: {said}; all of them in {report_path})" if said else "")
+                    + ". The teacher must share the student's tokenizer (docs/distill.md): use such a teacher and "
+                    "rerun distill with --force, or use objective: sft.")
 
 
 def check_on_policy_teacher(teacher_path: str, student_tokenizer: Any, ctx: StageContext) -> str:

@@ -230,8 +230,8 @@ def align_teacher(rows: list[dict], tokenizer: Any, ctx: StageContext) -> dict[s
 
     if "distill" not in upstream(ctx.cfg) or not ctx.upstream("distill", "logprobs").is_file():
         return None
-    arrays, metadata = load_sequences(ctx.upstream("distill", "logprobs"))
     distilled = [r["id"] for r in read_jsonl(ctx.upstream("distill", "train"))]
+    arrays, metadata = load_sequences(ctx.upstream("distill", "logprobs"), len(distilled))
     by_id = {record_id: i for i, record_id in enumerate(distilled)}
     placed: list[TopK | None] = []
     starts, unaligned = [], 0

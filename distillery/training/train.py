@@ -198,9 +198,9 @@ def kd_trainer(job: TrainJob, model: Any, tokenizer: Any, args: dict[str, Any], 
     from distillery.core.topk import load_sequences
     from distillery.training.kd import KDCollator, kd_datasets, kd_trainer as trainer_class
 
-    arrays, _ = load_sequences(Path(job.teacher_logprobs))
-    ft = job.finetune
-    train = kd_datasets(tokenized_rows(job, tokenizer, job.train_path), arrays, ft.packing, job.max_length, job.seed)
+    ft, rows = job.finetune, tokenized_rows(job, tokenizer, job.train_path)
+    arrays, _ = load_sequences(Path(job.teacher_logprobs), len(rows))
+    train = kd_datasets(rows, arrays, ft.packing, job.max_length, job.seed)
     eval_rows = tokenized_rows(job, tokenizer, job.eval_path) if with_eval else []
     evals = kd_datasets(eval_rows, None, False, job.max_length, job.seed) if eval_rows else None
     collator = KDCollator(DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=ft.packing),

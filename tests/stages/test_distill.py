@@ -354,6 +354,24 @@ def test_a_progress_line_not_as_distill_writes_it_is_asked_again_not_trained_on(
     assert [e["id"] for e in distill.load_progress(path)] == ["a", "f"]
 
 
+def test_a_progress_line_whose_log_probs_are_not_as_distill_writes_them_is_asked_again(tmp_path: Path) -> None:
+    """From an adversarial review: top-k log-probs that are not base64 ended every rerun as 'a bug' (binascii's
+    'Incorrect padding'), and a line with fewer log-prob entries than kept traces put the next record's log-probs
+    on this one in the sidecar (format then stopped on an IndexError)."""
+    import numpy as np
+
+    from distillery.core.topk import TopK
+
+    good = TopK.of([5, 6], np.array([[5, 1], [6, 2]]), np.array([[-0.1, -3.0], [-0.2, -2.0]])).encode()
+    path = tmp_path / "progress.jsonl"
+    lines = [progress_line("a", logprobs=[good]), progress_line("b", logprobs=[{**good, "ids": "not base64"}]),
+             progress_line("c", logprobs=[]), progress_line("d", logprobs=[good, good]),
+             progress_line("e", logprobs=[{**good, "k": 0}]), progress_line("f", logprobs=[{"unscored": "why"}]),
+             progress_line("g", logprobs=[None]), progress_line("h")]
+    path.write_text("".join(lines), encoding="utf-8")
+    assert [e["id"] for e in distill.load_progress(path)] == ["a", "f", "g", "h"]
+
+
 def test_http_teacher_retries_then_gives_a_clear_error(server) -> None:
     chat = server(fail_first=2)
     teacher = OpenAITeacher(chat.url, "stub", "UNSET_KEY_VAR", timeout_s=5, retries=2)
@@ -777,3 +795,15 @@ def test_a_reply_cut_off_at_max_tokens_is_never_verified_and_keeps_no_final_answ
     assert VERIFIERS["math_mc"](record, str(reply), Limits()).ok  # read as a whole reply, it would have passed
     trace = distill.training_record(record, [(text, verdict)], verdict, 0, "t")
     assert trace["messages"][-1]["content"] == f"<think>\n{reply}\n</think>"
+
+
+def test_the_report_counts_each_kind_of_unscored_trace_once_and_keeps_an_example(tmp_path: Path) -> None:
+    """Reasons were cut at their first ':' (a URL became 'http') and every number made a kind of its own."""
+    reasons = ["the server gave 3 of 5 top log-probs at token 17", "the server gave 1 of 5 top log-probs at token 2",
+               "malformed reply from http://127.0.0.1:8000/v1 (ValueError)", "refused by the teacher (HTTP 400): long"]
+    entries = [json.loads(progress_line(str(i), logprobs=[{"unscored": why}])) for i, why in enumerate(reasons)]
+    report = distill.write_logprobs(tmp_path / "t.safetensors", entries, 5, "t")
+    assert report["records"] == 0 and report["unscored"] == {
+        "the server gave N of N top log-probs at token N": 2, "malformed reply from http://N.N:N/vN (ValueError)": 1,
+        "refused by the teacher (HTTP N)": 1}
+    assert report["unscored_examples"]["the server gave N of N top log-probs at token N"] == reasons[0]

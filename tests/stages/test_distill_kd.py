@@ -115,6 +115,23 @@ def test_a_cut_short_sidecar_is_one_message_naming_the_file(tmp_path: Path) -> N
         load_sequences(path)
 
 
+def test_a_sidecar_out_of_step_with_its_records_is_one_message(tmp_path: Path) -> None:
+    """One sequence per record of the file beside it, and offsets inside the arrays: anything else paired records
+    with other records' log-probs, or stopped format on an IndexError (from an adversarial review)."""
+    from safetensors.numpy import save_file
+
+    one = TopK.of([5, 6], np.array([[5, 1], [6, 2]]), np.array([[-0.1, -2.5], [-0.2, -1.75]]))
+    path = tmp_path / "s.safetensors"
+    save_sequences(path, [one, None], {"k": 2})
+    assert load_sequences(path, 2)[0]["offsets"].tolist() == [0, 2, 2]
+    with pytest.raises(UserError, match=r"holds 2 sequences of teacher log-probs for 3 records.*--force"):
+        load_sequences(path, 3)
+    arrays, _ = load_sequences(path)
+    save_file({**arrays, "offsets": np.array([0, 9], dtype=np.int64)}, str(path))  # past the 2 rows it holds
+    with pytest.raises(UserError, match="offsets that do not fit its arrays"):
+        load_sequences(path, 1)
+
+
 # ---- alignment with format's tokens ----------------------------------------------------------------------------
 
 
@@ -415,6 +432,26 @@ def stage_context(tmp_path: Path, *overrides: str):
 
     cfg = load_config(ROOT / "configs/distill-kd.yaml", [f"run.root={tmp_path / 'runs'}", *overrides])
     return StageContext(cfg=cfg, run=RunDir(cfg.run.root, cfg.run.name), out=tmp_path / "out", console=Console())
+
+
+def test_kd_with_no_train_example_carrying_log_probs_is_refused_with_distills_reasons(tmp_path: Path) -> None:
+    """From an adversarial review: a teacher of another tokenizer echoes other tokens, so distill scores no trace;
+    kd then trained exit 0 as plain cross-entropy under kd's name."""
+    from distillery.stages.finetune import check_teacher_rows
+
+    ctx = stage_context(tmp_path)
+    (ctx.run.stage_dir("format")).mkdir(parents=True)
+    (ctx.run.stage_dir("distill")).mkdir(parents=True)
+    stats = ctx.upstream("format", "stats")
+    stats.write_text(json.dumps({"teacher_logprobs": {"k": 5, "rows": 0, "unaligned": 0}}))
+    reason = "round trip: echoed token 0 is 'token_id:9' -> 9, sent 5"
+    ctx.upstream("distill", "report").write_text(json.dumps({"logprobs": {
+        "unscored": {"round trip": 4}, "unscored_examples": {"round trip": reason}}}))
+    with pytest.raises(UserError, match=r"no train example has them \(distill could not score its traces: 4 x round "
+                       r"trip: echoed token 0 .*share the student's tokenizer"):
+        check_teacher_rows(ctx)
+    stats.write_text(json.dumps({"teacher_logprobs": {"k": 5, "rows": 1, "unaligned": 3}}))
+    check_teacher_rows(ctx)  # one row is kd on that row, cross-entropy on the rest: counted in format's report
 
 
 def test_kd_without_the_teachers_log_probs_is_refused_before_training(tmp_path: Path) -> None:
