@@ -730,14 +730,18 @@ def check_trained_copy(base_model: str, trained: Path, exported: Path) -> dict[s
 
     ours, trained_files, base = TensorFiles(exported), TensorFiles(trained), TensorFiles(local_base(base_model))
     identical = changed = 0
+    out_of_range = []
     for name in ours.files:
         mine = ours.get(name)
-        identical += name in trained_files and torch.equal(trained_files.get(name).to(mine.dtype), mine)
+        theirs = trained_files.get(name) if name in trained_files else None
+        if theirs is not None and not bool(torch.isfinite(mine).all()) and bool(torch.isfinite(theirs).all()):
+            out_of_range.append(name)  # past the 16-bit type's range (fp16: 65504): inf is "equal" to inf below
+        identical += theirs is not None and torch.equal(theirs.to(mine.dtype), mine)
         changed += name in base and not torch.equal(base.get(name).to(mine.dtype), mine)
     missing = sorted(set(trained_files.files) - set(ours.files))
-    passed = identical == len(ours) == len(trained_files) and changed > 0
+    passed = identical == len(ours) == len(trained_files) and changed > 0 and not out_of_range
     return {"passed": passed, "method": "full", "tensors": len(ours), "identical_to_trained": f"{identical}/{len(ours)}",
-            "missing": missing[:10], "changed_from_base": changed}
+            "missing": missing[:10], "changed_from_base": changed, "out_of_range": sorted(out_of_range)}
 
 
 # ---- the distribution check (small models) ------------------------------------------------------------------

@@ -341,12 +341,12 @@ def export_full_finetune(ctx: StageContext, plan: Plan, report: dict[str, Any], 
 
 def merge_failure(result: dict[str, Any]) -> str:
     tensors, distributions = result["tensors"], result["distributions"]
-    if tensors.get("method") == "full":
-        return (f"tensors identical to the trained model's {tensors['identical_to_trained']}, missing "
-                f"{tensors['missing'] or 'none'}, {tensors['changed_from_base']} tensors changed from the base")
     if tensors.get("out_of_range"):
         return (f"{', '.join(tensors['out_of_range'][:5])} hold values past the merged type's range (inf or nan; fp16 "
                 "ends at 65504): set export.dtype: bf16")
+    if tensors.get("method") == "full":
+        return (f"tensors identical to the trained model's {tensors['identical_to_trained']}, missing "
+                f"{tensors['missing'] or 'none'}, {tensors['changed_from_base']} tensors changed from the base")
     if tensors.get("absent_from_merged"):
         return f"the base's tensors {', '.join(tensors['absent_from_merged'][:5])} are missing from the merged model"
     if tensors.get("passed") is False:

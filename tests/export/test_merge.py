@@ -215,3 +215,33 @@ def test_a_safetensors_file_that_claims_what_it_is_not_is_named(tmp_path: Path, 
     with pytest.raises(UserError, match=rf"model\.safetensors is not a readable safetensors file \({why}.*\): the "
                                         r"model is damaged or was cut short"):
         merge.base_tensors(tmp_path)
+
+
+def test_a_full_fine_tune_exported_into_fp16_past_its_range_fails_the_check(tiny_r1_path: str, tmp_path: Path) -> None:
+    """From an adversarial review: a trained bf16 weight of 1e5 became inf in the fp16 export, and the copy check
+    passed (inf equals inf); llama.cpp's quantizer then stopped on it as 'a bug'. It now fails as the LoRA merge's
+    check does, naming the tensor and export.dtype: bf16."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from distillery.export.merge import check_trained_copy, export_trained
+    from distillery.stages.export import merge_failure
+
+    trained = tmp_path / "model"
+    shutil.copytree(tiny_r1_path, trained)
+    weights = load_file(str(trained / "model.safetensors"))
+    name = next(n for n in weights if n.endswith("input_layernorm.weight"))
+    weights[name] = weights[name].clone()
+    weights[name][0] = 1.0e5
+    save_file(weights, str(trained / "model.safetensors"), metadata={"format": "pt"})
+    export_trained(trained, tmp_path / "fp16", "fp16", "5GB")
+    result = check_trained_copy(tiny_r1_path, trained, tmp_path / "fp16")
+    assert result["passed"] is False and result["out_of_range"] == [name]
+    said = merge_failure({"tensors": result, "distributions": {"passed": None}})
+    assert name in said and "set export.dtype: bf16" in said
+    export_trained(trained, tmp_path / "bf16", "bf16", "5GB")
+    kept = check_trained_copy(tiny_r1_path, trained, tmp_path / "bf16")
+    assert kept["passed"] and kept["out_of_range"] == [] and torch.isfinite(load_file(
+        str(tmp_path / "bf16" / "model.safetensors"))[name]).all()
