@@ -32,8 +32,8 @@ class KDConfig(BaseModel):
 
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of KL(teacher || student) over the teacher's top-k; "
                          "1 - alpha weighs the cross-entropy on the completion.")
-    temperature: float = Field(1.0, gt=0, description="Softening temperature of both distributions (the KL is "
-                               "scaled by its square).")
+    temperature: float = Field(1.0, ge=0.05, le=100, description="Softening temperature of both distributions (the "
+                               "KL is scaled by its square); 0.05 to 100 (past them the scaled log-probs overflow).")
 
 
 class OnPolicyConfig(BaseModel):
@@ -43,9 +43,10 @@ class OnPolicyConfig(BaseModel):
                                 "the student's tokenizer; unset: distill.teacher.path when its kind is hf.")
     beta: float = Field(0.5, ge=0, le=1, description="Generalised JSD: 0 = forward KL(teacher || student), "
                         "1 = reverse KL(student || teacher).")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the student's generations.")
-    max_new_tokens: int = Field(128, ge=1, description="Tokens the student generates per prompt (one sample per "
-                                "prompt).")
+    temperature: float = Field(1.0, ge=0.01, le=100, description="Sampling temperature of the student's "
+                               "generations; 0.01 to 100 (nearer 0 the sampling probabilities overflow).")
+    max_new_tokens: int = Field(128, ge=1, le=32768, description="Tokens the student generates per prompt (one "
+                                "sample per prompt), at most 32768.")
     lmbda: float = Field(1.0, ge=0, le=1, description="Share of optimizer steps on the student's own generations "
                          "(GKD's lambda); the others score format's completions (the teacher's traces) with the "
                          "same loss. 1: every step on-policy.")

@@ -328,6 +328,19 @@ def test_a_teacher_wait_longer_than_a_day_is_refused(tmp_path: Path, override: s
         load_config(write(tmp_path, MINIMAL), [override])
 
 
+@pytest.mark.parametrize("override, named", [
+    ("finetune.kd.temperature=1e200", "finetune.kd.temperature"), ("finetune.kd.temperature=1e-39", "finetune.kd.temperature"),
+    ("finetune.on_policy.temperature=1e-40", "finetune.on_policy.temperature"),
+    ("finetune.on_policy.max_new_tokens=1000000000000000000000", "finetune.on_policy.max_new_tokens")])
+def test_distillation_settings_past_what_the_arithmetic_holds_are_refused(tmp_path: Path, override: str,
+                                                                         named: str) -> None:
+    """From an adversarial review: kd's temperature 1e200 overflowed in T**2 ('a bug'), 1e-39 trained into NaN and
+    blamed the learning rate, on_policy's 1e-40 sampled from inf, and 10**21 new tokens generated past the
+    model's context for good."""
+    with pytest.raises(UserError, match=named.replace(".", r"\.")):
+        load_config(write(tmp_path, MINIMAL), [override])
+
+
 @pytest.mark.parametrize("seed", ["-1", str(2**32), "true", "1.5"])
 def test_a_seed_outside_numpy_s_range_is_refused_before_any_stage(tmp_path: Path, seed: str) -> None:
     """run.seed=-1 went through ingest and format and failed in the training child with a traceback (numpy: seeds
