@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import errno
 import functools
 import os
 import logging
@@ -23,7 +22,7 @@ from typing import Any
 
 from distillery.config import DistilleryConfig, redact
 from distillery.core.console import console
-from distillery.core.errors import StageFailed, UserError, interrupts_held
+from distillery.core.errors import StageFailed, UserError, interrupts_held, storage_refusal
 from distillery.core.userinput import is_usable_file, path_exists
 from distillery.core.rundir import (RunDir, atomic_write_text, describe_outputs, is_run_manifest, package_versions,
                                     remove_path, sha256_file, sha256_json, unwritable)
@@ -262,24 +261,11 @@ def prepare_run_dir(run: RunDir, name: str, keep: bool, config_dump: dict) -> No
 
 
 # What the system refuses to store, and what to do about it: the user's to fix, not a bug.
-STORAGE_REFUSALS = {
-    errno.ENOSPC: ("the disk is full", "Free some space"),
-    errno.EDQUOT: ("the disk quota is used up", "Free some space or raise the quota"),
-    errno.EFBIG: ("a file grew past the largest size allowed for one file (the shell's `ulimit -f`, or the file "
-                  "system's own limit)", "Raise the limit (`ulimit -f unlimited`) or set run.root on another disk"),
-    errno.EROFS: ("the file system is read-only", "Set run.root to a directory on a writable disk"),
-}
-
-
 def storage_failure(err: BaseException, run: RunDir) -> BaseException:
     """A disk or quota that filled up, a file-size limit or a read-only disk met while a stage wrote: a UserError
     saying which and what to do (the stage's partial files go, as for any failure); any other error as it is."""
-    if not (isinstance(err, OSError) and err.errno in STORAGE_REFUSALS):
-        return err
-    what, remedy = STORAGE_REFUSALS[err.errno]
-    where = f" while writing {err.filename}" if err.filename else f" under {run.path}"
-    return UserError(f"{what} ({err.strerror}{where}). {remedy} and run the same command again: the stages that "
-                     "finished are kept.")
+    said = storage_refusal(err, f"under {run.path}")
+    return UserError(said) if said else err
 
 
 def record_failure(run: RunDir, stage: Stage, fp: str, inputs: dict, err: BaseException) -> None:

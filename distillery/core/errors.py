@@ -7,6 +7,9 @@ message that names the file / sheet / row / field and says what to do about it.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
+import re
 import signal
 import sys
 import threading
@@ -71,3 +74,28 @@ def interrupts_held() -> Iterator[None]:
             signal.signal(number, handler)
     for number in dict.fromkeys(caught):
         signal.raise_signal(number)
+
+
+STORAGE_REFUSALS = {
+    errno.ENOSPC: ("the disk is full", "Free some space"),
+    errno.EDQUOT: ("the disk quota is used up", "Free some space or raise the quota"),
+    errno.EFBIG: ("a file grew past the largest size allowed for one file (the shell's `ulimit -f`, or the file "
+                  "system's own limit)", "Raise the limit (`ulimit -f unlimited`) or set run.root on another disk"),
+    errno.EROFS: ("the file system is read-only", "Set run.root to a directory on a writable disk"),
+}
+
+
+def storage_refusal(err: BaseException, where: str) -> str | None:
+    """What to tell the user when `err` is a full disk or quota, a file-size limit or a read-only disk met while
+    writing (an OSError, or a native writer's error quoting the OS's, as safetensors' `(os error 28)` does); None
+    for any other error."""
+    number = err.errno if isinstance(err, OSError) else None
+    if number is None and (quoted := re.search(r"\(os error (\d+)\)", str(err))):
+        number = int(quoted.group(1))
+    if number not in STORAGE_REFUSALS:
+        return None
+    what, remedy = STORAGE_REFUSALS[number]
+    strerror = getattr(err, "strerror", None) or os.strerror(number)
+    filename = getattr(err, "filename", None)
+    written = f" while writing {filename}" if filename else f" {where}"
+    return f"{what} ({strerror}{written}). {remedy} and run the same command again: the stages that finished are kept."

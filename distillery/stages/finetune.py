@@ -214,6 +214,9 @@ def train(job: Any, ft: FinetuneConfig, ctx: StageContext) -> dict:
         raise KeyboardInterrupt  # the child was stopped by Ctrl-C (sent to it alone): an interrupt, not a failure
     if (ctx.out / ERROR).is_file():
         raise UserError((ctx.out / ERROR).read_text(encoding="utf-8"))
+    if code == 2:  # its message could not be written (a full disk): the child printed it above
+        raise UserError("the training process stopped on what its message above says (it could not write it to "
+                        f"{ctx.out / ERROR}: is the disk full?); the checkpoints are kept to resume from.")
     if code < 0:  # killed by a signal (the OOM killer's SIGKILL, a kill): no bug of ours, and resumable
         from distillery.core.isolation import NativeCrash
 

@@ -17,6 +17,7 @@ here as a TrainJob; `python -m distillery.training.train <job.json>` is what `ac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distillery.core.errors import UserError, stop_on_sigterm
+from distillery.core.errors import UserError, stop_on_sigterm, storage_refusal
 from distillery.core.records import read_jsonl
 from distillery.core.rundir import atomic_write_text
 from distillery.training.backends import backend_of
@@ -458,6 +459,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return INTERRUPTED
+    except Exception as err:  # a checkpoint written onto a full disk: the user's to fix, the earlier ones kept
+        said = storage_refusal(err, f"under {job.out}")
+        if said is None:
+            raise
+        with contextlib.suppress(OSError):  # the disk may not take even this
+            atomic_write_text(Path(job.out) / ERROR, said)
+        print(f"finetune: {said}", file=sys.stderr)
+        return 2
     if result["main_process"]:
         atomic_write_text(Path(job.out) / RESULT, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return 0

@@ -232,6 +232,47 @@ def test_a_training_child_killed_by_a_signal_is_named_with_its_likely_cause_not_
         finetune.train(job, FinetuneConfig(), SimpleNamespace(out=tmp_path, console=None))
 
 
+def test_a_checkpoint_written_onto_a_full_disk_is_the_users_to_fix(tmp_path: Path, monkeypatch) -> None:
+    """From an adversarial review: `ulimit -f` (or a full disk) met while the training child saved a checkpoint
+    was safetensors' 'File too large (os error 27)' and 'a bug in Distillery'. The real library's error, made here
+    under a 64 KB file-size limit, becomes the runner's storage message in the child, exit 2, which the stage
+    raises as the user's error."""
+    from types import SimpleNamespace
+
+    import distillery.stages.finetune as finetune
+    from distillery.training import train
+    from distillery.training.settings import FinetuneConfig
+
+    made = subprocess.run([sys.executable, "-c", (
+        "import resource, sys, torch\nfrom safetensors.torch import save_file\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))\n"
+        "try:\n    save_file({'w': torch.zeros(1 << 20)}, sys.argv[1])\nexcept Exception as err:\n    print(err)"),
+        str(tmp_path / "w.safetensors")], capture_output=True, text=True, timeout=120)
+    error = RuntimeError(made.stdout.strip())
+    assert "(os error 27)" in str(error), made.stdout + made.stderr
+
+    def fails(job, console):
+        raise error
+
+    monkeypatch.setattr(train.TrainJob, "load", lambda path: SimpleNamespace(out=str(tmp_path), backend="hf",
+                                                                          finetune=FinetuneConfig()))
+    monkeypatch.setattr(train, "backend_of", lambda name: SimpleNamespace(start=lambda objective: None))
+    monkeypatch.setattr(train, "run_job", fails)
+    monkeypatch.setattr(train, "stop_on_sigterm", lambda: None)
+    assert train.main(["job.json"]) == 2
+    said = (tmp_path / train.ERROR).read_text()
+    assert said.startswith("a file grew past the largest size allowed for one file") and "ulimit -f" in said
+    assert f"(File too large under {tmp_path})" in said
+    monkeypatch.setattr(finetune.subprocess, "call", lambda command, env: 2)
+    (tmp_path / "gone").mkdir()
+    job = SimpleNamespace(save=lambda path: path.write_text("{}", encoding="utf-8"))
+    with pytest.raises(UserError, match="is the disk full"):  # the child could not even write its message
+        finetune.train(job, FinetuneConfig(), SimpleNamespace(out=tmp_path / "gone", console=None))
+    monkeypatch.setattr(train, "run_job", lambda job, console: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # any other error stays the bug it is
+        train.main(["job.json"])
+
+
 def test_the_training_process_ends_when_the_stage_is_killed_alone(tmp_path: Path, monkeypatch) -> None:
     """kill -9 of `distillery finetune` (not its group) left the training child running, orphaned: the rerun's
     child trained beside it on the same checkpoints and metrics.jsonl. It now ends with the stage."""
