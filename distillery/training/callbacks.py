@@ -69,7 +69,19 @@ def is_complete(path: Path) -> bool:
     files = marker.get("files", {}) if marker is not None else None
     if not isinstance(files, dict):
         return False
-    return all((path / rel).is_file() and (path / rel).stat().st_size == size for rel, size in files.items())
+    return all((path / rel).is_file() and (path / rel).stat().st_size == size for rel, size in files.items()) and all(
+        readable_json(path / rel) for rel in files if rel.endswith(".json"))
+
+
+def readable_json(path: Path) -> bool:
+    """A checkpoint's JSON file (trainer_state.json, the adapter's config) parses: one damaged in place, at its
+    size (a bad sector, a sync tool), stopped every resume with a JSONDecodeError; the checkpoint before it is
+    resumed from instead. These files are small; the tensors' bytes are not read."""
+    try:
+        json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def last_complete_checkpoint(directory: Path) -> Path | None:

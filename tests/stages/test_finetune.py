@@ -422,6 +422,25 @@ def test_a_marked_checkpoint_that_lost_or_cut_a_file_is_not_resumed_from(tmp_pat
     assert not list(tmp_path.iterdir())
 
 
+def test_a_checkpoint_whose_state_was_damaged_in_place_is_not_resumed_from(tmp_path: Path) -> None:
+    """From an adversarial review: trainer_state.json's first byte damaged at its size stopped every resume with a
+    JSONDecodeError ('a bug'), and only --force got past it; the checkpoint before it is resumed from now."""
+    from types import SimpleNamespace
+
+    from distillery.training.callbacks import CheckpointKeeper
+
+    for step in (2, 4):
+        path = tmp_path / f"checkpoint-{step}"
+        path.mkdir()
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        (path / "adapter_model.safetensors").write_bytes(b"x" * 10)
+        CheckpointKeeper(keep=3).on_save(SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(
+            is_world_process_zero=True, global_step=step, max_steps=6), None)
+    state = tmp_path / "checkpoint-4" / "trainer_state.json"
+    state.write_bytes(b"X" + state.read_bytes()[1:])
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+
+
 def test_a_checkpoint_keeps_the_tokens_trained_so_far_for_the_run_that_resumes_from_it(tmp_path: Path) -> None:
     """A resumed run counted tokens from 0 again: metrics.jsonl's `tokens` column fell back at the resumed step and
     summary.json's total was the resumed process's share."""
