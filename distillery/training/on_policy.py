@@ -75,9 +75,29 @@ def load_teacher(job: Any, student: Any) -> Any:
         student.config.vocab_size
     if teacher.config.vocab_size > vocab:
         teacher.resize_token_embeddings(vocab)  # padded rows only: the tokenizers were checked to be the same
+    elif teacher.config.vocab_size < vocab:
+        pad_teacher_to(teacher, vocab)
     if job.device == "cuda":
         teacher = teacher.to(torch.device("cuda", torch.cuda.current_device()))
     return teacher.eval()
+
+
+# The teacher's logit for a row it was padded with: no probability, and finite (the JSD's 0 * log 0 stays 0).
+PADDED_LOGIT = -1e4
+
+
+def pad_teacher_to(teacher: Any, vocab: int) -> None:
+    """A teacher whose embedding has fewer rows than the student's (the student's padded to a multiple): TRL
+    compares the two sizes. The teacher gets the student's rows, and its padded ones are never predicted: no
+    tokenizer id reaches them, so no probability may go there."""
+    rows = teacher.config.vocab_size
+    teacher.resize_token_embeddings(vocab, mean_resizing=False)
+
+    def no_padded_rows(module: Any, inputs: Any, logits: Any) -> Any:
+        logits[..., rows:] = PADDED_LOGIT
+        return logits
+
+    teacher.get_output_embeddings().register_forward_hook(no_padded_rows)
 
 
 def on_policy_step(seed: int, step: int, lmbda: float) -> bool:

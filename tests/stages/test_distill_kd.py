@@ -363,6 +363,29 @@ def test_a_teacher_with_a_padded_embedding_is_the_same_vocabulary(tmp_path: Path
     assert teacher.get_input_embeddings().weight.shape[0] == 151936
 
 
+def test_a_student_with_a_padded_embedding_gets_a_teacher_padded_alike(tmp_path: Path, tiny_r1_path: str) -> None:
+    """From an adversarial review: a student padded past the teacher (152,064 against 151,936 rows) stopped in TRL's
+    size check as 'a bug'. The teacher is padded to the student's rows and gives the padded ones no probability; its
+    logits for real tokens are unchanged."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distillery.training.on_policy import PADDED_LOGIT, load_teacher
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_r1_path)
+    student.resize_token_embeddings(152064)
+    job = type("Job", (), {"teacher_model": tiny_r1_path, "precision": "fp32", "device": "cpu",
+                           "trust_remote_code": False})()
+    teacher = load_teacher(job, student)
+    original = AutoModelForCausalLM.from_pretrained(tiny_r1_path, dtype=torch.float32)
+    ids = torch.tensor([[5, 77, 1000, 151000]])
+    with torch.no_grad():
+        logits, reference = teacher(ids).logits, original(ids).logits
+    assert teacher.config.vocab_size == 152064 and logits.shape[-1] == 152064
+    assert torch.equal(logits[..., :151936], reference) and (logits[..., 151936:] == PADDED_LOGIT).all()
+    assert torch.softmax(logits, -1)[..., 151936:].sum() == 0
+
+
 # ---- the preset, end to end ------------------------------------------------------------------------------------
 
 SMALL = ["--set", "distill.max_prompts=6", "--set", "distill.max_tokens=48", "--set", "finetune.max_steps=6",
