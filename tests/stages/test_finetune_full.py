@@ -123,7 +123,7 @@ def test_full_fine_tune_trains_every_weight_exports_a_verified_gguf_and_is_evalu
     assert "no merge (full fine-tune)" in " ".join(exported.stdout.split())
 
     evaluated = distillery(config, "evaluate", "--set", "export.outtype=q8_0", "--set", "export.quantizations=[q8_0]",
-                           "--set", "evaluate.data=null", "--set", "evaluate.heldout.generate=1")
+                           "--set", "evaluate.data=null", "--set", "evaluate.heldout.generate=0")
     assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
     scores = json.loads((tmp_path / "runs" / "t" / "evaluate" / "heldout.json").read_text())
     assert list(scores) == ["base", "trained", "SmolLM2-135M-Instruct-Q8_0"]  # merged = trained: scored once
