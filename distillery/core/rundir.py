@@ -71,6 +71,16 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def same_file(handle: int, path: Path) -> bool:
+    """Whether the open file `handle` is what `path` names now (not one removed, or replaced, since it was opened)."""
+    try:
+        named = os.stat(path)
+    except OSError:
+        return False
+    opened = os.fstat(handle)
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+
+
 def current_umask() -> int:
     """This process's umask, read without changing it (os.umask can only set it, racing other threads)."""
     try:
@@ -111,39 +121,55 @@ class RunDir:
         same run (another terminal, a scheduler's retry) would delete the partial directory this one writes, or
         publish its own over it. A flock on the directory itself: the kernel lets go when the process ends, however
         it ends, so no stale lock is ever left; a run directory this made is removed again if nothing was written."""
-        import fcntl
-
         created = [p for p in (self.path, *self.path.parents) if not p.exists()]  # deepest first
+        handle = self.locked_directory()
+        claimed = False
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            handle = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        except FileExistsError:  # a file where the directory goes, or a link to nothing
-            if self.path.is_symlink():
-                raise UserError(f"the run directory {self.path} is a symbolic link to {os.readlink(self.path)}, which "
-                                "does not exist: make that folder, or remove the link.") from None
-            raise unwritable(self.path, os.strerror(errno.ENOTDIR)) from None
-        except OSError as err:
-            raise unwritable(self.path, err.strerror or str(err)) from None
-        locked = claimed = False
-        try:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise UserError(f"the run directory {self.path} is in use by another distillery command, still "
-                                "running: wait for it to finish, or give this one a run of its own "
-                                "(--set run.name=...).") from None
-            locked = True
             claimed = self.claim()
             yield
         finally:
-            os.close(handle)
-            # only while empty, and only by the holder of the lock: a command refused because another one holds the
-            # run must not remove the directory that one has just made
+            # only while empty, and only by the holder of the lock, before letting go of it: a command refused
+            # because another one holds the run must not remove the directory that one has just made, and one that
+            # takes the lock next must find the directory it locked
             with contextlib.suppress(OSError, UserError):
                 if claimed and os.listdir(self.path) == [self.manifest_path.name] and not self.load_manifest()["stages"]:
                     self.manifest_path.unlink()
-                for directory in created if locked else ():
+                for directory in created:
                     directory.rmdir()
+            os.close(handle)
+
+    def locked_directory(self) -> int:
+        """The run directory, made if needed, opened and flocked; refused when another command holds it. A directory
+        its holder removed while this one waited for it (an empty run it had made) is made and locked again."""
+        import fcntl
+
+        for _ in range(5):
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                handle = os.open(self.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            except FileExistsError:  # a file where the directory goes, or a link to nothing
+                if self.path.is_symlink():
+                    raise UserError(f"the run directory {self.path} is a symbolic link to {os.readlink(self.path)}, "
+                                    "which does not exist: make that folder, or remove the link.") from None
+                if os.path.lexists(self.path):
+                    raise unwritable(self.path, os.strerror(errno.ENOTDIR)) from None
+                continue  # made and removed again by another command meanwhile
+            except FileNotFoundError:  # removed by another command between mkdir and open
+                continue
+            except OSError as err:
+                raise unwritable(self.path, err.strerror or str(err)) from None
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(handle)
+                raise UserError(f"the run directory {self.path} is in use by another distillery command, still "
+                                "running: wait for it to finish, or give this one a run of its own "
+                                "(--set run.name=...).") from None
+            if same_file(handle, self.path):
+                return handle
+            os.close(handle)  # locked a directory that is gone: its holder removed it before letting go
+        raise UserError(f"the run directory {self.path} keeps being made and removed by other distillery commands: "
+                        "run this one again when they are done.")
 
     def claim(self) -> bool:
         """Mark the directory as a run (an empty manifest) before anything is written into it; True when this did.

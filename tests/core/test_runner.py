@@ -676,3 +676,36 @@ def test_ctrl_c_as_a_finished_stage_is_published_waits_until_it_is_recorded(proj
     entry = json.loads((project / "runs/t/manifest.json").read_text())["stages"]["ingest"]
     assert entry["status"] == "complete" and entry["attempt"]["status"] == "interrupted"
     assert run_stage("ingest", cfg)[0] == "up to date"
+
+
+HAMMER = r'''
+import collections, sys, time
+from distillery.core.errors import UserError
+from distillery.core.rundir import RunDir
+run, seen, end = RunDir(sys.argv[1], "same"), collections.Counter(), time.time() + float(sys.argv[2])
+while time.time() < end:
+    try:
+        with run.exclusive():
+            seen["held" if run.path.is_dir() and run.manifest_path.is_file() else "held a run that is gone"] += 1
+    except UserError as err:
+        seen["in use" if "is in use by another distillery command" in str(err) else f"refused: {err}"] += 1
+    except Exception as err:
+        seen[f"{type(err).__name__}: {err}"] += 1
+print(dict(seen))
+'''
+
+
+def test_two_commands_taking_and_leaving_one_new_run_never_find_it_gone(tmp_path: Path) -> None:
+    """From an adversarial review: the lock was let go before the empty run it made was removed, so the next holder
+    ran in a directory being deleted (FileNotFoundError tracebacks, or 'damaged manifest' for a healthy run). Two
+    processes take and leave one new run as fast as they can: each either holds it whole or is told it is in use."""
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    hammers = [subprocess.Popen([sys.executable, "-c", HAMMER, str(tmp_path / "root"), "1.5"], env=env,
+                                stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    seen = [ast.literal_eval(h.communicate(timeout=120)[0].strip().splitlines()[-1]) for h in hammers]
+    assert all(set(s) <= {"held", "in use"} for s in seen) and all(s.get("held") for s in seen), seen
