@@ -10,6 +10,7 @@ layers (120M parameters): a student that shares its teacher's tokenizer, for off
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -18,10 +19,12 @@ import os
 import re
 import shutil
 import stat
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from distillery.core.errors import UserError
+from distillery.core.rundir import current_umask
 from distillery.core.userinput import path_exists
 
 log = logging.getLogger(__name__)
@@ -221,26 +224,71 @@ def bundled_gguf(name: str) -> Path:
 
 
 def materialize_bundled(name: str) -> Path:
-    """Write the bundled model as a plain HF directory (bf16 safetensors + tokenizer) once; reuse it after."""
-    target = cache_home() / "models" / name
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    """Write the bundled model as a plain HF directory (bf16 safetensors + tokenizer) once; reuse it after.
+    Jobs that start together (a SLURM array on one cache) build it one at a time, each in a folder of its own; an
+    entry damaged since (cut short, edited) is built again; a cache that cannot be written is one message."""
+    models = cache_home() / "models"
+    target = models / name
+    if usable_cache_entry(target):
         return target
-    source = bundled_gguf(name)
-    log.info("materialising %s from %s (once) into %s", name, source.name, target)
-    tmp = target.with_name(f".{name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    with cache_lock(models, name):
+        if usable_cache_entry(target):  # another job built it while this one waited
+            return target
+        for leftover in models.glob(f".{name}.tmp-*"):  # of a job killed mid-build: nobody else builds now
+            shutil.rmtree(leftover, ignore_errors=True)
+        source = bundled_gguf(name)
+        log.info("materialising %s from %s (once) into %s", name, source.name, target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=models))
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would keep a shared cache from the other users
+        try:
+            build_bundled(name, source, tmp)
+            shutil.rmtree(target, ignore_errors=True)  # a damaged entry
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def build_bundled(name: str, source: Path, out: Path) -> None:
     if name == "tiny-qwen2-r1":
         from distillery.core import tiny_qwen2
 
-        tiny_qwen2.build(source, tmp)
+        tiny_qwen2.build(source, out)
     elif name == "SmolLM2-24L-student":
-        layer_dropped_student(materialize_bundled("SmolLM2-135M-Instruct"), tmp, STUDENT_DROPS)
+        layer_dropped_student(materialize_bundled("SmolLM2-135M-Instruct"), out, STUDENT_DROPS)
     else:
-        smollm2_from_gguf(source, tmp)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    return target
+        smollm2_from_gguf(source, out)
+
+
+def usable_cache_entry(target: Path) -> bool:
+    """A cached bundled model that is whole: its files parse and its weights are all there (check_model_files)."""
+    if not ((target / "config.json").is_file() and (target / "model.safetensors").is_file()):
+        return False
+    try:
+        check_model_files(target, "the model cache")
+    except UserError:
+        log.warning("the cached model %s is damaged: building it again", target)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def cache_lock(models: Path, name: str) -> Iterator[None]:
+    """An exclusive flock on models/.<name>.lock while the entry is built; a cache folder that cannot be written
+    (a read-only home, DISTILLERY_HOME on a missing disk) is a UserError naming it."""
+    import fcntl
+
+    try:
+        models.mkdir(parents=True, exist_ok=True)
+        handle = os.open(models / f".{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise UserError(f"the model cache {models} cannot be written ({err.strerror or err}): set DISTILLERY_HOME to a "
+                        "directory you can write to (it defaults to ~/.cache/distillery), and run again.") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)
 
 
 def layer_dropped_student(source: Path, out: Path, dropped: tuple[int, ...]) -> None:

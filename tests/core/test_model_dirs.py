@@ -149,3 +149,42 @@ def test_a_chat_template_that_never_ends_stops_format_within_its_budget(model: P
         f"format.template chat: the model's chat template (its tokenizer files) took more than 2 s of CPU time "
         f"rendering records {records[0]['id']} to {records[2]['id']}, where a chat template needs milliseconds and a "
         "few MB: it is broken or hostile. Use template qa, ko_qa, alpaca or r1, or a model whose template is sound.")
+
+
+MATERIALIZE = "from distillery.core.models import resolve_model_path; print(resolve_model_path('bundled:tiny-qwen2-r1'))"
+
+
+def test_jobs_that_build_one_bundled_model_at_once_share_one_whole_entry(tmp_path: Path) -> None:
+    """From an adversarial review (a SLURM array on a fresh cache): the second job to finish its build failed
+    renaming onto the first one's entry (Errno 39: a bug), a folder named by PID alone could be wiped by a job of
+    another PID namespace, and a killed build's folder stayed forever. Two jobs at once get the same entry; a
+    leftover is swept, and an entry cut short since is built again."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DISTILLERY_HOME": str(tmp_path), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / ".tiny-qwen2-r1.tmp-4471").mkdir()  # a job killed mid-build
+    jobs = [subprocess.Popen([sys.executable, "-c", MATERIALIZE], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    done = [job.communicate(timeout=300) for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], done
+    assert {out.strip() for out, _ in done} == {str(models / "tiny-qwen2-r1")}
+    assert sorted(p.name for p in models.iterdir()) == [".tiny-qwen2-r1.lock", "tiny-qwen2-r1"]
+    check_model_files(models / "tiny-qwen2-r1")
+    weights = models / "tiny-qwen2-r1" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])  # damaged since: it was trusted forever
+    rebuilt = subprocess.run([sys.executable, "-c", MATERIALIZE], env=env, capture_output=True, text=True, timeout=300)
+    assert rebuilt.returncode == 0 and "is damaged: building it again" in rebuilt.stderr, rebuilt.stderr[-2000:]
+    check_model_files(models / "tiny-qwen2-r1")
+
+
+def test_a_model_cache_that_cannot_be_written_is_one_message_naming_it(tmp_path: Path, monkeypatch) -> None:
+    """A read-only home or a DISTILLERY_HOME under a file: 'a bug' (PermissionError, NotADirectoryError) or the
+    run.root remedy, after building the model for seconds."""
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("DISTILLERY_HOME", str(tmp_path / "a-file" / "cache"))
+    with pytest.raises(UserError, match=r"the model cache .*a-file/cache/models cannot be written \(Not a directory\): "
+                                        "set DISTILLERY_HOME to a directory you can write to"):
+        resolve_model_path("bundled:tiny-qwen2-r1")
