@@ -173,6 +173,21 @@ def check_teacher_rows(ctx: StageContext) -> None:
                     "rerun distill with --force, or use objective: sft.")
 
 
+def note_generation_past_context(ctx: StageContext, model_path: str, max_length: int) -> None:
+    """on_policy's student writes on_policy.max_new_tokens after a prompt of up to max_length: said when that runs
+    past the model's context (positions it never saw, and generation that slows with every token); not refused,
+    as format does not refuse, for a model with RoPE scaling may be meant to."""
+    from distillery.core.models import model_config, text_config
+
+    new = ctx.cfg.finetune.on_policy.max_new_tokens
+    context = getattr(text_config(model_config(model_path, ctx.cfg.model.trust_remote_code)), "max_position_embeddings", None)
+    if isinstance(context, int) and max_length + new > context:
+        ctx.console.print(f"[yellow]past the model's context[/]: on_policy generates up to {new:,} tokens after prompts "
+                          f"of up to {max_length:,} (format.max_length), past the {context:,} positions of "
+                          f"{printable(model_path)}. Lower finetune.on_policy.max_new_tokens to "
+                          f"{max(context - max_length, 1):,} unless the model is meant to be extended.")
+
+
 def check_on_policy_teacher(teacher_path: str, student_tokenizer: Any, ctx: StageContext) -> str:
     from distillery.core.models import load_tokenizer
     from distillery.core.vocab import hf_encoder
@@ -327,6 +342,8 @@ def run(ctx: StageContext) -> StageResult:
                                             job.precision != "fp32", trust)
         ctx.console.print(f"finetune: full fine-tuning needs about {memory['needed_gib']} GiB "
                           f"({memory['available_gib']} GiB available)")
+    if ft.objective == "on_policy":
+        note_generation_past_context(ctx, model_path, job.max_length)
     if ft.objective == "multiple_choice":
         check_multiple_choice(train_rows)
     else:

@@ -457,6 +457,22 @@ def stage_context(tmp_path: Path, *overrides: str):
     return StageContext(cfg=cfg, run=RunDir(cfg.run.root, cfg.run.name), out=tmp_path / "out", console=Console())
 
 
+def test_on_policy_generation_past_the_models_context_is_said(tmp_path: Path, tiny_r1_path: str) -> None:
+    """The tiny Qwen2 has 4,096 positions: prompts of up to 4,000 tokens and 200 new ones run past them."""
+    from rich.console import Console
+
+    from distillery.stages.finetune import note_generation_past_context
+
+    ctx = stage_context(tmp_path, "finetune.on_policy.max_new_tokens=200")
+    ctx.console = Console(record=True, width=300)
+    note_generation_past_context(ctx, tiny_r1_path, 3000)
+    assert ctx.console.export_text() == ""
+    note_generation_past_context(ctx, tiny_r1_path, 4000)
+    said = " ".join(ctx.console.export_text().split())
+    assert "on_policy generates up to 200 tokens after prompts of up to 4,000" in said
+    assert "past the 4,096 positions" in said and "Lower finetune.on_policy.max_new_tokens to 96" in said
+
+
 def test_kd_with_no_train_example_carrying_log_probs_is_refused_with_distills_reasons(tmp_path: Path) -> None:
     """From an adversarial review: a teacher of another tokenizer echoes other tokens, so distill scores no trace;
     kd then trained exit 0 as plain cross-entropy under kd's name."""
