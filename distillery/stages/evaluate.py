@@ -584,4 +584,5 @@ def stage_result(results: dict[str, Any], scored_heldout: dict[str, Any]) -> Sta
 STAGE = Stage(name="evaluate", run=run, outputs=OUTPUTS, sections=("model", "evaluate"), upstream=upstream,
               packages=("torch", "transformers", "peft", "llama-cpp-python", "tokenizers", "sacrebleu", "math-verify",
                         "latex2sympy2_extended", "sympy"), input_files=input_files,
-              also_reads=("distill.sandbox", "format.max_length"), resumable=True)  # code_io verdicts; the scoring window
+              also_reads=("distill.sandbox", "format.max_length"),  # code_io verdicts; the scoring window
+              resumable=True, operational=("evaluate.gguf_threads", "evaluate.batch_size"))  # speed, not scores

@@ -571,4 +571,4 @@ def save_verify_plot(report: dict[str, Any], path: Path) -> None:
 
 STAGE = Stage(name="export", run=run, outputs=OUTPUTS, sections=("model", "export"), upstream=("finetune",),
               packages=("torch", "transformers", "peft", "unsloth", "llama-cpp-python"), resumable=True,
-              input_files=input_files)
+              input_files=input_files, operational=("export.threads", "export.min_free_disk_gb"))

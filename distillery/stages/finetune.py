@@ -424,6 +424,9 @@ def report(ctx: StageContext, s: dict) -> StageResult:
 # changed distill.concurrency retrained the model.
 NOT_READ_OF_DISTILL = (*(f"distill.{key}" for key in DistillConfig.model_fields if key != "teacher"),
                        *(f"distill.teacher.{key}" for key in TeacherConfig.model_fields if key not in ("kind", "path")))
+# How often it logs, how many checkpoints it keeps, where it reports: a change of one must not retrain the model.
+HOW_IT_RUNS = ("finetune.logging_steps", "finetune.save_total_limit", "finetune.report_to")
 STAGE = Stage(name="finetune", run=run, outputs=OUTPUTS, sections=("model", "distill", "finetune"), upstream=("format",),
               packages=("torch", "transformers", "trl", "peft", "unsloth", "unsloth_zoo", "accelerate", "bitsandbytes"),
-              resumable=True, input_files=input_files, operational=NOT_READ_OF_DISTILL)
+              resumable=True, input_files=input_files,
+              operational=(*NOT_READ_OF_DISTILL, *HOW_IT_RUNS))

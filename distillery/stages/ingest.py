@@ -345,4 +345,5 @@ def render_report(rows: list[dict], totals: dict) -> str:
 
 
 STAGE = Stage(name="ingest", run=run, outputs=OUTPUTS, sections=("ingest",),
-              packages=("python-calamine", "openpyxl", "datasets", "pandas", "pyarrow"), input_files=input_files)
+              packages=("python-calamine", "openpyxl", "datasets", "pandas", "pyarrow"), input_files=input_files,
+              operational=("ingest.workers",))  # the records are the same whatever the number of readers

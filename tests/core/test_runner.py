@@ -276,6 +276,28 @@ def test_operational_settings_leave_a_stage_up_to_date_and_a_run_recorded_before
     assert run_stage("ingest", load_config("config.yaml", ["ingest.eval_fraction=0.4", "ingest.dedupe=false"]))[0] == "done"
 
 
+@pytest.mark.parametrize("name, override", [
+    ("ingest", "ingest.workers=1"), ("finetune", "finetune.logging_steps=5"), ("finetune", "finetune.save_total_limit=4"),
+    ("finetune", "finetune.report_to=tensorboard"), ("export", "export.threads=1"),
+    ("export", "export.min_free_disk_gb=5"), ("evaluate", "evaluate.gguf_threads=1"), ("evaluate", "evaluate.batch_size=2")])
+def test_settings_of_speed_and_logging_leave_the_stage_up_to_date(project: Path, name: str, override: str) -> None:
+    """From a review: a number of reading processes, logging steps, kept checkpoints, a tracker or threads reran
+    the stage and every one below it (retraining the model for ingest.workers)."""
+    from distillery.runner import without_operational
+    from distillery.stage import load_stage
+
+    stage = load_stage(name)
+
+    def fingerprinted(cfg) -> dict:
+        dump = cfg.model_dump(mode="json")
+        return without_operational({section: dump[section] for section in stage.sections}, stage.operational)
+
+    assert fingerprinted(load_config("config.yaml")) == fingerprinted(load_config("config.yaml", [override]))
+    if name == "ingest":
+        assert run_stage("ingest", load_config("config.yaml"))[0] == "done"
+        assert run_stage("ingest", load_config("config.yaml", [override]))[0] == "up to date"
+
+
 def test_a_setting_outside_the_stages_sections_that_it_reads_makes_it_out_of_date(project: Path, monkeypatch) -> None:
     """evaluate reads distill.sandbox (its code_io checks) and format.max_length (its scoring window) outside its
     own sections: changing one left it 'up to date'. A run recorded before they counted stays up to date."""
