@@ -60,6 +60,27 @@ def bundled_name(path: str, field: str = "model.path") -> str | None:
     return name
 
 
+# The files of a model directory that say what the model is and how text becomes its tokens (its weights are left
+# to their size and times, in the runner: hashing tens of GB at every command is not an option).
+DESCRIBING_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                    "tokenizer.model", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+                    "chat_template.jinja", "chat_template.json")
+
+
+def local_model_files(path: str | None) -> list[Path]:
+    """For a stage's fingerprint: the describing files of a local model directory, or a local .gguf file, that a
+    setting names (nothing for a Hub id or bundled:<name>). A chat template or tokenizer edited in place, or a
+    teacher GGUF copied over, made no stage run again."""
+    if not path or path.startswith("bundled:"):
+        return []
+    local = Path(path).expanduser()
+    if local.is_file() and local.suffix == ".gguf":
+        return [local]
+    if not local.is_dir():
+        return []
+    return [local / name for name in DESCRIBING_FILES if (local / name).is_file()]
+
+
 def resolve_model_path(path: str, field: str = "model.path") -> str:
     """A local directory or Hub id as given; a bundled model materialised (once) to a local directory. `field`
     names the setting in messages."""

@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from distillery.config import DistillConfig, DistilleryConfig, TeacherConfig
 from distillery.core.console import markdown_table, printable, summary_table
 from distillery.core.errors import UserError
+from distillery.core.models import local_model_files
 from distillery.core.plots import figure
 from distillery.core.records import make_record, read_jsonl, write_jsonl
 from distillery.stage import Stage, StageContext, StageResult
@@ -353,6 +354,12 @@ def task_report(entries: list[dict]) -> dict[str, dict[str, Any]]:
     return dict(sorted(rows.items()))
 
 
+def input_files(cfg: DistilleryConfig) -> list[Path]:
+    """A local teacher: its GGUF, or its HF directory's describing files (core/models.local_model_files)."""
+    teacher = cfg.distill.teacher
+    return local_model_files(teacher.path) if cfg.distill.enabled and teacher.kind in ("gguf", "hf") else []
+
+
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg.distill
     if not cfg.enabled:
@@ -591,6 +598,6 @@ def save_report_plot(rows: dict[str, dict], path: Path) -> None:
 
 STAGE = Stage(name="distill", run=run, outputs=OUTPUTS, sections=("model", "distill"), upstream=("ingest",),
               packages=("llama-cpp-python", "transformers", "httpx", "math-verify", "latex2sympy2_extended", "sympy"),
-              resumable=True, environment=teacher_environment,
+              resumable=True, environment=teacher_environment, input_files=input_files,
               operational=("distill.concurrency", "distill.retries", "distill.teacher.timeout_s",
                            "distill.teacher.max_retry_wait_s", "distill.teacher.api_key_env"))

@@ -45,7 +45,7 @@ from distillery.core.console import markdown_table, printable, summary_table
 from distillery.core.errors import UserError
 from distillery.core.isolation import Child, plain
 from distillery.core.machine import available_memory
-from distillery.core.models import CONFIG_ERRORS, bundled_name
+from distillery.core.models import CONFIG_ERRORS, bundled_name, local_model_files
 from distillery.core.plots import figure
 from distillery.core.summaries import FinetuneSummary
 from distillery.core.rundir import atomic_write_text
@@ -63,7 +63,7 @@ class VerificationError(UserError):
 
 
 def input_files(cfg: DistilleryConfig) -> list[Path]:
-    return [Path(cfg.export.imatrix)] if cfg.export.imatrix else []
+    return ([Path(cfg.export.imatrix)] if cfg.export.imatrix else []) + local_model_files(cfg.export.base_16bit)
 
 
 def training_template(ctx: StageContext, adapter_dir: Path) -> tuple[str, str, Any]:

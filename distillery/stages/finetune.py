@@ -30,6 +30,7 @@ from distillery.config import DistillConfig, DistilleryConfig, FinetuneConfig, T
 from distillery.core.console import code_block, markdown_table, printable, summary_table
 from distillery.core.errors import UserError
 from distillery.core.machine import cpu_bf16_native
+from distillery.core.models import local_model_files
 from distillery.core.plots import figure
 from distillery.core.records import read_jsonl
 from distillery.core.rundir import atomic_write_text
@@ -61,8 +62,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 def input_files(cfg: DistilleryConfig) -> list[Path]:
     """The accelerate config, when one is set and exists (a missing one is reported when training starts)."""
-    path = cfg.finetune.accelerate_config
-    return [Path(path)] if path and Path(path).is_file() else []
+    path, ft = cfg.finetune.accelerate_config, cfg.finetune
+    accelerate = [Path(path)] if path and Path(path).is_file() else []
+    return accelerate + (local_model_files(ft.on_policy.teacher) if ft.objective == "on_policy" else [])
 
 
 # ---- 1. format's outputs -------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from distillery.core.chat_render import Chat, ChatRenderer, TemplateRefused, Tem
 from distillery.core.console import markdown_table, printable, summary_table
 from distillery.core.errors import UserError
 from distillery.core.plots import figure
-from distillery.core.models import load_tokenizer, model_config, resolve_model_path, text_config
+from distillery.core.models import load_tokenizer, local_model_files, model_config, resolve_model_path, text_config
 from distillery.core.records import read_jsonl, write_jsonl
 from distillery.core.vocab import adds_bos
 from distillery.training.tokens import split_tokens
@@ -40,6 +40,11 @@ OUTPUTS = {"train": "train.jsonl", "eval": "eval.jsonl", "dropped": "dropped.jso
            "teacher": "train.teacher.safetensors"}
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "templates"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def input_files(cfg: DistilleryConfig) -> list[Path]:
+    """The model's tokenizer, chat template and config, when model.path is a local directory."""
+    return local_model_files(cfg.model.path)
 
 
 def upstream(cfg: DistilleryConfig) -> tuple[str, ...]:
@@ -441,4 +446,4 @@ def render_report(stats: dict) -> str:
 
 
 STAGE = Stage(name="format", run=run, outputs=OUTPUTS, sections=("model", "format"), upstream=upstream,
-              packages=("transformers", "tokenizers", "Jinja2"))
+              packages=("transformers", "tokenizers", "Jinja2"), input_files=input_files)

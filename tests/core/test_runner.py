@@ -731,3 +731,40 @@ def test_two_commands_taking_and_leaving_one_new_run_never_find_it_gone(tmp_path
                                 stdout=subprocess.PIPE, text=True) for _ in range(2)]
     seen = [ast.literal_eval(h.communicate(timeout=120)[0].strip().splitlines()[-1]) for h in hammers]
     assert all(set(s) <= {"held", "in use"} for s in seen) and all(s.get("held") for s in seen), seen
+
+
+def test_a_local_model_or_teacher_edited_in_place_is_an_input_of_the_stages_that_read_it(tmp_path: Path,
+                                                                                         monkeypatch) -> None:
+    """From a review: a local model's chat template edited in place left format 'up to date' (310 rows with the old
+    system prompt), and a teacher GGUF copied over at its path left distill's traces. Their describing files (not
+    the weights) and a teacher's GGUF are the stages' input files now; a file over 1 GiB is known by its size,
+    times and first and last 16 MiB."""
+    import os
+
+    import distillery.runner as runner
+    from distillery.stage import load_stage
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "tokenizer.json", "chat_template.jinja", "model.safetensors"):
+        (model / name).write_text("{}")
+    (tmp_path / "teacher.gguf").write_bytes(b"GGUF" + bytes(100))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({
+        "run": {"name": "t", "root": str(tmp_path / "runs")}, "model": {"path": str(model)},
+        "ingest": {"sources": [{"name": "x", "kind": "hf", "files": "x.jsonl"}]},
+        "distill": {"enabled": True, "teacher": {"kind": "gguf", "path": str(tmp_path / "teacher.gguf")}}}))
+    cfg = load_config(tmp_path / "config.yaml")
+    assert {p.name for p in load_stage("format").input_files(cfg)} == {"config.json", "tokenizer.json",
+                                                                       "chat_template.jinja"}  # never the weights
+    assert load_stage("distill").input_files(cfg) == [tmp_path / "teacher.gguf"]
+    template = model / "chat_template.jinja"
+    before = runner.input_digest(template)
+    template.write_text("{# a pirate #}")
+    assert runner.input_digest(template) != before
+    monkeypatch.setattr(runner, "LARGE_INPUT_BYTES", 50)
+    monkeypatch.setattr(runner, "SAMPLED_BYTES", 8)
+    teacher = tmp_path / "teacher.gguf"
+    sampled = runner.input_digest(teacher)
+    assert sampled.startswith("sampled:") and runner.input_digest(teacher) == sampled
+    os.utime(teacher, ns=(1, 1))  # another file copied over it (cp -p keeps its times: then its bytes differ)
+    assert runner.input_digest(teacher) != sampled
