@@ -132,25 +132,52 @@ def setting(dump: dict[str, Any], key: str) -> Any:
 
 
 def recorded_fingerprint(stage: Stage, cfg: DistilleryConfig, run: RunDir, fp: str, inputs: dict) -> str:
-    """`fp`, or the fingerprint an entry recorded before the stage's operational settings were left out of it
-    and its `also_reads` settings put in (its sections whole, nothing else) when that is the one it has: such a
-    run stays up to date, and so do the stages below it, whose fingerprints hold this one. The `also_reads`
-    values it is first accepted with are kept in the entry: changing one later makes it out of date."""
+    """`fp`, or the fingerprint an entry recorded by an older version that counted other things, when what it
+    counted is what this one reads: its recorded inputs (which hash to it) equal the current ones but for settings
+    this version leaves out (`operational`), settings it has added (`also_reads`) and input files it has added (a
+    local model's describing files). Such a run stays up to date, and so do the stages below it, whose
+    fingerprints hold this one: an upgrade never retrains a model. The added values it is accepted with are kept
+    in the entry: changing one later makes it out of date."""
     entry = run.stage_entry(stage.name) or {}
-    recorded = entry.get("fingerprint")
-    if not (stage.operational or stage.also_reads) or recorded in (None, fp):
+    recorded, kept = entry.get("fingerprint"), entry.get("inputs")
+    if recorded in (None, fp) or not isinstance(kept, dict):
+        return fp
+    counted = {key: value for key, value in kept.items() if key not in BOOKKEEPING}
+    if sha256_json(counted) != recorded or set(counted) - {"config", "files"} != set(inputs) - {"config", "files",
+                                                                                                "upstream_outputs"}:
+        return fp
+    if any(counted[key] != inputs[key] for key in counted if key not in ("config", "files")):
         return fp
     dump = cfg.model_dump(mode="json")
-    whole = {key: value for key, value in inputs.items() if key != "upstream_outputs"}
-    whole["config"] = {section: dump[section] for section in stage.sections}
-    if sha256_json(whole) != recorded:
+    if not isinstance(counted.get("config"), dict) or not same_reading(stage, counted["config"], dump):
         return fp
-    reads = also_read(stage, dump)
-    kept = entry.get("inputs", {}).get("also_reads")
-    if kept is None:
+    files = counted.get("files") if isinstance(counted.get("files"), dict) else {}
+    if any(inputs["files"].get(path) != digest for path, digest in files.items()):
+        return fp
+    added = {"also_reads": {key: value for key, value in also_read(stage, dump).items() if key not in counted["config"]},
+             "files_since": {path: digest for path, digest in inputs["files"].items() if path not in files}}
+    since = {key: kept.get(key) for key in added}
+    if all(value is None for value in since.values()):
         with contextlib.suppress(OSError):  # bookkeeping: a read-only run is still up to date
-            run.update_stage(stage.name, {**entry, "inputs": {**entry.get("inputs", {}), "also_reads": reads}})
-    return recorded if kept in (None, reads) else fp
+            run.update_stage(stage.name, {**entry, "inputs": {**kept, **added}})
+        return recorded
+    return recorded if all(since[key] in (None, added[key]) for key in added) else fp
+
+
+# What the runner writes into an entry's inputs beside what it fingerprinted.
+BOOKKEEPING = ("upstream_outputs", "also_reads", "files_since")
+
+
+def same_reading(stage: Stage, recorded: dict[str, Any], dump: dict[str, Any]) -> bool:
+    """Whether a recorded config (the stage's sections, maybe with its also_reads keys) holds the values this
+    version reads now, its operational settings left out of both."""
+    sections = {name: value for name, value in recorded.items() if name in stage.sections}
+    if set(sections) != set(stage.sections):
+        return False
+    now = {section: dump[section] for section in stage.sections}
+    if without_operational(sections, stage.operational) != without_operational(now, stage.operational):
+        return False
+    return all(recorded[key] == setting(dump, key) for key in stage.also_reads if key in recorded)
 
 
 def known_environment(environment: dict[str, str | None], previous: dict) -> dict[str, str]:

@@ -60,11 +60,10 @@ def bundled_name(path: str, field: str = "model.path") -> str | None:
     return name
 
 
-# The files of a model directory that say what the model is and how text becomes its tokens (its weights are left
-# to their size and times, in the runner: hashing tens of GB at every command is not an option).
-DESCRIBING_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                    "tokenizer.model", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
-                    "chat_template.jinja", "chat_template.json")
+# The files of a model directory that say what the model is and how text becomes its tokens: its JSON (config,
+# generation config, tokenizer and its config, the weights' index), chat templates, SentencePiece models and BPE
+# merges. Not its weights: hashing tens of GB at every command is not an option.
+DESCRIBING_FILES = ("*.json", "*.jinja", "*.model", "*.txt")
 
 
 def local_model_files(path: str | None) -> list[Path]:
@@ -78,7 +77,7 @@ def local_model_files(path: str | None) -> list[Path]:
         return [local]
     if not local.is_dir():
         return []
-    return [local / name for name in DESCRIBING_FILES if (local / name).is_file()]
+    return sorted(path for pattern in DESCRIBING_FILES for path in local.glob(pattern) if path.is_file())
 
 
 def resolve_model_path(path: str, field: str = "model.path") -> str:

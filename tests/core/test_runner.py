@@ -271,9 +271,10 @@ def test_operational_settings_leave_a_stage_up_to_date_and_a_run_recorded_before
     stage["now"] = operational  # the same settings, read by a version that leaves eval_fraction out
     assert run_stage("ingest", load_config("config.yaml"))[0] == "up to date"
     assert json.loads((project / "runs/t/manifest.json").read_text())["stages"]["ingest"]["fingerprint"] == recorded
-    assert run_stage("ingest", load_config("config.yaml", ["ingest.eval_fraction=0.3"]))[0] == "done"
-    assert run_stage("ingest", load_config("config.yaml", ["ingest.eval_fraction=0.4"]))[0] == "up to date"
+    # an operational setting changed after the upgrade: still the run the older version recorded
+    assert run_stage("ingest", load_config("config.yaml", ["ingest.eval_fraction=0.3"]))[0] == "up to date"
     assert run_stage("ingest", load_config("config.yaml", ["ingest.eval_fraction=0.4", "ingest.dedupe=false"]))[0] == "done"
+    assert run_stage("ingest", load_config("config.yaml", ["ingest.eval_fraction=0.2", "ingest.dedupe=false"]))[0] == "up to date"
 
 
 @pytest.mark.parametrize("name, override", [
@@ -768,3 +769,35 @@ def test_a_local_model_or_teacher_edited_in_place_is_an_input_of_the_stages_that
     assert sampled.startswith("sampled:") and runner.input_digest(teacher) == sampled
     os.utime(teacher, ns=(1, 1))  # another file copied over it (cp -p keeps its times: then its bytes differ)
     assert runner.input_digest(teacher) != sampled
+
+
+def test_a_run_recorded_before_new_input_files_or_more_operational_settings_stays_up_to_date(project: Path,
+                                                                                           monkeypatch) -> None:
+    """An upgrade that counts a local model's describing files, or leaves out more operational settings, must not
+    redo a finished stage (a finetune: hours): the recorded inputs are what this version reads. A file it counts
+    now that changes after the upgrade, or a setting it reads, makes the stage out of date as before."""
+    import dataclasses
+
+    import distillery.runner as runner
+    from distillery.stage import Stage, StageResult
+
+    def write(ctx) -> StageResult:
+        (ctx.out / "out.txt").write_text("written")
+        return StageResult()
+
+    template = project / "chat_template.jinja"
+    template.write_text("{{ messages }}")
+    before = Stage(name="ingest", run=write, outputs={"out": "out.txt"}, sections=("ingest",),
+                   operational=("ingest.workers",))
+    after = dataclasses.replace(before, operational=("ingest.workers", "ingest.eval_fraction"),
+                                input_files=lambda cfg: [template])
+    stage = {"now": before}
+    monkeypatch.setattr(runner, "load_stage", lambda name: stage["now"])
+    assert run_stage("ingest", load_config("config.yaml"))[0] == "done"
+    stage["now"] = after
+    assert run_stage("ingest", load_config("config.yaml", ["ingest.eval_fraction=0.5"]))[0] == "up to date"
+    assert run_stage("ingest", load_config("config.yaml"))[0] == "up to date"
+    template.write_text("{# a pirate #}{{ messages }}")
+    assert run_stage("ingest", load_config("config.yaml"))[0] == "done"
+    assert run_stage("ingest", load_config("config.yaml"))[0] == "up to date"
+    assert run_stage("ingest", load_config("config.yaml", ["ingest.dedupe=false"]))[0] == "done"
