@@ -63,7 +63,7 @@ def fingerprint(stage: Stage, cfg: DistilleryConfig, run: RunDir) -> tuple[str, 
             raise UserError(f"stage {stage.name} needs {name} first: run `distillery {name}`.")
         upstream[name], upstream_outputs[name] = entry["fingerprint"], outputs_digest(entry)
     inputs = {
-        "config": {**without_operational({section: dump[section] for section in stage.sections}, stage.operational),
+        "config": {**without_operational({section: dump[section] for section in stage.sections}, stage.operational_of(cfg)),
                    **also_read(stage, dump)},
         "seed": cfg.run.seed,
         "upstream": upstream,
@@ -149,7 +149,8 @@ def recorded_fingerprint(stage: Stage, cfg: DistilleryConfig, run: RunDir, fp: s
     if any(counted[key] != inputs[key] for key in counted if key not in ("config", "files")):
         return fp
     dump = cfg.model_dump(mode="json")
-    if not isinstance(counted.get("config"), dict) or not same_reading(stage, counted["config"], dump):
+    if not isinstance(counted.get("config"), dict) or not same_reading(stage, stage.operational_of(cfg),
+                                                                          counted["config"], dump):
         return fp
     files = counted.get("files") if isinstance(counted.get("files"), dict) else {}
     if any(inputs["files"].get(path) != digest for path, digest in files.items()):
@@ -168,14 +169,14 @@ def recorded_fingerprint(stage: Stage, cfg: DistilleryConfig, run: RunDir, fp: s
 BOOKKEEPING = ("upstream_outputs", "also_reads", "files_since")
 
 
-def same_reading(stage: Stage, recorded: dict[str, Any], dump: dict[str, Any]) -> bool:
+def same_reading(stage: Stage, operational: tuple[str, ...], recorded: dict[str, Any], dump: dict[str, Any]) -> bool:
     """Whether a recorded config (the stage's sections, maybe with its also_reads keys) holds the values this
     version reads now, its operational settings left out of both."""
     sections = {name: value for name, value in recorded.items() if name in stage.sections}
     if set(sections) != set(stage.sections):
         return False
     now = {section: dump[section] for section in stage.sections}
-    if without_operational(sections, stage.operational) != without_operational(now, stage.operational):
+    if without_operational(sections, operational) != without_operational(now, operational):
         return False
     return all(recorded[key] == setting(dump, key) for key in stage.also_reads if key in recorded)
 

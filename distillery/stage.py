@@ -47,12 +47,15 @@ class Stage:
     environment: Callable[[DistilleryConfig], dict[str, str | None]] = no_environment
     # dotted keys in its sections that change how it runs, not what it writes, or that it does not read at all (left
     # out of the fingerprint: raising a timeout must resume a long distill, not start it over)
-    operational: tuple[str, ...] = ()
+    operational: tuple[str, ...] | Callable[[DistilleryConfig], tuple[str, ...]] = ()
     # dotted keys outside its sections that change what it writes (evaluate: the sandbox its code_io checks run in)
     also_reads: tuple[str, ...] = ()
 
     def upstream_of(self, cfg: DistilleryConfig) -> tuple[str, ...]:
         return tuple(self.upstream(cfg)) if callable(self.upstream) else tuple(self.upstream)
+
+    def operational_of(self, cfg: DistilleryConfig) -> tuple[str, ...]:
+        return tuple(self.operational(cfg)) if callable(self.operational) else tuple(self.operational)
 
 
 def load_stage(name: str) -> Stage:

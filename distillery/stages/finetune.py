@@ -422,13 +422,21 @@ def report(ctx: StageContext, s: dict) -> StageResult:
 
 
 # Of the distill section, finetune reads only the teacher an on_policy objective may take (distill.teacher.kind and
-# path); what distill made reaches it through format, its upstream. The rest is left out of its fingerprint: a
-# changed distill.concurrency retrained the model.
+# path, when on_policy.teacher is unset); what distill made reaches it through format, its upstream. The rest is
+# left out of its fingerprint: a changed distill.concurrency retrained the model, and so did another teacher for sft.
 NOT_READ_OF_DISTILL = (*(f"distill.{key}" for key in DistillConfig.model_fields if key != "teacher"),
                        *(f"distill.teacher.{key}" for key in TeacherConfig.model_fields if key not in ("kind", "path")))
+DISTILL_TEACHER = ("distill.teacher.kind", "distill.teacher.path")
 # How often it logs, how many checkpoints it keeps, where it reports: a change of one must not retrain the model.
 HOW_IT_RUNS = ("finetune.logging_steps", "finetune.save_total_limit", "finetune.report_to")
+
+
+def not_read(cfg: DistilleryConfig) -> tuple[str, ...]:
+    """Finetune's operational settings: distill's teacher counts only where an on_policy run takes it."""
+    ft = cfg.finetune
+    teacher_read = ft.objective == "on_policy" and not ft.on_policy.teacher
+    return (*NOT_READ_OF_DISTILL, *HOW_IT_RUNS, *(() if teacher_read else DISTILL_TEACHER))
 STAGE = Stage(name="finetune", run=run, outputs=OUTPUTS, sections=("model", "distill", "finetune"), upstream=("format",),
               packages=("torch", "transformers", "trl", "peft", "unsloth", "unsloth_zoo", "accelerate", "bitsandbytes"),
               resumable=True, input_files=input_files,
-              operational=(*NOT_READ_OF_DISTILL, *HOW_IT_RUNS))
+              operational=not_read)

@@ -291,7 +291,7 @@ def test_settings_of_speed_and_logging_leave_the_stage_up_to_date(project: Path,
 
     def fingerprinted(cfg) -> dict:
         dump = cfg.model_dump(mode="json")
-        return without_operational({section: dump[section] for section in stage.sections}, stage.operational)
+        return without_operational({section: dump[section] for section in stage.sections}, stage.operational_of(cfg))
 
     assert fingerprinted(load_config("config.yaml")) == fingerprinted(load_config("config.yaml", [override]))
     if name == "ingest":
@@ -415,9 +415,9 @@ def test_finetune_is_fingerprinted_on_the_only_distill_settings_it_reads(tmp_pat
 
     same = finetune_fp()
     for override in ("distill.concurrency=8", "distill.retries=9", "distill.teacher.timeout_s=30", "distill.enabled=true",
-                     "distill.max_tokens=77", "distill.teacher.url=http://localhost:9/v1"):
+                     "distill.max_tokens=77", "distill.teacher.url=http://localhost:9/v1",
+                     "distill.teacher.path=./another-teacher"):  # the teacher counts for on_policy only (below)
         assert finetune_fp(override) == same, override
-    assert finetune_fp("distill.teacher.path=./another-teacher") != same  # the teacher on_policy may take
     assert finetune_fp("finetune.max_steps=21") != same
 
 
@@ -801,3 +801,23 @@ def test_a_run_recorded_before_new_input_files_or_more_operational_settings_stay
     assert run_stage("ingest", load_config("config.yaml"))[0] == "done"
     assert run_stage("ingest", load_config("config.yaml"))[0] == "up to date"
     assert run_stage("ingest", load_config("config.yaml", ["ingest.dedupe=false"]))[0] == "done"
+
+
+def test_finetune_counts_distills_teacher_only_where_on_policy_takes_it(project: Path) -> None:
+    """From a review: another distill teacher retrained an sft model, which never reads it."""
+    from distillery.runner import without_operational
+    from distillery.stage import load_stage
+
+    stage = load_stage("finetune")
+
+    def fingerprinted(*overrides: str) -> dict:
+        cfg = load_config("config.yaml", list(overrides))
+        dump = cfg.model_dump(mode="json")
+        return without_operational({section: dump[section] for section in stage.sections}, stage.operational_of(cfg))
+
+    other = "distill.teacher.path=other.gguf"
+    assert fingerprinted() == fingerprinted(other)  # sft
+    on_policy = ("finetune.objective=on_policy", "finetune.backend=hf", "distill.teacher.kind=hf")
+    assert fingerprinted(*on_policy) != fingerprinted(*on_policy, "distill.teacher.path=other")
+    named = (*on_policy, "finetune.on_policy.teacher=bundled:SmolLM2-135M-Instruct")
+    assert fingerprinted(*named) == fingerprinted(*named, "distill.teacher.path=other")
