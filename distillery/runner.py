@@ -157,12 +157,11 @@ def recorded_fingerprint(stage: Stage, cfg: DistilleryConfig, run: RunDir, fp: s
         return fp
     added = {"also_reads": {key: value for key, value in also_read(stage, dump).items() if key not in counted["config"]},
              "files_since": {path: digest for path, digest in inputs["files"].items() if path not in files}}
-    since = {key: kept.get(key) for key in added}
-    if all(value is None for value in since.values()):
+    missing = {key: value for key, value in added.items() if kept.get(key) is None}
+    if missing:  # kept from the first acceptance on, each on its own (an entry may hold one from an older version)
         with contextlib.suppress(OSError):  # bookkeeping: a read-only run is still up to date
-            run.update_stage(stage.name, {**entry, "inputs": {**kept, **added}})
-        return recorded
-    return recorded if all(since[key] in (None, added[key]) for key in added) else fp
+            run.update_stage(stage.name, {**entry, "inputs": {**kept, **missing}})
+    return recorded if all(kept.get(key) in (None, added[key]) for key in added) else fp
 
 
 # What the runner writes into an entry's inputs beside what it fingerprinted.
@@ -303,7 +302,6 @@ def prepare_run_dir(run: RunDir, name: str, keep: bool, config_dump: dict) -> No
         raise unwritable(run.path, err.strerror or str(err)) from None
 
 
-# What the system refuses to store, and what to do about it: the user's to fix, not a bug.
 def storage_failure(err: BaseException, run: RunDir) -> BaseException:
     """A disk or quota that filled up, a file-size limit or a read-only disk met while a stage wrote: a UserError
     saying which and what to do (the stage's partial files go, as for any failure); any other error as it is."""
