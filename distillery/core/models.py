@@ -47,7 +47,9 @@ def torch_dtype(name: str):
 
 
 def cache_home() -> Path:
-    return Path(os.environ.get("DISTILLERY_HOME", Path.home() / ".cache" / "distillery"))
+    """DISTILLERY_HOME, or ~/.cache/distillery when it is unset or empty (an empty one is no directory: `Path("")`
+    would be whatever directory the command runs in)."""
+    return Path(os.environ.get("DISTILLERY_HOME") or Path.home() / ".cache" / "distillery")
 
 
 def bundled_name(path: str, field: str = "model.path") -> str | None:

@@ -29,6 +29,7 @@ from distillery.core.errors import UserError
 from distillery.core.plots import figure
 from distillery.core.models import load_tokenizer, local_model_files, model_config, resolve_model_path, text_config
 from distillery.core.records import read_jsonl, write_jsonl
+from distillery.core.unseen import unseen_pattern
 from distillery.core.vocab import adds_bos
 from distillery.training.tokens import split_tokens
 from distillery.stage import Stage, StageContext, StageResult, load_stage
@@ -125,12 +126,15 @@ def with_think(content: str) -> str:
     return f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n{content}"
 
 
+UNSEEN = unseen_pattern()
+
+
 def has_reasoning(answer: str) -> bool:
     """Whether an answer brings reasoning of its own: an opened or closed think block with text in it."""
     if THINK_CLOSE not in answer:
         return False
     inside = answer.split(THINK_CLOSE, 1)[0].replace(THINK_OPEN, "")
-    return bool(inside.strip())
+    return bool(UNSEEN.sub("", inside).strip())  # a zero-width space or a BOM alone is no reasoning
 
 
 def prepare_messages(record: dict, fmt: FormatConfig) -> list[dict[str, str]]:

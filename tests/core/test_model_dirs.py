@@ -188,3 +188,15 @@ def test_a_model_cache_that_cannot_be_written_is_one_message_naming_it(tmp_path:
     with pytest.raises(UserError, match=r"the model cache .*a-file/cache/models cannot be written \(Not a directory\): "
                                         "set DISTILLERY_HOME to a directory you can write to"):
         resolve_model_path("bundled:tiny-qwen2-r1")
+
+
+def test_an_empty_distillery_home_is_the_default_cache_not_the_working_directory(tmp_path: Path, monkeypatch) -> None:
+    """`DISTILLERY_HOME= just demo` (a variable set but left empty) put the model cache, sdists and wheels in
+    whatever directory the command ran in."""
+    from distillery.core.models import cache_home
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("DISTILLERY_HOME", "")
+    assert cache_home() == tmp_path / ".cache" / "distillery"
+    monkeypatch.setenv("DISTILLERY_HOME", str(tmp_path / "elsewhere"))
+    assert cache_home() == tmp_path / "elsewhere"

@@ -278,8 +278,8 @@ def test_r1_answers_without_reasoning_are_counted_and_said(tmp_path: Path, monke
     from distillery.stages.format import has_reasoning
 
     assert [has_reasoning(a) for a in ("4", "<think>\n\n</think>\n\n4", "2 + 2\n</think>\n\n4",
-                                       "<think>2 + 2</think>4", "<think> </think> 4")] == [False, False, True, True,
-                                                                                          False]
+                                       "<think>2 + 2</think>4", "<think> </think> 4",
+                                       "<think>\u200b\ufeff\n</think>4")] == [False, False, True, True, False, False]
     monkeypatch.chdir(tmp_path)
     answers = [f"{2 * i}" if i % 3 else f"<think>\n{i} + {i}\n</think>\n\n{2 * i}" for i in range(12)]
     rows = [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"}, {"role": "assistant", "content": a}]}
