@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 import functools
 import hashlib
 import os
@@ -18,7 +19,8 @@ import logging
 import shutil
 import time
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from stat import S_ISREG
 from typing import Any
 
 from distillery.config import DistilleryConfig, redact
@@ -258,6 +260,8 @@ def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[st
     save_entry(run, name, {"status": "running", "fingerprint": fp, "inputs": inputs, "started": _now()})
     console.rule(f"[bold]{name}")
     try:
+        if not resumable and not force:
+            carry_over_last_run(stage, cfg, run, inputs)
         result = stage.run(StageContext(cfg=cfg, run=run, out=partial, console=console, force=force))
         outputs = describe_outputs(partial)  # hashed before the interrupts are held (a 32B GGUF takes minutes)
         # inside the try: a disk that fills as the finished stage is recorded is the user's to free, as one while
@@ -300,6 +304,82 @@ def prepare_run_dir(run: RunDir, name: str, keep: bool, config_dump: dict) -> No
         run.save_config(config_dump)
     except OSError as err:
         raise unwritable(run.path, err.strerror or str(err)) from None
+
+
+def carry_over_last_run(stage: Stage, cfg: DistilleryConfig, run: RunDir, inputs: dict) -> None:
+    """Start a fresh run of a stage with the files of its last finished run that stay valid: when the two differ
+    only in the stage's `carries_over_when` settings, its files matching `carry_over`, unchanged since (size and
+    mtime as the manifest recorded them), are hard-linked into the partial directory (nothing is copied; the stage
+    replaces files, never writes into them) and the stage resumes from them. Where links cannot be made, the stage
+    starts from nothing, as before."""
+    entry, patterns = run.stage_entry(stage.name) or {}, stage.carry_over_of(cfg)
+    changed = changed_only(entry.get("inputs", {}), inputs, stage.carries_over_when) \
+        if patterns and entry.get("status") == "complete" else []
+    if not changed:
+        return
+    last, partial = run.stage_dir(stage.name), run.partial_dir(stage.name)
+    kept = [rel for rel, info in entry.get("outputs", {}).items()
+            if inside(rel) and any(fnmatch.fnmatchcase(rel, pattern) for pattern in patterns)
+            and unchanged(last / rel, info)]
+    try:
+        for rel in kept:
+            (partial / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.link(last / rel, partial / rel)
+    except OSError as err:
+        log.info("%s: the last run's files cannot be linked (%s); starting afresh", stage.name, err)
+        remove_path(partial)
+        partial.mkdir()
+        return
+    if kept:
+        console.print(f"[green]{stage.name}[/]: only {', '.join(changed)} changed since the last run: its "
+                      f"{described(kept)} are kept.")
+
+
+def changed_only(recorded: dict, current: dict, keys: tuple[str, ...]) -> list[str]:
+    """The `keys` (dotted, inside the config sections) whose values differ between two fingerprints' inputs, when
+    everything else is equal (upstream files included); [] when anything else differs or none of them does."""
+    def rest(inputs: dict) -> dict:
+        config = copy.deepcopy(inputs.get("config", {}))
+        for key in keys:
+            parent, _, leaf = key.rpartition(".")
+            holder = lookup(config, parent) if parent else config
+            if isinstance(holder, dict):
+                holder.pop(leaf, None)
+        return {**inputs, "config": config}
+
+    if not recorded or rest(recorded) != rest(current):
+        return []
+    return [key for key in keys if lookup(recorded["config"], key) != lookup(current["config"], key)]
+
+
+def lookup(sections: dict, key: str) -> Any:
+    for part in key.split("."):
+        sections = sections.get(part) if isinstance(sections, dict) else None
+    return sections
+
+
+def inside(rel: str) -> bool:
+    """A manifest's output path that stays inside the stage's directory (the manifest is a file anyone can edit)."""
+    path = PurePosixPath(rel)
+    return not path.is_absolute() and ".." not in path.parts and "\\" not in rel
+
+
+def unchanged(path: Path, info: dict) -> bool:
+    """A regular file (not a link put there) of the size and mtime the manifest recorded for it."""
+    try:
+        stat = path.lstat()
+    except OSError:
+        return False
+    return S_ISREG(stat.st_mode) and stat.st_size == info.get("bytes") and stat.st_mtime_ns == info.get("mtime_ns")
+
+
+def described(files: list[str]) -> str:
+    """'merged/ (7 files), gguf/a.gguf, gguf/b.gguf': a folder of more than three files counted, other files named."""
+    folders: dict[str, list[str]] = {}
+    for rel in files:
+        folders.setdefault(rel.split("/", 1)[0] if "/" in rel else "", []).append(rel)
+    return ", ".join(f"{folder}/ ({len(names)} files)" if folder and len(names) > 3 else ", ".join(names)
+                     for folder, names in folders.items())
 
 
 def storage_failure(err: BaseException, run: RunDir) -> BaseException:

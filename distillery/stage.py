@@ -50,12 +50,21 @@ class Stage:
     operational: tuple[str, ...] | Callable[[DistilleryConfig], tuple[str, ...]] = ()
     # dotted keys outside its sections that change what it writes (evaluate: the sandbox its code_io checks run in)
     also_reads: tuple[str, ...] = ()
+    # a resumable stage's dotted keys whose change leaves some files of its last finished run valid (export: the
+    # GGUF types leave the merge and every GGUF still asked for): those files, matched by `carry_over` (patterns of
+    # paths in its directory, which may depend on the config), start the new run as a resumed one would
+    # (runner.carry_over_last_run)
+    carries_over_when: tuple[str, ...] = ()
+    carry_over: tuple[str, ...] | Callable[[DistilleryConfig], tuple[str, ...]] = ()
 
     def upstream_of(self, cfg: DistilleryConfig) -> tuple[str, ...]:
         return tuple(self.upstream(cfg)) if callable(self.upstream) else tuple(self.upstream)
 
     def operational_of(self, cfg: DistilleryConfig) -> tuple[str, ...]:
         return tuple(self.operational(cfg)) if callable(self.operational) else tuple(self.operational)
+
+    def carry_over_of(self, cfg: DistilleryConfig) -> tuple[str, ...]:
+        return tuple(self.carry_over(cfg)) if callable(self.carry_over) else tuple(self.carry_over)
 
 
 def load_stage(name: str) -> Stage:

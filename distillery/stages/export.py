@@ -62,6 +62,13 @@ class VerificationError(UserError):
     """An export whose files do not match the trained model: the stage fails, nothing is published."""
 
 
+def kept_on_change(cfg: DistilleryConfig) -> tuple[str, ...]:
+    """What another list of GGUF types (or verification settings) leaves valid of the last export: the merge, the
+    converter's GGUF, and the GGUFs of the types still asked for (the name stem is not among those settings)."""
+    outtype, quants = plan_types(cfg.export)
+    return ("merged/*", *(f"{OUTPUTS['gguf']}/*-{q.value.upper()}.gguf" for q in dict.fromkeys([outtype, *quants])))
+
+
 def input_files(cfg: DistilleryConfig) -> list[Path]:
     return ([Path(cfg.export.imatrix)] if cfg.export.imatrix else []) + local_model_files(cfg.export.base_16bit)
 
@@ -571,4 +578,8 @@ def save_verify_plot(report: dict[str, Any], path: Path) -> None:
 
 STAGE = Stage(name="export", run=run, outputs=OUTPUTS, sections=("model", "export"), upstream=("finetune",),
               packages=("torch", "transformers", "peft", "unsloth", "llama-cpp-python"), resumable=True,
-              input_files=input_files, operational=("export.threads", "export.min_free_disk_gb"))
+              input_files=input_files, operational=("export.threads", "export.min_free_disk_gb"),
+              # another list of GGUF types, or of verification settings: the merge and the GGUFs already written
+              # are kept (a 32B merge and each of its quantizations take minutes); every GGUF is verified again
+              carries_over_when=("export.quantizations", "export.keep_intermediate", "export.verify"),
+              carry_over=kept_on_change)

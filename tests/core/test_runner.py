@@ -821,3 +821,51 @@ def test_finetune_counts_distills_teacher_only_where_on_policy_takes_it(project:
     assert fingerprinted(*on_policy) != fingerprinted(*on_policy, "distill.teacher.path=other")
     named = (*on_policy, "finetune.on_policy.teacher=bundled:SmolLM2-135M-Instruct")
     assert fingerprinted(*named) == fingerprinted(*named, "distill.teacher.path=other")
+
+
+def test_a_stage_keeps_the_files_its_last_run_left_valid_when_only_a_carried_setting_changed(
+        project: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Export with another list of GGUF types merged, converted and quantized everything again (minutes each at
+    32B). A stage's `carry_over` files of its last finished run, unchanged since, start the new run (hard links);
+    any other change, a file edited since, or a manifest naming a path outside the stage's directory starts it
+    from nothing."""
+    import dataclasses
+
+    from distillery import runner
+    from distillery.stage import Stage, StageResult
+
+    seen: list = []
+
+    def run(ctx: Any) -> StageResult:
+        seen.append(sorted(str(p.relative_to(ctx.out)) for p in ctx.out.rglob("*") if p.is_file()))
+        (ctx.out / "kept").mkdir(exist_ok=True)
+        for name in ("a.bin", "b.bin"):
+            if not (ctx.out / "kept" / name).exists():
+                (ctx.out / "kept" / name).write_text(name, encoding="utf-8")
+        (ctx.out / "done.txt").write_text(str(ctx.cfg.ingest.eval_fraction), encoding="utf-8")
+        return StageResult()
+
+    stub = Stage(name="ingest", run=run, outputs={"done": "done.txt"}, sections=("ingest",), resumable=True,
+                 carries_over_when=("ingest.eval_fraction",), carry_over=("kept/*",))
+    monkeypatch.setattr(runner, "load_stage", lambda name: stub)
+    kept = project / "runs/t/ingest/kept"
+    assert run_stage("ingest", load_config("config.yaml"))[0] == "done"
+    inode = (kept / "a.bin").stat().st_ino
+    assert run_stage("ingest", load_config("config.yaml", ["ingest.eval_fraction=0.3"]))[0] == "done"
+    assert seen[-1] == ["kept/a.bin", "kept/b.bin"] and (kept / "a.bin").stat().st_ino == inode
+    assert "only ingest.eval_fraction changed since the last run: its kept/a.bin, kept/b.bin are kept" in " ".join(
+        capsys.readouterr().out.split())
+    assert run_stage("ingest", load_config("config.yaml", ["ingest.dedupe=false"]))[0] == "done"
+    assert seen[-1] == []  # another setting: nothing kept
+    (kept / "b.bin").write_text("edited", encoding="utf-8")
+    manifest = project / "runs/t/manifest.json"
+    data = json.loads(manifest.read_text())
+    outside = project / "runs/t/secret"
+    outside.write_text("s", encoding="utf-8")
+    data["stages"]["ingest"]["outputs"]["kept/../../secret"] = {"bytes": 1, "mtime_ns": outside.stat().st_mtime_ns,
+                                                                   "sha256": "0" * 64}
+    manifest.write_text(json.dumps(data))
+    monkeypatch.setattr(runner, "load_stage", lambda name: dataclasses.replace(stub, carry_over=("kept/*",)))
+    assert run_stage("ingest", load_config("config.yaml", ["ingest.dedupe=false", "ingest.eval_fraction=0.4"]))[0] \
+        == "done"
+    assert seen[-1] == ["kept/a.bin"]  # b.bin was edited after that run; the path outside is not followed

@@ -684,3 +684,29 @@ def test_an_adapter_merged_with_the_whole_model_counts_the_whole_model_in_the_me
     assert export.unstreamed_merge(adapter) == "the adapter uses rank_pattern"
     (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16}))
     assert export.unstreamed_merge(adapter) == ""
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_another_list_of_gguf_types_keeps_the_merge_and_the_ggufs_already_written(exported, tmp_path: Path,
+                                                                                 capsys) -> None:
+    """Dropping Q8_0 from export.quantizations merged, converted and quantized everything again (at 32B, minutes
+    each): the merge and the Q4_K_M file are kept (the same file), Q8_0 goes, and every GGUF is verified again."""
+    import shutil
+
+    _, run, _ = exported
+    shutil.copytree(run.path, tmp_path / "runs" / "demo", symlinks=True)  # copy2: the file times stay
+    config = demo_config(tmp_path, quantizations=["q4_k_m"], **FAST_VERIFY)
+    out = RunDir(tmp_path / "runs", "demo").stage_dir("export")
+    q4 = out / "gguf" / f"{STEM}-Q4_K_M.gguf"
+    inode = q4.stat().st_ino
+    assert run_stage("export", load_config(config))[0] == "done"
+    said = " ".join(capsys.readouterr().out.split())
+    assert (f"only export.quantizations changed since the last run: its gguf/{STEM}-Q4_K_M.gguf, merged/ (6 files) "
+            "are kept") in said, said
+    assert sorted(p.name for p in (out / "gguf").iterdir()) == [f"{STEM}-Q4_K_M.Modelfile", f"{STEM}-Q4_K_M.gguf"]
+    assert q4.stat().st_ino == inode
+    verify = json.loads((out / "verify.json").read_text())
+    assert verify["passed"] and verify["timings"]["merge"] == {"resumed": True} and set(verify["gguf"]) == {
+        "f16", "q4_k_m"}
+    assert not any(key.startswith("quantize") for key in verify["timings"]), verify["timings"]
