@@ -99,23 +99,13 @@ def local_file(data: str, key: str) -> Path:
 
 
 def load_hub_split(dataset: str, split: str, keys: tuple[str, str] = DATA_KEYS) -> Any:
-    """A Hub dataset split, failing fast with the way out when the Hub cannot be reached."""
-    import os
+    """A Hub dataset split (from the local cache where the Hub cannot serve it), failing fast with the way out."""
+    from distillery.sources.hf import load_hub_dataset
 
     hint = (f"Download it where you have network (`hf download {dataset} --repo-type dataset`) and set "
-            f"{keys[0]} to the local file.")
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        raise UserError(f"{keys[0]} {dataset}: HF_HUB_OFFLINE is set, so the Hub is not used. {hint}")
-    import datasets
-    from huggingface_hub import HfApi
-
+            f"{keys[0]} to the local file, or load it once with network.")
     try:
-        HfApi().dataset_info(dataset, timeout=10)
-    except Exception as err:  # connection, timeout, 404 and auth errors all end the same way
-        raise UserError(f"{keys[0]} {dataset}: the Hub cannot be reached or has no such dataset "
-                        f"({type(err).__name__}). {hint}") from None
-    try:
-        return datasets.load_dataset(dataset, split=split)
+        return load_hub_dataset(dataset, None, split, 10.0, keys[0], hint)
     except ValueError as err:
         raise UserError(f"{keys[0]} {dataset}: no split {split!r} ({err}). Set {keys[1]}.") from None
 

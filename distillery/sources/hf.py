@@ -12,6 +12,7 @@ Layouts (`format`):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -367,27 +368,65 @@ def parquet_batch_rows(path: Path, metadata: Any) -> int:
     return max(1, min(65_536, PARQUET_BATCH_BYTES // largest))
 
 
-def check_hub_reachable(params: HFDatasetParams) -> None:
-    """Fail fast, with the way out, when the Hub cannot be reached (no long hang offline)."""
-    hint = (f"Download it where you have network (e.g. `hf download {params.dataset} --repo-type dataset`) and set "
-            "`files:` to the local json/jsonl/csv/parquet files instead of `dataset:`.")
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        raise UserError(f"dataset {params.dataset}: HF_HUB_OFFLINE is set, so the Hub is not used. {hint}")
+def hub_offline() -> bool:
+    return any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
+               for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def hub_problem(dataset: str, timeout_s: float) -> str | None:
+    """Why the Hub cannot serve `dataset` now (offline mode, no connection within the timeout, no such dataset),
+    or None: a short check first, so that an offline machine never hangs in a download."""
+    if hub_offline():
+        return "HF_HUB_OFFLINE is set, so the Hub is not used"
     from huggingface_hub import HfApi
 
     try:
-        HfApi().dataset_info(params.dataset, timeout=params.timeout_s)
+        HfApi().dataset_info(dataset, timeout=timeout_s)
     except Exception as err:  # connection, timeout, 404 and auth errors all end the same way
-        reason = type(err).__name__ if "Connect" in type(err).__name__ or "Timeout" in type(err).__name__ else str(err).splitlines()[0]
-        raise UserError(f"dataset {params.dataset}: the Hugging Face Hub cannot be reached or has no such dataset "
-                        f"({reason}). {hint}") from None
+        name = type(err).__name__
+        reason = name if "Connect" in name or "Timeout" in name else (str(err).splitlines() or [name])[0]
+        return f"the Hugging Face Hub cannot be reached or has no such dataset ({reason})"
+    return None
+
+
+def load_hub_dataset(dataset: str, config_name: str | None, split: str, timeout_s: float, named: str,
+                     hint: str) -> Any:
+    """A Hub dataset's split through `datasets`; where the Hub cannot serve it (offline, unreachable), the copy an
+    earlier run left in the local cache, read without any network call. Neither: one message naming the dataset
+    and why, with `hint`. A split the dataset does not have is datasets' ValueError, for the caller to name."""
+    import datasets
+
+    problem = hub_problem(dataset, timeout_s)
+    if problem is None:
+        return datasets.load_dataset(dataset, config_name, split=split)
+    try:
+        with datasets_cache_only():
+            return datasets.load_dataset(dataset, config_name, split=split)
+    except ValueError:
+        raise
+    except Exception:  # datasets' ConnectionError or FileNotFoundError: not in the cache
+        raise UserError(f"{named} {dataset}: {problem}, and it is not in the local Hugging Face cache. {hint}") from None
+
+
+@contextlib.contextmanager
+def datasets_cache_only() -> Iterator[None]:
+    """datasets' own offline switch for one call: it resolves a Hub id from its cache and makes no request. The
+    switch is a module setting read when datasets is imported (from HF_HUB_OFFLINE), so it is set here for the
+    call and put back."""
+    from datasets import config
+
+    was = config.HF_HUB_OFFLINE
+    config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        config.HF_HUB_OFFLINE = was
 
 
 def read_hub(params: HFDatasetParams) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-    check_hub_reachable(params)
-    import datasets
-
-    data = datasets.load_dataset(params.dataset, params.config_name, split=params.split)
+    hint = (f"Download it where you have network (e.g. `hf download {params.dataset} --repo-type dataset`) and set "
+            "`files:` to the local json/jsonl/csv/parquet files instead of `dataset:`, or load it once with network.")
+    data = load_hub_dataset(params.dataset, params.config_name, params.split, params.timeout_s, "dataset", hint)
     for i, row in enumerate(data):
         yield row, {"dataset": params.dataset, "split": params.split, "index": i}
 

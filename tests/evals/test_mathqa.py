@@ -156,3 +156,20 @@ def test_encode_pair_moves_trailing_spaces_and_splits_the_whole_encoding() -> No
     request = build_request(char_encode, "Q:", [" 12", " 3"])
     assert request.context == tuple(char_encode("Q:"))
     assert request.continuations == ((1000 + ord("1"), ord("2")), (1000 + ord("3"),))
+
+
+def test_a_hub_mathqa_evaluated_once_is_read_from_the_cache_offline(tmp_path, monkeypatch) -> None:
+    """evaluate.data as a Hub id was refused under HF_HUB_OFFLINE even when the dataset was in the cache."""
+    import datasets
+
+    from distillery.evals.mathqa import load_hub_split
+    from tests.sources.test_hf import cached_hub_dataset
+
+    row = {"Problem": "what is 2 + 2 ?", "options": "a ) 3 , b ) 4 , c ) 5 , d ) 6 , e ) 7", "correct": "b",
+           "Rationale": "", "annotated_formula": "", "linear_formula": "", "category": "general"}
+    cached_hub_dataset(tmp_path / "datasets", "distillery-test/mathqa-toy", [row])
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert load_hub_split("distillery-test/mathqa-toy", "train")[0]["correct"] == "b"
+    with pytest.raises(UserError, match="evaluate.data distillery-test/mathqa-toy: no split 'test'"):
+        load_hub_split("distillery-test/mathqa-toy", "test")

@@ -220,6 +220,47 @@ def test_hub_unreachable_fails_within_the_timeout(monkeypatch: pytest.MonkeyPatc
     assert seen["timeout"] == 3 and time.perf_counter() - started < 3
 
 
+def cached_hub_dataset(cache: Path, repo_id: str, rows: list[dict]) -> None:
+    """What loading `repo_id` from the Hub once leaves in the datasets cache: its rows prepared as Arrow under
+    <cache>/<owner>___<name>/default/<version>/<revision> (made here by datasets' own json builder: the Hub, the
+    one thing this machine cannot reach, is what is left out)."""
+    from datasets.packaged_modules.json.json import Json
+
+    source = cache.parent / "hub-rows.jsonl"
+    write_jsonl(source, rows)
+    builder = Json(cache_dir=str(cache), dataset_name=repo_id.split("/")[1], repo_id=repo_id, hash="0123abcd",
+                   data_files={"train": str(source)})
+    builder.download_and_prepare()
+    prepared = Path(builder.cache_dir).parents[1]  # .../default-<hash of the local data files>
+    prepared.rename(prepared.with_name("default"))
+
+
+def test_a_hub_dataset_read_once_is_read_from_the_cache_offline_or_without_a_connection(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The docs promise that a Hub dataset, once downloaded, works offline; ingest refused it whenever the Hub
+    could not be reached (HF_HUB_OFFLINE on a cluster node), before datasets could look in its cache."""
+    import datasets
+    import huggingface_hub
+
+    cache, switch = tmp_path / "datasets", datasets.config.HF_HUB_OFFLINE  # as datasets' import found HF_HUB_OFFLINE
+    cached_hub_dataset(cache, "distillery-test/gsm-toy", [{"INSTRUCTION": "What is 2 + 3?", "RESPONSE": "5"},
+                                                           {"INSTRUCTION": "What is 4 + 4?", "RESPONSE": "8"}])
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)  # what HF_DATASETS_CACHE sets at import
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    records, report = read(dataset="distillery-test/gsm-toy")
+    assert [r["messages"][1]["content"] for r in records] == ["5", "8"] and report.read == 2
+
+    def no_network(self, repo_id: str, timeout: float | None = None, **_: Any) -> None:
+        raise ConnectionError("Failed to establish a new connection: [Errno 101] Network is unreachable")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", no_network)
+    assert len(read(dataset="distillery-test/gsm-toy")[0]) == 2 and datasets.config.HF_HUB_OFFLINE is switch
+    with pytest.raises(UserError, match=r"dataset distillery-test/other: the Hugging Face Hub cannot be reached .*"
+                                        r"and it is not in the local Hugging Face cache"):
+        read(dataset="distillery-test/other")
+
+
 @pytest.mark.parametrize("task", ["[/x]", "$\\frac{a}$", "a|b", "../up", "", "overall", "x" * 65])
 def test_a_task_name_that_would_break_evaluates_tables_is_refused(task: str) -> None:
     """A task names a row of evaluate's console table (rich markup), report.md (a markdown table) and chart
