@@ -308,31 +308,49 @@ def prepare_run_dir(run: RunDir, name: str, keep: bool, config_dump: dict) -> No
 
 def carry_over_last_run(stage: Stage, cfg: DistilleryConfig, run: RunDir, inputs: dict) -> None:
     """Start a fresh run of a stage with the files of its last finished run that stay valid: when the two differ
-    only in the stage's `carries_over_when` settings, its files matching `carry_over`, unchanged since (size and
-    mtime as the manifest recorded them), are hard-linked into the partial directory (nothing is copied; the stage
-    replaces files, never writes into them) and the stage resumes from them. Where links cannot be made, the stage
-    starts from nothing, as before."""
+    only in the stage's `carries_over_when` settings, its files matching `carry_over` (`carried_files`) are
+    hard-linked into the partial directory (nothing is copied; the stage replaces files, never writes into them)
+    and the stage resumes from them. They are linked in a staging folder beside it and moved in a top folder at a
+    time: a kill never leaves half of one (a merged model without its shards). Where links cannot be made, the
+    stage starts from nothing, as before."""
+    staging = run.path / f".{stage.name}.carrying"
+    if os.path.lexists(staging):
+        remove_path(staging)  # what a killed carry-over left
     entry, patterns = run.stage_entry(stage.name) or {}, stage.carry_over_of(cfg)
     changed = changed_only(entry.get("inputs", {}), inputs, stage.carries_over_when) \
         if patterns and entry.get("status") == "complete" else []
-    if not changed:
-        return
     last, partial = run.stage_dir(stage.name), run.partial_dir(stage.name)
-    kept = [rel for rel, info in entry.get("outputs", {}).items()
-            if inside(rel) and any(fnmatch.fnmatchcase(rel, pattern) for pattern in patterns)
-            and unchanged(last / rel, info)]
+    kept = carried_files(last, entry.get("outputs", {}), patterns) if changed else []
+    if not kept:
+        return
     try:
         for rel in kept:
-            (partial / rel).parent.mkdir(parents=True, exist_ok=True)
-            os.link(last / rel, partial / rel)
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.link(last / rel, staging / rel)
     except OSError as err:
         log.info("%s: the last run's files cannot be linked (%s); starting afresh", stage.name, err)
-        remove_path(partial)
-        partial.mkdir()
+        remove_path(staging)
         return
-    if kept:
-        console.print(f"[green]{stage.name}[/]: only {', '.join(changed)} changed since the last run: its "
-                      f"{described(kept)} are kept.")
+    for top in sorted({rel.split("/", 1)[0] for rel in kept}):
+        os.replace(staging / top, partial / top)
+    remove_path(staging)
+    console.print(f"[green]{stage.name}[/]: only {', '.join(changed)} changed since the last run: its "
+                  f"{described(kept)} are kept.")
+
+
+def carried_files(last: Path, outputs: dict[str, dict], patterns: tuple[str, ...]) -> list[str]:
+    """The last run's files (as its manifest lists them) that match `patterns` and are as it left them, inside its
+    directory. A pattern `folder/*` takes the folder whole or not at all: a merged model missing one shard is no
+    merged model."""
+    if last.is_symlink():
+        return []
+    matched = [rel for rel in outputs if inside(rel) and any(fnmatch.fnmatchcase(rel, p) for p in patterns)]
+    good = {rel for rel in matched if unchanged(last, rel, outputs[rel])}
+    for folder in (p[:-2] for p in patterns if p.endswith("/*")):
+        members = {rel for rel in matched if rel.startswith(folder + "/")}
+        if members - good:
+            good -= members
+    return sorted(good)
 
 
 def changed_only(recorded: dict, current: dict, keys: tuple[str, ...]) -> list[str]:
@@ -364,8 +382,12 @@ def inside(rel: str) -> bool:
     return not path.is_absolute() and ".." not in path.parts and "\\" not in rel
 
 
-def unchanged(path: Path, info: dict) -> bool:
-    """A regular file (not a link put there) of the size and mtime the manifest recorded for it."""
+def unchanged(last: Path, rel: str, info: dict) -> bool:
+    """`last / rel` is a regular file reached through no link (a folder of the stage's moved elsewhere and linked
+    back is not the run's), of the size and mtime the manifest recorded for it."""
+    path = last / rel
+    if os.path.realpath(path) != os.path.join(os.path.realpath(last), os.path.normpath(rel)):
+        return False
     try:
         stat = path.lstat()
     except OSError:

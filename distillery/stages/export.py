@@ -371,6 +371,7 @@ def convert_and_quantize(ctx: StageContext, plan: Plan, timings: dict[str, Any],
     gguf_dir = ctx.out / OUTPUTS["gguf"]
     gguf_dir.mkdir(exist_ok=True)
     intermediate = gguf_dir / gguf_io.gguf_filename(plan.stem, plan.outtype.value)
+    keep_only_requested(gguf_dir, plan.stem, [plan.outtype, *plan.quants])
     step(f"converting to {intermediate.name} (llama.cpp converter)")
     if not intermediate.is_file():
         timings["convert_seconds"] = round(gguf_io.convert_to_gguf(
@@ -389,6 +390,16 @@ def convert_and_quantize(ctx: StageContext, plan: Plan, timings: dict[str, Any],
                 gguf_io.quantize_gguf(intermediate, target, quant, plan.imatrix, ctx.cfg.export.threads), 2)
         files[quant.value] = target
     return intermediate, files
+
+
+def keep_only_requested(gguf_dir: Path, stem: str, types: list[QuantType]) -> None:
+    """Remove GGUFs the last export left that this one does not write: carried over by type
+    (runner.carry_over_last_run), a file of another name stem (an older version named the base directory
+    "my model" so, where it is now "my-model") would otherwise be published unverified beside the new ones."""
+    wanted = {gguf_io.gguf_filename(stem, q.value) for q in types}
+    for path in gguf_dir.glob("*.gguf"):
+        if path.name not in wanted:
+            path.unlink()
 
 
 def verify_all(ctx: StageContext, plan: Plan, checked: dict[str, Path], probe: dict[str, Any],

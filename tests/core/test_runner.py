@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any, Callable
 from pathlib import Path
@@ -823,49 +824,91 @@ def test_finetune_counts_distills_teacher_only_where_on_policy_takes_it(project:
     assert fingerprinted(*named) == fingerprinted(*named, "distill.teacher.path=other")
 
 
-def test_a_stage_keeps_the_files_its_last_run_left_valid_when_only_a_carried_setting_changed(
-        project: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    """Export with another list of GGUF types merged, converted and quantized everything again (minutes each at
-    32B). A stage's `carry_over` files of its last finished run, unchanged since, start the new run (hard links);
-    any other change, a file edited since, or a manifest naming a path outside the stage's directory starts it
-    from nothing."""
-    import dataclasses
-
+def carrying_stub(monkeypatch: pytest.MonkeyPatch, seen: list) -> None:
+    """The ingest stage replaced by a resumable one that carries over `whole/` (a folder valid only whole, as
+    export's merged model) and `files/*.bin` (files each valid alone, as export's GGUFs) when only
+    ingest.eval_fraction changed; it records what its partial directory held when it started."""
     from distillery import runner
     from distillery.stage import Stage, StageResult
 
-    seen: list = []
-
     def run(ctx: Any) -> StageResult:
         seen.append(sorted(str(p.relative_to(ctx.out)) for p in ctx.out.rglob("*") if p.is_file()))
-        (ctx.out / "kept").mkdir(exist_ok=True)
-        for name in ("a.bin", "b.bin"):
-            if not (ctx.out / "kept" / name).exists():
-                (ctx.out / "kept" / name).write_text(name, encoding="utf-8")
+        for rel in EVERY_FILE:
+            (ctx.out / rel).parent.mkdir(exist_ok=True)
+            if not (ctx.out / rel).exists():
+                (ctx.out / rel).write_text(rel, encoding="utf-8")
         (ctx.out / "done.txt").write_text(str(ctx.cfg.ingest.eval_fraction), encoding="utf-8")
         return StageResult()
 
     stub = Stage(name="ingest", run=run, outputs={"done": "done.txt"}, sections=("ingest",), resumable=True,
-                 carries_over_when=("ingest.eval_fraction",), carry_over=("kept/*",))
+                 carries_over_when=("ingest.eval_fraction",), carry_over=("whole/*", "files/*.bin"))
     monkeypatch.setattr(runner, "load_stage", lambda name: stub)
-    kept = project / "runs/t/ingest/kept"
+
+
+EVERY_FILE = ["files/a.bin", "files/b.bin", "whole/config", "whole/weights"]
+
+
+def test_a_stage_keeps_the_files_its_last_run_left_valid_when_only_a_carried_setting_changed(
+        project: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Export with another list of GGUF types merged, converted and quantized everything again (minutes each at
+    32B). A stage's `carry_over` files of its last finished run, unchanged since, start the new run (hard links);
+    any other change starts it from nothing."""
+    seen: list = []
+    carrying_stub(monkeypatch, seen)
+    out = project / "runs/t/ingest"
     assert run_stage("ingest", load_config("config.yaml"))[0] == "done"
-    inode = (kept / "a.bin").stat().st_ino
+    inode = (out / "whole/weights").stat().st_ino
     assert run_stage("ingest", load_config("config.yaml", ["ingest.eval_fraction=0.3"]))[0] == "done"
-    assert seen[-1] == ["kept/a.bin", "kept/b.bin"] and (kept / "a.bin").stat().st_ino == inode
-    assert "only ingest.eval_fraction changed since the last run: its kept/a.bin, kept/b.bin are kept" in " ".join(
-        capsys.readouterr().out.split())
+    assert seen[-1] == EVERY_FILE and (out / "whole/weights").stat().st_ino == inode
+    assert ("only ingest.eval_fraction changed since the last run: its files/a.bin, files/b.bin, whole/config, "
+            "whole/weights are kept") in " ".join(capsys.readouterr().out.split())
     assert run_stage("ingest", load_config("config.yaml", ["ingest.dedupe=false"]))[0] == "done"
     assert seen[-1] == []  # another setting: nothing kept
-    (kept / "b.bin").write_text("edited", encoding="utf-8")
-    manifest = project / "runs/t/manifest.json"
+    assert not (project / "runs/t/.ingest.carrying").exists()
+
+
+def test_what_is_carried_over_is_whole_inside_the_run_and_as_the_last_run_left_it(
+        project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From a review: a merged folder missing a shard (freed by hand, or a kill while linking) was carried and
+    taken for a finished merge; a folder moved out and linked back was linked in from outside the run; a manifest
+    entry can name any path."""
+    from distillery import runner
+
+    seen: list = []
+    carrying_stub(monkeypatch, seen)
+    out, manifest = project / "runs/t/ingest", project / "runs/t/manifest.json"
+    fraction = iter(f"ingest.eval_fraction=0.{n}" for n in range(2, 9))
+    assert run_stage("ingest", load_config("config.yaml", [next(fraction)]))[0] == "done"
+    (out / "whole/weights").write_text("edited", encoding="utf-8")  # a file changed since: its whole folder stays
+    (out / "files/b.bin").unlink()  # one of the single files gone: the others are kept
+    assert run_stage("ingest", load_config("config.yaml", [next(fraction)]))[0] == "done"
+    assert seen[-1] == ["files/a.bin"]
+
+    outside = project / "elsewhere"
+    outside.mkdir()
+    os.rename(out / "whole", outside / "whole")
+    (out / "whole").symlink_to(outside / "whole")
     data = json.loads(manifest.read_text())
-    outside = project / "runs/t/secret"
-    outside.write_text("s", encoding="utf-8")
-    data["stages"]["ingest"]["outputs"]["kept/../../secret"] = {"bytes": 1, "mtime_ns": outside.stat().st_mtime_ns,
-                                                                   "sha256": "0" * 64}
+    secret = project / "runs/t/secret.bin"
+    secret.write_text("s", encoding="utf-8")
+    data["stages"]["ingest"]["outputs"]["files/../../secret.bin"] = {
+        "bytes": 1, "mtime_ns": secret.stat().st_mtime_ns, "sha256": "0" * 64}
     manifest.write_text(json.dumps(data))
-    monkeypatch.setattr(runner, "load_stage", lambda name: dataclasses.replace(stub, carry_over=("kept/*",)))
-    assert run_stage("ingest", load_config("config.yaml", ["ingest.dedupe=false", "ingest.eval_fraction=0.4"]))[0] \
-        == "done"
-    assert seen[-1] == ["kept/a.bin"]  # b.bin was edited after that run; the path outside is not followed
+    assert run_stage("ingest", load_config("config.yaml", [next(fraction)]))[0] == "done"
+    assert seen[-1] == ["files/a.bin", "files/b.bin"]  # nothing through the link, nothing outside the stage
+
+    real_link = os.link
+
+    def interrupted(source: Any, target: Any) -> None:
+        if str(target).endswith("weights"):
+            raise KeyboardInterrupt
+        real_link(source, target)
+
+    monkeypatch.setattr(runner.os, "link", interrupted)
+    again = [next(fraction)]
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("ingest", load_config("config.yaml", again))
+    monkeypatch.setattr(runner.os, "link", real_link)
+    assert run_stage("ingest", load_config("config.yaml", again))[0] == "done"
+    assert seen[-1] == []  # resumed from what the interrupted attempt had: no half of whole/, nothing at all
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == sorted([*EVERY_FILE, "done.txt"])

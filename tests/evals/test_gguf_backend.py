@@ -96,16 +96,19 @@ def test_gguf_scores_follow_the_hf_model_it_was_made_from(demo_model_path: str, 
 
 
 @pytest.mark.integration
-def test_a_held_out_sequence_longer_than_2048_tokens_is_scored(tmp_path: Path) -> None:
+def test_a_held_out_sequence_longer_than_2048_tokens_is_scored(tmp_path: Path, tiny_r1_path: str) -> None:
     """format.max_length 2100 (R1-style traces): evaluate gives llama.cpp a context that holds the whole sequence
-    and the longest answer after it (evaluate.gguf_context), not a fixed 2048 that such a sequence overflows."""
+    and the longest answer after it (evaluate.gguf_context), not a fixed 2048 that such a sequence overflows. On
+    the tiny R1 model's GGUF (2,080 positions of the demo model took 23 s on one core)."""
     pytest.importorskip("llama_cpp")
     from tests.stages.test_evaluate import load_config_dict
+    from distillery.export.gguf import convert_to_gguf
     from distillery.stages.evaluate import Artifact, load_model
 
     cfg = load_config_dict({"ingest": {"sources": [{"name": "x", "kind": "hf", "files": "x.jsonl"}]},
                             "format": {"max_length": 2100}}, tmp_path)
-    model = load_model(Artifact("q", "gguf", bundled_gguf()), cfg)
+    convert_to_gguf(Path(tiny_r1_path), tmp_path / "tiny-F16.gguf", "f16", "tiny")
+    model = load_model(Artifact("q", "gguf", tmp_path / "tiny-F16.gguf"), cfg)
     try:
         tokens = [1000 + (7 * i) % 20000 for i in range(2080)]
         score = model.completion_logprobs([tokens], [2060], 8)[0]

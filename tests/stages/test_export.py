@@ -695,7 +695,7 @@ def test_another_list_of_gguf_types_keeps_the_merge_and_the_ggufs_already_writte
     import shutil
 
     _, run, _ = exported
-    shutil.copytree(run.path, tmp_path / "runs" / "demo", symlinks=True)  # copy2: the file times stay
+    shutil.copytree(run.path, tmp_path / "runs" / "demo", symlinks=True, copy_function=os.link)  # the same files
     config = demo_config(tmp_path, quantizations=["q4_k_m"], **FAST_VERIFY)
     out = RunDir(tmp_path / "runs", "demo").stage_dir("export")
     q4 = out / "gguf" / f"{STEM}-Q4_K_M.gguf"
@@ -710,3 +710,15 @@ def test_another_list_of_gguf_types_keeps_the_merge_and_the_ggufs_already_writte
     assert verify["passed"] and verify["timings"]["merge"] == {"resumed": True} and set(verify["gguf"]) == {
         "f16", "q4_k_m"}
     assert not any(key.startswith("quantize") for key in verify["timings"]), verify["timings"]
+
+
+def test_an_export_publishes_only_the_ggufs_it_writes_whatever_was_carried_over(tmp_path: Path) -> None:
+    """From a review: GGUFs are carried over by type, and the name stem is not a setting (an older version gave a
+    base directory "my model" the stem "my model", now "my-model"): the old files were published unverified."""
+    from distillery.export.gguf import QuantType
+    from distillery.stages.export import keep_only_requested
+
+    for name in ("my model-Q4_K_M.gguf", "my-model-Q4_K_M.gguf", "my-model-Q8_0.gguf", "my-model-F16.gguf"):
+        (tmp_path / name).write_bytes(b"GGUF")
+    keep_only_requested(tmp_path, "my-model", [QuantType.F16, QuantType.Q4_K_M])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my-model-F16.gguf", "my-model-Q4_K_M.gguf"]
