@@ -18,8 +18,10 @@ STAGES = ("ingest", "format", "finetune", "export", "evaluate")
 # The demo's own config and stages; fewer steps and items than `just demo` to keep the suite short.
 # One quant type: every type is written and decoded in tests/export/test_llama_child.py. Held-out loss only: the
 # generated answers and their metrics go through the pipeline in tests/e2e/test_tiny_r1.py.
-LIGHTER = ("finetune.max_steps=8", "finetune.save_steps=4", "finetune.sample_prompts=0",
-           "evaluate.heldout.limit=2", "evaluate.heldout.generate=0", "export.quantizations=[q8_0]",
+# 6 steps move the held-out loss of the first item of each task from 2.224 to 2.172 (the demo's 20: all 41, 2.209 ->
+# 2.049).
+LIGHTER = ("finetune.max_steps=6", "finetune.save_steps=3", "finetune.sample_prompts=0",
+           "evaluate.heldout.limit=1", "evaluate.heldout.generate=0", "export.quantizations=[q8_0]",
            "export.outtype=q8_0")
 
 
@@ -58,7 +60,7 @@ def test_demo_runs_every_stage_offline_then_is_up_to_date(tmp_path: Path) -> Non
     assert all(manifest[stage]["status"] == "complete" for stage in STAGES), manifest.keys()
 
     finetune = json.loads((run / "finetune" / "summary.json").read_text())
-    assert finetune["steps"] == 8 and (run / "finetune" / "loss.png").is_file()
+    assert finetune["steps"] == 6 and (run / "finetune" / "loss.png").is_file()
     verify = json.loads((run / "export" / "verify.json").read_text())
     assert sorted(p.name for p in (run / "export" / "gguf").glob("*.gguf")) == ["SmolLM2-135M-Instruct-Q8_0.gguf"]
     assert verify["passed"] is True and verify["timings"]["merge"]["dtype"] == "fp16"  # the demo's export.dtype
