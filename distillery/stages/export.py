@@ -64,9 +64,11 @@ class VerificationError(UserError):
 
 def kept_on_change(cfg: DistilleryConfig) -> tuple[str, ...]:
     """What another list of GGUF types (or verification settings) leaves valid of the last export: the merge, the
-    converter's GGUF, and the GGUFs of the types still asked for (the name stem is not among those settings)."""
+    converter's GGUF, the GGUFs of the types still asked for (the name stem is not among those settings) and its
+    verify.json, whose results hold for the files it names as long as they are the same files (`earlier_result`)."""
     outtype, quants = plan_types(cfg.export)
-    return ("merged/*", *(f"{OUTPUTS['gguf']}/*-{q.value.upper()}.gguf" for q in dict.fromkeys([outtype, *quants])))
+    return ("merged/*", OUTPUTS["verify"],
+            *(f"{OUTPUTS['gguf']}/*-{q.value.upper()}.gguf" for q in dict.fromkeys([outtype, *quants])))
 
 
 def input_files(cfg: DistilleryConfig) -> list[Path]:
@@ -309,6 +311,8 @@ def merge_and_check(ctx: StageContext, plan: Plan, report: dict[str, Any], timin
         replaced = plan.base != merge.local_base(plan.summary.base_model)
         timings["merge"] = child.call(plain, merge.merge_adapter, summary, plan.adapter_dir, merged_dir, plan.dtype,
                                       cfg.max_shard_size, trust, replaced)
+    if reuse_merge_check(ctx, report, timings):
+        return
     started = time.time()
     report["merge"] = {"tensors": child.call(plain, merge.check_merge, base, plan.adapter_dir, merged_dir)}
     if plan.small:
@@ -338,12 +342,61 @@ def export_full_finetune(ctx: StageContext, plan: Plan, report: dict[str, Any], 
     else:
         timings["merge"] = child.call(plain, merge.export_trained, plan.adapter_dir, merged_dir, plan.dtype,
                                       ctx.cfg.export.max_shard_size)
+    if reuse_merge_check(ctx, report, timings):
+        return
     tensors = child.call(plain, merge.check_trained_copy, summary.base_model, plan.adapter_dir, merged_dir)
     report["merge"] = {"tensors": tensors, "passed": tensors["passed"], "distributions": {
         "passed": None, "skipped": "a full fine-tune has no adapter to run unmerged"}}
     if not tensors["passed"]:
         fail(ctx, report, "the exported model is not the trained one: " + merge_failure(report["merge"]),
              discard=(merged_dir,))
+
+
+def file_identity(path: Path) -> list[int]:
+    """What tells one file from another without reading it: inode, size and mtime (a hard link keeps all three; a
+    file written again changes them)."""
+    stat = path.stat()
+    return [stat.st_ino, stat.st_size, stat.st_mtime_ns]
+
+
+def verified_against(ctx: StageContext) -> dict[str, Any]:
+    """What a verification result holds for: the verification settings and the merged model's files (the
+    reference every GGUF is compared with)."""
+    merged = ctx.out / OUTPUTS["merged"]
+    return {"settings": ctx.cfg.export.verify.model_dump(mode="json"),
+            "merged": {p.name: file_identity(p) for p in sorted(merged.iterdir()) if p.is_file()}}
+
+
+def earlier_verification(ctx: StageContext) -> dict[str, Any]:
+    """The verify.json the partial directory already holds, written by an attempt of this config stopped before it
+    finished or carried over from the last export unchanged (runner.carry_over_last_run); {} when none."""
+    try:
+        earlier = json.loads((ctx.out / OUTPUTS["verify"]).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return earlier if isinstance(earlier, dict) else {}
+
+
+def reuse_merge_check(ctx: StageContext, report: dict[str, Any], timings: dict[str, Any]) -> bool:
+    """The earlier check of this same merged model (its files unchanged: `verified_against`), when it passed: a
+    32B merge's check reads the base, the adapter and the merge again, minutes."""
+    earlier = earlier_verification(ctx)
+    against = verified_against(ctx)
+    if not (isinstance(earlier.get("merge"), dict) and earlier["merge"].get("passed") is True
+            and (earlier.get("verified_against") or {}).get("merged") == against["merged"]):
+        return False
+    report["merge"] = {**earlier["merge"], "reused": True}
+    timings["verify_merge_seconds"] = "reused"
+    return True
+
+
+def earlier_result(earlier: dict[str, Any], against: dict[str, Any], name: str, path: Path) -> dict[str, Any] | None:
+    """An earlier passing verification of this same GGUF file, made with these settings against this same merged
+    model; None when anything differs."""
+    result = (earlier.get("gguf") or {}).get(name)
+    if not (isinstance(result, dict) and result.get("passed") is True and earlier.get("verified_against") == against):
+        return None
+    return {**result, "reused": True} if result.get("identity") == file_identity(path) else None
 
 
 def merge_failure(result: dict[str, Any]) -> str:
@@ -410,27 +463,33 @@ def verify_all(ctx: StageContext, plan: Plan, checked: dict[str, Path], probe: d
     results = {}
     for name, path in checked.items():
         step(f"verifying {path.name}")
+        if name in probe["reused"]:
+            results[name], timings[f"verify_{name}_seconds"] = probe["reused"][name], "reused"
+            continue
         reference_bound = name == plan.outtype.value and plan.outtype != QuantType.Q8_0
         started = time.time()
         results[name] = verify.verify_gguf(
             path, plan.template, plan.eos, eos_id, probe,
             max_kl=cfg.verify.max_kl if reference_bound else cfg.verify.quant_max_kl,
             min_top1=cfg.verify.min_top1 if reference_bound else None, threads=cfg.threads)
+        results[name]["identity"] = file_identity(path)
         timings[f"verify_{name}_seconds"] = round(time.time() - started, 2)
     return results
 
 
-def probe_and_reference(ctx: StageContext, intermediate: Path, timings: dict[str, Any],
-                        child: Child) -> dict[str, Any]:
+def probe_and_reference(ctx: StageContext, intermediate: Path, timings: dict[str, Any], child: Child,
+                        reused: dict[str, dict[str, Any]], checked: int) -> dict[str, Any]:
     """The verification probes (prompts + the 16-bit GGUF's greedy answer) and the merged model's log-probs on
-    them, layer by layer."""
+    them, layer by layer; none when every GGUF's earlier verification still holds (`reused`)."""
     cfg, merged_dir = ctx.cfg.export, ctx.out / OUTPUTS["merged"]
+    if len(reused) == checked:
+        return {"reused": reused}
     started = time.time()
     probe = verify.probe_tokens(merged_dir, cfg.verify.prompts, cfg.verify.new_tokens, intermediate, cfg.threads)
     child.doing = f"running {merged_dir} layer by layer"
     probe["reference"] = child.call(plain, verify.reference_logprobs, merged_dir, probe["token_lists"])
     timings["reference_seconds"] = round(time.time() - started, 2)
-    return probe
+    return {**probe, "reused": reused}
 
 
 def write_modelfiles(ctx: StageContext, plan: Plan, files: dict[str, Path]) -> dict[str, Any]:
@@ -478,9 +537,13 @@ def export_planned(ctx: StageContext, plan: Plan, torch_child: Child, children: 
         if not plan.small:
             torch_child = children.enter_context(torch_child_for(ctx))
         step("the merged model's reference distributions, layer by layer")
-        probe = probe_and_reference(ctx, intermediate, timings, torch_child)
+        checked = {plan.outtype.value: intermediate, **files}
+        earlier, report["verified_against"] = earlier_verification(ctx), verified_against(ctx)
+        reused = {name: found for name, path in checked.items()
+                  if (found := earlier_result(earlier, report["verified_against"], name, path))}
+        probe = probe_and_reference(ctx, intermediate, timings, torch_child, reused, len(checked))
         torch_child.close()  # its memory goes back before the GGUFs are run
-        results = verify_all(ctx, plan, {plan.outtype.value: intermediate, **files}, probe, timings, step)
+        results = verify_all(ctx, plan, checked, probe, timings, step)
         report["gguf"] = results
         step("writing Modelfiles and reports")
         report["ollama"] = write_modelfiles(ctx, plan, files)
@@ -542,7 +605,8 @@ HEADERS = ("file", "type", "MiB", "top-1 agreement", "mean KL (nats)", "max KL",
 def _rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
     return [(r["file"], name, f"{r['bytes'] / 2**20:.0f}", f"{r['top1_agreement']:.3f}", f"{r['mean_kl']:.4g}",
              f"{r['max_kl']:.4g}", "ok" if r["checks"]["chat_template"] else "DIFFERS",
-             "ok" if r["checks"]["eos"] else "DIFFERS", "yes" if r["passed"] else "NO")
+             "ok" if r["checks"]["eos"] else "DIFFERS",
+             ("yes (checked before)" if r.get("reused") else "yes") if r["passed"] else "NO")
             for name, r in report["gguf"].items()]
 
 
@@ -561,7 +625,8 @@ def merge_sentence(merge_result: dict[str, Any]) -> str:
         parts.append(f"KL(base+adapter || merged) {distributions['merge_kl_ratio']:.3g} of KL(base+adapter || base) "
                      f"(< {distributions['max_merge_kl_ratio']})")
     verdict = "the adapter is in the merged weights" if merge_result["passed"] else "FAILED"
-    return f"merge: {'; '.join(parts) or 'not checked'} -> {verdict}"
+    earlier = " (checked before; the same merged files)" if merge_result.get("reused") else ""
+    return f"merge: {'; '.join(parts) or 'not checked'} -> {verdict}{earlier}"
 
 
 def print_summary(ctx: StageContext, report: dict[str, Any]) -> None:

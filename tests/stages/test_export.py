@@ -579,7 +579,11 @@ def test_killed_export_leaves_no_final_file_and_a_rerun_completes_it(exported) -
                       "ggufs kept": [f"{STEM}-F16.gguf", f"{STEM}-Q4_K_M.gguf", f"{STEM}-Q8_0.gguf"]}
     verify = json.loads((run.stage_dir("export") / "verify.json").read_text())
     assert verify["passed"] and verify["timings"]["merge"] == {"resumed": True}
-    assert not any(key.startswith(("convert", "quantize")) for key in verify["timings"]), verify["timings"]
+    assert not any(key.startswith(("convert", "quantize", "reference")) for key in verify["timings"]), verify["timings"]
+    # stopped after its reports: every check it made holds for the same files, and none is made again
+    assert {key: value for key, value in verify["timings"].items() if key.startswith("verify_")} == {
+        "verify_merge_seconds": "reused", "verify_f16_seconds": "reused", "verify_q8_0_seconds": "reused",
+        "verify_q4_k_m_seconds": "reused"}
     assert sorted(p.name for p in (run.stage_dir("export") / "gguf").glob("*.gguf")) == killed["ggufs kept"][1:]
 
 
@@ -702,14 +706,18 @@ def test_another_list_of_gguf_types_keeps_the_merge_and_the_ggufs_already_writte
     inode = q4.stat().st_ino
     assert run_stage("export", load_config(config))[0] == "done"
     said = " ".join(capsys.readouterr().out.split())
-    assert (f"only export.quantizations changed since the last run: its gguf/{STEM}-Q4_K_M.gguf, merged/ (6 files) "
-            "are kept") in said, said
+    assert (f"only export.quantizations changed since the last run: its gguf/{STEM}-Q4_K_M.gguf, merged/ (6 files), "
+            "verify.json are kept") in said, said
     assert sorted(p.name for p in (out / "gguf").iterdir()) == [f"{STEM}-Q4_K_M.Modelfile", f"{STEM}-Q4_K_M.gguf"]
     assert q4.stat().st_ino == inode
     verify = json.loads((out / "verify.json").read_text())
     assert verify["passed"] and verify["timings"]["merge"] == {"resumed": True} and set(verify["gguf"]) == {
         "f16", "q4_k_m"}
     assert not any(key.startswith("quantize") for key in verify["timings"]), verify["timings"]
+    # the same merged files and Q4_K_M file, the same verification settings: their checks hold; the 16-bit GGUF,
+    # converted again (it was not kept), is verified again
+    assert verify["merge"]["reused"] and verify["gguf"]["q4_k_m"]["reused"] and "reused" not in verify["gguf"]["f16"]
+    assert verify["timings"]["verify_merge_seconds"] == verify["timings"]["verify_q4_k_m_seconds"] == "reused"
 
 
 def test_an_export_publishes_only_the_ggufs_it_writes_whatever_was_carried_over(tmp_path: Path) -> None:
@@ -722,3 +730,24 @@ def test_an_export_publishes_only_the_ggufs_it_writes_whatever_was_carried_over(
         (tmp_path / name).write_bytes(b"GGUF")
     keep_only_requested(tmp_path, "my-model", [QuantType.F16, QuantType.Q4_K_M])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["my-model-F16.gguf", "my-model-Q4_K_M.gguf"]
+
+
+def test_an_earlier_verification_holds_only_for_the_same_file_settings_and_merged_model(tmp_path: Path) -> None:
+    """A GGUF's check is kept across a resume or a carry-over only while nothing it depended on changed: a file
+    written again (another inode or time), other verification settings, another merged model, or a check that
+    failed is made again."""
+    from distillery.stages.export import earlier_result, file_identity
+
+    gguf = tmp_path / "m-Q8_0.gguf"
+    gguf.write_bytes(b"GGUF one")
+    against = {"settings": {"prompts": ["a"], "new_tokens": 4}, "merged": {"model.safetensors": [1, 2, 3]}}
+    result = {"file": gguf.name, "passed": True, "mean_kl": 0.01, "identity": file_identity(gguf)}
+    earlier = {"verified_against": against, "gguf": {"q8_0": result}}
+    assert earlier_result(earlier, against, "q8_0", gguf) == {**result, "reused": True}
+    assert earlier_result(earlier, {**against, "settings": {"prompts": ["b"], "new_tokens": 4}}, "q8_0", gguf) is None
+    assert earlier_result(earlier, {**against, "merged": {"model.safetensors": [1, 2, 4]}}, "q8_0", gguf) is None
+    assert earlier_result({**earlier, "gguf": {"q8_0": {**result, "passed": False}}}, against, "q8_0", gguf) is None
+    assert earlier_result(earlier, against, "q4_k_m", gguf) is None
+    gguf.unlink()
+    gguf.write_bytes(b"GGUF again")  # quantized again (the file system may give it the same inode)
+    assert earlier_result(earlier, against, "q8_0", gguf) is None
