@@ -242,9 +242,11 @@ def run_stage(name: str, cfg: DistilleryConfig, force: bool = False) -> tuple[st
     accepted = recorded_fingerprint(stage, cfg, run, fp, inputs)  # fp, or what a run recorded by an older version
     if not force and up_to_date(run, name, accepted, inputs) and not attempt_to_resume(stage, run, fp, accepted):
         entry = run.stage_entry(name) or {}
-        if not stage.resumable:  # what a killed run of it left (a resumable stage's may be another config's to resume)
-            with contextlib.suppress(OSError):
-                remove_path(run.partial_dir(name))
+        # What a killed run left, or the partial directory of an attempt of another config, set aside below: with
+        # its record gone it can never be resumed as that config, and the next run of this one that is not up to
+        # date would take it for its own (another config's merge and checks, published as this one's).
+        with contextlib.suppress(OSError):
+            remove_path(run.partial_dir(name))
         console.print(f"[green]{name}[/]: up to date ({accepted[:12]}), nothing to do; --force redoes it."
                       + set_aside_attempt(run, name, entry))
         summary = [tuple(row) for row in entry.get("summary", [])]

@@ -360,10 +360,16 @@ def file_identity(path: Path) -> list[int]:
 
 
 def verified_against(ctx: StageContext) -> dict[str, Any]:
-    """What a verification result holds for: the verification settings and the merged model's files (the
-    reference every GGUF is compared with)."""
-    merged = ctx.out / OUTPUTS["merged"]
+    """What a check's result holds for: the verification settings, the merged model's files (the reference every
+    GGUF is compared with), and what made them: the model and export settings a carry-over keeps the same and the
+    trained files (a partial directory of another config must never lend its checks)."""
+    merged, trained = ctx.out / OUTPUTS["merged"], ctx.upstream("finetune", "adapter").parent
+    made_by = ctx.cfg.export.model_dump(mode="json", exclude={"quantizations", "keep_intermediate", "verify", "threads",
+                                                               "min_free_disk_gb"})
     return {"settings": ctx.cfg.export.verify.model_dump(mode="json"),
+            "made_by": {"model": ctx.cfg.model.model_dump(mode="json"), "export": made_by,
+                        "trained": {str(p.relative_to(trained)): file_identity(p) for p in sorted(trained.rglob("*"))
+                                    if p.is_file() and "checkpoints" not in p.relative_to(trained).parts}},
             "merged": {p.name: file_identity(p) for p in sorted(merged.iterdir()) if p.is_file()}}
 
 
@@ -381,9 +387,8 @@ def reuse_merge_check(ctx: StageContext, report: dict[str, Any], timings: dict[s
     """The earlier check of this same merged model (its files unchanged: `verified_against`), when it passed: a
     32B merge's check reads the base, the adapter and the merge again, minutes."""
     earlier = earlier_verification(ctx)
-    against = verified_against(ctx)
     if not (isinstance(earlier.get("merge"), dict) and earlier["merge"].get("passed") is True
-            and (earlier.get("verified_against") or {}).get("merged") == against["merged"]):
+            and earlier.get("verified_against") == verified_against(ctx)):  # a small model's check reads the prompts
         return False
     report["merge"] = {**earlier["merge"], "reused": True}
     timings["verify_merge_seconds"] = "reused"

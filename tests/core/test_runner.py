@@ -912,3 +912,32 @@ def test_what_is_carried_over_is_whole_inside_the_run_and_as_the_last_run_left_i
     assert run_stage("ingest", load_config("config.yaml", again))[0] == "done"
     assert seen[-1] == []  # resumed from what the interrupted attempt had: no half of whole/, nothing at all
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == sorted([*EVERY_FILE, "done.txt"])
+
+
+def test_a_set_aside_attempt_of_another_config_is_never_resumed_as_this_one(project: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """From a review: A finished, B failed (its partial directory kept to resume B), A again was up to date and set
+    B's attempt aside but kept B's directory; once A was out of date (a published file deleted), A resumed from B's
+    directory and published B's files (export: B's merge, and B's checks as A's)."""
+    from distillery import runner
+    from distillery.stage import Stage, StageResult
+
+    def run(ctx: Any) -> StageResult:
+        if not (ctx.out / "merged.txt").exists():
+            (ctx.out / "merged.txt").write_text(f"merged by {ctx.cfg.ingest.eval_fraction}", encoding="utf-8")
+        if ctx.cfg.ingest.eval_fraction == 0.3:
+            raise UserError("verification failed")
+        (ctx.out / "done.txt").write_text("done", encoding="utf-8")
+        return StageResult()
+
+    stub = Stage(name="ingest", run=run, outputs={"done": "done.txt"}, sections=("ingest",), resumable=True)
+    monkeypatch.setattr(runner, "load_stage", lambda name: stub)
+    a, b = load_config("config.yaml"), load_config("config.yaml", ["ingest.eval_fraction=0.3"])
+    assert run_stage("ingest", a)[0] == "done"
+    with pytest.raises(UserError):
+        run_stage("ingest", b)
+    assert run_stage("ingest", a)[0] == "up to date"
+    assert not (project / "runs/t/.ingest.partial").exists()
+    (project / "runs/t/ingest/done.txt").unlink()
+    assert run_stage("ingest", a)[0] == "done"
+    assert (project / "runs/t/ingest/merged.txt").read_text() == "merged by 0.2"
