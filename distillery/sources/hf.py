@@ -396,6 +396,7 @@ def load_hub_dataset(dataset: str, config_name: str | None, split: str, timeout_
     and why, with `hint`. A split the dataset does not have is datasets' ValueError, for the caller to name."""
     import datasets
 
+    check_hub_id(dataset, named)
     problem = hub_problem(dataset, timeout_s)
     if problem is None:
         return datasets.load_dataset(dataset, config_name, split=split)
@@ -406,6 +407,23 @@ def load_hub_dataset(dataset: str, config_name: str | None, split: str, timeout_
         raise
     except Exception:  # datasets' ConnectionError or FileNotFoundError: not in the cache
         raise UserError(f"{named} {dataset}: {problem}, and it is not in the local Hugging Face cache. {hint}") from None
+
+
+def check_hub_id(dataset: str, named: str) -> None:
+    """A Hub id, and nothing `datasets` would read from this machine instead: it loads a local folder of the same
+    name (`..`, or `owner/name` under the working directory) before it asks the Hub or its cache."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(dataset)
+    except HFValidationError as err:
+        raise UserError(f"{named} {dataset!r} is not a Hugging Face Hub dataset id ({err}). A Hub id is `name` or "
+                        "`owner/name`; local files go under `files:`.") from None
+    if os.path.lexists(dataset):
+        raise UserError(f"{named} {dataset}: a local file or folder of that name is in the working directory, which "
+                        "`datasets` would read instead of the Hub dataset. Run from another directory, or set "
+                        "`files:` to the local files.")
 
 
 @contextlib.contextmanager

@@ -261,6 +261,19 @@ def test_a_hub_dataset_read_once_is_read_from_the_cache_offline_or_without_a_con
         read(dataset="distillery-test/other")
 
 
+def test_a_dataset_id_that_names_a_local_folder_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`datasets` reads a local folder named like the id before the Hub or its cache: `dataset: ..` read the files
+    of the parent folder, `owner/name` a folder of that name under the working directory."""
+    (tmp_path / "owner" / "name").mkdir(parents=True)
+    write_jsonl(tmp_path / "owner" / "name" / "rows.jsonl", [{"INSTRUCTION": "q", "RESPONSE": "a"}])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=r"dataset '\.\.' is not a Hugging Face Hub dataset id"):
+        read(dataset="..")
+    with pytest.raises(UserError, match=r"dataset owner/name: a local file or folder of that name is in the working"):
+        read(dataset="owner/name")
+
+
 @pytest.mark.parametrize("task", ["[/x]", "$\\frac{a}$", "a|b", "../up", "", "overall", "x" * 65])
 def test_a_task_name_that_would_break_evaluates_tables_is_refused(task: str) -> None:
     """A task names a row of evaluate's console table (rich markup), report.md (a markdown table) and chart
