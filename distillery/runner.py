@@ -117,7 +117,9 @@ def without_operational(sections: dict[str, Any], keys: tuple[str, ...]) -> dict
     sections = copy.deepcopy(sections)
     for key in keys:
         parent, _, leaf = key.rpartition(".")
-        setting(sections, parent).pop(leaf, None)
+        holder = lookup(sections, parent) if parent else sections
+        if isinstance(holder, dict):  # a recorded config may lack a section (changed_only compares old entries)
+            holder.pop(leaf, None)
     return sections
 
 
@@ -359,13 +361,7 @@ def changed_only(recorded: dict, current: dict, keys: tuple[str, ...]) -> list[s
     """The `keys` (dotted, inside the config sections) whose values differ between two fingerprints' inputs, when
     everything else is equal (upstream files included); [] when anything else differs or none of them does."""
     def rest(inputs: dict) -> dict:
-        config = copy.deepcopy(inputs.get("config", {}))
-        for key in keys:
-            parent, _, leaf = key.rpartition(".")
-            holder = lookup(config, parent) if parent else config
-            if isinstance(holder, dict):
-                holder.pop(leaf, None)
-        return {**inputs, "config": config}
+        return {**inputs, "config": without_operational(inputs.get("config", {}), keys)}
 
     if not recorded or rest(recorded) != rest(current):
         return []

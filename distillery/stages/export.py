@@ -296,11 +296,12 @@ def plan_export(ctx: StageContext, children: ExitStack) -> tuple[Plan, Child]:
 
 
 def merge_and_check(ctx: StageContext, plan: Plan, report: dict[str, Any], timings: dict[str, Any],
-                    child: Child) -> None:
+                    child: Child, earlier: dict[str, Any]) -> None:
     """Step 3: the 16-bit merge (kept when a killed run already finished it), proven tensor by tensor, and for
-    small models by next-token distributions too. All of it in the torch child."""
+    small models by next-token distributions too (or the `earlier` check of the same files). All of it in the
+    torch child."""
     if plan.summary.method == "full":
-        return export_full_finetune(ctx, plan, report, timings, child)
+        return export_full_finetune(ctx, plan, report, timings, child, earlier)
     cfg, merged_dir, base = ctx.cfg.export, ctx.out / OUTPUTS["merged"], str(plan.base)
     summary = plan.summary.model_copy(update={"base_model": base})
     trust = ctx.cfg.model.trust_remote_code
@@ -311,7 +312,7 @@ def merge_and_check(ctx: StageContext, plan: Plan, report: dict[str, Any], timin
         replaced = plan.base != merge.local_base(plan.summary.base_model)
         timings["merge"] = child.call(plain, merge.merge_adapter, summary, plan.adapter_dir, merged_dir, plan.dtype,
                                       cfg.max_shard_size, trust, replaced)
-    if reuse_merge_check(ctx, report, timings):
+    if reuse_merge_check(ctx, earlier, report, timings):
         return
     started = time.time()
     report["merge"] = {"tensors": child.call(plain, merge.check_merge, base, plan.adapter_dir, merged_dir)}
@@ -333,7 +334,7 @@ def merge_and_check(ctx: StageContext, plan: Plan, report: dict[str, Any], timin
 
 
 def export_full_finetune(ctx: StageContext, plan: Plan, report: dict[str, Any], timings: dict[str, Any],
-                         child: Child) -> None:
+                         child: Child, earlier: dict[str, Any]) -> None:
     """Step 3 for a full fine-tune: no merge; its shards into merged/, proven to be the trained tensors."""
     merged_dir, summary = ctx.out / OUTPUTS["merged"], plan.summary
     child.doing = f"writing the trained model into {merged_dir}"
@@ -342,7 +343,7 @@ def export_full_finetune(ctx: StageContext, plan: Plan, report: dict[str, Any], 
     else:
         timings["merge"] = child.call(plain, merge.export_trained, plan.adapter_dir, merged_dir, plan.dtype,
                                       ctx.cfg.export.max_shard_size)
-    if reuse_merge_check(ctx, report, timings):
+    if reuse_merge_check(ctx, earlier, report, timings):
         return
     tensors = child.call(plain, merge.check_trained_copy, summary.base_model, plan.adapter_dir, merged_dir)
     report["merge"] = {"tensors": tensors, "passed": tensors["passed"], "distributions": {
@@ -383,12 +384,14 @@ def earlier_verification(ctx: StageContext) -> dict[str, Any]:
     return earlier if isinstance(earlier, dict) else {}
 
 
-def reuse_merge_check(ctx: StageContext, report: dict[str, Any], timings: dict[str, Any]) -> bool:
-    """The earlier check of this same merged model (its files unchanged: `verified_against`), when it passed: a
-    32B merge's check reads the base, the adapter and the merge again, minutes."""
-    earlier = earlier_verification(ctx)
+def reuse_merge_check(ctx: StageContext, earlier: dict[str, Any], report: dict[str, Any],
+                      timings: dict[str, Any]) -> bool:
+    """Record what the checks of this export hold for (`verified_against`, once the merged model is there), and
+    keep the `earlier` check of this same merged model when it passed: a 32B merge's check reads the base, the
+    adapter and the merge again, minutes."""
+    report["verified_against"] = verified_against(ctx)
     if not (isinstance(earlier.get("merge"), dict) and earlier["merge"].get("passed") is True
-            and earlier.get("verified_against") == verified_against(ctx)):  # a small model's check reads the prompts
+            and earlier.get("verified_against") == report["verified_against"]):  # a small model's check reads prompts
         return False
     report["merge"] = {**earlier["merge"], "reused": True}
     timings["verify_merge_seconds"] = "reused"
@@ -398,7 +401,8 @@ def reuse_merge_check(ctx: StageContext, report: dict[str, Any], timings: dict[s
 def earlier_result(earlier: dict[str, Any], against: dict[str, Any], name: str, path: Path) -> dict[str, Any] | None:
     """An earlier passing verification of this same GGUF file, made with these settings against this same merged
     model; None when anything differs."""
-    result = (earlier.get("gguf") or {}).get(name)
+    results = earlier.get("gguf")
+    result = results.get(name) if isinstance(results, dict) else None
     if not (isinstance(result, dict) and result.get("passed") is True and earlier.get("verified_against") == against):
         return None
     return {**result, "reused": True} if result.get("identity") == file_identity(path) else None
@@ -461,15 +465,16 @@ def keep_only_requested(gguf_dir: Path, stem: str, types: list[QuantType]) -> No
 
 
 def verify_all(ctx: StageContext, plan: Plan, checked: dict[str, Path], probe: dict[str, Any],
-               timings: dict[str, Any], step: Any) -> dict[str, Any]:
-    """Step 5: every GGUF against the merged model; the 16-bit one within the tight bounds."""
+               reused: dict[str, dict[str, Any]], timings: dict[str, Any], step: Any) -> dict[str, Any]:
+    """Step 5: every GGUF against the merged model; the 16-bit one within the tight bounds. A GGUF whose earlier
+    verification still holds (`reused`) keeps it."""
     cfg = ctx.cfg.export
     eos_id = plan.tokenizer.convert_tokens_to_ids(plan.eos)
     results = {}
     for name, path in checked.items():
         step(f"verifying {path.name}")
-        if name in probe["reused"]:
-            results[name], timings[f"verify_{name}_seconds"] = probe["reused"][name], "reused"
+        if name in reused:
+            results[name], timings[f"verify_{name}_seconds"] = reused[name], "reused"
             continue
         reference_bound = name == plan.outtype.value and plan.outtype != QuantType.Q8_0
         started = time.time()
@@ -482,19 +487,17 @@ def verify_all(ctx: StageContext, plan: Plan, checked: dict[str, Path], probe: d
     return results
 
 
-def probe_and_reference(ctx: StageContext, intermediate: Path, timings: dict[str, Any], child: Child,
-                        reused: dict[str, dict[str, Any]], checked: int) -> dict[str, Any]:
+def probe_and_reference(ctx: StageContext, intermediate: Path, timings: dict[str, Any],
+                        child: Child) -> dict[str, Any]:
     """The verification probes (prompts + the 16-bit GGUF's greedy answer) and the merged model's log-probs on
-    them, layer by layer; none when every GGUF's earlier verification still holds (`reused`)."""
+    them, layer by layer."""
     cfg, merged_dir = ctx.cfg.export, ctx.out / OUTPUTS["merged"]
-    if len(reused) == checked:
-        return {"reused": reused}
     started = time.time()
     probe = verify.probe_tokens(merged_dir, cfg.verify.prompts, cfg.verify.new_tokens, intermediate, cfg.threads)
     child.doing = f"running {merged_dir} layer by layer"
     probe["reference"] = child.call(plain, verify.reference_logprobs, merged_dir, probe["token_lists"])
     timings["reference_seconds"] = round(time.time() - started, 2)
-    return {**probe, "reused": reused}
+    return probe
 
 
 def write_modelfiles(ctx: StageContext, plan: Plan, files: dict[str, Path]) -> dict[str, Any]:
@@ -533,7 +536,8 @@ def export_planned(ctx: StageContext, plan: Plan, torch_child: Child, children: 
 
         step(f"checking the trained model's {plan.dtype} weights, tensor by tensor" if plan.summary.method == "full"
              else f"merging the adapter into {plan.dtype} weights and checking every tensor")
-        merge_and_check(ctx, plan, report, timings, torch_child)
+        earlier = earlier_verification(ctx)
+        merge_and_check(ctx, plan, report, timings, torch_child, earlier)
         # A big model's merge heap goes back to the system before the converter runs; a small one's child is kept
         # for the reference (a fresh one would import torch again).
         if not plan.small:
@@ -543,12 +547,12 @@ def export_planned(ctx: StageContext, plan: Plan, torch_child: Child, children: 
             torch_child = children.enter_context(torch_child_for(ctx))
         step("the merged model's reference distributions, layer by layer")
         checked = {plan.outtype.value: intermediate, **files}
-        earlier, report["verified_against"] = earlier_verification(ctx), verified_against(ctx)
         reused = {name: found for name, path in checked.items()
                   if (found := earlier_result(earlier, report["verified_against"], name, path))}
-        probe = probe_and_reference(ctx, intermediate, timings, torch_child, reused, len(checked))
+        # no reference run when every GGUF keeps its earlier verification
+        probe = probe_and_reference(ctx, intermediate, timings, torch_child) if len(reused) < len(checked) else {}
         torch_child.close()  # its memory goes back before the GGUFs are run
-        results = verify_all(ctx, plan, checked, probe, timings, step)
+        results = verify_all(ctx, plan, checked, probe, reused, timings, step)
         report["gguf"] = results
         step("writing Modelfiles and reports")
         report["ollama"] = write_modelfiles(ctx, plan, files)
@@ -661,6 +665,6 @@ STAGE = Stage(name="export", run=run, outputs=OUTPUTS, sections=("model", "expor
               packages=("torch", "transformers", "peft", "unsloth", "llama-cpp-python"), resumable=True,
               input_files=input_files, operational=("export.threads", "export.min_free_disk_gb"),
               # another list of GGUF types, or of verification settings: the merge and the GGUFs already written
-              # are kept (a 32B merge and each of its quantizations take minutes); every GGUF is verified again
+              # are kept (a 32B merge and each of its quantizations take minutes), and their checks where they hold
               carries_over_when=("export.quantizations", "export.keep_intermediate", "export.verify"),
               carry_over=kept_on_change)
