@@ -476,7 +476,7 @@ def write_failure_log(run: RunDir | None, step: str, err: BaseException) -> str 
     (or its directory cannot be written); None when no log can be written at all (the CLI prints one line)."""
     import traceback
 
-    from distillery.core.models import cache_home
+    from distillery.core.machine import cache_home
 
     text = f"{_now()} {step} failed\n\n" + "".join(traceback.format_exception(err))
     for place in ([run] if run else []) + [RunDir(cache_home(), "logs-outside-a-run")]:

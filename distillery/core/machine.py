@@ -1,6 +1,10 @@
 """What this machine is: /proc/cpuinfo read for the llama.cpp build and for training's precision choice,
 /proc/meminfo for the memory checks before export and full fine-tuning, and the cores this process may use (its
-affinity and its cgroups' CPU quota) for llama.cpp's threads and ingest's workers."""
+affinity and its cgroups' CPU quota) for llama.cpp's threads and ingest's workers; this process's umask, and
+where Distillery keeps what it caches on this machine.
+
+The standard library only: `just setup` compiles llama.cpp with this module (export/llama_build.py) while pip is
+still installing everything else."""
 
 from __future__ import annotations
 
@@ -9,6 +13,21 @@ import os
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cache_home() -> Path:
+    """DISTILLERY_HOME, or ~/.cache/distillery when it is unset or empty (an empty one is no directory: `Path("")`
+    would be whatever directory the command runs in)."""
+    return Path(os.environ.get("DISTILLERY_HOME") or Path.home() / ".cache" / "distillery")
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it (os.umask can only set it, racing other threads)."""
+    try:
+        status = Path("/proc/self/status").read_text(encoding="ascii")
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        return 0o022
 
 
 def cpuinfo_field(*names: str) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from distillery.core.errors import UserError
-from distillery.core.rundir import current_umask
+from distillery.core.machine import cache_home, current_umask
 from distillery.core.userinput import path_exists
 
 log = logging.getLogger(__name__)
@@ -44,12 +44,6 @@ def torch_dtype(name: str):
     import torch
 
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
-def cache_home() -> Path:
-    """DISTILLERY_HOME, or ~/.cache/distillery when it is unset or empty (an empty one is no directory: `Path("")`
-    would be whatever directory the command runs in)."""
-    return Path(os.environ.get("DISTILLERY_HOME") or Path.home() / ".cache" / "distillery")
 
 
 def bundled_name(path: str, field: str = "model.path") -> str | None:

@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from distillery.core.errors import UserError
+from distillery.core.machine import current_umask
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +80,6 @@ def same_file(handle: int, path: Path) -> bool:
         return False
     opened = os.fstat(handle)
     return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
-
-
-def current_umask() -> int:
-    """This process's umask, read without changing it (os.umask can only set it, racing other threads)."""
-    try:
-        status = Path("/proc/self/status").read_text(encoding="ascii")
-        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
-    except (OSError, StopIteration, ValueError):
-        return 0o022
 
 
 def describe_outputs(directory: Path) -> dict[str, dict[str, Any]]:

@@ -48,8 +48,7 @@ import time
 from pathlib import Path
 
 from distillery.core.errors import UserError, exit_code
-from distillery.core.machine import cpu_flags, cpuinfo_field
-from distillery.core.models import cache_home
+from distillery.core.machine import cache_home, cpu_flags, cpuinfo_field
 
 DISTRIBUTION = "llama-cpp-python"
 VERSION = "0.3.36"  # the [llama] extra in pyproject.toml pins the same version

@@ -193,7 +193,7 @@ def test_a_model_cache_that_cannot_be_written_is_one_message_naming_it(tmp_path:
 def test_an_empty_distillery_home_is_the_default_cache_not_the_working_directory(tmp_path: Path, monkeypatch) -> None:
     """`DISTILLERY_HOME= just demo` (a variable set but left empty) put the model cache, sdists and wheels in
     whatever directory the command ran in."""
-    from distillery.core.models import cache_home
+    from distillery.core.machine import cache_home
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("DISTILLERY_HOME", "")

@@ -486,7 +486,7 @@ def test_links_in_the_run_directory_are_replaced_as_links_and_what_they_point_to
 def test_the_run_s_own_folders_are_never_written_through_a_link(project: Path, monkeypatch) -> None:
     """push wrote its model card over a README.md of the user's through a linked `push/`; a failed stage's
     traceback went into a linked `logs/`. push refuses; the traceback goes to the cache's logs instead."""
-    from distillery.core import models
+    from distillery.core import machine
     from distillery.core.rundir import RunDir
     from distillery.runner import write_failure_log
 
@@ -499,7 +499,7 @@ def test_the_run_s_own_folders_are_never_written_through_a_link(project: Path, m
     with pytest.raises(UserError, match="not a directory of the run"):
         run.real_subdir("push")
     (run.path / "logs").symlink_to(mine)
-    monkeypatch.setattr(models, "cache_home", lambda: project / "cache")
+    monkeypatch.setattr(machine, "cache_home", lambda: project / "cache")
     where = write_failure_log(run, "ingest", RuntimeError("boom"))
     assert where == str(project / "cache/logs-outside-a-run/logs/ingest.log")
     assert sorted(p.name for p in mine.iterdir()) == ["README.md"] and (mine / "README.md").read_text() == "my readme"

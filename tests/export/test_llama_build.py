@@ -3,6 +3,8 @@ cached wheel is reused only by the build it was made for."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,17 @@ def test_x86_64_machines_get_the_highest_level_their_cpu_has_unless_told_otherwi
     with pytest.raises(UserError, match="DISTILLERY_LLAMA_CPU=skylake: unknown; use one of x86-64-v3, x86-64-v4, "
                                         "x86-64-v4-amx, native"):
         llama_build.chosen_profile()
+
+
+def test_setup_can_compile_llama_cpp_before_pip_has_installed_anything(home: Path) -> None:
+    """`just setup` starts the compile in a fresh venv while pip installs the rest: the module must run on the
+    standard library alone (-S: no site-packages). A yaml imported on the way made every fresh setup compile
+    afterwards, minutes later."""
+    root = Path(llama_build.__file__).parents[2]
+    ran = subprocess.run([sys.executable, "-S", "-m", "distillery.export.llama_build", "--help"], cwd=root,
+                         capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    assert "x86-64-v3" in ran.stdout
 
 
 def test_portable_levels_never_compile_native_avx512_or_amx_code(home: Path) -> None:
