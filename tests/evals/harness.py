@@ -38,11 +38,17 @@ def run_harness(model_path: str, data_file: Path, limit: int, batch_size: int = 
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    import datasets
+
     with tempfile.TemporaryDirectory() as tmp:
         write_task(Path(tmp), data_file.resolve())
         model = HFLM(pretrained=model_path, dtype=dtype, batch_size=batch_size, device="cpu")
-        out = lm_eval.simple_evaluate(model=model, tasks=[TASK], num_fewshot=0, limit=limit, log_samples=True,
-                                      task_manager=TaskManager(include_path=tmp, include_defaults=False))
+        home_cache, datasets.config.HF_DATASETS_CACHE = datasets.config.HF_DATASETS_CACHE, Path(tmp) / "datasets"
+        try:  # the harness reads the data file through datasets, whose Arrow copy would stay in the user's cache
+            out = lm_eval.simple_evaluate(model=model, tasks=[TASK], num_fewshot=0, limit=limit, log_samples=True,
+                                          task_manager=TaskManager(include_path=tmp, include_defaults=False))
+        finally:
+            datasets.config.HF_DATASETS_CACHE = home_cache
     samples = sorted(out["samples"][TASK], key=lambda s: s["doc_id"])
     return [{"doc_id": s["doc_id"], "loglikelihoods": [float(r[0]) for r in s["filtered_resps"]],
              "acc": float(s["acc"]), "acc_norm": float(s["acc_norm"])} for s in samples]
