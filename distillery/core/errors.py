@@ -13,6 +13,7 @@ import re
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Callable, Iterator
 
 
@@ -31,13 +32,42 @@ class StageFailed(Exception):
 
 
 def exit_code(action: Callable[[], object]) -> int:
-    """Run a `python -m` tool's work: 0 when it returns, 2 with one line on stderr when it raises a UserError."""
+    """Run a `python -m` tool's work (setup runs them): 0 when it returns, 2 with one line on stderr when it raises
+    a UserError or meets a full, read-only or forbidden place to write (the cache under DISTILLERY_HOME)."""
     try:
         action()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        message = writing_refusal(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     return 0
+
+
+def writing_refusal(err: BaseException) -> str | None:
+    """One line for a tool that could not write (setup's: into the cache, or the venv): a full disk or quota, a
+    file-size limit, a read-only or forbidden directory; None for any other error."""
+    from distillery.core.machine import cache_home
+
+    number = os_error_number(err)
+    filename = getattr(err, "filename", None)
+    if number in (errno.EACCES, errno.EPERM, errno.EROFS):
+        in_cache = filename is not None and Path(os.path.abspath(filename)).is_relative_to(cache_home())
+        what, remedy = "cannot write there", (
+            "Set DISTILLERY_HOME to a directory you can write to (the cache of compiled llama.cpp builds and bundled "
+            "models)" if in_cache or filename is None else f"Make {Path(filename).parent} writable")
+    elif number == errno.EFBIG:
+        what, remedy = STORAGE_REFUSALS[number][0], "Raise the limit (`ulimit -f unlimited`)"
+    elif number in STORAGE_REFUSALS:
+        what, remedy = STORAGE_REFUSALS[number]
+    else:
+        return None
+    return (f"{what} ({getattr(err, 'strerror', None) or os.strerror(number)}"
+            f"{f' while writing {filename}' if filename else ''}). {remedy} and run the same command again.")
 
 
 class Terminated(KeyboardInterrupt):
@@ -85,13 +115,19 @@ STORAGE_REFUSALS = {
 }
 
 
+def os_error_number(err: BaseException) -> int | None:
+    """The OS error behind `err`: an OSError's errno, or the one a native writer quotes (`(os error 28)`)."""
+    number = err.errno if isinstance(err, OSError) else None
+    if number is None and (quoted := re.search(r"\(os error (\d+)\)", str(err))):
+        number = int(quoted.group(1))
+    return number
+
+
 def storage_refusal(err: BaseException, where: str) -> str | None:
     """What to tell the user when `err` is a full disk or quota, a file-size limit or a read-only disk met while
     writing (an OSError, or a native writer's error quoting the OS's, as safetensors' `(os error 28)` does); None
     for any other error."""
-    number = err.errno if isinstance(err, OSError) else None
-    if number is None and (quoted := re.search(r"\(os error (\d+)\)", str(err))):
-        number = int(quoted.group(1))
+    number = os_error_number(err)
     if number not in STORAGE_REFUSALS:
         return None
     what, remedy = STORAGE_REFUSALS[number]

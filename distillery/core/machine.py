@@ -8,17 +8,20 @@ still installing everything else."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
+from typing import Callable, Iterator
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def cache_home() -> Path:
     """DISTILLERY_HOME, or ~/.cache/distillery when it is unset or empty (an empty one is no directory: `Path("")`
-    would be whatever directory the command runs in)."""
-    return Path(os.environ.get("DISTILLERY_HOME") or Path.home() / ".cache" / "distillery")
+    would be whatever directory the command runs in); a `~` in it (quoted in a script or .env) is the home
+    directory, and a relative one is made absolute once, not read again from each command's directory."""
+    return Path(os.environ.get("DISTILLERY_HOME") or Path.home() / ".cache" / "distillery").expanduser().absolute()
 
 
 def current_umask() -> int:
@@ -28,6 +31,24 @@ def current_umask() -> int:
         return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
     except (OSError, StopIteration, ValueError):
         return 0o022
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, waiting: Callable[[], None] = lambda: None) -> Iterator[None]:
+    """An exclusive flock on `path` (created) while the block runs: jobs that build one cache entry take turns.
+    `waiting` is called once when another job holds it."""
+    import fcntl
+
+    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            waiting()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)
 
 
 def cpuinfo_field(*names: str) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from distillery.core.errors import UserError
-from distillery.core.machine import cache_home, current_umask
+from distillery.core.machine import cache_home, current_umask, file_lock
 from distillery.core.userinput import path_exists
 
 log = logging.getLogger(__name__)
@@ -292,19 +292,15 @@ def usable_cache_entry(target: Path) -> bool:
 def cache_lock(models: Path, name: str) -> Iterator[None]:
     """An exclusive flock on models/.<name>.lock while the entry is built; a cache folder that cannot be written
     (a read-only home, DISTILLERY_HOME on a missing disk) is a UserError naming it."""
-    import fcntl
-
+    lock = models / f".{name}.lock"
     try:
         models.mkdir(parents=True, exist_ok=True)
-        handle = os.open(models / f".{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        os.close(os.open(lock, os.O_RDWR | os.O_CREAT, 0o644))
     except OSError as err:
         raise UserError(f"the model cache {models} cannot be written ({err.strerror or err}): set DISTILLERY_HOME to a "
                         "directory you can write to (it defaults to ~/.cache/distillery), and run again.") from None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with file_lock(lock):
         yield
-    finally:
-        os.close(handle)
 
 
 def layer_dropped_student(source: Path, out: Path, dropped: tuple[int, ...]) -> None:
@@ -356,9 +352,10 @@ def smollm2_from_gguf(gguf_path: Path, out: Path) -> None:
 if __name__ == "__main__":  # `just setup`: the demo model materialised with the install, not in the first demo
     import sys
 
-    try:
+    from distillery.core.errors import exit_code
+
+    def materialise() -> None:
         for bundled in sys.argv[1:]:
             print(f"bundled model {bundled}: {resolve_model_path('bundled:' + bundled, 'bundled model')}")
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+
+    sys.exit(exit_code(materialise))

@@ -43,7 +43,7 @@ SUPPORTED = "supported-models.json"  # supported_models' cache
 
 def install_dir() -> Path:
     """<venv>/share/llama.cpp (overridable with DISTILLERY_LLAMA_CPP for a non-venv install)."""
-    return Path(os.environ.get("DISTILLERY_LLAMA_CPP", Path(sys.prefix) / "share" / "llama.cpp"))
+    return Path(os.environ.get("DISTILLERY_LLAMA_CPP") or Path(sys.prefix) / "share" / "llama.cpp")  # empty: unset
 
 
 def runtime_version() -> str:
@@ -97,7 +97,8 @@ def extract_converter(sdist: Path, target: Path, version: str) -> None:
                 if not (member.isfile() or member.isdir()):
                     continue  # no links or devices from an archive
                 member.name = str(Path(*parts[3:]))
-                archive.extract(member, tmp, filter="data")
+                # the "data" filter (no links out, no devices) from Python 3.11.4 on; members are checked above
+                archive.extract(member, tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
                 found.add(parts[3])
         missing = [m for m in MEMBERS if m not in found and m != "LICENSE"]
         if missing:

@@ -36,19 +36,22 @@ wheel is reused only where it was built for, and pip's own wheel cache is never 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from distillery.core.errors import UserError, exit_code
-from distillery.core.machine import cache_home, cpu_flags, cpuinfo_field
+from distillery.core.errors import UserError, exit_code, stop_on_sigterm
+from distillery.core.machine import cache_home, cpu_flags, cpuinfo_field, current_umask, file_lock
 
 DISTRIBUTION = "llama-cpp-python"
 VERSION = "0.3.36"  # the [llama] extra in pyproject.toml pins the same version
@@ -178,19 +181,31 @@ def fetch_sdist(version: str = VERSION) -> Path:
 
 
 def build(profile: str) -> Path:
-    """The wheel for `profile`: from the cache, else compiled now (a few minutes) and cached."""
+    """The wheel for `profile`: from the cache, else compiled now (a few minutes) and cached. Setups that need
+    the same build at once (two clones on one machine, a job array) take turns: one compiles, the others wait for
+    its wheel."""
     check_cpu_supports(profile)
     wheel = cached_wheel(profile)
     if wheel is not None:
         say(f"llama-cpp-python {VERSION} ({profile}): cached build {wheel.parent}")
         return wheel
-    sdist = fetch_sdist()
     target = wheel_dir(profile)
     target.parent.mkdir(parents=True, exist_ok=True)
+    def waiting() -> None:
+        say(f"llama-cpp-python {VERSION} ({profile}): another setup is compiling it; waiting for it")
+
+    with file_lock(target.parent / f".{target.name}.lock", waiting):
+        wheel = cached_wheel(profile)
+        return wheel if wheel is not None else compile_wheel(profile, target)
+
+
+def compile_wheel(profile: str, target: Path) -> Path:
+    sdist = fetch_sdist()
     log_path = target.parent / f"{target.name}.log"
     say(f"llama-cpp-python {VERSION}: compiling for {profile} (once per machine, a few minutes; log: {log_path})")
     started = time.time()
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would hide the cached wheel from the machine's other users
     try:
         source = patched_sources(sdist, tmp / "src") if patched(profile) else sdist
         env = {**os.environ, "CMAKE_ARGS": " ".join(cmake_args(profile)),
@@ -200,12 +215,12 @@ def build(profile: str) -> Path:
         with open(log_path, "w", encoding="utf-8") as log:
             log.write(f"CMAKE_ARGS={env['CMAKE_ARGS']}\n$ {' '.join(cmd)}\n")
             log.flush()
-            done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            returncode = run_as_group(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         shutil.rmtree(tmp / "src", ignore_errors=True)
         built = sorted(tmp.glob("*.whl"))
-        if done.returncode != 0 or not built:
+        if returncode != 0 or not built:
             tail = "\n  ".join(log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-12:])
-            raise UserError(f"compiling llama-cpp-python {VERSION} for {profile} failed (exit {done.returncode}); "
+            raise UserError(f"compiling llama-cpp-python {VERSION} for {profile} failed (exit {returncode}); "
                             f"the whole log is {log_path}. Its end:\n  {tail}")
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
@@ -213,6 +228,19 @@ def build(profile: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     say(f"llama-cpp-python {VERSION} ({profile}): compiled in {time.time() - started:.0f} s")
     return sorted(target.glob("*.whl"))[0]
+
+
+def run_as_group(cmd: list[str], **popen: Any) -> int:
+    """Run `cmd` in a process group of its own and wait; stopped (Ctrl-C, SIGTERM), the whole group goes with it:
+    pip, CMake and every compiler it started, which would otherwise compile on for minutes."""
+    process = subprocess.Popen(cmd, start_new_session=True, **popen)
+    try:
+        return process.wait()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
 
 
 def patched_sources(sdist: Path, into: Path) -> Path:
@@ -302,8 +330,12 @@ def main(argv: list[str] | None = None) -> int:
         profile = args.profile or chosen_profile()
         return build(profile) if args.action == "build" else install_checked(profile, chosen)
 
+    stop_on_sigterm()  # setup stops the compile it started in the background with SIGTERM when it ends early
     try:
         return exit_code(act)
+    except KeyboardInterrupt:
+        say(f"llama-cpp-python: {args.action} stopped")
+        return 130
     except subprocess.CalledProcessError as err:
         print(f"error: {' '.join(map(str, err.cmd[:6]))} ... failed with exit code {err.returncode}", file=sys.stderr)
         return 1

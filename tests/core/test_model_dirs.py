@@ -200,3 +200,16 @@ def test_an_empty_distillery_home_is_the_default_cache_not_the_working_directory
     assert cache_home() == tmp_path / ".cache" / "distillery"
     monkeypatch.setenv("DISTILLERY_HOME", str(tmp_path / "elsewhere"))
     assert cache_home() == tmp_path / "elsewhere"
+
+
+def test_a_distillery_home_with_a_tilde_or_relative_is_one_absolute_place(tmp_path: Path, monkeypatch) -> None:
+    """A `~` quoted in a script or .env is the home directory, not a folder named `~` in the working directory;
+    a relative one is made absolute (each command's directory would otherwise be another cache)."""
+    from distillery.core.machine import cache_home
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DISTILLERY_HOME", "~/dh")
+    monkeypatch.chdir(tmp_path)
+    assert cache_home() == tmp_path / "home" / "dh"
+    monkeypatch.setenv("DISTILLERY_HOME", "cache")
+    assert cache_home() == tmp_path / "cache" and cache_home().is_absolute()

@@ -103,3 +103,11 @@ def test_the_supported_list_is_kept_until_the_converter_changes(tmp_path: Path, 
     assert converter.supported_models() == ["LlamaForCausalLM"] and len(calls) == 2
     (tmp_path / converter.SUPPORTED).write_text('{"key": 3')
     assert converter.supported_models() == ["LlamaForCausalLM"] and len(calls) == 3
+
+
+def test_an_empty_distillery_llama_cpp_is_the_environment_s_own_place(monkeypatch) -> None:
+    """Set but empty, it named the working directory, where an install would replace "."."""
+    import sys
+
+    monkeypatch.setenv("DISTILLERY_LLAMA_CPP", "")
+    assert converter.install_dir() == Path(sys.prefix) / "share" / "llama.cpp"

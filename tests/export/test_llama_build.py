@@ -252,3 +252,95 @@ def test_the_installed_build_holds_no_instruction_its_level_excludes() -> None:
         assert amx == [], f"{len(amx)} AMX instructions, e.g. {amx[:5]}"
     avx512 = re.findall(r"%zmm\d+|%k[0-7]\b", listing)
     assert (avx512 == []) if profile == "x86-64-v3" else len(avx512) > 1000, f"{profile}: {len(avx512)} AVX-512 operands"
+
+
+def fake_compile(seconds: float, calls: list[str]):
+    """run_as_group that 'compiles' for `seconds`: it writes a wheel where pip wheel's -w points."""
+    def run(cmd: list[str], **_: object) -> int:
+        import time
+
+        calls.append("compiled")
+        time.sleep(seconds)
+        out = Path(cmd[cmd.index("-w") + 1])
+        (out / f"llama_cpp_python-{llama_build.VERSION}-py3-none-linux_x86_64.whl").write_bytes(b"wheel")
+        return 0
+    return run
+
+
+def test_two_setups_compiling_one_build_take_turns_and_share_its_wheel(home: Path, monkeypatch) -> None:
+    """Two setups at once (two clones, a job array) each compiled the same build, truncated each other's log, and
+    the second to finish deleted the wheel the first was installing. Now one compiles and the other waits for its
+    wheel; the cached folder is readable by the machine's other users (mkdtemp made it 0700)."""
+    import stat
+    import threading
+
+    calls: list[str] = []
+    monkeypatch.setattr(llama_build, "fetch_sdist", lambda: home / "llama_cpp_python.tar.gz")
+    monkeypatch.setattr(llama_build, "run_as_group", fake_compile(0.5, calls))
+    wheels: list[Path] = []
+    setups = [threading.Thread(target=lambda: wheels.append(llama_build.build("x86-64-v3"))) for _ in range(2)]
+    for setup in setups:
+        setup.start()
+    for setup in setups:
+        setup.join()
+    assert calls == ["compiled"] and len(wheels) == 2 and wheels[0] == wheels[1] and wheels[0].is_file()
+    assert stat.S_IMODE(wheels[0].parent.stat().st_mode) & 0o055 == 0o055  # group and others may read and enter
+
+
+def test_a_stopped_compile_stops_every_process_it_started(tmp_path: Path) -> None:
+    """Setup compiles in the background; stopped (Ctrl-C, a failed pip step), pip, CMake and the compilers went on
+    for minutes. run_as_group takes its whole process group down with it."""
+    import os
+    import signal
+    import time
+
+    pid_file = tmp_path / "grandchild"
+    script = (f"import subprocess, time; p = subprocess.Popen(['sleep', '60']); "
+              f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 2.0)
+        with pytest.raises(KeyboardInterrupt):
+            llama_build.run_as_group([sys.executable, "-c", script])
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    grandchild = int(pid_file.read_text())
+    for _ in range(50):
+        try:
+            state = Path(f"/proc/{grandchild}/stat").read_text().split(")")[-1].split()[0]
+        except OSError:
+            break  # gone
+        if state == "Z":
+            break  # killed, waiting to be reaped by init
+        time.sleep(0.1)
+    else:
+        os.kill(grandchild, signal.SIGKILL)
+        pytest.fail("the compile's own child process outlived it")
+
+
+def test_a_cache_that_cannot_be_written_is_one_line_and_exit_2(capsys) -> None:
+    """setup's tools (llama_build, the bundled models, the converter) ended in a PermissionError or a full-disk
+    traceback; a bug still raises."""
+    import errno
+
+    from distillery.core.errors import exit_code
+    from distillery.core.machine import cache_home
+
+    def forbidden() -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(cache_home() / "wheels"))
+
+    def full() -> None:
+        raise RuntimeError("SafetensorError: Error while serializing: IoError(No space left on device (os error 28))")
+
+    assert exit_code(forbidden) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write there (Permission denied while writing") and "DISTILLERY_HOME" in err
+    assert err.count("\n") == 1
+    assert exit_code(full) == 2 and capsys.readouterr().err.startswith("error: the disk is full (No space left on device)")
+    with pytest.raises(ZeroDivisionError):
+        exit_code(lambda: 1 / 0)
