@@ -35,7 +35,7 @@ setup:
     llama_build=$!
     # A setup stopped early (Ctrl-C, a failed step) stops the compile too: a background job ignores Ctrl-C.
     trap 'kill "$llama_build" 2>/dev/null || true' EXIT
-    # torch first and alone, pinned: a CPU build from this machine's disk here, PyPI's CUDA build on a GPU box.
+    # torch first and alone, pinned: PyPI's (CUDA) build, or a build of it already here (a CPU one: docs/install.md).
     $pip install torch==2.13.0
     # The project and its pinned stack.
     $pip install -e '.[train,dev,serve]'
