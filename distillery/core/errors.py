@@ -50,16 +50,23 @@ def exit_code(action: Callable[[], object]) -> int:
 
 def writing_refusal(err: BaseException) -> str | None:
     """One line for a tool that could not write (setup's: into the cache, or the venv): a full disk or quota, a
-    file-size limit, a read-only or forbidden directory; None for any other error."""
+    file-size limit, a read-only file system, a folder of either it may not write; None for any other error (a
+    permission refused elsewhere is a bug's traceback)."""
+    import sys
+
     from distillery.core.machine import cache_home
 
     number = os_error_number(err)
-    filename = getattr(err, "filename", None)
-    if number in (errno.EACCES, errno.EPERM, errno.EROFS):
-        in_cache = filename is not None and Path(os.path.abspath(filename)).is_relative_to(cache_home())
+    filename = getattr(err, "filename2", None) or getattr(err, "filename", None)
+    if number in (errno.EACCES, errno.EPERM):
+        place = Path(os.path.abspath(filename)) if filename else None
+        if place is None or not (place.is_relative_to(cache_home()) or place.is_relative_to(sys.prefix)):
+            return None
         what, remedy = "cannot write there", (
             "Set DISTILLERY_HOME to a directory you can write to (the cache of compiled llama.cpp builds and bundled "
-            "models)" if in_cache or filename is None else f"Make {Path(filename).parent} writable")
+            "models)" if place.is_relative_to(cache_home()) else f"Make {place.parent} writable")
+    elif number == errno.EROFS:
+        what, remedy = STORAGE_REFUSALS[number][0], "Set DISTILLERY_HOME to a directory on a writable disk"
     elif number == errno.EFBIG:
         what, remedy = STORAGE_REFUSALS[number][0], "Raise the limit (`ulimit -f unlimited`)"
     elif number in STORAGE_REFUSALS:

@@ -20,7 +20,7 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 def cache_home() -> Path:
     """DISTILLERY_HOME, or ~/.cache/distillery when it is unset or empty (an empty one is no directory: `Path("")`
     would be whatever directory the command runs in); a `~` in it (quoted in a script or .env) is the home
-    directory, and a relative one is made absolute once, not read again from each command's directory."""
+    directory, and a relative one is taken from the directory the command runs in."""
     return Path(os.environ.get("DISTILLERY_HOME") or Path.home() / ".cache" / "distillery").expanduser().absolute()
 
 
@@ -39,7 +39,10 @@ def file_lock(path: Path, waiting: Callable[[], None] = lambda: None) -> Iterato
     `waiting` is called once when another job holds it."""
     import fcntl
 
-    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # writable where it can be (NFS emulates an exclusive flock with a write lock); the umask sets its mode
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:  # another user's lock file in a shared cache: flock needs no write access
+        handle = os.open(path, os.O_RDONLY)
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -196,7 +196,11 @@ def build(profile: str) -> Path:
 
     with file_lock(target.parent / f".{target.name}.lock", waiting):
         wheel = cached_wheel(profile)
-        return wheel if wheel is not None else compile_wheel(profile, target)
+        if wheel is not None:
+            return wheel
+        for left in target.parent.glob(f".{target.name}.tmp-*"):  # a compile killed outright (-9, the OOM killer)
+            shutil.rmtree(left, ignore_errors=True)
+        return compile_wheel(profile, target)
 
 
 def compile_wheel(profile: str, target: Path) -> Path:
@@ -322,19 +326,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distillery.export.llama_build", description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("build", "install", "profile"),
                         help="build: compile once into the cache; install: into this environment; profile: print the "
-                             "level chosen for this CPU")
+                             "build this machine needs (the level chosen for this CPU and its key)")
     parser.add_argument("--profile", choices=tuple(PROFILES), help=PROFILE_HELP)
     args = parser.parse_args(argv)
     chosen = args.profile is None and not os.environ.get("DISTILLERY_LLAMA_CPU", "").strip()
 
     def act() -> Path | None:
         profile = args.profile or chosen_profile()
-        if args.action == "profile":
-            print(profile)
+        if args.action == "profile":  # the build this machine needs (native's is keyed by the CPU's flags too)
+            print(wheel_dir(profile).name)
             return None
         return build(profile) if args.action == "build" else install_checked(profile, chosen)
 
-    stop_on_sigterm()  # setup stops the compile it started in the background with SIGTERM when it ends early
+    if args.action != "profile":  # setup stops a compile it started in the background with SIGTERM; a dropped
+        stop_on_sigterm()          # terminal (SIGHUP) stops it too
+        signal.signal(signal.SIGHUP, signal.getsignal(signal.SIGTERM))
     try:
         return exit_code(act)
     except KeyboardInterrupt:

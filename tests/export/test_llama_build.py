@@ -344,3 +344,21 @@ def test_a_cache_that_cannot_be_written_is_one_line_and_exit_2(capsys) -> None:
     assert exit_code(full) == 2 and capsys.readouterr().err.startswith("error: the disk is full (No space left on device)")
     with pytest.raises(ZeroDivisionError):
         exit_code(lambda: 1 / 0)
+
+    def elsewhere() -> None:  # a permission refused outside the cache and the venv: a bug, with its traceback
+        raise PermissionError(errno.EACCES, "Permission denied", "/etc/shadow")
+
+    with pytest.raises(PermissionError):
+        exit_code(elsewhere)
+
+
+def test_the_setup_stamp_names_the_build_this_machine_needs(home: Path, monkeypatch, capsys) -> None:
+    """The stamp hashes `profile`: a native build is keyed by the CPU's flags, so a .venv moved to another CPU
+    must set up again (it said up to date while llama.cpp refused the build made for the first CPU)."""
+    monkeypatch.setenv("DISTILLERY_LLAMA_CPU", "native")
+    printed = []
+    for flags in (set(llama_build.X86_64_V4), set(llama_build.X86_64_V3)):
+        monkeypatch.setattr(llama_build, "cpu_flags", lambda flags=flags: flags)
+        assert llama_build.main(["profile"]) == 0
+        printed.append(capsys.readouterr().out.strip())
+    assert printed[0] != printed[1] and all(p.startswith("llama-cpp-python-") and "-native-" in p for p in printed)
