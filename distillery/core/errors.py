@@ -58,7 +58,7 @@ def writing_refusal(err: BaseException) -> str | None:
 
     number = os_error_number(err)
     filename = getattr(err, "filename2", None) or getattr(err, "filename", None)
-    if number in (errno.EACCES, errno.EPERM):
+    if number in (errno.EACCES, errno.EPERM, errno.ENOTDIR):  # ENOTDIR: DISTILLERY_HOME names a file
         place = Path(os.path.abspath(filename)) if filename else None
         if place is None or not (place.is_relative_to(cache_home()) or place.is_relative_to(sys.prefix)):
             return None

@@ -352,6 +352,17 @@ def test_a_cache_that_cannot_be_written_is_one_line_and_exit_2(capsys) -> None:
         exit_code(elsewhere)
 
 
+def test_a_distillery_home_that_is_a_file_is_one_line_and_exit_2(tmp_path: Path, monkeypatch, capsys) -> None:
+    """DISTILLERY_HOME naming a file: the compile's first mkdir ended in a NotADirectoryError traceback."""
+    monkeypatch.setenv("DISTILLERY_HOME", str(tmp_path / "a-file"))
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setattr(llama_build, "check_cpu_supports", lambda profile: None)
+    from distillery.core.errors import exit_code
+
+    assert exit_code(lambda: llama_build.build("x86-64-v3")) == 2  # as main runs it (main also sets signal handlers)
+    assert "Not a directory" in capsys.readouterr().err and (tmp_path / "a-file").read_text() == "not a folder"
+
+
 def test_the_setup_stamp_names_the_build_this_machine_needs(home: Path, monkeypatch, capsys) -> None:
     """The stamp hashes `profile`: a native build is keyed by the CPU's flags, so a .venv moved to another CPU
     must set up again (it said up to date while llama.cpp refused the build made for the first CPU)."""
