@@ -52,8 +52,6 @@ def writing_refusal(err: BaseException) -> str | None:
     """One line for a tool that could not write (setup's: into the cache, or the venv): a full disk or quota, a
     file-size limit, a read-only file system, a folder of either it may not write; None for any other error (a
     permission refused elsewhere is a bug's traceback)."""
-    import sys
-
     from distillery.core.machine import cache_home
 
     number = os_error_number(err)
@@ -73,8 +71,7 @@ def writing_refusal(err: BaseException) -> str | None:
         what, remedy = STORAGE_REFUSALS[number]
     else:
         return None
-    return (f"{what} ({getattr(err, 'strerror', None) or os.strerror(number)}"
-            f"{f' while writing {filename}' if filename else ''}). {remedy} and run the same command again.")
+    return refusal(err, number, what, remedy, f" while writing {filename}" if filename else "") + "."
 
 
 class Terminated(KeyboardInterrupt):
@@ -137,8 +134,11 @@ def storage_refusal(err: BaseException, where: str) -> str | None:
     number = os_error_number(err)
     if number not in STORAGE_REFUSALS:
         return None
-    what, remedy = STORAGE_REFUSALS[number]
-    strerror = getattr(err, "strerror", None) or os.strerror(number)
     filename = getattr(err, "filename", None)
     written = f" while writing {filename}" if filename else f" {where}"
-    return f"{what} ({strerror}{written}). {remedy} and run the same command again: the stages that finished are kept."
+    return refusal(err, number, *STORAGE_REFUSALS[number], written) + ": the stages that finished are kept."
+
+
+def refusal(err: BaseException, number: int, what: str, remedy: str, written: str) -> str:
+    strerror = getattr(err, "strerror", None) or os.strerror(number)
+    return f"{what} ({strerror}{written}). {remedy} and run the same command again"

@@ -292,14 +292,14 @@ def usable_cache_entry(target: Path) -> bool:
 def cache_lock(models: Path, name: str) -> Iterator[None]:
     """An exclusive flock on models/.<name>.lock while the entry is built; a cache folder that cannot be written
     (a read-only home, DISTILLERY_HOME on a missing disk) is a UserError naming it."""
-    lock = models / f".{name}.lock"
-    try:
-        models.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(lock, os.O_RDWR | os.O_CREAT, 0o644))
-    except OSError as err:
-        raise UserError(f"the model cache {models} cannot be written ({err.strerror or err}): set DISTILLERY_HOME to a "
-                        "directory you can write to (it defaults to ~/.cache/distillery), and run again.") from None
-    with file_lock(lock):
+    with contextlib.ExitStack() as held:
+        try:
+            models.mkdir(parents=True, exist_ok=True)
+            held.enter_context(file_lock(models / f".{name}.lock"))
+        except OSError as err:
+            raise UserError(f"the model cache {models} cannot be written ({err.strerror or err}): set "
+                            "DISTILLERY_HOME to a directory you can write to (it defaults to ~/.cache/distillery), "
+                            "and run again.") from None
         yield
 
 

@@ -191,6 +191,7 @@ def build(profile: str) -> Path:
         return wheel
     target = wheel_dir(profile)
     target.parent.mkdir(parents=True, exist_ok=True)
+
     def waiting() -> None:
         say(f"llama-cpp-python {VERSION} ({profile}): another setup is compiling it; waiting for it")
 
