@@ -69,7 +69,7 @@ def fingerprint(stage: Stage, cfg: DistilleryConfig, run: RunDir) -> tuple[str, 
                    **also_read(stage, dump)},
         "seed": cfg.run.seed,
         "upstream": upstream,
-        "files": {str(path): input_digest(path) for path in stage.input_files(cfg)},
+        "files": {str(path): input_digest(path) for path in [*stage.input_files(cfg), *stage.model_files(cfg)]},
         "packages": package_versions(stage.packages),
     }
     environment = known_environment(stage.environment(cfg), run.stage_entry(stage.name) or {})
@@ -138,10 +138,11 @@ def setting(dump: dict[str, Any], key: str) -> Any:
 def recorded_fingerprint(stage: Stage, cfg: DistilleryConfig, run: RunDir, fp: str, inputs: dict) -> str:
     """`fp`, or the fingerprint an entry recorded by an older version that counted other things, when what it
     counted is what this one reads: its recorded inputs (which hash to it) equal the current ones but for settings
-    this version leaves out (`operational`), settings it has added (`also_reads`) and input files it has added (a
-    local model's describing files). Such a run stays up to date, and so do the stages below it, whose
+    this version leaves out (`operational`), settings it has added (`also_reads`) and the local models' describing
+    files it has added (`model_files`). Such a run stays up to date, and so do the stages below it, whose
     fingerprints hold this one: an upgrade never retrains a model. The added values it is accepted with are kept
-    in the entry: changing one later makes it out of date."""
+    in the entry: changing one later makes it out of date. Any other file new since (a data file put into a source's
+    folder, an `against` glob matching one more) makes the stage out of date."""
     entry = run.stage_entry(stage.name) or {}
     recorded, kept = entry.get("fingerprint"), entry.get("inputs")
     if recorded in (None, fp) or not isinstance(kept, dict):
@@ -158,6 +159,8 @@ def recorded_fingerprint(stage: Stage, cfg: DistilleryConfig, run: RunDir, fp: s
         return fp
     files = counted.get("files") if isinstance(counted.get("files"), dict) else {}
     if any(inputs["files"].get(path) != digest for path, digest in files.items()):
+        return fp
+    if set(inputs["files"]) - set(files) - {str(path) for path in stage.model_files(cfg)}:
         return fp
     added = {"also_reads": {key: value for key, value in also_read(stage, dump).items() if key not in counted["config"]},
              "files_since": {path: digest for path, digest in inputs["files"].items() if path not in files}}

@@ -43,6 +43,9 @@ class Stage:
     packages: tuple[str, ...] = ()  # distributions whose versions change its results
     resumable: bool = False  # keep the partial directory across an interrupted run
     input_files: Callable[[DistilleryConfig], list[Path]] = no_input_files  # external files it reads
+    # the describing files of local models it reads (core/models.local_model_files): input files like the others,
+    # except that a run recorded before they were counted stays up to date without them (runner.recorded_fingerprint)
+    model_files: Callable[[DistilleryConfig], list[Path]] = no_input_files
     # settings it takes from environment variables where the config leaves them out (never a secret); None: unset
     environment: Callable[[DistilleryConfig], dict[str, str | None]] = no_environment
     # dotted keys in its sections that change how it runs, not what it writes, or that it does not read at all (left

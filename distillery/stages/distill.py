@@ -354,7 +354,7 @@ def task_report(entries: list[dict]) -> dict[str, dict[str, Any]]:
     return dict(sorted(rows.items()))
 
 
-def input_files(cfg: DistilleryConfig) -> list[Path]:
+def model_files(cfg: DistilleryConfig) -> list[Path]:
     """A local teacher: its GGUF, or its HF directory's describing files (core/models.local_model_files)."""
     teacher = cfg.distill.teacher
     return local_model_files(teacher.path) if cfg.distill.enabled and teacher.kind in ("gguf", "hf") else []
@@ -598,6 +598,6 @@ def save_report_plot(rows: dict[str, dict], path: Path) -> None:
 
 STAGE = Stage(name="distill", run=run, outputs=OUTPUTS, sections=("model", "distill"), upstream=("ingest",),
               packages=("llama-cpp-python", "transformers", "httpx", "math-verify", "latex2sympy2_extended", "sympy"),
-              resumable=True, environment=teacher_environment, input_files=input_files,
+              resumable=True, environment=teacher_environment, model_files=model_files,
               operational=("distill.concurrency", "distill.retries", "distill.teacher.timeout_s",
                            "distill.teacher.max_retry_wait_s", "distill.teacher.api_key_env"))

@@ -72,7 +72,11 @@ def kept_on_change(cfg: DistilleryConfig) -> tuple[str, ...]:
 
 
 def input_files(cfg: DistilleryConfig) -> list[Path]:
-    return ([Path(cfg.export.imatrix)] if cfg.export.imatrix else []) + local_model_files(cfg.export.base_16bit)
+    return [Path(cfg.export.imatrix)] if cfg.export.imatrix else []
+
+
+def model_files(cfg: DistilleryConfig) -> list[Path]:
+    return local_model_files(cfg.export.base_16bit)
 
 
 def training_template(ctx: StageContext, adapter_dir: Path) -> tuple[str, str, Any]:
@@ -663,7 +667,7 @@ def save_verify_plot(report: dict[str, Any], path: Path) -> None:
 
 STAGE = Stage(name="export", run=run, outputs=OUTPUTS, sections=("model", "export"), upstream=("finetune",),
               packages=("torch", "transformers", "peft", "unsloth", "llama-cpp-python"), resumable=True,
-              input_files=input_files, operational=("export.threads", "export.min_free_disk_gb"),
+              input_files=input_files, model_files=model_files, operational=("export.threads", "export.min_free_disk_gb"),
               # another list of GGUF types, or of verification settings: the merge and the GGUFs already written
               # are kept (a 32B merge and each of its quantizations take minutes), and their checks where they hold
               carries_over_when=("export.quantizations", "export.keep_intermediate", "export.verify"),

@@ -62,9 +62,15 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 def input_files(cfg: DistilleryConfig) -> list[Path]:
     """The accelerate config, when one is set and exists (a missing one is reported when training starts)."""
-    path, ft = cfg.finetune.accelerate_config, cfg.finetune
+    path = cfg.finetune.accelerate_config
     accelerate = [Path(path)] if path and Path(path).is_file() else []
-    return accelerate + (local_model_files(ft.on_policy.teacher) if ft.objective == "on_policy" else [])
+    return accelerate
+
+
+def model_files(cfg: DistilleryConfig) -> list[Path]:
+    """An on_policy teacher's describing files (or its GGUF), when it is local."""
+    ft = cfg.finetune
+    return local_model_files(ft.on_policy.teacher) if ft.objective == "on_policy" else []
 
 
 # ---- 1. format's outputs -------------------------------------------------------------------------------------
@@ -438,5 +444,5 @@ def not_read(cfg: DistilleryConfig) -> tuple[str, ...]:
     return (*NOT_READ_OF_DISTILL, *HOW_IT_RUNS, *(() if teacher_read else DISTILL_TEACHER))
 STAGE = Stage(name="finetune", run=run, outputs=OUTPUTS, sections=("model", "distill", "finetune"), upstream=("format",),
               packages=("torch", "transformers", "trl", "peft", "unsloth", "unsloth_zoo", "accelerate", "bitsandbytes"),
-              resumable=True, input_files=input_files,
+              resumable=True, input_files=input_files, model_files=model_files,
               operational=not_read)

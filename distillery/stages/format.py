@@ -43,7 +43,7 @@ TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "templates"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
-def input_files(cfg: DistilleryConfig) -> list[Path]:
+def model_files(cfg: DistilleryConfig) -> list[Path]:
     """The model's tokenizer, chat template and config, when model.path is a local directory."""
     return local_model_files(cfg.model.path)
 
@@ -450,4 +450,4 @@ def render_report(stats: dict) -> str:
 
 
 STAGE = Stage(name="format", run=run, outputs=OUTPUTS, sections=("model", "format"), upstream=upstream,
-              packages=("transformers", "tokenizers", "Jinja2"), input_files=input_files)
+              packages=("transformers", "tokenizers", "Jinja2"), model_files=model_files)

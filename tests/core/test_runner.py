@@ -756,9 +756,9 @@ def test_a_local_model_or_teacher_edited_in_place_is_an_input_of_the_stages_that
         "ingest": {"sources": [{"name": "x", "kind": "hf", "files": "x.jsonl"}]},
         "distill": {"enabled": True, "teacher": {"kind": "gguf", "path": str(tmp_path / "teacher.gguf")}}}))
     cfg = load_config(tmp_path / "config.yaml")
-    assert {p.name for p in load_stage("format").input_files(cfg)} == {"config.json", "tokenizer.json",
+    assert {p.name for p in load_stage("format").model_files(cfg)} == {"config.json", "tokenizer.json",
                                                                        "chat_template.jinja"}  # never the weights
-    assert load_stage("distill").input_files(cfg) == [tmp_path / "teacher.gguf"]
+    assert load_stage("distill").model_files(cfg) == [tmp_path / "teacher.gguf"]
     template = model / "chat_template.jinja"
     before = runner.input_digest(template)
     template.write_text("{# a pirate #}")
@@ -791,7 +791,7 @@ def test_a_run_recorded_before_new_input_files_or_more_operational_settings_stay
     before = Stage(name="ingest", run=write, outputs={"out": "out.txt"}, sections=("ingest",),
                    operational=("ingest.workers",))
     after = dataclasses.replace(before, operational=("ingest.workers", "ingest.eval_fraction"),
-                                input_files=lambda cfg: [template])
+                                model_files=lambda cfg: [template])
     stage = {"now": before}
     monkeypatch.setattr(runner, "load_stage", lambda name: stage["now"])
     assert run_stage("ingest", load_config("config.yaml"))[0] == "done"
@@ -802,6 +802,25 @@ def test_a_run_recorded_before_new_input_files_or_more_operational_settings_stay
     assert run_stage("ingest", load_config("config.yaml"))[0] == "done"
     assert run_stage("ingest", load_config("config.yaml"))[0] == "up to date"
     assert run_stage("ingest", load_config("config.yaml", ["ingest.dedupe=false"]))[0] == "done"
+
+
+def test_a_data_file_added_to_a_sources_folder_or_an_against_glob_makes_ingest_out_of_date(project: Path) -> None:
+    """From a review: a file added to a source's folder (or matching an `against` glob) was taken for an input file
+    that a newer version counts (a local model's describing files), and ingest stayed 'up to date' without it."""
+    folder, tests = project / "more", project / "tests"
+    folder.mkdir()
+    tests.mkdir()
+    (folder / "a.jsonl").write_text((project / "data.jsonl").read_text(), encoding="utf-8")
+    (tests / "one.jsonl").write_text(json.dumps({"Problem": "What is 1 + 1?"}) + "\n", encoding="utf-8")
+    settings = ["ingest.sources.0.files=more", "ingest.decontaminate.against=[tests/*.jsonl]"]
+    assert run_stage("ingest", load_config("config.yaml", settings))[0] == "done"
+    assert run_stage("ingest", load_config("config.yaml", settings))[0] == "up to date"
+    (folder / "b.jsonl").write_text(json.dumps(chat("What is 50 + 50?", "100")) + "\n", encoding="utf-8")
+    status, result, _ = run_stage("ingest", load_config("config.yaml", settings))
+    assert status == "done" and result.metrics["train"] + result.metrics["eval"] == 21
+    (tests / "two.jsonl").write_text(json.dumps({"Problem": "What is 50 + 50 ?"}) + "\n", encoding="utf-8")
+    assert run_stage("ingest", load_config("config.yaml", settings))[0] == "done"
+    assert run_stage("ingest", load_config("config.yaml", settings))[0] == "up to date"
 
 
 def test_finetune_counts_distills_teacher_only_where_on_policy_takes_it(project: Path) -> None:
