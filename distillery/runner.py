@@ -160,7 +160,8 @@ def recorded_fingerprint(stage: Stage, cfg: DistilleryConfig, run: RunDir, fp: s
     files = counted.get("files") if isinstance(counted.get("files"), dict) else {}
     if any(inputs["files"].get(path) != digest for path, digest in files.items()):
         return fp
-    if set(inputs["files"]) - set(files) - {str(path) for path in stage.model_files(cfg)}:
+    new, model = set(inputs["files"]) - set(files), {str(path) for path in stage.model_files(cfg)}
+    if new - model or (new and model & set(files)):  # a version that counted model files counted them all
         return fp
     added = {"also_reads": {key: value for key, value in also_read(stage, dump).items() if key not in counted["config"]},
              "files_since": {path: digest for path, digest in inputs["files"].items() if path not in files}}

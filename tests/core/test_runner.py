@@ -786,12 +786,12 @@ def test_a_run_recorded_before_new_input_files_or_more_operational_settings_stay
         (ctx.out / "out.txt").write_text("written")
         return StageResult()
 
-    template = project / "chat_template.jinja"
+    template, tokenizer = project / "chat_template.jinja", project / "tokenizer.json"
     template.write_text("{{ messages }}")
     before = Stage(name="ingest", run=write, outputs={"out": "out.txt"}, sections=("ingest",),
                    operational=("ingest.workers",))
     after = dataclasses.replace(before, operational=("ingest.workers", "ingest.eval_fraction"),
-                                model_files=lambda cfg: [template])
+                                model_files=lambda cfg: [path for path in (template, tokenizer) if path.exists()])
     stage = {"now": before}
     monkeypatch.setattr(runner, "load_stage", lambda name: stage["now"])
     assert run_stage("ingest", load_config("config.yaml"))[0] == "done"
@@ -801,6 +801,8 @@ def test_a_run_recorded_before_new_input_files_or_more_operational_settings_stay
     template.write_text("{# a pirate #}{{ messages }}")
     assert run_stage("ingest", load_config("config.yaml"))[0] == "done"
     assert run_stage("ingest", load_config("config.yaml"))[0] == "up to date"
+    assert run_stage("ingest", load_config("config.yaml", ["ingest.dedupe=false"]))[0] == "done"
+    tokenizer.write_text("{}")  # a describing file added to the model since: this version counted the model's files
     assert run_stage("ingest", load_config("config.yaml", ["ingest.dedupe=false"]))[0] == "done"
 
 
