@@ -351,6 +351,8 @@ def row_texts(row: dict[str, Any], path: Path, item_id: str) -> list[str]:
                     f"{', '.join(map(str, row)) or 'nothing'}. Convert the file or remove it from the list.")
 
 
-def against_files(against: list[str]) -> list[Path]:
-    return resolve_paths(against, LOCAL_SUFFIXES, "ingest.decontaminate.against") if against else []
+def against_files(against: list[str], own_run: Path) -> list[Path]:
+    """The `against` files; none in the run's own directory (its train.jsonl checked against itself dropped a
+    different set at every run)."""
+    return resolve_paths(against, LOCAL_SUFFIXES, "ingest.decontaminate.against", own_run) if against else []
 

@@ -43,7 +43,8 @@ def resolve_paths(spec: str | list[str], suffixes: tuple[str, ...], field: str,
         path = Path(item).expanduser()
         kind = existing_kind(path, item, field)
         if glob.has_magic(item):
-            matches = kept(outside_runs(glob_matches(str(path), suffixes), literal_base(str(path))))
+            found = glob_matches(str(path), suffixes)
+            matches = kept(outside_runs(found, literal_base(str(path))))
             itself = os.path.realpath(path)
             others = [m for m in matches if not inside(m, itself)] if kind is not None else []
             if others:
@@ -51,7 +52,7 @@ def resolve_paths(spec: str | list[str], suffixes: tuple[str, ...], field: str,
                                 "files. Write its glob characters in brackets ([[] for [, [*] for *) to mean the "
                                 f"{kind} alone, or rename it.")
             if kind is None:
-                files.extend(no_empty(matches, f"the pattern {item!r} matches", field, suffixes))
+                files.extend(no_empty(matches, f"the pattern {item!r} matches", field, suffixes, found))
                 continue
         if kind == "file":
             if not kept([path]):
@@ -59,8 +60,11 @@ def resolve_paths(spec: str | list[str], suffixes: tuple[str, ...], field: str,
                                 "into: copy it elsewhere first.")
             files.append(path)
         elif kind == "directory":
-            walked = kept(outside_runs(walk(path, suffixes), path))
-            files.extend(no_empty(walked, f"the directory {item} holds", field, suffixes))
+            if is_run_directory(path):
+                raise UserError(f"{field}: {item} is a Distillery run (it holds the run's manifest.json): name the "
+                                f"files you mean in it, such as {path / 'ingest' / 'eval.jsonl'}.")
+            found = walk(path, suffixes)
+            files.extend(no_empty(kept(outside_runs(found, path)), f"the directory {item} holds", field, suffixes, found))
         elif os.path.exists(path):
             raise UserError(f"{field}: {item} is neither a file nor a directory (a pipe, a device or a socket): "
                             "point it at your data files.")
@@ -117,8 +121,6 @@ def literal_base(pattern: str) -> Path:
 
 def outside_runs(paths: list[Path], top: Path) -> list[Path]:
     """`paths` less those inside a Distillery run (a folder holding a run's manifest.json) below `top`."""
-    from distillery.core.rundir import is_run_manifest
-
     runs: dict[Path, bool] = {}
 
     def in_a_run(path: Path) -> bool:
@@ -126,7 +128,7 @@ def outside_runs(paths: list[Path], top: Path) -> list[Path]:
             if folder == top or folder == Path("."):
                 return False
             if folder not in runs:
-                runs[folder] = is_run_manifest(folder / "manifest.json")
+                runs[folder] = is_run_directory(folder)
             if runs[folder]:
                 return True
         return False
@@ -163,10 +165,21 @@ def is_data_file(path: Path, suffixes: tuple[str, ...]) -> bool:
                         "of the data folder.") from None
 
 
-def no_empty(matches: list[Path], what: str, field: str, suffixes: tuple[str, ...]) -> list[Path]:
+def no_empty(matches: list[Path], what: str, field: str, suffixes: tuple[str, ...],
+             left_out: list[Path] = ()) -> list[Path]:
+    """`matches`, or the error that none are left: none at all, or only files inside runs (`left_out`)."""
+    if not matches and left_out:
+        raise UserError(f"{field}: {what} only files inside Distillery runs, which a folder or a pattern leaves out "
+                        f"(a run's outputs are not data), such as {left_out[0]}. Name a file itself to read it.")
     if not matches:
         raise UserError(f"{field}: {what} no {'/'.join(suffixes)} file. Check the path (relative to {Path.cwd()}).")
     return matches
+
+
+def is_run_directory(path: Path) -> bool:
+    from distillery.core.rundir import is_run_manifest
+
+    return is_run_manifest(path / "manifest.json")
 
 
 def existing_kind(path: Path, item: str, field: str) -> str | None:

@@ -59,7 +59,7 @@ def input_files(cfg: DistilleryConfig) -> list[Path]:
             files.extend(resolve_paths(spec, kind.suffixes, field, own_run(cfg)))
     if cfg.ingest.decontaminate.enabled:  # the evaluation sets: a changed test file redoes the check
         files.extend(evaluate_data_files(cfg.evaluate.data, cfg.evaluate.split)[0])
-        files.extend(against_files(cfg.ingest.decontaminate.against))
+        files.extend(against_files(cfg.ingest.decontaminate.against, own_run(cfg)))
     return files
 
 
@@ -212,7 +212,7 @@ def evaluation_sets(cfg: DistilleryConfig, held_out: EvaluationSet) -> tuple[lis
     MathQA items, the `against` files, the held-out split; and the sets that could not be checked, with why."""
     mathqa, not_checked = evaluate_data_set(cfg.evaluate.data, cfg.evaluate.split)
     sets = [mathqa] if mathqa else []
-    sets += [against_set(path) for path in against_files(cfg.ingest.decontaminate.against)]
+    sets += [against_set(path) for path in against_files(cfg.ingest.decontaminate.against, own_run(cfg))]
     return sets + [held_out], [not_checked] if not_checked else []
 
 

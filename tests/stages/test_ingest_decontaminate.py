@@ -189,6 +189,31 @@ def test_an_against_file_that_is_missing_unreadable_or_of_another_shape_is_one_m
     assert "Traceback" not in result.stdout + result.stderr
 
 
+def test_against_never_reads_this_runs_own_files_and_says_when_runs_were_left_out(tmp_path: Path, monkeypatch) -> None:
+    """From a review: `against` could name this run's own train.jsonl (each ingest then dropped another set: 310, 53,
+    310 records); a pattern reaching another run's eval.jsonl said it matched no file, and a run's folder read its
+    manifest.json as data."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(Path("d.jsonl"), list(read_jsonl(GSM))[:5])
+    source = [{"name": "one", "kind": "hf", "files": "d.jsonl"}]
+    assert run_stage("ingest", load_config(write_config(Path("c.yaml"), source)))[0] == "done"
+    own = "runs/demo/ingest/train.jsonl"
+    with pytest.raises(UserError, match=r"ingest.decontaminate.against: runs/demo/ingest/train.jsonl is in this run's "
+                                        r"own directory"):
+        run_stage("ingest", load_config(write_config(Path("c.yaml"), source, against=[own])))
+    with pytest.raises(UserError, match=r"'runs/\*/ingest/\*.jsonl' matches only files inside Distillery runs.*such "
+                                        r"as runs/demo/ingest/\w+.jsonl\. Name a file itself"):
+        run_stage("ingest", load_config(write_config(Path("c.yaml"), source, against=["runs/*/ingest/*.jsonl"])))
+    with pytest.raises(UserError, match=r"against: runs/demo is a Distillery run \(it holds the run's manifest.json\): "
+                                        r"name the files you mean in it, such as runs/demo/ingest/eval.jsonl"):
+        run_stage("ingest", load_config(write_config(Path("c.yaml"), source, against=["runs/demo"])))
+    other = tmp_path / "other"
+    other.mkdir()
+    (Path("runs/demo")).rename(other / "demo")  # another run's held-out split, named itself, is read
+    assert run_stage("ingest", load_config(write_config(Path("c.yaml"), source,
+                                                        against=["other/demo/ingest/eval.jsonl"])))[0] == "done"
+
+
 def test_the_demo_config_still_ingests(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(ROOT)
     run_stage("ingest", load_config(ROOT / "configs" / "demo.yaml", [f"run.root={tmp_path}"]))
