@@ -153,6 +153,8 @@ def without_lone_surrogates(value: Any, text: str | bytes) -> Any:
     return value
 
 
+# A record's task: it names a row of evaluate's tables and a key of its JSON (`overall` is taken by all of them).
+TASK_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 MAX_CONTAINERS = 200_000  # `[` and `{` in one line: 20 million empty arrays in a 60 MB line took 3 GB to read
 MAX_FILE_CONTAINERS = 10_000_000  # the same in a .json file read whole (14 million `{}` in 40 MB took 3 GB)
 MAX_JSON_FILE_BYTES = 512 << 20  # a .json file read whole takes twice its size, as bytes and as text

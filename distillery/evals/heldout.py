@@ -13,11 +13,13 @@ prompt/completion tokens training uses) scored per task for every artifact, down
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from distillery.core.records import read_jsonl
+from distillery.core.errors import UserError
+from distillery.core.records import TASK_PATTERN, read_jsonl_numbered
 from distillery.training.tokens import split_tokens
 
 THINK_CLOSE = "</think>"
@@ -45,7 +47,8 @@ def load_items(eval_path: Path, tokenizer: Any, max_length: int, limit: int | No
     """Format's eval split as items (at most `limit` per task, in file order), tokenized as training tokenizes
     them and cut to format.max_length; returns (items, how many had no completion token left to score)."""
     items, per_task, empty = [], {}, 0
-    for row in read_jsonl(eval_path) if eval_path.is_file() else []:
+    for line, row in read_jsonl_numbered(eval_path) if eval_path.is_file() else []:
+        check_row(row, eval_path, line)
         if limit is not None and per_task.get(row["task"], 0) >= limit:
             continue
         ids, prompt_len = split_tokens(tokenizer, row["prompt"], row["completion"])
@@ -60,6 +63,26 @@ def load_items(eval_path: Path, tokenizer: Any, max_length: int, limit: int | No
         items.append(HeldoutItem(row["id"], row["task"], ids[:prompt_len], ids[prompt_len:],
                                  reference_answer(row["completion"], tokenizer.eos_token or ""), record))
     return items, empty
+
+
+ROW_TEXTS = ("id", "task", "prompt", "completion")
+JSON_TYPES = {dict: "an object", list: "a list", bool: "a boolean", int: "a number", float: "a number", type(None): "null"}
+
+
+def check_row(row: dict[str, Any], path: Path, line: int) -> None:
+    """A UserError naming the line when a row of format's eval split is not as format writes it (damaged on disk, or
+    edited by hand): its texts, a task that can name a table row, and a `meta` object."""
+    fix = "`distillery format --force` writes the file again"
+    for key in ROW_TEXTS:
+        if not isinstance(row.get(key), str):
+            what = f"has no `{key}`" if key not in row else f"has `{key}` {JSON_TYPES.get(type(row[key]), 'of another type')}"
+            raise UserError(f"{path}: line {line} {what}, where format writes text: {fix}.")
+    if not re.fullmatch(TASK_PATTERN, row["task"]) or row["task"] == "overall":
+        raise UserError(f"{path}: line {line} has the task {row['task'][:80]!r}: a task is letters, digits, `_`, `.` "
+                        f"and `-` (it names a row of evaluate's tables), and not `overall`: {fix}.")
+    if not isinstance(row.get("meta", {}), dict):
+        raise UserError(f"{path}: line {line} has `meta` {JSON_TYPES.get(type(row['meta']), 'of another type')}, "
+                        f"where format writes an object: {fix}.")
 
 
 def item_losses(model: Any, items: list[HeldoutItem], batch_size: int,

@@ -26,7 +26,7 @@ from distillery.sources.files import resolve_paths
 from distillery.sources.registry import Source, SourceParams, SourceReport
 from distillery.sources.text import clean_values, controls_removed, name_key, shown, stripped
 from distillery.core.errors import UserError
-from distillery.core.records import MAX_LINE_BYTES, make_record, read_json_objects
+from distillery.core.records import MAX_LINE_BYTES, TASK_PATTERN, make_record, read_json_objects
 from distillery.core.userinput import read_utf8
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
@@ -53,7 +53,7 @@ class HFDatasetParams(SourceParams):
         default_factory=lambda: {"user": "INSTRUCTION", "assistant": "RESPONSE"},
         description="For format=columns: which column becomes which role.",
     )
-    task: str = Field("qa", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+    task: str = Field("qa", pattern=TASK_PATTERN,
                       description="The record task for format=columns/messages/sharegpt/alpaca: letters, digits, "
                       "`_`, `.` and `-` (it names a row of evaluate's tables); not `overall`.")
     timeout_s: float = Field(10.0, gt=0, description="How long to wait for the Hub before failing (no long hangs offline).")

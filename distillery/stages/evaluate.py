@@ -294,7 +294,6 @@ class HeldoutSet:
     items: list[heldout.HeldoutItem]
     generate: list[heldout.HeldoutItem]
     eos_id: int
-    dropped: int  # items with no completion token left within format.max_length
 
     @functools.cached_property
     def highest_id(self) -> int:
@@ -302,14 +301,15 @@ class HeldoutSet:
         return max(max(item.prompt_ids + item.completion_ids) for item in self.items)
 
 
-def load_heldout(ctx: StageContext) -> HeldoutSet | None:
+def load_heldout(ctx: StageContext) -> tuple[HeldoutSet | None, int]:
     """Format's eval split, tokenized with the training tokenizer (the adapter's, else the base model's) and
-    format's EOS; None when the run has no held-out records."""
+    format's EOS (None when the run has no held-out record to score), and how many records had no completion token
+    within format.max_length."""
     from transformers import AutoTokenizer
 
     ho = ctx.cfg.evaluate.heldout
     eval_path = ctx.upstream("format", "eval")
-    meta = json.loads(ctx.upstream("format", "template").read_text(encoding="utf-8"))
+    meta = format_meta(ctx.upstream("format", "template"))
     trained = trained_artifacts(ctx, "") if "finetune" in upstream(ctx.cfg) else []
     source = str(trained[0].path) if trained and (Path(trained[0].path) / "tokenizer_config.json").is_file() else \
         resolve_model_path(ctx.cfg.model.path)
@@ -322,9 +322,22 @@ def load_heldout(ctx: StageContext) -> HeldoutSet | None:
                               f"{printable(str(eval_path))} has a completion token within format.max_length "
                               f"({ctx.cfg.format.max_length}): their prompts fill it. Raise format.max_length to "
                               "score them.")
-        return None
+        return None, dropped
     return HeldoutSet(items, heldout.generation_subset(items, ho.generate),
-                      tokenizer.convert_tokens_to_ids(meta["eos_token"]), dropped)
+                      tokenizer.convert_tokens_to_ids(meta["eos_token"])), dropped
+
+
+def format_meta(path: Path) -> dict[str, Any]:
+    """format's template.json; one damaged on disk or edited by hand is a UserError naming it."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:  # not JSON, not UTF-8, unreadable
+        raise UserError(f"{path} cannot be read ({type(err).__name__}): `distillery format --force` writes it "
+                        "again.") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("eos_token"), str) or not meta["eos_token"]:
+        raise UserError(f"{path} has no `eos_token` text, which format writes: `distillery format --force` writes it "
+                        "again.")
+    return meta
 
 
 @dataclass
@@ -432,7 +445,7 @@ def run(ctx: StageContext) -> StageResult:
     from distillery.reasoning.sandbox import Limits, check_isolation
 
     ev = ctx.cfg.evaluate
-    held = load_heldout(ctx) if ev.heldout.enabled else None
+    held, dropped = load_heldout(ctx) if ev.heldout.enabled else (None, 0)
     mqa = load_mathqa(ctx)
     if held is None and not mqa.items:
         raise UserError(nothing_to_score(ev))
@@ -460,7 +473,7 @@ def run(ctx: StageContext) -> StageResult:
                                      ev.heldout.max_quant_loss_increase, ev.heldout.max_quant_drop)
     scores.results["heldout"] = {"items": len(held.items) if held else 0,
                                  "generated": len(held.generate) if held else 0,
-                                 "dropped_no_completion_token": held.dropped if held else 0, "reference": reference,
+                                 "dropped_no_completion_token": dropped, "reference": reference,
                                  "seconds": scores.heldout_seconds}
     write_outputs(ctx, scores.results, scores.per_item, scores.heldout, scores.heldout_items)
     shutil.rmtree(ctx.out / SCORED, ignore_errors=True)

@@ -357,6 +357,51 @@ def test_held_out_records_whose_prompts_fill_max_length_are_named_as_the_reason(
     assert "none of the 3 records of" in printed and "Raise format.max_length to score them" in printed
 
 
+def test_records_that_fill_max_length_are_counted_in_the_results_when_mathqa_is_scored(project: Path) -> None:
+    """From a review: with every held-out record past format.max_length and MathQA scored, results.json said 0 were
+    dropped."""
+    fmt = project / "runs" / "t" / "format"
+    fmt.mkdir(parents=True)
+    row = {"task": "qa", "prompt": "<|user|>" + "a long question " * 8 + "\n<|assistant|>", "completion": "yes<eos>"}
+    (fmt / "eval.jsonl").write_text("".join(json.dumps({"id": f"r{k}", **row}) + "\n" for k in range(3)))
+    (fmt / "template.json").write_text(json.dumps({"name": "chat", "eos_token": "<eos>"}))
+    cfg = load_config("config.yaml", ["evaluate.heldout.enabled=true", "format.max_length=32"])
+    evaluate.run(context(cfg, project))
+    results = json.loads((project / "out" / "results.json").read_text())
+    assert results["heldout"]["items"] == 0 and results["heldout"]["dropped_no_completion_token"] == 3
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"task": None}, r"line 2 has no `task`, where format writes text"),
+    ({"completion": 7}, r"line 2 has `completion` a number, where format writes text"),
+    ({"task": ["a", "b"]}, r"line 2 has `task` a list"),
+    ({"prompt": None}, r"line 2 has `prompt` null"),
+    ({"task": "a\nb\x1b[31mEVIL"}, r"line 2 has the task 'a\\nb\\x1b\[31mEVIL': a task is letters, digits"),
+    ({"task": "overall"}, r"line 2 has the task 'overall'.*and not `overall`"),
+    ({"meta": "x"}, r"line 2 has `meta` of another type, where format writes an object"),
+])
+def test_a_damaged_held_out_row_is_one_message_naming_its_line(project: Path, change: dict, message: str) -> None:
+    """From a review: a row of format's eval.jsonl damaged on disk or edited by hand was a KeyError or TypeError
+    ("a bug in Distillery"); a task with a line break or escapes broke the tables, and one named `overall` vanished
+    under the row of all tasks."""
+    cfg = heldout_only(project)
+    path = project / "runs" / "t" / "format" / "eval.jsonl"
+    first, second = path.read_text().splitlines()
+    row = {key: value for key, value in {**json.loads(second), **change}.items() if value is not None or key == "prompt"}
+    path.write_text(first + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(UserError, match=message + r".*`distillery format --force` writes the file again"):
+        evaluate.run(context(cfg, project))
+
+
+@pytest.mark.parametrize("text", ["{not json", "[]", json.dumps({"name": "chat"}), "\udcff"])
+def test_a_damaged_template_json_is_one_message(project: Path, text: str) -> None:
+    cfg = heldout_only(project)
+    (project / "runs" / "t" / "format" / "template.json").write_text(text, errors="surrogateescape")
+    with pytest.raises(UserError, match=r"template.json (cannot be read|has no `eos_token` text).*`distillery format "
+                                        r"--force` writes it again"):
+        evaluate.run(context(cfg, project))
+
+
 def test_nothing_to_score_with_the_held_out_split_switched_off_names_that_setting(project: Path) -> None:
     """heldout.enabled: false with no evaluate.data blamed ingest.eval_fraction and format.max_length, which were
     fine: the run had held-out records, scoring them was switched off."""
