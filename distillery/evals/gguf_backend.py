@@ -16,10 +16,11 @@ from typing import Any, Callable
 from distillery.evals.gguf_answers import Answers, submit
 from distillery.evals.scoring import Request
 from distillery.export.verify import log_softmax
-from distillery.export.llama_child import GGUFDecodeError, GGUFLoadError, LlamaChild, decode_failure, has_gguf_magic
+from distillery.export.llama_child import (GGUFContextError, GGUFDecodeError, GGUFLoadError, LlamaChild, decode_failure,
+                                           has_gguf_magic)
 from distillery.training.tokens import common_prefix
 
-__all__ = ["GGUFDecodeError", "GGUFLoadError", "GGUFModel", "decode", "log_softmax_rows"]
+__all__ = ["GGUFContextError", "GGUFDecodeError", "GGUFLoadError", "GGUFModel", "decode", "log_softmax_rows"]
 
 
 ANSWERS_AT_ONCE = 8  # sequences generated side by side (Answers); more samples of an item take turns

@@ -30,6 +30,10 @@ class GGUFLoadError(Exception):
     """llama.cpp refused the file (not a GGUF, truncated, unknown architecture): an error it reported itself."""
 
 
+class GGUFContextError(GGUFLoadError):
+    """The model loaded, but llama.cpp could not make a context of the size asked for (its key/value cache)."""
+
+
 class GGUFDecodeError(Exception):
     """llama.cpp refused a batch of tokens (no room left in its context, a token outside the vocabulary)."""
 
@@ -128,7 +132,11 @@ def _load(state: dict[str, Any], emit: Callable[[Any], None], path: str, params:
         if sequences > 1:
             with_sequences(llm, sequences)
     except (ValueError, RuntimeError, OSError) as err:
-        raise GGUFLoadError(f"llama.cpp cannot load {path}: {str(err).splitlines()[0] if str(err) else err}") from None
+        first = str(err).splitlines()[0] if str(err) else repr(err)
+        if "llama_context" in first:  # llama-cpp-python's "Failed to create llama_context", after the model loaded
+            raise GGUFContextError(f"llama.cpp loaded {path} but could not make a context of {params.get('n_ctx', 0):,} "
+                                   f"tokens for it ({first}): its key/value cache may not fit in memory") from None
+        raise GGUFLoadError(f"llama.cpp cannot load {path}: {first}") from None
     except TemplateError as err:  # llama-cpp-python compiles the GGUF's chat template when it loads
         raise GGUFLoadError(f"llama.cpp cannot load {path}: its chat template (tokenizer.chat_template) is not valid "
                             f"Jinja: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None

@@ -32,7 +32,7 @@ from typing import Any
 
 
 from distillery.evals import generative, heldout, mathqa, report
-from distillery.evals.gguf_backend import ANSWERS_AT_ONCE, GGUFDecodeError, GGUFLoadError, GGUFModel
+from distillery.evals.gguf_backend import ANSWERS_AT_ONCE, GGUFContextError, GGUFDecodeError, GGUFLoadError, GGUFModel
 from distillery.evals.hf_backend import HFModel, resolve_dtype
 from distillery.export.llama_child import MAX_CONTEXT
 from distillery.evals.scoring import build_request
@@ -193,10 +193,11 @@ def trained_base(summary: Path, default: str) -> str:
 
 def gguf_context(cfg: DistilleryConfig) -> int:
     """llama.cpp's context for scoring: a held-out sequence (cut at format.max_length) plus the longest answer
-    either evaluation generates (as many as are generated side by side when sampling), twice (GGUFModel: half holds
-    the answers), and never under 2048."""
-    ev = cfg.evaluate
-    longest = max(min(ev.heldout.samples, ANSWERS_AT_ONCE) * ev.heldout.max_new_tokens, ev.max_new_tokens)
+    either evaluation generates (as many as are generated side by side when sampling; none where it generates
+    none), twice (GGUFModel: half holds the answers), and never under 2048."""
+    ev, ho = cfg.evaluate, cfg.evaluate.heldout
+    answers = min(ho.samples, ANSWERS_AT_ONCE) * ho.max_new_tokens if ho.enabled and ho.generate != 0 else 0
+    longest = max(answers, ev.max_new_tokens if ev.data and ev.mode == "generative" else 0)
     context = max(2048, 2 * (cfg.format.max_length + longest))
     if context > MAX_CONTEXT:
         raise UserError(f"evaluate: scoring a GGUF needs a llama.cpp context of {context:,} tokens (twice "
@@ -410,8 +411,11 @@ def score_one(ctx: StageContext, artifact: Artifact, held: HeldoutSet | None, mq
     try:
         model = load_model(artifact, ctx.cfg)
     except GGUFLoadError as err:
-        scores.results["errors"][artifact.name] = str(err)
-        ctx.console.print(f"[yellow]skipped {printable(artifact.name)}[/]: {printable(str(err))}")
+        why = str(err) + (f" (evaluate asks for twice format.max_length plus the longest answer it generates: "
+                          "lower evaluate.heldout.max_new_tokens, evaluate.max_new_tokens or format.max_length)"
+                          if isinstance(err, GGUFContextError) else "")
+        scores.results["errors"][artifact.name] = why
+        ctx.console.print(f"[yellow]skipped {printable(artifact.name)}[/]: {printable(why)}")
         return
     loaded = time.time()
     try:

@@ -34,6 +34,24 @@ def test_a_truncated_gguf_is_a_load_error(tmp_path: Path) -> None:
         GGUFModel(path)
 
 
+def test_a_context_llama_cpp_cannot_make_is_named_as_such_not_as_a_file_that_does_not_load(tmp_path: Path) -> None:
+    """From a review: a context too large for memory (16M tokens: a 386 GB cache for SmolLM2) was "cannot load
+    <file>", blaming the GGUF. Run under an address-space limit (inherited by llama.cpp's child process), so that the
+    allocation fails at once whatever the machine's overcommit policy."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("llama_cpp")
+    script = ("from pathlib import Path\nfrom distillery.evals.gguf_backend import GGUFContextError, GGUFModel\n"
+              f"try:\n    GGUFModel(Path({str(bundled_gguf())!r}), n_ctx=1 << 24)\nexcept GGUFContextError as err:\n"
+              "    print(err)\n")
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(["bash", "-c", f"ulimit -v 8000000 && exec {sys.executable!r} -c \"$0\"", script],
+                            capture_output=True, text=True, cwd=root, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "but could not make a context of 16,777,216 tokens for it" in result.stdout, result.stdout + result.stderr
+
+
 def test_target_log_probabilities_match_a_float64_log_softmax() -> None:
     """The scorer's float32 exponentials summed in float64 against the whole float64 log-softmax, on rows wide as
     a real vocabulary with logits far from 0 (a row's maximum is what keeps exp from overflowing), across blocks."""
