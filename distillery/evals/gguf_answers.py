@@ -13,8 +13,9 @@ pending prompt into its own sequence (a further sample of the same prompt shares
 empties the cache again.
 
 Greedy at temperature 0; else each token is drawn (`pick`) from softmax(logits / temperature) cut to its top_p
-nucleus, by a generator seeded by the sample and the list, as transformers does for the HF artifacts
-(hf_backend.decoding_rule): every artifact answers by one rule.
+nucleus, by a generator of the answer's own (`answer_generator`: seeded by the list and the sample), as the HF
+artifacts' answers are (hf_backend.seeded_sampling): every artifact answers by one rule, and an answer does not
+depend on which others are generated beside it.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class Answers:
         import numpy as np
 
         empty_cache(self.llm)
-        streams = [Answer(p.key, sample, 0, p.length, p.logits, np.random.default_rng((1234 + sample, p.key)))
+        streams = [Answer(p.key, sample, 0, p.length, p.logits, answer_generator(p.key, sample))
                    for p in self.pending for sample in range(p.samples)]
         for turn in range(0, len(streams), self.slots):
             self.generate_turn(streams[turn:turn + self.slots])
@@ -147,6 +148,16 @@ def restore_sequence(llm: Any, state: Any, seq: int) -> None:
     if llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, state, len(state), seq) == 0:
         raise GGUFDecodeError(f"llama.cpp could not restore a prompt of {len(state)} bytes into sequence {seq} of "
                               f"{Path(llm.model_path).name} (its context may be too small for the answers)")
+
+
+SAMPLING_SEED = 1234  # sampled answers are the same on every run
+
+
+def answer_generator(key: int, sample: int) -> Any:
+    """The random generator of one sampled answer: the `sample`-th of list `key`, whatever is generated with it."""
+    import numpy as np
+
+    return np.random.default_rng((SAMPLING_SEED + sample, key))
 
 
 def pick(logits: Any, temperature: float, top_p: float, rng: Any) -> int:

@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 # cache) scored the demo's held-out set in 9.5 s where one batch of 4096 took 13.6 s (MKL; through oneDNN, rows of
 # 256-1024 in batches of 512-2048 positions all take 8.6-10 s); a GPU wants larger batches.
 TOKEN_BUDGET = {"cpu": 1024, "cuda": 4096}
-SAMPLING_SEED = 1234  # sampled answers are the same on every run (a GGUF's are seeded too: gguf_answers.pick)
 PACKED_WIDTH = 512  # positions per packed row of held-out sequences, at least (the longest sequence sets more)
 
 
@@ -255,7 +254,6 @@ class HFModel:
         last token of list i: a batch whose lists all have one decodes only its last column."""
         torch = self.torch
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos_id
-        sampling = decoding_rule(temperature, top_p)
         order = sorted(range(len(id_lists)), key=lambda i: len(id_lists[i]))
         texts: list[list[str]] = [[] for _ in id_lists]
         per_call = max(1, batch_size // samples)  # lists a call
@@ -271,23 +269,19 @@ class HFModel:
                 for first in range(0, samples, batch_size):  # samples of one list past batch_size: in turns
                     count = min(batch_size, samples - first)
                     past = batch_cache(cached, width - 1, count, self.model.config) if reuse else None
-                    decoded = self._sample(ids, mask, past, count, SAMPLING_SEED + start * samples + first,
-                                           max_new_tokens, eos_id, pad, sampling)
+                    rule = decoding_rule(temperature, top_p, [(i, first + k) for i in batch for k in range(count)])
+                    decoded = self._sample(ids, mask, past, count, max_new_tokens, eos_id, pad, rule)
                     for k, index in enumerate(batch):
                         texts[index] += decoded[k * count:(k + 1) * count]
                 progress(len(chunk))
         return texts
 
-    def _sample(self, ids: Any, mask: Any, past: Any, count: int, seed: int, max_new_tokens: int, eos_id: int,
-                pad: int, sampling: dict[str, Any]) -> list[str]:
-        """`count` continuations of each row of `ids` (row by row), drawn with `seed`; the caller's random state is
-        kept."""
-        torch = self.torch
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            out = self.model.generate(input_ids=ids.repeat_interleave(count, 0),
-                                      attention_mask=mask.repeat_interleave(count, 0), past_key_values=past,
-                                      max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad, **sampling)
+    def _sample(self, ids: Any, mask: Any, past: Any, count: int, max_new_tokens: int, eos_id: int, pad: int,
+                rule: dict[str, Any]) -> list[str]:
+        """`count` continuations of each row of `ids` (row by row), by `rule` (decoding_rule)."""
+        out = self.model.generate(input_ids=ids.repeat_interleave(count, 0),
+                                  attention_mask=mask.repeat_interleave(count, 0), past_key_values=past,
+                                  max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad, **rule)
         return self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
 
 
@@ -331,13 +325,40 @@ def free_memory(device: str) -> int | None:
     return available_memory()
 
 
-def decoding_rule(temperature: float, top_p: float) -> dict[str, Any]:
-    """generate's settings for the rule a GGUF's answers follow too (gguf_answers.pick): greedy at temperature 0,
-    else softmax(logits / temperature) cut to the top_p nucleus; nothing from the model's generation_config (a
-    repetition penalty, a top-k), so that every artifact of a run answers by the same rule."""
+def decoding_rule(temperature: float, top_p: float, rows: list[tuple[int, int]] = ()) -> dict[str, Any]:
+    """generate's settings for the rule a GGUF's answers follow too: greedy at temperature 0, else each row's
+    token drawn by gguf_answers.pick (softmax(logits / temperature) cut to the top_p nucleus) with the generator of
+    its (list, sample) in `rows` (seeded_sampling); nothing from the model's generation_config (a repetition penalty,
+    a top-k), so that every artifact of a run answers by the same rule."""
     if temperature <= 0:
         return {"do_sample": False, "repetition_penalty": 1.0}
-    return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0, "repetition_penalty": 1.0}
+    from transformers import LogitsProcessorList
+
+    return {"do_sample": False, "repetition_penalty": 1.0,
+            "logits_processor": LogitsProcessorList([seeded_sampling(temperature, top_p, rows)])}
+
+
+def seeded_sampling(temperature: float, top_p: float, rows: list[tuple[int, int]]) -> Any:
+    """A logits processor that draws each row's next token with its own generator (gguf_answers.answer_generator of
+    the row's list and sample) and leaves greedy search only that token: a list's k-th sample is the same whatever
+    else shares its batch (evaluate.batch_size changes only speed). One draw a row a step, a finished row's too."""
+    import torch
+    from transformers import LogitsProcessor
+
+    from distillery.evals.gguf_answers import answer_generator, pick
+
+    class SeededSampling(LogitsProcessor):
+        def __init__(self) -> None:
+            self.generators = [answer_generator(key, sample) for key, sample in rows]
+
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            logits = scores.float().cpu().numpy()
+            chosen = [pick(row, temperature, top_p, rng) for row, rng in zip(logits, self.generators)]
+            only = torch.full_like(scores, float("-inf"))
+            only[torch.arange(len(chosen), device=scores.device), torch.tensor(chosen, device=scores.device)] = 0
+            return only
+
+    return SeededSampling()
 
 
 def layer_masks(config: Any, mask: Any, positions: Any) -> Any:

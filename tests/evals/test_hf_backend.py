@@ -199,3 +199,15 @@ def test_sampled_answers_are_the_same_on_every_run_and_leave_the_random_state_al
     torch.manual_seed(99)  # another caller's state: the answers do not depend on it
     assert scorer.generate_ids(prompts, 12, 8, eos_id=-1, samples=3, temperature=1.5) == first
     assert len({tuple(answers) for answers in first}) == 2 and len(set(first[0])) > 1  # they are samples
+
+
+def test_a_lists_samples_do_not_depend_on_the_batch_size(tiny_dir: Path) -> None:
+    """From a review: the sampled answers changed with evaluate.batch_size (every one of 12), which is meant to
+    change only the speed, and a rerun with another batch size kept the other answers as 'up to date'. Each answer
+    has its own generator now (its list and sample), as a GGUF's has."""
+    scorer = HFModel(str(tiny_dir))
+    prompts = [SEQUENCES[i][:STARTS[i]] for i in (0, 2, 4)]
+    by_size = [scorer.generate_ids(prompts, 10, size, eos_id=-1, samples=3, temperature=1.2, top_p=0.9)
+               for size in (1, 2, 8)]
+    assert by_size[0] == by_size[1] == by_size[2]
+    assert all(len(set(answers)) > 1 for answers in by_size[0])  # samples, not one answer repeated
