@@ -478,6 +478,8 @@ def run(ctx: StageContext) -> StageResult:
     scores.results["heldout"] = {"items": len(held.items) if held else 0,
                                  "generated": len(held.generate) if held else 0,
                                  "dropped_no_completion_token": dropped, "reference": reference,
+                                 "ggufs_not_checked": [a.name for a in artifacts if a.kind == "gguf" and reference is None
+                                                       and a.name in scores.heldout],
                                  "seconds": scores.heldout_seconds}
     write_outputs(ctx, scores.results, scores.per_item, scores.heldout, scores.heldout_items)
     shutil.rmtree(ctx.out / SCORED, ignore_errors=True)
@@ -591,6 +593,9 @@ def stage_result(results: dict[str, Any], scored_heldout: dict[str, Any]) -> Sta
         summary.append(("MathQA items", str(results["n"])))
     if failing:
         summary.append(("GGUFs past the held-out bound", ", ".join(failing)))
+    if results.get("heldout", {}).get("ggufs_not_checked"):
+        summary.append(("GGUFs not checked", "no merged model or adapter scored to hold them against (add one to "
+                        "evaluate.artifacts): " + ", ".join(results["heldout"]["ggufs_not_checked"])))
     if results["skipped_items"]:
         summary.append(("skipped items", str(len(results["skipped_items"]))))
     if results["errors"]:

@@ -482,6 +482,25 @@ def test_a_gguf_not_scored_is_named_in_the_report_without_mathqa(project: Path) 
     assert "Not scored:\n- model-Q4_K_M: " in text and "is not a GGUF file" in text
 
 
+def test_ggufs_scored_without_a_reference_are_said_to_be_unchecked(project: Path) -> None:
+    """From a review: with `artifacts: [gguf]` nothing held the GGUFs against the merged model or the adapter, and
+    nothing said so: no quant check looked like a passed one."""
+    from tests.evals.test_gguf_backend import bundled_gguf
+
+    pytest.importorskip("llama_cpp")
+    gguf = project / "runs" / "t" / "export" / "gguf"
+    gguf.mkdir(parents=True)
+    (gguf / "model-Q4_1.gguf").write_bytes(bundled_gguf().read_bytes())
+    listed_by_export(gguf, "model-Q4_1.gguf")
+    (project / "runs" / "t" / "finetune").mkdir(parents=True)
+    cfg = heldout_only(project, "evaluate.artifacts=[gguf]", "export.enabled=true", "evaluate.heldout.generate=0")
+    result = evaluate.run(context(cfg, project))
+    results = json.loads((project / "out" / "results.json").read_text())
+    assert results["heldout"]["reference"] is None and results["heldout"]["ggufs_not_checked"] == ["model-Q4_1"]
+    assert ("GGUFs not checked", "no merged model or adapter scored to hold them against (add one to "
+            "evaluate.artifacts): model-Q4_1") in result.summary
+
+
 def test_artifact_names_are_shown_as_they_are_not_read_as_markup() -> None:
     """A GGUF is named after the base model's directory: `model [v2]` lost its `[v2]` in the tables, and `m[/x]`
     ended the stage with a MarkupError (exit 1) after every artifact was scored."""
