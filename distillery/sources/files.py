@@ -62,7 +62,7 @@ def resolve_paths(spec: str | list[str], suffixes: tuple[str, ...], field: str,
         elif kind == "directory":
             if is_run_directory(path):
                 raise UserError(f"{field}: {item} is a Distillery run (it holds the run's manifest.json): name the "
-                                f"files you mean in it, such as {path / 'ingest' / 'eval.jsonl'}.")
+                                f"files you mean in its stage folders ({path / 'ingest'} and the others).")
             found = walk(path, suffixes)
             files.extend(no_empty(kept(outside_runs(found, path)), f"the directory {item} holds", field, suffixes, found))
         elif os.path.exists(path):

@@ -205,7 +205,7 @@ def test_against_never_reads_this_runs_own_files_and_says_when_runs_were_left_ou
                                         r"as runs/demo/ingest/\w+.jsonl\. Name a file itself"):
         run_stage("ingest", load_config(write_config(Path("c.yaml"), source, against=["runs/*/ingest/*.jsonl"])))
     with pytest.raises(UserError, match=r"against: runs/demo is a Distillery run \(it holds the run's manifest.json\): "
-                                        r"name the files you mean in it, such as runs/demo/ingest/eval.jsonl"):
+                                        r"name the files you mean in its stage folders \(runs/demo/ingest and the others\)"):
         run_stage("ingest", load_config(write_config(Path("c.yaml"), source, against=["runs/demo"])))
     other = tmp_path / "other"
     other.mkdir()
