@@ -336,6 +336,9 @@ def against_set(path: Path) -> EvaluationSet:
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"ingest.decontaminate.against: cannot read {path} ({type(err).__name__}: "
                         f"{getattr(err, 'strerror', None) or err}). Fix the file or remove it from the list.") from None
+    if not evaluation.items:  # as an empty csv is: a file that checks nothing is a mistake, not a clean result
+        raise UserError(f"ingest.decontaminate.against: {path} holds no record, so it checks nothing. Fill it or "
+                        "remove it from the list.")
     return evaluation
 
 

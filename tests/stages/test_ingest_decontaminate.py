@@ -175,6 +175,9 @@ def test_an_against_file_that_is_missing_unreadable_or_of_another_shape_is_one_m
     Path("bad.jsonl").write_text('{"Problem": "x"}\n{not json\n', encoding="utf-8")
     with pytest.raises(UserError, match=r"bad.jsonl: line 2 is not valid JSON"):
         run_stage("ingest", load_config(write_config(Path("c.yaml"), source, against=["bad.jsonl"])))
+    Path("empty.jsonl").write_text("\n", encoding="utf-8")  # an empty csv was refused, an empty jsonl checked nothing
+    with pytest.raises(UserError, match=r"against: empty.jsonl holds no record, so it checks nothing"):
+        run_stage("ingest", load_config(write_config(Path("c.yaml"), source, against=["empty.jsonl"])))
     write_jsonl(Path("other.jsonl"), [{"question": "q", "answer": "a"}])
     with pytest.raises(UserError, match=r"other.jsonl:1 \(other.jsonl\) is neither a record with `messages`.*"
                                         r"it has: question, answer"):
@@ -196,7 +199,7 @@ def test_against_never_reads_this_runs_own_files_and_says_when_runs_were_left_ou
     monkeypatch.chdir(tmp_path)
     write_jsonl(Path("d.jsonl"), list(read_jsonl(GSM))[:5])
     source = [{"name": "one", "kind": "hf", "files": "d.jsonl"}]
-    assert run_stage("ingest", load_config(write_config(Path("c.yaml"), source)))[0] == "done"
+    assert run_stage("ingest", load_config(write_config(Path("c.yaml"), source, eval_fraction=0.4)))[0] == "done"
     own = "runs/demo/ingest/train.jsonl"
     with pytest.raises(UserError, match=r"ingest.decontaminate.against: runs/demo/ingest/train.jsonl is in this run's "
                                         r"own directory"):
