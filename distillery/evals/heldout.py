@@ -134,7 +134,7 @@ def score_artifact(model: Any, items: list[HeldoutItem], generate: list[HeldoutI
                    top_p: float = 1.0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One artifact's held-out scores: {task: {items, loss, ppl, <metric>...}, "overall": {...}} and one row per
     item (its loss and, where generated, its answers and verdicts). One answer is greedy; k samples are drawn at
-    `temperature` from the `top_p` nucleus."""
+    `temperature` from the `top_p` nucleus. `progress` counts each item scored, answered and judged."""
     from distillery.evals import tasks
 
     position = {id(item): k for k, item in enumerate(items)}  # by the item itself: ids repeat without ingest's dedupe
@@ -151,8 +151,7 @@ def score_artifact(model: Any, items: list[HeldoutItem], generate: list[HeldoutI
         if not asked:
             continue
         kind = tasks.kind_of(task, [items[k].record for k in asked], [items[k].reference for k in asked])
-        verdicts = [[tasks.check_item(kind, items[k].record, items[k].reference, reply, limits) for reply in replies[k]]
-                    for k in asked]
+        verdicts = [checked(kind, items[k], replies[k], limits, progress) for k in asked]
         scores[task].update({"generated": len(asked), **tasks.sample_metrics(
             kind, task, [items[k].reference for k in asked], [replies[k] for k in asked], verdicts)})
         if samples > 1 and kind in CORRECTNESS_KINDS:
@@ -161,6 +160,15 @@ def score_artifact(model: Any, items: list[HeldoutItem], generate: list[HeldoutI
             rows[k].update({"replies": replies[k], "verdicts": item_verdicts})
     scores["overall"] = {"items": len(items), **loss_summary(pairs)}
     return scores, rows
+
+
+def checked(kind: str, item: HeldoutItem, replies: list[str], limits: Any, progress: Callable[[int], None]) -> list[dict]:
+    """The verdict on each reply to one item (a CodeI/O input runs in the sandbox: seconds); then progress(1)."""
+    from distillery.evals import tasks
+
+    verdicts = [tasks.check_item(kind, item.record, item.reference, reply, limits) for reply in replies]
+    progress(1)
+    return verdicts
 
 
 LOSS_FLOOR = 0.01  # nats a token: a GGUF this close to the reference passes whatever the ratio

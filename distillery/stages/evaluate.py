@@ -460,7 +460,7 @@ def run(ctx: StageContext) -> StageResult:
     limits = Limits.from_config(ctx.cfg.distill.sandbox)
     if held and any(item.task == "code_io_input" for item in held.generate):
         check_isolation(limits)  # its answers run the dataset's reference code
-    work = len(mqa.items) + (len(held.items) + len(held.generate) if held else 0)
+    work = len(mqa.items) + (len(held.items) + 2 * len(held.generate) if held else 0)  # scored, answered, judged
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=ctx.console) as bar:
         for artifact in artifacts:

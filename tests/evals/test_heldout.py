@@ -195,6 +195,10 @@ def test_items_that_share_an_id_are_each_answered_and_scored() -> None:
             return [-1.0] * len(token_lists), {k: [f"reply {k}"] for k in answer}
 
     items = [heldout.HeldoutItem(item_id, "other", [1, 2], [3], "ref", {}) for item_id in ("a", "dup", "dup")]
+    judged: list[int] = []
+    scores, rows = heldout.score_artifact(Answering(), items, items[1:], 0, 8, 1, 0.0, 2, None, judged.append)
+    assert scores["other"]["generated"] == 2 and rows[0].get("replies") is None
+    assert judged == [1, 1]  # each item answered is judged in turn (a CodeI/O input runs in the sandbox: seconds)
     scores, rows = heldout.score_artifact(Answering(), items, items, 0, 8, 1, 0.0, 2, None)
     assert scores["other"]["generated"] == 3
     assert [row["replies"] for row in rows] == [["reply 0"], ["reply 1"], ["reply 2"]]
