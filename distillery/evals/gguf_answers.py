@@ -13,9 +13,9 @@ pending prompt into its own sequence (a further sample of the same prompt shares
 empties the cache again.
 
 Greedy at temperature 0; else each token is drawn (`pick`) from softmax(logits / temperature) cut to its top_p
-nucleus, by a generator of the answer's own (`answer_generator`: seeded by the list and the sample), as the HF
-artifacts' answers are (hf_backend.seeded_sampling): every artifact answers by one rule, and an answer does not
-depend on which others are generated beside it.
+nucleus, by a generator of the answer's own (`answer_generator`: seeded by the item and the sample); the HF
+artifacts' answers follow the same rule with a torch generator of their own (hf_backend.seeded_sampling): every
+artifact answers by one rule, and an answer does not depend on which others are generated beside it.
 """
 
 from __future__ import annotations
@@ -158,6 +158,14 @@ def answer_generator(key: int, sample: int) -> Any:
     import numpy as np
 
     return np.random.default_rng((SAMPLING_SEED + sample, key))
+
+
+def row_seed(key: int, sample: int) -> int:
+    """A 32-bit seed for the `sample`-th answer of list `key` (a torch CPU generator keeps 32 bits of its seed), mixed
+    as numpy mixes answer_generator's."""
+    import numpy as np
+
+    return int(np.random.SeedSequence((SAMPLING_SEED + sample, key)).generate_state(1)[0])
 
 
 def pick(logits: Any, temperature: float, top_p: float, rng: Any) -> int:

@@ -188,7 +188,7 @@ class HFModel:
         (the tokens before `start`), generated from the prompt's keys and values the scoring pass computed."""
         results, caches = self._score(token_lists, starts, progress, set(answer))
         replies = self.generate_ids([token_lists[i][:starts[i]] for i in answer], max_new_tokens, batch_size, eos_id,
-                                    samples, temperature, top_p, progress, [caches.get(i) for i in answer])
+                                    samples, temperature, top_p, progress, [caches.get(i) for i in answer], keys=answer)
         return results, dict(zip(answer, replies))
 
     def _score(self, token_lists: list[list[int]], starts: list[int], progress: Callable[[int], None],
@@ -246,12 +246,13 @@ class HFModel:
     def generate_ids(self, id_lists: list[list[int]], max_new_tokens: int, batch_size: int, eos_id: int,
                      samples: int = 1, temperature: float = 0.0, top_p: float = 1.0,
                      progress: Callable[[int], None] = lambda n: None,
-                     caches: list[Any] | None = None) -> list[list[str]]:
+                     caches: list[Any] | None = None, keys: list[int] | None = None) -> list[list[str]]:
         """`samples` completions of each token list (`decoding_rule`), stopping at `eos_id`; the prompts are given
         as the ids training used, so nothing is tokenized twice. Batched by length, at most `batch_size` sequences
         a call (k samples of a list are k: memory is bounded by batch_size whatever k is): a batch is left-padded
         to its longest prompt. `caches[i]`, when given (`prompt_cache`), holds the keys and values of all but the
-        last token of list i: a batch whose lists all have one decodes only its last column."""
+        last token of list i: a batch whose lists all have one decodes only its last column. `keys[i]` names list
+        i for its samples' generators (default: i), as a GGUF's answers name it: the item's place among all."""
         torch = self.torch
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos_id
         order = sorted(range(len(id_lists)), key=lambda i: len(id_lists[i]))
@@ -269,7 +270,8 @@ class HFModel:
                 for first in range(0, samples, batch_size):  # samples of one list past batch_size: in turns
                     count = min(batch_size, samples - first)
                     past = batch_cache(cached, width - 1, count, self.model.config) if reuse else None
-                    rule = decoding_rule(temperature, top_p, [(i, first + k) for i in batch for k in range(count)])
+                    rows = [(keys[i] if keys else i, first + k) for i in batch for k in range(count)]
+                    rule = decoding_rule(temperature, top_p, rows)
                     decoded = self._sample(ids, mask, past, count, max_new_tokens, eos_id, pad, rule)
                     for k, index in enumerate(batch):
                         texts[index] += decoded[k * count:(k + 1) * count]
@@ -326,12 +328,14 @@ def free_memory(device: str) -> int | None:
 
 
 def decoding_rule(temperature: float, top_p: float, rows: list[tuple[int, int]] = ()) -> dict[str, Any]:
-    """generate's settings for the rule a GGUF's answers follow too: greedy at temperature 0, else each row's
-    token drawn by gguf_answers.pick (softmax(logits / temperature) cut to the top_p nucleus) with the generator of
-    its (list, sample) in `rows` (seeded_sampling); nothing from the model's generation_config (a repetition penalty,
-    a top-k), so that every artifact of a run answers by the same rule."""
+    """generate's settings for the rule a GGUF's answers follow too (gguf_answers.pick): greedy at temperature 0,
+    else softmax(logits / temperature) cut to the top_p nucleus, each row drawn with the generator of its (list,
+    sample) in `rows` (seeded_sampling); nothing from the model's generation_config (a repetition penalty, a
+    top-k), so that every artifact of a run answers by the same rule."""
     if temperature <= 0:
         return {"do_sample": False, "repetition_penalty": 1.0}
+    if not rows:
+        raise ValueError("sampling needs the (list, sample) of each row: its generator")
     from transformers import LogitsProcessorList
 
     return {"do_sample": False, "repetition_penalty": 1.0,
@@ -339,26 +343,39 @@ def decoding_rule(temperature: float, top_p: float, rows: list[tuple[int, int]] 
 
 
 def seeded_sampling(temperature: float, top_p: float, rows: list[tuple[int, int]]) -> Any:
-    """A logits processor that draws each row's next token with its own generator (gguf_answers.answer_generator of
-    the row's list and sample) and leaves greedy search only that token: a list's k-th sample is the same whatever
-    else shares its batch (evaluate.batch_size changes only speed). One draw a row a step, a finished row's too."""
+    """A logits processor that draws each row's next token from softmax(logits / temperature) cut to its top_p
+    nucleus (`nucleus`) with a torch generator of the row's own, seeded by its list and sample, and leaves greedy
+    search only that token: a list's k-th sample does not depend on what else shares its batch (evaluate.batch_size
+    changes only speed) or which other items are answered. One draw a row a step, a finished row's too."""
     import torch
     from transformers import LogitsProcessor
 
-    from distillery.evals.gguf_answers import answer_generator, pick
+    from distillery.evals.gguf_answers import row_seed
 
     class SeededSampling(LogitsProcessor):
         def __init__(self) -> None:
-            self.generators = [answer_generator(key, sample) for key, sample in rows]
+            self.generators: list[Any] | None = None
 
         def __call__(self, input_ids: Any, scores: Any) -> Any:
-            logits = scores.float().cpu().numpy()
-            chosen = [pick(row, temperature, top_p, rng) for row, rng in zip(logits, self.generators)]
-            only = torch.full_like(scores, float("-inf"))
-            only[torch.arange(len(chosen), device=scores.device), torch.tensor(chosen, device=scores.device)] = 0
-            return only
+            if self.generators is None:  # on the device the scores come from
+                self.generators = [torch.Generator(scores.device).manual_seed(row_seed(key, sample)) for key, sample in rows]
+            probs = nucleus(torch.softmax(scores.float() / temperature, dim=-1), top_p)
+            chosen = torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, self.generators)])
+            return torch.full_like(scores, float("-inf")).scatter_(1, chosen[:, None], 0.0)
 
     return SeededSampling()
+
+
+def nucleus(probs: Any, top_p: float) -> Any:
+    """Each row's probabilities with only its top_p nucleus left (the fewest likeliest tokens whose probability
+    reaches top_p, as gguf_answers.pick keeps them), not renormalized (multinomial does not need it)."""
+    import torch
+
+    if top_p >= 1:
+        return probs
+    ordered, order = probs.sort(dim=-1, descending=True, stable=True)
+    before = ordered.cumsum(dim=-1) - ordered  # the probability of the likelier tokens
+    return torch.zeros_like(probs).scatter_(-1, order, ordered * (before < top_p - 1e-9))
 
 
 def layer_masks(config: Any, mask: Any, positions: Any) -> Any:

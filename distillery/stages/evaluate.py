@@ -193,11 +193,12 @@ def trained_base(summary: Path, default: str) -> str:
 
 def gguf_context(cfg: DistilleryConfig) -> int:
     """llama.cpp's context for scoring: a held-out sequence (cut at format.max_length) plus the longest answer
-    either evaluation generates (as many as are generated side by side when sampling; none where it generates
-    none), twice (GGUFModel: half holds the answers), and never under 2048."""
-    ev, ho = cfg.evaluate, cfg.evaluate.heldout
-    answers = min(ho.samples, ANSWERS_AT_ONCE) * ho.max_new_tokens if ho.enabled and ho.generate != 0 else 0
-    longest = max(answers, ev.max_new_tokens if ev.data and ev.mode == "generative" else 0)
+    either evaluation may generate (as many as are generated side by side when sampling), twice (GGUFModel: half
+    holds the answers), and never under 2048. Half of it is the window MathQA items must fit (within_window): it
+    counts the answer settings whether or not answers are generated, so that one config always scores the same
+    items."""
+    ev = cfg.evaluate
+    longest = max(min(ev.heldout.samples, ANSWERS_AT_ONCE) * ev.heldout.max_new_tokens, ev.max_new_tokens)
     context = max(2048, 2 * (cfg.format.max_length + longest))
     if context > MAX_CONTEXT:
         raise UserError(f"evaluate: scoring a GGUF needs a llama.cpp context of {context:,} tokens (twice "

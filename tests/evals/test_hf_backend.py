@@ -211,3 +211,31 @@ def test_a_lists_samples_do_not_depend_on_the_batch_size(tiny_dir: Path) -> None
                for size in (1, 2, 8)]
     assert by_size[0] == by_size[1] == by_size[2]
     assert all(len(set(answers)) > 1 for answers in by_size[0])  # samples, not one answer repeated
+    # and not on which other items are answered: an item's generators are named by its place among all items
+    every = scorer.score_and_generate(SEQUENCES, STARTS, [0, 1, 2], 10, 8, -1, 3, 1.2, 0.9)[1]
+    fewer = scorer.score_and_generate(SEQUENCES, STARTS, [1, 2], 10, 8, -1, 3, 1.2, 0.9)[1]
+    assert fewer == {1: every[1], 2: every[2]}
+
+
+def test_the_nucleus_is_the_one_a_ggufs_answers_are_drawn_from() -> None:
+    """HF rows are drawn by torch (seeded_sampling), a GGUF's by numpy (gguf_answers.pick): one rule, the same
+    tokens kept for every top_p, a probability at the edge included."""
+    import numpy as np
+    import torch
+
+    from distillery.evals.gguf_answers import pick
+    from distillery.evals.hf_backend import nucleus
+
+    class Seen:  # records the candidates pick draws from
+        def choice(self, kept, p=None):
+            self.kept = set(np.atleast_1d(kept).tolist()) if p is not None and np.ndim(kept) else set(np.flatnonzero(p))
+            return int(np.atleast_1d(kept)[0]) if np.ndim(kept) else 0
+
+    rng = np.random.default_rng(0)
+    logits = np.concatenate([rng.standard_normal((3, 3000)) * 3, [np.log([0.5, 0.25, 0.25]).tolist() + [-1e9] * 2997]])
+    for top_p in (0.1, 0.5, 0.75, 0.9, 0.999):
+        probs = nucleus(torch.softmax(torch.tensor(logits, dtype=torch.float32), dim=-1), top_p)
+        for row, kept in zip(logits, probs):
+            seen = Seen()
+            pick(row, 1.0, top_p, seen)
+            assert set(torch.nonzero(kept).flatten().tolist()) == seen.kept, top_p

@@ -314,14 +314,6 @@ def test_many_samples_are_refused_and_the_gguf_context_does_not_grow_with_them(t
     contexts = [evaluate.gguf_context(load_config_dict({**base, "evaluate": {"heldout": {"samples": k}}}, tmp_path))
                 for k in (8, 64)]
     assert contexts[0] == contexts[1] <= 2 * (2048 + 8 * 256)
-    # no room for answers that are not generated: loss only, MathQA scored by log-likelihood (from a review: a
-    # loss-only run asked llama.cpp for a 2M-token context and blamed the GGUF when it did not fit)
-    loss_only = {"heldout": {"generate": 0, "max_new_tokens": 1 << 20, "samples": 8}, "max_new_tokens": 1 << 20}
-    cfg = load_config_dict({**base, "evaluate": loss_only, "format": {"max_length": 4096}}, tmp_path)
-    assert evaluate.gguf_context(cfg) == 2 * 4096
-    generative = {**loss_only, "data": "m.jsonl", "mode": "generative", "max_new_tokens": 1000}
-    cfg = load_config_dict({**base, "evaluate": generative, "format": {"max_length": 4096}}, tmp_path)
-    assert evaluate.gguf_context(cfg) == 2 * (4096 + 1000)
 
 
 def test_hostile_mathqa_rows_are_skipped_and_reported_not_scored(project: Path) -> None:
@@ -519,8 +511,7 @@ def test_a_gguf_context_past_what_llama_cpp_holds_is_refused_naming_the_settings
     in 32 bits without a word."""
     with pytest.raises(UserError, match=r"evaluate.max_new_tokens: Input should be less than or equal to 1048576"):
         load_config("config.yaml", ["evaluate.max_new_tokens=4294967296"])
-    cfg = load_config("config.yaml", ["evaluate.heldout.enabled=true", "evaluate.heldout.max_new_tokens=1048576",
-                                      "evaluate.heldout.samples=8"])
+    cfg = load_config("config.yaml", ["evaluate.heldout.max_new_tokens=1048576", "evaluate.heldout.samples=8"])
     with pytest.raises(UserError, match=r"a llama.cpp context of 16,779,264 tokens .* more than the 16,777,216 it can "
                                         r"hold. Lower them"):
         evaluate.gguf_context(cfg)
