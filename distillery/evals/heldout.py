@@ -79,7 +79,8 @@ def check_row(row: dict[str, Any], path: Path, line: int) -> None:
             raise UserError(f"{path}: line {line} {what}, where format writes text: {fix}.")
     if not re.fullmatch(TASK_PATTERN, row["task"]) or row["task"] == "overall":
         raise UserError(f"{path}: line {line} has the task {row['task'][:80]!r}: a task is letters, digits, `_`, `.` "
-                        f"and `-` (it names a row of evaluate's tables), and not `overall`: {fix}.")
+                        "and `-` (it names a row of evaluate's tables), and not `overall`. Set such a name as the "
+                        "source's `task` (ingest.sources) and run again; a file damaged since: " + fix + ".")
     if not isinstance(row.get("meta", {}), dict):
         raise UserError(f"{path}: line {line} has `meta` {JSON_TYPES.get(type(row['meta']), 'of another type')}, "
                         f"where format writes an object: {fix}.")

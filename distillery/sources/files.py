@@ -43,8 +43,10 @@ def resolve_paths(spec: str | list[str], suffixes: tuple[str, ...], field: str,
         path = Path(item).expanduser()
         kind = existing_kind(path, item, field)
         if glob.has_magic(item):
+            refuse_a_run(literal_base(str(path)), item, field)
             found = glob_matches(str(path), suffixes)
-            matches = kept(outside_runs(found, literal_base(str(path))))
+            outside = outside_runs(found, literal_base(str(path)))
+            matches = kept(outside)
             itself = os.path.realpath(path)
             others = [m for m in matches if not inside(m, itself)] if kind is not None else []
             if others:
@@ -52,7 +54,7 @@ def resolve_paths(spec: str | list[str], suffixes: tuple[str, ...], field: str,
                                 "files. Write its glob characters in brackets ([[] for [, [*] for *) to mean the "
                                 f"{kind} alone, or rename it.")
             if kind is None:
-                files.extend(no_empty(matches, f"the pattern {item!r} matches", field, suffixes, found))
+                files.extend(no_empty(matches, f"the pattern {item!r} matches", field, suffixes, found, outside))
                 continue
         if kind == "file":
             if not kept([path]):
@@ -60,11 +62,10 @@ def resolve_paths(spec: str | list[str], suffixes: tuple[str, ...], field: str,
                                 "into: copy it elsewhere first.")
             files.append(path)
         elif kind == "directory":
-            if is_run_directory(path):
-                raise UserError(f"{field}: {item} is a Distillery run (it holds the run's manifest.json): name the "
-                                f"files you mean in its stage folders ({path / 'ingest'} and the others).")
+            refuse_a_run(path, item, field)
             found = walk(path, suffixes)
-            files.extend(no_empty(kept(outside_runs(found, path)), f"the directory {item} holds", field, suffixes, found))
+            outside = outside_runs(found, path)
+            files.extend(no_empty(kept(outside), f"the directory {item} holds", field, suffixes, found, outside))
         elif os.path.exists(path):
             raise UserError(f"{field}: {item} is neither a file nor a directory (a pipe, a device or a socket): "
                             "point it at your data files.")
@@ -165,15 +166,27 @@ def is_data_file(path: Path, suffixes: tuple[str, ...]) -> bool:
                         "of the data folder.") from None
 
 
-def no_empty(matches: list[Path], what: str, field: str, suffixes: tuple[str, ...],
-             left_out: list[Path] = ()) -> list[Path]:
-    """`matches`, or the error that none are left: none at all, or only files inside runs (`left_out`)."""
-    if not matches and left_out:
+def no_empty(matches: list[Path], what: str, field: str, suffixes: tuple[str, ...], found: list[Path] = (),
+             outside: list[Path] = ()) -> list[Path]:
+    """`matches`, or the error that none are left: none `found` at all, only files inside runs (none `outside`
+    them), or only files of this run's own directory."""
+    if not matches and outside:
+        raise UserError(f"{field}: {what} only files in this run's own directory, which ingest writes into, such as "
+                        f"{outside[0]}: copy them elsewhere first.")
+    if not matches and found:
         raise UserError(f"{field}: {what} only files inside Distillery runs, which a folder or a pattern leaves out "
-                        f"(a run's outputs are not data), such as {left_out[0]}. Name a file itself to read it.")
+                        f"(a run's outputs are not data), such as {found[0]}. Name a file itself to read it.")
     if not matches:
         raise UserError(f"{field}: {what} no {'/'.join(suffixes)} file. Check the path (relative to {Path.cwd()}).")
     return matches
+
+
+def refuse_a_run(path: Path, item: str, field: str) -> None:
+    """A UserError when `path`, a folder named or a pattern's leading folders, is a Distillery run: its manifest and
+    every stage's outputs are not data."""
+    if is_run_directory(path):
+        raise UserError(f"{field}: {item} reads a Distillery run's folder {path} (it holds the run's manifest.json): "
+                        f"name the files you mean in its stage folders ({path / 'ingest'} and the others).")
 
 
 def is_run_directory(path: Path) -> bool:

@@ -207,9 +207,14 @@ def test_against_never_reads_this_runs_own_files_and_says_when_runs_were_left_ou
     with pytest.raises(UserError, match=r"'runs/\*/ingest/\*.jsonl' matches only files inside Distillery runs.*such "
                                         r"as runs/demo/ingest/\w+.jsonl\. Name a file itself"):
         run_stage("ingest", load_config(write_config(Path("c.yaml"), source, against=["runs/*/ingest/*.jsonl"])))
-    with pytest.raises(UserError, match=r"against: runs/demo is a Distillery run \(it holds the run's manifest.json\): "
-                                        r"name the files you mean in its stage folders \(runs/demo/ingest and the others\)"):
-        run_stage("ingest", load_config(write_config(Path("c.yaml"), source, against=["runs/demo"])))
+    for spec in ("runs/demo", "runs/demo/*", "runs/demo/**"):  # a pattern in it read its manifest.json as data
+        with pytest.raises(UserError, match=r"against: runs/demo(/\*+)? reads a Distillery run's folder runs/demo \(it "
+                                            r"holds the run's manifest.json\): name the files you mean in its stage "
+                                            r"folders \(runs/demo/ingest and the others\)"):
+            run_stage("ingest", load_config(write_config(Path("c.yaml"), source, against=[spec])))
+    for spec in ("runs/demo/ingest", "runs/demo/ingest/*.jsonl"):  # named outright, an own file is refused too
+        with pytest.raises(UserError, match=r"only files in this run's own directory, which ingest writes into"):
+            run_stage("ingest", load_config(write_config(Path("c.yaml"), source, against=[spec])))
     other = tmp_path / "other"
     other.mkdir()
     (Path("runs/demo")).rename(other / "demo")  # another run's held-out split, named itself, is read
