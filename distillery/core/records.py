@@ -63,6 +63,27 @@ def make_record(
     return record
 
 
+def record_problem(record: dict[str, Any]) -> str | None:
+    """What keeps a row from being a record as ingest and distill write them (make_record, empty turns dropped), or
+    None: a stage reading one from disk refuses a file edited or damaged since."""
+    messages = record.get("messages")
+    if not isinstance(record.get("id"), str) or not isinstance(record.get("task"), str):
+        return "no `id` or `task` text"
+    if not isinstance(messages, list) or not messages:
+        return "no `messages` list"
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+            return f"a message that is not {{role: {' | '.join(ROLES)}, content: text}}: {str(message)[:100]!r}"
+        if not message["content"].strip():
+            return f"an empty {message['role']} turn"
+    choices = record.get("choices")
+    if choices is not None and not (isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
+        return "`choices` that are not a list of texts"
+    if not isinstance(record.get("meta", {}), dict):
+        return "a `meta` that is not an object"
+    return None
+
+
 def json_line(row: dict[str, Any]) -> bytes:
     """One UTF-8 JSON line. orjson is about ten times faster than json.dumps (100k-row ingest, bench/ingest.py),
     but it writes NaN and Infinity as null and refuses integers beyond 64 bits; CodeI/O test cases hold such

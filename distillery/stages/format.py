@@ -19,7 +19,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 from distillery.config import DistilleryConfig, FormatConfig
@@ -28,7 +28,7 @@ from distillery.core.console import markdown_table, printable, summary_table
 from distillery.core.errors import UserError
 from distillery.core.plots import figure
 from distillery.core.models import load_tokenizer, local_model_files, model_config, resolve_model_path, text_config
-from distillery.core.records import read_jsonl, write_jsonl
+from distillery.core.records import read_jsonl, read_jsonl_numbered, record_problem, write_jsonl
 from distillery.core.unseen import unseen_pattern
 from distillery.core.vocab import adds_bos
 from distillery.training.tokens import split_tokens
@@ -57,12 +57,23 @@ def upstream(cfg: DistilleryConfig) -> tuple[str, ...]:
 def load_records(ctx: StageContext, split: str) -> list[dict]:
     """The records of one split from every upstream stage (distill contributes train records only); with
     format.distilled: replace, an ingest record the teacher answered gives way to its traces."""
-    by_stage = {stage: list(read_jsonl(ctx.upstream(stage, split))) for stage in upstream(ctx.cfg)
+    by_stage = {stage: list(read_records(ctx.upstream(stage, split), stage)) for stage in upstream(ctx.cfg)
                 if split in load_stage(stage).outputs}
     if ctx.cfg.format.distilled == "replace" and "distill" in by_stage:
         answered = {r["meta"]["distill"]["from_id"] for r in by_stage["distill"]}
         by_stage["ingest"] = [r for r in by_stage["ingest"] if r["id"] not in answered]
     return [record for records in by_stage.values() for record in records]
+
+
+def read_records(path: Path, stage: str) -> Iterator[dict]:
+    """The records of an upstream stage's file; one that is not as that stage writes them (a role holding a turn
+    marker, a message without text: edited or damaged since) is a UserError naming its line."""
+    for line, record in read_jsonl_numbered(path):
+        problem = record_problem(record)
+        if problem:
+            raise UserError(f"{path}: line {line} has {problem}, which {stage} never writes (the file was edited or "
+                            f"damaged since): `distillery {stage} --force` writes it again.")
+        yield record
 
 
 def special_token_pattern(tokenizer: Any) -> re.Pattern[str] | None:
