@@ -3,8 +3,9 @@
 1. check the export stage finished, list what would be uploaded (merged/ files and/or GGUFs + Modelfiles,
    with sizes; only the GGUFs export's summary.json lists, each the file verify.json recorded as passed) and
    render the model card (README.md: front matter base_model, datasets, license, tags; the
-   training summary from finetune's summary.json; the evaluation table from evaluate's comparison.md and how
-   many training records ingest dropped as contaminated; how to run it with llama.cpp and Ollama);
+   training summary from finetune's summary.json; evaluate's held-out table, with each GGUF's check, and MathQA
+   comparison.md, and how many training records ingest dropped as contaminated; how to run it with llama.cpp
+   and Ollama);
 2. write the card and the plan to runs/<name>/push/ and print the plan;
 3. unless --dry-run: create the repository (private by default) and upload everything in one commit. The
    token comes only from HF_TOKEN (environment or .env) and is never printed or written.
@@ -220,18 +221,37 @@ def decontamination_sentence(summary: Any) -> str:
 
 
 def evaluation_table(cfg: DistilleryConfig, run: RunDir) -> str:
-    """evaluate's comparison.md when that evaluation is the one this config makes, of this export, as evaluate
-    left it; else why the card has none (a comparison.md dropped into evaluate/, or an older evaluation of another
-    model, went into the card as the model's scores)."""
+    """evaluate's held-out table (with each GGUF's check against the merged model) and MathQA comparison.md, when
+    that evaluation is the one this config makes, of this export, as evaluate left it; else why the card has none (a
+    comparison.md dropped into evaluate/, or an older evaluation of another model, went into the card as the model's
+    scores)."""
     comparison = artifact(run, "evaluate", "comparison_md")
     entry = run.stage_entry("evaluate") or {}
-    if entry.get("status") != "complete" or "attempt" in entry or not comparison.is_file():
-        return "Not evaluated yet (`distillery evaluate` writes the table this section shows)."
+    if entry.get("status") != "complete" or "attempt" in entry:
+        return "Not evaluated yet (`distillery evaluate` writes the tables this section shows)."
     if run.changed_outputs("evaluate", entry) or first_out_of_date("evaluate", cfg):
         return ("Not evaluated for this export and config (the last evaluation is of another one, or its files "
-                "changed since): `distillery evaluate` writes the table this section shows.")
-    with written_by_its_stage(comparison):
-        return comparison.read_text(encoding="utf-8").strip()
+                "changed since): `distillery evaluate` writes the tables this section shows.")
+    recorded = entry.get("outputs", {})  # files evaluate wrote (changed_outputs checked them): not one dropped in since
+    parts = heldout_table(cfg, run) if artifact(run, "evaluate", "heldout").name in recorded else []
+    if comparison.name in recorded:
+        with written_by_its_stage(comparison):
+            parts.append(comparison.read_text(encoding="utf-8").strip())
+    return "\n\n".join(parts) or "Not evaluated yet (`distillery evaluate` writes the tables this section shows)."
+
+
+def heldout_table(cfg: DistilleryConfig, run: RunDir) -> list[str]:
+    """The held-out table as evaluate's report shows it (one level down, no chart), or nothing without one."""
+    from distillery.evals.report import render_heldout_markdown
+
+    path = artifact(run, "evaluate", "heldout")
+    scored = _read_json(path)
+    if not scored:
+        return []
+    reference = _read_json(artifact(run, "evaluate", "results")).get("heldout", {}).get("reference")
+    bounds = {"loss": cfg.evaluate.heldout.max_quant_loss_increase, "drop": cfg.evaluate.heldout.max_quant_drop}
+    with written_by_its_stage(path):
+        return ["\n".join(render_heldout_markdown(scored, reference, bounds, heading="###", chart=""))]
 
 
 def evaluation_section(cfg: DistilleryConfig, run: RunDir, ggufs: list[str]) -> list[str]:

@@ -111,12 +111,14 @@ def heldout_rows(heldout: dict[str, dict[str, Any]]) -> tuple[tuple[str, ...], l
     return ("task (items)", *artifacts), rows
 
 
-def render_heldout_markdown(heldout: dict[str, dict[str, Any]], reference: str | None, bounds: dict[str, float]) -> list[str]:
+def render_heldout_markdown(heldout: dict[str, dict[str, Any]], reference: str | None, bounds: dict[str, float],
+                            heading: str = "##", chart: str = " Chart: heldout.png") -> list[str]:
+    """The held-out table in Markdown under a `heading` of that level, what it shows, and each GGUF's check."""
     headers, rows = heldout_rows(heldout)
-    lines = ["## Held-out data (format's eval split, the training template)", "", *markdown_table(headers, rows), "",
-             "loss: mean negative log-likelihood per completion token (perplexity = e^loss in heldout.json); the "
+    lines = [f"{heading} Held-out data (format's eval split, the training template)", "", *markdown_table(headers, rows),
+             "", "loss: mean negative log-likelihood per completion token (perplexity = e^loss in heldout.json); the "
              "metric is the task's own (chrF++ for translation, accuracy by math-verify, option letter or CodeI/O "
-             "verifier; exact match and chrF++ elsewhere). Chart: heldout.png"]
+             f"verifier; exact match and chrF++ elsewhere).{chart}"]
     if reference:
         failed = [f"{name} on {task}" for name, scored in heldout.items() for task, s in scored.items()
                   if s.get("vs_reference", {}).get("passed") is False]

@@ -626,7 +626,23 @@ def test_the_card_shows_only_an_evaluation_of_this_export_as_evaluate_left_it(tm
     (evaluate / "comparison.md").write_text("| artifact | acc |\n| --- | --- |\n| base | 0.2 |\n")
     run.update_stage("evaluate", {"status": "complete", "fingerprint": "e", "outputs": describe_outputs(evaluate)})
     assert evaluation_table(cfg, run) == "| artifact | acc |\n| --- | --- |\n| base | 0.2 |"
-    (evaluate / "comparison.md").write_text("| gguf | 0.99 (state of the art!) |\n")
+    # the held-out table, each GGUF's check with it (from a review: the demo's card said "Not evaluated yet", its
+    # evaluation being held-out data only, and a GGUF past the bound was uploaded without a word)
+    scored = {"adapter": {"qa": {"items": 2, "loss": 1.0}}, "m-Q4_K_M": {"qa": {"items": 2, "loss": 1.5, "vs_reference": {
+        "reference": "adapter", "loss_increase": 0.5, "passed": False}}}}
+    (evaluate / "heldout.json").write_text(json.dumps(scored))
+    (evaluate / "results.json").write_text(json.dumps({"heldout": {"reference": "adapter"}}))
+    run.update_stage("evaluate", {"status": "complete", "fingerprint": "e", "outputs": describe_outputs(evaluate)})
+    table = evaluation_table(cfg, run)
+    assert table.startswith("### Held-out data (format's eval split, the training template)\n\n| task (items) | adapter |")
+    assert "PAST THE BOUND: m-Q4_K_M on qa." in table and table.endswith("| base | 0.2 |")
+    (evaluate / "comparison.md").unlink()
+    run.update_stage("evaluate", {"status": "complete", "fingerprint": "e", "outputs": describe_outputs(evaluate)})
+    assert evaluation_table(cfg, run).startswith("### Held-out data") and "| base | 0.2 |" not in evaluation_table(cfg, run)
+    (evaluate / "comparison.md").write_text("| gguf | 0.99 (state of the art!) |\n")  # dropped in: not evaluate's
+    assert "0.99" not in evaluation_table(cfg, run)
+    run.update_stage("evaluate", {"status": "complete", "fingerprint": "e", "outputs": describe_outputs(evaluate)})
+    (evaluate / "comparison.md").write_text("| gguf | 0.98 (state of the art!) |\n")
     assert evaluation_table(cfg, run).startswith("Not evaluated for this export and config")
     monkeypatch.setattr(push_command, "first_out_of_date", lambda target, cfg: "evaluate")
     (evaluate / "comparison.md").write_text("| artifact | acc |\n| --- | --- |\n| base | 0.2 |\n")
