@@ -59,17 +59,20 @@ def describe_exit(exitcode: int | None) -> str:
 class NativeCrash(Exception):
     """A child process running native code died before answering."""
 
-    def __init__(self, library: str, doing: str, exitcode: int | None, hint: str = ""):
+    def __init__(self, library: str, doing: str, exitcode: int | None, hint: str = "", last_words: str = ""):
         self.library, self.doing, self.exitcode, self.hint = library, doing, exitcode, hint
+        self.last_words = last_words  # what it wrote to stderr last, with capture_stderr
         cause = _CRASH_HINTS.get(-exitcode) if exitcode is not None and exitcode < 0 else None
         message = f"{library} crashed with {describe_exit(exitcode)} while {doing}"
         message += f": {cause}." if cause else "."
+        if last_words:
+            message += f" Its last words: {last_words!r}."
         if hint:
             message += f" {hint}"
         super().__init__(message)
 
     def __reduce__(self):
-        return (NativeCrash, (self.library, self.doing, self.exitcode, self.hint))
+        return (NativeCrash, (self.library, self.doing, self.exitcode, self.hint, self.last_words))
 
 
 class ChildTimeout(Exception):
@@ -192,7 +195,13 @@ class Child:
         except subprocess.TimeoutExpired:  # it closed its end but lives on: stop it
             self._process.kill()
             code = self._process.wait()
-        raise NativeCrash(self.library, self.doing, code, self.hint) from None
+        raise NativeCrash(self.library, self.doing, code, self.hint, last_lines(self.stderr_tail())) from None
+
+
+def last_lines(text: str, lines: int = 2, limit: int = 300) -> str:
+    """The last non-blank `lines` of a crashed child's stderr, one after another, at most `limit` characters."""
+    kept = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
+    return " / ".join(kept)[-limit:]
 
 
 def plain(state: dict[str, Any], emit: Callable[[Any], None], fn: Callable[..., Any], *args: Any) -> Any:

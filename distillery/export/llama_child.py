@@ -15,6 +15,7 @@ Callers put what they run on the model in module-level functions of their own mo
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -79,7 +80,10 @@ class LlamaChild:
         self.path = Path(path)
         if not is_usable_file(self.path):  # llama.cpp would wait forever on a FIFO
             raise GGUFLoadError(f"llama.cpp cannot load {self.path}: not a regular file")
-        self._child = Child(LIBRARY, f"{doing} {self.path}", hint=crash_hint() if hint is None else hint)
+        # stderr kept from the terminal: a crash's last words go into its NativeCrash (and chat's log), not 80 lines of
+        # a debugger's backtrace (ggml attaches gdb when it aborts, unless GGML_NO_BACKTRACE is set: _load sets it)
+        self._child = Child(LIBRARY, f"{doing} {self.path}", hint=crash_hint() if hint is None else hint,
+                            capture_stderr=True)
         # n_threads_batch too: llama-cpp-python's default for prompt processing is multiprocessing.cpu_count(), the
         # host's cores, not the container's. vocab_only: the tokenizer of a GGUF without its weights. sequences:
         # how many sequence ids the context holds (with_sequences).
@@ -121,6 +125,7 @@ def _load(state: dict[str, Any], emit: Callable[[Any], None], path: str, params:
     from jinja2 import TemplateError
     from llama_cpp import Llama
 
+    os.environ.setdefault("GGML_NO_BACKTRACE", "1")  # read by ggml when it aborts (a failed GGML_ASSERT)
     sequences = params.pop("sequences", 1)
     try:
         llm = Llama(model_path=path, verbose=False, n_gpu_layers=-1, **params)

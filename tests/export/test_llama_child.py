@@ -111,6 +111,34 @@ def test_a_crashed_child_is_a_native_crash_naming_the_file_the_signal_and_what_t
     assert "python -m distillery.export.llama_check" in message and "just setup" in message
 
 
+def gguf_with_token_ids_past_its_vocabulary(path: Path) -> Path:
+    """The bundled GGUF with BOS and EOS ids past its vocabulary: llama.cpp throws std::out_of_range as it loads."""
+    import shutil
+
+    from gguf import GGUFReader
+
+    shutil.copy(bundled_gguf(), path)
+    reader = GGUFReader(path, "r+")
+    for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+        reader.fields[key].parts[-1][0] = 99_999_999
+    del reader  # its memory map written back
+    return path
+
+
+def test_a_crash_names_llama_cpps_last_words_and_shows_no_debugger_backtrace(tmp_path: Path) -> None:
+    """From a review: a GGUF that makes llama.cpp throw printed some 80 lines of gdb backtrace (ggml attaches a
+    debugger when it aborts) on the user's terminal; the one line that says why is now in the message."""
+    pytest.importorskip("llama_cpp")
+    path = gguf_with_token_ids_past_its_vocabulary(tmp_path / "bad.gguf")
+    script = ("from distillery.export.llama_child import LlamaChild\nfrom distillery.core.isolation import NativeCrash\n"
+              f"try:\n    LlamaChild({str(path)!r}, 'chatting with')\nexcept NativeCrash as err:\n    print(err)\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "llama.cpp crashed with SIGABRT" in result.stdout and "Its last words: " in result.stdout
+    assert "std::out_of_range" in result.stdout and "99999999" in result.stdout
+    assert result.stderr == "", result.stderr[-2000:]  # nothing of the child's on the terminal
+
+
 def test_chat_survives_a_crash_of_its_model_as_one_message_and_exit_code_1(tmp_path: Path) -> None:
     pytest.importorskip("llama_cpp")
     config = demo_config(tmp_path)

@@ -114,6 +114,25 @@ def test_a_gguf_that_does_not_load_is_reported_and_skipped(project: Path) -> Non
     assert "model-Q4_K_M: " in (project / "out" / "comparison.md").read_text()
 
 
+def test_a_gguf_llama_cpp_crashes_on_as_it_loads_is_reported_and_the_others_scored(project: Path) -> None:
+    """A GGUF whose token ids are past its vocabulary makes llama.cpp abort while loading: that crash ended the
+    stage (only a refusal was caught there), losing the other artifacts' scores."""
+    from tests.export.test_llama_child import gguf_with_token_ids_past_its_vocabulary
+
+    pytest.importorskip("llama_cpp")
+    gguf = project / "runs" / "t" / "export" / "gguf"
+    gguf.mkdir(parents=True)
+    gguf_with_token_ids_past_its_vocabulary(gguf / "model-Q4_1.gguf")
+    listed_by_export(gguf, "model-Q4_1.gguf")
+    (project / "runs" / "t" / "finetune").mkdir(parents=True)
+    cfg = load_config("config.yaml", ["evaluate.artifacts=auto", "export.enabled=true", "evaluate.limit=2"])
+    result = evaluate.run(context(cfg, project))
+    results = json.loads((project / "out" / "results.json").read_text())
+    assert list(results["artifacts"]) == ["base"] and ("not scored", "model-Q4_1") in result.summary
+    assert "llama.cpp crashed with SIGABRT" in results["errors"]["model-Q4_1"]
+    assert "std::out_of_range" in results["errors"]["model-Q4_1"]
+
+
 def test_an_artifact_the_run_lacks_is_a_user_error(project: Path) -> None:
     (project / "runs" / "t" / "finetune").mkdir(parents=True)
     cfg = load_config("config.yaml", ["evaluate.artifacts=[base, adapter]"])
