@@ -5,6 +5,7 @@ the conversation (input, output) stays in this one."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any, Iterator
@@ -79,9 +80,11 @@ class ContextFull(Exception):
 
 
 def answer(llama: LlamaChild, console: Any, messages: list[dict[str, str]], max_tokens: int, temperature: float,
-           seed: int) -> str:
+           seed: int, renderer: ChatRenderer | None = None) -> str:
     """Stream one answer to the console and return it; ContextFull before any of it when the conversation does not
-    fit the context."""
+    fit the context. With a `renderer`, the GGUF's template first renders the conversation within its budget."""
+    if renderer is not None:
+        render_within_budget(renderer, llama, messages)
     text = ""
     try:
         for piece in stream_answer(llama, messages, max_tokens, temperature, seed):
@@ -101,11 +104,11 @@ def answer(llama: LlamaChild, console: Any, messages: list[dict[str, str]], max_
     return text
 
 
-def open_gguf(path: Path, context: int = CONTEXT) -> LlamaChild:
+def open_gguf(path: Path, context: int = CONTEXT, renderer: ChatRenderer | None = None) -> LlamaChild:
     """The GGUF loaded for chat, its chat template first rendered once within a budget (core/chat_render.py: one
-    that loops for ever or builds gigabytes hung chat or ended it as a MemoryError); the renderer's child starts
-    importing while the model loads."""
-    with ChatRenderer() as renderer:
+    that loops for ever or builds gigabytes hung chat or ended it as a MemoryError), by `renderer` or one of its own;
+    the renderer's child starts importing while the model loads."""
+    with contextlib.nullcontext(renderer) if renderer else ChatRenderer() as renderer:
         try:
             llama = LlamaChild(path, "chatting with", n_ctx=context)
         except GGUFLoadError as err:
@@ -134,6 +137,23 @@ def probe_template(renderer: ChatRenderer, llama: LlamaChild) -> None:
     except TemplateTooCostly as err:
         raise UserError(f"{llama.path.name}: its chat template (tokenizer.chat_template) took more than "
                         f"{err.budget()} to render one short message: it is broken or hostile. Chat with a GGUF that "
+                        "`distillery export` wrote.") from None
+    except TemplateRefused:
+        pass
+
+
+def render_within_budget(renderer: ChatRenderer, llama: LlamaChild, messages: list[dict[str, str]]) -> None:
+    """The conversation rendered by the GGUF's template in the renderer's child first, within its budget, before
+    llama.cpp renders it with none: a template that loops or builds gigabytes only on a longer message (the probe's
+    "Hello" passed) hung the chat. One that raises is left to llama.cpp, which says so."""
+    template = llama.metadata.get("chat_template")
+    if not template:
+        return
+    try:
+        renderer.render([Chat(messages, True)], template, {"bos_token": "", "eos_token": ""})
+    except TemplateTooCostly as err:
+        raise UserError(f"{llama.path.name}: its chat template (tokenizer.chat_template) took more than "
+                        f"{err.budget()} to render this conversation: it is broken or hostile. Chat with a GGUF that "
                         "`distillery export` wrote.") from None
     except TemplateRefused:
         pass
@@ -181,11 +201,11 @@ def chat(cfg: DistilleryConfig, console: Any, gguf: str | None, prompt: str | No
     path = find_gguf(cfg, gguf)
     console.print(f"[dim]{printable(str(path))} (llama.cpp, chat template from the GGUF)[/]")
     messages = [{"role": "system", "content": system}] if system else []
-    with open_gguf(path, context) as llama:
+    with ChatRenderer() as renderer, open_gguf(path, context, renderer) as llama:
         if prompt is not None:
             messages.append({"role": "user", "content": prompt})
             try:
-                answer(llama, console, messages, max_tokens, temperature, cfg.run.seed)
+                answer(llama, console, messages, max_tokens, temperature, cfg.run.seed, renderer)
             except ContextFull as err:
                 raise UserError(f"--prompt does not fit llama.cpp's context of {context} tokens ({err}): shorten "
                                 "it or pass a larger --context.") from None
@@ -194,7 +214,7 @@ def chat(cfg: DistilleryConfig, console: Any, gguf: str | None, prompt: str | No
         while (text := read_message(console)) is not None:
             messages.append({"role": "user", "content": text})
             reply = answer_within_context(llama, console, messages, bool(system), max_tokens, temperature,
-                                          cfg.run.seed, context)
+                                          cfg.run.seed, context, renderer)
             if reply is not None:
                 messages.append({"role": "assistant", "content": reply})
 
@@ -220,13 +240,14 @@ def read_message(console: Any) -> str | None:
 
 
 def answer_within_context(llama: LlamaChild, console: Any, messages: list[dict[str, str]], system: bool,
-                          max_tokens: int, temperature: float, seed: int, context: int = CONTEXT) -> str | None:
+                          max_tokens: int, temperature: float, seed: int, context: int = CONTEXT,
+                          renderer: ChatRenderer | None = None) -> str | None:
     """The answer to the last message, dropping the oldest exchanges while the conversation does not fit the
     context; None (and the message taken back) when the message alone does not fit."""
     while True:
         console.out("model> ", end="", highlight=False)
         try:
-            return answer(llama, console, messages, max_tokens, temperature, seed)
+            return answer(llama, console, messages, max_tokens, temperature, seed, renderer)
         except ContextFull:
             console.out("")
             if len(messages) <= 1 + system:

@@ -111,6 +111,29 @@ def test_a_crashed_child_is_a_native_crash_naming_the_file_the_signal_and_what_t
     assert "python -m distillery.export.llama_check" in message and "just setup" in message
 
 
+def test_a_gguf_chat_template_that_loops_only_on_the_users_message_is_one_message(tmp_path: Path, monkeypatch) -> None:
+    """From a review: a template that passes the probe ("Hello") and loops on a longer message hung the chat at
+    100% CPU (llama.cpp renders with no budget): each conversation is rendered within the budget first."""
+    from rich.console import Console
+
+    from distillery.commands.chat import answer, open_gguf
+    from distillery.core import chat_render
+
+    pytest.importorskip("llama_cpp")
+    monkeypatch.setattr(chat_render, "CPU_SECONDS", 2.0)
+    template = ("{% for m in messages %}{% if m.content|length > 10 %}{% for a in range(99999) %}{% for b in "
+                "range(99999) %}{% endfor %}{% endfor %}{% endif %}{{ m.content }}{% endfor %}")
+    hostile = tmp_path / "hostile.gguf"
+    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(bundled_gguf()), str(hostile),
+                    "--chat-template", template, "--force"], check=True, capture_output=True)
+    with chat_render.ChatRenderer() as renderer, open_gguf(hostile, 256, renderer) as llama:
+        with pytest.raises(UserError, match=r"hostile.gguf: its chat template \(tokenizer.chat_template\) took more "
+                                            r"than 2 s of CPU time to render this conversation"):
+            answer(llama, Console(file=io.StringIO()), [{"role": "user", "content": "a longer message"}], 4, 0.0, 0,
+                   renderer)
+        assert answer(llama, Console(file=io.StringIO()), [{"role": "user", "content": "short"}], 2, 0.0, 0, renderer)
+
+
 def gguf_with_token_ids_past_its_vocabulary(path: Path) -> Path:
     """The bundled GGUF with BOS and EOS ids past its vocabulary: llama.cpp throws std::out_of_range as it loads."""
     import shutil
