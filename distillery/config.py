@@ -356,6 +356,30 @@ class PushConfig(Section):
                              "your-name/model-name") from None
         return repo_id
 
+    @field_validator("datasets")
+    @classmethod
+    def _hub_dataset_ids(cls, datasets: list[str]) -> list[str]:
+        """Checked as the Hub checks repository ids: a bad one went into the card's front matter, refused only after
+        the repository was created."""
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        for dataset in datasets:
+            try:
+                validate_repo_id(dataset)
+            except HFValidationError as err:
+                raise ValueError(f"{dataset[:80]!r} is not a Hugging Face Hub dataset id ({str(err).split(': ')[0]}): "
+                                 "write it as owner/name") from None
+        return datasets
+
+    @field_validator("tags")
+    @classmethod
+    def _card_tags(cls, tags: list[str]) -> list[str]:
+        """A tag is one short line of the card's front matter: no line break or control character, 1-128 characters."""
+        for tag in tags:
+            if not 0 < len(tag) <= 128 or any(not c.isprintable() for c in tag):
+                raise ValueError(f"{tag[:80]!r} is not a tag: a tag is 1 to 128 printable characters, on one line")
+        return tags
+
     @field_validator("license")
     @classmethod
     def _a_hub_license_id(cls, license: str) -> str:

@@ -387,6 +387,26 @@ def test_push_license_is_a_hub_license_id(tmp_path: Path, license: str) -> None:
     assert load_config(path, ["push.license=cc-by-nc-4.0"]).push.license == "cc-by-nc-4.0"
 
 
+@pytest.mark.parametrize(("push", "message"), [
+    ({"datasets": ["../../etc"]}, r"push.datasets.*'../../etc' is not a Hugging Face Hub dataset id"),
+    ({"datasets": ["a b"]}, r"push.datasets.*'a b' is not a Hugging Face Hub dataset id"),
+    ({"tags": ["ok", "two\nlines"]}, r"push.tags.*'two\\nlines' is not a tag"),
+    ({"tags": [""]}, r"push.tags.*'' is not a tag"),
+])
+def test_push_datasets_and_tags_are_checked_before_anything_is_created(tmp_path: Path, push: dict, message: str) -> None:
+    """From a review: they went into the card's front matter as given, which the Hub would refuse only after the
+    repository was created."""
+    path = tmp_path / "c.yaml"
+    sources = [{"name": "toy", "kind": "hf", "files": "d.jsonl", "format": "messages"}]
+    path.write_text(yaml.safe_dump({"push": push, "ingest": {"sources": sources}}), encoding="utf-8")
+    with pytest.raises(UserError, match=message):
+        load_config(path)
+    good = {"push": {"datasets": ["qwedsacf/grade-school-math-instructions"], "tags": ["korean", "math word problems"]},
+            "ingest": {"sources": sources}}
+    path.write_text(yaml.safe_dump(good), encoding="utf-8")
+    assert load_config(path).push.tags == ["korean", "math word problems"]
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     (["finetune.objective=kd"], r"<top>: Value error, finetune.objective kd trains on the teacher's top-k log-probs, "
                                 r"which only distill writes: set distill.enabled: true and distill.logprobs: 20"),
