@@ -48,7 +48,7 @@ def check_push_dry_run(run_root: Path, run: Path) -> None:
     card = (run / "push" / "README.md").read_text()
     assert card.startswith("---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n")
     assert "license: apache-2.0" in card and "ollama create" in card and "llama-cli -m" in card
-    assert "### Held-out data" in card and "| overall (41) |" in card  # the demo's evaluation: held-out data only
+    assert "### Held-out data" in card and "| overall (6) |" in card  # held-out data only: 1 item of each task
 
 
 @pytest.mark.integration

@@ -555,8 +555,9 @@ def test_distilled_records_join_or_replace_the_records_they_came_from(tmp_path: 
     from distillery.stages.format import load_records
 
     ctx = stage_context(tmp_path, f"format.distilled={mode}")
-    for stage, rows in (("ingest", [{"id": "a"}, {"id": "b"}]),
-                        ("distill", [{"id": "a-trace", "meta": {"distill": {"from_id": "a"}}}])):
+    said = {"task": "qa", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    for stage, rows in (("ingest", [{"id": "a", **said}, {"id": "b", **said}]),
+                        ("distill", [{"id": "a-trace", **said, "meta": {"distill": {"from_id": "a"}}}])):
         ctx.run.stage_dir(stage).mkdir(parents=True)
         write_jsonl(ctx.run.stage_dir(stage) / "train.jsonl", rows)
     assert [r["id"] for r in load_records(ctx, "train")] == ids
