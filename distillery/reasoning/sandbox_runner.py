@@ -6,8 +6,8 @@ nonce), then, before any untrusted line runs:
    in its own IPC namespace the code's System V segments, semaphores and message queues and its POSIX message
    queues are gone with the run (in the host's they outlived it, holding memory, and 0666 ones of host services
    could be opened);
-   the code runs in a child that is PID 1 of its own namespace: it can neither see nor signal any process
-   outside it (kill(-1) included), and everything it starts dies with it. This process stays outside, waits, and
+   the code runs in a child that is PID 1 of its own namespace, in a session of its own: it can neither see nor
+   signal any process outside it (kill(-1) and kill(0) included), and everything it starts dies with it. This process stays outside, waits, and
    as a subreaper keeps every process of the run below it (the parent kills them all there);
 2. a new root (`new_root`): a small read-only tmpfs holding only what Python needs to run (/usr, the
    interpreter's own sys.path directories, /dev/null and the random devices), all read-only, and one writable
@@ -23,7 +23,7 @@ nonce), then, before any untrusted line runs:
 6. a seccomp filter on every thread (`SYSCALLS`, `DENIED`, `FIRST_UNVETTED`): no sockets of any family, no io_uring, no new
    namespaces, no
    mounts, no keyrings, no kernel log, no userfaultfd, perf_event_open, bpf, ptrace or module loading, and no
-   memory that no process maps (memfd_create, System V shared memory and message queues: the watchdog, which
+   memory that no process maps (memfd_create, System V shared memory, semaphores and message queues: the watchdog, which
    sums what processes map, never saw it);
 7. an audit hook refusing Python-level writes outside the working directory (a second layer, for systems where
    the namespaces are not available);
@@ -295,14 +295,14 @@ SYSCALLS = {
     "io_uring_register": (427, 427), "open_tree": (428, 428), "move_mount": (429, 429), "fsopen": (430, 430),
     "fsconfig": (431, 431), "fsmount": (432, 432), "fspick": (433, 433), "mount_setattr": (442, 442),
     "memfd_create": (319, 279), "memfd_secret": (447, 447), "shmget": (29, 194), "msgget": (68, 186),
-    "syslog": (103, 116),
+    "semget": (64, 190), "syslog": (103, 116),
 }
 # What each refused call returns. Sockets of every family: the network namespace is empty, but AF_UNIX reaches
 # filesystem paths and AF_VSOCK the hypervisor. clone3 gets ENOSYS so that the C library falls back to clone,
 # whose flags a filter can read (clone3's are behind a pointer); clone itself is refused only with namespace flags.
-# memfd_create, shmget and msgget hold memory in the kernel that no process maps (a memfd written to and kept open,
-# a segment touched and detached, 512 MB of queued messages): the watchdog, which sums what the run's processes
-# map, would not see it.
+# memfd_create, shmget, msgget and semget hold memory in the kernel that no process maps (a memfd written to and
+# kept open, a segment touched and detached, 512 MB of queued messages, 2 MB a semaphore set of 32,000): the
+# watchdog, which sums what the run's processes map, would not see it.
 DENIED = {name: errno.EPERM for name in SYSCALLS if name != "clone"}
 # syslog: the host's kernel log where kernel.dmesg_restrict is 0; ENOSYS, which the kernel never answers for it,
 # tells the filter's refusal from the kernel's own EPERM where the sysctl already restricts it.
@@ -373,6 +373,9 @@ def inside(path, root: str) -> bool:
     return full == root or full.startswith(root + os.sep)
 
 
+WRITABLE_DEVICES = ("/dev/null", b"/dev/null")  # os.devnull, subprocess.DEVNULL: the new root's own node
+
+
 def install_guard(root: str) -> None:
     """Refuse sockets, writes outside `root`, directories outside it and dir_fd-relative paths, for every later
     Python-level call (a second layer: the kernel's are the namespaces, the new root, the uid and seccomp)."""
@@ -383,7 +386,7 @@ def install_guard(root: str) -> None:
         if event == "open":
             path, mode, flags = args
             writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & WRITE_FLAGS)
-            if (writing or is_directory(path)) and not inside(path, root):
+            if (writing or is_directory(path)) and not inside(path, root) and path not in WRITABLE_DEVICES:
                 raise PermissionError(f"sandbox: {'writing' if writing else 'opening a directory'} outside the "
                                       f"working directory is not allowed ({path})")
         elif event in PATH_EVENTS:
@@ -412,6 +415,9 @@ def run_in_a_child(namespace: bool, pipeline: int | None) -> None:
     libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     pid = os.fork()
     if pid == 0:
+        # a session of its own: kill(0, ...) reached this process through the process group they shared (in a user
+        # namespace, with the same uid), so the code could stop or kill its keeper and outlive the run
+        os.setsid()
         return
     if pipeline is not None:
         wait_or_end_with(pipeline, pid)
