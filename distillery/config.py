@@ -329,6 +329,16 @@ class EvaluateConfig(Section):
         return list(dict.fromkeys(artifacts))  # one named twice is scored once
 
 
+def check_hub_id(repo_id: str, what: str, example: str) -> None:
+    """A ValueError saying `what` (and the Hub's reason) when `repo_id` is not an id the Hub takes."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"{what} ({str(err).split(': ')[0]}): write it as {example}") from None
+
+
 class PushConfig(Section):
     repo_id: str | None = Field(None, description="Hub repository, e.g. my-org/kanana-8b-ko-qa.")
     private: bool = Field(True, description="Create the repository private (the default) or public.")
@@ -346,14 +356,8 @@ class PushConfig(Section):
     @classmethod
     def _a_hub_repository_id(cls, repo_id: str | None) -> str | None:
         """Checked as the Hub checks it: a bad id failed only at the upload, told to check the network and token."""
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-        try:
-            if repo_id is not None:
-                validate_repo_id(repo_id)
-        except HFValidationError as err:
-            raise ValueError(f"not a Hugging Face Hub repository id ({str(err).split(': ')[0]}): write it as "
-                             "your-name/model-name") from None
+        if repo_id is not None:
+            check_hub_id(repo_id, "not a Hugging Face Hub repository id", "your-name/model-name")
         return repo_id
 
     @field_validator("datasets")
@@ -361,14 +365,8 @@ class PushConfig(Section):
     def _hub_dataset_ids(cls, datasets: list[str]) -> list[str]:
         """Checked as the Hub checks repository ids: a bad one went into the card's front matter, refused only after
         the repository was created."""
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-
         for dataset in datasets:
-            try:
-                validate_repo_id(dataset)
-            except HFValidationError as err:
-                raise ValueError(f"{dataset[:80]!r} is not a Hugging Face Hub dataset id ({str(err).split(': ')[0]}): "
-                                 "write it as owner/name") from None
+            check_hub_id(dataset, f"{dataset[:80]!r} is not a Hugging Face Hub dataset id", "owner/name")
         return datasets
 
     @field_validator("tags")
