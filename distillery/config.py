@@ -329,7 +329,7 @@ class EvaluateConfig(Section):
         return list(dict.fromkeys(artifacts))  # one named twice is scored once
 
 
-def check_hub_id(repo_id: str, what: str, example: str) -> None:
+def validate_hub_id(repo_id: str, what: str, example: str) -> None:
     """A ValueError saying `what` (and the Hub's reason) when `repo_id` is not an id the Hub takes."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -357,7 +357,7 @@ class PushConfig(Section):
     def _a_hub_repository_id(cls, repo_id: str | None) -> str | None:
         """Checked as the Hub checks it: a bad id failed only at the upload, told to check the network and token."""
         if repo_id is not None:
-            check_hub_id(repo_id, "not a Hugging Face Hub repository id", "your-name/model-name")
+            validate_hub_id(repo_id, "not a Hugging Face Hub repository id", "your-name/model-name")
         return repo_id
 
     @field_validator("datasets")
@@ -366,7 +366,7 @@ class PushConfig(Section):
         """Checked as the Hub checks repository ids: a bad one went into the card's front matter, refused only after
         the repository was created."""
         for dataset in datasets:
-            check_hub_id(dataset, f"{dataset[:80]!r} is not a Hugging Face Hub dataset id", "owner/name")
+            validate_hub_id(dataset, f"{dataset[:80]!r} is not a Hugging Face Hub dataset id", "owner/name")
         return datasets
 
     @field_validator("tags")
