@@ -172,8 +172,8 @@ def turn_text(content: Any, key: str) -> str:
     ...}], joined as OpenAI joins them); any other part (an image) or value is no text to train on: RowError."""
     if isinstance(content, list) and content and all(isinstance(part, dict) for part in content):
         kinds = sorted({str(part.get("type")) for part in content} - {"text"})
-        if kinds or not all(isinstance(part.get("text"), str) for part in content):
-            raise RowError(f"non-text {key} part ({kinds[0] if kinds else 'text without a string'})")
+        if kinds or not all(isinstance(part.get("text"), str) for part in content):  # the part's type: the detail
+            raise RowError(f"non-text {key} part", shown(kinds[0][:40]) if kinds else "text without a string")
         return stripped("".join(part["text"] for part in content))
     return text_value(content, key)
 
@@ -274,21 +274,26 @@ def read_local_file(path: Path, wanted: Wanted = ((), ())) -> Iterator[tuple[dic
     if suffix in (".json", ".jsonl"):
         yield from read_json_objects(path)
         return
-    rows = read_csv(path, wanted) if suffix == ".csv" else read_parquet(path, wanted)
-    for i, row in enumerate(rows):
-        yield row, {"file": str(path), "row": i + 2 if suffix == ".csv" else i}
+    if suffix == ".csv":
+        for line, row in read_csv(path, wanted):
+            yield row, {"file": str(path), "row": line}
+        return
+    for i, row in enumerate(read_parquet(path, wanted)):
+        yield row, {"file": str(path), "row": i}
 
 
-def read_csv(path: Path, wanted: Wanted = ((), ())) -> Iterator[dict[str, Any]]:
-    """Every cell as its text: `8` stays `8`, `090210` keeps its zero, and `None` or `NA` are text; only an empty
-    cell (or one a short line lacks) is empty. Row by row with the csv module, only the wanted columns kept: pandas
-    took 30 s for 1,000 lines of 20,000 empty fields, and its usecols passed a line of more fields than the header
-    (cut), which is refused here. A field is at most a JSONL line's size."""
+def read_csv(path: Path, wanted: Wanted = ((), ())) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line where the row starts, row) of a CSV file. Every cell as its text: `8` stays `8`, `090210` keeps its
+    zero, and `None` or `NA` are text; only an empty cell (or one a short line lacks) is empty. Row by row with the
+    csv module, only the wanted columns kept: pandas took 30 s for 1,000 lines of 20,000 empty fields, and its usecols
+    passed a line of more fields than the header (cut), which is refused here. A field is at most a JSONL line's
+    size. Strict quoting: a quoted field left open took every later line into it, without a word."""
     import csv
 
     csv.field_size_limit(MAX_LINE_BYTES)
     with open(path, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle)
+        reader = csv.reader(handle, strict=True)
+        start = 1  # the line the record being read starts on
         try:
             header = next(reader, [])
             if not header:
@@ -296,6 +301,7 @@ def read_csv(path: Path, wanted: Wanted = ((), ())) -> Iterator[dict[str, Any]]:
             check_unique_columns(path, header)
             positions = columns_to_read(header, wanted) or range(len(header))
             names = [header[i] for i in positions]
+            start = reader.line_num + 1
             for fields in reader:
                 if len(fields) > len(header):
                     raise UserError(f"{path}: line {reader.line_num} has {len(fields)} fields where the header has "
@@ -303,11 +309,16 @@ def read_csv(path: Path, wanted: Wanted = ((), ())) -> Iterator[dict[str, Any]]:
                                     "around it. Fix or remove that line.")
                 if fields:  # a blank line is no row
                     fields += [""] * (len(header) - len(fields))
-                    yield {name: fields[i] for name, i in zip(names, positions)}
+                    yield start, {name: fields[i] for name, i in zip(names, positions)}
+                start = reader.line_num + 1
         except UnicodeDecodeError:
             read_utf8(path)  # raises the error that says where and what to do
             raise
         except csv.Error as err:
+            if "unexpected end of data" in str(err):
+                raise UserError(f"{path}: line {start} opens a quoted field (\") that never closes: it runs to the end "
+                                f"of the file (line {reader.line_num}). Close the quote, or double a quote meant as "
+                                "text (\"\").") from None
             raise UserError(f"{path}: line {reader.line_num} cannot be read as CSV ({err}). Fix or remove that "
                             "line.") from None
 

@@ -352,8 +352,8 @@ def test_a_turn_is_text_a_number_or_openai_text_parts(tmp_path: Path) -> None:
     rows = [conversation(7), conversation(parts), conversation(image), conversation(["a", "b"]), conversation(True)]
     records, report = read(files=str(write_jsonl(tmp_path / "m.jsonl", rows)), format="messages")
     assert [r["messages"][0]["content"] for r in records] == ["7", "Hello, world"]
-    assert report.dropped == {"non-text content part (image_url)": 1, "non-text content (list)": 1,
-                              "non-text content (boolean)": 1}
+    assert report.dropped == {"non-text content part": 1, "non-text content (list)": 1, "non-text content (boolean)": 1}
+    assert "non-text content part, image_url" in {row["reason"] for row in report.dropped_rows}
 
 
 def test_column_names_are_matched_as_written_whatever_their_normal_form_or_invisible_ends(tmp_path: Path) -> None:
@@ -367,6 +367,29 @@ def test_column_names_are_matched_as_written_whatever_their_normal_form_or_invis
     (tmp_path / "other.csv").write_text("질문,대답\u200b\nq,a\n", encoding="utf-8")
     with pytest.raises(UserError, match=r"no column 답변 \(format: columns\). It has: 질문, 대답\. Set"):
         read(files=str(tmp_path / "other.csv"), columns={"user": "질문", "assistant": "답변"})
+
+
+def test_a_csv_quote_left_open_is_one_message_and_rows_name_the_line_they_start_on(tmp_path: Path) -> None:
+    """From a review: a quote never closed took the 198 lines after it into one answer without a word; and a row's
+    `row` counted rows, not lines, so blank lines and quoted line breaks sent the user to the wrong line."""
+    lines = ["INSTRUCTION,RESPONSE", "q1,a1", 'q2,"a2 has a stray quote', *[f"q{k},a{k}" for k in range(3, 200)]]
+    (tmp_path / "open.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"open.csv: line 3 opens a quoted field \(\"\) that never closes: it runs to "
+                                        r"the end of the file \(line 200\)"):
+        read(files=str(tmp_path / "open.csv"))
+    (tmp_path / "lines.csv").write_text('INSTRUCTION,RESPONSE\n\n\nq1,a1\n"q2\nspans",a2\nq3,a3\n', encoding="utf-8")
+    records, _ = read(files=str(tmp_path / "lines.csv"))
+    assert [(r["messages"][0]["content"], r["meta"]["row"]) for r in records] == [("q1", 4), ("q2\nspans", 5), ("q3", 7)]
+
+
+def test_a_hostile_part_type_is_the_detail_of_one_fixed_reason(tmp_path: Path) -> None:
+    """From a review: each message part's `type` went into the drop reason, so 3,000 rows of 2 KB types made a
+    6 MB report (one reason row each); the reason is fixed text, the type (cut) its detail."""
+    rows = [{"messages": [{"role": "user", "content": [{"type": "x" * 2000 + str(k), "text": "q"}]},
+                          {"role": "assistant", "content": "a"}]} for k in range(50)]
+    _, report = read(files=str(write_jsonl(tmp_path / "parts.jsonl", rows)), format="messages")
+    assert dict(report.dropped) == {"non-text content part": 50}
+    assert all(len(row["reason"]) <= 80 for row in report.dropped_rows), report.dropped_rows[0]
 
 
 def test_a_column_repeated_in_a_csv_or_parquet_header_is_refused(tmp_path: Path) -> None:
@@ -394,7 +417,7 @@ def test_a_csv_is_read_in_chunks_and_a_json_lines_file_named_json_streams(tmp_pa
     with open(tmp_path / "d.csv", "a", encoding="utf-8") as handle:
         handle.write("q,a,too many\n")
     rows = hf.read_csv(tmp_path / "d.csv")
-    assert [next(rows)["RESPONSE"] for _ in range(8)] == [f"0{i}" for i in range(8)]  # before the last line is read
+    assert [next(rows)[1]["RESPONSE"] for _ in range(8)] == [f"0{i}" for i in range(8)]  # before the last line is read
 
     def read_whole(*args: Any) -> str:
         raise AssertionError("read whole")
