@@ -38,7 +38,7 @@ from pydantic import Field, StrictInt, StrictStr, ValidationInfo, field_validato
 
 from distillery.sources.files import resolve_paths
 from distillery.sources.registry import Source, SourceParams, SourceReport
-from distillery.sources.text import clean_text, controls_removed, name_key, shown, swapped
+from distillery.sources.text import clean_text, controls_removed, listed, name_key, shown, swapped
 from distillery.sources.workbook import (EXCEL_CELL_CHARS, HiddenCells, SheetInfo, Workbooks, column_letter,
                                         shared_workbooks)
 from distillery.core.errors import UserError
@@ -163,7 +163,7 @@ def find_header(rows: list[list[Any]], params: AIHubExcelParams, path: Path, she
     # the likely header: the first of the fullest rows (a title line above it has fewer cells)
     filled = [[shown(cell_name(v)) for v in row if cell_name(v)] for row in rows[: params.header_search_rows]]
     widest = max(range(len(filled)), key=lambda i: len(filled[i]), default=None)
-    has = (f"row {widest + 1} has {', '.join(filled[widest])}" if widest is not None and filled[widest]
+    has = (f"row {widest + 1} has {listed(filled[widest])}" if widest is not None and filled[widest]
            else "the sheet is empty")
     problem = (f"{path} (sheet {sheet!r}): no header row with the columns '{shown(params.source_column)}' and "
                f"'{shown(params.target_column)}' in the first {params.header_search_rows} rows ({has}).")

@@ -24,7 +24,7 @@ from pydantic import Field, field_validator
 
 from distillery.sources.files import resolve_paths
 from distillery.sources.registry import Source, SourceParams, SourceReport
-from distillery.sources.text import clean_values, controls_removed, name_key, shown, stripped
+from distillery.sources.text import clean_values, controls_removed, listed, name_key, shown, stripped
 from distillery.core.errors import UserError
 from distillery.core.records import MAX_LINE_BYTES, TASK_PATTERN, make_record, read_json_objects
 from distillery.core.userinput import read_utf8
@@ -254,13 +254,6 @@ def check_columns(columns: list[str], params: HFDatasetParams, origin: str) -> N
     if missing:
         raise UserError(f"{origin}: no column {', '.join(missing)} (format: {params.format}). It has: "
                         f"{listed(columns)}. Set `columns:` (format: columns) or pick the right format.")
-
-
-def listed(columns: list[Any], most: int = 20, width: int = 40) -> str:
-    """Column names for a message, bounded: a file that is not a table has its first line (or a megabyte of it)
-    for a header."""
-    names = [name if len(name) <= width else name[:width] + "…" for name in map(str, columns[:most])]
-    return ", ".join(names) + (f" (and {len(columns) - most} more)" if len(columns) > most else "")
 
 
 Wanted = tuple[tuple[str, ...], tuple[str, ...]]  # (required, optional) columns

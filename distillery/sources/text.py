@@ -114,3 +114,10 @@ def swapped(korean: str, english: str) -> bool:
         return False
     other = hangul_share(english)
     return other is not None and other > 0.5
+
+
+def listed(columns: list[Any], most: int = 20, width: int = 40) -> str:
+    """Column names for a message, bounded: a file that is not a table has its first line (or a megabyte of it)
+    for a header, and a sheet's widest row thousands of long cells."""
+    names = [name if len(name) <= width else name[:width] + "…" for name in map(str, columns[:most])]
+    return ", ".join(names) + (f" (and {len(columns) - most} more)" if len(columns) > most else "")

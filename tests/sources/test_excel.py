@@ -148,6 +148,10 @@ def test_missing_columns_name_the_file_sheet_and_the_columns_it_has(tmp_path: Pa
     with pytest.raises(UserError, match=r"c.xlsx \(sheet 'Sheet1'\): no header row with the columns '원문' and "
                                         r"'번역문' .* \(row 1 has ID, korean, english\)"):
         read(path)
+    wide = aihub.write_rows(tmp_path / "wide.xlsx", [[f"c{k}-" + "x" * 800 for k in range(2500)], [1] * 2500])
+    with pytest.raises(UserError) as caught:  # from a review: every cell of the widest row, 3.7 MB of message
+        read(wide)
+    assert len(str(caught.value)) < 2000 and "(and 2480 more)" in str(caught.value)
 
 
 def test_data_on_another_sheet_is_refused_naming_the_sheet_to_use(tmp_path: Path) -> None:
