@@ -174,6 +174,8 @@ def without_lone_surrogates(value: Any, text: str | bytes) -> Any:
     return value
 
 
+# A record's JSON line: 128k tokens of English are about 0.5 MB. Format's tokenizer takes some 275 times a text's size.
+MAX_RECORD_BYTES = 2 << 20
 # A record's task: it names a row of evaluate's tables and a key of its JSON (`overall` is taken by all of them).
 TASK_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 MAX_CONTAINERS = 200_000  # `[` and `{` in one line: 20 million empty arrays in a 60 MB line took 3 GB to read

@@ -42,7 +42,7 @@ from distillery.sources.text import clean_text, controls_removed, listed, name_k
 from distillery.sources.workbook import (EXCEL_CELL_CHARS, HiddenCells, SheetInfo, Workbooks, column_letter,
                                         shared_workbooks)
 from distillery.core.errors import UserError
-from distillery.core.records import make_record
+from distillery.core.records import MAX_RECORD_BYTES, make_record
 
 SUFFIXES = (".xlsx", ".xlsm", ".xls")
 META_RESERVED = ("file", "sheet", "row")
@@ -324,8 +324,14 @@ def read_workbook(path: Path, params: AIHubExcelParams, report: SourceReport, bo
             report.drop("repeated header row", where)
             continue
         record_pair = pair_of(row, columns, params, hidden, index, counts, report, where)
-        if record_pair is not None:
-            yield from pair_records(params, *record_pair, meta_of(row, columns, where))
+        if record_pair is None:
+            continue
+        meta = meta_of(row, columns, where, MAX_RECORD_BYTES - sum(map(len, record_pair)))
+        if meta is None:  # before it is built: 1,000 columns naming one 30,000-character shared string made 30 MB
+            report.drop(f"record over {MAX_RECORD_BYTES >> 20} MB", where, "its other columns, kept in meta, hold more "
+                        "than a record may: remove the columns that are not data")
+            continue
+        yield from pair_records(params, *record_pair, meta)
     finish_sheet(path, sheet, params, counts, report)
 
 
@@ -370,7 +376,8 @@ def pair_of(row: list[Any], columns: Columns, params: AIHubExcelParams, hidden: 
     return korean, english
 
 
-def meta_of(row: list[Any], columns: Columns, where: dict[str, Any]) -> dict[str, Any]:
+def meta_of(row: list[Any], columns: Columns, where: dict[str, Any], budget: int) -> dict[str, Any] | None:
+    """The row's other columns by their meta keys, or None when their text passes `budget` characters."""
     meta = dict(where)
     for at, key, named in columns.others:
         value = row[at]
@@ -378,6 +385,9 @@ def meta_of(row: list[Any], columns: Columns, where: dict[str, Any]) -> dict[str
             value = json_value(value)
         if named or value is not None:
             meta[key] = value
+            budget -= len(value) if type(value) is str else 16
+            if budget < 0:
+                return None
     return meta
 
 

@@ -34,7 +34,7 @@ from distillery.sources.shards import (DISK_RESERVE, Shard, SourceRows, input_by
 from distillery.config import DistilleryConfig
 from distillery.core.console import markdown_table, printable, summary_table
 from distillery.core.errors import UserError
-from distillery.core.records import load_json_line, write_jsonl
+from distillery.core.records import MAX_RECORD_BYTES, load_json_line, write_jsonl
 from distillery.core.rundir import RunDir
 from distillery.evals.decontaminate import (EvaluationSet, Index, Sizes, against_files, against_set,
                                             evaluate_data_files, evaluate_data_set, find_contaminated, record_texts)
@@ -42,8 +42,6 @@ from distillery.stage import Stage, StageContext, StageResult
 
 log = logging.getLogger(__name__)
 
-# A record's JSON line: 128k tokens of English are about 0.5 MB. Format's tokenizer takes some 275 times a text's size.
-MAX_RECORD_BYTES = 2 << 20
 OUTPUTS = {"train": "train.jsonl", "eval": "eval.jsonl", "dropped": "dropped.jsonl", "report": "report.json",
            "report_md": "report.md"}
 

@@ -154,6 +154,17 @@ def test_missing_columns_name_the_file_sheet_and_the_columns_it_has(tmp_path: Pa
     assert len(str(caught.value)) < 2000 and "(and 2480 more)" in str(caught.value)
 
 
+def test_a_row_whose_other_columns_pass_a_records_size_is_dropped_before_it_is_built(tmp_path: Path) -> None:
+    """From a review: a 40 KB workbook whose 1,000 columns name one 30,000-character shared string built 30 MB
+    records (written to shards, then dropped as over 2 MB): the row is dropped as its meta passes the size."""
+    header = ["원문", "번역문", *[f"c{k}" for k in range(100)]]
+    rows = [header, ["안녕하세요.", "Hello.", *["SHARED"] * 100], ["고마워요.", "Thanks.", *["y"] * 100]]
+    records, report = read(aihub.write_shared_text_everywhere(tmp_path / "amp.xlsx", rows, "SHARED", 30_000))
+    assert [r["messages"][1]["content"] for r in records] == ["Thanks."]
+    assert report.dropped == {"record over 2 MB": 1} and report.dropped_rows[0]["row"] == 2
+    assert (tmp_path / "amp.xlsx").stat().st_size < 200_000  # the shared string is stored once
+
+
 def test_data_on_another_sheet_is_refused_naming_the_sheet_to_use(tmp_path: Path) -> None:
     """A workbook whose first sheet describes the data on its second: the fix is `sheet:`, and the message says so."""
     import openpyxl
