@@ -247,6 +247,9 @@ def read_jsonl_numbered(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 row = load_json_line(line)
             except (ValueError, RecursionError) as err:  # JSONDecodeError, and what json.loads cannot hold
+                if "integer string conversion" in str(err):  # valid JSON, past what Python reads as an int
+                    raise UserError(f"{path}: line {line_no} holds an integer of more than 4,300 digits, more than "
+                                    "Python converts from text. Write it as a string, or remove that line.") from None
                 raise UserError(f"{path}: line {line_no} is not valid JSON ({json_reason(err)}). Fix or remove that "
                                 "line.") from None
             if not isinstance(row, dict):
