@@ -292,7 +292,10 @@ def read_csv(path: Path, wanted: Wanted = ((), ())) -> Iterator[tuple[int, dict[
             if not header:
                 raise UserError(f"{path}: empty, or its first line (the header) is blank. Put the column names first.")
             check_unique_columns(path, header)
-            positions = columns_to_read(header, wanted) or range(len(header))
+            positions = columns_to_read(header, wanted)
+            if positions is None and wanted[0]:
+                raise MissingColumns(header)
+            positions = positions or range(len(header))
             names = [header[i] for i in positions]
             start = reader.line_num + 1
             for fields in reader:
@@ -327,6 +330,14 @@ def check_unique_columns(path: Path, names: list[Any]) -> None:
                         f"{', '.join(map(str, where))}). Rename or remove the extra ones.")
 
 
+class MissingColumns(Exception):
+    """A table whose header lacks a column the format needs: refused at its header (check_columns), rows or not."""
+
+    def __init__(self, header: list[Any]):
+        super().__init__("missing columns")
+        self.columns = [column_key(name) for name in header]
+
+
 def columns_to_read(header: list[Any], wanted: Wanted) -> list[int] | None:
     """The positions in the header of the (required, optional) columns, as names are compared; None (every column)
     when a required one is missing: the message that refuses the file lists them all."""
@@ -345,10 +356,12 @@ def read_parquet(path: Path, wanted: Wanted = ((), ())) -> Iterator[dict[str, An
         check_unique_columns(path, parquet.schema_arrow.names)
         names = parquet.schema_arrow.names
         positions = columns_to_read(names, wanted)
+        if positions is None and wanted[0]:
+            raise MissingColumns(names)
         for batch in parquet.iter_batches(batch_size=parquet_batch_rows(path, parquet.metadata),
                                           columns=None if positions is None else [names[i] for i in positions]):
             yield from batch.to_pylist()
-    except UserError:
+    except (UserError, MissingColumns):
         raise
     except Exception as err:  # pyarrow raises many types for a bad file
         raise UserError(f"{path}: cannot read as parquet: {str(err) or type(err).__name__}") from None
@@ -461,7 +474,11 @@ def read(params: HFDatasetParams, report: SourceReport) -> Iterator[dict[str, An
         return
     wanted = (required_columns(params), OPTIONAL.get(params.format, ()))
     for path in resolve_paths(params.files, SUFFIXES, f"source {params.name}: files"):
-        yield from records_of(read_local_file(path, wanted), str(path), path.suffix.lower() in TABLES, params, report)
+        try:
+            yield from records_of(read_local_file(path, wanted), str(path), path.suffix.lower() in TABLES, params,
+                                  report)
+        except MissingColumns as err:  # at the header: a header-only table was taken without a word
+            check_columns(err.columns, params, str(path))
 
 
 def records_of(rows: Iterator[tuple[dict[str, Any], dict[str, Any]]], origin: str, table: bool,

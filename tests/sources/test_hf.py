@@ -382,6 +382,20 @@ def test_a_csv_quote_left_open_is_one_message_and_rows_name_the_line_they_start_
     assert [(r["messages"][0]["content"], r["meta"]["row"]) for r in records] == [("q1", 4), ("q2\nspans", 5), ("q3", 7)]
 
 
+def test_a_table_of_only_a_header_without_the_columns_is_refused_at_its_header(tmp_path: Path) -> None:
+    """From a review: a CSV (or Parquet) of only a header missing the needed columns was taken without a word: the
+    columns were checked at the first row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "w.csv").write_text("foo,bar\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"w.csv: no column INSTRUCTION, RESPONSE \(format: columns\). It has: foo, bar"):
+        read(files=str(tmp_path / "w.csv"))
+    pq.write_table(pa.table({"foo": pa.array([], pa.string())}), tmp_path / "w.parquet")
+    with pytest.raises(UserError, match=r"w.parquet: no column INSTRUCTION, RESPONSE \(format: columns\). It has: foo"):
+        read(files=str(tmp_path / "w.parquet"))
+
+
 def test_a_hostile_part_type_is_the_detail_of_one_fixed_reason(tmp_path: Path) -> None:
     """From a review: each message part's `type` went into the drop reason, so 3,000 rows of 2 KB types made a
     6 MB report (one reason row each); the reason is fixed text, the type (cut) its detail."""

@@ -127,14 +127,16 @@ def test_of_a_wide_table_only_the_columns_the_format_needs_are_read(tmp_path: Pa
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from distillery.sources.hf import read_csv, read_parquet
+    from distillery.sources.hf import MissingColumns, read_csv, read_parquet
 
     wanted = (("INSTRUCTION", "RESPONSE"), ("extra",))
     header = "\ufeffRESPONSE,INSTRUCTION," + ",".join(f"c{i}" for i in range(5000))
     write_lines(tmp_path / "d.csv", [header] + [f"a{i},q{i}" + "," * 5000 for i in range(20)])
     rows = [row for _, row in read_csv(tmp_path / "d.csv", wanted)]
     assert len(rows) == 20 and rows[3] == {"RESPONSE": "a3", "INSTRUCTION": "q3"}
-    assert len(next(read_csv(tmp_path / "d.csv", (("INSTRUCTION", "nosuch"), ())))[1]) == 5002  # every column: refused
+    with pytest.raises(MissingColumns) as caught:  # refused at the header, which lists every column
+        next(read_csv(tmp_path / "d.csv", (("INSTRUCTION", "nosuch"), ())))
+    assert len(caught.value.columns) == 5002
     pq.write_table(pa.table({"c0": ["x"], "INSTRUCTION": ["q"], "extra": ["e"], "RESPONSE": ["a"]}), tmp_path / "d.parquet")
     assert list(read_parquet(tmp_path / "d.parquet", wanted)) == [{"INSTRUCTION": "q", "extra": "e", "RESPONSE": "a"}]
     out = ingest(tmp_path, {"kind": "hf", "files": str(tmp_path / "d.csv"), "format": "columns",
