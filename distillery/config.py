@@ -374,8 +374,9 @@ class PushConfig(Section):
     def _card_tags(cls, tags: list[str]) -> list[str]:
         """A tag is one short line of the card's front matter: no line break or control character, 1-128 characters."""
         for tag in tags:
-            if not 0 < len(tag) <= 128 or any(not c.isprintable() for c in tag):
-                raise ValueError(f"{tag[:80]!r} is not a tag: a tag is 1 to 128 printable characters, on one line")
+            if not 0 < len(tag) <= 128 or not tag.strip() or any(not c.isprintable() for c in tag):
+                raise ValueError(f"{tag[:80]!r} is not a tag: a tag is 1 to 128 printable characters, on one line, not only "
+                                 "spaces")
         return tags
 
     @field_validator("license")

@@ -392,6 +392,7 @@ def test_push_license_is_a_hub_license_id(tmp_path: Path, license: str) -> None:
     ({"datasets": ["a b"]}, r"push.datasets.*'a b' is not a Hugging Face Hub dataset id"),
     ({"tags": ["ok", "two\nlines"]}, r"push.tags.*'two\\nlines' is not a tag"),
     ({"tags": [""]}, r"push.tags.*'' is not a tag"),
+    ({"tags": ["   "]}, r"push.tags.*'   ' is not a tag"),
 ])
 def test_push_datasets_and_tags_are_checked_before_anything_is_created(tmp_path: Path, push: dict, message: str) -> None:
     """From a review: they went into the card's front matter as given, which the Hub would refuse only after the
