@@ -126,23 +126,14 @@ def open_gguf(path: Path, context: int = CONTEXT, renderer: ChatRenderer | None 
 
 
 def probe_template(renderer: ChatRenderer, llama: LlamaChild) -> None:
-    """A GGUF chat template that takes more than its budget on one short message is refused; one that raises on it
-    is left to the real conversation, which says so (a template may refuse this message and not the user's)."""
-    template = llama.metadata.get("chat_template")
-    if not template:
-        return
-    try:
-        renderer.render([Chat([{"role": "user", "content": "Hello"}], True)], template,
-                        {"bos_token": "", "eos_token": ""})
-    except TemplateTooCostly as err:
-        raise UserError(f"{llama.path.name}: its chat template (tokenizer.chat_template) took more than "
-                        f"{err.budget()} to render one short message: it is broken or hostile. Chat with a GGUF that "
-                        "`distillery export` wrote.") from None
-    except TemplateRefused:
-        pass
+    """A GGUF chat template that takes more than its budget on one short message is refused as the model loads; one
+    that raises on it is left to the real conversation, which says so (a template may refuse this message and not
+    the user's)."""
+    render_within_budget(renderer, llama, [{"role": "user", "content": "Hello"}], "one short message")
 
 
-def render_within_budget(renderer: ChatRenderer, llama: LlamaChild, messages: list[dict[str, str]]) -> None:
+def render_within_budget(renderer: ChatRenderer, llama: LlamaChild, messages: list[dict[str, str]],
+                         what: str = "this conversation") -> None:
     """The conversation rendered by the GGUF's template in the renderer's child first, within its budget, before
     llama.cpp renders it with none: a template that loops or builds gigabytes only on a longer message (the probe's
     "Hello" passed) hung the chat. One that raises is left to llama.cpp, which says so."""
@@ -153,7 +144,7 @@ def render_within_budget(renderer: ChatRenderer, llama: LlamaChild, messages: li
         renderer.render([Chat(messages, True)], template, {"bos_token": "", "eos_token": ""})
     except TemplateTooCostly as err:
         raise UserError(f"{llama.path.name}: its chat template (tokenizer.chat_template) took more than "
-                        f"{err.budget()} to render this conversation: it is broken or hostile. Chat with a GGUF that "
+                        f"{err.budget()} to render {what}: it is broken or hostile. Chat with a GGUF that "
                         "`distillery export` wrote.") from None
     except TemplateRefused:
         pass

@@ -45,7 +45,7 @@ def make_record(
     """Build a normalized record; its id is a stable hash of the source name and the content. Texts are in NFC,
     so that decomposed Hangul (as macOS saves it) trains and dedupes as the syllables it spells."""
     for message in messages:
-        if message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+        if not is_message(message):
             raise ValueError(f"bad message {message!r}: role must be one of {ROLES} and content a string")
     messages = [{**message, "content": unicodedata.normalize("NFC", message["content"])} for message in messages]
     if choices is not None:
@@ -63,6 +63,11 @@ def make_record(
     return record
 
 
+def is_message(message: Any) -> bool:
+    """A chat message as records hold them: {role: one of ROLES, content: text}."""
+    return isinstance(message, dict) and message.get("role") in ROLES and isinstance(message.get("content"), str)
+
+
 def record_problem(record: dict[str, Any]) -> str | None:
     """What keeps a row from being a record as ingest and distill write them (make_record, empty turns dropped), or
     None: a stage reading one from disk refuses a file edited or damaged since."""
@@ -72,7 +77,7 @@ def record_problem(record: dict[str, Any]) -> str | None:
     if not isinstance(messages, list) or not messages:
         return "no `messages` list"
     for message in messages:
-        if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+        if not is_message(message):
             return f"a message that is not {{role: {' | '.join(ROLES)}, content: text}}: {str(message)[:100]!r}"
         if not message["content"].strip():
             return f"an empty {message['role']} turn"

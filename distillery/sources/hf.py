@@ -292,10 +292,7 @@ def read_csv(path: Path, wanted: Wanted = ((), ())) -> Iterator[tuple[int, dict[
             if not header:
                 raise UserError(f"{path}: empty, or its first line (the header) is blank. Put the column names first.")
             check_unique_columns(path, header)
-            positions = columns_to_read(header, wanted)
-            if positions is None and wanted[0]:
-                raise MissingColumns(header)
-            positions = positions or range(len(header))
+            positions = columns_to_read(header, wanted) or range(len(header))
             names = [header[i] for i in positions]
             start = reader.line_num + 1
             for fields in reader:
@@ -340,11 +337,15 @@ class MissingColumns(Exception):
 
 def columns_to_read(header: list[Any], wanted: Wanted) -> list[int] | None:
     """The positions in the header of the (required, optional) columns, as names are compared; None (every column)
-    when a required one is missing: the message that refuses the file lists them all."""
+    when nothing is required; MissingColumns when a required one is not there."""
     required, optional = wanted
+    if not required:
+        return None
     positions = [i for i, name in enumerate(header) if column_key(name) in (*required, *optional)]
     found = {column_key(header[i]) for i in positions}
-    return positions if required and all(column in found for column in required) else None
+    if not all(column in found for column in required):
+        raise MissingColumns(header)
+    return positions
 
 
 def read_parquet(path: Path, wanted: Wanted = ((), ())) -> Iterator[dict[str, Any]]:
@@ -356,8 +357,6 @@ def read_parquet(path: Path, wanted: Wanted = ((), ())) -> Iterator[dict[str, An
         check_unique_columns(path, parquet.schema_arrow.names)
         names = parquet.schema_arrow.names
         positions = columns_to_read(names, wanted)
-        if positions is None and wanted[0]:
-            raise MissingColumns(names)
         for batch in parquet.iter_batches(batch_size=parquet_batch_rows(path, parquet.metadata),
                                           columns=None if positions is None else [names[i] for i in positions]):
             yield from batch.to_pylist()
