@@ -412,7 +412,7 @@ def score_one(ctx: StageContext, artifact: Artifact, held: HeldoutSet | None, mq
     try:
         model = load_model(artifact, ctx.cfg)
     except (GGUFLoadError, NativeCrash) as err:  # llama.cpp refused or crashed on this GGUF: the others still count
-        why = str(err) + (f" (evaluate asks for twice format.max_length plus the longest answer it generates: "
+        why = str(err) + (" (evaluate asks for twice format.max_length plus the longest answer it generates: "
                           "lower evaluate.heldout.max_new_tokens, evaluate.max_new_tokens or format.max_length)"
                           if isinstance(err, GGUFContextError) else "")
         scores.results["errors"][artifact.name] = why
